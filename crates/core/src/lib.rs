@@ -1,1 +1,18 @@
-//! placeholder
+//! The pure model of cutover: the config and its validation, durations, release ids and
+//! timestamps, and the decisions that must never depend on I/O: which release a rollback
+//! goes to and which release directories a host may prune.
+//!
+//! **Invariant:** nothing in this crate touches the network, the file system (beyond parsing
+//! text it is handed), a clock it was not handed, or a process. The engine feeds it facts and
+//! acts on its answers, so every decision here is unit-tested with plain values.
+
+pub mod config;
+pub mod duration;
+pub mod host;
+pub mod plan;
+pub mod release;
+
+pub use config::{Config, ConfigError, FilesConfig, HealthConfig, SshConfig};
+pub use duration::parse_duration;
+pub use host::Destination;
+pub use release::{format_utc, ReleaseId};

@@ -1,1 +1,482 @@
-//! placeholder
+//! The deploy history in SQLite (WAL): releases, per-host outcomes, every step as an event
+//! (written before and after the step runs), runs (one per deploy or rollback command), the
+//! live pointer per app, and the app lock.
+//!
+//! **Invariant:** an event row for a step is committed before the step touches a host, so a
+//! crash at any moment leaves enough in here, together with what the hosts report, to
+//! reconcile. This crate knows nothing of hosts or SSH: it stores what it is told.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sql { path: String, source: rusqlite::Error },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Who holds (or wants) a lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Holder {
+    pub user: String,
+    pub machine: String,
+    pub pid: u32,
+    /// Process start time as the kernel counts it (ticks since boot), to tell a reused pid.
+    pub pid_start: u64,
+    pub since: String,
+    pub op: String,
+}
+
+/// What trying to take the app lock did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockOutcome {
+    Acquired,
+    /// A lock left by a dead process was taken over.
+    TookOver(Holder),
+    Held(Holder),
+}
+
+/// One release as history shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Release {
+    pub id: String,
+    pub app: String,
+    pub status: String,
+    pub bad: bool,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub artifact_sha256: String,
+    pub commit: Option<String>,
+    pub source: String,
+    pub snapshot: String,
+    pub hosts: BTreeMap<String, String>,
+}
+
+/// One recorded step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub seq: i64,
+    pub run_id: i64,
+    pub release_id: String,
+    pub host: Option<String>,
+    pub step: String,
+    pub phase: String,
+    pub at: String,
+    pub detail: String,
+}
+
+/// One deploy or rollback command.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub id: i64,
+    pub app: String,
+    pub kind: String,
+    pub release_id: String,
+    pub previous_live: Option<String>,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub outcome: Option<String>,
+}
+
+/// A new release row.
+#[derive(Debug, Clone)]
+pub struct NewRelease<'a> {
+    pub id: &'a str,
+    pub app: &'a str,
+    pub created_at: &'a str,
+    pub artifact_sha256: &'a str,
+    pub commit: Option<&'a str>,
+    pub source: &'a str,
+    pub snapshot: &'a str,
+}
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE releases (
+    id TEXT NOT NULL,
+    app TEXT NOT NULL,
+    status TEXT NOT NULL,
+    bad INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    finished_at TEXT,
+    artifact_sha256 TEXT NOT NULL,
+    commit_sha TEXT,
+    source TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    PRIMARY KEY (app, id)
+);
+CREATE TABLE host_outcomes (
+    app TEXT NOT NULL,
+    release_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    PRIMARY KEY (app, release_id, host)
+);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    release_id TEXT NOT NULL,
+    previous_live TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    outcome TEXT
+);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id INTEGER NOT NULL,
+    app TEXT NOT NULL,
+    release_id TEXT NOT NULL,
+    host TEXT,
+    step TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    at TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX events_run ON events (run_id);
+CREATE TABLE live (app TEXT PRIMARY KEY, release_id TEXT NOT NULL);
+CREATE TABLE locks (
+    app TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start INTEGER NOT NULL,
+    since TEXT NOT NULL,
+    op TEXT NOT NULL
+);
+"#];
+
+/// The SQLite store.
+pub struct Store {
+    conn: Connection,
+    path: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let p = path.display().to_string();
+        let sql = |source| StoreError::Sql { path: p.clone(), source };
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        let store = Store { conn, path: p };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn e(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sql { path: self.path.clone(), source }
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| self.e(e))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.unchecked_transaction().map_err(|e| self.e(e))?;
+            tx.execute_batch(m).map_err(|e| self.e(e))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(|e| self.e(e))?;
+            tx.commit().map_err(|e| self.e(e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the app lock. `alive` says whether a recorded holder's process still runs (the
+    /// caller knows how to ask the OS); a dead holder's lock is taken over.
+    pub fn acquire_lock(&self, app: &str, me: &Holder, alive: impl Fn(&Holder) -> bool) -> Result<LockOutcome> {
+        // BEGIN IMMEDIATE: take the write lock before reading, so two runs cannot both see
+        // the lock free.
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| self.e(e))?;
+        let existing = tx
+            .query_row(
+                "SELECT user, machine, pid, pid_start, since, op FROM locks WHERE app = ?1",
+                [app],
+                |r| {
+                    Ok(Holder {
+                        user: r.get(0)?,
+                        machine: r.get(1)?,
+                        pid: r.get(2)?,
+                        pid_start: r.get(3)?,
+                        since: r.get(4)?,
+                        op: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.e(e))?;
+        let outcome = match existing {
+            Some(h) if alive(&h) => return Ok(LockOutcome::Held(h)),
+            Some(h) => LockOutcome::TookOver(h),
+            None => LockOutcome::Acquired,
+        };
+        tx.execute(
+            "INSERT OR REPLACE INTO locks (app, user, machine, pid, pid_start, since, op) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![app, me.user, me.machine, me.pid, me.pid_start, me.since, me.op],
+        )
+        .map_err(|e| self.e(e))?;
+        tx.commit().map_err(|e| self.e(e))?;
+        Ok(outcome)
+    }
+
+    /// Releases the lock if `me` holds it.
+    pub fn release_lock(&self, app: &str, me: &Holder) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM locks WHERE app = ?1 AND machine = ?2 AND pid = ?3 AND pid_start = ?4",
+                params![app, me.machine, me.pid, me.pid_start],
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(())
+    }
+
+    pub fn insert_release(&self, r: &NewRelease<'_>) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO releases (id, app, status, created_at, artifact_sha256, commit_sha, source, snapshot) VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7)",
+                params![r.id, r.app, r.created_at, r.artifact_sha256, r.commit, r.source, r.snapshot],
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(())
+    }
+
+    pub fn release_exists(&self, app: &str, id: &str) -> Result<bool> {
+        self.conn
+            .query_row("SELECT 1 FROM releases WHERE app = ?1 AND id = ?2", [app, id], |_| Ok(()))
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(|e| self.e(e))
+    }
+
+    pub fn set_status(&self, app: &str, id: &str, status: &str, finished_at: Option<&str>) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE releases SET status = ?3, finished_at = COALESCE(?4, finished_at) WHERE app = ?1 AND id = ?2",
+                params![app, id, status, finished_at],
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(())
+    }
+
+    pub fn set_bad(&self, app: &str, id: &str, bad: bool) -> Result<()> {
+        self.conn
+            .execute("UPDATE releases SET bad = ?3 WHERE app = ?1 AND id = ?2", params![app, id, bad])
+            .map_err(|e| self.e(e))?;
+        Ok(())
+    }
+
+    pub fn set_host_outcome(&self, app: &str, release_id: &str, host: &str, outcome: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO host_outcomes (app, release_id, host, outcome) VALUES (?1, ?2, ?3, ?4)",
+                params![app, release_id, host, outcome],
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(())
+    }
+
+    pub fn live(&self, app: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT release_id FROM live WHERE app = ?1", [app], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.e(e))
+    }
+
+    pub fn set_live(&self, app: &str, release_id: &str) -> Result<()> {
+        self.conn
+            .execute("INSERT OR REPLACE INTO live (app, release_id) VALUES (?1, ?2)", [app, release_id])
+            .map_err(|e| self.e(e))?;
+        Ok(())
+    }
+
+    /// All releases of `app`, newest first.
+    pub fn releases(&self, app: &str) -> Result<Vec<Release>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, app, status, bad, created_at, finished_at, artifact_sha256, commit_sha, source, snapshot FROM releases WHERE app = ?1 ORDER BY id DESC")
+            .map_err(|e| self.e(e))?;
+        let mut out: Vec<Release> = stmt
+            .query_map([app], |r| {
+                Ok(Release {
+                    id: r.get(0)?,
+                    app: r.get(1)?,
+                    status: r.get(2)?,
+                    bad: r.get(3)?,
+                    created_at: r.get(4)?,
+                    finished_at: r.get(5)?,
+                    artifact_sha256: r.get(6)?,
+                    commit: r.get(7)?,
+                    source: r.get(8)?,
+                    snapshot: r.get(9)?,
+                    hosts: BTreeMap::new(),
+                })
+            })
+            .map_err(|e| self.e(e))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.e(e))?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT release_id, host, outcome FROM host_outcomes WHERE app = ?1")
+            .map_err(|e| self.e(e))?;
+        let rows: Vec<(String, String, String)> = stmt
+            .query_map([app], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(|e| self.e(e))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.e(e))?;
+        for (rid, host, outcome) in rows {
+            if let Some(rel) = out.iter_mut().find(|r| r.id == rid) {
+                rel.hosts.insert(host, outcome);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn release(&self, app: &str, id: &str) -> Result<Option<Release>> {
+        Ok(self.releases(app)?.into_iter().find(|r| r.id == id))
+    }
+
+    pub fn start_run(&self, app: &str, kind: &str, release_id: &str, previous_live: Option<&str>, at: &str) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO runs (app, kind, release_id, previous_live, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![app, kind, release_id, previous_live, at],
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn finish_run(&self, run_id: i64, outcome: &str, at: &str) -> Result<()> {
+        self.conn
+            .execute("UPDATE runs SET outcome = ?2, finished_at = ?3 WHERE id = ?1", params![run_id, outcome, at])
+            .map_err(|e| self.e(e))?;
+        Ok(())
+    }
+
+    /// Runs of `app` that never finished (their process died).
+    pub fn unfinished_runs(&self, app: &str) -> Result<Vec<Run>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, app, kind, release_id, previous_live, started_at, finished_at, outcome FROM runs WHERE app = ?1 AND finished_at IS NULL ORDER BY id")
+            .map_err(|e| self.e(e))?;
+        let rows = stmt
+            .query_map([app], |r| {
+                Ok(Run {
+                    id: r.get(0)?,
+                    app: r.get(1)?,
+                    kind: r.get(2)?,
+                    release_id: r.get(3)?,
+                    previous_live: r.get(4)?,
+                    started_at: r.get(5)?,
+                    finished_at: r.get(6)?,
+                    outcome: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.e(e))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.e(e));
+        rows
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn event(&self, run_id: i64, app: &str, release_id: &str, host: Option<&str>, step: &str, phase: &str, at: &str, detail: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO events (run_id, app, release_id, host, step, phase, at, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![run_id, app, release_id, host, step, phase, at, detail],
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(())
+    }
+
+    pub fn events(&self, run_id: i64) -> Result<Vec<Event>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, run_id, release_id, host, step, phase, at, detail FROM events WHERE run_id = ?1 ORDER BY seq")
+            .map_err(|e| self.e(e))?;
+        let rows = stmt
+            .query_map([run_id], |r| {
+                Ok(Event {
+                    seq: r.get(0)?,
+                    run_id: r.get(1)?,
+                    release_id: r.get(2)?,
+                    host: r.get(3)?,
+                    step: r.get(4)?,
+                    phase: r.get(5)?,
+                    at: r.get(6)?,
+                    detail: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.e(e))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.e(e));
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(pid: u32) -> Holder {
+        Holder { user: "u".into(), machine: "m".into(), pid, pid_start: 1, since: "t".into(), op: "deploy".into() }
+    }
+
+    fn store() -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("cutover-store-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        (Store::open(&dir.join("cutover.db")).unwrap(), dir)
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_dead_holders_are_taken_over() {
+        let (s, dir) = store();
+        assert_eq!(s.acquire_lock("a", &holder(1), |_| true).unwrap(), LockOutcome::Acquired);
+        assert_eq!(s.acquire_lock("a", &holder(2), |_| true).unwrap(), LockOutcome::Held(holder(1)));
+        assert_eq!(s.acquire_lock("b", &holder(2), |_| true).unwrap(), LockOutcome::Acquired);
+        assert_eq!(s.acquire_lock("a", &holder(2), |_| false).unwrap(), LockOutcome::TookOver(holder(1)));
+        s.release_lock("a", &holder(1)).unwrap(); // not the holder: no effect
+        assert_eq!(s.acquire_lock("a", &holder(3), |_| true).unwrap(), LockOutcome::Held(holder(2)));
+        s.release_lock("a", &holder(2)).unwrap();
+        assert_eq!(s.acquire_lock("a", &holder(3), |_| true).unwrap(), LockOutcome::Acquired);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn releases_outcomes_runs_and_events_round_trip() {
+        let (s, dir) = store();
+        for id in ["r1", "r2"] {
+            s.insert_release(&NewRelease { id, app: "a", created_at: "t", artifact_sha256: "ab", commit: None, source: "dist", snapshot: "x" }).unwrap();
+        }
+        s.set_host_outcome("a", "r1", "web1", "healthy").unwrap();
+        s.set_status("a", "r1", "succeeded", Some("t2")).unwrap();
+        s.set_bad("a", "r2", true).unwrap();
+        s.set_live("a", "r1").unwrap();
+        let rs = s.releases("a").unwrap();
+        assert_eq!(rs[0].id, "r2");
+        assert!(rs[0].bad);
+        assert_eq!(rs[1].status, "succeeded");
+        assert_eq!(rs[1].hosts["web1"], "healthy");
+        assert_eq!(s.live("a").unwrap().as_deref(), Some("r1"));
+        let run = s.start_run("a", "deploy", "r2", Some("r1"), "t").unwrap();
+        s.event(run, "a", "r2", Some("web1"), "stage", "start", "t", "").unwrap();
+        assert_eq!(s.unfinished_runs("a").unwrap().len(), 1);
+        s.finish_run(run, "failed", "t3").unwrap();
+        assert!(s.unfinished_runs("a").unwrap().is_empty());
+        assert_eq!(s.events(run).unwrap()[0].step, "stage");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,477 @@
+//! `cutover.toml`: the raw serde model (`deny_unknown_fields`) and its validation into
+//! [`Config`]. Every error names the file, the key and what is expected, and is raised before
+//! any host is touched.
+
+use crate::duration::parse_duration;
+use crate::host::Destination;
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A config problem: which file, which key, what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: `{}`: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    app: String,
+    hosts: Vec<String>,
+    #[serde(default)]
+    ssh: RawSsh,
+    files: Option<RawFiles>,
+    container: Option<toml::Table>,
+    proxy: Option<toml::Table>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSsh {
+    config: Option<String>,
+    known_hosts: Option<String>,
+    identity: Option<String>,
+    parallel: Option<i64>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    source: Option<String>,
+    root: String,
+    reload: Option<String>,
+    keep: Option<i64>,
+    max_unpacked_bytes: Option<i64>,
+    max_entries: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    url: Option<String>,
+    path: Option<String>,
+    expect: Option<i64>,
+    timeout: Option<String>,
+    interval: Option<String>,
+    healthy_after: Option<i64>,
+    give_up_after: Option<String>,
+}
+
+/// A validated config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it was read from (messages name it).
+    pub file: PathBuf,
+    pub app: String,
+    /// Hosts in config order, as written (the name used in history and messages).
+    pub hosts: Vec<(String, Destination)>,
+    pub ssh: SshConfig,
+    pub files: FilesConfig,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshConfig {
+    pub config: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub identity: Option<PathBuf>,
+    pub parallel: usize,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesConfig {
+    pub source: Option<PathBuf>,
+    /// Absolute path on every host.
+    pub root: String,
+    pub reload: Option<String>,
+    pub keep: usize,
+    pub max_unpacked_bytes: u64,
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub url: HealthUrl,
+    pub expect: u16,
+    pub timeout: Duration,
+    pub interval: Duration,
+    pub healthy_after: u32,
+    pub give_up_after: Duration,
+}
+
+/// An `http://host:port/path` URL, fetched as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthUrl {
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl fmt::Display for HealthUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}:{}{}", self.host, self.port, self.path)
+    }
+}
+
+impl HealthUrl {
+    pub fn parse(text: &str) -> Result<HealthUrl, String> {
+        let rest = text.strip_prefix("http://").ok_or_else(|| {
+            format!("expected an http:// URL as the host sees it, e.g. \"http://127.0.0.1:8080/up\", got {text:?}")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = if let Some(inner) = authority.strip_prefix('[') {
+            let (h, after) = inner.split_once(']').ok_or("unclosed '[' in URL")?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| format!("bad port in {text:?}"))?,
+                None => 80,
+            };
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.parse().map_err(|_| format!("bad port in {text:?}"))?,
+                ),
+                None => (authority.to_string(), 80),
+            }
+        };
+        if host.is_empty()
+            || !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c))
+        {
+            return Err(format!("bad host in {text:?}"));
+        }
+        if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("URL path holds whitespace or control characters: {text:?}"));
+        }
+        Ok(HealthUrl {
+            host,
+            port,
+            path: path.to_string(),
+        })
+    }
+}
+
+/// `^[a-z][a-z0-9-]{0,39}$`
+pub fn valid_app_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 40
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+impl Config {
+    /// Parses and validates `text`, read from `file` (relative paths in `[ssh]` and
+    /// `[files] source` are resolved against the file's directory; `~/` against `home`).
+    pub fn parse(file: &Path, text: &str, home: Option<&Path>) -> Result<Config, ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .map(|(l, c)| format!(" (line {l}, column {c})"))
+                .unwrap_or_default();
+            err("", format!("{}{span}", e.message().trim()))
+        })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &str| -> PathBuf {
+            if let (Some(rest), Some(h)) = (p.strip_prefix("~/"), home) {
+                h.join(rest)
+            } else {
+                base.join(p)
+            }
+        };
+
+        if !valid_app_name(&raw.app) {
+            return Err(err(
+                "app",
+                format!(
+                    "expected a name matching ^[a-z][a-z0-9-]{{0,39}}$ (it is used in paths and container names), got {:?}",
+                    raw.app
+                ),
+            ));
+        }
+        if raw.hosts.is_empty() {
+            return Err(err("hosts", "expected at least one host, e.g. [\"web1\"] or [\"local\"]".into()));
+        }
+        let mut hosts = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, h) in raw.hosts.iter().enumerate() {
+            let d = Destination::parse(h).map_err(|m| err(&format!("hosts[{i}]"), m))?;
+            if !seen.insert(h.clone()) {
+                return Err(err(&format!("hosts[{i}]"), format!("{h:?} is listed twice")));
+            }
+            hosts.push((h.clone(), d));
+        }
+
+        let parallel = match raw.ssh.parallel {
+            None => 16,
+            Some(n) if (1..=1024).contains(&n) => n as usize,
+            Some(n) => return Err(err("ssh.parallel", format!("expected 1 to 1024, got {n}"))),
+        };
+        let connect_timeout = match &raw.ssh.connect_timeout {
+            None => Duration::from_secs(10),
+            Some(s) => parse_duration(s).map_err(|m| err("ssh.connect_timeout", m))?,
+        };
+        if connect_timeout < Duration::from_secs(1) {
+            return Err(err("ssh.connect_timeout", "expected at least 1s".into()));
+        }
+        let ssh = SshConfig {
+            config: raw.ssh.config.as_deref().map(resolve),
+            known_hosts: raw.ssh.known_hosts.as_deref().map(resolve),
+            identity: raw.ssh.identity.as_deref().map(resolve),
+            parallel,
+            connect_timeout,
+        };
+
+        if raw.container.is_some() || raw.proxy.is_some() {
+            let key = if raw.container.is_some() { "container" } else { "proxy" };
+            return Err(err(
+                key,
+                "container apps are not supported by this build of cutover yet; use [files]".into(),
+            ));
+        }
+        let files = raw.files.ok_or_else(|| {
+            err("files", "expected a [files] section (source, root, reload, keep)".into())
+        })?;
+        if !files.root.starts_with('/') {
+            return Err(err(
+                "files.root",
+                format!("expected an absolute path on the hosts, got {:?}", files.root),
+            ));
+        }
+        if files.root.split('/').any(|c| c == ".." || c == ".") {
+            return Err(err("files.root", format!("expected a path without '.' or '..' components, got {:?}", files.root)));
+        }
+        if files.root.contains('\0') || files.root.contains('\n') {
+            return Err(err("files.root", "expected a path without NUL or newline".into()));
+        }
+        let root = if files.root.len() > 1 {
+            files.root.trim_end_matches('/').to_string()
+        } else {
+            files.root.clone()
+        };
+        if root == "/" {
+            return Err(err("files.root", "expected a dedicated directory, not /".into()));
+        }
+        let keep = match files.keep {
+            None => 5,
+            Some(n) if (1..=1000).contains(&n) => n as usize,
+            Some(n) => return Err(err("files.keep", format!("expected 1 to 1000, got {n}"))),
+        };
+        let positive = |key: &str, v: Option<i64>, default: u64| -> Result<u64, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(n) if n > 0 => Ok(n as u64),
+                Some(n) => Err(err(key, format!("expected a positive number, got {n}"))),
+            }
+        };
+        let files = FilesConfig {
+            source: files.source.as_deref().map(resolve),
+            root,
+            reload: files.reload.filter(|r| !r.trim().is_empty()),
+            keep,
+            max_unpacked_bytes: positive("files.max_unpacked_bytes", files.max_unpacked_bytes, 4 << 30)?,
+            max_entries: positive("files.max_entries", files.max_entries, 200_000)?,
+        };
+
+        let h = raw
+            .health
+            .ok_or_else(|| err("health", "expected a [health] section with `url`: the gate every switch must pass".into()))?;
+        if h.path.is_some() {
+            return Err(err("health.path", "`path` is for container apps; files apps use `url`".into()));
+        }
+        let url = h
+            .url
+            .as_deref()
+            .ok_or_else(|| err("health.url", "expected the URL to probe as the host sees it, e.g. \"http://127.0.0.1/up\"".into()))?;
+        let url = HealthUrl::parse(url).map_err(|m| err("health.url", m))?;
+        let dur = |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) => {
+                    let d = parse_duration(s).map_err(|m| err(key, m))?;
+                    if d.is_zero() {
+                        return Err(err(key, "expected a duration above zero".into()));
+                    }
+                    Ok(d)
+                }
+            }
+        };
+        let expect = match h.expect {
+            None => 200,
+            Some(n) if (100..=599).contains(&n) => n as u16,
+            Some(n) => return Err(err("health.expect", format!("expected an HTTP status 100-599, got {n}"))),
+        };
+        let healthy_after = match h.healthy_after {
+            None => 2,
+            Some(n) if (1..=100).contains(&n) => n as u32,
+            Some(n) => return Err(err("health.healthy_after", format!("expected 1 to 100, got {n}"))),
+        };
+        let health = HealthConfig {
+            url,
+            expect,
+            timeout: dur("health.timeout", &h.timeout, Duration::from_secs(2))?,
+            interval: dur("health.interval", &h.interval, Duration::from_millis(500))?,
+            healthy_after,
+            give_up_after: dur("health.give_up_after", &h.give_up_after, Duration::from_secs(30))?,
+        };
+
+        Ok(Config {
+            file: file.to_path_buf(),
+            app: raw.app,
+            hosts,
+            ssh,
+            files,
+            health,
+        })
+    }
+
+    /// A stable digest input of everything that shapes a release on the host (recorded in
+    /// `.cutover-release.json` as `config_digest` and kept with the release for rollback).
+    pub fn release_snapshot(&self) -> String {
+        format!(
+            "root={}\nreload={}\nhealth={} expect={} healthy_after={}\n",
+            self.files.root,
+            self.files.reload.as_deref().unwrap_or(""),
+            self.health.url,
+            self.health.expect,
+            self.health.healthy_after
+        )
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+app = "site"
+hosts = ["web1", "deploy@10.0.0.5:2222"]
+[ssh]
+known_hosts = "kh"
+identity = "~/.ssh/id"
+parallel = 4
+[files]
+source = "dist"
+root = "/srv/site/"
+reload = "systemctl reload site"
+keep = 3
+[health]
+url = "http://127.0.0.1:8080/up"
+timeout = "1s"
+interval = "100ms"
+healthy_after = 3
+give_up_after = "10s"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/app/cutover.toml"), text, Some(Path::new("/home/u")))
+    }
+
+    fn key_of(text: &str) -> String {
+        let e = parse(text).unwrap_err();
+        assert!(e.to_string().starts_with("/etc/app/cutover.toml"), "{e}");
+        e.key
+    }
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.app, "site");
+        assert_eq!(c.hosts.len(), 2);
+        assert_eq!(c.ssh.known_hosts.as_deref(), Some(Path::new("/etc/app/kh")));
+        assert_eq!(c.ssh.identity.as_deref(), Some(Path::new("/home/u/.ssh/id")));
+        assert_eq!(c.files.root, "/srv/site");
+        assert_eq!(c.files.keep, 3);
+        assert_eq!(c.files.source.as_deref(), Some(Path::new("/etc/app/dist")));
+        assert_eq!(c.health.url.port, 8080);
+        assert_eq!(c.health.url.path, "/up");
+        assert_eq!(c.health.healthy_after, 3);
+        assert_eq!(c.health.interval, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn every_error_names_its_key() {
+        let cases = [
+            (GOOD.replace("app = \"site\"", "app = \"Site\""), "app"),
+            (GOOD.replace("root = \"/srv/site/\"", "root = \"srv\""), "files.root"),
+            (GOOD.replace("root = \"/srv/site/\"", "root = \"/srv/../etc\""), "files.root"),
+            (GOOD.replace("keep = 3", "keep = 0"), "files.keep"),
+            (GOOD.replace("timeout = \"1s\"", "timeout = \"1\""), "health.timeout"),
+            (GOOD.replace("interval = \"100ms\"", "interval = \"0s\""), "health.interval"),
+            (GOOD.replace("http://127.0.0.1:8080/up", "https://x/up"), "health.url"),
+            (GOOD.replace("\"web1\"", "\"-oProxyCommand=x\""), "hosts[0]"),
+            (GOOD.replace("\"web1\", ", "\"deploy@10.0.0.5:2222\", "), "hosts[1]"),
+            (GOOD.replace("parallel = 4", "parallel = 0"), "ssh.parallel"),
+            (GOOD.replace("[files]", "[container]\nimage=\"x\"\n[files]"), "container"),
+        ];
+        for (text, key) in cases {
+            assert_eq!(key_of(&text), key, "for {text}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_types_are_refused_with_a_position() {
+        let e = parse(&GOOD.replace("keep = 3", "keep = 3\nkeeep = 4")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("unknown field `keeep`"), "{s}");
+        assert!(s.contains("line "), "{s}");
+        let e = parse(&GOOD.replace("keep = 3", "keep = \"three\"")).unwrap_err();
+        assert!(e.to_string().contains("line "), "{e}");
+    }
+
+    #[test]
+    fn missing_sections_say_what_to_add() {
+        let no_health = GOOD.split("[health]").next().unwrap();
+        assert_eq!(key_of(no_health), "health");
+        let e = parse("app = \"a\"\nhosts = []\n").unwrap_err();
+        assert_eq!(e.key, "hosts");
+    }
+
+    #[test]
+    fn app_names() {
+        assert!(valid_app_name("a"));
+        assert!(valid_app_name("site-2"));
+        assert!(!valid_app_name("2site"));
+        assert!(!valid_app_name("a_b"));
+        assert!(!valid_app_name(&"a".repeat(41)));
+    }
+}

@@ -1,0 +1,216 @@
+//! OpenSSH hosts: the system `ssh`, one master connection per host per run (`ControlMaster`),
+//! every command and port forward multiplexed over it. Host keys are always checked strictly
+//! (`StrictHostKeyChecking=yes` on the command line, which beats any ssh_config); the user's
+//! ssh_config, agent and keys work as usual, and `[ssh] config`, `known_hosts` and `identity`
+//! are passed through.
+
+use crate::local::run_child;
+use crate::{Endpoint, Output, Remote, RemoteError, Script};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// Options shared by every host of a run.
+#[derive(Debug, Clone, Default)]
+pub struct SshOptions {
+    pub config: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub identity: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Private directory for control sockets and logs (short path: unix sockets are limited).
+    pub control_dir: PathBuf,
+}
+
+/// One SSH host.
+#[derive(Debug)]
+pub struct SshHost {
+    name: String,
+    user: Option<String>,
+    host: String,
+    port: Option<u16>,
+    opts: SshOptions,
+    index: usize,
+    forwards: AtomicU32,
+}
+
+impl SshHost {
+    /// `name` is the host as written in the config; `index` makes its socket names unique.
+    pub fn new(name: &str, user: Option<String>, host: String, port: Option<u16>, index: usize, opts: SshOptions) -> SshHost {
+        SshHost {
+            name: name.to_string(),
+            user,
+            host,
+            port,
+            opts,
+            index,
+            forwards: AtomicU32::new(0),
+        }
+    }
+
+    fn control_path(&self) -> PathBuf {
+        self.opts.control_dir.join(format!("h{}.sock", self.index))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.opts.control_dir.join(format!("h{}.log", self.index))
+    }
+
+    /// `ssh` with every option but the destination.
+    fn base(&self) -> Command {
+        let mut c = Command::new("ssh");
+        if let Some(f) = &self.opts.config {
+            c.arg("-F").arg(f);
+        }
+        c.args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=no"]);
+        if let Some(k) = &self.opts.known_hosts {
+            c.arg("-o").arg(format!("UserKnownHostsFile={}", k.display()));
+            c.args(["-o", "GlobalKnownHostsFile=/dev/null"]);
+        }
+        if let Some(i) = &self.opts.identity {
+            c.arg("-i").arg(i).args(["-o", "IdentitiesOnly=yes"]);
+        }
+        let secs = self.opts.connect_timeout.as_secs().max(1);
+        c.arg("-o").arg(format!("ConnectTimeout={secs}"));
+        c.args(["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]);
+        if let Some(p) = self.port {
+            c.arg("-p").arg(p.to_string());
+        }
+        if let Some(u) = &self.user {
+            c.arg("-l").arg(u);
+        }
+        c.arg("-S").arg(self.control_path());
+        c
+    }
+
+    fn diagnose(&self, log: &str, code: Option<i32>) -> RemoteError {
+        let host = self.name.clone();
+        let fingerprint = log
+            .lines()
+            .find_map(|l| l.split_once("Server host key: ").map(|(_, k)| k.trim().to_string()))
+            .unwrap_or_else(|| "an unknown key".into());
+        if log.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || log.contains("Host key for") && log.contains("has changed") {
+            return RemoteError::HostKeyChanged { host, fingerprint };
+        }
+        if log.contains("host key is known for") || log.contains("Host key verification failed") {
+            return RemoteError::HostKeyUnknown { host, fingerprint };
+        }
+        let last = log
+            .lines()
+            .filter(|l| !l.starts_with("debug") && !l.trim().is_empty() && !l.starts_with("OpenSSH_"))
+            .last()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        if log.contains("Permission denied") {
+            return RemoteError::AuthFailed { host, detail: last };
+        }
+        let detail = if last.is_empty() { format!("ssh exited with {code:?}") } else { last };
+        RemoteError::Unreachable { host, detail }
+    }
+}
+
+impl Remote for SshHost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn connect(&self) -> Result<(), RemoteError> {
+        let log = self.log_path();
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(self.control_path());
+        let mut c = self.base();
+        // -f: go to the background once authenticated; ControlPersist bounds the life of a
+        // master left behind by a killed run.
+        c.args(["-M", "-N", "-f", "-v", "-o", "ControlMaster=yes", "-o", "ControlPersist=120"])
+            .arg("-E")
+            .arg(&log)
+            .arg("--")
+            .arg(&self.host)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let status = c.status().map_err(|e| RemoteError::Other {
+            host: self.name.clone(),
+            detail: format!("cannot run ssh: {e}"),
+        })?;
+        if status.success() && self.control_path().exists() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Err(self.diagnose(&text, status.code()))
+    }
+
+    fn run(&self, script: &Script, stdin: Option<&mut (dyn Read + Send)>) -> Result<Output, RemoteError> {
+        let mut c = self.base();
+        c.args(["-o", "ControlMaster=no", "-T"]).arg("--").arg(&self.host).arg(script.command_line());
+        let out = run_child(c, &self.name, stdin)?;
+        if out.code == 255 {
+            return Err(RemoteError::Unreachable {
+                host: self.name.clone(),
+                detail: format!("connection lost: {}", out.stderr.trim()),
+            });
+        }
+        Ok(out)
+    }
+
+    fn forward(&self, host: &str, port: u16) -> Result<Endpoint, RemoteError> {
+        let n = self.forwards.fetch_add(1, Ordering::SeqCst);
+        let sock = self.opts.control_dir.join(format!("h{}f{n}.sock", self.index));
+        let _ = std::fs::remove_file(&sock);
+        let spec = format!("{}:{}:{}", sock.display(), bracket(host), port);
+        let mut c = self.base();
+        c.args(["-O", "forward", "-L"]).arg(spec).arg("--").arg(&self.host);
+        let out = c.output().map_err(|e| RemoteError::Other {
+            host: self.name.clone(),
+            detail: format!("cannot run ssh: {e}"),
+        })?;
+        if !out.status.success() {
+            return Err(RemoteError::Other {
+                host: self.name.clone(),
+                detail: format!(
+                    "cannot forward {host}:{port}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(Endpoint::Unix(sock))
+    }
+
+    fn close(&self) {
+        let mut c = self.base();
+        c.args(["-O", "exit", "--"])
+            .arg(&self.host)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _ = c.status();
+    }
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// A fresh private directory for control sockets: short, mode 0700.
+pub fn control_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = Path::new("/tmp");
+    for n in 0..1000u32 {
+        let dir = base.join(format!("cutover-{}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // A leftover of a dead run with our pid: reuse it if it is ours alone.
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free control directory under /tmp"))
+}
