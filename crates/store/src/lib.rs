@@ -152,7 +152,7 @@ CREATE TABLE locks (
 
 /// The SQLite store.
 pub struct Store {
-    conn: Connection,
+    conn: std::sync::Mutex<Connection>,
     path: String,
 }
 
@@ -171,9 +171,13 @@ impl Store {
         conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
-        let store = Store { conn, path: p };
+        let store = Store { conn: std::sync::Mutex::new(conn), path: p };
         store.migrate()?;
         Ok(store)
+    }
+
+    fn c(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn e(&self, source: rusqlite::Error) -> StoreError {
@@ -181,12 +185,12 @@ impl Store {
     }
 
     fn migrate(&self) -> Result<()> {
-        let version: i64 = self
-            .conn
+        let conn = self.c();
+        let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(|e| self.e(e))?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = self.conn.unchecked_transaction().map_err(|e| self.e(e))?;
+            let tx = conn.unchecked_transaction().map_err(|e| self.e(e))?;
             tx.execute_batch(m).map_err(|e| self.e(e))?;
             tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(|e| self.e(e))?;
             tx.commit().map_err(|e| self.e(e))?;
@@ -197,9 +201,10 @@ impl Store {
     /// Takes the app lock. `alive` says whether a recorded holder's process still runs (the
     /// caller knows how to ask the OS); a dead holder's lock is taken over.
     pub fn acquire_lock(&self, app: &str, me: &Holder, alive: impl Fn(&Holder) -> bool) -> Result<LockOutcome> {
+        let conn = self.c();
         // BEGIN IMMEDIATE: take the write lock before reading, so two runs cannot both see
         // the lock free.
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
+        let tx = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| self.e(e))?;
         let existing = tx
             .query_row(
@@ -234,7 +239,7 @@ impl Store {
 
     /// Releases the lock if `me` holds it.
     pub fn release_lock(&self, app: &str, me: &Holder) -> Result<()> {
-        self.conn
+        self.c()
             .execute(
                 "DELETE FROM locks WHERE app = ?1 AND machine = ?2 AND pid = ?3 AND pid_start = ?4",
                 params![app, me.machine, me.pid, me.pid_start],
@@ -244,7 +249,7 @@ impl Store {
     }
 
     pub fn insert_release(&self, r: &NewRelease<'_>) -> Result<()> {
-        self.conn
+        self.c()
             .execute(
                 "INSERT INTO releases (id, app, status, created_at, artifact_sha256, commit_sha, source, snapshot) VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7)",
                 params![r.id, r.app, r.created_at, r.artifact_sha256, r.commit, r.source, r.snapshot],
@@ -254,7 +259,7 @@ impl Store {
     }
 
     pub fn release_exists(&self, app: &str, id: &str) -> Result<bool> {
-        self.conn
+        self.c()
             .query_row("SELECT 1 FROM releases WHERE app = ?1 AND id = ?2", [app, id], |_| Ok(()))
             .optional()
             .map(|o| o.is_some())
@@ -262,7 +267,7 @@ impl Store {
     }
 
     pub fn set_status(&self, app: &str, id: &str, status: &str, finished_at: Option<&str>) -> Result<()> {
-        self.conn
+        self.c()
             .execute(
                 "UPDATE releases SET status = ?3, finished_at = COALESCE(?4, finished_at) WHERE app = ?1 AND id = ?2",
                 params![app, id, status, finished_at],
@@ -272,14 +277,14 @@ impl Store {
     }
 
     pub fn set_bad(&self, app: &str, id: &str, bad: bool) -> Result<()> {
-        self.conn
+        self.c()
             .execute("UPDATE releases SET bad = ?3 WHERE app = ?1 AND id = ?2", params![app, id, bad])
             .map_err(|e| self.e(e))?;
         Ok(())
     }
 
     pub fn set_host_outcome(&self, app: &str, release_id: &str, host: &str, outcome: &str) -> Result<()> {
-        self.conn
+        self.c()
             .execute(
                 "INSERT OR REPLACE INTO host_outcomes (app, release_id, host, outcome) VALUES (?1, ?2, ?3, ?4)",
                 params![app, release_id, host, outcome],
@@ -289,14 +294,14 @@ impl Store {
     }
 
     pub fn live(&self, app: &str) -> Result<Option<String>> {
-        self.conn
+        self.c()
             .query_row("SELECT release_id FROM live WHERE app = ?1", [app], |r| r.get(0))
             .optional()
             .map_err(|e| self.e(e))
     }
 
     pub fn set_live(&self, app: &str, release_id: &str) -> Result<()> {
-        self.conn
+        self.c()
             .execute("INSERT OR REPLACE INTO live (app, release_id) VALUES (?1, ?2)", [app, release_id])
             .map_err(|e| self.e(e))?;
         Ok(())
@@ -304,8 +309,8 @@ impl Store {
 
     /// All releases of `app`, newest first.
     pub fn releases(&self, app: &str) -> Result<Vec<Release>> {
-        let mut stmt = self
-            .conn
+        let conn = self.c();
+        let mut stmt = conn
             .prepare("SELECT id, app, status, bad, created_at, finished_at, artifact_sha256, commit_sha, source, snapshot FROM releases WHERE app = ?1 ORDER BY id DESC")
             .map_err(|e| self.e(e))?;
         let mut out: Vec<Release> = stmt
@@ -327,8 +332,7 @@ impl Store {
             .map_err(|e| self.e(e))?
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| self.e(e))?;
-        let mut stmt = self
-            .conn
+        let mut stmt = conn
             .prepare("SELECT release_id, host, outcome FROM host_outcomes WHERE app = ?1")
             .map_err(|e| self.e(e))?;
         let rows: Vec<(String, String, String)> = stmt
@@ -349,17 +353,17 @@ impl Store {
     }
 
     pub fn start_run(&self, app: &str, kind: &str, release_id: &str, previous_live: Option<&str>, at: &str) -> Result<i64> {
-        self.conn
-            .execute(
+        let conn = self.c();
+        conn.execute(
                 "INSERT INTO runs (app, kind, release_id, previous_live, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![app, kind, release_id, previous_live, at],
             )
             .map_err(|e| self.e(e))?;
-        Ok(self.conn.last_insert_rowid())
+        Ok(conn.last_insert_rowid())
     }
 
     pub fn finish_run(&self, run_id: i64, outcome: &str, at: &str) -> Result<()> {
-        self.conn
+        self.c()
             .execute("UPDATE runs SET outcome = ?2, finished_at = ?3 WHERE id = ?1", params![run_id, outcome, at])
             .map_err(|e| self.e(e))?;
         Ok(())
@@ -367,8 +371,8 @@ impl Store {
 
     /// Runs of `app` that never finished (their process died).
     pub fn unfinished_runs(&self, app: &str) -> Result<Vec<Run>> {
-        let mut stmt = self
-            .conn
+        let conn = self.c();
+        let mut stmt = conn
             .prepare("SELECT id, app, kind, release_id, previous_live, started_at, finished_at, outcome FROM runs WHERE app = ?1 AND finished_at IS NULL ORDER BY id")
             .map_err(|e| self.e(e))?;
         let rows = stmt
@@ -392,7 +396,7 @@ impl Store {
 
     #[allow(clippy::too_many_arguments)]
     pub fn event(&self, run_id: i64, app: &str, release_id: &str, host: Option<&str>, step: &str, phase: &str, at: &str, detail: &str) -> Result<()> {
-        self.conn
+        self.c()
             .execute(
                 "INSERT INTO events (run_id, app, release_id, host, step, phase, at, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![run_id, app, release_id, host, step, phase, at, detail],
@@ -402,8 +406,8 @@ impl Store {
     }
 
     pub fn events(&self, run_id: i64) -> Result<Vec<Event>> {
-        let mut stmt = self
-            .conn
+        let conn = self.c();
+        let mut stmt = conn
             .prepare("SELECT seq, run_id, release_id, host, step, phase, at, detail FROM events WHERE run_id = ?1 ORDER BY seq")
             .map_err(|e| self.e(e))?;
         let rows = stmt

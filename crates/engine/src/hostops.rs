@@ -1,0 +1,328 @@
+//! What cutover does on a host, one remote invocation per phase (each SSH session costs
+//! ~160 ms, so a phase is one script, not one command per step): prepare (check the root,
+//! take the host lock, report `current` and the releases, clear stale `.partial` dirs), stage
+//! (stream a tar.gz into `releases/<id>.partial`, rename when complete), switch (`ln -s` to a
+//! unique temp name, `mv -T` over `current`, run `reload` in the release), finish (prune and
+//! unlock), and the read-only probes behind `status` and `check`.
+//!
+//! **Invariant:** `current` changes only by one rename(2) of a complete release's symlink; a
+//! release directory exists under its final name only once it is complete.
+
+use cutover_remote::{Output, Remote, RemoteError, Script};
+use std::io::Read;
+
+/// The host lock's state as the host reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HostLock {
+    Acquired,
+    /// Held by this holder line (JSON written by whoever holds it; may be empty).
+    Held(String),
+}
+
+/// What `prepare` found on a host.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub(crate) lock: HostLock,
+    pub(crate) current: Option<String>,
+    pub(crate) releases: Vec<String>,
+}
+
+/// A host-side failure that is not a connection problem.
+#[derive(Debug, Clone)]
+pub(crate) enum OpError {
+    Remote(RemoteError),
+    Host(String),
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpError::Remote(e) => write!(f, "{e}"),
+            OpError::Host(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<RemoteError> for OpError {
+    fn from(e: RemoteError) -> Self {
+        OpError::Remote(e)
+    }
+}
+
+fn err_line(out: &Output) -> Option<String> {
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ERR ").map(str::to_string))
+}
+
+fn failed(out: &Output, what: &str) -> OpError {
+    match err_line(out) {
+        Some(m) => OpError::Host(m),
+        None => OpError::Host(format!("{what} failed (exit {}): {}", out.code, out.tail())),
+    }
+}
+
+macro_rules! check_root {
+    () => {
+        r#"
+root={root}
+command -v tar >/dev/null 2>&1 || { echo "ERR tar is not installed on the host (cutover needs sh and tar)"; exit 3; }
+mkdir -p "$root/releases" "$root/.cutover" 2>/dev/null || { echo "ERR cannot create $root/releases: check that the SSH user may write there"; exit 3; }
+probe="$root/.cutover/.probe.$$"
+if ( : > "$probe" ) 2>/dev/null; then rm -f "$probe"; else echo "ERR $root is not writable by the SSH user"; exit 3; fi
+if [ -e "$root/current" ] && [ ! -L "$root/current" ]; then echo "ERR $root/current exists and is not a symlink: move it away so cutover can manage it"; exit 3; fi
+"#
+    };
+}
+
+const PREPARE: &str = concat!(
+    r#"
+set -u
+root={root}
+holder={holder}
+"#,
+    check_root!(),
+    r#"
+if mkdir "$root/.cutover/lock" 2>/dev/null; then
+  printf '%s\n' "$holder" > "$root/.cutover/lock/holder"
+  echo "LOCK acquired"
+else
+  printf 'LOCK held %s\n' "$(head -n 1 "$root/.cutover/lock/holder" 2>/dev/null)"
+  exit 0
+fi
+rm -rf "$root"/releases/*.partial "$root"/.cutover/current.*.tmp
+printf 'CURRENT %s\n' "$(readlink "$root/current" 2>/dev/null)"
+for d in "$root"/releases/*; do [ -d "$d" ] && printf 'REL %s\n' "${d##*/}"; done
+exit 0
+"#
+);
+
+const TAKEOVER: &str = r#"
+set -u
+root={root}
+old={old}
+new={new}
+cur=$(head -n 1 "$root/.cutover/lock/holder" 2>/dev/null)
+if [ "$cur" = "$old" ]; then
+  printf '%s\n' "$new" > "$root/.cutover/lock/holder"
+  echo "LOCK acquired"
+else
+  printf 'LOCK held %s\n' "$cur"
+  exit 0
+fi
+rm -rf "$root"/releases/*.partial "$root"/.cutover/current.*.tmp
+printf 'CURRENT %s\n' "$(readlink "$root/current" 2>/dev/null)"
+for d in "$root"/releases/*; do [ -d "$d" ] && printf 'REL %s\n' "${d##*/}"; done
+exit 0
+"#;
+
+const STAGE: &str = r#"
+set -u
+root={root}
+id={id}
+meta={meta}
+cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
+rm -rf "$id.partial"
+mkdir "$id.partial" || { echo "ERR cannot create $root/releases/$id.partial"; exit 3; }
+if ! tar -x -z -o -f - -C "$id.partial"; then
+  rm -rf "$id.partial"
+  echo "ERR unpacking into $root/releases/$id.partial failed (disk full? see the tar message); the partial directory was removed"
+  exit 4
+fi
+if ! printf '%s\n' "$meta" > "$id.partial/.cutover-release.json"; then
+  rm -rf "$id.partial"
+  echo "ERR cannot write $id.partial/.cutover-release.json (disk full?)"
+  exit 4
+fi
+mv "$id.partial" "$id" || { rm -rf "$id.partial"; echo "ERR cannot rename $id.partial to $id"; exit 4; }
+echo STAGED
+"#;
+
+const SWITCH: &str = r#"
+set -u
+root={root}
+id={id}
+reload={reload}
+[ -d "$root/releases/$id" ] || { echo "ERR release $id is not on this host"; exit 3; }
+tmp="$root/.cutover/current.$$.tmp"
+rm -f "$tmp"
+ln -s "releases/$id" "$tmp" || { echo "ERR cannot create the symlink $tmp"; exit 3; }
+mv -T "$tmp" "$root/current" || { rm -f "$tmp"; echo "ERR cannot rename $tmp over $root/current"; exit 3; }
+echo SWITCHED
+if [ -n "$reload" ]; then
+  out=$(cd "$root/releases/$id" && sh -c "$reload" 2>&1 </dev/null)
+  rc=$?
+  printf 'RELOAD %s\n%s\n' "$rc" "$out"
+fi
+exit 0
+"#;
+
+const FINISH: &str = r#"
+set -u
+root={root}
+holder={holder}
+prune={prune}
+printf '%s\n' "$prune" | while IFS= read -r d; do
+  [ -n "$d" ] && rm -rf "$root/releases/$d"
+done
+if [ "$(head -n 1 "$root/.cutover/lock/holder" 2>/dev/null)" = "$holder" ]; then rm -rf "$root/.cutover/lock"; fi
+echo FINISHED
+"#;
+
+const STATUS: &str = r#"
+root={root}
+printf 'CURRENT %s\n' "$(readlink "$root/current" 2>/dev/null)"
+"#;
+
+const CHECK: &str = r#"
+set -u
+root={root}
+if command -v tar >/dev/null 2>&1; then echo "TAR yes"; else echo "TAR no"; fi
+if mkdir -p "$root/releases" "$root/.cutover" 2>/dev/null && ( : > "$root/.cutover/.probe.$$" ) 2>/dev/null; then rm -f "$root/.cutover/.probe.$$"; echo "WRITABLE yes"; else echo "WRITABLE no"; fi
+if [ -d "$root/.cutover/lock" ]; then printf 'LOCK held %s\n' "$(head -n 1 "$root/.cutover/lock/holder" 2>/dev/null)"; else echo "LOCK free"; fi
+printf 'CURRENT %s\n' "$(readlink "$root/current" 2>/dev/null)"
+"#;
+
+fn parse_prepared(out: &Output) -> Result<Prepared, OpError> {
+    if !out.success() {
+        return Err(failed(out, "prepare"));
+    }
+    let mut lock = None;
+    let mut current = None;
+    let mut releases = Vec::new();
+    for line in out.stdout.lines() {
+        if line == "LOCK acquired" {
+            lock = Some(HostLock::Acquired);
+        } else if let Some(h) = line.strip_prefix("LOCK held") {
+            lock = Some(HostLock::Held(h.trim().to_string()));
+        } else if let Some(c) = line.strip_prefix("CURRENT ") {
+            current = release_of_link(c);
+        } else if let Some(r) = line.strip_prefix("REL ") {
+            if cutover_core::ReleaseId::parse(r).is_some() {
+                releases.push(r.to_string());
+            }
+        }
+    }
+    let lock = lock.ok_or_else(|| failed(out, "prepare"))?;
+    releases.sort();
+    Ok(Prepared { lock, current, releases })
+}
+
+/// `releases/<id>` -> `<id>`; anything else (not managed by cutover) -> None.
+pub(crate) fn release_of_link(target: &str) -> Option<String> {
+    let t = target.trim();
+    let id = t.strip_prefix("releases/").unwrap_or(t);
+    let id = id.rsplit('/').next().unwrap_or(id);
+    cutover_core::ReleaseId::parse(id).map(|r| r.to_string())
+}
+
+pub(crate) fn prepare(r: &dyn Remote, root: &str, holder: &str) -> Result<Prepared, OpError> {
+    let s = Script::new(PREPARE, &[("root", root), ("holder", holder)]);
+    parse_prepared(&r.run(&s, None)?)
+}
+
+pub(crate) fn take_over(r: &dyn Remote, root: &str, old: &str, new: &str) -> Result<Prepared, OpError> {
+    let s = Script::new(TAKEOVER, &[("root", root), ("old", old), ("new", new)]);
+    parse_prepared(&r.run(&s, None)?)
+}
+
+pub(crate) fn stage(r: &dyn Remote, root: &str, id: &str, meta: &str, tarball: &mut (dyn Read + Send)) -> Result<(), OpError> {
+    let s = Script::new(STAGE, &[("root", root), ("id", id), ("meta", meta)]);
+    let out = r.run(&s, Some(tarball))?;
+    if out.success() && out.stdout.lines().any(|l| l == "STAGED") {
+        Ok(())
+    } else {
+        Err(failed(&out, "staging"))
+    }
+}
+
+/// The result of a switch: it happened; and the reload's exit code and output, if any.
+#[derive(Debug, Clone)]
+pub(crate) struct Switched {
+    pub(crate) reload: Option<(i32, String)>,
+}
+
+pub(crate) fn switch(r: &dyn Remote, root: &str, id: &str, reload: Option<&str>) -> Result<Switched, OpError> {
+    let s = Script::new(SWITCH, &[("root", root), ("id", id), ("reload", reload.unwrap_or(""))]);
+    let out = r.run(&s, None)?;
+    if !out.success() || !out.stdout.lines().any(|l| l == "SWITCHED") {
+        return Err(failed(&out, "switch"));
+    }
+    let reload = out.stdout.split_once("\nRELOAD ").map(|(_, rest)| {
+        let (code, output) = rest.split_once('\n').unwrap_or((rest, ""));
+        (code.trim().parse().unwrap_or(-1), output.trim_end().to_string())
+    });
+    Ok(Switched { reload })
+}
+
+pub(crate) fn finish(r: &dyn Remote, root: &str, holder: &str, prune: &[String]) -> Result<(), OpError> {
+    let list = prune.join("\n");
+    let s = Script::new(FINISH, &[("root", root), ("holder", holder), ("prune", &list)]);
+    let out = r.run(&s, None)?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(failed(&out, "finish"))
+    }
+}
+
+/// What `current` points at (`Ok(None)`: nothing deployed yet, or not a cutover release).
+pub(crate) fn current(r: &dyn Remote, root: &str) -> Result<Option<String>, OpError> {
+    let out = r.run(&Script::new(STATUS, &[("root", root)]), None)?;
+    Ok(out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("CURRENT "))
+        .and_then(release_of_link))
+}
+
+/// The facts `cutover check` reports for a reachable host.
+#[derive(Debug, Clone)]
+pub(crate) struct CheckFacts {
+    pub(crate) tar: bool,
+    pub(crate) writable: bool,
+    pub(crate) lock: Option<String>,
+    pub(crate) current: Option<String>,
+}
+
+pub(crate) fn check(r: &dyn Remote, root: &str) -> Result<CheckFacts, OpError> {
+    let out = r.run(&Script::new(CHECK, &[("root", root)]), None)?;
+    let has = |l: &str| out.stdout.lines().any(|x| x == l);
+    Ok(CheckFacts {
+        tar: has("TAR yes"),
+        writable: has("WRITABLE yes"),
+        lock: out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("LOCK held").map(|h| h.trim().to_string())),
+        current: out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("CURRENT "))
+            .and_then(release_of_link),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_targets_map_to_release_ids() {
+        assert_eq!(release_of_link("releases/20261126T091500Z-3f9a2c1").as_deref(), Some("20261126T091500Z-3f9a2c1"));
+        assert_eq!(release_of_link("/srv/x/releases/20261126T091500Z-3f9a2c1").as_deref(), Some("20261126T091500Z-3f9a2c1"));
+        assert_eq!(release_of_link(""), None);
+        assert_eq!(release_of_link("/var/www"), None);
+    }
+
+    #[test]
+    fn templates_have_every_placeholder_filled() {
+        // Script::new panics on a missing or unused value: build each once.
+        let _ = Script::new(PREPARE, &[("root", "/r"), ("holder", "h")]);
+        let _ = Script::new(TAKEOVER, &[("root", "/r"), ("old", "a"), ("new", "b")]);
+        let _ = Script::new(STAGE, &[("root", "/r"), ("id", "i"), ("meta", "{}")]);
+        let _ = Script::new(SWITCH, &[("root", "/r"), ("id", "i"), ("reload", "")]);
+        let _ = Script::new(FINISH, &[("root", "/r"), ("holder", "h"), ("prune", "")]);
+        let _ = Script::new(CHECK, &[("root", "/r")]);
+    }
+}

@@ -1,0 +1,130 @@
+//! Read-only views: `status` (what every host serves, read from the hosts, with drift flagged
+//! between hosts and against the history) and `check` (config valid, hosts reachable, host key
+//! known, `tar` present, root writable, lock free). Nothing here changes a host.
+
+use crate::hostops;
+use crate::{identity, par_map, Hosts};
+use cutover_core::Config;
+use cutover_remote::RemoteError;
+use cutover_store::Store;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostStatus {
+    pub host: String,
+    pub reachable: bool,
+    pub release: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub app: String,
+    pub live: Option<String>,
+    pub hosts: Vec<HostStatus>,
+    /// Human-readable drift findings; empty when every host serves the live release.
+    pub drift: Vec<String>,
+}
+
+/// Reads `current` on every host.
+pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
+    let live = store.live(&config.app).map_err(|e| e.to_string())?;
+    let hosts = Hosts::new(config).map_err(|e| e.to_string())?;
+    let root = &config.files.root;
+    let list = par_map(hosts.len(), config.ssh.parallel, |i| {
+        let r = hosts.get(i);
+        let name = config.hosts[i].0.clone();
+        match r.connect().map_err(|e| e.to_string()).and_then(|()| hostops::current(r, root).map_err(|e| e.to_string())) {
+            Ok(release) => HostStatus { host: name, reachable: true, release, error: None },
+            Err(e) => HostStatus { host: name, reachable: false, release: None, error: Some(e) },
+        }
+    });
+    let mut drift = Vec::new();
+    let served: std::collections::BTreeSet<Option<&String>> = list.iter().filter(|h| h.reachable).map(|h| h.release.as_ref()).collect();
+    if served.len() > 1 {
+        drift.push("hosts serve different releases".to_string());
+    }
+    for h in list.iter().filter(|h| h.reachable) {
+        if h.release != live {
+            drift.push(format!(
+                "{} serves {} but the history says {} is live",
+                h.host,
+                h.release.as_deref().unwrap_or("nothing"),
+                live.as_deref().unwrap_or("nothing")
+            ));
+        }
+    }
+    for h in list.iter().filter(|h| !h.reachable) {
+        drift.push(format!("{} is unreachable", h.host));
+    }
+    Ok(Status { app: config.app.clone(), live, hosts: list, drift })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostCheck {
+    pub host: String,
+    pub reachable: bool,
+    pub host_key_known: bool,
+    pub tar: bool,
+    pub root_writable: bool,
+    pub lock_free: bool,
+    pub current: Option<String>,
+    pub problems: Vec<String>,
+}
+
+impl HostCheck {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Connects to every host and checks what a deploy needs.
+pub fn check(config: &Config) -> Result<Vec<HostCheck>, String> {
+    let hosts = Hosts::new(config).map_err(|e| e.to_string())?;
+    let root = &config.files.root;
+    Ok(par_map(hosts.len(), config.ssh.parallel, |i| {
+        let r = hosts.get(i);
+        let mut c = HostCheck {
+            host: config.hosts[i].0.clone(),
+            reachable: false,
+            host_key_known: false,
+            tar: false,
+            root_writable: false,
+            lock_free: false,
+            current: None,
+            problems: Vec::new(),
+        };
+        match r.connect() {
+            Ok(()) => {
+                c.reachable = true;
+                c.host_key_known = true;
+            }
+            Err(e) => {
+                c.reachable = !matches!(e, RemoteError::Unreachable { .. } | RemoteError::Other { .. });
+                c.problems.push(e.to_string());
+                return c;
+            }
+        }
+        match hostops::check(r, root) {
+            Ok(f) => {
+                c.tar = f.tar;
+                c.root_writable = f.writable;
+                c.lock_free = f.lock.is_none();
+                c.current = f.current;
+                if !f.tar {
+                    c.problems.push("tar is not installed".into());
+                }
+                if !f.writable {
+                    c.problems.push(format!("{root} is not writable by the SSH user"));
+                }
+                if let Some(line) = f.lock {
+                    let who = identity::from_line(&line).map(|h| identity::describe(&h)).unwrap_or(line);
+                    c.problems.push(format!("locked by {who}"));
+                }
+            }
+            Err(e) => c.problems.push(e.to_string()),
+        }
+        c
+    }))
+}
