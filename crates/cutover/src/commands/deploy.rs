@@ -1,0 +1,64 @@
+//! `cutover deploy` and `cutover rollback`: both run the same protocol in the engine.
+
+use super::{load_config, open_store, print_json};
+use crate::cli::Common;
+use crate::output::{human_bytes, Progress};
+use cutover_engine::artifact::ArtifactStore;
+use cutover_engine::{exit, Outcome, RunRequest};
+use std::path::PathBuf;
+
+pub(crate) fn deploy(common: &Common, artifact: Option<PathBuf>, image: Option<String>, json: bool) -> i32 {
+    if image.is_some() {
+        eprintln!("error: --image is for container apps, which are not in this build of cutover yet; use --artifact");
+        return exit::USAGE;
+    }
+    let config = match load_config(&common.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(artifact) = artifact.or_else(|| config.files.source.clone()) else {
+        eprintln!("error: nothing to deploy: pass --artifact PATH or set [files] source in {}", config.file.display());
+        return exit::USAGE;
+    };
+    run(common, &config, RunRequest::Deploy { artifact, commit: None }, json)
+}
+
+pub(crate) fn rollback(common: &Common, to: Option<String>, json: bool) -> i32 {
+    let config = match load_config(&common.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    run(common, &config, RunRequest::Rollback { to }, json)
+}
+
+fn run(common: &Common, config: &cutover_core::Config, req: RunRequest, json: bool) -> i32 {
+    let (store, dir) = match open_store(common) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let artifacts = ArtifactStore::new(dir.join("artifacts"));
+    let progress = Progress::new(json);
+    let outcome = cutover_engine::run(config, &store, &artifacts, &progress, req);
+    progress.finish();
+    report(&outcome, json);
+    outcome.exit_code
+}
+
+pub(crate) fn report(o: &Outcome, json: bool) {
+    if json {
+        print_json(o);
+        return;
+    }
+    for (host, h) in &o.hosts {
+        if h.outcome.is_empty() {
+            continue;
+        }
+        let up = if h.uploaded_bytes > 0 { format!(" ({} uploaded)", human_bytes(h.uploaded_bytes)) } else { String::new() };
+        eprintln!("  {host}: {}{up}", h.outcome);
+    }
+    if o.exit_code == exit::OK {
+        eprintln!("{}", o.message);
+    } else {
+        eprintln!("error: {}", o.message);
+    }
+}

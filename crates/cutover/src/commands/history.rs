@@ -1,0 +1,82 @@
+//! `cutover history`: releases, newest first.
+
+use super::{load_config, open_store, print_json};
+use crate::cli::Common;
+use crate::output::table;
+use cutover_engine::exit;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+#[derive(Serialize)]
+struct Row {
+    id: String,
+    status: String,
+    live: bool,
+    bad: bool,
+    created_at: String,
+    artifact_sha256: String,
+    commit: Option<String>,
+    source: String,
+    hosts: BTreeMap<String, String>,
+}
+
+pub(crate) fn run(common: &crate::cli::Common, json: bool) -> i32 {
+    let config = match load_config(&common.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    print(common, &config.app, json)
+}
+
+pub(crate) fn print(common: &Common, app: &str, json: bool) -> i32 {
+    let (store, _) = match open_store(common) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let (releases, live) = match (store.releases(app), store.live(app)) {
+        (Ok(r), Ok(l)) => (r, l),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return exit::NEEDS_PERSON;
+        }
+    };
+    let rows: Vec<Row> = releases
+        .into_iter()
+        .map(|r| Row {
+            live: live.as_deref() == Some(r.id.as_str()),
+            id: r.id,
+            status: r.status,
+            bad: r.bad,
+            created_at: r.created_at,
+            artifact_sha256: r.artifact_sha256,
+            commit: r.commit,
+            source: r.source,
+            hosts: r.hosts,
+        })
+        .collect();
+    if json {
+        print_json(&rows);
+        return exit::OK;
+    }
+    if rows.is_empty() {
+        println!("no releases of app `{app}` yet");
+        return exit::OK;
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let healthy = r.hosts.values().filter(|o| *o == "healthy").count();
+            vec![
+                r.id.clone(),
+                r.status.clone(),
+                if r.live { "live".into() } else { String::new() },
+                if r.bad { "bad".into() } else { String::new() },
+                r.created_at.clone(),
+                format!("{healthy}/{} healthy", r.hosts.len()),
+                r.artifact_sha256.chars().take(12).collect(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["RELEASE", "STATUS", "LIVE", "BAD", "CREATED", "HOSTS", "ARTIFACT"], &cells));
+    exit::OK
+}

@@ -1,0 +1,47 @@
+//! `cutover status`: what every host serves, read from the hosts; exit 3 on drift.
+
+use super::{load_config, open_store, print_json};
+use crate::cli::Common;
+use crate::output::table;
+use cutover_engine::exit;
+
+pub(crate) fn run(common: &Common, json: bool) -> i32 {
+    let config = match load_config(&common.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (store, _) = match open_store(common) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let status = match cutover_engine::inspect::status(&config, &store) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::NEEDS_PERSON;
+        }
+    };
+    let code = if status.drift.is_empty() { exit::OK } else { exit::NEEDS_PERSON };
+    if json {
+        print_json(&status);
+        return code;
+    }
+    let rows: Vec<Vec<String>> = status
+        .hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.host.clone(),
+                if h.reachable { "yes".into() } else { "no".into() },
+                h.release.clone().unwrap_or_else(|| "-".into()),
+                h.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["HOST", "REACHABLE", "RELEASE", "ERROR"], &rows));
+    println!("live (history): {}", status.live.as_deref().unwrap_or("none"));
+    for d in &status.drift {
+        println!("drift: {d}");
+    }
+    code
+}
