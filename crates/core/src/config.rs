@@ -23,7 +23,13 @@ impl fmt::Display for ConfigError {
         if self.key.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(f, "{}: `{}`: {}", self.file.display(), self.key, self.message)
+            write!(
+                f,
+                "{}: `{}`: {}",
+                self.file.display(),
+                self.key,
+                self.message
+            )
         }
     }
 }
@@ -166,7 +172,9 @@ impl HealthUrl {
             return Err(format!("bad host in {text:?}"));
         }
         if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format!("URL path holds whitespace or control characters: {text:?}"));
+            return Err(format!(
+                "URL path holds whitespace or control characters: {text:?}"
+            ));
         }
         Ok(HealthUrl {
             host,
@@ -222,14 +230,20 @@ impl Config {
             ));
         }
         if raw.hosts.is_empty() {
-            return Err(err("hosts", "expected at least one host, e.g. [\"web1\"] or [\"local\"]".into()));
+            return Err(err(
+                "hosts",
+                "expected at least one host, e.g. [\"web1\"] or [\"local\"]".into(),
+            ));
         }
         let mut hosts = Vec::new();
         let mut seen = BTreeSet::new();
         for (i, h) in raw.hosts.iter().enumerate() {
             let d = Destination::parse(h).map_err(|m| err(&format!("hosts[{i}]"), m))?;
             if !seen.insert(h.clone()) {
-                return Err(err(&format!("hosts[{i}]"), format!("{h:?} is listed twice")));
+                return Err(err(
+                    &format!("hosts[{i}]"),
+                    format!("{h:?} is listed twice"),
+                ));
             }
             hosts.push((h.clone(), d));
         }
@@ -255,26 +269,45 @@ impl Config {
         };
 
         if raw.container.is_some() || raw.proxy.is_some() {
-            let key = if raw.container.is_some() { "container" } else { "proxy" };
+            let key = if raw.container.is_some() {
+                "container"
+            } else {
+                "proxy"
+            };
             return Err(err(
                 key,
                 "container apps are not supported by this build of cutover yet; use [files]".into(),
             ));
         }
         let files = raw.files.ok_or_else(|| {
-            err("files", "expected a [files] section (source, root, reload, keep)".into())
+            err(
+                "files",
+                "expected a [files] section (source, root, reload, keep)".into(),
+            )
         })?;
         if !files.root.starts_with('/') {
             return Err(err(
                 "files.root",
-                format!("expected an absolute path on the hosts, got {:?}", files.root),
+                format!(
+                    "expected an absolute path on the hosts, got {:?}",
+                    files.root
+                ),
             ));
         }
         if files.root.split('/').any(|c| c == ".." || c == ".") {
-            return Err(err("files.root", format!("expected a path without '.' or '..' components, got {:?}", files.root)));
+            return Err(err(
+                "files.root",
+                format!(
+                    "expected a path without '.' or '..' components, got {:?}",
+                    files.root
+                ),
+            ));
         }
         if files.root.contains('\0') || files.root.contains('\n') {
-            return Err(err("files.root", "expected a path without NUL or newline".into()));
+            return Err(err(
+                "files.root",
+                "expected a path without NUL or newline".into(),
+            ));
         }
         let root = if files.root.len() > 1 {
             files.root.trim_end_matches('/').to_string()
@@ -282,7 +315,10 @@ impl Config {
             files.root.clone()
         };
         if root == "/" {
-            return Err(err("files.root", "expected a dedicated directory, not /".into()));
+            return Err(err(
+                "files.root",
+                "expected a dedicated directory, not /".into(),
+            ));
         }
         let keep = match files.keep {
             None => 5,
@@ -301,42 +337,66 @@ impl Config {
             root,
             reload: files.reload.filter(|r| !r.trim().is_empty()),
             keep,
-            max_unpacked_bytes: positive("files.max_unpacked_bytes", files.max_unpacked_bytes, 4 << 30)?,
+            max_unpacked_bytes: positive(
+                "files.max_unpacked_bytes",
+                files.max_unpacked_bytes,
+                4 << 30,
+            )?,
             max_entries: positive("files.max_entries", files.max_entries, 200_000)?,
         };
 
-        let h = raw
-            .health
-            .ok_or_else(|| err("health", "expected a [health] section with `url`: the gate every switch must pass".into()))?;
+        let h = raw.health.ok_or_else(|| {
+            err(
+                "health",
+                "expected a [health] section with `url`: the gate every switch must pass".into(),
+            )
+        })?;
         if h.path.is_some() {
-            return Err(err("health.path", "`path` is for container apps; files apps use `url`".into()));
+            return Err(err(
+                "health.path",
+                "`path` is for container apps; files apps use `url`".into(),
+            ));
         }
-        let url = h
-            .url
-            .as_deref()
-            .ok_or_else(|| err("health.url", "expected the URL to probe as the host sees it, e.g. \"http://127.0.0.1/up\"".into()))?;
+        let url = h.url.as_deref().ok_or_else(|| {
+            err(
+                "health.url",
+                "expected the URL to probe as the host sees it, e.g. \"http://127.0.0.1/up\""
+                    .into(),
+            )
+        })?;
         let url = HealthUrl::parse(url).map_err(|m| err("health.url", m))?;
-        let dur = |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
-            match v {
-                None => Ok(default),
-                Some(s) => {
-                    let d = parse_duration(s).map_err(|m| err(key, m))?;
-                    if d.is_zero() {
-                        return Err(err(key, "expected a duration above zero".into()));
+        let dur =
+            |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(s) => {
+                        let d = parse_duration(s).map_err(|m| err(key, m))?;
+                        if d.is_zero() {
+                            return Err(err(key, "expected a duration above zero".into()));
+                        }
+                        Ok(d)
                     }
-                    Ok(d)
                 }
-            }
-        };
+            };
         let expect = match h.expect {
             None => 200,
             Some(n) if (100..=599).contains(&n) => n as u16,
-            Some(n) => return Err(err("health.expect", format!("expected an HTTP status 100-599, got {n}"))),
+            Some(n) => {
+                return Err(err(
+                    "health.expect",
+                    format!("expected an HTTP status 100-599, got {n}"),
+                ))
+            }
         };
         let healthy_after = match h.healthy_after {
             None => 2,
             Some(n) if (1..=100).contains(&n) => n as u32,
-            Some(n) => return Err(err("health.healthy_after", format!("expected 1 to 100, got {n}"))),
+            Some(n) => {
+                return Err(err(
+                    "health.healthy_after",
+                    format!("expected 1 to 100, got {n}"),
+                ))
+            }
         };
         let health = HealthConfig {
             url,
@@ -344,7 +404,11 @@ impl Config {
             timeout: dur("health.timeout", &h.timeout, Duration::from_secs(2))?,
             interval: dur("health.interval", &h.interval, Duration::from_millis(500))?,
             healthy_after,
-            give_up_after: dur("health.give_up_after", &h.give_up_after, Duration::from_secs(30))?,
+            give_up_after: dur(
+                "health.give_up_after",
+                &h.give_up_after,
+                Duration::from_secs(30),
+            )?,
         };
 
         Ok(Config {
@@ -403,7 +467,11 @@ give_up_after = "10s"
 "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("/etc/app/cutover.toml"), text, Some(Path::new("/home/u")))
+        Config::parse(
+            Path::new("/etc/app/cutover.toml"),
+            text,
+            Some(Path::new("/home/u")),
+        )
     }
 
     fn key_of(text: &str) -> String {
@@ -418,7 +486,10 @@ give_up_after = "10s"
         assert_eq!(c.app, "site");
         assert_eq!(c.hosts.len(), 2);
         assert_eq!(c.ssh.known_hosts.as_deref(), Some(Path::new("/etc/app/kh")));
-        assert_eq!(c.ssh.identity.as_deref(), Some(Path::new("/home/u/.ssh/id")));
+        assert_eq!(
+            c.ssh.identity.as_deref(),
+            Some(Path::new("/home/u/.ssh/id"))
+        );
         assert_eq!(c.files.root, "/srv/site");
         assert_eq!(c.files.keep, 3);
         assert_eq!(c.files.source.as_deref(), Some(Path::new("/etc/app/dist")));
@@ -432,16 +503,37 @@ give_up_after = "10s"
     fn every_error_names_its_key() {
         let cases = [
             (GOOD.replace("app = \"site\"", "app = \"Site\""), "app"),
-            (GOOD.replace("root = \"/srv/site/\"", "root = \"srv\""), "files.root"),
-            (GOOD.replace("root = \"/srv/site/\"", "root = \"/srv/../etc\""), "files.root"),
+            (
+                GOOD.replace("root = \"/srv/site/\"", "root = \"srv\""),
+                "files.root",
+            ),
+            (
+                GOOD.replace("root = \"/srv/site/\"", "root = \"/srv/../etc\""),
+                "files.root",
+            ),
             (GOOD.replace("keep = 3", "keep = 0"), "files.keep"),
-            (GOOD.replace("timeout = \"1s\"", "timeout = \"1\""), "health.timeout"),
-            (GOOD.replace("interval = \"100ms\"", "interval = \"0s\""), "health.interval"),
-            (GOOD.replace("http://127.0.0.1:8080/up", "https://x/up"), "health.url"),
+            (
+                GOOD.replace("timeout = \"1s\"", "timeout = \"1\""),
+                "health.timeout",
+            ),
+            (
+                GOOD.replace("interval = \"100ms\"", "interval = \"0s\""),
+                "health.interval",
+            ),
+            (
+                GOOD.replace("http://127.0.0.1:8080/up", "https://x/up"),
+                "health.url",
+            ),
             (GOOD.replace("\"web1\"", "\"-oProxyCommand=x\""), "hosts[0]"),
-            (GOOD.replace("\"web1\", ", "\"deploy@10.0.0.5:2222\", "), "hosts[1]"),
+            (
+                GOOD.replace("\"web1\", ", "\"deploy@10.0.0.5:2222\", "),
+                "hosts[1]",
+            ),
             (GOOD.replace("parallel = 4", "parallel = 0"), "ssh.parallel"),
-            (GOOD.replace("[files]", "[container]\nimage=\"x\"\n[files]"), "container"),
+            (
+                GOOD.replace("[files]", "[container]\nimage=\"x\"\n[files]"),
+                "container",
+            ),
         ];
         for (text, key) in cases {
             assert_eq!(key_of(&text), key, "for {text}");

@@ -14,7 +14,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
         if digits == 0 {
-            return Err(format!("`{text}` is not a duration like \"500ms\", \"2s\" or \"1m30s\""));
+            return Err(format!(
+                "`{text}` is not a duration like \"500ms\", \"2s\" or \"1m30s\""
+            ));
         }
         let n: u64 = rest[..digits]
             .parse()
@@ -47,7 +49,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Formats a duration the way it is read back by [`parse_duration`], for messages.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

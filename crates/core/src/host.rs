@@ -27,7 +27,9 @@ impl Destination {
             return Err("an empty host".into());
         }
         if text.starts_with('-') {
-            return Err(format!("`{text}` starts with '-' and would be read as an ssh option"));
+            return Err(format!(
+                "`{text}` starts with '-' and would be read as an ssh option"
+            ));
         }
         if let Some(c) = text
             .chars()

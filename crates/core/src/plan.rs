@@ -15,7 +15,10 @@ pub struct ReleaseFacts {
 
 /// The newest release older than `live` that succeeded everywhere and is not marked bad.
 /// `releases` is newest first. With no live release, the newest such release.
-pub fn rollback_target<'a>(releases: &'a [ReleaseFacts], live: Option<&str>) -> Option<&'a ReleaseFacts> {
+pub fn rollback_target<'a>(
+    releases: &'a [ReleaseFacts],
+    live: Option<&str>,
+) -> Option<&'a ReleaseFacts> {
     releases
         .iter()
         .filter(|r| live.is_none_or(|l| r.id.as_str() < l))
@@ -29,7 +32,10 @@ pub fn prune(on_host: &[String], keep: usize, protect: &BTreeSet<String>) -> Vec
     let mut sorted: Vec<&String> = on_host.iter().collect();
     sorted.sort();
     sorted.dedup();
-    let mut kept = sorted.iter().filter(|r| protect.contains(r.as_str())).count();
+    let mut kept = sorted
+        .iter()
+        .filter(|r| protect.contains(r.as_str()))
+        .count();
     let mut delete = Vec::new();
     for r in sorted.iter().rev() {
         if protect.contains(r.as_str()) {
@@ -50,12 +56,22 @@ mod tests {
     use super::*;
 
     fn r(id: &str, succeeded: bool, bad: bool) -> ReleaseFacts {
-        ReleaseFacts { id: id.into(), succeeded, bad }
+        ReleaseFacts {
+            id: id.into(),
+            succeeded,
+            bad,
+        }
     }
 
     #[test]
     fn rollback_skips_failed_bad_and_newer() {
-        let rs = [r("5", true, false), r("4", true, false), r("3", false, false), r("2", true, true), r("1", true, false)];
+        let rs = [
+            r("5", true, false),
+            r("4", true, false),
+            r("3", false, false),
+            r("2", true, true),
+            r("1", true, false),
+        ];
         assert_eq!(rollback_target(&rs, Some("4")).unwrap().id, "1");
         assert_eq!(rollback_target(&rs, Some("5")).unwrap().id, "4");
         assert_eq!(rollback_target(&rs, None).unwrap().id, "5");
@@ -64,7 +80,10 @@ mod tests {
 
     #[test]
     fn prune_keeps_newest_and_protected() {
-        let on: Vec<String> = ["1", "2", "3", "4", "5", "6"].iter().map(|s| s.to_string()).collect();
+        let on: Vec<String> = ["1", "2", "3", "4", "5", "6"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let protect: BTreeSet<String> = ["6", "2"].iter().map(|s| s.to_string()).collect();
         assert_eq!(prune(&on, 3, &protect), vec!["1", "3", "4"]);
         assert_eq!(prune(&on, 10, &protect), Vec::<String>::new());

@@ -37,8 +37,12 @@ impl ReleaseId {
             Some((s, n)) => (s, Some(n)),
             None => (tail, None),
         };
-        let ok_short = short.len() == 7 && short.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
-        let ok_n = n.is_none_or(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|c| c.is_ascii_digit()));
+        let ok_short = short.len() == 7
+            && short
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+        let ok_n = n
+            .is_none_or(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|c| c.is_ascii_digit()));
         (ok_head && ok_short && ok_n).then(|| ReleaseId(text.to_string()))
     }
 
@@ -111,7 +115,15 @@ mod tests {
 
     #[test]
     fn parse_refuses_anything_else() {
-        for bad in ["", "current", "../x", "20261126T091500Z-3f9a2c1/..", "20261126T091500Z-3F9A2C1", "20261126T091500Z-3f9a2c1.partial", "20261126T091500Z-3f9a2c1-"] {
+        for bad in [
+            "",
+            "current",
+            "../x",
+            "20261126T091500Z-3f9a2c1/..",
+            "20261126T091500Z-3F9A2C1",
+            "20261126T091500Z-3f9a2c1.partial",
+            "20261126T091500Z-3f9a2c1-",
+        ] {
             assert_eq!(ReleaseId::parse(bad), None, "{bad}");
         }
     }

@@ -5,7 +5,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "cutover", version, about = "Zero-downtime deploys and one-click rollback for self-hosted apps, over SSH")]
+#[command(
+    name = "cutover",
+    version,
+    about = "Zero-downtime deploys and one-click rollback for self-hosted apps, over SSH"
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -14,7 +18,12 @@ pub(crate) struct Cli {
 #[derive(Debug, Args, Clone)]
 pub(crate) struct Common {
     /// The config file.
-    #[arg(short = 'c', long = "config", default_value = "cutover.toml", global = true)]
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "cutover.toml",
+        global = true
+    )]
     pub(crate) config: PathBuf,
     /// Where the history database and the artifact store live.
     #[arg(long = "data", env = "CUTOVER_DATA", global = true)]

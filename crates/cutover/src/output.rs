@@ -10,7 +10,10 @@ use std::time::Duration;
 
 /// How progress is shown.
 pub(crate) enum Progress {
-    Bars { multi: MultiProgress, bars: Mutex<BTreeMap<String, ProgressBar>> },
+    Bars {
+        multi: MultiProgress,
+        bars: Mutex<BTreeMap<String, ProgressBar>>,
+    },
     Lines,
     Quiet,
 }
@@ -20,14 +23,19 @@ impl Progress {
         if json {
             Progress::Quiet
         } else if std::io::stderr().is_terminal() {
-            Progress::Bars { multi: MultiProgress::new(), bars: Mutex::new(BTreeMap::new()) }
+            Progress::Bars {
+                multi: MultiProgress::new(),
+                bars: Mutex::new(BTreeMap::new()),
+            }
         } else {
             Progress::Lines
         }
     }
 
     fn bar(&self, host: &str) -> Option<ProgressBar> {
-        let Progress::Bars { multi, bars } = self else { return None };
+        let Progress::Bars { multi, bars } = self else {
+            return None;
+        };
         let mut bars = bars.lock().unwrap_or_else(|p| p.into_inner());
         Some(
             bars.entry(host.to_string())
@@ -84,7 +92,11 @@ impl Reporter for Progress {
 
     fn bytes(&self, host: &str, sent: u64, total: u64) {
         if let Some(b) = self.bar(host) {
-            b.set_message(format!("stage {} / {}", human_bytes(sent), human_bytes(total)));
+            b.set_message(format!(
+                "stage {} / {}",
+                human_bytes(sent),
+                human_bytes(total)
+            ));
         }
     }
 

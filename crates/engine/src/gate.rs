@@ -21,7 +21,12 @@ pub struct Probe {
 
 impl Probe {
     fn error(e: impl Into<String>) -> Probe {
-        Probe { status: None, location: None, body: String::new(), error: Some(e.into()) }
+        Probe {
+            status: None,
+            location: None,
+            body: String::new(),
+            error: Some(e.into()),
+        }
     }
 
     /// One line for a person.
@@ -76,13 +81,23 @@ pub fn run_gate(endpoint: &Endpoint, spec: &GateSpec) -> GateResult {
         if p.error.is_none() && p.status == Some(spec.expect) {
             passes += 1;
             if passes >= spec.healthy_after {
-                return GateResult { healthy: true, probes, last: p, elapsed: start.elapsed() };
+                return GateResult {
+                    healthy: true,
+                    probes,
+                    last: p,
+                    elapsed: start.elapsed(),
+                };
             }
         } else {
             passes = 0;
         }
         if start.elapsed() + spec.interval > spec.give_up_after {
-            return GateResult { healthy: false, probes, last: p, elapsed: start.elapsed() };
+            return GateResult {
+                healthy: false,
+                probes,
+                last: p,
+                elapsed: start.elapsed(),
+            };
         }
         std::thread::sleep(spec.interval);
     }
@@ -128,9 +143,13 @@ impl Stream for UnixStream {
 }
 
 fn exchange(mut s: impl Stream, request: &str, deadline: Instant) -> Result<Vec<u8>, String> {
-    let left = |d: Instant| d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let left = |d: Instant| {
+        d.saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
     s.set_timeouts(left(deadline)).map_err(|e| e.to_string())?;
-    s.write_all(request.as_bytes()).map_err(|e| format!("sending the request: {e}"))?;
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("sending the request: {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -146,17 +165,26 @@ fn exchange(mut s: impl Stream, request: &str, deadline: Instant) -> Result<Vec<
                     return Ok(buf);
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err("timed out waiting for the answer".into())
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !buf.is_empty() => return Ok(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !buf.is_empty() => {
+                return Ok(buf)
+            }
             Err(e) => return Err(format!("reading the answer: {e}")),
         }
     }
 }
 
 fn head_and_body_complete(buf: &[u8]) -> bool {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
     let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
     let len = head
         .lines()
@@ -166,7 +194,10 @@ fn head_and_body_complete(buf: &[u8]) -> bool {
 }
 
 fn parse_response(raw: &[u8]) -> Probe {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(raw.len());
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
     let head = String::from_utf8_lossy(&raw[..end]);
     let mut lines = head.lines();
     let status_line = lines.next().unwrap_or("");
@@ -175,15 +206,28 @@ fn parse_response(raw: &[u8]) -> Probe {
         .and_then(|r| r.get(2..5))
         .and_then(|c| c.parse::<u16>().ok());
     let Some(status) = status else {
-        return Probe::error(format!("not an HTTP answer: {:?}", status_line.chars().take(80).collect::<String>()));
+        return Probe::error(format!(
+            "not an HTTP answer: {:?}",
+            status_line.chars().take(80).collect::<String>()
+        ));
     };
     let location = lines.find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case("location").then(|| v.trim().to_string())
+        k.trim()
+            .eq_ignore_ascii_case("location")
+            .then(|| v.trim().to_string())
     });
     let body_start = (end + 4).min(raw.len());
-    let body: String = String::from_utf8_lossy(&raw[body_start..]).chars().take(200).collect();
-    Probe { status: Some(status), location, body, error: None }
+    let body: String = String::from_utf8_lossy(&raw[body_start..])
+        .chars()
+        .take(200)
+        .collect();
+    Probe {
+        status: Some(status),
+        location,
+        body,
+        error: None,
+    }
 }
 
 #[cfg(test)]
@@ -207,7 +251,8 @@ mod tests {
 
     #[test]
     fn parses_status_location_and_body() {
-        let e = serve_once("HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 5\r\n\r\nhello");
+        let e =
+            serve_once("HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 5\r\n\r\nhello");
         let p = probe(&e, "x", "/up", Duration::from_secs(2));
         assert_eq!(p.status, Some(302));
         assert_eq!(p.location.as_deref(), Some("/login"));

@@ -205,7 +205,11 @@ fn parse_prepared(out: &Output) -> Result<Prepared, OpError> {
     }
     let lock = lock.ok_or_else(|| failed(out, "prepare"))?;
     releases.sort();
-    Ok(Prepared { lock, current, releases })
+    Ok(Prepared {
+        lock,
+        current,
+        releases,
+    })
 }
 
 /// `releases/<id>` -> `<id>`; anything else (not managed by cutover) -> None.
@@ -221,12 +225,23 @@ pub(crate) fn prepare(r: &dyn Remote, root: &str, holder: &str) -> Result<Prepar
     parse_prepared(&r.run(&s, None)?)
 }
 
-pub(crate) fn take_over(r: &dyn Remote, root: &str, old: &str, new: &str) -> Result<Prepared, OpError> {
+pub(crate) fn take_over(
+    r: &dyn Remote,
+    root: &str,
+    old: &str,
+    new: &str,
+) -> Result<Prepared, OpError> {
     let s = Script::new(TAKEOVER, &[("root", root), ("old", old), ("new", new)]);
     parse_prepared(&r.run(&s, None)?)
 }
 
-pub(crate) fn stage(r: &dyn Remote, root: &str, id: &str, meta: &str, tarball: &mut (dyn Read + Send)) -> Result<(), OpError> {
+pub(crate) fn stage(
+    r: &dyn Remote,
+    root: &str,
+    id: &str,
+    meta: &str,
+    tarball: &mut (dyn Read + Send),
+) -> Result<(), OpError> {
     let s = Script::new(STAGE, &[("root", root), ("id", id), ("meta", meta)]);
     let out = r.run(&s, Some(tarball))?;
     if out.success() && out.stdout.lines().any(|l| l == "STAGED") {
@@ -242,22 +257,41 @@ pub(crate) struct Switched {
     pub(crate) reload: Option<(i32, String)>,
 }
 
-pub(crate) fn switch(r: &dyn Remote, root: &str, id: &str, reload: Option<&str>) -> Result<Switched, OpError> {
-    let s = Script::new(SWITCH, &[("root", root), ("id", id), ("reload", reload.unwrap_or(""))]);
+pub(crate) fn switch(
+    r: &dyn Remote,
+    root: &str,
+    id: &str,
+    reload: Option<&str>,
+) -> Result<Switched, OpError> {
+    let s = Script::new(
+        SWITCH,
+        &[("root", root), ("id", id), ("reload", reload.unwrap_or(""))],
+    );
     let out = r.run(&s, None)?;
     if !out.success() || !out.stdout.lines().any(|l| l == "SWITCHED") {
         return Err(failed(&out, "switch"));
     }
     let reload = out.stdout.split_once("\nRELOAD ").map(|(_, rest)| {
         let (code, output) = rest.split_once('\n').unwrap_or((rest, ""));
-        (code.trim().parse().unwrap_or(-1), output.trim_end().to_string())
+        (
+            code.trim().parse().unwrap_or(-1),
+            output.trim_end().to_string(),
+        )
     });
     Ok(Switched { reload })
 }
 
-pub(crate) fn finish(r: &dyn Remote, root: &str, holder: &str, prune: &[String]) -> Result<(), OpError> {
+pub(crate) fn finish(
+    r: &dyn Remote,
+    root: &str,
+    holder: &str,
+    prune: &[String],
+) -> Result<(), OpError> {
     let list = prune.join("\n");
-    let s = Script::new(FINISH, &[("root", root), ("holder", holder), ("prune", &list)]);
+    let s = Script::new(
+        FINISH,
+        &[("root", root), ("holder", holder), ("prune", &list)],
+    );
     let out = r.run(&s, None)?;
     if out.success() {
         Ok(())
@@ -309,8 +343,14 @@ mod tests {
 
     #[test]
     fn link_targets_map_to_release_ids() {
-        assert_eq!(release_of_link("releases/20261126T091500Z-3f9a2c1").as_deref(), Some("20261126T091500Z-3f9a2c1"));
-        assert_eq!(release_of_link("/srv/x/releases/20261126T091500Z-3f9a2c1").as_deref(), Some("20261126T091500Z-3f9a2c1"));
+        assert_eq!(
+            release_of_link("releases/20261126T091500Z-3f9a2c1").as_deref(),
+            Some("20261126T091500Z-3f9a2c1")
+        );
+        assert_eq!(
+            release_of_link("/srv/x/releases/20261126T091500Z-3f9a2c1").as_deref(),
+            Some("20261126T091500Z-3f9a2c1")
+        );
         assert_eq!(release_of_link(""), None);
         assert_eq!(release_of_link("/var/www"), None);
     }

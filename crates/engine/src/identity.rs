@@ -54,7 +54,10 @@ pub fn alive(h: &Holder) -> bool {
 
 /// A holder as one line for a person.
 pub fn describe(h: &Holder) -> String {
-    format!("{}@{} pid {} ({}) since {}", h.user, h.machine, h.pid, h.op, h.since)
+    format!(
+        "{}@{} pid {} ({}) since {}",
+        h.user, h.machine, h.pid, h.op, h.since
+    )
 }
 
 /// The holder as written into a host's lock file (one JSON line).
@@ -74,7 +77,14 @@ pub fn from_line(line: &str) -> Option<Holder> {
         op: String,
     }
     let h: H = serde_json::from_str(line).ok()?;
-    Some(Holder { user: h.user, machine: h.machine, pid: h.pid, pid_start: h.pid_start, since: h.since, op: h.op })
+    Some(Holder {
+        user: h.user,
+        machine: h.machine,
+        pid: h.pid,
+        pid_start: h.pid_start,
+        since: h.since,
+        op: h.op,
+    })
 }
 
 #[cfg(test)]

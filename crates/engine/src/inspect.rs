@@ -35,13 +35,31 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
     let list = par_map(hosts.len(), config.ssh.parallel, |i| {
         let r = hosts.get(i);
         let name = config.hosts[i].0.clone();
-        match r.connect().map_err(|e| e.to_string()).and_then(|()| hostops::current(r, root).map_err(|e| e.to_string())) {
-            Ok(release) => HostStatus { host: name, reachable: true, release, error: None },
-            Err(e) => HostStatus { host: name, reachable: false, release: None, error: Some(e) },
+        match r
+            .connect()
+            .map_err(|e| e.to_string())
+            .and_then(|()| hostops::current(r, root).map_err(|e| e.to_string()))
+        {
+            Ok(release) => HostStatus {
+                host: name,
+                reachable: true,
+                release,
+                error: None,
+            },
+            Err(e) => HostStatus {
+                host: name,
+                reachable: false,
+                release: None,
+                error: Some(e),
+            },
         }
     });
     let mut drift = Vec::new();
-    let served: std::collections::BTreeSet<Option<&String>> = list.iter().filter(|h| h.reachable).map(|h| h.release.as_ref()).collect();
+    let served: std::collections::BTreeSet<Option<&String>> = list
+        .iter()
+        .filter(|h| h.reachable)
+        .map(|h| h.release.as_ref())
+        .collect();
     if served.len() > 1 {
         drift.push("hosts serve different releases".to_string());
     }
@@ -58,7 +76,12 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
     for h in list.iter().filter(|h| !h.reachable) {
         drift.push(format!("{} is unreachable", h.host));
     }
-    Ok(Status { app: config.app.clone(), live, hosts: list, drift })
+    Ok(Status {
+        app: config.app.clone(),
+        live,
+        hosts: list,
+        drift,
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,7 +124,10 @@ pub fn check(config: &Config) -> Result<Vec<HostCheck>, String> {
                 c.host_key_known = true;
             }
             Err(e) => {
-                c.reachable = !matches!(e, RemoteError::Unreachable { .. } | RemoteError::Other { .. });
+                c.reachable = !matches!(
+                    e,
+                    RemoteError::Unreachable { .. } | RemoteError::Other { .. }
+                );
                 c.problems.push(e.to_string());
                 return c;
             }
@@ -116,10 +142,13 @@ pub fn check(config: &Config) -> Result<Vec<HostCheck>, String> {
                     c.problems.push("tar is not installed".into());
                 }
                 if !f.writable {
-                    c.problems.push(format!("{root} is not writable by the SSH user"));
+                    c.problems
+                        .push(format!("{root} is not writable by the SSH user"));
                 }
                 if let Some(line) = f.lock {
-                    let who = identity::from_line(&line).map(|h| identity::describe(&h)).unwrap_or(line);
+                    let who = identity::from_line(&line)
+                        .map(|h| identity::describe(&h))
+                        .unwrap_or(line);
                     c.problems.push(format!("locked by {who}"));
                 }
             }

@@ -87,7 +87,11 @@ pub struct Hosts {
 impl Hosts {
     pub fn new(config: &Config) -> std::io::Result<Hosts> {
         let needs_ssh = config.hosts.iter().any(|(_, d)| !d.is_local());
-        let control_dir = if needs_ssh { Some(control_dir()?) } else { None };
+        let control_dir = if needs_ssh {
+            Some(control_dir()?)
+        } else {
+            None
+        };
         let opts = SshOptions {
             config: config.ssh.config.clone(),
             known_hosts: config.ssh.known_hosts.clone(),
@@ -102,13 +106,21 @@ impl Hosts {
             .map(|(i, (name, d))| -> Box<dyn Remote> {
                 match d {
                     Destination::Local => Box::new(LocalHost),
-                    Destination::Ssh { user, host, port } => {
-                        Box::new(SshHost::new(name, user.clone(), host.clone(), *port, i, opts.clone()))
-                    }
+                    Destination::Ssh { user, host, port } => Box::new(SshHost::new(
+                        name,
+                        user.clone(),
+                        host.clone(),
+                        *port,
+                        i,
+                        opts.clone(),
+                    )),
                 }
             })
             .collect();
-        Ok(Hosts { remotes, control_dir })
+        Ok(Hosts {
+            remotes,
+            control_dir,
+        })
     }
 
     pub fn get(&self, i: usize) -> &dyn Remote {
@@ -181,7 +193,12 @@ pub fn open_store(data_dir: &std::path::Path) -> Result<Store, String> {
         .recursive(true)
         .mode(0o700)
         .create(data_dir)
-        .map_err(|e| format!("cannot create the data directory {}: {e}", data_dir.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot create the data directory {}: {e}",
+                data_dir.display()
+            )
+        })?;
     Store::open(&data_dir.join("cutover.db")).map_err(|e| e.to_string())
 }
 

@@ -21,7 +21,10 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub enum RunRequest {
     /// Deploy the directory or `.tar.gz` at `artifact`.
-    Deploy { artifact: PathBuf, commit: Option<String> },
+    Deploy {
+        artifact: PathBuf,
+        commit: Option<String>,
+    },
     /// Roll back to `to`, or to the newest release before the live one that succeeded
     /// everywhere and is not marked bad.
     Rollback { to: Option<String> },
@@ -56,7 +59,11 @@ impl Outcome {
             app: app.into(),
             release: None,
             previous: None,
-            status: if code == exit::LOCKED { "locked".into() } else { "refused".into() },
+            status: if code == exit::LOCKED {
+                "locked".into()
+            } else {
+                "refused".into()
+            },
             exit_code: code,
             message,
             hosts: BTreeMap::new(),
@@ -98,7 +105,11 @@ impl Settings {
 
     fn gate(&self) -> Result<(HealthUrl, GateSpec), String> {
         let url = HealthUrl::parse(&self.health_url)?;
-        let host_header = if url.port == 80 { url.host.clone() } else { format!("{}:{}", url.host, url.port) };
+        let host_header = if url.port == 80 {
+            url.host.clone()
+        } else {
+            format!("{}:{}", url.host, url.port)
+        };
         let spec = GateSpec {
             host_header,
             path: url.path.clone(),
@@ -131,17 +142,34 @@ impl Ctx<'_> {
     fn ev(&self, host: Option<&str>, step: &str, phase: Phase, detail: &str) -> Result<(), String> {
         self.reporter.step(host, step, phase, detail);
         self.store
-            .event(self.run_id, self.app, &self.release_id, host, step, phase.as_str(), &now_utc(), detail)
+            .event(
+                self.run_id,
+                self.app,
+                &self.release_id,
+                host,
+                step,
+                phase.as_str(),
+                &now_utc(),
+                detail,
+            )
             .map_err(|e| format!("cannot record the {step} step in the history: {e}"))
     }
 
     fn outcome(&self, host: usize, outcome: &str) {
-        let _ = self.store.set_host_outcome(self.app, &self.release_id, self.host(host), outcome);
+        let _ = self
+            .store
+            .set_host_outcome(self.app, &self.release_id, self.host(host), outcome);
     }
 }
 
 /// Runs a deploy or a rollback to the end and says how it went.
-pub fn run(config: &Config, store: &Store, artifacts: &ArtifactStore, reporter: &dyn Reporter, req: RunRequest) -> Outcome {
+pub fn run(
+    config: &Config,
+    store: &Store,
+    artifacts: &ArtifactStore,
+    reporter: &dyn Reporter,
+    req: RunRequest,
+) -> Outcome {
     let kind = match req {
         RunRequest::Deploy { .. } => "deploy",
         RunRequest::Rollback { .. } => "rollback",
@@ -151,12 +179,20 @@ pub fn run(config: &Config, store: &Store, artifacts: &ArtifactStore, reporter: 
     // Input first: a hostile or missing artifact is refused before anything is touched.
     let imported = match &req {
         RunRequest::Deploy { artifact, commit } => {
-            let limits = Limits { max_unpacked_bytes: config.files.max_unpacked_bytes, max_entries: config.files.max_entries };
+            let limits = Limits {
+                max_unpacked_bytes: config.files.max_unpacked_bytes,
+                max_entries: config.files.max_entries,
+            };
             reporter.note(&format!("packing and checking {}", artifact.display()));
             match artifacts.import(artifact, &limits) {
                 Ok(a) => Some((a, artifact.display().to_string(), commit.clone())),
                 Err(e) => {
-                    return Outcome::refused(kind, app, exit::USAGE, format!("artifact refused: {e}. Nothing was touched."));
+                    return Outcome::refused(
+                        kind,
+                        app,
+                        exit::USAGE,
+                        format!("artifact refused: {e}. Nothing was touched."),
+                    );
                 }
             }
         }
@@ -171,12 +207,16 @@ pub fn run(config: &Config, store: &Store, artifacts: &ArtifactStore, reporter: 
                 kind,
                 app,
                 exit::LOCKED,
-                format!("another run of app `{app}` holds the lock: {}. Wait for it to finish.", identity::describe(&h)),
+                format!(
+                    "another run of app `{app}` holds the lock: {}. Wait for it to finish.",
+                    identity::describe(&h)
+                ),
             )
         }
-        Ok(LockOutcome::TookOver(h)) => {
-            reporter.note(&format!("took over the lock of app `{app}` from a process that is gone: {}", identity::describe(&h)))
-        }
+        Ok(LockOutcome::TookOver(h)) => reporter.note(&format!(
+            "took over the lock of app `{app}` from a process that is gone: {}",
+            identity::describe(&h)
+        )),
         Ok(LockOutcome::Acquired) => {}
     }
     crash_point("after-lock");
@@ -190,7 +230,11 @@ type Imported = Option<(crate::artifact::StoredArtifact, String, Option<String>)
 fn facts(releases: &[Release]) -> Vec<ReleaseFacts> {
     releases
         .iter()
-        .map(|r| ReleaseFacts { id: r.id.clone(), succeeded: r.status == "succeeded", bad: r.bad })
+        .map(|r| ReleaseFacts {
+            id: r.id.clone(),
+            succeeded: r.status == "succeeded",
+            bad: r.bad,
+        })
         .collect()
 }
 
@@ -205,7 +249,11 @@ fn locked(
     me: &Holder,
 ) -> Outcome {
     let app = config.app.as_str();
-    let kind = if imported.is_some() { "deploy" } else { "rollback" };
+    let kind = if imported.is_some() {
+        "deploy"
+    } else {
+        "rollback"
+    };
     let fatal = |m: String| Outcome::refused(kind, app, exit::NEEDS_PERSON, m);
     let interrupted = match store.unfinished_runs(app) {
         Ok(r) => r,
@@ -220,15 +268,14 @@ fn locked(
     // Which release this run puts on the hosts.
     let (release_id, settings, artifact_sha, new_release) = match (req, &imported) {
         (RunRequest::Deploy { .. }, Some((a, _, _))) => {
-            let now = now_secs();
-            let mut attempt = 0;
-            let id = loop {
-                let id = ReleaseId::new(now, &a.sha256, attempt);
-                if !releases.iter().any(|r| r.id == id.as_str()) {
-                    break id.to_string();
-                }
-                attempt += 1;
-            };
+            // Ids sort by time: a release started within the same second as the newest one
+            // takes the next second, so history order and rollback order never disagree.
+            let newest = releases.iter().map(|r| r.id.as_str()).max().unwrap_or("");
+            let mut now = now_secs();
+            while ReleaseId::new(now, &a.sha256, 0).as_str() <= newest {
+                now += 1;
+            }
+            let id = ReleaseId::new(now, &a.sha256, 0).to_string();
             (id, Settings::from_config(config), a.sha256.clone(), true)
         }
         (RunRequest::Rollback { to }, _) => {
@@ -253,9 +300,19 @@ fn locked(
                 }
             };
             if live.as_deref() == Some(target.id.as_str()) {
-                return Outcome::refused(kind, app, exit::USAGE, format!("release {} is already live", target.id));
+                return Outcome::refused(
+                    kind,
+                    app,
+                    exit::USAGE,
+                    format!("release {} is already live", target.id),
+                );
             }
-            (target.id.clone(), Settings::of_release(target, config), target.artifact_sha256.clone(), false)
+            (
+                target.id.clone(),
+                Settings::of_release(target, config),
+                target.artifact_sha256.clone(),
+                false,
+            )
         }
         (RunRequest::Deploy { .. }, None) => unreachable!("deploys always import"),
     };
@@ -268,7 +325,14 @@ fn locked(
         Ok(id) => id,
         Err(e) => return fatal(e.to_string()),
     };
-    let ctx = Ctx { config, store, reporter, app, run_id, release_id: release_id.clone() };
+    let ctx = Ctx {
+        config,
+        store,
+        reporter,
+        app,
+        run_id,
+        release_id: release_id.clone(),
+    };
     let mut result = Outcome {
         kind: kind.into(),
         app: app.into(),
@@ -277,7 +341,11 @@ fn locked(
         status: "failed".into(),
         exit_code: exit::FAILED,
         message: String::new(),
-        hosts: config.hosts.iter().map(|(h, _)| (h.clone(), HostOutcome::default())).collect(),
+        hosts: config
+            .hosts
+            .iter()
+            .map(|(h, _)| (h.clone(), HostOutcome::default()))
+            .collect(),
     };
     let finish = |result: &mut Outcome, status: Option<&str>, code: i32, message: String| {
         if let Some(s) = status {
@@ -289,7 +357,16 @@ fn locked(
         result.exit_code = code;
         result.message = message;
         let _ = store.finish_run(run_id, &result.status, &now_utc());
-        let _ = ctx.ev(None, "run", if code == 0 { Phase::Done } else { Phase::Failed }, &result.message);
+        let _ = ctx.ev(
+            None,
+            "run",
+            if code == 0 {
+                Phase::Done
+            } else {
+                Phase::Failed
+            },
+            &result.message,
+        );
     };
 
     if new_release {
@@ -319,7 +396,12 @@ fn locked(
     let hosts = match Hosts::new(config) {
         Ok(h) => h,
         Err(e) => {
-            finish(&mut result, Some("failed"), exit::FAILED, format!("cannot prepare SSH control sockets: {e}"));
+            finish(
+                &mut result,
+                Some("failed"),
+                exit::FAILED,
+                format!("cannot prepare SSH control sockets: {e}"),
+            );
             return result;
         }
     };
@@ -367,21 +449,42 @@ fn locked(
         let r = hosts.get(i);
         let _ = ctx.ev(Some(ctx.host(i)), "prepare", Phase::Start, root);
         let mut p = hostops::prepare(r, root, &my_line);
-        if let Ok(Prepared { lock: HostLock::Held(line), .. }) = &p {
+        if let Ok(Prepared {
+            lock: HostLock::Held(line),
+            ..
+        }) = &p
+        {
             if let Some(h) = identity::from_line(line).filter(|h| !identity::alive(h)) {
-                reporter.note(&format!("{}: taking over the host lock of a process that is gone: {}", ctx.host(i), identity::describe(&h)));
+                reporter.note(&format!(
+                    "{}: taking over the host lock of a process that is gone: {}",
+                    ctx.host(i),
+                    identity::describe(&h)
+                ));
                 let _ = ctx.ev(Some(ctx.host(i)), "lock-takeover", Phase::Done, line);
                 p = hostops::take_over(r, root, line, &my_line);
             }
         }
         let _ = match &p {
-            Ok(p) => ctx.ev(Some(ctx.host(i)), "prepare", Phase::Done, &format!("current={:?} releases={}", p.current, p.releases.len())),
+            Ok(p) => ctx.ev(
+                Some(ctx.host(i)),
+                "prepare",
+                Phase::Done,
+                &format!("current={:?} releases={}", p.current, p.releases.len()),
+            ),
             Err(e) => ctx.ev(Some(ctx.host(i)), "prepare", Phase::Failed, &e.to_string()),
         };
         p
     });
     let locked_hosts: Vec<usize> = (0..n)
-        .filter(|&i| matches!(&prepared[i], Ok(Prepared { lock: HostLock::Acquired, .. })))
+        .filter(|&i| {
+            matches!(
+                &prepared[i],
+                Ok(Prepared {
+                    lock: HostLock::Acquired,
+                    ..
+                })
+            )
+        })
         .collect();
     let unlock = |which: &[usize]| {
         par_map(which.len(), parallel, |k| {
@@ -400,12 +503,25 @@ fn locked(
         })
         .collect();
     let errors: Vec<String> = (0..n)
-        .filter_map(|i| prepared[i].as_ref().err().map(|e| format!("{}: {e}", ctx.host(i))))
+        .filter_map(|i| {
+            prepared[i]
+                .as_ref()
+                .err()
+                .map(|e| format!("{}: {e}", ctx.host(i)))
+        })
         .collect();
     if !errors.is_empty() || !held.is_empty() {
         unlock(&locked_hosts);
         if errors.is_empty() {
-            finish(&mut result, Some("failed"), exit::LOCKED, format!("another deploy of app `{app}` holds the lock on:\n  {}", held.join("\n  ")));
+            finish(
+                &mut result,
+                Some("failed"),
+                exit::LOCKED,
+                format!(
+                    "another deploy of app `{app}` holds the lock on:\n  {}",
+                    held.join("\n  ")
+                ),
+            );
         } else {
             for (i, p) in prepared.iter().enumerate() {
                 if let Err(e) = p {
@@ -415,7 +531,15 @@ fn locked(
                     h.detail = Some(e.to_string());
                 }
             }
-            finish(&mut result, Some("failed"), exit::FAILED, format!("hosts are not ready, so no host was touched:\n  {}", errors.join("\n  ")));
+            finish(
+                &mut result,
+                Some("failed"),
+                exit::FAILED,
+                format!(
+                    "hosts are not ready, so no host was touched:\n  {}",
+                    errors.join("\n  ")
+                ),
+            );
         }
         return result;
     }
@@ -428,10 +552,17 @@ fn locked(
             .map(|i| ctx.host(i))
             .collect();
         let events = store.events(run.id).unwrap_or_default();
-        let last = events.last().map(|e| format!("{} {}", e.step, e.phase)).unwrap_or_else(|| "nothing".into());
+        let last = events
+            .last()
+            .map(|e| format!("{} {}", e.step, e.phase))
+            .unwrap_or_else(|| "nothing".into());
         let mut mark = "interrupted".to_string();
         if run.kind == "deploy" {
-            let status = if serving.is_empty() { "failed" } else { "partial" };
+            let status = if serving.is_empty() {
+                "failed"
+            } else {
+                "partial"
+            };
             let _ = store.set_status(app, &run.release_id, status, Some(&now_utc()));
             mark = status.to_string();
         }
@@ -458,13 +589,23 @@ fn locked(
     .to_string();
     if ctx.ev(None, "stage", Phase::Start, &release_id).is_err() {
         unlock(&locked_hosts);
-        finish(&mut result, Some("failed"), exit::FAILED, "cannot write to the history database; no host was touched".into());
+        finish(
+            &mut result,
+            Some("failed"),
+            exit::FAILED,
+            "cannot write to the history database; no host was touched".into(),
+        );
         return result;
     }
     let staged: Vec<Result<u64, OpError>> = par_map(n, parallel, |i| {
         let host = ctx.host(i);
         if prepared[i].releases.contains(&release_id) {
-            let _ = ctx.ev(Some(host), "stage", Phase::Done, "already on the host: nothing to upload");
+            let _ = ctx.ev(
+                Some(host),
+                "stage",
+                Phase::Done,
+                "already on the host: nothing to upload",
+            );
             return Ok(0);
         }
         let Some(art) = artifacts.get(&artifact_sha) else {
@@ -472,15 +613,38 @@ fn locked(
             let _ = ctx.ev(Some(host), "stage", Phase::Failed, &m);
             return Err(OpError::Host(m));
         };
-        let _ = ctx.ev(Some(host), "stage", Phase::Start, &format!("{} bytes", art.size));
+        let _ = ctx.ev(
+            Some(host),
+            "stage",
+            Phase::Start,
+            &format!("{} bytes", art.size),
+        );
         let file = match std::fs::File::open(&art.path) {
             Ok(f) => f,
-            Err(e) => return Err(OpError::Host(format!("cannot read {}: {e}", art.path.display()))),
+            Err(e) => {
+                return Err(OpError::Host(format!(
+                    "cannot read {}: {e}",
+                    art.path.display()
+                )))
+            }
         };
-        let mut counting = Counting { inner: file, sent: 0, total: art.size, host, reporter, crash_half: i == 0, last_report: 0 };
+        let mut counting = Counting {
+            inner: file,
+            sent: 0,
+            total: art.size,
+            host,
+            reporter,
+            crash_half: i == 0,
+            last_report: 0,
+        };
         let r = hostops::stage(hosts.get(i), root, &release_id, &meta, &mut counting);
         let _ = match &r {
-            Ok(()) => ctx.ev(Some(host), "stage", Phase::Done, &format!("{} bytes sent", counting.sent)),
+            Ok(()) => ctx.ev(
+                Some(host),
+                "stage",
+                Phase::Done,
+                &format!("{} bytes sent", counting.sent),
+            ),
             Err(e) => ctx.ev(Some(host), "stage", Phase::Failed, &e.to_string()),
         };
         r.map(|()| counting.sent)
@@ -563,15 +727,36 @@ fn locked(
             on_host.push(release_id.clone());
             let del = plan::prune(&on_host, config.files.keep, &protect);
             let r = hostops::finish(hosts.get(i), root, &my_line, &del);
-            let _ = ctx.ev(Some(ctx.host(i)), "prune", if r.is_ok() { Phase::Done } else { Phase::Failed }, &del.join(" "));
+            let _ = ctx.ev(
+                Some(ctx.host(i)),
+                "prune",
+                if r.is_ok() {
+                    Phase::Done
+                } else {
+                    Phase::Failed
+                },
+                &del.join(" "),
+            );
         });
-        let what = if kind == "rollback" { "rolled back to" } else { "deployed" };
-        finish(&mut result, Some("succeeded"), exit::OK, format!("{what} {release_id} on {n} host(s); every host passed its health gate"));
+        let what = if kind == "rollback" {
+            "rolled back to"
+        } else {
+            "deployed"
+        };
+        finish(
+            &mut result,
+            Some("succeeded"),
+            exit::OK,
+            format!("{what} {release_id} on {n} host(s); every host passed its health gate"),
+        );
         return result;
     }
 
     // Revert.
-    let why: Vec<String> = unhealthy.iter().map(|(i, e)| format!("{}: {e}", ctx.host(*i))).collect();
+    let why: Vec<String> = unhealthy
+        .iter()
+        .map(|(i, e)| format!("{}: {e}", ctx.host(*i)))
+        .collect();
     let Some((prev_id, prev_settings)) = previous.clone() else {
         for &(i, _) in &unhealthy {
             ctx.outcome(i, "unhealthy");
@@ -591,8 +776,18 @@ fn locked(
     for &(i, _) in &unhealthy {
         ctx.outcome(i, "unhealthy");
     }
-    reporter.note(&format!("release {release_id} is unhealthy; switching every host back to {prev_id}"));
-    let reverted = switch_and_gate(&ctx, &hosts, root, &prev_id, &prev_settings, "revert", "revert-gate");
+    reporter.note(&format!(
+        "release {release_id} is unhealthy; switching every host back to {prev_id}"
+    ));
+    let reverted = switch_and_gate(
+        &ctx,
+        &hosts,
+        root,
+        &prev_id,
+        &prev_settings,
+        "revert",
+        "revert-gate",
+    );
     let revert_failed: Vec<String> = reverted
         .iter()
         .enumerate()
@@ -636,7 +831,15 @@ fn locked(
 
 /// Switches every host to `id` (running `reload`), then gates every switched host. `Ok` holds
 /// a one-line summary, `Err` the diagnosis.
-fn switch_and_gate(ctx: &Ctx<'_>, hosts: &Hosts, root: &str, id: &str, settings: &Settings, switch_step: &str, gate_step: &str) -> Vec<Result<String, String>> {
+fn switch_and_gate(
+    ctx: &Ctx<'_>,
+    hosts: &Hosts,
+    root: &str,
+    id: &str,
+    settings: &Settings,
+    switch_step: &str,
+    gate_step: &str,
+) -> Vec<Result<String, String>> {
     let n = hosts.len();
     let parallel = ctx.config.ssh.parallel;
     let switched = par_map(n, parallel, |i| {
@@ -647,7 +850,10 @@ fn switch_and_gate(ctx: &Ctx<'_>, hosts: &Hosts, root: &str, id: &str, settings:
         let r = hostops::switch(hosts.get(i), root, id, settings.reload.as_deref());
         let r = match r {
             Ok(s) => match s.reload {
-                Some((code, out)) if code != 0 => Err(format!("switched, but reload exited with {code}: {}", last_lines(&out))),
+                Some((code, out)) if code != 0 => Err(format!(
+                    "switched, but reload exited with {code}: {}",
+                    last_lines(&out)
+                )),
                 Some((_, out)) => Ok(out),
                 None => Ok(String::new()),
             },
@@ -685,7 +891,12 @@ fn switch_and_gate(ctx: &Ctx<'_>, hosts: &Hosts, root: &str, id: &str, settings:
         };
         let g = run_gate(&endpoint, &spec);
         if g.healthy {
-            let m = format!("{url} answered {} {} times in {:.1}s", spec.expect, spec.healthy_after, g.elapsed.as_secs_f64());
+            let m = format!(
+                "{url} answered {} {} times in {:.1}s",
+                spec.expect,
+                spec.healthy_after,
+                g.elapsed.as_secs_f64()
+            );
             let _ = ctx.ev(Some(host), gate_step, Phase::Done, &m);
             Ok(m)
         } else {
@@ -713,7 +924,10 @@ fn last_lines(s: &str) -> String {
 
 fn sha256_hex(s: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Counts the bytes streamed to a host, reports them, and holds the mid-upload crash point.

@@ -47,7 +47,10 @@ impl Script {
             let after = &rest[start + 1..];
             let Some(end) = after.find('}') else { break };
             let name = &after[..end];
-            let is_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit());
+            let is_name = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit());
             if !is_name {
                 text.push_str(&rest[..start + 1]);
                 rest = after;
@@ -102,7 +105,11 @@ impl Output {
 
     /// stderr, else stdout, trimmed to its last lines: for messages.
     pub fn tail(&self) -> String {
-        let s = if self.stderr.trim().is_empty() { &self.stdout } else { &self.stderr };
+        let s = if self.stderr.trim().is_empty() {
+            &self.stdout
+        } else {
+            &self.stderr
+        };
         let lines: Vec<&str> = s.trim().lines().collect();
         lines[lines.len().saturating_sub(8)..].join("\n")
     }
@@ -137,7 +144,11 @@ pub trait Remote: Send + Sync {
     /// Opens the connection (one per host per run). Errors say which host and why.
     fn connect(&self) -> Result<(), RemoteError>;
     /// Runs `script` with `sh -c`, feeding `stdin` if given.
-    fn run(&self, script: &Script, stdin: Option<&mut (dyn Read + Send)>) -> Result<Output, RemoteError>;
+    fn run(
+        &self,
+        script: &Script,
+        stdin: Option<&mut (dyn Read + Send)>,
+    ) -> Result<Output, RemoteError>;
     /// Makes `host:port`, as the remote host sees it, reachable from here.
     fn forward(&self, host: &str, port: u16) -> Result<Endpoint, RemoteError>;
     /// Closes the connection and every forward.
@@ -157,7 +168,19 @@ mod tests {
 
     #[test]
     fn quoted_values_reach_sh_unchanged() {
-        for v in ["plain", "it's", "$(touch /tmp/pwned)", "a; rm -rf /", "new\nline", "  spaces  ", "`id`", "\\'\"", "", "*", "-n"] {
+        for v in [
+            "plain",
+            "it's",
+            "$(touch /tmp/pwned)",
+            "a; rm -rf /",
+            "new\nline",
+            "  spaces  ",
+            "`id`",
+            "\\'\"",
+            "",
+            "*",
+            "-n",
+        ] {
             assert_eq!(sh_echo(v), v, "value {v:?}");
         }
     }
@@ -166,7 +189,11 @@ mod tests {
     fn command_line_survives_a_second_shell() {
         // ssh hands the command line to the login shell, which runs sh -c <script>.
         let s = Script::new("printf '%s' {v}", &[("v", "it's $(x); y")]);
-        let out = Command::new("sh").arg("-c").arg(s.command_line()).output().unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(s.command_line())
+            .output()
+            .unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), "it's $(x); y");
     }
 

@@ -18,7 +18,11 @@ impl Remote for LocalHost {
         Ok(())
     }
 
-    fn run(&self, script: &Script, stdin: Option<&mut (dyn Read + Send)>) -> Result<Output, RemoteError> {
+    fn run(
+        &self,
+        script: &Script,
+        stdin: Option<&mut (dyn Read + Send)>,
+    ) -> Result<Output, RemoteError> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(script.text()).current_dir("/");
         run_child(cmd, "local", stdin)
@@ -46,9 +50,13 @@ pub(crate) fn run_child(
     host: &str,
     stdin: Option<&mut (dyn Read + Send)>,
 ) -> Result<Output, RemoteError> {
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| RemoteError::Other {
         host: host.into(),
         detail: format!("cannot start {:?}: {e}", cmd.get_program()),
@@ -74,7 +82,11 @@ pub(crate) fn run_child(
             }
             drop(w);
         }
-        (o.join().unwrap_or_default(), e.join().unwrap_or_default(), write_err)
+        (
+            o.join().unwrap_or_default(),
+            e.join().unwrap_or_default(),
+            write_err,
+        )
     });
     let status = child.wait().map_err(|e| RemoteError::Other {
         host: host.into(),

@@ -37,7 +37,14 @@ pub struct SshHost {
 
 impl SshHost {
     /// `name` is the host as written in the config; `index` makes its socket names unique.
-    pub fn new(name: &str, user: Option<String>, host: String, port: Option<u16>, index: usize, opts: SshOptions) -> SshHost {
+    pub fn new(
+        name: &str,
+        user: Option<String>,
+        host: String,
+        port: Option<u16>,
+        index: usize,
+        opts: SshOptions,
+    ) -> SshHost {
         SshHost {
             name: name.to_string(),
             user,
@@ -63,9 +70,17 @@ impl SshHost {
         if let Some(f) = &self.opts.config {
             c.arg("-F").arg(f);
         }
-        c.args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=no"]);
+        c.args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "UpdateHostKeys=no",
+        ]);
         if let Some(k) = &self.opts.known_hosts {
-            c.arg("-o").arg(format!("UserKnownHostsFile={}", k.display()));
+            c.arg("-o")
+                .arg(format!("UserKnownHostsFile={}", k.display()));
             c.args(["-o", "GlobalKnownHostsFile=/dev/null"]);
         }
         if let Some(i) = &self.opts.identity {
@@ -88,9 +103,14 @@ impl SshHost {
         let host = self.name.clone();
         let fingerprint = log
             .lines()
-            .find_map(|l| l.split_once("Server host key: ").map(|(_, k)| k.trim().to_string()))
+            .find_map(|l| {
+                l.split_once("Server host key: ")
+                    .map(|(_, k)| k.trim().to_string())
+            })
             .unwrap_or_else(|| "an unknown key".into());
-        if log.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || log.contains("Host key for") && log.contains("has changed") {
+        if log.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+            || log.contains("Host key for") && log.contains("has changed")
+        {
             return RemoteError::HostKeyChanged { host, fingerprint };
         }
         if log.contains("host key is known for") || log.contains("Host key verification failed") {
@@ -98,15 +118,20 @@ impl SshHost {
         }
         let last = log
             .lines()
-            .filter(|l| !l.starts_with("debug") && !l.trim().is_empty() && !l.starts_with("OpenSSH_"))
-            .last()
+            .rfind(|l| {
+                !l.starts_with("debug") && !l.trim().is_empty() && !l.starts_with("OpenSSH_")
+            })
             .unwrap_or("")
             .trim()
             .to_string();
         if log.contains("Permission denied") {
             return RemoteError::AuthFailed { host, detail: last };
         }
-        let detail = if last.is_empty() { format!("ssh exited with {code:?}") } else { last };
+        let detail = if last.is_empty() {
+            format!("ssh exited with {code:?}")
+        } else {
+            last
+        };
         RemoteError::Unreachable { host, detail }
     }
 }
@@ -123,14 +148,23 @@ impl Remote for SshHost {
         let mut c = self.base();
         // -f: go to the background once authenticated; ControlPersist bounds the life of a
         // master left behind by a killed run.
-        c.args(["-M", "-N", "-f", "-v", "-o", "ControlMaster=yes", "-o", "ControlPersist=120"])
-            .arg("-E")
-            .arg(&log)
-            .arg("--")
-            .arg(&self.host)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        c.args([
+            "-M",
+            "-N",
+            "-f",
+            "-v",
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            "ControlPersist=120",
+        ])
+        .arg("-E")
+        .arg(&log)
+        .arg("--")
+        .arg(&self.host)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let status = c.status().map_err(|e| RemoteError::Other {
             host: self.name.clone(),
             detail: format!("cannot run ssh: {e}"),
@@ -142,9 +176,16 @@ impl Remote for SshHost {
         Err(self.diagnose(&text, status.code()))
     }
 
-    fn run(&self, script: &Script, stdin: Option<&mut (dyn Read + Send)>) -> Result<Output, RemoteError> {
+    fn run(
+        &self,
+        script: &Script,
+        stdin: Option<&mut (dyn Read + Send)>,
+    ) -> Result<Output, RemoteError> {
         let mut c = self.base();
-        c.args(["-o", "ControlMaster=no", "-T"]).arg("--").arg(&self.host).arg(script.command_line());
+        c.args(["-o", "ControlMaster=no", "-T"])
+            .arg("--")
+            .arg(&self.host)
+            .arg(script.command_line());
         let out = run_child(c, &self.name, stdin)?;
         if out.code == 255 {
             return Err(RemoteError::Unreachable {
@@ -157,11 +198,17 @@ impl Remote for SshHost {
 
     fn forward(&self, host: &str, port: u16) -> Result<Endpoint, RemoteError> {
         let n = self.forwards.fetch_add(1, Ordering::SeqCst);
-        let sock = self.opts.control_dir.join(format!("h{}f{n}.sock", self.index));
+        let sock = self
+            .opts
+            .control_dir
+            .join(format!("h{}f{n}.sock", self.index));
         let _ = std::fs::remove_file(&sock);
         let spec = format!("{}:{}:{}", sock.display(), bracket(host), port);
         let mut c = self.base();
-        c.args(["-O", "forward", "-L"]).arg(spec).arg("--").arg(&self.host);
+        c.args(["-O", "forward", "-L"])
+            .arg(spec)
+            .arg("--")
+            .arg(&self.host);
         let out = c.output().map_err(|e| RemoteError::Other {
             host: self.name.clone(),
             detail: format!("cannot run ssh: {e}"),
@@ -212,5 +259,7 @@ pub fn control_dir() -> std::io::Result<PathBuf> {
             Err(e) => return Err(e),
         }
     }
-    Err(std::io::Error::other("no free control directory under /tmp"))
+    Err(std::io::Error::other(
+        "no free control directory under /tmp",
+    ))
 }

@@ -15,7 +15,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {source}")]
-    Sql { path: String, source: rusqlite::Error },
+    Sql {
+        path: String,
+        source: rusqlite::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -166,12 +169,20 @@ impl Store {
     /// Opens (creating and migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Store> {
         let p = path.display().to_string();
-        let sql = |source| StoreError::Sql { path: p.clone(), source };
+        let sql = |source| StoreError::Sql {
+            path: p.clone(),
+            source,
+        };
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
-        let store = Store { conn: std::sync::Mutex::new(conn), path: p };
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        let store = Store {
+            conn: std::sync::Mutex::new(conn),
+            path: p,
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -181,7 +192,10 @@ impl Store {
     }
 
     fn e(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sql { path: self.path.clone(), source }
+        StoreError::Sql {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn migrate(&self) -> Result<()> {
@@ -192,7 +206,8 @@ impl Store {
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             let tx = conn.unchecked_transaction().map_err(|e| self.e(e))?;
             tx.execute_batch(m).map_err(|e| self.e(e))?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(|e| self.e(e))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(|e| self.e(e))?;
             tx.commit().map_err(|e| self.e(e))?;
         }
         Ok(())
@@ -200,12 +215,18 @@ impl Store {
 
     /// Takes the app lock. `alive` says whether a recorded holder's process still runs (the
     /// caller knows how to ask the OS); a dead holder's lock is taken over.
-    pub fn acquire_lock(&self, app: &str, me: &Holder, alive: impl Fn(&Holder) -> bool) -> Result<LockOutcome> {
+    pub fn acquire_lock(
+        &self,
+        app: &str,
+        me: &Holder,
+        alive: impl Fn(&Holder) -> bool,
+    ) -> Result<LockOutcome> {
         let conn = self.c();
         // BEGIN IMMEDIATE: take the write lock before reading, so two runs cannot both see
         // the lock free.
-        let tx = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| self.e(e))?;
+        let tx =
+            rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)
+                .map_err(|e| self.e(e))?;
         let existing = tx
             .query_row(
                 "SELECT user, machine, pid, pid_start, since, op FROM locks WHERE app = ?1",
@@ -260,13 +281,23 @@ impl Store {
 
     pub fn release_exists(&self, app: &str, id: &str) -> Result<bool> {
         self.c()
-            .query_row("SELECT 1 FROM releases WHERE app = ?1 AND id = ?2", [app, id], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM releases WHERE app = ?1 AND id = ?2",
+                [app, id],
+                |_| Ok(()),
+            )
             .optional()
             .map(|o| o.is_some())
             .map_err(|e| self.e(e))
     }
 
-    pub fn set_status(&self, app: &str, id: &str, status: &str, finished_at: Option<&str>) -> Result<()> {
+    pub fn set_status(
+        &self,
+        app: &str,
+        id: &str,
+        status: &str,
+        finished_at: Option<&str>,
+    ) -> Result<()> {
         self.c()
             .execute(
                 "UPDATE releases SET status = ?3, finished_at = COALESCE(?4, finished_at) WHERE app = ?1 AND id = ?2",
@@ -278,12 +309,21 @@ impl Store {
 
     pub fn set_bad(&self, app: &str, id: &str, bad: bool) -> Result<()> {
         self.c()
-            .execute("UPDATE releases SET bad = ?3 WHERE app = ?1 AND id = ?2", params![app, id, bad])
+            .execute(
+                "UPDATE releases SET bad = ?3 WHERE app = ?1 AND id = ?2",
+                params![app, id, bad],
+            )
             .map_err(|e| self.e(e))?;
         Ok(())
     }
 
-    pub fn set_host_outcome(&self, app: &str, release_id: &str, host: &str, outcome: &str) -> Result<()> {
+    pub fn set_host_outcome(
+        &self,
+        app: &str,
+        release_id: &str,
+        host: &str,
+        outcome: &str,
+    ) -> Result<()> {
         self.c()
             .execute(
                 "INSERT OR REPLACE INTO host_outcomes (app, release_id, host, outcome) VALUES (?1, ?2, ?3, ?4)",
@@ -295,14 +335,19 @@ impl Store {
 
     pub fn live(&self, app: &str) -> Result<Option<String>> {
         self.c()
-            .query_row("SELECT release_id FROM live WHERE app = ?1", [app], |r| r.get(0))
+            .query_row("SELECT release_id FROM live WHERE app = ?1", [app], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(|e| self.e(e))
     }
 
     pub fn set_live(&self, app: &str, release_id: &str) -> Result<()> {
         self.c()
-            .execute("INSERT OR REPLACE INTO live (app, release_id) VALUES (?1, ?2)", [app, release_id])
+            .execute(
+                "INSERT OR REPLACE INTO live (app, release_id) VALUES (?1, ?2)",
+                [app, release_id],
+            )
             .map_err(|e| self.e(e))?;
         Ok(())
     }
@@ -352,7 +397,14 @@ impl Store {
         Ok(self.releases(app)?.into_iter().find(|r| r.id == id))
     }
 
-    pub fn start_run(&self, app: &str, kind: &str, release_id: &str, previous_live: Option<&str>, at: &str) -> Result<i64> {
+    pub fn start_run(
+        &self,
+        app: &str,
+        kind: &str,
+        release_id: &str,
+        previous_live: Option<&str>,
+        at: &str,
+    ) -> Result<i64> {
         let conn = self.c();
         conn.execute(
                 "INSERT INTO runs (app, kind, release_id, previous_live, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -364,7 +416,10 @@ impl Store {
 
     pub fn finish_run(&self, run_id: i64, outcome: &str, at: &str) -> Result<()> {
         self.c()
-            .execute("UPDATE runs SET outcome = ?2, finished_at = ?3 WHERE id = ?1", params![run_id, outcome, at])
+            .execute(
+                "UPDATE runs SET outcome = ?2, finished_at = ?3 WHERE id = ?1",
+                params![run_id, outcome, at],
+            )
             .map_err(|e| self.e(e))?;
         Ok(())
     }
@@ -395,7 +450,17 @@ impl Store {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn event(&self, run_id: i64, app: &str, release_id: &str, host: Option<&str>, step: &str, phase: &str, at: &str, detail: &str) -> Result<()> {
+    pub fn event(
+        &self,
+        run_id: i64,
+        app: &str,
+        release_id: &str,
+        host: Option<&str>,
+        step: &str,
+        phase: &str,
+        at: &str,
+        detail: &str,
+    ) -> Result<()> {
         self.c()
             .execute(
                 "INSERT INTO events (run_id, app, release_id, host, step, phase, at, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -435,11 +500,22 @@ mod tests {
     use super::*;
 
     fn holder(pid: u32) -> Holder {
-        Holder { user: "u".into(), machine: "m".into(), pid, pid_start: 1, since: "t".into(), op: "deploy".into() }
+        Holder {
+            user: "u".into(),
+            machine: "m".into(),
+            pid,
+            pid_start: 1,
+            since: "t".into(),
+            op: "deploy".into(),
+        }
     }
 
     fn store() -> (Store, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("cutover-store-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let dir = std::env::temp_dir().join(format!(
+            "cutover-store-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         (Store::open(&dir.join("cutover.db")).unwrap(), dir)
@@ -448,14 +524,32 @@ mod tests {
     #[test]
     fn lock_is_exclusive_and_dead_holders_are_taken_over() {
         let (s, dir) = store();
-        assert_eq!(s.acquire_lock("a", &holder(1), |_| true).unwrap(), LockOutcome::Acquired);
-        assert_eq!(s.acquire_lock("a", &holder(2), |_| true).unwrap(), LockOutcome::Held(holder(1)));
-        assert_eq!(s.acquire_lock("b", &holder(2), |_| true).unwrap(), LockOutcome::Acquired);
-        assert_eq!(s.acquire_lock("a", &holder(2), |_| false).unwrap(), LockOutcome::TookOver(holder(1)));
+        assert_eq!(
+            s.acquire_lock("a", &holder(1), |_| true).unwrap(),
+            LockOutcome::Acquired
+        );
+        assert_eq!(
+            s.acquire_lock("a", &holder(2), |_| true).unwrap(),
+            LockOutcome::Held(holder(1))
+        );
+        assert_eq!(
+            s.acquire_lock("b", &holder(2), |_| true).unwrap(),
+            LockOutcome::Acquired
+        );
+        assert_eq!(
+            s.acquire_lock("a", &holder(2), |_| false).unwrap(),
+            LockOutcome::TookOver(holder(1))
+        );
         s.release_lock("a", &holder(1)).unwrap(); // not the holder: no effect
-        assert_eq!(s.acquire_lock("a", &holder(3), |_| true).unwrap(), LockOutcome::Held(holder(2)));
+        assert_eq!(
+            s.acquire_lock("a", &holder(3), |_| true).unwrap(),
+            LockOutcome::Held(holder(2))
+        );
         s.release_lock("a", &holder(2)).unwrap();
-        assert_eq!(s.acquire_lock("a", &holder(3), |_| true).unwrap(), LockOutcome::Acquired);
+        assert_eq!(
+            s.acquire_lock("a", &holder(3), |_| true).unwrap(),
+            LockOutcome::Acquired
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -463,7 +557,16 @@ mod tests {
     fn releases_outcomes_runs_and_events_round_trip() {
         let (s, dir) = store();
         for id in ["r1", "r2"] {
-            s.insert_release(&NewRelease { id, app: "a", created_at: "t", artifact_sha256: "ab", commit: None, source: "dist", snapshot: "x" }).unwrap();
+            s.insert_release(&NewRelease {
+                id,
+                app: "a",
+                created_at: "t",
+                artifact_sha256: "ab",
+                commit: None,
+                source: "dist",
+                snapshot: "x",
+            })
+            .unwrap();
         }
         s.set_host_outcome("a", "r1", "web1", "healthy").unwrap();
         s.set_status("a", "r1", "succeeded", Some("t2")).unwrap();
@@ -476,7 +579,8 @@ mod tests {
         assert_eq!(rs[1].hosts["web1"], "healthy");
         assert_eq!(s.live("a").unwrap().as_deref(), Some("r1"));
         let run = s.start_run("a", "deploy", "r2", Some("r1"), "t").unwrap();
-        s.event(run, "a", "r2", Some("web1"), "stage", "start", "t", "").unwrap();
+        s.event(run, "a", "r2", Some("web1"), "stage", "start", "t", "")
+            .unwrap();
         assert_eq!(s.unfinished_runs("a").unwrap().len(), 1);
         s.finish_run(run, "failed", "t3").unwrap();
         assert!(s.unfinished_runs("a").unwrap().is_empty());

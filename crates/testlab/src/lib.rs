@@ -1,1 +1,23 @@
-//! placeholder
+//! Test hosts for cutover's integration tests and benchmarks: a [`Lab`] of
+//! Linux network namespaces, each with its own `/srv`, sshd and nginx,
+//! reachable over SSH at 10.201.X.Y like real deploy targets, plus a small
+//! HTTP [`Load`] generator that counts every failed request during a
+//! deploy. Needs root (namespaces, veths, mounts); see [`Lab`] for details.
+
+mod claim;
+pub mod hostile;
+mod lab;
+mod load;
+mod sys;
+
+pub use lab::{Lab, LabOptions};
+pub use load::{Load, LoadOptions, LoadReport};
+
+/// Cleans up after labs whose test process died without dropping them
+/// (e.g. killed by a test timeout): kills their processes, deletes their
+/// namespaces, veths, routes, mounts and temp dirs, and frees their lab
+/// numbers. [`Lab::start`] does this lazily for the number it reuses; call
+/// this to clean everything at once. Returns how many labs were reaped.
+pub fn reap_stale_labs() -> usize {
+    claim::reap_stale()
+}

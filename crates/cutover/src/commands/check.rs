@@ -11,7 +11,12 @@ pub(crate) fn run(common: &Common) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("config {}: ok (app `{}`, {} host(s))", config.file.display(), config.app, config.hosts.len());
+    println!(
+        "config {}: ok (app `{}`, {} host(s))",
+        config.file.display(),
+        config.app,
+        config.hosts.len()
+    );
     let checks = match cutover_engine::inspect::check(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -34,7 +39,21 @@ pub(crate) fn run(common: &Common) -> i32 {
             ]
         })
         .collect();
-    print!("{}", table(&["HOST", "REACHABLE", "HOST KEY", "TAR", "ROOT WRITABLE", "LOCK FREE", "CURRENT"], &rows));
+    print!(
+        "{}",
+        table(
+            &[
+                "HOST",
+                "REACHABLE",
+                "HOST KEY",
+                "TAR",
+                "ROOT WRITABLE",
+                "LOCK FREE",
+                "CURRENT"
+            ],
+            &rows
+        )
+    );
     let mut ok = true;
     for c in &checks {
         for p in &c.problems {

@@ -17,7 +17,10 @@ pub(crate) fn run(keep: bool) -> i32 {
     let dir = std::env::temp_dir().join(format!(
         "cutover-demo-{}-{}",
         std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
     ));
     let code = match demo(&dir) {
         Ok(code) => code,
@@ -45,7 +48,10 @@ fn demo(dir: &Path) -> std::io::Result<i32> {
     for (v, healthy) in [("v1", true), ("v2", true), ("v3", false)] {
         let d = dir.join("builds").join(v);
         std::fs::create_dir_all(&d)?;
-        std::fs::write(d.join("index.html"), format!("<!doctype html><h1>cutover demo {v}</h1>\n"))?;
+        std::fs::write(
+            d.join("index.html"),
+            format!("<!doctype html><h1>cutover demo {v}</h1>\n"),
+        )?;
         if healthy {
             std::fs::write(d.join("up"), "ok\n")?;
         }
@@ -70,7 +76,10 @@ give_up_after = "2s"
         root = root.display()
     );
     std::fs::write(&config_path, text)?;
-    let common = Common { config: config_path.clone(), data: Some(dir.join("data")) };
+    let common = Common {
+        config: config_path.clone(),
+        data: Some(dir.join("data")),
+    };
     let config = match super::load_config(&config_path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -80,13 +89,41 @@ give_up_after = "2s"
         Err(code) => return Ok(code),
     };
     let artifacts = ArtifactStore::new(data.join("artifacts"));
-    println!("cutover demo: one `local` host serving {}/current on http://127.0.0.1:{port}/\n", root.display());
+    println!(
+        "cutover demo: one `local` host serving {}/current on http://127.0.0.1:{port}/\n",
+        root.display()
+    );
 
     let steps: [(&str, RunRequest, i32); 4] = [
-        ("deploy v1", RunRequest::Deploy { artifact: dir.join("builds/v1"), commit: None }, exit::OK),
-        ("deploy v2", RunRequest::Deploy { artifact: dir.join("builds/v2"), commit: None }, exit::OK),
-        ("deploy v3 (broken: no /up, so its health gate fails)", RunRequest::Deploy { artifact: dir.join("builds/v3"), commit: None }, exit::FAILED),
-        ("rollback (v2 is marked bad; v1 comes back)", RunRequest::Rollback { to: None }, exit::OK),
+        (
+            "deploy v1",
+            RunRequest::Deploy {
+                artifact: dir.join("builds/v1"),
+                commit: None,
+            },
+            exit::OK,
+        ),
+        (
+            "deploy v2",
+            RunRequest::Deploy {
+                artifact: dir.join("builds/v2"),
+                commit: None,
+            },
+            exit::OK,
+        ),
+        (
+            "deploy v3 (broken: no /up, so its health gate fails)",
+            RunRequest::Deploy {
+                artifact: dir.join("builds/v3"),
+                commit: None,
+            },
+            exit::FAILED,
+        ),
+        (
+            "rollback (v2 is marked bad; v1 comes back)",
+            RunRequest::Rollback { to: None },
+            exit::OK,
+        ),
     ];
     let mut all_as_expected = true;
     for (title, req, expected) in steps {
@@ -97,15 +134,25 @@ give_up_after = "2s"
             println!("   {line}");
         }
         println!("   exit code {}", outcome.exit_code);
-        println!("   http://127.0.0.1:{port}/ now says: {}\n", fetch(port).unwrap_or_else(|e| format!("(error: {e})")));
+        println!(
+            "   http://127.0.0.1:{port}/ now says: {}\n",
+            fetch(port).unwrap_or_else(|e| format!("(error: {e})"))
+        );
         if outcome.exit_code != expected {
             all_as_expected = false;
-            eprintln!("unexpected exit {} (wanted {expected}): {}", outcome.exit_code, outcome.message);
+            eprintln!(
+                "unexpected exit {} (wanted {expected}): {}",
+                outcome.exit_code, outcome.message
+            );
         }
     }
     println!("== cutover history");
     history::print(&common, "demo", false);
-    Ok(if all_as_expected { exit::OK } else { exit::FAILED })
+    Ok(if all_as_expected {
+        exit::OK
+    } else {
+        exit::FAILED
+    })
 }
 
 /// The text of the page at `/`, first line, tags stripped.
@@ -145,15 +192,24 @@ fn answer(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("/");
-    let rel = path.split('?').next().unwrap_or("/").trim_start_matches('/');
+    let rel = path
+        .split('?')
+        .next()
+        .unwrap_or("/")
+        .trim_start_matches('/');
     let rel = if rel.is_empty() { "index.html" } else { rel };
-    let safe = Path::new(rel).components().all(|c| matches!(c, Component::Normal(_)));
+    let safe = Path::new(rel)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)));
     let file = root.join("current").join(rel);
     let (status, body) = match (safe, std::fs::read(&file)) {
         (true, Ok(b)) => ("200 OK", b),
         _ => ("404 Not Found", b"not found\n".to_vec()),
     };
-    let head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     stream.write_all(head.as_bytes())?;
     stream.write_all(&body)
 }

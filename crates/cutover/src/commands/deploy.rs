@@ -7,7 +7,12 @@ use cutover_engine::artifact::ArtifactStore;
 use cutover_engine::{exit, Outcome, RunRequest};
 use std::path::PathBuf;
 
-pub(crate) fn deploy(common: &Common, artifact: Option<PathBuf>, image: Option<String>, json: bool) -> i32 {
+pub(crate) fn deploy(
+    common: &Common,
+    artifact: Option<PathBuf>,
+    image: Option<String>,
+    json: bool,
+) -> i32 {
     if image.is_some() {
         eprintln!("error: --image is for container apps, which are not in this build of cutover yet; use --artifact");
         return exit::USAGE;
@@ -17,10 +22,21 @@ pub(crate) fn deploy(common: &Common, artifact: Option<PathBuf>, image: Option<S
         Err(code) => return code,
     };
     let Some(artifact) = artifact.or_else(|| config.files.source.clone()) else {
-        eprintln!("error: nothing to deploy: pass --artifact PATH or set [files] source in {}", config.file.display());
+        eprintln!(
+            "error: nothing to deploy: pass --artifact PATH or set [files] source in {}",
+            config.file.display()
+        );
         return exit::USAGE;
     };
-    run(common, &config, RunRequest::Deploy { artifact, commit: None }, json)
+    run(
+        common,
+        &config,
+        RunRequest::Deploy {
+            artifact,
+            commit: None,
+        },
+        json,
+    )
 }
 
 pub(crate) fn rollback(common: &Common, to: Option<String>, json: bool) -> i32 {
@@ -53,7 +69,11 @@ pub(crate) fn report(o: &Outcome, json: bool) {
         if h.outcome.is_empty() {
             continue;
         }
-        let up = if h.uploaded_bytes > 0 { format!(" ({} uploaded)", human_bytes(h.uploaded_bytes)) } else { String::new() };
+        let up = if h.uploaded_bytes > 0 {
+            format!(" ({} uploaded)", human_bytes(h.uploaded_bytes))
+        } else {
+            String::new()
+        };
         eprintln!("  {host}: {}{up}", h.outcome);
     }
     if o.exit_code == exit::OK {

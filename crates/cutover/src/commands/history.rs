@@ -77,6 +77,12 @@ pub(crate) fn print(common: &Common, app: &str, json: bool) -> i32 {
             ]
         })
         .collect();
-    print!("{}", table(&["RELEASE", "STATUS", "LIVE", "BAD", "CREATED", "HOSTS", "ARTIFACT"], &cells));
+    print!(
+        "{}",
+        table(
+            &["RELEASE", "STATUS", "LIVE", "BAD", "CREATED", "HOSTS", "ARTIFACT"],
+            &cells
+        )
+    );
     exit::OK
 }

@@ -14,7 +14,12 @@ use std::path::{Path, PathBuf};
 
 pub(crate) fn run(cli: Cli) -> i32 {
     match cli.command {
-        Command::Deploy { common, artifact, image, json } => deploy::deploy(&common, artifact, image, json),
+        Command::Deploy {
+            common,
+            artifact,
+            image,
+            json,
+        } => deploy::deploy(&common, artifact, image, json),
         Command::Rollback { common, to, json } => deploy::rollback(&common, to, json),
         Command::History { common, json } => history::run(&common, json),
         Command::Status { common, json } => status::run(&common, json),
@@ -55,7 +60,9 @@ pub(crate) fn data_dir(common: &Common) -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("cutover");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".local/share/cutover")
 }
 

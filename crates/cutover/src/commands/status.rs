@@ -21,7 +21,11 @@ pub(crate) fn run(common: &Common, json: bool) -> i32 {
             return exit::NEEDS_PERSON;
         }
     };
-    let code = if status.drift.is_empty() { exit::OK } else { exit::NEEDS_PERSON };
+    let code = if status.drift.is_empty() {
+        exit::OK
+    } else {
+        exit::NEEDS_PERSON
+    };
     if json {
         print_json(&status);
         return code;
@@ -32,14 +36,24 @@ pub(crate) fn run(common: &Common, json: bool) -> i32 {
         .map(|h| {
             vec![
                 h.host.clone(),
-                if h.reachable { "yes".into() } else { "no".into() },
+                if h.reachable {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
                 h.release.clone().unwrap_or_else(|| "-".into()),
                 h.error.clone().unwrap_or_default(),
             ]
         })
         .collect();
-    print!("{}", table(&["HOST", "REACHABLE", "RELEASE", "ERROR"], &rows));
-    println!("live (history): {}", status.live.as_deref().unwrap_or("none"));
+    print!(
+        "{}",
+        table(&["HOST", "REACHABLE", "RELEASE", "ERROR"], &rows)
+    );
+    println!(
+        "live (history): {}",
+        status.live.as_deref().unwrap_or("none")
+    );
     for d in &status.drift {
         println!("drift: {d}");
     }
