@@ -41,10 +41,7 @@ impl Progress {
             bars.entry(host.to_string())
                 .or_insert_with(|| {
                     let b = multi.add(ProgressBar::new_spinner());
-                    b.set_style(
-                        ProgressStyle::with_template("{spinner} {prefix:<24} {wide_msg}")
-                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-                    );
+                    b.set_style(step_style());
                     b.set_prefix(host.to_string());
                     b.enable_steady_tick(Duration::from_millis(120));
                     b
@@ -92,11 +89,23 @@ impl Reporter for Progress {
 
     fn bytes(&self, host: &str, sent: u64, total: u64) {
         if let Some(b) = self.bar(host) {
-            b.set_message(format!(
-                "stage {} / {}",
-                human_bytes(sent),
-                human_bytes(total)
-            ));
+            if sent >= total {
+                // Back to the step view for switch and gate.
+                b.set_style(step_style());
+                b.set_message(format!("staged {}", human_bytes(total)));
+            } else {
+                if b.length() != Some(total) {
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "{spinner} {prefix:<24} stage [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                    b.set_length(total);
+                }
+                b.set_position(sent);
+            }
         }
     }
 
@@ -109,6 +118,11 @@ impl Reporter for Progress {
             }
         }
     }
+}
+
+fn step_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {prefix:<24} {wide_msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
 pub(crate) fn human_bytes(n: u64) -> String {
