@@ -753,3 +753,54 @@ fn demo_runs_the_whole_story() {
         "{stdout}"
     );
 }
+
+#[test]
+fn check_reports_every_host() {
+    let w = World::new(2);
+    let out = w.run(&["check"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("config") && text.contains("ok"), "{text}");
+    for i in 0..2 {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&w.lab.destination(i)))
+            .unwrap();
+        assert_eq!(
+            row.split_whitespace().filter(|c| *c == "yes").count(),
+            5,
+            "{row}"
+        );
+    }
+    // A lock left on host 0 by someone else, and host 1 down.
+    std::fs::create_dir_all(w.site(0).join(".cutover/lock")).unwrap();
+    std::fs::write(
+        w.site(0).join(".cutover/lock/holder"),
+        r#"{"user":"alice","machine":"laptop","pid":42,"pid_start":1,"since":"2026-01-01T00:00:00Z","op":"deploy"}"#,
+    )
+    .unwrap();
+    w.lab.stop_sshd(1);
+    let out = w.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("locked by alice@laptop pid 42 (deploy) since 2026-01-01T00:00:00Z"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{}: unreachable", w.lab.destination(1))),
+        "{text}"
+    );
+    // And a deploy refuses with exit 4, naming that holder.
+    w.lab.start_sshd(1);
+    let out = w.run(&["deploy", "--artifact", w.build("v1").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("alice@laptop pid 42"));
+    for i in 0..2 {
+        assert!(w.releases_on(i).is_empty(), "nothing staged on host {i}");
+        assert!(
+            !w.site(1).join(".cutover/lock").exists(),
+            "host 1's lock was released"
+        );
+    }
+}
