@@ -30,9 +30,18 @@ pub fn quote(s: &str) -> String {
     out
 }
 
+/// A value for a script placeholder: one word, or a list of words (each quoted, joined by
+/// spaces: for argument lists such as `-e K=V` pairs).
+#[derive(Clone, Copy)]
+pub enum Arg<'a> {
+    One(&'a str),
+    Many(&'a [String]),
+}
+
 /// A shell script for `sh -c`, built from a static template and quoted values.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Script {
+    template: &'static str,
     text: String,
 }
 
@@ -40,6 +49,13 @@ impl Script {
     /// Fills `{name}` placeholders in `template` with `quote(value)`. Panics (a programming
     /// error, caught by tests) if a placeholder has no value or a value no placeholder.
     pub fn new(template: &'static str, values: &[(&str, &str)]) -> Script {
+        let args: Vec<(&str, Arg<'_>)> = values.iter().map(|(k, v)| (*k, Arg::One(v))).collect();
+        Script::with(template, &args)
+    }
+
+    /// Like [`Script::new`], with list values: `{name}` bound to `Arg::Many(words)` becomes
+    /// the words, each quoted, separated by spaces.
+    pub fn with(template: &'static str, values: &[(&str, Arg<'_>)]) -> Script {
         let mut text = String::with_capacity(template.len() + 64);
         let mut used = vec![false; values.len()];
         let mut rest = template;
@@ -63,14 +79,20 @@ impl Script {
                 .unwrap_or_else(|| panic!("script placeholder {{{name}}} has no value"));
             used[i] = true;
             text.push_str(&rest[..start]);
-            text.push_str(&quote(v));
+            match v {
+                Arg::One(v) => text.push_str(&quote(v)),
+                Arg::Many(words) => {
+                    let quoted: Vec<String> = words.iter().map(|w| quote(w)).collect();
+                    text.push_str(&quoted.join(" "));
+                }
+            }
             rest = &after[end + 1..];
         }
         text.push_str(rest);
         if let Some(i) = used.iter().position(|u| !u) {
             panic!("script value {} is not used by the template", values[i].0);
         }
-        Script { text }
+        Script { template, text }
     }
 
     /// The script text (already quoted) for `sh -c`.
@@ -84,9 +106,10 @@ impl Script {
     }
 }
 
+/// Shows the template, never the values: values may be secrets (container env).
 impl fmt::Debug for Script {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Script({:?})", self.text)
+        write!(f, "Script({:?}, values redacted)", self.template)
     }
 }
 
@@ -201,6 +224,18 @@ mod tests {
     fn braces_that_are_not_placeholders_stay() {
         let s = Script::new("f() { echo {a}; }; f", &[("a", "x")]);
         assert_eq!(s.text(), "f() { echo 'x'; }; f");
+    }
+
+    #[test]
+    fn lists_are_quoted_word_by_word_and_debug_hides_values() {
+        let words = vec!["-e".to_string(), "TOKEN=it's secret".to_string()];
+        let s = Script::with("printf '%s|' {args}", &[("args", Arg::Many(&words))]);
+        let out = Command::new("sh").arg("-c").arg(s.text()).output().unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            "-e|TOKEN=it's secret|"
+        );
+        assert!(!format!("{s:?}").contains("secret"));
     }
 
     #[test]
