@@ -7,8 +7,9 @@
 //! test processes never collide. A claim whose owner is dead is stale (the
 //! process was killed before `Drop` ran); it is taken over exactly once,
 //! guarded by a `create_new` marker unique to the dead owner, and the dead
-//! owner's leftovers (processes, namespaces, links, mounts, dirs, routes)
-//! are removed before reuse.
+//! owner's leftovers (processes, namespaces, links, mounts, dirs, routes,
+//! and with Docker its daemons, containers, cgroups and registry) are
+//! removed before reuse.
 
 use crate::sys;
 use std::fs;
@@ -213,9 +214,117 @@ pub(crate) fn mounts_under(prefix: &Path) -> Vec<String> {
     v
 }
 
+/// Prefix of the cgroups (one per host, in every hierarchy) in which the
+/// hosts' dockerds of lab `num` put their containers (`--cgroup-parent`).
+pub(crate) fn cgroup_prefix(num: u8) -> String {
+    format!("testlab-{num}-h")
+}
+
+/// Top-level cgroup directories whose name starts with `prefix`, in every
+/// mounted hierarchy (cgroup v1 controllers, the named/unified ones, or a
+/// pure cgroup v2 mount).
+fn cgroups_with_prefix(prefix: &str) -> Vec<PathBuf> {
+    let base = Path::new("/sys/fs/cgroup");
+    let mut roots = vec![base.to_path_buf()];
+    if let Ok(rd) = fs::read_dir(base) {
+        roots.extend(
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_dir()),
+        );
+    }
+    let mut found = Vec::new();
+    for root in roots {
+        for name in entries_with_prefix(&root.to_string_lossy(), prefix) {
+            let p = root.join(name);
+            if p.is_dir() {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// `dir` and all cgroup directories below it, parents before children.
+fn cgroup_tree(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_path_buf());
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                cgroup_tree(&p, out);
+            }
+        }
+    }
+}
+
+/// Kills every process in the cgroups named `prefix*` (and their
+/// sub-cgroups) and removes those cgroups. Idempotent; cheap when there
+/// are none.
+pub(crate) fn kill_cgroups(prefix: &str) {
+    let mut dirs = Vec::new();
+    for top in cgroups_with_prefix(prefix) {
+        cgroup_tree(&top, &mut dirs);
+    }
+    if dirs.is_empty() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut pids: Vec<u32> = dirs
+            .iter()
+            .filter_map(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .filter(|&p| sys::pid_alive(p))
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        if pids.is_empty() || std::time::Instant::now() > deadline {
+            break;
+        }
+        sys::signal(&pids, "KILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Children first. rmdir may briefly fail while killed tasks exit.
+    for d in dirs.iter().rev() {
+        while fs::remove_dir(d).is_err() && d.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Pids of processes (other than this one) one of whose arguments contains
+/// `needle`.
+fn pids_mentioning(needle: &str) -> Vec<u32> {
+    let me = process::id();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split(|&b| b == 0)
+                    .any(|arg| String::from_utf8_lossy(arg).contains(needle))
+            })
+        })
+        .collect()
+}
+
 /// Removes everything a (dead) lab with this number may have left behind.
 fn cleanup_leftovers(num: u8) {
     let name_prefix = format!("tl{num}h");
+    let tmp = std::env::temp_dir();
+    let dir_prefix = lab_dir_prefix(num);
+    // Processes started from the lab dir that may live outside the hosts'
+    // network namespaces (the registry), and the hosts' daemons.
+    let needle = tmp.join(&dir_prefix).to_string_lossy().to_string();
+    sys::kill_and_wait(&pids_mentioning(&needle), Duration::from_secs(2));
     for ns in entries_with_prefix("/var/run/netns", &name_prefix) {
         if let Ok(out) = sys::run("ip", &["netns", "pids", &ns]) {
             let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
@@ -226,11 +335,11 @@ fn cleanup_leftovers(num: u8) {
         }
         sys::run_quiet("ip", &["netns", "del", &ns]);
     }
+    // Containers of the hosts' dockerds.
+    kill_cgroups(&cgroup_prefix(num));
     for link in entries_with_prefix("/sys/class/net", &name_prefix) {
         sys::run_quiet("ip", &["link", "del", &link]);
     }
-    let tmp = std::env::temp_dir();
-    let dir_prefix = lab_dir_prefix(num);
     for mp in mounts_under(&tmp.join(&dir_prefix)) {
         if sys::run("umount", &[&mp]).is_err() {
             sys::run_quiet("umount", &["-l", &mp]);

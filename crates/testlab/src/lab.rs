@@ -10,6 +10,11 @@
 //! nginx and [`Lab::exec`] are started inside the anchor's namespaces with
 //! `nsenter`, so every SSH session of host i sees host i's `/srv`.
 //! Everything is torn down when the [`Lab`] is dropped.
+//!
+//! With [`LabOptions::docker`], every host also runs its own `dockerd` and
+//! the lab runs a registry; see the `docker` submodule and [`Lab::registry`].
+
+mod docker;
 
 use crate::claim::{self, Claim};
 use crate::sys;
@@ -38,6 +43,15 @@ pub struct LabOptions {
     /// If set, each host's `/srv` is a tmpfs of this many bytes (for
     /// disk-full tests). Otherwise it is a plain directory in the lab dir.
     pub srv_tmpfs_bytes: Option<u64>,
+    /// If true, every host also runs its own `dockerd` (started inside the
+    /// host's namespaces, its socket bind-mounted over
+    /// `/var/run/docker.sock` there, so `docker` over SSH talks to it), and
+    /// the lab runs a registry at [`Lab::registry`] that every host can
+    /// pull from. Needs Debian's `docker.io` and `docker-registry`.
+    pub docker: bool,
+    /// Storage driver of the hosts' dockerds. `None` (default): `overlay2`,
+    /// falling back to `vfs` if dockerd cannot start with it.
+    pub docker_storage_driver: Option<String>,
 }
 
 impl Default for LabOptions {
@@ -46,6 +60,8 @@ impl Default for LabOptions {
             hosts: 1,
             site_root: "/srv/site".to_string(),
             srv_tmpfs_bytes: None,
+            docker: false,
+            docker_storage_driver: None,
         }
     }
 }
@@ -65,6 +81,8 @@ struct Host {
     anchor_pid: u32,
     sshd: Mutex<Option<Child>>,
     nginx: Mutex<Option<Child>>,
+    /// This host's dockerd (only with [`LabOptions::docker`]).
+    dockerd: Mutex<Option<Child>>,
 }
 
 /// A running lab of test hosts. See the module documentation.
@@ -79,6 +97,8 @@ pub struct Lab {
     opts: LabOptions,
     hosts: Vec<Host>,
     route_added: bool,
+    /// The lab's registry (only with [`LabOptions::docker`]).
+    registry: Mutex<Option<Child>>,
     // Released last (fields drop after Drop::drop ran).
     _claim: Claim,
 }
@@ -150,6 +170,7 @@ impl Lab {
             opts,
             hosts: Vec::new(),
             route_added: false,
+            registry: Mutex::new(None),
             _claim: claim,
         };
         // On error, `lab` is dropped here and cleans up what exists.
@@ -195,6 +216,7 @@ impl Lab {
                 anchor_pid: 0,
                 sshd: Mutex::new(None),
                 nginx: Mutex::new(None),
+                dockerd: Mutex::new(None),
             };
             // Registered before creating anything, so Drop covers it.
             self.hosts.push(host);
@@ -215,6 +237,9 @@ impl Lab {
         for i in 0..self.hosts.len() {
             self.wait_sshd(i)?;
             self.wait_nginx(i)?;
+        }
+        if self.opts.docker {
+            self.setup_docker()?;
         }
         Ok(())
     }
@@ -754,9 +779,15 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Containers and dockerds first (they live in the hosts), then the
+        // registry they may still talk to.
+        self.teardown_docker();
         for h in self.hosts.iter().rev() {
             self.teardown_host(h);
         }
+        // Container processes live in their own namespaces but in this
+        // lab's cgroups: anything left there is killed, the cgroups removed.
+        claim::kill_cgroups(&claim::cgroup_prefix(self.num));
         // Any mount left below the lab dir (should be none).
         for mp in claim::mounts_under(&self.dir) {
             sys::run_quiet("umount", &["-l", &mp]);
@@ -789,6 +820,7 @@ impl std::fmt::Debug for Lab {
                 "hosts",
                 &self.hosts.iter().map(|h| h.ip).collect::<Vec<_>>(),
             )
+            .field("registry", &self.registry())
             .finish()
     }
 }

@@ -3,6 +3,11 @@
 //! reachable over SSH at 10.201.X.Y like real deploy targets, plus a small
 //! HTTP [`Load`] generator that counts every failed request during a
 //! deploy. Needs root (namespaces, veths, mounts); see [`Lab`] for details.
+//!
+//! With [`LabOptions::docker`], every host also runs its own `dockerd` and
+//! the lab runs a registry its hosts pull from; test images are built
+//! locally from Debian's busybox-static ([`Lab::build_web_image`]) and
+//! pushed there, never pulled from the internet.
 
 mod claim;
 pub mod hostile;

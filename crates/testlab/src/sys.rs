@@ -168,3 +168,38 @@ pub(crate) fn tail(path: &Path, max: usize) -> String {
         Err(e) => format!("<cannot read {}: {e}>", path.display()),
     }
 }
+
+/// Runs `cmd` (stdin null, output captured) like [`run`], but a command
+/// still running after `timeout` is killed (SIGKILL) and reported as an
+/// error; so are failures. For steps that must not hang a test's `Drop`.
+pub(crate) fn output_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    let what = format!("{cmd:?}");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(r) => r.map_err(|e| format!("cannot run {what}: {e}"))?,
+        Err(_) => {
+            signal(&[pid], "KILL");
+            let _ = rx.recv();
+            return Err(format!("{what} did not finish within {timeout:?}"));
+        }
+    };
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}

@@ -1,0 +1,317 @@
+//! cutover's edge proxy: one small HTTP/1.1 reverse proxy per host that routes by `Host` to a
+//! service's current target, switches that target as one atomic pointer swap after the new
+//! target passes a health gate, drains the old target's in-flight requests, can hold (pause)
+//! new requests during a `hold` switch, and keeps its state on disk so that a restart routes
+//! as before. It is driven over a root-only unix control socket speaking one JSON object per
+//! line ([`Request`] / [`Response`]).
+//!
+//! This crate owns the proxy process's behaviour only. It must not start or stop containers,
+//! talk SSH, or know about releases: the engine decides *what* to switch to and asks through
+//! [`control_request`]; the proxy decides nothing but *how* to switch safely.
+//!
+//! Invariants (each is enforced in the module named):
+//! - A switch never closes or fails a client-side connection: client connections are not tied
+//!   to a target; a request picks its target once, when it starts (`table`, `forward`).
+//! - A target is never switched to before it passed `healthy_after` consecutive health probes;
+//!   a failed gate changes nothing (`switch`).
+//! - After the pointer swap returns, every request that will ever use the old target is already
+//!   counted in its in-flight counter, so "drained" means drained (`table`).
+//! - The state file on disk is always a complete JSON document (temp file + rename), written
+//!   after every change, in the order the changes happened (`state`).
+//! - The control socket serves only uid 0 and the proxy's own uid, checked per connection from
+//!   the kernel's peer credentials; the socket file is mode 0600 from the moment it has its
+//!   final name (`control`).
+
+mod control;
+mod forward;
+mod log;
+mod state;
+mod switch;
+mod table;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+pub use control::{
+    bind_control, control_request, control_request_blocking, ControlError, DeployReport,
+    DeployRequest, PauseReport, Request, Response, ServiceStatus, StatusReport,
+};
+pub use switch::DeployOptions;
+
+/// Where the control socket lives unless configured otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/cutover/proxy.sock";
+/// Where the proxy keeps its state unless configured otherwise.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/cutover/proxy-state.json";
+/// How long a request is held during a pause unless the pause says otherwise.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(30);
+/// How long `serve` waits for open client connections to finish after shutdown is asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How a proxy runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// HTTP listen address (`[proxy] listen`).
+    pub listen: SocketAddr,
+    /// The unix control socket (created mode 0600).
+    pub control_socket: PathBuf,
+    /// The JSON state file (services and their targets).
+    pub state_file: PathBuf,
+    /// Default for how long a request is held while its service is paused (`[proxy] hold`);
+    /// a `pause` request may override it.
+    pub hold: Duration,
+}
+
+impl ProxyConfig {
+    /// A config with the default hold.
+    pub fn new(listen: SocketAddr, control_socket: PathBuf, state_file: PathBuf) -> Self {
+        ProxyConfig {
+            listen,
+            control_socket,
+            state_file,
+            hold: DEFAULT_HOLD,
+        }
+    }
+}
+
+/// What can go wrong in the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The state file exists but cannot be used.
+    #[error("state file {path}: {message}")]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A request was malformed (bad name, target, path or domain).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The named service does not exist.
+    #[error("no such service: {0}")]
+    UnknownService(String),
+    /// A domain is already routed to another service.
+    #[error("domain {domain} already belongs to service {owner}")]
+    DomainConflict {
+        /// The contested domain.
+        domain: String,
+        /// The service that has it.
+        owner: String,
+    },
+    /// The new target never passed its health gate; nothing was changed.
+    #[error(
+        "target {target} did not pass the health gate on {path} within {waited_ms} ms \
+         ({probes} probes, {passes} consecutive passes of {needed} needed): {last}; nothing was changed"
+    )]
+    Unhealthy {
+        /// The target that was probed.
+        target: String,
+        /// The probed path.
+        path: String,
+        /// Probes sent.
+        probes: u32,
+        /// Consecutive passes at the end.
+        passes: u32,
+        /// Consecutive passes needed.
+        needed: u32,
+        /// How long the gate ran.
+        waited_ms: u64,
+        /// The last probe's failure.
+        last: String,
+    },
+}
+
+impl Error {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A proxy: the routing table, the upstream client and the control operations. Cheap to clone
+/// (all clones are the same proxy). Requests are served by [`Proxy::serve`]; the control
+/// operations ([`Proxy::deploy`] and friends) can also be called in process.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<switch::Shared>,
+}
+
+impl Proxy {
+    /// Builds a proxy and restores its routing table from `config.state_file` (a missing file
+    /// is an empty table). Must be called inside a tokio runtime.
+    pub fn new(config: ProxyConfig) -> Result<Proxy, Error> {
+        let table = state::restore(&config.state_file)?;
+        let n = table.len();
+        if n > 0 {
+            log::line(format_args!(
+                "restored {n} service(s) from {}",
+                config.state_file.display()
+            ));
+        }
+        Ok(Proxy {
+            inner: Arc::new(switch::Shared::new(config, table)),
+        })
+    }
+
+    /// Gates `target` with `health_path`, swaps the service's target to it, drains the old
+    /// target and reports. Creates the service if it does not exist. On a failed gate nothing
+    /// is changed and [`Error::Unhealthy`] is returned.
+    pub async fn deploy(
+        &self,
+        service: &str,
+        target: &str,
+        health_path: &str,
+        domains: &[String],
+        opts: &DeployOptions,
+    ) -> Result<DeployReport, Error> {
+        switch::deploy(&self.inner, service, target, health_path, domains, opts).await
+    }
+
+    /// Holds new requests for `service` until [`Proxy::resume`] or until each has waited `hold`
+    /// (default [`ProxyConfig::hold`]), after which it gets a 503; then waits up to `drain`
+    /// (default 30 s) for the requests already in flight on the current target to finish, so
+    /// that the caller may stop that target once `drained` is reported.
+    pub async fn pause(
+        &self,
+        service: &str,
+        hold: Option<Duration>,
+        drain: Option<Duration>,
+    ) -> Result<PauseReport, Error> {
+        switch::pause(&self.inner, service, hold, drain).await
+    }
+
+    /// Releases held requests for `service` to its then-current target; returns how many
+    /// requests were held at that moment.
+    pub async fn resume(&self, service: &str) -> Result<usize, Error> {
+        switch::resume(&self.inner, service)
+    }
+
+    /// Removes a service (its held requests get a 404).
+    pub async fn remove(&self, service: &str) -> Result<(), Error> {
+        switch::remove(&self.inner, service).await
+    }
+
+    /// Services, targets, pause state and counters.
+    pub fn status(&self) -> StatusReport {
+        switch::status(&self.inner)
+    }
+
+    /// Serves HTTP on `listener` and the control protocol on `control` until `shutdown`
+    /// completes; then stops accepting, lets open connections finish (up to 10 s), and
+    /// removes the control socket file if it is still the one this proxy listened on.
+    /// `control` must be listening at `config.control_socket` (see [`bind_control`]); its
+    /// file's owner is taken as the proxy's own uid for the access check.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        control: UnixListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let config = &self.inner.config;
+        let socket = control::prepare_socket(&config.control_socket)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let http = tokio::spawn(forward::serve_http(
+            self.inner.clone(),
+            listener,
+            stop_rx.clone(),
+        ));
+        let ctl = tokio::spawn(control::serve_control(
+            self.clone(),
+            control,
+            socket.owner_uid,
+            stop_rx,
+        ));
+        log::line(format_args!(
+            "listening on {}, control socket {}, state {}",
+            config.listen,
+            config.control_socket.display(),
+            config.state_file.display()
+        ));
+        shutdown.await;
+        log::line("shutting down: no new connections");
+        let _ = stop_tx.send(true);
+        let grace = async {
+            let _ = http.await;
+            let _ = ctl.await;
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, grace).await.is_err() {
+            log::line("shutdown: some connections were still open after the grace period");
+        }
+        socket.remove_if_ours();
+        Ok(())
+    }
+}
+
+/// Restores state from `config.state_file`, then serves on the given listeners until
+/// `shutdown` completes. The listeners are injected so that tests can bind port 0 and so that
+/// a supervisor can hand over sockets; see [`bind_control`] for creating the control socket.
+pub async fn serve(
+    config: ProxyConfig,
+    listener: TcpListener,
+    control: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    Proxy::new(config)?.serve(listener, control, shutdown).await
+}
+
+/// Builds a runtime, binds `config.listen` and the control socket, restores state and serves
+/// until SIGTERM or SIGINT. This is `cutover proxy run`.
+pub fn run_blocking(config: ProxyConfig) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cutover-proxy")
+        .build()
+        .map_err(|e| Error::io("cannot build the tokio runtime", e))?;
+    rt.block_on(async move {
+        // Signals first (so that a SIGTERM that arrives once we answer is never fatal), then
+        // state: a state file that cannot be used stops us before we bind anything.
+        let shutdown = termination()?;
+        let proxy = Proxy::new(config.clone())?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::io(format!("cannot listen on {}", config.listen), e))?;
+        let control = bind_control(&config.control_socket)?;
+        proxy.serve(listener, control, shutdown).await
+    })
+}
+
+/// Registers SIGTERM and SIGINT handlers now; the future completes on either.
+fn termination() -> Result<impl Future<Output = ()>, Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("cannot watch SIGTERM", e))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| Error::io("cannot watch SIGINT", e))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => log::line("SIGTERM"),
+            _ = int.recv() => log::line("SIGINT"),
+        }
+    })
+}
+
+/// The state file's directory, for error messages and temp files.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}

@@ -1,0 +1,456 @@
+//! The control operations: deploy (health gate, pointer swap, drain, report), pause, resume,
+//! remove and status, plus the proxy-wide shared state they work on. It owns the order of a
+//! switch; it must not parse the control protocol (that is `control`) or touch client
+//! connections (that is `forward`).
+//!
+//! Invariants:
+//! - A deploy changes nothing until its target has passed `healthy_after` consecutive probes;
+//!   a failed gate returns [`Error::Unhealthy`] and the table is as it was.
+//! - Deploys and removes of one service run one at a time (a per-service async lock), so a
+//!   drain measures the target that this deploy replaced.
+//! - Every change to services or targets is persisted before the operation reports success
+//!   (a failed write is reported in `state_error`, and logged; the in-memory switch stands).
+//! - Pause state is *not* persisted: a restarted proxy never holds requests for a controller
+//!   that may be gone.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::{BodyExt, Limited};
+use hyper::header;
+use hyper::http::uri::PathAndQuery;
+use hyper::{Request, Uri};
+use serde::{Deserialize, Serialize};
+
+use crate::control::{DeployReport, PauseReport, ServiceStatus, StatusReport};
+use crate::forward::{chain, empty_body, upstream_client, Upstream};
+use crate::table::{check_name, parse_domains, parse_target, Table, Target};
+use crate::{log, state, Error, ProxyConfig};
+
+/// Largest health response body read (the rest makes the probe fail).
+const HEALTH_BODY_LIMIT: usize = 1024 * 1024;
+/// How often a drain looks at the old target's in-flight counter.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+
+/// How a deploy gates and drains. Serialized with durations in milliseconds
+/// (`health_interval_ms`, `give_up_after_ms`, `timeout_ms`, `drain_ms`); every field is
+/// optional in JSON and defaults to the `[health]`/`[proxy]` defaults of the config contract.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeployOptions {
+    /// Time between two probes (default 500 ms).
+    #[serde(rename = "health_interval_ms", with = "millis")]
+    pub health_interval: Duration,
+    /// Consecutive 2xx probes needed (default 2; 0 counts as 1).
+    pub healthy_after: u32,
+    /// The gate fails if it has not passed after this long (default 30 s).
+    #[serde(rename = "give_up_after_ms", with = "millis")]
+    pub give_up_after: Duration,
+    /// One probe's timeout (default 2 s).
+    #[serde(rename = "timeout_ms", with = "millis")]
+    pub timeout: Duration,
+    /// How long the old target's in-flight requests get after the swap (default 30 s).
+    #[serde(rename = "drain_ms", with = "millis")]
+    pub drain: Duration,
+}
+
+impl Default for DeployOptions {
+    fn default() -> Self {
+        DeployOptions {
+            health_interval: Duration::from_millis(500),
+            healthy_after: 2,
+            give_up_after: Duration::from_secs(30),
+            timeout: Duration::from_secs(2),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis().min(u64::MAX as u128) as u64)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// Everything the HTTP side and the control side share.
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    pub(crate) table: Table,
+    pub(crate) client: Upstream,
+    /// Serializes state-file writes so that the last write is the newest snapshot.
+    persist_lock: tokio::sync::Mutex<()>,
+    /// One async lock per service name for deploy and remove.
+    service_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    started: Instant,
+    requests: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(config: ProxyConfig, table: Table) -> Shared {
+        Shared {
+            config,
+            table,
+            client: upstream_client(),
+            persist_lock: tokio::sync::Mutex::new(()),
+            service_locks: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn service_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.service_locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Writes the table to the state file (off the async threads), in change order.
+    async fn persist(&self) -> Result<(), Error> {
+        let _order = self.persist_lock.lock().await;
+        let snapshot = self.table.snapshot();
+        let path = self.config.state_file.clone();
+        tokio::task::spawn_blocking(move || state::save(&path, &snapshot))
+            .await
+            .map_err(|e| Error::io("state writer", std::io::Error::other(e.to_string())))?
+    }
+
+    /// Persists and turns a failure into a logged message.
+    async fn persist_logged(&self) -> Option<String> {
+        match self.persist().await {
+            Ok(()) => None,
+            Err(e) => {
+                log::line(format_args!("cannot save state: {e}"));
+                Some(e.to_string())
+            }
+        }
+    }
+}
+
+fn check_health_path(path: &str) -> Result<PathAndQuery, Error> {
+    if !path.starts_with('/') {
+        return Err(Error::Invalid(format!(
+            "health path {path:?} must start with /"
+        )));
+    }
+    path.parse()
+        .map_err(|_| Error::Invalid(format!("health path {path:?}")))
+}
+
+pub(crate) async fn deploy(
+    shared: &Shared,
+    service: &str,
+    target: &str,
+    health_path: &str,
+    domains: &[String],
+    opts: &DeployOptions,
+) -> Result<DeployReport, Error> {
+    check_name(service)?;
+    let target = parse_target(target)?;
+    let path = check_health_path(health_path)?;
+    let domains = parse_domains(domains)?;
+    let lock = shared.service_lock(service);
+    let _one_at_a_time = lock.lock().await;
+    shared.table.check_domains(service, &domains)?;
+
+    // Probe with the service's own Host, for apps that check it.
+    let host = domains
+        .first()
+        .cloned()
+        .or_else(|| shared.table.domains_of(service).into_iter().next());
+    let gate = match health_gate(&shared.client, &target, host.as_deref(), &path, opts).await {
+        Ok(g) => g,
+        Err(e) => {
+            log::line(format_args!("deploy {service} -> {target} refused: {e}"));
+            return Err(e);
+        }
+    };
+    let installed = shared.table.install(service, &target, &domains)?;
+    let swapped = Instant::now();
+    let switched_at = SystemTime::now();
+    let state_error = shared.persist_logged().await;
+    let (drained, in_flight_left) = match &installed.previous {
+        Some(old) => drain(old, opts.drain).await,
+        None => (true, 0),
+    };
+    let drain_ms = swapped.elapsed().as_millis() as u64;
+    let report = DeployReport {
+        service: service.to_string(),
+        target: target.clone(),
+        previous: installed.previous.as_ref().map(|t| t.addr.clone()),
+        created: installed.created,
+        switched: installed.previous.is_some() || installed.created,
+        switched_at_ms: log::unix_ms(switched_at),
+        health_ms: gate.took.as_millis() as u64,
+        health_probes: gate.probes,
+        drained,
+        drain_ms,
+        in_flight_left,
+        state_error,
+    };
+    log::line(format_args!(
+        "switch {service}: {} -> {target}{}; gate {} ms ({} probes of {health_path}); \
+         drain {} ms, {}",
+        report.previous.as_deref().unwrap_or("(none)"),
+        if report.created {
+            " (new service)"
+        } else if !report.switched {
+            " (already current)"
+        } else {
+            ""
+        },
+        report.health_ms,
+        report.health_probes,
+        report.drain_ms,
+        if drained {
+            "drained".to_string()
+        } else {
+            format!("NOT drained, {in_flight_left} still in flight")
+        }
+    ));
+    Ok(report)
+}
+
+/// A passed gate.
+struct Gate {
+    took: Duration,
+    probes: u32,
+}
+
+/// Probes `GET http://target/path` (with `Host: host`, else the target) until `healthy_after` consecutive 2xx answers.
+async fn health_gate(
+    client: &Upstream,
+    target: &str,
+    host: Option<&str>,
+    path: &PathAndQuery,
+    opts: &DeployOptions,
+) -> Result<Gate, Error> {
+    let needed = opts.healthy_after.max(1);
+    let started = Instant::now();
+    let deadline = started + opts.give_up_after;
+    let (mut probes, mut passes) = (0u32, 0u32);
+    loop {
+        probes += 1;
+        let outcome =
+            match tokio::time::timeout(opts.timeout, probe(client, target, host, path)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("timed out after {} ms", opts.timeout.as_millis())),
+            };
+        let last = match outcome {
+            Ok(()) => {
+                passes += 1;
+                if passes >= needed {
+                    return Ok(Gate {
+                        took: started.elapsed(),
+                        probes,
+                    });
+                }
+                None
+            }
+            Err(e) => {
+                passes = 0;
+                Some(e)
+            }
+        };
+        if Instant::now() + opts.health_interval > deadline {
+            return Err(Error::Unhealthy {
+                target: target.to_string(),
+                path: path.to_string(),
+                probes,
+                passes,
+                needed,
+                waited_ms: started.elapsed().as_millis() as u64,
+                last: last.unwrap_or_else(|| "ran out of time".to_string()),
+            });
+        }
+        tokio::time::sleep(opts.health_interval).await;
+    }
+}
+
+/// One health probe: Ok on a 2xx answer with a complete body.
+async fn probe(
+    client: &Upstream,
+    target: &str,
+    host: Option<&str>,
+    path: &PathAndQuery,
+) -> Result<(), String> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(target)
+        .path_and_query(path.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut req = Request::get(uri).header(header::USER_AGENT, "cutover-proxy-health");
+    if let Some(host) = host {
+        req = req.header(header::HOST, host);
+    }
+    let req = req.body(empty_body()).map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| chain(&e))?;
+    let status = resp.status();
+    // Read the body so that the connection can go back to the pool.
+    Limited::new(resp.into_body(), HEALTH_BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| format!("reading body: {e}"))?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {status}"))
+    }
+}
+
+/// Waits for the old target's in-flight requests to finish, up to `limit`. Returns
+/// (drained, in-flight left).
+async fn drain(old: &Target, limit: Duration) -> (bool, usize) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let n = old.in_flight();
+        if n == 0 {
+            return (true, 0);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return (false, n);
+        }
+        tokio::time::sleep(DRAIN_POLL.min(deadline - now)).await;
+    }
+}
+
+pub(crate) async fn pause(
+    shared: &Shared,
+    service: &str,
+    hold: Option<Duration>,
+    drain_limit: Option<Duration>,
+) -> Result<PauseReport, Error> {
+    let svc = shared
+        .table
+        .get(service)
+        .ok_or_else(|| Error::UnknownService(service.to_string()))?;
+    let hold = hold.unwrap_or(shared.config.hold);
+    let drain_limit = drain_limit.unwrap_or(DeployOptions::default().drain);
+    let started = Instant::now();
+    let was = svc.pause(hold);
+    let current = svc.current();
+    let (drained, in_flight_left) = drain(&current, drain_limit).await;
+    let report = PauseReport {
+        service: service.to_string(),
+        hold_ms: hold.as_millis() as u64,
+        drained,
+        drain_ms: started.elapsed().as_millis() as u64,
+        in_flight_left,
+    };
+    log::line(format_args!(
+        "pause {service}: holding new requests for up to {} ms{}; {} on {} after {} ms",
+        report.hold_ms,
+        if was { " (was already paused)" } else { "" },
+        if drained {
+            "nothing in flight".to_string()
+        } else {
+            format!("{in_flight_left} still in flight")
+        },
+        current.addr,
+        report.drain_ms
+    ));
+    Ok(report)
+}
+
+pub(crate) fn resume(shared: &Shared, service: &str) -> Result<usize, Error> {
+    let svc = shared
+        .table
+        .get(service)
+        .ok_or_else(|| Error::UnknownService(service.to_string()))?;
+    let released = svc.resume();
+    log::line(format_args!(
+        "resume {service}: released {released} held request(s) to {}",
+        svc.current().addr
+    ));
+    Ok(released)
+}
+
+pub(crate) async fn remove(shared: &Shared, service: &str) -> Result<(), Error> {
+    let lock = shared.service_lock(service);
+    let _one_at_a_time = lock.lock().await;
+    let svc = shared
+        .table
+        .remove(service)
+        .ok_or_else(|| Error::UnknownService(service.to_string()))?;
+    let state_error = shared.persist_logged().await;
+    log::line(format_args!(
+        "removed service {service} (was on {})",
+        svc.current().addr
+    ));
+    match state_error {
+        None => Ok(()),
+        Some(e) => Err(Error::State {
+            path: shared.config.state_file.clone(),
+            message: format!("service removed, but the state was not saved: {e}"),
+        }),
+    }
+}
+
+pub(crate) fn status(shared: &Shared) -> StatusReport {
+    StatusReport {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        listen: shared.config.listen.to_string(),
+        uptime_ms: shared.started.elapsed().as_millis() as u64,
+        requests: shared.requests.load(Ordering::Relaxed),
+        services: shared
+            .table
+            .services()
+            .into_iter()
+            .map(|(s, domains)| {
+                let current = s.current();
+                ServiceStatus {
+                    name: s.name.clone(),
+                    domains,
+                    target: current.addr.clone(),
+                    paused: s.is_paused(),
+                    held: s.held(),
+                    in_flight: s.in_flight(),
+                    requests: s.requests(),
+                    target_served: current.served(),
+                }
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_options_json_uses_milliseconds_and_defaults() {
+        let o: DeployOptions = serde_json::from_str(r#"{"drain_ms": 1500}"#).unwrap();
+        assert_eq!(o.drain, Duration::from_millis(1500));
+        assert_eq!(o.healthy_after, 2);
+        assert_eq!(o.health_interval, Duration::from_millis(500));
+        let v = serde_json::to_value(DeployOptions::default()).unwrap();
+        assert_eq!(v["give_up_after_ms"], 30_000);
+        assert_eq!(v["timeout_ms"], 2_000);
+    }
+
+    #[test]
+    fn health_paths_must_be_absolute() {
+        check_health_path("/up").unwrap();
+        check_health_path("/up?deep=1").unwrap();
+        assert!(check_health_path("up").is_err());
+        assert!(check_health_path("").is_err());
+    }
+}

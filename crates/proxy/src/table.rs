@@ -1,0 +1,530 @@
+//! The routing table: services, the domains routed to them, each service's current target,
+//! its pause state and its counters. It owns the one atomic pointer swap of a switch. It does
+//! no I/O and never awaits while holding a lock; it must not know about HTTP bodies, health
+//! probes or the state file.
+//!
+//! Invariants:
+//! - A service's current target is an `Arc<Target>` behind a `std::sync::RwLock`; a switch is
+//!   one write-locked `mem::replace` of that pointer, nothing else.
+//! - [`Service::acquire`] increments the target's in-flight counter *while holding the read
+//!   lock*, so once [`Service::swap`] returns, every request that will ever use the old target
+//!   is already counted: when the old counter reads 0 after a swap it stays 0.
+//! - Pause is the mirror image: a request acquires first and checks the pause flag after
+//!   (backing off if paused), and a pause sets the flag before reading the in-flight counter;
+//!   so once a pause has seen the current target's counter at 0, no request reaches it until
+//!   resume.
+//! - A domain belongs to at most one service.
+//! - Locks are held only for map or pointer work and never across an `.await`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use hyper::http::uri::Authority;
+use tokio::sync::watch;
+
+use crate::Error;
+
+/// One upstream address of a service, with its counters. A new `Target` is made for every
+/// switch, so counters belong to one stint as the current target.
+#[derive(Debug)]
+pub(crate) struct Target {
+    /// `host:port`, validated by [`parse_target`].
+    pub(crate) addr: String,
+    in_flight: AtomicUsize,
+    served: AtomicU64,
+}
+
+impl Target {
+    pub(crate) fn new(addr: String) -> Arc<Target> {
+        Arc::new(Target {
+            addr,
+            in_flight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+        })
+    }
+
+    /// Requests sent to this target that have not finished (response body included).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests this target answered.
+    pub(crate) fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one request as in flight on a target (and its service) until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    target: Arc<Target>,
+    service: Arc<AtomicUsize>,
+}
+
+impl InFlight {
+    pub(crate) fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.target.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.service.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts one request as held by a pause until dropped.
+pub(crate) struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One app behind the proxy.
+#[derive(Debug)]
+pub(crate) struct Service {
+    pub(crate) name: String,
+    current: RwLock<Arc<Target>>,
+    paused: watch::Sender<bool>,
+    hold_ms: AtomicU64,
+    held: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
+    requests: AtomicU64,
+    removed: AtomicBool,
+}
+
+impl Service {
+    fn new(name: String, target: Arc<Target>) -> Arc<Service> {
+        Arc::new(Service {
+            name,
+            current: RwLock::new(target),
+            paused: watch::Sender::new(false),
+            hold_ms: AtomicU64::new(0),
+            held: AtomicUsize::new(0),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            requests: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+        })
+    }
+
+    /// The current target, counted as in flight until the guard drops.
+    pub(crate) fn acquire(&self) -> InFlight {
+        let current = read(&self.current);
+        current.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight {
+            target: current.clone(),
+            service: self.in_flight.clone(),
+        }
+    }
+
+    /// Counts a request routed to this service.
+    pub(crate) fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current target.
+    pub(crate) fn current(&self) -> Arc<Target> {
+        read(&self.current).clone()
+    }
+
+    /// The switch: replaces the current target, returns the old one.
+    fn swap(&self, new: Arc<Target>) -> Arc<Target> {
+        std::mem::replace(&mut *write(&self.current), new)
+    }
+
+    /// Starts holding new requests for up to `hold` each. Returns whether it was paused.
+    pub(crate) fn pause(&self, hold: Duration) -> bool {
+        self.hold_ms.store(
+            hold.as_millis().min(u64::MAX as u128) as u64,
+            Ordering::SeqCst,
+        );
+        self.paused.send_replace(true)
+    }
+
+    /// Releases held requests; returns how many were held at that moment.
+    pub(crate) fn resume(&self) -> usize {
+        let held = self.held();
+        self.paused.send_replace(false);
+        held
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Waits while the service is paused, up to the pause's hold. Returns false if the hold
+    /// ran out (the caller answers 503).
+    pub(crate) async fn wait_resumed(&self) -> bool {
+        let mut rx = self.paused.subscribe();
+        if !*rx.borrow_and_update() {
+            return true;
+        }
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let _held = Held(&self.held);
+        let hold = Duration::from_millis(self.hold_ms.load(Ordering::SeqCst));
+        // The sender lives as long as `self`, so `wait_for` only ends by resume.
+        let resumed = tokio::time::timeout(hold, rx.wait_for(|paused| !*paused))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        resumed
+    }
+
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    /// Requests currently held by a pause.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Requests in flight on any of this service's targets (old ones still draining included).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests routed to this service since the proxy started.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// What [`Table::install`] did.
+pub(crate) struct Installed {
+    /// The service did not exist.
+    pub(crate) created: bool,
+    /// The target that was current before, if the pointer was swapped.
+    pub(crate) previous: Option<Arc<Target>>,
+}
+
+/// A service as persisted and reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) name: String,
+    pub(crate) target: String,
+    pub(crate) domains: Vec<String>,
+}
+
+/// All services, by name, and the domains routed to them.
+#[derive(Debug, Default)]
+pub(crate) struct Table {
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    services: BTreeMap<String, Arc<Service>>,
+    /// domain -> service name.
+    domains: BTreeMap<String, String>,
+}
+
+impl Inner {
+    fn domains_of(&self, name: &str) -> Vec<String> {
+        self.domains
+            .iter()
+            .filter(|(_, s)| *s == name)
+            .map(|(d, _)| d.clone())
+            .collect()
+    }
+
+    fn check_domains(&self, name: &str, domains: &[String]) -> Result<(), Error> {
+        for d in domains {
+            if let Some(owner) = self.domains.get(d) {
+                if owner != name {
+                    return Err(Error::DomainConflict {
+                        domain: d.clone(),
+                        owner: owner.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Table {
+    /// Number of services.
+    pub(crate) fn len(&self) -> usize {
+        read(&self.inner).services.len()
+    }
+
+    /// The service for a request's `Host` (already normalized by [`normalize_host`]): the one
+    /// that has the domain, else the only service if there is exactly one.
+    pub(crate) fn route(&self, host: Option<&str>) -> Option<Arc<Service>> {
+        let inner = read(&self.inner);
+        if let Some(name) = host.and_then(|h| inner.domains.get(h)) {
+            return inner.services.get(name).cloned();
+        }
+        if inner.services.len() == 1 {
+            return inner.services.values().next().cloned();
+        }
+        None
+    }
+
+    /// The domains routed to a service.
+    pub(crate) fn domains_of(&self, name: &str) -> Vec<String> {
+        read(&self.inner).domains_of(name)
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Service>> {
+        read(&self.inner).services.get(name).cloned()
+    }
+
+    /// Fails if a domain belongs to another service.
+    pub(crate) fn check_domains(&self, name: &str, domains: &[String]) -> Result<(), Error> {
+        read(&self.inner).check_domains(name, domains)
+    }
+
+    /// Makes `target` the service's current target (creating the service if needed) and, if
+    /// `domains` is not empty, sets the service's domains to exactly these. A target equal to
+    /// the current one is left as it is (no swap, counters kept).
+    pub(crate) fn install(
+        &self,
+        name: &str,
+        target: &str,
+        domains: &[String],
+    ) -> Result<Installed, Error> {
+        let mut inner = write(&self.inner);
+        inner.check_domains(name, domains)?;
+        let installed = match inner.services.get(name) {
+            Some(service) if service.current().addr == target => Installed {
+                created: false,
+                previous: None,
+            },
+            Some(service) => Installed {
+                created: false,
+                previous: Some(service.swap(Target::new(target.to_string()))),
+            },
+            None => {
+                let service = Service::new(name.to_string(), Target::new(target.to_string()));
+                inner.services.insert(name.to_string(), service);
+                Installed {
+                    created: true,
+                    previous: None,
+                }
+            }
+        };
+        if !domains.is_empty() {
+            inner.domains.retain(|_, s| s != name);
+            for d in domains {
+                inner.domains.insert(d.clone(), name.to_string());
+            }
+        }
+        Ok(installed)
+    }
+
+    /// Removes a service and its domains; its held requests are released and answered 404.
+    pub(crate) fn remove(&self, name: &str) -> Option<Arc<Service>> {
+        let mut inner = write(&self.inner);
+        let service = inner.services.remove(name)?;
+        inner.domains.retain(|_, s| s != name);
+        drop(inner);
+        service.removed.store(true, Ordering::SeqCst);
+        service.paused.send_replace(false);
+        Some(service)
+    }
+
+    /// Every service with its domains, by name.
+    pub(crate) fn services(&self) -> Vec<(Arc<Service>, Vec<String>)> {
+        let inner = read(&self.inner);
+        inner
+            .services
+            .values()
+            .map(|s| (s.clone(), inner.domains_of(&s.name)))
+            .collect()
+    }
+
+    /// What the state file holds.
+    pub(crate) fn snapshot(&self) -> Vec<Entry> {
+        self.services()
+            .into_iter()
+            .map(|(s, domains)| Entry {
+                name: s.name.clone(),
+                target: s.current().addr.clone(),
+                domains,
+            })
+            .collect()
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A `Host` header value (or URI authority) as used for routing: port stripped, lowercased,
+/// trailing dot removed. `"API.example.com:8080"` -> `"api.example.com"`, `"[::1]:80"` ->
+/// `"[::1]"`.
+pub(crate) fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let without_port = if host.starts_with('[') {
+        match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Checks a service name: 1 to 64 of `[A-Za-z0-9._-]`.
+pub(crate) fn check_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "service name {name:?}: expected 1 to 64 of [A-Za-z0-9._-]"
+        )))
+    }
+}
+
+/// Checks a target address `host:port` (no scheme, no path, no user info) and returns it as
+/// the proxy stores it.
+pub(crate) fn parse_target(target: &str) -> Result<String, Error> {
+    let bad = |why: &str| Error::Invalid(format!("target {target:?}: {why}; expected host:port"));
+    if target.contains("://") {
+        return Err(bad("no scheme allowed"));
+    }
+    let auth: Authority = target.parse().map_err(|_| bad("not an address"))?;
+    if target.contains('@') {
+        return Err(bad("no user info allowed"));
+    }
+    match auth.port_u16() {
+        Some(p) if p > 0 => {}
+        _ => return Err(bad("missing port")),
+    }
+    if auth.host().is_empty() {
+        return Err(bad("missing host"));
+    }
+    Ok(auth.as_str().to_string())
+}
+
+/// Checks and normalizes the domains of a deploy.
+pub(crate) fn parse_domains(domains: &[String]) -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    for d in domains {
+        let n = normalize_host(d);
+        let ok = !n.is_empty()
+            && n.len() <= 253
+            && n.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':')
+            });
+        if !ok {
+            return Err(Error::Invalid(format!("domain {d:?}")));
+        }
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_hosts() {
+        assert_eq!(normalize_host("API.Example.com:8080"), "api.example.com");
+        assert_eq!(normalize_host("example.com."), "example.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("[::1]"), "[::1]");
+        assert_eq!(normalize_host("127.0.0.1:3000"), "127.0.0.1");
+        assert_eq!(normalize_host(" site "), "site");
+    }
+
+    #[test]
+    fn validates_targets_and_names() {
+        assert_eq!(parse_target("127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(parse_target("[::1]:8080").unwrap(), "[::1]:8080");
+        assert_eq!(parse_target("localhost:1").unwrap(), "localhost:1");
+        for bad in [
+            "127.0.0.1",
+            "http://127.0.0.1:80",
+            "a@b:1",
+            "h:0",
+            "",
+            "h:80/x",
+        ] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+        check_name("api-1.blue_x").unwrap();
+        for bad in ["", "a b", "a/b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routes_by_domain_then_single_service() {
+        let t = Table::default();
+        assert!(t.route(Some("x")).is_none());
+        t.install("a", "127.0.0.1:1", &["a.example".into()])
+            .unwrap();
+        // One service: everything goes to it.
+        assert_eq!(t.route(Some("other")).unwrap().name, "a");
+        assert_eq!(t.route(None).unwrap().name, "a");
+        t.install("b", "127.0.0.1:2", &["b.example".into()])
+            .unwrap();
+        assert_eq!(t.route(Some("b.example")).unwrap().name, "b");
+        assert_eq!(t.route(Some("a.example")).unwrap().name, "a");
+        assert!(t.route(Some("other")).is_none());
+        assert!(t.route(None).is_none());
+        // A domain cannot be taken from another service.
+        assert!(matches!(
+            t.install("b", "127.0.0.1:2", &["a.example".into()]),
+            Err(Error::DomainConflict { .. })
+        ));
+        t.remove("a").unwrap();
+        assert_eq!(t.route(Some("a.example")).unwrap().name, "b");
+    }
+
+    #[test]
+    fn swap_is_seen_by_new_requests_and_old_guards_drain() {
+        let t = Table::default();
+        t.install("a", "127.0.0.1:1", &[]).unwrap();
+        let s = t.get("a").unwrap();
+        let g1 = s.acquire();
+        let old = g1.target().clone();
+        let inst = t.install("a", "127.0.0.1:2", &[]).unwrap();
+        assert!(!inst.created);
+        assert!(Arc::ptr_eq(inst.previous.as_ref().unwrap(), &old));
+        assert_eq!(old.in_flight(), 1);
+        let g2 = s.acquire();
+        assert_eq!(g2.target().addr, "127.0.0.1:2");
+        assert_eq!(s.in_flight(), 2);
+        s.count_request();
+        drop(g1);
+        assert_eq!(old.in_flight(), 0);
+        // Same target again: no swap.
+        assert!(t
+            .install("a", "127.0.0.1:2", &[])
+            .unwrap()
+            .previous
+            .is_none());
+        drop(g2);
+        assert_eq!(s.in_flight(), 0);
+        assert_eq!(s.requests(), 1);
+    }
+}
