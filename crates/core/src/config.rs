@@ -5,7 +5,7 @@
 use crate::duration::parse_duration;
 use crate::host::Destination;
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,6 +47,20 @@ struct RawConfig {
     container: Option<toml::Table>,
     proxy: Option<toml::Table>,
     health: Option<RawHealth>,
+    build: Option<RawBuild>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuild {
+    repo: Option<String>,
+    command: Option<String>,
+    output: Option<String>,
+    dockerfile: Option<String>,
+    timeout: Option<String>,
+    env: Option<BTreeMap<String, String>>,
+    pass_env: Option<Vec<String>>,
+    cache: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +107,27 @@ pub struct Config {
     pub ssh: SshConfig,
     pub files: FilesConfig,
     pub health: HealthConfig,
+    /// `[build]`: releases built from git commits (`deploy --ref`).
+    pub build: Option<BuildConfig>,
+}
+
+/// `[build]`: where the app's repository is and how a commit becomes a files artifact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildConfig {
+    /// An absolute local path (relative ones are resolved against the config file),
+    /// `file://`, `ssh://` or scp-like `user@host:path`.
+    pub repo: String,
+    /// Run with `sh -c` in a clean checkout of the commit; `None`: ship the tree as it is.
+    pub command: Option<String>,
+    /// The directory the command produces, relative to the checkout (`.` = all of it).
+    pub output: String,
+    pub timeout: Duration,
+    /// Variables set for the build (on top of PATH, HOME and LANG).
+    pub env: BTreeMap<String, String>,
+    /// Names of this process's variables passed through to the build.
+    pub pass_env: Vec<String>,
+    /// The build is reproducible: the same commit and build config reuse the stored artifact.
+    pub cache: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,6 +446,11 @@ impl Config {
             )?,
         };
 
+        let build = match raw.build {
+            None => None,
+            Some(b) => Some(parse_build(b, &err, &resolve)?),
+        };
+
         Ok(Config {
             file: file.to_path_buf(),
             app: raw.app,
@@ -418,6 +458,7 @@ impl Config {
             ssh,
             files,
             health,
+            build,
         })
     }
 
@@ -433,6 +474,153 @@ impl Config {
             self.health.healthy_after
         )
     }
+}
+
+/// `^[A-Za-z_][A-Za-z0-9_]*$`: a name a shell can export.
+fn valid_env_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// Why a repository URL cannot be used by this build, if it cannot.
+fn unsupported_repo(url: &str) -> Option<String> {
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("https://") || lower.starts_with("http://") {
+        return Some(format!("https:// and http:// repositories are not supported by this build of cutover (it carries no HTTP transport, to stay free of OpenSSL); use an ssh:// URL or a local path, got {url:?}"));
+    }
+    match lower.split_once("://") {
+        Some((scheme, _)) if scheme != "ssh" && scheme != "file" => Some(format!(
+            "expected a local path, file://, ssh:// or user@host:path; the {scheme}:// scheme is not supported, got {url:?}"
+        )),
+        _ => None,
+    }
+}
+
+/// git's scp-like syntax: `user@host:path` or `host:path` (a colon before any slash).
+fn scp_like(url: &str) -> bool {
+    if url.contains("://") || url.starts_with('/') || url.starts_with('.') || url.starts_with('~') {
+        return false;
+    }
+    match (url.find(':'), url.find('/')) {
+        (Some(c), Some(s)) => c > 0 && c < s,
+        (Some(c), None) => c > 0,
+        _ => false,
+    }
+}
+
+fn parse_build(
+    b: RawBuild,
+    err: &dyn Fn(&str, String) -> ConfigError,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<BuildConfig, ConfigError> {
+    if b.dockerfile.is_some() {
+        return Err(err(
+            "build.dockerfile",
+            "container apps (and so docker builds) are not supported by this build of cutover yet; use `command` and `output` to build a files app".into(),
+        ));
+    }
+    let repo = b.repo.as_deref().map(str::trim).unwrap_or("");
+    if repo.is_empty() {
+        return Err(err(
+            "build.repo",
+            "expected the app's git repository: a path, file://, ssh:// URL or user@host:path"
+                .into(),
+        ));
+    }
+    if let Some(m) = unsupported_repo(repo) {
+        return Err(err("build.repo", m));
+    }
+    if repo.contains('\0') || repo.contains('\n') || repo.starts_with('-') {
+        return Err(err(
+            "build.repo",
+            format!("expected a path or URL, got {repo:?}"),
+        ));
+    }
+    let repo = if repo.contains("://") || scp_like(repo) {
+        repo.to_string()
+    } else {
+        resolve(repo).display().to_string()
+    };
+    let command = match b.command {
+        Some(c) if c.trim().is_empty() => {
+            return Err(err(
+                "build.command",
+                "expected a command, or leave `command` out to ship the tree as it is".into(),
+            ))
+        }
+        c => c,
+    };
+    let output = b.output.unwrap_or_else(|| ".".into());
+    let trimmed = output.trim_end_matches('/');
+    let output = if trimmed.is_empty() {
+        output.clone()
+    } else {
+        trimmed.to_string()
+    };
+    if output.starts_with('/')
+        || output.is_empty()
+        || output.split('/').any(|c| c == "..")
+        || output.contains('\0')
+    {
+        return Err(err(
+            "build.output",
+            format!("expected a directory relative to the checkout, without '..', e.g. \"dist\", got {output:?}"),
+        ));
+    }
+    let timeout = match &b.timeout {
+        None => Duration::from_secs(600),
+        Some(s) => {
+            let d = parse_duration(s).map_err(|m| err("build.timeout", m))?;
+            if d.is_zero() {
+                return Err(err(
+                    "build.timeout",
+                    "expected a duration above zero".into(),
+                ));
+            }
+            d
+        }
+    };
+    let env = b.env.unwrap_or_default();
+    for (k, v) in &env {
+        if !valid_env_name(k) {
+            return Err(err(
+                &format!("build.env.{k}"),
+                "expected a variable name matching ^[A-Za-z_][A-Za-z0-9_]*$".into(),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(err(
+                &format!("build.env.{k}"),
+                "expected a value without NUL".into(),
+            ));
+        }
+    }
+    let pass_env = b.pass_env.unwrap_or_default();
+    for (i, name) in pass_env.iter().enumerate() {
+        if !valid_env_name(name) {
+            return Err(err(
+                &format!("build.pass_env[{i}]"),
+                format!("expected a variable name matching ^[A-Za-z_][A-Za-z0-9_]*$, got {name:?}"),
+            ));
+        }
+        if env.contains_key(name) {
+            return Err(err(
+                &format!("build.pass_env[{i}]"),
+                format!("{name:?} is also set in build.env; keep one"),
+            ));
+        }
+    }
+    Ok(BuildConfig {
+        repo,
+        command,
+        output,
+        timeout,
+        env,
+        pass_env,
+        cache: b.cache.unwrap_or(false),
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -556,6 +744,73 @@ give_up_after = "10s"
         assert_eq!(key_of(no_health), "health");
         let e = parse("app = \"a\"\nhosts = []\n").unwrap_err();
         assert_eq!(e.key, "hosts");
+    }
+
+    #[test]
+    fn build_section() {
+        let with = |b: &str| format!("{GOOD}\n[build]\n{b}\n");
+        let c = parse(&with(
+            "repo = \"app\"\ncommand = \"make\"\noutput = \"dist/\"\nenv = { NODE_ENV = \"production\" }\npass_env = [\"NPM_TOKEN\"]\ncache = true",
+        ))
+        .unwrap();
+        let b = c.build.unwrap();
+        assert_eq!(b.repo, "/etc/app/app");
+        assert_eq!(b.command.as_deref(), Some("make"));
+        assert_eq!(b.output, "dist");
+        assert_eq!(b.timeout, Duration::from_secs(600));
+        assert_eq!(b.env["NODE_ENV"], "production");
+        assert_eq!(b.pass_env, ["NPM_TOKEN"]);
+        assert!(b.cache);
+        let b = parse(&with("repo = \"ssh://git@h/r.git\"\ntimeout = \"30s\""))
+            .unwrap()
+            .build
+            .unwrap();
+        assert_eq!(b.repo, "ssh://git@h/r.git");
+        assert_eq!(b.output, ".");
+        assert_eq!(b.command, None);
+        assert_eq!(b.timeout, Duration::from_secs(30));
+        assert_eq!(
+            parse(&with("repo = \"git@h:r.git\""))
+                .unwrap()
+                .build
+                .unwrap()
+                .repo,
+            "git@h:r.git"
+        );
+        assert!(parse(GOOD).unwrap().build.is_none());
+    }
+
+    #[test]
+    fn build_errors_name_their_key() {
+        let with = |b: &str| format!("{GOOD}\n[build]\n{b}\n");
+        let cases = [
+            ("command = \"make\"", "build.repo"),
+            ("repo = \"https://github.com/a/b.git\"", "build.repo"),
+            ("repo = \"git://h/r.git\"", "build.repo"),
+            (
+                "repo = \"r\"\ndockerfile = \"Dockerfile\"",
+                "build.dockerfile",
+            ),
+            ("repo = \"r\"\noutput = \"../x\"", "build.output"),
+            ("repo = \"r\"\noutput = \"/abs\"", "build.output"),
+            ("repo = \"r\"\ntimeout = \"10\"", "build.timeout"),
+            ("repo = \"r\"\ncommand = \" \"", "build.command"),
+            ("repo = \"r\"\nenv = { \"A-B\" = \"x\" }", "build.env.A-B"),
+            ("repo = \"r\"\npass_env = [\"1X\"]", "build.pass_env[0]"),
+            (
+                "repo = \"r\"\nenv = { X = \"1\" }\npass_env = [\"X\"]",
+                "build.pass_env[0]",
+            ),
+        ];
+        for (b, key) in cases {
+            assert_eq!(key_of(&with(b)), key, "for {b}");
+        }
+        let e = parse(&with("repo = \"https://x/y.git\"")).unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
+        let e = parse(&with("repo = \"r\"\ndockerfile = \"D\"")).unwrap_err();
+        assert!(e.to_string().contains("container apps"), "{e}");
+        let e = parse(&with("repo = \"r\"\nbogus = 1")).unwrap_err();
+        assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
     }
 
     #[test]

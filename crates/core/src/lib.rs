@@ -12,7 +12,7 @@ pub mod host;
 pub mod plan;
 pub mod release;
 
-pub use config::{Config, ConfigError, FilesConfig, HealthConfig, SshConfig};
+pub use config::{BuildConfig, Config, ConfigError, FilesConfig, HealthConfig, SshConfig};
 pub use duration::parse_duration;
 pub use host::Destination;
 pub use release::{format_utc, ReleaseId};

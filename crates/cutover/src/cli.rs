@@ -37,8 +37,12 @@ pub(crate) enum Command {
         #[command(flatten)]
         common: Common,
         /// A directory or a .tar.gz to deploy (default: [files] source).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "git_ref")]
         artifact: Option<PathBuf>,
+        /// Build and deploy this git revision ([build] in the config): a branch, a tag, a full
+        /// or short SHA, `origin/main`, `HEAD~1`, ... It is resolved to a full commit first.
+        #[arg(long = "ref", value_name = "REF")]
+        git_ref: Option<String>,
         /// A container image (container apps; not in this build yet).
         #[arg(long)]
         image: Option<String>,
@@ -60,6 +64,17 @@ pub(crate) enum Command {
     History {
         #[command(flatten)]
         common: Common,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The commits and files that changed between two releases built from git.
+    Diff {
+        #[command(flatten)]
+        common: Common,
+        /// The older release: an id or its last 7+ characters (default: the release before TO).
+        from: Option<String>,
+        /// The newer release: an id or its last 7+ characters (default: the live release).
+        to: Option<String>,
         #[arg(long)]
         json: bool,
     },

@@ -14,6 +14,11 @@ pub struct HostStatus {
     pub host: String,
     pub reachable: bool,
     pub release: Option<String>,
+    /// The full commit id the served release was built from (from the history), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit_subject: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -22,6 +27,11 @@ pub struct HostStatus {
 pub struct Status {
     pub app: String,
     pub live: Option<String>,
+    /// The full commit id of the live release, if it was built from git.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_commit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_commit_subject: Option<String>,
     pub hosts: Vec<HostStatus>,
     /// Human-readable drift findings; empty when every host serves the live release.
     pub drift: Vec<String>,
@@ -44,16 +54,31 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
                 host: name,
                 reachable: true,
                 release,
+                commit: None,
+                commit_subject: None,
                 error: None,
             },
             Err(e) => HostStatus {
                 host: name,
                 reachable: false,
                 release: None,
+                commit: None,
+                commit_subject: None,
                 error: Some(e),
             },
         }
     });
+    let releases = store.releases(&config.app).unwrap_or_default();
+    let commit_of = |id: Option<&String>| {
+        id.and_then(|id| releases.iter().find(|r| &r.id == id))
+            .map(|r| (r.commit.clone(), r.commit_subject.clone()))
+            .unwrap_or((None, None))
+    };
+    let mut list = list;
+    for h in &mut list {
+        (h.commit, h.commit_subject) = commit_of(h.release.as_ref());
+    }
+    let (live_commit, live_commit_subject) = commit_of(live.as_ref());
     let mut drift = Vec::new();
     let served: std::collections::BTreeSet<Option<&String>> = list
         .iter()
@@ -79,6 +104,8 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
     Ok(Status {
         app: config.app.clone(),
         live,
+        live_commit,
+        live_commit_subject,
         hosts: list,
         drift,
     })

@@ -8,6 +8,8 @@
 //! every host staged; an unhealthy host sends every switched host back to the previous release.
 
 pub mod artifact;
+pub mod build;
+pub mod changes;
 pub mod gate;
 mod hostops;
 pub mod identity;

@@ -25,6 +25,9 @@ pub enum RunRequest {
         artifact: PathBuf,
         commit: Option<String>,
     },
+    /// Build the commit `git_ref` names ([build] in the config) and deploy the result. The
+    /// app's git mirror and build directories live in `data_dir`.
+    Build { git_ref: String, data_dir: PathBuf },
     /// Roll back to `to`, or to the newest release before the live one that succeeded
     /// everywhere and is not marked bad.
     Rollback { to: Option<String> },
@@ -50,6 +53,11 @@ pub struct Outcome {
     pub exit_code: i32,
     pub message: String,
     pub hosts: BTreeMap<String, HostOutcome>,
+    /// The full commit id of the release, when it was built from git.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit_subject: Option<String>,
 }
 
 impl Outcome {
@@ -57,6 +65,8 @@ impl Outcome {
         Outcome {
             kind: kind.into(),
             app: app.into(),
+            commit: None,
+            commit_subject: None,
             release: None,
             previous: None,
             status: if code == exit::LOCKED {
@@ -171,10 +181,23 @@ pub fn run(
     req: RunRequest,
 ) -> Outcome {
     let kind = match req {
-        RunRequest::Deploy { .. } => "deploy",
+        RunRequest::Deploy { .. } | RunRequest::Build { .. } => "deploy",
         RunRequest::Rollback { .. } => "rollback",
     };
     let app = config.app.as_str();
+    if let RunRequest::Build { .. } = &req {
+        if config.build.is_none() {
+            return Outcome::refused(
+                kind,
+                app,
+                exit::USAGE,
+                format!(
+                    "`deploy --ref` builds from git and needs a [build] section (repo, command, output) in {}. Nothing was touched.",
+                    config.file.display()
+                ),
+            );
+        }
+    }
 
     // Input first: a hostile or missing artifact is refused before anything is touched.
     let imported = match &req {
@@ -185,7 +208,12 @@ pub fn run(
             };
             reporter.note(&format!("packing and checking {}", artifact.display()));
             match artifacts.import(artifact, &limits) {
-                Ok(a) => Some((a, artifact.display().to_string(), commit.clone())),
+                Ok(a) => Some(Imported {
+                    artifact: a,
+                    source: artifact.display().to_string(),
+                    commit: commit.clone(),
+                    commit_subject: None,
+                }),
                 Err(e) => {
                     return Outcome::refused(
                         kind,
@@ -196,7 +224,7 @@ pub fn run(
                 }
             }
         }
-        RunRequest::Rollback { .. } => None,
+        RunRequest::Rollback { .. } | RunRequest::Build { .. } => None,
     };
 
     let me = identity::me(kind, &now_utc());
@@ -220,12 +248,101 @@ pub fn run(
         Ok(LockOutcome::Acquired) => {}
     }
     crash_point("after-lock");
-    let out = locked(config, store, artifacts, reporter, &req, imported, &me);
+    let out = match &req {
+        RunRequest::Build { git_ref, data_dir } => build_then_deploy(
+            config, store, artifacts, reporter, &req, git_ref, data_dir, &me,
+        ),
+        _ => locked(
+            config, store, artifacts, reporter, &req, imported, &me, None,
+        ),
+    };
     let _ = store.release_lock(app, &me);
     out
 }
 
-type Imported = Option<(crate::artifact::StoredArtifact, String, Option<String>)>;
+/// `deploy --ref`: the run starts (so the build's steps and output are its events), the
+/// commit is built, and only then are hosts connected. A failed build touches no host.
+#[allow(clippy::too_many_arguments)]
+fn build_then_deploy(
+    config: &Config,
+    store: &Store,
+    artifacts: &ArtifactStore,
+    reporter: &dyn Reporter,
+    req: &RunRequest,
+    git_ref: &str,
+    data_dir: &std::path::Path,
+    me: &Holder,
+) -> Outcome {
+    let app = config.app.as_str();
+    let build_config = config.build.as_ref().expect("checked in run()");
+    let live = store.live(app).ok().flatten();
+    let run_id = match store.start_run(app, "deploy", "", live.as_deref(), &now_utc()) {
+        Ok(id) => id,
+        Err(e) => return Outcome::refused("deploy", app, exit::NEEDS_PERSON, e.to_string()),
+    };
+    let events = crate::build::Events {
+        store,
+        reporter,
+        app,
+        run_id,
+    };
+    match crate::build::build(
+        config,
+        build_config,
+        store,
+        artifacts,
+        data_dir,
+        git_ref,
+        &events,
+    ) {
+        Ok(built) => {
+            let imported = Imported {
+                artifact: built.artifact,
+                source: built.source,
+                commit: Some(built.commit.sha.clone()),
+                commit_subject: Some(built.commit.subject.clone()),
+            };
+            locked(
+                config,
+                store,
+                artifacts,
+                reporter,
+                req,
+                Some(imported),
+                me,
+                Some(run_id),
+            )
+        }
+        Err(f) => {
+            let (code, status, message) = match f {
+                crate::build::Failure::Input(m) => (
+                    exit::USAGE,
+                    "refused",
+                    format!("{m}\nNothing was built and no host was touched."),
+                ),
+                crate::build::Failure::Failed(m) => (
+                    exit::FAILED,
+                    "failed",
+                    format!("{m}\nNo host was touched: every host still serves what it served."),
+                ),
+            };
+            let _ = store.finish_run(run_id, status, &now_utc());
+            events.ev("run", Phase::Failed, &message);
+            let mut o = Outcome::refused("deploy", app, code, message);
+            o.status = status.into();
+            o.previous = live;
+            o
+        }
+    }
+}
+
+/// An artifact on its way to the hosts, and where it came from.
+struct Imported {
+    artifact: crate::artifact::StoredArtifact,
+    source: String,
+    commit: Option<String>,
+    commit_subject: Option<String>,
+}
 
 fn facts(releases: &[Release]) -> Vec<ReleaseFacts> {
     releases
@@ -238,15 +355,16 @@ fn facts(releases: &[Release]) -> Vec<ReleaseFacts> {
         .collect()
 }
 
-#[allow(clippy::too_many_lines)]
+#[allow(clippy::too_many_lines, clippy::too_many_arguments)]
 fn locked(
     config: &Config,
     store: &Store,
     artifacts: &ArtifactStore,
     reporter: &dyn Reporter,
     req: &RunRequest,
-    imported: Imported,
+    imported: Option<Imported>,
     me: &Holder,
+    started_run: Option<i64>,
 ) -> Outcome {
     let app = config.app.as_str();
     let kind = if imported.is_some() {
@@ -267,7 +385,8 @@ fn locked(
 
     // Which release this run puts on the hosts.
     let (release_id, settings, artifact_sha, new_release) = match (req, &imported) {
-        (RunRequest::Deploy { .. }, Some((a, _, _))) => {
+        (RunRequest::Deploy { .. } | RunRequest::Build { .. }, Some(imp)) => {
+            let a = &imp.artifact;
             // Ids sort by time: a release started within the same second as the newest one
             // takes the next second, so history order and rollback order never disagree.
             let newest = releases.iter().map(|r| r.id.as_str()).max().unwrap_or("");
@@ -314,16 +433,27 @@ fn locked(
                 false,
             )
         }
-        (RunRequest::Deploy { .. }, None) => unreachable!("deploys always import"),
+        (RunRequest::Deploy { .. } | RunRequest::Build { .. }, None) => {
+            unreachable!("deploys always import")
+        }
     };
     let previous = live
         .as_ref()
         .and_then(|l| releases.iter().find(|r| &r.id == l))
         .map(|r| (r.id.clone(), Settings::of_release(r, config)));
 
-    let run_id = match store.start_run(app, kind, &release_id, live.as_deref(), &now_utc()) {
-        Ok(id) => id,
-        Err(e) => return fatal(e.to_string()),
+    let run_id = match started_run {
+        Some(id) => match store.set_run_release(id, &release_id) {
+            Ok(()) => id,
+            Err(e) => {
+                let _ = store.finish_run(id, "failed", &now_utc());
+                return fatal(e.to_string());
+            }
+        },
+        None => match store.start_run(app, kind, &release_id, live.as_deref(), &now_utc()) {
+            Ok(id) => id,
+            Err(e) => return fatal(e.to_string()),
+        },
     };
     let ctx = Ctx {
         config,
@@ -341,6 +471,8 @@ fn locked(
         status: "failed".into(),
         exit_code: exit::FAILED,
         message: String::new(),
+        commit: imported.as_ref().and_then(|i| i.commit.clone()),
+        commit_subject: imported.as_ref().and_then(|i| i.commit_subject.clone()),
         hosts: config
             .hosts
             .iter()
@@ -370,15 +502,16 @@ fn locked(
     };
 
     if new_release {
-        let (_, source, commit) = imported.as_ref().expect("deploy");
+        let imp = imported.as_ref().expect("deploy");
         let snapshot = serde_json::to_string(&settings).unwrap_or_default();
         if let Err(e) = store.insert_release(&NewRelease {
             id: &release_id,
             app,
             created_at: &now_utc(),
             artifact_sha256: &artifact_sha,
-            commit: commit.as_deref(),
-            source,
+            commit: imp.commit.as_deref(),
+            commit_subject: imp.commit_subject.as_deref(),
+            source: &imp.source,
             snapshot: &snapshot,
         }) {
             finish(&mut result, None, exit::NEEDS_PERSON, e.to_string());
@@ -570,7 +703,7 @@ fn locked(
         let msg = format!(
             "reconciled an interrupted {} of {} (last step: {last}): marked {mark}; hosts serving it: {}; stale .partial directories removed",
             run.kind,
-            run.release_id,
+            if run.release_id.is_empty() { "a release that was still building" } else { run.release_id.as_str() },
             if serving.is_empty() { "none".to_string() } else { serving.join(", ") }
         );
         reporter.note(&msg);
@@ -582,7 +715,7 @@ fn locked(
         "id": release_id,
         "app": app,
         "artifact_sha256": artifact_sha,
-        "commit": imported.as_ref().and_then(|i| i.2.clone()),
+        "commit": imported.as_ref().and_then(|i| i.commit.clone()),
         "created": now_utc(),
         "config_digest": sha256_hex(&serde_json::to_string(&settings).unwrap_or_default()),
     })
@@ -922,7 +1055,7 @@ fn last_lines(s: &str) -> String {
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
-fn sha256_hex(s: &str) -> String {
+pub(crate) fn sha256_hex(s: &str) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(s.as_bytes())
         .iter()

@@ -263,3 +263,67 @@ pub fn control_dir() -> std::io::Result<PathBuf> {
         "no free control directory under /tmp",
     ))
 }
+
+/// The ssh command line git (gix) runs to reach an `ssh://` repository: the same options as
+/// for hosts (strict host keys, batch mode, the config's ssh_config, known_hosts and
+/// identity), each value quoted here, where cutover's command lines are built. The
+/// destination and the remote command are appended by git.
+pub fn git_ssh_command(opts: &SshOptions) -> String {
+    let mut words: Vec<String> = vec!["ssh".into()];
+    if let Some(f) = &opts.config {
+        words.push("-F".into());
+        words.push(crate::quote(&f.display().to_string()));
+    }
+    for o in [
+        "BatchMode=yes",
+        "StrictHostKeyChecking=yes",
+        "UpdateHostKeys=no",
+    ] {
+        words.push("-o".into());
+        words.push(o.into());
+    }
+    if let Some(k) = &opts.known_hosts {
+        words.push("-o".into());
+        words.push(crate::quote(&format!("UserKnownHostsFile={}", k.display())));
+        words.push("-o".into());
+        words.push("GlobalKnownHostsFile=/dev/null".into());
+    }
+    if let Some(i) = &opts.identity {
+        words.push("-i".into());
+        words.push(crate::quote(&i.display().to_string()));
+        words.push("-o".into());
+        words.push("IdentitiesOnly=yes".into());
+    }
+    words.push("-o".into());
+    words.push(format!(
+        "ConnectTimeout={}",
+        opts.connect_timeout.as_secs().max(1)
+    ));
+    // A fetch from a server that stops answering ends instead of hanging the deploy.
+    for o in ["ServerAliveInterval=5", "ServerAliveCountMax=3"] {
+        words.push("-o".into());
+        words.push(o.into());
+    }
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod git_ssh_tests {
+    use super::*;
+
+    #[test]
+    fn git_ssh_command_quotes_paths_and_is_strict() {
+        let cmd = git_ssh_command(&SshOptions {
+            config: Some(PathBuf::from("/etc/my ssh/config")),
+            known_hosts: Some(PathBuf::from("/k'h")),
+            identity: Some(PathBuf::from("/id")),
+            connect_timeout: Duration::from_secs(3),
+            control_dir: PathBuf::new(),
+        });
+        assert!(cmd.starts_with("ssh -F '/etc/my ssh/config' "), "{cmd}");
+        assert!(cmd.contains("StrictHostKeyChecking=yes"), "{cmd}");
+        assert!(cmd.contains("'UserKnownHostsFile=/k'\\''h'"), "{cmd}");
+        assert!(cmd.contains("-i '/id' -o IdentitiesOnly=yes"), "{cmd}");
+        assert!(cmd.contains("-o ConnectTimeout=3 "), "{cmd}");
+    }
+}

@@ -54,7 +54,10 @@ pub struct Release {
     pub created_at: String,
     pub finished_at: Option<String>,
     pub artifact_sha256: String,
+    /// The full 40-character commit id, for releases built from git.
     pub commit: Option<String>,
+    /// The commit's subject line, recorded when the release was built.
+    pub commit_subject: Option<String>,
     pub source: String,
     pub snapshot: String,
     pub hosts: BTreeMap<String, String>,
@@ -94,11 +97,13 @@ pub struct NewRelease<'a> {
     pub created_at: &'a str,
     pub artifact_sha256: &'a str,
     pub commit: Option<&'a str>,
+    pub commit_subject: Option<&'a str>,
     pub source: &'a str,
     pub snapshot: &'a str,
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE releases (
     id TEXT NOT NULL,
     app TEXT NOT NULL,
@@ -151,7 +156,21 @@ CREATE TABLE locks (
     since TEXT NOT NULL,
     op TEXT NOT NULL
 );
-"#];
+"#,
+    // 2: releases built from git record their commit's subject; reproducible builds are
+    // cached by (app, key of commit + build config) -> artifact.
+    r#"
+ALTER TABLE releases ADD COLUMN commit_subject TEXT;
+CREATE TABLE build_cache (
+    app TEXT NOT NULL,
+    key TEXT NOT NULL,
+    commit_sha TEXT NOT NULL,
+    artifact_sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (app, key)
+);
+"#,
+];
 
 /// The SQLite store.
 pub struct Store {
@@ -272,8 +291,8 @@ impl Store {
     pub fn insert_release(&self, r: &NewRelease<'_>) -> Result<()> {
         self.c()
             .execute(
-                "INSERT INTO releases (id, app, status, created_at, artifact_sha256, commit_sha, source, snapshot) VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7)",
-                params![r.id, r.app, r.created_at, r.artifact_sha256, r.commit, r.source, r.snapshot],
+                "INSERT INTO releases (id, app, status, created_at, artifact_sha256, commit_sha, source, snapshot, commit_subject) VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![r.id, r.app, r.created_at, r.artifact_sha256, r.commit, r.source, r.snapshot, r.commit_subject],
             )
             .map_err(|e| self.e(e))?;
         Ok(())
@@ -356,7 +375,7 @@ impl Store {
     pub fn releases(&self, app: &str) -> Result<Vec<Release>> {
         let conn = self.c();
         let mut stmt = conn
-            .prepare("SELECT id, app, status, bad, created_at, finished_at, artifact_sha256, commit_sha, source, snapshot FROM releases WHERE app = ?1 ORDER BY id DESC")
+            .prepare("SELECT id, app, status, bad, created_at, finished_at, artifact_sha256, commit_sha, source, snapshot, commit_subject FROM releases WHERE app = ?1 ORDER BY id DESC")
             .map_err(|e| self.e(e))?;
         let mut out: Vec<Release> = stmt
             .query_map([app], |r| {
@@ -371,6 +390,7 @@ impl Store {
                     commit: r.get(7)?,
                     source: r.get(8)?,
                     snapshot: r.get(9)?,
+                    commit_subject: r.get(10)?,
                     hosts: BTreeMap::new(),
                 })
             })
@@ -412,6 +432,54 @@ impl Store {
             )
             .map_err(|e| self.e(e))?;
         Ok(conn.last_insert_rowid())
+    }
+
+    /// Names the release a run works on once it is known (a deploy from git starts its run
+    /// before the build that decides the release id); the run's events so far follow.
+    pub fn set_run_release(&self, run_id: i64, release_id: &str) -> Result<()> {
+        let conn = self.c();
+        let tx = conn.unchecked_transaction().map_err(|e| self.e(e))?;
+        tx.execute(
+            "UPDATE runs SET release_id = ?2 WHERE id = ?1",
+            params![run_id, release_id],
+        )
+        .map_err(|e| self.e(e))?;
+        tx.execute(
+            "UPDATE events SET release_id = ?2 WHERE run_id = ?1",
+            params![run_id, release_id],
+        )
+        .map_err(|e| self.e(e))?;
+        tx.commit().map_err(|e| self.e(e))
+    }
+
+    /// The artifact a reproducible build with `key` produced before, if any.
+    pub fn cached_build(&self, app: &str, key: &str) -> Result<Option<String>> {
+        self.c()
+            .query_row(
+                "SELECT artifact_sha256 FROM build_cache WHERE app = ?1 AND key = ?2",
+                [app, key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.e(e))
+    }
+
+    /// Remembers that the build with `key` (of `commit`) produced `artifact_sha256`.
+    pub fn record_build(
+        &self,
+        app: &str,
+        key: &str,
+        commit: &str,
+        artifact_sha256: &str,
+        at: &str,
+    ) -> Result<()> {
+        self.c()
+            .execute(
+                "INSERT OR REPLACE INTO build_cache (app, key, commit_sha, artifact_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![app, key, commit, artifact_sha256, at],
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(())
     }
 
     pub fn finish_run(&self, run_id: i64, outcome: &str, at: &str) -> Result<()> {
@@ -563,6 +631,7 @@ mod tests {
                 created_at: "t",
                 artifact_sha256: "ab",
                 commit: None,
+                commit_subject: None,
                 source: "dist",
                 snapshot: "x",
             })
@@ -585,6 +654,62 @@ mod tests {
         s.finish_run(run, "failed", "t3").unwrap();
         assert!(s.unfinished_runs("a").unwrap().is_empty());
         assert_eq!(s.events(run).unwrap()[0].step, "stage");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn commits_runs_renamed_and_the_build_cache() {
+        let (s, dir) = store();
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        s.insert_release(&NewRelease {
+            id: "r1",
+            app: "a",
+            created_at: "t",
+            artifact_sha256: "ab",
+            commit: Some(sha),
+            commit_subject: Some("Fix the thing"),
+            source: "repo @ main",
+            snapshot: "x",
+        })
+        .unwrap();
+        let r = s.release("a", "r1").unwrap().unwrap();
+        assert_eq!(r.commit.as_deref(), Some(sha));
+        assert_eq!(r.commit_subject.as_deref(), Some("Fix the thing"));
+
+        let run = s.start_run("a", "deploy", "", None, "t").unwrap();
+        s.event(run, "a", "", None, "build", "start", "t", "")
+            .unwrap();
+        s.set_run_release(run, "r1").unwrap();
+        assert_eq!(s.unfinished_runs("a").unwrap()[0].release_id, "r1");
+        assert_eq!(s.events(run).unwrap()[0].release_id, "r1");
+
+        assert_eq!(s.cached_build("a", "k").unwrap(), None);
+        s.record_build("a", "k", sha, "ab", "t").unwrap();
+        assert_eq!(s.cached_build("a", "k").unwrap().as_deref(), Some("ab"));
+        assert_eq!(s.cached_build("b", "k").unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("cutover-store-mig-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cutover.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO releases (id, app, status, created_at, artifact_sha256, source, snapshot) VALUES ('r0', 'a', 'succeeded', 't', 'ab', 'dist', 'x')",
+                [],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let r = s.release("a", "r0").unwrap().unwrap();
+        assert_eq!(r.commit_subject, None);
+        assert_eq!(s.cached_build("a", "k").unwrap(), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

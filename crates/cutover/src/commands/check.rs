@@ -1,5 +1,6 @@
 //! `cutover check`: the config is valid (else exit 2), and every host is reachable, its host
-//! key known, `tar` present, the root writable and the lock free (else exit 1).
+//! key known, `tar` present, the root writable and the lock free, and the `[build]`
+//! repository fetchable (else exit 1).
 
 use super::load_config;
 use crate::cli::Common;
@@ -55,6 +56,19 @@ pub(crate) fn run(common: &Common) -> i32 {
         )
     );
     let mut ok = true;
+    if let Some(build) = &config.build {
+        // Fetching is the check: it proves the URL, the transport and (for ssh://) the host
+        // key and the identity, and leaves the mirror up to date for the next deploy.
+        let fetched = cutover_engine::build::open_mirror(&config, build, &super::data_dir(common))
+            .and_then(|mut m| m.fetch());
+        match fetched {
+            Ok(f) => println!("build repo {}: ok ({} refs)", build.repo, f.remote_refs),
+            Err(e) => {
+                ok = false;
+                println!("problem: build repo: {e}");
+            }
+        }
+    }
     for c in &checks {
         for p in &c.problems {
             ok = false;

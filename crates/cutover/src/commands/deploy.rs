@@ -10,6 +10,7 @@ use std::path::PathBuf;
 pub(crate) fn deploy(
     common: &Common,
     artifact: Option<PathBuf>,
+    git_ref: Option<String>,
     image: Option<String>,
     json: bool,
 ) -> i32 {
@@ -21,9 +22,19 @@ pub(crate) fn deploy(
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Some(git_ref) = git_ref {
+        return build_and_deploy(common, &config, git_ref, json);
+    }
     let Some(artifact) = artifact.or_else(|| config.files.source.clone()) else {
+        if config.build.is_some() {
+            // Nothing else named: the repository's default branch, as a clone would check out.
+            if !json {
+                eprintln!("no --ref or --artifact given: building HEAD, the default branch of [build] repo");
+            }
+            return build_and_deploy(common, &config, "HEAD".into(), json);
+        }
         eprintln!(
-            "error: nothing to deploy: pass --artifact PATH or set [files] source in {}",
+            "error: nothing to deploy: pass --artifact PATH, --ref REF with a [build] section, or set [files] source in {}",
             config.file.display()
         );
         return exit::USAGE;
@@ -35,6 +46,28 @@ pub(crate) fn deploy(
             artifact,
             commit: None,
         },
+        json,
+    )
+}
+
+fn build_and_deploy(
+    common: &Common,
+    config: &cutover_core::Config,
+    git_ref: String,
+    json: bool,
+) -> i32 {
+    if config.build.is_none() {
+        eprintln!(
+            "error: --ref builds from git and needs a [build] section (repo, command, output) in {}",
+            config.file.display()
+        );
+        return exit::USAGE;
+    }
+    let data_dir = super::data_dir(common);
+    run(
+        common,
+        config,
+        RunRequest::Build { git_ref, data_dir },
         json,
     )
 }
@@ -75,6 +108,13 @@ pub(crate) fn report(o: &Outcome, json: bool) {
             String::new()
         };
         eprintln!("  {host}: {}{up}", h.outcome);
+    }
+    if let Some(c) = &o.commit {
+        eprintln!(
+            "  commit {} {}",
+            &c[..c.len().min(7)],
+            o.commit_subject.as_deref().unwrap_or("")
+        );
     }
     if o.exit_code == exit::OK {
         eprintln!("{}", o.message);

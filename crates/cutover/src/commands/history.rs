@@ -15,7 +15,9 @@ struct Row {
     bad: bool,
     created_at: String,
     artifact_sha256: String,
+    /// The full commit id (releases built from git).
     commit: Option<String>,
+    commit_subject: Option<String>,
     source: String,
     hosts: BTreeMap<String, String>,
 }
@@ -50,6 +52,7 @@ pub(crate) fn print(common: &Common, app: &str, json: bool) -> i32 {
             created_at: r.created_at,
             artifact_sha256: r.artifact_sha256,
             commit: r.commit,
+            commit_subject: r.commit_subject,
             source: r.source,
             hosts: r.hosts,
         })
@@ -74,15 +77,29 @@ pub(crate) fn print(common: &Common, app: &str, json: bool) -> i32 {
                 r.created_at.clone(),
                 format!("{healthy}/{} healthy", r.hosts.len()),
                 r.artifact_sha256.chars().take(12).collect(),
+                commit_cell(r.commit.as_deref(), r.commit_subject.as_deref()),
             ]
         })
         .collect();
     print!(
         "{}",
         table(
-            &["RELEASE", "STATUS", "LIVE", "BAD", "CREATED", "HOSTS", "ARTIFACT"],
+            &["RELEASE", "STATUS", "LIVE", "BAD", "CREATED", "HOSTS", "ARTIFACT", "COMMIT"],
             &cells
         )
     );
     exit::OK
+}
+
+/// `3f9a2c1 Fix the login form` (short SHA for display, subject cut at 50 characters), or
+/// empty for releases deployed from an artifact.
+pub(crate) fn commit_cell(commit: Option<&str>, subject: Option<&str>) -> String {
+    let Some(c) = commit else {
+        return String::new();
+    };
+    let short: String = c.chars().take(7).collect();
+    let subject = subject.unwrap_or("");
+    let cut: String = subject.chars().take(50).collect();
+    let ell = if cut.len() < subject.len() { "…" } else { "" };
+    format!("{short} {cut}{ell}").trim_end().to_string()
 }

@@ -4,6 +4,7 @@
 mod check;
 mod demo;
 mod deploy;
+mod diff;
 mod history;
 mod status;
 
@@ -17,11 +18,18 @@ pub(crate) fn run(cli: Cli) -> i32 {
         Command::Deploy {
             common,
             artifact,
+            git_ref,
             image,
             json,
-        } => deploy::deploy(&common, artifact, image, json),
+        } => deploy::deploy(&common, artifact, git_ref, image, json),
         Command::Rollback { common, to, json } => deploy::rollback(&common, to, json),
         Command::History { common, json } => history::run(&common, json),
+        Command::Diff {
+            common,
+            from,
+            to,
+            json,
+        } => diff::run(&common, from, to, json),
         Command::Status { common, json } => status::run(&common, json),
         Command::Check { common } => check::run(&common),
         Command::Setup { .. } | Command::Proxy { .. } => {

@@ -42,17 +42,28 @@ pub(crate) fn run(common: &Common, json: bool) -> i32 {
                     "no".into()
                 },
                 h.release.clone().unwrap_or_else(|| "-".into()),
+                super::history::commit_cell(h.commit.as_deref(), h.commit_subject.as_deref()),
                 h.error.clone().unwrap_or_default(),
             ]
         })
         .collect();
     print!(
         "{}",
-        table(&["HOST", "REACHABLE", "RELEASE", "ERROR"], &rows)
+        table(&["HOST", "REACHABLE", "RELEASE", "COMMIT", "ERROR"], &rows)
     );
     println!(
-        "live (history): {}",
-        status.live.as_deref().unwrap_or("none")
+        "live (history): {}{}",
+        status.live.as_deref().unwrap_or("none"),
+        match &status.live_commit {
+            Some(_) => format!(
+                " ({})",
+                super::history::commit_cell(
+                    status.live_commit.as_deref(),
+                    status.live_commit_subject.as_deref()
+                )
+            ),
+            None => String::new(),
+        }
     );
     for d in &status.drift {
         println!("drift: {d}");
