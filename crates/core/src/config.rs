@@ -44,8 +44,8 @@ struct RawConfig {
     #[serde(default)]
     ssh: RawSsh,
     files: Option<RawFiles>,
-    container: Option<toml::Table>,
-    proxy: Option<toml::Table>,
+    container: Option<crate::container::RawContainer>,
+    proxy: Option<crate::container::RawProxy>,
     health: Option<RawHealth>,
     build: Option<RawBuild>,
 }
@@ -109,6 +109,20 @@ pub struct Config {
     pub health: HealthConfig,
     /// `[build]`: releases built from git commits (`deploy --ref`).
     pub build: Option<BuildConfig>,
+    /// `[container]` + `[proxy]`: a container app. Then `files.root` is the app's bookkeeping
+    /// directory on each host (`<install_dir>/apps/<app>`: lock) and `health.url` is the
+    /// health path fetched through the host's edge proxy (the post-switch verification).
+    pub container: Option<ContainerApp>,
+}
+
+/// A container app's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerApp {
+    pub container: crate::container::ContainerConfig,
+    pub proxy: crate::container::ProxySettings,
+    /// `[health] path`: probed on the container's port before a switch, and through the proxy
+    /// after it.
+    pub health_path: String,
 }
 
 /// `[build]`: where the app's repository is and how a commit becomes a files artifact.
@@ -303,15 +317,24 @@ impl Config {
             connect_timeout,
         };
 
-        if raw.container.is_some() || raw.proxy.is_some() {
-            let key = if raw.container.is_some() {
-                "container"
-            } else {
-                "proxy"
-            };
+        if let Some(rc) = raw.container {
+            return Self::parse_container(
+                file,
+                raw.app,
+                hosts,
+                ssh,
+                rc,
+                raw.proxy,
+                raw.files.is_some(),
+                raw.health,
+                raw.build.is_some(),
+            );
+        }
+        if raw.proxy.is_some() {
             return Err(err(
-                key,
-                "container apps are not supported by this build of cutover yet; use [files]".into(),
+                "proxy",
+                "[proxy] is for container apps: add a [container] section, or remove [proxy]"
+                    .into(),
             ));
         }
         let files = raw.files.ok_or_else(|| {
@@ -459,6 +482,131 @@ impl Config {
             files,
             health,
             build,
+            container: None,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn parse_container(
+        file: &Path,
+        app: String,
+        hosts: Vec<(String, Destination)>,
+        ssh: SshConfig,
+        rc: crate::container::RawContainer,
+        rp: Option<crate::container::RawProxy>,
+        has_files: bool,
+        h: Option<RawHealth>,
+        has_build: bool,
+    ) -> Result<Config, ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        if has_files {
+            return Err(err(
+                "files",
+                "an app is either [files] or [container], not both".into(),
+            ));
+        }
+        if has_build {
+            return Err(err("build", "builds from git make files apps; container apps deploy an image (`deploy --image TAG`)".into()));
+        }
+        let container = crate::container::validate_container(rc).map_err(|(k, m)| err(&k, m))?;
+        let proxy = crate::container::validate_proxy(rp.unwrap_or_default())
+            .map_err(|(k, m)| err(&k, m))?;
+        let h = h.unwrap_or(RawHealth {
+            url: None,
+            path: None,
+            expect: None,
+            timeout: None,
+            interval: None,
+            healthy_after: None,
+            give_up_after: None,
+        });
+        if h.url.is_some() {
+            return Err(err(
+                "health.url",
+                "`url` is for files apps; container apps use `path` (on the container's port)"
+                    .into(),
+            ));
+        }
+        let path = h.path.clone().unwrap_or_else(|| "/up".into());
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(err(
+                "health.path",
+                format!("expected a path like \"/up\", got {path:?}"),
+            ));
+        }
+        let dur =
+            |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(s) => match parse_duration(s) {
+                        Ok(d) if !d.is_zero() => Ok(d),
+                        Ok(_) => Err(err(key, "expected a duration above zero".into())),
+                        Err(m) => Err(err(key, m)),
+                    },
+                }
+            };
+        let expect = match h.expect {
+            None => 200,
+            Some(n) if (100..=599).contains(&n) => n as u16,
+            Some(n) => {
+                return Err(err(
+                    "health.expect",
+                    format!("expected an HTTP status 100-599, got {n}"),
+                ))
+            }
+        };
+        let healthy_after = match h.healthy_after {
+            None => 2,
+            Some(n) if (1..=100).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(err(
+                    "health.healthy_after",
+                    format!("expected 1 to 100, got {n}"),
+                ))
+            }
+        };
+        let listen: std::net::SocketAddr = proxy.listen.parse().expect("validated");
+        let health = HealthConfig {
+            url: HealthUrl {
+                host: "127.0.0.1".into(),
+                port: listen.port(),
+                path: path.clone(),
+            },
+            expect,
+            timeout: dur("health.timeout", &h.timeout, Duration::from_secs(2))?,
+            interval: dur("health.interval", &h.interval, Duration::from_millis(500))?,
+            healthy_after,
+            give_up_after: dur(
+                "health.give_up_after",
+                &h.give_up_after,
+                Duration::from_secs(30),
+            )?,
+        };
+        let files = FilesConfig {
+            source: None,
+            root: format!("{}/apps/{app}", proxy.install_dir),
+            reload: None,
+            keep: container.keep,
+            max_unpacked_bytes: 4 << 30,
+            max_entries: 200_000,
+        };
+        Ok(Config {
+            file: file.to_path_buf(),
+            app,
+            hosts,
+            ssh,
+            files,
+            health,
+            build: None,
+            container: Some(ContainerApp {
+                container,
+                proxy,
+                health_path: path,
+            }),
         })
     }
 
@@ -719,13 +867,99 @@ give_up_after = "10s"
             ),
             (GOOD.replace("parallel = 4", "parallel = 0"), "ssh.parallel"),
             (
-                GOOD.replace("[files]", "[container]\nimage=\"x\"\n[files]"),
-                "container",
+                GOOD.replace("[files]", "[container]\nimage=\"x\"\nport=80\n[files]"),
+                "files",
             ),
         ];
         for (text, key) in cases {
             assert_eq!(key_of(&text), key, "for {text}");
         }
+    }
+
+    const CONTAINER: &str = r#"
+app = "api"
+hosts = ["web1"]
+[container]
+image = "registry.example.com/api"
+port = 8080
+env = { RUST_LOG = "info", TOKEN = "hunter2" }
+volumes = ["/srv/api/data:/data"]
+strategy = "hold"
+domain = "API.example.com"
+[proxy]
+listen = "0.0.0.0:8000"
+drain = "5s"
+install_dir = "/opt/cutover"
+[health]
+path = "/healthz"
+interval = "100ms"
+"#;
+
+    #[test]
+    fn parses_a_container_app() {
+        let c = parse(CONTAINER).unwrap();
+        let app = c.container.as_ref().unwrap();
+        assert_eq!(app.container.image, "registry.example.com/api");
+        assert_eq!(app.container.strategy, crate::container::Strategy::Hold);
+        assert_eq!(app.container.domain.as_deref(), Some("api.example.com"));
+        assert_eq!(app.proxy.drain, Duration::from_secs(5));
+        assert_eq!(app.health_path, "/healthz");
+        assert_eq!(
+            c.health.url.port, 8000,
+            "verification goes through the proxy"
+        );
+        assert_eq!(c.files.root, "/opt/cutover/apps/api");
+        let debug = format!("{c:?}");
+        assert!(
+            debug.contains("TOKEN") && !debug.contains("hunter2"),
+            "env values never in Debug: {debug}"
+        );
+    }
+
+    #[test]
+    fn container_errors_name_their_key() {
+        let cases = [
+            (
+                CONTAINER.replace("registry.example.com/api", "registry.example.com/api:v1"),
+                "container.image",
+            ),
+            (
+                CONTAINER.replace("port = 8080", "port = 0"),
+                "container.port",
+            ),
+            (
+                CONTAINER.replace("strategy = \"hold\"", "strategy = \"yolo\""),
+                "container.strategy",
+            ),
+            (
+                CONTAINER.replace("RUST_LOG", "\"BAD-NAME\""),
+                "container.env.BAD-NAME",
+            ),
+            (
+                CONTAINER.replace("/srv/api/data:/data", "-v"),
+                "container.volumes[0]",
+            ),
+            (CONTAINER.replace("0.0.0.0:8000", "eighty"), "proxy.listen"),
+            (
+                CONTAINER.replace("/opt/cutover", "opt"),
+                "proxy.install_dir",
+            ),
+            (
+                CONTAINER.replace("path = \"/healthz\"", "url = \"http://x/\""),
+                "health.url",
+            ),
+            (
+                CONTAINER.replace("drain = \"5s\"", "drain = \"5\""),
+                "proxy.drain",
+            ),
+        ];
+        for (text, key) in cases {
+            assert_eq!(key_of(&text), key, "for {text}");
+        }
+        assert_eq!(
+            key_of(&GOOD.replace("[files]", "[proxy]\n[files]")),
+            "proxy"
+        );
     }
 
     #[test]

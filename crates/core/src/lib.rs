@@ -7,6 +7,7 @@
 //! acts on its answers, so every decision here is unit-tested with plain values.
 
 pub mod config;
+pub mod container;
 pub mod duration;
 pub mod host;
 pub mod plan;

@@ -43,8 +43,9 @@ pub(crate) enum Command {
         /// or short SHA, `origin/main`, `HEAD~1`, ... It is resolved to a full commit first.
         #[arg(long = "ref", value_name = "REF")]
         git_ref: Option<String>,
-        /// A container image (container apps; not in this build yet).
-        #[arg(long)]
+        /// The image version to deploy (container apps): a tag of [container] image, or
+        /// @sha256:DIGEST. It is pulled on every host and recorded by digest.
+        #[arg(long, conflicts_with_all = ["artifact", "git_ref"])]
         image: Option<String>,
         /// Print one JSON document on stdout instead of progress.
         #[arg(long)]
@@ -90,15 +91,17 @@ pub(crate) enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Install or upgrade the edge proxy on the hosts (container apps; not in this build yet).
+    /// Install or upgrade the edge proxy on every host (container apps). Harmless to re-run.
     Setup {
         #[command(flatten)]
         common: Common,
+        #[arg(long)]
+        json: bool,
     },
-    /// The edge proxy (container apps; not in this build yet).
+    /// The edge proxy on this host, and its local control client.
     Proxy {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(subcommand)]
+        command: ProxyCommand,
     },
     /// A self-contained demo on this machine: v1, v2, a broken v3 rolled back automatically,
     /// and a rollback. No SSH, no setup.
@@ -106,5 +109,85 @@ pub(crate) enum Command {
         /// Keep the demo's directory and print where it is.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+/// `cutover proxy ...`. `--dir` holds the control socket `proxy.sock` and the state file
+/// `proxy-state.json` (`cutover setup` uses [proxy] install_dir).
+#[derive(Debug, Subcommand)]
+pub(crate) enum ProxyCommand {
+    /// Run the edge proxy in the foreground.
+    Run {
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: String,
+        #[arg(long, default_value = "/usr/local/lib/cutover")]
+        dir: PathBuf,
+        /// Longest a request is held while its service is paused.
+        #[arg(long, default_value = "30s")]
+        hold: String,
+    },
+    /// Gate TARGET, then switch SERVICE to it and drain the old target.
+    Deploy {
+        service: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value = "/up")]
+        health: String,
+        /// Host names routed to the service (repeatable).
+        #[arg(long)]
+        domain: Vec<String>,
+        #[arg(long, default_value = "30s")]
+        drain: String,
+        #[arg(long, default_value = "500ms")]
+        interval: String,
+        #[arg(long, default_value_t = 2)]
+        healthy_after: u32,
+        #[arg(long, default_value = "30s")]
+        give_up: String,
+        #[arg(long, default_value = "2s")]
+        timeout: String,
+        #[arg(long, default_value = "/usr/local/lib/cutover")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold new requests for SERVICE (up to --hold each).
+    Pause {
+        service: String,
+        #[arg(long)]
+        hold: Option<String>,
+        #[arg(long, default_value = "/usr/local/lib/cutover")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release held requests to SERVICE's current target.
+    Resume {
+        service: String,
+        #[arg(long, default_value = "/usr/local/lib/cutover")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget SERVICE.
+    Remove {
+        service: String,
+        #[arg(long, default_value = "/usr/local/lib/cutover")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Services, targets and counters.
+    Status {
+        #[arg(long, default_value = "/usr/local/lib/cutover")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward one JSON control request from stdin and print the JSON answer (what cutover
+    /// sends over SSH).
+    Request {
+        #[arg(long, default_value = "/usr/local/lib/cutover")]
+        dir: PathBuf,
     },
 }

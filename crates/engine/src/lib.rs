@@ -10,11 +10,13 @@
 pub mod artifact;
 pub mod build;
 pub mod changes;
+pub mod container;
 pub mod gate;
 mod hostops;
 pub mod identity;
 pub mod inspect;
 mod protocol;
+pub mod setup;
 
 pub use protocol::{run, HostOutcome, Outcome, RunRequest};
 

@@ -61,7 +61,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn refused(kind: &str, app: &str, code: i32, message: String) -> Outcome {
+    pub(crate) fn refused(kind: &str, app: &str, code: i32, message: String) -> Outcome {
         Outcome {
             kind: kind.into(),
             app: app.into(),

@@ -4,6 +4,7 @@ use super::{load_config, open_store, print_json};
 use crate::cli::Common;
 use crate::output::{human_bytes, Progress};
 use cutover_engine::artifact::ArtifactStore;
+use cutover_engine::container::ContainerRequest;
 use cutover_engine::{exit, Outcome, RunRequest};
 use std::path::PathBuf;
 
@@ -14,14 +15,21 @@ pub(crate) fn deploy(
     image: Option<String>,
     json: bool,
 ) -> i32 {
-    if image.is_some() {
-        eprintln!("error: --image is for container apps, which are not in this build of cutover yet; use --artifact");
-        return exit::USAGE;
-    }
     let config = match load_config(&common.config) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if config.container.is_some() {
+        let Some(image) = image else {
+            eprintln!("error: a container app deploys an image version: pass --image TAG or --image @sha256:DIGEST");
+            return exit::USAGE;
+        };
+        return run_container(common, &config, ContainerRequest::Deploy { image }, json);
+    }
+    if image.is_some() {
+        eprintln!("error: --image is for container apps ([container]); this is a files app: use --artifact or --ref");
+        return exit::USAGE;
+    }
     if let Some(git_ref) = git_ref {
         return build_and_deploy(common, &config, git_ref, json);
     }
@@ -77,7 +85,27 @@ pub(crate) fn rollback(common: &Common, to: Option<String>, json: bool) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if config.container.is_some() {
+        return run_container(common, &config, ContainerRequest::Rollback { to }, json);
+    }
     run(common, &config, RunRequest::Rollback { to }, json)
+}
+
+fn run_container(
+    common: &Common,
+    config: &cutover_core::Config,
+    req: ContainerRequest,
+    json: bool,
+) -> i32 {
+    let (store, _) = match open_store(common) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let progress = Progress::new(json);
+    let outcome = cutover_engine::container::run(config, &store, &progress, req);
+    progress.finish();
+    report(&outcome, json);
+    outcome.exit_code
 }
 
 fn run(common: &Common, config: &cutover_core::Config, req: RunRequest, json: bool) -> i32 {

@@ -6,6 +6,8 @@ mod demo;
 mod deploy;
 mod diff;
 mod history;
+mod proxy;
+mod setup;
 mod status;
 
 use crate::cli::{Cli, Command, Common};
@@ -32,10 +34,8 @@ pub(crate) fn run(cli: Cli) -> i32 {
         } => diff::run(&common, from, to, json),
         Command::Status { common, json } => status::run(&common, json),
         Command::Check { common } => check::run(&common),
-        Command::Setup { .. } | Command::Proxy { .. } => {
-            eprintln!("error: the edge proxy and container apps are not in this build of cutover yet; file apps ([files]) need neither");
-            exit::USAGE
-        }
+        Command::Setup { common, json } => setup::run(&common, json),
+        Command::Proxy { command } => proxy::run(command),
         Command::Demo { keep } => demo::run(keep),
     }
 }

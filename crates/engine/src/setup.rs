@@ -1,0 +1,233 @@
+//! `cutover setup`: install or upgrade the edge proxy on every host of a container app. It
+//! uploads the running cutover binary itself (skipped when the same bytes are there), refuses
+//! a host that cannot run it (another architecture or C library), starts `cutover proxy run`
+//! under systemd where the host has it, else as a supervised daemon (a shell loop that restarts
+//! it), and checks that the proxy answers on its control socket. Running it again is harmless.
+
+use crate::container::remote_binary;
+use crate::{par_map, Hosts};
+use cutover_core::Config;
+use cutover_remote::Script;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// What setup did on one host.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSetup {
+    pub host: String,
+    pub ok: bool,
+    /// `uploaded`, `unchanged`, or empty when it failed before.
+    pub binary: String,
+    /// `systemd`, `supervised`, or empty.
+    pub service: String,
+    pub detail: String,
+}
+
+const PROBE: &str = r#"
+dir={dir}
+printf 'ARCH %s\n' "$(uname -m)"
+if [ -x "$dir/cutover" ]; then
+  if command -v sha256sum >/dev/null 2>&1; then printf 'SUM %s\n' "$(sha256sum "$dir/cutover" | cut -d' ' -f1)"; fi
+fi
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then echo SYSTEMD yes; fi
+"#;
+
+const UPLOAD: &str = r#"
+set -u
+dir={dir}
+mkdir -p "$dir" && chmod 700 "$dir" || { echo "ERR cannot create $dir"; exit 3; }
+cat > "$dir/cutover.new" || { rm -f "$dir/cutover.new"; echo "ERR upload failed (disk full?)"; exit 3; }
+chmod 755 "$dir/cutover.new"
+if ! v=$("$dir/cutover.new" --version 2>&1); then
+  rm -f "$dir/cutover.new"
+  printf 'ERR this host cannot run the cutover binary (architecture %s; built for %s with glibc): %s\n' "$(uname -m)" {arch} "$v"
+  exit 3
+fi
+mv -f "$dir/cutover.new" "$dir/cutover"
+printf 'VERSION %s\n' "$v"
+"#;
+
+const START_SUPERVISED: &str = r#"
+set -u
+dir={dir}
+listen={listen}
+hold={hold}
+changed={changed}
+pidfile="$dir/supervisor.pid"
+if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  if [ "$changed" = yes ]; then
+    # The loop restarts the proxy with the new binary.
+    pkill -TERM -f "^$dir/cutover proxy run" 2>/dev/null
+    echo "SERVICE restarted"
+  else
+    echo "SERVICE running"
+  fi
+  exit 0
+fi
+nohup setsid sh -c 'while :; do "$0/cutover" proxy run --listen "$1" --dir "$0" --hold "$2"; sleep 1; done' "$dir" "$listen" "$hold" >>"$dir/proxy.log" 2>&1 </dev/null &
+echo $! > "$pidfile"
+echo "SERVICE started"
+"#;
+
+const START_SYSTEMD: &str = r#"
+set -u
+dir={dir}
+listen={listen}
+hold={hold}
+changed={changed}
+unit=/etc/systemd/system/cutover-proxy.service
+new=$(printf '[Unit]\nDescription=cutover edge proxy\nAfter=network.target\n\n[Service]\nExecStart=%s/cutover proxy run --listen %s --dir %s --hold %s\nRestart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n' "$dir" "$listen" "$dir" "$hold")
+if [ "$(cat "$unit" 2>/dev/null)" != "$new" ]; then printf '%s\n' "$new" > "$unit"; systemctl daemon-reload; changed=yes; fi
+systemctl enable cutover-proxy >/dev/null 2>&1
+if [ "$changed" = yes ]; then systemctl restart cutover-proxy; echo "SERVICE restarted"; else systemctl start cutover-proxy; echo "SERVICE running"; fi
+"#;
+
+const CHECK: &str = r#"
+dir={dir}
+i=0
+while [ $i -lt 50 ]; do
+  if out=$("$dir/cutover" proxy status --dir "$dir" --json 2>/dev/null); then printf 'STATUS %s\n' "$(printf '%s' "$out" | tr -d '\n')"; exit 0; fi
+  i=$((i+1)); sleep 0.1
+done
+echo "ERR the proxy does not answer on $dir/proxy.sock; see $dir/proxy.log"
+exit 3
+"#;
+
+fn line<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines().find_map(|l| l.strip_prefix(key)).map(str::trim)
+}
+
+fn err_of(out: &cutover_remote::Output) -> String {
+    line(&out.stdout, "ERR ")
+        .map(str::to_string)
+        .unwrap_or_else(|| out.tail())
+}
+
+/// Installs or upgrades the proxy on every host.
+pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
+    let capp = config.container.as_ref().ok_or("`cutover setup` is for container apps ([container]); files apps need no agent on the hosts")?;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the running binary: {e}"))?;
+    let bytes = std::fs::read(&exe).map_err(|e| format!("cannot read {}: {e}", exe.display()))?;
+    let sum: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let hosts = Hosts::new(config).map_err(|e| e.to_string())?;
+    let dir = capp.proxy.install_dir.as_str();
+    let hold = format!("{}ms", capp.proxy.hold.as_millis());
+    let _ = remote_binary(capp);
+    Ok(par_map(hosts.len(), config.ssh.parallel, |i| {
+        let r = hosts.get(i);
+        let mut s = HostSetup {
+            host: config.hosts[i].0.clone(),
+            ok: false,
+            binary: String::new(),
+            service: String::new(),
+            detail: String::new(),
+        };
+        if let Err(e) = r.connect() {
+            s.detail = e.to_string();
+            return s;
+        }
+        let probe = match r.run(&Script::new(PROBE, &[("dir", dir)]), None) {
+            Ok(o) => o,
+            Err(e) => {
+                s.detail = e.to_string();
+                return s;
+            }
+        };
+        let arch = line(&probe.stdout, "ARCH ").unwrap_or("").to_string();
+        if arch != std::env::consts::ARCH {
+            s.detail = format!("this host is {arch}, but this cutover binary is built for {}: install a {arch} build of cutover and run setup from it", std::env::consts::ARCH);
+            return s;
+        }
+        let changed = line(&probe.stdout, "SUM ") != Some(sum.as_str());
+        if changed {
+            let mut reader: &[u8] = &bytes;
+            match r.run(
+                &Script::new(UPLOAD, &[("dir", dir), ("arch", std::env::consts::ARCH)]),
+                Some(&mut reader),
+            ) {
+                Ok(o) if o.success() => s.binary = "uploaded".into(),
+                Ok(o) => {
+                    s.detail = err_of(&o);
+                    return s;
+                }
+                Err(e) => {
+                    s.detail = e.to_string();
+                    return s;
+                }
+            }
+        } else {
+            s.binary = "unchanged".into();
+        }
+        let systemd = line(&probe.stdout, "SYSTEMD ").is_some();
+        let template = if systemd {
+            START_SYSTEMD
+        } else {
+            START_SUPERVISED
+        };
+        let yes = if changed { "yes" } else { "no" };
+        match r.run(
+            &Script::new(
+                template,
+                &[
+                    ("dir", dir),
+                    ("listen", &capp.proxy.listen),
+                    ("hold", &hold),
+                    ("changed", yes),
+                ],
+            ),
+            None,
+        ) {
+            Ok(o) if o.success() => {
+                s.service = format!(
+                    "{} ({})",
+                    if systemd { "systemd" } else { "supervised" },
+                    line(&o.stdout, "SERVICE ").unwrap_or("?")
+                );
+            }
+            Ok(o) => {
+                s.detail = err_of(&o);
+                return s;
+            }
+            Err(e) => {
+                s.detail = e.to_string();
+                return s;
+            }
+        }
+        match r.run(&Script::new(CHECK, &[("dir", dir)]), None) {
+            Ok(o) if o.success() => {
+                s.ok = true;
+                s.detail = "proxy answers".into();
+            }
+            Ok(o) => s.detail = err_of(&o),
+            Err(e) => s.detail = e.to_string(),
+        }
+        s
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_have_every_placeholder_filled() {
+        let _ = Script::new(PROBE, &[("dir", "/d")]);
+        let _ = Script::new(UPLOAD, &[("dir", "/d"), ("arch", "x86_64")]);
+        for t in [START_SUPERVISED, START_SYSTEMD] {
+            let _ = Script::new(
+                t,
+                &[
+                    ("dir", "/d"),
+                    ("listen", "0.0.0.0:80"),
+                    ("hold", "30000ms"),
+                    ("changed", "no"),
+                ],
+            );
+        }
+        let _ = Script::new(CHECK, &[("dir", "/d")]);
+    }
+}
