@@ -18,6 +18,16 @@ pub enum DockerError {
     Docker { host: String, message: String },
 }
 
+impl DockerError {
+    /// The message without the host name (for lists that already name the host).
+    pub fn message(&self) -> String {
+        match self {
+            DockerError::Docker { message, .. } => message.clone(),
+            DockerError::Remote(e) => e.to_string(),
+        }
+    }
+}
+
 type Result<T> = std::result::Result<T, DockerError>;
 
 fn fail(r: &dyn Remote, out: &Output, what: &str) -> DockerError {

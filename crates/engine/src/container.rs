@@ -517,10 +517,10 @@ fn locked(
             rec.ev(None, "pull", Phase::Start, &reference);
             let pulled = par_map(n, parallel, |i| {
                 rec.ev(Some(rec.host(i)), "pull", Phase::Start, &reference);
-                let p = docker::pull(hosts.get(i), &reference);
+                let p = docker::pull(hosts.get(i), &reference).map_err(|e| e.message());
                 match &p {
                     Ok(p) => rec.ev(Some(rec.host(i)), "pull", Phase::Done, &p.reference),
-                    Err(e) => rec.ev(Some(rec.host(i)), "pull", Phase::Failed, &e.to_string()),
+                    Err(e) => rec.ev(Some(rec.host(i)), "pull", Phase::Failed, e),
                 }
                 p
             });
@@ -598,11 +598,11 @@ fn locked(
     let staged: Vec<Result<Staged, String>> = par_map(n, parallel, |i| {
         let r = hosts.get(i);
         let host = rec.host(i);
-        let existing = docker::state(r, &new_name).map_err(|e| e.to_string())?;
+        let existing = docker::state(r, &new_name).map_err(|e| e.message())?;
         if strategy == Strategy::Hold {
             if !existing.exists {
                 // Cold: make sure the image is on the host (a rollback may need to pull it again).
-                docker::pull(r, &snap.image).map_err(|e| e.to_string())?;
+                docker::pull(r, &snap.image).map_err(|e| e.message())?;
             }
             rec.ev(
                 Some(host),
@@ -628,27 +628,22 @@ fn locked(
         let port = match port {
             Ok(p) => p,
             Err(e) => {
-                let st = docker::state(r, &new_name)
-                    .map(|s| s.logs)
-                    .unwrap_or_default();
-                let m = format!(
-                    "{e}{}",
-                    if st.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            "; last log lines: {}",
-                            st.lines()
-                                .rev()
-                                .take(5)
-                                .collect::<Vec<_>>()
-                                .into_iter()
-                                .rev()
-                                .collect::<Vec<_>>()
-                                .join(" | ")
-                        )
+                let mut m = e.message();
+                if let Ok(st) = docker::state(r, &new_name) {
+                    if st.exists && !st.running {
+                        m.push_str(&format!(
+                            "; the container exited with code {}",
+                            st.exit_code.unwrap_or(-1)
+                        ));
                     }
-                );
+                    if !st.logs.is_empty() {
+                        let tail: Vec<&str> = st.logs.lines().collect();
+                        m.push_str(&format!(
+                            "; last log lines: {}",
+                            tail[tail.len().saturating_sub(5)..].join(" | ")
+                        ));
+                    }
+                }
                 rec.ev(Some(host), "start", Phase::Failed, &m);
                 return Err(m);
             }
