@@ -425,6 +425,16 @@ fn rollback_warm_and_cold() {
         "cold rollback pulls the digest again"
     );
     w.assert_all_serve("r2");
+    let out = w.run(&["status", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "status reads the running container on every host"
+    );
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for h in st["hosts"].as_array().unwrap() {
+        assert_eq!(h["release"], live.as_str());
+    }
 }
 
 #[test]

@@ -38,6 +38,21 @@ pub struct Status {
 }
 
 /// Reads `current` on every host.
+/// A container app's release on a host: the one running container labelled with the app
+/// (after a switch commits, the old one is stopped).
+fn serving_container(r: &dyn cutover_remote::Remote, app: &str) -> Result<Option<String>, String> {
+    let list = cutover_docker::list(r, app).map_err(|e| e.message())?;
+    let running: Vec<String> = list
+        .iter()
+        .filter(|c| c.state == "running")
+        .filter_map(|c| c.labels.get("cutover.release").cloned())
+        .collect();
+    Ok(match running.as_slice() {
+        [one] => Some(one.clone()),
+        _ => None,
+    })
+}
+
 pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
     let live = store.live(&config.app).map_err(|e| e.to_string())?;
     let hosts = Hosts::new(config).map_err(|e| e.to_string())?;
@@ -45,11 +60,13 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
     let list = par_map(hosts.len(), config.ssh.parallel, |i| {
         let r = hosts.get(i);
         let name = config.hosts[i].0.clone();
-        match r
-            .connect()
-            .map_err(|e| e.to_string())
-            .and_then(|()| hostops::current(r, root).map_err(|e| e.to_string()))
-        {
+        match r.connect().map_err(|e| e.to_string()).and_then(|()| {
+            if config.container.is_some() {
+                serving_container(r, &config.app)
+            } else {
+                hostops::current(r, root).map_err(|e| e.to_string())
+            }
+        }) {
             Ok(release) => HostStatus {
                 host: name,
                 reachable: true,
