@@ -450,3 +450,71 @@ fn proxy_restart_keeps_routing() {
     );
     w.assert_all_serve("p1");
 }
+
+#[test]
+fn upgrading_the_proxy_binary_under_load_fails_no_request() {
+    let w = World::new(2, "blue-green");
+    w.image("u1", true);
+    w.deploy_ok("u1");
+    let targets: Vec<_> = (0..2).map(|i| w.proxy_addr(i)).collect();
+    let ka = Load::start(LoadOptions {
+        workers_per_target: 2,
+        keep_alive: true,
+        ..LoadOptions::new(targets.clone())
+    });
+    let fresh = Load::start(LoadOptions {
+        workers_per_target: 2,
+        keep_alive: false,
+        ..LoadOptions::new(targets)
+    });
+    // Make the installed binary differ (as after a cutover upgrade), then set up again: the
+    // new proxy takes the port over from the old one, which drains and exits.
+    let proxy_pid = |i: usize| -> u64 {
+        let out = w.lab.ssh(
+            i,
+            "/srv/cutover/cutover proxy status --dir /srv/cutover --json",
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["pid"].as_u64().unwrap()
+    };
+    let before: Vec<u64> = (0..2).map(proxy_pid).collect();
+    for i in 0..2 {
+        let out = w.lab.ssh(
+            i,
+            "cd /srv/cutover && cp cutover c.tmp && printf '\\0' >> c.tmp && mv c.tmp cutover",
+        );
+        assert!(out.status.success());
+    }
+    let out = w.run(&["setup", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        s.as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["binary"] == "uploaded"
+                && h["service"].as_str().unwrap().contains("upgraded")),
+        "{s}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let ka = ka.stop();
+    let fresh = fresh.stop();
+    eprintln!(
+        "proxy upgrade keep-alive: {} ok, {} failed, longest {:?}",
+        ka.ok, ka.failed, ka.max_latency
+    );
+    eprintln!(
+        "proxy upgrade fresh: {} ok, {} failed, longest {:?}",
+        fresh.ok, fresh.failed, fresh.max_latency
+    );
+    for (i, old) in before.iter().enumerate() {
+        assert_ne!(proxy_pid(i), *old, "host {i}: a new proxy process serves");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{old}")).exists(),
+            "host {i}: the old proxy exited"
+        );
+    }
+    ka.assert_no_failures();
+    fresh.assert_no_failures();
+    w.assert_all_serve("u1");
+}

@@ -54,19 +54,25 @@ listen={listen}
 hold={hold}
 changed={changed}
 pidfile="$dir/supervisor.pid"
+# Connections queued on a proxy that is handing over are passed to its successor, not reset.
+if [ -w /proc/sys/net/ipv4/tcp_migrate_req ]; then echo 1 > /proc/sys/net/ipv4/tcp_migrate_req; fi
+state=started
 if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-  if [ "$changed" = yes ]; then
-    # The loop restarts the proxy with the new binary.
-    pkill -TERM -f "^$dir/cutover proxy run" 2>/dev/null
-    echo "SERVICE restarted"
-  else
-    echo "SERVICE running"
-  fi
-  exit 0
+  if [ "$changed" != yes ]; then echo "SERVICE running"; exit 0; fi
+  # Upgrade: stop the old supervisor loop (its proxy keeps serving); the new proxy binds the
+  # same port beside it, asks it to drain and stop, and takes its control socket over.
+  old=$("$dir/cutover" proxy status --dir "$dir" --json 2>/dev/null | sed -n 's/^ *"pid": *\([0-9][0-9]*\).*/\1/p' | head -n 1)
+  kill "$(cat "$pidfile")" 2>/dev/null
+  state=upgraded
 fi
 nohup setsid sh -c 'while :; do "$0/cutover" proxy run --listen "$1" --dir "$0" --hold "$2"; sleep 1; done' "$dir" "$listen" "$hold" >>"$dir/proxy.log" 2>&1 </dev/null &
 echo $! > "$pidfile"
-echo "SERVICE started"
+if [ "$state" = upgraded ] && [ -n "${old:-}" ]; then
+  # Wait for the old proxy to hand over and finish draining.
+  i=0
+  while [ $i -lt 400 ] && kill -0 $old 2>/dev/null; do i=$((i+1)); sleep 0.1; done
+fi
+echo "SERVICE $state"
 "#;
 
 const START_SYSTEMD: &str = r#"

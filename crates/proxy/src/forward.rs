@@ -87,6 +87,9 @@ pub(crate) fn empty_body() -> UpstreamBody {
 }
 
 /// Completes when `stop` turns true (or its sender is gone).
+/// How long a keep-alive connection may stay idle after shutdown began before it is closed.
+const IDLE_CLOSE_AFTER_STOP: Duration = Duration::from_secs(3);
+
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
@@ -117,9 +120,21 @@ pub(crate) async fn serve_http(
         let mut stop = stop.clone();
         let done = done_tx.clone();
         tokio::spawn(async move {
+            let closing = stop.clone();
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
+                let closing = closing.clone();
+                async move {
+                    let mut resp = handle(&shared, req, peer).await;
+                    if *closing.borrow() {
+                        // Shutting down (e.g. handing over to an upgraded proxy): this is
+                        // the connection's last response, and the client is told so, so it
+                        // reconnects instead of racing a close.
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -129,8 +144,13 @@ pub(crate) async fn serve_http(
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    // Keep-alive clients get one more request answered with
+                    // `Connection: close`; only connections that stay idle that long are
+                    // closed (closing an idle connection races a client that is sending).
+                    if tokio::time::timeout(IDLE_CLOSE_AFTER_STOP, conn.as_mut()).await.is_err() {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
                 }
             }
             drop(done);

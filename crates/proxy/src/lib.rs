@@ -225,14 +225,28 @@ impl Proxy {
         control: UnixListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        let config = &self.inner.config;
-        let socket = control::prepare_socket(&config.control_socket)?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let http = tokio::spawn(forward::serve_http(
             self.inner.clone(),
             listener,
             stop_rx.clone(),
         ));
+        self.serve_rest(http, stop_tx, stop_rx, control, shutdown)
+            .await
+    }
+
+    /// The rest of [`Proxy::serve`] once HTTP is being served: the control socket, then
+    /// shutdown and the grace period.
+    async fn serve_rest(
+        &self,
+        http: tokio::task::JoinHandle<()>,
+        stop_tx: watch::Sender<bool>,
+        stop_rx: watch::Receiver<bool>,
+        control: UnixListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let config = &self.inner.config;
+        let socket = control::prepare_socket(&config.control_socket)?;
         let ctl = tokio::spawn(control::serve_control(
             self.clone(),
             control,
@@ -285,12 +299,79 @@ pub fn run_blocking(config: ProxyConfig) -> Result<(), Error> {
         // state: a state file that cannot be used stops us before we bind anything.
         let shutdown = termination()?;
         let proxy = Proxy::new(config.clone())?;
-        let listener = TcpListener::bind(config.listen)
+        let listener = bind_shared(config.listen)?;
+        // Serve HTTP at once. If a predecessor (an older binary being upgraded) still holds
+        // the control socket, both accept on the shared port while it is asked to stop; it
+        // stops accepting, drains its in-flight requests and exits, and this proxy takes the
+        // control socket over. Requests are never refused in between.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let http = tokio::spawn(forward::serve_http(
+            proxy.inner.clone(),
+            listener,
+            stop_rx.clone(),
+        ));
+        let control = take_over_control(&config.control_socket).await?;
+        proxy
+            .serve_rest(http, stop_tx, stop_rx, control, shutdown)
             .await
-            .map_err(|e| Error::io(format!("cannot listen on {}", config.listen), e))?;
-        let control = bind_control(&config.control_socket)?;
-        proxy.serve(listener, control, shutdown).await
     })
+}
+
+/// Binds the HTTP port with SO_REUSEPORT, so that a successor can bind it while this proxy
+/// still serves (the binary upgrade hand-over).
+fn bind_shared(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| Error::io("cannot create the listening socket", e))?;
+    let bind = socket
+        .set_reuseaddr(true)
+        .and_then(|()| socket.set_reuseport(true))
+        .and_then(|()| socket.bind(addr));
+    bind.map_err(|e| Error::io(format!("cannot listen on {addr}"), e))?;
+    socket
+        .listen(1024)
+        .map_err(|e| Error::io(format!("cannot listen on {addr}"), e))
+}
+
+/// Binds the control socket; if a live predecessor holds it, asks that process to stop
+/// (SIGTERM, after asking it for its pid) and waits up to 60 s for the socket to be free.
+async fn take_over_control(path: &Path) -> Result<UnixListener, Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut asked = false;
+    loop {
+        match bind_control(path) {
+            Ok(l) => return Ok(l),
+            Err(e) => {
+                let pid = match control_request(path, &Request::Status).await {
+                    Ok(Response::Status(s)) => Some(s.pid),
+                    _ => None,
+                };
+                match pid {
+                    Some(pid) if pid != std::process::id() => {
+                        if !asked {
+                            log::line(format_args!(
+                                "taking over from proxy pid {pid}: asking it to drain and stop"
+                            ));
+                            let _ = std::process::Command::new("kill")
+                                .arg("-TERM")
+                                .arg(pid.to_string())
+                                .status();
+                            asked = true;
+                        }
+                    }
+                    _ if asked => {}
+                    _ => return Err(e),
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Registers SIGTERM and SIGINT handlers now; the future completes on either.
