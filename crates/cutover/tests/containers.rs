@@ -449,6 +449,19 @@ fn proxy_restart_keeps_routing() {
         String::from_utf8_lossy(&out.stderr)
     );
     w.assert_all_serve("p1");
+    let out = w.run(&["check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "check sees docker and the proxy"
+    );
+    w.lab
+        .ssh(0, "mv /srv/cutover/proxy.sock /srv/cutover/proxy.sock.off");
+    let out = w.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("edge proxy"));
+    w.lab
+        .ssh(0, "mv /srv/cutover/proxy.sock.off /srv/cutover/proxy.sock");
 }
 
 #[test]

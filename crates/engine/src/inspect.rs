@@ -198,6 +198,25 @@ pub fn check(config: &Config) -> Result<Vec<HostCheck>, String> {
             }
             Err(e) => c.problems.push(e.to_string()),
         }
+        if let Some(capp) = &config.container {
+            // Container apps also need docker and the edge proxy (`cutover setup`).
+            let docker = cutover_remote::Script::new(
+                "docker version --format '{{.Server.Version}}' 2>&1",
+                &[],
+            );
+            match r.run(&docker, None) {
+                Ok(o) if o.success() => {}
+                Ok(o) => c
+                    .problems
+                    .push(format!("docker does not answer: {}", o.tail())),
+                Err(e) => c.problems.push(e.to_string()),
+            }
+            if let Err(e) =
+                crate::container::proxy_request(r, capp, &cutover_proxy::Request::Status)
+            {
+                c.problems.push(format!("edge proxy: {e}"));
+            }
+        }
         c
     }))
 }
