@@ -27,7 +27,7 @@ use cutover_core::{Config, ReleaseId};
 use cutover_docker as docker;
 use cutover_proxy::{DeployOptions, DeployRequest, Request, Response};
 use cutover_remote::{Remote, Script};
-use cutover_store::{Holder, LockOutcome, NewRelease, Release, Store};
+use cutover_store::{Holder, NewRelease, Release, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -220,26 +220,10 @@ pub fn run(
             return Outcome::refused(kind, app, exit::USAGE, format!("--image takes a tag (e.g. v1.2) or @sha256:DIGEST of {}, got {image:?}; nothing was touched", capp.container.image));
         }
     }
-    let me = identity::me(kind, &now_utc());
-    match store.acquire_lock(app, &me, identity::alive) {
-        Err(e) => return Outcome::refused(kind, app, exit::NEEDS_PERSON, e.to_string()),
-        Ok(LockOutcome::Held(h)) => {
-            return Outcome::refused(
-                kind,
-                app,
-                exit::LOCKED,
-                format!(
-                    "another run of app `{app}` holds the lock: {}. Wait for it to finish.",
-                    identity::describe(&h)
-                ),
-            )
-        }
-        Ok(LockOutcome::TookOver(h)) => reporter.note(&format!(
-            "took over the lock of app `{app}` from a process that is gone: {}",
-            identity::describe(&h)
-        )),
-        Ok(LockOutcome::Acquired) => {}
-    }
+    let me = match crate::protocol::lock_app(store, app, kind, reporter) {
+        Ok(me) => me,
+        Err(refused) => return *refused,
+    };
     let out = locked(config, capp, store, reporter, &req, &me, kind);
     let _ = store.release_lock(app, &me);
     out
@@ -628,22 +612,7 @@ fn locked(
         let port = match port {
             Ok(p) => p,
             Err(e) => {
-                let mut m = e.message();
-                if let Ok(st) = docker::state(r, &new_name) {
-                    if st.exists && !st.running {
-                        m.push_str(&format!(
-                            "; the container exited with code {}",
-                            st.exit_code.unwrap_or(-1)
-                        ));
-                    }
-                    if !st.logs.is_empty() {
-                        let tail: Vec<&str> = st.logs.lines().collect();
-                        m.push_str(&format!(
-                            "; last log lines: {}",
-                            tail[tail.len().saturating_sub(5)..].join(" | ")
-                        ));
-                    }
-                }
+                let m = format!("{}{}", e.message(), container_diagnosis(r, &new_name));
                 rec.ev(Some(host), "start", Phase::Failed, &m);
                 return Err(m);
             }
@@ -686,23 +655,10 @@ fn locked(
                     ),
                     Err(e) => e,
                 };
-                let st = docker::state(r, &new_name).ok();
-                let mut m = format!("new container {new_name}: {why}");
-                if let Some(st) = st {
-                    if !st.running {
-                        m.push_str(&format!(
-                            "; it exited with code {}",
-                            st.exit_code.unwrap_or(-1)
-                        ));
-                    }
-                    if !st.logs.is_empty() {
-                        let tail: Vec<&str> = st.logs.lines().collect();
-                        m.push_str(&format!(
-                            "; last log lines: {}",
-                            tail[tail.len().saturating_sub(5)..].join(" | ")
-                        ));
-                    }
-                }
+                let m = format!(
+                    "new container {new_name}: {why}{}",
+                    container_diagnosis(r, &new_name)
+                );
                 rec.ev(Some(host), "gate", Phase::Failed, &m);
                 Err(m)
             }
@@ -916,6 +872,27 @@ fn locked(
     result
 }
 
+/// `; the container exited with code N; last log lines: ...` for a container that failed.
+fn container_diagnosis(r: &dyn Remote, name: &str) -> String {
+    let mut m = String::new();
+    if let Ok(st) = docker::state(r, name) {
+        if st.exists && !st.running {
+            m.push_str(&format!(
+                "; the container exited with code {}",
+                st.exit_code.unwrap_or(-1)
+            ));
+        }
+        if !st.logs.is_empty() {
+            let tail: Vec<&str> = st.logs.lines().collect();
+            m.push_str(&format!(
+                "; last log lines: {}",
+                tail[tail.len().saturating_sub(5)..].join(" | ")
+            ));
+        }
+    }
+    m
+}
+
 fn deploy_options(capp: &ContainerApp, snap: &Snapshot, healthy_after: u32) -> DeployOptions {
     DeployOptions {
         health_interval: Duration::from_millis(snap.interval_ms),
@@ -1019,9 +996,7 @@ fn hold_switch(
             ))
         }
         Err(e) => {
-            let logs = docker::state(r, new_name)
-                .map(|s| s.logs)
-                .unwrap_or_default();
+            let diagnosis = container_diagnosis(r, new_name);
             let _ = docker::remove(r, &[new_name.to_string()]);
             if let Some(o) = old {
                 // Back to the old container before releasing held requests.
@@ -1030,11 +1005,7 @@ fn hold_switch(
                 }
             }
             resume();
-            let tail: Vec<&str> = logs.lines().collect();
-            Err(format!(
-                "{e}; last log lines: {}",
-                tail[tail.len().saturating_sub(5)..].join(" | ")
-            ))
+            Err(format!("{e}{diagnosis}"))
         }
     }
 }

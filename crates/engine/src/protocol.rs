@@ -227,26 +227,10 @@ pub fn run(
         RunRequest::Rollback { .. } | RunRequest::Build { .. } => None,
     };
 
-    let me = identity::me(kind, &now_utc());
-    match store.acquire_lock(app, &me, identity::alive) {
-        Err(e) => return Outcome::refused(kind, app, exit::NEEDS_PERSON, e.to_string()),
-        Ok(LockOutcome::Held(h)) => {
-            return Outcome::refused(
-                kind,
-                app,
-                exit::LOCKED,
-                format!(
-                    "another run of app `{app}` holds the lock: {}. Wait for it to finish.",
-                    identity::describe(&h)
-                ),
-            )
-        }
-        Ok(LockOutcome::TookOver(h)) => reporter.note(&format!(
-            "took over the lock of app `{app}` from a process that is gone: {}",
-            identity::describe(&h)
-        )),
-        Ok(LockOutcome::Acquired) => {}
-    }
+    let me = match lock_app(store, app, kind, reporter) {
+        Ok(me) => me,
+        Err(refused) => return *refused,
+    };
     crash_point("after-lock");
     let out = match &req {
         RunRequest::Build { git_ref, data_dir } => build_then_deploy(
@@ -258,6 +242,42 @@ pub fn run(
     };
     let _ = store.release_lock(app, &me);
     out
+}
+
+/// Takes the app lock in the database for a `kind` run (deploy or rollback): a lock held by a
+/// live process is exit 4 naming it; one left by a dead process is taken over and said so.
+pub(crate) fn lock_app(
+    store: &Store,
+    app: &str,
+    kind: &str,
+    reporter: &dyn Reporter,
+) -> Result<Holder, Box<Outcome>> {
+    let me = identity::me(kind, &now_utc());
+    match store.acquire_lock(app, &me, identity::alive) {
+        Err(e) => Err(Box::new(Outcome::refused(
+            kind,
+            app,
+            exit::NEEDS_PERSON,
+            e.to_string(),
+        ))),
+        Ok(LockOutcome::Held(h)) => Err(Box::new(Outcome::refused(
+            kind,
+            app,
+            exit::LOCKED,
+            format!(
+                "another run of app `{app}` holds the lock: {}. Wait for it to finish.",
+                identity::describe(&h)
+            ),
+        ))),
+        Ok(LockOutcome::TookOver(h)) => {
+            reporter.note(&format!(
+                "took over the lock of app `{app}` from a process that is gone: {}",
+                identity::describe(&h)
+            ));
+            Ok(me)
+        }
+        Ok(LockOutcome::Acquired) => Ok(me),
+    }
 }
 
 /// `deploy --ref`: the run starts (so the build's steps and output are its events), the
