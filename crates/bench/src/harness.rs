@@ -1,0 +1,541 @@
+//! Driving the real thing, shared by the scenarios: building the `cutover` binary, writing
+//! payload directories, a [`World`] (a testlab lab, a cutover config for its hosts, a data
+//! dir) in which `cutover deploy`/`rollback` run as child processes and are timed from spawn
+//! to exit, the "by hand" tar-over-ssh floor, and checks over HTTP that every host serves
+//! what it should. The config mirrors `World::write_config` in
+//! `crates/cutover/tests/files.rs`.
+
+use crate::meter::{Meter, Sample};
+use crate::Ctx;
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use testlab::{Lab, LabOptions};
+
+/// Builds `cutover` in release mode (a no-op when it is up to date) and returns the path of
+/// the executable, as cargo reports it.
+pub(crate) fn build_cutover(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("[bench] cargo build --release -p cutover --bin cutover");
+    let out = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "cutover",
+            "--bin",
+            "cutover",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build --release -p cutover")?;
+    if !out.status.success() {
+        bail!("cargo build --release -p cutover failed ({})", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "cutover")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| anyhow!("cargo build did not report the cutover executable"))
+}
+
+/// A directory to deploy: `files` files of `file_size` pseudo-random bytes in `data/`, plus
+/// `index.html`, `version` (both say `label`) and `up` (the health check's target).
+#[derive(Debug, Clone)]
+pub(crate) struct Payload {
+    pub(crate) dir: PathBuf,
+    pub(crate) label: String,
+    pub(crate) files: usize,
+    pub(crate) file_size: usize,
+}
+
+impl Payload {
+    pub(crate) fn create(
+        dir: &Path,
+        label: &str,
+        files: usize,
+        file_size: usize,
+        seed: u64,
+    ) -> Result<Payload> {
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+        // splitmix64: fast, and its output is incompressible for gzip.
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut buf = vec![0u8; file_size];
+        for k in 0..files {
+            for chunk in buf.chunks_mut(8) {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let bytes = z.to_le_bytes();
+                chunk.copy_from_slice(&bytes[..chunk.len()]);
+            }
+            let path = data.join(format!("f{k:04}.bin"));
+            std::fs::write(&path, &buf).with_context(|| format!("writing {}", path.display()))?;
+        }
+        for (name, text) in [
+            ("index.html", format!("{label}\n")),
+            ("version", label.to_string()),
+            ("up", "ok\n".to_string()),
+        ] {
+            std::fs::write(dir.join(name), text)?;
+        }
+        Ok(Payload {
+            dir: dir.to_path_buf(),
+            label: label.to_string(),
+            files,
+            file_size,
+        })
+    }
+
+    /// Bytes of the pseudo-random files (the small text files are not counted).
+    pub(crate) fn bytes(&self) -> u64 {
+        (self.files * self.file_size) as u64
+    }
+}
+
+/// One timed run of `cutover` with `--json`.
+#[derive(Debug, Clone)]
+pub(crate) struct Run {
+    pub(crate) sample: Sample,
+    pub(crate) json: Value,
+}
+
+impl Run {
+    /// `uploaded_bytes` of every host.
+    pub(crate) fn uploaded(&self) -> Vec<u64> {
+        self.json["hosts"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .map(|h| h["uploaded_bytes"].as_u64().unwrap_or(0))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A deploy's stderr progress lines, each with the seconds since spawn at which it arrived.
+#[derive(Debug, Clone)]
+pub(crate) struct Profile {
+    pub(crate) secs: f64,
+    pub(crate) sample: Sample,
+    pub(crate) lines: Vec<(f64, String)>,
+}
+
+impl Profile {
+    /// Earliest arrival of a `<host>: <step> <phase>` line.
+    fn first(&self, step: &str, phases: &[&str]) -> Option<f64> {
+        self.times(step, phases).into_iter().reduce(f64::min)
+    }
+
+    /// Latest arrival of a `<host>: <step> <phase>` line.
+    pub(crate) fn last(&self, step: &str, phases: &[&str]) -> Option<f64> {
+        self.times(step, phases).into_iter().reduce(f64::max)
+    }
+
+    fn times(&self, step: &str, phases: &[&str]) -> Vec<f64> {
+        self.lines
+            .iter()
+            .filter(|(_, l)| {
+                let Some((_, rest)) = l.split_once(": ") else {
+                    return false;
+                };
+                let mut w = rest.split_whitespace();
+                w.next() == Some(step)
+                    && w.next()
+                        .map(|p| p.trim_end_matches(':'))
+                        .is_some_and(|p| phases.contains(&p))
+            })
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    /// Consecutive phases of the run as (name, seconds); they add up to the wall time. Every
+    /// phase waits for all hosts before the next starts, so a phase ends when its last host
+    /// reports `done` (or `failed`).
+    pub(crate) fn phases(&self) -> Vec<(&'static str, f64)> {
+        let end = ["done", "failed"];
+        let marks = [
+            ("pack + check artifact", self.first("connect", &["start"])),
+            ("connect (ssh master)", self.last("connect", &end)),
+            ("prepare (lock, list)", self.last("prepare", &end)),
+            ("stage (upload + unpack)", self.last("stage", &end)),
+            ("switch", self.last("switch", &end)),
+            ("health gate", self.last("gate", &end)),
+            ("prune, unlock, exit", Some(self.secs)),
+        ];
+        let mut out = Vec::new();
+        let mut at = 0.0;
+        for (name, t) in marks {
+            let t = t.unwrap_or(at).max(at);
+            out.push((name, t - at));
+            at = t;
+        }
+        out
+    }
+
+    /// Per host, seconds from its `stage start` to its `stage done`.
+    pub(crate) fn stage_per_host(&self) -> Vec<f64> {
+        let mut starts = std::collections::BTreeMap::new();
+        let mut out = Vec::new();
+        for (t, l) in &self.lines {
+            let Some((host, rest)) = l.split_once(": ") else {
+                continue;
+            };
+            if rest.starts_with("stage start") {
+                starts.insert(host.to_string(), *t);
+            } else if rest.starts_with("stage done") {
+                if let Some(s) = starts.get(host) {
+                    out.push(t - s);
+                }
+            }
+        }
+        out
+    }
+}
+
+const SITE_ROOT: &str = "/srv/site";
+
+/// A lab of hosts plus what cutover needs to deploy to them.
+pub(crate) struct World<'m> {
+    pub(crate) lab: Lab,
+    meter: &'m Meter,
+    cutover: PathBuf,
+    dir: PathBuf,
+    config: PathBuf,
+    data: PathBuf,
+}
+
+impl<'m> World<'m> {
+    /// Starts a fresh lab of `hosts` hosts and writes the cutover config (`parallel = 16`).
+    /// Unless `ctx.host_bashrc`, hides root's `~/.bashrc` from the hosts' SSH sessions (see
+    /// [`hide_bashrc`]).
+    pub(crate) fn start(hosts: usize, ctx: &'m Ctx) -> Result<World<'m>> {
+        let t = Instant::now();
+        let lab = Lab::try_start_with(LabOptions {
+            hosts,
+            site_root: SITE_ROOT.into(),
+            ..LabOptions::default()
+        })
+        .map_err(|e| anyhow!("cannot start a testlab lab of {hosts} hosts: {e}"))?;
+        eprintln!(
+            "[bench] lab of {hosts} host(s) up in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        if !ctx.host_bashrc {
+            hide_bashrc(&lab)?;
+        }
+        let dir = lab.dir().join("controller");
+        std::fs::create_dir_all(&dir)?;
+        let hosts_toml = (0..lab.len())
+            .map(|i| format!("{:?}", lab.destination(i)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            r#"app = "site"
+hosts = [{hosts_toml}]
+
+[ssh]
+known_hosts = {kh:?}
+identity = {id:?}
+connect_timeout = "5s"
+parallel = 16
+
+[files]
+root = {SITE_ROOT:?}
+
+[health]
+url = "http://127.0.0.1/up"
+timeout = "2s"
+interval = "100ms"
+healthy_after = 2
+give_up_after = "20s"
+"#,
+            kh = lab.known_hosts(),
+            id = lab.identity(),
+        );
+        let config = dir.join("cutover.toml");
+        std::fs::write(&config, text)?;
+        Ok(World {
+            data: dir.join("data-0"),
+            lab,
+            meter: &ctx.meter,
+            cutover: ctx.cutover.clone(),
+            dir,
+            config,
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lab.len()
+    }
+
+    /// Back to a first deploy: every host's site root emptied, a new, empty data dir (no
+    /// history, no artifact store). Untimed; ends with `sync` so that writing back what
+    /// earlier runs left in the page cache does not land in the next timing.
+    pub(crate) fn reset(&mut self, tag: &str) -> Result<()> {
+        for i in 0..self.len() {
+            let site = self.lab.site_dir(i);
+            if site.exists() {
+                std::fs::remove_dir_all(&site)
+                    .with_context(|| format!("emptying {}", site.display()))?;
+            }
+            std::fs::create_dir_all(&site)?;
+        }
+        if self.data.exists() {
+            std::fs::remove_dir_all(&self.data)?;
+        }
+        self.data = self.dir.join(format!("data-{tag}"));
+        sync();
+        Ok(())
+    }
+
+    fn cutover(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.cutover);
+        c.args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .arg("--data")
+            .arg(&self.data)
+            .env_remove("CUTOVER_CRASH_AT")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs cutover with `--json`, timed from spawn to exit; fails unless it exits 0 and says
+    /// `succeeded`.
+    fn timed(&self, args: &[&str]) -> Result<Run> {
+        sync();
+        let (out, sample) = self.meter.time(|| self.cutover(args).output());
+        let out = out.context("running cutover")?;
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if !out.status.success() || json["status"] != "succeeded" {
+            bail!(
+                "cutover {} exited with {}: {}\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Run { sample, json })
+    }
+
+    /// `cutover deploy --json --artifact <payload>`, timed; then every host must serve it.
+    pub(crate) fn deploy(&self, p: &Payload) -> Result<Run> {
+        let dir = p.dir.display().to_string();
+        let run = self.timed(&["deploy", "--json", "--artifact", &dir])?;
+        self.verify_serves(&p.label)?;
+        Ok(run)
+    }
+
+    /// `cutover rollback --json --to <id>`, timed; then every host must serve `p`.
+    pub(crate) fn rollback(&self, to: &str, p: &Payload) -> Result<Run> {
+        let run = self.timed(&["rollback", "--json", "--to", to])?;
+        self.verify_serves(&p.label)?;
+        Ok(run)
+    }
+
+    /// A deploy without `--json`: its plain progress lines on stderr are timestamped as they
+    /// arrive, to see where the time goes. Not one of the samples of the tables.
+    pub(crate) fn deploy_profiled(&self, p: &Payload) -> Result<Profile> {
+        sync();
+        let dir = p.dir.display().to_string();
+        let (r, sample) = self.meter.time(|| -> Result<_> {
+            let t = Instant::now();
+            let mut child = self
+                .cutover(&["deploy", "--artifact", &dir])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("running cutover")?;
+            let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+            let reader = std::thread::spawn(move || {
+                BufReader::new(stderr)
+                    .lines()
+                    .map_while(|l| l.ok())
+                    .map(|l| (t.elapsed().as_secs_f64(), l))
+                    .collect::<Vec<_>>()
+            });
+            let status = child.wait()?;
+            let lines = reader
+                .join()
+                .map_err(|_| anyhow!("stderr reader panicked"))?;
+            Ok((status, lines))
+        });
+        let (status, lines) = r?;
+        if !status.success() {
+            let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+            bail!("profiled deploy exited with {status}:\n{}", text.join("\n"));
+        }
+        self.verify_serves(&p.label)?;
+        Ok(Profile {
+            secs: sample.secs,
+            sample,
+            lines,
+        })
+    }
+
+    /// Every host answers `GET /version` over HTTP with `label`.
+    pub(crate) fn verify_serves(&self, label: &str) -> Result<()> {
+        for i in 0..self.len() {
+            let body = http_get(self.lab.http_addr(i), "/version")
+                .with_context(|| format!("GET /version on host {i}"))?;
+            if body.trim() != label {
+                bail!("host {i} serves {body:?}, expected {label:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes release `id` from every host (so a rollback to it must re-ship it).
+    pub(crate) fn delete_release(&self, id: &str) -> Result<()> {
+        for i in 0..self.len() {
+            let d = self.lab.site_dir(i).join("releases").join(id);
+            std::fs::remove_dir_all(&d).with_context(|| format!("removing {}", d.display()))?;
+        }
+        sync();
+        Ok(())
+    }
+
+    /// The ssh options cutover itself uses (see `crates/remote/src/ssh.rs`), without its
+    /// control socket, so the system ssh_config applies to both alike.
+    fn ssh_options(&self) -> Vec<String> {
+        vec![
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            "UpdateHostKeys=no".into(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.lab.known_hosts().display()),
+            "-o".into(),
+            "GlobalKnownHostsFile=/dev/null".into(),
+            "-i".into(),
+            self.lab.identity().display().to_string(),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+            "-o".into(),
+            "ConnectTimeout=5".into(),
+        ]
+    }
+
+    /// The physical floor: `tar c[z]f - -C <payload> . | ssh <host> 'mkdir -p D && tar
+    /// x[z]f - -C D'`, one pipeline per host, all started at once, with cutover's ssh options
+    /// (same identity and known_hosts, strict host key checking). Timed from the first spawn
+    /// to the last exit; every host must then hold the payload's `version` file. The copies
+    /// are removed afterwards (untimed).
+    pub(crate) fn floor(&self, p: &Payload, gzip: bool, tag: &str) -> Result<Sample> {
+        sync();
+        let dest = format!("/srv/floor/{tag}");
+        let (c, x) = if gzip { ("czf", "xzf") } else { ("cf", "xf") };
+        let remote = format!("mkdir -p {dest} && tar {x} - -C {dest}");
+        let opts = self.ssh_options();
+        let (errors, sample) = self.meter.time(|| -> Result<Vec<String>> {
+            let mut pipes = Vec::new();
+            for i in 0..self.len() {
+                let mut tar = Command::new("tar")
+                    .args([c, "-", "-C"])
+                    .arg(&p.dir)
+                    .arg(".")
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .context("running tar")?;
+                let out = tar.stdout.take().ok_or_else(|| anyhow!("no tar stdout"))?;
+                let ssh = Command::new("ssh")
+                    .args(&opts)
+                    .arg(self.lab.destination(i))
+                    .arg(&remote)
+                    .stdin(Stdio::from(out))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("running ssh")?;
+                pipes.push((tar, ssh));
+            }
+            let mut errors = Vec::new();
+            for (i, (mut tar, ssh)) in pipes.into_iter().enumerate() {
+                let ts = tar.wait()?;
+                let so = ssh.wait_with_output()?;
+                if !ts.success() || !so.status.success() {
+                    errors.push(format!(
+                        "host {i}: tar {ts}, ssh {}: {}",
+                        so.status,
+                        String::from_utf8_lossy(&so.stderr).trim()
+                    ));
+                }
+            }
+            Ok(errors)
+        });
+        let errors = errors?;
+        if !errors.is_empty() {
+            bail!("floor failed:\n{}", errors.join("\n"));
+        }
+        for i in 0..self.len() {
+            let v = self.lab.srv_dir(i).join("floor").join(tag).join("version");
+            let got = std::fs::read_to_string(&v).unwrap_or_default();
+            if got != p.label {
+                bail!("floor: host {i} holds {got:?} in {}", v.display());
+            }
+        }
+        for i in 0..self.len() {
+            let _ = std::fs::remove_dir_all(self.lab.srv_dir(i).join("floor"));
+        }
+        sync();
+        Ok(sample)
+    }
+}
+
+/// The testlab hosts share this machine's `/root`, and Debian's bash sources `~/.bashrc`
+/// for every command sshd runs, so whatever that file does (on a developer machine, e.g.
+/// `eval "$(pyenv init -)"`: about 0.1 s of CPU) is paid by every SSH session, cutover's and
+/// the floor's alike, and is no part of cutover or of a typical server. This bind-mounts
+/// `/dev/null` over it inside each host's private mount namespace only (gone with the lab).
+fn hide_bashrc(lab: &Lab) -> Result<()> {
+    if !Path::new("/root/.bashrc").exists() {
+        return Ok(());
+    }
+    for i in 0..lab.len() {
+        let out = lab.exec(i, "mount --bind /dev/null /root/.bashrc");
+        if !out.status.success() {
+            bail!(
+                "host {i}: cannot hide /root/.bashrc: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Flushes dirty pages so that one run's writeback does not slow the next.
+fn sync() {
+    let _ = Command::new("sync").status();
+}
+
+/// The body of `GET path` (HTTP/1.1, connection close); an error unless the status is 200.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut b = String::new();
+    s.read_to_string(&mut b)?;
+    let (head, body) = b.split_once("\r\n\r\n").unwrap_or((&b, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{}", head.lines().next().unwrap_or("no status line"));
+    }
+    Ok(body.to_string())
+}

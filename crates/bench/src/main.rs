@@ -1,0 +1,193 @@
+//! `cutover-bench`: runs cutover's benchmarks against testlab hosts (network namespaces with
+//! their own sshd and nginx on this machine) and reports the numbers: markdown tables on
+//! stdout, a section per scenario in `BENCHMARKS.md`, raw samples in
+//! `bench/results/<scenario>.json`. Numbers are reported, never asserted. Needs root.
+//!
+//! One module per scenario ([`deploy_speed`], [`rollback`]); to add one, write a module with a
+//! `pub(crate) fn run(&Ctx) -> anyhow::Result<report::Section>` and register it in
+//! [`SCENARIOS`] with the text that says how to read its table.
+
+mod deploy_speed;
+mod harness;
+mod machine;
+mod meter;
+mod report;
+mod rollback;
+
+use anyhow::{bail, Context as _, Result};
+use clap::Parser;
+use harness::Payload;
+use std::cell::OnceCell;
+use std::path::{Path, PathBuf};
+
+/// A benchmark scenario: its name (CLI argument, section marker, JSON file name), a title,
+/// how to read its table (goes into the head of BENCHMARKS.md) and the code that runs it.
+pub(crate) struct Scenario {
+    pub(crate) name: &'static str,
+    pub(crate) title: &'static str,
+    pub(crate) how_to_read: &'static str,
+    pub(crate) run: fn(&Ctx) -> Result<report::Section>,
+}
+
+/// Every scenario, in the order `all` runs them and BENCHMARKS.md lists them.
+pub(crate) const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "deploy-speed",
+        title: "Deploy speed",
+        how_to_read: deploy_speed::HOW_TO_READ,
+        run: deploy_speed::run,
+    },
+    Scenario {
+        name: "rollback",
+        title: "Rollback latency",
+        how_to_read: rollback::HOW_TO_READ,
+        run: rollback::run,
+    },
+];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cutover-bench",
+    about = "Benchmarks cutover against testlab hosts and writes BENCHMARKS.md (needs root)"
+)]
+struct Cli {
+    /// A scenario name (deploy-speed, rollback) or `all`.
+    scenario: String,
+    /// Small and fast: 10 MiB payloads, at most 4 hosts, one run per cell.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per cell (default 3, or 1 with --quick); each cell reports median, min and max.
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Let the hosts' SSH sessions source this machine's /root/.bashrc (by default it is
+    /// hidden from them; see BENCHMARKS.md).
+    #[arg(long)]
+    host_bashrc: bool,
+}
+
+/// What every scenario gets: settings, the cutover binary, a work dir, lazily made payloads.
+pub(crate) struct Ctx {
+    pub(crate) quick: bool,
+    pub(crate) reps: usize,
+    /// Whether the hosts' SSH sessions source this machine's `/root/.bashrc`.
+    pub(crate) host_bashrc: bool,
+    /// The `cutover` binary (release build).
+    pub(crate) cutover: PathBuf,
+    /// Scratch space for this run (payload directories); removed at the end.
+    pub(crate) work: PathBuf,
+    pub(crate) machine: machine::Machine,
+    /// The command that reproduces this run.
+    pub(crate) command: String,
+    /// Times every run; owns the bench's cpuacct group.
+    pub(crate) meter: meter::Meter,
+    payloads: OnceCell<(Payload, Payload)>,
+}
+
+impl Ctx {
+    /// Files per payload and bytes per file: 400 x 256 KiB = 100 MiB (40 x 256 KiB with
+    /// `--quick`).
+    pub(crate) fn payload_shape(&self) -> (usize, usize) {
+        if self.quick {
+            (40, 256 << 10)
+        } else {
+            (400, 256 << 10)
+        }
+    }
+
+    /// Two different payload directories of the same shape, "a" and "b" (made on first use).
+    pub(crate) fn payloads(&self) -> Result<&(Payload, Payload)> {
+        if let Some(p) = self.payloads.get() {
+            return Ok(p);
+        }
+        let (files, size) = self.payload_shape();
+        eprintln!(
+            "[bench] writing two payloads of {files} x {} KiB pseudo-random files",
+            size >> 10
+        );
+        let a = Payload::create(&self.work.join("payload-a"), "bench-a", files, size, 1)?;
+        let b = Payload::create(&self.work.join("payload-b"), "bench-b", files, size, 2)?;
+        Ok(self.payloads.get_or_init(|| (a, b)))
+    }
+}
+
+/// Removes the work dir when the run ends, however it ends.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // crates/bench -> the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let selected: Vec<&Scenario> = if cli.scenario == "all" {
+        SCENARIOS.iter().collect()
+    } else {
+        match SCENARIOS.iter().find(|s| s.name == cli.scenario) {
+            Some(s) => vec![s],
+            None => bail!(
+                "unknown scenario {:?}; expected one of: {}, all",
+                cli.scenario,
+                SCENARIOS
+                    .iter()
+                    .map(|s| s.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    };
+    let reps = cli.reps.unwrap_or(if cli.quick { 1 } else { 3 });
+    if reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let root = workspace_root();
+    let cutover = harness::build_cutover(&root)?;
+    let work = std::env::temp_dir().join(format!("cutover-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let _work_guard = WorkDir(work.clone());
+
+    let mut command = format!("cargo run --release -p cutover-bench -- {}", cli.scenario);
+    if cli.quick {
+        command.push_str(" --quick");
+    }
+    if let Some(r) = cli.reps {
+        command.push_str(&format!(" --reps {r}"));
+    }
+    if cli.host_bashrc {
+        command.push_str(" --host-bashrc");
+    }
+    let machine = machine::Machine::read(&root, &cutover);
+    let ctx = Ctx {
+        quick: cli.quick,
+        reps,
+        host_bashrc: cli.host_bashrc,
+        cutover,
+        work,
+        machine,
+        command,
+        meter: meter::Meter::new(),
+        payloads: OnceCell::new(),
+    };
+    for s in selected {
+        eprintln!("[bench] scenario {} ({} runs per cell)", s.name, ctx.reps);
+        let section = (s.run)(&ctx).with_context(|| format!("scenario {}", s.name))?;
+        println!("## {}\n\n{}", s.title, section.markdown);
+        report::write_json(&root, s.name, &section.json)?;
+        report::update_benchmarks_md(&root, &ctx, s, &section.markdown)?;
+        eprintln!(
+            "[bench] wrote BENCHMARKS.md section {0} and bench/results/{0}.json",
+            s.name
+        );
+    }
+    Ok(())
+}
