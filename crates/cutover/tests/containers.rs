@@ -531,3 +531,47 @@ fn upgrading_the_proxy_binary_under_load_fails_no_request() {
     fresh.assert_no_failures();
     w.assert_all_serve("u1");
 }
+
+/// kill -9 of a container deploy after staging and after switching: every host keeps serving a
+/// release through its proxy, and the next deploy reconciles the history and succeeds.
+#[test]
+fn kill_9_mid_deploy_then_a_successful_run() {
+    let w = World::new(2, "blue-green");
+    for t in ["k0", "k1", "k2", "k3", "k4"] {
+        w.image(t, true);
+    }
+    w.deploy_ok("k0");
+    for (n, point) in ["after-stage", "after-switch"].iter().enumerate() {
+        let crashed = format!("k{}", 2 * n + 1);
+        let next = format!("k{}", 2 * n + 2);
+        let out = Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["deploy", "--image", &crashed, "-c"])
+            .arg(&w.config)
+            .arg("--data")
+            .arg(w.dir.join("data"))
+            .env("CUTOVER_CRASH_AT", point)
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{point}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for i in 0..2 {
+            let page = w.served(i);
+            assert!(
+                page.trim().starts_with('k'),
+                "{point}: host {i} serves {page}"
+            );
+        }
+        w.deploy_ok(&next);
+        w.assert_all_serve(&next);
+        let h = w.history();
+        assert_ne!(
+            h[1]["status"], "running",
+            "{point}: the interrupted release is marked"
+        );
+    }
+}
