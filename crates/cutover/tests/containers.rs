@@ -73,7 +73,7 @@ stop_timeout = "2s"
 [proxy]
 listen = "0.0.0.0:{PROXY_PORT}"
 drain = "2s"
-hold = "20s"
+hold = "60s"
 install_dir = "/srv/cutover"
 
 [health]
@@ -267,13 +267,13 @@ fn hold_deploys_under_load_fail_no_request() {
     let ka = Load::start(LoadOptions {
         workers_per_target: 2,
         keep_alive: true,
-        timeout: Duration::from_secs(25),
+        timeout: Duration::from_secs(70),
         ..LoadOptions::new(targets.clone())
     });
     let fresh = Load::start(LoadOptions {
         workers_per_target: 2,
         keep_alive: false,
-        timeout: Duration::from_secs(25),
+        timeout: Duration::from_secs(70),
         ..LoadOptions::new(targets)
     });
     for k in 1..=10 {
@@ -442,12 +442,27 @@ fn proxy_restart_keeps_routing() {
     let w = World::new(1, "blue-green");
     w.image("p1", true);
     w.deploy_ok("p1");
-    let out = w.lab.ssh(0, "pkill -TERM -f '^/srv/cutover/cutover proxy run'; sleep 2; /srv/cutover/cutover proxy status --dir /srv/cutover");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Kill this host's proxy by the pid its own control socket reports (test hosts share one
+    // pid namespace, so a name pattern would hit other tests' proxies); the supervisor
+    // restarts it, and the restarted proxy routes from its state file.
+    let pid = |w: &World| -> Option<u64> {
+        let out = w.lab.ssh(
+            0,
+            "/srv/cutover/cutover proxy status --dir /srv/cutover --json",
+        );
+        serde_json::from_slice::<Value>(&out.stdout).ok()?["pid"].as_u64()
+    };
+    let before = pid(&w).expect("the proxy answers");
+    assert!(w
+        .lab
+        .ssh(0, &format!("kill -TERM {before}"))
+        .status
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pid(&w).is_none_or(|p| p == before) {
+        assert!(std::time::Instant::now() < deadline, "the proxy came back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     w.assert_all_serve("p1");
     let out = w.run(&["check"]);
     assert_eq!(
