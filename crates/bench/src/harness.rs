@@ -502,7 +502,7 @@ give_up_after = "20s"
 /// `eval "$(pyenv init -)"`: about 0.1 s of CPU) is paid by every SSH session, cutover's and
 /// the floor's alike, and is no part of cutover or of a typical server. This bind-mounts
 /// `/dev/null` over it inside each host's private mount namespace only (gone with the lab).
-fn hide_bashrc(lab: &Lab) -> Result<()> {
+pub(crate) fn hide_bashrc(lab: &Lab) -> Result<()> {
     if !Path::new("/root/.bashrc").exists() {
         return Ok(());
     }

@@ -3,16 +3,19 @@
 //! stdout, a section per scenario in `BENCHMARKS.md`, raw samples in
 //! `bench/results/<scenario>.json`. Numbers are reported, never asserted. Needs root.
 //!
-//! One module per scenario ([`deploy_speed`], [`rollback`]); to add one, write a module with a
+//! One module per scenario ([`deploy_speed`], [`rollback`], [`switch`], [`proxy`]); to add one, write a module with a
 //! `pub(crate) fn run(&Ctx) -> anyhow::Result<report::Section>` and register it in
 //! [`SCENARIOS`] with the text that says how to read its table.
 
+mod containers;
 mod deploy_speed;
 mod harness;
 mod machine;
 mod meter;
+mod proxy;
 mod report;
 mod rollback;
+mod switch;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
@@ -43,6 +46,18 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         how_to_read: rollback::HOW_TO_READ,
         run: rollback::run,
     },
+    Scenario {
+        name: "switch",
+        title: "Container switch under load",
+        how_to_read: switch::HOW_TO_READ,
+        run: switch::run,
+    },
+    Scenario {
+        name: "proxy",
+        title: "Proxy overhead",
+        how_to_read: proxy::HOW_TO_READ,
+        run: proxy::run,
+    },
 ];
 
 #[derive(Debug, Parser)]
@@ -51,9 +66,10 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
     about = "Benchmarks cutover against testlab hosts and writes BENCHMARKS.md (needs root)"
 )]
 struct Cli {
-    /// A scenario name (deploy-speed, rollback) or `all`.
+    /// A scenario name (deploy-speed, rollback, switch, proxy) or `all`.
     scenario: String,
-    /// Small and fast: 10 MiB payloads, at most 4 hosts, one run per cell.
+    /// Small and fast: 10 MiB payloads, at most 4 hosts, one run per cell, 3 container
+    /// switches per method, 3 s proxy loads.
     #[arg(long)]
     quick: bool,
     /// Runs per cell (default 3, or 1 with --quick); each cell reports median, min and max.

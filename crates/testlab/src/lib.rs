@@ -16,7 +16,7 @@ mod load;
 mod sys;
 
 pub use lab::{Lab, LabOptions};
-pub use load::{Load, LoadOptions, LoadReport};
+pub use load::{Load, LoadOptions, LoadReport, RequestSample};
 
 /// Cleans up after labs whose test process died without dropping them
 /// (e.g. killed by a test timeout): kills their processes, deletes their

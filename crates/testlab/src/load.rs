@@ -48,6 +48,9 @@ pub struct LoadOptions {
     pub timeout: Duration,
     /// Sleep between requests of one worker (default 2ms).
     pub pause: Duration,
+    /// Keep a ledger of every request in [`LoadReport::samples`] (default
+    /// false): when it started, how long it took, whether it succeeded.
+    pub record: bool,
 }
 
 impl Default for LoadOptions {
@@ -60,6 +63,7 @@ impl Default for LoadOptions {
             keep_alive: true,
             timeout: Duration::from_secs(5),
             pause: Duration::from_millis(2),
+            record: false,
         }
     }
 }
@@ -91,6 +95,29 @@ pub struct LoadReport {
     pub bodies: BTreeMap<String, u64>,
     /// Time from start to stop.
     pub elapsed: Duration,
+    /// Every counted request in start order, if [`LoadOptions::record`]
+    /// was set (empty otherwise). Requests abandoned by `stop` are not in
+    /// it, as they are not counted.
+    pub samples: Vec<RequestSample>,
+}
+
+/// One request of the ledger ([`LoadOptions::record`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestSample {
+    /// When the request started (before connecting, if it had to), since
+    /// [`Load::started`].
+    pub at: Duration,
+    /// How long it took, connect included.
+    pub latency: Duration,
+    /// Whether it succeeded (2xx with its complete body).
+    pub ok: bool,
+}
+
+impl RequestSample {
+    /// When the request ended, since [`Load::started`].
+    pub fn end(&self) -> Duration {
+        self.at + self.latency
+    }
 }
 
 impl LoadReport {
@@ -139,6 +166,7 @@ struct WorkerStats {
     failures: Vec<(Duration, String)>,
     max_latency: Duration,
     bodies: BTreeMap<String, u64>,
+    samples: Vec<RequestSample>,
 }
 
 /// Shared, read-only worker configuration.
@@ -150,6 +178,7 @@ struct Shared {
     timeout: Duration,
     pause: Duration,
     keep_alive: bool,
+    record: bool,
 }
 
 impl Load {
@@ -172,6 +201,7 @@ impl Load {
             timeout: opts.timeout,
             pause: opts.pause,
             keep_alive: opts.keep_alive,
+            record: opts.record,
         });
         let mut workers = Vec::new();
         for &target in &opts.targets {
@@ -205,6 +235,12 @@ impl Load {
             started,
             workers,
         }
+    }
+
+    /// When the load started: the origin of [`RequestSample::at`] and of
+    /// the failures' `t=`.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// Successful requests so far.
@@ -251,7 +287,9 @@ impl Load {
                 *report.bodies.entry(k).or_insert(0) += v;
             }
             failures.extend(stats.failures);
+            report.samples.extend(stats.samples);
         }
+        report.samples.sort_by_key(|s| s.at);
         failures.sort_by_key(|(t, _)| *t);
         report.failures = failures
             .into_iter()
@@ -298,6 +336,13 @@ fn worker(sh: &Shared, target: SocketAddr, req: &[u8]) -> WorkerStats {
         let t0 = Instant::now();
         let result = request(sh, &mut conn, target, req, t0 + sh.timeout);
         let latency = t0.elapsed();
+        if sh.record && !matches!(result, Err(Fail::Aborted)) {
+            stats.samples.push(RequestSample {
+                at: t0.duration_since(sh.started),
+                latency,
+                ok: result.is_ok(),
+            });
+        }
         match result {
             Ok(line) => {
                 stats.ok += 1;
@@ -730,6 +775,41 @@ mod tests {
             report.failures[0].contains("on reused connection"),
             "{report:?}"
         );
+    }
+
+    #[test]
+    fn the_ledger_holds_every_counted_request() {
+        let addr = serve(vec![
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n",
+            "HTTP/1.1 503 Busy\r\nContent-Length: 5\r\n\r\nbusy\n",
+        ]);
+        let load = Load::start(LoadOptions {
+            workers_per_target: 2,
+            record: true,
+            ..LoadOptions::new(vec![addr])
+        });
+        assert!(load.wait_for_ok(20, Duration::from_secs(10)));
+        let started = load.started();
+        let report = load.stop();
+        assert!(started.elapsed() >= report.elapsed);
+        assert_eq!(
+            report.samples.len() as u64,
+            report.ok + report.failed,
+            "{report}"
+        );
+        let ok = report.samples.iter().filter(|s| s.ok).count() as u64;
+        assert_eq!(ok, report.ok);
+        assert!(report.samples.windows(2).all(|w| w[0].at <= w[1].at));
+        assert!(report
+            .samples
+            .iter()
+            .all(|s| s.latency <= report.max_latency && s.end() >= s.at));
+        let unrecorded = run(
+            vec!["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+            true,
+            5,
+        );
+        assert!(unrecorded.ok >= 5 && unrecorded.samples.is_empty());
     }
 
     #[test]
