@@ -303,44 +303,12 @@ fn docker_requires_the_option() {
     assert!(r.is_err());
 }
 
-/// Child half of `stale_docker_labs_are_reaped`: starts a docker lab with a
-/// running container, reports it and waits to be killed.
-#[test]
-#[ignore = "helper run by stale_docker_labs_are_reaped"]
-fn docker_crash_child() {
-    if std::env::var("TESTLAB_CRASH_CHILD").is_err() {
-        return;
-    }
-    // Also covers the vfs storage driver (the fallback when overlay2 fails).
-    let lab = Lab::start_with(LabOptions {
-        hosts: 1,
-        docker: true,
-        docker_storage_driver: Some("vfs".into()),
-        ..LabOptions::default()
-    });
-    let driver = assert_ok(&lab.docker(0, &["info", "--format", "{{.Driver}}"]), "info");
-    assert_eq!(driver.trim(), "vfs");
-    let web = lab.build_web_image("web:v1", "x", true);
-    assert_ok(&lab.docker(0, &["run", "-d", "--name", "web", &web]), "run");
-    let pid = assert_ok(
-        &lab.docker(0, &["inspect", "-f", "{{.State.Pid}}", "web"]),
-        "pid",
-    );
-    println!(
-        "LAB {} {} {}",
-        lab.number(),
-        lab.dir().display(),
-        pid.trim()
-    );
-    std::thread::sleep(Duration::from_secs(120));
-}
-
 #[test]
 fn stale_docker_labs_are_reaped() {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "docker_crash_child", "--ignored", "--nocapture"])
-        .env("TESTLAB_CRASH_CHILD", "1")
+    // A separate process that starts a lab and is then SIGKILLed, so no Drop runs.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_testlab-crash-child"))
+        .arg("docker")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -296,25 +296,12 @@ fn drop_cleans_up() {
     let _ = child.wait();
 }
 
-/// Child half of `stale_labs_are_reaped`: starts a lab, reports its number
-/// and waits to be killed.
-#[test]
-#[ignore = "helper run by stale_labs_are_reaped"]
-fn crash_child() {
-    if std::env::var("TESTLAB_CRASH_CHILD").is_err() {
-        return;
-    }
-    let lab = Lab::start(1);
-    println!("LAB {} {}", lab.number(), lab.dir().display());
-    std::thread::sleep(Duration::from_secs(120));
-}
-
 #[test]
 fn stale_labs_are_reaped() {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--ignored", "--nocapture"])
-        .env("TESTLAB_CRASH_CHILD", "1")
+    // A separate process that starts a lab and is then SIGKILLed, so no Drop runs.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_testlab-crash-child"))
+        .arg("plain")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
