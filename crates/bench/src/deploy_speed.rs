@@ -162,7 +162,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     if ctx.reps > 1 && rows.iter().any(|r| !floor_gz_in(r.hosts, 2)) {
         md.push_str(&format!(
             "The tar.gz floor on 16 hosts ran once, not {} times: one run takes about a \
-             minute there, and this keeps a full run of the bench near ten minutes.\n\n",
+             minute there, and this keeps the deploy-speed scenario near nine minutes.\n\n",
             ctx.reps
         ));
     }
@@ -210,7 +210,7 @@ fn row_json(r: &Row) -> Value {
 }
 
 /// Whether the tar.gz floor runs in repetition `rep` on `n` hosts: on 16 hosts only once
-/// (it takes about a minute there), to keep a full run near ten minutes.
+/// (it takes about a minute there), to keep the deploy-speed scenario near nine minutes.
 fn floor_gz_in(n: usize, rep: usize) -> bool {
     n < 16 || rep == 1
 }

@@ -295,7 +295,7 @@ fn head(ctx: &Ctx) -> String {
          uses 10 MiB payloads, at most 4 hosts and one run per cell; `--reps N` sets the runs \
          per cell (default 3); `--host-bashrc` lets the hosts' SSH sessions source \
          `/root/.bashrc` (see below). The bench builds `cutover` itself (`cargo build --release -p \
-         cutover`). Each section says how long its scenario took (a full run is about ten minutes \
+         cutover`). Each section says how long its scenario took (a full run of every scenario is about fourteen minutes \
          on a 2-core machine). Raw samples: `bench/results/<scenario>.json`.\n\n",
         ctx.command
     ));

@@ -84,7 +84,7 @@ struct RawFiles {
     max_entries: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     url: Option<String>,
@@ -423,51 +423,7 @@ impl Config {
             )
         })?;
         let url = HealthUrl::parse(url).map_err(|m| err("health.url", m))?;
-        let dur =
-            |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
-                match v {
-                    None => Ok(default),
-                    Some(s) => {
-                        let d = parse_duration(s).map_err(|m| err(key, m))?;
-                        if d.is_zero() {
-                            return Err(err(key, "expected a duration above zero".into()));
-                        }
-                        Ok(d)
-                    }
-                }
-            };
-        let expect = match h.expect {
-            None => 200,
-            Some(n) if (100..=599).contains(&n) => n as u16,
-            Some(n) => {
-                return Err(err(
-                    "health.expect",
-                    format!("expected an HTTP status 100-599, got {n}"),
-                ))
-            }
-        };
-        let healthy_after = match h.healthy_after {
-            None => 2,
-            Some(n) if (1..=100).contains(&n) => n as u32,
-            Some(n) => {
-                return Err(err(
-                    "health.healthy_after",
-                    format!("expected 1 to 100, got {n}"),
-                ))
-            }
-        };
-        let health = HealthConfig {
-            url,
-            expect,
-            timeout: dur("health.timeout", &h.timeout, Duration::from_secs(2))?,
-            interval: dur("health.interval", &h.interval, Duration::from_millis(500))?,
-            healthy_after,
-            give_up_after: dur(
-                "health.give_up_after",
-                &h.give_up_after,
-                Duration::from_secs(30),
-            )?,
-        };
+        let health = health_config(&h, url, &err)?;
 
         let build = match raw.build {
             None => None,
@@ -515,15 +471,7 @@ impl Config {
         let container = crate::container::validate_container(rc).map_err(|(k, m)| err(&k, m))?;
         let proxy = crate::container::validate_proxy(rp.unwrap_or_default())
             .map_err(|(k, m)| err(&k, m))?;
-        let h = h.unwrap_or(RawHealth {
-            url: None,
-            path: None,
-            expect: None,
-            timeout: None,
-            interval: None,
-            healthy_after: None,
-            give_up_after: None,
-        });
+        let h = h.unwrap_or_default();
         if h.url.is_some() {
             return Err(err(
                 "health.url",
@@ -538,54 +486,13 @@ impl Config {
                 format!("expected a path like \"/up\", got {path:?}"),
             ));
         }
-        let dur =
-            |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
-                match v {
-                    None => Ok(default),
-                    Some(s) => match parse_duration(s) {
-                        Ok(d) if !d.is_zero() => Ok(d),
-                        Ok(_) => Err(err(key, "expected a duration above zero".into())),
-                        Err(m) => Err(err(key, m)),
-                    },
-                }
-            };
-        let expect = match h.expect {
-            None => 200,
-            Some(n) if (100..=599).contains(&n) => n as u16,
-            Some(n) => {
-                return Err(err(
-                    "health.expect",
-                    format!("expected an HTTP status 100-599, got {n}"),
-                ))
-            }
-        };
-        let healthy_after = match h.healthy_after {
-            None => 2,
-            Some(n) if (1..=100).contains(&n) => n as u32,
-            Some(n) => {
-                return Err(err(
-                    "health.healthy_after",
-                    format!("expected 1 to 100, got {n}"),
-                ))
-            }
-        };
         let listen: std::net::SocketAddr = proxy.listen.parse().expect("validated");
-        let health = HealthConfig {
-            url: HealthUrl {
-                host: "127.0.0.1".into(),
-                port: listen.port(),
-                path: path.clone(),
-            },
-            expect,
-            timeout: dur("health.timeout", &h.timeout, Duration::from_secs(2))?,
-            interval: dur("health.interval", &h.interval, Duration::from_millis(500))?,
-            healthy_after,
-            give_up_after: dur(
-                "health.give_up_after",
-                &h.give_up_after,
-                Duration::from_secs(30),
-            )?,
+        let url = HealthUrl {
+            host: "127.0.0.1".into(),
+            port: listen.port(),
+            path: path.clone(),
         };
+        let health = health_config(&h, url, &err)?;
         let files = FilesConfig {
             source: None,
             root: format!("{}/apps/{app}", proxy.install_dir),
@@ -768,6 +675,57 @@ fn parse_build(
         env,
         pass_env,
         cache: b.cache.unwrap_or(false),
+    })
+}
+
+/// The gate settings shared by files and container apps: `expect`, `timeout`, `interval`,
+/// `healthy_after`, `give_up_after`, with their defaults.
+fn health_config(
+    h: &RawHealth,
+    url: HealthUrl,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<HealthConfig, ConfigError> {
+    let dur = |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => match parse_duration(s) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(err(key, "expected a duration above zero".into())),
+                Err(m) => Err(err(key, m)),
+            },
+        }
+    };
+    let expect = match h.expect {
+        None => 200,
+        Some(n) if (100..=599).contains(&n) => n as u16,
+        Some(n) => {
+            return Err(err(
+                "health.expect",
+                format!("expected an HTTP status 100-599, got {n}"),
+            ))
+        }
+    };
+    let healthy_after = match h.healthy_after {
+        None => 2,
+        Some(n) if (1..=100).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(err(
+                "health.healthy_after",
+                format!("expected 1 to 100, got {n}"),
+            ))
+        }
+    };
+    Ok(HealthConfig {
+        url,
+        expect,
+        timeout: dur("health.timeout", &h.timeout, Duration::from_secs(2))?,
+        interval: dur("health.interval", &h.interval, Duration::from_millis(500))?,
+        healthy_after,
+        give_up_after: dur(
+            "health.give_up_after",
+            &h.give_up_after,
+            Duration::from_secs(30),
+        )?,
     })
 }
 

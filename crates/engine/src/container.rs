@@ -18,16 +18,16 @@
 
 use crate::gate::{run_gate, GateSpec};
 use crate::hostops::{self, HostLock, OpError, Prepared};
-use crate::protocol::{HostOutcome, Outcome};
-use crate::{crash_point, exit, identity, now_secs, now_utc, par_map, Hosts, Phase, Reporter};
+use crate::protocol::{facts, next_release_id, pick_rollback_target, HostOutcome, Outcome};
+use crate::{crash_point, exit, identity, now_utc, par_map, Hosts, Phase, Reporter};
 use cutover_core::config::ContainerApp;
 use cutover_core::container::Strategy;
-use cutover_core::plan::{self, ReleaseFacts};
-use cutover_core::{Config, ReleaseId};
+use cutover_core::plan;
+use cutover_core::Config;
 use cutover_docker as docker;
 use cutover_proxy::{DeployOptions, DeployRequest, Request, Response};
 use cutover_remote::{Remote, Script};
-use cutover_store::{Holder, NewRelease, Release, Store};
+use cutover_store::{Holder, NewRelease, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -179,17 +179,6 @@ impl Rec<'_> {
     }
 }
 
-fn facts(releases: &[Release]) -> Vec<ReleaseFacts> {
-    releases
-        .iter()
-        .map(|r| ReleaseFacts {
-            id: r.id.clone(),
-            succeeded: r.status == "succeeded",
-            bad: r.bad,
-        })
-        .collect()
-}
-
 /// Runs a container deploy or rollback to the end.
 pub fn run(
     config: &Config,
@@ -263,29 +252,10 @@ fn locked(
     // Rollback: the target and its recorded config. Deploy: known after the pull.
     let mut target: Option<(String, Snapshot)> = None;
     if let ContainerRequest::Rollback { to } = req {
-        let t = match to {
-            Some(t) => releases
-                .iter()
-                .find(|r| r.id == *t || (t.len() >= 7 && r.id.ends_with(t.as_str()))),
-            None => plan::rollback_target(&facts(&releases), live.as_deref())
-                .and_then(|f| releases.iter().find(|r| r.id == f.id)),
+        let t = match pick_rollback_target(app, &releases, live.as_deref(), to.as_deref()) {
+            Ok(t) => t,
+            Err(m) => return Outcome::refused(kind, app, exit::USAGE, m),
         };
-        let Some(t) = t else {
-            return Outcome::refused(
-                kind,
-                app,
-                exit::USAGE,
-                format!("app `{app}` has no release to roll back to (see `cutover history`)"),
-            );
-        };
-        if live.as_deref() == Some(t.id.as_str()) {
-            return Outcome::refused(
-                kind,
-                app,
-                exit::USAGE,
-                format!("release {} is already live", t.id),
-            );
-        }
         let Ok(snap) = serde_json::from_str::<Snapshot>(&t.snapshot) else {
             return Outcome::refused(
                 kind,
@@ -539,12 +509,7 @@ fn locked(
             }
             let pinned = digests.into_iter().next().expect("one").to_string();
             let hex = pinned.rsplit(':').next().unwrap_or("").to_string();
-            let newest = releases.iter().map(|r| r.id.as_str()).max().unwrap_or("");
-            let mut now = now_secs();
-            while ReleaseId::new(now, &hex, 0).as_str() <= newest {
-                now += 1;
-            }
-            let id = ReleaseId::new(now, &hex, 0).to_string();
+            let id = next_release_id(&releases, &hex);
             let snap = snapshot(config, capp, &pinned);
             let _ = store.insert_release(&NewRelease {
                 id: &id,

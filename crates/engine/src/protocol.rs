@@ -364,7 +364,7 @@ struct Imported {
     commit_subject: Option<String>,
 }
 
-fn facts(releases: &[Release]) -> Vec<ReleaseFacts> {
+pub(crate) fn facts(releases: &[Release]) -> Vec<ReleaseFacts> {
     releases
         .iter()
         .map(|r| ReleaseFacts {
@@ -373,6 +373,42 @@ fn facts(releases: &[Release]) -> Vec<ReleaseFacts> {
             bad: r.bad,
         })
         .collect()
+}
+
+/// A new release id for content `sha_hex`, newer than every recorded one: a release started
+/// within the same second as the newest takes the next second, so history order and rollback
+/// order never disagree.
+pub(crate) fn next_release_id(releases: &[Release], sha_hex: &str) -> String {
+    let newest = releases.iter().map(|r| r.id.as_str()).max().unwrap_or("");
+    let mut now = now_secs();
+    while ReleaseId::new(now, sha_hex, 0).as_str() <= newest {
+        now += 1;
+    }
+    ReleaseId::new(now, sha_hex, 0).to_string()
+}
+
+/// The release a rollback goes to: `to` (an id or its last 7+ characters), or the newest
+/// release before the live one that succeeded everywhere and is not marked bad. Never the live
+/// one. `Err` is the message for an exit-2 refusal.
+pub(crate) fn pick_rollback_target<'a>(
+    app: &str,
+    releases: &'a [Release],
+    live: Option<&str>,
+    to: Option<&str>,
+) -> Result<&'a Release, String> {
+    let target = match to {
+        Some(t) => releases
+            .iter()
+            .find(|r| r.id == t || (t.len() >= 7 && r.id.ends_with(t)))
+            .ok_or_else(|| format!("no release `{t}` in the history of app `{app}` (see `cutover history`)"))?,
+        None => plan::rollback_target(&facts(releases), live)
+            .and_then(|f| releases.iter().find(|r| r.id == f.id))
+            .ok_or_else(|| format!("app `{app}` has no release before the live one that succeeded on every host and is not marked bad; nothing to roll back to (see `cutover history`)"))?,
+    };
+    if live == Some(target.id.as_str()) {
+        return Err(format!("release {} is already live", target.id));
+    }
+    Ok(target)
 }
 
 #[allow(clippy::too_many_lines, clippy::too_many_arguments)]
@@ -407,45 +443,15 @@ fn locked(
     let (release_id, settings, artifact_sha, new_release) = match (req, &imported) {
         (RunRequest::Deploy { .. } | RunRequest::Build { .. }, Some(imp)) => {
             let a = &imp.artifact;
-            // Ids sort by time: a release started within the same second as the newest one
-            // takes the next second, so history order and rollback order never disagree.
-            let newest = releases.iter().map(|r| r.id.as_str()).max().unwrap_or("");
-            let mut now = now_secs();
-            while ReleaseId::new(now, &a.sha256, 0).as_str() <= newest {
-                now += 1;
-            }
-            let id = ReleaseId::new(now, &a.sha256, 0).to_string();
+            let id = next_release_id(&releases, &a.sha256);
             (id, Settings::from_config(config), a.sha256.clone(), true)
         }
         (RunRequest::Rollback { to }, _) => {
-            let target = match to {
-                Some(t) => match releases.iter().find(|r| r.id == *t || (t.len() >= 7 && r.id.ends_with(t.as_str()))) {
-                    Some(r) => r,
-                    None => return Outcome::refused(kind, app, exit::USAGE, format!("no release `{t}` in the history of app `{app}` (see `cutover history`)")),
-                },
-                None => {
-                    let f = facts(&releases);
-                    match plan::rollback_target(&f, live.as_deref()) {
-                        Some(t) => releases.iter().find(|r| r.id == t.id).expect("target is in the list"),
-                        None => {
-                            return Outcome::refused(
-                                kind,
-                                app,
-                                exit::USAGE,
-                                format!("app `{app}` has no release before the live one that succeeded on every host and is not marked bad; nothing to roll back to (see `cutover history`)"),
-                            )
-                        }
-                    }
-                }
+            let target = match pick_rollback_target(app, &releases, live.as_deref(), to.as_deref())
+            {
+                Ok(t) => t,
+                Err(m) => return Outcome::refused(kind, app, exit::USAGE, m),
             };
-            if live.as_deref() == Some(target.id.as_str()) {
-                return Outcome::refused(
-                    kind,
-                    app,
-                    exit::USAGE,
-                    format!("release {} is already live", target.id),
-                );
-            }
             (
                 target.id.clone(),
                 Settings::of_release(target, config),
