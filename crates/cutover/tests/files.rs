@@ -804,3 +804,167 @@ fn check_reports_every_host() {
         );
     }
 }
+
+/// Pseudo-random bytes that gzip cannot shrink (splitmix64).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Every entry under `dir` except cutover's own release metadata: path -> what it is.
+fn tree_of(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(root: &Path, d: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == ".cutover-release.json" {
+                continue;
+            }
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(rel, format!("link {}", t.display()));
+            } else if m.is_dir() {
+                out.insert(rel, "dir".into());
+                walk(root, &p, out);
+            } else {
+                let body = std::fs::read(&p).unwrap();
+                let exec = m.permissions().mode() & 0o111 != 0;
+                out.insert(
+                    rel,
+                    format!("file exec={exec} {} {:x}", body.len(), hash(&body)),
+                );
+            }
+        }
+    }
+    fn hash(b: &[u8]) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        b.hash(&mut h);
+        h.finish()
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn inode(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().ino()
+}
+
+#[test]
+fn a_redeploy_sends_only_what_changed_and_each_release_stays_whole() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new(2);
+    // v1: 40 files of 64 KiB that do not compress, in two directories, plus a symlink.
+    let d = w.build("v1");
+    for k in 0..40 {
+        let sub = d.join(if k % 2 == 0 { "a" } else { "b/c" });
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(format!("f{k}.bin")), noise(k, 64 << 10)).unwrap();
+    }
+    std::os::unix::fs::symlink("a/f0.bin", d.join("latest")).unwrap();
+    let (code, first) = w.deploy(&d);
+    assert_eq!(code, 0, "{first}");
+    let v1 = first["release"].as_str().unwrap().to_string();
+    let full = first["hosts"][w.lab.destination(0)]["uploaded_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        full > 40 * (64 << 10),
+        "the first deploy sends everything: {full}"
+    );
+    let v1_tree = tree_of(&d);
+
+    // v2: one file changed, one removed, one added, one made executable, the symlink moved,
+    // and the page changed.
+    std::fs::write(d.join("index.html"), "v2\n").unwrap();
+    std::fs::write(d.join("version"), "v2").unwrap();
+    std::fs::write(d.join("a/f2.bin"), noise(1000, 64 << 10)).unwrap();
+    std::fs::remove_file(d.join("b/c/f3.bin")).unwrap();
+    std::fs::write(d.join("b/new.bin"), noise(2000, 64 << 10)).unwrap();
+    std::fs::set_permissions(d.join("a/f4.bin"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::remove_file(d.join("latest")).unwrap();
+    std::os::unix::fs::symlink("b/new.bin", d.join("latest")).unwrap();
+    let (code, second) = w.deploy(&d);
+    assert_eq!(code, 0, "{second}");
+    let v2 = second["release"].as_str().unwrap().to_string();
+    for (host, h) in second["hosts"].as_object().unwrap() {
+        let sent = h["uploaded_bytes"].as_u64().unwrap();
+        // Two 64 KiB files changed (changed + added; the chmod is a header), not 40.
+        assert!(
+            sent < 4 * (64 << 10) && sent < full / 8,
+            "{host}: a 1-file change sent {sent} of {full} bytes"
+        );
+    }
+    w.assert_all_serve("v2");
+    let v2_tree = tree_of(&d);
+    for i in 0..2 {
+        let rel = w.site(i).join("releases");
+        assert_eq!(
+            tree_of(&rel.join(&v2)),
+            v2_tree,
+            "host {i}: v2 is exactly the artifact"
+        );
+        assert_eq!(
+            tree_of(&rel.join(&v1)),
+            v1_tree,
+            "host {i}: v1 is untouched"
+        );
+        assert_eq!(
+            inode(&rel.join(&v1).join("a/f6.bin")),
+            inode(&rel.join(&v2).join("a/f6.bin")),
+            "host {i}: an unchanged file is a hard link, not a copy"
+        );
+        assert_ne!(
+            inode(&rel.join(&v1).join("a/f4.bin")),
+            inode(&rel.join(&v2).join("a/f4.bin")),
+            "host {i}: a file whose mode changed is a new file, so v1 keeps its mode"
+        );
+    }
+
+    // Rolling back serves v1 exactly again.
+    let out = w.run(&["rollback", "--json", "--to", &v1]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    w.assert_all_serve("v1");
+
+    // A release modified on a host (a file of v1 removed there) cannot be a base: that
+    // host gets the whole artifact, the other a delta, and both end up exact.
+    std::fs::remove_file(w.site(0).join("releases").join(&v1).join("a/f8.bin")).unwrap();
+    std::fs::write(d.join("index.html"), "v3\n").unwrap();
+    std::fs::write(d.join("version"), "v3").unwrap();
+    let (code, third) = w.deploy(&d);
+    assert_eq!(code, 0, "{third}");
+    let v3 = third["release"].as_str().unwrap().to_string();
+    let sent = |i: usize| {
+        third["hosts"][w.lab.destination(i)]["uploaded_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        sent(0) > full / 2,
+        "host 0 fell back to the whole artifact: {}",
+        sent(0)
+    );
+    assert!(sent(1) < full / 8, "host 1 got a delta: {}", sent(1));
+    w.assert_all_serve("v3");
+    let v3_tree = tree_of(&d);
+    for i in 0..2 {
+        assert_eq!(
+            tree_of(&w.site(i).join("releases").join(&v3)),
+            v3_tree,
+            "host {i}"
+        );
+    }
+}

@@ -1191,6 +1191,11 @@ impl ArtifactStore {
         self.commit(temp, sha256, size, summary)
     }
 
+    /// The store's directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where the tarball with this digest lives: `<dir>/<sha256>.tar.gz`.
     pub fn path_of(&self, sha256: &str) -> PathBuf {
         self.dir.join(format!("{sha256}.tar.gz"))

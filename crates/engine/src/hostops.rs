@@ -25,6 +25,8 @@ pub(crate) struct Prepared {
     pub(crate) lock: HostLock,
     pub(crate) current: Option<String>,
     pub(crate) releases: Vec<String>,
+    /// The host can stage from a delta (GNU `cp --parents` and `xargs`; see [`crate::delta`]).
+    pub(crate) delta: bool,
 }
 
 /// A host-side failure that is not a connection problem.
@@ -93,6 +95,7 @@ fi
 rm -rf "$root"/releases/*.partial "$root"/.cutover/current.*.tmp
 printf 'CURRENT %s\n' "$(readlink "$root/current" 2>/dev/null)"
 for d in "$root"/releases/*; do [ -d "$d" ] && printf 'REL %s\n' "${d##*/}"; done
+if cp --help 2>&1 | grep -q -e '--parents' && command -v xargs >/dev/null 2>&1; then echo "DELTA yes"; fi
 exit 0
 "#
 );
@@ -113,6 +116,7 @@ fi
 rm -rf "$root"/releases/*.partial "$root"/.cutover/current.*.tmp
 printf 'CURRENT %s\n' "$(readlink "$root/current" 2>/dev/null)"
 for d in "$root"/releases/*; do [ -d "$d" ] && printf 'REL %s\n' "${d##*/}"; done
+if cp --help 2>&1 | grep -q -e '--parents' && command -v xargs >/dev/null 2>&1; then echo "DELTA yes"; fi
 exit 0
 "#;
 
@@ -129,6 +133,41 @@ if ! tar -x -z -o -f - -C "$id.partial"; then
   echo "ERR unpacking into $root/releases/$id.partial failed (disk full? see the tar message); the partial directory was removed"
   exit 4
 fi
+if ! printf '%s\n' "$meta" > "$id.partial/.cutover-release.json"; then
+  rm -rf "$id.partial"
+  echo "ERR cannot write $id.partial/.cutover-release.json (disk full?)"
+  exit 4
+fi
+mv "$id.partial" "$id" || { rm -rf "$id.partial"; echo "ERR cannot rename $id.partial to $id"; exit 4; }
+echo STAGED
+"#;
+
+/// Stages from a delta tarball (see [`crate::delta`]): unpack it into a fresh `.partial`
+/// directory, then hard-link the listed unchanged files from the base release into it.
+const STAGE_DELTA: &str = r#"
+set -u
+root={root}
+id={id}
+base={base}
+meta={meta}
+links_name={links}
+cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
+[ -d "$base" ] || { echo "ERR the base release $base is not on this host"; exit 3; }
+rm -rf "$id.partial"
+mkdir "$id.partial" || { echo "ERR cannot create $root/releases/$id.partial"; exit 3; }
+if ! tar -x -z -o -f - -C "$id.partial"; then
+  rm -rf "$id.partial"
+  echo "ERR unpacking into $root/releases/$id.partial failed (disk full? see the tar message); the partial directory was removed"
+  exit 4
+fi
+links="$id.partial/$links_name"
+[ -f "$links" ] || { rm -rf "$id.partial"; echo "ERR the delta carried no list of unchanged files"; exit 4; }
+if ! ( cd "$base" && xargs -0 -r cp -l --parents -t "../$id.partial" -- < "../$links" ); then
+  rm -rf "$id.partial"
+  echo "ERR linking the unchanged files from release $base failed (was it modified on the host?); the partial directory was removed"
+  exit 4
+fi
+rm -f "$links"
 if ! printf '%s\n' "$meta" > "$id.partial/.cutover-release.json"; then
   rm -rf "$id.partial"
   echo "ERR cannot write $id.partial/.cutover-release.json (disk full?)"
@@ -190,8 +229,11 @@ fn parse_prepared(out: &Output) -> Result<Prepared, OpError> {
     let mut lock = None;
     let mut current = None;
     let mut releases = Vec::new();
+    let mut delta = false;
     for line in out.stdout.lines() {
-        if line == "LOCK acquired" {
+        if line == "DELTA yes" {
+            delta = true;
+        } else if line == "LOCK acquired" {
             lock = Some(HostLock::Acquired);
         } else if let Some(h) = line.strip_prefix("LOCK held") {
             lock = Some(HostLock::Held(h.trim().to_string()));
@@ -209,6 +251,7 @@ fn parse_prepared(out: &Output) -> Result<Prepared, OpError> {
         lock,
         current,
         releases,
+        delta,
     })
 }
 
@@ -248,6 +291,33 @@ pub(crate) fn stage(
         Ok(())
     } else {
         Err(failed(&out, "staging"))
+    }
+}
+
+/// Stages release `id` from a delta against release `base` (already on the host).
+pub(crate) fn stage_delta(
+    r: &dyn Remote,
+    root: &str,
+    id: &str,
+    base: &str,
+    meta: &str,
+    delta: &mut (dyn Read + Send),
+) -> Result<(), OpError> {
+    let s = Script::new(
+        STAGE_DELTA,
+        &[
+            ("root", root),
+            ("id", id),
+            ("base", base),
+            ("meta", meta),
+            ("links", crate::delta::LINKS),
+        ],
+    );
+    let out = r.run(&s, Some(delta))?;
+    if out.success() && out.stdout.lines().any(|l| l == "STAGED") {
+        Ok(())
+    } else {
+        Err(failed(&out, "staging from a delta"))
     }
 }
 

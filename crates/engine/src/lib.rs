@@ -11,6 +11,7 @@ pub mod artifact;
 pub mod build;
 pub mod changes;
 pub mod container;
+mod delta;
 pub mod gate;
 mod hostops;
 pub mod identity;

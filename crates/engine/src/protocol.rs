@@ -12,7 +12,7 @@ use cutover_core::plan::{self, ReleaseFacts};
 use cutover_core::{Config, ReleaseId};
 use cutover_store::{Holder, LockOutcome, NewRelease, Release, Store};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -756,6 +756,15 @@ fn locked(
         );
         return result;
     }
+    let deltas = plan_deltas(
+        store,
+        artifacts,
+        &ctx,
+        app,
+        &artifact_sha,
+        &release_id,
+        &prepared,
+    );
     let staged: Vec<Result<u64, OpError>> = par_map(n, parallel, |i| {
         let host = ctx.host(i);
         if prepared[i].releases.contains(&release_id) {
@@ -772,6 +781,68 @@ fn locked(
             let _ = ctx.ev(Some(host), "stage", Phase::Failed, &m);
             return Err(OpError::Host(m));
         };
+        let base = prepared[i].current.as_deref();
+        if let Some(delta) = base.and_then(|b| deltas.get(b)) {
+            let base = base.expect("a delta has a base");
+            let _ = ctx.ev(
+                Some(host),
+                "stage",
+                Phase::Start,
+                &format!(
+                    "{} bytes: a delta against release {base} ({} files sent, {} unchanged files hard-linked on the host)",
+                    delta.size, delta.shipped, delta.linked
+                ),
+            );
+            let sent = std::fs::File::open(&delta.path)
+                .map_err(|e| OpError::Host(format!("cannot read {}: {e}", delta.path.display())))
+                .and_then(|file| {
+                    let mut counting = Counting {
+                        inner: file,
+                        sent: 0,
+                        total: delta.size,
+                        host,
+                        reporter,
+                        crash_half: i == 0,
+                        last_report: 0,
+                    };
+                    hostops::stage_delta(
+                        hosts.get(i),
+                        root,
+                        &release_id,
+                        base,
+                        &meta,
+                        &mut counting,
+                    )
+                    .map(|()| counting.sent)
+                });
+            match sent {
+                Ok(sent) => {
+                    let _ = ctx.ev(
+                        Some(host),
+                        "stage",
+                        Phase::Done,
+                        &format!("{sent} bytes sent (delta)"),
+                    );
+                    return Ok(sent);
+                }
+                // The connection failed: the full upload would fail the same way.
+                Err(e @ OpError::Remote(_)) => {
+                    let _ = ctx.ev(Some(host), "stage", Phase::Failed, &e.to_string());
+                    return Err(e);
+                }
+                Err(OpError::Host(m)) => {
+                    reporter.note(&format!(
+                        "{host}: staging from a delta failed ({m}); sending the whole artifact instead"
+                    ));
+                    let _ = ctx.ev(
+                        Some(host),
+                        "stage",
+                        Phase::Failed,
+                        &format!("delta: {m}; sending the whole artifact"),
+                    );
+                }
+            }
+        }
         let _ = ctx.ev(
             Some(host),
             "stage",
@@ -1090,6 +1161,63 @@ pub(crate) fn sha256_hex(s: &str) -> String {
 }
 
 /// Counts the bytes streamed to a host, reports them, and holds the mid-upload crash point.
+/// The deltas worth sending: one per distinct release that hosts needing the new release serve
+/// now, when the host can stage from a delta and that release's artifact is still in the store
+/// (see [`crate::delta`]). A delta that cannot be made is noted and the full artifact is sent.
+fn plan_deltas(
+    store: &Store,
+    artifacts: &ArtifactStore,
+    ctx: &Ctx<'_>,
+    app: &str,
+    artifact_sha: &str,
+    release_id: &str,
+    prepared: &[Prepared],
+) -> HashMap<String, crate::delta::Delta> {
+    let mut deltas = HashMap::new();
+    let Some(new) = artifacts.get(artifact_sha) else {
+        return deltas;
+    };
+    let mut tried = std::collections::HashSet::new();
+    for p in prepared {
+        let Some(base) = p.current.as_deref() else {
+            continue;
+        };
+        if !p.delta
+            || p.releases.iter().any(|r| r == release_id)
+            || !p.releases.iter().any(|r| r == base)
+            || !tried.insert(base.to_string())
+        {
+            continue;
+        }
+        let Some(base_art) = store
+            .release(app, base)
+            .ok()
+            .flatten()
+            .filter(|r| r.artifact_sha256 != artifact_sha)
+            .and_then(|r| artifacts.get(&r.artifact_sha256))
+        else {
+            continue;
+        };
+        let made = crate::delta::manifest(artifacts, &base_art)
+            .and_then(|m| crate::delta::write_delta(artifacts, &new, &m));
+        match made {
+            Ok(Some(d)) if d.size < new.size => {
+                deltas.insert(base.to_string(), d);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = ctx.ev(
+                    None,
+                    "stage",
+                    Phase::Failed,
+                    &format!("cannot make a delta against release {base}: {e}; sending the whole artifact"),
+                );
+            }
+        }
+    }
+    deltas
+}
+
 struct Counting<'a> {
     inner: std::fs::File,
     sent: u64,

@@ -1,0 +1,347 @@
+//! Delta staging: ship only what changed since the release a host serves now.
+//!
+//! A release is a validated tar.gz in the [`ArtifactStore`]. Its *manifest* lists every entry
+//! (normalised path, kind, mode, size, SHA-256 of the content, symlink target); it is computed
+//! once by reading the tarball and kept beside it as `<sha256>.manifest.json`.
+//!
+//! When a host already serves a release whose tarball is in the store, the new release is
+//! staged from a *delta* tarball: every directory and symlink of the new release, every
+//! regular file that is new or differs (content or mode) from the base release, and, as its
+//! first member, [`LINKS`]: the NUL-separated paths of the regular files that are identical in
+//! both. The host unpacks the delta into `releases/<id>.partial` and hard-links the listed
+//! files from `releases/<base>` (`cp -l --parents`, GNU coreutils), then renames the
+//! directory as for a full upload. Nothing is ever written through a hard link: the delta is
+//! unpacked into a fresh directory before any link exists, so the base release is never
+//! modified. Unchanged files keep the base release's inode (and so its mtime).
+//!
+//! A delta is only worth it when something is shared; with nothing shared, or when the new
+//! release itself contains a file named [`LINKS`], the full tarball is shipped instead.
+
+use crate::artifact::{ArtifactStore, StoredArtifact};
+use flate2::read::GzDecoder;
+use flate2::{Compression, GzBuilder};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The delta tarball's member that lists the files to hard-link from the base release.
+pub(crate) const LINKS: &str = ".cutover-delta.links";
+
+/// One entry of a release, as far as "is it the same file?" is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub(crate) enum Entry {
+    Dir,
+    File {
+        mode: u32,
+        size: u64,
+        sha256: String,
+    },
+    Symlink {
+        target: String,
+    },
+}
+
+/// Every entry of a release tarball, by normalised path (no `./`, no trailing `/`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Manifest {
+    pub(crate) entries: BTreeMap<String, Entry>,
+}
+
+/// A delta tarball written for one (new, base) pair; removed on drop.
+#[derive(Debug)]
+pub(crate) struct Delta {
+    pub(crate) path: PathBuf,
+    /// Compressed size: what a host is sent.
+    pub(crate) size: u64,
+    /// Regular files shipped (new or changed).
+    pub(crate) shipped: usize,
+    /// Regular files hard-linked from the base release.
+    pub(crate) linked: usize,
+}
+
+impl Drop for Delta {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+fn normalise(raw: &Path) -> Option<String> {
+    let s = raw.to_str()?;
+    let s = s.trim_start_matches("./").trim_end_matches('/');
+    if s.is_empty() || s == "." {
+        None
+    } else {
+        Some(s.to_string())
+    }
+}
+
+fn open(art: &StoredArtifact) -> io::Result<tar::Archive<GzDecoder<BufReader<File>>>> {
+    let file = File::open(&art.path)?;
+    Ok(tar::Archive::new(GzDecoder::new(BufReader::new(file))))
+}
+
+fn manifest_path(store: &ArtifactStore, sha256: &str) -> PathBuf {
+    store.dir().join(format!("{sha256}.manifest.json"))
+}
+
+/// The manifest of a stored artifact: read from beside it, or computed (and then stored).
+pub(crate) fn manifest(store: &ArtifactStore, art: &StoredArtifact) -> io::Result<Manifest> {
+    let path = manifest_path(store, &art.sha256);
+    if let Some(m) = fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+    {
+        return Ok(m);
+    }
+    let m = compute_manifest(art)?;
+    let tmp = store.dir().join(format!(
+        ".manifest-{}-{}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = serde_json::to_vec(&m)
+        .map_err(io::Error::other)
+        .and_then(|bytes| fs::write(&tmp, bytes))
+        .and_then(|()| fs::rename(&tmp, &path));
+    if written.is_err() {
+        // A cache only: the deploy goes on without it.
+        let _ = fs::remove_file(&tmp);
+    }
+    Ok(m)
+}
+
+fn compute_manifest(art: &StoredArtifact) -> io::Result<Manifest> {
+    let mut archive = open(art)?;
+    let mut m = Manifest::default();
+    let mut buf = vec![0u8; 64 << 10];
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let Some(path) = normalise(&entry.path()?) else {
+            continue;
+        };
+        let header = entry.header();
+        let kind = header.entry_type();
+        let e = if kind.is_dir() {
+            Entry::Dir
+        } else if kind.is_symlink() {
+            let target = entry
+                .link_name()?
+                .and_then(|t| t.to_str().map(str::to_string))
+                .unwrap_or_default();
+            Entry::Symlink { target }
+        } else if kind.is_file() {
+            let mode = header.mode()? & 0o7777;
+            let mut h = Sha256::new();
+            let mut size = 0u64;
+            loop {
+                let n = entry.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                size += n as u64;
+            }
+            Entry::File {
+                mode,
+                size,
+                sha256: format!("{:x}", h.finalize()),
+            }
+        } else {
+            // Validated artifacts hold nothing else.
+            return Err(io::Error::other(format!(
+                "unexpected entry type in a stored artifact: {path}"
+            )));
+        };
+        m.entries.insert(path, e);
+    }
+    Ok(m)
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes the delta of `new` against `base` into the store's directory, or `None` when no
+/// regular file is shared (or the new release has a file named [`LINKS`]): then the full
+/// tarball is the better thing to send.
+pub(crate) fn write_delta(
+    store: &ArtifactStore,
+    new: &StoredArtifact,
+    base: &Manifest,
+) -> io::Result<Option<Delta>> {
+    let new_manifest = manifest(store, new)?;
+    if new_manifest.entries.contains_key(LINKS) {
+        return Ok(None);
+    }
+    let mut links: Vec<&str> = Vec::new();
+    for (path, e) in &new_manifest.entries {
+        if matches!(e, Entry::File { .. }) && base.entries.get(path) == Some(e) {
+            links.push(path);
+        }
+    }
+    if links.is_empty() {
+        return Ok(None);
+    }
+    let path = store.dir().join(format!(
+        ".delta-{}-{}.tar.gz",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut delta = Delta {
+        path,
+        size: 0,
+        shipped: 0,
+        linked: links.len(),
+    };
+    let file = File::create(&delta.path)?;
+    let gz = GzBuilder::new()
+        .mtime(0)
+        .write(BufWriter::new(file), Compression::fast());
+    let mut out = tar::Builder::new(gz);
+    out.mode(tar::HeaderMode::Complete);
+
+    let mut list = Vec::new();
+    for p in &links {
+        list.extend_from_slice(p.as_bytes());
+        list.push(0);
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o600);
+    h.set_size(list.len() as u64);
+    h.set_mtime(0);
+    out.append_data(&mut h, LINKS, list.as_slice())?;
+
+    let linked: std::collections::HashSet<&str> = links.into_iter().collect();
+    let mut archive = open(new)?;
+    for entry in archive.entries()? {
+        let entry = entry?;
+        let Some(p) = normalise(&entry.path()?) else {
+            continue;
+        };
+        if linked.contains(p.as_str()) {
+            continue;
+        }
+        let mut header = entry.header().clone();
+        let kind = header.entry_type();
+        if kind.is_symlink() {
+            let target = entry
+                .link_name()?
+                .map(|t| t.into_owned())
+                .unwrap_or_default();
+            out.append_link(&mut header, &p, target)?;
+        } else {
+            if kind.is_file() {
+                delta.shipped += 1;
+            }
+            out.append_data(&mut header, &p, entry)?;
+        }
+    }
+    let gz = out.into_inner()?;
+    let mut file = gz.finish()?.into_inner().map_err(|e| e.into_error())?;
+    file.flush()?;
+    delta.size = file.metadata()?.len();
+    Ok(Some(delta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::Limits;
+
+    fn tree(dir: &Path, files: &[(&str, &str)]) {
+        for (p, body) in files {
+            let path = dir.join(p);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, body).unwrap();
+        }
+    }
+
+    fn read_delta(d: &Delta) -> BTreeMap<String, Vec<u8>> {
+        let mut a = tar::Archive::new(GzDecoder::new(File::open(&d.path).unwrap()));
+        let mut out = BTreeMap::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            if !e.header().entry_type().is_file() {
+                continue;
+            }
+            let p = e.path().unwrap().to_string_lossy().into_owned();
+            let mut body = Vec::new();
+            e.read_to_end(&mut body).unwrap();
+            out.insert(p, body);
+        }
+        out
+    }
+
+    #[test]
+    fn a_delta_ships_changed_files_and_lists_the_rest() {
+        let t = std::env::temp_dir().join(format!("cutover-delta-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&t);
+        let store = ArtifactStore::new(t.join("store"));
+        tree(
+            &t.join("a"),
+            &[
+                ("same.txt", "same"),
+                ("d/kept", "k"),
+                ("changed", "one"),
+                ("gone", "x"),
+            ],
+        );
+        tree(
+            &t.join("b"),
+            &[
+                ("same.txt", "same"),
+                ("d/kept", "k"),
+                ("changed", "two"),
+                ("new", "n"),
+            ],
+        );
+        let a = store.import_dir(&t.join("a"), &Limits::default()).unwrap();
+        let b = store.import_dir(&t.join("b"), &Limits::default()).unwrap();
+        let base = manifest(&store, &a).unwrap();
+        assert!(
+            manifest_path(&store, &a.sha256).exists(),
+            "manifest is cached"
+        );
+        let d = write_delta(&store, &b, &base)
+            .unwrap()
+            .expect("files are shared");
+        assert_eq!((d.linked, d.shipped), (2, 2));
+        let files = read_delta(&d);
+        assert_eq!(files[LINKS], b"d/kept\0same.txt\0");
+        assert_eq!(files["changed"], b"two");
+        assert_eq!(files["new"], b"n");
+        assert!(!files.contains_key("same.txt") && !files.contains_key("gone"));
+        let path = d.path.clone();
+        drop(d);
+        assert!(!path.exists(), "the delta file is removed when dropped");
+
+        // Nothing shared: no delta.
+        tree(&t.join("c"), &[("other", "o")]);
+        let c = store.import_dir(&t.join("c"), &Limits::default()).unwrap();
+        assert!(write_delta(&store, &c, &base).unwrap().is_none());
+        let _ = fs::remove_dir_all(&t);
+    }
+
+    #[test]
+    fn a_mode_change_is_a_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = std::env::temp_dir().join(format!("cutover-delta-mode-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&t);
+        let store = ArtifactStore::new(t.join("store"));
+        tree(&t.join("a"), &[("run.sh", "echo"), ("x", "x")]);
+        tree(&t.join("b"), &[("run.sh", "echo"), ("x", "x")]);
+        fs::set_permissions(t.join("b/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        let a = store.import_dir(&t.join("a"), &Limits::default()).unwrap();
+        let b = store.import_dir(&t.join("b"), &Limits::default()).unwrap();
+        let d = write_delta(&store, &b, &manifest(&store, &a).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!((d.linked, d.shipped), (1, 1));
+        assert!(read_delta(&d).contains_key("run.sh"));
+        let _ = fs::remove_dir_all(&t);
+    }
+}
