@@ -1,7 +1,8 @@
 //! What cutover does on a host, one remote invocation per phase (each SSH session costs
 //! ~160 ms, so a phase is one script, not one command per step): prepare (check the root,
 //! take the host lock, report `current` and the releases, clear stale `.partial` dirs), stage
-//! (stream a tar.gz into `releases/<id>.partial`, rename when complete), switch (`ln -s` to a
+//! (stream a tar.gz, or a delta against the current release, into `releases/<id>.partial`,
+//! flush its file system to disk, rename when complete), switch (`ln -s` to a
 //! unique temp name, `mv -T` over `current`, run `reload` in the release), finish (prune and
 //! unlock), and the read-only probes behind `status` and `check`.
 //!
@@ -138,6 +139,9 @@ if ! printf '%s\n' "$meta" > "$id.partial/.cutover-release.json"; then
   echo "ERR cannot write $id.partial/.cutover-release.json (disk full?)"
   exit 4
 fi
+# On disk before it can become current: a power loss after the switch must not leave
+# `current` pointing at files the kernel had not written yet.
+sync -f "$id.partial" 2>/dev/null || sync
 mv "$id.partial" "$id" || { rm -rf "$id.partial"; echo "ERR cannot rename $id.partial to $id"; exit 4; }
 echo STAGED
 "#;
@@ -173,6 +177,9 @@ if ! printf '%s\n' "$meta" > "$id.partial/.cutover-release.json"; then
   echo "ERR cannot write $id.partial/.cutover-release.json (disk full?)"
   exit 4
 fi
+# On disk before it can become current: a power loss after the switch must not leave
+# `current` pointing at files the kernel had not written yet.
+sync -f "$id.partial" 2>/dev/null || sync
 mv "$id.partial" "$id" || { rm -rf "$id.partial"; echo "ERR cannot rename $id.partial to $id"; exit 4; }
 echo STAGED
 "#;
