@@ -61,6 +61,9 @@ struct RawBuild {
     env: Option<BTreeMap<String, String>>,
     pass_env: Option<Vec<String>>,
     cache: Option<bool>,
+    token_env: Option<String>,
+    token_user: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +145,13 @@ pub struct BuildConfig {
     pub pass_env: Vec<String>,
     /// The build is reproducible: the same commit and build config reuse the stored artifact.
     pub cache: bool,
+    /// `https://` repositories: the environment variable holding the access token (its
+    /// name, never the token; default `CUTOVER_GIT_TOKEN`), sent only when the server asks.
+    pub token_env: String,
+    /// `https://` repositories: the HTTP Basic username sent with the token.
+    pub token_user: String,
+    /// `https://` repositories: a PEM file with the only CAs trusted for the server.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -539,18 +549,77 @@ fn valid_env_name(name: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
-/// Why a repository URL cannot be used by this build, if it cannot.
+/// Why a repository URL cannot be used by this build, if it cannot. Plain `http://` would
+/// carry the token in clear text and let anyone on the path change what gets deployed; an
+/// `https://` URL must not carry credentials (they would be stored and shown with the URL).
 fn unsupported_repo(url: &str) -> Option<String> {
     let lower = url.to_ascii_lowercase();
-    if lower.starts_with("https://") || lower.starts_with("http://") {
-        return Some(format!("https:// and http:// repositories are not supported by this build of cutover (it carries no HTTP transport, to stay free of OpenSSL); use an ssh:// URL or a local path, got {url:?}"));
+    if lower.starts_with("http://") {
+        return Some(format!("plain http:// is not supported: the token and the code would cross the network unprotected; use https:// or ssh://, got {url:?}"));
+    }
+    if let Some(rest) = lower.strip_prefix("https://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if authority.contains('@') {
+            // The URL is not repeated: it holds a secret.
+            return Some(format!("credentials in the URL are not accepted; remove the part before '@', put the token in an environment variable named by build.token_env (default {DEFAULT_TOKEN_ENV}) and, if the server wants a particular username, set build.token_user"));
+        }
+        if authority.is_empty() || rest.contains(['?', '#']) {
+            return Some(format!(
+                "expected https://host/path without a query string or fragment, got {url:?}"
+            ));
+        }
+        return None;
     }
     match lower.split_once("://") {
         Some((scheme, _)) if scheme != "ssh" && scheme != "file" => Some(format!(
-            "expected a local path, file://, ssh:// or user@host:path; the {scheme}:// scheme is not supported, got {url:?}"
+            "expected a local path, file://, ssh://, https:// or user@host:path; the {scheme}:// scheme is not supported, got {url:?}"
         )),
         _ => None,
     }
+}
+
+/// The token variable's default name (`[build] token_env`).
+pub const DEFAULT_TOKEN_ENV: &str = "CUTOVER_GIT_TOKEN";
+
+/// `[build] token_env`, `token_user` and `ca_file`: for `https://` repositories only.
+fn parse_https(
+    b: &RawBuild,
+    repo: &str,
+    err: &dyn Fn(&str, String) -> ConfigError,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<(String, String, Option<PathBuf>), ConfigError> {
+    if !repo.to_ascii_lowercase().starts_with("https://") {
+        for (key, set) in [
+            ("build.token_env", b.token_env.is_some()),
+            ("build.token_user", b.token_user.is_some()),
+            ("build.ca_file", b.ca_file.is_some()),
+        ] {
+            if set {
+                return Err(err(key, "only used for https:// repositories".into()));
+            }
+        }
+    }
+    let token_env = b.token_env.as_deref().unwrap_or(DEFAULT_TOKEN_ENV);
+    if !valid_env_name(token_env) {
+        return Err(err(
+            "build.token_env",
+            format!("expected the NAME of the variable that holds the token, matching ^[A-Za-z_][A-Za-z0-9_]*$ (the token itself does not belong in the config), got {} characters", token_env.len()),
+        ));
+    }
+    let token_user = b.token_user.as_deref().unwrap_or("x-access-token");
+    if token_user.is_empty() || token_user.contains(':') || token_user.chars().any(char::is_control)
+    {
+        return Err(err(
+            "build.token_user",
+            "expected a username without ':' (the token is the password)".into(),
+        ));
+    }
+    let ca_file = match b.ca_file.as_deref().map(str::trim) {
+        Some("") => return Err(err("build.ca_file", "expected a PEM file path".into())),
+        Some(p) => Some(resolve(p)),
+        None => None,
+    };
+    Ok((token_env.to_string(), token_user.to_string(), ca_file))
 }
 
 /// git's scp-like syntax: `user@host:path` or `host:path` (a colon before any slash).
@@ -598,6 +667,7 @@ fn parse_build(
     } else {
         resolve(repo).display().to_string()
     };
+    let (token_env, token_user, ca_file) = parse_https(&b, &repo, err, resolve)?;
     let command = match b.command {
         Some(c) if c.trim().is_empty() => {
             return Err(err(
@@ -675,6 +745,9 @@ fn parse_build(
         env,
         pass_env,
         cache: b.cache.unwrap_or(false),
+        token_env,
+        token_user,
+        ca_file,
     })
 }
 
@@ -973,11 +1046,80 @@ interval = "100ms"
     }
 
     #[test]
+    fn build_https() {
+        let with = |b: &str| format!("{GOOD}\n[build]\n{b}\n");
+        let b = parse(&with("repo = \"https://git.example.com/a/b.git\""))
+            .unwrap()
+            .build
+            .unwrap();
+        assert_eq!(b.repo, "https://git.example.com/a/b.git");
+        assert_eq!(b.token_env, "CUTOVER_GIT_TOKEN");
+        assert_eq!(b.token_user, "x-access-token");
+        assert_eq!(b.ca_file, None);
+        let b = parse(&with("repo = \"https://h/r.git\"\ntoken_env = \"GITLAB_TOKEN\"\ntoken_user = \"oauth2\"\nca_file = \"ca.pem\""))
+            .unwrap()
+            .build
+            .unwrap();
+        assert_eq!(
+            (b.token_env.as_str(), b.token_user.as_str()),
+            ("GITLAB_TOKEN", "oauth2")
+        );
+        assert_eq!(b.ca_file, Some(PathBuf::from("/etc/app/ca.pem")));
+        for (body, key, secret) in [
+            (
+                "repo = \"https://u:hunter2@h/r.git\"",
+                "build.repo",
+                "hunter2",
+            ),
+            (
+                "repo = \"https://hunter2@h/r.git\"",
+                "build.repo",
+                "hunter2",
+            ),
+            (
+                "repo = \"https://h/r.git?private_token=hunter2\"",
+                "build.repo",
+                "",
+            ),
+            ("repo = \"http://h/r.git\"", "build.repo", ""),
+            (
+                "repo = \"https://h/r\"\ntoken_env = \"ghp_hunter2-x\"",
+                "build.token_env",
+                "hunter2",
+            ),
+            (
+                "repo = \"https://h/r\"\ntoken_user = \"a:b\"",
+                "build.token_user",
+                "",
+            ),
+            (
+                "repo = \"https://h/r\"\nca_file = \"\"",
+                "build.ca_file",
+                "",
+            ),
+            (
+                "repo = \"ssh://h/r\"\ntoken_env = \"T\"",
+                "build.token_env",
+                "",
+            ),
+            ("repo = \"r\"\nca_file = \"ca.pem\"", "build.ca_file", ""),
+        ] {
+            let e = parse(&with(body)).unwrap_err().to_string();
+            assert!(e.contains(key), "{body}: {e}");
+            assert!(secret.is_empty() || !e.contains(secret), "{body}: {e}");
+        }
+        let e = parse(&with("repo = \"https://u:hunter2@h/r.git\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token_env"), "{e}");
+    }
+
+    #[test]
     fn build_errors_name_their_key() {
         let with = |b: &str| format!("{GOOD}\n[build]\n{b}\n");
         let cases = [
             ("command = \"make\"", "build.repo"),
-            ("repo = \"https://github.com/a/b.git\"", "build.repo"),
+            ("repo = \"http://github.com/a/b.git\"", "build.repo"),
             ("repo = \"git://h/r.git\"", "build.repo"),
             (
                 "repo = \"r\"\ndockerfile = \"Dockerfile\"",
@@ -997,7 +1139,7 @@ interval = "100ms"
         for (b, key) in cases {
             assert_eq!(key_of(&with(b)), key, "for {b}");
         }
-        let e = parse(&with("repo = \"https://x/y.git\"")).unwrap_err();
+        let e = parse(&with("repo = \"http://x/y.git\"")).unwrap_err();
         assert!(e.to_string().contains("not supported"), "{e}");
         let e = parse(&with("repo = \"r\"\ndockerfile = \"D\"")).unwrap_err();
         assert!(e.to_string().contains("container apps"), "{e}");

@@ -847,7 +847,7 @@ fn config_and_usage_errors_are_exit_2() {
             repo.as_str(),
             "container apps",
         ),
-        ("", "https://example.invalid/app.git", "https://"),
+        ("", "http://example.invalid/app.git", "https://"),
         ("output = \"../x\"", repo.as_str(), "build.output"),
         ("timeout = \"soon\"", repo.as_str(), "build.timeout"),
     ] {

@@ -8,7 +8,7 @@ use crate::artifact::{ArtifactStore, Limits, StoredArtifact};
 use crate::{now_utc, Phase, Reporter};
 use cutover_core::{BuildConfig, Config};
 use cutover_git::build::{BuildError, Environment};
-use cutover_git::{CommitInfo, GitError, Mirror, RepoUrl};
+use cutover_git::{CommitInfo, GitError, HttpsOptions, Mirror, RepoUrl};
 use cutover_remote::ssh::{git_ssh_command, SshOptions};
 use cutover_store::Store;
 use std::path::{Path, PathBuf};
@@ -86,7 +86,12 @@ pub fn open_mirror(
             control_dir: PathBuf::new(),
         })
     });
-    Mirror::open(&mirror_path(data_dir, &config.app), url, ssh.as_deref())
+    let https = HttpsOptions {
+        token_env: build.token_env.clone(),
+        token_user: build.token_user.clone(),
+        ca_file: build.ca_file.clone(),
+    };
+    Ok(Mirror::open(&mirror_path(data_dir, &config.app), url, ssh.as_deref())?.with_https(https))
 }
 
 /// The cache key of a build: the commit and everything in the build config that can change

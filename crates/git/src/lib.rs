@@ -9,8 +9,10 @@
 //!   between two commits and the files that changed.
 //! - [`build::run`]: running a build command in a clean environment with a timeout, streaming
 //!   its output line by line and killing its whole process tree when it overruns.
-//! - [`RepoUrl`]: which repository locations are accepted (local paths, `file://`, `ssh://`
-//!   and `user@host:path`; `https://` is refused: this build carries no HTTP transport).
+//! - [`RepoUrl`]: which repository locations are accepted (local paths, `file://`, `ssh://`,
+//!   `user@host:path` and `https://`; plain `http://` and URLs carrying credentials are
+//!   refused). `https://` goes through rustls, with a token from the environment
+//!   ([`HttpsOptions`]).
 //!
 //! It must not talk to deploy hosts, touch the history database or the artifact store, or
 //! build shell command lines (the ssh command it hands to `gix` comes ready-made from
@@ -18,8 +20,10 @@
 //! commits by their full 40-character id.
 
 pub mod build;
+mod https;
 mod mirror;
 
+pub use https::{HttpsOptions, DEFAULT_TOKEN_ENV, DEFAULT_TOKEN_USER};
 pub use mirror::{Change, CommitInfo, ExportSummary, FetchSummary, FileChange, Mirror};
 
 /// What went wrong with the repository.
@@ -84,10 +88,11 @@ impl GitError {
 pub struct RepoUrl(String);
 
 impl RepoUrl {
-    /// Accepts an absolute local path, `file://`, `ssh://` or scp-like `user@host:path`.
+    /// Accepts an absolute local path, `file://`, `ssh://`, scp-like `user@host:path` or
+    /// `https://` without credentials in it.
     pub fn parse(url: &str) -> Result<RepoUrl, GitError> {
         let unsupported = |reason: &str| GitError::UnsupportedUrl {
-            url: url.to_string(),
+            url: redact_credentials(url),
             reason: reason.to_string(),
         };
         if let Some(reason) = unsupported_scheme(url) {
@@ -95,7 +100,7 @@ impl RepoUrl {
         }
         if !url.contains("://") && !url.starts_with('/') && !is_scp_like(url) {
             return Err(unsupported(
-                "expected an absolute path, file://, ssh:// or user@host:path",
+                "expected an absolute path, file://, ssh://, https:// or user@host:path",
             ));
         }
         Ok(RepoUrl(url.to_string()))
@@ -109,6 +114,11 @@ impl RepoUrl {
     pub fn is_ssh(&self) -> bool {
         self.0.starts_with("ssh://") || is_scp_like(&self.0)
     }
+
+    /// True for `https://` locations (they need [`HttpsOptions`]).
+    pub fn is_https(&self) -> bool {
+        self.0.to_ascii_lowercase().starts_with("https://")
+    }
 }
 
 impl std::fmt::Display for RepoUrl {
@@ -117,20 +127,48 @@ impl std::fmt::Display for RepoUrl {
     }
 }
 
-/// Why a URL scheme cannot be used, if it cannot (shared with config validation wording).
+/// Why a URL cannot be used, if it cannot (shared with config validation wording). Plain
+/// `http://` is refused: a token would cross the network in clear text, and anyone on the path
+/// could hand cutover different code to build and deploy. `https://` URLs must not carry
+/// credentials (they would end up in the history, events and messages), a query or a fragment.
 pub fn unsupported_scheme(url: &str) -> Option<String> {
     let lower = url.to_ascii_lowercase();
-    if lower.starts_with("https://") || lower.starts_with("http://") {
-        return Some("https:// and http:// repositories are not supported by this build of cutover (it carries no HTTP transport, to stay free of OpenSSL); use an ssh:// URL or a local path".into());
+    if lower.starts_with("http://") {
+        return Some("plain http:// is not supported: the token and the code would cross the network unprotected (anyone on the path could change what gets deployed); use https:// or ssh://".into());
+    }
+    if let Some(rest) = lower.strip_prefix("https://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if authority.contains('@') {
+            return Some(format!("credentials in the URL are not accepted (they would be stored and shown wherever the URL is); remove the part before '@', put the token in an environment variable named by [build] token_env (default {DEFAULT_TOKEN_ENV}) and the username, if the server needs a particular one, in [build] token_user"));
+        }
+        if authority.is_empty() {
+            return Some("expected https://host/path".into());
+        }
+        if rest.contains(['?', '#']) {
+            return Some("a git URL has no query string or fragment ('?' or '#')".into());
+        }
+        return None;
     }
     if let Some((scheme, _)) = lower.split_once("://") {
         if scheme != "ssh" && scheme != "file" {
             return Some(format!(
-                "the {scheme}:// scheme is not supported; use ssh://, file:// or a local path"
+                "the {scheme}:// scheme is not supported; use https://, ssh://, file:// or a local path"
             ));
         }
     }
     None
+}
+
+/// `url` with any `user:password@` of a `scheme://` URL replaced by `***@`, for messages.
+pub fn redact_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_string(),
+    }
 }
 
 /// `user@host:path` or `host:path` (git's scp-like syntax): a colon before any slash.
@@ -161,19 +199,34 @@ mod tests {
             "file:///srv/repo.git",
             "ssh://git@host/srv/repo.git",
             "git@host:repo.git",
+            "https://x/y.git",
+            "https://git.example.com:8443/team/app.git",
         ] {
             assert!(RepoUrl::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "https://x/y.git",
             "http://x/y",
+            "HTTP://x/y",
+            "https://user:secret@x/y.git",
+            "https://ghp_token@x/y.git",
+            "https://x/y.git?access_token=z",
+            "https://",
             "git://x/y",
             "relative/path",
         ] {
             assert!(RepoUrl::parse(bad).is_err(), "{bad}");
         }
+        let e = RepoUrl::parse("https://user:s3cret@x/y.git").unwrap_err();
+        assert!(e.to_string().contains("token_env"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert!(!format!("{e:?}").contains("s3cret"), "{e:?}");
+        assert_eq!(redact_credentials("https://a:b@h/p@q"), "https://***@h/p@q");
+        assert_eq!(redact_credentials("ssh://git@h/r"), "ssh://***@h/r");
+        assert_eq!(redact_credentials("/srv/r"), "/srv/r");
         assert!(RepoUrl::parse("git@host:repo.git").unwrap().is_ssh());
         assert!(!RepoUrl::parse("/srv/r").unwrap().is_ssh());
+        assert!(RepoUrl::parse("https://x/y").unwrap().is_https());
+        assert!(!RepoUrl::parse("ssh://x/y").unwrap().is_https());
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The bare mirror of one app's repository, and everything read from it.
 
+use crate::https::{self, AuthState, HttpsOptions};
 use crate::{GitError, RepoUrl};
 use gix::bstr::{BString, ByteSlice};
 use gix::objs::tree::EntryKind;
 use gix::refs::transaction::{Change as RefChange, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::refs::{FullName, Target};
 use gix::ObjectId;
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::io::Write;
@@ -89,6 +91,8 @@ pub struct Mirror {
     repo: gix::Repository,
     url: RepoUrl,
     path: PathBuf,
+    /// For `https://`: where the token comes from and which CAs to trust.
+    https: HttpsOptions,
 }
 
 impl std::fmt::Debug for Mirror {
@@ -96,6 +100,7 @@ impl std::fmt::Debug for Mirror {
         f.debug_struct("Mirror")
             .field("path", &self.path)
             .field("url", &self.url)
+            .field("https", &self.https)
             .finish()
     }
 }
@@ -147,7 +152,15 @@ impl Mirror {
             repo,
             url,
             path: path.to_path_buf(),
+            https: HttpsOptions::default(),
         })
+    }
+
+    /// Sets how `https://` repositories are reached (token variable, username, CA file);
+    /// without it, the defaults of [`HttpsOptions`].
+    pub fn with_https(mut self, https: HttpsOptions) -> Mirror {
+        self.https = https;
+        self
     }
 
     pub fn url(&self) -> &RepoUrl {
@@ -166,6 +179,25 @@ impl Mirror {
             url: self.url.to_string(),
             message,
         };
+        let is_https = self.url.is_https();
+        let auth = Cell::new(AuthState::NotAsked);
+        let https_opts = self.https.clone();
+        // For https, gix's own message is rewritten into what happened and what to do.
+        let ferr_net = |e: &gix::Error| {
+            let chain = chain(e);
+            if is_https {
+                ferr(https::explain(&https_opts, auth.get(), &chain))
+            } else {
+                ferr(chain)
+            }
+        };
+        let transport_opts = if is_https {
+            https::install_crypto_provider();
+            let ca = https::load_ca(&self.https, self.url.as_str())?;
+            Some(https::transport_options(&self.repo, self.url.as_str(), ca))
+        } else {
+            None
+        };
         let outcome = {
             let remote = self
                 .repo
@@ -173,9 +205,14 @@ impl Mirror {
                 .and_then(|r| r.with_refspecs(REFSPECS, gix::remote::Direction::Fetch))
                 .map_err(|e| ferr(chain(&e)))?
                 .with_fetch_tags(gix::remote::fetch::Tags::None);
-            let conn = remote
+            let mut conn = remote
                 .connect(gix::remote::Direction::Fetch)
-                .map_err(|e| ferr(chain(&e)))?;
+                .map_err(|e| ferr_net(&e))?
+                // The only credentials ever sent: the token, and only if the server asks.
+                .with_credentials(https::credentials(&https_opts, &auth));
+            if let Some(opts) = transport_opts {
+                conn.set_transport_options(opts);
+            }
             let head = gix::refspec::parse("HEAD".into(), gix::refspec::parse::Operation::Fetch)
                 .map_err(|e| ferr(e.to_string()))?
                 .to_owned();
@@ -185,9 +222,9 @@ impl Mirror {
             };
             let interrupt = AtomicBool::new(false);
             conn.prepare_fetch(gix::progress::Discard, opts)
-                .map_err(|e| ferr(chain(&e)))?
+                .map_err(|e| ferr_net(&e))?
                 .receive(gix::progress::Discard, &interrupt)
-                .map_err(|e| ferr(chain(&e)))?
+                .map_err(|e| ferr_net(&e))?
         };
         let mut summary = FetchSummary {
             remote_refs: outcome
