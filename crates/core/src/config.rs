@@ -57,6 +57,7 @@ struct RawBuild {
     command: Option<String>,
     output: Option<String>,
     dockerfile: Option<String>,
+    context: Option<String>,
     timeout: Option<String>,
     env: Option<BTreeMap<String, String>>,
     pass_env: Option<Vec<String>>,
@@ -128,7 +129,8 @@ pub struct ContainerApp {
     pub health_path: String,
 }
 
-/// `[build]`: where the app's repository is and how a commit becomes a files artifact.
+/// `[build]`: where the app's repository is and how a commit becomes a files artifact
+/// (`command` + `output`) or, for a container app, an image (`command`, then `docker build`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildConfig {
     /// An absolute local path (relative ones are resolved against the config file),
@@ -137,7 +139,10 @@ pub struct BuildConfig {
     /// Run with `sh -c` in a clean checkout of the commit; `None`: ship the tree as it is.
     pub command: Option<String>,
     /// The directory the command produces, relative to the checkout (`.` = all of it).
+    /// Files apps only (container apps: always `.`, unused).
     pub output: String,
+    /// Container apps: the image is built with `docker build` from the checkout.
+    pub docker: Option<DockerBuild>,
     pub timeout: Duration,
     /// Variables set for the build (on top of PATH, HOME and LANG).
     pub env: BTreeMap<String, String>,
@@ -152,6 +157,15 @@ pub struct BuildConfig {
     pub token_user: String,
     /// `https://` repositories: a PEM file with the only CAs trusted for the server.
     pub ca_file: Option<PathBuf>,
+}
+
+/// `[build] dockerfile` and `context` of a container app, both relative to the checkout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerBuild {
+    /// The Dockerfile (`docker build -f`).
+    pub dockerfile: String,
+    /// The build context directory (`.` = the whole checkout).
+    pub context: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,6 +342,10 @@ impl Config {
         };
 
         if let Some(rc) = raw.container {
+            let build = match raw.build {
+                None => None,
+                Some(b) => Some(parse_build(b, true, &err, &resolve)?),
+            };
             return Self::parse_container(
                 file,
                 raw.app,
@@ -337,7 +355,7 @@ impl Config {
                 raw.proxy,
                 raw.files.is_some(),
                 raw.health,
-                raw.build.is_some(),
+                build,
             );
         }
         if raw.proxy.is_some() {
@@ -437,7 +455,7 @@ impl Config {
 
         let build = match raw.build {
             None => None,
-            Some(b) => Some(parse_build(b, &err, &resolve)?),
+            Some(b) => Some(parse_build(b, false, &err, &resolve)?),
         };
 
         Ok(Config {
@@ -462,7 +480,7 @@ impl Config {
         rp: Option<crate::container::RawProxy>,
         has_files: bool,
         h: Option<RawHealth>,
-        has_build: bool,
+        build: Option<BuildConfig>,
     ) -> Result<Config, ConfigError> {
         let err = |key: &str, message: String| ConfigError {
             file: file.to_path_buf(),
@@ -474,9 +492,6 @@ impl Config {
                 "files",
                 "an app is either [files] or [container], not both".into(),
             ));
-        }
-        if has_build {
-            return Err(err("build", "builds from git make files apps; container apps deploy an image (`deploy --image TAG`)".into()));
         }
         let container = crate::container::validate_container(rc).map_err(|(k, m)| err(&k, m))?;
         let proxy = crate::container::validate_proxy(rp.unwrap_or_default())
@@ -518,7 +533,7 @@ impl Config {
             ssh,
             files,
             health,
-            build: None,
+            build,
             container: Some(ContainerApp {
                 container,
                 proxy,
@@ -634,17 +649,72 @@ fn scp_like(url: &str) -> bool {
     }
 }
 
+/// A path relative to the checkout, without `..`: `None` if it is not one.
+fn checkout_path(p: &str) -> Option<String> {
+    let trimmed = p.trim_end_matches('/');
+    let p = if trimmed.is_empty() { p } else { trimmed };
+    let bad = p.is_empty()
+        || p.starts_with('/')
+        || p.split('/').any(|c| c == "..")
+        || p.contains('\0')
+        || p.contains('\n');
+    (!bad).then(|| p.to_string())
+}
+
+/// `[build]`; `container`: the app is a container app (`dockerfile`, no `output`).
 fn parse_build(
     b: RawBuild,
+    container: bool,
     err: &dyn Fn(&str, String) -> ConfigError,
     resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Result<BuildConfig, ConfigError> {
-    if b.dockerfile.is_some() {
-        return Err(err(
-            "build.dockerfile",
-            "container apps (and so docker builds) are not supported by this build of cutover yet; use `command` and `output` to build a files app".into(),
-        ));
-    }
+    let docker = if container {
+        if b.output.is_some() {
+            return Err(err(
+                "build.output",
+                "`output` is for files apps; a container app's build makes an image: set `dockerfile` (and `context`) instead".into(),
+            ));
+        }
+        let dockerfile = b.dockerfile.as_deref().ok_or_else(|| {
+            err(
+                "build.dockerfile",
+                "a container app's build makes an image: expected the Dockerfile's path in the checkout, e.g. dockerfile = \"Dockerfile\"".into(),
+            )
+        })?;
+        let dockerfile = checkout_path(dockerfile)
+            .filter(|d| d != ".")
+            .ok_or_else(|| {
+                err(
+                    "build.dockerfile",
+                    format!("expected a file relative to the checkout, without '..', e.g. \"Dockerfile\" or \"deploy/Dockerfile\", got {dockerfile:?}"),
+                )
+            })?;
+        let context = b.context.as_deref().unwrap_or(".");
+        let context = checkout_path(context).ok_or_else(|| {
+            err(
+                "build.context",
+                format!("expected a directory relative to the checkout, without '..', e.g. \".\" or \"app\", got {context:?}"),
+            )
+        })?;
+        Some(DockerBuild {
+            dockerfile,
+            context,
+        })
+    } else {
+        if b.dockerfile.is_some() {
+            return Err(err(
+                "build.dockerfile",
+                "`dockerfile` is for container apps ([container]); a files app is built with `command` and `output`".into(),
+            ));
+        }
+        if b.context.is_some() {
+            return Err(err(
+                "build.context",
+                "`context` is the docker build context of container apps ([container]); a files app is built with `command` and `output`".into(),
+            ));
+        }
+        None
+    };
     let repo = b.repo.as_deref().map(str::trim).unwrap_or("");
     if repo.is_empty() {
         return Err(err(
@@ -678,22 +748,12 @@ fn parse_build(
         c => c,
     };
     let output = b.output.unwrap_or_else(|| ".".into());
-    let trimmed = output.trim_end_matches('/');
-    let output = if trimmed.is_empty() {
-        output.clone()
-    } else {
-        trimmed.to_string()
-    };
-    if output.starts_with('/')
-        || output.is_empty()
-        || output.split('/').any(|c| c == "..")
-        || output.contains('\0')
-    {
-        return Err(err(
+    let output = checkout_path(&output).ok_or_else(|| {
+        err(
             "build.output",
             format!("expected a directory relative to the checkout, without '..', e.g. \"dist\", got {output:?}"),
-        ));
-    }
+        )
+    })?;
     let timeout = match &b.timeout {
         None => Duration::from_secs(600),
         Some(s) => {
@@ -741,6 +801,7 @@ fn parse_build(
         repo,
         command,
         output,
+        docker,
         timeout,
         env,
         pass_env,
@@ -1145,6 +1206,89 @@ interval = "100ms"
         assert!(e.to_string().contains("container apps"), "{e}");
         let e = parse(&with("repo = \"r\"\nbogus = 1")).unwrap_err();
         assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn container_build_section() {
+        let with = |b: &str| format!("{CONTAINER}\n[build]\n{b}\n");
+        let b = parse(&with(
+            "repo = \"app\"\ndockerfile = \"deploy/Dockerfile\"\ncontext = \"app/\"\ncommand = \"make assets\"\ncache = true",
+        ))
+        .unwrap()
+        .build
+        .unwrap();
+        assert_eq!(b.repo, "/etc/app/app");
+        let d = b.docker.unwrap();
+        assert_eq!(d.dockerfile, "deploy/Dockerfile");
+        assert_eq!(d.context, "app");
+        assert_eq!(b.command.as_deref(), Some("make assets"));
+        assert!(b.cache);
+        let b = parse(&with("repo = \"r\"\ndockerfile = \"Dockerfile\""))
+            .unwrap()
+            .build
+            .unwrap();
+        assert_eq!(b.docker.unwrap().context, ".");
+        // A files app has no docker build.
+        let b = parse(&format!("{GOOD}\n[build]\nrepo = \"r\"\n"))
+            .unwrap()
+            .build
+            .unwrap();
+        assert_eq!(b.docker, None);
+    }
+
+    #[test]
+    fn container_build_errors_name_their_key() {
+        let with = |b: &str| format!("{CONTAINER}\n[build]\n{b}\n");
+        let cases = [
+            ("repo = \"r\"", "build.dockerfile", "Dockerfile"),
+            (
+                "repo = \"r\"\ndockerfile = \"Dockerfile\"\noutput = \"dist\"",
+                "build.output",
+                "files apps",
+            ),
+            (
+                "repo = \"r\"\ndockerfile = \"../Dockerfile\"",
+                "build.dockerfile",
+                "'..'",
+            ),
+            (
+                "repo = \"r\"\ndockerfile = \"/etc/Dockerfile\"",
+                "build.dockerfile",
+                "relative",
+            ),
+            (
+                "repo = \"r\"\ndockerfile = \".\"",
+                "build.dockerfile",
+                "file",
+            ),
+            (
+                "repo = \"r\"\ndockerfile = \"D\"\ncontext = \"a/../..\"",
+                "build.context",
+                "'..'",
+            ),
+            (
+                "repo = \"r\"\ndockerfile = \"D\"\ncontext = \"/\"",
+                "build.context",
+                "relative",
+            ),
+            ("dockerfile = \"D\"", "build.repo", "repository"),
+            (
+                "repo = \"r\"\ndockerfile = \"D\"\ntimeout = \"0s\"",
+                "build.timeout",
+                "above zero",
+            ),
+        ];
+        for (b, key, needle) in cases {
+            let e = parse(&with(b)).unwrap_err();
+            assert_eq!(e.key, key, "for {b}: {e}");
+            assert!(e.to_string().contains(needle), "for {b}: {e}");
+        }
+        let e = parse(&format!(
+            "{GOOD}\n[build]\nrepo = \"r\"\ncontext = \"app\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "build.context");
+        assert!(e.to_string().contains("container apps"), "{e}");
     }
 
     #[test]

@@ -1,17 +1,22 @@
-//! `deploy --ref`: from a git revision to a stored artifact, before any host is touched.
-//! Fetch the app's mirror, resolve the revision to a full commit, reuse a cached artifact of
-//! a reproducible build, or export the commit's tree into a fresh directory, run the build
-//! there, and import its output into the artifact store. Every step is an event of the
-//! deploy's run; build output is recorded line by line and shown live.
+//! `deploy --ref`: from a git revision to a stored artifact or a pushed image, before any host
+//! is touched. Fetch the app's mirror, resolve the revision to a full commit, reuse the result
+//! of an earlier reproducible build, or export the commit's tree into a fresh directory and
+//! run the build there: files apps run `command` and import `output` into the artifact store;
+//! container apps run `command` (if any), then `docker build` and `docker push` of
+//! `<image>:<full sha>`, and deploy the pushed digest. Every step is an event of the deploy's
+//! run; output (of the command and of docker) is recorded line by line and shown live, and
+//! `[build] timeout` bounds the whole build.
 
 use crate::artifact::{ArtifactStore, Limits, StoredArtifact};
 use crate::{now_utc, Phase, Reporter};
 use cutover_core::{BuildConfig, Config};
-use cutover_git::build::{BuildError, Environment};
+use cutover_git::build::{BuildError, Environment, Success};
 use cutover_git::{CommitInfo, GitError, HttpsOptions, Mirror, RepoUrl};
 use cutover_remote::ssh::{git_ssh_command, SshOptions};
 use cutover_store::Store;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// Output lines recorded as events per build; the rest is shown but not kept.
 const MAX_RECORDED_LINES: u64 = 20_000;
@@ -19,6 +24,14 @@ const MAX_RECORDED_LINES: u64 = 20_000;
 /// A build's result, ready to deploy.
 pub(crate) struct Built {
     pub(crate) artifact: StoredArtifact,
+    pub(crate) commit: CommitInfo,
+    pub(crate) source: String,
+}
+
+/// A container build's result: the image pushed to the registry, deployed by digest.
+pub(crate) struct BuiltImage {
+    /// `sha256:...` of the pushed manifest: `<container.image>@<digest>` is what hosts pull.
+    pub(crate) digest: String,
     pub(crate) commit: CommitInfo,
     pub(crate) source: String,
 }
@@ -95,13 +108,22 @@ pub fn open_mirror(
 }
 
 /// The cache key of a build: the commit and everything in the build config that can change
-/// what the build produces (the values of passed-through variables included, hashed).
-fn cache_key(commit: &str, b: &BuildConfig, env: &Environment) -> String {
+/// what the build produces (the values of passed-through variables included, hashed). A
+/// docker build's key also holds the Dockerfile, the context and the image repository.
+fn cache_key(commit: &str, b: &BuildConfig, env: &Environment, image: Option<&str>) -> String {
     let mut text = format!(
         "commit={commit}\ncommand={}\noutput={}\n",
         b.command.as_deref().unwrap_or(""),
         b.output
     );
+    if let Some(d) = &b.docker {
+        text.push_str(&format!(
+            "dockerfile={}\ncontext={}\nimage={}\n",
+            d.dockerfile,
+            d.context,
+            image.unwrap_or("")
+        ));
+    }
     for (k, v) in &env.vars {
         if b.env.contains_key(k) || b.pass_env.contains(k) {
             text.push_str(&format!("env {k}={v}\n"));
@@ -110,15 +132,22 @@ fn cache_key(commit: &str, b: &BuildConfig, env: &Environment) -> String {
     crate::protocol::sha256_hex(&text)
 }
 
-pub(crate) fn build(
+/// The commit a build is of, its mirror, and the environment its command runs in.
+struct Resolved {
+    mirror: Mirror,
+    commit: CommitInfo,
+    source: String,
+    environment: Environment,
+}
+
+/// Fetches the mirror and resolves `git_ref` to a full commit.
+fn resolve(
     config: &Config,
     build: &BuildConfig,
-    store: &Store,
-    artifacts: &ArtifactStore,
     data_dir: &Path,
     git_ref: &str,
     events: &Events<'_>,
-) -> Result<Built, Failure> {
+) -> Result<Resolved, Failure> {
     let reporter = events.reporter;
     let git_fail = |step: &str, e: GitError| {
         events.ev(step, Phase::Failed, &e.to_string());
@@ -129,7 +158,6 @@ pub(crate) fn build(
         }
     };
 
-    // Fetch and resolve.
     events.shown(
         "fetch",
         Phase::Start,
@@ -195,7 +223,42 @@ pub(crate) fn build(
             "warning: [build] pass_env names {name}, which is not set here; the build runs without it"
         ));
     }
-    let key = cache_key(&commit.sha, build, &environment);
+    Ok(Resolved {
+        mirror,
+        commit,
+        source,
+        environment,
+    })
+}
+
+/// A fresh work directory for every build: nothing of an earlier tree can leak in.
+fn work_dir(data_dir: &Path, app: &str) -> PathBuf {
+    data_dir.join("builds").join(format!(
+        "{app}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ))
+}
+
+pub(crate) fn build(
+    config: &Config,
+    build: &BuildConfig,
+    store: &Store,
+    artifacts: &ArtifactStore,
+    data_dir: &Path,
+    git_ref: &str,
+    events: &Events<'_>,
+) -> Result<Built, Failure> {
+    let Resolved {
+        mirror,
+        commit,
+        source,
+        environment,
+    } = resolve(config, build, data_dir, git_ref, events)?;
+    let key = cache_key(&commit.sha, build, &environment, None);
     if build.cache {
         if let Ok(Some(sha)) = store.cached_build(&config.app, &key) {
             if let Some(artifact) = artifacts.get(&sha) {
@@ -214,26 +277,14 @@ pub(crate) fn build(
         }
     }
 
-    // A fresh work directory for every build: nothing of an earlier tree can leak in.
-    let work = data_dir.join("builds").join(format!(
-        "{}-{}-{}",
-        config.app,
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    let result = build_in(
-        &work,
-        &mirror,
-        build,
-        artifacts,
-        config,
-        &commit,
-        &environment,
-        events,
-    );
+    let work = work_dir(data_dir, &config.app);
+    let deadline = Instant::now() + build.timeout;
+    let result = checkout(&work, &mirror, &commit, events)
+        .and_then(|src| {
+            run_command_step(build, &src, &commit, &environment, deadline, events)?;
+            Ok(src)
+        })
+        .and_then(|src| import_output(&src, build, artifacts, config, events));
     let _ = std::fs::remove_dir_all(&work);
     let artifact = result?;
     if build.cache {
@@ -246,63 +297,173 @@ pub(crate) fn build(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn build_in(
+/// `deploy --ref` of a container app: `command` (if any), `docker build` and `docker push` of
+/// `<container.image>:<full sha>`, or the digest of an earlier build of the same commit and
+/// build config (`cache = true`). The docker CLI runs with this process's environment
+/// (`DOCKER_HOST`, `DOCKER_CONFIG`, ...): it is cutover's tool, not the app's build code.
+pub(crate) fn build_image(
+    config: &Config,
+    build: &BuildConfig,
+    store: &Store,
+    data_dir: &Path,
+    git_ref: &str,
+    events: &Events<'_>,
+) -> Result<BuiltImage, Failure> {
+    let (Some(docker), Some(capp)) = (build.docker.as_ref(), config.container.as_ref()) else {
+        return Err(Failure::Input(
+            "a container build needs [container] and [build] dockerfile".into(),
+        ));
+    };
+    let image = capp.container.image.as_str();
+    let Resolved {
+        mirror,
+        commit,
+        source,
+        environment,
+    } = resolve(config, build, data_dir, git_ref, events)?;
+    let key = cache_key(&commit.sha, build, &environment, Some(image));
+    if build.cache {
+        if let Ok(Some(digest)) = store.cached_build(&config.app, &key) {
+            if parse_digest(&digest).as_deref() == Some(digest.as_str()) {
+                let m = format!(
+                    "reused the image {image}@{digest} of an earlier build of {} with the same build config ([build] cache = true)",
+                    cutover_git::short(&commit.sha)
+                );
+                events.shown("build", Phase::Done, &m, &m);
+                return Ok(BuiltImage {
+                    digest,
+                    commit,
+                    source,
+                });
+            }
+        }
+    }
+
+    let work = work_dir(data_dir, &config.app);
+    let deadline = Instant::now() + build.timeout;
+    let tag = format!("{image}:{}", commit.sha);
+    let result = checkout(&work, &mirror, &commit, events).and_then(|src| {
+        run_command_step(build, &src, &commit, &environment, deadline, events)?;
+        docker_build_and_push(&src, docker, &tag, &commit, build, deadline, events)
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    let digest = result?;
+    if build.cache {
+        let _ = store.record_build(&config.app, &key, &commit.sha, &digest, &now_utc());
+    }
+    Ok(BuiltImage {
+        digest,
+        commit,
+        source,
+    })
+}
+
+/// Exports the commit's tree into `work/src`.
+fn checkout(
     work: &Path,
     mirror: &Mirror,
-    build: &BuildConfig,
-    artifacts: &ArtifactStore,
-    config: &Config,
     commit: &CommitInfo,
-    env: &Environment,
     events: &Events<'_>,
-) -> Result<StoredArtifact, Failure> {
-    let reporter = events.reporter;
-    let fail = |step: &str, m: String| {
-        events.ev(step, Phase::Failed, &m);
+) -> Result<PathBuf, Failure> {
+    let fail = |m: String| {
+        events.ev("export", Phase::Failed, &m);
         Failure::Failed(m)
     };
     std::fs::create_dir_all(work)
-        .map_err(|e| fail("export", format!("cannot create {}: {e}", work.display())))?;
+        .map_err(|e| fail(format!("cannot create {}: {e}", work.display())))?;
     let src = work.join("src");
     events.ev("export", Phase::Start, &commit.sha);
     let exported = mirror
         .export(&commit.sha, &src)
-        .map_err(|e| fail("export", e.to_string()))?;
+        .map_err(|e| fail(e.to_string()))?;
     events.ev(
         "export",
         Phase::Done,
         &format!("{} files, {} bytes", exported.files, exported.bytes),
     );
     for s in &exported.submodules {
-        reporter.note(&format!(
+        events.reporter.note(&format!(
             "warning: submodule {s} is left empty (submodules are not fetched)"
         ));
     }
+    Ok(src)
+}
 
-    if let Some(command) = &build.command {
-        events.shown(
-            "build",
-            Phase::Start,
-            command,
-            &format!("building {}: {command}", cutover_git::short(&commit.sha)),
-        );
-        let mut recorded = 0u64;
-        let r = cutover_git::build::run(command, &src, &env.vars, build.timeout, &mut |line| {
-            reporter.note(&format!("  | {line}"));
-            recorded += 1;
-            if recorded <= MAX_RECORDED_LINES {
-                events.raw("build", "output", line);
-            } else if recorded == MAX_RECORDED_LINES + 1 {
-                events.raw(
-                    "build",
-                    "output",
-                    "(more output was shown but not recorded)",
-                );
-            }
-        });
-        match r {
-            Ok(s) => events.ev(
+/// Time left before `deadline` (zero when past it).
+fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// Runs `cmd` until `deadline`, showing every line of its output live and recording it as an
+/// `output` event of `step` (up to [`MAX_RECORDED_LINES`]); `also` sees every line too.
+fn streamed(
+    events: &Events<'_>,
+    step: &str,
+    cmd: Command,
+    deadline: Instant,
+    also: &mut dyn FnMut(&str),
+) -> Result<Success, BuildError> {
+    let mut recorded = 0u64;
+    cutover_git::build::run_command(cmd, left(deadline), &mut |line| {
+        events.reporter.note(&format!("  | {line}"));
+        also(line);
+        recorded += 1;
+        if recorded <= MAX_RECORDED_LINES {
+            events.raw(step, "output", line);
+        } else if recorded == MAX_RECORDED_LINES + 1 {
+            events.raw(step, "output", "(more output was shown but not recorded)");
+        }
+    })
+}
+
+/// The event and the failure of a step that did not succeed.
+fn step_failed(
+    events: &Events<'_>,
+    step: &str,
+    what: &str,
+    commit: &CommitInfo,
+    build: &BuildConfig,
+    e: BuildError,
+) -> Failure {
+    let m = match &e {
+        BuildError::TimedOut { .. } => format!(
+            "{what} of {} timed out ([build] timeout = {}s, for the whole build): {e}",
+            cutover_git::short(&commit.sha),
+            build.timeout.as_secs_f64()
+        ),
+        _ => format!("{what} of {} failed: {e}", cutover_git::short(&commit.sha)),
+    };
+    events.ev(step, Phase::Failed, &m);
+    Failure::Failed(m)
+}
+
+/// `[build] command` in the checkout, in the build's clean environment, if there is one.
+fn run_command_step(
+    build: &BuildConfig,
+    src: &Path,
+    commit: &CommitInfo,
+    env: &Environment,
+    deadline: Instant,
+    events: &Events<'_>,
+) -> Result<(), Failure> {
+    let Some(command) = &build.command else {
+        return Ok(());
+    };
+    events.shown(
+        "build",
+        Phase::Start,
+        command,
+        &format!("building {}: {command}", cutover_git::short(&commit.sha)),
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .current_dir(src)
+        .env_clear()
+        .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    match streamed(events, "build", cmd, deadline, &mut |_| {}) {
+        Ok(s) => {
+            events.ev(
                 "build",
                 Phase::Done,
                 &format!(
@@ -310,34 +471,32 @@ fn build_in(
                     s.elapsed.as_secs_f64(),
                     s.lines
                 ),
-            ),
-            Err(e) => {
-                let m = match &e {
-                    BuildError::TimedOut { .. } => format!(
-                        "build of {} timed out ([build] timeout): {e}",
-                        cutover_git::short(&commit.sha)
-                    ),
-                    _ => format!("build of {} failed: {e}", cutover_git::short(&commit.sha)),
-                };
-                return Err(fail("build", m));
-            }
+            );
+            Ok(())
         }
+        Err(e) => Err(step_failed(events, "build", "build", commit, build, e)),
     }
+}
 
+/// Imports a files build's `output` directory into the artifact store.
+fn import_output(
+    src: &Path,
+    build: &BuildConfig,
+    artifacts: &ArtifactStore,
+    config: &Config,
+    events: &Events<'_>,
+) -> Result<StoredArtifact, Failure> {
+    let fail = |m: String| {
+        events.ev("import", Phase::Failed, &m);
+        Failure::Failed(m)
+    };
     // The output directory must be a real directory inside the checkout.
     let out = src.join(&build.output);
-    let inside = match (std::fs::canonicalize(&out), std::fs::canonicalize(&src)) {
-        (Ok(o), Ok(s)) => o.starts_with(&s) && o.is_dir(),
-        _ => false,
-    };
-    if !inside {
-        return Err(fail(
-            "import",
-            format!(
-                "the build did not produce the directory `{}` ([build] output) inside the checkout",
-                build.output
-            ),
-        ));
+    if !inside(src, &out, true) {
+        return Err(fail(format!(
+            "the build did not produce the directory `{}` ([build] output) inside the checkout",
+            build.output
+        )));
     }
     let limits = Limits {
         max_unpacked_bytes: config.files.max_unpacked_bytes,
@@ -346,11 +505,216 @@ fn build_in(
     events.ev("import", Phase::Start, &build.output);
     let artifact = artifacts
         .import_dir(&out, &limits)
-        .map_err(|e| fail("import", format!("the build output was refused: {e}")))?;
+        .map_err(|e| fail(format!("the build output was refused: {e}")))?;
     events.ev(
         "import",
         Phase::Done,
         &format!("artifact {} ({} bytes)", artifact.sha256, artifact.size),
     );
     Ok(artifact)
+}
+
+/// `path` exists inside `root` once symlinks are followed, and is a directory (`dir`) or a file.
+fn inside(root: &Path, path: &Path, dir: bool) -> bool {
+    match (std::fs::canonicalize(path), std::fs::canonicalize(root)) {
+        (Ok(p), Ok(r)) => p.starts_with(&r) && if dir { p.is_dir() } else { p.is_file() },
+        _ => false,
+    }
+}
+
+/// `sha256:<64 hex>` at the start of `text` (after `digest: ` in `docker push` output).
+fn parse_digest(text: &str) -> Option<String> {
+    let hex = text.strip_prefix("sha256:")?;
+    let hex: String = hex.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    (hex.len() == 64).then(|| format!("sha256:{}", hex.to_ascii_lowercase()))
+}
+
+/// The manifest digest `docker push` reports (`TAG: digest: sha256:... size: N`).
+fn pushed_digest(line: &str) -> Option<String> {
+    line.split("digest: ").nth(1).and_then(parse_digest)
+}
+
+/// `docker build` of the checkout into `tag`, then `docker push`; the pushed digest.
+fn docker_build_and_push(
+    src: &Path,
+    docker: &cutover_core::config::DockerBuild,
+    tag: &str,
+    commit: &CommitInfo,
+    build: &BuildConfig,
+    deadline: Instant,
+    events: &Events<'_>,
+) -> Result<String, Failure> {
+    let dockerfile = src.join(&docker.dockerfile);
+    let context = src.join(&docker.context);
+    if !inside(src, &dockerfile, false) {
+        let m = format!(
+            "commit {} has no Dockerfile `{}` ([build] dockerfile) inside the checkout{}",
+            cutover_git::short(&commit.sha),
+            docker.dockerfile,
+            if build.command.is_some() {
+                " after [build] command"
+            } else {
+                ""
+            }
+        );
+        events.ev("docker-build", Phase::Failed, &m);
+        return Err(Failure::Failed(m));
+    }
+    if !inside(src, &context, true) {
+        let m = format!(
+            "commit {} has no directory `{}` ([build] context) inside the checkout",
+            cutover_git::short(&commit.sha),
+            docker.context
+        );
+        events.ev("docker-build", Phase::Failed, &m);
+        return Err(Failure::Failed(m));
+    }
+    let revision = format!("org.opencontainers.image.revision={}", commit.sha);
+    let build_arg = format!("CUTOVER_COMMIT={}", commit.sha);
+    let mut cmd = Command::new("docker");
+    cmd.arg("build")
+        .arg("-f")
+        .arg(&dockerfile)
+        .arg("-t")
+        .arg(tag)
+        .args(["--build-arg", &build_arg, "--label", &revision])
+        .arg(&context)
+        .current_dir(src);
+    events.shown(
+        "docker-build",
+        Phase::Start,
+        &format!(
+            "docker build -f {} -t {tag} {}",
+            docker.dockerfile, docker.context
+        ),
+        &format!(
+            "docker build of {}: {tag} from {} (context {})",
+            cutover_git::short(&commit.sha),
+            docker.dockerfile,
+            docker.context
+        ),
+    );
+    match streamed(events, "docker-build", cmd, deadline, &mut |_| {}) {
+        Ok(s) => events.ev(
+            "docker-build",
+            Phase::Done,
+            &format!("{tag} in {:.1}s", s.elapsed.as_secs_f64()),
+        ),
+        Err(e) => {
+            return Err(step_failed(
+                events,
+                "docker-build",
+                "docker build",
+                commit,
+                build,
+                e,
+            ))
+        }
+    }
+
+    events.shown(
+        "docker-push",
+        Phase::Start,
+        tag,
+        &format!("docker push {tag}"),
+    );
+    let mut digest = None;
+    let mut cmd = Command::new("docker");
+    cmd.args(["push", tag]).current_dir(src);
+    let pushed = streamed(events, "docker-push", cmd, deadline, &mut |line| {
+        if let Some(d) = pushed_digest(line) {
+            digest = Some(d);
+        }
+    });
+    if let Err(e) = pushed {
+        return Err(step_failed(
+            events,
+            "docker-push",
+            "docker push",
+            commit,
+            build,
+            e,
+        ));
+    }
+    let digest = match digest {
+        Some(d) => d,
+        None => repo_digest(tag, deadline).ok_or_else(|| {
+            let m = format!("docker push {tag} succeeded but its digest is unknown: it printed no `digest: sha256:...` and the image has no RepoDigests entry for the repository");
+            events.ev("docker-push", Phase::Failed, &m);
+            Failure::Failed(m)
+        })?,
+    };
+    events.ev("docker-push", Phase::Done, &digest);
+    Ok(digest)
+}
+
+/// The registry digest of `tag` from `docker image inspect` (its RepoDigests entry for the
+/// tag's repository), when `docker push` did not print it.
+fn repo_digest(tag: &str, deadline: Instant) -> Option<String> {
+    let repo = tag.rsplit_once(':').map(|(r, _)| r)?;
+    let mut cmd = Command::new("docker");
+    cmd.args([
+        "image",
+        "inspect",
+        "--format",
+        "{{range .RepoDigests}}{{println .}}{{end}}",
+        tag,
+    ]);
+    let mut found = None;
+    let prefix = format!("{repo}@");
+    cutover_git::build::run_command(cmd, left(deadline).max(Duration::from_secs(10)), &mut |l| {
+        if let Some(d) = l.trim().strip_prefix(&prefix).and_then(parse_digest) {
+            found = Some(d);
+        }
+    })
+    .ok()?;
+    found
+}
+
+/// The outcome of a `deploy --ref` whose build did not produce anything: the run is finished
+/// (`refused` for bad input, exit 2; `failed`, exit 1) and no host was touched.
+pub(crate) fn failed_outcome(
+    f: Failure,
+    events: &Events<'_>,
+    live: Option<String>,
+) -> crate::Outcome {
+    let (code, status, message) = match f {
+        Failure::Input(m) => (
+            crate::exit::USAGE,
+            "refused",
+            format!("{m}\nNothing was built and no host was touched."),
+        ),
+        Failure::Failed(m) => (
+            crate::exit::FAILED,
+            "failed",
+            format!("{m}\nNo host was touched: every host still serves what it served."),
+        ),
+    };
+    let _ = events.store.finish_run(events.run_id, status, &now_utc());
+    events.ev("run", Phase::Failed, &message);
+    let mut o = crate::Outcome::refused("deploy", events.app, code, message);
+    o.status = status.into();
+    o.previous = live;
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_read_from_docker_push_output() {
+        let hex = "0123456789abcdef".repeat(4);
+        assert_eq!(
+            pushed_digest(&format!("0123abc: digest: sha256:{hex} size: 528")),
+            Some(format!("sha256:{hex}"))
+        );
+        assert_eq!(pushed_digest("abc: Pushed"), None);
+        assert_eq!(pushed_digest("x: digest: sha256:abc size: 1"), None);
+        assert_eq!(
+            parse_digest(&format!("sha256:{hex}")),
+            Some(format!("sha256:{hex}"))
+        );
+        assert_eq!(parse_digest(&format!("sha512:{hex}")), None);
+    }
 }

@@ -42,6 +42,20 @@ pub enum ContainerRequest {
     Rollback {
         to: Option<String>,
     },
+    /// `deploy --ref REF`: build the commit's image ([build] dockerfile), push it as
+    /// `<image>:<full sha>` and deploy that digest. Mirror and build directories are in
+    /// `data_dir`.
+    Build {
+        git_ref: String,
+        data_dir: std::path::PathBuf,
+    },
+}
+
+/// Where a deployed image came from, when it was built from git.
+struct Origin {
+    commit: String,
+    subject: String,
+    source: String,
 }
 
 /// A release's config, recorded with it and restored by a rollback.
@@ -188,7 +202,7 @@ pub fn run(
 ) -> Outcome {
     let app = config.app.as_str();
     let kind = match req {
-        ContainerRequest::Deploy { .. } => "deploy",
+        ContainerRequest::Deploy { .. } | ContainerRequest::Build { .. } => "deploy",
         ContainerRequest::Rollback { .. } => "rollback",
     };
     let Some(capp) = config.container.as_ref() else {
@@ -209,13 +223,85 @@ pub fn run(
             return Outcome::refused(kind, app, exit::USAGE, format!("--image takes a tag (e.g. v1.2) or @sha256:DIGEST of {}, got {image:?}; nothing was touched", capp.container.image));
         }
     }
+    let build = match (&req, config.build.as_ref()) {
+        (ContainerRequest::Build { .. }, Some(b)) if b.docker.is_some() => Some(b),
+        (ContainerRequest::Build { .. }, _) => {
+            return Outcome::refused(
+                kind,
+                app,
+                exit::USAGE,
+                format!(
+                    "`deploy --ref` builds an image from git and needs a [build] section with `repo` and `dockerfile` in {}. Nothing was touched.",
+                    config.file.display()
+                ),
+            )
+        }
+        _ => None,
+    };
     let me = match crate::protocol::lock_app(store, app, kind, reporter) {
         Ok(me) => me,
         Err(refused) => return *refused,
     };
-    let out = locked(config, capp, store, reporter, &req, &me, kind);
+    let out = match (&req, build) {
+        (ContainerRequest::Build { git_ref, data_dir }, Some(b)) => {
+            build_then_deploy(config, capp, store, reporter, b, git_ref, data_dir, &me)
+        }
+        _ => locked(config, capp, store, reporter, &req, &me, kind, None),
+    };
     let _ = store.release_lock(app, &me);
     out
+}
+
+/// `deploy --ref` of a container app: the run starts (the build's steps and output are its
+/// events), the image is built and pushed (or an earlier build's digest reused), and only
+/// then are hosts connected, to deploy exactly the pushed digest. A failed build touches no
+/// host.
+#[allow(clippy::too_many_arguments)]
+fn build_then_deploy(
+    config: &Config,
+    capp: &ContainerApp,
+    store: &Store,
+    reporter: &dyn Reporter,
+    build: &cutover_core::BuildConfig,
+    git_ref: &str,
+    data_dir: &std::path::Path,
+    me: &Holder,
+) -> Outcome {
+    let app = config.app.as_str();
+    let live = store.live(app).ok().flatten();
+    let run_id = match store.start_run(app, "deploy", "pending", live.as_deref(), &now_utc()) {
+        Ok(id) => id,
+        Err(e) => return Outcome::refused("deploy", app, exit::NEEDS_PERSON, e.to_string()),
+    };
+    let events = crate::build::Events {
+        store,
+        reporter,
+        app,
+        run_id,
+    };
+    match crate::build::build_image(config, build, store, data_dir, git_ref, &events) {
+        Ok(built) => {
+            let origin = Origin {
+                commit: built.commit.sha,
+                subject: built.commit.subject,
+                source: built.source,
+            };
+            let req = ContainerRequest::Deploy {
+                image: format!("@{}", built.digest),
+            };
+            locked(
+                config,
+                capp,
+                store,
+                reporter,
+                &req,
+                me,
+                "deploy",
+                Some((run_id, origin)),
+            )
+        }
+        Err(f) => crate::build::failed_outcome(f, &events, live),
+    }
 }
 
 /// One host's staged release: the container to switch to and its loopback port (blue-green).
@@ -226,7 +312,9 @@ struct Staged {
     warm: bool,
 }
 
-#[allow(clippy::too_many_lines)]
+/// The run after the app lock: `built` is the run a `deploy --ref` already started (its build
+/// steps are in it) and where the image came from.
+#[allow(clippy::too_many_lines, clippy::too_many_arguments)]
 fn locked(
     config: &Config,
     capp: &ContainerApp,
@@ -235,7 +323,12 @@ fn locked(
     req: &ContainerRequest,
     me: &Holder,
     kind: &str,
+    built: Option<(i64, Origin)>,
 ) -> Outcome {
+    let (started_run, origin) = match built {
+        Some((id, o)) => (Some(id), Some(o)),
+        None => (None, None),
+    };
     let app = config.app.as_str();
     let fatal = |m: String| Outcome::refused(kind, app, exit::NEEDS_PERSON, m);
     let interrupted = match store.unfinished_runs(app) {
@@ -279,9 +372,12 @@ fn locked(
         .as_ref()
         .map(|t| t.0.clone())
         .unwrap_or_else(|| "pending".into());
-    let run_id = match store.start_run(app, kind, &pending, live.as_deref(), &now_utc()) {
-        Ok(id) => id,
-        Err(e) => return fatal(e.to_string()),
+    let run_id = match started_run {
+        Some(id) => id,
+        None => match store.start_run(app, kind, &pending, live.as_deref(), &now_utc()) {
+            Ok(id) => id,
+            Err(e) => return fatal(e.to_string()),
+        },
     };
     let names: Vec<String> = config.hosts.iter().map(|(h, _)| h.clone()).collect();
     let rec = Rec {
@@ -305,8 +401,8 @@ fn locked(
             .iter()
             .map(|(h, _)| (h.clone(), HostOutcome::default()))
             .collect(),
-        commit: None,
-        commit_subject: None,
+        commit: origin.as_ref().map(|o| o.commit.clone()),
+        commit_subject: origin.as_ref().map(|o| o.subject.clone()),
     };
     let is_new = matches!(req, ContainerRequest::Deploy { .. });
     let finish =
@@ -516,9 +612,11 @@ fn locked(
                 app,
                 created_at: &now_utc(),
                 artifact_sha256: &hex,
-                commit: None,
-                commit_subject: None,
-                source: &reference,
+                commit: origin.as_ref().map(|o| o.commit.as_str()),
+                commit_subject: origin.as_ref().map(|o| o.subject.as_str()),
+                source: origin
+                    .as_ref()
+                    .map_or(reference.as_str(), |o| o.source.as_str()),
                 snapshot: &serde_json::to_string(&snap).unwrap_or_default(),
             });
             let _ = store.set_run_release(run_id, &id);
@@ -528,6 +626,7 @@ fn locked(
         }
         (ContainerRequest::Rollback { .. }, Some(t)) => t,
         (ContainerRequest::Rollback { .. }, None) => unreachable!("rollback has a target"),
+        (ContainerRequest::Build { .. }, _) => unreachable!("built before locked()"),
     };
     let new_name = container_name(app, &release_id);
     let labels = vec![

@@ -1,5 +1,6 @@
 //! Running a build command: `sh -c COMMAND` in a fresh checkout, in a clean environment, in
-//! its own process group, with a timeout. Output (stdout and stderr) is handed over line by
+//! its own process group, with a timeout ([`run`]; [`run_command`] runs any prepared command,
+//! e.g. `docker build`, the same way). Output (stdout and stderr) is handed over line by
 //! line as it arrives. When the command overruns its timeout, or when it exits and leaves
 //! processes behind, its whole process tree is killed.
 
@@ -97,13 +98,26 @@ pub fn run(
     timeout: Duration,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<Success, BuildError> {
-    let start = Instant::now();
-    let mut child = Command::new("sh")
-        .arg("-c")
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
         .arg(command)
         .current_dir(dir)
         .env_clear()
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    run_command(cmd, timeout, on_line)
+}
+
+/// Runs `cmd` (program, arguments, directory and environment as the caller set them) the way
+/// [`run`] runs a build command: stdin from /dev/null, stdout and stderr handed to `on_line`
+/// line by line as they arrive, in its own process group, its whole process tree killed when
+/// it runs past `timeout` or when it exits and leaves processes behind.
+pub fn run_command(
+    mut cmd: Command,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<Success, BuildError> {
+    let start = Instant::now();
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -339,6 +353,27 @@ mod tests {
         assert!(names.contains(&"PATH") && names.contains(&"LANG") && names.contains(&"A"));
         assert_eq!(env.missing, ["CUTOVER_TEST_SURELY_UNSET"]);
         assert!(names.len() <= 4, "{names:?}");
+    }
+
+    #[test]
+    fn run_command_keeps_the_callers_environment_and_streams() {
+        let d = tmp("cmd");
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo \"$CUTOVER_RUN_COMMAND_T\"; echo two >&2; exit 4",
+        ])
+        .current_dir(&d)
+        .env("CUTOVER_RUN_COMMAND_T", "inherited");
+        let mut got = Vec::new();
+        let e = run_command(cmd, Duration::from_secs(10), &mut |l| {
+            got.push(l.to_string())
+        })
+        .unwrap_err();
+        got.sort();
+        assert_eq!(got, ["inherited", "two"]);
+        assert!(matches!(e, BuildError::Failed { code: 4, .. }), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]

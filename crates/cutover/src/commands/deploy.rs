@@ -20,11 +20,40 @@ pub(crate) fn deploy(
         Err(code) => return code,
     };
     if config.container.is_some() {
-        let Some(image) = image else {
-            eprintln!("error: a container app deploys an image version: pass --image TAG or --image @sha256:DIGEST");
+        if artifact.is_some() {
+            eprintln!("error: --artifact is for files apps; a container app deploys an image: pass --image TAG, --image @sha256:DIGEST or --ref REF");
             return exit::USAGE;
+        }
+        if let Some(image) = image {
+            return run_container(common, &config, ContainerRequest::Deploy { image }, json);
+        }
+        let git_ref = match (git_ref, &config.build) {
+            (Some(r), Some(_)) => r,
+            (Some(_), None) => {
+                eprintln!(
+                    "error: --ref builds an image from git and needs a [build] section (repo, dockerfile) in {}",
+                    config.file.display()
+                );
+                return exit::USAGE;
+            }
+            (None, Some(_)) => {
+                if !json {
+                    eprintln!("no --ref or --image given: building HEAD, the default branch of [build] repo");
+                }
+                "HEAD".into()
+            }
+            (None, None) => {
+                eprintln!("error: a container app deploys an image version: pass --image TAG or --image @sha256:DIGEST (or --ref REF with a [build] section)");
+                return exit::USAGE;
+            }
         };
-        return run_container(common, &config, ContainerRequest::Deploy { image }, json);
+        let data_dir = super::data_dir(common);
+        return run_container(
+            common,
+            &config,
+            ContainerRequest::Build { git_ref, data_dir },
+            json,
+        );
     }
     if image.is_some() {
         eprintln!("error: --image is for container apps ([container]); this is a files app: use --artifact or --ref");
