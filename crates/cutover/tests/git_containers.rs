@@ -68,7 +68,7 @@ impl World {
         std::fs::create_dir_all(&bin).unwrap();
         std::fs::copy("/bin/busybox", bin.join("busybox"))
             .expect("/bin/busybox: install Debian's busybox-static");
-        for applet in ["sh", "httpd", "echo"] {
+        for applet in ["sh", "httpd", "echo", "sleep"] {
             std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
         }
         w.write_config("");
@@ -472,15 +472,55 @@ fn a_failed_docker_build_is_exit_1_and_touches_no_host() {
         "the build directory is gone"
     );
 
-    // A commit without the Dockerfile.
-    let c3 = w.commit("v3", "no dockerfile", None);
-    let (code, v) = w.json(&["deploy", "--json", "--ref", &c3]);
-    assert_eq!(code, 1, "{v}");
-    assert!(
-        v["message"]
-            .as_str()
+    // A build that runs past [build] timeout is killed (the docker CLI and, with it, the
+    // build in the daemon).
+    let hanging = DOCKERFILE.replace("ARG CUTOVER_COMMIT\n", "RUN echo sleeping && sleep 300\n");
+    w.commit("v2", "hanging build", Some(&hanging));
+    std::fs::write(
+        &w.config,
+        std::fs::read_to_string(&w.config)
             .unwrap()
-            .contains("no Dockerfile `Dockerfile`"),
+            .replace("timeout = \"3m\"", "timeout = \"4s\""),
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let (code, v) = w.json(&["deploy", "--json", "--ref", "main"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("timed out") && msg.contains("[build] timeout"),
+        "{msg}"
+    );
+    assert!(!steps(&w.last_run_events()).contains(&"connect"));
+    // The builder daemon gives up the build too: its RUN container does not keep sleeping.
+    let sleeping = || {
+        let out = w
+            .lab
+            .docker(0, &["ps", "--no-trunc", "--format", "{{.Command}}"]);
+        String::from_utf8_lossy(&out.stdout).contains("sleep 300")
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while sleeping() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !sleeping(),
+        "the timed-out build's RUN container still runs"
+    );
+    w.assert_all_serve("v1", &c1);
+    w.write_config("");
+
+    // A commit without the Dockerfile; `deploy` with neither --ref nor --image builds HEAD.
+    let c3 = w.commit("v3", "no dockerfile", None);
+    let (code, v) = w.json(&["deploy", "--json"]);
+    assert_eq!(code, 1, "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!(
+            "commit {} has no Dockerfile `Dockerfile`",
+            &c3[..7]
+        )),
         "{v}"
     );
     assert!(!steps(&w.last_run_events()).contains(&"connect"));

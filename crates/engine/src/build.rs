@@ -426,10 +426,15 @@ fn step_failed(
     e: BuildError,
 ) -> Failure {
     let m = match &e {
-        BuildError::TimedOut { .. } => format!(
-            "{what} of {} timed out ([build] timeout = {}s, for the whole build): {e}",
+        BuildError::TimedOut { tail, .. } => format!(
+            "{what} of {} timed out: the build ran longer than [build] timeout = {}{} and was killed, with every process it started; last output:\n{tail}",
             cutover_git::short(&commit.sha),
-            build.timeout.as_secs_f64()
+            cutover_core::duration::format_duration(build.timeout),
+            if build.docker.is_some() {
+                " (the command, docker build and docker push together)"
+            } else {
+                ""
+            }
         ),
         _ => format!("{what} of {} failed: {e}", cutover_git::short(&commit.sha)),
     };
