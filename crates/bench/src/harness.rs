@@ -16,27 +16,31 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use testlab::{Lab, LabOptions};
 
-/// Builds `cutover` in release mode (a no-op when it is up to date) and returns the path of
-/// the executable, as cargo reports it.
+/// Whether the bench itself was built with optimizations (`cargo run --release`): it then
+/// builds and measures a release `cutover`; otherwise (`cargo run`, as CI does after the tests)
+/// a dev-profile one, which CI has already built, so it builds one profile once.
+pub(crate) const RELEASE: bool = !cfg!(debug_assertions);
+
+/// Builds `cutover` with the bench's own profile (see [`RELEASE`]; a no-op when it is up to
+/// date) and returns the path of the executable, as cargo reports it.
 pub(crate) fn build_cutover(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("[bench] cargo build --release -p cutover --bin cutover");
+    let mut args = vec!["build"];
+    if RELEASE {
+        args.push("--release");
+    }
+    args.extend(["-p", "cutover", "--bin", "cutover"]);
+    let shown = format!("cargo {}", args.join(" "));
+    eprintln!("[bench] {shown}");
     let out = Command::new(&cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "cutover",
-            "--bin",
-            "cutover",
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(&args)
+        .arg("--message-format=json-render-diagnostics")
         .current_dir(root)
         .stderr(Stdio::inherit())
         .output()
-        .context("running cargo build --release -p cutover")?;
+        .with_context(|| format!("running {shown}"))?;
     if !out.status.success() {
-        bail!("cargo build --release -p cutover failed ({})", out.status);
+        bail!("{shown} failed ({})", out.status);
     }
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -300,7 +304,8 @@ give_up_after = "20s"
         Ok(())
     }
 
-    fn cutover(&self, args: &[&str]) -> Command {
+    /// `cutover ARGS -c <config> --data <data dir>`, stdin null.
+    pub(crate) fn cutover(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.cutover);
         c.args(args)
             .arg("-c")

@@ -1,6 +1,8 @@
 //! What the numbers were measured on, read at run time: CPU and memory from `/proc`, the
-//! kernel from `uname`, the cutover commit from `git` (read-only commands), and the versions
-//! of the tools on the data path (OpenSSH, tar, gzip). Missing facts read as "unknown".
+//! kernel from `uname`, the cutover commit from `git` (read-only commands), the versions of
+//! the tools on the data path (OpenSSH, tar, gzip) and of the peers the bench compares
+//! cutover with (nginx, Caddy, Capistrano and its Ruby, the Docker Engine that the test hosts
+//! run). Missing facts read as "unknown".
 
 use serde_json::{json, Value};
 use std::path::Path;
@@ -21,6 +23,18 @@ pub(crate) struct Machine {
     pub(crate) ssh: String,
     pub(crate) tar: String,
     pub(crate) gzip: String,
+    /// `nginx -v`.
+    pub(crate) nginx: String,
+    /// `caddy version`.
+    pub(crate) caddy: String,
+    /// `cap --version`.
+    pub(crate) capistrano: String,
+    /// `ruby --version`.
+    pub(crate) ruby: String,
+    /// `dockerd --version`: the engine the test hosts run (testlab starts `/usr/sbin/dockerd`).
+    pub(crate) docker: String,
+    /// The cargo profile of the bench and of the cutover it measures: "release" or "dev".
+    pub(crate) profile: &'static str,
 }
 
 /// stdout (or, if empty, stderr) of a command, trimmed; "unknown" if it cannot run.
@@ -115,14 +129,32 @@ impl Machine {
             ssh: first_line(&output_of("ssh", &["-V"], None)),
             tar: first_line(&output_of("tar", &["--version"], None)),
             gzip: first_line(&output_of("gzip", &["--version"], None)),
+            nginx: first_line(&output_of("nginx", &["-v"], None)),
+            caddy: first_line(&output_of("caddy", &["version"], None)),
+            capistrano: first_line(&output_of("cap", &["--version"], None)),
+            ruby: first_line(&output_of("ruby", &["--version"], None)),
+            docker: first_line(&output_of(
+                if Path::new("/usr/sbin/dockerd").exists() {
+                    "/usr/sbin/dockerd"
+                } else {
+                    "dockerd"
+                },
+                &["--version"],
+                None,
+            )),
+            profile: if crate::harness::RELEASE {
+                "release"
+            } else {
+                "dev"
+            },
         }
     }
 
     /// One line for the head of a section.
     pub(crate) fn one_line(&self) -> String {
         format!(
-            "{} cores ({}), {} RAM, {}; cutover {}",
-            self.cores, self.cpu_model, self.mem_total, self.kernel, self.commit
+            "{} cores ({}), {} RAM, {}; cutover {} ({} profile)",
+            self.cores, self.cpu_model, self.mem_total, self.kernel, self.commit, self.profile
         )
     }
 
@@ -139,6 +171,12 @@ impl Machine {
             "ssh": self.ssh,
             "tar": self.tar,
             "gzip": self.gzip,
+            "nginx": self.nginx,
+            "caddy": self.caddy,
+            "capistrano": self.capistrano,
+            "ruby": self.ruby,
+            "docker_engine": self.docker,
+            "profile": self.profile,
         })
     }
 }

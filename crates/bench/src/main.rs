@@ -3,15 +3,27 @@
 //! stdout, a section per scenario in `BENCHMARKS.md`, raw samples in
 //! `bench/results/<scenario>.json`. Numbers are reported, never asserted. Needs root.
 //!
-//! One module per scenario ([`deploy_speed`], [`rollback`], [`switch`], [`proxy`]); to add one, write a module with a
+//! One module per scenario ([`deploy_speed`], [`rollback`], [`switch`], [`proxy`],
+//! [`footprint`]); to add one, write a module with a
 //! `pub(crate) fn run(&Ctx) -> anyhow::Result<report::Section>` and register it in
 //! [`SCENARIOS`] with the text that says how to read its table.
+//!
+//! After each scenario its JSON's `"plots"` are rendered to `bench/results/<file>` ([`plot`])
+//! and linked from its section. After all of them, the run fails (exit 1) if any scenario's
+//! `"cutover_failed"` map counts a failed request for a cutover method: the zero-downtime
+//! gate that CI runs with `--quick`.
 
 mod containers;
 mod deploy_speed;
+mod footprint;
 mod harness;
+// The tokio/hyper load generator, a drop-in for testlab's: unused until the scenarios'
+// `use testlab::{Load, LoadOptions}` lines switch to `crate::loadgen`.
+#[allow(dead_code)]
+mod loadgen;
 mod machine;
 mod meter;
+mod plot;
 mod proxy;
 mod report;
 mod rollback;
@@ -20,7 +32,9 @@ mod switch;
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use harness::Payload;
-use std::cell::OnceCell;
+use serde_json::Value;
+use std::cell::{OnceCell, RefCell};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// A benchmark scenario: its name (CLI argument, section marker, JSON file name), a title,
@@ -58,6 +72,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         how_to_read: proxy::HOW_TO_READ,
         run: proxy::run,
     },
+    Scenario {
+        name: "footprint",
+        title: "Footprint",
+        how_to_read: footprint::HOW_TO_READ,
+        run: footprint::run,
+    },
 ];
 
 #[derive(Debug, Parser)]
@@ -66,7 +86,8 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
     about = "Benchmarks cutover against testlab hosts and writes BENCHMARKS.md (needs root)"
 )]
 struct Cli {
-    /// A scenario name (deploy-speed, rollback, switch, proxy) or `all`.
+    /// A scenario name (see `SCENARIOS`: deploy-speed, rollback, switch, proxy, footprint, ...)
+    /// or `all`.
     scenario: String,
     /// Small and fast: 10 MiB payloads, at most 4 hosts, one run per cell, 3 container
     /// switches per method, 3 s proxy loads.
@@ -79,6 +100,10 @@ struct Cli {
     /// hidden from them; see BENCHMARKS.md).
     #[arg(long)]
     host_bashrc: bool,
+    /// Where to write BENCHMARKS.md and bench/results/ (default: the workspace root, i.e. the
+    /// committed files). CI's quick run may write elsewhere.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 /// What every scenario gets: settings, the cutover binary, a work dir, lazily made payloads.
@@ -87,7 +112,7 @@ pub(crate) struct Ctx {
     pub(crate) reps: usize,
     /// Whether the hosts' SSH sessions source this machine's `/root/.bashrc`.
     pub(crate) host_bashrc: bool,
-    /// The `cutover` binary (release build).
+    /// The `cutover` binary, built with the bench's own profile (release, or dev in CI).
     pub(crate) cutover: PathBuf,
     /// Scratch space for this run (payload directories); removed at the end.
     pub(crate) work: PathBuf,
@@ -96,6 +121,10 @@ pub(crate) struct Ctx {
     pub(crate) command: String,
     /// Times every run; owns the bench's cpuacct group.
     pub(crate) meter: meter::Meter,
+    /// Where BENCHMARKS.md and bench/results/ are written.
+    pub(crate) out: PathBuf,
+    /// The JSON of every scenario that already ran in this run, by name.
+    pub(crate) results: RefCell<BTreeMap<&'static str, Value>>,
     payloads: OnceCell<(Payload, Payload)>,
 }
 
@@ -167,12 +196,23 @@ fn main() -> Result<()> {
         bail!("--reps must be at least 1");
     }
     let root = workspace_root();
+    let out = match &cli.out {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.canonicalize()?
+        }
+        None => root.clone(),
+    };
     let cutover = harness::build_cutover(&root)?;
     let work = std::env::temp_dir().join(format!("cutover-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let _work_guard = WorkDir(work.clone());
 
-    let mut command = format!("cargo run --release -p cutover-bench -- {}", cli.scenario);
+    let mut command = format!(
+        "cargo run {}-p cutover-bench -- {}",
+        if harness::RELEASE { "--release " } else { "" },
+        cli.scenario
+    );
     if cli.quick {
         command.push_str(" --quick");
     }
@@ -181,6 +221,9 @@ fn main() -> Result<()> {
     }
     if cli.host_bashrc {
         command.push_str(" --host-bashrc");
+    }
+    if let Some(d) = &cli.out {
+        command.push_str(&format!(" --out {}", d.display()));
     }
     let machine = machine::Machine::read(&root, &cutover);
     let ctx = Ctx {
@@ -192,18 +235,84 @@ fn main() -> Result<()> {
         machine,
         command,
         meter: meter::Meter::new(),
+        out,
+        results: RefCell::new(BTreeMap::new()),
         payloads: OnceCell::new(),
     };
+    let mut failed: Vec<(String, String, u64)> = Vec::new();
     for s in selected {
         eprintln!("[bench] scenario {} ({} runs per cell)", s.name, ctx.reps);
-        let section = (s.run)(&ctx).with_context(|| format!("scenario {}", s.name))?;
+        let mut section = (s.run)(&ctx).with_context(|| format!("scenario {}", s.name))?;
+        let results_dir = ctx.out.join("bench/results");
+        let (plots, plot_errors) = plot::write_all(&section.json, &results_dir);
+        for e in &plot_errors {
+            eprintln!("[bench] warning: scenario {}: a plot failed: {e}", s.name);
+        }
+        if !plots.is_empty() {
+            section.markdown =
+                section.markdown.trim_end().to_string() + &report::plot_links(&plots);
+        }
         println!("## {}\n\n{}", s.title, section.markdown);
-        report::write_json(&root, s.name, &section.json)?;
-        report::update_benchmarks_md(&root, &ctx, s, &section.markdown)?;
+        report::write_json(&ctx.out, s.name, &section.json)?;
+        report::update_benchmarks_md(&ctx.out, &ctx, s, &section.markdown)?;
         eprintln!(
-            "[bench] wrote BENCHMARKS.md section {0} and bench/results/{0}.json",
-            s.name
+            "[bench] wrote {1}/BENCHMARKS.md section {0}, {1}/bench/results/{0}.json and {2} plot(s)",
+            s.name,
+            ctx.out.display(),
+            plots.len()
         );
+        failed.extend(
+            cutover_failures(&section.json)
+                .into_iter()
+                .map(|(m, n)| (s.name.to_string(), m, n)),
+        );
+        ctx.results.borrow_mut().insert(s.name, section.json);
+    }
+    if !failed.is_empty() {
+        for (scenario, method, n) in &failed {
+            eprintln!(
+                "[bench] ZERO-DOWNTIME CHECK FAILED: scenario {scenario}: cutover method \
+                 {method:?} had {n} failed request(s) under load"
+            );
+        }
+        eprintln!("[bench] (the report was written; see its sections for the failures)");
+        std::process::exit(1);
     }
     Ok(())
+}
+
+/// The entries of a scenario's `"cutover_failed"` map that counted a failed request (a
+/// count that is not a number counts as failed too: the gate must not pass by accident).
+fn cutover_failures(json: &Value) -> Vec<(String, u64)> {
+    json["cutover_failed"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(method, n)| match n.as_u64() {
+                    Some(0) => None,
+                    Some(n) => Some((method.clone(), n)),
+                    None => Some((method.clone(), u64::MAX)),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_gate_names_every_cutover_method_with_failures() {
+        let j = json!({"cutover_failed": {"blue-green": 0, "hold": 3, "files": "x"}});
+        let mut f = cutover_failures(&j);
+        f.sort();
+        assert_eq!(
+            f,
+            vec![("files".to_string(), u64::MAX), ("hold".to_string(), 3)]
+        );
+        assert!(cutover_failures(&json!({"cutover_failed": {"a": 0}})).is_empty());
+        assert!(cutover_failures(&json!({})).is_empty());
+    }
 }

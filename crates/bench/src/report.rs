@@ -156,7 +156,19 @@ pub(crate) fn measured_line(
     )
 }
 
-/// Writes `bench/results/<name>.json` under the workspace root.
+/// Links to a scenario's rendered plots (file, title), for the end of its section.
+pub(crate) fn plot_links(plots: &[(String, String)]) -> String {
+    plots
+        .iter()
+        .map(|(file, title)| {
+            let alt: String = title.chars().filter(|c| !matches!(c, '[' | ']')).collect();
+            format!("\n\n![{alt}](bench/results/{file})")
+        })
+        .collect::<String>()
+        + if plots.is_empty() { "" } else { "\n" }
+}
+
+/// Writes `bench/results/<name>.json` under `root` (the workspace root or `--out`).
 pub(crate) fn write_json(root: &Path, name: &str, value: &Value) -> Result<()> {
     let dir = root.join("bench/results");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -282,20 +294,36 @@ fn head(ctx: &Ctx) -> String {
         m.cores, m.cpu_model, m.mem_total, m.kernel, m.os
     ));
     s.push_str(&format!(
-        "- cutover: {} (`{}`)\n- OpenSSH: {}\n- {} / {}\n\n",
-        m.commit, m.cutover_version, m.ssh, m.tar, m.gzip
+        "- cutover: {} (`{}`, {} profile)\n- OpenSSH: {}\n- {} / {}\n",
+        m.commit, m.cutover_version, m.profile, m.ssh, m.tar, m.gzip
+    ));
+    s.push_str(&format!(
+        "- Peers: nginx `{}`; Caddy `{}`; Capistrano `{}` on `{}`; Docker Engine on the test \
+         hosts `{}`\n\n",
+        m.nginx.trim_start_matches("nginx version: "),
+        m.caddy,
+        m.capistrano,
+        m.ruby,
+        m.docker
     ));
     s.push_str("## Reproduce\n\n");
     s.push_str(
-        "As root, on Linux with `ip`, `nsenter`, `sshd`, `nginx`, `tar` and `gzip` installed \
-         (what testlab needs):\n\n```sh\ncargo run --release -p cutover-bench -- all\n```\n\n",
+        "As root, on Debian 12 with what testlab needs (`iproute2`, `util-linux`, \
+         `openssh-server`, `nginx-light`, `tar`, `gzip`, `docker.io`, `docker-registry`) and \
+         the peers (`caddy`, `capistrano`, `ruby-ed25519`, `ruby-bcrypt-pbkdf`) plus `time` \
+         installed:\n\n```sh\ncargo run --release -p cutover-bench -- all\n```\n\n",
     );
     s.push_str(&format!(
         "The latest run was `{}`. `<scenario>` instead of `all` runs one scenario; `--quick` \
          uses 10 MiB payloads, at most 4 hosts and one run per cell; `--reps N` sets the runs \
          per cell (default 3); `--host-bashrc` lets the hosts' SSH sessions source \
-         `/root/.bashrc` (see below). The bench builds `cutover` itself (`cargo build --release -p \
-         cutover`). Each section says how long its scenario took (a full run of every scenario is about fourteen minutes \
+         `/root/.bashrc` (see below); `--out DIR` writes `BENCHMARKS.md` and `bench/results/` under \
+         DIR instead of the workspace root. The bench builds `cutover` itself with its own \
+         profile: `cargo build --release -p cutover` under `cargo run --release`. CI runs \
+         `cargo run -p cutover-bench -- all --quick` after the tests, i.e. the dev profile (the \
+         `cutover` the tests already built, unoptimized): its timings are not the published \
+         ones and only its zero-downtime check counts (the run fails if any cutover method \
+         had a failed request under load). Each section says how long its scenario took (a full run of every scenario is about fourteen minutes \
          on a 2-core machine). Raw samples: `bench/results/<scenario>.json`.\n\n",
         ctx.command
     ));
@@ -409,6 +437,19 @@ mod tests {
         let kept = merge(&foreign, "H\n", &known, "b", "B", "four");
         assert!(kept.contains("zz") && kept.contains("three") && kept.contains("four"));
         assert_eq!(kept.matches("<!-- bench:z -->").count(), 1);
+    }
+
+    #[test]
+    fn plots_are_linked_relative_to_benchmarks_md() {
+        assert_eq!(plot_links(&[]), "");
+        let l = plot_links(&[
+            ("a.svg".into(), "Switch [ms]".into()),
+            ("b.svg".into(), "B".into()),
+        ]);
+        assert_eq!(
+            l,
+            "\n\n![Switch ms](bench/results/a.svg)\n\n![B](bench/results/b.svg)\n"
+        );
     }
 
     #[test]
