@@ -171,6 +171,7 @@ fn lines(root: &DrawingArea<SVGBackend<'_>, Shift>, spec: &Value, title: &str) -
         .configure_mesh()
         .x_desc(spec["x"].as_str().unwrap_or(""))
         .y_desc(spec["y"].as_str().unwrap_or(""))
+        .y_label_formatter(&|v| tick(*v, ytop))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(draw_err)?;
@@ -262,10 +263,14 @@ fn bars(root: &DrawingArea<SVGBackend<'_>, Shift>, spec: &Value, title: &str) ->
         .fold(0.0_f64, |a, &b| a.max(b));
     let ytop = if ymax > 0.0 { ymax * 1.15 } else { 1.0 };
     let n = categories.len().max(1) as f64;
+    // Category names are wrapped to the width of their group.
+    let per_line = ((SIZE.0 as f64 - 100.0) / n / 7.5).max(6.0) as usize;
+    let wrapped: Vec<Vec<String>> = categories.iter().map(|c| wrap(c, per_line)).collect();
+    let lines_needed = wrapped.iter().map(Vec::len).max().unwrap_or(1) as u32;
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 22))
         .margin(12)
-        .x_label_area_size(40)
+        .x_label_area_size(24 + 16 * lines_needed)
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..n, 0.0..ytop)
         .map_err(draw_err)?;
@@ -275,6 +280,7 @@ fn bars(root: &DrawingArea<SVGBackend<'_>, Shift>, spec: &Value, title: &str) ->
         .x_labels(0)
         .x_label_formatter(&|_| String::new())
         .y_desc(spec["y"].as_str().unwrap_or(""))
+        .y_label_formatter(&|v| tick(*v, ytop))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(draw_err)?;
@@ -312,11 +318,15 @@ fn bars(root: &DrawingArea<SVGBackend<'_>, Shift>, spec: &Value, title: &str) ->
     let under = TextStyle::from(("sans-serif", 14).into_font())
         .pos(Pos::new(HPos::Center, VPos::Top))
         .color(&BLACK);
-    let names: Vec<_> = categories
+    let names: Vec<_> = wrapped
         .iter()
         .enumerate()
-        .map(|(i, name)| {
-            EmptyElement::at((i as f64 + 0.5, 0.0)) + Text::new(name.clone(), (0, 8), under.clone())
+        .flat_map(|(i, lines)| {
+            let under = &under;
+            lines.iter().enumerate().map(move |(k, line)| {
+                EmptyElement::at((i as f64 + 0.5, 0.0))
+                    + Text::new(line.clone(), (0, 8 + 16 * k as i32), under.clone())
+            })
         })
         .collect();
     chart.draw_series(names).map_err(draw_err)?;
@@ -329,6 +339,41 @@ fn bars(root: &DrawingArea<SVGBackend<'_>, Shift>, spec: &Value, title: &str) ->
         .draw()
         .map_err(draw_err)?;
     Ok(())
+}
+
+/// Words of `text` in lines of at most `width` characters (a longer word gets a line of
+/// its own).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        match lines.last_mut() {
+            Some(l) if l.chars().count() + 1 + word.chars().count() <= width => {
+                l.push(' ');
+                l.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    if lines.is_empty() {
+        lines.push(String::new());
+    }
+    lines
+}
+
+/// An axis tick: no decimals when the axis goes past 100, else up to two, trailing zeros
+/// dropped.
+fn tick(v: f64, top: f64) -> String {
+    if top >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.2}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        if s == "-0" {
+            "0".into()
+        } else {
+            s.to_string()
+        }
+    }
 }
 
 /// A bar's value with about three significant digits.
@@ -426,6 +471,23 @@ mod tests {
             .filter(|n| n.has_tag_name("rect") && n.attribute("fill") != Some("#FFFFFF"))
             .count();
         assert!(filled_rects >= 5, "{filled_rects}");
+    }
+
+    #[test]
+    fn long_category_names_wrap_and_ticks_are_short() {
+        assert_eq!(
+            wrap("direct to the published port (docker-proxy)", 16),
+            vec!["direct to the", "published port", "(docker-proxy)"]
+        );
+        assert_eq!(wrap("", 5), vec![""]);
+        assert_eq!(
+            wrap("averyveryverylongword x", 4),
+            vec!["averyveryverylongword", "x"]
+        );
+        assert_eq!(tick(40000.0, 45000.0), "40000");
+        assert_eq!(tick(2.5, 10.0), "2.5");
+        assert_eq!(tick(0.0, 10.0), "0");
+        assert_eq!(tick(0.25, 0.5), "0.25");
     }
 
     #[test]
