@@ -3,8 +3,8 @@
 //! `cutover demo`), and a testlab host for a repository reached over `ssh://`. Needs root
 //! (the ssh test) and git.
 //!
-//! Not here: a container build (`[build] dockerfile`) pushed to a registry. Container apps
-//! are not in this build of cutover; `dockerfile` is refused as a config error (tested).
+//! Container builds (`[build] dockerfile`, pushed to the lab's registry) are in
+//! `git_containers.rs`, `https://` repositories in `git_https.rs`.
 
 use serde_json::Value;
 use std::cell::Cell;

@@ -333,26 +333,7 @@ fn build_then_deploy(
                 Some(run_id),
             )
         }
-        Err(f) => {
-            let (code, status, message) = match f {
-                crate::build::Failure::Input(m) => (
-                    exit::USAGE,
-                    "refused",
-                    format!("{m}\nNothing was built and no host was touched."),
-                ),
-                crate::build::Failure::Failed(m) => (
-                    exit::FAILED,
-                    "failed",
-                    format!("{m}\nNo host was touched: every host still serves what it served."),
-                ),
-            };
-            let _ = store.finish_run(run_id, status, &now_utc());
-            events.ev("run", Phase::Failed, &message);
-            let mut o = Outcome::refused("deploy", app, code, message);
-            o.status = status.into();
-            o.previous = live;
-            o
-        }
+        Err(f) => crate::build::failed_outcome(f, &events, live),
     }
 }
 
