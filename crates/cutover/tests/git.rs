@@ -946,3 +946,44 @@ fn a_repository_over_ssh_through_a_test_host() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("problem: build repo"));
 }
+
+#[test]
+fn a_fetch_from_a_server_that_stalls_gives_up_at_the_build_timeout() {
+    let w = World::new("");
+    // An https "server" that accepts connections and never says a word.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    w.write_config(
+        &format!("https://127.0.0.1:{port}/app.git"),
+        "timeout = \"2s\"",
+        "",
+    );
+    let started = Instant::now();
+    let out = w.run(&["deploy", "--ref", "main"]);
+    let took = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a stalled fetch is a failed run"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not finish within [build] timeout"),
+        "{err}"
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "gave up instead of hanging (took {took:?})"
+    );
+    assert!(w.history().is_empty(), "no release was recorded");
+    assert!(
+        !w.last_run_events().iter().any(|(s, _, _)| s == "connect"),
+        "no host was contacted"
+    );
+}

@@ -107,6 +107,34 @@ pub fn open_mirror(
     Ok(Mirror::open(&mirror_path(data_dir, &config.app), url, ssh.as_deref())?.with_https(https))
 }
 
+/// Fetches on a thread of its own and gives up after `limit`: a server that stalls mid-transfer
+/// must not hang the deploy. The abandoned fetch ends with the process (the deploy exits 1),
+/// and the next run's fetch starts over from the mirror on disk.
+fn fetch_within(
+    config: &Config,
+    build: &BuildConfig,
+    data_dir: &Path,
+) -> Result<cutover_git::FetchSummary, GitError> {
+    let limit = build.timeout;
+    let url = build.repo.clone();
+    let (config, build, data_dir) = (config.clone(), build.clone(), data_dir.to_path_buf());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = open_mirror(&config, &build, &data_dir).and_then(|mut m| m.fetch());
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(limit) {
+        Ok(fetched) => fetched,
+        Err(_) => Err(GitError::Fetch {
+            url,
+            message: format!(
+                "the fetch did not finish within [build] timeout ({}s): the server stalled or the network is down; nothing was built and no host was touched",
+                limit.as_secs()
+            ),
+        }),
+    }
+}
+
 /// The cache key of a build: the commit and everything in the build config that can change
 /// what the build produces (the values of passed-through variables included, hashed). A
 /// docker build's key also holds the Dockerfile, the context and the image repository.
@@ -164,9 +192,9 @@ fn resolve(
         &build.repo,
         &format!("fetching {}", build.repo),
     );
-    let mut mirror = open_mirror(config, build, data_dir).map_err(|e| git_fail("fetch", e))?;
-    let fetched = mirror.fetch().map_err(|e| {
-        if mirror.url().is_ssh() {
+    let is_ssh = RepoUrl::parse(&build.repo).is_ok_and(|u| u.is_ssh());
+    let fetched = fetch_within(config, build, data_dir).map_err(|e| {
+        if is_ssh {
             if let GitError::Fetch { url, message } = e {
                 return git_fail(
                     "fetch",
@@ -192,6 +220,7 @@ fn resolve(
         detail.push_str(&format!("; pruned {}", fetched.pruned.join(" ")));
     }
     events.ev("fetch", Phase::Done, &detail);
+    let mirror = open_mirror(config, build, data_dir).map_err(|e| git_fail("resolve", e))?;
     let commit = mirror
         .resolve(git_ref)
         .map_err(|e| git_fail("resolve", e))?;
