@@ -543,6 +543,36 @@ impl Ledger {
         (r.len(), r.iter().filter(|r| !r.ok).count())
     }
 
+    /// Sorted latencies of every request (successful or not) started in any of `windows`
+    /// (each `[from, to)`, seconds since the origin; a request in two windows counts once).
+    pub(crate) fn latencies_in(&self, windows: &[(f64, f64)]) -> Vec<f64> {
+        let mut v: Vec<f64> = self
+            .reqs
+            .iter()
+            .filter(|r| windows.iter().any(|&(from, to)| r.at >= from && r.at < to))
+            .map(|r| r.latency)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    /// Successful and failed requests started in each `width`-second bucket from the origin
+    /// to the stop: (bucket start, successful, failed).
+    pub(crate) fn buckets(&self, width: f64) -> Vec<(f64, usize, usize)> {
+        let end = self.stop.max(self.reqs.last().map(|r| r.at).unwrap_or(0.0));
+        let n = ((end / width).ceil() as usize).max(1);
+        let mut b: Vec<(f64, usize, usize)> = (0..n).map(|i| (i as f64 * width, 0, 0)).collect();
+        for r in &self.reqs {
+            let i = ((r.at.max(0.0) / width) as usize).min(n - 1);
+            if r.ok {
+                b[i].1 += 1;
+            } else {
+                b[i].2 += 1;
+            }
+        }
+        b
+    }
+
     /// Summary for the JSON.
     pub(crate) fn to_json(&self) -> Value {
         let ok = self.latencies(true);
@@ -628,6 +658,14 @@ mod tests {
         assert!((gap - 0.105).abs() < 1e-9 && (at - 0.055).abs() < 1e-9);
         assert_eq!(l.window(0.015, 0.06), (3, 1));
         assert!((l.worst() - 0.010).abs() < 1e-9);
+        // Started at 0 (a, b), 20 (failed), 30, 50 and 150 ms.
+        assert_eq!(
+            l.latencies_in(&[(0.015, 0.035), (0.03, 0.06)]),
+            vec![0.005, 0.005, 0.010]
+        );
+        let b = l.buckets(0.1);
+        assert_eq!(b.len(), 4);
+        assert_eq!((b[0].1, b[0].2, b[1].1, b[3].1), (3, 1, 1, 0));
         assert_eq!(ms(0.0042), "4.2 ms");
         assert_eq!(ms(0.25), "250 ms");
     }

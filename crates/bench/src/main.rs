@@ -23,6 +23,7 @@ mod harness;
 mod loadgen;
 mod machine;
 mod meter;
+mod peers;
 mod plot;
 mod proxy;
 mod report;

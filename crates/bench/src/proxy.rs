@@ -1,11 +1,12 @@
-//! `proxy`: what cutover's edge proxy costs. The same container (deployed by cutover) gets
-//! the same keep-alive load for a fixed time through the proxy and directly, for requests per
-//! second and latency percentiles, and the proxy process's memory is read idle and right after
-//! the load.
+//! `proxy`: what cutover's edge proxy costs, next to nginx and Caddy. The same container
+//! (deployed by cutover) gets the same keep-alive load for a fixed time through cutover's
+//! proxy, through nginx, through Caddy and directly, for requests per second and latency
+//! percentiles, and each proxy's memory is read idle and right after the loads.
 
 use crate::containers::{ms, percentile, DockerWorld, Ledger, Mem};
 use crate::machine::loadavg;
 use crate::meter::{Sample, MAX_REDOS};
+use crate::peers::{self, Kind, Peer};
 use crate::report::{self, spread, Section};
 use crate::Ctx;
 use anyhow::{anyhow, bail, Result};
@@ -23,9 +24,15 @@ every connection after one response, so each request would cost a new TCP connec
 hop and the numbers would measure TCP setup and TIME_WAIT exhaustion of this machine's single \
 client address, not the proxy). cutover publishes the container on a loopback port of the host \
 only (`127.0.0.1:P`, which Docker serves with its userland `docker-proxy`), and its proxy \
-forwards there over pooled keep-alive connections. The same container is loaded three ways from \
+forwards there over pooled keep-alive connections. The same container is loaded five ways from \
 this machine's root namespace (the host's clients): *through cutover's proxy* (host:8000 → \
-cutover proxy → 127.0.0.1:P → docker-proxy → container), *direct to the published port* \
+cutover proxy → 127.0.0.1:P → docker-proxy → container), *through nginx* (Debian's nginx \
+in the host's network namespace on host:8100, its own master, one worker per core, no access \
+log, `proxy_pass` to `upstream { server 127.0.0.1:P; keepalive 32; }` with \
+`proxy_http_version 1.1` and an empty `Connection` header, so it keeps connections to the \
+upstream open as cutover's proxy does), *through Caddy* (Debian's `caddy run` with a JSON \
+config, host:8200, one route with `reverse_proxy` to 127.0.0.1:P, Caddy's defaults, which \
+keep upstream connections open), *direct to the published port* \
 (host:9000, which an iptables DNAT rule in the host's namespace rewrites to 127.0.0.1:P, with \
 `route_localnet` on there: the proxy's path without the proxy), and *direct to the container* \
 (host:9001, DNAT to the container's address on the host's bridge: kernel NAT only, the path \
@@ -36,14 +43,17 @@ order of the paths rotating; the bench waits for an idle machine before each loa
 a load (up to twice per path) during which other processes took over a quarter of the CPU. \
 *requests/s* is successful requests over the load's duration, median (min–max) of the runs; \
 *p50* and *p99* are over the successful requests of all runs. *proxy CPU* is the user + \
-system CPU time of the `cutover proxy run` process (`/proc/<pid>/stat`) during the loads, per \
-1000 requests; *all CPU* is the CPU time of every process involved (load generator, proxy, \
-docker-proxy, container) per 1000 requests. Everything, the load generator included, shares \
+system CPU time of the path's proxy (`/proc/<pid>/stat` of the `cutover proxy run` process, of \
+nginx's master and workers, of Caddy) during the loads, per 1000 requests; *all CPU* is \
+the CPU time of every process involved (load generator, proxy, docker-proxy, container) per \
+1000 requests. Everything, the load generator included, shares \
 the machine's 2 cores, so requests/s is what the whole path sustains on 2 cores, not what the \
-proxy alone could do. Memory is `VmRSS` from `/proc/<pid>/status` of the `cutover proxy run` \
-process (its pid from `cutover proxy status --json`), read after the deploy with no client \
-load yet (*idle*) and right after each load through the proxy ends (the largest of those \
-reads); *peak* is the largest of these and the process's `VmHWM` at the end.";
+proxy alone could do. Memory is `VmRSS` from `/proc/<pid>/status` of each proxy's processes \
+(cutover's from `cutover proxy status --json`; nginx's master and workers summed, so pages \
+they share count more than once), read before any load (*idle*) and right after each load \
+through that proxy ends (the largest of those reads); *peak* is the largest of these and the \
+processes' `VmHWM` at the end. Plots: `proxy-requests.svg` (requests/s per path) and \
+`proxy-latency.svg` (p50 and p99).";
 
 /// Keep-alive workers.
 const WORKERS: usize = 8;
@@ -53,20 +63,33 @@ const BODY: &str = "keepalive";
 /// Host ports that DNAT rules send to the published port and to the container.
 const PUBLISHED_PORT: u16 = 9000;
 const CONTAINER_PORT: u16 = 9001;
+/// Where nginx and Caddy listen on the host.
+const NGINX_PORT: u16 = 8100;
+const CADDY_PORT: u16 = 8200;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
     Proxy,
+    Nginx,
+    Caddy,
     Published,
     Container,
 }
 
-const PATHS: [Path; 3] = [Path::Proxy, Path::Published, Path::Container];
+const PATHS: [Path; 5] = [
+    Path::Proxy,
+    Path::Nginx,
+    Path::Caddy,
+    Path::Published,
+    Path::Container,
+];
 
 impl Path {
     fn name(self) -> &'static str {
         match self {
             Path::Proxy => "through cutover's proxy",
+            Path::Nginx => "through nginx (reverse proxy)",
+            Path::Caddy => "through Caddy (reverse_proxy)",
             Path::Published => "direct to the published port (docker-proxy)",
             Path::Container => "direct to the container (kernel NAT)",
         }
@@ -75,6 +98,8 @@ impl Path {
     fn key(self) -> &'static str {
         match self {
             Path::Proxy => "proxy",
+            Path::Nginx => "nginx",
+            Path::Caddy => "caddy",
             Path::Published => "published-port",
             Path::Container => "container",
         }
@@ -91,7 +116,8 @@ struct Round {
     failures: Vec<String>,
     sample: Sample,
     containers_cpu_s: f64,
-    proxy_cpu_s: f64,
+    /// CPU seconds of the path's proxy processes (none on the direct paths).
+    proxy_cpu_s: Option<f64>,
 }
 
 impl Round {
@@ -148,32 +174,62 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
          iptables -t nat -I PREROUTING 1 -d {ip}/32 -p tcp --dport {CONTAINER_PORT} \
            -j DNAT --to-destination {container_ip}:8080"
     ))?;
+    // nginx and Caddy in the host's network namespace, in front of the same published port.
+    let upstream: u16 = port
+        .parse()
+        .map_err(|_| anyhow!("bad port in the proxy's target {target}"))?;
+    let nginx = Peer::start(&world.lab, 0, Kind::Nginx, NGINX_PORT, upstream)?;
+    let caddy = Peer::start(&world.lab, 0, Kind::Caddy, CADDY_PORT, upstream)?;
     let addr = |p: Path| match p {
         Path::Proxy => world.proxy_addr(),
+        Path::Nginx => nginx.addr(),
+        Path::Caddy => caddy.addr(),
         Path::Published => SocketAddr::new(ip.into(), PUBLISHED_PORT),
         Path::Container => SocketAddr::new(ip.into(), CONTAINER_PORT),
     };
     for p in PATHS {
         world.wait_serves(addr(p), BODY, Duration::from_secs(5))?;
     }
+    // The processes of each proxy (nginx: master and workers, now that they run).
+    let pids = |p: Path| -> Vec<u32> {
+        match p {
+            Path::Proxy => vec![pid],
+            Path::Nginx => nginx.pids(),
+            Path::Caddy => caddy.pids(),
+            Path::Published | Path::Container => Vec::new(),
+        }
+    };
     eprintln!(
-        "[proxy] proxy pid {pid}, target {target}, container {container_ip}:8080; {} s per load",
+        "[proxy] cutover proxy pid {pid}, nginx pids {:?}, caddy pid {}, target {target}, \
+         container {container_ip}:8080; {} s per load",
+        nginx.pids(),
+        caddy.pid(),
         duration.as_secs()
     );
-    // Let the deploy's own traffic settle, then read the idle proxy's memory.
+    // Let the deploy's own traffic settle, then read the idle proxies' memory.
     std::thread::sleep(Duration::from_secs(1));
-    let idle = world.mem(pid)?;
+    let mut memory: Vec<ProxyMemory> = Vec::new();
+    for p in PROXIES {
+        memory.push(ProxyMemory {
+            path: p,
+            idle: mem_sum(&world, &pids(p))?,
+            after_load: Vec::new(),
+            end: Mem {
+                rss_kib: 0,
+                hwm_kib: 0,
+            },
+        });
+    }
 
     let mut rounds = Vec::new();
-    let mut after_load: Vec<Mem> = Vec::new();
     let mut discarded: Vec<Round> = Vec::new();
     for rep in 0..ctx.reps {
         for j in 0..PATHS.len() {
             let path = PATHS[(rep + j) % PATHS.len()];
             loop {
-                let round = load(ctx, &world, pid, path, addr(path), duration)?;
-                if path == Path::Proxy {
-                    after_load.push(world.mem(pid)?);
+                let round = load(ctx, &world, &pids(path), path, addr(path), duration)?;
+                if let Some(m) = memory.iter_mut().find(|m| m.path == path) {
+                    m.after_load.push(mem_sum(&world, &pids(path))?);
                 }
                 eprintln!(
                     "[proxy] run {}/{} {}: {:.0} requests/s, p99 {}, {} failed; other processes {:.1} CPU-s",
@@ -196,11 +252,15 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             }
         }
     }
-    let end = world.mem(pid)?;
+    for m in &mut memory {
+        m.end = mem_sum(&world, &pids(m.path))?;
+    }
     if world.proxy_pid()? != pid {
         bail!("the proxy process changed during the scenario");
     }
     let load_after = loadavg();
+    drop(nginx);
+    drop(caddy);
     drop(world);
 
     let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
@@ -229,7 +289,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
                     format!("{:.2} s", 1000.0 * cpu / requests as f64)
                 }
             };
-            let proxy_cpu: f64 = rs.iter().map(|r| r.proxy_cpu_s).sum();
+            let proxy_cpu: Option<f64> = rs.iter().map(|r| r.proxy_cpu_s).sum();
             let all_cpu: Option<f64> = rs
                 .iter()
                 .map(|r| r.sample.cpu_s.map(|c| c + r.containers_cpu_s))
@@ -240,7 +300,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
                 ms(percentile(&lat, 0.5)),
                 ms(percentile(&lat, 0.99)),
                 rs.iter().map(|r| r.failed).sum::<u64>().to_string(),
-                per_k(proxy_cpu),
+                proxy_cpu.map(per_k).unwrap_or_else(|| "–".into()),
                 all_cpu.map(per_k).unwrap_or_else(|| "–".into()),
             ]
         })
@@ -257,13 +317,24 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         ],
         &rows,
     ));
-    let rss_after = after_load.iter().map(|m| m.rss_kib).max().unwrap_or(0);
-    // VmHWM is updated lazily by the kernel, so an RSS read earlier can exceed it.
-    let peak = end.hwm_kib.max(rss_after).max(idle.rss_kib);
-    md.push_str("\nMemory of the `cutover proxy run` process:\n\n");
+    md.push_str(&format!(
+        "\nPeers: {}. Memory of each proxy (nginx: master and workers together):\n\n",
+        peers::versions_line(&ctx.machine)
+    ));
+    let rows: Vec<Vec<String>> = memory
+        .iter()
+        .map(|m| {
+            vec![
+                m.name().to_string(),
+                kib(m.idle.rss_kib),
+                kib(m.rss_after()),
+                kib(m.peak()),
+            ]
+        })
+        .collect();
     md.push_str(&report::table(
-        &["RSS idle", "RSS right after the load", "peak RSS"],
-        &[vec![kib(idle.rss_kib), kib(rss_after), kib(peak)]],
+        &["proxy", "RSS idle", "RSS right after the load", "peak RSS"],
+        &rows,
     ));
     md.push('\n');
     let failures: Vec<&String> = rounds.iter().flat_map(|r| r.failures.iter()).collect();
@@ -315,30 +386,29 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         },
         "proxy_target": target,
         "container": format!("{container_ip}:8080"),
-        "proxy_memory_kib": {
-            "idle_rss": idle.rss_kib,
-            "rss_after_each_proxy_load": after_load.iter().map(|m| m.rss_kib).collect::<Vec<_>>(),
-            "peak_rss_at_end": end.hwm_kib,
-            "rss_at_end": end.rss_kib,
-        },
+        "proxy_memory_kib": memory
+            .iter()
+            .map(|m| (m.path.key().to_string(), m.to_json()))
+            .collect::<serde_json::Map<_, _>>(),
+        "plots": plots(&rounds),
         "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
         "discarded": discarded.iter().map(round_json).collect::<Vec<_>>(),
     });
     Ok(Section { markdown: md, json })
 }
 
-/// One timed load of `duration` on `addr`.
+/// One timed load of `duration` on `addr`; `pids` are the path's proxy processes.
 fn load(
     ctx: &Ctx,
     world: &DockerWorld,
-    pid: u32,
+    pids: &[u32],
     path: Path,
     addr: SocketAddr,
     duration: Duration,
 ) -> Result<Round> {
     let (r, sample) = ctx.meter.time(|| -> Result<_> {
         let c0 = world.containers_cpu_s();
-        let p0 = world.cpu_s(pid)?;
+        let p0 = cpu_sum(world, pids)?;
         let l = Load::start(LoadOptions {
             workers_per_target: WORKERS,
             keep_alive: true,
@@ -350,13 +420,13 @@ fn load(
         let started = l.started();
         let report = l.stop();
         let stop = Instant::now();
-        let p1 = world.cpu_s(pid)?;
+        let p1 = cpu_sum(world, pids)?;
         let c1 = world.containers_cpu_s();
         Ok((
             report,
             started,
             stop,
-            p1 - p0,
+            p0.zip(p1).map(|(a, b)| b - a),
             c0.zip(c1).map(|(a, b)| b - a),
         ))
     });
@@ -390,6 +460,109 @@ fn container_ip(world: &DockerWorld, port: &str) -> Result<String> {
             w.any(|p| p == port).then(|| ip.to_string())
         })
         .ok_or_else(|| anyhow!("no running container publishes port {port}: {text}"))
+}
+
+/// The paths through a proxy, whose memory is read.
+const PROXIES: [Path; 3] = [Path::Proxy, Path::Nginx, Path::Caddy];
+
+/// Memory of one proxy's processes: idle, right after each load through it, at the end.
+struct ProxyMemory {
+    path: Path,
+    idle: Mem,
+    after_load: Vec<Mem>,
+    end: Mem,
+}
+
+impl ProxyMemory {
+    fn name(&self) -> &'static str {
+        match self.path {
+            Path::Proxy => "cutover proxy",
+            Path::Nginx => "nginx",
+            Path::Caddy => "Caddy",
+            _ => "–",
+        }
+    }
+
+    fn rss_after(&self) -> u64 {
+        self.after_load.iter().map(|m| m.rss_kib).max().unwrap_or(0)
+    }
+
+    /// VmHWM is updated lazily by the kernel, so an RSS read earlier can exceed it.
+    fn peak(&self) -> u64 {
+        self.end
+            .hwm_kib
+            .max(self.rss_after())
+            .max(self.idle.rss_kib)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "idle_rss": self.idle.rss_kib,
+            "rss_after_each_load": self.after_load.iter().map(|m| m.rss_kib).collect::<Vec<_>>(),
+            "peak_rss_at_end": self.end.hwm_kib,
+            "rss_at_end": self.end.rss_kib,
+        })
+    }
+}
+
+/// `VmRSS` and `VmHWM` summed over processes.
+fn mem_sum(world: &DockerWorld, pids: &[u32]) -> Result<Mem> {
+    let mut sum = Mem {
+        rss_kib: 0,
+        hwm_kib: 0,
+    };
+    for &p in pids {
+        let m = world.mem(p)?;
+        sum.rss_kib += m.rss_kib;
+        sum.hwm_kib += m.hwm_kib;
+    }
+    Ok(sum)
+}
+
+/// CPU seconds used so far by processes (None for no processes).
+fn cpu_sum(world: &DockerWorld, pids: &[u32]) -> Result<Option<f64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    let mut sum = 0.0;
+    for &p in pids {
+        sum += world.cpu_s(p)?;
+    }
+    Ok(Some(sum))
+}
+
+/// Bars of requests/s (median of the runs) and of p50/p99 latency per path.
+fn plots(rounds: &[Round]) -> Value {
+    let categories: Vec<&str> = PATHS.iter().map(|p| p.name()).collect();
+    let mut rps = Vec::new();
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    for p in PATHS {
+        let rs: Vec<&Round> = rounds.iter().filter(|r| r.path == p).collect();
+        rps.push(spread(&rs.iter().map(|r| r.rps()).collect::<Vec<_>>()).0);
+        let mut lat: Vec<f64> = rs.iter().flat_map(|r| r.ledger.ok_latencies()).collect();
+        lat.sort_by(f64::total_cmp);
+        p50.push(1000.0 * percentile(&lat, 0.5));
+        p99.push(1000.0 * percentile(&lat, 0.99));
+    }
+    json!([
+        {
+            "file": "proxy-requests.svg",
+            "kind": "bars",
+            "title": "Requests per second on 2 cores, 8 keep-alive workers (median of the runs)",
+            "y": "requests per second",
+            "categories": categories,
+            "series": [{"name": "requests/s", "values": rps}],
+        },
+        {
+            "file": "proxy-latency.svg",
+            "kind": "bars",
+            "title": "Latency of successful requests",
+            "y": "milliseconds",
+            "categories": categories,
+            "series": [{"name": "p50", "values": p50}, {"name": "p99", "values": p99}],
+        },
+    ])
 }
 
 fn kib(k: u64) -> String {
