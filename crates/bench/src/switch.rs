@@ -49,7 +49,9 @@ would: `docker run -d -p 127.0.0.1:P:8080` of the other image on the other of tw
 ports, `curl /up` on it every 50 ms until it answers, then the flip (Caddy: `curl -X PATCH` \
 of the route's `upstreams` through the admin API, which returns when Caddy runs the new \
 config; nginx: rewrite the upstream file and `nginx -s reload`, which returns once the \
-master is signalled), then `docker stop -t 2` and `docker rm` of the old container. \
+master is signalled), then a 2 s pause so that requests already on their way to the old \
+container (and nginx's old workers) finish, as a careful operator would, then `docker stop -t \
+2` and `docker rm` of the old container. \
 *no switch* is the same load through cutover's proxy for 1 + K seconds with no switch: \
 what this machine gives without any switch. A request fails on a connect error, a reset, \
 a timeout, a non-2xx status or a short body (testlab's load generator); busybox httpd closes \
@@ -560,7 +562,8 @@ impl PeerSide {
 
     /// One switch as an operator scripting the peer would do it: start the new container
     /// on the other loopback port, wait until it answers (`curl /up` every 50 ms, up to
-    /// 15 s), flip the peer to it, then stop (`docker stop -t 2`) and remove the old one.
+    /// 15 s), flip the peer to it, give requests in flight to the old one 2 s to finish, then
+    /// stop (`docker stop -t 2`) and remove the old one.
     fn script(&self, image: &str, from: u16, to: u16) -> String {
         format!(
             "{MARKS}m 'run start'\n\
@@ -572,6 +575,7 @@ impl PeerSide {
              m 'switch start'\n\
              {flip}\n\
              m 'switch done'\n\
+             sleep 2\n\
              docker stop -t 2 {old} >/dev/null\n\
              docker rm {old} >/dev/null\n\
              m 'remove done'\n",
