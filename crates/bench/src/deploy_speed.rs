@@ -1,50 +1,120 @@
-//! `deploy-speed`: how long `cutover deploy` of a 100 MiB directory takes on 1, 4 and 16
-//! hosts (a fresh lab per host count), next to the physical floor of shipping the same
+//! `deploy-speed`: how long `cutover deploy` of a 10 MiB, 100 MiB and 1 GiB directory takes on
+//! 1, 4 and 16 hosts (a fresh lab per host count), next to Capistrano deploying the same
+//! directories from git ([`crate::capistrano`]) and the physical floor of shipping the same
 //! directory by hand with `tar | ssh | tar` to every host in parallel, compressed and not.
+//! Then a redeploy in which 1% of the files changed: time and bytes on the wire per method.
 //! One extra, untimed deploy per host count is profiled from cutover's progress lines to
 //! show where its time goes.
 
+use crate::capistrano::{self, Cap};
 use crate::harness::{Payload, Profile, World};
 use crate::machine::loadavg;
 use crate::meter::{Sample, MAX_REDOS};
 use crate::report::{self, mib, secs, Samples, Section};
 use crate::Ctx;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::{json, Value};
+use std::path::Path;
 
 pub(crate) const HOW_TO_READ: &str = "\
-the payload is a directory of 400 files of 256 KiB of pseudo-random bytes (splitmix64 output; \
-100 MiB in all, plus `index.html`, `version` and `up`), which gzip cannot shrink: the tar.gz \
-cutover ships is as large as the input. Each host count gets a fresh lab (`parallel = 16`, so \
-all hosts are served at once). Before every repetition the hosts' site roots and cutover's data \
-dir (history and artifact store) are emptied. *cutover 1st* is `cutover deploy --json \
---artifact A` onto empty hosts; *cutover 2nd* is the deploy of a different 100 MiB directory B \
+each payload is a directory of files of 256 KiB of pseudo-random bytes (splitmix64 output; 40 \
+files = 10 MiB, 400 = 100 MiB, 4096 = 1 GiB, plus `index.html`, `version` and `up`), which \
+gzip cannot shrink: the tar.gz cutover ships is as large as the input. `--quick` runs 10 MiB \
+on 1 and 4 hosts only. Each host count gets a fresh lab (cutover `parallel = 16`, so all hosts \
+are served at once). Before every repetition the hosts' site roots and cutover's data dir \
+(history and artifact store) are emptied. *cutover 1st* is `cutover deploy --json --artifact \
+A` onto empty hosts; *cutover 2nd* is the deploy of a different directory B of the same size \
 right after (a full upload again, since no file is shared); both are timed from spawn to exit \
 0, which includes packing the directory into a tar.gz (gzip fast level, SHA-256, fsync, then \
 re-reading it to validate), the SSH connection per host, staging (upload + unpack), the switch, \
 the health gate (2 healthy probes 100 ms apart per host) and pruning; every host is then checked \
-over HTTP to serve the new version (untimed). *floor tar.gz* is `tar czf - -C A . | ssh host \
-'mkdir -p D && tar xzf - -C D'` started for all hosts at once with the same identity and \
-known_hosts (strict host key checking), timed from the first spawn to the last exit; note that \
-it compresses once per host with gzip's default level 6, while cutover compresses once at \
-level 1. *floor tar* is the same without compression (`tar cf` / `tar xf`), which on loopback \
-is usually cheaper since compression costs CPU and saves no bytes here. *cutover ÷ best floor* \
-divides the *cutover 1st* median by the faster floor median. The CPU table gives the same \
-runs' CPU seconds. The phase table comes from one \
-more first deploy per host count (not one of the samples) run without `--json`: its progress lines on \
-stderr are timestamped as they arrive and a phase ends when its last host reports `done`.";
+over HTTP to serve the new version (untimed). *Capistrano 1st* and *2nd* are `cap bench deploy` \
+(Debian's capistrano, its default git strategy) of the same two directories, committed as two \
+commits (B a child of A) of a bare repository on this machine served by `git daemon` over \
+`git://` (the repository has `core.bigFileThreshold = 128k`, so git stores and sends the \
+random files whole instead of searching for deltas they do not have); the branch points at A \
+for the 1st deploy onto emptied hosts (Capistrano clones the repository into a mirror on each \
+host, then `git archive`s it into a release) and at B for the 2nd (the mirror fetches B's \
+objects); Capistrano's own default of at most 10 hosts at a time for its git steps applies; \
+timed from spawn to exit, then every host is checked to serve it (untimed). *floor tar.gz* is \
+`tar czf - -C A . | ssh host 'mkdir -p D && tar xzf - -C D'` started for all hosts at once \
+with the same identity and known_hosts (strict host key checking), timed from the first spawn \
+to the last exit; note that it compresses once per host with gzip's default level 6, while \
+cutover compresses once at level 1. *floor tar* is the same without compression (`tar cf` / \
+`tar xf`). *cutover ÷ best floor* divides the *cutover 1st* median by the faster floor \
+median. 1 GiB cells run once (not `--reps` times) and without the tar.gz floor (gzip -6 of \
+1 GiB once per host takes minutes on 2 cores); before a 1 GiB cell the bench checks the free \
+disk space where the hosts' `/srv` live and runs only what fits, saying so in the cell. The \
+CPU table gives the same runs' CPU seconds (all processes of the run on both sides). The \
+phase table comes from one more first deploy of the 100 MiB payload (10 MiB with `--quick`) \
+per host count (not one of the samples) run without `--json`: its progress lines on stderr are \
+timestamped as they arrive and a phase ends when its last host reports `done`. The *redeploy \
+with 1% of the files changed* table deploys A (untimed), then A' (A with every 100th file \
+rewritten with new random bytes, a new `version`; 100 MiB, 10 MiB with `--quick`) and times \
+that second deploy the same way for cutover and Capistrano, and the tar floor shipping A' \
+whole (on every host count; on 4 hosts only with `--quick`); *on the wire* is the bytes \
+that crossed the hosts' veths during the timed run, both \
+directions, per host (from the root side's `/sys/class/net/<veth>/statistics`), and \
+*uploaded_bytes* is what cutover itself reports per host in `--json`.";
 
-/// Everything measured for one host count.
+/// One payload size.
+struct Size {
+    name: &'static str,
+    a: Payload,
+    b: Payload,
+    /// Runs per cell (1 for the 1 GiB payloads).
+    reps: usize,
+    /// Whether the tar.gz floor runs.
+    gzip_floor: bool,
+    /// Whether this size is profiled (the default payload).
+    profile: bool,
+}
+
+/// Everything measured for one payload size on one host count.
 struct Row {
+    size: &'static str,
+    bytes: u64,
     hosts: usize,
     first: Samples,
     second: Samples,
+    cap_first: Samples,
+    cap_second: Samples,
     floor_gz: Samples,
     floor_tar: Samples,
     artifact_bytes: u64,
     profile: Option<Profile>,
+    /// Why columns were not run: (column key, reason).
+    skipped: Vec<(&'static str, String)>,
     /// Repetitions redone because other processes disturbed them.
     discarded: Vec<Value>,
+}
+
+impl Row {
+    fn cell(&self, key: &'static str, s: &Samples, cpu: bool) -> String {
+        if let Some((_, why)) = self.skipped.iter().find(|(k, _)| *k == key || *k == "all") {
+            return format!("not run: {why}");
+        }
+        if cpu {
+            s.cpu_cell()
+        } else {
+            s.cell()
+        }
+    }
+}
+
+/// One method's redeploy of A' after A.
+#[derive(Default)]
+struct Redeploy {
+    time: Samples,
+    wire_per_host: Vec<u64>,
+    uploaded_per_host: Vec<u64>,
+}
+
+struct RedeployRow {
+    hosts: usize,
+    cutover: Redeploy,
+    cap: Redeploy,
+    floor: Redeploy,
 }
 
 pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
@@ -53,50 +123,387 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let load_before = loadavg();
     let started = report::utc_now();
     let clock = std::time::Instant::now();
+    let size = |name, a: &Payload, b: &Payload, big: bool, profile| Size {
+        name,
+        a: a.clone(),
+        b: b.clone(),
+        reps: if big { 1 } else { ctx.reps },
+        gzip_floor: !big,
+        profile,
+    };
+    let mut sizes = Vec::new();
+    if ctx.quick {
+        sizes.push(size("10 MiB", a, b, false, true));
+    } else {
+        let (_, file_size) = ctx.payload_shape();
+        let make = |files: usize, tag: &str, seed: u64| {
+            eprintln!("[deploy-speed] writing payload {tag}: {files} x 256 KiB");
+            Payload::create(
+                &ctx.work.join(format!("ds-{tag}")),
+                &format!("bench-{tag}"),
+                files,
+                file_size,
+                seed,
+            )
+        };
+        let s10 = (make(40, "10m-a", 11)?, make(40, "10m-b", 12)?);
+        sizes.push(size("10 MiB", &s10.0, &s10.1, false, false));
+        sizes.push(size("100 MiB", a, b, false, true));
+        let s1g = (make(4096, "1g-a", 21)?, make(4096, "1g-b", 22)?);
+        sizes.push(size("1 GiB", &s1g.0, &s1g.1, true, false));
+    }
+    let changed = a.one_percent_changed(&ctx.work.join("payload-a1"), "bench-a1", 3)?;
+    let git_base = ctx.work.join("capistrano-git");
+
     let mut rows = Vec::new();
+    let mut redeploys = Vec::new();
     for &n in host_counts {
-        rows.push(measure(ctx, n, a, b)?);
+        let mut world = World::start(n, ctx)?;
+        let cap = Cap::start(&world, &git_base)?;
+        for s in &sizes {
+            rows.push(measure(ctx, &mut world, &cap, n, s)?);
+        }
+        // `--quick`: the redeploy on the largest host count only.
+        if !ctx.quick || Some(&n) == host_counts.last() {
+            redeploys.push(redeploy(ctx, &mut world, &cap, n, a, &changed)?);
+        }
+        drop(cap);
+        world.reset("done")?;
+    }
+    for s in &sizes {
+        if s.a.dir != a.dir {
+            let _ = std::fs::remove_dir_all(&s.a.dir);
+            let _ = std::fs::remove_dir_all(&s.b.dir);
+        }
     }
     let load_after = loadavg();
+    Ok(section(
+        ctx,
+        &rows,
+        &redeploys,
+        a,
+        &changed,
+        &load_before,
+        &load_after,
+        clock,
+        &started,
+    ))
+}
 
-    let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
-    md.push_str(&format!(
-        "\n\nPayload: {} files x {} KiB = {} of pseudo-random bytes per deploy; the tar.gz \
-         cutover ships is {} (gzip cannot compress it).\n\nWall time:\n\n",
-        a.files,
-        a.file_size >> 10,
-        mib(a.bytes()),
-        rows.first()
-            .map(|r| mib(r.artifact_bytes))
+/// Free bytes of the file system holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.0} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// Whether the tar.gz floor runs in repetition `rep` on `n` hosts: on 16 hosts only once
+/// (it takes about a minute there).
+fn floor_gz_in(n: usize, rep: usize) -> bool {
+    n < 16 || rep == 1
+}
+
+fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Result<Row> {
+    let (a, b) = (&s.a, &s.b);
+    let mut row = Row {
+        size: s.name,
+        bytes: a.bytes(),
+        hosts: n,
+        first: Samples::default(),
+        second: Samples::default(),
+        cap_first: Samples::default(),
+        cap_second: Samples::default(),
+        floor_gz: Samples::default(),
+        floor_tar: Samples::default(),
+        artifact_bytes: 0,
+        profile: None,
+        skipped: Vec::new(),
+        discarded: Vec::new(),
+    };
+    if !s.gzip_floor {
+        row.skipped
+            .push(("floor_gz", "gzip -6 per host of 1 GiB is too slow".into()));
+    }
+    // Disk: per host at most two releases of cutover's, or Capistrano's mirror (both
+    // commits) plus two releases; here the payloads, the repository and cutover's artifact
+    // store.
+    let bytes = a.bytes();
+    let full = n as u64 * 4 * bytes + 4 * bytes;
+    let first_only = n as u64 * 2 * bytes + 3 * bytes;
+    let free = free_bytes(world.lab.dir()).unwrap_or(u64::MAX);
+    let second = if free >= full + full / 10 {
+        true
+    } else if free >= first_only + first_only / 10 {
+        let why = format!(
+            "disk ({} free where the hosts' /srv live, {} needed)",
+            gib(free),
+            gib(full)
+        );
+        row.skipped.push(("second", why.clone()));
+        row.skipped.push(("cap_second", why));
+        false
+    } else {
+        row.skipped.push((
+            "all",
+            format!(
+                "disk ({} free where the hosts' /srv live, {} needed)",
+                gib(free),
+                gib(first_only)
+            ),
+        ));
+        eprintln!("[deploy-speed] {} on {n} host(s): not enough disk", s.name);
+        return Ok(row);
+    };
+    let ca = cap.commit(a, None)?;
+    let cb = cap.commit(b, Some(&ca))?;
+    let cpu = |s: &Sample| {
+        s.cpu_s
+            .map(|c| format!(" ({} CPU-s)", secs(c)))
             .unwrap_or_default()
+    };
+    let mut rep = 1;
+    let mut attempt = 0;
+    while rep <= s.reps {
+        attempt += 1;
+        let tag = format!("{}-{attempt}", s.name.replace(' ', ""));
+        world.reset(&tag)?;
+        let first = world.deploy(a)?;
+        row.artifact_bytes = first.uploaded().into_iter().max().unwrap_or(0);
+        let second_run = if second { Some(world.deploy(b)?) } else { None };
+        let gz = if s.gzip_floor && floor_gz_in(n, rep) {
+            Some(world.floor(a, true, &format!("{tag}-gz"))?)
+        } else {
+            None
+        };
+        let tar = world.floor(a, false, &format!("{tag}-tar"))?;
+        world.reset(&format!("{tag}-cap"))?;
+        cap.set_main(&ca)?;
+        let cap1 = cap_deploy(ctx, world, cap, a)?;
+        let cap2 = if second {
+            cap.set_main(&cb)?;
+            Some(cap_deploy(ctx, world, cap, b)?)
+        } else {
+            None
+        };
+        let runs: Vec<Sample> = [
+            Some(first.sample),
+            second_run.as_ref().map(|r| r.sample),
+            gz,
+            Some(tar),
+            Some(cap1),
+            cap2,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let foreign: f64 = runs.iter().map(|s| s.foreign_cpu_s).sum();
+        let opt = |s: Option<Sample>| {
+            s.map(|g| format!("{} s{}", secs(g.secs), cpu(&g)))
+                .unwrap_or_else(|| "skipped".into())
+        };
+        eprintln!(
+            "[deploy-speed] {} on {n} host(s) run {rep}/{}: cutover 1st {}, 2nd {}, Capistrano 1st {}, 2nd {}, floor tar.gz {}, floor tar {}; other processes {} CPU-s",
+            s.name,
+            s.reps,
+            opt(Some(first.sample)),
+            opt(second_run.as_ref().map(|r| r.sample)),
+            opt(Some(cap1)),
+            opt(cap2),
+            opt(gz),
+            opt(Some(tar)),
+            secs(foreign),
+        );
+        if runs.iter().any(|s| s.disturbed(ctx.machine.cores)) && row.discarded.len() < MAX_REDOS {
+            eprintln!("[deploy-speed] other processes took over a quarter of the CPU during that repetition: doing it again");
+            row.discarded.push(json!({
+                "cutover_first": first.sample.to_json(),
+                "cutover_second": second_run.as_ref().map(|r| r.sample.to_json()),
+                "capistrano_first": cap1.to_json(),
+                "capistrano_second": cap2.map(Sample::to_json),
+                "floor_tar_gz_ssh": gz.map(Sample::to_json),
+                "floor_tar_ssh": tar.to_json(),
+            }));
+            continue;
+        }
+        row.first.push(first.sample);
+        if let Some(r) = second_run {
+            row.second.push(r.sample);
+        }
+        if let Some(g) = gz {
+            row.floor_gz.push(g);
+        }
+        row.floor_tar.push(tar);
+        row.cap_first.push(cap1);
+        if let Some(c) = cap2 {
+            row.cap_second.push(c);
+        }
+        rep += 1;
+    }
+    if s.profile {
+        world.reset("profile")?;
+        let p = world.deploy_profiled(a)?;
+        eprintln!(
+            "[deploy-speed] {n} host(s) profiled first deploy: {} s: {}",
+            secs(p.secs),
+            p.phases()
+                .iter()
+                .map(|(name, s)| format!("{name} {}", secs(*s)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        row.profile = Some(p);
+    }
+    world.reset("cell-done")?;
+    Ok(row)
+}
+
+/// `cap bench deploy` of the branch `main` (pointing at `p`'s commit), timed from spawn to
+/// exit; then every host must serve `p` (untimed).
+fn cap_deploy(ctx: &Ctx, world: &World, cap: &Cap, p: &Payload) -> Result<Sample> {
+    let (r, sample) = ctx.meter.time(|| cap.run("deploy", "main"));
+    let r = r?;
+    if !r.ok {
+        bail!("Capistrano deploy of {} failed: {}", p.label, r.message);
+    }
+    world.verify_serves(&p.label)?;
+    Ok(sample)
+}
+
+/// The redeploy in which 1% of the files changed, `ctx.reps` times per method.
+fn redeploy(
+    ctx: &Ctx,
+    world: &mut World,
+    cap: &Cap,
+    n: usize,
+    a: &Payload,
+    changed: &Payload,
+) -> Result<RedeployRow> {
+    let mut row = RedeployRow {
+        hosts: n,
+        cutover: Redeploy::default(),
+        cap: Redeploy::default(),
+        floor: Redeploy::default(),
+    };
+    let ca = cap.commit(a, None)?;
+    let cc = cap.commit(changed, Some(&ca))?;
+    let per_host = |w0: u64, w1: u64| w1.saturating_sub(w0) / n as u64;
+    for rep in 1..=ctx.reps {
+        world.reset(&format!("re{rep}"))?;
+        world.deploy(a)?;
+        let w0 = world.wire_bytes();
+        let run = world.deploy(changed)?;
+        let w1 = world.wire_bytes();
+        row.cutover.time.push(run.sample);
+        row.cutover.wire_per_host.push(per_host(w0, w1));
+        row.cutover
+            .uploaded_per_host
+            .push(run.uploaded().into_iter().max().unwrap_or(0));
+
+        world.reset(&format!("re{rep}-cap"))?;
+        cap.set_main(&ca)?;
+        cap_deploy(ctx, world, cap, a)?;
+        cap.set_main(&cc)?;
+        let w0 = world.wire_bytes();
+        let cap_sample = cap_deploy(ctx, world, cap, changed)?;
+        let w1 = world.wire_bytes();
+        row.cap.time.push(cap_sample);
+        row.cap.wire_per_host.push(per_host(w0, w1));
+
+        let w0 = world.wire_bytes();
+        let floor = world.floor(changed, false, &format!("re{rep}"))?;
+        let w1 = world.wire_bytes();
+        row.floor.time.push(floor);
+        row.floor.wire_per_host.push(per_host(w0, w1));
+        eprintln!(
+            "[deploy-speed] redeploy 1% changed on {n} host(s) run {rep}/{}: cutover {} s ({} per host on the wire), Capistrano {} s ({}), floor tar {} s ({})",
+            ctx.reps,
+            secs(run.sample.secs),
+            mib(*row.cutover.wire_per_host.last().unwrap_or(&0)),
+            secs(cap_sample.secs),
+            mib(*row.cap.wire_per_host.last().unwrap_or(&0)),
+            secs(floor.secs),
+            mib(*row.floor.wire_per_host.last().unwrap_or(&0)),
+        );
+    }
+    Ok(row)
+}
+
+fn median_u64(v: &[u64]) -> u64 {
+    let f: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+    report::spread(&f).0 as u64
+}
+
+#[allow(clippy::too_many_arguments)]
+fn section(
+    ctx: &Ctx,
+    rows: &[Row],
+    redeploys: &[RedeployRow],
+    a: &Payload,
+    changed: &Payload,
+    load_before: &str,
+    load_after: &str,
+    clock: std::time::Instant,
+    started: &str,
+) -> Section {
+    let mut md = report::measured_line(ctx, load_before, load_after, clock.elapsed());
+    md.push_str(&format!(
+        "\n\nPayloads of 256 KiB pseudo-random files (gzip cannot compress them); {}.\n\nWall time:\n\n",
+        capistrano::version()
     ));
     let table_rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            let best = r.floor_gz.median().min(r.floor_tar.median());
+            let floors: Vec<f64> = [&r.floor_gz, &r.floor_tar]
+                .iter()
+                .filter(|s| !s.0.is_empty())
+                .map(|s| s.median())
+                .collect();
+            let best = floors.into_iter().fold(f64::INFINITY, f64::min);
             vec![
+                r.size.to_string(),
                 r.hosts.to_string(),
-                r.first.cell(),
-                r.second.cell(),
-                r.floor_gz.cell(),
-                r.floor_tar.cell(),
-                if best > 0.0 {
+                r.cell("first", &r.first, false),
+                r.cell("second", &r.second, false),
+                r.cell("cap_first", &r.cap_first, false),
+                r.cell("cap_second", &r.cap_second, false),
+                r.cell("floor_gz", &r.floor_gz, false),
+                r.cell("floor_tar", &r.floor_tar, false),
+                if best.is_finite() && best > 0.0 && !r.first.0.is_empty() {
                     format!("{:.1}x", r.first.median() / best)
                 } else {
                     "–".into()
                 },
-                format!(
-                    "{:.0} MiB/s",
-                    (r.hosts as u64 * a.bytes()) as f64 / (1024.0 * 1024.0) / r.first.median()
-                ),
+                if r.first.0.is_empty() {
+                    "–".into()
+                } else {
+                    format!(
+                        "{:.0} MiB/s",
+                        (r.hosts as u64 * r.bytes) as f64 / (1024.0 * 1024.0) / r.first.median()
+                    )
+                },
             ]
         })
         .collect();
     md.push_str(&report::table(
         &[
+            "payload",
             "hosts",
             "cutover 1st",
             "cutover 2nd",
+            "Capistrano 1st",
+            "Capistrano 2nd",
             "floor tar.gz over ssh",
             "floor tar over ssh",
             "cutover 1st ÷ best floor",
@@ -106,37 +513,102 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     ));
     md.push_str(
         "\nCPU time (median, seconds of CPU summed over every process of the run on both \
-         sides: cutover, ssh, the hosts' sshd, tar and nginx):\n\n",
+         sides: cutover or Capistrano, ssh, git, the hosts' sshd, tar and nginx):\n\n",
     );
     let cpu_rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             vec![
+                r.size.to_string(),
                 r.hosts.to_string(),
-                r.first.cpu_cell(),
-                r.second.cpu_cell(),
-                r.floor_gz.cpu_cell(),
-                r.floor_tar.cpu_cell(),
+                r.cell("first", &r.first, true),
+                r.cell("second", &r.second, true),
+                r.cell("cap_first", &r.cap_first, true),
+                r.cell("cap_second", &r.cap_second, true),
+                r.cell("floor_gz", &r.floor_gz, true),
+                r.cell("floor_tar", &r.floor_tar, true),
             ]
         })
         .collect();
     md.push_str(&report::table(
         &[
+            "payload",
             "hosts",
             "cutover 1st",
             "cutover 2nd",
+            "Capistrano 1st",
+            "Capistrano 2nd",
             "floor tar.gz over ssh",
             "floor tar over ssh",
         ],
         &cpu_rows,
     ));
+
+    md.push_str(&format!(
+        "\nRedeploy with 1% of the files changed ({} of {} files of {} KiB rewritten, {} in \
+         all), after a deploy of the original (medians of {} runs; bytes per host):\n\n",
+        a.one_percent(),
+        a.files,
+        a.file_size >> 10,
+        mib(changed.bytes()),
+        ctx.reps
+    ));
+    let mut re_rows = Vec::new();
+    for r in redeploys {
+        let up = median_u64(&r.cutover.uploaded_per_host);
+        let resent = up as f64 >= 0.9 * changed.bytes() as f64;
+        let note = if resent {
+            "cutover resends the whole artifact".to_string()
+        } else {
+            format!(
+                "cutover sends {:.0}% of the artifact",
+                100.0 * up as f64 / changed.bytes().max(1) as f64
+            )
+        };
+        re_rows.push(vec![
+            r.hosts.to_string(),
+            "cutover".into(),
+            r.cutover.time.cell(),
+            mib(median_u64(&r.cutover.wire_per_host)),
+            mib(up),
+            note,
+        ]);
+        re_rows.push(vec![
+            r.hosts.to_string(),
+            "Capistrano".into(),
+            r.cap.time.cell(),
+            mib(median_u64(&r.cap.wire_per_host)),
+            "–".into(),
+            "git fetches the changed blobs, then archives the whole tree on the host".into(),
+        ]);
+        re_rows.push(vec![
+            r.hosts.to_string(),
+            "floor tar over ssh".into(),
+            r.floor.time.cell(),
+            mib(median_u64(&r.floor.wire_per_host)),
+            "–".into(),
+            "ships everything".into(),
+        ]);
+    }
+    md.push_str(&report::table(
+        &[
+            "hosts",
+            "method",
+            "time",
+            "on the wire per host (both directions)",
+            "cutover's uploaded_bytes per host",
+            "note",
+        ],
+        &re_rows,
+    ));
+
     md.push_str(
         "\nWhere the time of a first deploy goes (one more profiled run per host count, \
          seconds; the phases add up to the total):\n\n",
     );
     let mut header = vec!["hosts".to_string()];
     let mut prow = Vec::new();
-    for r in &rows {
+    for r in rows {
         let Some(p) = &r.profile else { continue };
         let phases = p.phases();
         if header.len() == 1 {
@@ -144,31 +616,80 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             header.push("total".into());
             header.push("stage per host (min–max)".into());
         }
-        let mut cells = vec![r.hosts.to_string()];
+        let mut cells = vec![format!("{} × {}", r.size, r.hosts)];
         cells.extend(phases.iter().map(|(_, s)| secs(*s)));
         cells.push(secs(p.secs));
         let (_, min, max) = report::spread(&p.stage_per_host());
         cells.push(format!("{}–{}", secs(min), secs(max)));
         prow.push(cells);
     }
+    header[0] = "payload × hosts".into();
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
     md.push_str(&report::table(&header_refs, &prow));
     let all: Vec<&Samples> = rows
         .iter()
-        .flat_map(|r| [&r.first, &r.second, &r.floor_gz, &r.floor_tar])
+        .flat_map(|r| {
+            [
+                &r.first,
+                &r.second,
+                &r.cap_first,
+                &r.cap_second,
+                &r.floor_gz,
+                &r.floor_tar,
+            ]
+        })
+        .chain(
+            redeploys
+                .iter()
+                .flat_map(|r| [&r.cutover.time, &r.cap.time, &r.floor.time]),
+        )
         .collect();
     let redone: usize = rows.iter().map(|r| r.discarded.len()).sum();
     md.push('\n');
     if ctx.reps > 1 && rows.iter().any(|r| !floor_gz_in(r.hosts, 2)) {
         md.push_str(&format!(
             "The tar.gz floor on 16 hosts ran once, not {} times: one run takes about a \
-             minute there, and this keeps the deploy-speed scenario near nine minutes.\n\n",
+             minute there. ",
+            ctx.reps
+        ));
+    }
+    if ctx.reps > 1 && rows.iter().any(|r| r.size == "1 GiB") {
+        md.push_str(&format!(
+            "The 1 GiB cells ran once, not {} times. ",
             ctx.reps
         ));
     }
     md.push_str(&report::interference_line(&all, ctx.machine.cores, redone));
     md.push('\n');
 
+    let categories: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} × {}", r.size, r.hosts))
+        .collect();
+    let bar = |f: &dyn Fn(&Row) -> &Samples| -> Vec<Value> {
+        rows.iter()
+            .map(|r| {
+                let s = f(r);
+                if s.0.is_empty() {
+                    Value::Null
+                } else {
+                    json!(s.median())
+                }
+            })
+            .collect()
+    };
+    let plot = json!({
+        "file": "deploy-speed.svg",
+        "kind": "bars",
+        "title": "First deploy onto empty hosts (payload × hosts)",
+        "y": "seconds",
+        "categories": categories,
+        "series": [
+            {"name": "cutover", "values": bar(&|r| &r.first)},
+            {"name": "Capistrano", "values": bar(&|r| &r.cap_first)},
+            {"name": "floor: tar over ssh", "values": bar(&|r| &r.floor_tar)},
+        ],
+    });
     let json = json!({
         "scenario": "deploy-speed",
         "started": started,
@@ -178,27 +699,51 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         "reps": ctx.reps,
         "hosts_source_root_bashrc": ctx.host_bashrc,
         "machine": ctx.machine.to_json(),
+        "capistrano": capistrano::version(),
         "load_before": load_before,
         "load_after": load_after,
         "payload": {
-            "files": a.files,
             "file_size": a.file_size,
-            "bytes": a.bytes(),
             "content": "pseudo-random bytes (splitmix64), incompressible",
         },
         "results": rows.iter().map(row_json).collect::<Vec<_>>(),
+        "redeploy_one_percent_changed": {
+            "files": a.files,
+            "changed_files": a.one_percent(),
+            "bytes": changed.bytes(),
+            "results": redeploys.iter().map(|r| json!({
+                "hosts": r.hosts,
+                "cutover": redeploy_json(&r.cutover),
+                "capistrano": redeploy_json(&r.cap),
+                "floor_tar_ssh": redeploy_json(&r.floor),
+            })).collect::<Vec<_>>(),
+        },
+        "plots": [plot],
     });
-    Ok(Section { markdown: md, json })
+    Section { markdown: md, json }
+}
+
+fn redeploy_json(r: &Redeploy) -> Value {
+    json!({
+        "time": r.time.to_json(),
+        "wire_bytes_per_host": r.wire_per_host,
+        "uploaded_bytes_per_host": r.uploaded_per_host,
+    })
 }
 
 fn row_json(r: &Row) -> Value {
     json!({
+        "payload": r.size,
+        "payload_bytes": r.bytes,
         "hosts": r.hosts,
         "artifact_bytes": r.artifact_bytes,
         "cutover_first": r.first.to_json(),
         "cutover_second": r.second.to_json(),
+        "capistrano_first": r.cap_first.to_json(),
+        "capistrano_second": r.cap_second.to_json(),
         "floor_tar_gz_ssh": r.floor_gz.to_json(),
         "floor_tar_ssh": r.floor_tar.to_json(),
+        "not_run": r.skipped.iter().map(|(k, why)| json!({"column": k, "why": why})).collect::<Vec<_>>(),
         "discarded": r.discarded,
         "profile": r.profile.as_ref().map(|p| json!({
             "run": p.sample.to_json(),
@@ -207,94 +752,4 @@ fn row_json(r: &Row) -> Value {
             "lines": p.lines.iter().map(|(t, l)| json!([t, l])).collect::<Vec<_>>(),
         })),
     })
-}
-
-/// Whether the tar.gz floor runs in repetition `rep` on `n` hosts: on 16 hosts only once
-/// (it takes about a minute there), to keep the deploy-speed scenario near nine minutes.
-fn floor_gz_in(n: usize, rep: usize) -> bool {
-    n < 16 || rep == 1
-}
-
-fn measure(ctx: &Ctx, n: usize, a: &Payload, b: &Payload) -> Result<Row> {
-    let mut world = World::start(n, ctx)?;
-    let mut row = Row {
-        hosts: n,
-        first: Samples::default(),
-        second: Samples::default(),
-        floor_gz: Samples::default(),
-        floor_tar: Samples::default(),
-        artifact_bytes: 0,
-        profile: None,
-        discarded: Vec::new(),
-    };
-    let cpu = |s: &Sample| {
-        s.cpu_s
-            .map(|c| format!(" ({} CPU-s)", secs(c)))
-            .unwrap_or_default()
-    };
-    let mut rep = 1;
-    let mut attempt = 0;
-    while rep <= ctx.reps {
-        attempt += 1;
-        let tag = format!("a{attempt}");
-        world.reset(&tag)?;
-        let first = world.deploy(a)?;
-        row.artifact_bytes = first.uploaded().into_iter().max().unwrap_or(0);
-        let second = world.deploy(b)?;
-        let gz = if floor_gz_in(n, rep) {
-            Some(world.floor(a, true, &format!("{tag}-gz"))?)
-        } else {
-            None
-        };
-        let tar = world.floor(a, false, &format!("{tag}-tar"))?;
-        let runs: Vec<Sample> = [Some(first.sample), Some(second.sample), gz, Some(tar)]
-            .into_iter()
-            .flatten()
-            .collect();
-        let foreign: f64 = runs.iter().map(|s| s.foreign_cpu_s).sum();
-        eprintln!(
-            "[deploy-speed] {n} host(s) run {rep}/{}: cutover 1st {} s{}, 2nd {} s{}, floor tar.gz {}, floor tar {} s{}; other processes {} CPU-s",
-            ctx.reps,
-            secs(first.sample.secs),
-            cpu(&first.sample),
-            secs(second.sample.secs),
-            cpu(&second.sample),
-            gz.map(|g| format!("{} s{}", secs(g.secs), cpu(&g)))
-                .unwrap_or_else(|| "skipped".into()),
-            secs(tar.secs),
-            cpu(&tar),
-            secs(foreign),
-        );
-        if runs.iter().any(|s| s.disturbed(ctx.machine.cores)) && row.discarded.len() < MAX_REDOS {
-            eprintln!("[deploy-speed] other processes took over a quarter of the CPU during that repetition: doing it again");
-            row.discarded.push(json!({
-                "cutover_first": first.sample.to_json(),
-                "cutover_second": second.sample.to_json(),
-                "floor_tar_gz_ssh": gz.map(Sample::to_json),
-                "floor_tar_ssh": tar.to_json(),
-            }));
-            continue;
-        }
-        row.first.push(first.sample);
-        row.second.push(second.sample);
-        if let Some(g) = gz {
-            row.floor_gz.push(g);
-        }
-        row.floor_tar.push(tar);
-        rep += 1;
-    }
-    world.reset("profile")?;
-    let p = world.deploy_profiled(a)?;
-    eprintln!(
-        "[deploy-speed] {n} host(s) profiled first deploy: {} s: {}",
-        secs(p.secs),
-        p.phases()
-            .iter()
-            .map(|(name, s)| format!("{name} {}", secs(*s)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    row.profile = Some(p);
-    world.reset("done")?;
-    Ok(row)
 }

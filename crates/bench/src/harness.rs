@@ -101,11 +101,66 @@ impl Payload {
         })
     }
 
+    /// A copy of this payload in `dir` labelled `label` in which every 100th data file
+    /// (`f0000.bin`, `f0100.bin`, ...: 1% of them, at least one) has new pseudo-random content
+    /// of the same size; every other data file is byte for byte the same.
+    pub(crate) fn one_percent_changed(
+        &self,
+        dir: &Path,
+        label: &str,
+        seed: u64,
+    ) -> Result<Payload> {
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut buf = vec![0u8; self.file_size];
+        for k in 0..self.files {
+            let name = format!("f{k:04}.bin");
+            let to = data.join(&name);
+            if k % 100 == 0 {
+                for chunk in buf.chunks_mut(8) {
+                    state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let mut z = state;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^= z >> 31;
+                    let bytes = z.to_le_bytes();
+                    chunk.copy_from_slice(&bytes[..chunk.len()]);
+                }
+                std::fs::write(&to, &buf).with_context(|| format!("writing {}", to.display()))?;
+            } else {
+                std::fs::copy(self.dir.join("data").join(&name), &to)
+                    .with_context(|| format!("copying to {}", to.display()))?;
+            }
+        }
+        for (name, text) in [
+            ("index.html", format!("{label}\n")),
+            ("version", label.to_string()),
+            ("up", "ok\n".to_string()),
+        ] {
+            std::fs::write(dir.join(name), text)?;
+        }
+        Ok(Payload {
+            dir: dir.to_path_buf(),
+            label: label.to_string(),
+            files: self.files,
+            file_size: self.file_size,
+        })
+    }
+
+    /// Data files that [`Payload::one_percent_changed`] changes.
+    pub(crate) fn one_percent(&self) -> usize {
+        self.files.div_ceil(100)
+    }
+
     /// Bytes of the pseudo-random files (the small text files are not counted).
     pub(crate) fn bytes(&self) -> u64 {
         (self.files * self.file_size) as u64
     }
 }
+
+/// Progress lines, each with the seconds since its command's spawn at which it arrived.
+pub(crate) type Progress = Vec<(f64, String)>;
 
 /// One timed run of `cutover` with `--json`.
 #[derive(Debug, Clone)]
@@ -209,6 +264,8 @@ impl Profile {
 }
 
 const SITE_ROOT: &str = "/srv/site";
+/// How long [`World::until_serves`] keeps polling after the command exited.
+const GIVE_UP_AFTER_EXIT: Duration = Duration::from_secs(20);
 
 /// A lab of hosts plus what cutover needs to deploy to them.
 pub(crate) struct World<'m> {
@@ -304,6 +361,11 @@ give_up_after = "20s"
         Ok(())
     }
 
+    /// The hosts' site root (cutover's `[files] root`, nginx serves its `current`).
+    pub(crate) fn site_root(&self) -> &'static str {
+        SITE_ROOT
+    }
+
     /// `cutover ARGS -c <config> --data <data dir>`, stdin null.
     pub(crate) fn cutover(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.cutover);
@@ -340,13 +402,6 @@ give_up_after = "20s"
     pub(crate) fn deploy(&self, p: &Payload) -> Result<Run> {
         let dir = p.dir.display().to_string();
         let run = self.timed(&["deploy", "--json", "--artifact", &dir])?;
-        self.verify_serves(&p.label)?;
-        Ok(run)
-    }
-
-    /// `cutover rollback --json --to <id>`, timed; then every host must serve `p`.
-    pub(crate) fn rollback(&self, to: &str, p: &Payload) -> Result<Run> {
-        let run = self.timed(&["rollback", "--json", "--to", to])?;
         self.verify_serves(&p.label)?;
         Ok(run)
     }
@@ -388,6 +443,113 @@ give_up_after = "20s"
             secs: sample.secs,
             sample,
             lines,
+        })
+    }
+
+    /// `cutover deploy --artifact <payload>` without `--json`, its progress lines on stderr
+    /// timestamped (seconds since spawn) as they arrive. A failed deploy is returned as
+    /// `(false, last line)`, not an error: the switch scenarios report it.
+    pub(crate) fn deploy_traced(&self, p: &Payload) -> Result<(bool, String, Progress)> {
+        let dir = p.dir.display().to_string();
+        let t = Instant::now();
+        let mut child = self
+            .cutover(&["deploy", "--artifact", &dir])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running cutover")?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let reader = std::thread::spawn(move || {
+            BufReader::new(stderr)
+                .lines()
+                .map_while(|l| l.ok())
+                .map(|l| (t.elapsed().as_secs_f64(), l))
+                .collect::<Vec<_>>()
+        });
+        let status = child.wait()?;
+        let lines = reader
+            .join()
+            .map_err(|_| anyhow!("stderr reader panicked"))?;
+        let message = lines.last().map(|(_, l)| l.clone()).unwrap_or_default();
+        Ok((status.success(), message, lines))
+    }
+
+    /// Whether every host answers `GET /version` with `label` right now.
+    pub(crate) fn serves(&self, label: &str) -> bool {
+        (0..self.len())
+            .all(|i| http_get(self.lab.http_addr(i), "/version").is_ok_and(|b| b.trim() == label))
+    }
+
+    /// Bytes that crossed the hosts' veths so far (both directions, all hosts), from the
+    /// root side's counters in `/sys/class/net/<veth>/statistics`.
+    pub(crate) fn wire_bytes(&self) -> u64 {
+        (0..self.len())
+            .map(|i| {
+                let dev = format!("/sys/class/net/tl{}h{i}a/statistics", self.lab.number());
+                ["rx_bytes", "tx_bytes"]
+                    .iter()
+                    .map(|f| {
+                        std::fs::read_to_string(format!("{dev}/{f}"))
+                            .ok()
+                            .and_then(|s| s.trim().parse::<u64>().ok())
+                            .unwrap_or(0)
+                    })
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Spawns `cmd` (its stdout and stderr are collected) and polls every host's nginx
+    /// (`GET /version`, every 10 ms) until all of them answer `label`: the [`Answer`] has
+    /// the seconds from spawn to that moment and to the command's exit; the sample's wall
+    /// time is the former, its CPU seconds cover the whole run. Gives up [`GIVE_UP_AFTER_EXIT`]
+    /// after the command exited.
+    pub(crate) fn until_serves(&self, mut cmd: Command, label: &str) -> Result<Answer> {
+        sync();
+        let (r, mut sample) = self.meter.time(|| -> Result<_> {
+            let t = Instant::now();
+            let child = cmd
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("spawning the command")?;
+            let waiter = std::thread::spawn(move || {
+                let out = child.wait_with_output();
+                (out, t.elapsed().as_secs_f64())
+            });
+            let mut answered = None;
+            let mut exited: Option<Instant> = None;
+            loop {
+                if answered.is_none() && self.serves(label) {
+                    answered = Some(t.elapsed().as_secs_f64());
+                }
+                if waiter.is_finished() {
+                    if answered.is_some() {
+                        break;
+                    }
+                    if exited.get_or_insert_with(Instant::now).elapsed() > GIVE_UP_AFTER_EXIT {
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let (out, exit) = waiter.join().map_err(|_| anyhow!("waiter panicked"))?;
+            Ok((out.context("running the command")?, exit, answered))
+        });
+        let (out, exit_s, answered) = r?;
+        let Some(answer_s) = answered else {
+            bail!(
+                "the hosts never served {label:?} (command exited with {} after {exit_s:.1} s): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sample.secs = answer_s;
+        Ok(Answer {
+            sample,
+            exit_s,
+            output: out,
         })
     }
 
@@ -502,6 +664,16 @@ give_up_after = "20s"
     }
 }
 
+/// A command timed until the hosts serve what it should ([`World::until_serves`]).
+#[derive(Debug)]
+pub(crate) struct Answer {
+    /// Wall time from spawn until every host answered with the expected version.
+    pub(crate) sample: Sample,
+    /// Seconds from spawn to the command's exit.
+    pub(crate) exit_s: f64,
+    pub(crate) output: std::process::Output,
+}
+
 /// The testlab hosts share this machine's `/root`, and Debian's bash sources `~/.bashrc`
 /// for every command sshd runs, so whatever that file does (on a developer machine, e.g.
 /// `eval "$(pyenv init -)"`: about 0.1 s of CPU) is paid by every SSH session, cutover's and
@@ -543,4 +715,32 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
         bail!("{}", head.lines().next().unwrap_or("no status line"));
     }
     Ok(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_percent_changed_rewrites_every_100th_file_only() {
+        let dir = std::env::temp_dir().join(format!("bench-payload-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = Payload::create(&dir.join("a"), "a", 250, 4096, 1).unwrap();
+        let c = a.one_percent_changed(&dir.join("c"), "c", 9).unwrap();
+        assert_eq!(a.one_percent(), 3);
+        let mut changed = Vec::new();
+        for k in 0..a.files {
+            let name = format!("data/f{k:04}.bin");
+            let x = std::fs::read(a.dir.join(&name)).unwrap();
+            let y = std::fs::read(c.dir.join(&name)).unwrap();
+            assert_eq!(x.len(), y.len());
+            if x != y {
+                changed.push(k);
+            }
+        }
+        assert_eq!(changed, vec![0, 100, 200]);
+        assert_eq!(std::fs::read_to_string(c.dir.join("version")).unwrap(), "c");
+        assert_eq!(c.bytes(), a.bytes());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -13,6 +13,7 @@
 //! `"cutover_failed"` map counts a failed request for a cutover method: the zero-downtime
 //! gate that CI runs with `--quick`.
 
+mod capistrano;
 mod containers;
 mod deploy_speed;
 mod footprint;
@@ -29,6 +30,7 @@ mod proxy;
 mod report;
 mod rollback;
 mod switch;
+mod switch_files;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
@@ -66,6 +68,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         title: "Container switch under load",
         how_to_read: switch::HOW_TO_READ,
         run: switch::run,
+    },
+    Scenario {
+        name: "switch-files",
+        title: "Files app switch under load",
+        how_to_read: switch_files::HOW_TO_READ,
+        run: switch_files::run,
     },
     Scenario {
         name: "proxy",
