@@ -1,7 +1,8 @@
 //! The HTTP side: accepts client connections, routes each request by `Host` to its service,
 //! holds it while the service is paused, and forwards it to the target that is current when
-//! the request starts, through a pooled keep-alive client. It owns the client-side
-//! connections and the header rewriting; it must not change the routing table.
+//! the request starts, over a pooled keep-alive connection ([`crate::upstream`]). It owns the
+//! client-side connections, the worker threads that serve them and the header rewriting; it
+//! must not change the routing table.
 //!
 //! Invariants:
 //! - A client connection is never closed because of a switch or a pause: it is not tied to a
@@ -12,12 +13,15 @@
 //! - Hop-by-hop headers are stripped in both directions; `X-Forwarded-For` is replaced with the
 //!   client's address (this is the edge: nothing before it is trusted), `X-Forwarded-Proto`
 //!   and `X-Forwarded-Host` are set.
-//! - A request with no body and an idempotent method is retried once on an upstream
-//!   connection error (a pooled connection closed by the upstream under our feet); nothing
-//!   else is ever retried.
+//! - A request is retried at most once: if its upstream connection failed before the request
+//!   was written (whatever the request), or if it has no body and an idempotent method and it
+//!   failed to connect or on a pooled connection that had been idle for 100 ms or more (one
+//!   the upstream may have closed under our feet); nothing else is ever retried.
+//! - Everything of one client connection stays on the worker thread that accepted it.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,37 +39,37 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::log;
 use crate::switch::Shared;
-use crate::table::{normalize_host, InFlight};
+use crate::table::InFlight;
+use crate::upstream::{self, ReqBody};
 
-/// Body type of requests the proxy sends upstream.
+/// Body type of health probes.
 pub(crate) type UpstreamBody = BoxBody<Bytes, hyper::Error>;
-/// The pooled upstream client (shared by forwarding and health probes).
+/// The pooled client of health probes (forwarded requests use [`upstream`]).
 pub(crate) type Upstream = Client<HttpConnector, UpstreamBody>;
 
 /// How long a client has to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Upstream connect timeout.
+/// Upstream connect timeout of health probes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle pooled upstream connections are closed after this long (below most app servers'
-/// keep-alive timeouts, so that we rarely race an upstream's own idle close).
+/// Idle pooled connections of health probes are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(4);
 
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1, plus the usual extras).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 pub(crate) fn upstream_client() -> Upstream {
@@ -86,26 +90,117 @@ pub(crate) fn empty_body() -> UpstreamBody {
         .boxed()
 }
 
-/// Completes when `stop` turns true (or its sender is gone).
 /// How long a keep-alive connection may stay idle after shutdown began before it is closed.
 const IDLE_CLOSE_AFTER_STOP: Duration = Duration::from_secs(3);
 
+/// Completes when `stop` turns true (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Accepts and serves client connections until `stop`; then closes idle connections, lets
 /// busy ones finish their current request, and returns when all are closed.
+///
+/// Connections are served by one worker thread per CPU, each with its own single-threaded
+/// runtime that accepts on (a duplicate of) the listening socket and keeps everything of a
+/// connection on that thread: the client connection, its upstream connections and their
+/// pool. A request thus never wakes another thread. If the worker threads cannot be started,
+/// the workers run as tasks of the calling runtime instead.
 pub(crate) async fn serve_http(
     shared: Arc<Shared>,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            log::line(format_args!("cannot serve HTTP: {e}"));
+            return;
+        }
+    };
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
+    for i in 0..n - 1 {
+        match listener.try_clone() {
+            Ok(dup) => start_worker(i, dup, shared.clone(), stop.clone(), done_tx.clone()),
+            Err(e) => {
+                log::line(format_args!("cannot share the listening socket: {e}"));
+                break;
+            }
+        }
+    }
+    start_worker(n - 1, listener, shared, stop, done_tx);
+    let _ = done_rx.recv().await;
+}
+
+/// Starts worker `i` on a thread of its own, or as a task of the current runtime if the
+/// thread or its runtime cannot be made.
+fn start_worker(
+    i: usize,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let job = worker(listener, shared, stop, done);
+    let spawned = match rt {
+        Ok(rt) => {
+            let slot = Arc::new(std::sync::Mutex::new(Some(job)));
+            let in_thread = slot.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("cutover-proxy-http-{i}"))
+                .spawn(move || {
+                    let job = in_thread.lock().ok().and_then(|mut j| j.take());
+                    if let Some(job) = job {
+                        rt.block_on(job);
+                    }
+                });
+            match spawned {
+                Ok(_) => None,
+                Err(e) => {
+                    log::line(format_args!("cannot start HTTP worker thread: {e}"));
+                    slot.lock().ok().and_then(|mut j| j.take())
+                }
+            }
+        }
+        Err(e) => {
+            log::line(format_args!("cannot build an HTTP worker runtime: {e}"));
+            Some(job)
+        }
+    };
+    if let Some(job) = spawned {
+        tokio::spawn(job);
+    }
+}
+
+/// One worker: accepts until `stop`, serves its connections, and returns (dropping `done`)
+/// when they are all closed.
+async fn worker(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            log::line(format_args!("cannot serve HTTP: {e}"));
+            return;
+        }
+    };
+    let reaper = tokio::spawn(upstream::reaper());
+    let (conns_tx, mut conns_rx) = mpsc::channel::<()>(1);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     log::line(format_args!("accept: {e}"));
@@ -115,63 +210,114 @@ pub(crate) async fn serve_http(
             },
             _ = stopped(&mut stop) => break,
         };
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let mut stop = stop.clone();
-        let done = done_tx.clone();
-        tokio::spawn(async move {
-            let closing = stop.clone();
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                let closing = closing.clone();
-                async move {
-                    let mut resp = handle(&shared, req, peer).await;
-                    if *closing.borrow() {
-                        // Shutting down (e.g. handing over to an upgraded proxy): this is
-                        // the connection's last response, and the client is told so, so it
-                        // reconnects instead of racing a close.
-                        resp.headers_mut()
-                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stopped(&mut stop) => {
-                    // Keep-alive clients get one more request answered with
-                    // `Connection: close`; only connections that stay idle that long are
-                    // closed (closing an idle connection races a client that is sending).
-                    if tokio::time::timeout(IDLE_CLOSE_AFTER_STOP, conn.as_mut()).await.is_err() {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
-            }
-            drop(done);
-        });
+        tokio::spawn(connection(
+            shared.clone(),
+            stream,
+            peer,
+            stop.clone(),
+            conns_tx.clone(),
+        ));
     }
     drop(listener);
-    drop(done_tx);
-    let _ = done_rx.recv().await;
+    drop(conns_tx);
+    let _ = conns_rx.recv().await;
+    reaper.abort();
+    drop(done);
+}
+
+/// Serves one client connection.
+async fn connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let _ = stream.set_nodelay(true);
+    // The client's address, as `X-Forwarded-For` gets it, once per connection.
+    let client = HeaderValue::try_from(peer.ip().to_string()).ok();
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        let client = client.clone();
+        async move {
+            let mut resp = handle(&shared, req, client).await;
+            if shared.is_closing() {
+                // Shutting down (e.g. handing over to an upgraded proxy): this is the
+                // connection's last response, and the client is told so, so it reconnects
+                // instead of racing a close.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    // `writev(false)`: a response head and a small body go out as one flat buffer, which
+    // costs fewer instructions per request than hyper's queue of buffers for `writev`.
+    let conn = http1::Builder::new()
+        .writev(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    // Serve until the connection ends or shutdown begins. The wake-up for shutdown is
+    // registered once (this task's waker does not change); after that a wake-up only reads
+    // the stop signal's version, which is cheaper than polling a `watch` future every time a
+    // busy connection is woken.
+    let mut on_stop = stop.clone();
+    let registration = on_stop.changed();
+    tokio::pin!(registration);
+    let mut registered = false;
+    let finished = std::future::poll_fn(|cx| {
+        if conn.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        if !registered {
+            registered = true;
+            if registration.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+        }
+        if stop.has_changed().unwrap_or(true) {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    })
+    .await;
+    if !finished {
+        // Keep-alive clients get one more request answered with `Connection: close`; only
+        // connections that stay idle that long are closed (closing an idle connection races
+        // a client that is sending).
+        if tokio::time::timeout(IDLE_CLOSE_AFTER_STOP, conn.as_mut())
+            .await
+            .is_err()
+        {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+    drop(done);
 }
 
 /// Serves one request.
-async fn handle(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+async fn handle(
+    shared: &Shared,
+    req: Request<Incoming>,
+    client: Option<HeaderValue>,
+) -> Response<ProxyBody> {
     shared.count_request();
-    let host_raw = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    let host = host_raw.as_deref().map(normalize_host);
-    let Some(service) = shared.table.route(host.as_deref()) else {
+    let (mut parts, body) = req.into_parts();
+    // The `Host` as the client sent it (or the request target's authority).
+    let host_raw = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    let Some(service) = shared
+        .table
+        .route_raw(host_raw.as_ref().map(HeaderValue::as_bytes))
+    else {
         return local(StatusCode::NOT_FOUND, "no service for this host\n");
     };
     service.count_request();
@@ -198,56 +344,73 @@ async fn handle(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Re
     };
     let target = guard.target().clone();
 
-    let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri = match Uri::builder()
-        .scheme("http")
-        .authority(target.addr.as_str())
-        .path_and_query(path)
-        .build()
-    {
-        Ok(u) => u,
-        Err(_) => return local(StatusCode::BAD_REQUEST, "bad request target\n"),
-    };
-    parts.uri = uri;
+    // Upstream requests are in origin form (`/path?query`).
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        match Uri::try_from(path) {
+            Ok(u) => parts.uri = u,
+            Err(_) => return local(StatusCode::BAD_REQUEST, "bad request target\n"),
+        }
+    }
     parts.version = Version::HTTP_11;
-    forwarded_headers(&mut parts.headers, peer, host_raw.as_deref());
+    forwarded_headers(&mut parts.headers, client, host_raw);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&target.addr) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
 
-    let retry = (body.is_end_stream()
+    let retryable = body.is_end_stream()
         && matches!(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-        ))
-    .then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        )
-    });
-    let mut result = shared
-        .client
-        .request(Request::from_parts(parts, body.boxed()))
-        .await;
-    if let (Err(first), Some((method, uri, headers))) = (&result, retry) {
-        log::line(format_args!(
-            "upstream {} for service {}: {}; retrying once",
-            target.addr,
-            service.name,
-            chain(first)
-        ));
-        let mut again = Request::new(empty_body());
-        *again.method_mut() = method;
-        *again.uri_mut() = uri;
-        *again.headers_mut() = headers;
-        result = shared.client.request(again).await;
-    }
+        );
+    let mut req = Request::from_parts(parts, ReqBody::Client(body));
+    // One retry: a request that never left (its connection closed before it was written)
+    // is sent again whatever it is; one that failed to connect, or was sent on a pooled
+    // connection that had been idle a while and then failed (an upstream closing a
+    // keep-alive connection under our feet), only if it has no body and an idempotent
+    // method, from a copy of its head.
+    let mut retried = false;
+    let result = loop {
+        let mut conn = match upstream::take(&target.addr).await {
+            Ok(c) => c,
+            Err(e) if !retried && retryable => {
+                log_retry(&target.addr, &service.name, &e);
+                retried = true;
+                continue;
+            }
+            Err(e) => break Err(e.to_string()),
+        };
+        let copy = (retryable && conn.may_be_stale && !retried).then(|| {
+            let mut again = Request::new(ReqBody::Empty);
+            *again.method_mut() = req.method().clone();
+            *again.uri_mut() = req.uri().clone();
+            *again.headers_mut() = req.headers().clone();
+            again
+        });
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => break Ok((resp, conn.sender)),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let err = e.into_error();
+                match unsent.or(copy) {
+                    Some(r) if !retried => {
+                        log_retry(&target.addr, &service.name, &err);
+                        req = r;
+                        retried = true;
+                    }
+                    _ => break Err(chain(&err)),
+                }
+            }
+        }
+    };
     match result {
-        Ok(resp) => {
+        Ok((resp, sender)) => {
             target.count_served();
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -256,15 +419,14 @@ async fn handle(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Re
                 ProxyBody::Upstream {
                     body,
                     guard: Some(guard),
+                    sender: Some(sender),
                 },
             )
         }
         Err(e) => {
             log::line(format_args!(
-                "upstream {} for service {} failed: {}",
-                target.addr,
-                service.name,
-                chain(&e)
+                "upstream {} for service {} failed: {e}",
+                target.addr, service.name,
             ));
             local(
                 StatusCode::BAD_GATEWAY,
@@ -272,6 +434,13 @@ async fn handle(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Re
             )
         }
     }
+}
+
+fn log_retry(addr: &str, service: &str, e: &dyn StdError) {
+    log::line(format_args!(
+        "upstream {addr} for service {service}: {}; retrying once",
+        chain(e)
+    ));
 }
 
 /// An error with its sources, `a: b: c`.
@@ -302,48 +471,113 @@ fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     resp
 }
 
-/// Removes hop-by-hop headers, including those named in `Connection`.
+/// Removes hop-by-hop headers, including those named in `Connection`. One pass over the
+/// names finds them (most messages have none, or only `Connection: keep-alive`), so that only
+/// headers that are there get removed.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    let mut found = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            found[i] = true;
+            any = true;
+        }
     }
-    for name in HOP_BY_HOP {
+    if !any {
+        return;
+    }
+    if found[0] {
+        // Names listed in `Connection`, but for the usual `keep-alive` (which goes anyway)
+        // and `close`, which name no header.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(n);
+                }
+            }
+        }
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(found).filter(|(_, f)| *f) {
         headers.remove(name);
     }
 }
 
-/// Rewrites a request's headers for the upstream hop.
-fn forwarded_headers(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>) {
+/// The index of `name` in [`HOP_BY_HOP`]; most names are rejected by their length alone.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let s = name.as_str();
+    if !matches!(s.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19) {
+        return None;
+    }
+    HOP_BY_HOP.iter().position(|h| h.as_str() == s)
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Rewrites a request's headers for the upstream hop: `client` is the client's address as a
+/// header value, `host` the `Host` it asked for.
+fn forwarded_headers(
+    headers: &mut HeaderMap,
+    client: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+) {
     strip_hop_by_hop(headers);
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        Some(v) => {
-            headers.insert("x-forwarded-host", v);
-        }
-        None => {
-            headers.remove("x-forwarded-host");
-        }
-    }
+    match client {
+        Some(v) => headers.insert(X_FORWARDED_FOR, v),
+        None => headers.remove(X_FORWARDED_FOR),
+    };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match host {
+        Some(v) => headers.insert(X_FORWARDED_HOST, v),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
 }
 
 /// A response body: made by the proxy, or streamed from the upstream while holding the
-/// request's in-flight guard (released at the end of the body, on error, or on drop).
+/// request's in-flight guard (released at the end of the body, on error, or on drop) and the
+/// upstream connection (back to the pool at the end of the body, closed otherwise).
 pub(crate) enum ProxyBody {
     Local(Full<Bytes>),
     Upstream {
         body: Incoming,
         guard: Option<InFlight>,
+        sender: Option<upstream::Sender>,
     },
+}
+
+impl ProxyBody {
+    /// The upstream body is over: pools its connection if it ended cleanly, and releases the
+    /// in-flight guard.
+    fn finish(&mut self, clean: bool) {
+        if let ProxyBody::Upstream { guard, sender, .. } = self {
+            if let (true, Some(s), Some(g)) = (clean, sender.take(), guard.as_ref()) {
+                upstream::put_back(&g.target().addr, s);
+            }
+            sender.take();
+            guard.take();
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body that says it is at its end; one dropped before that
+        // leaves its connection mid-response, which must not be reused.
+        let clean = match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Local(_) => false,
+        };
+        self.finish(clean);
+    }
 }
 
 impl Body for ProxyBody {
@@ -354,14 +588,17 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
+        let this = self.get_mut();
+        match this {
             ProxyBody::Local(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never| match never {}))),
-            ProxyBody::Upstream { body, guard } => {
+            ProxyBody::Upstream { body, .. } => {
                 let polled = Pin::new(body).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-                    guard.take();
+                match &polled {
+                    Poll::Ready(None) => this.finish(true),
+                    Poll::Ready(Some(Err(_))) => this.finish(false),
+                    _ => {}
                 }
                 polled
             }
@@ -397,7 +634,11 @@ mod tests {
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
-        forwarded_headers(&mut h, "10.0.0.9:5555".parse().unwrap(), Some("Site:8080"));
+        forwarded_headers(
+            &mut h,
+            Some(HeaderValue::from_static("10.0.0.9")),
+            Some(HeaderValue::from_static("Site:8080")),
+        );
         for gone in [
             "connection",
             "x-hop",

@@ -28,6 +28,7 @@ mod log;
 mod state;
 mod switch;
 mod table;
+mod upstream;
 
 use std::future::Future;
 use std::io;
@@ -261,6 +262,7 @@ impl Proxy {
         ));
         shutdown.await;
         log::line("shutting down: no new connections");
+        self.inner.set_closing();
         let _ = stop_tx.send(true);
         let grace = async {
             let _ = http.await;
@@ -289,7 +291,7 @@ pub async fn serve(
 /// Builds a runtime, binds `config.listen` and the control socket, restores state and serves
 /// until SIGTERM or SIGINT. This is `cutover proxy run`.
 pub fn run_blocking(config: ProxyConfig) -> Result<(), Error> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("cutover-proxy")
         .build()

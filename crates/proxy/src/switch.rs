@@ -14,7 +14,7 @@
 //!   that may be gone.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -92,6 +92,8 @@ pub(crate) struct Shared {
     service_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     started: Instant,
     requests: AtomicU64,
+    /// Shutdown has begun: every response is the last of its connection.
+    closing: AtomicBool,
 }
 
 impl Shared {
@@ -104,11 +106,20 @@ impl Shared {
             service_locks: Mutex::new(HashMap::new()),
             started: Instant::now(),
             requests: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
         }
     }
 
     pub(crate) fn count_request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_closing(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 
     fn service_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -271,6 +271,20 @@ impl Table {
         None
     }
 
+    /// [`Table::route`] for a raw `Host` value (normalized here, without allocating for
+    /// names of up to 255 bytes).
+    pub(crate) fn route_raw(&self, host: Option<&[u8]>) -> Option<Arc<Service>> {
+        let mut buf = [0u8; 255];
+        match host {
+            None => self.route(None),
+            Some(raw) => match normalize_host_into(raw, &mut buf) {
+                Some(h) => self.route(Some(h)),
+                // Longer than any domain we route, or not text: only the single-service rule.
+                None => self.route(Some("")),
+            },
+        }
+    }
+
     /// The domains routed to a service.
     pub(crate) fn domains_of(&self, name: &str) -> Vec<String> {
         read(&self.inner).domains_of(name)
@@ -384,6 +398,31 @@ pub(crate) fn normalize_host(host: &str) -> String {
     without_port.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// [`normalize_host`] into `buf`; `None` if the result does not fit or is not UTF-8.
+fn normalize_host_into<'a>(host: &[u8], buf: &'a mut [u8]) -> Option<&'a str> {
+    let host = host.trim_ascii();
+    let without_port = if host.first() == Some(&b'[') {
+        match host.iter().position(|&b| b == b']') {
+            Some(end) => &host[..=end],
+            None => host,
+        }
+    } else {
+        match host.iter().rposition(|&b| b == b':') {
+            Some(i) if host[i + 1..].iter().all(u8::is_ascii_digit) => &host[..i],
+            _ => host,
+        }
+    };
+    let mut n = without_port.len();
+    while n > 0 && without_port[n - 1] == b'.' {
+        n -= 1;
+    }
+    let out = buf.get_mut(..n)?;
+    for (o, b) in out.iter_mut().zip(without_port) {
+        *o = b.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
 /// Checks a service name: 1 to 64 of `[A-Za-z0-9._-]`.
 pub(crate) fn check_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
@@ -453,6 +492,26 @@ mod tests {
         assert_eq!(normalize_host("[::1]"), "[::1]");
         assert_eq!(normalize_host("127.0.0.1:3000"), "127.0.0.1");
         assert_eq!(normalize_host(" site "), "site");
+        for h in [
+            "API.Example.com:8080",
+            "example.com.",
+            "[::1]:80",
+            "[::1]",
+            "127.0.0.1:3000",
+            " site ",
+            "a:b",
+            "x.:",
+            "",
+        ] {
+            let mut buf = [0u8; 255];
+            assert_eq!(
+                normalize_host_into(h.as_bytes(), &mut buf),
+                Some(normalize_host(h).as_str()),
+                "{h:?}"
+            );
+        }
+        let long = "a".repeat(300);
+        assert_eq!(normalize_host_into(long.as_bytes(), &mut [0u8; 255]), None);
     }
 
     #[test]

@@ -4,8 +4,11 @@
 
 mod support;
 
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -561,4 +564,69 @@ fn run_blocking_restores_state_and_stops_on_sigterm() {
     assert!(kill.success());
     runner.join().unwrap().unwrap();
     assert!(!socket.exists(), "control socket left behind");
+}
+
+/// A keep-alive HTTP/1.1 backend on raw sockets that counts the connections it accepts and,
+/// like many app servers, closes a connection once it has been idle for `idle`.
+fn counting_backend(idle: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            thread::spawn(move || {
+                stream.set_read_timeout(Some(idle)).unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request head per answer (the test sends no bodies).
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+                        if stream.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return, // closed, or idle too long: close
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn upstream_connections_are_reused_and_idle_closes_fail_no_request() {
+    let dir = TempDir::new("pool");
+    let (backend, accepted) = counting_backend(Duration::from_millis(300));
+    let proxy = TestProxy::start(dir.path());
+    proxy.deploy("app", backend).unwrap();
+    let before = accepted.load(Ordering::SeqCst);
+    let mut conn = Conn::open(proxy.addr, "app.test");
+    for i in 0..200 {
+        let r = conn.get("/").unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"), "request {i}");
+    }
+    // One client connection is served by one worker thread, which keeps reusing its pooled
+    // upstream connection instead of opening one per request.
+    let opened = accepted.load(Ordering::SeqCst) - before;
+    assert!(
+        opened <= 2,
+        "{opened} upstream connections for 200 requests"
+    );
+    // The backend closes the idle pooled connection; the next requests must not notice.
+    for round in 0..3 {
+        thread::sleep(Duration::from_millis(500));
+        for i in 0..5 {
+            let r = conn.get("/").unwrap();
+            assert_eq!(r.status, 200, "round {round} request {i}: {r:?}");
+        }
+    }
+    assert!(accepted.load(Ordering::SeqCst) - before > opened);
 }
