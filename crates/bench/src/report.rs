@@ -302,7 +302,7 @@ fn head(ctx: &Ctx) -> String {
          hosts `{}`\n\n",
         m.nginx.trim_start_matches("nginx version: "),
         m.caddy,
-        m.capistrano,
+        m.capistrano.trim_start_matches("Capistrano Version: "),
         m.ruby,
         m.docker
     ));
