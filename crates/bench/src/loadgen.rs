@@ -107,10 +107,12 @@ pub(crate) struct LoadReport {
     /// Every counted request in start order, if [`LoadOptions::record`] was set (empty
     /// otherwise). Requests abandoned by `stop` are not counted and not in it.
     pub(crate) samples: Vec<RequestSample>,
-    /// Latencies in microseconds of every counted request (kept whether or not `record` is).
-    all_us: Histogram<u64>,
-    /// Latencies in microseconds of the successful requests.
-    ok_us: Histogram<u64>,
+    /// Latencies in microseconds of every counted request (kept whether or not `record` is);
+    /// also [`LoadReport::histogram`].
+    pub(crate) all_us: Histogram<u64>,
+    /// Latencies in microseconds of the successful requests; also
+    /// [`LoadReport::ok_histogram`].
+    pub(crate) ok_us: Histogram<u64>,
 }
 
 fn new_histogram() -> Histogram<u64> {
