@@ -34,7 +34,10 @@ pub(crate) struct Cap {
     dir: PathBuf,
     /// The bare repository the daemon serves.
     repo: PathBuf,
+    /// The watchdog shell running `git-daemon`.
     daemon: Option<Child>,
+    /// Where `git-daemon` writes its pid.
+    pid_file: PathBuf,
     /// Unix second of the last `cap` start (Capistrano names releases by the second).
     last_start: Cell<u64>,
 }
@@ -103,17 +106,35 @@ impl Cap {
             }
         }
         let log = std::fs::File::create(base.join("git-daemon.log"))?;
-        let daemon = Command::new("git")
+        // `git daemon` would run `git-daemon` as its child (which outlives a kill of `git`):
+        // run that program itself, under a small watchdog that stops it (by its pid) once
+        // this process is gone, however it ended; see [`Cap`]'s `Drop` for the normal end.
+        let exec_path = Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .context("running git --exec-path")?;
+        let exec_path = PathBuf::from(String::from_utf8_lossy(&exec_path.stdout).trim());
+        let pid_file = base.join("git-daemon.pid");
+        let daemon = Command::new("sh")
+            .arg("-c")
+            .arg(
+                "\"$@\" & d=$!; \
+                 while kill -0 \"$BENCH_PID\" 2>/dev/null && kill -0 \"$d\" 2>/dev/null; do sleep 1; done; \
+                 kill \"$d\" 2>/dev/null; wait \"$d\"",
+            )
+            .arg("sh")
+            .arg(exec_path.join("git-daemon"))
             .args([
-                "daemon",
                 "--reuseaddr",
                 "--export-all",
                 "--informative-errors",
                 &format!("--listen={server}"),
                 &format!("--port={GIT_PORT}"),
             ])
+            .arg(format!("--pid-file={}", pid_file.display()))
             .arg(format!("--base-path={}", git_base.display()))
             .arg(git_base)
+            .env("BENCH_PID", std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -122,6 +143,7 @@ impl Cap {
         let mut cap = Cap {
             dir,
             repo,
+            pid_file,
             daemon: Some(daemon),
             last_start: Cell::new(0),
         };
@@ -326,8 +348,18 @@ pub(crate) fn outcome(out: &Output) -> CapRun {
 
 impl Drop for Cap {
     fn drop(&mut self) {
+        // The daemon, by the pid it wrote (our own child's child); the watchdog then exits.
+        if let Some(pid) = std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
         if let Some(mut c) = self.daemon.take() {
-            // Our own child, by its pid.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
