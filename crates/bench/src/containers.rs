@@ -15,7 +15,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use testlab::{Lab, LabOptions, LoadReport};
+use crate::loadgen::LoadReport;
+use testlab::{Lab, LabOptions};
 
 /// Where cutover's edge proxy listens on the host (`[proxy] listen = "0.0.0.0:8000"`).
 pub(crate) const PROXY_PORT: u16 = 8000;
@@ -610,7 +611,7 @@ pub(crate) fn ms(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use testlab::RequestSample;
+    use crate::loadgen::RequestSample;
 
     fn sample(at_ms: u64, lat_ms: u64, ok: bool) -> RequestSample {
         RequestSample {

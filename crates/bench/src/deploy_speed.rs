@@ -9,7 +9,7 @@
 use crate::capistrano::{self, Cap};
 use crate::harness::{Payload, Profile, World};
 use crate::machine::loadavg;
-use crate::meter::{Sample, MAX_REDOS};
+use crate::meter::Sample;
 use crate::report::{self, mib, secs, Samples, Section};
 use crate::Ctx;
 use anyhow::{bail, Result};
@@ -325,7 +325,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
             opt(Some(tar)),
             secs(foreign),
         );
-        if runs.iter().any(|s| s.disturbed(ctx.machine.cores)) && row.discarded.len() < MAX_REDOS {
+        if runs.iter().any(|s| s.disturbed(ctx.machine.cores)) && row.discarded.len() < ctx.max_redos() {
             eprintln!("[deploy-speed] other processes took over a quarter of the CPU during that repetition: doing it again");
             row.discarded.push(json!({
                 "cutover_first": first.sample.to_json(),

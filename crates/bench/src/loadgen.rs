@@ -148,6 +148,7 @@ pub(crate) struct RequestSample {
 
 impl RequestSample {
     /// When the request ended, since [`Load::started`].
+    #[cfg(test)]
     pub(crate) fn end(&self) -> Duration {
         self.at + self.latency
     }
@@ -155,6 +156,7 @@ impl RequestSample {
 
 impl LoadReport {
     /// Latencies (microseconds) of every counted request, successful or failed.
+    #[cfg(test)]
     pub(crate) fn histogram(&self) -> &Histogram<u64> {
         &self.all_us
     }
@@ -162,16 +164,6 @@ impl LoadReport {
     /// Latencies (microseconds) of the successful requests.
     pub(crate) fn ok_histogram(&self) -> &Histogram<u64> {
         &self.ok_us
-    }
-
-    /// Successful requests per second over the whole run.
-    pub(crate) fn ok_per_s(&self) -> f64 {
-        let s = self.elapsed.as_secs_f64();
-        if s > 0.0 {
-            self.ok as f64 / s
-        } else {
-            0.0
-        }
     }
 
     /// Panics, listing the failures, if any request failed.
@@ -207,6 +199,8 @@ impl fmt::Display for LoadReport {
 pub(crate) struct Load {
     stop: watch::Sender<bool>,
     ok: Arc<AtomicU64>,
+    /// Read by [`Load::failed_so_far`], which only the tests use.
+    #[cfg_attr(not(test), allow(dead_code))]
     failed: Arc<AtomicU64>,
     started: Instant,
     thread: Option<JoinHandle<Vec<WorkerStats>>>,
@@ -335,6 +329,7 @@ impl Load {
     }
 
     /// Failed requests so far.
+    #[cfg(test)]
     pub(crate) fn failed_so_far(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
     }

@@ -18,9 +18,6 @@ mod containers;
 mod deploy_speed;
 mod footprint;
 mod harness;
-// The tokio/hyper load generator, a drop-in for testlab's: unused until the scenarios'
-// `use testlab::{Load, LoadOptions}` lines switch to `crate::loadgen`.
-#[allow(dead_code)]
 mod loadgen;
 mod machine;
 mod meter;
@@ -140,6 +137,16 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// Files per payload and bytes per file: 400 x 256 KiB = 100 MiB (40 x 256 KiB with
     /// `--quick`).
+    /// How often a disturbed repetition may be redone: never in a `--quick` run (its timings
+    /// are not the published ones, and it must stay short).
+    pub(crate) fn max_redos(&self) -> usize {
+        if self.quick {
+            0
+        } else {
+            meter::MAX_REDOS
+        }
+    }
+
     pub(crate) fn payload_shape(&self) -> (usize, usize) {
         if self.quick {
             (40, 256 << 10)
@@ -243,7 +250,7 @@ fn main() -> Result<()> {
         work,
         machine,
         command,
-        meter: meter::Meter::new(),
+        meter: meter::Meter::new(cli.quick),
         out,
         results: RefCell::new(BTreeMap::new()),
         payloads: OnceCell::new(),

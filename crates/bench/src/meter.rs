@@ -62,11 +62,15 @@ impl Sample {
 /// Times runs; owns the bench's cpuacct group (if any) for its lifetime.
 pub(crate) struct Meter {
     group: Option<PathBuf>,
+    /// Longest wait for an idle machine before a timed run.
+    max_wait: Duration,
 }
 
 impl Meter {
     /// Joins a fresh cpuacct group `cutover-bench-<pid>` if the hierarchy is writable.
-    pub(crate) fn new() -> Meter {
+    /// `quick` runs wait at most 2 s for an idle machine (their timings are not the published
+    /// ones), full runs up to [`QUIET_MAX_WAIT`].
+    pub(crate) fn new(quick: bool) -> Meter {
         let dir = PathBuf::from(CPUACCT).join(format!("cutover-bench-{}", std::process::id()));
         let joined = std::fs::create_dir(&dir).is_ok()
             && std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).is_ok();
@@ -76,6 +80,11 @@ impl Meter {
         }
         Meter {
             group: joined.then_some(dir),
+            max_wait: if quick {
+                Duration::from_secs(2)
+            } else {
+                QUIET_MAX_WAIT
+            },
         }
     }
 
@@ -92,7 +101,7 @@ impl Meter {
 
     /// Waits (up to a limit) for an idle machine, then runs `f` and measures it.
     pub(crate) fn time<T>(&self, f: impl FnOnce() -> T) -> (T, Sample) {
-        let waited_s = wait_quiet();
+        let waited_s = wait_quiet(self.max_wait);
         let own0 = self.own_cpu();
         let (busy0, _) = cpu_jiffies();
         let t = Instant::now();
@@ -137,14 +146,14 @@ impl Drop for Meter {
 
 /// Waits until all CPUs are nearly idle over half a second, at most [`QUIET_MAX_WAIT`];
 /// returns the seconds waited.
-fn wait_quiet() -> f64 {
+fn wait_quiet(max_wait: Duration) -> f64 {
     let t = Instant::now();
     loop {
         let a = cpu_jiffies();
         std::thread::sleep(Duration::from_millis(500));
         let b = cpu_jiffies();
         let busy = b.0.saturating_sub(a.0) as f64 / (b.1.saturating_sub(a.1).max(1)) as f64;
-        if busy < QUIET_BUSY || t.elapsed() >= QUIET_MAX_WAIT {
+        if busy < QUIET_BUSY || t.elapsed() >= max_wait {
             return t.elapsed().as_secs_f64();
         }
     }

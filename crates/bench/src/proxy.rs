@@ -5,7 +5,7 @@
 
 use crate::containers::{ms, percentile, DockerWorld, Ledger, Mem};
 use crate::machine::loadavg;
-use crate::meter::{Sample, MAX_REDOS};
+use crate::meter::Sample;
 use crate::peers::{self, Kind, Peer};
 use crate::report::{self, spread, Section};
 use crate::Ctx;
@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use testlab::{Load, LoadOptions};
+use crate::loadgen::{Load, LoadOptions};
 
 pub(crate) const HOW_TO_READ: &str = "\
 one testlab host with its own dockerd and cutover's edge proxy installed by `cutover setup` \
@@ -110,6 +110,9 @@ impl Path {
 struct Round {
     path: Path,
     ledger: Ledger,
+    /// Latencies of the successful requests, in microseconds (the load generator's
+    /// hdrhistogram).
+    ok_us: hdrhistogram::Histogram<u64>,
     secs: f64,
     ok: u64,
     failed: u64,
@@ -242,7 +245,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
                     round.foreign_cpu_s()
                 );
                 let redone = discarded.iter().filter(|r| r.path == path).count();
-                if round.disturbed(ctx.machine.cores) && redone < MAX_REDOS {
+                if round.disturbed(ctx.machine.cores) && redone < ctx.max_redos() {
                     eprintln!("[proxy] other processes took over a quarter of the CPU during that load: doing it again");
                     discarded.push(round);
                     continue;
@@ -269,13 +272,20 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         .iter()
         .map(|&p| {
             let rs: Vec<&Round> = rounds.iter().filter(|r| r.path == p).collect();
-            let mut lat: Vec<f64> = Vec::new();
+            let mut ok_us = rs.first().map(|r| r.ok_us.clone());
             let mut requests = 0u64;
-            for r in &rs {
-                lat.extend(r.ledger.ok_latencies());
+            for (i, r) in rs.iter().enumerate() {
+                if i > 0 {
+                    if let Some(h) = ok_us.as_mut() {
+                        let _ = h.add(&r.ok_us);
+                    }
+                }
                 requests += r.ok + r.failed;
             }
-            lat.sort_by(f64::total_cmp);
+            let quantile = |q: f64| match &ok_us {
+                Some(h) if !h.is_empty() => h.value_at_quantile(q) as f64 / 1e6,
+                _ => f64::NAN,
+            };
             let (med, min, max) = spread(&rs.iter().map(|r| r.rps()).collect::<Vec<_>>());
             let rps = if rs.len() > 1 {
                 format!("{med:.0} ({min:.0}–{max:.0})")
@@ -297,8 +307,8 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             vec![
                 p.name().to_string(),
                 rps,
-                ms(percentile(&lat, 0.5)),
-                ms(percentile(&lat, 0.99)),
+                ms(quantile(0.5)),
+                ms(quantile(0.99)),
                 rs.iter().map(|r| r.failed).sum::<u64>().to_string(),
                 proxy_cpu.map(per_k).unwrap_or_else(|| "–".into()),
                 all_cpu.map(per_k).unwrap_or_else(|| "–".into()),
@@ -414,6 +424,8 @@ fn load(
             keep_alive: true,
             pause: Duration::ZERO,
             record: true,
+            // Two runtime threads: one would cap the direct paths below what they sustain.
+            threads: 2,
             ..LoadOptions::new(vec![addr])
         });
         std::thread::sleep(duration);
@@ -434,6 +446,7 @@ fn load(
     Ok(Round {
         path,
         ledger: Ledger::new(started, &[(started, &report)], stop),
+        ok_us: report.ok_histogram().clone(),
         secs: report.elapsed.as_secs_f64(),
         ok: report.ok,
         failed: report.failed,

@@ -8,7 +8,6 @@
 use crate::capistrano::{self, Cap};
 use crate::harness::{Answer, Payload, World};
 use crate::machine::loadavg;
-use crate::meter::MAX_REDOS;
 use crate::report::{self, mib, secs, spread, Samples, Section};
 use crate::Ctx;
 use anyhow::{bail, Result};
@@ -125,7 +124,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
                     .join(", ")
             );
             let cores = ctx.machine.cores;
-            if runs.iter().any(|r| r.sample.disturbed(cores)) && row.discarded.len() < MAX_REDOS {
+            if runs.iter().any(|r| r.sample.disturbed(cores)) && row.discarded.len() < ctx.max_redos() {
                 eprintln!("[rollback] other processes took over a quarter of the CPU during that repetition: doing it again");
                 row.discarded.push(json!(METHODS
                     .iter()

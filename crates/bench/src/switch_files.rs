@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use testlab::{Load, LoadOptions};
+use crate::loadgen::{Load, LoadOptions};
 
 pub(crate) const HOW_TO_READ: &str = "\
 one testlab host (a network namespace on this machine with its own sshd and nginx; nginx \
