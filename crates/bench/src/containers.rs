@@ -7,6 +7,7 @@
 //! in `crates/cutover/tests/containers.rs`.
 
 use crate::harness::hide_bashrc;
+use crate::loadgen::LoadReport;
 use crate::Ctx;
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
@@ -15,7 +16,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use crate::loadgen::LoadReport;
 use testlab::{Lab, LabOptions};
 
 /// Where cutover's edge proxy listens on the host (`[proxy] listen = "0.0.0.0:8000"`).

@@ -325,7 +325,9 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
             opt(Some(tar)),
             secs(foreign),
         );
-        if runs.iter().any(|s| s.disturbed(ctx.machine.cores)) && row.discarded.len() < ctx.max_redos() {
+        if runs.iter().any(|s| s.disturbed(ctx.machine.cores))
+            && row.discarded.len() < ctx.max_redos()
+        {
             eprintln!("[deploy-speed] other processes took over a quarter of the CPU during that repetition: doing it again");
             row.discarded.push(json!({
                 "cutover_first": first.sample.to_json(),

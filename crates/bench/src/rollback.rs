@@ -124,7 +124,9 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
                     .join(", ")
             );
             let cores = ctx.machine.cores;
-            if runs.iter().any(|r| r.sample.disturbed(cores)) && row.discarded.len() < ctx.max_redos() {
+            if runs.iter().any(|r| r.sample.disturbed(cores))
+                && row.discarded.len() < ctx.max_redos()
+            {
                 eprintln!("[rollback] other processes took over a quarter of the CPU during that repetition: doing it again");
                 row.discarded.push(json!(METHODS
                     .iter()

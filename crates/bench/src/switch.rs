@@ -7,6 +7,7 @@
 //! latencies the table shows the longest time in which no request succeeded.
 
 use crate::containers::{ms, percentile, DockerWorld, Ledger};
+use crate::loadgen::{Load, LoadOptions};
 use crate::machine::loadavg;
 use crate::meter::Sample;
 use crate::peers::{self, Kind, Peer};
@@ -17,7 +18,6 @@ use serde_json::{json, Value};
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use crate::loadgen::{Load, LoadOptions};
 
 pub(crate) const HOW_TO_READ: &str = "\
 one testlab host running its own dockerd (like every host, a network namespace on this \

@@ -7,6 +7,7 @@
 use crate::capistrano::{self, Cap};
 use crate::containers::{ms, percentile, Ledger};
 use crate::harness::{Payload, World};
+use crate::loadgen::{Load, LoadOptions};
 use crate::machine::loadavg;
 use crate::meter::Sample;
 use crate::report::{self, secs, spread, Section};
@@ -15,7 +16,6 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use crate::loadgen::{Load, LoadOptions};
 
 pub(crate) const HOW_TO_READ: &str = "\
 one testlab host (a network namespace on this machine with its own sshd and nginx; nginx \
