@@ -23,7 +23,6 @@ use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -35,6 +34,9 @@ use tokio::sync::watch;
 const SAFETY_DEADLINE: Duration = Duration::from_secs(600);
 /// How many failure descriptions a report keeps.
 const MAX_FAILURES: usize = 50;
+/// A request still unanswered this long when the load stops counts as failed (shorter ones
+/// are just cut off by the stop and not counted).
+const STUCK_AT_STOP: Duration = Duration::from_secs(2);
 /// The histograms' range: 1 µs to 10 minutes (larger values are clamped), 3 significant digits.
 const HIST_MAX_US: u64 = 600_000_000;
 
@@ -105,7 +107,8 @@ pub(crate) struct LoadReport {
     /// Time from start to stop.
     pub(crate) elapsed: Duration,
     /// Every counted request in start order, if [`LoadOptions::record`] was set (empty
-    /// otherwise). Requests abandoned by `stop` are not counted and not in it.
+    /// otherwise). Requests cut off by `stop` are not counted and not in it, unless they had
+    /// waited [`STUCK_AT_STOP`] or more: those are failures.
     pub(crate) samples: Vec<RequestSample>,
     /// Latencies in microseconds of every counted request (kept whether or not `record` is);
     /// also [`LoadReport::histogram`].
@@ -346,8 +349,8 @@ impl Load {
         true
     }
 
-    /// Stops the workers (promptly: in-flight requests are abandoned and not counted) and
-    /// returns the report.
+    /// Stops the workers (promptly: in-flight requests are abandoned, counted as failed only
+    /// if stuck for [`STUCK_AT_STOP`]) and returns the report.
     pub(crate) fn stop(mut self) -> LoadReport {
         let _ = self.stop.send(true);
         let elapsed = self.started.elapsed();
@@ -394,16 +397,21 @@ impl Drop for Load {
     }
 }
 
-/// The future that drives one HTTP/1 connection (reads and writes its socket).
-type Driver = Pin<Box<hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Empty<Bytes>>>>;
-
-/// One open connection: its sender, its driver (polled by the worker itself, together with
-/// each request, rather than by a task of its own: one task per worker, no cross-task
-/// wake-ups), and whether it already completed a request.
+/// One open connection: its sender, the task that drives it (reads and writes its socket,
+/// aborted, so the socket closed, when the connection is dropped), and whether it already
+/// completed a request. The driver runs as a task of its own, always polled, so that a
+/// server closing an idle connection is seen at once, as hyper expects: a driver polled only
+/// while a request is on its way can miss that end and wait for ever.
 struct Conn {
     sender: SendRequest<Empty<Bytes>>,
-    driver: Driver,
+    driver: tokio::task::JoinHandle<()>,
     reused: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
 }
 
 /// A finished request: the body's first line, or a counted failure.
@@ -422,9 +430,22 @@ async fn worker(
             break;
         }
         let t0 = Instant::now();
+        let mut stopping = false;
         let result = tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            _ = stop.changed() => {
+                // A request cut short by the stop is not counted, unless it had already
+                // waited so long that it was stuck: that one is a failure a user would see.
+                let waited = t0.elapsed();
+                if waited < STUCK_AT_STOP {
+                    break;
+                }
+                stopping = true;
+                Err(format!(
+                    "still unanswered after {:.3}s when the load stopped",
+                    waited.as_secs_f64()
+                ))
+            }
             r = tokio::time::timeout(sh.timeout, request(&sh, &mut conn, target, &host)) => {
                 r.unwrap_or_else(|_| {
                     Err(format!("timed out after {:.3}s", sh.timeout.as_secs_f64()))
@@ -466,6 +487,9 @@ async fn worker(
                 }
             }
         }
+        if stopping {
+            break;
+        }
         if !sh.pause.is_zero() {
             tokio::select! {
                 biased;
@@ -488,7 +512,9 @@ async fn connect(target: SocketAddr) -> Result<Conn, String> {
         .map_err(|e| format!("handshake: {e}"))?;
     Ok(Conn {
         sender,
-        driver: Box::pin(driver),
+        driver: tokio::spawn(async move {
+            let _ = driver.await;
+        }),
         reused: false,
     })
 }
@@ -537,18 +563,8 @@ async fn request(sh: &Shared, slot: &mut Option<Conn>, target: SocketAddr, host:
             .to_bytes();
         Ok::<_, String>((status, close, body))
     };
-    // Drive the connection and the exchange together. When the connection ends first (the
-    // server closed it, announced or not), the exchange still gets what was read before, or
-    // the error.
-    let (result, ended) = {
-        let mut exchange = pin!(exchange);
-        tokio::select! {
-            biased;
-            r = &mut exchange => (r, false),
-            _ = &mut conn.driver => (exchange.await, true),
-        }
-    };
-    if ended || result.is_err() {
+    let result = exchange.await;
+    if result.is_err() || slot.as_ref().is_some_and(|c| c.sender.is_closed()) {
         *slot = None;
     }
     let (status, close, body) = result?;
@@ -856,5 +872,53 @@ mod tests {
         assert!(t.elapsed() < Duration::from_millis(300));
         assert_eq!((report.ok, report.failed), (0, 0), "{report}");
         assert!(report.samples.is_empty());
+    }
+
+    #[test]
+    fn a_server_closing_idle_keep_alive_connections_never_stalls_a_worker() {
+        // Like a proxy reloading: each connection answers one request, then the server
+        // closes it while it is idle (50 ms later). Every worker must notice (a failure or
+        // a reconnect) and go on: none may wait for an answer that never comes.
+        let addr = raw_server(|mut s| async move {
+            if !read_head(&mut s).await {
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = s.shutdown().await;
+        });
+        let load = Load::start(LoadOptions {
+            workers_per_target: 2,
+            keep_alive: true,
+            pause: Duration::from_millis(100),
+            timeout: Duration::from_secs(30),
+            record: true,
+            ..LoadOptions::new(vec![addr])
+        });
+        thread::sleep(Duration::from_millis(1500));
+        let report = load.stop();
+        assert!(
+            report.ok + report.failed >= 10,
+            "workers kept going: {report}"
+        );
+    }
+
+    #[test]
+    fn a_request_stuck_when_the_load_stops_is_a_failure() {
+        let server = serve(Duration::from_secs(60), |_| (200, "never in time"));
+        let load = Load::start(LoadOptions {
+            workers_per_target: 2,
+            record: true,
+            ..LoadOptions::new(vec![server.addr])
+        });
+        thread::sleep(STUCK_AT_STOP + Duration::from_millis(300));
+        let report = load.stop();
+        assert_eq!((report.ok, report.failed), (0, 2), "{report}");
+        assert!(report
+            .failures
+            .iter()
+            .any(|f| f.contains("still unanswered")));
     }
 }
