@@ -124,13 +124,17 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         bin_cell,
     ]];
     match &proxy_mem {
-        Some(p) => {
+        Some(all) => {
+            // The `proxy` scenario keeps one entry per proxy; cutover's is `proxy`.
+            let p = all.get("proxy").unwrap_or(all);
             rows.push(vec![
                 "edge proxy RSS, idle".into(),
                 kib(p["idle_rss"].as_u64().unwrap_or(0)),
             ]);
-            let after = p["rss_after_each_proxy_load"]
-                .as_array()
+            let after = p
+                .get("rss_after_each_load")
+                .or_else(|| p.get("rss_after_each_proxy_load"))
+                .and_then(Value::as_array)
                 .map(|a| a.iter().filter_map(Value::as_u64).max().unwrap_or(0))
                 .unwrap_or(0);
             rows.push(vec![
@@ -210,7 +214,8 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let median = |v: Vec<f64>| spread(&v).0;
     let mut categories = Vec::new();
     let mut values = Vec::new();
-    if let Some(p) = &proxy_mem {
+    if let Some(all) = &proxy_mem {
+        let p = all.get("proxy").unwrap_or(all);
         categories.push("edge proxy, idle".to_string());
         values.push(p["idle_rss"].as_f64().unwrap_or(0.0) / 1024.0);
         categories.push("edge proxy, peak".to_string());
