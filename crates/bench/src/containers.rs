@@ -310,6 +310,45 @@ give_up_after = "10s"
         Some(ns as f64 / 1e9)
     }
 
+    /// Runs `cutover ARGS --json` and times it: from spawn until `GET /` through the proxy
+    /// answers `body` (polled every 10 ms, from a thread of its own), and until the command
+    /// exits. Fails if the command fails or the body never comes (30 s).
+    pub(crate) fn timed_until_serves(&self, args: &[&str], body: &str) -> Result<(f64, f64)> {
+        let addr = self.proxy_addr();
+        let want = body.to_string();
+        let t = Instant::now();
+        let child = self
+            .cutover(args)
+            .arg("--json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running cutover")?;
+        let poller = std::thread::spawn(move || -> Option<f64> {
+            while t.elapsed() < Duration::from_secs(30) {
+                if matches!(http_get(addr), Ok(b) if b.trim() == want) {
+                    return Some(t.elapsed().as_secs_f64());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            None
+        });
+        let out = child.wait_with_output()?;
+        let exited = t.elapsed().as_secs_f64();
+        let served = poller
+            .join()
+            .map_err(|_| anyhow!("poller panicked"))?
+            .ok_or_else(|| anyhow!("`cutover {}`: {addr} never served {body:?}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "`cutover {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok((served, exited))
+    }
+
     /// Waits until `GET /` on `addr` answers 200 with `body` (up to `limit`).
     pub(crate) fn wait_serves(&self, addr: SocketAddr, body: &str, limit: Duration) -> Result<()> {
         let t = Instant::now();

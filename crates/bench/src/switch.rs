@@ -269,10 +269,11 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         discarded.extend(redone);
         side.stop(&world)?;
     }
+    let (rollback_md, rollback_json) = container_rollbacks(ctx, &world)?;
     let load_after = loadavg();
     drop(world);
 
-    Ok(section(
+    let mut out = section(
         ctx,
         k,
         &runs,
@@ -281,7 +282,92 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         &load_after,
         clock,
         &started,
-    ))
+    );
+    out.markdown.push_str(&rollback_md);
+    out.json["container_rollback"] = rollback_json;
+    Ok(out)
+}
+
+/// Container rollbacks on the same host, `--reps` times each, with `strategy = "blue-green"`:
+/// *warm* (`cutover rollback`; the old container is still on the host, stopped), *cold* (the
+/// same after every stopped container and unused image was removed from the host, so the old
+/// digest is pulled again from the registry) and a *redeploy* of the old tag (`cutover deploy
+/// --image a`). Each is timed from spawn until the proxy answers with the old version, and
+/// until the command exits. Before each: `a` then `b` deployed (untimed).
+fn container_rollbacks(ctx: &Ctx, world: &DockerWorld) -> Result<(String, Value)> {
+    world.write_config("blue-green")?;
+    let kinds = [
+        "warm rollback",
+        "cold rollback (old image pulled again)",
+        "redeploy of the old tag",
+    ];
+    let mut times: Vec<Vec<(f64, f64)>> = vec![Vec::new(); kinds.len()];
+    let mut errors = Vec::new();
+    for _ in 0..ctx.reps {
+        for (i, kind) in kinds.iter().enumerate() {
+            world.deploy_ok("a")?;
+            world.deploy_ok("b")?;
+            if i == 1 {
+                world.ssh_ok(
+                    "docker container prune -f >/dev/null && docker image prune -af >/dev/null",
+                )?;
+            }
+            let args: &[&str] = if i == 2 {
+                &["deploy", "--image", "a"]
+            } else {
+                &["rollback"]
+            };
+            eprintln!("[switch] container {kind}");
+            match world.timed_until_serves(args, "a") {
+                Ok(t) => times[i].push(t),
+                Err(e) => errors.push(format!("{kind}: {e:#}")),
+            }
+        }
+    }
+    let cell = |v: Vec<f64>| {
+        if v.is_empty() {
+            return "–".to_string();
+        }
+        let (med, min, max) = spread(&v);
+        if v.len() > 1 {
+            format!("{} ({}–{})", secs(med), secs(min), secs(max))
+        } else {
+            secs(med)
+        }
+    };
+    let rows: Vec<Vec<String>> = kinds
+        .iter()
+        .zip(&times)
+        .map(|(kind, t)| {
+            vec![
+                format!("cutover {kind}"),
+                cell(t.iter().map(|x| x.0).collect()),
+                cell(t.iter().map(|x| x.1).collect()),
+            ]
+        })
+        .collect();
+    let mut md = format!(
+        "\n**Container rollback** (same host, blue-green; {} run(s) each; before each, `web:a` \
+         then `web:b` deployed): from spawn of the command until cutover's proxy answers with \
+         `a` (polled every 10 ms), and until the command exits. *warm*: `cutover rollback` \
+         while `a`'s container is still on the host (stopped); *cold*: the same after `docker \
+         container prune` and `docker image prune -a` on the host, so `a`'s digest is pulled \
+         from the registry again; *redeploy*: `cutover deploy --image a`.\n\n",
+        ctx.reps
+    );
+    md.push_str(&report::table(
+        &["method", "old version answers after", "command exits after"],
+        &rows,
+    ));
+    for e in &errors {
+        md.push_str(&format!("\nFailed: {e}\n"));
+    }
+    let json = json!({
+        "methods": kinds,
+        "served_and_exited_s": times.iter().map(|t| t.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "errors": errors,
+    });
+    Ok((md, json))
 }
 
 /// [`measure`], done once more if other processes took over a quarter of the machine's CPU
