@@ -356,7 +356,11 @@ fn container_rollbacks(ctx: &Ctx, world: &DockerWorld) -> Result<(String, Value)
         ctx.reps
     );
     md.push_str(&report::table(
-        &["method", "old version answers after (s)", "command exits after (s)"],
+        &[
+            "method",
+            "old version answers after (s)",
+            "command exits after (s)",
+        ],
         &rows,
     ));
     for e in &errors {
