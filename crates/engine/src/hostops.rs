@@ -121,12 +121,11 @@ if cp --help 2>&1 | grep -q -e '--parents' && command -v xargs >/dev/null 2>&1; 
 exit 0
 "#;
 
-const STAGE: &str = r#"
-set -u
-root={root}
-id={id}
-meta={meta}
-cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
+/// Unpacks the tar.gz on stdin into a fresh `releases/<id>.partial` (after `cd
+/// "$root/releases"`). Shared by [`STAGE`] and [`STAGE_DELTA`].
+macro_rules! unpack_partial {
+    () => {
+        r#"
 rm -rf "$id.partial"
 mkdir "$id.partial" || { echo "ERR cannot create $root/releases/$id.partial"; exit 3; }
 if ! tar -x -z -o -f - -C "$id.partial"; then
@@ -134,6 +133,15 @@ if ! tar -x -z -o -f - -C "$id.partial"; then
   echo "ERR unpacking into $root/releases/$id.partial failed (disk full? see the tar message); the partial directory was removed"
   exit 4
 fi
+"#
+    };
+}
+
+/// Writes the release metadata, flushes the tree to disk and renames `.partial` to its final
+/// name. Shared by [`STAGE`] and [`STAGE_DELTA`].
+macro_rules! complete_partial {
+    () => {
+        r#"
 if ! printf '%s\n' "$meta" > "$id.partial/.cutover-release.json"; then
   rm -rf "$id.partial"
   echo "ERR cannot write $id.partial/.cutover-release.json (disk full?)"
@@ -144,11 +152,26 @@ fi
 sync -f "$id.partial" 2>/dev/null || sync
 mv "$id.partial" "$id" || { rm -rf "$id.partial"; echo "ERR cannot rename $id.partial to $id"; exit 4; }
 echo STAGED
-"#;
+"#
+    };
+}
+
+const STAGE: &str = concat!(
+    r#"
+set -u
+root={root}
+id={id}
+meta={meta}
+cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
+"#,
+    unpack_partial!(),
+    complete_partial!()
+);
 
 /// Stages from a delta tarball (see [`crate::delta`]): unpack it into a fresh `.partial`
 /// directory, then hard-link the listed unchanged files from the base release into it.
-const STAGE_DELTA: &str = r#"
+const STAGE_DELTA: &str = concat!(
+    r#"
 set -u
 root={root}
 id={id}
@@ -157,13 +180,9 @@ meta={meta}
 links_name={links}
 cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
 [ -d "$base" ] || { echo "ERR the base release $base is not on this host"; exit 3; }
-rm -rf "$id.partial"
-mkdir "$id.partial" || { echo "ERR cannot create $root/releases/$id.partial"; exit 3; }
-if ! tar -x -z -o -f - -C "$id.partial"; then
-  rm -rf "$id.partial"
-  echo "ERR unpacking into $root/releases/$id.partial failed (disk full? see the tar message); the partial directory was removed"
-  exit 4
-fi
+"#,
+    unpack_partial!(),
+    r#"
 links="$id.partial/$links_name"
 [ -f "$links" ] || { rm -rf "$id.partial"; echo "ERR the delta carried no list of unchanged files"; exit 4; }
 if ! ( cd "$base" && xargs -0 -r cp -l --parents -t "../$id.partial" -- < "../$links" ); then
@@ -172,17 +191,9 @@ if ! ( cd "$base" && xargs -0 -r cp -l --parents -t "../$id.partial" -- < "../$l
   exit 4
 fi
 rm -f "$links"
-if ! printf '%s\n' "$meta" > "$id.partial/.cutover-release.json"; then
-  rm -rf "$id.partial"
-  echo "ERR cannot write $id.partial/.cutover-release.json (disk full?)"
-  exit 4
-fi
-# On disk before it can become current: a power loss after the switch must not leave
-# `current` pointing at files the kernel had not written yet.
-sync -f "$id.partial" 2>/dev/null || sync
-mv "$id.partial" "$id" || { rm -rf "$id.partial"; echo "ERR cannot rename $id.partial to $id"; exit 4; }
-echo STAGED
-"#;
+"#,
+    complete_partial!()
+);
 
 const SWITCH: &str = r#"
 set -u
