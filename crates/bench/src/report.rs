@@ -323,8 +323,9 @@ fn head(ctx: &Ctx) -> String {
          `cargo run -p cutover-bench -- all --quick` after the tests, i.e. the dev profile (the \
          `cutover` the tests already built, unoptimized): its timings are not the published \
          ones and only its zero-downtime check counts (the run fails if any cutover method \
-         had a failed request under load). Each section says how long its scenario took (a full run of every scenario is about fourteen minutes \
-         on a 2-core machine). Raw samples: `bench/results/<scenario>.json`.\n\n",
+         had a failed request under load). Each section says how long its scenario took (a full \
+         run of every scenario took about 37 minutes on a 2-core machine, 24 of them deploy-speed \
+         with its 1 GiB cells). Raw samples: `bench/results/<scenario>.json`.\n\n",
         ctx.command
     ));
     s.push_str("## How to read the tables\n\n");
