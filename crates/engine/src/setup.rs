@@ -4,7 +4,7 @@
 //! under systemd where the host has it, else as a supervised daemon (a shell loop that restarts
 //! it), and checks that the proxy answers on its control socket. Running it again is harmless.
 
-use crate::container::remote_binary;
+use crate::switch::container::remote_binary;
 use crate::{par_map, Hosts};
 use cutover_core::Config;
 use cutover_remote::Script;

@@ -528,14 +528,14 @@ impl Store {
         phase: &str,
         at: &str,
         detail: &str,
-    ) -> Result<()> {
-        self.c()
-            .execute(
-                "INSERT INTO events (run_id, app, release_id, host, step, phase, at, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![run_id, app, release_id, host, step, phase, at, detail],
-            )
-            .map_err(|e| self.e(e))?;
-        Ok(())
+    ) -> Result<i64> {
+        let conn = self.c();
+        conn.execute(
+            "INSERT INTO events (run_id, app, release_id, host, step, phase, at, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![run_id, app, release_id, host, step, phase, at, detail],
+        )
+        .map_err(|e| self.e(e))?;
+        Ok(conn.last_insert_rowid())
     }
 
     pub fn events(&self, run_id: i64) -> Result<Vec<Event>> {

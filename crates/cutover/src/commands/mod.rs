@@ -11,6 +11,7 @@ mod setup;
 mod status;
 
 use crate::cli::{Cli, Command, Common};
+use crate::output::Mode;
 use cutover_core::Config;
 use cutover_engine::exit;
 use std::path::{Path, PathBuf};
@@ -23,8 +24,14 @@ pub(crate) fn run(cli: Cli) -> i32 {
             git_ref,
             image,
             json,
-        } => deploy::deploy(&common, artifact, git_ref, image, json),
-        Command::Rollback { common, to, json } => deploy::rollback(&common, to, json),
+            events,
+        } => deploy::deploy(&common, artifact, git_ref, image, Mode::of(json, events)),
+        Command::Rollback {
+            common,
+            to,
+            json,
+            events,
+        } => deploy::rollback(&common, to, Mode::of(json, events)),
         Command::History { common, json } => history::run(&common, json),
         Command::Diff {
             common,
