@@ -130,18 +130,13 @@ impl DeployError {
 
     /// How the run ends in the history.
     pub fn status(&self) -> Status {
-        use DeployError::*;
         match self {
-            Locked { .. } => Status::Locked,
-            Usage(_)
-            | ArtifactRefused(_)
-            | NoBuildSection { .. }
-            | BadImage { .. }
-            | BuildInput(_)
-            | NoRollbackTarget(_)
-            | NoSnapshot(_) => Status::Refused,
-            RevertFailed { .. } => Status::Partial,
-            Reverted { new_release, .. } => cutover_core::protocol::reverted_status(*new_release),
+            DeployError::Locked { .. } => Status::Locked,
+            DeployError::RevertFailed { .. } => Status::Partial,
+            DeployError::Reverted { new_release, .. } => {
+                cutover_core::protocol::reverted_status(*new_release)
+            }
+            _ if self.exit_code() == exit::USAGE => Status::Refused,
             _ => Status::Failed,
         }
     }
