@@ -1020,15 +1020,20 @@ fn check_value(key: &str, v: &toml::Value) -> Result<(), (String, String)> {
 }
 
 /// A NUL byte or another control character that TOML does not allow anywhere in a file
-/// (everything below U+0020 but tab, line feed and carriage return, and U+007F), as a message
-/// with its position. TOML's own error for these can have an empty message.
+/// (everything below U+0020 but tab and line feed, a carriage return only before a line feed,
+/// and U+007F), as a message with its position. TOML's own error for these can have an empty
+/// message.
 fn control_character(text: &str) -> Option<String> {
-    let (i, c) = text
-        .char_indices()
-        .find(|&(_, c)| (c < ' ' && c != '\t' && c != '\n' && c != '\r') || c == '\u{7f}')?;
+    let (i, c) = text.char_indices().find(|&(i, c)| {
+        (c < ' ' && c != '\t' && c != '\n' && c != '\r')
+            || c == '\u{7f}'
+            || (c == '\r' && !text[i + 1..].starts_with('\n'))
+    })?;
     let (l, col) = line_col(text, i);
     let what = if c == '\0' {
         "a NUL byte".to_string()
+    } else if c == '\r' {
+        "a carriage return (U+000D) that does not end a line".to_string()
     } else {
         format!("a control character (U+{:04X})", c as u32)
     };
@@ -1510,6 +1515,11 @@ interval = "100ms"
         );
         let e = parse(&GOOD.replace("keep = 3", "keep = 3 # \x7f")).unwrap_err();
         assert!(e.message.contains("(U+007F)"), "{e}");
+        let e = parse(&GOOD.replace("keep = 3", "keep = 3 # old\rMac")).unwrap_err();
+        assert!(
+            e.message.starts_with("the file contains a carriage return (U+000D) that does not end a line at line 12, column 15"),
+            "{e}"
+        );
         // Tabs and CRLF line ends are text.
         parse(&GOOD.replace("keep = 3", "keep =\t3").replace('\n', "\r\n")).unwrap();
     }
