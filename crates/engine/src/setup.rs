@@ -40,6 +40,8 @@ const UPLOAD: &str = r#"
 set -u
 dir={dir}
 mkdir -p "$dir" && chmod 700 "$dir" || { echo "ERR cannot create $dir"; exit 3; }
+# Uploads of setups that were killed (no EXIT trap runs then) are removed after an hour.
+find "$dir" -maxdepth 1 -name '.cutover.upload.*' -mmin +60 -exec rm -f {} + 2>/dev/null
 tmp=$(mktemp "$dir/.cutover.upload.XXXXXX" 2>/dev/null) || { tmp="$dir/.cutover.upload.$$"; rm -f "$tmp"; }
 trap 'rm -f "$tmp"' EXIT
 if ! err=$(cat 2>&1 >"$tmp"); then
@@ -337,6 +339,17 @@ mod tests {
                 "a running copy was disturbed"
             );
         }
+        // A killed setup's upload is removed once it is an hour old; a fresh one is not.
+        let stale = d.0.join(".cutover.upload.OLD123");
+        let fresh = d.0.join(".cutover.upload.NEW123");
+        std::fs::write(&stale, b"x").unwrap();
+        std::fs::write(&fresh, b"x").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+            .unwrap();
         // Again, over the binary just installed.
         let version = upload(
             &cutover_remote::local::LocalHost,
@@ -344,6 +357,11 @@ mod tests {
             FAKE,
         );
         assert_eq!(version.as_deref(), Ok("cutover 9.9.9"));
+        assert!(!stale.exists(), "a stale upload was left");
+        assert!(
+            fresh.exists(),
+            "a fresh upload (maybe another setup's) was removed"
+        );
     }
 
     #[test]
