@@ -109,19 +109,55 @@ pub struct Config {
     /// Hosts in config order, as written (the name used in history and messages).
     pub hosts: Vec<(String, Destination)>,
     pub ssh: SshConfig,
-    pub files: FilesConfig,
+    /// What kind of app this is, with the settings only that kind has.
+    pub kind: AppKind,
     pub health: HealthConfig,
     /// `[build]`: releases built from git commits (`deploy --ref`).
     pub build: Option<BuildConfig>,
-    /// `[container]` + `[proxy]`: a container app. Then `files.root` is the app's bookkeeping
-    /// directory on each host (`<install_dir>/apps/<app>`: lock) and `health.url` is the
-    /// health path fetched through the host's edge proxy (the post-switch verification).
-    pub container: Option<ContainerApp>,
+}
+
+/// The two kinds of app: files switched by a symlink, containers switched by the edge proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppKind {
+    /// `[files]`: `health.url` is fetched as each host sees it.
+    Files(FilesConfig),
+    /// `[container]` + `[proxy]`: `health.url` is the health path fetched through the host's
+    /// edge proxy (the post-switch verification).
+    Container(ContainerApp),
+}
+
+impl Config {
+    /// The files app's settings; `None` for a container app.
+    pub fn files(&self) -> Option<&FilesConfig> {
+        match &self.kind {
+            AppKind::Files(f) => Some(f),
+            AppKind::Container(_) => None,
+        }
+    }
+
+    /// The container app's settings; `None` for a files app.
+    pub fn container(&self) -> Option<&ContainerApp> {
+        match &self.kind {
+            AppKind::Container(c) => Some(c),
+            AppKind::Files(_) => None,
+        }
+    }
+
+    /// The directory on every host that holds the app's lock and bookkeeping: a files app's
+    /// `root`, a container app's `<install_dir>/apps/<app>`.
+    pub fn state_dir(&self) -> &str {
+        match &self.kind {
+            AppKind::Files(f) => &f.root,
+            AppKind::Container(c) => &c.state_dir,
+        }
+    }
 }
 
 /// A container app's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerApp {
+    /// `<install_dir>/apps/<app>` on each host: the app's lock and bookkeeping.
+    pub state_dir: String,
     pub container: crate::container::ContainerConfig,
     pub proxy: crate::container::ProxySettings,
     /// `[health] path`: probed on the container's port before a switch, and through the proxy
@@ -471,10 +507,9 @@ impl Config {
             app: raw.app,
             hosts,
             ssh,
-            files,
+            kind: AppKind::Files(files),
             health,
             build,
-            container: None,
         })
     }
 
@@ -526,27 +561,19 @@ impl Config {
             path: path.clone(),
         };
         let health = health_config(&h, url, &err)?;
-        let files = FilesConfig {
-            source: None,
-            root: format!("{}/apps/{app}", proxy.install_dir),
-            reload: None,
-            keep: container.keep,
-            max_unpacked_bytes: 4 << 30,
-            max_entries: 200_000,
-        };
         Ok(Config {
             file: file.to_path_buf(),
-            app,
-            hosts,
-            ssh,
-            files,
-            health,
-            build,
-            container: Some(ContainerApp {
+            kind: AppKind::Container(ContainerApp {
+                state_dir: format!("{}/apps/{app}", proxy.install_dir),
                 container,
                 proxy,
                 health_path: path,
             }),
+            app,
+            hosts,
+            ssh,
+            health,
+            build,
         })
     }
 
@@ -555,8 +582,8 @@ impl Config {
     pub fn release_snapshot(&self) -> String {
         format!(
             "root={}\nreload={}\nhealth={} expect={} healthy_after={}\n",
-            self.files.root,
-            self.files.reload.as_deref().unwrap_or(""),
+            self.state_dir(),
+            self.files().and_then(|f| f.reload.as_deref()).unwrap_or(""),
             self.health.url,
             self.health.expect,
             self.health.healthy_after
@@ -1115,9 +1142,11 @@ give_up_after = "10s"
             c.ssh.identity.as_deref(),
             Some(Path::new("/home/u/.ssh/id"))
         );
-        assert_eq!(c.files.root, "/srv/site");
-        assert_eq!(c.files.keep, 3);
-        assert_eq!(c.files.source.as_deref(), Some(Path::new("/etc/app/dist")));
+        let files = c.files().unwrap();
+        assert_eq!(files.root, "/srv/site");
+        assert_eq!(files.keep, 3);
+        assert_eq!(files.source.as_deref(), Some(Path::new("/etc/app/dist")));
+        assert!(c.container().is_none());
         assert_eq!(c.health.url.port, 8080);
         assert_eq!(c.health.url.path, "/up");
         assert_eq!(c.health.healthy_after, 3);
@@ -1187,7 +1216,8 @@ interval = "100ms"
     #[test]
     fn parses_a_container_app() {
         let c = parse(CONTAINER).unwrap();
-        let app = c.container.as_ref().unwrap();
+        let app = c.container().unwrap();
+        assert!(c.files().is_none());
         assert_eq!(app.container.image, "registry.example.com/api");
         assert_eq!(app.container.strategy, crate::container::Strategy::Hold);
         assert_eq!(app.container.domain.as_deref(), Some("api.example.com"));
@@ -1197,7 +1227,7 @@ interval = "100ms"
             c.health.url.port, 8000,
             "verification goes through the proxy"
         );
-        assert_eq!(c.files.root, "/opt/cutover/apps/api");
+        assert_eq!(c.state_dir(), "/opt/cutover/apps/api");
         let debug = format!("{c:?}");
         assert!(
             debug.contains("TOKEN") && !debug.contains("hunter2"),

@@ -14,7 +14,7 @@ pub mod plan;
 pub mod protocol;
 pub mod release;
 
-pub use config::{BuildConfig, Config, ConfigError, FilesConfig, HealthConfig, SshConfig};
+pub use config::{AppKind, BuildConfig, Config, ConfigError, FilesConfig, HealthConfig, SshConfig};
 pub use duration::parse_duration;
 pub use host::Destination;
 pub use protocol::{CrashPoint, HostState, RunKind, State, Status, Step};

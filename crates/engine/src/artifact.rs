@@ -41,6 +41,16 @@ pub struct Limits {
     pub max_entries: u64,
 }
 
+impl Limits {
+    /// A files app's `[files] max_unpacked_bytes` and `max_entries`.
+    pub fn of(files: &cutover_core::FilesConfig) -> Limits {
+        Limits {
+            max_unpacked_bytes: files.max_unpacked_bytes,
+            max_entries: files.max_entries,
+        }
+    }
+}
+
 impl Default for Limits {
     /// 4 GiB and 200 000 entries.
     fn default() -> Limits {

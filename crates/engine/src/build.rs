@@ -306,7 +306,7 @@ pub(crate) fn build_image(
     git_ref: &str,
     events: &Recorder<'_>,
 ) -> Result<BuiltImage, Failure> {
-    let (Some(docker), Some(capp)) = (build.docker.as_ref(), config.container.as_ref()) else {
+    let (Some(docker), Some(capp)) = (build.docker.as_ref(), config.container()) else {
         return Err(Failure::Input(
             "a container build needs [container] and [build] dockerfile".into(),
         ));
@@ -508,10 +508,12 @@ fn import_output(
             build.output
         )));
     }
-    let limits = Limits {
-        max_unpacked_bytes: config.files.max_unpacked_bytes,
-        max_entries: config.files.max_entries,
+    let Some(files) = config.files() else {
+        return Err(fail(
+            "a container app's build makes an image, not a files artifact".into(),
+        ));
     };
+    let limits = Limits::of(files);
     events.run_ev(Step::Import, State::Start, &build.output);
     let artifact = artifacts
         .import_dir(&out, &limits)

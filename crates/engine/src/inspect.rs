@@ -56,12 +56,12 @@ fn serving_container(r: &dyn cutover_remote::Remote, app: &str) -> Result<Option
 pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
     let live = store.live(&config.app).map_err(|e| e.to_string())?;
     let hosts = Hosts::new(config).map_err(|e| e.to_string())?;
-    let root = &config.files.root;
+    let root = config.state_dir();
     let list = par_map(hosts.len(), config.ssh.parallel, |i| {
         let r = hosts.get(i);
         let name = config.hosts[i].0.clone();
         match r.connect().map_err(|e| e.to_string()).and_then(|()| {
-            if config.container.is_some() {
+            if config.container().is_some() {
                 serving_container(r, &config.app)
             } else {
                 hostops::current(r, root).map_err(|e| e.to_string())
@@ -149,7 +149,7 @@ impl HostCheck {
 /// Connects to every host and checks what a deploy needs.
 pub fn check(config: &Config) -> Result<Vec<HostCheck>, String> {
     let hosts = Hosts::new(config).map_err(|e| e.to_string())?;
-    let root = &config.files.root;
+    let root = config.state_dir();
     Ok(par_map(hosts.len(), config.ssh.parallel, |i| {
         let r = hosts.get(i);
         let mut c = HostCheck {
@@ -198,7 +198,7 @@ pub fn check(config: &Config) -> Result<Vec<HostCheck>, String> {
             }
             Err(e) => c.problems.push(e.to_string()),
         }
-        if let Some(capp) = &config.container {
+        if let Some(capp) = config.container() {
             // Container apps also need docker and the edge proxy (`cutover setup`).
             let docker = cutover_remote::Script::new(
                 "docker version --format '{{.Server.Version}}' 2>&1",
@@ -211,9 +211,11 @@ pub fn check(config: &Config) -> Result<Vec<HostCheck>, String> {
                     .push(format!("docker does not answer: {}", o.tail())),
                 Err(e) => c.problems.push(e.to_string()),
             }
-            if let Err(e) =
-                crate::switch::container::proxy_request(r, capp, &cutover_proxy::Request::Status)
-            {
+            if let Err(e) = crate::switch::container::proxy_request(
+                r,
+                capp,
+                &cutover_proxy_wire::Request::Status,
+            ) {
                 c.problems.push(format!("edge proxy: {e}"));
             }
         }

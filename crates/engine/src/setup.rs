@@ -154,7 +154,7 @@ fn err_of(out: &cutover_remote::Output) -> String {
 
 /// Installs or upgrades the proxy on every host.
 pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
-    let capp = config.container.as_ref().ok_or("`cutover setup` is for container apps ([container]); files apps need no agent on the hosts")?;
+    let capp = config.container().ok_or("`cutover setup` is for container apps ([container]); files apps need no agent on the hosts")?;
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the running binary: {e}"))?;
     let bytes = std::fs::read(&exe).map_err(|e| format!("cannot read {}: {e}", exe.display()))?;

@@ -38,7 +38,7 @@ fn request(
     mode: Mode,
 ) -> Result<RunRequest, String> {
     let file = config.file.display();
-    let container = config.container.is_some();
+    let container = config.container().is_some();
     let build = |git_ref| RunRequest::Build {
         git_ref,
         data_dir: super::data_dir(common),
@@ -63,7 +63,7 @@ fn request(
         (true, None, Some(image), None) => Ok(RunRequest::Image { image }),
         (true, None, None, None) if config.build.is_some() => Ok(build(head("--image"))),
         (true, None, None, None) => Err("a container app deploys an image version: pass --image TAG or --image @sha256:DIGEST (or --ref REF with a [build] section)".into()),
-        (false, artifact, None, None) => match artifact.or_else(|| config.files.source.clone()) {
+        (false, artifact, None, None) => match artifact.or_else(|| config.files().and_then(|f| f.source.clone())) {
             Some(artifact) => Ok(RunRequest::Deploy { artifact, commit: None }),
             // Nothing else named: the repository's default branch, as a clone would check out.
             None if config.build.is_some() => Ok(build(head("--artifact"))),

@@ -30,7 +30,8 @@ use crate::artifact::{ArtifactStore, Limits};
 use crate::build::Failure;
 use crate::switch::{container::Containers, files::Files, files::Settings, Pinned, Switcher};
 use crate::Reporter;
-use cutover_core::{Config, RunKind};
+use cutover_core::config::ContainerApp;
+use cutover_core::{AppKind, Config, FilesConfig, RunKind};
 use cutover_store::Store;
 use protocol::{Candidate, Early, Env, What};
 use std::path::PathBuf;
@@ -78,21 +79,21 @@ pub fn run(
         reporter,
     };
     let kind = req.kind();
-    match &config.container {
-        None => {
-            let sw = Files::new(config, artifacts, reporter);
-            match files_request(config, store, artifacts, reporter, req) {
+    match &config.kind {
+        AppKind::Files(files) => {
+            let sw = Files::new(config, files, artifacts, reporter);
+            match files_request(config, files, store, artifacts, reporter, req) {
                 Ok(early) => protocol::execute(&sw, &env, kind, early),
                 Err(e) => Outcome::refused(kind, &config.app, e),
             }
         }
-        Some(capp) => {
+        AppKind::Container(capp) => {
             let sw = Containers {
                 config,
                 capp,
                 parallel: config.ssh.parallel,
             };
-            match container_request(config, store, req) {
+            match container_request(config, capp, store, req) {
                 Ok(early) => protocol::execute(&sw, &env, kind, early),
                 Err(e) => Outcome::refused(kind, &config.app, e),
             }
@@ -111,6 +112,7 @@ fn build_failure(f: Failure) -> DeployError {
 /// anything else happens.
 fn files_request<'b>(
     config: &'b Config,
+    files: &'b FilesConfig,
     store: &'b Store,
     artifacts: &'b ArtifactStore,
     reporter: &dyn Reporter,
@@ -119,10 +121,7 @@ fn files_request<'b>(
     let file = config.file.display().to_string();
     match req {
         RunRequest::Deploy { artifact, commit } => {
-            let limits = Limits {
-                max_unpacked_bytes: config.files.max_unpacked_bytes,
-                max_entries: config.files.max_entries,
-            };
+            let limits = Limits::of(files);
             reporter.note(&format!("packing and checking {}", artifact.display()));
             let a = artifacts
                 .import(&artifact, &limits)
@@ -130,7 +129,7 @@ fn files_request<'b>(
             Ok(Early::Ready(Candidate {
                 what: What::New(Pinned {
                     content: a.sha256.clone(),
-                    snap: Settings::from_config(config),
+                    snap: Settings::from_config(config, files),
                     source: artifact.display().to_string(),
                 }),
                 commit,
@@ -148,7 +147,7 @@ fn files_request<'b>(
                 Ok(Candidate {
                     what: What::New(Pinned {
                         content: built.artifact.sha256.clone(),
-                        snap: Settings::from_config(config),
+                        snap: Settings::from_config(config, files),
                         source: built.source,
                     }),
                     commit: Some(built.commit.sha),
@@ -167,10 +166,10 @@ fn files_request<'b>(
 /// configured image, nothing else.
 fn container_request<'b>(
     config: &'b Config,
+    capp: &'b ContainerApp,
     store: &'b Store,
     req: RunRequest,
 ) -> Result<Early<'b, <Containers<'b> as Switcher>::Snap>, DeployError> {
-    let capp = config.container.as_ref().expect("a container app");
     match req {
         RunRequest::Image { image } => {
             let ok = !image.is_empty()

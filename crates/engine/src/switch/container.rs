@@ -24,7 +24,7 @@ use cutover_core::config::ContainerApp;
 use cutover_core::container::Strategy;
 use cutover_core::{Config, State, Step};
 use cutover_docker as docker;
-use cutover_proxy::{DeployOptions, DeployRequest, Request, Response};
+use cutover_proxy_wire::{DeployOptions, DeployRequest, Request, Response};
 use cutover_remote::{Remote, Script};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -294,7 +294,7 @@ impl Switcher for Containers<'_> {
     type Staged = Staged;
 
     fn root(&self) -> &str {
-        &self.config.files.root
+        &self.capp.state_dir
     }
 
     fn via(&self, snap: &Snapshot) -> Via {

@@ -9,7 +9,7 @@ use crate::gate::{run_gate, GateSpec};
 use crate::hostops::{self, OpError};
 use crate::{crash_point, Reporter};
 use cutover_core::config::HealthUrl;
-use cutover_core::{Config, CrashPoint, State, Step};
+use cutover_core::{Config, CrashPoint, FilesConfig, State, Step};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
@@ -30,10 +30,10 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(c: &Config) -> Settings {
+    pub fn from_config(c: &Config, files: &FilesConfig) -> Settings {
         Settings {
-            root: c.files.root.clone(),
-            reload: c.files.reload.clone(),
+            root: files.root.clone(),
+            reload: files.reload.clone(),
             health_url: c.health.url.to_string(),
             expect: c.health.expect,
             timeout_ms: c.health.timeout.as_millis() as u64,
@@ -66,6 +66,7 @@ impl Settings {
 /// The files switcher of one app.
 pub struct Files<'a> {
     pub(crate) config: &'a Config,
+    pub(crate) files: &'a FilesConfig,
     pub(crate) artifacts: &'a ArtifactStore,
     pub(crate) reporter: &'a dyn Reporter,
     deltas: Mutex<HashMap<String, Arc<crate::delta::Delta>>>,
@@ -74,11 +75,13 @@ pub struct Files<'a> {
 impl<'a> Files<'a> {
     pub fn new(
         config: &'a Config,
+        files: &'a FilesConfig,
         artifacts: &'a ArtifactStore,
         reporter: &'a dyn Reporter,
     ) -> Self {
         Files {
             config,
+            files,
             artifacts,
             reporter,
             deltas: Mutex::new(HashMap::new()),
@@ -134,7 +137,7 @@ impl Switcher for Files<'_> {
     type Staged = u64;
 
     fn root(&self) -> &str {
-        &self.config.files.root
+        &self.files.root
     }
 
     fn via(&self, _snap: &Settings) -> Via {
@@ -338,7 +341,7 @@ impl Switcher for Files<'_> {
     ) -> Result<(Vec<String>, String), String> {
         let mut on_host = h.prepared.releases.clone();
         on_host.push(live.id.clone());
-        let del = cutover_core::plan::prune(&on_host, self.config.files.keep, protect);
+        let del = cutover_core::plan::prune(&on_host, self.files.keep, protect);
         let detail = del.join(" ");
         Ok((del, detail))
     }
