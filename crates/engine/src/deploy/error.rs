@@ -68,27 +68,29 @@ pub enum DeployError {
         via: Via,
         errors: Vec<String>,
     },
-    /// A first deploy failed its gate: nothing to go back to.
+    /// A first deploy failed its gate (or its switch): nothing to go back to.
     NothingToGoBackTo {
         app: String,
         release: String,
         via: Via,
         why: Vec<String>,
     },
-    /// The gate failed and every host went back and passed its gate again.
+    /// The gate (or a switch) failed and every host went back and passed its gate again.
     Reverted {
         release: String,
         previous: String,
         why: Vec<String>,
         new_release: bool,
+        switch_failed: bool,
     },
-    /// The gate failed and going back failed too: a person must look.
+    /// The gate (or a switch) failed and going back failed too: a person must look.
     RevertFailed {
         release: String,
         previous: String,
         via: Via,
         why: Vec<String>,
         failed: Vec<String>,
+        switch_failed: bool,
     },
 }
 
@@ -142,6 +144,15 @@ impl DeployError {
     }
 }
 
+/// A switch that failed is said as such, never as a failed health gate.
+fn failed_head(release: &str, switch_failed: bool) -> String {
+    if switch_failed {
+        format!("release {release} could not be switched on every host")
+    } else {
+        format!("release {release} failed its health gate")
+    }
+}
+
 fn list(items: &[String]) -> String {
     items.join("\n  ")
 }
@@ -170,9 +181,9 @@ impl fmt::Display for DeployError {
             StageFailed { via: Via::Proxy(_), release, errors } => write!(f, "release {release} did not become healthy, so nothing was switched on any host; the new containers were removed:\n  {}", list(errors)),
             NothingToGoBackTo { app, release, via: Via::Files, why } => write!(f, "release {release} failed its health gate and app `{app}` has no previous release to go back to (this was its first deploy), so the hosts still serve {release}:\n  {}\nFix the app or the [health] settings and deploy again.", list(why)),
             NothingToGoBackTo { app, release, via: Via::Proxy(_), why } => write!(f, "release {release} failed its health gate and app `{app}` has no previous release to go back to (first deploy), so the proxies point at it:\n  {}\nFix the image or the [health] settings and deploy again.", list(why)),
-            Reverted { release, previous, why, .. } => write!(f, "release {release} failed its health gate:\n  {}\nEvery host was switched back to {previous} and passed its health gate again.", list(why)),
-            RevertFailed { release, previous, via: Via::Files, why, failed } => write!(f, "release {release} failed its health gate:\n  {}\nand switching back to {previous} failed on:\n  {}\nA person must look: run `cutover status` to see what each host serves, fix the host, then `cutover rollback --to {previous}` or deploy again.", list(why), list(failed)),
-            RevertFailed { release, previous, via: Via::Proxy(_), why, failed } => write!(f, "release {release} failed its health gate:\n  {}\nand switching back to {previous} failed on:\n  {}\nA person must look: `cutover status`, then `cutover rollback --to {previous}`.", list(why), list(failed)),
+            Reverted { release, previous, why, switch_failed, .. } => write!(f, "{}:\n  {}\nEvery host was switched back to {previous} and passed its health gate again.", failed_head(release, *switch_failed), list(why)),
+            RevertFailed { release, previous, via: Via::Files, why, failed, switch_failed } => write!(f, "{}:\n  {}\nand switching back to {previous} failed on:\n  {}\nA person must look: run `cutover status` to see what each host serves, fix the host, then `cutover rollback --to {previous}` or deploy again.", failed_head(release, *switch_failed), list(why), list(failed)),
+            RevertFailed { release, previous, via: Via::Proxy(_), why, failed, switch_failed } => write!(f, "{}:\n  {}\nand switching back to {previous} failed on:\n  {}\nA person must look: `cutover status`, then `cutover rollback --to {previous}`.", failed_head(release, *switch_failed), list(why), list(failed)),
         }
     }
 }
@@ -249,6 +260,7 @@ mod tests {
                     previous: "r1".into(),
                     why: vec![],
                     new_release: true,
+                    switch_failed: false,
                 },
                 1,
                 502,
@@ -261,6 +273,7 @@ mod tests {
                     via: Via::Files,
                     why: vec![],
                     failed: vec![],
+                    switch_failed: true,
                 },
                 3,
                 500,

@@ -225,6 +225,64 @@ fn rollback_target<'r>(
     Ok(target)
 }
 
+fn target_of<S: Switcher>(sw: &S, r: &Release) -> Option<Target<S::Snap>> {
+    sw.snapshot(r).map(|snap| Target {
+        id: r.id.clone(),
+        content: r.artifact_sha256.clone(),
+        commit: r.commit.clone(),
+        snap,
+    })
+}
+
+/// What a run puts on the hosts, as far as it is known before connecting.
+struct Chosen<S> {
+    /// The release and the source recorded with it (known unless only the hosts can pin it).
+    target: Option<(Target<S>, String)>,
+    /// The run records a new release (a deploy), rather than going back to one (a rollback).
+    new_release: bool,
+    /// The reference the hosts pin, and the source to record instead of it.
+    pin: Option<(String, Option<String>)>,
+}
+
+fn choose<S: Switcher>(
+    sw: &S,
+    app: &str,
+    releases: &[Release],
+    live: Option<&str>,
+    what: What<S::Snap>,
+    commit: Option<String>,
+) -> Result<Chosen<S::Snap>, DeployError> {
+    Ok(match what {
+        What::New(p) => {
+            let t = Target {
+                id: next_release_id(releases, &p.content),
+                content: p.content,
+                commit,
+                snap: p.snap,
+            };
+            Chosen {
+                target: Some((t, p.source)),
+                new_release: true,
+                pin: None,
+            }
+        }
+        What::OnHosts { reference, source } => Chosen {
+            target: None,
+            new_release: true,
+            pin: Some((reference, source)),
+        },
+        What::Rollback(to) => {
+            let r = rollback_target(app, releases, live, to.as_deref())?;
+            let t = target_of(sw, r).ok_or_else(|| DeployError::NoSnapshot(r.id.clone()))?;
+            Chosen {
+                target: Some((t, String::new())),
+                new_release: false,
+                pin: None,
+            }
+        }
+    })
+}
+
 /// One run after the app lock, from the history's facts to the verdict.
 fn drive<S: Switcher>(
     sw: &S,
@@ -251,37 +309,19 @@ fn drive<S: Switcher>(
         Err(e) => return refuse(DeployError::Store(e.to_string()), rec),
     };
     let live = store.live(app).ok().flatten();
-    let snapshot = |r: &Release| {
-        sw.snapshot(r).map(|snap| Target {
-            id: r.id.clone(),
-            content: r.artifact_sha256.clone(),
-            commit: r.commit.clone(),
-            snap,
-        })
-    };
     let previous = live
         .as_ref()
         .and_then(|l| releases.iter().find(|r| &r.id == l))
-        .and_then(snapshot);
-    let (target, new_release, pin) = match cand.what {
-        What::New(p) => {
-            let t = Target {
-                id: next_release_id(&releases, &p.content),
-                content: p.content,
-                commit: cand.commit.clone(),
-                snap: p.snap,
-            };
-            (Some((t, p.source)), true, None)
-        }
-        What::OnHosts { reference, source } => (None, true, Some((reference, source))),
-        What::Rollback(to) => {
-            let t = rollback_target(app, &releases, live.as_deref(), to.as_deref())
-                .and_then(|r| snapshot(r).ok_or_else(|| DeployError::NoSnapshot(r.id.clone())));
-            match t {
-                Ok(t) => (Some((t, String::new())), false, None),
-                Err(e) => return refuse(e, rec),
-            }
-        }
+        .and_then(|r| target_of(sw, r));
+    let commit = cand.commit.clone();
+    let chosen = choose(sw, app, &releases, live.as_deref(), cand.what, commit);
+    let Chosen {
+        target,
+        new_release,
+        pin,
+    } = match chosen {
+        Ok(c) => c,
+        Err(e) => return refuse(e, rec),
     };
     let release = target.as_ref().map_or("", |t| t.0.id.as_str()).to_string();
     let rec = match rec {
@@ -651,6 +691,7 @@ impl<S: Switcher> Run<'_, S> {
             );
             crash_point(CrashPoint::AfterGate);
             let mut why = Vec::new();
+            let mut switch_failed = false;
             for (h, v) in hosts[batch.clone()].iter().zip(&verdicts) {
                 let o = out.host(h.name);
                 match v {
@@ -658,7 +699,8 @@ impl<S: Switcher> Run<'_, S> {
                         o.outcome = Some(HostState::Healthy);
                         o.detail = Some(d.clone());
                     }
-                    Err(e) => {
+                    Err((at_switch, e)) => {
+                        switch_failed |= at_switch;
                         o.outcome = Some(HostState::Unhealthy);
                         o.detail = Some(e.clone());
                         self.rec.host_outcome(h.name, HostState::Unhealthy);
@@ -669,7 +711,7 @@ impl<S: Switcher> Run<'_, S> {
             match (decide(why.len(), previous.is_some()), previous) {
                 (Decision::Commit, _) => continue,
                 (Decision::Revert, Some(p)) => {
-                    return Err(self.revert(out, &hosts[..batch.end], to, p, why))
+                    return Err(self.revert(out, &hosts[..batch.end], to, p, why, switch_failed))
                 }
                 _ => {
                     return Err(DeployError::NothingToGoBackTo {
@@ -685,7 +727,8 @@ impl<S: Switcher> Run<'_, S> {
     }
 
     /// Switches `hosts` from `from` to `to` (`back`: going back to the previous release),
-    /// then gates every switched host. `Ok` is the host's detail, `Err` its diagnosis.
+    /// then gates every switched host. `Ok` is the host's detail, `Err` its diagnosis and
+    /// whether it was the switch (not the gate) that failed.
     fn switch_and_gate(
         &self,
         hosts: &[HostCx<'_>],
@@ -693,7 +736,7 @@ impl<S: Switcher> Run<'_, S> {
         to: &Target<S::Snap>,
         staged: Option<&[S::Staged]>,
         back: bool,
-    ) -> Vec<Result<String, String>> {
+    ) -> Vec<Result<String, (bool, String)>> {
         let (switch, gate) = Step::switch_and_gate(back);
         let (first, all) = CrashPoint::of_switch(back);
         let switched = par_map(hosts.len(), self.parallel(), |k| {
@@ -721,14 +764,14 @@ impl<S: Switcher> Run<'_, S> {
         crash_point(all);
         par_map(hosts.len(), self.parallel(), |k| {
             let h = &hosts[k];
-            let summary = switched[k].as_ref().map_err(Clone::clone)?;
+            let summary = switched[k].as_ref().map_err(|e| (true, e.clone()))?;
             h.ev(gate, State::Start, &self.sw.gate_target(to));
             let g = self.sw.gate(h, to, summary);
             match &g {
                 Ok(m) => h.ev(gate, State::Done, m),
                 Err(e) => h.ev(gate, State::Failed, e),
             }
-            g
+            g.map_err(|e| (false, e))
         })
     }
 
@@ -740,6 +783,7 @@ impl<S: Switcher> Run<'_, S> {
         failed: &Target<S::Snap>,
         previous: &Target<S::Snap>,
         why: Vec<String>,
+        switch_failed: bool,
     ) -> DeployError {
         self.env.reporter.note(&format!(
             "release {} is unhealthy; switching every host back to {}",
@@ -750,7 +794,7 @@ impl<S: Switcher> Run<'_, S> {
         for (h, v) in hosts.iter().zip(&verdicts) {
             let o = out.host(h.name);
             match v {
-                Err(e) => {
+                Err((_, e)) => {
                     o.outcome = Some(HostState::RevertFailed);
                     failures.push(format!("{}: {e}", h.name));
                 }
@@ -769,6 +813,7 @@ impl<S: Switcher> Run<'_, S> {
                 previous: previous.id.clone(),
                 why,
                 new_release: self.new_release,
+                switch_failed,
             }
         } else {
             DeployError::RevertFailed {
@@ -777,6 +822,7 @@ impl<S: Switcher> Run<'_, S> {
                 via: self.sw.via(&failed.snap),
                 why,
                 failed: failures,
+                switch_failed,
             }
         }
     }
