@@ -249,44 +249,29 @@ pub(crate) fn build(
     git_ref: &str,
     events: &Recorder<'_>,
 ) -> Result<Built, Failure> {
-    let Resolved {
-        mirror,
-        commit,
-        source,
-        environment,
-    } = resolve(config, build, data_dir, git_ref, events)?;
-    let key = cache_key(&commit.sha, build, &environment, None);
-    if build.cache {
-        if let Ok(Some(sha)) = store.cached_build(&config.app, &key) {
-            if let Some(artifact) = artifacts.get(&sha) {
-                let m = format!(
-                    "reused the artifact {} of an earlier build of {} with the same build config ([build] cache = true)",
-                    &sha[..12],
-                    cutover_git::short(&commit.sha)
-                );
-                events.shown(Step::Build, State::Done, &m, &m);
-                return Ok(Built {
-                    artifact,
-                    commit,
-                    source,
-                });
-            }
-        }
-    }
-
-    let work = work_dir(data_dir, &config.app);
-    let deadline = Instant::now() + build.timeout;
-    let result = checkout(&work, &mirror, &commit, events)
-        .and_then(|src| {
-            run_command_step(build, &src, &commit, &environment, deadline, events)?;
-            Ok(src)
+    let cx = BuildCx {
+        config,
+        build,
+        store,
+        data_dir,
+        events,
+    };
+    let reuse = |sha: &str, commit: &CommitInfo| {
+        artifacts.get(sha).map(|a| {
+            let m = format!(
+                "reused the artifact {} of an earlier build of {} with the same build config ([build] cache = true)",
+                &sha[..sha.len().min(12)],
+                cutover_git::short(&commit.sha)
+            );
+            (a, m)
         })
-        .and_then(|src| import_output(&src, build, artifacts, config, events));
-    let _ = std::fs::remove_dir_all(&work);
-    let artifact = result?;
-    if build.cache {
-        let _ = store.record_build(&config.app, &key, &commit.sha, &artifact.sha256, &now_utc());
-    }
+    };
+    let make = |src: &Path, _: &CommitInfo, _: Instant| {
+        import_output(src, build, artifacts, config, events)
+    };
+    let (artifact, commit, source) = cx.run(git_ref, None, reuse, make, |a: &StoredArtifact| {
+        a.sha256.clone()
+    })?;
     Ok(Built {
         artifact,
         commit,
@@ -312,47 +297,90 @@ pub(crate) fn build_image(
         ));
     };
     let image = capp.container.image.as_str();
-    let Resolved {
-        mirror,
-        commit,
-        source,
-        environment,
-    } = resolve(config, build, data_dir, git_ref, events)?;
-    let key = cache_key(&commit.sha, build, &environment, Some(image));
-    if build.cache {
-        if let Ok(Some(digest)) = store.cached_build(&config.app, &key) {
-            if parse_digest(&digest).as_deref() == Some(digest.as_str()) {
-                let m = format!(
-                    "reused the image {image}@{digest} of an earlier build of {} with the same build config ([build] cache = true)",
-                    cutover_git::short(&commit.sha)
-                );
-                events.shown(Step::Build, State::Done, &m, &m);
-                return Ok(BuiltImage {
-                    digest,
-                    commit,
-                    source,
-                });
-            }
-        }
-    }
-
-    let work = work_dir(data_dir, &config.app);
-    let deadline = Instant::now() + build.timeout;
-    let tag = format!("{image}:{}", commit.sha);
-    let result = checkout(&work, &mirror, &commit, events).and_then(|src| {
-        run_command_step(build, &src, &commit, &environment, deadline, events)?;
-        docker_build_and_push(&src, docker, &tag, &commit, build, deadline, events)
-    });
-    let _ = std::fs::remove_dir_all(&work);
-    let digest = result?;
-    if build.cache {
-        let _ = store.record_build(&config.app, &key, &commit.sha, &digest, &now_utc());
-    }
+    let cx = BuildCx {
+        config,
+        build,
+        store,
+        data_dir,
+        events,
+    };
+    let reuse = |digest: &str, commit: &CommitInfo| {
+        (parse_digest(digest).as_deref() == Some(digest)).then(|| {
+            let m = format!(
+                "reused the image {image}@{digest} of an earlier build of {} with the same build config ([build] cache = true)",
+                cutover_git::short(&commit.sha)
+            );
+            (digest.to_string(), m)
+        })
+    };
+    let make = |src: &Path, commit: &CommitInfo, deadline: Instant| {
+        let tag = format!("{image}:{}", commit.sha);
+        docker_build_and_push(src, docker, &tag, commit, build, deadline, events)
+    };
+    let (digest, commit, source) = cx.run(git_ref, Some(image), reuse, make, String::clone)?;
     Ok(BuiltImage {
         digest,
         commit,
         source,
     })
+}
+
+/// What every build from git shares: resolve the revision, reuse a cached result, or check the
+/// commit out into a fresh directory, run `[build] command` there and make the product.
+struct BuildCx<'a> {
+    config: &'a Config,
+    build: &'a BuildConfig,
+    store: &'a Store,
+    data_dir: &'a Path,
+    events: &'a Recorder<'a>,
+}
+
+impl BuildCx<'_> {
+    /// `reuse` turns a cached entry into the product and what to say; `make` builds it in
+    /// the checkout; `key` is what the cache records of it.
+    fn run<T>(
+        &self,
+        git_ref: &str,
+        image: Option<&str>,
+        reuse: impl FnOnce(&str, &CommitInfo) -> Option<(T, String)>,
+        make: impl FnOnce(&Path, &CommitInfo, Instant) -> Result<T, Failure>,
+        key: impl Fn(&T) -> String,
+    ) -> Result<(T, CommitInfo, String), Failure> {
+        let (config, build, events) = (self.config, self.build, self.events);
+        let Resolved {
+            mirror,
+            commit,
+            source,
+            environment,
+        } = resolve(config, build, self.data_dir, git_ref, events)?;
+        let cache_key = cache_key(&commit.sha, build, &environment, image);
+        if build.cache {
+            let cached = self
+                .store
+                .cached_build(&config.app, &cache_key)
+                .ok()
+                .flatten();
+            if let Some((v, m)) = cached.and_then(|c| reuse(&c, &commit)) {
+                events.shown(Step::Build, State::Done, &m, &m);
+                return Ok((v, commit, source));
+            }
+        }
+        let work = work_dir(self.data_dir, &config.app);
+        let deadline = Instant::now() + build.timeout;
+        let result = checkout(&work, &mirror, &commit, events).and_then(|src| {
+            run_command_step(build, &src, &commit, &environment, deadline, events)?;
+            make(&src, &commit, deadline)
+        });
+        let _ = std::fs::remove_dir_all(&work);
+        let v = result?;
+        if build.cache {
+            let r =
+                self.store
+                    .record_build(&config.app, &cache_key, &commit.sha, &key(&v), &now_utc());
+            events.best_effort(r);
+        }
+        Ok((v, commit, source))
+    }
 }
 
 /// Exports the commit's tree into `work/src`.
