@@ -6,6 +6,7 @@
 //! crash at any moment leaves enough in here, together with what the hosts report, to
 //! reconcile. This crate knows nothing of hosts or SSH: it stores what it is told.
 
+use cutover_core::{HostState, RunKind, State, Status, Step};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -369,13 +370,13 @@ impl Store {
         &self,
         app: &str,
         id: &str,
-        status: &str,
+        status: Status,
         finished_at: Option<&str>,
     ) -> Result<()> {
         self.c()
             .execute(
                 "UPDATE releases SET status = ?3, finished_at = COALESCE(?4, finished_at) WHERE app = ?1 AND id = ?2",
-                params![app, id, status, finished_at],
+                params![app, id, status.as_str(), finished_at],
             )
             .map_err(|e| self.e(e))?;
         Ok(())
@@ -396,12 +397,12 @@ impl Store {
         app: &str,
         release_id: &str,
         host: &str,
-        outcome: &str,
+        outcome: HostState,
     ) -> Result<()> {
         self.c()
             .execute(
                 "INSERT OR REPLACE INTO host_outcomes (app, release_id, host, outcome) VALUES (?1, ?2, ?3, ?4)",
-                params![app, release_id, host, outcome],
+                params![app, release_id, host, outcome.as_str()],
             )
             .map_err(|e| self.e(e))?;
         Ok(())
@@ -475,7 +476,7 @@ impl Store {
     pub fn start_run(
         &self,
         app: &str,
-        kind: &str,
+        kind: RunKind,
         release_id: &str,
         previous_live: Option<&str>,
         at: &str,
@@ -483,7 +484,7 @@ impl Store {
         let conn = self.c();
         conn.execute(
                 "INSERT INTO runs (app, kind, release_id, previous_live, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![app, kind, release_id, previous_live, at],
+                params![app, kind.as_str(), release_id, previous_live, at],
             )
             .map_err(|e| self.e(e))?;
         Ok(conn.last_insert_rowid())
@@ -537,11 +538,11 @@ impl Store {
         Ok(())
     }
 
-    pub fn finish_run(&self, run_id: i64, outcome: &str, at: &str) -> Result<()> {
+    pub fn finish_run(&self, run_id: i64, outcome: Status, at: &str) -> Result<()> {
         self.c()
             .execute(
                 "UPDATE runs SET outcome = ?2, finished_at = ?3 WHERE id = ?1",
-                params![run_id, outcome, at],
+                params![run_id, outcome.as_str(), at],
             )
             .map_err(|e| self.e(e))?;
         Ok(())
@@ -579,15 +580,15 @@ impl Store {
         app: &str,
         release_id: &str,
         host: Option<&str>,
-        step: &str,
-        phase: &str,
+        step: Step,
+        phase: State,
         at: &str,
         detail: &str,
     ) -> Result<i64> {
         let conn = self.c();
         conn.execute(
             "INSERT INTO events (run_id, app, release_id, host, step, phase, at, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![run_id, app, release_id, host, step, phase, at, detail],
+            params![run_id, app, release_id, host, step.as_str(), phase.as_str(), at, detail],
         )
         .map_err(|e| self.e(e))?;
         Ok(conn.last_insert_rowid())
@@ -861,8 +862,10 @@ mod tests {
             })
             .unwrap();
         }
-        s.set_host_outcome("a", "r1", "web1", "healthy").unwrap();
-        s.set_status("a", "r1", "succeeded", Some("t2")).unwrap();
+        s.set_host_outcome("a", "r1", "web1", HostState::Healthy)
+            .unwrap();
+        s.set_status("a", "r1", Status::Succeeded, Some("t2"))
+            .unwrap();
         s.set_bad("a", "r2", true).unwrap();
         s.set_live("a", "r1").unwrap();
         let rs = s.releases("a").unwrap();
@@ -871,11 +874,22 @@ mod tests {
         assert_eq!(rs[1].status, "succeeded");
         assert_eq!(rs[1].hosts["web1"], "healthy");
         assert_eq!(s.live("a").unwrap().as_deref(), Some("r1"));
-        let run = s.start_run("a", "deploy", "r2", Some("r1"), "t").unwrap();
-        s.event(run, "a", "r2", Some("web1"), "stage", "start", "t", "")
+        let run = s
+            .start_run("a", RunKind::Deploy, "r2", Some("r1"), "t")
             .unwrap();
+        s.event(
+            run,
+            "a",
+            "r2",
+            Some("web1"),
+            Step::Stage,
+            State::Start,
+            "t",
+            "",
+        )
+        .unwrap();
         assert_eq!(s.unfinished_runs("a").unwrap().len(), 1);
-        s.finish_run(run, "failed", "t3").unwrap();
+        s.finish_run(run, Status::Failed, "t3").unwrap();
         assert!(s.unfinished_runs("a").unwrap().is_empty());
         assert_eq!(s.events(run).unwrap()[0].step, "stage");
         std::fs::remove_dir_all(dir).unwrap();
@@ -900,8 +914,8 @@ mod tests {
         assert_eq!(r.commit.as_deref(), Some(sha));
         assert_eq!(r.commit_subject.as_deref(), Some("Fix the thing"));
 
-        let run = s.start_run("a", "deploy", "", None, "t").unwrap();
-        s.event(run, "a", "", None, "build", "start", "t", "")
+        let run = s.start_run("a", RunKind::Deploy, "", None, "t").unwrap();
+        s.event(run, "a", "", None, Step::Build, State::Start, "t", "")
             .unwrap();
         s.set_run_release(run, "r1").unwrap();
         assert_eq!(s.unfinished_runs("a").unwrap()[0].release_id, "r1");

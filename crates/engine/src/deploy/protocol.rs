@@ -615,7 +615,7 @@ impl<S: Switcher> Run<'_, S> {
             if let Some(status) = mark {
                 self.rec.set_status(&run.release_id, status);
             }
-            let r = store.finish_run(run.id, Status::Interrupted.as_str(), &now_utc());
+            let r = store.finish_run(run.id, Status::Interrupted, &now_utc());
             self.rec.best_effort(r);
             let msg = reconciled(
                 kind,

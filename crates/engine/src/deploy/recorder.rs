@@ -33,7 +33,7 @@ impl<'a> Recorder<'a> {
         live: Option<&str>,
     ) -> Result<Recorder<'a>, DeployError> {
         let run_id = store
-            .start_run(app, kind.as_str(), release, live, &crate::now_utc())
+            .start_run(app, kind, release, live, &crate::now_utc())
             .map_err(|e| DeployError::Store(e.to_string()))?;
         Ok(Recorder {
             store,
@@ -75,8 +75,8 @@ impl<'a> Recorder<'a> {
             self.app,
             &release,
             host,
-            step.as_str(),
-            state.as_str(),
+            step,
+            state,
             &at,
             detail,
         );
@@ -141,14 +141,14 @@ impl<'a> Recorder<'a> {
     pub(crate) fn host_outcome(&self, host: &str, state: HostState) {
         let r = self
             .store
-            .set_host_outcome(self.app, &self.release(), host, state.as_str());
+            .set_host_outcome(self.app, &self.release(), host, state);
         self.best_effort(r);
     }
 
     pub(crate) fn set_status(&self, release: &str, status: Status) {
         let r = self
             .store
-            .set_status(self.app, release, status.as_str(), Some(&crate::now_utc()));
+            .set_status(self.app, release, status, Some(&crate::now_utc()));
         self.best_effort(r);
     }
 
@@ -156,7 +156,7 @@ impl<'a> Recorder<'a> {
     pub(crate) fn finish(&self, status: Status, ok: bool, message: &str) {
         let r = self
             .store
-            .finish_run(self.run_id, status.as_str(), &crate::now_utc());
+            .finish_run(self.run_id, status, &crate::now_utc());
         self.best_effort(r);
         let state = if ok { State::Done } else { State::Failed };
         self.ev(None, Step::Run, state, message);

@@ -561,7 +561,9 @@ fn an_interrupted_deploy_is_reconciled_partial_when_a_host_serves_it_else_failed
                 snapshot: "\"cfg\"",
             })
             .unwrap();
-        w.store.start_run("site", "deploy", id, None, "t").unwrap();
+        w.store
+            .start_run("site", RunKind::Deploy, id, None, "t")
+            .unwrap();
         if served {
             sw.serving.lock().unwrap()[0] = Some(id.into());
         }
