@@ -275,6 +275,26 @@ mod tests {
     }
 
     #[test]
+    fn an_event_line_has_the_documented_keys() {
+        let line = EventLine {
+            event: "step",
+            run: 3,
+            seq: Some(41),
+            app: "site",
+            release: "20261204T190000Z-3f9a2c1",
+            host: None,
+            step: cutover_core::Step::Stage.as_str(),
+            state: Phase::Start.as_str(),
+            time: cutover_engine::Timestamp(1_733_338_801_250).to_string(),
+            detail: "10 bytes",
+        };
+        assert_eq!(
+            serde_json::to_string(&line).unwrap(),
+            r#"{"event":"step","run":3,"seq":41,"app":"site","release":"20261204T190000Z-3f9a2c1","host":null,"step":"stage","state":"start","time":"2024-12-04T19:00:01.250Z","detail":"10 bytes"}"#
+        );
+    }
+
+    #[test]
     fn bytes_are_human() {
         assert_eq!(human_bytes(12), "12 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
