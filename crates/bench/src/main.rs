@@ -16,9 +16,9 @@
 mod capistrano;
 mod containers;
 mod deploy_speed;
+mod events;
 mod footprint;
 mod harness;
-mod loadgen;
 mod machine;
 mod meter;
 mod peers;
@@ -28,6 +28,7 @@ mod report;
 mod rollback;
 mod switch;
 mod switch_files;
+mod switching;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
