@@ -3,8 +3,8 @@
 //! directories from git ([`crate::capistrano`]) and the physical floor of shipping the same
 //! directory by hand with `tar | ssh | tar` to every host in parallel, compressed and not.
 //! Then a redeploy in which 1% of the files changed: time and bytes on the wire per method.
-//! One extra, untimed deploy per host count is profiled from cutover's progress lines to
-//! show where its time goes.
+//! One extra, untimed deploy per host count is profiled from cutover's event stream
+//! (`--events`) to show where its time goes.
 
 use crate::capistrano::{self, Cap};
 use crate::harness::{Payload, Profile, World};

@@ -8,15 +8,14 @@
 
 use crate::containers::DockerWorld;
 use crate::events::{epoch_now, State, Step, Trace};
-use crate::machine::loadavg;
 use crate::peers::{self, Kind as PeerKind, Peer};
 use crate::report::{self, secs, spread, Section};
-use crate::switching::{self, Around, Cell, Layout, Method, Switched};
+use crate::switching::{self, Around, Cell, Head, Layout, Method, Plan, Switched};
 use crate::Ctx;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub(crate) const HOW_TO_READ: &str = "\
 one testlab host running its own dockerd (like every host, a network namespace on this \
@@ -32,8 +31,8 @@ as slow, not failed), and K switches alternating between the two images (K = 10,
 exit, then the load runs 1 s more before the next. The bench waits for an idle machine \
 before each method and runs a method again (once) if other processes took over a quarter of \
 the CPU during it. *blue-green* is `cutover deploy --image a|b` with `strategy = \
-\"blue-green\"` and *hold* the same with `strategy = \"hold\"` (their progress lines, \
-timestamped, are in the JSON), the load going through cutover's proxy (host port 8000); *naive* is \
+\"blue-green\"` and *hold* the same with `strategy = \"hold\"` (their steps, timed \
+by cutover's `--events`, are in the JSON), the load going through cutover's proxy (host port 8000); *naive* is \
 `ssh host 'docker rm -f web; docker run -d --name web -p 8080:8080 IMAGE'` (a fresh SSH \
 connection each time, like an operator's; the script stops at the first failing command and \
 prints a timestamp before `docker rm` and after `docker run`), the load going straight to the \
@@ -61,7 +60,7 @@ under a millisecond, after which the worker sleeps 20 ms and tries again, so *fa
 with the request rate; the gap does not). *worst* and *p99* are latencies of all requests, \
 successful or not, connect included. *p99 around a switch* and *max around a switch* are \
 the same over the requests started from 0.5 s before a switch's flip step began to 0.5 s \
-after it ended, all K switches pooled; the flip step is cutover's `switch` progress step \
+after it ended, all K switches pooled; the flip step is cutover's `switch` step (its events) \
 (for hold it includes the time requests are held), Caddy's PATCH, nginx's rewrite + reload, \
 the naive `docker rm` + `docker run`. *longest gap* is the longest time between two \
 consecutive successful responses (their ends) anywhere in the run, all workers together. \
@@ -89,19 +88,16 @@ const LAYOUT: Layout = Layout {
     name: "switch",
     around: Around::Flip,
     columns: &[
-        ("method", Cell::Method),
-        ("requests", Cell::Requests),
-        ("failed", Cell::Failed),
-        ("failed per switch", Cell::FailedPerSwitch),
-        ("worst latency", Cell::Worst),
-        ("p99 latency", Cell::P99),
-        ("p99 around a switch", Cell::AroundP99),
-        ("max around a switch", Cell::AroundMax),
-        (
-            "longest gap without a successful response",
-            Cell::LongestGap,
-        ),
-        ("switch time", Cell::SwitchTime),
+        Cell::Method,
+        Cell::Requests,
+        Cell::Failed,
+        Cell::FailedPerSwitch,
+        Cell::Worst,
+        Cell::P99,
+        Cell::AroundP99,
+        Cell::AroundMax,
+        Cell::LongestGap,
+        Cell::SwitchTime,
     ],
     combined_timeline: None,
 };
@@ -208,9 +204,8 @@ impl Method for Container<'_> {
 
 pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let k = if ctx.quick { 3 } else { 10 };
-    let load_before = loadavg();
-    let started = report::utc_now();
-    let clock = Instant::now();
+    let mut head = Head::start("lab and image setup included");
+    head.peers(format!("peers: {}", peers::versions_line(&ctx.machine)));
 
     let world = DockerWorld::start(ctx)?;
     eprintln!(
@@ -225,6 +220,12 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         world.image("b")
     ))?;
 
+    let plan = Plan {
+        ctx,
+        layout: &LAYOUT,
+        k,
+        versions: ["a", "b"],
+    };
     let mut runs = Vec::new();
     let mut discarded = Vec::new();
     let mut go = |kind, peer: Option<&PeerSide>, live: &mut String| -> Result<()> {
@@ -233,8 +234,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             world: &world,
             peer,
         };
-        let (run, redone) =
-            switching::measure_undisturbed(ctx, &LAYOUT, &method, k, live, ["a", "b"])?;
+        let (run, redone) = switching::measure(&plan, &method, live)?;
         runs.push(run);
         discarded.extend(redone);
         Ok(())
@@ -262,42 +262,16 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         side.stop(&world)?;
     }
     let (rollback_md, rollback_json) = container_rollbacks(ctx, &world)?;
-    let load_after = loadavg();
     drop(world);
-
-    let took = clock.elapsed().as_secs();
-    let mut md = format!(
-        "Measured {} on {} with `{}` ({k} switches per method, one run); the scenario took \
-         {}m{:02}s in all (lab and image setup included). Peers: {}. Load average before / \
-         after: {load_before} / {load_after}.\n\n",
-        report::utc_now(),
-        ctx.machine.one_line(),
-        ctx.command,
-        took / 60,
-        took % 60,
-        peers::versions_line(&ctx.machine)
-    );
-    md.push_str(&switching::markdown(ctx, &LAYOUT, &runs, &discarded));
-    md.push_str(&rollback_md);
-    let json = switching::json(
-        &LAYOUT,
+    let mut out = switching::section(
+        &plan,
+        &head,
         &runs,
         &discarded,
-        json!({
-        "scenario": "switch",
-        "started": started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
-        "switches_per_method": k,
-        "hosts_source_root_bashrc": ctx.host_bashrc,
-        "machine": ctx.machine.to_json(),
-        "load_before": load_before,
-        "load_after": load_after,
-            "container_rollback": rollback_json,
-        }),
+        json!({ "container_rollback": rollback_json }),
     );
-    Ok(Section { markdown: md, json })
+    out.markdown.push_str(&rollback_md);
+    Ok(out)
 }
 
 /// Container rollbacks on the same host, `--reps` times each, with `strategy = "blue-green"`:
@@ -530,10 +504,9 @@ impl PeerSide {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::switching::{Switch, AROUND};
 
     /// The marks a script prints (through a real `sh` with [`MARKS`]) come back as steps
-    /// that [`Switch::around`] finds; other output is skipped.
+    /// timed since the script's start; other output is skipped.
     #[test]
     fn marked_scripts_give_the_switch_step() {
         let t0 = epoch_now();
@@ -552,20 +525,13 @@ mod tests {
             .map(|s| (s.step.as_str(), s.state))
             .collect();
         assert_eq!(names, [("switch", State::Start), ("switch", State::Done)]);
-        let s = Switch {
-            to: "a".into(),
-            start: 10.0,
-            end: 11.0,
-            ok: true,
-            message: String::new(),
-            trace,
-        };
-        let (Some(a), Some(b)) = s.flip() else {
-            panic!("{s:?}")
+        let (Some(a), Some(b)) = (trace.first_start("switch"), trace.last_end("switch")) else {
+            panic!("{trace:?}")
         };
         assert!(b - a >= 0.19 && b - a < 1.0, "{a} {b}");
-        let (from, to) = s.around(Around::Flip);
-        assert!((from - (10.0 + a - AROUND)).abs() < 1e-9);
-        assert!((to - (10.0 + b + AROUND)).abs() < 1e-9);
+        assert!(
+            a >= 0.0 && b < 5.0,
+            "seconds since the script's start: {a} {b}"
+        );
     }
 }

@@ -7,14 +7,12 @@
 use crate::capistrano::{self, Cap};
 use crate::events::Trace;
 use crate::harness::{Payload, World};
-use crate::machine::loadavg;
-use crate::report::{self, Section};
-use crate::switching::{self, Around, Cell, Layout, Method, Switched};
+use crate::report::Section;
+use crate::switching::{self, Around, Cell, Head, Layout, Method, Plan, Switched};
 use crate::Ctx;
 use anyhow::Result;
 use serde_json::json;
 use std::net::SocketAddr;
-use std::time::Instant;
 
 pub(crate) const HOW_TO_READ: &str = "\
 one testlab host (a network namespace on this machine with its own sshd and nginx; nginx \
@@ -55,17 +53,14 @@ const LAYOUT: Layout = Layout {
     name: "switch-files",
     around: Around::Command,
     columns: &[
-        ("method", Cell::Method),
-        ("requests", Cell::Requests),
-        ("failed", Cell::Failed),
-        ("failed per switch", Cell::FailedPerSwitch),
-        (
-            "longest gap without a successful response",
-            Cell::LongestGap,
-        ),
-        ("p99 latency during switches", Cell::DuringP99),
-        ("max latency during switches", Cell::DuringMax),
-        ("switch time", Cell::SwitchTime),
+        Cell::Method,
+        Cell::Requests,
+        Cell::Failed,
+        Cell::FailedPerSwitch,
+        Cell::LongestGap,
+        Cell::DuringP99,
+        Cell::DuringMax,
+        Cell::SwitchTime,
     ],
     combined_timeline: Some("Files app switched under load: requests per 100 ms, every method"),
 };
@@ -145,10 +140,14 @@ impl Method for Files<'_> {
 pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let k = if ctx.quick { 3 } else { 10 };
     let (a, b) = ctx.payloads()?;
-    let versions = [a.label.as_str(), b.label.as_str()];
-    let load_before = loadavg();
-    let started = report::utc_now();
-    let clock = Instant::now();
+    let plan = Plan {
+        ctx,
+        layout: &LAYOUT,
+        k,
+        versions: [a.label.as_str(), b.label.as_str()],
+    };
+    let mut head = Head::start("lab, payloads and Capistrano setup included");
+    head.peers(capistrano::version());
 
     let mut world = World::start(1, ctx)?;
     eprintln!("[switch-files] untimed: cutover deploys A");
@@ -164,8 +163,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             a,
             b,
         };
-        let (run, redone) =
-            switching::measure_undisturbed(ctx, &LAYOUT, &m, k, &mut live, versions)?;
+        let (run, redone) = switching::measure(&plan, &m, &mut live)?;
         runs.push(run);
         discarded.extend(redone);
     }
@@ -187,44 +185,17 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         a,
         b,
     };
-    let (run, redone) = switching::measure_undisturbed(ctx, &LAYOUT, &m, k, &mut live, versions)?;
+    let (run, redone) = switching::measure(&plan, &m, &mut live)?;
     runs.push(run);
     discarded.extend(redone);
     drop(cap);
     world.reset("done")?;
-    let load_after = loadavg();
     drop(world);
-
-    let took = clock.elapsed().as_secs();
-    let mut md = format!(
-        "Measured {} on {} with `{}` ({k} switches per method, one run); the scenario took \
-         {}m{:02}s in all (lab, payloads and Capistrano setup included); {}. \
-         Load average before / after: {load_before} / {load_after}.\n\n",
-        report::utc_now(),
-        ctx.machine.one_line(),
-        ctx.command,
-        took / 60,
-        took % 60,
-        capistrano::version(),
-    );
-    md.push_str(&switching::markdown(ctx, &LAYOUT, &runs, &discarded));
-    let json = switching::json(
-        &LAYOUT,
+    Ok(switching::section(
+        &plan,
+        &head,
         &runs,
         &discarded,
-        json!({
-            "scenario": "switch-files",
-            "started": started,
-            "finished": report::utc_now(),
-            "command": ctx.command,
-            "quick": ctx.quick,
-            "switches_per_method": k,
-            "hosts_source_root_bashrc": ctx.host_bashrc,
-            "machine": ctx.machine.to_json(),
-            "capistrano": capistrano::version(),
-            "load_before": load_before,
-            "load_after": load_after,
-        }),
-    );
-    Ok(Section { markdown: md, json })
+        json!({ "capistrano": capistrano::version() }),
+    ))
 }

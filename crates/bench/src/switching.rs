@@ -7,8 +7,9 @@
 
 use crate::containers::{ms, percentile, Ledger};
 use crate::events::Trace;
+use crate::machine::loadavg;
 use crate::meter::Sample;
-use crate::report::{self, secs, spread};
+use crate::report::{self, secs, spread, Section};
 use crate::Ctx;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
@@ -76,7 +77,7 @@ pub(crate) enum Around {
     Command,
 }
 
-/// A cell of a scenario's main table.
+/// A column of a scenario's main table.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Cell {
     Method,
@@ -97,13 +98,32 @@ pub(crate) enum Cell {
     SwitchTime,
 }
 
+impl Cell {
+    fn header(self) -> &'static str {
+        match self {
+            Cell::Method => "method",
+            Cell::Requests => "requests",
+            Cell::Failed => "failed",
+            Cell::FailedPerSwitch => "failed per switch",
+            Cell::Worst => "worst latency",
+            Cell::P99 => "p99 latency",
+            Cell::AroundP99 => "p99 around a switch",
+            Cell::AroundMax => "max around a switch",
+            Cell::DuringP99 => "p99 latency during switches",
+            Cell::DuringMax => "max latency during switches",
+            Cell::LongestGap => "longest gap without a successful response",
+            Cell::SwitchTime => "switch time",
+        }
+    }
+}
+
 /// What a scenario shows.
 pub(crate) struct Layout {
     /// The scenario's name: log prefix, plot file prefix (`<name>-timeline-<key>.svg`).
     pub(crate) name: &'static str,
     pub(crate) around: Around,
-    /// The main table: header and cell of each column.
-    pub(crate) columns: &'static [(&'static str, Cell)],
+    /// The main table's columns.
+    pub(crate) columns: &'static [Cell],
     /// Title of one more timeline with every method on it, if any.
     pub(crate) combined_timeline: Option<&'static str>,
 }
@@ -239,42 +259,47 @@ impl Run {
     }
 }
 
-/// [`measure`], done once more if other processes took over a quarter of the machine's CPU
-/// during it (the bench's rule, see `meter`; once only, as a method's run is long; never
-/// with `--quick`). Returns the run kept and the one discarded, if any.
-pub(crate) fn measure_undisturbed(
-    ctx: &Ctx,
-    layout: &Layout,
+/// What every method of a scenario gets: K switches between two versions.
+pub(crate) struct Plan<'a> {
+    pub(crate) ctx: &'a Ctx,
+    pub(crate) layout: &'a Layout,
+    pub(crate) k: usize,
+    pub(crate) versions: [&'a str; 2],
+}
+
+/// [`measure_once`], done once more if other processes took over a quarter of the machine's
+/// CPU during it (the bench's rule, see `meter`; once only, as a method's run is long; never
+/// with `--quick`). Returns the run kept and the one discarded, if any; `live` is the version
+/// served, before and after.
+pub(crate) fn measure(
+    plan: &Plan,
     method: &dyn Method,
-    k: usize,
     live: &mut String,
-    versions: [&str; 2],
 ) -> Result<(Run, Option<Run>)> {
-    let first = measure(ctx, layout, method, k, live, versions)?;
-    let cores = ctx.machine.cores.max(1) as f64;
-    if ctx.quick || first.foreign_cpu_s() <= 0.25 * first.sample.secs * cores {
+    let first = measure_once(plan, method, live)?;
+    let cores = plan.ctx.machine.cores.max(1) as f64;
+    if plan.ctx.quick || first.foreign_cpu_s() <= 0.25 * first.sample.secs * cores {
         return Ok((first, None));
     }
     eprintln!(
         "[{}] other processes took over a quarter of the CPU during {}: doing it again",
-        layout.name,
+        plan.layout.name,
         method.name()
     );
-    let again = measure(ctx, layout, method, k, live, versions)?;
+    let again = measure_once(plan, method, live)?;
     Ok((again, Some(first)))
 }
 
-/// Runs the load against the method's target and switches `k` times between `versions`,
-/// starting from the one that is `live` (none for a baseline, which runs as long as `k`
-/// settle periods).
-pub(crate) fn measure(
-    ctx: &Ctx,
-    layout: &Layout,
-    method: &dyn Method,
-    k: usize,
-    live: &mut String,
-    versions: [&str; 2],
-) -> Result<Run> {
+/// Runs the load against the method's target and switches K times between the versions,
+/// starting from the one that is `live` (none for a baseline, which runs as long as K settle
+/// periods).
+fn measure_once(plan: &Plan, method: &dyn Method, live: &mut String) -> Result<Run> {
+    let Plan {
+        ctx,
+        layout,
+        k,
+        versions,
+    } = *plan;
     let tag = layout.name;
     let target = method.target()?;
     eprintln!("[{tag}] {}: load on {target}", method.name());
@@ -388,12 +413,12 @@ pub(crate) fn measure(
 /// The tables and paragraphs after a scenario's head: the main table (the layout's columns),
 /// the table by kind of worker, the failed switch commands, the bodies served and how much
 /// other work shared the machine.
-pub(crate) fn markdown(ctx: &Ctx, layout: &Layout, runs: &[Run], discarded: &[Run]) -> String {
+fn markdown(ctx: &Ctx, layout: &Layout, runs: &[Run], discarded: &[Run]) -> String {
     let rows: Vec<Vec<String>> = runs
         .iter()
-        .map(|r| layout.columns.iter().map(|&(_, c)| r.cell(c)).collect())
+        .map(|r| layout.columns.iter().map(|&c| r.cell(c)).collect())
         .collect();
-    let header: Vec<&str> = layout.columns.iter().map(|&(h, _)| h).collect();
+    let header: Vec<&str> = layout.columns.iter().map(|c| c.header()).collect();
     let mut md = report::table(&header, &rows);
     md.push_str(&format!("\nBy kind of worker ({WORKERS} each):\n\n"));
     let rows: Vec<Vec<String>> = runs
@@ -482,11 +507,73 @@ pub(crate) fn markdown(ctx: &Ctx, layout: &Layout, runs: &[Run], discarded: &[Ru
     md
 }
 
-/// The scenario's own keys (`head`, an object) plus what every switch scenario has: the
-/// load's settings, every run (and the discarded ones), the cutover methods' failed requests
-/// (the zero-downtime gate) and the plots.
-pub(crate) fn json(layout: &Layout, runs: &[Run], discarded: &[Run], mut head: Value) -> Value {
-    let common = json!({
+/// When and how a scenario ran, for the head of its section.
+pub(crate) struct Head {
+    started: String,
+    clock: Instant,
+    load_before: String,
+    /// What the scenario's time includes besides the methods' runs.
+    setup: &'static str,
+    /// The peers' versions, one line.
+    peers: String,
+}
+
+impl Head {
+    /// The scenario starts now.
+    pub(crate) fn start(setup: &'static str) -> Head {
+        Head {
+            started: report::utc_now(),
+            clock: Instant::now(),
+            load_before: loadavg(),
+            setup,
+            peers: String::new(),
+        }
+    }
+
+    pub(crate) fn peers(&mut self, line: String) {
+        self.peers = line;
+    }
+}
+
+/// The scenario's section: a head (when, where, how long), the tables and paragraphs of
+/// [`markdown`]; its JSON has the scenario's settings, the load's, every run (and the
+/// discarded ones), the cutover methods' failed requests (the zero-downtime gate), the plots
+/// and the keys of `extra` (an object).
+pub(crate) fn section(
+    plan: &Plan,
+    head: &Head,
+    runs: &[Run],
+    discarded: &[Run],
+    extra: Value,
+) -> Section {
+    let Plan { ctx, layout, k, .. } = *plan;
+    let load_after = loadavg();
+    let took = head.clock.elapsed().as_secs();
+    let mut md = format!(
+        "Measured {} on {} with `{}` ({k} switches per method, one run); the scenario took \
+         {}m{:02}s in all ({}); {}. Load average before / after: {} / {load_after}.\n\n",
+        report::utc_now(),
+        ctx.machine.one_line(),
+        ctx.command,
+        took / 60,
+        took % 60,
+        head.setup,
+        head.peers,
+        head.load_before,
+    );
+    md.push_str(&markdown(ctx, layout, runs, discarded));
+    let mut json = json!({
+        "scenario": layout.name,
+        "started": head.started,
+        "finished": report::utc_now(),
+        "command": ctx.command,
+        "quick": ctx.quick,
+        "switches_per_method": k,
+        "hosts_source_root_bashrc": ctx.host_bashrc,
+        "machine": ctx.machine.to_json(),
+        "peers": head.peers,
+        "load_before": head.load_before,
+        "load_after": load_after,
         "load": {
             "keep_alive_workers": WORKERS,
             "fresh_connection_workers": WORKERS,
@@ -504,10 +591,10 @@ pub(crate) fn json(layout: &Layout, runs: &[Run], discarded: &[Run], mut head: V
             .collect::<serde_json::Map<_, _>>(),
         "plots": plots(layout, runs),
     });
-    if let (Some(h), Value::Object(c)) = (head.as_object_mut(), common) {
-        h.extend(c);
+    if let (Some(j), Value::Object(e)) = (json.as_object_mut(), extra) {
+        j.extend(e);
     }
-    head
+    Section { markdown: md, json }
 }
 
 /// Successful and failed requests per bucket of a run, as two polylines.
@@ -579,31 +666,31 @@ fn plots(layout: &Layout, runs: &[Run]) -> Value {
     }
     let switched: Vec<&Run> = runs.iter().filter(|r| !r.switches.is_empty()).collect();
     let names: Vec<&str> = switched.iter().map(|r| r.name).collect();
-    plots.push(json!({
-        "file": format!("{}-failed.svg", layout.name),
-        "kind": "bars",
-        "title": "Failed requests per switch",
-        "y": "failed requests per switch",
-        "categories": names,
-        "series": [{
-            "name": "failed per switch",
-            "values": switched
-                .iter()
-                .map(|r| r.all.failed() as f64 / r.switches.len() as f64)
-                .collect::<Vec<_>>(),
-        }],
-    }));
-    plots.push(json!({
-        "file": format!("{}-gap.svg", layout.name),
-        "kind": "bars",
-        "title": "Longest time without a successful response",
-        "y": "milliseconds",
-        "categories": names,
-        "series": [{
-            "name": "longest gap",
-            "values": switched.iter().map(|r| 1000.0 * r.gap()).collect::<Vec<_>>(),
-        }],
-    }));
+    let bars = |what: &str, title: &str, y: &str, values: Vec<f64>| {
+        json!({
+            "file": format!("{}-{what}.svg", layout.name),
+            "kind": "bars",
+            "title": title,
+            "y": y,
+            "categories": names,
+            "series": [{"name": what, "values": values}],
+        })
+    };
+    plots.push(bars(
+        "failed",
+        "Failed requests per switch",
+        "failed requests per switch",
+        switched
+            .iter()
+            .map(|r| r.all.failed() as f64 / r.switches.len() as f64)
+            .collect(),
+    ));
+    plots.push(bars(
+        "gap",
+        "Longest time without a successful response",
+        "milliseconds",
+        switched.iter().map(|r| 1000.0 * r.gap()).collect(),
+    ));
     Value::Array(plots)
 }
 
