@@ -28,12 +28,15 @@ pub(crate) enum State {
     Start,
     Done,
     Failed,
+    /// Any other state (the engine also reports a build's output lines): no timing uses it.
+    #[serde(other)]
+    Other,
 }
 
 impl State {
     /// `done` or `failed`: the step is over.
     pub(crate) fn ended(self) -> bool {
-        self != State::Start
+        matches!(self, State::Done | State::Failed)
     }
 
     fn as_str(self) -> &'static str {
@@ -41,6 +44,7 @@ impl State {
             State::Start => "start",
             State::Done => "done",
             State::Failed => "failed",
+            State::Other => "other",
         }
     }
 }
@@ -48,8 +52,9 @@ impl State {
 /// One `{"event":"step", ...}` line.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub(crate) struct StepEvent {
-    pub(crate) run: u64,
-    pub(crate) seq: u64,
+    pub(crate) run: i64,
+    /// The event's number in cutover's history (null if it could not be recorded).
+    pub(crate) seq: Option<i64>,
     pub(crate) app: String,
     pub(crate) release: Option<String>,
     /// `None` for run-wide steps.
@@ -183,7 +188,14 @@ impl Trace {
         let step = step.to_string();
         self.steps
             .iter()
-            .filter(move |s| s.step == step && s.state.ended() == ended)
+            .filter(move |s| {
+                s.step == step
+                    && if ended {
+                        s.state.ended()
+                    } else {
+                        s.state == State::Start
+                    }
+            })
             .map(|s| s.at)
     }
 
@@ -212,7 +224,7 @@ impl Trace {
                         out.push(s.at - t);
                     }
                 }
-                State::Failed => {}
+                State::Failed | State::Other => {}
             }
         }
         out
@@ -417,6 +429,7 @@ mod tests {
 {"event":"step","run":12,"seq":5,"app":"site","release":"20261204T184000Z-3f9a2c1","host":"web2","step":"stage","state":"start","time":"2026-12-04T18:40:00.410Z","detail":"..."}
 {"event":"step","run":12,"seq":6,"app":"site","release":"20261204T184000Z-3f9a2c1","host":"web1","step":"stage","state":"done","time":"2026-12-04T18:40:01.400Z","detail":"1.0 MiB"}
 {"event":"step","run":12,"seq":7,"app":"site","release":"20261204T184000Z-3f9a2c1","host":"web2","step":"stage","state":"failed","time":"2026-12-04T18:40:01.910Z","detail":"disk full"}
+{"event":"step","run":12,"seq":null,"app":"site","release":"","host":null,"step":"build","state":"output","time":"2026-12-04T18:40:02.000Z","detail":"a line"}
 {"event":"heartbeat","run":12}
 {"event":"outcome","status":"failed","exit_code":1,"message":"web2: stage failed: disk full","hosts":{"web1":{"uploaded_bytes":1048576}}}"#;
 
@@ -433,7 +446,7 @@ mod tests {
                 first.app.as_str(),
                 first.release.as_deref()
             ),
-            (12, 1, "site", Some("20261204T184000Z-3f9a2c1"))
+            (12, Some(1), "site", Some("20261204T184000Z-3f9a2c1"))
         );
         assert_eq!(
             (first.host.as_deref(), first.step.as_str(), first.state),
@@ -446,16 +459,22 @@ mod tests {
             first.epoch_s
         );
         assert!(matches!(&events[2], Event::Step(s) if s.host.is_none()));
-        assert_eq!(events[7], Event::Other);
-        let Event::Outcome(o) = &events[8] else {
-            panic!("{:?}", events[8])
+        assert!(matches!(&events[7], Event::Step(s) if s.seq.is_none() && s.state == State::Other));
+        assert_eq!(events[8], Event::Other);
+        let Event::Outcome(o) = &events[9] else {
+            panic!("{:?}", events[9])
         };
         assert_eq!(o["status"], "failed");
         assert!(!o.contains_key("event"));
 
         let (trace, outcome) = Trace::from_events(events, 1_796_409_600.0);
         assert_eq!(outcome["exit_code"], 1);
-        assert_eq!(trace.steps.len(), 7);
+        assert_eq!(trace.steps.len(), 8);
+        assert_eq!(
+            trace.first_start("build"),
+            None,
+            "an output line is no start"
+        );
         let near = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-6);
         assert!(near(trace.first_start("connect"), 0.123));
         assert!(near(trace.last_end("connect"), 0.300));
@@ -479,9 +498,9 @@ mod tests {
     fn refuses_what_is_not_the_stream() {
         for bad in [
             "host: stage done",
-            r#"{"event":"step","run":1,"seq":1,"app":"a","release":"r","host":null,"step":"x","state":"begun","time":"2026-12-04T18:40:00.123Z"}"#,
+            r#"{"event":"step","run":1,"seq":1,"app":"a","release":"r","host":null,"step":"x","state":7,"time":"2026-12-04T18:40:00.123Z"}"#,
             r#"{"event":"step","run":1,"seq":1,"app":"a","release":"r","host":null,"step":"x","state":"start","time":"2026-12-04 18:40:00"}"#,
-            r#"{"event":"step","run":1,"app":"a","release":"r","host":null,"step":"x","state":"start","time":"2026-12-04T18:40:00.123Z"}"#,
+            r#"{"event":"step","seq":1,"app":"a","release":"r","host":null,"step":"x","state":"start","time":"2026-12-04T18:40:00.123Z"}"#,
         ] {
             assert!(parse_line(bad).is_err(), "{bad}");
         }
