@@ -276,14 +276,22 @@ impl Config {
             key: key.to_string(),
             message,
         };
+        if let Some(m) = control_character(text) {
+            return Err(err("", m));
+        }
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let span = e
                 .span()
                 .map(|s| line_col(text, s.start))
                 .map(|(l, c)| format!(" (line {l}, column {c})"))
                 .unwrap_or_default();
-            err("", format!("{}{span}", e.message().trim()))
+            err("", format!("{}{span}", parse_message(e.message())))
         })?;
+        // The same text parsed again as plain TOML, to bound every string before any
+        // validation looks at (or repeats) it.
+        if let Ok(table) = toml::from_str::<toml::Table>(text) {
+            check_sizes("", &table).map_err(|(k, m)| err(&k, m))?;
+        }
         let base = file.parent().unwrap_or(Path::new("."));
         let resolve = |p: &str| -> PathBuf {
             if let (Some(rest), Some(h)) = (p.strip_prefix("~/"), home) {
@@ -863,6 +871,195 @@ fn health_config(
     })
 }
 
+/// The largest config file cutover reads. A `cutover.toml` is a few hundred bytes; a file near
+/// this size is not a config, and a device or a FIFO is never read at all.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// `[files] reload` and `[build] command`, as sent to a shell.
+pub const MAX_SCRIPT_BYTES: usize = 16 * 1024;
+/// One `env` value (`[container] env`, `[build] env`).
+pub const MAX_ENV_VALUE_BYTES: usize = 16 * 1024;
+/// All of one `env` table, `NAME=value` for each variable.
+pub const MAX_ENV_TOTAL_BYTES: usize = 64 * 1024;
+/// All of `[container] volumes`.
+pub const MAX_VOLUMES_TOTAL_BYTES: usize = 16 * 1024;
+/// `[proxy] install_dir`: `<install_dir>/proxy.sock` and the temporary name it is bound under
+/// (`.proxy.sock.<pid>-<n>.tmp`, up to 27 more bytes) must fit a unix socket address (107
+/// bytes and a NUL).
+pub const MAX_INSTALL_DIR_BYTES: usize = 80;
+/// Every other string value (hosts, paths, URLs, durations...), unless [`value_limit`] says less.
+pub const MAX_VALUE_BYTES: usize = 4096;
+/// A key (e.g. an env variable's name).
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// Bytes a value takes inside a remote command line: a script reaches the host as one
+/// argument (`sh -c '<script>'`, itself quoted for `ssh`), and there every `'` of a value,
+/// quoted twice, takes 13 bytes. Linux limits one argument to 128 KiB (`MAX_ARG_STRLEN`).
+pub fn shell_cost(value: &str) -> usize {
+    value.len() + 12 * value.bytes().filter(|b| *b == b'\'').count()
+}
+
+/// The bound of the string at `key` (a dotted path, `[i]` for array elements), and why.
+fn value_limit(key: &str) -> (usize, &'static str) {
+    const ARG: &str = "it is sent to the hosts as part of one command line, and Linux limits one argument to 128 KiB";
+    match key {
+        "files.reload" => (MAX_SCRIPT_BYTES, "it runs on the hosts as part of one command line, and Linux limits one argument to 128 KiB; put a longer script in a file on the hosts and make `reload` run that file"),
+        "build.command" => (MAX_SCRIPT_BYTES, "it runs as one `sh -c` argument, and Linux limits one argument to 128 KiB; commit a longer script to the repository and make `command` run that file"),
+        "container.image" => (255, "docker refuses longer repository names"),
+        "container.domain" => (253, "a DNS name is at most 253 bytes"),
+        "proxy.install_dir" => (MAX_INSTALL_DIR_BYTES, "the proxy's control socket in it must fit a unix socket address (108 bytes)"),
+        "files.root" => (1024, ARG),
+        "health.url" | "health.path" => (2048, ARG),
+        k if k.starts_with("container.env.") || k.starts_with("build.env.") => {
+            (MAX_ENV_VALUE_BYTES, ARG)
+        }
+        _ => (MAX_VALUE_BYTES, "a value this long is no name, path, URL or duration, and values reach command lines, where Linux limits one argument to 128 KiB"),
+    }
+}
+
+/// `"16384 bytes (16 KiB)"`.
+fn bytes_text(n: usize) -> String {
+    if n >= 1024 && n.is_multiple_of(1024) {
+        format!("{n} bytes ({} KiB)", n / 1024)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// What is wrong with `value` if it takes more than `max` bytes by [`shell_cost`].
+fn over_limit(value: &str, max: usize, why: &str) -> Option<String> {
+    let cost = shell_cost(value);
+    if cost <= max {
+        return None;
+    }
+    let limit = bytes_text(max);
+    Some(if value.len() > max {
+        format!("expected at most {limit}, got {} bytes: {why}", value.len())
+    } else {
+        format!(
+            "expected at most {limit} as sent to the hosts' shell, where each ' takes 13 bytes once quoted, got {cost} ({} bytes, {} of them '): {why}",
+            value.len(),
+            value.bytes().filter(|b| *b == b'\'').count()
+        )
+    })
+}
+
+/// Bounds every string and key in the parsed file (see [`value_limit`]) and the totals of
+/// the `env` tables and of `volumes`, so that nothing that passes `check` fails later
+/// because it does not fit a command line, and no error message repeats a huge value.
+fn check_sizes(prefix: &str, table: &toml::Table) -> Result<(), (String, String)> {
+    let here = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    for (k, v) in table {
+        if k.len() > MAX_KEY_BYTES {
+            let at = if prefix.is_empty() {
+                "(top level)"
+            } else {
+                prefix
+            };
+            return Err((
+                at.to_string(),
+                format!(
+                    "a key of {} bytes; keys are at most {}",
+                    k.len(),
+                    bytes_text(MAX_KEY_BYTES)
+                ),
+            ));
+        }
+        check_value(&here(k), v)?;
+    }
+    let total = |key: &str, max: usize, cost: usize, what: &str| -> Result<(), (String, String)> {
+        if cost > max {
+            return Err((
+                key.to_string(),
+                format!(
+                    "expected at most {} of {what} in all (as sent to the hosts' shell, each ' takes 13 bytes), got {cost}: they are sent together on one command line, and Linux limits one argument to 128 KiB",
+                    bytes_text(max)
+                ),
+            ));
+        }
+        Ok(())
+    };
+    if let Some(toml::Value::Table(env)) = table.get("env") {
+        if prefix == "container" || prefix == "build" {
+            let cost = env
+                .iter()
+                .map(|(k, v)| k.len() + 1 + v.as_str().map(shell_cost).unwrap_or(0))
+                .sum();
+            total(&here("env"), MAX_ENV_TOTAL_BYTES, cost, "NAME=value")?;
+        }
+    }
+    if let (Some(toml::Value::Array(vols)), "container") = (table.get("volumes"), prefix) {
+        let cost = vols.iter().filter_map(|v| v.as_str()).map(shell_cost).sum();
+        total(&here("volumes"), MAX_VOLUMES_TOTAL_BYTES, cost, "volumes")?;
+    }
+    Ok(())
+}
+
+fn check_value(key: &str, v: &toml::Value) -> Result<(), (String, String)> {
+    match v {
+        toml::Value::String(s) => {
+            let (max, why) = value_limit(key);
+            match over_limit(s, max, why) {
+                Some(m) => Err((key.to_string(), m)),
+                None => Ok(()),
+            }
+        }
+        toml::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, x)| check_value(&format!("{key}[{i}]"), x)),
+        toml::Value::Table(t) => check_sizes(key, t),
+        _ => Ok(()),
+    }
+}
+
+/// A NUL byte or another control character that TOML does not allow anywhere in a file
+/// (everything below U+0020 but tab and line feed, a carriage return only before a line feed,
+/// and U+007F), as a message with its position. TOML's own error for these can have an empty
+/// message.
+fn control_character(text: &str) -> Option<String> {
+    let (i, c) = text.char_indices().find(|&(i, c)| {
+        (c < ' ' && c != '\t' && c != '\n' && c != '\r')
+            || c == '\u{7f}'
+            || (c == '\r' && !text[i + 1..].starts_with('\n'))
+    })?;
+    let (l, col) = line_col(text, i);
+    let what = if c == '\0' {
+        "a NUL byte".to_string()
+    } else if c == '\r' {
+        "a carriage return (U+000D) that does not end a line".to_string()
+    } else {
+        format!("a control character (U+{:04X})", c as u32)
+    };
+    Some(format!(
+        "the file contains {what} at line {l}, column {col}: a config is plain text (inside a string, write it as the escape \\u{:04X})",
+        c as u32
+    ))
+}
+
+/// TOML's message for a parse error: never empty, and never a megabyte of the file.
+fn parse_message(m: &str) -> String {
+    const MAX: usize = 300;
+    let m = m.trim();
+    if m.is_empty() {
+        return "not valid TOML".to_string();
+    }
+    if m.len() <= MAX {
+        return m.to_string();
+    }
+    let mut end = MAX;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &m[..end], m.len())
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -1298,5 +1495,185 @@ interval = "100ms"
         assert!(!valid_app_name("2site"));
         assert!(!valid_app_name("a_b"));
         assert!(!valid_app_name(&"a".repeat(41)));
+    }
+
+    #[test]
+    fn nul_bytes_and_control_characters_are_named_with_their_position() {
+        let text = GOOD.replace("keep = 3", "keep = 3 # three\0!");
+        let e = parse(&text).unwrap_err();
+        let (line, col) = line_col(&text, text.find('\0').unwrap());
+        assert_eq!(
+            e.to_string(),
+            format!("/etc/app/cutover.toml: the file contains a NUL byte at line {line}, column {col}: a config is plain text (inside a string, write it as the escape \\u0000)")
+        );
+        let e = parse(&GOOD.replace("site\"\nkeep", "site\x1b\"\nkeep")).unwrap_err();
+        assert!(
+            e.message.starts_with(
+                "the file contains a control character (U+001B) at line 11, column 32"
+            ),
+            "{e}"
+        );
+        let e = parse(&GOOD.replace("keep = 3", "keep = 3 # \x7f")).unwrap_err();
+        assert!(e.message.contains("(U+007F)"), "{e}");
+        let e = parse(&GOOD.replace("keep = 3", "keep = 3 # old\rMac")).unwrap_err();
+        assert!(
+            e.message.starts_with("the file contains a carriage return (U+000D) that does not end a line at line 12, column 15"),
+            "{e}"
+        );
+        // Tabs and CRLF line ends are text.
+        parse(&GOOD.replace("keep = 3", "keep =\t3").replace('\n', "\r\n")).unwrap();
+    }
+
+    #[test]
+    fn every_parse_error_has_a_message_and_a_short_one() {
+        assert_eq!(parse_message(""), "not valid TOML");
+        assert_eq!(parse_message("  \n"), "not valid TOML");
+        assert_eq!(parse_message("unknown field"), "unknown field");
+        let long = format!(
+            "invalid type: string \"{}\", expected i64",
+            "é".repeat(100_000)
+        );
+        let m = parse_message(&long);
+        assert!(m.len() < 400 && m.ends_with(" bytes in all)"), "{m}");
+        let e = parse(&GOOD.replace("keep = 3", &format!("keep = \"{}\"", "x".repeat(3000))))
+            .unwrap_err();
+        assert!(!e.message.is_empty() && e.message.len() < 400, "{e}");
+        for bad in [
+            "app = ",
+            "[files",
+            "app = \"a\"\napp = \"b\"",
+            "= 1",
+            "a = 1979-05-27T07:32:00Zx",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(!e.message.trim().is_empty(), "{bad:?}: {e}");
+            assert!(!e.message.starts_with(" ("), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn long_values_are_refused_naming_the_key_and_the_bound() {
+        let reload = |r: &str| GOOD.replace("systemctl reload site", r);
+        let e = parse(&reload(&"x".repeat(10 << 20))).unwrap_err();
+        assert_eq!(e.key, "files.reload");
+        assert_eq!(
+            e.message,
+            "expected at most 16384 bytes (16 KiB), got 10485760 bytes: it runs on the hosts as part of one command line, and Linux limits one argument to 128 KiB; put a longer script in a file on the hosts and make `reload` run that file"
+        );
+        parse(&reload(&"x".repeat(MAX_SCRIPT_BYTES))).unwrap();
+        // A ' is four bytes once quoted, thirteen once quoted twice (ssh, then sh -c).
+        let quotes = GOOD.replace(
+            "\"systemctl reload site\"",
+            &format!("\"{}\"", "'".repeat(2000)),
+        );
+        let e = parse(&quotes).unwrap_err();
+        assert_eq!(e.key, "files.reload");
+        assert!(e.message.starts_with("expected at most 16384 bytes (16 KiB) as sent to the hosts' shell, where each ' takes 13 bytes once quoted, got 26000 (2000 bytes, 2000 of them ')"), "{e}");
+
+        let cases = [
+            (
+                GOOD.replace("/srv/site/", &format!("/{}", "s".repeat(1024))),
+                "files.root",
+                "1024 bytes (1 KiB)",
+            ),
+            (
+                GOOD.replace(
+                    "127.0.0.1:8080/up",
+                    &format!("127.0.0.1:8080/{}", "u".repeat(2048)),
+                ),
+                "health.url",
+                "2048 bytes (2 KiB)",
+            ),
+            (
+                GOOD.replace("\"web1\"", &format!("\"{}\"", "w".repeat(5000))),
+                "hosts[0]",
+                "4096 bytes (4 KiB)",
+            ),
+            (
+                GOOD.replace("\"1s\"", &format!("\"{}\"", "1".repeat(5000))),
+                "health.timeout",
+                "4096 bytes (4 KiB)",
+            ),
+            (
+                CONTAINER.replace("registry.example.com/api", &"r".repeat(256)),
+                "container.image",
+                "255 bytes",
+            ),
+            (
+                CONTAINER.replace("API.example.com", &"a".repeat(254)),
+                "container.domain",
+                "253 bytes",
+            ),
+            (
+                CONTAINER.replace("/opt/cutover", &format!("/{}", "o".repeat(80))),
+                "proxy.install_dir",
+                "80 bytes",
+            ),
+            (
+                CONTAINER.replace("\"info\"", &format!("\"{}\"", "i".repeat(16385))),
+                "container.env.RUST_LOG",
+                "16384 bytes (16 KiB)",
+            ),
+            (
+                CONTAINER.replace(
+                    "\"/srv/api/data:/data\"",
+                    &format!("\"/{}:/data\"", "v".repeat(4096)),
+                ),
+                "container.volumes[0]",
+                "4096 bytes (4 KiB)",
+            ),
+        ];
+        for (text, key, bound) in cases {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(
+                e.message
+                    .starts_with(&format!("expected at most {bound}, got ")),
+                "{e}"
+            );
+            assert!(
+                e.to_string().len() < 600,
+                "the message repeats the value: {e}"
+            );
+        }
+        parse(&CONTAINER.replace("/opt/cutover", &format!("/{}", "o".repeat(79)))).unwrap();
+
+        let many_env: String = (0..6)
+            .map(|i| format!("V{i} = \"{}\"\n", "e".repeat(12_000)))
+            .collect();
+        let text = CONTAINER.replace("env = { RUST_LOG = \"info\", TOKEN = \"hunter2\" }\n", "")
+            + &format!("[container.env]\n{many_env}");
+        // A [container.env] table after [health] is still container.env.
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key, "container.env", "{e}");
+        assert!(
+            e.message
+                .starts_with("expected at most 65536 bytes (64 KiB) of NAME=value in all"),
+            "{e}"
+        );
+        let vols: Vec<String> = (0..5)
+            .map(|i| format!("\"/{i}{}:/d\"", "v".repeat(4000)))
+            .collect();
+        let e = parse(&CONTAINER.replace(
+            "[\"/srv/api/data:/data\"]",
+            &format!("[{}]", vols.join(",")),
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "container.volumes", "{e}");
+        let e = parse(&GOOD.replace(
+            "[health]",
+            &format!(
+                "[build]\nrepo = \"/r\"\nenv = {{ {} = \"v\" }}\n[health]",
+                "K".repeat(300)
+            ),
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.message.as_str()),
+            (
+                "build.env",
+                "a key of 300 bytes; keys are at most 256 bytes"
+            )
+        );
     }
 }

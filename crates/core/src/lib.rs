@@ -11,9 +11,11 @@ pub mod container;
 pub mod duration;
 pub mod host;
 pub mod plan;
+pub mod protocol;
 pub mod release;
 
 pub use config::{BuildConfig, Config, ConfigError, FilesConfig, HealthConfig, SshConfig};
 pub use duration::parse_duration;
 pub use host::Destination;
+pub use protocol::{CrashPoint, HostState, RunKind, State, Status, Step};
 pub use release::{format_utc, ReleaseId};

@@ -50,6 +50,10 @@ pub(crate) enum Command {
         /// Print one JSON document on stdout instead of progress.
         #[arg(long)]
         json: bool,
+        /// Print one JSON object per line on stdout as each step starts and ends, the last
+        /// line being the outcome `--json` prints.
+        #[arg(long, conflicts_with = "json")]
+        events: bool,
     },
     /// Go back to the newest earlier release that succeeded everywhere (or --to ID), verified.
     Rollback {
@@ -60,6 +64,9 @@ pub(crate) enum Command {
         to: Option<String>,
         #[arg(long)]
         json: bool,
+        /// One JSON object per line on stdout as each step starts and ends (see deploy).
+        #[arg(long, conflicts_with = "json")]
+        events: bool,
     },
     /// Releases, newest first.
     History {

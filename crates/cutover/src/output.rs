@@ -1,12 +1,34 @@
 //! Output: per-host progress bars on a TTY, plain lines otherwise, nothing on stdout with
-//! `--json`; and the tables that `history`, `status` and `check` print.
+//! `--json`, one JSON object per event on stdout with `--events`, all drawn from the same
+//! engine events; and the tables that `history`, `status` and `check` print.
 
-use cutover_engine::{Phase, Reporter};
+use cutover_engine::{Event, Outcome, Phase, Reporter};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::Duration;
+
+/// What `deploy` and `rollback` print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Progress for people on stderr, the outcome in words.
+    Human,
+    /// `--json`: one JSON document on stdout at the end.
+    Json,
+    /// `--events`: one JSON object per line on stdout as it happens, the outcome last.
+    Events,
+}
+
+impl Mode {
+    pub(crate) fn of(json: bool, events: bool) -> Mode {
+        match (json, events) {
+            (_, true) => Mode::Events,
+            (true, false) => Mode::Json,
+            (false, false) => Mode::Human,
+        }
+    }
+}
 
 /// How progress is shown.
 pub(crate) enum Progress {
@@ -16,11 +38,49 @@ pub(crate) enum Progress {
     },
     Lines,
     Quiet,
+    /// One JSON line per event on stdout (a lock keeps lines whole).
+    Events(Mutex<std::io::Stdout>),
+}
+
+/// One `--events` line.
+#[derive(serde::Serialize)]
+struct EventLine<'a> {
+    event: &'static str,
+    run: i64,
+    seq: Option<i64>,
+    app: &'a str,
+    release: &'a str,
+    host: Option<&'a str>,
+    step: &'a str,
+    state: &'a str,
+    time: String,
+    detail: &'a str,
+}
+
+/// The last `--events` line: the outcome, as `--json` prints it, tagged.
+#[derive(serde::Serialize)]
+struct OutcomeLine<'a> {
+    event: &'static str,
+    #[serde(flatten)]
+    outcome: &'a Outcome,
+}
+
+pub(crate) fn print_outcome_line(o: &Outcome) {
+    let line = OutcomeLine {
+        event: "outcome",
+        outcome: o,
+    };
+    match serde_json::to_string(&line) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+    }
 }
 
 impl Progress {
-    pub(crate) fn new(json: bool) -> Progress {
-        if json {
+    pub(crate) fn new(mode: Mode) -> Progress {
+        if mode == Mode::Events {
+            Progress::Events(Mutex::new(std::io::stdout()))
+        } else if mode == Mode::Json {
             Progress::Quiet
         } else if std::io::stderr().is_terminal() {
             Progress::Bars {
@@ -60,10 +120,55 @@ impl Progress {
 }
 
 impl Reporter for Progress {
+    fn event(&self, e: &Event<'_>) {
+        if let Progress::Events(out) = self {
+            let line = EventLine {
+                event: "step",
+                run: e.run,
+                seq: e.seq,
+                app: e.app,
+                release: e.release,
+                host: e.host,
+                step: e.step.as_str(),
+                state: e.state.as_str(),
+                time: e.time.to_string(),
+                detail: e.detail,
+            };
+            if let Ok(s) = serde_json::to_string(&line) {
+                use std::io::Write;
+                let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = writeln!(out, "{s}");
+                let _ = out.flush();
+            }
+            return;
+        }
+        match e.shown {
+            Some("") => {}
+            Some(text) => self.note(text),
+            None => self.step(e.host, e.step.as_str(), e.state, e.detail),
+        }
+    }
+
+    fn bytes(&self, host: &str, sent: u64, total: u64) {
+        self.draw_bytes(host, sent, total);
+    }
+
+    fn note(&self, text: &str) {
+        match self {
+            Progress::Quiet => {}
+            Progress::Events(_) | Progress::Lines => eprintln!("{text}"),
+            Progress::Bars { multi, .. } => {
+                let _ = multi.println(text);
+            }
+        }
+    }
+}
+
+impl Progress {
     fn step(&self, host: Option<&str>, step: &str, phase: Phase, detail: &str) {
         let detail = detail.lines().next().unwrap_or("");
         match self {
-            Progress::Quiet => {}
+            Progress::Quiet | Progress::Events(_) => {}
             Progress::Lines => {
                 if host.is_some() || phase != Phase::Start {
                     let who = host.unwrap_or("all");
@@ -80,6 +185,7 @@ impl Reporter for Progress {
                         Phase::Start => "…",
                         Phase::Done => "ok",
                         Phase::Failed => "FAILED",
+                        Phase::Output => "|",
                     };
                     b.set_message(format!("{step} {mark} {detail}"));
                 }
@@ -87,7 +193,7 @@ impl Reporter for Progress {
         }
     }
 
-    fn bytes(&self, host: &str, sent: u64, total: u64) {
+    fn draw_bytes(&self, host: &str, sent: u64, total: u64) {
         if let Some(b) = self.bar(host) {
             if sent >= total {
                 // Back to the step view for switch and gate.
@@ -105,16 +211,6 @@ impl Reporter for Progress {
                     b.set_length(total);
                 }
                 b.set_position(sent);
-            }
-        }
-    }
-
-    fn note(&self, text: &str) {
-        match self {
-            Progress::Quiet => {}
-            Progress::Lines => eprintln!("{text}"),
-            Progress::Bars { multi, .. } => {
-                let _ = multi.println(text);
             }
         }
     }

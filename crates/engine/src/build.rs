@@ -8,8 +8,10 @@
 //! `[build] timeout` bounds the whole build.
 
 use crate::artifact::{ArtifactStore, Limits, StoredArtifact};
-use crate::{now_utc, Phase, Reporter};
+use crate::deploy::Recorder;
+use crate::now_utc;
 use cutover_core::{BuildConfig, Config};
+use cutover_core::{State, Step};
 use cutover_git::build::{BuildError, Environment, Success};
 use cutover_git::{CommitInfo, GitError, HttpsOptions, Mirror, RepoUrl};
 use cutover_remote::ssh::{git_ssh_command, SshOptions};
@@ -42,40 +44,6 @@ pub(crate) enum Failure {
     Input(String),
     /// The fetch or the build failed: exit 1.
     Failed(String),
-}
-
-/// Records events of one run (the deploy's) and shows them.
-pub(crate) struct Events<'a> {
-    pub(crate) store: &'a Store,
-    pub(crate) reporter: &'a dyn Reporter,
-    pub(crate) app: &'a str,
-    pub(crate) run_id: i64,
-}
-
-impl Events<'_> {
-    pub(crate) fn ev(&self, step: &str, phase: Phase, detail: &str) {
-        self.reporter.step(None, step, phase, detail);
-        self.raw(step, phase.as_str(), detail);
-    }
-
-    /// Records a step and shows `text` to people instead of the bare step line.
-    fn shown(&self, step: &str, phase: Phase, detail: &str, text: &str) {
-        self.reporter.note(text);
-        self.raw(step, phase.as_str(), detail);
-    }
-
-    fn raw(&self, step: &str, phase: &str, detail: &str) {
-        let _ = self.store.event(
-            self.run_id,
-            self.app,
-            "",
-            None,
-            step,
-            phase,
-            &now_utc(),
-            detail,
-        );
-    }
 }
 
 /// Where an app's mirror lives in the data directory.
@@ -157,7 +125,7 @@ fn cache_key(commit: &str, b: &BuildConfig, env: &Environment, image: Option<&st
             text.push_str(&format!("env {k}={v}\n"));
         }
     }
-    crate::protocol::sha256_hex(&text)
+    crate::sha256_hex(&text)
 }
 
 /// The commit a build is of, its mirror, and the environment its command runs in.
@@ -174,11 +142,11 @@ fn resolve(
     build: &BuildConfig,
     data_dir: &Path,
     git_ref: &str,
-    events: &Events<'_>,
+    events: &Recorder<'_>,
 ) -> Result<Resolved, Failure> {
     let reporter = events.reporter;
-    let git_fail = |step: &str, e: GitError| {
-        events.ev(step, Phase::Failed, &e.to_string());
+    let git_fail = |step: Step, e: GitError| {
+        events.run_ev(step, State::Failed, &e.to_string());
         if e.is_bad_input() {
             Failure::Input(e.to_string())
         } else {
@@ -187,8 +155,8 @@ fn resolve(
     };
 
     events.shown(
-        "fetch",
-        Phase::Start,
+        Step::Fetch,
+        State::Start,
         &build.repo,
         &format!("fetching {}", build.repo),
     );
@@ -197,7 +165,7 @@ fn resolve(
         if is_ssh {
             if let GitError::Fetch { url, message } = e {
                 return git_fail(
-                    "fetch",
+                    Step::Fetch,
                     GitError::Fetch {
                         url,
                         message: format!("{message} (ssh's own message, if any, is on stderr; host keys are checked strictly against [ssh] known_hosts or ~/.ssh/known_hosts)"),
@@ -205,7 +173,7 @@ fn resolve(
                 );
             }
         }
-        git_fail("fetch", e)
+        git_fail(Step::Fetch, e)
     })?;
     let mut detail = format!(
         "{} refs{}",
@@ -219,18 +187,18 @@ fn resolve(
     if !fetched.pruned.is_empty() {
         detail.push_str(&format!("; pruned {}", fetched.pruned.join(" ")));
     }
-    events.ev("fetch", Phase::Done, &detail);
-    let mirror = open_mirror(config, build, data_dir).map_err(|e| git_fail("resolve", e))?;
+    events.run_ev(Step::Fetch, State::Done, &detail);
+    let mirror = open_mirror(config, build, data_dir).map_err(|e| git_fail(Step::Resolve, e))?;
     let commit = mirror
         .resolve(git_ref)
-        .map_err(|e| git_fail("resolve", e))?;
+        .map_err(|e| git_fail(Step::Resolve, e))?;
     let resolved = format!(
         "{git_ref} is {} ({}) {}",
         commit.sha,
         cutover_git::short(&commit.sha),
         commit.subject
     );
-    events.shown("resolve", Phase::Done, &resolved, &resolved);
+    events.shown(Step::Resolve, State::Done, &resolved, &resolved);
     let source = format!("{} @ {git_ref}", build.repo);
 
     let env: Vec<(String, String)> = build
@@ -279,7 +247,7 @@ pub(crate) fn build(
     artifacts: &ArtifactStore,
     data_dir: &Path,
     git_ref: &str,
-    events: &Events<'_>,
+    events: &Recorder<'_>,
 ) -> Result<Built, Failure> {
     let Resolved {
         mirror,
@@ -296,7 +264,7 @@ pub(crate) fn build(
                     &sha[..12],
                     cutover_git::short(&commit.sha)
                 );
-                events.shown("build", Phase::Done, &m, &m);
+                events.shown(Step::Build, State::Done, &m, &m);
                 return Ok(Built {
                     artifact,
                     commit,
@@ -336,7 +304,7 @@ pub(crate) fn build_image(
     store: &Store,
     data_dir: &Path,
     git_ref: &str,
-    events: &Events<'_>,
+    events: &Recorder<'_>,
 ) -> Result<BuiltImage, Failure> {
     let (Some(docker), Some(capp)) = (build.docker.as_ref(), config.container.as_ref()) else {
         return Err(Failure::Input(
@@ -358,7 +326,7 @@ pub(crate) fn build_image(
                     "reused the image {image}@{digest} of an earlier build of {} with the same build config ([build] cache = true)",
                     cutover_git::short(&commit.sha)
                 );
-                events.shown("build", Phase::Done, &m, &m);
+                events.shown(Step::Build, State::Done, &m, &m);
                 return Ok(BuiltImage {
                     digest,
                     commit,
@@ -392,22 +360,22 @@ fn checkout(
     work: &Path,
     mirror: &Mirror,
     commit: &CommitInfo,
-    events: &Events<'_>,
+    events: &Recorder<'_>,
 ) -> Result<PathBuf, Failure> {
     let fail = |m: String| {
-        events.ev("export", Phase::Failed, &m);
+        events.run_ev(Step::Export, State::Failed, &m);
         Failure::Failed(m)
     };
     std::fs::create_dir_all(work)
         .map_err(|e| fail(format!("cannot create {}: {e}", work.display())))?;
     let src = work.join("src");
-    events.ev("export", Phase::Start, &commit.sha);
+    events.run_ev(Step::Export, State::Start, &commit.sha);
     let exported = mirror
         .export(&commit.sha, &src)
         .map_err(|e| fail(e.to_string()))?;
-    events.ev(
-        "export",
-        Phase::Done,
+    events.run_ev(
+        Step::Export,
+        State::Done,
         &format!("{} files, {} bytes", exported.files, exported.bytes),
     );
     for s in &exported.submodules {
@@ -426,29 +394,37 @@ fn left(deadline: Instant) -> Duration {
 /// Runs `cmd` until `deadline`, showing every line of its output live and recording it as an
 /// `output` event of `step` (up to [`MAX_RECORDED_LINES`]); `also` sees every line too.
 fn streamed(
-    events: &Events<'_>,
-    step: &str,
+    events: &Recorder<'_>,
+    step: Step,
     cmd: Command,
     deadline: Instant,
     also: &mut dyn FnMut(&str),
 ) -> Result<Success, BuildError> {
     let mut recorded = 0u64;
     cutover_git::build::run_command(cmd, left(deadline), &mut |line| {
-        events.reporter.note(&format!("  | {line}"));
+        let text = format!("  | {line}");
         also(line);
         recorded += 1;
         if recorded <= MAX_RECORDED_LINES {
-            events.raw(step, "output", line);
-        } else if recorded == MAX_RECORDED_LINES + 1 {
-            events.raw(step, "output", "(more output was shown but not recorded)");
+            events.shown(step, State::Output, line, &text);
+        } else {
+            events.reporter.note(&text);
+            if recorded == MAX_RECORDED_LINES + 1 {
+                events.shown(
+                    step,
+                    State::Output,
+                    "(more output was shown but not recorded)",
+                    "",
+                );
+            }
         }
     })
 }
 
 /// The event and the failure of a step that did not succeed.
 fn step_failed(
-    events: &Events<'_>,
-    step: &str,
+    events: &Recorder<'_>,
+    step: Step,
     what: &str,
     commit: &CommitInfo,
     build: &BuildConfig,
@@ -467,7 +443,7 @@ fn step_failed(
         ),
         _ => format!("{what} of {} failed: {e}", cutover_git::short(&commit.sha)),
     };
-    events.ev(step, Phase::Failed, &m);
+    events.run_ev(step, State::Failed, &m);
     Failure::Failed(m)
 }
 
@@ -478,14 +454,14 @@ fn run_command_step(
     commit: &CommitInfo,
     env: &Environment,
     deadline: Instant,
-    events: &Events<'_>,
+    events: &Recorder<'_>,
 ) -> Result<(), Failure> {
     let Some(command) = &build.command else {
         return Ok(());
     };
     events.shown(
-        "build",
-        Phase::Start,
+        Step::Build,
+        State::Start,
         command,
         &format!("building {}: {command}", cutover_git::short(&commit.sha)),
     );
@@ -495,11 +471,11 @@ fn run_command_step(
         .current_dir(src)
         .env_clear()
         .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    match streamed(events, "build", cmd, deadline, &mut |_| {}) {
+    match streamed(events, Step::Build, cmd, deadline, &mut |_| {}) {
         Ok(s) => {
-            events.ev(
-                "build",
-                Phase::Done,
+            events.run_ev(
+                Step::Build,
+                State::Done,
                 &format!(
                     "{:.1}s, {} lines of output",
                     s.elapsed.as_secs_f64(),
@@ -508,7 +484,7 @@ fn run_command_step(
             );
             Ok(())
         }
-        Err(e) => Err(step_failed(events, "build", "build", commit, build, e)),
+        Err(e) => Err(step_failed(events, Step::Build, "build", commit, build, e)),
     }
 }
 
@@ -518,10 +494,10 @@ fn import_output(
     build: &BuildConfig,
     artifacts: &ArtifactStore,
     config: &Config,
-    events: &Events<'_>,
+    events: &Recorder<'_>,
 ) -> Result<StoredArtifact, Failure> {
     let fail = |m: String| {
-        events.ev("import", Phase::Failed, &m);
+        events.run_ev(Step::Import, State::Failed, &m);
         Failure::Failed(m)
     };
     // The output directory must be a real directory inside the checkout.
@@ -536,13 +512,13 @@ fn import_output(
         max_unpacked_bytes: config.files.max_unpacked_bytes,
         max_entries: config.files.max_entries,
     };
-    events.ev("import", Phase::Start, &build.output);
+    events.run_ev(Step::Import, State::Start, &build.output);
     let artifact = artifacts
         .import_dir(&out, &limits)
         .map_err(|e| fail(format!("the build output was refused: {e}")))?;
-    events.ev(
-        "import",
-        Phase::Done,
+    events.run_ev(
+        Step::Import,
+        State::Done,
         &format!("artifact {} ({} bytes)", artifact.sha256, artifact.size),
     );
     Ok(artifact)
@@ -576,7 +552,7 @@ fn docker_build_and_push(
     commit: &CommitInfo,
     build: &BuildConfig,
     deadline: Instant,
-    events: &Events<'_>,
+    events: &Recorder<'_>,
 ) -> Result<String, Failure> {
     let dockerfile = src.join(&docker.dockerfile);
     let context = src.join(&docker.context);
@@ -591,7 +567,7 @@ fn docker_build_and_push(
                 ""
             }
         );
-        events.ev("docker-build", Phase::Failed, &m);
+        events.run_ev(Step::DockerBuild, State::Failed, &m);
         return Err(Failure::Failed(m));
     }
     if !inside(src, &context, true) {
@@ -600,7 +576,7 @@ fn docker_build_and_push(
             cutover_git::short(&commit.sha),
             docker.context
         );
-        events.ev("docker-build", Phase::Failed, &m);
+        events.run_ev(Step::DockerBuild, State::Failed, &m);
         return Err(Failure::Failed(m));
     }
     let revision = format!("org.opencontainers.image.revision={}", commit.sha);
@@ -615,8 +591,8 @@ fn docker_build_and_push(
         .arg(&context)
         .current_dir(src);
     events.shown(
-        "docker-build",
-        Phase::Start,
+        Step::DockerBuild,
+        State::Start,
         &format!(
             "docker build -f {} -t {tag} {}",
             docker.dockerfile, docker.context
@@ -628,16 +604,16 @@ fn docker_build_and_push(
             docker.context
         ),
     );
-    match streamed(events, "docker-build", cmd, deadline, &mut |_| {}) {
-        Ok(s) => events.ev(
-            "docker-build",
-            Phase::Done,
+    match streamed(events, Step::DockerBuild, cmd, deadline, &mut |_| {}) {
+        Ok(s) => events.run_ev(
+            Step::DockerBuild,
+            State::Done,
             &format!("{tag} in {:.1}s", s.elapsed.as_secs_f64()),
         ),
         Err(e) => {
             return Err(step_failed(
                 events,
-                "docker-build",
+                Step::DockerBuild,
                 "docker build",
                 commit,
                 build,
@@ -647,15 +623,15 @@ fn docker_build_and_push(
     }
 
     events.shown(
-        "docker-push",
-        Phase::Start,
+        Step::DockerPush,
+        State::Start,
         tag,
         &format!("docker push {tag}"),
     );
     let mut digest = None;
     let mut cmd = Command::new("docker");
     cmd.args(["push", tag]).current_dir(src);
-    let pushed = streamed(events, "docker-push", cmd, deadline, &mut |line| {
+    let pushed = streamed(events, Step::DockerPush, cmd, deadline, &mut |line| {
         if let Some(d) = pushed_digest(line) {
             digest = Some(d);
         }
@@ -663,7 +639,7 @@ fn docker_build_and_push(
     if let Err(e) = pushed {
         return Err(step_failed(
             events,
-            "docker-push",
+            Step::DockerPush,
             "docker push",
             commit,
             build,
@@ -674,11 +650,11 @@ fn docker_build_and_push(
         Some(d) => d,
         None => repo_digest(tag, deadline).ok_or_else(|| {
             let m = format!("docker push {tag} succeeded but its digest is unknown: it printed no `digest: sha256:...` and the image has no RepoDigests entry for the repository");
-            events.ev("docker-push", Phase::Failed, &m);
+            events.run_ev(Step::DockerPush, State::Failed, &m);
             Failure::Failed(m)
         })?,
     };
-    events.ev("docker-push", Phase::Done, &digest);
+    events.run_ev(Step::DockerPush, State::Done, &digest);
     Ok(digest)
 }
 
@@ -703,33 +679,6 @@ fn repo_digest(tag: &str, deadline: Instant) -> Option<String> {
     })
     .ok()?;
     found
-}
-
-/// The outcome of a `deploy --ref` whose build did not produce anything: the run is finished
-/// (`refused` for bad input, exit 2; `failed`, exit 1) and no host was touched.
-pub(crate) fn failed_outcome(
-    f: Failure,
-    events: &Events<'_>,
-    live: Option<String>,
-) -> crate::Outcome {
-    let (code, status, message) = match f {
-        Failure::Input(m) => (
-            crate::exit::USAGE,
-            "refused",
-            format!("{m}\nNothing was built and no host was touched."),
-        ),
-        Failure::Failed(m) => (
-            crate::exit::FAILED,
-            "failed",
-            format!("{m}\nNo host was touched: every host still serves what it served."),
-        ),
-    };
-    let _ = events.store.finish_run(events.run_id, status, &now_utc());
-    events.ev("run", Phase::Failed, &message);
-    let mut o = crate::Outcome::refused("deploy", events.app, code, message);
-    o.status = status.into();
-    o.previous = live;
-    o
 }
 
 #[cfg(test)]

@@ -212,7 +212,7 @@ pub fn check(config: &Config) -> Result<Vec<HostCheck>, String> {
                 Err(e) => c.problems.push(e.to_string()),
             }
             if let Err(e) =
-                crate::container::proxy_request(r, capp, &cutover_proxy::Request::Status)
+                crate::switch::container::proxy_request(r, capp, &cutover_proxy::Request::Status)
             {
                 c.problems.push(format!("edge proxy: {e}"));
             }

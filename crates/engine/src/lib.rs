@@ -10,16 +10,18 @@
 pub mod artifact;
 pub mod build;
 pub mod changes;
-pub mod container;
 mod delta;
+pub mod deploy;
 pub mod gate;
 mod hostops;
 pub mod identity;
 pub mod inspect;
-mod protocol;
 pub mod setup;
+pub mod switch;
 
-pub use protocol::{run, HostOutcome, Outcome, RunRequest};
+pub use cutover_core::State as Phase;
+pub use deploy::{run, DeployError, HostOutcome, Outcome, RunRequest};
+pub use switch::container::{container_name, remote_binary};
 
 use cutover_core::{Config, Destination};
 use cutover_remote::local::LocalHost;
@@ -42,27 +44,42 @@ pub mod exit {
     pub const LOCKED: i32 = 4;
 }
 
-/// How far a step got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Start,
-    Done,
-    Failed,
+/// One step of a run as it happens: what the history records, and what the binary draws
+/// (bars, plain lines, or one JSON object per line with `--events`).
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    pub run: i64,
+    /// The event's sequence number in the history (`None`: it could not be recorded).
+    pub seq: Option<i64>,
+    pub app: &'a str,
+    /// Empty while a build has not produced the release yet.
+    pub release: &'a str,
+    /// `None`: a step of the whole run.
+    pub host: Option<&'a str>,
+    pub step: cutover_core::Step,
+    pub state: cutover_core::State,
+    /// UTC, with milliseconds.
+    pub time: Timestamp,
+    pub detail: &'a str,
+    /// What to show people instead of the bare step line, when the step says it better.
+    pub shown: Option<&'a str>,
 }
 
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Start => "start",
-            Phase::Done => "done",
-            Phase::Failed => "failed",
-        }
+/// Milliseconds since the epoch, shown as UTC with milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp(pub u64);
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = cutover_core::format_utc(self.0 / 1000);
+        let (head, _) = secs.split_at(secs.len() - 1);
+        write!(f, "{head}.{:03}Z", self.0 % 1000)
     }
 }
 
 /// Receives progress as it happens (the binary draws bars or prints lines).
 pub trait Reporter: Sync {
-    fn step(&self, _host: Option<&str>, _step: &str, _phase: Phase, _detail: &str) {}
+    fn event(&self, _e: &Event<'_>) {}
     fn bytes(&self, _host: &str, _sent: u64, _total: u64) {}
     fn note(&self, _text: &str) {}
 }
@@ -81,6 +98,24 @@ pub fn now_secs() -> u64 {
 
 pub fn now_utc() -> String {
     cutover_core::format_utc(now_secs())
+}
+
+/// Now, to the millisecond.
+pub fn now_utc_ms() -> Timestamp {
+    Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
+}
+
+pub(crate) fn sha256_hex(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The hosts of a config, connected lazily; closed (masters exited, sockets removed) on drop.
@@ -180,8 +215,8 @@ pub fn par_map<R: Send>(n: usize, limit: usize, f: impl Fn(usize) -> R + Sync) -
 
 /// Test hook: `CUTOVER_CRASH_AT=<point>` makes the process kill itself with SIGKILL at that
 /// point, so tests can prove crash safety at every step of the protocol.
-pub(crate) fn crash_point(point: &str) {
-    if std::env::var("CUTOVER_CRASH_AT").is_ok_and(|p| p == point) {
+pub(crate) fn crash_point(point: cutover_core::CrashPoint) {
+    if std::env::var("CUTOVER_CRASH_AT").is_ok_and(|p| p == point.as_str()) {
         let _ = std::process::Command::new("kill")
             .arg("-9")
             .arg(std::process::id().to_string())

@@ -4,10 +4,10 @@
 //! under systemd where the host has it, else as a supervised daemon (a shell loop that restarts
 //! it), and checks that the proxy answers on its control socket. Running it again is harmless.
 
-use crate::container::remote_binary;
+use crate::switch::container::remote_binary;
 use crate::{par_map, Hosts};
 use cutover_core::Config;
-use cutover_remote::Script;
+use cutover_remote::{Remote, Script};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -32,20 +32,63 @@ fi
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then echo SYSTEMD yes; fi
 "#;
 
+/// Writes stdin to a temporary name of its own in `dir` (so no other writer, and no running
+/// copy of an earlier upload, can make it busy), checks that all `size` bytes arrived and
+/// that it runs, then renames it over `dir/cutover` (a running proxy keeps its old inode).
+/// Every failure says which step failed and what the system said.
 const UPLOAD: &str = r#"
 set -u
 dir={dir}
 mkdir -p "$dir" && chmod 700 "$dir" || { echo "ERR cannot create $dir"; exit 3; }
-cat > "$dir/cutover.new" || { rm -f "$dir/cutover.new"; echo "ERR upload failed (disk full?)"; exit 3; }
-chmod 755 "$dir/cutover.new"
-if ! v=$("$dir/cutover.new" --version 2>&1); then
-  rm -f "$dir/cutover.new"
-  printf 'ERR this host cannot run the cutover binary (architecture %s; built for %s with glibc): %s\n' "$(uname -m)" {arch} "$v"
+# Uploads of setups that were killed (no EXIT trap runs then) are removed after an hour.
+find "$dir" -maxdepth 1 -name '.cutover.upload.*' -mmin +60 -exec rm -f {} + 2>/dev/null
+tmp=$(mktemp "$dir/.cutover.upload.XXXXXX" 2>/dev/null) || { tmp="$dir/.cutover.upload.$$"; rm -f "$tmp"; }
+trap 'rm -f "$tmp"' EXIT
+if ! err=$(cat 2>&1 >"$tmp"); then
+  printf 'ERR cannot write the upload to %s: %s\n' "$tmp" "$err"; exit 3
+fi
+got=$(wc -c <"$tmp" | tr -d ' ')
+if [ "$got" != {size} ]; then
+  printf 'ERR the upload to %s is incomplete: %s of %s bytes arrived (disk full?)\n' "$tmp" "$got" {size}; exit 3
+fi
+chmod 755 "$tmp"
+if ! v=$("$tmp" --version 2>&1); then
+  case "$v" in
+    *"Text file busy"*)
+      printf 'ERR cannot run the uploaded binary %s: another process holds it open for writing (Text file busy): %s\n' "$tmp" "$v" ;;
+    *"Permission denied"*)
+      printf 'ERR cannot execute the uploaded binary %s (is %s on a file system mounted noexec?): %s\n' "$tmp" "$dir" "$v" ;;
+    *)
+      printf 'ERR this host cannot run the cutover binary (architecture %s; built for %s with glibc): %s\n' "$(uname -m)" {arch} "$v" ;;
+  esac
   exit 3
 fi
-mv -f "$dir/cutover.new" "$dir/cutover"
+if ! err=$(mv -f "$tmp" "$dir/cutover" 2>&1); then
+  printf 'ERR cannot put the new binary in place at %s: %s\n' "$dir/cutover" "$err"; exit 3
+fi
+trap - EXIT
 printf 'VERSION %s\n' "$v"
 "#;
+
+/// Uploads `bytes` as `<dir>/cutover` on `r` (see [`UPLOAD`]): the binary's `--version`, or
+/// what failed.
+pub(crate) fn upload(r: &dyn Remote, dir: &str, bytes: &[u8]) -> Result<String, String> {
+    let size = bytes.len().to_string();
+    let mut reader: &[u8] = bytes;
+    let script = Script::new(
+        UPLOAD,
+        &[
+            ("dir", dir),
+            ("size", &size),
+            ("arch", std::env::consts::ARCH),
+        ],
+    );
+    match r.run(&script, Some(&mut reader)) {
+        Ok(o) if o.success() => Ok(line(&o.stdout, "VERSION ").unwrap_or("").to_string()),
+        Ok(o) => Err(err_of(&o)),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 const START_SUPERVISED: &str = r#"
 set -u
@@ -150,18 +193,10 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
         }
         let changed = line(&probe.stdout, "SUM ") != Some(sum.as_str());
         if changed {
-            let mut reader: &[u8] = &bytes;
-            match r.run(
-                &Script::new(UPLOAD, &[("dir", dir), ("arch", std::env::consts::ARCH)]),
-                Some(&mut reader),
-            ) {
-                Ok(o) if o.success() => s.binary = "uploaded".into(),
-                Ok(o) => {
-                    s.detail = err_of(&o);
-                    return s;
-                }
+            match upload(r, dir, &bytes) {
+                Ok(_) => s.binary = "uploaded".into(),
                 Err(e) => {
-                    s.detail = e.to_string();
+                    s.detail = e;
                     return s;
                 }
             }
@@ -222,7 +257,7 @@ mod tests {
     #[test]
     fn templates_have_every_placeholder_filled() {
         let _ = Script::new(PROBE, &[("dir", "/d")]);
-        let _ = Script::new(UPLOAD, &[("dir", "/d"), ("arch", "x86_64")]);
+        let _ = Script::new(UPLOAD, &[("dir", "/d"), ("size", "1"), ("arch", "x86_64")]);
         for t in [START_SUPERVISED, START_SYSTEMD] {
             let _ = Script::new(
                 t,
@@ -235,5 +270,162 @@ mod tests {
             );
         }
         let _ = Script::new(CHECK, &[("dir", "/d")]);
+    }
+
+    /// A scratch install dir, removed when dropped (killing what the test started there).
+    struct Dir(std::path::PathBuf, Vec<std::process::Child>);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            for c in &mut self.1 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("cutover-setup-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d, Vec::new())
+    }
+
+    /// Starts a running copy of `sleep` at `path`: its file is busy (a write to it fails
+    /// with ETXTBSY) for as long as it runs.
+    fn busy(d: &mut Dir, name: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = d.0.join(name);
+        std::fs::copy("/bin/sleep", &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d.1.push(std::process::Command::new(&path).arg("30").spawn().unwrap());
+        let e = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(26), "{name} is not busy: {e}"); // ETXTBSY
+    }
+
+    fn leftovers(d: &Dir) -> Vec<String> {
+        std::fs::read_dir(&d.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".cutover.upload"))
+            .collect()
+    }
+
+    const FAKE: &[u8] = b"#!/bin/sh\necho 'cutover 9.9.9'\n";
+
+    #[test]
+    fn an_upload_succeeds_while_the_binary_and_the_old_temp_name_are_busy() {
+        let mut d = dir("busy");
+        // The proxy running from `cutover`, and a copy still running from the temporary name
+        // every earlier setup wrote to (where a write then failed with "Text file busy").
+        busy(&mut d, "cutover");
+        busy(&mut d, "cutover.new");
+        let installed = d.0.join("cutover");
+        let version = upload(
+            &cutover_remote::local::LocalHost,
+            d.0.to_str().unwrap(),
+            FAKE,
+        );
+        assert_eq!(version.as_deref(), Ok("cutover 9.9.9"));
+        assert_eq!(std::fs::read(&installed).unwrap(), FAKE);
+        assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
+        for c in &mut d.1 {
+            assert!(
+                c.try_wait().unwrap().is_none(),
+                "a running copy was disturbed"
+            );
+        }
+        // A killed setup's upload is removed once it is an hour old; a fresh one is not.
+        let stale = d.0.join(".cutover.upload.OLD123");
+        let fresh = d.0.join(".cutover.upload.NEW123");
+        std::fs::write(&stale, b"x").unwrap();
+        std::fs::write(&fresh, b"x").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+            .unwrap();
+        // Again, over the binary just installed.
+        let version = upload(
+            &cutover_remote::local::LocalHost,
+            d.0.to_str().unwrap(),
+            FAKE,
+        );
+        assert_eq!(version.as_deref(), Ok("cutover 9.9.9"));
+        assert!(!stale.exists(), "a stale upload was left");
+        assert!(
+            fresh.exists(),
+            "a fresh upload (maybe another setup's) was removed"
+        );
+    }
+
+    #[test]
+    fn an_upload_succeeds_while_another_writer_holds_the_old_temp_name() {
+        let d = dir("writer");
+        // Another setup still writing to `cutover.new`: running that name failed with
+        // "Text file busy", reported as "this host cannot run the cutover binary".
+        let writer = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.0.join("cutover.new"))
+            .unwrap();
+        let version = upload(
+            &cutover_remote::local::LocalHost,
+            d.0.to_str().unwrap(),
+            FAKE,
+        );
+        assert_eq!(version.as_deref(), Ok("cutover 9.9.9"));
+        assert_eq!(std::fs::read(d.0.join("cutover")).unwrap(), FAKE);
+        drop(writer);
+    }
+
+    #[test]
+    fn a_failed_upload_says_what_failed_and_leaves_the_installed_binary() {
+        let d = dir("fail");
+        let dir = d.0.to_str().unwrap();
+        std::fs::write(d.0.join("cutover"), FAKE).unwrap();
+        let e = upload(
+            &cutover_remote::local::LocalHost,
+            dir,
+            b"#!/nonexistent/interpreter\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "this host cannot run the cutover binary (architecture {}; built for {} with glibc): ",
+                std::env::consts::ARCH,
+                std::env::consts::ARCH
+            )),
+            "{e}"
+        );
+        assert!(
+            e.contains(".cutover.upload."),
+            "the real error is missing: {e}"
+        );
+        assert_eq!(std::fs::read(d.0.join("cutover")).unwrap(), FAKE);
+        assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
+
+        // Fewer bytes than announced (a connection that dropped mid-upload).
+        let script = Script::new(UPLOAD, &[("dir", dir), ("size", "999"), ("arch", "x")]);
+        let mut short: &[u8] = FAKE;
+        let out = cutover_remote::local::LocalHost
+            .run(&script, Some(&mut short))
+            .unwrap();
+        let e = err_of(&out);
+        assert!(
+            e.starts_with("the upload to ")
+                && e.ends_with(&format!(
+                    " is incomplete: {} of 999 bytes arrived (disk full?)",
+                    FAKE.len()
+                )),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(d.0.join("cutover")).unwrap(), FAKE);
+        assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
     }
 }

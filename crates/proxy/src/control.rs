@@ -1,7 +1,8 @@
 //! The control protocol and its unix socket: one JSON [`Request`] per line in, one JSON
 //! [`Response`] per line out, several requests per connection allowed (answered in order).
-//! It owns the wire format, the socket file and the access check; it must not decide anything
-//! about routing (it calls [`crate::Proxy`]'s operations).
+//! It owns the framing, the socket file and the access check (the types and their JSON are
+//! `cutover-proxy-wire`'s); it must not decide anything about routing (it calls
+//! [`crate::Proxy`]'s operations).
 //!
 //! Wire examples:
 //! ```text
@@ -29,182 +30,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::forward::stopped;
-use crate::switch::DeployOptions;
 use crate::{log, parent_dir, Error, Proxy};
+use cutover_proxy_wire::{Request, Response};
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
 
 /// Distinguishes temporary socket names of several binds in one process.
 static BIND_SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// A control request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    /// Gate a new target, switch to it, drain the old one.
-    Deploy(DeployRequest),
-    /// Hold new requests for a service.
-    Pause {
-        /// The service.
-        service: String,
-        /// How long each request may be held before it gets a 503 (default: the proxy's
-        /// configured hold).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        hold_ms: Option<u64>,
-        /// How long to wait for requests already in flight on the current target before
-        /// answering (default 30 s).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        drain_ms: Option<u64>,
-    },
-    /// Release held requests to the current target.
-    Resume {
-        /// The service.
-        service: String,
-    },
-    /// Report services, targets and counters.
-    Status,
-    /// Forget a service.
-    Remove {
-        /// The service.
-        service: String,
-    },
-}
-
-/// The body of a deploy request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeployRequest {
-    /// The service (created if new).
-    pub service: String,
-    /// The new target, `host:port`.
-    pub target: String,
-    /// Health path on the target, e.g. `/up`.
-    pub health_path: String,
-    /// `Host` names routed to this service; empty keeps the service's current domains.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub domains: Vec<String>,
-    /// Gate and drain options.
-    #[serde(flatten)]
-    pub options: DeployOptions,
-}
-
-/// A control response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
-pub enum Response {
-    /// A deploy passed its gate and switched (or found the target already current).
-    Deployed(DeployReport),
-    /// The service is paused (and its current target drained, if `drained`).
-    Paused(PauseReport),
-    /// The service was resumed.
-    Resumed {
-        /// The service.
-        service: String,
-        /// Requests that were held at that moment.
-        released: usize,
-    },
-    /// The proxy's status.
-    Status(StatusReport),
-    /// The service was removed.
-    Removed {
-        /// The service.
-        service: String,
-    },
-    /// The request failed; nothing was changed unless the message says otherwise.
-    Error {
-        /// What went wrong.
-        error: String,
-    },
-}
-
-/// What a deploy did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeployReport {
-    /// The service.
-    pub service: String,
-    /// Its target now.
-    pub target: String,
-    /// Its target before, if the pointer was swapped.
-    pub previous: Option<String>,
-    /// The service did not exist before.
-    pub created: bool,
-    /// Requests now go somewhere new (false when the target was already current).
-    pub switched: bool,
-    /// When the pointer was swapped, Unix milliseconds.
-    pub switched_at_ms: u64,
-    /// How long the health gate took.
-    pub health_ms: u64,
-    /// Health probes sent.
-    pub health_probes: u32,
-    /// All of the old target's in-flight requests finished within the drain time.
-    pub drained: bool,
-    /// Time from the swap to the end of the drain.
-    pub drain_ms: u64,
-    /// The old target's requests still in flight when the drain ended.
-    pub in_flight_left: usize,
-    /// Set if the switch happened but the state file could not be written.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state_error: Option<String>,
-}
-
-/// What a pause did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PauseReport {
-    /// The service.
-    pub service: String,
-    /// How long each new request will be held at most.
-    pub hold_ms: u64,
-    /// No request was in flight on the current target when the pause answered.
-    pub drained: bool,
-    /// Time the pause waited for in-flight requests.
-    pub drain_ms: u64,
-    /// Requests still in flight on the current target when the pause answered.
-    pub in_flight_left: usize,
-}
-
-/// The proxy's status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusReport {
-    /// The proxy's process id.
-    pub pid: u32,
-    /// The proxy's version.
-    pub version: String,
-    /// The configured listen address.
-    pub listen: String,
-    /// Time since the proxy started.
-    pub uptime_ms: u64,
-    /// Requests received since start (all services, 404s included).
-    pub requests: u64,
-    /// Services by name.
-    pub services: Vec<ServiceStatus>,
-}
-
-/// One service in a [`StatusReport`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceStatus {
-    /// The service.
-    pub name: String,
-    /// `Host` names routed to it.
-    pub domains: Vec<String>,
-    /// Its current target.
-    pub target: String,
-    /// New requests are being held.
-    pub paused: bool,
-    /// Requests held right now.
-    pub held: usize,
-    /// Requests in flight on any of its targets (old ones still draining included).
-    pub in_flight: usize,
-    /// Requests routed to it since the proxy started.
-    pub requests: u64,
-    /// Requests the current target answered since it became current.
-    pub target_served: u64,
-}
 
 /// Why a control request failed.
 #[derive(Debug, thiserror::Error)]

@@ -40,11 +40,13 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
-pub use control::{
-    bind_control, control_request, control_request_blocking, ControlError, DeployReport,
-    DeployRequest, PauseReport, Request, Response, ServiceStatus, StatusReport,
+pub use control::{bind_control, control_request, control_request_blocking, ControlError};
+/// The control protocol's wire types live in `cutover-proxy-wire` (serde only), so that the
+/// controller side can speak the protocol without this crate's HTTP stack.
+pub use cutover_proxy_wire::{
+    DeployOptions, DeployReport, DeployRequest, PauseReport, Request, Response, ServiceStatus,
+    StatusReport,
 };
-pub use switch::DeployOptions;
 
 /// Where the control socket lives unless configured otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/cutover/proxy.sock";

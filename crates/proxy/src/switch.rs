@@ -22,64 +22,16 @@ use http_body_util::{BodyExt, Limited};
 use hyper::header;
 use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Uri};
-use serde::{Deserialize, Serialize};
 
-use crate::control::{DeployReport, PauseReport, ServiceStatus, StatusReport};
 use crate::forward::{chain, empty_body, upstream_client, Upstream};
 use crate::table::{check_name, parse_domains, parse_target, Table, Target};
 use crate::{log, state, Error, ProxyConfig};
+use cutover_proxy_wire::{DeployOptions, DeployReport, PauseReport, ServiceStatus, StatusReport};
 
 /// Largest health response body read (the rest makes the probe fail).
 const HEALTH_BODY_LIMIT: usize = 1024 * 1024;
 /// How often a drain looks at the old target's in-flight counter.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
-
-/// How a deploy gates and drains. Serialized with durations in milliseconds
-/// (`health_interval_ms`, `give_up_after_ms`, `timeout_ms`, `drain_ms`); every field is
-/// optional in JSON and defaults to the `[health]`/`[proxy]` defaults of the config contract.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DeployOptions {
-    /// Time between two probes (default 500 ms).
-    #[serde(rename = "health_interval_ms", with = "millis")]
-    pub health_interval: Duration,
-    /// Consecutive 2xx probes needed (default 2; 0 counts as 1).
-    pub healthy_after: u32,
-    /// The gate fails if it has not passed after this long (default 30 s).
-    #[serde(rename = "give_up_after_ms", with = "millis")]
-    pub give_up_after: Duration,
-    /// One probe's timeout (default 2 s).
-    #[serde(rename = "timeout_ms", with = "millis")]
-    pub timeout: Duration,
-    /// How long the old target's in-flight requests get after the swap (default 30 s).
-    #[serde(rename = "drain_ms", with = "millis")]
-    pub drain: Duration,
-}
-
-impl Default for DeployOptions {
-    fn default() -> Self {
-        DeployOptions {
-            health_interval: Duration::from_millis(500),
-            healthy_after: 2,
-            give_up_after: Duration::from_secs(30),
-            timeout: Duration::from_secs(2),
-            drain: Duration::from_secs(30),
-        }
-    }
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis().min(u64::MAX as u128) as u64)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
-    }
-}
 
 /// Everything the HTTP side and the control side share.
 pub(crate) struct Shared {
@@ -445,17 +397,6 @@ pub(crate) fn status(shared: &Shared) -> StatusReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn deploy_options_json_uses_milliseconds_and_defaults() {
-        let o: DeployOptions = serde_json::from_str(r#"{"drain_ms": 1500}"#).unwrap();
-        assert_eq!(o.drain, Duration::from_millis(1500));
-        assert_eq!(o.healthy_after, 2);
-        assert_eq!(o.health_interval, Duration::from_millis(500));
-        let v = serde_json::to_value(DeployOptions::default()).unwrap();
-        assert_eq!(v["give_up_after_ms"], 30_000);
-        assert_eq!(v["timeout_ms"], 2_000);
-    }
 
     #[test]
     fn health_paths_must_be_absolute() {

@@ -19,7 +19,42 @@ pub enum StoreError {
         path: String,
         source: rusqlite::Error,
     },
+    /// A file exists at the database's path but is not cutover's database (empty, not
+    /// SQLite, another program's schema, or a newer cutover's): nothing was written to it.
+    #[error("database {path}: {why}; cutover did not touch it. {todo}")]
+    NotOurs {
+        path: String,
+        why: String,
+        todo: &'static str,
+    },
+    #[error("database {path}: {what}: {source}")]
+    Io {
+        path: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
+
+/// What to do about a file that is not cutover's database.
+const NOT_OURS_TODO: &str = "If this is the wrong data directory, point cutover at the right one (--data or CUTOVER_DATA); otherwise restore the file from a backup, or move it away to start a new, empty history";
+
+/// `PRAGMA application_id` of cutover's database ("cutv"), set when it is created (and on
+/// the first open of a database made before the id existed).
+pub const APPLICATION_ID: i32 = 0x6375_7476;
+
+/// The tables each schema version has (index = `user_version` - 1), to recognise cutover's
+/// databases made before [`APPLICATION_ID`].
+const TABLES: &[&[&str]] = &[
+    &[
+        "releases",
+        "host_outcomes",
+        "runs",
+        "events",
+        "live",
+        "locks",
+    ],
+    &["build_cache"],
+];
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -185,15 +220,46 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (creating and migrating) the database at `path`.
+    /// Opens (creating and migrating) the database at `path`. A missing file is a new, empty
+    /// history (created under a temporary name and linked into place only when complete, so
+    /// a crash never leaves a half-made database by this name). A file that exists but is
+    /// not cutover's database is [`StoreError::NotOurs`], and nothing is written to it: an
+    /// empty file (a truncated database must not read as "no releases yet"), a file that is
+    /// not SQLite, an SQLite database of another program, or one of a newer cutover.
     pub fn open(path: &Path) -> Result<Store> {
         let p = path.display().to_string();
+        let not_ours = |why: String| StoreError::NotOurs {
+            path: p.clone(),
+            why,
+            todo: NOT_OURS_TODO,
+        };
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path)?,
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: p,
+                    what: "cannot look at it",
+                    source,
+                })
+            }
+            Ok(m) if !m.is_file() => {
+                return Err(not_ours(format!(
+                    "not a regular file (it is {})",
+                    file_kind(&m.file_type())
+                )))
+            }
+            Ok(m) => check_header(path, m.len()).map_err(not_ours)?,
+        }
         let sql = |source| StoreError::Sql {
             path: p.clone(),
             source,
         };
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
+        recognise(&conn).map_err(|e| match e {
+            Recognised::NotOurs(why) => not_ours(why),
+            Recognised::Sql(e) => sql(e),
+        })?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -218,18 +284,7 @@ impl Store {
     }
 
     fn migrate(&self) -> Result<()> {
-        let conn = self.c();
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(|e| self.e(e))?;
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = conn.unchecked_transaction().map_err(|e| self.e(e))?;
-            tx.execute_batch(m).map_err(|e| self.e(e))?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)
-                .map_err(|e| self.e(e))?;
-            tx.commit().map_err(|e| self.e(e))?;
-        }
-        Ok(())
+        migrate(&self.c()).map_err(|e| self.e(e))
     }
 
     /// Takes the app lock. `alive` says whether a recorded holder's process still runs (the
@@ -528,14 +583,14 @@ impl Store {
         phase: &str,
         at: &str,
         detail: &str,
-    ) -> Result<()> {
-        self.c()
-            .execute(
-                "INSERT INTO events (run_id, app, release_id, host, step, phase, at, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![run_id, app, release_id, host, step, phase, at, detail],
-            )
-            .map_err(|e| self.e(e))?;
-        Ok(())
+    ) -> Result<i64> {
+        let conn = self.c();
+        conn.execute(
+            "INSERT INTO events (run_id, app, release_id, host, step, phase, at, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![run_id, app, release_id, host, step, phase, at, detail],
+        )
+        .map_err(|e| self.e(e))?;
+        Ok(conn.last_insert_rowid())
     }
 
     pub fn events(&self, run_id: i64) -> Result<Vec<Event>> {
@@ -561,6 +616,175 @@ impl Store {
             .map_err(|e| self.e(e));
         rows
     }
+}
+
+/// Runs the migrations `conn`'s database has not had yet, and sets its application id.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(m)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    let id: i32 = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    if id != APPLICATION_ID {
+        conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+    }
+    Ok(())
+}
+
+/// Makes a new, fully migrated database at `path`: built under a temporary name beside it,
+/// then hard-linked into place, which fails rather than replace a database another process
+/// made meanwhile (then that one is used).
+fn create(path: &Path) -> Result<()> {
+    let p = path.display().to_string();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "cutover.db".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = path.with_file_name(format!(".{name}.{}-{nanos}.new", std::process::id()));
+    let made = Connection::open(&tmp)
+        .and_then(|conn| {
+            migrate(&conn)?;
+            conn.close().map_err(|(_, e)| e)
+        })
+        .map_err(|source| StoreError::Sql {
+            path: tmp.display().to_string(),
+            source,
+        });
+    let placed = made.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        // A file system without hard links: a plain rename, unless the database appeared.
+        Err(_) if path.exists() => Ok(()),
+        Err(_) => std::fs::rename(&tmp, path).map_err(|source| StoreError::Io {
+            path: p.clone(),
+            what: "cannot create it",
+            source,
+        }),
+    });
+    let _ = std::fs::remove_file(&tmp);
+    placed
+}
+
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a file"
+    }
+}
+
+/// Refuses an existing file of `len` bytes at `path` that cannot be an SQLite database: an
+/// empty one (unless its write-ahead log holds the database: SQLite recovers that) and one
+/// that does not start with SQLite's header.
+fn check_header(path: &Path, len: u64) -> std::result::Result<(), String> {
+    use std::io::Read;
+    if len == 0 {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+            return Ok(());
+        }
+        return Err("the file is empty (0 bytes), so it holds no history: a database that was truncated must not read as \"no releases yet\"".into());
+    }
+    let mut head = [0u8; 16];
+    let n = std::fs::File::open(path)
+        .and_then(|f| {
+            let mut n = 0;
+            let mut f = f.take(16);
+            loop {
+                match f.read(&mut head[n..])? {
+                    0 => return Ok(n),
+                    k => n += k,
+                }
+            }
+        })
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if &head[..n] != b"SQLite format 3\0" {
+        return Err(format!(
+            "not an SQLite database ({len} bytes that do not start with SQLite's header), so not cutover's history"
+        ));
+    }
+    Ok(())
+}
+
+enum Recognised {
+    NotOurs(String),
+    Sql(rusqlite::Error),
+}
+
+/// Whether the SQLite database on `conn` is cutover's: its application id says so, or (made
+/// before the id) it has the tables of its schema version; or it is an SQLite database with
+/// nothing in it yet. Reads only.
+fn recognise(conn: &Connection) -> std::result::Result<(), Recognised> {
+    let q = |sql: &str| -> std::result::Result<i64, Recognised> {
+        conn.query_row(sql, [], |r| r.get(0)).map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+                ) =>
+            {
+                Recognised::NotOurs(format!(
+                    "not a readable SQLite database ({e}), so not cutover's history"
+                ))
+            }
+            e => Recognised::Sql(e),
+        })
+    };
+    let id = q("PRAGMA application_id")?;
+    let version = q("PRAGMA user_version")?;
+    let mut stmt = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .map_err(Recognised::Sql)?;
+    let tables: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(Recognised::Sql)?;
+    let known = MIGRATIONS.len() as i64;
+    if id != 0 && id != i64::from(APPLICATION_ID) {
+        return Err(Recognised::NotOurs(format!(
+            "an SQLite database of another program (application id {id:#010x}), not cutover's history"
+        )));
+    }
+    if version > known {
+        return Err(Recognised::NotOurs(format!(
+            "made by a newer cutover (schema version {version}; this one knows up to {known}): run that version or a newer one"
+        )));
+    }
+    if version == 0 && tables.is_empty() {
+        return Ok(()); // an SQLite database with nothing in it: nothing to lose
+    }
+    let missing: Vec<&str> = TABLES
+        .iter()
+        .take(version.max(1) as usize)
+        .flat_map(|t| t.iter().copied())
+        .filter(|t| !tables.iter().any(|have| have == t))
+        .collect();
+    if version == 0 || !missing.is_empty() {
+        let mut shown: Vec<&str> = tables.iter().map(String::as_str).take(5).collect();
+        if tables.len() > 5 {
+            shown.push("...");
+        }
+        return Err(Recognised::NotOurs(format!(
+            "an SQLite database of something else (tables: {}), not cutover's history",
+            shown.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -710,6 +934,148 @@ mod tests {
         let r = s.release("a", "r0").unwrap().unwrap();
         assert_eq!(r.commit_subject, None);
         assert_eq!(s.cached_build("a", "k").unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("cutover-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Opening `path` fails as not cutover's database, and leaves the file as it was.
+    fn refused(path: &Path) -> String {
+        let before = std::fs::read(path).ok();
+        let e = Store::open(path).unwrap_err();
+        assert!(matches!(e, StoreError::NotOurs { .. }), "{e:?}");
+        assert_eq!(std::fs::read(path).ok(), before, "{e}");
+        let m = e.to_string();
+        assert!(
+            m.starts_with(&format!("database {}: ", path.display())),
+            "{m}"
+        );
+        assert!(
+            m.ends_with(&format!("; cutover did not touch it. {NOT_OURS_TODO}")),
+            "{m}"
+        );
+        m
+    }
+
+    #[test]
+    fn a_missing_database_is_created_complete_under_its_name() {
+        let dir = scratch("new");
+        let path = dir.join("cutover.db");
+        Store::open(&path).unwrap().releases("a").unwrap();
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with("cutover.db"))
+            .collect();
+        assert!(names.is_empty(), "temporary files left: {names:?}");
+        let c = Connection::open(&path).unwrap();
+        let id: i32 = c
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .unwrap();
+        assert_eq!(id, APPLICATION_ID);
+        drop(c);
+        Store::open(&path).unwrap(); // and it opens again as ours
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_empty_file_is_not_an_empty_history() {
+        let dir = scratch("empty");
+        let path = dir.join("cutover.db");
+        std::fs::write(&path, b"").unwrap();
+        let m = refused(&path);
+        assert!(
+            m.contains(": the file is empty (0 bytes), so it holds no history"),
+            "{m}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn files_that_are_not_cutovers_database_are_refused_untouched() {
+        let dir = scratch("foreign");
+        let path = dir.join("cutover.db");
+
+        std::fs::write(&path, b"hello\n").unwrap();
+        let m = refused(&path);
+        assert!(
+            m.contains(": not an SQLite database (6 bytes that do not start with SQLite's header)"),
+            "{m}"
+        );
+
+        let mut garbage = b"SQLite format 3\0".to_vec();
+        garbage.extend(std::iter::repeat_n(0xa5u8, 8192));
+        std::fs::write(&path, &garbage).unwrap();
+        let m = refused(&path);
+        assert!(m.contains(": not a readable SQLite database ("), "{m}");
+
+        std::fs::remove_file(&path).unwrap();
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE customers (id INTEGER); CREATE TABLE orders (id INTEGER);",
+            )
+            .unwrap();
+        }
+        let m = refused(&path);
+        assert!(m.contains(": an SQLite database of something else (tables: customers, orders), not cutover's history"), "{m}");
+
+        // Version 1 by number, but without cutover's tables.
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 1)
+            .unwrap();
+        refused(&path);
+
+        std::fs::remove_file(&path).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "application_id", 42)
+            .unwrap();
+        let m = refused(&path);
+        assert!(
+            m.contains(": an SQLite database of another program (application id 0x0000002a)"),
+            "{m}"
+        );
+
+        std::fs::remove_file(&path).unwrap();
+        drop(Store::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let m = refused(&path);
+        assert!(
+            m.contains(": made by a newer cutover (schema version 99; this one knows up to 2)"),
+            "{m}"
+        );
+
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(": not a regular file (it is a directory); cutover did not touch it."),
+            "{e}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_sqlite_database_with_nothing_in_it_becomes_a_history() {
+        let dir = scratch("blank");
+        let path = dir.join("cutover.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x); DROP TABLE t;")
+            .unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        Store::open(&path).unwrap().releases("a").unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -128,7 +128,7 @@ give_up_after = "2s"
     let mut all_as_expected = true;
     for (title, req, expected) in steps {
         println!("== {title}");
-        let progress = Progress::new(true);
+        let progress = Progress::new(crate::output::Mode::Json);
         let outcome = cutover_engine::run(&config, &store, &artifacts, &progress, req);
         for line in outcome.message.lines() {
             println!("   {line}");

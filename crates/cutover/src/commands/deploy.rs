@@ -1,10 +1,10 @@
-//! `cutover deploy` and `cutover rollback`: both run the same protocol in the engine.
+//! `cutover deploy` and `cutover rollback`: both run the one protocol in the engine.
 
-use super::{load_config, open_store, print_json};
+use super::{load_config, open_store};
 use crate::cli::Common;
-use crate::output::{human_bytes, Progress};
+use crate::output::{human_bytes, Mode, Progress};
+use cutover_core::Config;
 use cutover_engine::artifact::ArtifactStore;
-use cutover_engine::container::ContainerRequest;
 use cutover_engine::{exit, Outcome, RunRequest};
 use std::path::PathBuf;
 
@@ -13,158 +13,101 @@ pub(crate) fn deploy(
     artifact: Option<PathBuf>,
     git_ref: Option<String>,
     image: Option<String>,
-    json: bool,
+    mode: Mode,
 ) -> i32 {
     let config = match load_config(&common.config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if config.container.is_some() {
-        if artifact.is_some() {
-            eprintln!("error: --artifact is for files apps; a container app deploys an image: pass --image TAG, --image @sha256:DIGEST or --ref REF");
-            return exit::USAGE;
+    match request(common, &config, artifact, git_ref, image, mode) {
+        Ok(req) => run(common, &config, req, mode),
+        Err(message) => {
+            eprintln!("error: {message}");
+            exit::USAGE
         }
-        if let Some(image) = image {
-            return run_container(common, &config, ContainerRequest::Deploy { image }, json);
+    }
+}
+
+/// The flags, turned into one request for the engine (or the usage error).
+fn request(
+    common: &Common,
+    config: &Config,
+    artifact: Option<PathBuf>,
+    git_ref: Option<String>,
+    image: Option<String>,
+    mode: Mode,
+) -> Result<RunRequest, String> {
+    let file = config.file.display();
+    let container = config.container.is_some();
+    let build = |git_ref| RunRequest::Build {
+        git_ref,
+        data_dir: super::data_dir(common),
+    };
+    let head = |what: &str| {
+        if mode == Mode::Human {
+            eprintln!(
+                "no --ref or {what} given: building HEAD, the default branch of [build] repo"
+            );
         }
-        let git_ref = match (git_ref, &config.build) {
-            (Some(r), Some(_)) => r,
-            (Some(_), None) => {
-                eprintln!(
-                    "error: --ref builds an image from git and needs a [build] section (repo, dockerfile) in {}",
-                    config.file.display()
-                );
-                return exit::USAGE;
-            }
-            (None, Some(_)) => {
-                if !json {
-                    eprintln!("no --ref or --image given: building HEAD, the default branch of [build] repo");
-                }
-                "HEAD".into()
-            }
-            (None, None) => {
-                eprintln!("error: a container app deploys an image version: pass --image TAG or --image @sha256:DIGEST (or --ref REF with a [build] section)");
-                return exit::USAGE;
-            }
-        };
-        let data_dir = super::data_dir(common);
-        return run_container(
-            common,
-            &config,
-            ContainerRequest::Build { git_ref, data_dir },
-            json,
-        );
-    }
-    if image.is_some() {
-        eprintln!("error: --image is for container apps ([container]); this is a files app: use --artifact or --ref");
-        return exit::USAGE;
-    }
-    if let Some(git_ref) = git_ref {
-        return build_and_deploy(common, &config, git_ref, json);
-    }
-    let Some(artifact) = artifact.or_else(|| config.files.source.clone()) else {
-        if config.build.is_some() {
+        "HEAD".to_string()
+    };
+    match (container, artifact, image, git_ref) {
+        (true, Some(_), _, _) => Err("--artifact is for files apps; a container app deploys an image: pass --image TAG, --image @sha256:DIGEST or --ref REF".into()),
+        (false, _, Some(_), _) => Err("--image is for container apps ([container]); this is a files app: use --artifact or --ref".into()),
+        (_, _, _, Some(_)) if config.build.is_none() => Err(if container {
+            format!("--ref builds an image from git and needs a [build] section (repo, dockerfile) in {file}")
+        } else {
+            format!("--ref builds from git and needs a [build] section (repo, command, output) in {file}")
+        }),
+        (_, _, _, Some(r)) => Ok(build(r)),
+        (true, None, Some(image), None) => Ok(RunRequest::Image { image }),
+        (true, None, None, None) if config.build.is_some() => Ok(build(head("--image"))),
+        (true, None, None, None) => Err("a container app deploys an image version: pass --image TAG or --image @sha256:DIGEST (or --ref REF with a [build] section)".into()),
+        (false, artifact, None, None) => match artifact.or_else(|| config.files.source.clone()) {
+            Some(artifact) => Ok(RunRequest::Deploy { artifact, commit: None }),
             // Nothing else named: the repository's default branch, as a clone would check out.
-            if !json {
-                eprintln!("no --ref or --artifact given: building HEAD, the default branch of [build] repo");
-            }
-            return build_and_deploy(common, &config, "HEAD".into(), json);
-        }
-        eprintln!(
-            "error: nothing to deploy: pass --artifact PATH, --ref REF with a [build] section, or set [files] source in {}",
-            config.file.display()
-        );
-        return exit::USAGE;
-    };
-    run(
-        common,
-        &config,
-        RunRequest::Deploy {
-            artifact,
-            commit: None,
+            None if config.build.is_some() => Ok(build(head("--artifact"))),
+            None => Err(format!("nothing to deploy: pass --artifact PATH, --ref REF with a [build] section, or set [files] source in {file}")),
         },
-        json,
-    )
-}
-
-fn build_and_deploy(
-    common: &Common,
-    config: &cutover_core::Config,
-    git_ref: String,
-    json: bool,
-) -> i32 {
-    if config.build.is_none() {
-        eprintln!(
-            "error: --ref builds from git and needs a [build] section (repo, command, output) in {}",
-            config.file.display()
-        );
-        return exit::USAGE;
     }
-    let data_dir = super::data_dir(common);
-    run(
-        common,
-        config,
-        RunRequest::Build { git_ref, data_dir },
-        json,
-    )
 }
 
-pub(crate) fn rollback(common: &Common, to: Option<String>, json: bool) -> i32 {
-    let config = match load_config(&common.config) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    if config.container.is_some() {
-        return run_container(common, &config, ContainerRequest::Rollback { to }, json);
+pub(crate) fn rollback(common: &Common, to: Option<String>, mode: Mode) -> i32 {
+    match load_config(&common.config) {
+        Ok(config) => run(common, &config, RunRequest::Rollback { to }, mode),
+        Err(code) => code,
     }
-    run(common, &config, RunRequest::Rollback { to }, json)
 }
 
-fn run_container(
-    common: &Common,
-    config: &cutover_core::Config,
-    req: ContainerRequest,
-    json: bool,
-) -> i32 {
-    let (store, _) = match open_store(common) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let progress = Progress::new(json);
-    let outcome = cutover_engine::container::run(config, &store, &progress, req);
-    progress.finish();
-    report(&outcome, json);
-    outcome.exit_code
-}
-
-fn run(common: &Common, config: &cutover_core::Config, req: RunRequest, json: bool) -> i32 {
+fn run(common: &Common, config: &Config, req: RunRequest, mode: Mode) -> i32 {
     let (store, dir) = match open_store(common) {
         Ok(s) => s,
         Err(code) => return code,
     };
     let artifacts = ArtifactStore::new(dir.join("artifacts"));
-    let progress = Progress::new(json);
+    let progress = Progress::new(mode);
     let outcome = cutover_engine::run(config, &store, &artifacts, &progress, req);
     progress.finish();
-    report(&outcome, json);
+    report(&outcome, mode);
     outcome.exit_code
 }
 
-pub(crate) fn report(o: &Outcome, json: bool) {
-    if json {
-        print_json(o);
-        return;
+pub(crate) fn report(o: &Outcome, mode: Mode) {
+    match mode {
+        Mode::Json => return super::print_json(o),
+        Mode::Events => return crate::output::print_outcome_line(o),
+        Mode::Human => {}
     }
     for (host, h) in &o.hosts {
-        if h.outcome.is_empty() {
+        let Some(state) = h.outcome else {
             continue;
-        }
+        };
         let up = if h.uploaded_bytes > 0 {
             format!(" ({} uploaded)", human_bytes(h.uploaded_bytes))
         } else {
             String::new()
         };
-        eprintln!("  {host}: {}{up}", h.outcome);
+        eprintln!("  {host}: {state}{up}");
     }
     if let Some(c) = &o.commit {
         eprintln!(

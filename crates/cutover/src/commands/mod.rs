@@ -11,6 +11,7 @@ mod setup;
 mod status;
 
 use crate::cli::{Cli, Command, Common};
+use crate::output::Mode;
 use cutover_core::Config;
 use cutover_engine::exit;
 use std::path::{Path, PathBuf};
@@ -23,8 +24,14 @@ pub(crate) fn run(cli: Cli) -> i32 {
             git_ref,
             image,
             json,
-        } => deploy::deploy(&common, artifact, git_ref, image, json),
-        Command::Rollback { common, to, json } => deploy::rollback(&common, to, json),
+            events,
+        } => deploy::deploy(&common, artifact, git_ref, image, Mode::of(json, events)),
+        Command::Rollback {
+            common,
+            to,
+            json,
+            events,
+        } => deploy::rollback(&common, to, Mode::of(json, events)),
         Command::History { common, json } => history::run(&common, json),
         Command::Diff {
             common,
@@ -40,16 +47,81 @@ pub(crate) fn run(cli: Cli) -> i32 {
     }
 }
 
-/// Loads and validates the config, printing the error (exit 2) if it is not usable.
+/// Loads and validates the config, printing the error (exit 2) if it is not usable. The file
+/// must be a regular file of at most [`cutover_core::config::MAX_CONFIG_BYTES`]: anything
+/// else (a device such as `/dev/zero`, a FIFO, a directory) is refused from its metadata,
+/// without opening it, and the read itself is bounded.
 pub(crate) fn load_config(path: &Path) -> Result<Config, i32> {
-    let text = match std::fs::read_to_string(path) {
+    use cutover_core::config::MAX_CONFIG_BYTES;
+    use std::io::Read;
+    let refuse = |what: String| {
+        eprintln!("error: {}: {what}", path.display());
+        Err(exit::USAGE)
+    };
+    let cannot_read = |e: std::io::Error| {
+        eprintln!(
+            "error: cannot read {}: {e}\n(create a cutover.toml, see the README, or pass -c FILE)",
+            path.display()
+        );
+        Err(exit::USAGE)
+    };
+    let not_regular = |t: std::fs::FileType| {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        format!("not a regular file (it is {kind}); a config is a regular file of at most 1 MiB")
+    };
+    let too_big = |size: String| {
+        format!("the file is {size}; a config is at most 1 MiB ({MAX_CONFIG_BYTES} bytes)")
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return cannot_read(e),
+    };
+    if !meta.is_file() {
+        return refuse(not_regular(meta.file_type()));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return refuse(too_big(format!("{} bytes", meta.len())));
+    }
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return cannot_read(e),
+    };
+    // The path may have been replaced between the two looks: trust only the open file.
+    match file.metadata() {
+        Ok(m) if !m.is_file() => return refuse(not_regular(m.file_type())),
+        Ok(_) => {}
+        Err(e) => return cannot_read(e),
+    }
+    let mut bytes = Vec::new();
+    if let Err(e) = file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes) {
+        return cannot_read(e);
+    }
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return refuse(too_big(format!("more than {MAX_CONFIG_BYTES} bytes")));
+    }
+    let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!(
-                "error: cannot read {}: {e}\n(create a cutover.toml, see the README, or pass -c FILE)",
-                path.display()
-            );
-            return Err(exit::USAGE);
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+            let col =
+                valid.len() - valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) + 1;
+            return refuse(format!(
+                "the file is not UTF-8 text (an invalid byte at line {line}, column {col}); a config is a UTF-8 TOML file"
+            ));
         }
     };
     let home = std::env::var_os("HOME").map(PathBuf::from);

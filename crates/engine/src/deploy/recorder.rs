@@ -1,0 +1,164 @@
+//! The one recorder of a run: its row in the history, its events (database first, then the
+//! reporter), its hosts' outcomes. Two kinds of writes:
+//!
+//! * [`Recorder::guard`]: the event that precedes a change to a host. If it cannot be
+//!   written the change must not happen, so it is an error the caller returns.
+//! * everything else goes through [`Recorder::best_effort`], which says once, to the
+//!   reporter, what it could not record instead of dropping it silently.
+
+use super::error::DeployError;
+use crate::{Event, Reporter};
+use cutover_core::{HostState, RunKind, State, Status, Step};
+use cutover_store::Store;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+pub struct Recorder<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) reporter: &'a dyn Reporter,
+    pub(crate) app: &'a str,
+    pub(crate) run_id: i64,
+    release: Mutex<String>,
+    dropped: AtomicBool,
+}
+
+impl<'a> Recorder<'a> {
+    /// Starts a run row for `release` (empty while a build has not produced it yet).
+    pub(crate) fn start(
+        store: &'a Store,
+        reporter: &'a dyn Reporter,
+        app: &'a str,
+        kind: RunKind,
+        release: &str,
+        live: Option<&str>,
+    ) -> Result<Recorder<'a>, DeployError> {
+        let run_id = store
+            .start_run(app, kind.as_str(), release, live, &crate::now_utc())
+            .map_err(|e| DeployError::Store(e.to_string()))?;
+        Ok(Recorder {
+            store,
+            reporter,
+            app,
+            run_id,
+            release: Mutex::new(release.to_string()),
+            dropped: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn release(&self) -> String {
+        self.release
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The run now deploys `id` (known once a build or a pull pinned it).
+    pub(crate) fn set_release(&self, id: &str) -> Result<(), DeployError> {
+        *self.release.lock().unwrap_or_else(|p| p.into_inner()) = id.to_string();
+        self.store
+            .set_run_release(self.run_id, id)
+            .map_err(|e| DeployError::Store(e.to_string()))
+    }
+
+    fn write(
+        &self,
+        host: Option<&str>,
+        step: Step,
+        state: State,
+        detail: &str,
+        shown: Option<&str>,
+    ) -> Result<(), String> {
+        let at = crate::now_utc();
+        let release = self.release();
+        let seq = self.store.event(
+            self.run_id,
+            self.app,
+            &release,
+            host,
+            step.as_str(),
+            state.as_str(),
+            &at,
+            detail,
+        );
+        self.reporter.event(&Event {
+            run: self.run_id,
+            seq: seq.as_ref().ok().copied(),
+            app: self.app,
+            release: &release,
+            host,
+            step,
+            state,
+            time: crate::now_utc_ms(),
+            detail,
+            shown,
+        });
+        seq.map(|_| ())
+            .map_err(|e| format!("cannot record the {step} step in the history: {e}"))
+    }
+
+    /// Records the event that guards a host change; `Err`: the change must not be made.
+    pub(crate) fn guard(
+        &self,
+        host: Option<&str>,
+        step: Step,
+        state: State,
+        detail: &str,
+    ) -> Result<(), DeployError> {
+        self.write(host, step, state, detail, None).map_err(|e| {
+            self.reporter.note(&e);
+            DeployError::NotRecorded
+        })
+    }
+
+    /// Records an event for the record; a failure to record is said, not fatal.
+    pub(crate) fn ev(&self, host: Option<&str>, step: Step, state: State, detail: &str) {
+        let r = self.write(host, step, state, detail, None);
+        self.best_effort(r);
+    }
+
+    /// Records an event of the whole run for the record.
+    pub(crate) fn run_ev(&self, step: Step, state: State, detail: &str) {
+        self.ev(None, step, state, detail);
+    }
+
+    /// Records an event and shows people `text` instead of the bare step line.
+    pub(crate) fn shown(&self, step: Step, state: State, detail: &str, text: &str) {
+        let r = self.write(None, step, state, detail, Some(text));
+        self.best_effort(r);
+    }
+
+    /// The one place a write that may fail without stopping the run goes: what it dropped
+    /// is said to the reporter (once per run in full, then counted silently).
+    pub(crate) fn best_effort<E: std::fmt::Display>(&self, r: Result<(), E>) {
+        if let Err(e) = r {
+            if !self.dropped.swap(true, Ordering::SeqCst) {
+                self.reporter
+                    .note(&format!("warning: not recorded in the history: {e}"));
+            }
+        }
+    }
+
+    pub(crate) fn host_outcome(&self, host: &str, state: HostState) {
+        let r = self
+            .store
+            .set_host_outcome(self.app, &self.release(), host, state.as_str());
+        self.best_effort(r);
+    }
+
+    pub(crate) fn set_status(&self, release: &str, status: Status) {
+        let r = self
+            .store
+            .set_status(self.app, release, status.as_str(), Some(&crate::now_utc()));
+        self.best_effort(r);
+    }
+
+    /// Ends the run row and records its last event.
+    pub(crate) fn finish(&self, status: Status, ok: bool, message: &str) {
+        let r = self
+            .store
+            .finish_run(self.run_id, status.as_str(), &crate::now_utc());
+        self.best_effort(r);
+        let state = if ok { State::Done } else { State::Failed };
+        self.ev(None, Step::Run, state, message);
+    }
+}

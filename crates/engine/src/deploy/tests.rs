@@ -1,0 +1,629 @@
+//! The protocol against a fake fleet and a fake switcher: no root, no SSH, no processes;
+//! any step can fail on any host, and every decision is checked against the history, the
+//! events, what each host serves and the exact message.
+
+use super::protocol::{execute_on, Candidate, Early, Env, Fleet, What};
+use super::{DeployError, Recorder, Via};
+use crate::hostops::{HostLock, OpError, Prepared};
+use crate::switch::{HostCx, Pinned, Switcher, Target};
+use crate::{Outcome, Silent};
+use cutover_core::{Config, RunKind, State, Step};
+use cutover_remote::local::LocalHost;
+use cutover_remote::Remote;
+use cutover_store::Store;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Mutex;
+
+/// A fault: `step` fails on host `host` for content `content`.
+type Fault = (&'static str, usize, &'static str);
+
+struct FakeHost {
+    lock: Mutex<Option<String>>,
+    releases: Mutex<Vec<String>>,
+}
+
+struct FakeFleet {
+    names: Vec<String>,
+    hosts: Vec<FakeHost>,
+    local: LocalHost,
+    down: HashSet<usize>,
+}
+
+impl FakeFleet {
+    fn new(n: usize) -> FakeFleet {
+        FakeFleet {
+            names: (0..n).map(|i| format!("h{i}")).collect(),
+            hosts: (0..n)
+                .map(|_| FakeHost {
+                    lock: Mutex::new(None),
+                    releases: Mutex::new(Vec::new()),
+                })
+                .collect(),
+            local: LocalHost,
+            down: HashSet::new(),
+        }
+    }
+}
+
+impl Fleet for FakeFleet {
+    fn names(&self) -> &[String] {
+        &self.names
+    }
+    fn remote(&self, _i: usize) -> &dyn Remote {
+        &self.local
+    }
+    fn connect(&self, i: usize) -> Result<(), String> {
+        if self.down.contains(&i) {
+            Err(format!("{}: connection refused", self.names[i]))
+        } else {
+            Ok(())
+        }
+    }
+    fn prepare(&self, i: usize, _root: &str, holder: &str) -> Result<Prepared, OpError> {
+        let mut lock = self.hosts[i].lock.lock().unwrap();
+        let state = match lock.as_ref() {
+            Some(other) => HostLock::Held(other.clone()),
+            None => {
+                *lock = Some(holder.to_string());
+                HostLock::Acquired
+            }
+        };
+        Ok(Prepared {
+            lock: state,
+            current: None,
+            releases: self.hosts[i].releases.lock().unwrap().clone(),
+            delta: false,
+        })
+    }
+    fn take_over(&self, i: usize, root: &str, _old: &str, new: &str) -> Result<Prepared, OpError> {
+        *self.hosts[i].lock.lock().unwrap() = None;
+        self.prepare(i, root, new)
+    }
+    fn finish(&self, i: usize, _root: &str, holder: &str, prune: &[String]) -> Result<(), OpError> {
+        let mut lock = self.hosts[i].lock.lock().unwrap();
+        if lock.as_deref() == Some(holder) {
+            *lock = None;
+        }
+        self.hosts[i]
+            .releases
+            .lock()
+            .unwrap()
+            .retain(|r| !prune.contains(r));
+        Ok(())
+    }
+}
+
+/// Serves a content id per host; fails the steps its faults name.
+struct FakeSwitcher {
+    faults: Vec<Fault>,
+    serving: Mutex<Vec<Option<String>>>,
+    log: Mutex<Vec<String>>,
+}
+
+impl FakeSwitcher {
+    fn new(n: usize, faults: &[Fault]) -> FakeSwitcher {
+        FakeSwitcher {
+            faults: faults.to_vec(),
+            serving: Mutex::new(vec![None; n]),
+            log: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn step(&self, step: &'static str, h: &HostCx<'_>, content: &str) -> Result<String, String> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("{step} {} {content}", h.name));
+        if self
+            .faults
+            .iter()
+            .any(|&(s, i, c)| s == step && i == h.i && c == content)
+        {
+            Err(format!("{step} broke"))
+        } else {
+            Ok(format!("{step} ok"))
+        }
+    }
+
+    fn serving(&self) -> Vec<Option<String>> {
+        self.serving.lock().unwrap().clone()
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Switcher for FakeSwitcher {
+    const STAGES_DIRECTORIES: bool = true;
+    type Snap = String;
+    type Staged = ();
+
+    fn root(&self) -> &str {
+        "/srv/fake"
+    }
+    fn via(&self, _snap: &String) -> Via {
+        Via::Files
+    }
+    fn pin(
+        &self,
+        _rec: &Recorder<'_>,
+        hosts: &[HostCx<'_>],
+        reference: &str,
+    ) -> Result<Pinned<String>, DeployError> {
+        for h in hosts {
+            self.step("pin", h, reference)
+                .map_err(|e| DeployError::PullFailed {
+                    reference: reference.into(),
+                    errors: vec![e],
+                })?;
+        }
+        Ok(Pinned {
+            content: reference.into(),
+            snap: format!("cfg-{reference}"),
+            source: reference.into(),
+        })
+    }
+    fn serving(&self, h: &HostCx<'_>) -> Vec<String> {
+        self.serving.lock().unwrap()[h.i].iter().cloned().collect()
+    }
+    fn stage(&self, h: &HostCx<'_>, to: &Target<String>) -> Result<(), String> {
+        self.step("stage", h, &to.content).map(|_| ())
+    }
+    fn unstage(&self, h: &HostCx<'_>, to: &Target<String>, _staged: Option<&()>) {
+        let _ = self.step("unstage", h, &to.content);
+    }
+    fn switch(
+        &self,
+        h: &HostCx<'_>,
+        _from: Option<&Target<String>>,
+        to: &Target<String>,
+        staged: Option<&()>,
+    ) -> Result<String, String> {
+        let step = if staged.is_some() { "switch" } else { "back" };
+        let r = self.step(step, h, &to.content);
+        if r.is_ok() {
+            self.serving.lock().unwrap()[h.i] = Some(to.id.clone());
+        }
+        r
+    }
+    fn gate_target(&self, to: &Target<String>) -> String {
+        format!("gate of {}", to.content)
+    }
+    fn gate(&self, h: &HostCx<'_>, to: &Target<String>, _switched: &str) -> Result<String, String> {
+        self.step("gate", h, &to.content)
+    }
+    fn retire(
+        &self,
+        h: &HostCx<'_>,
+        _live: &Target<String>,
+        _from: Option<&Target<String>>,
+        _protect: &BTreeSet<String>,
+    ) -> Result<(Vec<String>, String), String> {
+        self.step("retire", h, "")
+            .map(|_| (Vec::new(), String::new()))
+    }
+}
+
+/// A store in a fresh directory and a config of `n` hosts.
+struct World {
+    _dir: TempDir,
+    store: Store,
+    config: Config,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl World {
+    fn new(n: usize) -> World {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("cutover-protocol-{}-{k}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts: Vec<String> = (0..n).map(|i| format!("\"h{i}\"")).collect();
+        let text = format!(
+            "app = \"site\"\nhosts = [{}]\n[files]\nroot = \"/srv/fake\"\n[health]\nurl = \"http://127.0.0.1/up\"\n",
+            hosts.join(", ")
+        );
+        let config = Config::parse(&dir.join("cutover.toml"), &text, None).unwrap();
+        World {
+            store: Store::open(&dir.join("cutover.db")).unwrap(),
+            _dir: TempDir(dir),
+            config,
+        }
+    }
+
+    fn run(
+        &self,
+        sw: &FakeSwitcher,
+        fleet: &FakeFleet,
+        kind: RunKind,
+        what: What<String>,
+    ) -> Outcome {
+        let env = Env {
+            config: &self.config,
+            store: &self.store,
+            reporter: &Silent,
+        };
+        let cand = Candidate {
+            what,
+            commit: None,
+            subject: None,
+        };
+        execute_on(sw, &env, kind, Early::Ready(cand), &|| {
+            // The fleet outlives the run; hand the protocol a view of it.
+            Ok(Box::new(Borrowed(fleet)))
+        })
+    }
+
+    fn deploy(&self, sw: &FakeSwitcher, fleet: &FakeFleet, content: &str) -> Outcome {
+        let p = Pinned {
+            content: content.into(),
+            snap: format!("cfg-{content}"),
+            source: format!("dist-{content}"),
+        };
+        self.run(sw, fleet, RunKind::Deploy, What::New(p))
+    }
+
+    fn statuses(&self) -> Vec<(String, String)> {
+        self.store
+            .releases("site")
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.artifact_sha256, r.status))
+            .collect()
+    }
+
+    /// `host step state` of every event of a run, in order.
+    fn events(&self, o: &Outcome) -> Vec<String> {
+        let run = self.store.events(self.run_id(o)).unwrap();
+        run.into_iter()
+            .map(|e| {
+                format!(
+                    "{} {} {}",
+                    e.host.as_deref().unwrap_or("-"),
+                    e.step,
+                    e.phase
+                )
+            })
+            .collect()
+    }
+
+    fn run_id(&self, o: &Outcome) -> i64 {
+        o.run_id.expect("the run has an id")
+    }
+}
+
+struct Borrowed<'a>(&'a FakeFleet);
+impl Fleet for Borrowed<'_> {
+    fn names(&self) -> &[String] {
+        self.0.names()
+    }
+    fn remote(&self, i: usize) -> &dyn Remote {
+        self.0.remote(i)
+    }
+    fn connect(&self, i: usize) -> Result<(), String> {
+        self.0.connect(i)
+    }
+    fn prepare(&self, i: usize, root: &str, holder: &str) -> Result<Prepared, OpError> {
+        self.0.prepare(i, root, holder)
+    }
+    fn take_over(&self, i: usize, root: &str, old: &str, new: &str) -> Result<Prepared, OpError> {
+        self.0.take_over(i, root, old, new)
+    }
+    fn finish(&self, i: usize, root: &str, holder: &str, prune: &[String]) -> Result<(), OpError> {
+        self.0.finish(i, root, holder, prune)
+    }
+}
+
+fn unlocked(fleet: &FakeFleet) -> bool {
+    fleet.hosts.iter().all(|h| h.lock.lock().unwrap().is_none())
+}
+
+/// Release ids look like `20261204T183600Z-33d810d`: compare messages with them replaced.
+fn norm(text: &str, o: &Outcome) -> String {
+    let mut t = text.to_string();
+    if let Some(r) = &o.release {
+        t = t.replace(r.as_str(), "<new>");
+    }
+    if let Some(p) = &o.previous {
+        t = t.replace(p.as_str(), "<prev>");
+    }
+    t
+}
+
+#[test]
+fn every_host_healthy_commits_and_no_host_switches_before_every_host_staged() {
+    let w = World::new(3);
+    let (fleet, sw) = (FakeFleet::new(3), FakeSwitcher::new(3, &[]));
+    let o = w.deploy(&sw, &fleet, "c1");
+    assert_eq!(o.exit_code, 0, "{}", o.message);
+    assert_eq!(
+        norm(&o.message, &o),
+        "deployed <new> on 3 host(s); every host passed its health gate"
+    );
+    let id = o.release.clone().unwrap();
+    assert_eq!(sw.serving(), vec![Some(id.clone()); 3]);
+    assert_eq!(w.store.live("site").unwrap(), Some(id));
+    assert_eq!(
+        w.statuses(),
+        vec![("c1".to_string(), "succeeded".to_string())]
+    );
+    let log = sw.log();
+    let last_stage = log.iter().rposition(|l| l.starts_with("stage")).unwrap();
+    let first_switch = log.iter().position(|l| l.starts_with("switch")).unwrap();
+    assert!(last_stage < first_switch, "{log:?}");
+    assert!(unlocked(&fleet));
+    let ev = w.events(&o);
+    assert_eq!(ev.first().unwrap(), "h0 connect start");
+    assert_eq!(ev.last().unwrap(), "- run done");
+    for h in ["h0", "h1", "h2"] {
+        let start = ev
+            .iter()
+            .position(|e| *e == format!("{h} switch start"))
+            .unwrap();
+        let done = ev
+            .iter()
+            .position(|e| *e == format!("{h} switch done"))
+            .unwrap();
+        let gate = ev
+            .iter()
+            .position(|e| *e == format!("{h} gate done"))
+            .unwrap();
+        assert!(start < done && done < gate, "{ev:?}");
+    }
+    assert!(
+        ev.iter().position(|e| e == "- commit done") > ev.iter().position(|e| e == "h2 gate done")
+    );
+}
+
+#[test]
+fn one_unhealthy_host_sends_every_host_back_and_the_release_is_rolled_back() {
+    let w = World::new(3);
+    let (fleet, sw) = (
+        FakeFleet::new(3),
+        FakeSwitcher::new(3, &[("gate", 1, "c2")]),
+    );
+    let first = w.deploy(&sw, &fleet, "c1");
+    let o = w.deploy(&sw, &fleet, "c2");
+    assert_eq!(o.exit_code, 1);
+    assert_eq!(
+        norm(&o.message, &o),
+        "release <new> failed its health gate:\n  h1: gate broke\nEvery host was switched back to <prev> and passed its health gate again."
+    );
+    assert_eq!(o.previous, first.release);
+    assert_eq!(sw.serving(), vec![first.release.clone(); 3]);
+    assert_eq!(w.store.live("site").unwrap(), first.release);
+    assert_eq!(w.statuses()[0], ("c2".into(), "rolled_back".into()));
+    let states: Vec<&str> = o
+        .hosts
+        .values()
+        .map(|h| h.outcome.unwrap().as_str())
+        .collect();
+    assert_eq!(states, ["reverted", "unhealthy", "reverted"]);
+    assert!(sw.log().iter().filter(|l| l.starts_with("back")).count() == 3);
+    assert!(unlocked(&fleet));
+}
+
+#[test]
+fn a_failed_stage_switches_nothing_and_undoes_every_stage() {
+    let w = World::new(3);
+    let (fleet, sw) = (
+        FakeFleet::new(3),
+        FakeSwitcher::new(3, &[("stage", 2, "c2")]),
+    );
+    let first = w.deploy(&sw, &fleet, "c1");
+    let o = w.deploy(&sw, &fleet, "c2");
+    assert_eq!(o.exit_code, 1);
+    assert_eq!(
+        o.message,
+        "staging failed, so no host was switched; every host still serves what it served:\n  h2: stage broke"
+    );
+    assert_eq!(sw.serving(), vec![first.release.clone(); 3]);
+    assert_eq!(
+        sw.log().iter().filter(|l| l.starts_with("unstage")).count(),
+        3
+    );
+    assert!(!sw.log().iter().any(|l| l.starts_with("switch h0 c2")));
+    assert_eq!(w.statuses()[0], ("c2".into(), "failed".into()));
+    assert!(unlocked(&fleet));
+}
+
+#[test]
+fn a_first_deploy_that_fails_its_gate_stays_and_says_so() {
+    let w = World::new(2);
+    let (fleet, sw) = (
+        FakeFleet::new(2),
+        FakeSwitcher::new(2, &[("gate", 0, "c1")]),
+    );
+    let o = w.deploy(&sw, &fleet, "c1");
+    assert_eq!(o.exit_code, 1);
+    assert_eq!(norm(&o.message, &o), "release <new> failed its health gate and app `site` has no previous release to go back to (this was its first deploy), so the hosts still serve <new>:\n  h0: gate broke\nFix the app or the [health] settings and deploy again.");
+    assert_eq!(w.statuses()[0], ("c1".into(), "failed".into()));
+    assert_eq!(w.store.live("site").unwrap(), None);
+}
+
+#[test]
+fn a_revert_that_fails_is_exit_3_and_partial() {
+    let w = World::new(2);
+    let faults = [("gate", 1, "c2"), ("back", 0, "c1")];
+    let (fleet, sw) = (FakeFleet::new(2), FakeSwitcher::new(2, &faults));
+    w.deploy(&sw, &fleet, "c1");
+    let o = w.deploy(&sw, &fleet, "c2");
+    assert_eq!(o.exit_code, 3);
+    assert_eq!(o.status, cutover_core::Status::Partial);
+    assert_eq!(norm(&o.message, &o), "release <new> failed its health gate:\n  h1: gate broke\nand switching back to <prev> failed on:\n  h0: back broke\nA person must look: run `cutover status` to see what each host serves, fix the host, then `cutover rollback --to <prev>` or deploy again.");
+    assert_eq!(w.statuses()[0], ("c2".into(), "partial".into()));
+}
+
+#[test]
+fn a_failed_switch_is_reverted_like_a_failed_gate() {
+    let w = World::new(2);
+    let (fleet, sw) = (
+        FakeFleet::new(2),
+        FakeSwitcher::new(2, &[("switch", 1, "c2")]),
+    );
+    let first = w.deploy(&sw, &fleet, "c1");
+    let o = w.deploy(&sw, &fleet, "c2");
+    assert_eq!(o.exit_code, 1);
+    assert_eq!(sw.serving(), vec![first.release.clone(); 2]);
+    assert!(
+        !sw.log().contains(&"gate h1 c2".to_string()),
+        "no gate after a failed switch"
+    );
+}
+
+#[test]
+fn an_unreachable_host_touches_no_host_and_no_lock_is_left() {
+    let w = World::new(3);
+    let mut fleet = FakeFleet::new(3);
+    fleet.down.insert(2);
+    let sw = FakeSwitcher::new(3, &[]);
+    let o = w.deploy(&sw, &fleet, "c1");
+    assert_eq!(o.exit_code, 1);
+    assert_eq!(
+        o.message,
+        "1 of 3 hosts could not be used, so no host was touched:\n  h2: connection refused"
+    );
+    assert!(sw.log().is_empty());
+    assert!(unlocked(&fleet));
+    assert_eq!(o.hosts["h2"].outcome.unwrap().as_str(), "unreachable");
+}
+
+#[test]
+fn a_host_lock_held_by_another_deploy_is_exit_4_and_frees_the_others() {
+    let w = World::new(3);
+    let fleet = FakeFleet::new(3);
+    *fleet.hosts[1].lock.lock().unwrap() = Some("someone else".into());
+    let sw = FakeSwitcher::new(3, &[]);
+    let o = w.deploy(&sw, &fleet, "c1");
+    assert_eq!(o.exit_code, 4);
+    assert_eq!(o.message, "another deploy of app `site` holds the lock on:\n  h1: unknown holder \"someone else\" (remove /srv/fake/.cutover/lock on that host if no deploy runs)");
+    assert!(fleet.hosts[0].lock.lock().unwrap().is_none());
+    assert!(fleet.hosts[2].lock.lock().unwrap().is_none());
+    assert!(sw.log().is_empty());
+}
+
+#[test]
+fn rollback_marks_the_live_release_bad_and_goes_to_the_one_before() {
+    let w = World::new(2);
+    let (fleet, sw) = (FakeFleet::new(2), FakeSwitcher::new(2, &[]));
+    let r1 = w.deploy(&sw, &fleet, "c1").release.unwrap();
+    let r2 = w.deploy(&sw, &fleet, "c2").release.unwrap();
+    let o = w.run(&sw, &fleet, RunKind::Rollback, What::Rollback(None));
+    assert_eq!(o.exit_code, 0, "{}", o.message);
+    assert_eq!(
+        o.message,
+        format!("rolled back to {r1} on 2 host(s); every host passed its health gate")
+    );
+    assert_eq!(sw.serving(), vec![Some(r1.clone()); 2]);
+    let bad: Vec<bool> = w
+        .store
+        .releases("site")
+        .unwrap()
+        .iter()
+        .map(|r| r.bad)
+        .collect();
+    assert_eq!(bad, [true, false], "{r2} is marked bad");
+    // Nothing older is left that succeeded and is not bad.
+    let o = w.run(&sw, &fleet, RunKind::Rollback, What::Rollback(None));
+    assert_eq!(o.exit_code, 2);
+    assert!(
+        o.message
+            .starts_with("app `site` has no release before the live one"),
+        "{}",
+        o.message
+    );
+}
+
+#[test]
+fn an_interrupted_deploy_is_reconciled_partial_when_a_host_serves_it_else_failed() {
+    for (served, want) in [(true, "partial"), (false, "failed")] {
+        let w = World::new(2);
+        let (fleet, sw) = (FakeFleet::new(2), FakeSwitcher::new(2, &[]));
+        w.deploy(&sw, &fleet, "c1");
+        // A run that died after switching host 0 (or before switching anything).
+        let id = &cutover_core::ReleaseId::new(crate::now_secs() - 5, "dead000", 0).to_string();
+        w.store
+            .insert_release(&cutover_store::NewRelease {
+                id,
+                app: "site",
+                created_at: "t",
+                artifact_sha256: "dead",
+                commit: None,
+                commit_subject: None,
+                source: "x",
+                snapshot: "\"cfg\"",
+            })
+            .unwrap();
+        w.store.start_run("site", "deploy", id, None, "t").unwrap();
+        if served {
+            sw.serving.lock().unwrap()[0] = Some(id.into());
+        }
+        let o = w.deploy(&sw, &fleet, "c3");
+        assert_eq!(o.exit_code, 0, "{}", o.message);
+        let status = w.store.release("site", id).unwrap().unwrap().status;
+        assert_eq!(status, want);
+        assert!(w.store.unfinished_runs("site").unwrap().is_empty());
+    }
+}
+
+#[test]
+fn a_reference_only_hosts_can_pin_is_recorded_after_the_pin() {
+    let w = World::new(2);
+    let (fleet, sw) = (FakeFleet::new(2), FakeSwitcher::new(2, &[]));
+    let what = What::OnHosts {
+        reference: "img1".into(),
+        source: Some("built from git".into()),
+    };
+    let o = w.run(&sw, &fleet, RunKind::Deploy, what);
+    assert_eq!(o.exit_code, 0, "{}", o.message);
+    let r = &w.store.releases("site").unwrap()[0];
+    assert_eq!(
+        (r.artifact_sha256.as_str(), r.source.as_str()),
+        ("img1", "built from git")
+    );
+    assert_eq!(o.release.as_deref(), Some(r.id.as_str()));
+    let log = sw.log();
+    assert_eq!(log[0], "pin h0 img1");
+    // A pin that fails touches nothing and records no release.
+    let sw = FakeSwitcher::new(2, &[("pin", 1, "img2")]);
+    let what = What::OnHosts {
+        reference: "img2".into(),
+        source: None,
+    };
+    let o = w.run(&sw, &fleet, RunKind::Deploy, what);
+    assert_eq!(o.exit_code, 1);
+    assert_eq!(w.store.releases("site").unwrap().len(), 1);
+    assert!(unlocked(&fleet));
+}
+
+#[test]
+fn the_app_lock_held_by_a_live_process_is_exit_4_before_anything() {
+    let w = World::new(1);
+    let (fleet, sw) = (FakeFleet::new(1), FakeSwitcher::new(1, &[]));
+    let other = cutover_store::Holder {
+        user: "u".into(),
+        machine: "elsewhere".into(),
+        pid: 1,
+        pid_start: 0,
+        op: "deploy".into(),
+        since: "2026-12-04T00:00:00Z".into(),
+    };
+    w.store.acquire_lock("site", &other, |_| true).unwrap();
+    let o = w.deploy(&sw, &fleet, "c1");
+    assert_eq!(o.exit_code, 4);
+    assert!(
+        o.message
+            .starts_with("another run of app `site` holds the lock: "),
+        "{}",
+        o.message
+    );
+    assert!(w.store.releases("site").unwrap().is_empty());
+    let _ = (State::Done, Step::Run);
+}

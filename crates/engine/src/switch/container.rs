@@ -1,0 +1,562 @@
+//! Container apps, switched by cutover's own edge proxy on each host (one pointer swap,
+//! never a config reload).
+//!
+//! * **pin**: `docker pull` on every host (the old release keeps serving); every host must
+//!   resolve the same digest. A release is the digest plus a config snapshot (env, volumes,
+//!   port, health); a mutable tag is never the rollback anchor.
+//! * **stage**: blue-green starts `<app>-<release>` on a loopback port and gates it
+//!   directly; hold makes sure the image is there.
+//! * **switch**: blue-green asks the proxy to gate the new target once more and swap to it,
+//!   draining the old; hold pauses the service in the proxy, stops the old container, starts
+//!   the new one, gates and swaps, and resumes (held requests go to the new container).
+//! * **gate**: the health path through each host's proxy.
+//! * **retire** (after the commit): stop the old container (kept for a warm rollback), remove
+//!   those beyond `keep`.
+//!
+//! **Invariant:** the old container keeps running (blue-green) until every host verified the
+//! new one, so going back is a proxy swap, not a container start.
+
+use super::{HostCx, Pinned, Switcher, Target};
+use crate::deploy::{DeployError, Recorder, Via};
+use crate::gate::{run_gate, GateSpec};
+use crate::par_map;
+use cutover_core::config::ContainerApp;
+use cutover_core::container::Strategy;
+use cutover_core::{Config, State, Step};
+use cutover_docker as docker;
+use cutover_proxy::{DeployOptions, DeployRequest, Request, Response};
+use cutover_remote::{Remote, Script};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// A release's config, recorded with it and restored by a rollback.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    image: String,
+    port: u16,
+    env: BTreeMap<String, String>,
+    volumes: Vec<String>,
+    health_path: String,
+    expect: u16,
+    timeout_ms: u64,
+    interval_ms: u64,
+    healthy_after: u32,
+    give_up_after_ms: u64,
+}
+
+impl Snapshot {
+    fn of(config: &Config, app: &ContainerApp, image: &str) -> Snapshot {
+        Snapshot {
+            image: image.to_string(),
+            port: app.container.port,
+            env: app.container.env.clone(),
+            volumes: app.container.volumes.clone(),
+            health_path: app.health_path.clone(),
+            expect: config.health.expect,
+            timeout_ms: config.health.timeout.as_millis() as u64,
+            interval_ms: config.health.interval.as_millis() as u64,
+            healthy_after: config.health.healthy_after,
+            give_up_after_ms: config.health.give_up_after.as_millis() as u64,
+        }
+    }
+
+    fn gate(&self) -> GateSpec {
+        GateSpec {
+            host_header: "127.0.0.1".into(),
+            path: self.health_path.clone(),
+            expect: self.expect,
+            timeout: Duration::from_millis(self.timeout_ms),
+            interval: Duration::from_millis(self.interval_ms),
+            healthy_after: self.healthy_after,
+            give_up_after: Duration::from_millis(self.give_up_after_ms),
+        }
+    }
+}
+
+/// The container name of a release.
+pub fn container_name(app: &str, release: &str) -> String {
+    format!("{app}-{release}")
+}
+
+/// Where `cutover setup` put the binary on a host.
+pub fn remote_binary(app: &ContainerApp) -> String {
+    format!("{}/cutover", app.proxy.install_dir)
+}
+
+const PROXY_REQUEST: &str = "printf '%s\\n' {req} | {bin} proxy request --dir {dir}";
+
+/// Sends one control request to the proxy on a host (through the installed binary).
+pub(crate) fn proxy_request(
+    r: &dyn Remote,
+    app: &ContainerApp,
+    req: &Request,
+) -> Result<Response, String> {
+    let json = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    let bin = remote_binary(app);
+    let s = Script::new(
+        PROXY_REQUEST,
+        &[
+            ("req", &json),
+            ("bin", &bin),
+            ("dir", &app.proxy.install_dir),
+        ],
+    );
+    let out = r.run(&s, None).map_err(|e| e.to_string())?;
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with('{'))
+        .map(str::to_string);
+    let text = out.stdout.trim();
+    let parsed: Option<Response> = serde_json::from_str(text)
+        .ok()
+        .or_else(|| line.and_then(|l| serde_json::from_str(&l).ok()));
+    match parsed {
+        Some(Response::Error { error }) => Err(format!("proxy: {error}")),
+        Some(resp) => Ok(resp),
+        None => Err(format!(
+            "no answer from the edge proxy (run `cutover setup` first?): {}",
+            out.tail()
+        )),
+    }
+}
+
+/// One host's staged release (blue-green: the new container's loopback port).
+#[derive(Debug, Clone, Default)]
+pub struct Staged {
+    port: Option<u16>,
+    /// The container existed before this run (warm rollback): stop it on failure, never remove.
+    warm: bool,
+}
+
+/// The container switcher of one app, blue-green or hold.
+pub struct Containers<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) capp: &'a ContainerApp,
+    pub(crate) parallel: usize,
+}
+
+impl Containers<'_> {
+    fn app(&self) -> &str {
+        &self.config.app
+    }
+
+    fn strategy(&self) -> Strategy {
+        self.capp.container.strategy
+    }
+
+    fn name(&self, t: &Target<Snapshot>) -> String {
+        container_name(self.app(), &t.id)
+    }
+
+    fn labels(&self, t: &Target<Snapshot>) -> Vec<(String, String)> {
+        vec![
+            ("cutover.app".to_string(), self.app().to_string()),
+            ("cutover.release".to_string(), t.id.clone()),
+        ]
+    }
+
+    /// Runs `t`'s container (a new one), returning its loopback port.
+    fn run_new(&self, r: &dyn Remote, t: &Target<Snapshot>) -> Result<u16, docker::DockerError> {
+        let name = self.name(t);
+        let labels = self.labels(t);
+        docker::run(
+            r,
+            &docker::ContainerSpec {
+                name: &name,
+                image: &t.snap.image,
+                port: t.snap.port,
+                env: &t.snap.env,
+                volumes: &t.snap.volumes,
+                labels: &labels,
+            },
+        )
+    }
+
+    /// Starts `t`'s container if it exists, else runs a new one.
+    fn start_or_run(&self, r: &dyn Remote, t: &Target<Snapshot>) -> Result<u16, String> {
+        docker::start(r, &self.name(t), t.snap.port)
+            .or_else(|_| self.run_new(r, t))
+            .map_err(|e| e.message())
+    }
+
+    fn stop(&self, r: &dyn Remote, name: &str) {
+        let _ = docker::stop(
+            r,
+            &[name.to_string()],
+            self.capp.container.stop_timeout.as_secs() as u32,
+        );
+    }
+
+    /// Asks the host's proxy to gate `127.0.0.1:port` and swap the app's target to it.
+    fn flip(
+        &self,
+        r: &dyn Remote,
+        port: u16,
+        snap: &Snapshot,
+        healthy_after: u32,
+    ) -> Result<String, String> {
+        let req = Request::Deploy(DeployRequest {
+            service: self.app().to_string(),
+            target: format!("127.0.0.1:{port}"),
+            health_path: snap.health_path.clone(),
+            domains: self.capp.container.domain.iter().cloned().collect(),
+            options: DeployOptions {
+                health_interval: Duration::from_millis(snap.interval_ms),
+                healthy_after,
+                give_up_after: Duration::from_millis(snap.give_up_after_ms),
+                timeout: Duration::from_millis(snap.timeout_ms),
+                drain: self.capp.proxy.drain,
+            },
+        });
+        match proxy_request(r, self.capp, &req)? {
+            Response::Deployed(d) => Ok(format!(
+                "proxy {} -> {} (gate {} ms, drained {} in {} ms)",
+                d.previous.as_deref().unwrap_or("new"),
+                d.target,
+                d.health_ms,
+                d.drained,
+                d.drain_ms
+            )),
+            other => Err(format!("unexpected proxy answer: {other:?}")),
+        }
+    }
+
+    fn pause(&self, r: &dyn Remote, paused: bool) -> Result<(), String> {
+        let service = self.app().to_string();
+        let req = if paused {
+            Request::Pause {
+                service,
+                hold_ms: Some(self.capp.proxy.hold.as_millis() as u64),
+                drain_ms: None,
+            }
+        } else {
+            Request::Resume { service }
+        };
+        proxy_request(r, self.capp, &req).map(|_| ())
+    }
+
+    /// A `hold` switch on one host: pause, stop `old`, start `to`, gate and swap, resume. If
+    /// `to` does not come up healthy, `old` is started and swapped back before resuming.
+    fn hold_switch(
+        &self,
+        r: &dyn Remote,
+        to: &Target<Snapshot>,
+        exists: bool,
+        old: Option<&str>,
+    ) -> Result<String, String> {
+        let started = std::time::Instant::now();
+        let name = self.name(to);
+        if old.is_some() {
+            self.pause(r, true)?;
+        }
+        let resume = || {
+            if old.is_some() {
+                let _ = self.pause(r, false);
+            }
+        };
+        if let Some(o) = old {
+            self.stop(r, o);
+        }
+        let port = if exists {
+            self.start_or_run(r, to)
+        } else {
+            self.run_new(r, to).map_err(|e| e.message())
+        };
+        match port.and_then(|p| self.flip(r, p, &to.snap, to.snap.healthy_after)) {
+            Ok(m) => {
+                resume();
+                Ok(format!(
+                    "{m}; requests held {} ms",
+                    started.elapsed().as_millis()
+                ))
+            }
+            Err(e) => {
+                let diagnosis = container_diagnosis(r, &name);
+                let _ = docker::remove(r, std::slice::from_ref(&name));
+                if let Some(o) = old {
+                    // Back to the old container before releasing held requests.
+                    if let Ok(p) = docker::start(r, o, to.snap.port) {
+                        let _ = self.flip(r, p, &to.snap, 1);
+                    }
+                }
+                resume();
+                Err(format!("{e}{diagnosis}"))
+            }
+        }
+    }
+}
+
+impl Switcher for Containers<'_> {
+    type Snap = Snapshot;
+    const STAGES_DIRECTORIES: bool = false;
+    type Staged = Staged;
+
+    fn root(&self) -> &str {
+        &self.config.files.root
+    }
+
+    fn via(&self, snap: &Snapshot) -> Via {
+        Via::Proxy(Box::new(crate::deploy::Proxied {
+            image: snap.image.clone(),
+            strategy: self.strategy().as_str().to_string(),
+        }))
+    }
+
+    fn pin(
+        &self,
+        rec: &Recorder<'_>,
+        hosts: &[HostCx<'_>],
+        image: &str,
+    ) -> Result<Pinned<Snapshot>, DeployError> {
+        let reference = if let Some(d) = image.strip_prefix('@') {
+            format!("{}@{d}", self.capp.container.image)
+        } else {
+            format!("{}:{image}", self.capp.container.image)
+        };
+        rec.ev(None, Step::Pull, State::Start, &reference);
+        let pulled = par_map(hosts.len(), self.parallel, |i| {
+            let h = &hosts[i];
+            h.ev(Step::Pull, State::Start, &reference);
+            let p = docker::pull(h.remote, &reference).map_err(|e| e.message());
+            match &p {
+                Ok(p) => h.ev(Step::Pull, State::Done, &p.reference),
+                Err(e) => h.ev(Step::Pull, State::Failed, e),
+            }
+            p
+        });
+        let errors: Vec<String> = pulled
+            .iter()
+            .zip(hosts)
+            .filter_map(|(p, h)| p.as_ref().err().map(|e| format!("{}: {e}", h.name)))
+            .collect();
+        if !errors.is_empty() {
+            return Err(DeployError::PullFailed { reference, errors });
+        }
+        let digests: BTreeSet<&str> = pulled
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .map(|p| p.reference.as_str())
+            .collect();
+        if digests.len() != 1 {
+            return Err(DeployError::DigestsDisagree {
+                reference,
+                digests: format!("{digests:?}"),
+            });
+        }
+        let pinned = digests.into_iter().next().expect("one").to_string();
+        Ok(Pinned {
+            content: pinned.rsplit(':').next().unwrap_or("").to_string(),
+            snap: Snapshot::of(self.config, self.capp, &pinned),
+            source: reference,
+        })
+    }
+
+    fn serving(&self, h: &HostCx<'_>) -> Vec<String> {
+        docker::list(h.remote, self.app())
+            .map(|list| {
+                list.iter()
+                    .filter(|c| c.state == "running")
+                    .filter_map(|c| c.labels.get("cutover.release").cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn stage(&self, h: &HostCx<'_>, to: &Target<Snapshot>) -> Result<Staged, String> {
+        let r = h.remote;
+        let name = self.name(to);
+        let existing = docker::state(r, &name).map_err(|e| e.message())?;
+        if self.strategy() == Strategy::Hold {
+            if !existing.exists {
+                // Cold: make sure the image is on the host (a rollback may need to pull it again).
+                docker::pull(r, &to.snap.image).map_err(|e| e.message())?;
+            }
+            let how = if existing.exists {
+                "container kept from before"
+            } else {
+                "image pulled"
+            };
+            h.ev(Step::Stage, State::Done, how);
+            return Ok(Staged {
+                port: None,
+                warm: existing.exists,
+            });
+        }
+        h.ev(Step::Start, State::Start, &name);
+        let port = if existing.exists {
+            docker::start(r, &name, to.snap.port)
+        } else {
+            docker::pull(r, &to.snap.image).and_then(|_| self.run_new(r, to))
+        };
+        let port = match port {
+            Ok(p) => p,
+            Err(e) => {
+                let m = format!("{}{}", e.message(), container_diagnosis(r, &name));
+                h.ev(Step::Start, State::Failed, &m);
+                return Err(m);
+            }
+        };
+        h.ev(Step::Start, State::Done, &format!("127.0.0.1:{port}"));
+        h.ev(
+            Step::Gate,
+            State::Start,
+            &format!("127.0.0.1:{port}{}", to.snap.health_path),
+        );
+        let g = r
+            .forward("127.0.0.1", port)
+            .map_err(|e| e.to_string())
+            .map(|ep| run_gate(&ep, &to.snap.gate()));
+        let why = match g {
+            Ok(g) if g.healthy => {
+                h.ev(
+                    Step::Gate,
+                    State::Done,
+                    &format!("healthy in {:.1}s", g.elapsed.as_secs_f64()),
+                );
+                return Ok(Staged {
+                    port: Some(port),
+                    warm: existing.exists,
+                });
+            }
+            Ok(g) => format!(
+                "not healthy after {:.1}s; last answer: {}",
+                g.elapsed.as_secs_f64(),
+                g.last.describe()
+            ),
+            Err(e) => e,
+        };
+        let m = format!(
+            "new container {name}: {why}{}",
+            container_diagnosis(r, &name)
+        );
+        h.ev(Step::Gate, State::Failed, &m);
+        Err(m)
+    }
+
+    fn unstage(&self, h: &HostCx<'_>, to: &Target<Snapshot>, staged: Option<&Staged>) {
+        let name = self.name(to);
+        if staged.is_some_and(|s| s.warm) {
+            let _ = docker::stop(h.remote, std::slice::from_ref(&name), 10);
+        } else {
+            let _ = docker::remove(h.remote, std::slice::from_ref(&name));
+        }
+    }
+
+    fn switch(
+        &self,
+        h: &HostCx<'_>,
+        from: Option<&Target<Snapshot>>,
+        to: &Target<Snapshot>,
+        staged: Option<&Staged>,
+    ) -> Result<String, String> {
+        let r = h.remote;
+        match self.strategy() {
+            Strategy::BlueGreen => {
+                let port = match staged.and_then(|s| s.port) {
+                    Some(p) => p,
+                    None => self.start_or_run(r, to)?,
+                };
+                self.flip(r, port, &to.snap, 1)
+            }
+            Strategy::Hold => {
+                let exists = staged.is_none_or(|s| s.warm);
+                let old = from.map(|f| self.name(f));
+                self.hold_switch(r, to, exists, old.as_deref())
+            }
+        }
+    }
+
+    fn gate_target(&self, _to: &Target<Snapshot>) -> String {
+        self.config.health.url.to_string()
+    }
+
+    fn gate(
+        &self,
+        h: &HostCx<'_>,
+        _to: &Target<Snapshot>,
+        switched: &str,
+    ) -> Result<String, String> {
+        let url = &self.config.health.url;
+        let health = &self.config.health;
+        let spec = GateSpec {
+            host_header: self
+                .capp
+                .container
+                .domain
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1".into()),
+            path: self.capp.health_path.clone(),
+            expect: health.expect,
+            timeout: health.timeout,
+            interval: health.interval,
+            healthy_after: health.healthy_after,
+            give_up_after: health.give_up_after,
+        };
+        let g = h
+            .remote
+            .forward(&url.host, url.port)
+            .map_err(|e| e.to_string())
+            .map(|ep| run_gate(&ep, &spec))?;
+        if g.healthy {
+            Ok(format!(
+                "{switched}; {url} through the proxy answered {} {} times",
+                spec.expect, spec.healthy_after
+            ))
+        } else {
+            Err(format!(
+                "{url} through the proxy: not healthy after {:.1}s; last answer: {}",
+                g.elapsed.as_secs_f64(),
+                g.last.describe()
+            ))
+        }
+    }
+
+    fn drop_failed(&self, h: &HostCx<'_>, failed: &Target<Snapshot>) {
+        let _ = docker::remove(h.remote, &[self.name(failed)]);
+    }
+
+    fn retire(
+        &self,
+        h: &HostCx<'_>,
+        _live: &Target<Snapshot>,
+        from: Option<&Target<Snapshot>>,
+        protect: &BTreeSet<String>,
+    ) -> Result<(Vec<String>, String), String> {
+        let r = h.remote;
+        if let (Some(p), Strategy::BlueGreen) = (from, self.strategy()) {
+            self.stop(r, &self.name(p));
+        }
+        let list = docker::list(r, self.app()).map_err(|e| e.message())?;
+        let ids: Vec<String> = list
+            .iter()
+            .filter_map(|c| c.labels.get("cutover.release").cloned())
+            .collect();
+        let del = cutover_core::plan::prune(&ids, self.capp.container.keep, protect);
+        let names: Vec<String> = del.iter().map(|d| container_name(self.app(), d)).collect();
+        docker::remove(r, &names).map_err(|e| e.message())?;
+        Ok((Vec::new(), names.join(" ")))
+    }
+}
+
+/// `; the container exited with code N; last log lines: ...` for a container that failed.
+fn container_diagnosis(r: &dyn Remote, name: &str) -> String {
+    let mut m = String::new();
+    if let Ok(st) = docker::state(r, name) {
+        if st.exists && !st.running {
+            m.push_str(&format!(
+                "; the container exited with code {}",
+                st.exit_code.unwrap_or(-1)
+            ));
+        }
+        if !st.logs.is_empty() {
+            let tail: Vec<&str> = st.logs.lines().collect();
+            m.push_str(&format!(
+                "; last log lines: {}",
+                tail[tail.len().saturating_sub(5)..].join(" | ")
+            ));
+        }
+    }
+    m
+}

@@ -1,0 +1,376 @@
+//! Files apps: stage = upload (a delta when the host serves a release whose artifact is
+//! still in the store) into `releases/<id>.partial`, then rename; switch = a symlink renamed
+//! over `current`, then `reload`; gate = the health URL as the host sees it.
+
+use super::{HostCx, Pinned, Switcher, Target};
+use crate::artifact::ArtifactStore;
+use crate::deploy::{DeployError, Recorder, Via};
+use crate::gate::{run_gate, GateSpec};
+use crate::hostops::{self, OpError};
+use crate::{crash_point, Reporter};
+use cutover_core::config::HealthUrl;
+use cutover_core::{Config, CrashPoint, State, Step};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The part of a release that is config: restored together with the artifact on rollback.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Settings {
+    root: String,
+    reload: Option<String>,
+    health_url: String,
+    expect: u16,
+    timeout_ms: u64,
+    interval_ms: u64,
+    healthy_after: u32,
+    give_up_after_ms: u64,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Settings {
+        Settings {
+            root: c.files.root.clone(),
+            reload: c.files.reload.clone(),
+            health_url: c.health.url.to_string(),
+            expect: c.health.expect,
+            timeout_ms: c.health.timeout.as_millis() as u64,
+            interval_ms: c.health.interval.as_millis() as u64,
+            healthy_after: c.health.healthy_after,
+            give_up_after_ms: c.health.give_up_after.as_millis() as u64,
+        }
+    }
+
+    fn gate(&self) -> Result<(HealthUrl, GateSpec), String> {
+        let url = HealthUrl::parse(&self.health_url)?;
+        let host_header = if url.port == 80 {
+            url.host.clone()
+        } else {
+            format!("{}:{}", url.host, url.port)
+        };
+        let spec = GateSpec {
+            host_header,
+            path: url.path.clone(),
+            expect: self.expect,
+            timeout: Duration::from_millis(self.timeout_ms),
+            interval: Duration::from_millis(self.interval_ms),
+            healthy_after: self.healthy_after,
+            give_up_after: Duration::from_millis(self.give_up_after_ms),
+        };
+        Ok((url, spec))
+    }
+}
+
+/// The files switcher of one app.
+pub struct Files<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) artifacts: &'a ArtifactStore,
+    pub(crate) reporter: &'a dyn Reporter,
+    deltas: Mutex<HashMap<String, Arc<crate::delta::Delta>>>,
+}
+
+impl<'a> Files<'a> {
+    pub fn new(
+        config: &'a Config,
+        artifacts: &'a ArtifactStore,
+        reporter: &'a dyn Reporter,
+    ) -> Self {
+        Files {
+            config,
+            artifacts,
+            reporter,
+            deltas: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn meta(&self, to: &Target<Settings>) -> String {
+        serde_json::json!({
+            "id": to.id,
+            "app": self.config.app,
+            "artifact_sha256": to.content,
+            "commit": to.commit,
+            "created": crate::now_utc(),
+            "config_digest": crate::sha256_hex(&serde_json::to_string(&to.snap).unwrap_or_default()),
+        })
+        .to_string()
+    }
+
+    fn delta_for(&self, base: &str) -> Option<Arc<crate::delta::Delta>> {
+        self.deltas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(base)
+            .cloned()
+    }
+
+    /// Streams `path` (of `size` bytes) to a host through `send`, counting and reporting.
+    fn send(
+        &self,
+        h: &HostCx<'_>,
+        path: &std::path::Path,
+        size: u64,
+        send: impl FnOnce(&mut Counting<'_>) -> Result<(), OpError>,
+    ) -> Result<u64, OpError> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| OpError::Host(format!("cannot read {}: {e}", path.display())))?;
+        let mut counting = Counting {
+            inner: file,
+            sent: 0,
+            total: size,
+            host: h.name,
+            reporter: self.reporter,
+            crash_half: h.i == 0,
+            last_report: 0,
+        };
+        send(&mut counting).map(|()| counting.sent)
+    }
+}
+
+impl Switcher for Files<'_> {
+    type Snap = Settings;
+    const STAGES_DIRECTORIES: bool = true;
+    type Staged = u64;
+
+    fn root(&self) -> &str {
+        &self.config.files.root
+    }
+
+    fn via(&self, _snap: &Settings) -> Via {
+        Via::Files
+    }
+
+    fn pin(
+        &self,
+        _rec: &Recorder<'_>,
+        _hosts: &[HostCx<'_>],
+        reference: &str,
+    ) -> Result<Pinned<Settings>, DeployError> {
+        Err(DeployError::Usage(format!(
+            "a files app deploys an artifact, not {reference:?}"
+        )))
+    }
+
+    fn serving(&self, h: &HostCx<'_>) -> Vec<String> {
+        h.prepared.current.iter().cloned().collect()
+    }
+
+    /// The deltas worth sending: one per distinct release that hosts needing the new release
+    /// serve now, when the host can stage from a delta and that release's artifact is still in
+    /// the store (see [`crate::delta`]). A delta that cannot be made is noted and the full
+    /// artifact is sent.
+    fn plan_stage(&self, rec: &Recorder<'_>, to: &Target<Settings>, hosts: &[HostCx<'_>]) {
+        let Some(new) = self.artifacts.get(&to.content) else {
+            return;
+        };
+        let mut tried = std::collections::HashSet::new();
+        let mut deltas = self.deltas.lock().unwrap_or_else(|p| p.into_inner());
+        for p in hosts.iter().map(|h| h.prepared) {
+            let Some(base) = p.current.as_deref() else {
+                continue;
+            };
+            if !p.delta
+                || p.releases.contains(&to.id)
+                || !p.releases.iter().any(|r| r == base)
+                || !tried.insert(base.to_string())
+            {
+                continue;
+            }
+            let Some(base_art) = rec
+                .store
+                .release(rec.app, base)
+                .ok()
+                .flatten()
+                .filter(|r| r.artifact_sha256 != to.content)
+                .and_then(|r| self.artifacts.get(&r.artifact_sha256))
+            else {
+                continue;
+            };
+            let made = crate::delta::manifest(self.artifacts, &base_art)
+                .and_then(|m| crate::delta::write_delta(self.artifacts, &new, &m));
+            match made {
+                Ok(Some(d)) if d.size < new.size => {
+                    deltas.insert(base.to_string(), Arc::new(d));
+                }
+                Ok(_) => {}
+                Err(e) => rec.ev(
+                    None,
+                    Step::Stage,
+                    State::Failed,
+                    &format!("cannot make a delta against release {base}: {e}; sending the whole artifact"),
+                ),
+            }
+        }
+    }
+
+    fn stage(&self, h: &HostCx<'_>, to: &Target<Settings>) -> Result<u64, String> {
+        if h.prepared.releases.contains(&to.id) {
+            h.ev(
+                Step::Stage,
+                State::Done,
+                "already on the host: nothing to upload",
+            );
+            return Ok(0);
+        }
+        let Some(art) = self.artifacts.get(&to.content) else {
+            let m = format!("release {} is not on the host and its artifact {} is no longer in the artifact store", to.id, to.content);
+            h.ev(Step::Stage, State::Failed, &m);
+            return Err(m);
+        };
+        let root = self.root();
+        let meta = self.meta(to);
+        let base = h.prepared.current.as_deref();
+        if let Some((base, delta)) = base.and_then(|b| self.delta_for(b).map(|d| (b, d))) {
+            h.ev(Step::Stage, State::Start, &format!(
+                "{} bytes: a delta against release {base} ({} files sent, {} unchanged files hard-linked on the host)",
+                delta.size, delta.shipped, delta.linked
+            ));
+            let sent = self.send(h, &delta.path, delta.size, |c| {
+                hostops::stage_delta(h.remote, root, &to.id, base, &meta, c)
+            });
+            match sent {
+                Ok(sent) => {
+                    h.ev(
+                        Step::Stage,
+                        State::Done,
+                        &format!("{sent} bytes sent (delta)"),
+                    );
+                    return Ok(sent);
+                }
+                // The connection failed: the full upload would fail the same way.
+                Err(e @ OpError::Remote(_)) => {
+                    h.ev(Step::Stage, State::Failed, &e.to_string());
+                    return Err(e.to_string());
+                }
+                Err(OpError::Host(m)) => {
+                    self.reporter.note(&format!(
+                        "{}: staging from a delta failed ({m}); sending the whole artifact instead",
+                        h.name
+                    ));
+                    h.ev(
+                        Step::Stage,
+                        State::Failed,
+                        &format!("delta: {m}; sending the whole artifact"),
+                    );
+                }
+            }
+        }
+        h.ev(Step::Stage, State::Start, &format!("{} bytes", art.size));
+        let r = self.send(h, &art.path, art.size, |c| {
+            hostops::stage(h.remote, root, &to.id, &meta, c)
+        });
+        match &r {
+            Ok(sent) => h.ev(Step::Stage, State::Done, &format!("{sent} bytes sent")),
+            Err(e) => h.ev(Step::Stage, State::Failed, &e.to_string()),
+        }
+        r.map_err(|e| e.to_string())
+    }
+
+    fn uploaded(&self, staged: &u64) -> u64 {
+        *staged
+    }
+
+    fn switch(
+        &self,
+        h: &HostCx<'_>,
+        _from: Option<&Target<Settings>>,
+        to: &Target<Settings>,
+        _staged: Option<&u64>,
+    ) -> Result<String, String> {
+        match hostops::switch(h.remote, self.root(), &to.id, to.snap.reload.as_deref()) {
+            Ok(s) => match s.reload {
+                Some((code, out)) if code != 0 => Err(format!(
+                    "switched, but reload exited with {code}: {}",
+                    last_lines(&out)
+                )),
+                Some((_, out)) => Ok(out),
+                None => Ok(String::new()),
+            },
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn gate_target(&self, to: &Target<Settings>) -> String {
+        to.snap.health_url.clone()
+    }
+
+    fn gate(
+        &self,
+        h: &HostCx<'_>,
+        to: &Target<Settings>,
+        reload_out: &str,
+    ) -> Result<String, String> {
+        let (url, spec) = to.snap.gate().map_err(|e| format!("bad health URL: {e}"))?;
+        let endpoint = h
+            .remote
+            .forward(&url.host, url.port)
+            .map_err(|e| format!("cannot reach {url} from the host: {e}"))?;
+        let g = run_gate(&endpoint, &spec);
+        if g.healthy {
+            return Ok(format!(
+                "{url} answered {} {} times in {:.1}s",
+                spec.expect,
+                spec.healthy_after,
+                g.elapsed.as_secs_f64()
+            ));
+        }
+        let mut m = format!(
+            "{url} not healthy after {:.1}s ({} probes, wanted {} {} times in a row); last answer: {}",
+            g.elapsed.as_secs_f64(),
+            g.probes,
+            spec.expect,
+            spec.healthy_after,
+            g.last.describe()
+        );
+        if !reload_out.trim().is_empty() {
+            m.push_str(&format!("; reload output: {}", last_lines(reload_out)));
+        }
+        Err(m)
+    }
+
+    fn retire(
+        &self,
+        h: &HostCx<'_>,
+        live: &Target<Settings>,
+        _from: Option<&Target<Settings>>,
+        protect: &BTreeSet<String>,
+    ) -> Result<(Vec<String>, String), String> {
+        let mut on_host = h.prepared.releases.clone();
+        on_host.push(live.id.clone());
+        let del = cutover_core::plan::prune(&on_host, self.config.files.keep, protect);
+        let detail = del.join(" ");
+        Ok((del, detail))
+    }
+}
+
+pub(crate) fn last_lines(s: &str) -> String {
+    let lines: Vec<&str> = s.trim().lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+/// Counts the bytes streamed to a host, reports them, and holds the mid-upload crash point.
+struct Counting<'a> {
+    inner: std::fs::File,
+    sent: u64,
+    total: u64,
+    host: &'a str,
+    reporter: &'a dyn Reporter,
+    crash_half: bool,
+    last_report: u64,
+}
+
+impl Read for Counting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sent += n as u64;
+        if self.sent - self.last_report >= 256 * 1024 || n == 0 {
+            self.last_report = self.sent;
+            self.reporter.bytes(self.host, self.sent, self.total);
+        }
+        if self.crash_half && self.sent * 2 >= self.total && self.sent > 0 {
+            crash_point(CrashPoint::MidUpload);
+        }
+        Ok(n)
+    }
+}

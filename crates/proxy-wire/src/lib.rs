@@ -1,0 +1,374 @@
+//! The wire types of cutover's edge-proxy control protocol: one JSON [`Request`] per line in,
+//! one JSON [`Response`] per line out. The proxy (`cutover-proxy`) serves them on its control
+//! socket; the controller (the engine, over SSH) sends them. This crate is only the types and
+//! their serde format, so that the controller side needs no HTTP or async runtime.
+//!
+//! Wire examples:
+//! ```text
+//! {"op":"deploy","service":"api","target":"127.0.0.1:41002","health_path":"/up","drain_ms":30000}
+//! {"result":"deployed","service":"api","target":"127.0.0.1:41002","previous":"127.0.0.1:41001",...}
+//! {"op":"pause","service":"api","hold_ms":30000}     {"result":"paused","service":"api","drained":true,...}
+//! {"op":"resume","service":"api"}                    {"result":"resumed","service":"api","released":3}
+//! {"op":"status"}                                    {"result":"status","pid":..,"services":[..]}
+//! {"op":"remove","service":"api"}                    {"result":"removed","service":"api"}
+//! anything that fails                                {"result":"error","error":"no such service: api"}
+//! ```
+//!
+//! **Invariant:** the format is shared by proxies already running on hosts and newer
+//! controllers: fields are only ever added with defaults, never renamed or re-typed, and
+//! durations are whole milliseconds in `*_ms` fields.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Gate a new target, switch to it, drain the old one.
+    Deploy(DeployRequest),
+    /// Hold new requests for a service.
+    Pause {
+        /// The service.
+        service: String,
+        /// How long each request may be held before it gets a 503 (default: the proxy's
+        /// configured hold).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hold_ms: Option<u64>,
+        /// How long to wait for requests already in flight on the current target before
+        /// answering (default 30 s).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drain_ms: Option<u64>,
+    },
+    /// Release held requests to the current target.
+    Resume {
+        /// The service.
+        service: String,
+    },
+    /// Report services, targets and counters.
+    Status,
+    /// Forget a service.
+    Remove {
+        /// The service.
+        service: String,
+    },
+}
+
+/// The body of a deploy request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployRequest {
+    /// The service (created if new).
+    pub service: String,
+    /// The new target, `host:port`.
+    pub target: String,
+    /// Health path on the target, e.g. `/up`.
+    pub health_path: String,
+    /// `Host` names routed to this service; empty keeps the service's current domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+    /// Gate and drain options.
+    #[serde(flatten)]
+    pub options: DeployOptions,
+}
+
+/// How a deploy gates and drains. Serialized with durations in milliseconds
+/// (`health_interval_ms`, `give_up_after_ms`, `timeout_ms`, `drain_ms`); every field is
+/// optional in JSON and defaults to the `[health]`/`[proxy]` defaults of the config contract.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeployOptions {
+    /// Time between two probes (default 500 ms).
+    #[serde(rename = "health_interval_ms", with = "millis")]
+    pub health_interval: Duration,
+    /// Consecutive 2xx probes needed (default 2; 0 counts as 1).
+    pub healthy_after: u32,
+    /// The gate fails if it has not passed after this long (default 30 s).
+    #[serde(rename = "give_up_after_ms", with = "millis")]
+    pub give_up_after: Duration,
+    /// One probe's timeout (default 2 s).
+    #[serde(rename = "timeout_ms", with = "millis")]
+    pub timeout: Duration,
+    /// How long the old target's in-flight requests get after the swap (default 30 s).
+    #[serde(rename = "drain_ms", with = "millis")]
+    pub drain: Duration,
+}
+
+impl Default for DeployOptions {
+    fn default() -> Self {
+        DeployOptions {
+            health_interval: Duration::from_millis(500),
+            healthy_after: 2,
+            give_up_after: Duration::from_secs(30),
+            timeout: Duration::from_secs(2),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A [`Duration`] as a JSON integer of milliseconds (saturating on the way out).
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis().min(u64::MAX as u128) as u64)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// A control response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// A deploy passed its gate and switched (or found the target already current).
+    Deployed(DeployReport),
+    /// The service is paused (and its current target drained, if `drained`).
+    Paused(PauseReport),
+    /// The service was resumed.
+    Resumed {
+        /// The service.
+        service: String,
+        /// Requests that were held at that moment.
+        released: usize,
+    },
+    /// The proxy's status.
+    Status(StatusReport),
+    /// The service was removed.
+    Removed {
+        /// The service.
+        service: String,
+    },
+    /// The request failed; nothing was changed unless the message says otherwise.
+    Error {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployReport {
+    /// The service.
+    pub service: String,
+    /// Its target now.
+    pub target: String,
+    /// Its target before, if the pointer was swapped.
+    pub previous: Option<String>,
+    /// The service did not exist before.
+    pub created: bool,
+    /// Requests now go somewhere new (false when the target was already current).
+    pub switched: bool,
+    /// When the pointer was swapped, Unix milliseconds.
+    pub switched_at_ms: u64,
+    /// How long the health gate took.
+    pub health_ms: u64,
+    /// Health probes sent.
+    pub health_probes: u32,
+    /// All of the old target's in-flight requests finished within the drain time.
+    pub drained: bool,
+    /// Time from the swap to the end of the drain.
+    pub drain_ms: u64,
+    /// The old target's requests still in flight when the drain ended.
+    pub in_flight_left: usize,
+    /// Set if the switch happened but the state file could not be written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_error: Option<String>,
+}
+
+/// What a pause did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseReport {
+    /// The service.
+    pub service: String,
+    /// How long each new request will be held at most.
+    pub hold_ms: u64,
+    /// No request was in flight on the current target when the pause answered.
+    pub drained: bool,
+    /// Time the pause waited for in-flight requests.
+    pub drain_ms: u64,
+    /// Requests still in flight on the current target when the pause answered.
+    pub in_flight_left: usize,
+}
+
+/// The proxy's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The proxy's process id.
+    pub pid: u32,
+    /// The proxy's version.
+    pub version: String,
+    /// The configured listen address.
+    pub listen: String,
+    /// Time since the proxy started.
+    pub uptime_ms: u64,
+    /// Requests received since start (all services, 404s included).
+    pub requests: u64,
+    /// Services by name.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service in a [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// The service.
+    pub name: String,
+    /// `Host` names routed to it.
+    pub domains: Vec<String>,
+    /// Its current target.
+    pub target: String,
+    /// New requests are being held.
+    pub paused: bool,
+    /// Requests held right now.
+    pub held: usize,
+    /// Requests in flight on any of its targets (old ones still draining included).
+    pub in_flight: usize,
+    /// Requests routed to it since the proxy started.
+    pub requests: u64,
+    /// Requests the current target answered since it became current.
+    pub target_served: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_documented_shape() {
+        let req: Request = serde_json::from_str(
+            r#"{"op":"deploy","service":"api","target":"127.0.0.1:9","health_path":"/up","drain_ms":100,"healthy_after":3}"#,
+        )
+        .unwrap();
+        let Request::Deploy(d) = &req else {
+            panic!("{req:?}")
+        };
+        assert_eq!(d.options.drain, Duration::from_millis(100));
+        assert_eq!(d.options.healthy_after, 3);
+        assert_eq!(d.options.timeout, Duration::from_secs(2));
+        assert!(d.domains.is_empty());
+        let back: Request = serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(back, req);
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"op":"status"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"pause","service":"a"}"#).unwrap(),
+            Request::Pause {
+                service: "a".into(),
+                hold_ms: None,
+                drain_ms: None
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    /// The exact bytes a controller sends today: a proxy already installed on a host parses
+    /// exactly these, so they must not change.
+    #[test]
+    fn a_deploy_request_serializes_exactly_as_before() {
+        let req = Request::Deploy(DeployRequest {
+            service: "api".into(),
+            target: "127.0.0.1:41002".into(),
+            health_path: "/up".into(),
+            domains: vec!["api.example.com".into()],
+            options: DeployOptions {
+                health_interval: Duration::from_millis(250),
+                healthy_after: 3,
+                give_up_after: Duration::from_secs(20),
+                timeout: Duration::from_micros(1_500_900),
+                drain: Duration::from_secs(5),
+            },
+        });
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"op":"deploy","service":"api","target":"127.0.0.1:41002","health_path":"/up","domains":["api.example.com"],"health_interval_ms":250,"healthy_after":3,"give_up_after_ms":20000,"timeout_ms":1500,"drain_ms":5000}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Pause {
+                service: "api".into(),
+                hold_ms: Some(30_000),
+                drain_ms: None
+            })
+            .unwrap(),
+            r#"{"op":"pause","service":"api","hold_ms":30000}"#
+        );
+    }
+
+    #[test]
+    fn deploy_options_json_uses_milliseconds_and_defaults() {
+        let o: DeployOptions = serde_json::from_str(r#"{"drain_ms": 1500}"#).unwrap();
+        assert_eq!(o.drain, Duration::from_millis(1500));
+        assert_eq!(o.healthy_after, 2);
+        assert_eq!(o.health_interval, Duration::from_millis(500));
+        let v = serde_json::to_value(DeployOptions::default()).unwrap();
+        assert_eq!(v["give_up_after_ms"], 30_000);
+        assert_eq!(v["timeout_ms"], 2_000);
+        assert_eq!(v["health_interval_ms"], 500);
+        assert_eq!(v["drain_ms"], 30_000);
+        assert_eq!(v["healthy_after"], 2);
+        assert!(serde_json::from_str::<DeployOptions>(r#"{"drain_ms": "30s"}"#).is_err());
+    }
+
+    #[test]
+    fn responses_have_the_documented_shape() {
+        assert_eq!(
+            serde_json::from_str::<Response>(r#"{"result":"error","error":"no such service: x"}"#)
+                .unwrap(),
+            Response::Error {
+                error: "no such service: x".into()
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<Response>(r#"{"result":"resumed","service":"a","released":2}"#)
+                .unwrap(),
+            Response::Resumed {
+                service: "a".into(),
+                released: 2
+            }
+        );
+        let deployed = Response::Deployed(DeployReport {
+            service: "api".into(),
+            target: "127.0.0.1:2".into(),
+            previous: Some("127.0.0.1:1".into()),
+            created: false,
+            switched: true,
+            switched_at_ms: 1,
+            health_ms: 2,
+            health_probes: 3,
+            drained: true,
+            drain_ms: 4,
+            in_flight_left: 0,
+            state_error: None,
+        });
+        let text = serde_json::to_string(&deployed).unwrap();
+        assert!(
+            text.starts_with(r#"{"result":"deployed","service":"api""#),
+            "{text}"
+        );
+        assert!(!text.contains("state_error"), "{text}");
+        assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), deployed);
+        let status = Response::Status(StatusReport {
+            pid: 7,
+            version: "0.1.0".into(),
+            listen: "0.0.0.0:80".into(),
+            uptime_ms: 5,
+            requests: 9,
+            services: vec![ServiceStatus {
+                name: "api".into(),
+                domains: vec![],
+                target: "127.0.0.1:2".into(),
+                paused: false,
+                held: 0,
+                in_flight: 1,
+                requests: 9,
+                target_served: 8,
+            }],
+        });
+        let text = serde_json::to_string(&status).unwrap();
+        assert!(text.starts_with(r#"{"result":"status","pid":7"#), "{text}");
+        assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), status);
+    }
+}
