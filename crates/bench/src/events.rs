@@ -283,9 +283,6 @@ pub(crate) fn epoch_now() -> f64 {
 /// parses its stream. A failed command is returned (`ok: false`), not an error; a stream that
 /// does not parse is an error.
 pub(crate) fn run(mut cmd: Command) -> Result<Traced> {
-    if !supports_events(cmd.get_program()) {
-        return scrape::run(cmd);
-    }
     cmd.arg("--events")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -331,91 +328,6 @@ pub(crate) fn run(mut cmd: Command) -> Result<Traced> {
         trace,
         stderr,
     })
-}
-
-/// Whether this `cutover` has `--events` (asked once per binary: `cutover deploy --help`).
-// FALLBACK until the engine on main prints `--events`; removed with `scrape`.
-fn supports_events(program: &std::ffi::OsStr) -> bool {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let yes = Command::new(program)
-            .args(["deploy", "--help"])
-            .stdin(Stdio::null())
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--events"));
-        if !yes {
-            eprintln!(
-                "[bench] this cutover has no --events: timing its steps from its progress \
-                 lines on stderr instead"
-            );
-        }
-        yes
-    })
-}
-
-/// FALLBACK for a `cutover` without `--events`: its plain progress lines on stderr
-/// (`<host>: <step> <state>[: detail]`, `all: ...` for run-wide steps) timed as they arrive.
-mod scrape {
-    use super::{State, Step, Trace, Traced};
-    use anyhow::{anyhow, Context as _, Result};
-    use serde_json::Value;
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    use std::time::Instant;
-
-    pub(super) fn run(mut cmd: Command) -> Result<Traced> {
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-        let t = Instant::now();
-        let mut child = cmd.spawn().context("running cutover")?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stderr)
-                .lines()
-                .map_while(|l| l.ok())
-                .map(|l| (t.elapsed().as_secs_f64(), l))
-                .collect::<Vec<_>>()
-        });
-        let status = child.wait()?;
-        let lines = reader
-            .join()
-            .map_err(|_| anyhow!("stderr reader panicked"))?;
-        let steps = lines.iter().filter_map(|(at, l)| step(*at, l)).collect();
-        Ok(Traced {
-            ok: status.success(),
-            status,
-            message: lines.last().map(|(_, l)| l.clone()).unwrap_or_default(),
-            outcome: Value::Null,
-            trace: Trace { steps },
-            stderr: lines
-                .iter()
-                .map(|(_, l)| l.as_str())
-                .collect::<Vec<_>>()
-                .join("\n"),
-        })
-    }
-
-    fn step(at: f64, line: &str) -> Option<Step> {
-        let (who, rest) = line.split_once(": ")?;
-        let (head, detail) = rest.split_once(": ").unwrap_or((rest, ""));
-        let mut w = head.split_whitespace();
-        let step = w.next()?.to_string();
-        let state = match w.next()? {
-            "start" => State::Start,
-            "done" => State::Done,
-            "failed" => State::Failed,
-            _ => return None,
-        };
-        if w.next().is_some() {
-            return None;
-        }
-        Some(Step {
-            at,
-            host: (who != "all").then(|| who.to_string()),
-            step,
-            state,
-            detail: detail.to_string(),
-        })
-    }
 }
 
 #[cfg(test)]
