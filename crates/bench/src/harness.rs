@@ -33,7 +33,23 @@ pub(crate) fn build_cutover(root: &Path) -> Result<PathBuf> {
     args.extend(["-p", "cutover", "--bin", "cutover"]);
     let shown = format!("cargo {}", args.join(" "));
     eprintln!("[bench] {shown}");
-    let out = Command::new(&cargo)
+    let mut build = Command::new(&cargo);
+    // `cargo run` gave this process the bench's own CARGO_PKG_*, CARGO_MANIFEST_* etc.;
+    // build scripts that watch those (ring's) would see them change and rebuild, with all
+    // that depends on them, on every run, and again for the next plain `cargo build`.
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| {
+            k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    k,
+                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+                )
+        }) {
+            build.env_remove(k);
+        }
+    }
+    let out = build
         .args(&args)
         .arg("--message-format=json-render-diagnostics")
         .current_dir(root)
