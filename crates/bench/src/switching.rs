@@ -666,6 +666,7 @@ fn plots(layout: &Layout, runs: &[Run]) -> Value {
     }
     let switched: Vec<&Run> = runs.iter().filter(|r| !r.switches.is_empty()).collect();
     let names: Vec<&str> = switched.iter().map(|r| r.name).collect();
+    // File `<scenario>-<what>.svg`; the series is named by its y axis.
     let bars = |what: &str, title: &str, y: &str, values: Vec<f64>| {
         json!({
             "file": format!("{}-{what}.svg", layout.name),
@@ -673,7 +674,7 @@ fn plots(layout: &Layout, runs: &[Run]) -> Value {
             "title": title,
             "y": y,
             "categories": names,
-            "series": [{"name": what, "values": values}],
+            "series": [{"name": y, "values": values}],
         })
     };
     plots.push(bars(
@@ -688,7 +689,7 @@ fn plots(layout: &Layout, runs: &[Run]) -> Value {
     plots.push(bars(
         "gap",
         "Longest time without a successful response",
-        "milliseconds",
+        "longest gap, milliseconds",
         switched.iter().map(|r| 1000.0 * r.gap()).collect(),
     ));
     Value::Array(plots)
