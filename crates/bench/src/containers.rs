@@ -6,17 +6,17 @@
 //! generator with the statistics the tables show. The config mirrors `World::write_config`
 //! in `crates/cutover/tests/containers.rs`.
 
+use crate::events::{self, Traced};
 use crate::harness::hide_bashrc;
-use crate::loadgen::LoadReport;
 use crate::Ctx;
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use testlab::{Lab, LabOptions};
+use testlab::{Lab, LabOptions, LoadReport};
 
 /// Where cutover's edge proxy listens on the host (`[proxy] listen = "0.0.0.0:8000"`).
 pub(crate) const PROXY_PORT: u16 = 8000;
@@ -167,37 +167,10 @@ give_up_after = "10s"
         Ok(Deploy { ok, message })
     }
 
-    /// `cutover deploy --image TAG` without `--json`: its plain progress lines on stderr
-    /// (`<host>: <step> <phase> ...`) are returned with the seconds since spawn at which each
-    /// arrived. Success is exit 0; the message is then the last line.
-    pub(crate) fn deploy_traced(&self, tag: &str) -> Result<(Deploy, Vec<(f64, String)>)> {
-        let t = Instant::now();
-        let mut child = self
-            .cutover(&["deploy", "--image", tag])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running cutover deploy")?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stderr)
-                .lines()
-                .map_while(|l| l.ok())
-                .map(|l| (t.elapsed().as_secs_f64(), l))
-                .collect::<Vec<_>>()
-        });
-        let status = child.wait()?;
-        let lines = reader
-            .join()
-            .map_err(|_| anyhow!("stderr reader panicked"))?;
-        let message = lines.last().map(|(_, l)| l.clone()).unwrap_or_default();
-        Ok((
-            Deploy {
-                ok: status.success(),
-                message,
-            },
-            lines,
-        ))
+    /// `cutover deploy --events --image TAG`: how it ended and its steps. A failed deploy is
+    /// returned (`ok: false`), not an error.
+    pub(crate) fn deploy_traced(&self, tag: &str) -> Result<Traced> {
+        events::run(self.cutover(&["deploy", "--image", tag]))
     }
 
     /// A deploy that must succeed (untimed preparation).
@@ -650,7 +623,7 @@ pub(crate) fn ms(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loadgen::RequestSample;
+    use testlab::RequestSample;
 
     fn sample(at_ms: u64, lat_ms: u64, ok: bool) -> RequestSample {
         RequestSample {

@@ -3,8 +3,8 @@
 //! directories from git ([`crate::capistrano`]) and the physical floor of shipping the same
 //! directory by hand with `tar | ssh | tar` to every host in parallel, compressed and not.
 //! Then a redeploy in which 1% of the files changed: time and bytes on the wire per method.
-//! One extra, untimed deploy per host count is profiled from cutover's progress lines to
-//! show where its time goes.
+//! One extra, untimed deploy per host count is profiled from cutover's event stream
+//! (`--events`) to show where its time goes.
 
 use crate::capistrano::{self, Cap};
 use crate::harness::{Payload, Profile, World};
@@ -50,8 +50,8 @@ median. 1 GiB cells run once (not `--reps` times) and without the tar.gz floor (
 disk space where the hosts' `/srv` live and runs only what fits, saying so in the cell. The \
 CPU table gives the same runs' CPU seconds (all processes of the run on both sides). The \
 phase table comes from one more first deploy of the 100 MiB payload (10 MiB with `--quick`) \
-per host count (not one of the samples) run without `--json`: its progress lines on stderr are \
-timestamped as they arrive and a phase ends when its last host reports `done`. The *redeploy \
+per host count (not one of the samples) run with `--events`: each step is timed by the `time` \
+of cutover's start and done events, and a phase ends when its last host reports `done`. The *redeploy \
 with 1% of the files changed* table deploys A (untimed), then A' (A with every 100th file \
 rewritten with new random bytes, a new `version`; 100 MiB, 10 MiB with `--quick`) and times \
 that second deploy the same way for cutover and Capistrano, and the tar floor shipping A' \
@@ -754,7 +754,8 @@ fn row_json(r: &Row) -> Value {
             "run": p.sample.to_json(),
             "phases_s": p.phases().iter().map(|(n, s)| json!({"phase": n, "s": s})).collect::<Vec<_>>(),
             "stage_per_host_s": p.stage_per_host(),
-            "lines": p.lines.iter().map(|(t, l)| json!([t, l])).collect::<Vec<_>>(),
+            "steps": p.trace.to_json(),
+            "outcome": p.outcome,
         })),
     })
 }

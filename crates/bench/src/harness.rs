@@ -5,11 +5,12 @@
 //! what it should. The config mirrors `World::write_config` in
 //! `crates/cutover/tests/files.rs`.
 
+use crate::events::{self, Trace, Traced};
 use crate::meter::{Meter, Sample};
 use crate::Ctx;
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,7 +33,23 @@ pub(crate) fn build_cutover(root: &Path) -> Result<PathBuf> {
     args.extend(["-p", "cutover", "--bin", "cutover"]);
     let shown = format!("cargo {}", args.join(" "));
     eprintln!("[bench] {shown}");
-    let out = Command::new(&cargo)
+    let mut build = Command::new(&cargo);
+    // `cargo run` gave this process the bench's own CARGO_PKG_*, CARGO_MANIFEST_* etc.;
+    // build scripts that watch those (ring's) would see them change and rebuild, with all
+    // that depends on them, on every run, and again for the next plain `cargo build`.
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| {
+            k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    k,
+                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+                )
+        }) {
+            build.env_remove(k);
+        }
+    }
+    let out = build
         .args(&args)
         .arg("--message-format=json-render-diagnostics")
         .current_dir(root)
@@ -159,9 +176,6 @@ impl Payload {
     }
 }
 
-/// Progress lines, each with the seconds since its command's spawn at which it arrived.
-pub(crate) type Progress = Vec<(f64, String)>;
-
 /// One timed run of `cutover` with `--json`.
 #[derive(Debug, Clone)]
 pub(crate) struct Run {
@@ -183,83 +197,25 @@ impl Run {
     }
 }
 
-/// A deploy's stderr progress lines, each with the seconds since spawn at which it arrived.
+/// A deploy's steps, timed by its event stream ([`crate::events`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Profile {
     pub(crate) secs: f64,
     pub(crate) sample: Sample,
-    pub(crate) lines: Vec<(f64, String)>,
+    pub(crate) trace: Trace,
+    /// The outcome `--json` would print.
+    pub(crate) outcome: Value,
 }
 
 impl Profile {
-    /// Earliest arrival of a `<host>: <step> <phase>` line.
-    fn first(&self, step: &str, phases: &[&str]) -> Option<f64> {
-        self.times(step, phases).into_iter().reduce(f64::min)
-    }
-
-    /// Latest arrival of a `<host>: <step> <phase>` line.
-    pub(crate) fn last(&self, step: &str, phases: &[&str]) -> Option<f64> {
-        self.times(step, phases).into_iter().reduce(f64::max)
-    }
-
-    fn times(&self, step: &str, phases: &[&str]) -> Vec<f64> {
-        self.lines
-            .iter()
-            .filter(|(_, l)| {
-                let Some((_, rest)) = l.split_once(": ") else {
-                    return false;
-                };
-                let mut w = rest.split_whitespace();
-                w.next() == Some(step)
-                    && w.next()
-                        .map(|p| p.trim_end_matches(':'))
-                        .is_some_and(|p| phases.contains(&p))
-            })
-            .map(|(t, _)| *t)
-            .collect()
-    }
-
-    /// Consecutive phases of the run as (name, seconds); they add up to the wall time. Every
-    /// phase waits for all hosts before the next starts, so a phase ends when its last host
-    /// reports `done` (or `failed`).
+    /// Consecutive phases of the deploy as (name, seconds); they add up to its wall time.
     pub(crate) fn phases(&self) -> Vec<(&'static str, f64)> {
-        let end = ["done", "failed"];
-        let marks = [
-            ("pack + check artifact", self.first("connect", &["start"])),
-            ("connect (ssh master)", self.last("connect", &end)),
-            ("prepare (lock, list)", self.last("prepare", &end)),
-            ("stage (upload + unpack)", self.last("stage", &end)),
-            ("switch", self.last("switch", &end)),
-            ("health gate", self.last("gate", &end)),
-            ("prune, unlock, exit", Some(self.secs)),
-        ];
-        let mut out = Vec::new();
-        let mut at = 0.0;
-        for (name, t) in marks {
-            let t = t.unwrap_or(at).max(at);
-            out.push((name, t - at));
-            at = t;
-        }
-        out
+        self.trace.phases(self.secs)
     }
 
     /// Per host, seconds from its `stage start` to its `stage done`.
     pub(crate) fn stage_per_host(&self) -> Vec<f64> {
-        let mut starts = std::collections::BTreeMap::new();
-        let mut out = Vec::new();
-        for (t, l) in &self.lines {
-            let Some((host, rest)) = l.split_once(": ") else {
-                continue;
-            };
-            if rest.starts_with("stage start") {
-                starts.insert(host.to_string(), *t);
-            } else if rest.starts_with("stage done") {
-                if let Some(s) = starts.get(host) {
-                    out.push(t - s);
-                }
-            }
-        }
-        out
+        self.trace.per_host("stage")
     }
 }
 
@@ -406,72 +362,37 @@ give_up_after = "20s"
         Ok(run)
     }
 
-    /// A deploy without `--json`: its plain progress lines on stderr are timestamped as they
-    /// arrive, to see where the time goes. Not one of the samples of the tables.
+    /// A deploy with `--events`, its steps timed by their events, to see where the time
+    /// goes. Not one of the samples of the tables.
     pub(crate) fn deploy_profiled(&self, p: &Payload) -> Result<Profile> {
         sync();
         let dir = p.dir.display().to_string();
-        let (r, sample) = self.meter.time(|| -> Result<_> {
-            let t = Instant::now();
-            let mut child = self
-                .cutover(&["deploy", "--artifact", &dir])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("running cutover")?;
-            let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-            let reader = std::thread::spawn(move || {
-                BufReader::new(stderr)
-                    .lines()
-                    .map_while(|l| l.ok())
-                    .map(|l| (t.elapsed().as_secs_f64(), l))
-                    .collect::<Vec<_>>()
-            });
-            let status = child.wait()?;
-            let lines = reader
-                .join()
-                .map_err(|_| anyhow!("stderr reader panicked"))?;
-            Ok((status, lines))
-        });
-        let (status, lines) = r?;
-        if !status.success() {
-            let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
-            bail!("profiled deploy exited with {status}:\n{}", text.join("\n"));
+        let (r, sample) = self
+            .meter
+            .time(|| events::run(self.cutover(&["deploy", "--artifact", &dir])));
+        let r = r?;
+        if !r.status.success() {
+            bail!(
+                "profiled deploy exited with {}: {}\n{}",
+                r.status,
+                r.message,
+                r.stderr
+            );
         }
         self.verify_serves(&p.label)?;
         Ok(Profile {
             secs: sample.secs,
             sample,
-            lines,
+            trace: r.trace,
+            outcome: r.outcome,
         })
     }
 
-    /// `cutover deploy --artifact <payload>` without `--json`, its progress lines on stderr
-    /// timestamped (seconds since spawn) as they arrive. A failed deploy is returned as
-    /// `(false, last line)`, not an error: the switch scenarios report it.
-    pub(crate) fn deploy_traced(&self, p: &Payload) -> Result<(bool, String, Progress)> {
+    /// `cutover deploy --events --artifact <payload>`: how it ended and its steps. A failed
+    /// deploy is returned (`ok: false`), not an error: the switch scenarios report it.
+    pub(crate) fn deploy_traced(&self, p: &Payload) -> Result<Traced> {
         let dir = p.dir.display().to_string();
-        let t = Instant::now();
-        let mut child = self
-            .cutover(&["deploy", "--artifact", &dir])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running cutover")?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stderr)
-                .lines()
-                .map_while(|l| l.ok())
-                .map(|l| (t.elapsed().as_secs_f64(), l))
-                .collect::<Vec<_>>()
-        });
-        let status = child.wait()?;
-        let lines = reader
-            .join()
-            .map_err(|_| anyhow!("stderr reader panicked"))?;
-        let message = lines.last().map(|(_, l)| l.clone()).unwrap_or_default();
-        Ok((status.success(), message, lines))
+        events::run(self.cutover(&["deploy", "--artifact", &dir]))
     }
 
     /// Whether every host answers `GET /version` with `label` right now.

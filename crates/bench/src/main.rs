@@ -3,10 +3,13 @@
 //! stdout, a section per scenario in `BENCHMARKS.md`, raw samples in
 //! `bench/results/<scenario>.json`. Numbers are reported, never asserted. Needs root.
 //!
-//! One module per scenario ([`deploy_speed`], [`rollback`], [`switch`], [`proxy`],
-//! [`footprint`]); to add one, write a module with a
+//! One module per scenario ([`deploy_speed`], [`rollback`], [`switch`], [`switch_files`],
+//! [`proxy`], [`footprint`]); to add one, write a module with a
 //! `pub(crate) fn run(&Ctx) -> anyhow::Result<report::Section>` and register it in
-//! [`SCENARIOS`] with the text that says how to read its table.
+//! [`SCENARIOS`] with the text that says how to read its table. The switch scenarios share
+//! one skeleton ([`switching`]: a method trait, the load, the tables and plots); cutover's
+//! steps are timed from its event stream (`--events`, [`events`]); the load comes from
+//! testlab's generator (`testlab::Load`).
 //!
 //! After each scenario its JSON's `"plots"` are rendered to `bench/results/<file>` ([`plot`])
 //! and linked from its section. After all of them, the run fails (exit 1) if any scenario's
@@ -16,9 +19,9 @@
 mod capistrano;
 mod containers;
 mod deploy_speed;
+mod events;
 mod footprint;
 mod harness;
-mod loadgen;
 mod machine;
 mod meter;
 mod peers;
@@ -28,6 +31,7 @@ mod report;
 mod rollback;
 mod switch;
 mod switch_files;
+mod switching;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;

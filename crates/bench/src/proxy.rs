@@ -4,7 +4,6 @@
 //! percentiles, and each proxy's memory is read idle and right after the loads.
 
 use crate::containers::{ms, percentile, DockerWorld, Ledger, Mem};
-use crate::loadgen::{Load, LoadOptions};
 use crate::machine::loadavg;
 use crate::meter::Sample;
 use crate::peers::{self, Kind, Peer};
@@ -14,6 +13,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use testlab::{Load, LoadOptions};
 
 pub(crate) const HOW_TO_READ: &str = "\
 one testlab host with its own dockerd and cutover's edge proxy installed by `cutover setup` \

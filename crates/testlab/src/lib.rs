@@ -1,8 +1,8 @@
 //! Test hosts for cutover's integration tests and benchmarks: a [`Lab`] of
 //! Linux network namespaces, each with its own `/srv`, sshd and nginx,
-//! reachable over SSH at 10.201.X.Y like real deploy targets, plus a small
-//! HTTP [`Load`] generator that counts every failed request during a
-//! deploy. Needs root (namespaces, veths, mounts); see [`Lab`] for details.
+//! reachable over SSH at 10.201.X.Y like real deploy targets, plus an HTTP
+//! [`Load`] generator (tokio + hyper) that counts every failed request during
+//! a deploy and can keep a ledger of every request. Needs root (namespaces, veths, mounts); see [`Lab`] for details.
 //!
 //! With [`LabOptions::docker`], every host also runs its own `dockerd` and
 //! the lab runs a registry its hosts pull from; test images are built
