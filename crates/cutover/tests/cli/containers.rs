@@ -5,57 +5,20 @@
 
 use crate::world::World;
 use std::time::Duration;
-use testlab::{Load, LoadOptions};
 
-/// Keep-alive and fresh-connection load through every host's proxy.
-fn load(w: &World, timeout: Option<Duration>) -> (Load, Load) {
-    let targets: Vec<_> = (0..w.hosts()).map(|i| w.http_addr(i)).collect();
-    let start = |keep_alive| {
-        let mut o = LoadOptions {
-            workers_per_target: 2,
-            keep_alive,
-            ..LoadOptions::new(targets.clone())
-        };
-        if let Some(t) = timeout {
-            o.timeout = t;
-        }
-        Load::start(o)
-    };
-    (start(true), start(false))
-}
-
-/// Stops both loads, shows what they saw and asserts that no request failed.
-fn stop_without_failures(what: &str, (ka, fresh): (Load, Load)) -> testlab::LoadReport {
-    let ka = ka.stop();
-    let fresh = fresh.stop();
-    eprintln!(
-        "{what} keep-alive: {} ok, {} failed, longest {:?}, bodies {:?}",
-        ka.ok, ka.failed, ka.max_latency, ka.bodies
-    );
-    eprintln!(
-        "{what} fresh: {} ok, {} failed, longest {:?}",
-        fresh.ok, fresh.failed, fresh.max_latency
-    );
-    ka.assert_no_failures();
-    fresh.assert_no_failures();
-    ka
+/// `setup --json`, which must succeed: what it did on each host.
+fn setup(w: &World) -> Vec<serde_json::Value> {
+    let s = w.run(&["setup", "--json"]);
+    assert_eq!(s.code, 0, "{}", s.stderr);
+    s.json.as_array().expect("one entry per host").clone()
 }
 
 #[test]
 fn blue_green_deploys_and_rollbacks_under_load_fail_no_request() {
     let w = World::containers(2, "blue-green").start();
     // Setup again is harmless: same binary, proxy already running.
-    let s = w.run(&["setup", "--json"]);
-    assert_eq!(s.code, 0);
-    assert!(
-        s.json
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|h| h["binary"] == "unchanged"),
-        "{}",
-        s.json
-    );
+    let s = setup(&w);
+    assert!(s.iter().all(|h| h["binary"] == "unchanged"), "{s:?}");
 
     for k in 0..=10 {
         w.image(&format!("v{k}"), true);
@@ -78,7 +41,7 @@ fn blue_green_deploys_and_rollbacks_under_load_fail_no_request() {
     );
     assert!(h[0]["source"].as_str().unwrap().ends_with("web:v0"));
 
-    let running = load(&w, None);
+    let load = w.load(None);
     for k in 1..=10 {
         w.deploy_ok(&format!("v{k}"));
         let r = w.run(&["rollback", "--json"]);
@@ -92,7 +55,9 @@ fn blue_green_deploys_and_rollbacks_under_load_fail_no_request() {
             );
         }
     }
-    let ka = stop_without_failures("blue-green", running);
+    let (ka, fresh) = load.stop("blue-green");
+    ka.assert_no_failures();
+    fresh.assert_no_failures();
     assert!(
         ka.bodies.len() >= 5,
         "the load saw the switches: {:?}",
@@ -118,7 +83,7 @@ fn hold_deploys_under_load_fail_no_request() {
         w.image(&format!("h{k}"), true);
     }
     w.deploy_ok("h0");
-    let running = load(&w, Some(Duration::from_secs(70)));
+    let load = w.load(Some(Duration::from_secs(70)));
     for k in 1..=10 {
         let r = w.deploy_image(&format!("h{k}"));
         assert_eq!(r.code, 0, "deploy h{k}: {}", r.json);
@@ -131,7 +96,9 @@ fn hold_deploys_under_load_fail_no_request() {
             );
         }
     }
-    stop_without_failures("hold", running);
+    let (ka, fresh) = load.stop("hold");
+    ka.assert_no_failures();
+    fresh.assert_no_failures();
     w.assert_all_serve("h10");
     for i in 0..2 {
         let running = w
@@ -212,7 +179,8 @@ fn healthy_on_one_host_unhealthy_on_the_other_ends_on_the_old_release() {
     assert_eq!(
         w.norm_with(r.message(), &[(&a, "<a>"), (&f, "<f>")]),
         "release <f> failed its health gate:\n  \
-         <host1>: proxy: web-<f>: not healthy after <t>s; last answer: HTTP 404\n\
+         <host1>: proxy: target 127.0.0.1:<port> did not pass the health gate on /up within <n> ms \
+         (<n> probes, 0 consecutive passes of 2 needed): HTTP 404 Not Found; nothing was changed\n\
          Every host was switched back to <a> and passed its health gate again."
     );
     w.assert_all_serve("a");
@@ -312,7 +280,7 @@ fn upgrading_the_proxy_binary_under_load_fails_no_request() {
     let w = World::containers(2, "blue-green").start();
     w.image("u1", true);
     w.deploy_ok("u1");
-    let running = load(&w, None);
+    let load = w.load(None);
     // Make the installed binary differ (as after a cutover upgrade), then set up again: the
     // new proxy takes the port over from the old one, which drains and exits.
     let before: Vec<u64> = (0..2).map(|i| w.proxy_pid(i).unwrap()).collect();
@@ -323,30 +291,15 @@ fn upgrading_the_proxy_binary_under_load_fails_no_request() {
         );
         assert!(out.status.success());
     }
-    let s = w.run(&["setup", "--json"]);
-    assert_eq!(s.code, 0);
+    let s = setup(&w);
     assert!(
-        s.json
-            .as_array()
-            .unwrap()
-            .iter()
+        s.iter()
             .all(|h| h["binary"] == "uploaded"
                 && h["service"].as_str().unwrap().contains("upgraded")),
-        "{}",
-        s.json
+        "{s:?}"
     );
     std::thread::sleep(Duration::from_millis(500));
-    let (ka, fresh) = running;
-    let ka = ka.stop();
-    let fresh = fresh.stop();
-    eprintln!(
-        "proxy upgrade keep-alive: {} ok, {} failed, longest {:?}",
-        ka.ok, ka.failed, ka.max_latency
-    );
-    eprintln!(
-        "proxy upgrade fresh: {} ok, {} failed, longest {:?}",
-        fresh.ok, fresh.failed, fresh.max_latency
-    );
+    let (ka, fresh) = load.stop("proxy upgrade");
     for (i, old) in before.iter().enumerate() {
         assert_ne!(
             w.proxy_pid(i).unwrap(),

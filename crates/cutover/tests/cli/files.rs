@@ -6,7 +6,6 @@ use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
 use testlab::hostile::{write_hostile, Hostile};
-use testlab::{Load, LoadOptions};
 
 /// A reload that takes `up` away on a host that has `/srv/unhealthy-<version>`.
 pub(crate) const UNHEALTHY_RELOAD: &str =
@@ -87,32 +86,13 @@ fn three_hosts_deploy_and_redeploy() {
 fn zero_failed_requests_during_20_deploys_and_rollbacks() {
     let w = World::files(3).start();
     w.deploy_ok("v0");
-    let targets: Vec<_> = (0..3).map(|i| w.lab().http_addr(i)).collect();
-    let keep_alive = Load::start(LoadOptions {
-        workers_per_target: 2,
-        keep_alive: true,
-        ..LoadOptions::new(targets.clone())
-    });
-    let fresh = Load::start(LoadOptions {
-        workers_per_target: 2,
-        keep_alive: false,
-        ..LoadOptions::new(targets)
-    });
+    let load = w.load(None);
     for k in 1..=10 {
         w.deploy_ok(&format!("v{k}"));
         let r = w.run(&["rollback", "--json"]);
         assert_eq!(r.code, 0, "rollback {k}");
     }
-    let ka = keep_alive.stop();
-    let fr = fresh.stop();
-    eprintln!(
-        "keep-alive: {} ok, {} failed, longest {:?}, bodies {:?}",
-        ka.ok, ka.failed, ka.max_latency, ka.bodies
-    );
-    eprintln!(
-        "fresh: {} ok, {} failed, longest {:?}",
-        fr.ok, fr.failed, fr.max_latency
-    );
+    let (ka, fr) = load.stop("files");
     ka.assert_no_failures();
     fr.assert_no_failures();
     assert!(ka.ok > 100 && fr.ok > 100, "the load really ran");
@@ -380,6 +360,16 @@ fn metacharacters_in_config_values_never_change_the_command() {
     assert!(r.error().contains("hosts[0]"), "{}", r.stderr);
 }
 
+/// Deploys `v2`, which must fail (exit 1), and returns what it says of host `i`.
+fn refused_host_detail(w: &World, i: usize) -> String {
+    let r = w.deploy_artifact(&w.build("v2"));
+    assert_eq!(r.code, 1, "{}", r.json);
+    r.json["hosts"][w.lab().destination(i)]["detail"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn unknown_and_changed_host_keys_are_refused() {
     let w = World::files(2).start();
@@ -390,12 +380,7 @@ fn unknown_and_changed_host_keys_are_refused() {
     w.configure(|t| {
         t.set_str("ssh", "known_hosts", partial.display().to_string());
     });
-    let r = w.deploy_artifact(&w.build("v2"));
-    assert_eq!(r.code, 1);
-    let detail = r.json["hosts"][w.lab().destination(1)]["detail"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let detail = refused_host_detail(&w, 1);
     assert!(
         detail.contains("not known") && detail.contains("SHA256:"),
         "{detail}"
@@ -406,12 +391,7 @@ fn unknown_and_changed_host_keys_are_refused() {
     w.configure(|_| {});
     // Changed: host 0 gets a new key.
     w.lab().change_host_key(0);
-    let r = w.deploy_artifact(&w.build("v2"));
-    assert_eq!(r.code, 1);
-    let detail = r.json["hosts"][w.lab().destination(0)]["detail"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let detail = refused_host_detail(&w, 0);
     assert!(
         detail.contains("CHANGED") && detail.contains("SHA256:"),
         "{detail}"

@@ -22,6 +22,12 @@ fn commit_site(w: &World, page: &str, subject: &str, extra: &[(&str, &str)]) -> 
     w.commit(subject, &files)
 }
 
+/// `deploy --ref r` deploys `commit`, and the host serves `page`.
+fn deploys(w: &World, r: &str, commit: &str, page: &str) {
+    assert_eq!(w.deploy_ref_ok(r)["commit"], commit, "deploy --ref {r}");
+    assert_eq!(w.served(0), page, "after deploy --ref {r}");
+}
+
 fn short(sha: &str) -> &str {
     &sha[..7]
 }
@@ -139,23 +145,15 @@ fn a_branch_that_moves_and_a_force_push_are_followed() {
 
     let c3 = commit_site(&w, "v3", "three", &[]);
     w.push();
-    assert_eq!(
-        w.deploy_ref_ok("main")["commit"],
-        c3.as_str(),
-        "the branch moved"
-    );
-    assert_eq!(w.served(0), "v3");
+    // The branch moved.
+    deploys(&w, "main", &c3, "v3");
 
     // Rewrite history: main now forks from c1.
     w.git(&["reset", "-q", "--hard", &c1]);
     let c4 = commit_site(&w, "v4", "four (rewritten)", &[]);
     w.push();
-    assert_eq!(
-        w.deploy_ref_ok("main")["commit"],
-        c4.as_str(),
-        "a force-pushed branch is followed"
-    );
-    assert_eq!(w.served(0), "v4");
+    // A force-pushed branch is followed.
+    deploys(&w, "main", &c4, "v4");
     let r4 = w.history()[0]["id"].as_str().unwrap().to_string();
 
     // The diff across the force-push: c4 is new, c2 and c3 go away.
@@ -175,9 +173,7 @@ fn a_branch_that_moves_and_a_force_push_are_followed() {
     w.push();
     w.deploy_ref_ok("gone");
     w.git(&["push", "-q", "origin", ":refs/tags/gone"]);
-    let r = w.deploy_ref("gone");
-    assert_eq!(r.code, 2, "{}", r.json);
-    assert!(r.message().contains("matches no commit"), "{}", r.json);
+    w.deploy_ref("gone").says(2, &["matches no commit"]);
 }
 
 /// The id git gives a blob with `content`.
@@ -224,14 +220,8 @@ fn ambiguous_and_unknown_short_shas_are_refused() {
     w.push();
     let prefix = &id_a[..4];
 
-    let r = w.deploy_ref(prefix);
-    assert_eq!(r.code, 2, "{} {}", r.json, r.stderr);
-    let msg = r.message();
-    assert!(msg.contains("ambiguous"), "{msg}");
-    assert!(
-        msg.contains(&id_a) && msg.contains(&id_b),
-        "lists both: {msg}"
-    );
+    // Ambiguous, and both are listed.
+    w.deploy_ref(prefix).says(2, &["ambiguous", &id_a, &id_b]);
     assert!(!w.site(0).join("current").exists(), "nothing was deployed");
     assert!(w.history().is_empty());
 
@@ -240,18 +230,11 @@ fn ambiguous_and_unknown_short_shas_are_refused() {
     } else {
         "abcdef1"
     };
-    let r = w.deploy_ref(unknown);
-    assert_eq!(r.code, 2, "{}", r.json);
-    let msg = r.message();
-    assert!(
-        msg.contains(unknown) && msg.contains("matches no commit"),
-        "{msg}"
-    );
+    w.deploy_ref(unknown)
+        .says(2, &[unknown, "matches no commit"]);
     let r = w.deploy_ref("no-such-branch");
     assert_eq!(r.code, 2, "{}", r.json);
-    let r = w.deploy_ref("main:a.txt");
-    assert_eq!(r.code, 2, "{}", r.json);
-    assert!(r.message().contains("not a commit"), "{}", r.json);
+    w.deploy_ref("main:a.txt").says(2, &["not a commit"]);
 }
 
 #[test]
@@ -318,14 +301,8 @@ fn a_build_that_hangs_past_its_timeout_is_killed_with_its_processes() {
     commit_site(&w, "v1", "one", &[]);
     w.push();
     let start = Instant::now();
-    let r = w.deploy_ref("main");
-    assert_eq!(r.code, 1, "{}", r.json);
+    w.deploy_ref("main").says(1, &["timed out", "timeout"]);
     assert!(start.elapsed() < Duration::from_secs(20));
-    let msg = r.message();
-    assert!(
-        msg.contains("timed out") && msg.contains("timeout"),
-        "{msg}"
-    );
     let pid = std::fs::read_to_string(&pidfile).unwrap();
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
     assert!(
@@ -671,9 +648,7 @@ fn a_repository_over_ssh_through_a_test_host() {
     let empty = w.dir.join("empty_known_hosts");
     std::fs::write(&empty, "").unwrap();
     over_ssh(&empty);
-    let r = w.deploy_ref("main");
-    assert_eq!(r.code, 1, "{}", r.json);
-    assert!(r.message().contains("cannot fetch"), "{}", r.json);
+    w.deploy_ref("main").says(1, &["cannot fetch"]);
     assert_eq!(w.served(0), "v2");
     let c = w.run(&["check"]);
     assert_eq!(c.code, 1, "check fetches the repository too");

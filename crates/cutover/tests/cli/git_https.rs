@@ -88,21 +88,11 @@ fn deploy_from_an_https_repository_with_a_token_from_the_environment() {
 
     // No token: the fetch fails (exit 1) naming the variable; nothing is deployed.
     let c3 = server.commit("site", "index.html", "v3\n", "third");
-    let r = deploy(&w, None);
-    assert_eq!(r.code, 1, "{}", r.json);
-    let m = r.message();
-    assert!(m.contains(VAR) && m.contains("not set"), "{}", r.json);
+    deploy(&w, None).says(1, &[VAR, "not set"]);
     assert_eq!(w.served(0), "v2");
 
     // A wrong token: refused (401), the token is not shown.
-    let r = deploy(&w, Some(WRONG));
-    assert_eq!(r.code, 1, "{}", r.json);
-    let m = r.message();
-    assert!(
-        m.contains("refused the token in") && m.contains("401"),
-        "{}",
-        r.json
-    );
+    deploy(&w, Some(WRONG)).says(1, &["refused the token in", "401"]);
     assert_eq!(w.served(0), "v2");
 
     // The right one again: the third commit goes out.
@@ -114,14 +104,7 @@ fn deploy_from_an_https_repository_with_a_token_from_the_environment() {
     w.configure(|t| {
         t.unset("build", "ca_file");
     });
-    let r = deploy(&w, Some(TOKEN));
-    assert_eq!(r.code, 1, "{}", r.json);
-    let m = r.message();
-    assert!(
-        m.contains("certificate is not trusted") && m.contains("ca_file"),
-        "{}",
-        r.json
-    );
+    deploy(&w, Some(TOKEN)).says(1, &["certificate is not trusted", "ca_file"]);
     // ...unless SSL_CERT_FILE names it.
     let r = run(
         &w,

@@ -22,7 +22,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use testlab::{Lab, LabOptions};
+use testlab::{Lab, LabOptions, Load, LoadOptions, LoadReport};
 
 /// The files root on every lab host (as the host sees it).
 pub(crate) const ROOT: &str = "/srv/site";
@@ -513,6 +513,27 @@ impl World {
         }
     }
 
+    /// Keep-alive and fresh-connection load (two workers each) on every host's
+    /// [`World::http_addr`], each request given `timeout` if set.
+    pub(crate) fn load(&self, timeout: Option<Duration>) -> Loads {
+        let targets: Vec<_> = (0..self.hosts()).map(|i| self.http_addr(i)).collect();
+        let start = |keep_alive| {
+            let mut o = LoadOptions {
+                workers_per_target: 2,
+                keep_alive,
+                ..LoadOptions::new(targets.clone())
+            };
+            if let Some(t) = timeout {
+                o.timeout = t;
+            }
+            Load::start(o)
+        };
+        Loads {
+            keep_alive: start(true),
+            fresh: start(false),
+        }
+    }
+
     // ---- files hosts ----
 
     /// A build directory whose pages say `name`.
@@ -646,6 +667,29 @@ impl Drop for World {
     }
 }
 
+/// The load of [`World::load`].
+pub(crate) struct Loads {
+    keep_alive: Load,
+    fresh: Load,
+}
+
+impl Loads {
+    /// Stops both loads and shows what they saw: (keep-alive, fresh).
+    pub(crate) fn stop(self, what: &str) -> (LoadReport, LoadReport) {
+        let ka = self.keep_alive.stop();
+        let fresh = self.fresh.stop();
+        eprintln!(
+            "{what} keep-alive: {} ok, {} failed, longest {:?}, bodies {:?}",
+            ka.ok, ka.failed, ka.max_latency, ka.bodies
+        );
+        eprintln!(
+            "{what} fresh: {} ok, {} failed, longest {:?}",
+            fresh.ok, fresh.failed, fresh.max_latency
+        );
+        (ka, fresh)
+    }
+}
+
 /// One `cutover` command line, to adjust before it runs.
 pub(crate) struct Cutover {
     cmd: Command,
@@ -718,6 +762,15 @@ impl Run {
             .as_str()
             .unwrap_or_else(|| panic!("no release in {}", self.json))
             .to_string()
+    }
+
+    /// Asserts the exit code and that the `--json` message says each of `parts`.
+    pub(crate) fn says(&self, code: i32, parts: &[&str]) {
+        assert_eq!(self.code, code, "{} {}", self.json, self.stderr);
+        let m = self.message();
+        for p in parts {
+            assert!(m.contains(p), "the message does not say {p:?}: {m}");
+        }
     }
 
     /// The message a run without `--json` ends with: stderr from its last line that starts
