@@ -1,0 +1,349 @@
+//! Container deploys against real Docker hosts: network namespaces with their own sshd and
+//! dockerd (testlab), a registry on the lab network, images built locally and pushed, the real
+//! `cutover` binary installing and driving its own edge proxy on every host, and real load
+//! through those proxies. Needs root.
+
+use crate::world::World;
+use std::time::Duration;
+
+/// `setup --json`, which must succeed: what it did on each host.
+fn setup(w: &World) -> Vec<serde_json::Value> {
+    let s = w.run(&["setup", "--json"]);
+    assert_eq!(s.code, 0, "{}", s.stderr);
+    s.json.as_array().expect("one entry per host").clone()
+}
+
+#[test]
+fn blue_green_deploys_and_rollbacks_under_load_fail_no_request() {
+    let w = World::containers(2, "blue-green").start();
+    // Setup again is harmless: same binary, proxy already running.
+    let s = setup(&w);
+    assert!(s.iter().all(|h| h["binary"] == "unchanged"), "{s:?}");
+
+    for k in 0..=10 {
+        w.image(&format!("v{k}"), true);
+    }
+    let r = w.deploy_image("v0");
+    assert_eq!(r.code, 0, "{}", r.json);
+    let v0 = r.release();
+    assert_eq!(
+        w.norm_with(r.message(), &[(&v0, "<v0>")]),
+        "deployed <v0> (<registry>/web@sha256:<digest>) on 2 host(s) with blue-green; \
+         every host passed its health gate through the proxy"
+    );
+    w.assert_all_serve("v0");
+    let h = w.history();
+    assert_eq!(h[0]["id"], v0.as_str());
+    assert_eq!(
+        h[0]["artifact_sha256"].as_str().unwrap().len(),
+        64,
+        "recorded by digest"
+    );
+    assert!(h[0]["source"].as_str().unwrap().ends_with("web:v0"));
+
+    let load = w.load(None);
+    for k in 1..=10 {
+        w.deploy_ok(&format!("v{k}"));
+        let r = w.run(&["rollback", "--json"]);
+        assert_eq!(r.code, 0, "rollback {k}");
+        assert_eq!(r.json["status"], "succeeded");
+        if k == 1 {
+            assert_eq!(
+                w.norm_with(r.message(), &[(&v0, "<v0>")]),
+                "rolled back to <v0> (<registry>/web@sha256:<digest>) on 2 host(s) with blue-green; \
+                 every host passed its health gate through the proxy"
+            );
+        }
+    }
+    let (ka, fresh) = load.stop("blue-green");
+    ka.assert_no_failures();
+    fresh.assert_no_failures();
+    assert!(
+        ka.bodies.len() >= 5,
+        "the load saw the switches: {:?}",
+        ka.bodies
+    );
+    w.assert_all_serve("v0");
+    // keep = 2: old containers are pruned; the live one runs, the rollback target is kept.
+    for i in 0..2 {
+        let c = w.containers_on(i);
+        assert!(c.len() <= 3, "host {i}: {c:?}");
+        assert_eq!(
+            c.iter().filter(|l| l.ends_with("running")).count(),
+            1,
+            "host {i}: {c:?}"
+        );
+    }
+}
+
+#[test]
+fn hold_deploys_under_load_fail_no_request() {
+    let w = World::containers(2, "hold").start();
+    for k in 0..=10 {
+        w.image(&format!("h{k}"), true);
+    }
+    w.deploy_ok("h0");
+    let load = w.load(Some(Duration::from_secs(70)));
+    for k in 1..=10 {
+        let r = w.deploy_image(&format!("h{k}"));
+        assert_eq!(r.code, 0, "deploy h{k}: {}", r.json);
+        if k == 1 {
+            let h1 = r.release();
+            assert_eq!(
+                w.norm_with(r.message(), &[(&h1, "<h1>")]),
+                "deployed <h1> (<registry>/web@sha256:<digest>) on 2 host(s) with hold; \
+                 every host passed its health gate through the proxy"
+            );
+        }
+    }
+    let (ka, fresh) = load.stop("hold");
+    ka.assert_no_failures();
+    fresh.assert_no_failures();
+    w.assert_all_serve("h10");
+    for i in 0..2 {
+        let running = w
+            .containers_on(i)
+            .iter()
+            .filter(|l| l.ends_with("running"))
+            .count();
+        assert_eq!(running, 1, "hold runs one copy at a time");
+    }
+}
+
+#[test]
+fn broken_images_flip_nothing_and_the_old_release_serves() {
+    let w = World::containers(2, "blue-green").start();
+    w.image("good", true);
+    w.image("unhealthy", false);
+    w.lab().build_crashing_image("web:crash");
+    w.deploy_ok("good");
+    for (tag, want) in [
+        ("crash", "exited"),
+        ("unhealthy", "HTTP 404"),
+        ("missing", "cannot pull"),
+    ] {
+        let r = w.deploy_image(tag);
+        assert_eq!(r.code, 1, "{tag}: {}", r.json);
+        let msg = r.message();
+        assert!(
+            msg.contains(want),
+            "{tag}: the diagnosis says {want}: {msg}"
+        );
+        assert!(msg.contains("nothing was switched"), "{msg}");
+        w.assert_all_serve("good");
+        for i in 0..2 {
+            let c = w.containers_on(i);
+            assert_eq!(
+                c.len(),
+                1,
+                "{tag}: the new containers were removed on host {i}: {c:?}"
+            );
+        }
+    }
+    // The crashing container's own output is in the diagnosis.
+    let h = w.history();
+    assert!(h.iter().any(|r| r["status"] == "failed"));
+}
+
+/// An image whose `/up` exists unless the host has `/srv/flags/unhealthy`.
+fn flagged_image(w: &World, tag: &str) {
+    let start = b"#!/bin/sh\ntrap 'exit 0' TERM INT\nif [ ! -e /hostflag/unhealthy ]; then echo ok > /www/up; fi\nhttpd -f -p 8080 -h /www &\nwait\n";
+    w.lab().build_image(
+        &format!("web:{tag}"),
+        &[
+            ("www/index.html", format!("{tag}\n").as_bytes()),
+            ("start.sh", start),
+        ],
+        &["/start.sh"],
+    );
+}
+
+#[test]
+fn healthy_on_one_host_unhealthy_on_the_other_ends_on_the_old_release() {
+    let w = World::containers(2, "blue-green").start();
+    w.image("a", true);
+    flagged_image(&w, "f");
+    let a = w.deploy_ok("a");
+    std::fs::write(w.lab().srv_dir(1).join("flags/unhealthy"), "").unwrap();
+    let r = w.deploy_image("f");
+    assert_eq!(r.code, 1, "{}", r.json);
+    assert!(r.message().contains(&w.lab().destination(1)), "{}", r.json);
+    w.assert_all_serve("a");
+    // hold: host 0 switches, host 1 fails its gate; both end on the old release.
+    w.configure(|t| {
+        t.set_str("container", "strategy", "hold");
+    });
+    let r = w.deploy_image("f");
+    assert_eq!(r.code, 1, "{}", r.json);
+    let f = r.release();
+    assert_eq!(
+        w.norm_with(r.message(), &[(&a, "<a>"), (&f, "<f>")]),
+        "release <f> failed its health gate:\n  \
+         <host1>: proxy: target 127.0.0.1:<port> did not pass the health gate on /up within <n> ms \
+         (<n> probes, 0 consecutive passes of 2 needed): HTTP 404 Not Found; nothing was changed\n\
+         Every host was switched back to <a> and passed its health gate again."
+    );
+    w.assert_all_serve("a");
+    assert_eq!(w.history()[0]["status"], "rolled_back");
+}
+
+#[test]
+fn rollback_warm_and_cold() {
+    let w = World::containers(2, "blue-green").start();
+    w.image("r1", true);
+    w.image("r2", true);
+    let r1 = w.deploy_ok("r1");
+    w.deploy_ok("r2");
+    // Warm: r1's container is still on the hosts (stopped).
+    for i in 0..2 {
+        assert!(w
+            .containers_on(i)
+            .iter()
+            .any(|c| c.starts_with(&format!("web-{r1} ")) && c.ends_with("exited")));
+    }
+    let r = w.run(&["rollback", "--json"]);
+    assert_eq!(r.code, 0);
+    w.assert_all_serve("r1");
+    // Cold: remove r2's container and image everywhere, then roll back to it explicitly.
+    w.deploy_ok("r2");
+    let h = w.history();
+    let r2_old = h
+        .iter()
+        .find(|r| r["source"].as_str().unwrap().ends_with("web:r2") && r["live"] == false)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let live = h.iter().find(|r| r["live"] == true).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = w.run(&["rollback", "--json", "--to", &r1]);
+    assert_eq!(r.code, 0);
+    let lab = w.lab();
+    for i in 0..2 {
+        let _ = lab.docker(i, &["rm", "-f", &format!("web-{live}")]);
+        let _ = lab.docker(i, &["rm", "-f", &format!("web-{r2_old}")]);
+        lab.remove_image_on_host(i, &lab.image_reference("web:r2"));
+        let digest = lab.image_digest(&lab.image_reference("web:r2"));
+        let _ = lab.docker(
+            i,
+            &["image", "rm", &format!("{}/web@{digest}", w.registry())],
+        );
+    }
+    let r = w.run(&["rollback", "--json", "--to", &live]);
+    assert_eq!(r.code, 0, "cold rollback pulls the digest again");
+    w.assert_all_serve("r2");
+    let st = w.run(&["status", "--json"]);
+    assert_eq!(
+        st.code, 0,
+        "status reads the running container on every host"
+    );
+    for h in st.json["hosts"].as_array().unwrap() {
+        assert_eq!(h["release"], live.as_str());
+    }
+}
+
+#[test]
+fn proxy_restart_keeps_routing() {
+    let w = World::containers(1, "blue-green").start();
+    w.image("p1", true);
+    w.deploy_ok("p1");
+    // Kill this host's proxy by the pid its own control socket reports (test hosts share one
+    // pid namespace, so a name pattern would hit other tests' proxies); the supervisor
+    // restarts it, and the restarted proxy routes from its state file.
+    let before = w.proxy_pid(0).expect("the proxy answers");
+    assert!(w
+        .lab()
+        .ssh(0, &format!("kill -TERM {before}"))
+        .status
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while w.proxy_pid(0).is_none_or(|p| p == before) {
+        assert!(std::time::Instant::now() < deadline, "the proxy came back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.assert_all_serve("p1");
+    let c = w.run(&["check"]);
+    assert_eq!(c.code, 0, "check sees docker and the proxy");
+    w.lab()
+        .ssh(0, "mv /srv/cutover/proxy.sock /srv/cutover/proxy.sock.off");
+    let c = w.run(&["check"]);
+    assert_eq!(c.code, 1);
+    assert!(c.stdout.contains("edge proxy"));
+    w.lab()
+        .ssh(0, "mv /srv/cutover/proxy.sock.off /srv/cutover/proxy.sock");
+}
+
+#[test]
+fn upgrading_the_proxy_binary_under_load_fails_no_request() {
+    let w = World::containers(2, "blue-green").start();
+    w.image("u1", true);
+    w.deploy_ok("u1");
+    let load = w.load(None);
+    // Make the installed binary differ (as after a cutover upgrade), then set up again: the
+    // new proxy takes the port over from the old one, which drains and exits.
+    let before: Vec<u64> = (0..2).map(|i| w.proxy_pid(i).unwrap()).collect();
+    for i in 0..2 {
+        let out = w.lab().ssh(
+            i,
+            "cd /srv/cutover && cp cutover c.tmp && printf '\\0' >> c.tmp && mv c.tmp cutover",
+        );
+        assert!(out.status.success());
+    }
+    let s = setup(&w);
+    assert!(
+        s.iter()
+            .all(|h| h["binary"] == "uploaded"
+                && h["service"].as_str().unwrap().contains("upgraded")),
+        "{s:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (ka, fresh) = load.stop("proxy upgrade");
+    for (i, old) in before.iter().enumerate() {
+        assert_ne!(
+            w.proxy_pid(i).unwrap(),
+            *old,
+            "host {i}: a new proxy process serves"
+        );
+        assert!(
+            !std::path::Path::new(&format!("/proc/{old}")).exists(),
+            "host {i}: the old proxy exited"
+        );
+    }
+    ka.assert_no_failures();
+    fresh.assert_no_failures();
+    w.assert_all_serve("u1");
+}
+
+/// kill -9 of a container deploy after staging and after switching: every host keeps serving a
+/// release through its proxy, and the next deploy reconciles the history and succeeds. (The
+/// matrix over every crash point and both strategies is in `crash.rs`.)
+#[test]
+fn kill_9_mid_deploy_then_a_successful_run() {
+    let w = World::containers(2, "blue-green").start();
+    for t in ["k0", "k1", "k2", "k3", "k4"] {
+        w.image(t, true);
+    }
+    w.deploy_ok("k0");
+    for (n, point) in ["after-stage", "after-switch"].iter().enumerate() {
+        let crashed = format!("k{}", 2 * n + 1);
+        let next = format!("k{}", 2 * n + 2);
+        let r = w
+            .cutover(&["deploy", "--image", &crashed])
+            .crash_at(point)
+            .run();
+        assert_eq!(r.signal, Some(9), "{point}: {}", r.stderr);
+        for i in 0..2 {
+            let page = w.served(i);
+            assert!(page.starts_with('k'), "{point}: host {i} serves {page}");
+        }
+        w.deploy_ok(&next);
+        w.assert_all_serve(&next);
+        let h = w.history();
+        assert_ne!(
+            h[1]["status"], "running",
+            "{point}: the interrupted release is marked"
+        );
+    }
+}
