@@ -98,6 +98,8 @@ spelled!(
         Pull => "pull",
         Stage => "stage",
         Start => "start",
+        /// A new container gated directly on its loopback port, before any switch.
+        Probe => "probe",
         Switch => "switch",
         Gate => "gate",
         Bake => "bake",
@@ -178,12 +180,13 @@ pub fn decide(unhealthy: usize, has_previous: bool) -> Decision {
 
 /// How the status of the release of an interrupted run is set when a later run reconciles
 /// it: a deploy served by no host `failed`, served by any host `partial` (a person, or the
-/// next deploy, settles it); a rollback's release keeps its status (it was already recorded).
-pub fn reconcile(kind: RunKind, hosts_serving: usize) -> Option<Status> {
-    match (kind, hosts_serving) {
-        (RunKind::Rollback, _) => None,
-        (RunKind::Deploy, 0) => Some(Status::Failed),
-        (RunKind::Deploy, _) => Some(Status::Partial),
+/// next deploy, settles it); a release whose commit was recorded (`recorded` is
+/// `succeeded`: the crash came after it) and a rollback's release keep their status.
+pub fn reconcile(kind: RunKind, recorded: Option<Status>, hosts_serving: usize) -> Option<Status> {
+    match (kind, recorded, hosts_serving) {
+        (RunKind::Rollback, _, _) | (_, Some(Status::Succeeded), _) => None,
+        (RunKind::Deploy, _, 0) => Some(Status::Failed),
+        (RunKind::Deploy, _, _) => Some(Status::Partial),
     }
 }
 
@@ -256,9 +259,15 @@ mod tests {
 
     #[test]
     fn reconcile_marks_a_served_release_partial_and_an_unserved_one_failed() {
-        assert_eq!(reconcile(RunKind::Deploy, 0), Some(Status::Failed));
-        assert_eq!(reconcile(RunKind::Deploy, 2), Some(Status::Partial));
-        assert_eq!(reconcile(RunKind::Rollback, 2), None);
+        let running = Some(Status::Running);
+        assert_eq!(reconcile(RunKind::Deploy, running, 0), Some(Status::Failed));
+        assert_eq!(
+            reconcile(RunKind::Deploy, running, 2),
+            Some(Status::Partial)
+        );
+        assert_eq!(reconcile(RunKind::Rollback, running, 2), None);
+        // A crash after the commit was recorded: the release stays succeeded.
+        assert_eq!(reconcile(RunKind::Deploy, Some(Status::Succeeded), 2), None);
         assert_eq!(reverted_status(true), Status::RolledBack);
         assert_eq!(reverted_status(false), Status::Failed);
     }

@@ -5,8 +5,10 @@
 
 mod containers;
 mod crash;
+mod events;
 mod files;
 mod git;
 mod git_containers;
 mod git_https;
+mod hostile_input;
 mod world;

@@ -611,7 +611,12 @@ impl<S: Switcher> Run<'_, S> {
                 .map(|e| format!("{} {}", e.step, e.phase))
                 .unwrap_or_else(|| "nothing".into());
             let kind = RunKind::parse(&run.kind).unwrap_or(RunKind::Deploy);
-            let mark = reconcile(kind, serving.len());
+            let recorded = store
+                .release(&self.env.config.app, &run.release_id)
+                .ok()
+                .flatten()
+                .and_then(|r| Status::parse(&r.status));
+            let mark = reconcile(kind, recorded, serving.len());
             if let Some(status) = mark {
                 self.rec.set_status(&run.release_id, status);
             }

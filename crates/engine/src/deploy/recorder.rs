@@ -20,6 +20,8 @@ pub struct Recorder<'a> {
     pub(crate) run_id: i64,
     release: Mutex<String>,
     dropped: AtomicBool,
+    /// Held from an event's insert to its report, so reporters see events in `seq` order.
+    order: Mutex<()>,
 }
 
 impl<'a> Recorder<'a> {
@@ -42,6 +44,7 @@ impl<'a> Recorder<'a> {
             run_id,
             release: Mutex::new(release.to_string()),
             dropped: AtomicBool::new(false),
+            order: Mutex::new(()),
         })
     }
 
@@ -70,6 +73,7 @@ impl<'a> Recorder<'a> {
     ) -> Result<(), String> {
         let at = crate::now_utc();
         let release = self.release();
+        let _in_order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.store.event(
             self.run_id,
             self.app,

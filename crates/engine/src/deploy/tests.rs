@@ -542,8 +542,15 @@ fn rollback_marks_the_live_release_bad_and_goes_to_the_one_before() {
 }
 
 #[test]
-fn an_interrupted_deploy_is_reconciled_partial_when_a_host_serves_it_else_failed() {
-    for (served, want) in [(true, "partial"), (false, "failed")] {
+fn an_interrupted_deploy_is_reconciled_partial_when_a_host_serves_it_else_failed_unless_committed()
+{
+    let cases = [
+        (true, false, "partial"),
+        (false, false, "failed"),
+        // The crash came after the commit was recorded: it stays succeeded.
+        (true, true, "succeeded"),
+    ];
+    for (served, committed, want) in cases {
         let w = World::new(2);
         let (fleet, sw) = (FakeFleet::new(2), FakeSwitcher::new(2, &[]));
         w.deploy(&sw, &fleet, "c1");
@@ -564,6 +571,11 @@ fn an_interrupted_deploy_is_reconciled_partial_when_a_host_serves_it_else_failed
         w.store
             .start_run("site", RunKind::Deploy, id, None, "t")
             .unwrap();
+        if committed {
+            w.store
+                .set_status("site", id, cutover_core::Status::Succeeded, None)
+                .unwrap();
+        }
         if served {
             sw.serving.lock().unwrap()[0] = Some(id.into());
         }

@@ -400,7 +400,7 @@ impl Switcher for Containers<'_> {
         };
         h.ev(Step::Start, State::Done, &format!("127.0.0.1:{port}"));
         h.ev(
-            Step::Gate,
+            Step::Probe,
             State::Start,
             &format!("127.0.0.1:{port}{}", to.snap.health_path),
         );
@@ -411,7 +411,7 @@ impl Switcher for Containers<'_> {
         let why = match g {
             Ok(g) if g.healthy => {
                 h.ev(
-                    Step::Gate,
+                    Step::Probe,
                     State::Done,
                     &format!("healthy in {:.1}s", g.elapsed.as_secs_f64()),
                 );
@@ -431,7 +431,7 @@ impl Switcher for Containers<'_> {
             "new container {name}: {why}{}",
             container_diagnosis(r, &name)
         );
-        h.ev(Step::Gate, State::Failed, &m);
+        h.ev(Step::Probe, State::Failed, &m);
         Err(m)
     }
 

@@ -3,7 +3,8 @@
 //! TOML, and a history database that is empty or not cutover's. No host is needed: every case
 //! must be refused before anything is touched, at once, with one clear error line.
 //!
-//! Self-contained on purpose (no shared harness yet): each test makes its own temp directory.
+//! These tests need no host and hand cutover configs that are not the world's own (`-c` on a
+//! FIFO, a device, a huge file), so they use a scratch directory instead of a `World`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
