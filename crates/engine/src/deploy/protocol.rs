@@ -3,7 +3,7 @@
 use super::error::{reconciled, succeeded};
 use super::{DeployError, Outcome, Recorder};
 use crate::hostops::{self, HostLock, OpError, Prepared};
-use crate::switch::{HostCx, Pinned, Switcher, Target};
+use crate::switch::{HostCx, Pinned, SwitchError, Switcher, Target};
 use crate::{crash_point, identity, now_secs, now_utc, par_map, Hosts, Reporter};
 use cutover_core::protocol::{batches, decide, reconcile, Decision};
 use cutover_core::{Config, CrashPoint, HostState, ReleaseId, RunKind, State, Status, Step};
@@ -751,12 +751,13 @@ impl<S: Switcher> Run<'_, S> {
                 .guard(Some(h.name), switch, State::Start, &to.id)
                 .is_err()
             {
-                return Err("cannot record the switch; not switched".to_string());
+                let e = "cannot record the switch; not switched".to_string();
+                return Err(SwitchError::Failed(e));
             }
             let r = self.sw.switch(h, from, to, staged.map(|s| &s[k]));
             match &r {
                 Ok(m) => h.ev(switch, State::Done, m),
-                Err(e) => h.ev(switch, State::Failed, e),
+                Err(e) => h.ev(switch, State::Failed, e.text()),
             }
             if let (true, Ok(_), Some(failed)) = (back, &r, from) {
                 self.sw.drop_failed(h, failed);
@@ -769,7 +770,10 @@ impl<S: Switcher> Run<'_, S> {
         crash_point(all);
         par_map(hosts.len(), self.parallel(), |k| {
             let h = &hosts[k];
-            let summary = switched[k].as_ref().map_err(|e| (true, e.clone()))?;
+            let summary = switched[k].as_ref().map_err(|e| {
+                let failed = matches!(e, SwitchError::Failed(_));
+                (failed, e.text().to_string())
+            })?;
             h.ev(gate, State::Start, &self.sw.gate_target(to));
             let g = self.sw.gate(h, to, summary);
             match &g {

@@ -5,7 +5,7 @@
 use super::protocol::{execute_on, Candidate, Early, Env, Fleet, What};
 use super::{DeployError, Recorder, Via};
 use crate::hostops::{HostLock, OpError, Prepared};
-use crate::switch::{HostCx, Pinned, Switcher, Target};
+use crate::switch::{HostCx, Pinned, SwitchError, Switcher, Target};
 use crate::{Outcome, Silent};
 use cutover_core::{Config, RunKind, State, Step};
 use cutover_remote::local::LocalHost;
@@ -179,13 +179,13 @@ impl Switcher for FakeSwitcher {
         _from: Option<&Target<String>>,
         to: &Target<String>,
         staged: Option<&()>,
-    ) -> Result<String, String> {
+    ) -> Result<String, SwitchError> {
         let step = if staged.is_some() { "switch" } else { "back" };
         let r = self.step(step, h, &to.content);
         if r.is_ok() {
             self.serving.lock().unwrap()[h.i] = Some(to.id.clone());
         }
-        r
+        r.map_err(SwitchError::Failed)
     }
     fn gate_target(&self, to: &Target<String>) -> String {
         format!("gate of {}", to.content)

@@ -16,7 +16,7 @@
 //! **Invariant:** the old container keeps running (blue-green) until every host verified the
 //! new one, so going back is a proxy swap, not a container start.
 
-use super::{HostCx, Pinned, Switcher, Target};
+use super::{HostCx, Pinned, SwitchError, Switcher, Target};
 use crate::deploy::{DeployError, Recorder, Via};
 use crate::gate::{run_gate, GateSpec};
 use crate::par_map;
@@ -196,7 +196,7 @@ impl Containers<'_> {
         port: u16,
         snap: &Snapshot,
         healthy_after: u32,
-    ) -> Result<String, String> {
+    ) -> Result<String, SwitchError> {
         let req = Request::Deploy(DeployRequest {
             service: self.app().to_string(),
             target: format!("127.0.0.1:{port}"),
@@ -210,7 +210,16 @@ impl Containers<'_> {
                 drain: self.capp.proxy.drain,
             },
         });
-        match proxy_request(r, self.capp, &req)? {
+        // The proxy refuses a deploy only when the target fails its gate: that is a health
+        // verdict; not reaching the proxy is a failed switch.
+        let answer = proxy_request(r, self.capp, &req).map_err(|e| {
+            if e.starts_with("proxy: ") {
+                SwitchError::Unhealthy(e)
+            } else {
+                SwitchError::Failed(e)
+            }
+        })?;
+        match answer {
             Response::Deployed(d) => Ok(format!(
                 "proxy {} -> {} (gate {} ms, drained {} in {} ms)",
                 d.previous.as_deref().unwrap_or("new"),
@@ -219,7 +228,9 @@ impl Containers<'_> {
                 d.drained,
                 d.drain_ms
             )),
-            other => Err(format!("unexpected proxy answer: {other:?}")),
+            other => Err(SwitchError::Failed(format!(
+                "unexpected proxy answer: {other:?}"
+            ))),
         }
     }
 
@@ -245,7 +256,7 @@ impl Containers<'_> {
         to: &Target<Snapshot>,
         exists: bool,
         old: Option<&str>,
-    ) -> Result<String, String> {
+    ) -> Result<String, SwitchError> {
         let started = std::time::Instant::now();
         let name = self.name(to);
         if old.is_some() {
@@ -264,7 +275,10 @@ impl Containers<'_> {
         } else {
             self.run_new(r, to).map_err(|e| e.message())
         };
-        match port.and_then(|p| self.flip(r, p, &to.snap, to.snap.healthy_after)) {
+        let flipped = port
+            .map_err(SwitchError::Failed)
+            .and_then(|p| self.flip(r, p, &to.snap, to.snap.healthy_after));
+        match flipped {
             Ok(m) => {
                 resume();
                 Ok(format!(
@@ -282,7 +296,7 @@ impl Containers<'_> {
                     }
                 }
                 resume();
-                Err(format!("{e}{diagnosis}"))
+                Err(e.map(|t| format!("{t}{diagnosis}")))
             }
         }
     }
@@ -450,7 +464,7 @@ impl Switcher for Containers<'_> {
         from: Option<&Target<Snapshot>>,
         to: &Target<Snapshot>,
         staged: Option<&Staged>,
-    ) -> Result<String, String> {
+    ) -> Result<String, SwitchError> {
         let r = h.remote;
         match self.strategy() {
             Strategy::BlueGreen => {

@@ -2,7 +2,7 @@
 //! still in the store) into `releases/<id>.partial`, then rename; switch = a symlink renamed
 //! over `current`, then `reload`; gate = the health URL as the host sees it.
 
-use super::{HostCx, Pinned, Switcher, Target};
+use super::{HostCx, Pinned, SwitchError, Switcher, Target};
 use crate::artifact::ArtifactStore;
 use crate::deploy::{DeployError, Recorder, Via};
 use crate::gate::{run_gate, GateSpec};
@@ -280,17 +280,17 @@ impl Switcher for Files<'_> {
         _from: Option<&Target<Settings>>,
         to: &Target<Settings>,
         _staged: Option<&u64>,
-    ) -> Result<String, String> {
+    ) -> Result<String, SwitchError> {
         match hostops::switch(h.remote, self.root(), &to.id, to.snap.reload.as_deref()) {
             Ok(s) => match s.reload {
-                Some((code, out)) if code != 0 => Err(format!(
+                Some((code, out)) if code != 0 => Err(SwitchError::Failed(format!(
                     "switched, but reload exited with {code}: {}",
                     last_lines(&out)
-                )),
+                ))),
                 Some((_, out)) => Ok(out),
                 None => Ok(String::new()),
             },
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(SwitchError::Failed(e.to_string())),
         }
     }
 

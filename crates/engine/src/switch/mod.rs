@@ -56,6 +56,37 @@ impl HostCx<'_> {
     }
 }
 
+/// Why a host's switch failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwitchError {
+    /// The release failed a health check that is part of the switch (the proxy gates a target
+    /// before it swaps to it): said as a failed health gate.
+    Unhealthy(String),
+    /// The switch itself failed (a command, a connection, a reload): said as such.
+    Failed(String),
+}
+
+impl SwitchError {
+    pub fn text(&self) -> &str {
+        match self {
+            SwitchError::Unhealthy(t) | SwitchError::Failed(t) => t,
+        }
+    }
+
+    fn map(self, f: impl FnOnce(String) -> String) -> SwitchError {
+        match self {
+            SwitchError::Unhealthy(t) => SwitchError::Unhealthy(f(t)),
+            SwitchError::Failed(t) => SwitchError::Failed(f(t)),
+        }
+    }
+}
+
+impl From<String> for SwitchError {
+    fn from(t: String) -> SwitchError {
+        SwitchError::Failed(t)
+    }
+}
+
 /// The way a kind of app switches; see the module docs.
 pub trait Switcher: Sync {
     /// The config recorded with a release and restored with it.
@@ -99,7 +130,7 @@ pub trait Switcher: Sync {
         from: Option<&Target<Self::Snap>>,
         to: &Target<Self::Snap>,
         staged: Option<&Self::Staged>,
-    ) -> Result<String, String>;
+    ) -> Result<String, SwitchError>;
     /// What the gate probes, for its start event.
     fn gate_target(&self, to: &Target<Self::Snap>) -> String;
     /// One host, after its switch (whose summary is `switched`): healthy (`Ok`: the host's
