@@ -2,9 +2,9 @@
 //! still in the store) into `releases/<id>.partial`, then rename; switch = a symlink renamed
 //! over `current`, then `reload`; gate = the health URL as the host sees it.
 
-use super::{HostCx, Pinned, SwitchError, Switcher, Target};
+use super::{HostCx, SwitchError, Switcher, Target};
 use crate::artifact::ArtifactStore;
-use crate::deploy::{DeployError, Recorder, Via};
+use crate::deploy::{Recorder, Via};
 use crate::gate::{run_gate, GateSpec};
 use crate::hostops::{self, OpError};
 use crate::{crash_point, Reporter};
@@ -142,17 +142,6 @@ impl Switcher for Files<'_> {
 
     fn via(&self, _snap: &Settings) -> Via {
         Via::Files
-    }
-
-    fn pin(
-        &self,
-        _rec: &Recorder<'_>,
-        _hosts: &[HostCx<'_>],
-        reference: &str,
-    ) -> Result<Pinned<Settings>, DeployError> {
-        Err(DeployError::Usage(format!(
-            "a files app deploys an artifact, not {reference:?}"
-        )))
     }
 
     fn serving(&self, h: &HostCx<'_>) -> Vec<String> {

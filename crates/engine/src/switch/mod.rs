@@ -104,13 +104,18 @@ pub trait Switcher: Sync {
     fn snapshot(&self, r: &Release) -> Option<Self::Snap> {
         serde_json::from_str(&r.snapshot).ok()
     }
-    /// Pins a reference that only the hosts can resolve (an image tag) to content.
+    /// Pins a reference that only the hosts can resolve (an image tag) to content. A kind
+    /// whose content is always known before connecting (files) has nothing to pin.
     fn pin(
         &self,
-        rec: &Recorder<'_>,
-        hosts: &[HostCx<'_>],
+        _rec: &Recorder<'_>,
+        _hosts: &[HostCx<'_>],
         reference: &str,
-    ) -> Result<Pinned<Self::Snap>, DeployError>;
+    ) -> Result<Pinned<Self::Snap>, DeployError> {
+        Err(DeployError::Usage(format!(
+            "this kind of app deploys content it knows before connecting, not {reference:?}"
+        )))
+    }
     /// The releases a host may serve now (to reconcile an interrupted run).
     fn serving(&self, h: &HostCx<'_>) -> Vec<String>;
     /// Work done once before every host stages (files: the deltas worth sending).
