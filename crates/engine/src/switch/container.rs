@@ -122,6 +122,36 @@ pub(crate) fn proxy_request(
     }
 }
 
+/// Armed on a host before a `hold` switch pauses its proxy, disarmed once the controller has
+/// resumed it. If the controller dies in between (kill -9, lost SSH), the host finishes the
+/// switch on its own after `grace` seconds: start `to` and swap to it if it passes the proxy's
+/// gate, else back to `old`; then resume. So no host stays paused with nothing running.
+const HOLD_WATCHDOG: &str = r#"
+set -u
+pidfile={pidfile}
+( trap '' HUP
+  sleep {grace}
+  [ -e "$pidfile" ] || exit 0
+  flip() {
+    docker start "$1" >/dev/null 2>&1 || return 1
+    p=$(docker port "$1" {cport} 2>/dev/null | head -n 1)
+    p=${p##*:}
+    [ -n "$p" ] || return 1
+    printf '%s\n' "$2" | sed "s/@PORT@/$p/" | {bin} proxy request --dir {dir} 2>/dev/null | grep -q '"deployed"'
+  }
+  flip {to} {flip} || { docker stop {to} >/dev/null 2>&1; flip {old} {flip}; }
+  printf '%s\n' {resume} | {bin} proxy request --dir {dir} >/dev/null 2>&1
+  rm -f "$pidfile"
+) </dev/null >/dev/null 2>&1 &
+printf '%s\n' "$!" > "$pidfile" && echo ARMED
+"#;
+
+const HOLD_DISARM: &str = r#"
+pidfile={pidfile}
+if [ -e "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null; rm -f "$pidfile"; fi
+echo DISARMED
+"#;
+
 /// One host's staged release (blue-green: the new container's loopback port).
 #[derive(Debug, Clone, Default)]
 pub struct Staged {
@@ -189,17 +219,10 @@ impl Containers<'_> {
         );
     }
 
-    /// Asks the host's proxy to gate `127.0.0.1:port` and swap the app's target to it.
-    fn flip(
-        &self,
-        r: &dyn Remote,
-        port: u16,
-        snap: &Snapshot,
-        healthy_after: u32,
-    ) -> Result<String, SwitchError> {
-        let req = Request::Deploy(DeployRequest {
+    fn deploy_request(&self, target: String, snap: &Snapshot, healthy_after: u32) -> Request {
+        Request::Deploy(DeployRequest {
             service: self.app().to_string(),
-            target: format!("127.0.0.1:{port}"),
+            target,
             health_path: snap.health_path.clone(),
             domains: self.capp.container.domain.iter().cloned().collect(),
             options: DeployOptions {
@@ -209,7 +232,59 @@ impl Containers<'_> {
                 timeout: Duration::from_millis(snap.timeout_ms),
                 drain: self.capp.proxy.drain,
             },
-        });
+        })
+    }
+
+    fn watchdog_pidfile(&self) -> String {
+        format!("{}/.cutover/hold-watchdog.pid", self.capp.state_dir)
+    }
+
+    /// Arms [`HOLD_WATCHDOG`] for a hold switch from `old` to `to` on one host.
+    fn arm(&self, r: &dyn Remote, to: &Target<Snapshot>, old: &str) -> Result<(), String> {
+        let c = &self.capp.container;
+        let slack = Duration::from_secs(15) + 2 * Duration::from_millis(to.snap.timeout_ms);
+        let grace = c.stop_timeout + Duration::from_millis(to.snap.give_up_after_ms) + slack;
+        let flip = self.deploy_request("127.0.0.1:@PORT@".into(), &to.snap, 1);
+        let resume = Request::Resume {
+            service: self.app().to_string(),
+        };
+        let json = |q: &Request| serde_json::to_string(q).map_err(|e| e.to_string());
+        let s = Script::new(
+            HOLD_WATCHDOG,
+            &[
+                ("pidfile", &self.watchdog_pidfile()),
+                ("grace", &grace.as_secs().to_string()),
+                ("cport", &to.snap.port.to_string()),
+                ("bin", &remote_binary(self.capp)),
+                ("dir", &self.capp.proxy.install_dir),
+                ("to", &self.name(to)),
+                ("old", old),
+                ("flip", &json(&flip)?),
+                ("resume", &json(&resume)?),
+            ],
+        );
+        let out = r.run(&s, None).map_err(|e| e.to_string())?;
+        if out.stdout.lines().any(|l| l == "ARMED") {
+            Ok(())
+        } else {
+            Err(format!("cannot arm the hold watchdog: {}", out.tail()))
+        }
+    }
+
+    fn disarm(&self, r: &dyn Remote) {
+        let s = Script::new(HOLD_DISARM, &[("pidfile", &self.watchdog_pidfile())]);
+        let _ = r.run(&s, None);
+    }
+
+    /// Asks the host's proxy to gate `127.0.0.1:port` and swap the app's target to it.
+    fn flip(
+        &self,
+        r: &dyn Remote,
+        port: u16,
+        snap: &Snapshot,
+        healthy_after: u32,
+    ) -> Result<String, SwitchError> {
+        let req = self.deploy_request(format!("127.0.0.1:{port}"), snap, healthy_after);
         // The proxy refuses a deploy only when the target fails its gate: that is a health
         // verdict; not reaching the proxy is a failed switch.
         let answer = proxy_request(r, self.capp, &req).map_err(|e| {
@@ -259,12 +334,17 @@ impl Containers<'_> {
     ) -> Result<String, SwitchError> {
         let started = std::time::Instant::now();
         let name = self.name(to);
-        if old.is_some() {
-            self.pause(r, true)?;
+        if let Some(o) = old {
+            self.arm(r, to, o)?;
+            if let Err(e) = self.pause(r, true) {
+                self.disarm(r);
+                return Err(SwitchError::Failed(e));
+            }
         }
         let resume = || {
             if old.is_some() {
                 let _ = self.pause(r, false);
+                self.disarm(r);
             }
         };
         if let Some(o) = old {
@@ -573,4 +653,21 @@ fn container_diagnosis(r: &dyn Remote, name: &str) -> String {
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hold_watchdog_templates_have_every_placeholder_filled() {
+        // Script::new panics on a missing or unused value: build each once.
+        let vals = [
+            "pidfile", "grace", "cport", "bin", "dir", "to", "old", "flip", "resume",
+        ];
+        let args: Vec<(&str, &str)> = vals.iter().map(|k| (*k, "x")).collect();
+        let armed = Script::new(HOLD_WATCHDOG, &args);
+        assert!(armed.text().contains("sed \"s/@PORT@/$p/\""));
+        let _ = Script::new(HOLD_DISARM, &[("pidfile", "/p")]);
+    }
 }
