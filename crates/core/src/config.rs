@@ -48,6 +48,13 @@ struct RawConfig {
     proxy: Option<crate::container::RawProxy>,
     health: Option<RawHealth>,
     build: Option<RawBuild>,
+    deploy: Option<RawDeploy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeploy {
+    batches: Option<Vec<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +121,58 @@ pub struct Config {
     pub health: HealthConfig,
     /// `[build]`: releases built from git commits (`deploy --ref`).
     pub build: Option<BuildConfig>,
+    /// `[deploy]`: how hosts are rolled out.
+    pub deploy: DeployConfig,
+}
+
+/// `[deploy]`: how a run rolls out over the hosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeployConfig {
+    /// Host groups that switch and gate one after the other, each size the number of hosts
+    /// switched once that batch is done (`[1, "25%", "100%"]`). Empty: every host at once.
+    pub batches: Vec<crate::protocol::BatchSize>,
+}
+
+/// `[deploy] batches`: counts (`1`) and percentages (`"25%"`) of the hosts switched once each
+/// batch is done, growing, the last one covering every host.
+fn parse_batches(
+    raw: Option<&[toml::Value]>,
+    hosts: usize,
+) -> Result<Vec<crate::protocol::BatchSize>, String> {
+    use crate::protocol::BatchSize;
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    let expected = "expected a list of host counts and percentages that grow and end with every host, e.g. [1, \"25%\", \"100%\"]";
+    let mut out = Vec::new();
+    let mut last = 0;
+    for v in raw {
+        let b = match v {
+            toml::Value::Integer(n) if *n >= 1 => BatchSize::Count(*n as usize),
+            toml::Value::String(t) => match t.strip_suffix('%').map(str::parse::<u8>) {
+                Some(Ok(p)) if (1..=100).contains(&p) => BatchSize::Percent(p),
+                _ => return Err(format!("{expected}; got {t:?}")),
+            },
+            other => return Err(format!("{expected}; got {other}")),
+        };
+        let upto = match b {
+            BatchSize::Count(c) => c.min(hosts),
+            BatchSize::Percent(p) => (hosts * p as usize).div_ceil(100),
+        };
+        if upto <= last && !out.is_empty() {
+            return Err(format!(
+                "{expected}; {v} does not add a host to the batches before it ({hosts} hosts)"
+            ));
+        }
+        last = upto;
+        out.push(b);
+    }
+    if last < hosts {
+        return Err(format!(
+            "{expected}; the last batch covers {last} of the {hosts} hosts"
+        ));
+    }
+    Ok(out)
 }
 
 /// The two kinds of app: files switched by a symlink, containers switched by the edge proxy.
@@ -337,6 +396,11 @@ impl Config {
             }
         };
 
+        let batches = raw.deploy.as_ref().and_then(|d| d.batches.as_deref());
+        let deploy = DeployConfig {
+            batches: parse_batches(batches, raw.hosts.len())
+                .map_err(|m| err("deploy.batches", m))?,
+        };
         if !valid_app_name(&raw.app) {
             return Err(err(
                 "app",
@@ -400,6 +464,7 @@ impl Config {
                 raw.files.is_some(),
                 raw.health,
                 build,
+                deploy,
             );
         }
         if raw.proxy.is_some() {
@@ -503,6 +568,7 @@ impl Config {
         };
 
         Ok(Config {
+            deploy: deploy.clone(),
             file: file.to_path_buf(),
             app: raw.app,
             hosts,
@@ -524,6 +590,7 @@ impl Config {
         has_files: bool,
         h: Option<RawHealth>,
         build: Option<BuildConfig>,
+        deploy: DeployConfig,
     ) -> Result<Config, ConfigError> {
         let err = |key: &str, message: String| ConfigError {
             file: file.to_path_buf(),
@@ -562,6 +629,7 @@ impl Config {
         };
         let health = health_config(&h, url, &err)?;
         Ok(Config {
+            deploy: deploy.clone(),
             file: file.to_path_buf(),
             kind: AppKind::Container(ContainerApp {
                 state_dir: format!("{}/apps/{app}", proxy.install_dir),
@@ -1704,6 +1772,41 @@ interval = "100ms"
                 "build.env",
                 "a key of 300 bytes; keys are at most 256 bytes"
             )
+        );
+    }
+
+    #[test]
+    fn batches_grow_and_end_with_every_host() {
+        use crate::protocol::BatchSize::*;
+        let parse = |b: &str| {
+            let text = format!(
+                "app = \"site\"\nhosts = [\"a\", \"b\", \"c\", \"d\"]\n[files]\nroot = \"/srv/site\"\n[health]\nurl = \"http://127.0.0.1/up\"\n[deploy]\nbatches = {b}\n"
+            );
+            Config::parse(Path::new("/c.toml"), &text, None)
+        };
+        let c = parse(r#"[1, "50%", "100%"]"#).unwrap();
+        assert_eq!(c.deploy.batches, [Count(1), Percent(50), Percent(100)]);
+        assert_eq!(
+            parse("[2, 4]").unwrap().deploy.batches,
+            [Count(2), Count(4)]
+        );
+        let bad = [
+            (r#"[1, "50%"]"#, "the last batch covers 2 of the 4 hosts"),
+            (r#"[2, "50%", "100%"]"#, "\"50%\" does not add a host"),
+            (r#"[0, "100%"]"#, "got 0"),
+            (r#"["150%"]"#, "got \"150%\""),
+        ];
+        for (b, says) in bad {
+            let e = parse(b).unwrap_err().to_string();
+            assert!(
+                e.starts_with("/c.toml: `deploy.batches`: expected a list of host counts"),
+                "{e}"
+            );
+            assert!(e.contains(says), "{b}: {e}");
+        }
+        assert!(
+            parse("[1]\nbake = \"2m\"").is_err(),
+            "an unknown [deploy] key is refused"
         );
     }
 }

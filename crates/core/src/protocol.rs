@@ -102,6 +102,8 @@ spelled!(
         Probe => "probe",
         Switch => "switch",
         Gate => "gate",
+        /// A group of hosts that switches and gates before the next one starts.
+        Batch => "batch",
         Bake => "bake",
         Commit => "commit",
         Prune => "prune",

@@ -729,3 +729,57 @@ fn a_redeploy_sends_only_what_changed_and_each_release_stays_whole() {
         );
     }
 }
+
+/// `[deploy] batches`: each batch switches and gates before the next starts, under load, and
+/// a release that fails on a host of the second batch sends back only the hosts switched so
+/// far: the last batch never switched.
+#[test]
+fn batches_roll_out_in_order_under_load_and_a_failure_stops_the_rollout() {
+    let w = World::files(4)
+        .lines("deploy", "batches = [1, \"50%\", \"100%\"]")
+        .set("files", "reload", UNHEALTHY_RELOAD)
+        .start();
+    w.deploy_ok("v1");
+    let load = w.load(None);
+    let v2 = w.build("v2");
+    let r = w.run(&["deploy", "--events", "--artifact", v2.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let batches: Vec<(String, String)> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["step"] == "batch")
+        .map(|e| {
+            let d = w.norm(e["detail"].as_str().unwrap());
+            (e["state"].as_str().unwrap().to_string(), d)
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("start", "batch 1 of 3: <host0>"),
+        ("done", "batch 1 of 3: <host0>"),
+        ("start", "batch 2 of 3: <host1>"),
+        ("done", "batch 2 of 3: <host1>"),
+        ("start", "batch 3 of 3: <host2>, <host3>"),
+        ("done", "batch 3 of 3: <host2>, <host3>"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(batches, want);
+    w.assert_all_serve("v2");
+    let (ka, fr) = load.stop("batches");
+    ka.assert_no_failures();
+    fr.assert_no_failures();
+    assert!(ka.ok > 20 && fr.ok > 20, "the load really ran");
+    // v3 fails on host 1 (batch 2): hosts 0 and 1 go back, hosts 2 and 3 never switch.
+    std::fs::write(w.lab().srv_dir(1).join("unhealthy-v3"), "").unwrap();
+    let r = w.deploy_artifact(&w.build("v3"));
+    assert_eq!(r.code, 1, "{}", r.json);
+    w.assert_all_serve("v2");
+    let hosts = &r.json["hosts"];
+    let states: Vec<&str> = (0..4)
+        .map(|i| hosts[w.lab().destination(i)]["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["reverted", "unhealthy", "staged", "staged"]);
+    assert_eq!(w.history()[0]["status"], "rolled_back");
+}

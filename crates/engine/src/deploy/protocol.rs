@@ -686,7 +686,11 @@ impl<S: Switcher> Run<'_, S> {
         previous: Option<&Target<S::Snap>>,
         staged: &[S::Staged],
     ) -> Result<(), DeployError> {
-        for batch in batches(hosts.len(), &[]) {
+        let groups = batches(hosts.len(), &self.env.config.deploy.batches);
+        for (k, batch) in groups.iter().cloned().enumerate() {
+            let names: Vec<&str> = hosts[batch.clone()].iter().map(|h| h.name).collect();
+            let what = format!("batch {} of {}: {}", k + 1, groups.len(), names.join(", "));
+            self.rec.ev(None, Step::Batch, State::Start, &what);
             let verdicts = self.switch_and_gate(
                 &hosts[batch.clone()],
                 previous,
@@ -713,10 +717,22 @@ impl<S: Switcher> Run<'_, S> {
                     }
                 }
             }
+            let state = if why.is_empty() {
+                State::Done
+            } else {
+                State::Failed
+            };
+            self.rec.ev(None, Step::Batch, state, &what);
             match (decide(why.len(), previous.is_some()), previous) {
                 (Decision::Commit, _) => continue,
                 (Decision::Revert, Some(p)) => {
-                    return Err(self.revert(out, &hosts[..batch.end], to, p, why, switch_failed))
+                    // Hosts of later batches never switched: undo their stage.
+                    let later = &hosts[batch.end..];
+                    par_map(later.len(), self.parallel(), |j| {
+                        let h = &later[j];
+                        self.sw.unstage(h, to, Some(&staged[h.i]));
+                    });
+                    return Err(self.revert(out, &hosts[..batch.end], to, p, why, switch_failed));
                 }
                 _ => {
                     return Err(DeployError::NothingToGoBackTo {

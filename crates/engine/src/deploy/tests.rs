@@ -221,13 +221,18 @@ impl Drop for TempDir {
 
 impl World {
     fn new(n: usize) -> World {
+        World::with(n, "")
+    }
+
+    /// `n` hosts and `extra` TOML at the end of the config.
+    fn with(n: usize, extra: &str) -> World {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("cutover-protocol-{}-{k}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let hosts: Vec<String> = (0..n).map(|i| format!("\"h{i}\"")).collect();
         let text = format!(
-            "app = \"site\"\nhosts = [{}]\n[files]\nroot = \"/srv/fake\"\n[health]\nurl = \"http://127.0.0.1/up\"\n",
+            "app = \"site\"\nhosts = [{}]\n[files]\nroot = \"/srv/fake\"\n[health]\nurl = \"http://127.0.0.1/up\"\n{extra}",
             hosts.join(", ")
         );
         let config = Config::parse(&dir.join("cutover.toml"), &text, None).unwrap();
@@ -640,4 +645,82 @@ fn the_app_lock_held_by_a_live_process_is_exit_4_before_anything() {
     );
     assert!(w.store.releases("site").unwrap().is_empty());
     let _ = (State::Done, Step::Run);
+}
+
+const BATCHES: &str = "[deploy]\nbatches = [1, \"50%\", \"100%\"]\n";
+
+/// Where `line` first stands in the switcher's log.
+fn pos(log: &[String], line: &str) -> usize {
+    log.iter()
+        .position(|l| l == line)
+        .unwrap_or_else(|| panic!("no {line:?} in {log:?}"))
+}
+
+#[test]
+fn batches_switch_and_gate_one_after_the_other() {
+    let w = World::with(4, BATCHES);
+    let (fleet, sw) = (FakeFleet::new(4), FakeSwitcher::new(4, &[]));
+    let o = w.deploy(&sw, &fleet, "c1");
+    assert_eq!(o.exit_code, 0, "{}", o.message);
+    let log = sw.log();
+    assert!(
+        pos(&log, "gate h0 c1") < pos(&log, "switch h1 c1"),
+        "{log:?}"
+    );
+    assert!(
+        pos(&log, "gate h1 c1") < pos(&log, "switch h2 c1"),
+        "{log:?}"
+    );
+    assert!(
+        pos(&log, "gate h1 c1") < pos(&log, "switch h3 c1"),
+        "{log:?}"
+    );
+    let batches: Vec<String> = w
+        .store
+        .events(o.run_id.unwrap())
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.step == "batch")
+        .map(|e| format!("{} {}", e.phase, e.detail))
+        .collect();
+    assert_eq!(
+        batches,
+        [
+            "start batch 1 of 3: h0",
+            "done batch 1 of 3: h0",
+            "start batch 2 of 3: h1",
+            "done batch 2 of 3: h1",
+            "start batch 3 of 3: h2, h3",
+            "done batch 3 of 3: h2, h3",
+        ]
+    );
+}
+
+#[test]
+fn a_failure_in_a_batch_reverts_every_host_switched_so_far_and_no_later_one_switches() {
+    for (bad, switched) in [(0, 1), (1, 2)] {
+        let w = World::with(4, BATCHES);
+        let faults = [("gate", bad, "c2")];
+        let (fleet, sw) = (FakeFleet::new(4), FakeSwitcher::new(4, &faults));
+        let first = w.deploy(&sw, &fleet, "c1");
+        let o = w.deploy(&sw, &fleet, "c2");
+        assert_eq!(o.exit_code, 1, "{}", o.message);
+        assert_eq!(w.statuses()[0], ("c2".into(), "rolled_back".into()));
+        assert_eq!(sw.serving(), vec![first.release.clone(); 4]);
+        let log = sw.log();
+        for i in 0..4 {
+            let was_switched = log.contains(&format!("switch h{i} c2"));
+            assert_eq!(was_switched, i < switched, "h{i}: {log:?}");
+            assert_eq!(
+                log.contains(&format!("back h{i} c1")),
+                i < switched,
+                "h{i}: {log:?}"
+            );
+            assert_eq!(
+                log.contains(&format!("unstage h{i} c2")),
+                i >= switched,
+                "h{i}: {log:?}"
+            );
+        }
+    }
 }
