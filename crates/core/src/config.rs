@@ -55,6 +55,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawDeploy {
     batches: Option<Vec<toml::Value>>,
+    bake: Option<String>,
+    max_error_rate: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +133,18 @@ pub struct DeployConfig {
     /// Host groups that switch and gate one after the other, each size the number of hosts
     /// switched once that batch is done (`[1, "25%", "100%"]`). Empty: every host at once.
     pub batches: Vec<crate::protocol::BatchSize>,
+    /// After each batch's gate, how long its hosts are watched before the next batch (0: no
+    /// bake).
+    pub bake: Duration,
+    /// The share of failed probes during a bake that fails it, in parts per million.
+    pub max_error_rate_ppm: u32,
+}
+
+impl DeployConfig {
+    /// `max_error_rate` as a share (0.01 = 1%).
+    pub fn max_error_rate(&self) -> f64 {
+        f64::from(self.max_error_rate_ppm) / 1e6
+    }
 }
 
 /// `[deploy] batches`: counts (`1`) and percentages (`"25%"`) of the hosts switched once each
@@ -397,9 +411,27 @@ impl Config {
         };
 
         let batches = raw.deploy.as_ref().and_then(|d| d.batches.as_deref());
+        let raw_deploy = raw.deploy.as_ref();
+        let bake = match raw_deploy.and_then(|d| d.bake.as_deref()) {
+            None => Duration::ZERO,
+            Some(b) => parse_duration(b).map_err(|m| err("deploy.bake", m))?,
+        };
+        let rate = match raw_deploy.and_then(|d| d.max_error_rate.as_ref()) {
+            None => 0.01,
+            Some(toml::Value::Float(f)) if (0.0..=1.0).contains(f) => *f,
+            Some(toml::Value::Integer(i)) if (0..=1).contains(i) => *i as f64,
+            Some(v) => {
+                return Err(err(
+                    "deploy.max_error_rate",
+                    format!("expected a share from 0 to 1 (0.01 = 1% of probes may fail), got {v}"),
+                ))
+            }
+        };
         let deploy = DeployConfig {
             batches: parse_batches(batches, raw.hosts.len())
                 .map_err(|m| err("deploy.batches", m))?,
+            bake,
+            max_error_rate_ppm: (rate * 1e6).round() as u32,
         };
         if !valid_app_name(&raw.app) {
             return Err(err(
@@ -1805,8 +1837,17 @@ interval = "100ms"
             assert!(e.contains(says), "{b}: {e}");
         }
         assert!(
-            parse("[1]\nbake = \"2m\"").is_err(),
+            parse("[1, 4]\nbogus = 1").is_err(),
             "an unknown [deploy] key is refused"
+        );
+        let c = parse("[4]\nbake = \"2m\"\nmax_error_rate = 0.05").unwrap();
+        assert_eq!(c.deploy.bake, Duration::from_secs(120));
+        assert!((c.deploy.max_error_rate() - 0.05).abs() < 1e-9);
+        assert!((parse("[4]").unwrap().deploy.max_error_rate() - 0.01).abs() < 1e-9);
+        let e = parse("[4]\nmax_error_rate = 2.0").unwrap_err().to_string();
+        assert!(
+            e.contains("`deploy.max_error_rate`: expected a share from 0 to 1"),
+            "{e}"
         );
     }
 }

@@ -103,6 +103,55 @@ pub fn run_gate(endpoint: &Endpoint, spec: &GateSpec) -> GateResult {
     }
 }
 
+/// What a bake saw: every probe of the window, and the last one that failed.
+#[derive(Debug, Clone)]
+pub struct BakeResult {
+    pub probes: u32,
+    pub failed: u32,
+    pub last_failure: Option<Probe>,
+}
+
+impl BakeResult {
+    /// Whether the failed share stayed within `max_error_rate`.
+    pub fn passed(&self, max_error_rate: f64) -> bool {
+        self.probes > 0 && f64::from(self.failed) <= max_error_rate * f64::from(self.probes)
+    }
+}
+
+/// Probes every `spec.interval` for `window` after a gate passed; stops early once so many
+/// probes failed that the window can no longer pass.
+pub fn run_bake(
+    endpoint: &Endpoint,
+    spec: &GateSpec,
+    window: Duration,
+    max_error_rate: f64,
+) -> BakeResult {
+    let start = Instant::now();
+    let expected = (window.as_secs_f64() / spec.interval.as_secs_f64().max(0.001))
+        .ceil()
+        .max(1.0);
+    let mut r = BakeResult {
+        probes: 0,
+        failed: 0,
+        last_failure: None,
+    };
+    loop {
+        let p = probe(endpoint, &spec.host_header, &spec.path, spec.timeout);
+        r.probes += 1;
+        if p.error.is_some() || p.status != Some(spec.expect) {
+            r.failed += 1;
+            r.last_failure = Some(p);
+            if f64::from(r.failed) > max_error_rate * expected {
+                return r;
+            }
+        }
+        if start.elapsed() + spec.interval > window {
+            return r;
+        }
+        std::thread::sleep(spec.interval);
+    }
+}
+
 /// One GET.
 pub fn probe(endpoint: &Endpoint, host_header: &str, path: &str, timeout: Duration) -> Probe {
     let deadline = Instant::now() + timeout;
@@ -285,5 +334,47 @@ mod tests {
         assert!(!r.healthy);
         assert_eq!(r.last.status, Some(500));
         assert!(r.last.describe().contains("boom"));
+    }
+
+    /// A server that answers 500 to every `nth` request (from the first), 200 to the rest.
+    fn serve_failing(nth: usize) -> Endpoint {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for (k, c) in l.incoming().enumerate() {
+                let Ok(mut c) = c else { break };
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf);
+                let answer = if k % nth == 0 {
+                    "HTTP/1.1 500 Oops\r\nContent-Length: 4\r\nConnection: close\r\n\r\nboom"
+                } else {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                };
+                let _ = c.write_all(answer.as_bytes());
+            }
+        });
+        Endpoint::Tcp(addr)
+    }
+
+    #[test]
+    fn a_bake_fails_when_more_probes_fail_than_the_rate_allows() {
+        let spec = GateSpec {
+            host_header: "x".into(),
+            path: "/up".into(),
+            expect: 200,
+            timeout: Duration::from_millis(500),
+            interval: Duration::from_millis(20),
+            healthy_after: 1,
+            give_up_after: Duration::from_secs(1),
+        };
+        // One probe in five fails: 20% is over 10%, under 30%.
+        let e = serve_failing(5);
+        let r = run_bake(&e, &spec, Duration::from_millis(400), 0.1);
+        assert!(!r.passed(0.1), "{r:?}");
+        assert_eq!(r.last_failure.unwrap().status, Some(500));
+        let e = serve_failing(5);
+        let r = run_bake(&e, &spec, Duration::from_millis(400), 0.3);
+        assert!(r.passed(0.3), "{r:?}");
+        assert!(r.probes >= 10, "{r:?}");
     }
 }

@@ -783,3 +783,39 @@ fn batches_roll_out_in_order_under_load_and_a_failure_stops_the_rollout() {
     assert_eq!(states, ["reverted", "unhealthy", "staged", "staged"]);
     assert_eq!(w.history()[0]["status"], "rolled_back");
 }
+
+/// `[deploy] bake`: a release that passes its gate and then stops answering `/up` is caught
+/// while its batch bakes, and every host switched so far goes back.
+#[test]
+fn a_release_that_goes_bad_after_its_gate_is_caught_by_the_bake() {
+    // v2 takes `up` away 2 s after its reload, long after its 0.2 s gate passed.
+    let reload = r#""if [ -e /srv/flaky-$(cat version) ]; then (sleep 2; rm -f up) >/dev/null 2>&1 & fi; echo reloaded $(cat version)""#;
+    let w = World::files(2)
+        .lines("deploy", "batches = [1, \"100%\"]\nbake = \"5s\"")
+        .set("files", "reload", reload)
+        .start();
+    let v1 = w.deploy_ok("v1");
+    for i in 0..2 {
+        std::fs::write(w.lab().srv_dir(i).join("flaky-v2"), "").unwrap();
+    }
+    let r = w.deploy_artifact(&w.build("v2"));
+    assert_eq!(r.code, 1, "{}", r.json);
+    let v2 = r.release();
+    let m = w.norm_with(r.message(), &[(&v1, "<v1>"), (&v2, "<v2>")]);
+    assert!(
+        m.starts_with("release <v2> passed its health gate but failed its bake:\n  <host0>: "),
+        "{m}"
+    );
+    assert!(
+        m.ends_with("Every host was switched back to <v1> and passed its health gate again."),
+        "{m}"
+    );
+    w.assert_all_serve("v1");
+    assert_eq!(w.history()[0]["status"], "rolled_back");
+    let hosts = &r.json["hosts"];
+    assert_eq!(
+        hosts[w.lab().destination(1)]["outcome"],
+        "staged",
+        "batch 2 never switched"
+    );
+}

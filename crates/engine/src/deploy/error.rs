@@ -22,6 +22,17 @@ pub struct Proxied {
     pub strategy: String,
 }
 
+/// The step at which a release was found wanting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedAt {
+    /// A switch failed mechanically.
+    Switch,
+    /// The health gate after the switch (or the proxy's gate inside it).
+    Gate,
+    /// The bake after a batch's gate.
+    Bake,
+}
+
 /// Why a run did not end with every host on the new release, verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeployError {
@@ -81,7 +92,7 @@ pub enum DeployError {
         previous: String,
         why: Vec<String>,
         new_release: bool,
-        switch_failed: bool,
+        failed_at: FailedAt,
     },
     /// The gate (or a switch) failed and going back failed too: a person must look.
     RevertFailed {
@@ -90,7 +101,7 @@ pub enum DeployError {
         via: Via,
         why: Vec<String>,
         failed: Vec<String>,
-        switch_failed: bool,
+        failed_at: FailedAt,
     },
 }
 
@@ -145,11 +156,11 @@ impl DeployError {
 }
 
 /// A switch that failed is said as such, never as a failed health gate.
-fn failed_head(release: &str, switch_failed: bool) -> String {
-    if switch_failed {
-        format!("release {release} could not be switched on every host")
-    } else {
-        format!("release {release} failed its health gate")
+fn failed_head(release: &str, at: FailedAt) -> String {
+    match at {
+        FailedAt::Switch => format!("release {release} could not be switched on every host"),
+        FailedAt::Gate => format!("release {release} failed its health gate"),
+        FailedAt::Bake => format!("release {release} passed its health gate but failed its bake"),
     }
 }
 
@@ -181,9 +192,9 @@ impl fmt::Display for DeployError {
             StageFailed { via: Via::Proxy(_), release, errors } => write!(f, "release {release} did not become healthy, so nothing was switched on any host; the new containers were removed:\n  {}", list(errors)),
             NothingToGoBackTo { app, release, via: Via::Files, why } => write!(f, "release {release} failed its health gate and app `{app}` has no previous release to go back to (this was its first deploy), so the hosts still serve {release}:\n  {}\nFix the app or the [health] settings and deploy again.", list(why)),
             NothingToGoBackTo { app, release, via: Via::Proxy(_), why } => write!(f, "release {release} failed its health gate and app `{app}` has no previous release to go back to (first deploy), so the proxies point at it:\n  {}\nFix the image or the [health] settings and deploy again.", list(why)),
-            Reverted { release, previous, why, switch_failed, .. } => write!(f, "{}:\n  {}\nEvery host was switched back to {previous} and passed its health gate again.", failed_head(release, *switch_failed), list(why)),
-            RevertFailed { release, previous, via: Via::Files, why, failed, switch_failed } => write!(f, "{}:\n  {}\nand switching back to {previous} failed on:\n  {}\nA person must look: run `cutover status` to see what each host serves, fix the host, then `cutover rollback --to {previous}` or deploy again.", failed_head(release, *switch_failed), list(why), list(failed)),
-            RevertFailed { release, previous, via: Via::Proxy(_), why, failed, switch_failed } => write!(f, "{}:\n  {}\nand switching back to {previous} failed on:\n  {}\nA person must look: `cutover status`, then `cutover rollback --to {previous}`.", failed_head(release, *switch_failed), list(why), list(failed)),
+            Reverted { release, previous, why, failed_at, .. } => write!(f, "{}:\n  {}\nEvery host was switched back to {previous} and passed its health gate again.", failed_head(release, *failed_at), list(why)),
+            RevertFailed { release, previous, via: Via::Files, why, failed, failed_at } => write!(f, "{}:\n  {}\nand switching back to {previous} failed on:\n  {}\nA person must look: run `cutover status` to see what each host serves, fix the host, then `cutover rollback --to {previous}` or deploy again.", failed_head(release, *failed_at), list(why), list(failed)),
+            RevertFailed { release, previous, via: Via::Proxy(_), why, failed, failed_at } => write!(f, "{}:\n  {}\nand switching back to {previous} failed on:\n  {}\nA person must look: `cutover status`, then `cutover rollback --to {previous}`.", failed_head(release, *failed_at), list(why), list(failed)),
         }
     }
 }
@@ -260,7 +271,7 @@ mod tests {
                     previous: "r1".into(),
                     why: vec![],
                     new_release: true,
-                    switch_failed: false,
+                    failed_at: FailedAt::Gate,
                 },
                 1,
                 502,
@@ -273,7 +284,7 @@ mod tests {
                     via: Via::Files,
                     why: vec![],
                     failed: vec![],
-                    switch_failed: true,
+                    failed_at: FailedAt::Switch,
                 },
                 3,
                 500,

@@ -22,7 +22,7 @@ mod recorder;
 #[cfg(test)]
 mod tests;
 
-pub use error::{succeeded, DeployError, Proxied, Via};
+pub use error::{succeeded, DeployError, FailedAt, Proxied, Via};
 pub use outcome::{HostOutcome, Outcome};
 pub use recorder::Recorder;
 

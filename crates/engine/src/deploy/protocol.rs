@@ -1,7 +1,7 @@
 //! The sequence itself, generic over a [`Switcher`]; see the module docs of [`super`].
 
 use super::error::{reconciled, succeeded};
-use super::{DeployError, Outcome, Recorder};
+use super::{DeployError, FailedAt, Outcome, Recorder};
 use crate::hostops::{self, HostLock, OpError, Prepared};
 use crate::switch::{HostCx, Pinned, SwitchError, Switcher, Target};
 use crate::{crash_point, identity, now_secs, now_utc, par_map, Hosts, Reporter};
@@ -700,7 +700,7 @@ impl<S: Switcher> Run<'_, S> {
             );
             crash_point(CrashPoint::AfterGate);
             let mut why = Vec::new();
-            let mut switch_failed = false;
+            let mut failed_at = FailedAt::Gate;
             for (h, v) in hosts[batch.clone()].iter().zip(&verdicts) {
                 let o = out.host(h.name);
                 match v {
@@ -709,13 +709,20 @@ impl<S: Switcher> Run<'_, S> {
                         o.detail = Some(d.clone());
                     }
                     Err((at_switch, e)) => {
-                        switch_failed |= at_switch;
+                        if *at_switch {
+                            failed_at = FailedAt::Switch;
+                        }
                         o.outcome = Some(HostState::Unhealthy);
                         o.detail = Some(e.clone());
                         self.rec.host_outcome(h.name, HostState::Unhealthy);
                         why.push(format!("{}: {e}", h.name));
                     }
                 }
+            }
+            let bake = self.env.config.deploy.bake;
+            if why.is_empty() && !bake.is_zero() {
+                why = self.bake(out, &hosts[batch.clone()], to, bake, &what);
+                failed_at = FailedAt::Bake;
             }
             let state = if why.is_empty() {
                 State::Done
@@ -732,7 +739,7 @@ impl<S: Switcher> Run<'_, S> {
                         let h = &later[j];
                         self.sw.unstage(h, to, Some(&staged[h.i]));
                     });
-                    return Err(self.revert(out, &hosts[..batch.end], to, p, why, switch_failed));
+                    return Err(self.revert(out, &hosts[..batch.end], to, p, why, failed_at));
                 }
                 _ => {
                     return Err(DeployError::NothingToGoBackTo {
@@ -745,6 +752,50 @@ impl<S: Switcher> Run<'_, S> {
             }
         }
         Ok(())
+    }
+
+    /// Watches a batch's hosts for `window` after their gate: the hosts that failed, with why.
+    fn bake(
+        &self,
+        out: &mut Outcome,
+        hosts: &[HostCx<'_>],
+        to: &Target<S::Snap>,
+        window: std::time::Duration,
+        what: &str,
+    ) -> Vec<String> {
+        let rate = self.env.config.deploy.max_error_rate();
+        let watching = format!(
+            "{what}: watching for {}",
+            cutover_core::duration::format_duration(window)
+        );
+        self.rec.ev(None, Step::Bake, State::Start, &watching);
+        let baked = par_map(hosts.len(), self.parallel(), |k| {
+            let h = &hosts[k];
+            h.ev(Step::Bake, State::Start, &self.sw.gate_target(to));
+            let r = self.sw.bake(h, to, window, rate);
+            match &r {
+                Ok(m) => h.ev(Step::Bake, State::Done, m),
+                Err(e) => h.ev(Step::Bake, State::Failed, e),
+            }
+            r
+        });
+        let mut why = Vec::new();
+        for (h, r) in hosts.iter().zip(baked) {
+            if let Err(e) = r {
+                let o = out.host(h.name);
+                o.outcome = Some(HostState::Unhealthy);
+                o.detail = Some(e.clone());
+                self.rec.host_outcome(h.name, HostState::Unhealthy);
+                why.push(format!("{}: {e}", h.name));
+            }
+        }
+        let state = if why.is_empty() {
+            State::Done
+        } else {
+            State::Failed
+        };
+        self.rec.ev(None, Step::Bake, state, &watching);
+        why
     }
 
     /// Switches `hosts` from `from` to `to` (`back`: going back to the previous release),
@@ -808,7 +859,7 @@ impl<S: Switcher> Run<'_, S> {
         failed: &Target<S::Snap>,
         previous: &Target<S::Snap>,
         why: Vec<String>,
-        switch_failed: bool,
+        failed_at: FailedAt,
     ) -> DeployError {
         self.env.reporter.note(&format!(
             "release {} is unhealthy; switching every host back to {}",
@@ -838,7 +889,7 @@ impl<S: Switcher> Run<'_, S> {
                 previous: previous.id.clone(),
                 why,
                 new_release: self.new_release,
-                switch_failed,
+                failed_at,
             }
         } else {
             DeployError::RevertFailed {
@@ -847,7 +898,7 @@ impl<S: Switcher> Run<'_, S> {
                 via: self.sw.via(&failed.snap),
                 why,
                 failed: failures,
-                switch_failed,
+                failed_at,
             }
         }
     }

@@ -187,6 +187,22 @@ impl Switcher for FakeSwitcher {
         }
         r.map_err(SwitchError::Failed)
     }
+    fn probe_at(
+        &self,
+        _h: &HostCx<'_>,
+        _to: &Target<String>,
+    ) -> Result<(cutover_remote::Endpoint, crate::gate::GateSpec), String> {
+        Err("the fake switcher bakes without probing".into())
+    }
+    fn bake(
+        &self,
+        h: &HostCx<'_>,
+        to: &Target<String>,
+        _window: std::time::Duration,
+        _max_error_rate: f64,
+    ) -> Result<String, String> {
+        self.step("bake", h, &to.content)
+    }
     fn gate_target(&self, to: &Target<String>) -> String {
         format!("gate of {}", to.content)
     }
@@ -723,4 +739,29 @@ fn a_failure_in_a_batch_reverts_every_host_switched_so_far_and_no_later_one_swit
             );
         }
     }
+}
+
+#[test]
+fn a_release_that_fails_its_bake_in_a_batch_goes_back_like_a_failed_gate() {
+    let w = World::with(
+        4,
+        "[deploy]\nbatches = [1, \"50%\", \"100%\"]\nbake = \"1s\"\n",
+    );
+    let faults = [("bake", 1, "c2")];
+    let (fleet, sw) = (FakeFleet::new(4), FakeSwitcher::new(4, &faults));
+    let first = w.deploy(&sw, &fleet, "c1");
+    assert_eq!(first.exit_code, 0, "{}", first.message);
+    let log = sw.log();
+    assert!(
+        pos(&log, "bake h0 c1") < pos(&log, "switch h1 c1"),
+        "each batch bakes first: {log:?}"
+    );
+    let o = w.deploy(&sw, &fleet, "c2");
+    assert_eq!(o.exit_code, 1);
+    assert_eq!(
+        norm(&o.message, &o),
+        "release <new> passed its health gate but failed its bake:\n  h1: bake broke\nEvery host was switched back to <prev> and passed its health gate again."
+    );
+    assert_eq!(sw.serving(), vec![first.release.clone(); 4]);
+    assert!(!sw.log().contains(&"switch h2 c2".to_string()));
 }

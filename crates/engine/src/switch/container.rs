@@ -562,16 +562,11 @@ impl Switcher for Containers<'_> {
         }
     }
 
-    fn gate_target(&self, _to: &Target<Snapshot>) -> String {
-        self.config.health.url.to_string()
-    }
-
-    fn gate(
+    fn probe_at(
         &self,
         h: &HostCx<'_>,
         _to: &Target<Snapshot>,
-        switched: &str,
-    ) -> Result<String, String> {
+    ) -> Result<(cutover_remote::Endpoint, GateSpec), String> {
         let url = &self.config.health.url;
         let health = &self.config.health;
         let spec = GateSpec {
@@ -588,11 +583,26 @@ impl Switcher for Containers<'_> {
             healthy_after: health.healthy_after,
             give_up_after: health.give_up_after,
         };
-        let g = h
+        let endpoint = h
             .remote
             .forward(&url.host, url.port)
-            .map_err(|e| e.to_string())
-            .map(|ep| run_gate(&ep, &spec))?;
+            .map_err(|e| e.to_string())?;
+        Ok((endpoint, spec))
+    }
+
+    fn gate_target(&self, _to: &Target<Snapshot>) -> String {
+        self.config.health.url.to_string()
+    }
+
+    fn gate(
+        &self,
+        h: &HostCx<'_>,
+        to: &Target<Snapshot>,
+        switched: &str,
+    ) -> Result<String, String> {
+        let url = &self.config.health.url;
+        let (endpoint, spec) = self.probe_at(h, to)?;
+        let g = run_gate(&endpoint, &spec);
         if g.healthy {
             Ok(format!(
                 "{switched}; {url} through the proxy answered {} {} times",

@@ -283,6 +283,19 @@ impl Switcher for Files<'_> {
         }
     }
 
+    fn probe_at(
+        &self,
+        h: &HostCx<'_>,
+        to: &Target<Settings>,
+    ) -> Result<(cutover_remote::Endpoint, GateSpec), String> {
+        let (url, spec) = to.snap.gate().map_err(|e| format!("bad health URL: {e}"))?;
+        let endpoint = h
+            .remote
+            .forward(&url.host, url.port)
+            .map_err(|e| format!("cannot reach {url} from the host: {e}"))?;
+        Ok((endpoint, spec))
+    }
+
     fn gate_target(&self, to: &Target<Settings>) -> String {
         to.snap.health_url.clone()
     }
@@ -293,11 +306,8 @@ impl Switcher for Files<'_> {
         to: &Target<Settings>,
         reload_out: &str,
     ) -> Result<String, String> {
-        let (url, spec) = to.snap.gate().map_err(|e| format!("bad health URL: {e}"))?;
-        let endpoint = h
-            .remote
-            .forward(&url.host, url.port)
-            .map_err(|e| format!("cannot reach {url} from the host: {e}"))?;
+        let (endpoint, spec) = self.probe_at(h, to)?;
+        let url = &to.snap.health_url;
         let g = run_gate(&endpoint, &spec);
         if g.healthy {
             return Ok(format!(

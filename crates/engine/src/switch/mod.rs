@@ -136,6 +136,40 @@ pub trait Switcher: Sync {
         to: &Target<Self::Snap>,
         staged: Option<&Self::Staged>,
     ) -> Result<String, SwitchError>;
+    /// Where and how one host's release is probed through what its users reach (files: the
+    /// health URL as the host sees it; containers: the health path through the proxy): the
+    /// bake re-probes it for its window.
+    fn probe_at(
+        &self,
+        h: &HostCx<'_>,
+        to: &Target<Self::Snap>,
+    ) -> Result<(cutover_remote::Endpoint, crate::gate::GateSpec), String>;
+    /// One host, after its batch's gate: probe [`Switcher::probe_at`] for `window`; `Err`
+    /// when more than `max_error_rate` of the probes failed (the host's diagnosis).
+    fn bake(
+        &self,
+        h: &HostCx<'_>,
+        to: &Target<Self::Snap>,
+        window: std::time::Duration,
+        max_error_rate: f64,
+    ) -> Result<String, String> {
+        let (endpoint, spec) = self.probe_at(h, to)?;
+        let r = crate::gate::run_bake(&endpoint, &spec, window, max_error_rate);
+        let m = format!(
+            "{} of {} probes of {} failed in {} (max_error_rate {max_error_rate})",
+            r.failed,
+            r.probes,
+            spec.path,
+            cutover_core::duration::format_duration(window)
+        );
+        if r.passed(max_error_rate) {
+            return Ok(m);
+        }
+        Err(match r.last_failure {
+            Some(p) => format!("{m}; last failure: {}", p.describe()),
+            None => m,
+        })
+    }
     /// What the gate probes, for its start event.
     fn gate_target(&self, to: &Target<Self::Snap>) -> String;
     /// One host, after its switch (whose summary is `switched`): healthy (`Ok`: the host's
