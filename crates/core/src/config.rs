@@ -147,6 +147,34 @@ impl DeployConfig {
     }
 }
 
+/// `[deploy]`, validated against the number of hosts; `Err` names the key.
+fn parse_deploy(
+    raw: Option<&RawDeploy>,
+    hosts: usize,
+) -> Result<DeployConfig, (&'static str, String)> {
+    let bake = match raw.and_then(|d| d.bake.as_deref()) {
+        None => Duration::ZERO,
+        Some(b) => parse_duration(b).map_err(|m| ("deploy.bake", m))?,
+    };
+    let rate = match raw.and_then(|d| d.max_error_rate.as_ref()) {
+        None => 0.01,
+        Some(toml::Value::Float(f)) if (0.0..=1.0).contains(f) => *f,
+        Some(toml::Value::Integer(i)) if (0..=1).contains(i) => *i as f64,
+        Some(v) => {
+            return Err((
+                "deploy.max_error_rate",
+                format!("expected a share from 0 to 1 (0.01 = 1% of probes may fail), got {v}"),
+            ))
+        }
+    };
+    let batches = raw.and_then(|d| d.batches.as_deref());
+    Ok(DeployConfig {
+        batches: parse_batches(batches, hosts).map_err(|m| ("deploy.batches", m))?,
+        bake,
+        max_error_rate_ppm: (rate * 1e6).round() as u32,
+    })
+}
+
 /// `[deploy] batches`: counts (`1`) and percentages (`"25%"`) of the hosts switched once each
 /// batch is done, growing, the last one covering every host.
 fn parse_batches(
@@ -410,29 +438,8 @@ impl Config {
             }
         };
 
-        let batches = raw.deploy.as_ref().and_then(|d| d.batches.as_deref());
-        let raw_deploy = raw.deploy.as_ref();
-        let bake = match raw_deploy.and_then(|d| d.bake.as_deref()) {
-            None => Duration::ZERO,
-            Some(b) => parse_duration(b).map_err(|m| err("deploy.bake", m))?,
-        };
-        let rate = match raw_deploy.and_then(|d| d.max_error_rate.as_ref()) {
-            None => 0.01,
-            Some(toml::Value::Float(f)) if (0.0..=1.0).contains(f) => *f,
-            Some(toml::Value::Integer(i)) if (0..=1).contains(i) => *i as f64,
-            Some(v) => {
-                return Err(err(
-                    "deploy.max_error_rate",
-                    format!("expected a share from 0 to 1 (0.01 = 1% of probes may fail), got {v}"),
-                ))
-            }
-        };
-        let deploy = DeployConfig {
-            batches: parse_batches(batches, raw.hosts.len())
-                .map_err(|m| err("deploy.batches", m))?,
-            bake,
-            max_error_rate_ppm: (rate * 1e6).round() as u32,
-        };
+        let deploy =
+            parse_deploy(raw.deploy.as_ref(), raw.hosts.len()).map_err(|(k, m)| err(k, m))?;
         if !valid_app_name(&raw.app) {
             return Err(err(
                 "app",
