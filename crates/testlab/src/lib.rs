@@ -8,13 +8,18 @@
 //! the lab runs a registry its hosts pull from; test images are built
 //! locally from Debian's busybox-static ([`Lab::build_web_image`]) and
 //! pushed there, never pulled from the internet.
+//!
+//! [`Browser`] is a headless chromium under Debian's chromedriver, driven over WebDriver
+//! (fantoccini) with blocking calls, for the panel's tests and screenshots.
 
+pub mod browser;
 mod claim;
 pub mod hostile;
 mod lab;
 mod load;
 mod sys;
 
+pub use browser::Browser;
 pub use lab::{Lab, LabOptions};
 pub use load::{Load, LoadOptions, LoadReport, RequestSample};
 
