@@ -13,6 +13,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+mod server;
+pub use server::{AuditRow, Job, JobState, Role, RunRow, Session, Token, User};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {source}")]
@@ -55,6 +58,14 @@ const TABLES: &[&[&str]] = &[
         "locks",
     ],
     &["build_cache"],
+    &[
+        "users",
+        "tokens",
+        "sessions",
+        "login_failures",
+        "audit",
+        "jobs",
+    ],
 ];
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -204,6 +215,68 @@ CREATE TABLE build_cache (
     artifact_sha256 TEXT NOT NULL,
     created_at TEXT NOT NULL,
     PRIMARY KEY (app, key)
+);
+"#,
+    // 3: the server. Runs say who started them and how they ended; users, API tokens and
+    // sessions (secrets only as hashes), login failures per (user, address), the append-only
+    // audit log, and the server's jobs.
+    r#"
+ALTER TABLE runs ADD COLUMN started_by TEXT;
+ALTER TABLE runs ADD COLUMN exit_code INTEGER;
+ALTER TABLE runs ADD COLUMN message TEXT;
+CREATE TABLE users (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE tokens (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    apps TEXT,
+    created_at TEXT NOT NULL,
+    expires_at INTEGER,
+    last_used_at TEXT,
+    revoked_at TEXT
+);
+CREATE TABLE sessions (
+    hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE login_failures (
+    user TEXT NOT NULL,
+    addr TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    last_at INTEGER NOT NULL,
+    PRIMARY KEY (user, addr)
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    app TEXT,
+    release_id TEXT,
+    from_addr TEXT,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id INTEGER NOT NULL,
+    app TEXT NOT NULL,
+    request TEXT NOT NULL,
+    started_by TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    finished_at TEXT
 );
 "#,
 ];
@@ -1065,7 +1138,7 @@ mod tests {
             .unwrap();
         let m = refused(&path);
         assert!(
-            m.contains(": made by a newer cutover (schema version 99; this one knows up to 2)"),
+            m.contains(": made by a newer cutover (schema version 99; this one knows up to 3)"),
             "{m}"
         );
 

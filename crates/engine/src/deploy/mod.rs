@@ -64,6 +64,22 @@ impl RunRequest {
     }
 }
 
+/// A request and the run row it fills. The CLI passes a bare [`RunRequest`] (the run row is
+/// made once the app is locked); the server makes the row first, so that it can answer with
+/// the run's id before the job starts, and hands it over in `run`.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub request: RunRequest,
+    /// A run row made beforehand ([`cutover_store::Store::start_run`]), unfinished.
+    pub run: Option<i64>,
+}
+
+impl From<RunRequest> for Job {
+    fn from(request: RunRequest) -> Job {
+        Job { request, run: None }
+    }
+}
+
 /// Runs a deploy or a rollback of any kind of app to the end and says how it went. The CLI
 /// and the server call this, and only this.
 pub fn run(
@@ -71,19 +87,61 @@ pub fn run(
     store: &Store,
     artifacts: &ArtifactStore,
     reporter: &dyn Reporter,
-    req: RunRequest,
+    job: impl Into<Job>,
 ) -> Outcome {
+    let Job { request: req, run } = job.into();
     let env = Env {
         config,
         store,
         reporter,
+        run,
     };
+    let mut out = execute(config, store, artifacts, reporter, req, &env);
+    // A run row made beforehand that the protocol never took (refused before it started:
+    // bad input, the app locked) is ended here with the verdict, so it does not read as
+    // interrupted.
+    if let (Some(id), None) = (run, out.run_id) {
+        out.run_id = Some(id);
+        let at = crate::now_utc();
+        let state = if out.exit_code == crate::exit::OK {
+            cutover_core::State::Done
+        } else {
+            cutover_core::State::Failed
+        };
+        let ended = store
+            .event(
+                id,
+                &config.app,
+                "",
+                None,
+                cutover_core::Step::Run,
+                state,
+                &at,
+                &out.message,
+            )
+            .and_then(|_| store.finish_run(id, out.status, &at))
+            .and_then(|()| store.set_run_exit(id, out.exit_code, &out.message));
+        if let Err(e) = ended {
+            reporter.note(&format!("warning: not recorded in the history: {e}"));
+        }
+    }
+    out
+}
+
+fn execute(
+    config: &Config,
+    store: &Store,
+    artifacts: &ArtifactStore,
+    reporter: &dyn Reporter,
+    req: RunRequest,
+    env: &Env<'_>,
+) -> Outcome {
     let kind = req.kind();
     match &config.kind {
         AppKind::Files(files) => {
             let sw = Files::new(config, files, artifacts, reporter);
             match files_request(config, files, store, artifacts, reporter, req) {
-                Ok(early) => protocol::execute(&sw, &env, kind, early),
+                Ok(early) => protocol::execute(&sw, env, kind, early),
                 Err(e) => Outcome::refused(kind, &config.app, e),
             }
         }
@@ -94,7 +152,7 @@ pub fn run(
                 parallel: config.ssh.parallel,
             };
             match container_request(config, capp, store, req) {
-                Ok(early) => protocol::execute(&sw, &env, kind, early),
+                Ok(early) => protocol::execute(&sw, env, kind, early),
                 Err(e) => Outcome::refused(kind, &config.app, e),
             }
         }

@@ -16,6 +16,8 @@ pub(crate) struct Env<'a> {
     pub(crate) config: &'a Config,
     pub(crate) store: &'a Store,
     pub(crate) reporter: &'a dyn Reporter,
+    /// The run row the caller made beforehand, if any (see [`super::Job`]).
+    pub(crate) run: Option<i64>,
 }
 
 /// What a run puts on the hosts.
@@ -130,14 +132,24 @@ pub(crate) fn execute_on<S: Switcher>(
         Early::Ready(c) => drive(sw, env, kind, c, &me, None, fleet),
         Early::Build(build) => {
             let live = env.store.live(app).ok().flatten();
-            match Recorder::start(env.store, env.reporter, app, kind, "", live.as_deref()) {
+            let started = Recorder::start(
+                env.store,
+                env.reporter,
+                app,
+                kind,
+                "",
+                live.as_deref(),
+                env.run,
+            );
+            match started {
                 Err(e) => Outcome::refused(kind, app, e),
                 Ok(rec) => match build(&rec) {
                     Ok(c) => drive(sw, env, kind, c, &me, Some(rec), fleet),
                     Err(e) => {
                         let mut o = Outcome::refused(kind, app, e);
                         o.previous = live;
-                        rec.finish(o.status, false, &o.message);
+                        o.run_id = Some(rec.run_id);
+                        rec.finish(o.status, o.exit_code, &o.message);
                         o
                     }
                 },
@@ -297,7 +309,7 @@ fn drive<S: Switcher>(
     let refuse = |e: DeployError, rec: Option<Recorder<'_>>| {
         let o = Outcome::refused(kind, app, e);
         if let Some(rec) = rec {
-            rec.finish(o.status, false, &o.message);
+            rec.finish(o.status, o.exit_code, &o.message);
         }
         o
     };
@@ -329,7 +341,15 @@ fn drive<S: Switcher>(
             Ok(()) => r,
             Err(e) => return refuse(e, Some(r)),
         },
-        None => match Recorder::start(store, env.reporter, app, kind, &release, live.as_deref()) {
+        None => match Recorder::start(
+            store,
+            env.reporter,
+            app,
+            kind,
+            &release,
+            live.as_deref(),
+            env.run,
+        ) {
             Ok(r) => r,
             Err(e) => return refuse(e, None),
         },
@@ -364,7 +384,7 @@ fn drive<S: Switcher>(
     if !release.is_empty() && (new_release || out.status == Status::Partial) {
         rec.set_status(&release, out.status);
     }
-    rec.finish(out.status, out.exit_code == crate::exit::OK, &out.message);
+    rec.finish(out.status, out.exit_code, &out.message);
     out
 }
 

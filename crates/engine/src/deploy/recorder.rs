@@ -25,7 +25,9 @@ pub struct Recorder<'a> {
 }
 
 impl<'a> Recorder<'a> {
-    /// Starts a run row for `release` (empty while a build has not produced it yet).
+    /// Starts a run row for `release` (empty while a build has not produced it yet), or takes
+    /// over the row the caller made beforehand (`made`: a server job answers with its run id
+    /// before the run starts).
     pub(crate) fn start(
         store: &'a Store,
         reporter: &'a dyn Reporter,
@@ -33,10 +35,18 @@ impl<'a> Recorder<'a> {
         kind: RunKind,
         release: &str,
         live: Option<&str>,
+        made: Option<i64>,
     ) -> Result<Recorder<'a>, DeployError> {
-        let run_id = store
-            .start_run(app, kind, release, live, &crate::now_utc())
-            .map_err(|e| DeployError::Store(e.to_string()))?;
+        let started = match made {
+            Some(id) => store.claim_run(id, release, live).map(|()| id),
+            None => store
+                .start_run(app, kind, release, live, &crate::now_utc())
+                .and_then(|id| {
+                    store.set_run_by(id, &crate::identity::me("", "").user)?;
+                    Ok(id)
+                }),
+        };
+        let run_id = started.map_err(|e| DeployError::Store(e.to_string()))?;
         Ok(Recorder {
             store,
             reporter,
@@ -156,13 +166,18 @@ impl<'a> Recorder<'a> {
         self.best_effort(r);
     }
 
-    /// Ends the run row and records its last event.
-    pub(crate) fn finish(&self, status: Status, ok: bool, message: &str) {
+    /// Ends the run row (with its exit code and message) and records its last event.
+    pub(crate) fn finish(&self, status: Status, exit_code: i32, message: &str) {
         let r = self
             .store
-            .finish_run(self.run_id, status, &crate::now_utc());
+            .finish_run(self.run_id, status, &crate::now_utc())
+            .and_then(|()| self.store.set_run_exit(self.run_id, exit_code, message));
         self.best_effort(r);
-        let state = if ok { State::Done } else { State::Failed };
+        let state = if exit_code == crate::exit::OK {
+            State::Done
+        } else {
+            State::Failed
+        };
         self.ev(None, Step::Run, state, message);
     }
 }

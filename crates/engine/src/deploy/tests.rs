@@ -270,6 +270,7 @@ impl World {
             config: &self.config,
             store: &self.store,
             reporter: &Silent,
+            run: None,
         };
         let cand = Candidate {
             what,

@@ -1,0 +1,314 @@
+//! Jobs: deploys and rollbacks the server runs in the background with the engine's one entry
+//! point, never inside an HTTP request.
+//!
+//! [`submit`] refuses (409, naming the holder) while a run of the app is in progress, from
+//! this server or from a CLI on the same data directory; otherwise it makes the run row (so
+//! the answer carries the run id), a job row and an audit row, and starts a worker thread that
+//! calls `cutover_engine::run` with that run row. [`reconcile`] at startup marks the jobs a
+//! killed server left as interrupted: they are not re-run; the engine reconciles the hosts on
+//! the app's next run, as after a killed CLI.
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::AppState;
+use cutover_core::{AppKind, RunKind, Status};
+use cutover_engine::artifact::ArtifactStore;
+use cutover_engine::{identity, Job, RunRequest};
+use cutover_store::{AuditRow, JobState, RunRow, Store};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+/// What a job runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobRequest {
+    Deploy(Deploy),
+    /// `to`: a release id (or its last 7+ characters); `None`: the rollback rule's choice.
+    Rollback {
+        to: Option<String>,
+    },
+}
+
+/// What a deploy deploys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Deploy {
+    /// Build this git ref ([build]) and deploy it.
+    Ref(String),
+    /// A container app's image tag or `@sha256:` digest.
+    Image(String),
+    /// A release from the history, deployed again ("deploy this release").
+    Release(String),
+}
+
+impl JobRequest {
+    fn kind(&self) -> RunKind {
+        match self {
+            JobRequest::Rollback { .. } | JobRequest::Deploy(Deploy::Release(_)) => {
+                RunKind::Rollback
+            }
+            JobRequest::Deploy(_) => RunKind::Deploy,
+        }
+    }
+
+    fn action(&self) -> &'static str {
+        match self {
+            JobRequest::Rollback { .. } => "rollback",
+            JobRequest::Deploy(_) => "deploy",
+        }
+    }
+
+    /// The engine's request, or 422 when the app cannot take it.
+    fn engine_request(
+        &self,
+        state: &AppState,
+        app: &cutover_core::Config,
+    ) -> Result<RunRequest, ApiError> {
+        let container = matches!(app.kind, AppKind::Container(_));
+        match self {
+            JobRequest::Rollback { to } => Ok(RunRequest::Rollback { to: to.clone() }),
+            JobRequest::Deploy(Deploy::Release(id)) => Ok(RunRequest::Rollback {
+                to: Some(id.clone()),
+            }),
+            JobRequest::Deploy(Deploy::Image(_)) if !container => Err(ApiError::Invalid(format!(
+                "`{}` is a files app: deploy a ref (with a [build] section) or a release, not an image",
+                app.app
+            ))),
+            JobRequest::Deploy(Deploy::Image(image)) => Ok(RunRequest::Image {
+                image: image.clone(),
+            }),
+            JobRequest::Deploy(Deploy::Ref(_)) if app.build.is_none() => {
+                Err(ApiError::Invalid(format!(
+                    "`{}` has no [build] section in {}: the server can only deploy a ref it can build",
+                    app.app,
+                    app.file.display()
+                )))
+            }
+            JobRequest::Deploy(Deploy::Ref(r)) => Ok(RunRequest::Build {
+                git_ref: r.clone(),
+                data_dir: state.data.clone(),
+            }),
+        }
+    }
+}
+
+/// A run this server is running.
+#[derive(Debug, Clone)]
+struct Active {
+    run: i64,
+    by: String,
+    kind: RunKind,
+    since: String,
+}
+
+/// The jobs in progress, one per app at most.
+#[derive(Debug, Default)]
+pub struct Runner {
+    active: Mutex<HashMap<String, Active>>,
+}
+
+impl Runner {
+    /// Whether this server is running `run` right now.
+    pub fn is_running(&self, run: i64) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|a| a.run == run)
+    }
+}
+
+/// Marks the jobs a previous server process left queued or running as interrupted.
+pub fn reconcile(store: &Store) -> cutover_store::Result<()> {
+    let at = cutover_engine::now_utc();
+    for job in store.open_jobs()? {
+        store.set_job_state(job.id, JobState::Interrupted, Some(&at))?;
+        store.audit(&AuditRow {
+            at: at.clone(),
+            who: "server".into(),
+            action: "job interrupted".into(),
+            app: Some(job.app.clone()),
+            detail: format!(
+                "run {} by {} did not finish (the server stopped); not re-run",
+                job.run_id, job.by
+            ),
+            ..AuditRow::default()
+        })?;
+    }
+    Ok(())
+}
+
+/// A run's status as the API says it: the release status it ended with, `running` while this
+/// server or a live process holding the app's lock runs it, else `interrupted`.
+pub fn run_status(state: &AppState, run: &RunRow) -> String {
+    if let Some(o) = &run.outcome {
+        return o.clone();
+    }
+    if state.jobs.is_running(run.id) {
+        return "running".into();
+    }
+    let held = state
+        .store
+        .lock_holder(&run.app)
+        .ok()
+        .flatten()
+        .is_some_and(|h| identity::alive(&h));
+    let newest = state
+        .store
+        .unfinished_runs(&run.app)
+        .ok()
+        .and_then(|r| r.last().map(|r| r.id))
+        == Some(run.id);
+    if held && newest {
+        "running".into()
+    } else {
+        "interrupted".into()
+    }
+}
+
+/// Starts a job: 409 while a run of the app is in progress, 422 for a request the app cannot
+/// take. The answer is the run's id; the run happens on a worker thread.
+pub fn submit(
+    state: &Arc<AppState>,
+    app: &str,
+    req: JobRequest,
+    by: &Principal,
+    from: IpAddr,
+) -> Result<i64, ApiError> {
+    let config = state.app(app)?.clone();
+    let engine_req = req.engine_request(state, &config)?;
+    let who = by.who();
+    let at = cutover_engine::now_utc();
+    let mut active = state.jobs.active.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(a) = active.get(app) {
+        return Err(ApiError::Conflict(format!(
+            "a {} of `{app}` is in progress: run {} by {} holds the lock since {}; wait for it to end",
+            a.kind.as_str(),
+            a.run,
+            a.by,
+            a.since
+        )));
+    }
+    if let Some(h) = state.store.lock_holder(app)?.filter(identity::alive) {
+        return Err(ApiError::Conflict(format!(
+            "a {} of `{app}` is in progress: {} holds the lock since {}; wait for it to end",
+            h.op,
+            identity::describe(&h),
+            h.since
+        )));
+    }
+    let live = state.store.live(app)?;
+    let run = state
+        .store
+        .start_run(app, req.kind(), "", live.as_deref(), &at)?;
+    state.store.set_run_by(run, &who)?;
+    let request = serde_json::to_string(&req).unwrap_or_default();
+    let job = state.store.add_job(run, app, &request, &who, &at)?;
+    let release = match &req {
+        JobRequest::Rollback { to } => to.clone(),
+        JobRequest::Deploy(Deploy::Release(r)) => Some(r.clone()),
+        JobRequest::Deploy(_) => None,
+    };
+    state.store.audit(&AuditRow {
+        at: at.clone(),
+        who: who.clone(),
+        action: req.action().into(),
+        app: Some(app.into()),
+        release,
+        from: Some(from.to_string()),
+        detail: format!("run {run}: {request}"),
+        ..AuditRow::default()
+    })?;
+    active.insert(
+        app.to_string(),
+        Active {
+            run,
+            by: who,
+            kind: req.kind(),
+            since: at,
+        },
+    );
+    drop(active);
+    let st = state.clone();
+    let name = app.to_string();
+    let spawned = std::thread::Builder::new()
+        .name(format!("job-{run}"))
+        .spawn(move || work(&st, &name, &config, job, run, engine_req));
+    if let Err(e) = spawned {
+        state
+            .jobs
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(app);
+        let _ = state
+            .store
+            .finish_run(run, Status::Failed, &cutover_engine::now_utc());
+        return Err(ApiError::Internal(format!("cannot start the job: {e}")));
+    }
+    Ok(run)
+}
+
+/// Notes the engine has for people go to the server's log.
+struct Log {
+    run: i64,
+}
+
+impl cutover_engine::Reporter for Log {
+    fn note(&self, text: &str) {
+        eprintln!("run {}: {text}", self.run);
+    }
+}
+
+/// The worker: runs the job with its own connection to the store, then frees the app.
+fn work(
+    state: &AppState,
+    app: &str,
+    config: &cutover_core::Config,
+    job: i64,
+    run: i64,
+    req: RunRequest,
+) {
+    let done = || {
+        let _ = state
+            .store
+            .set_job_state(job, JobState::Done, Some(&cutover_engine::now_utc()));
+        state
+            .jobs
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(app);
+    };
+    let _ = state.store.set_job_state(job, JobState::Running, None);
+    let store = match cutover_engine::open_store(&state.data) {
+        Ok(s) => s,
+        Err(e) => {
+            let at = cutover_engine::now_utc();
+            let _ = state.store.finish_run(run, Status::Failed, &at);
+            let _ = state
+                .store
+                .set_run_exit(run, cutover_engine::exit::NEEDS_PERSON, &e);
+            done();
+            return;
+        }
+    };
+    let artifacts = ArtifactStore::new(state.data.join("artifacts"));
+    let out = cutover_engine::run(
+        config,
+        &store,
+        &artifacts,
+        &Log { run },
+        Job {
+            request: req,
+            run: Some(run),
+        },
+    );
+    eprintln!(
+        "run {run} of {app} ended: {} (exit {}): {}",
+        out.status.as_str(),
+        out.exit_code,
+        out.message
+    );
+    done();
+}
