@@ -36,6 +36,8 @@ pub(crate) enum Command {
     Deploy {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        through: Through,
         /// A directory or a .tar.gz to deploy (default: [files] source).
         #[arg(long, conflicts_with = "git_ref")]
         artifact: Option<PathBuf>,
@@ -59,6 +61,8 @@ pub(crate) enum Command {
     Rollback {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        through: Through,
         /// The release id (or its last 7+ characters) to roll back to.
         #[arg(long = "to")]
         to: Option<String>,
@@ -72,6 +76,8 @@ pub(crate) enum Command {
     History {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        through: Through,
         #[arg(long)]
         json: bool,
     },
@@ -90,6 +96,8 @@ pub(crate) enum Command {
     Status {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        through: Through,
         #[arg(long)]
         json: bool,
     },
@@ -117,6 +125,108 @@ pub(crate) enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// The server and panel: the JSON API, the pages and background deploys, over the same
+    /// history as the CLI.
+    Serve(ServeArgs),
+    /// The server's users: who may log in to the panel, with which role.
+    User {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// The server's API tokens (for `--server` and scripts).
+    Token {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+/// Run deploy, rollback, history or status through a `cutover serve` instead of over SSH.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct Through {
+    /// The server's URL (e.g. http://127.0.0.1:7070); the token is read from CUTOVER_TOKEN.
+    #[arg(long, value_name = "URL")]
+    pub(crate) server: Option<String>,
+    /// The app on the server (default: the `app` of the config file).
+    #[arg(long, requires = "server")]
+    pub(crate) app: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Where to listen. Loopback by default: anything else is a decision.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub(crate) listen: String,
+    /// Every *.toml in this directory is an app (default: <data>/apps).
+    #[arg(long)]
+    pub(crate) apps: Option<PathBuf>,
+    /// An app's config file (repeatable).
+    #[arg(short = 'c', long = "config")]
+    pub(crate) configs: Vec<PathBuf>,
+    #[arg(long = "data", env = "CUTOVER_DATA")]
+    pub(crate) data: Option<PathBuf>,
+    /// The URL people reach the server at; https:// makes the session cookie Secure.
+    #[arg(long)]
+    pub(crate) public_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum RoleArg {
+    Viewer,
+    Deployer,
+    Admin,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum UserCommand {
+    /// Add a user; a password is generated and printed once unless --password-stdin.
+    Add {
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Read the password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Users and their roles.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a user (their sessions end).
+    Remove { name: String },
+    /// Set a new password (generated and printed once unless --password-stdin); sessions end.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Create an API token; it is printed once, on stdout.
+    Create {
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Scope the token to this app (repeatable; default: every app).
+        #[arg(long = "app")]
+        apps: Vec<String>,
+        /// How long it is valid, e.g. 90d or 12h (default: until revoked).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Tokens, their roles, scopes, expiry and last use (never the tokens themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: it stops working at once.
+    Revoke { name: String },
 }
 
 /// `cutover proxy ...`. `--dir` holds the control socket `proxy.sock` and the state file

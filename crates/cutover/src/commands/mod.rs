@@ -7,8 +7,11 @@ mod deploy;
 mod diff;
 mod history;
 mod proxy;
+mod remote;
+mod serve;
 mod setup;
 mod status;
+mod users;
 
 use crate::cli::{Cli, Command, Common};
 use crate::output::Mode;
@@ -20,30 +23,62 @@ pub(crate) fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Deploy {
             common,
+            through,
             artifact,
             git_ref,
             image,
             json,
             events,
-        } => deploy::deploy(&common, artifact, git_ref, image, Mode::of(json, events)),
+        } => match through.server {
+            Some(_) => remote::deploy(
+                &common,
+                &through,
+                artifact,
+                git_ref,
+                image,
+                Mode::of(json, events),
+            ),
+            None => deploy::deploy(&common, artifact, git_ref, image, Mode::of(json, events)),
+        },
         Command::Rollback {
             common,
+            through,
             to,
             json,
             events,
-        } => deploy::rollback(&common, to, Mode::of(json, events)),
-        Command::History { common, json } => history::run(&common, json),
+        } => match through.server {
+            Some(_) => remote::rollback(&common, &through, to, Mode::of(json, events)),
+            None => deploy::rollback(&common, to, Mode::of(json, events)),
+        },
+        Command::History {
+            common,
+            through,
+            json,
+        } => match through.server {
+            Some(_) => remote::history(&common, &through, json),
+            None => history::run(&common, json),
+        },
         Command::Diff {
             common,
             from,
             to,
             json,
         } => diff::run(&common, from, to, json),
-        Command::Status { common, json } => status::run(&common, json),
+        Command::Status {
+            common,
+            through,
+            json,
+        } => match through.server {
+            Some(_) => remote::status(&common, &through, json),
+            None => status::run(&common, json),
+        },
         Command::Check { common } => check::run(&common),
         Command::Setup { common, json } => setup::run(&common, json),
         Command::Proxy { command } => proxy::run(command),
         Command::Demo { keep } => demo::run(keep),
+        Command::Serve(args) => serve::run(args),
+        Command::User { common, command } => users::user(&common, command),
+        Command::Token { common, command } => users::token(&common, command),
     }
 }
 
