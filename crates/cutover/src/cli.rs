@@ -124,6 +124,10 @@ pub(crate) enum Command {
         /// Keep the demo's directory and print where it is.
         #[arg(long)]
         keep: bool,
+        /// Then serve the demo's panel on 127.0.0.1 with a one-time login (user `demo`, a
+        /// generated password printed once) until Ctrl-C.
+        #[arg(long)]
+        panel: bool,
     },
     /// The server and panel: the JSON API, the pages and background deploys, over the same
     /// history as the CLI.

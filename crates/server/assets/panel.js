@@ -79,7 +79,9 @@
     try { r = JSON.parse(m.data); } catch (_) { /* keep the page as it is */ }
     if (!r) return;
     if (r.message && r.status !== "succeeded") diagnosis.textContent = r.message;
-    if (r.finished) document.getElementById("finished").textContent = r.finished;
+    if (r.finished) {
+      document.getElementById("finished").textContent = r.finished.replace("T", " ").replace("Z", "");
+    }
     status.className = "status " + r.status;
     status.textContent = r.status;
     status.setAttribute("data-final", "1");

@@ -2,6 +2,10 @@
 //! `local` host, a tiny built-in static server serving `<root>/current`, and four runs: v1, v2,
 //! a broken v3 (its health check fails, so it is switched back to v2 automatically), and a
 //! `rollback` (v2 is marked bad, v1 comes back). Then the history table.
+//!
+//! With `--panel` the demo's history is then served by `cutover serve`'s panel on a free
+//! 127.0.0.1 port, with a user `demo` whose generated password is printed once, until Ctrl-C
+//! (the demo's host keeps serving, so the panel's Rollback works).
 
 use super::history;
 use crate::cli::Common;
@@ -13,7 +17,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-pub(crate) fn run(keep: bool) -> i32 {
+pub(crate) fn run(keep: bool, panel: bool) -> i32 {
     let dir = std::env::temp_dir().join(format!(
         "cutover-demo-{}-{}",
         std::process::id(),
@@ -22,13 +26,16 @@ pub(crate) fn run(keep: bool) -> i32 {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0)
     ));
-    let code = match demo(&dir) {
+    let mut code = match demo(&dir) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: demo setup failed: {e}");
             exit::NEEDS_PERSON
         }
     };
+    if panel && code == exit::OK {
+        code = serve_panel(&dir);
+    }
     if keep {
         eprintln!("demo files kept in {}", dir.display());
     } else {
@@ -153,6 +160,96 @@ give_up_after = "2s"
     } else {
         exit::FAILED
     })
+}
+
+/// Serves the demo's panel on a free loopback port with a new user `demo` until Ctrl-C or
+/// SIGTERM.
+fn serve_panel(dir: &Path) -> i32 {
+    let config = match super::load_config(&dir.join("cutover.toml")) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let state = match cutover_server::AppState::new(cutover_server::Options {
+        data: dir.join("data"),
+        apps: vec![config],
+        public_url: None,
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: the demo's panel: {e}");
+            return exit::NEEDS_PERSON;
+        }
+    };
+    let password = cutover_server::secret::new_password();
+    let added = cutover_server::secret::hash_password(&password).and_then(|hash| {
+        state
+            .store
+            .add_user(
+                "demo",
+                cutover_server::auth::Role::Admin,
+                &hash,
+                &cutover_engine::now_utc(),
+            )
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = added {
+        eprintln!("error: the demo's panel user: {e}");
+        return exit::NEEDS_PERSON;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the panel's runtime: {e}");
+            return exit::NEEDS_PERSON;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot listen on 127.0.0.1: {e}");
+                return exit::NEEDS_PERSON;
+            }
+        };
+        let addr = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::NEEDS_PERSON;
+            }
+        };
+        println!("== the demo's panel (Ctrl-C to stop)");
+        println!("panel: http://{addr}/");
+        println!("user: demo");
+        println!("password: {password}");
+        match cutover_server::serve(listener, state, stopped()).await {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("error: the panel stopped: {e}");
+                exit::NEEDS_PERSON
+            }
+        }
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stopped() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 /// The text of the page at `/`, first line, tags stripped.

@@ -75,7 +75,7 @@ pub(crate) fn run(cli: Cli) -> i32 {
         Command::Check { common } => check::run(&common),
         Command::Setup { common, json } => setup::run(&common, json),
         Command::Proxy { command } => proxy::run(command),
-        Command::Demo { keep } => demo::run(keep),
+        Command::Demo { keep, panel } => demo::run(keep, panel),
         Command::Serve(args) => serve::run(args),
         Command::User { common, command } => users::user(&common, command),
         Command::Token { common, command } => users::token(&common, command),
