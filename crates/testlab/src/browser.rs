@@ -94,16 +94,20 @@ impl Browser {
             client: Some(client),
             driver,
         };
-        // --window-size sets the outer window; make the viewport exactly what was asked.
-        let (w, h) = (width, height);
-        let v = b.js(
+        b.resize(width, height);
+        b
+    }
+
+    /// Makes the viewport `width` x `height` CSS pixels (e.g. 375 wide: a phone).
+    pub fn resize(&self, width: u32, height: u32) {
+        // The window's size includes its frame: add what the frame takes now.
+        let v = self.js(
             "return [window.outerWidth - window.innerWidth, window.outerHeight - window.innerHeight]",
         );
         let dw = v[0].as_u64().unwrap_or(0) as u32;
         let dh = v[1].as_u64().unwrap_or(0) as u32;
-        b.block_on(b.client().set_window_size(w + dw, h + dh))
+        self.block_on(self.client().set_window_size(width + dw, height + dh))
             .expect("set the window size");
-        b
     }
 
     /// The WebDriver client, for what the helpers below do not cover (use with

@@ -181,6 +181,7 @@ fn a_browser_rolls_back_from_the_panel_under_load_and_hostile_subjects_stay_text
     }
 
     // Rollback, confirmed once, then the run page until the run ends.
+    let clicked = Instant::now();
     b.click("#rollback");
     assert_eq!(
         b.dialog().as_deref(),
@@ -195,6 +196,11 @@ fn a_browser_rolls_back_from_the_panel_under_load_and_hostile_subjects_stay_text
         (t != "running").then_some(t)
     });
     assert_eq!(status, "succeeded", "{}", s.log());
+    eprintln!(
+        "click to succeeded on the run page: {:?} (2 hosts, dev build)",
+        clicked.elapsed()
+    );
+    assert_eq!(b.text("#subject"), SCRIPT);
     assert!(b.texts("#events li").len() > 2, "events were shown");
     assert_eq!(b.text("#release"), v2);
     assert_eq!(b.dialog(), None, "hostile data opened a dialog");
@@ -215,6 +221,32 @@ fn a_browser_rolls_back_from_the_panel_under_load_and_hostile_subjects_stay_text
     fresh.assert_no_failures();
     assert!(ka.ok > 0 && fresh.ok > 0);
     assert_eq!(b.dialog(), None);
+
+    // At a phone's width every page fits: nothing but a table scrolls sideways.
+    b.resize(375, 740);
+    let run_page = format!(
+        "/runs/{}",
+        w.db()
+            .query_row("SELECT MAX(id) FROM runs", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    );
+    for path in [
+        "/",
+        "/apps/site",
+        run_page.as_str(),
+        "/users",
+        "/tokens",
+        "/audit",
+    ] {
+        b.goto(&s.url(path));
+        assert_eq!(
+            b.js("return document.documentElement.scrollWidth"),
+            375,
+            "{path} is wider than a phone"
+        );
+    }
+    b.goto(&s.url("/apps/site"));
+    assert_eq!(b.text("#rollback"), "Rollback");
 }
 
 // ---- the pages over raw HTTP ----

@@ -26,6 +26,10 @@ pub(crate) async fn run(
     let view = run_view(&st, &r);
     let events = st.store.events_after(run, 0, MAX_EVENTS)?;
     let final_ = view.status != "running";
+    let release = match &view.release {
+        Some(id) => st.store.release(&r.app, id)?,
+        None => None,
+    };
     // Each host of the app, then any host the events name, with its latest step.
     let mut hosts: BTreeMap<String, (String, String)> = BTreeMap::new();
     if let Ok(c) = st.app(&r.app) {
@@ -45,7 +49,13 @@ pub(crate) async fn run(
                 "Status: " span #run-status class=(status_class(&view.status)) data-final=(if final_ { "1" } else { "0" }) { (view.status) }
             }
             p.muted {
-                @if let Some(rel) = &view.release { "Release " code #release { (rel) } ". " }
+                @if let Some(rel) = &view.release { "Release " code #release { (rel) } " " }
+                @if let Some(c) = release.as_ref().and_then(|r| r.commit.as_deref()) {
+                    "(" code.sha title=(c) { (c.get(..7).unwrap_or(c)) } " "
+                    span.subject #subject { (release.as_ref().and_then(|r| r.commit_subject.as_deref()).unwrap_or("")) }
+                    ") "
+                }
+                br;
                 "Started " (when(&view.started)) " by " (view.by.as_deref().unwrap_or("cli"))
                 ". Finished " span #finished { (view.finished.as_deref().map(when).unwrap_or_default()) }
             }
