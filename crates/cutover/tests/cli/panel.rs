@@ -457,3 +457,128 @@ fn demo_panel_prints_a_login_and_serves_its_panel() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// GETs `path` until `done` says so (20 s at most).
+fn poll(addr: SocketAddr, path: &str, cookie: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, body) = http(addr, "GET", path, Some(cookie), None);
+        if done(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{path}: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_admin_diffs_redeploys_an_old_release_and_manages_users_and_tokens() {
+    let w = World::local()
+        .git()
+        .lines(
+            "build",
+            "command = \"mkdir -p out && cp index.html up out/\"\noutput = \"out\"",
+        )
+        .start();
+    w.commit("First page", &[("index.html", "v1\n"), ("up", "ok\n")]);
+    w.push();
+    let v1 = release_of(&w.deploy_ref_ok("main"));
+    w.commit(
+        SCRIPT,
+        &[("index.html", "v2\n"), ("up", "ok\n"), ("new.txt", "x")],
+    );
+    w.push();
+    let v2 = release_of(&w.deploy_ref_ok("main"));
+    add_user(&w, "ada", "admin", "admin password 1");
+    let s = Server::start(&w);
+    let admin = session(s.addr, "ada", "admin+password+1");
+
+    // The diff between the two releases: the commit and the files, as text.
+    let (status, _, page) = http(
+        s.addr,
+        "GET",
+        &format!("/apps/site/diff?from={v1}&to={v2}"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{page}"
+    );
+    assert!(!page.contains(SCRIPT), "{page}");
+    assert!(page.contains("<code>new.txt</code>"), "{page}");
+
+    // "deploy this release" on v1, confirmed (as the script does), runs and ends succeeded.
+    let (_, _, page) = http(s.addr, "GET", "/apps/site", Some(&admin), None);
+    assert_eq!(page.matches("deploy this release").count(), 1, "{page}");
+    let form = format!("csrf={}&release={v1}&confirmed=1", csrf(&page));
+    let (status, h, body) = http(
+        s.addr,
+        "POST",
+        "/apps/site/deploy",
+        Some(&admin),
+        Some(&form),
+    );
+    assert_eq!(status, 303, "{body}");
+    let run_page = header(&h, "location").unwrap().to_string();
+    assert!(run_page.starts_with("/runs/"), "{run_page}");
+    let api = format!("/api{run_page}");
+    let run = poll(s.addr, &api, &admin, |b| !b.contains("\"running\""));
+    assert!(run.contains("\"status\":\"succeeded\""), "{run}");
+    assert_eq!(w.served(0), "v1");
+
+    // A user added with a generated password, shown once, who can log in with it.
+    let (_, _, page) = http(s.addr, "GET", "/users", Some(&admin), None);
+    let form = format!("csrf={}&name=bob&role=deployer&password=", csrf(&page));
+    let (status, _, page) = http(s.addr, "POST", "/users", Some(&admin), Some(&form));
+    assert_eq!(status, 200, "{page}");
+    let at = page
+        .find("<div class=\"secret\">")
+        .expect("the password, once")
+        + 20;
+    let password = page[at..].split('<').next().unwrap().to_string();
+    let bob = session(s.addr, "bob", &password);
+    let (status, _, page) = http(s.addr, "GET", "/apps/site", Some(&bob), None);
+    assert_eq!(status, 200);
+    assert!(page.contains("id=\"rollback\""), "a deployer may roll back");
+    let (status, _, _) = http(s.addr, "GET", "/tokens", Some(&bob), None);
+    assert_eq!(status, 403);
+
+    // A token, shown once: the list never shows it again, and it works until revoked.
+    let (_, _, page) = http(s.addr, "GET", "/tokens", Some(&admin), None);
+    let form = format!("csrf={}&name=ci&role=viewer&apps=site&days=30", csrf(&page));
+    let (status, _, page) = http(s.addr, "POST", "/tokens", Some(&admin), Some(&form));
+    assert_eq!(status, 200, "{page}");
+    let at = page
+        .find("<div class=\"secret\">")
+        .expect("the token, once")
+        + 20;
+    let token = page[at..].split('<').next().unwrap().to_string();
+    assert!(token.starts_with("cutover_"), "{token}");
+    let (_, _, list) = http(s.addr, "GET", "/tokens", Some(&admin), None);
+    assert!(list.contains("data-token=\"ci\""), "{list}");
+    assert!(!list.contains(&token), "the token is shown only once");
+    let form = format!("csrf={}", csrf(&list));
+    let (status, _, _) = http(
+        s.addr,
+        "POST",
+        "/tokens/ci/revoke",
+        Some(&admin),
+        Some(&form),
+    );
+    assert_eq!(status, 303);
+    let (_, _, audit) = http(s.addr, "GET", "/audit", Some(&admin), None);
+    for action in [
+        "user add",
+        "token create",
+        "token revoke",
+        "deploy",
+        "login",
+    ] {
+        assert!(
+            audit.contains(&format!("<td class=\"action\">{action}</td>")),
+            "{action}: {audit}"
+        );
+    }
+}
