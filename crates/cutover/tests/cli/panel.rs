@@ -222,6 +222,24 @@ fn a_browser_rolls_back_from_the_panel_under_load_and_hostile_subjects_stay_text
     assert!(ka.ok > 0 && fresh.ok > 0);
     assert_eq!(b.dialog(), None);
 
+    // The apps page says what every host serves; a host changed behind cutover's back is
+    // drift, on the apps page and the app's page.
+    b.goto(&s.url("/"));
+    assert_eq!(b.text("#apps tr[data-app=site] td.live code"), v2);
+    assert!(!b.exists("#apps .drift"));
+    let tmp = w.site(1).join("current.tmp");
+    std::os::unix::fs::symlink(format!("releases/{v3}"), &tmp).unwrap();
+    std::fs::rename(&tmp, w.site(1).join("current")).unwrap();
+    std::thread::sleep(Duration::from_millis(3100));
+    b.goto(&s.url("/"));
+    assert_eq!(b.text("#apps .drift"), "drift");
+    b.goto(&s.url("/apps/site"));
+    assert_eq!(
+        b.texts("#hosts tr[data-host] td.release code"),
+        vec![v2.clone(), v3.clone()]
+    );
+    assert!(b.exists("#drift li"), "the drift is spelled out");
+
     // At a phone's width every page fits: nothing but a table scrolls sideways.
     b.resize(375, 740);
     let run_page = format!(
