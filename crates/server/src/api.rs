@@ -150,10 +150,9 @@ async fn status(
     Path(app): Path<String>,
 ) -> Result<Response, ApiError> {
     let config = visible(&st, &p, &app)?.clone();
-    let data = st.data.clone();
+    let st2 = st.clone();
     let s = tokio::task::spawn_blocking(move || {
-        let store = cutover_engine::open_store(&data)?;
-        cutover_engine::inspect::status(&config, &store).map_err(|e| e.to_string())
+        cutover_engine::inspect::status(&config, &st2.store).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?

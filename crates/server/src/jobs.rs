@@ -260,7 +260,7 @@ impl cutover_engine::Reporter for Log {
     }
 }
 
-/// The worker: runs the job with its own connection to the store, then frees the app.
+/// The worker: runs the job, then frees the app.
 fn work(
     state: &AppState,
     app: &str,
@@ -281,22 +281,14 @@ fn work(
             .remove(app);
     };
     let _ = state.store.set_job_state(job, JobState::Running, None);
-    let store = match cutover_engine::open_store(&state.data) {
-        Ok(s) => s,
-        Err(e) => {
-            let at = cutover_engine::now_utc();
-            let _ = state.store.finish_run(run, Status::Failed, &at);
-            let _ = state
-                .store
-                .set_run_exit(run, cutover_engine::exit::NEEDS_PERSON, &e);
-            done();
-            return;
-        }
-    };
+    // The server's one connection: a second `Store::open` in this process would open and
+    // close the database file beside it, and closing any descriptor of a file drops every
+    // POSIX lock this process holds on it (SQLite's locks included).
+    let store = &state.store;
     let artifacts = ArtifactStore::new(state.data.join("artifacts"));
     let out = cutover_engine::run(
         config,
-        &store,
+        store,
         &artifacts,
         &Log { run },
         Job {

@@ -285,6 +285,39 @@ CREATE TABLE jobs (
 pub struct Store {
     conn: std::sync::Mutex<Connection>,
     path: String,
+    /// The database file's (device, inode), counted in [`OPEN`] while this store is open.
+    file: Option<(u64, u64)>,
+}
+
+/// Database files this process has open, with how many stores: a file already open is not
+/// opened and closed again outside SQLite (closing any descriptor of a file drops every POSIX
+/// lock the process holds on it, SQLite's included, and another process could then take the
+/// write-ahead log away from under the open connection).
+static OPEN: std::sync::Mutex<Vec<((u64, u64), usize)>> = std::sync::Mutex::new(Vec::new());
+
+fn open_count(key: (u64, u64), delta: isize) -> usize {
+    let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+    let i = match open.iter().position(|(k, _)| *k == key) {
+        Some(i) => i,
+        None => {
+            open.push((key, 0));
+            open.len() - 1
+        }
+    };
+    let n = (open[i].1 as isize + delta).max(0) as usize;
+    open[i].1 = n;
+    if n == 0 {
+        open.swap_remove(i);
+    }
+    n
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(key) = self.file {
+            open_count(key, -1);
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -322,7 +355,12 @@ impl Store {
                     file_kind(&m.file_type())
                 )))
             }
-            Ok(m) => check_header(path, m.len()).map_err(not_ours)?,
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                if open_count((m.dev(), m.ino()), 0) == 0 {
+                    check_header(path, m.len()).map_err(not_ours)?;
+                }
+            }
         }
         let sql = |source| StoreError::Sql {
             path: p.clone(),
@@ -338,9 +376,17 @@ impl Store {
             .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
+        let file = std::fs::metadata(path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        if let Some(key) = file {
+            open_count(key, 1);
+        }
         let store = Store {
             conn: std::sync::Mutex::new(conn),
             path: p,
+            file,
         };
         store.migrate()?;
         Ok(store)

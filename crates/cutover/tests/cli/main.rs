@@ -12,4 +12,5 @@ mod git_containers;
 mod git_https;
 mod hostile_input;
 mod panel;
+mod server;
 mod world;

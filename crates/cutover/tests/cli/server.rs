@@ -1,0 +1,642 @@
+//! `cutover serve`'s API and jobs against a real server on loopback and real test hosts:
+//! the access matrix (every refusal leaves no run), login lockout per (user, address), no
+//! secret in clear in the database, a rollback started through the API under load with its
+//! events over SSE cut and resumed by `Last-Event-ID`, a server killed mid-job, and the CLI
+//! through `--server`.
+
+use crate::world::World;
+use serde_json::{json, Value};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `cutover serve` on a free loopback port, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(w: &World, env: &[(&str, &str)]) -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let log = w.dir.join(format!("serve-{port}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cutover"));
+        cmd.args(["serve", "--listen", &addr.to_string(), "-c"])
+            .arg(&w.config)
+            .arg("--data")
+            .arg(w.dir.join("data"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("cutover serve starts");
+        let mut s = Server { child, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("cutover serve exited ({status}): {}", s.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not listen: {}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("cutover serve's log:\n{}", self.log());
+        }
+    }
+}
+
+fn http(from: &str) -> reqwest::blocking::Client {
+    // reqwest is built without a TLS provider of its own (the binary installs ring's).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::blocking::Client::builder()
+        .local_address(from.parse::<IpAddr>().unwrap())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// (status, JSON body).
+fn send(req: reqwest::blocking::RequestBuilder) -> (u16, Value) {
+    let r = req.send().expect("the server answers");
+    let status = r.status().as_u16();
+    let text = r.text().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn token(w: &World, name: &str, role: &str, extra: &[&str]) -> String {
+    let mut args = vec!["token", "create", name, "--role", role];
+    args.extend_from_slice(extra);
+    let r = w.run(&args);
+    assert_eq!(r.code, 0, "token create: {}", r.stderr);
+    let t = r.stdout.trim().to_string();
+    assert!(t.starts_with("cutover_") && t.len() == 72, "{t}");
+    t
+}
+
+fn add_user(w: &World, name: &str, role: &str, password: &str) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cutover"));
+    c.args([
+        "user",
+        "add",
+        name,
+        "--role",
+        role,
+        "--password-stdin",
+        "--data",
+    ])
+    .arg(w.dir.join("data"))
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("added user {name} ({role})\n")
+    );
+}
+
+fn runs_in_db(w: &World) -> i64 {
+    w.db()
+        .query_row("SELECT COUNT(*) FROM runs", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Logs in from `from`; (status, body, cookie header value for later requests).
+fn login(s: &Server, from: &str, user: &str, password: &str) -> (u16, Value, Option<String>) {
+    let r = http(from)
+        .post(s.url("/api/login"))
+        .json(&json!({"user": user, "password": password}))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = r.json().unwrap_or(Value::Null);
+    (status, body, cookie)
+}
+
+#[test]
+fn api_access_matrix_refuses_and_leaves_no_run() {
+    let w = World::files(1).start();
+    w.deploy_ok("v1");
+    w.deploy_ok("v2");
+    let viewer = token(&w, "look", "viewer", &[]);
+    let deployer = token(&w, "ci", "deployer", &[]);
+    let other = token(&w, "elsewhere", "deployer", &["--app", "other"]);
+    let expired = token(&w, "old", "deployer", &["--expires", "1s"]);
+    let revoked = token(&w, "gone", "admin", &[]);
+    let r = w.run(&["token", "revoke", "gone"]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, "revoked token gone\n"));
+    add_user(&w, "ada", "admin", "ada-password-1");
+    std::thread::sleep(Duration::from_millis(1100)); // `old` expires
+    let s = Server::start(&w, &[]);
+    let c = http("127.0.0.1");
+    let app = "site";
+    let before = runs_in_db(&w);
+    let gets = [
+        "/api/apps".to_string(),
+        format!("/api/apps/{app}/releases"),
+        format!("/api/apps/{app}/runs"),
+        "/api/runs/1".into(),
+        "/api/runs/1/events".into(),
+        "/api/audit".into(),
+        "/api/users".into(),
+        "/api/tokens".into(),
+    ];
+    let posts = [
+        (format!("/api/apps/{app}/deploys"), json!({"release": "x"})),
+        (format!("/api/apps/{app}/rollback"), json!({})),
+    ];
+    // No credentials, an expired token, a revoked token, garbage: 401 everywhere.
+    for bad in [
+        None,
+        Some(expired.as_str()),
+        Some(revoked.as_str()),
+        Some("cutover_nope"),
+    ] {
+        for p in &gets {
+            let mut req = c.get(s.url(p));
+            if let Some(t) = bad {
+                req = req.bearer_auth(t);
+            }
+            let (status, body) = send(req);
+            assert_eq!(status, 401, "GET {p} with {bad:?}: {body}");
+        }
+        for (p, b) in &posts {
+            let mut req = c.post(s.url(p)).json(b);
+            if let Some(t) = bad {
+                req = req.bearer_auth(t);
+            }
+            assert_eq!(send(req).0, 401, "POST {p} with {bad:?}");
+        }
+    }
+    let (_, body) = send(c.get(s.url("/api/apps")).bearer_auth(&expired));
+    assert_eq!(
+        body["error"],
+        "the API token `old` expired; create a new one (cutover token create)"
+    );
+    let (_, body) = send(c.get(s.url("/api/apps")).bearer_auth(&revoked));
+    assert_eq!(body["error"], "the API token `gone` was revoked");
+    // A viewer reads but does not deploy or roll back.
+    assert_eq!(send(c.get(s.url("/api/apps")).bearer_auth(&viewer)).0, 200);
+    for (p, b) in &posts {
+        let (status, body) = send(c.post(s.url(p)).json(b).bearer_auth(&viewer));
+        assert_eq!(status, 403, "viewer POST {p}");
+        assert_eq!(
+            body["error"],
+            "token:look is a viewer: only a deployer may deploy or roll back"
+        );
+    }
+    // A token scoped to another app: 403 on this one, and it does not list it.
+    for (p, b) in &posts {
+        let (status, body) = send(c.post(s.url(p)).json(b).bearer_auth(&other));
+        assert_eq!(
+            (status, body["error"].as_str().unwrap()),
+            (403, "token:elsewhere is scoped to other, not to `site`"),
+            "{p}"
+        );
+    }
+    let (status, body) = send(
+        c.get(s.url(&format!("/api/apps/{app}/releases")))
+            .bearer_auth(&other),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        send(c.get(s.url("/api/apps")).bearer_auth(&other)).1,
+        json!([])
+    );
+    // A deployer: no audit, users or tokens.
+    for p in ["/api/audit", "/api/users", "/api/tokens"] {
+        let (status, body) = send(c.get(s.url(p)).bearer_auth(&deployer));
+        assert_eq!(status, 403, "{p}");
+        assert_eq!(
+            body["error"],
+            "token:ci is a deployer: only an admin may manage users and tokens or read the audit log"
+        );
+    }
+    // A session without the CSRF header: 403; with it, the admin reads the audit log.
+    let (status, body, cookie) = login(&s, "127.0.0.1", "ada", "ada-password-1");
+    assert_eq!(status, 200, "{body}");
+    let cookie = cookie.unwrap();
+    assert!(
+        cookie.contains("; HttpOnly; SameSite=Strict; Path=/") && !cookie.contains("Secure"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    for (p, b) in &posts {
+        let (status, body) = send(c.post(s.url(p)).json(b).header("cookie", &session));
+        assert_eq!(status, 403, "{p}: {body}");
+        assert_eq!(
+            body["error"],
+            "missing or wrong CSRF token: reload the page and try again"
+        );
+        let (status, _) = send(
+            c.post(s.url(p))
+                .json(b)
+                .header("cookie", &session)
+                .header("x-csrf-token", "0".repeat(64)),
+        );
+        assert_eq!(status, 403, "{p} with a wrong token");
+    }
+    assert_eq!(runs_in_db(&w), before, "a refusal leaves no run");
+    let (status, audit) = send(c.get(s.url("/api/audit")).header("cookie", &session));
+    assert_eq!(status, 200);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions[0], "login", "{audit}");
+    assert!(actions.contains(&"token revoked"), "{audit}");
+    // Security headers on every answer.
+    let r = c.get(s.url("/api/apps")).send().unwrap();
+    assert_eq!(
+        r.headers()["content-security-policy"],
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    );
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    // Bad input is 422 and no run; an unknown app 404.
+    let (status, body) = send(
+        c.post(s.url(&format!("/api/apps/{app}/deploys")))
+            .json(&json!({"ref": "a", "image": "b"}))
+            .bearer_auth(&deployer),
+    );
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = send(
+        c.post(s.url(&format!("/api/apps/{app}/deploys")))
+            .json(&json!({"ref": "main"}))
+            .bearer_auth(&deployer),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("`site` has no [build] section in "),
+        "{body}"
+    );
+    assert_eq!(
+        send(
+            c.get(s.url("/api/apps/nope/releases"))
+                .bearer_auth(&deployer)
+        )
+        .0,
+        404
+    );
+    assert_eq!(runs_in_db(&w), before, "a refusal leaves no run");
+}
+
+#[test]
+fn lockout_is_per_user_and_address_and_the_database_holds_no_secret() {
+    let w = World::local().start();
+    add_user(&w, "ada", "admin", "ada-password-1");
+    let tok = token(&w, "ci", "deployer", &[]);
+    let s = Server::start(&w, &[]);
+    for i in 0..5 {
+        let (status, body, _) = login(&s, "127.0.0.2", "ada", &format!("wrong-{i}"));
+        assert_eq!(
+            (status, body["error"].as_str().unwrap()),
+            (401, "wrong user name or password")
+        );
+    }
+    // An unknown user fails the same way.
+    let (status, body, _) = login(&s, "127.0.0.2", "nobody", "x");
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (401, "wrong user name or password")
+    );
+    // The attacker's address is slowed down, even with the right password...
+    let (status, body, _) = login(&s, "127.0.0.2", "ada", "ada-password-1");
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("too many failed logins for this user from your address: try again in "),
+        "{body}"
+    );
+    // ...but the admin from another address is not locked out.
+    let (status, body, cookie) = login(&s, "127.0.0.1", "ada", "ada-password-1");
+    assert_eq!(status, 200, "{body}");
+    let session_id = cookie
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .trim_start_matches("cutover_session=")
+        .to_string();
+    assert_eq!(session_id.len(), 64);
+    let csrf = body["csrf"].as_str().unwrap().to_string();
+    // A token use records its last use.
+    assert_eq!(
+        send(http("127.0.0.1").get(s.url("/api/apps")).bearer_auth(&tok)).0,
+        200
+    );
+    drop(s);
+    // No password, token or session id in clear anywhere in the database files.
+    let data = w.dir.join("data");
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(&data).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("cutover.db")
+        {
+            all.extend(std::fs::read(&p).unwrap());
+        }
+    }
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.contains("$argon2id$"), "the password hash is there");
+    for secret in [
+        "ada-password-1",
+        tok.as_str(),
+        &tok["cutover_".len()..],
+        session_id.as_str(),
+    ] {
+        assert!(
+            !text.contains(secret),
+            "{secret} is in the database in clear"
+        );
+    }
+    assert!(!csrf.is_empty());
+    let r = w.run(&["token", "list"]);
+    assert_eq!(r.code, 0);
+    assert!(
+        r.stdout
+            .starts_with("TOKEN  ROLE      APPS  EXPIRES  LAST USED"),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains(&tok), "{}", r.stdout);
+}
+
+/// Reads SSE events from `resp` until `stop` of them (or the end): (id, event, data).
+fn read_sse(resp: reqwest::blocking::Response, stop: usize) -> Vec<(Option<i64>, String, String)> {
+    use std::io::BufRead;
+    let mut out = Vec::new();
+    let (mut id, mut ev, mut data) = (None, String::new(), String::new());
+    for line in std::io::BufReader::new(resp).lines() {
+        let Ok(line) = line else { break };
+        if line.is_empty() {
+            if !data.is_empty() {
+                let end = ev == "end";
+                out.push((
+                    id.take(),
+                    std::mem::take(&mut ev),
+                    std::mem::take(&mut data),
+                ));
+                if end || out.len() >= stop {
+                    break;
+                }
+            }
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = v.parse().ok();
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            ev = v.to_string();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push_str(v);
+        }
+    }
+    out
+}
+
+#[test]
+fn api_rollback_under_load_streams_events_that_resume_after_a_cut() {
+    let w = World::files(2).start();
+    w.deploy_ok("v1");
+    w.deploy_ok("v2");
+    let tok = token(&w, "ci", "deployer", &[]);
+    let s = Server::start(&w, &[]);
+    let c = http("127.0.0.1");
+    let load = w.load(None);
+    let (status, body) = send(
+        c.post(s.url("/api/apps/site/rollback"))
+            .json(&json!({}))
+            .bearer_auth(&tok),
+    );
+    assert_eq!(status, 202, "{body}");
+    let run = body["run"].as_str().unwrap().to_string();
+    // A second job of the same app while the first runs: 409 naming the holder.
+    let (status, body) = send(
+        c.post(s.url("/api/apps/site/rollback"))
+            .json(&json!({}))
+            .bearer_auth(&tok),
+    );
+    if status == 409 {
+        let m = body["error"].as_str().unwrap();
+        assert!(
+            m.starts_with(&format!(
+                "a rollback of `site` is in progress: run {run} by token:ci holds the lock since "
+            )),
+            "{m}"
+        );
+    }
+    // The first few events, then the client goes away.
+    let first = read_sse(
+        c.get(s.url(&format!("/api/runs/{run}/events")))
+            .bearer_auth(&tok)
+            .send()
+            .unwrap(),
+        3,
+    );
+    assert_eq!(first.len(), 3, "{first:?}");
+    let last = first.last().unwrap().0.unwrap();
+    let rest = read_sse(
+        c.get(s.url(&format!("/api/runs/{run}/events")))
+            .bearer_auth(&tok)
+            .header("last-event-id", last.to_string())
+            .send()
+            .unwrap(),
+        usize::MAX,
+    );
+    let (ka, fresh) = load.stop("API rollback");
+    assert_eq!((ka.failed, fresh.failed), (0, 0), "no failed request");
+    let end = rest.last().unwrap();
+    assert_eq!(end.1, "end", "{rest:?}");
+    let seqs: Vec<i64> = first
+        .iter()
+        .chain(rest.iter())
+        .filter_map(|e| e.0)
+        .collect();
+    for pair in seqs.windows(2) {
+        assert!(pair[1] > pair[0], "no repeat, in order: {seqs:?}");
+    }
+    let stored: Vec<i64> = w
+        .db()
+        .prepare(&format!(
+            "SELECT seq FROM events WHERE run_id = {run} ORDER BY seq"
+        ))
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(seqs, stored, "no gap: every event of the run, once");
+    let e: Value = serde_json::from_str(&first[0].2).unwrap();
+    assert_eq!(
+        (e["event"].as_str(), e["run"].to_string()),
+        (Some("step"), run.clone())
+    );
+    let final_run: Value = serde_json::from_str(&end.2).unwrap();
+    let (status, got) = send(c.get(s.url(&format!("/api/runs/{run}"))).bearer_auth(&tok));
+    assert_eq!(status, 200);
+    assert_eq!(final_run, got, "the end event is the run");
+    assert_eq!(got["status"], "succeeded", "{got}");
+    assert_eq!(got["exit_code"], 0);
+    assert_eq!(got["by"], "token:ci");
+    assert_eq!(got["kind"], "rollback");
+    w.assert_all_serve("v1");
+    // The database stays whole while the server has it open and others come and go.
+    let ic: String = w
+        .db()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ic, "ok");
+    // The CLI through the server: roll forward again, same exit code as a local run.
+    let r = w
+        .cutover(&[
+            "rollback",
+            "--server",
+            &s.url(""),
+            "--to",
+            w.history()[0]["id"].as_str().unwrap(),
+        ])
+        .env("CUTOVER_TOKEN", &tok)
+        .run();
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    w.assert_all_serve("v2");
+    let r = w
+        .cutover(&["history", "--server", &s.url(""), "--json"])
+        .env("CUTOVER_TOKEN", &tok)
+        .run();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = w
+        .cutover(&["rollback", "--server", &s.url(""), "--app", "nope"])
+        .env("CUTOVER_TOKEN", &tok)
+        .run();
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (2, "error: no app `nope` on this server\n")
+    );
+    let r = w
+        .cutover(&["rollback", "--server", &s.url("")])
+        .env("CUTOVER_TOKEN", "")
+        .run();
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+#[test]
+fn a_server_killed_mid_job_shows_the_run_interrupted_after_a_restart() {
+    let w = World::files(2).start();
+    w.deploy_ok("v1");
+    w.deploy_ok("v2");
+    let tok = token(&w, "ci", "deployer", &[]);
+    let mut s = Server::start(&w, &[("CUTOVER_CRASH_AT", "after-switch-first")]);
+    let c = http("127.0.0.1");
+    let (status, body) = send(
+        c.post(s.url("/api/apps/site/rollback"))
+            .json(&json!({}))
+            .bearer_auth(&tok),
+    );
+    assert_eq!(status, 202, "{body}");
+    let run = body["run"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not die: {}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..w.hosts() {
+        w.assert_complete(i);
+    }
+    drop(s);
+    let s = Server::start(&w, &[]);
+    let (status, got) = send(c.get(s.url(&format!("/api/runs/{run}"))).bearer_auth(&tok));
+    assert_eq!(status, 200);
+    assert_eq!(got["status"], "interrupted", "{got}");
+    let job: String = w
+        .db()
+        .query_row(
+            &format!("SELECT state FROM jobs WHERE run_id = {run}"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(job, "interrupted", "not re-run blindly");
+    // The SSE stream of an interrupted run ends.
+    let ev = read_sse(
+        c.get(s.url(&format!("/api/runs/{run}/events")))
+            .bearer_auth(&tok)
+            .send()
+            .unwrap(),
+        usize::MAX,
+    );
+    assert_eq!(ev.last().unwrap().1, "end");
+    // The next run reconciles, as after a killed CLI, and succeeds.
+    let (status, body) = send(
+        c.post(s.url("/api/apps/site/rollback"))
+            .json(&json!({}))
+            .bearer_auth(&tok),
+    );
+    assert_eq!(status, 202, "{body}");
+    let next = body["run"].as_str().unwrap().to_string();
+    let ev = read_sse(
+        c.get(s.url(&format!("/api/runs/{next}/events")))
+            .bearer_auth(&tok)
+            .send()
+            .unwrap(),
+        usize::MAX,
+    );
+    let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
+    assert_eq!(end["exit_code"], 0, "{end}");
+}
