@@ -191,10 +191,8 @@ pub fn submit(
     }
     if let Some(h) = state.store.lock_holder(app)?.filter(identity::alive) {
         return Err(ApiError::Conflict(format!(
-            "a {} of `{app}` is in progress: {} holds the lock since {}; wait for it to end",
-            h.op,
-            identity::describe(&h),
-            h.since
+            "a {} of `{app}` is in progress: {}@{} pid {} holds the lock since {}; wait for it to end",
+            h.op, h.user, h.machine, h.pid, h.since
         )));
     }
     let live = state.store.live(app)?;

@@ -327,6 +327,46 @@ fn api_access_matrix_refuses_and_leaves_no_run() {
         .0,
         404
     );
+    // A CLI run holding the app's lock (a live process on this machine: this test): 409
+    // naming it, and `--server` exits 4 as a local run would.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let id: String = std::fs::read_to_string("/etc/machine-id")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .take(8)
+        .collect();
+    let machine = if id.is_empty() {
+        host.trim().to_string()
+    } else {
+        format!("{}/{id}", host.trim())
+    };
+    let pid = std::process::id();
+    w.db()
+        .execute(
+            "INSERT INTO locks (app, user, machine, pid, pid_start, since, op) VALUES ('site', 'ops', ?1, ?2, 0, '2026-12-05T01:02:03Z', 'deploy')",
+            rusqlite::params![machine, pid],
+        )
+        .unwrap();
+    let held = format!("a deploy of `site` is in progress: ops@{machine} pid {pid} holds the lock since 2026-12-05T01:02:03Z; wait for it to end");
+    let (status, body) = send(
+        c.post(s.url(&format!("/api/apps/{app}/rollback")))
+            .json(&json!({}))
+            .bearer_auth(&deployer),
+    );
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (409, held.as_str())
+    );
+    let r = w
+        .cutover(&["rollback", "--server", &s.url("")])
+        .env("CUTOVER_TOKEN", &deployer)
+        .run();
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (4, format!("error: {held}\n").as_str())
+    );
+    w.db().execute("DELETE FROM locks", []).unwrap();
     assert_eq!(runs_in_db(&w), before, "a refusal leaves no run");
 }
 
@@ -469,15 +509,14 @@ fn api_rollback_under_load_streams_events_that_resume_after_a_cut() {
             .json(&json!({}))
             .bearer_auth(&tok),
     );
-    if status == 409 {
-        let m = body["error"].as_str().unwrap();
-        assert!(
-            m.starts_with(&format!(
-                "a rollback of `site` is in progress: run {run} by token:ci holds the lock since "
-            )),
-            "{m}"
-        );
-    }
+    assert_eq!(status, 409, "{body}");
+    let m = body["error"].as_str().unwrap();
+    assert!(
+        m.starts_with(&format!(
+            "a rollback of `site` is in progress: run {run} by token:ci holds the lock since "
+        )),
+        "{m}"
+    );
     // The first few events, then the client goes away.
     let first = read_sse(
         c.get(s.url(&format!("/api/runs/{run}/events")))
