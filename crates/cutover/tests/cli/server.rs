@@ -679,3 +679,55 @@ fn a_server_killed_mid_job_shows_the_run_interrupted_after_a_restart() {
     let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
     assert_eq!(end["exit_code"], 0, "{end}");
 }
+
+#[test]
+fn a_cli_run_on_the_same_data_directory_streams_live_through_the_server() {
+    let w = World::files(1).start();
+    w.deploy_ok("v1");
+    // A reload that takes a while keeps the CLI's run going while the stream is read.
+    w.configure(|t| {
+        t.set_str("files", "reload", "sleep 2");
+    });
+    let viewer = token(&w, "look", "viewer", &[]);
+    let s = Server::start(&w, &[]);
+    let c = http("127.0.0.1");
+    let mut cli = w
+        .cutover(&["deploy", "--artifact", w.build("v2").to_str().unwrap()])
+        .spawn_quiet();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let n: Option<i64> = w
+            .db()
+            .query_row("SELECT MAX(id) FROM runs WHERE id > 1", [], |r| r.get(0))
+            .unwrap();
+        if let Some(n) = n {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "the CLI run did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (status, now) = send(
+        c.get(s.url(&format!("/api/runs/{run}")))
+            .bearer_auth(&viewer),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(now["status"], "running", "{now}");
+    let ev = read_sse(
+        c.get(s.url(&format!("/api/runs/{run}/events")))
+            .bearer_auth(&viewer)
+            .send()
+            .unwrap(),
+        usize::MAX,
+    );
+    assert!(cli.wait().unwrap().success());
+    let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
+    assert_eq!(ev.last().unwrap().1, "end");
+    assert_eq!(
+        (end["status"].as_str(), end["exit_code"].as_i64()),
+        (Some("succeeded"), Some(0)),
+        "{end}"
+    );
+    assert!(end["by"].is_string(), "a CLI run names its OS user: {end}");
+    assert!(ev.len() > 5, "{ev:?}");
+    w.assert_all_serve("v2");
+}
