@@ -731,3 +731,104 @@ fn a_cli_run_on_the_same_data_directory_streams_live_through_the_server() {
     assert!(ev.len() > 5, "{ev:?}");
     w.assert_all_serve("v2");
 }
+
+#[test]
+fn a_deploy_of_a_ref_through_the_api_and_the_cli_under_load_fails_no_request() {
+    let w = World::files(2)
+        .git()
+        .lines(
+            "build",
+            "command = \"mkdir -p out && cp index.html up out/\"\noutput = \"out\"",
+        )
+        .start();
+    w.commit("First page", &[("index.html", "v1\n"), ("up", "ok\n")]);
+    w.push();
+    w.deploy_ref_ok("main");
+    serves(&w, "v1");
+    let c2 = w.commit("Second page", &[("index.html", "v2\n"), ("up", "ok\n")]);
+    w.push();
+    let tok = token(&w, "ci", "deployer", &["--app", "site"]);
+    let s = Server::start(&w, &[]);
+    let c = http("127.0.0.1");
+    let load = w.load(None);
+    let (status, body) = send(
+        c.post(s.url("/api/apps/site/deploys"))
+            .json(&json!({"ref": "main"}))
+            .bearer_auth(&tok),
+    );
+    assert_eq!(status, 202, "{body}");
+    let run = body["run"].as_str().unwrap().to_string();
+    let ev = read_sse(
+        c.get(s.url(&format!("/api/runs/{run}/events")))
+            .bearer_auth(&tok)
+            .send()
+            .unwrap(),
+        usize::MAX,
+    );
+    let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
+    assert_eq!(
+        (end["status"].as_str(), end["exit_code"].as_i64()),
+        (Some("succeeded"), Some(0)),
+        "{end}"
+    );
+    assert_eq!(end["kind"], "deploy");
+    serves(&w, "v2");
+    let (_, releases) = send(
+        c.get(s.url("/api/apps/site/releases?limit=1"))
+            .bearer_auth(&tok),
+    );
+    assert_eq!(releases[0]["commit"], c2.as_str());
+    assert_eq!(releases[0]["commit_subject"], "Second page");
+    assert_eq!(releases[0]["live"], true);
+    let (_, older) = send(
+        c.get(s.url(&format!(
+            "/api/apps/site/releases?limit=5&before={}",
+            releases[0]["id"].as_str().unwrap()
+        )))
+        .bearer_auth(&tok),
+    );
+    assert_eq!(
+        older.as_array().unwrap().len(),
+        1,
+        "the page after the newest: {older}"
+    );
+    // The CLI through the server: a third commit, drawn as a local run, exit 0.
+    w.commit("Third page", &[("index.html", "v3\n"), ("up", "ok\n")]);
+    w.push();
+    let r = w
+        .cutover(&[
+            "deploy",
+            "--server",
+            &s.url(""),
+            "--ref",
+            "main",
+            "--events",
+        ])
+        .env("CUTOVER_TOKEN", &tok)
+        .run();
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    let lines: Vec<Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.last().unwrap()["event"], "outcome");
+    assert_eq!(lines.last().unwrap()["status"], "succeeded");
+    assert!(
+        lines[..lines.len() - 1]
+            .iter()
+            .all(|l| l["event"] == "step"),
+        "{}",
+        r.stdout
+    );
+    let (ka, fresh) = load.stop("API deploy");
+    assert_eq!((ka.failed, fresh.failed), (0, 0), "no failed request");
+    serves(&w, "v3");
+}
+
+/// Every host serves `page` at `/` (builds from git have no `World::build` files to check).
+fn serves(w: &World, page: &str) {
+    for i in 0..w.hosts() {
+        assert_eq!(w.served(i), page, "host {i}");
+    }
+}
