@@ -24,6 +24,7 @@ mod footprint;
 mod harness;
 mod machine;
 mod meter;
+mod panel;
 mod peers;
 mod plot;
 mod proxy;
@@ -81,6 +82,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         title: "Proxy overhead",
         how_to_read: proxy::HOW_TO_READ,
         run: proxy::run,
+    },
+    Scenario {
+        name: "panel",
+        title: "Web panel",
+        how_to_read: panel::HOW_TO_READ,
+        run: panel::run,
     },
     Scenario {
         name: "footprint",
