@@ -724,3 +724,85 @@ impl Store {
             .map_err(|e| self.e(e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "cutover-store-server-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        (Store::open(&dir.join("cutover.db")).unwrap(), dir)
+    }
+
+    #[test]
+    fn the_audit_log_is_append_only() {
+        let (s, dir) = store();
+        s.audit(&AuditRow {
+            at: "t".into(),
+            who: "ada".into(),
+            action: "login".into(),
+            ..AuditRow::default()
+        })
+        .unwrap();
+        let c = s.c();
+        let e = c.execute("UPDATE audit SET who = 'eve'", []).unwrap_err();
+        assert!(
+            e.to_string().contains("the audit log is append-only"),
+            "{e}"
+        );
+        let e = c.execute("DELETE FROM audit", []).unwrap_err();
+        assert!(
+            e.to_string().contains("the audit log is append-only"),
+            "{e}"
+        );
+        drop(c);
+        assert_eq!(s.audit_rows(10, None).unwrap()[0].who, "ada");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn users_tokens_sessions_and_failures_round_trip() {
+        let (s, dir) = store();
+        assert!(s.add_user("ada", Role::Admin, "$argon2id$x", "t").unwrap());
+        assert!(!s.add_user("ada", Role::Viewer, "$argon2id$y", "t").unwrap());
+        s.add_session("h1", "ada", "c1", "t", 10).unwrap();
+        assert_eq!(s.session("h1").unwrap().unwrap().user, "ada");
+        assert!(s.set_password("ada", "$argon2id$z").unwrap());
+        assert!(
+            s.session("h1").unwrap().is_none(),
+            "a new password ends sessions"
+        );
+        let t = Token {
+            name: "ci".into(),
+            hash: "abc".into(),
+            role: Role::Deployer,
+            apps: Some(vec!["site".into(), "api".into()]),
+            created_at: "t".into(),
+            expires_at: Some(5),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        assert!(s.add_token(&t).unwrap());
+        let got = s.token_by_hash("abc").unwrap().unwrap();
+        assert_eq!(
+            (got.role, got.apps.clone(), got.expires_at),
+            (Role::Deployer, t.apps.clone(), Some(5))
+        );
+        assert!(!format!("{got:?}").contains("abc"));
+        assert!(s.revoke_token("ci", "t2").unwrap());
+        assert!(!s.revoke_token("ci", "t3").unwrap());
+        s.record_login_failure("ada", "127.0.0.2", 7).unwrap();
+        s.record_login_failure("ada", "127.0.0.2", 9).unwrap();
+        assert_eq!(s.login_failures("ada", "127.0.0.2").unwrap(), (2, 9));
+        assert_eq!(s.login_failures("ada", "127.0.0.1").unwrap(), (0, 0));
+        s.clear_login_failures("ada", "127.0.0.2").unwrap();
+        assert_eq!(s.login_failures("ada", "127.0.0.2").unwrap(), (0, 0));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
