@@ -42,6 +42,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::headers;
+use crate::limits::{self, AcceptLog, BodyFault, ClientBody, Slot, Slots, TimedBody};
 use crate::log;
 use crate::switch::Shared;
 use crate::table::InFlight;
@@ -52,8 +54,6 @@ pub(crate) type UpstreamBody = BoxBody<Bytes, hyper::Error>;
 /// The pooled client of health probes (forwarded requests use [`upstream`]).
 pub(crate) type Upstream = Client<HttpConnector, UpstreamBody>;
 
-/// How long a client has to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upstream connect timeout of health probes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled connections of health probes are closed after this long.
@@ -112,6 +112,13 @@ pub(crate) async fn serve_http(
     stop: watch::Receiver<bool>,
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let cap = limits::effective_cap(shared.config.limits.max_connections, limits::raise_nofile());
+    if cap < shared.config.limits.max_connections {
+        log::line(format_args!(
+            "at most {cap} client connections: the open-file limit allows no more"
+        ));
+    }
+    let slots = Slots::new(cap);
     let listener = match listener.into_std() {
         Ok(l) => l,
         Err(e) => {
@@ -122,14 +129,21 @@ pub(crate) async fn serve_http(
     let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
     for i in 0..n - 1 {
         match listener.try_clone() {
-            Ok(dup) => start_worker(i, dup, shared.clone(), stop.clone(), done_tx.clone()),
+            Ok(dup) => start_worker(
+                i,
+                dup,
+                shared.clone(),
+                slots.clone(),
+                stop.clone(),
+                done_tx.clone(),
+            ),
             Err(e) => {
                 log::line(format_args!("cannot share the listening socket: {e}"));
                 break;
             }
         }
     }
-    start_worker(n - 1, listener, shared, stop, done_tx);
+    start_worker(n - 1, listener, shared, slots, stop, done_tx);
     let _ = done_rx.recv().await;
 }
 
@@ -139,13 +153,14 @@ fn start_worker(
     i: usize,
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
+    slots: Arc<Slots>,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
-    let job = worker(listener, shared, stop, done);
+    let job = worker(listener, shared, slots, stop, done);
     let spawned = match rt {
         Ok(rt) => {
             let slot = Arc::new(std::sync::Mutex::new(Some(job)));
@@ -181,6 +196,7 @@ fn start_worker(
 async fn worker(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
+    slots: Arc<Slots>,
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
@@ -196,27 +212,38 @@ async fn worker(
     };
     let reaper = tokio::spawn(upstream::reaper());
     let (conns_tx, mut conns_rx) = mpsc::channel::<()>(1);
+    let mut accept_log = AcceptLog::default();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    log::line(format_args!("accept: {e}"));
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: free descriptors held by idle keep-alive
+                    // connections, and back off instead of spinning.
+                    slots.reclaim(16);
+                    accept_log.failed(&e);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             },
             _ = stopped(&mut stop) => break,
         };
-        tokio::spawn(connection(
-            shared.clone(),
-            stream,
-            peer,
-            stop.clone(),
-            conns_tx.clone(),
-        ));
+        match slots.admit() {
+            Some(slot) => {
+                tokio::spawn(connection(
+                    shared.clone(),
+                    stream,
+                    peer,
+                    slot,
+                    stop.clone(),
+                    conns_tx.clone(),
+                ));
+            }
+            None => {
+                tokio::spawn(limits::refuse_connection(stream));
+            }
+        }
     }
     drop(listener);
     drop(conns_tx);
@@ -230,17 +257,22 @@ async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
+    slot: Slot,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
     let _ = stream.set_nodelay(true);
     // The client's address, as `X-Forwarded-For` gets it, once per connection.
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
+    let lim = shared.config.limits.clone();
+    let state = slot.state.clone();
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let client = client.clone();
+        let busy = state.busy();
         async move {
             let mut resp = handle(&shared, req, client).await;
+            drop(busy);
             if shared.is_closing() {
                 // Shutting down (e.g. handing over to an upgraded proxy): this is the
                 // connection's last response, and the client is told so, so it reconnects
@@ -253,12 +285,21 @@ async fn connection(
     });
     // `writev(false)`: a response head and a small body go out as one flat buffer, which
     // costs fewer instructions per request than hyper's queue of buffers for `writev`.
+    // The read buffer is capped at the head limit (hyper's own minimum is 8 KiB), so that a
+    // half-sent head costs at most that much; a longer head gets 431.
     let conn = http1::Builder::new()
         .writev(false)
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(lim.header_timeout)
+        .max_buf_size(lim.max_header_bytes.max(limits::MIN_READ_BUF))
+        .max_header_size(lim.max_header_bytes)
+        .max_headers(lim.max_headers)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
+    // Asked to close by the slots (too many connections and this one is idle).
+    let conn_state = slot.state.clone();
+    let reclaim = conn_state.close.notified();
+    tokio::pin!(reclaim);
     // Serve until the connection ends or shutdown begins. The wake-up for shutdown is
     // registered once (this task's waker does not change); after that a wake-up only reads
     // the stop signal's version, which is cheaper than polling a `watch` future every time a
@@ -267,9 +308,14 @@ async fn connection(
     let registration = on_stop.changed();
     tokio::pin!(registration);
     let mut registered = false;
+    let mut reclaimed = false;
     let finished = std::future::poll_fn(|cx| {
         if conn.as_mut().poll(cx).is_ready() {
             return Poll::Ready(true);
+        }
+        if reclaim.as_mut().poll(cx).is_ready() {
+            reclaimed = true;
+            return Poll::Ready(false);
         }
         if !registered {
             registered = true;
@@ -283,7 +329,11 @@ async fn connection(
         Poll::Pending
     })
     .await;
-    if !finished {
+    if reclaimed {
+        // Idle (or in the middle of a request, which finishes first): closes at once.
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    } else if !finished {
         // Keep-alive clients get one more request answered with `Connection: close`; only
         // connections that stay idle that long are closed (closing an idle connection races
         // a client that is sending).
@@ -295,6 +345,7 @@ async fn connection(
             let _ = conn.await;
         }
     }
+    drop(slot);
     drop(done);
 }
 
@@ -306,6 +357,13 @@ async fn handle(
 ) -> Response<ProxyBody> {
     shared.count_request();
     let (mut parts, body) = req.into_parts();
+    if let Err(r) = headers::check_request(
+        &parts.method,
+        &parts.headers,
+        parts.uri.authority().is_some(),
+    ) {
+        return local(r.status, r.body);
+    }
     // The `Host` as the client sent it (or the request target's authority).
     let host_raw = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
@@ -357,18 +415,30 @@ async fn handle(
         }
     }
     parts.version = Version::HTTP_11;
-    forwarded_headers(&mut parts.headers, client, host_raw);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&target.addr) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
+    // The app sees the host the client asked for, never the target's address.
+    let Some(host) = host_raw else {
+        return local(StatusCode::BAD_REQUEST, "bad request: no usable Host\n");
+    };
+    forwarded_headers(&mut parts.headers, client, Some(host.clone()));
+    parts.headers.insert(header::HOST, host);
 
+    let limits = &shared.config.limits;
     let retryable = body.is_end_stream()
         && matches!(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         );
+    // Read the start of the body before taking an upstream connection (see `limits`).
+    let (body, watch) = if body.is_end_stream() {
+        (ClientBody::empty(), None)
+    } else {
+        let timed = TimedBody::new(body, limits.body_timeout);
+        let watch = timed.watch.clone();
+        match ClientBody::read_ahead(timed).await {
+            Ok(b) => (b, Some(watch)),
+            Err(fault) => return client_body_fault(fault, &service.name),
+        }
+    };
     let mut req = Request::from_parts(parts, ReqBody::Client(body));
     // One retry: a request that never left (its connection closed before it was written)
     // is sent again whatever it is; one that failed to connect, or was sent on a pooled
@@ -377,14 +447,14 @@ async fn handle(
     // method, from a copy of its head.
     let mut retried = false;
     let result = loop {
-        let mut conn = match upstream::take(&target.addr).await {
+        let mut conn = match upstream::take(&target.addr, limits.upstream_connect_timeout).await {
             Ok(c) => c,
             Err(e) if !retried && retryable => {
                 log_retry(&target.addr, &service.name, &e);
                 retried = true;
                 continue;
             }
-            Err(e) => break Err(e.to_string()),
+            Err(e) => break Err(Failure::Upstream(e.to_string())),
         };
         let copy = (retryable && conn.may_be_stale && !retried).then(|| {
             let mut again = Request::new(ReqBody::Empty);
@@ -393,7 +463,18 @@ async fn handle(
             *again.headers_mut() = req.headers().clone();
             again
         });
-        match conn.sender.try_send_request(req).await {
+        let sent = conn.sender.try_send_request(req);
+        let Some(sent) = within(
+            sent,
+            limits.upstream_header_timeout,
+            watch.as_deref(),
+            limits.body_timeout,
+        )
+        .await
+        else {
+            break Err(Failure::TimedOut);
+        };
+        match sent {
             Ok(resp) => break Ok((resp, conn.sender)),
             Err(mut e) => {
                 let unsent = e.take_message();
@@ -404,7 +485,7 @@ async fn handle(
                         req = r;
                         retried = true;
                     }
-                    _ => break Err(chain(&err)),
+                    _ => break Err(Failure::Upstream(chain(&err))),
                 }
             }
         }
@@ -423,7 +504,23 @@ async fn handle(
                 },
             )
         }
-        Err(e) => {
+        Err(_) if watch.as_ref().is_some_and(|w| w.fault() != BodyFault::None) => {
+            let fault = watch.map_or(BodyFault::None, |w| w.fault());
+            client_body_fault(fault, &service.name)
+        }
+        Err(Failure::TimedOut) => {
+            log::line(format_args!(
+                "upstream {} for service {}: no response head within {} ms",
+                target.addr,
+                service.name,
+                limits.upstream_header_timeout.as_millis()
+            ));
+            local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "gateway timeout: the service did not answer in time\n",
+            )
+        }
+        Err(Failure::Upstream(e)) => {
             log::line(format_args!(
                 "upstream {} for service {} failed: {e}",
                 target.addr, service.name,
@@ -432,6 +529,72 @@ async fn handle(
                 StatusCode::BAD_GATEWAY,
                 "bad gateway: the service did not answer\n",
             )
+        }
+    }
+}
+
+/// Why a forwarded request got no response.
+enum Failure {
+    /// The upstream failed (connect, write or read).
+    Upstream(String),
+    /// The upstream sent no response head in time.
+    TimedOut,
+}
+
+/// Awaits `fut` until `timeout` has passed since the request body's last piece (or since the
+/// start, for a request without a body still arriving): `None` if it did not complete. A body
+/// still streaming in (a piece within `body_timeout`) keeps pushing the deadline out, so that
+/// a slow upload is not taken for a slow upstream.
+async fn within<F: Future>(
+    fut: F,
+    timeout: Duration,
+    body: Option<&limits::BodyWatch>,
+    body_timeout: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    let start = tokio::time::Instant::now();
+    let mut deadline = start + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, fut.as_mut()).await {
+            Ok(out) => return Some(out),
+            Err(_) => {
+                let last = body
+                    .and_then(limits::BodyWatch::last_piece)
+                    .map(tokio::time::Instant::from_std);
+                match last {
+                    Some(t) if t > start && t.elapsed() < body_timeout => {
+                        deadline = t + timeout;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+}
+
+/// The answer to a request whose client failed to send its body (logged as the client's).
+fn client_body_fault(fault: BodyFault, service: &str) -> Response<ProxyBody> {
+    match fault {
+        BodyFault::TimedOut => {
+            let mut r = local(
+                StatusCode::REQUEST_TIMEOUT,
+                "request timeout: the request body stopped arriving\n",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+        _ => {
+            log::line(format_args!(
+                "client request for service {service}: malformed request body"
+            ));
+            let mut r = local(
+                StatusCode::BAD_REQUEST,
+                "bad request: malformed request body\n",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
         }
     }
 }
@@ -493,7 +656,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         for value in headers.get_all(header::CONNECTION) {
             let Ok(value) = value.to_str() else { continue };
             for token in value.split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+                // `Connection: host` must not make the upstream see another Host.
+                if token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("host")
+                {
                     continue;
                 }
                 if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
@@ -531,6 +698,7 @@ fn forwarded_headers(
     host: Option<HeaderValue>,
 ) {
     strip_hop_by_hop(headers);
+    headers::strip_client_forwarding(headers);
     match client {
         Some(v) => headers.insert(X_FORWARDED_FOR, v),
         None => headers.remove(X_FORWARDED_FOR),

@@ -24,6 +24,8 @@
 
 mod control;
 mod forward;
+mod headers;
+mod limits;
 mod log;
 mod state;
 mod switch;
@@ -39,6 +41,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+
+pub use limits::Limits;
 
 pub use control::{bind_control, control_request, control_request_blocking, ControlError};
 /// The control protocol's wire types live in `cutover-proxy-wire` (serde only), so that the
@@ -69,6 +73,8 @@ pub struct ProxyConfig {
     /// Default for how long a request is held while its service is paused (`[proxy] hold`);
     /// a `pause` request may override it.
     pub hold: Duration,
+    /// Limits against hostile clients and broken upstreams (`[proxy]` limit keys).
+    pub limits: Limits,
 }
 
 impl ProxyConfig {
@@ -79,6 +85,7 @@ impl ProxyConfig {
             control_socket,
             state_file,
             hold: DEFAULT_HOLD,
+            limits: Limits::default(),
         }
     }
 }
