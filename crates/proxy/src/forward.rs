@@ -362,7 +362,11 @@ async fn handle(
         &parts.headers,
         parts.uri.authority().is_some(),
     ) {
-        return local(r.status, r.body);
+        // The connection may be out of step with the client (framing): it ends here.
+        let mut resp = local(r.status, r.body);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
     }
     // The `Host` as the client sent it (or the request target's authority).
     let host_raw = match parts.headers.get(header::HOST) {

@@ -34,7 +34,8 @@ pub struct Limits {
     /// nginx: `client_header_timeout 60s`.
     pub header_timeout: Duration,
     /// The largest request head (request line and headers), in bytes; larger heads get 431.
-    /// nginx: 1 KiB, then up to 4 x 8 KiB of `large_client_header_buffers`.
+    /// It is also what a half-sent head can make a connection hold. Node.js: 16 KiB; nginx:
+    /// 1 KiB, then up to 4 x 8 KiB of `large_client_header_buffers`.
     pub max_header_bytes: usize,
     /// The most header lines in a request head; more get 431.
     pub max_headers: usize,
@@ -54,7 +55,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             header_timeout: Duration::from_secs(60),
-            max_header_bytes: 32 * 1024,
+            max_header_bytes: 16 * 1024,
             max_headers: 100,
             max_connections: 16_384,
             upstream_connect_timeout: Duration::from_secs(10),
