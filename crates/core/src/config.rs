@@ -1329,6 +1329,21 @@ interval = "100ms"
         assert_eq!(app.container.strategy, crate::container::Strategy::Hold);
         assert_eq!(app.container.domain.as_deref(), Some("api.example.com"));
         assert_eq!(app.proxy.drain, Duration::from_secs(5));
+        assert_eq!(
+            *app.proxy.limits,
+            crate::proxy_limits::ProxyLimits::default()
+        );
+        let tuned = parse(&CONTAINER.replace(
+            "drain = \"5s\"",
+            "drain = \"5s\"\nheader_timeout = \"10s\"\nmax_header_bytes = 8192\nmax_connections = 500",
+        ))
+        .unwrap();
+        let limits = &tuned.container().unwrap().proxy.limits;
+        assert_eq!(limits.header_timeout, Duration::from_secs(10));
+        assert_eq!(
+            (limits.max_header_bytes, limits.max_connections),
+            (8192, 500)
+        );
         assert_eq!(app.health_path, "/healthz");
         assert_eq!(
             c.health.url.port, 8000,
@@ -1377,6 +1392,18 @@ interval = "100ms"
             (
                 CONTAINER.replace("drain = \"5s\"", "drain = \"5\""),
                 "proxy.drain",
+            ),
+            (
+                CONTAINER.replace("drain = \"5s\"", "header_timeout = \"0s\""),
+                "proxy.header_timeout",
+            ),
+            (
+                CONTAINER.replace("drain = \"5s\"", "max_connections = 0"),
+                "proxy.max_connections",
+            ),
+            (
+                CONTAINER.replace("drain = \"5s\"", "body_timeout = \"soon\""),
+                "proxy.body_timeout",
             ),
         ];
         for (text, key) in cases {

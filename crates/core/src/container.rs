@@ -30,6 +30,14 @@ pub(crate) struct RawProxy {
     drain: Option<String>,
     hold: Option<String>,
     install_dir: Option<String>,
+    // Limits against hostile clients and broken upstreams (`crate::proxy_limits`).
+    header_timeout: Option<String>,
+    max_header_bytes: Option<i64>,
+    max_headers: Option<i64>,
+    max_connections: Option<i64>,
+    upstream_connect_timeout: Option<String>,
+    upstream_header_timeout: Option<String>,
+    body_timeout: Option<String>,
 }
 
 /// How the switch happens.
@@ -93,6 +101,8 @@ pub struct ProxySettings {
     pub hold: Duration,
     /// Where `cutover setup` puts the binary, the proxy state and the control socket on a host.
     pub install_dir: String,
+    /// Limits against hostile clients and broken upstreams (boxed: most configs never look).
+    pub limits: Box<crate::proxy_limits::ProxyLimits>,
 }
 
 type Err = (String, String);
@@ -205,6 +215,7 @@ pub(crate) fn has_tag(image: &str) -> bool {
 }
 
 pub(crate) fn validate_proxy(p: RawProxy) -> Result<ProxySettings, Err> {
+    let limits = proxy_limits(&p)?;
     let listen = p.listen.unwrap_or_else(|| "0.0.0.0:80".into());
     if listen.parse::<std::net::SocketAddr>().is_err() {
         return Err((
@@ -222,9 +233,38 @@ pub(crate) fn validate_proxy(p: RawProxy) -> Result<ProxySettings, Err> {
         ));
     }
     Ok(ProxySettings {
+        limits,
         listen,
         drain: dur("proxy.drain", &p.drain, Duration::from_secs(30))?,
         hold: dur("proxy.hold", &p.hold, Duration::from_secs(30))?,
         install_dir: install_dir.trim_end_matches('/').to_string(),
     })
+}
+
+/// The `[proxy]` limit keys.
+fn proxy_limits(p: &RawProxy) -> Result<Box<crate::proxy_limits::ProxyLimits>, Err> {
+    use crate::proxy_limits::RawValue::{Int, Text};
+    let mut limits = crate::proxy_limits::ProxyLimits::default();
+    let texts = [
+        ("header_timeout", &p.header_timeout),
+        ("upstream_connect_timeout", &p.upstream_connect_timeout),
+        ("upstream_header_timeout", &p.upstream_header_timeout),
+        ("body_timeout", &p.body_timeout),
+    ];
+    for (key, v) in texts {
+        if let Some(v) = v {
+            limits.set(key, Text(v))?;
+        }
+    }
+    let ints = [
+        ("max_header_bytes", p.max_header_bytes),
+        ("max_headers", p.max_headers),
+        ("max_connections", p.max_connections),
+    ];
+    for (key, v) in ints {
+        if let Some(v) = v {
+            limits.set(key, Int(v))?;
+        }
+    }
+    Ok(Box::new(limits))
 }

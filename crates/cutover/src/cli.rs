@@ -132,6 +132,12 @@ pub(crate) enum ProxyCommand {
         /// Longest a request is held while its service is paused.
         #[arg(long, default_value = "30s")]
         hold: String,
+        /// Limits against hostile clients, `KEY=VALUE,...` with the `[proxy]` limit keys
+        /// (header_timeout, max_header_bytes, max_headers, max_connections,
+        /// upstream_connect_timeout, upstream_header_timeout, body_timeout); keys left out
+        /// keep their defaults.
+        #[arg(long, default_value = "")]
+        limits: String,
     },
     /// Gate TARGET, then switch SERVICE to it and drain the old target.
     Deploy {

@@ -95,6 +95,7 @@ set -u
 dir={dir}
 listen={listen}
 hold={hold}
+limits={limits}
 changed={changed}
 pidfile="$dir/supervisor.pid"
 # Connections queued on a proxy that is handing over are passed to its successor, not reset.
@@ -108,7 +109,9 @@ if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
   kill "$(cat "$pidfile")" 2>/dev/null
   state=upgraded
 fi
-nohup setsid sh -c 'while :; do "$0/cutover" proxy run --listen "$1" --dir "$0" --hold "$2"; sleep 1; done' "$dir" "$listen" "$hold" >>"$dir/proxy.log" 2>&1 </dev/null &
+# As the systemd unit's LimitNOFILE: room for many client connections (the proxy raises its soft
+# limit to this hard limit and keeps its connection cap within it).
+nohup setsid sh -c 'ulimit -n 65536 2>/dev/null; while :; do "$0/cutover" proxy run --listen "$1" --dir "$0" --hold "$2" --limits "$3"; sleep 1; done' "$dir" "$listen" "$hold" "$limits" >>"$dir/proxy.log" 2>&1 </dev/null &
 echo $! > "$pidfile"
 if [ "$state" = upgraded ] && [ -n "${old:-}" ]; then
   # Wait for the old proxy to hand over and finish draining.
@@ -123,9 +126,10 @@ set -u
 dir={dir}
 listen={listen}
 hold={hold}
+limits={limits}
 changed={changed}
 unit=/etc/systemd/system/cutover-proxy.service
-new=$(printf '[Unit]\nDescription=cutover edge proxy\nAfter=network.target\n\n[Service]\nExecStart=%s/cutover proxy run --listen %s --dir %s --hold %s\nRestart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n' "$dir" "$listen" "$dir" "$hold")
+new=$(printf '[Unit]\nDescription=cutover edge proxy\nAfter=network.target\n\n[Service]\nExecStart=%s/cutover proxy run --listen %s --dir %s --hold %s --limits %s\nRestart=always\nRestartSec=1\nLimitNOFILE=65536\n\n[Install]\nWantedBy=multi-user.target\n' "$dir" "$listen" "$dir" "$hold" "$limits")
 if [ "$(cat "$unit" 2>/dev/null)" != "$new" ]; then printf '%s\n' "$new" > "$unit"; systemctl daemon-reload; changed=yes; fi
 systemctl enable cutover-proxy >/dev/null 2>&1
 if [ "$changed" = yes ]; then systemctl restart cutover-proxy; echo "SERVICE restarted"; else systemctl start cutover-proxy; echo "SERVICE running"; fi
@@ -165,6 +169,7 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
     let hosts = Hosts::new(config).map_err(|e| e.to_string())?;
     let dir = capp.proxy.install_dir.as_str();
     let hold = format!("{}ms", capp.proxy.hold.as_millis());
+    let limits = capp.proxy.limits.to_arg();
     let _ = remote_binary(capp);
     Ok(par_map(hosts.len(), config.ssh.parallel, |i| {
         let r = hosts.get(i);
@@ -217,6 +222,7 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
                     ("dir", dir),
                     ("listen", &capp.proxy.listen),
                     ("hold", &hold),
+                    ("limits", &limits),
                     ("changed", yes),
                 ],
             ),
@@ -265,6 +271,7 @@ mod tests {
                     ("dir", "/d"),
                     ("listen", "0.0.0.0:80"),
                     ("hold", "30000ms"),
+                    ("limits", "header_timeout=60000ms"),
                     ("changed", "no"),
                 ],
             );

@@ -30,6 +30,24 @@ fn dur(flag: &str, text: &str) -> Result<Duration, i32> {
     })
 }
 
+/// `--limits KEY=VALUE,...` as the proxy's limits; a bad one is a usage error naming its key.
+fn proxy_limits(arg: &str) -> Result<cutover_proxy::Limits, i32> {
+    let l = cutover_core::proxy_limits::ProxyLimits::parse_arg(arg).map_err(|(key, msg)| {
+        eprintln!("error: --limits: {key}: {msg}");
+        exit::USAGE
+    })?;
+    let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Ok(cutover_proxy::Limits {
+        header_timeout: l.header_timeout,
+        max_header_bytes: n(l.max_header_bytes),
+        max_headers: n(l.max_headers),
+        max_connections: n(l.max_connections),
+        upstream_connect_timeout: l.upstream_connect_timeout,
+        upstream_header_timeout: l.upstream_header_timeout,
+        body_timeout: l.body_timeout,
+    })
+}
+
 pub(crate) fn run(cmd: ProxyCommand) -> i32 {
     match go(cmd) {
         Ok(code) | Err(code) => code,
@@ -38,7 +56,12 @@ pub(crate) fn run(cmd: ProxyCommand) -> i32 {
 
 fn go(cmd: ProxyCommand) -> Result<i32, i32> {
     match cmd {
-        ProxyCommand::Run { listen, dir, hold } => {
+        ProxyCommand::Run {
+            listen,
+            dir,
+            hold,
+            limits,
+        } => {
             let listen = listen.parse().map_err(|_| {
                 eprintln!("error: --listen: expected ADDRESS:PORT, got {listen:?}");
                 exit::USAGE
@@ -49,6 +72,7 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             })?;
             let mut config = ProxyConfig::new(listen, socket_in(&dir), state_in(&dir));
             config.hold = dur("hold", &hold)?;
+            config.limits = proxy_limits(&limits)?;
             match cutover_proxy::run_blocking(config) {
                 Ok(()) => Ok(exit::OK),
                 Err(e) => {
