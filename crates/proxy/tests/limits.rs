@@ -560,3 +560,121 @@ fn forged_hosts_and_forwarding_headers_do_not_reach_the_app() {
     );
     assert!(!r.contains("127.0.0.1:"), "{r}");
 }
+
+/// The `proxy_run` example binary (the proxy's real entry point, `run_blocking`), built beside
+/// this test by `cargo nextest run -p cutover-proxy` / `cargo test -p cutover-proxy`.
+fn proxy_run_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|d| d.join("examples/proxy_run"))
+        .unwrap();
+    assert!(
+        bin.exists(),
+        "{} is missing: run the whole package's tests (they build the example)",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn two_thousand_idle_keep_alive_connections_under_a_1024_fd_limit() {
+    use cutover_proxy::{control_request_blocking, DeployRequest, Request, Response};
+    let dir = TempDir::new("fdlimit");
+    let a = Backend::start("a");
+    let listen = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+    let mut child = std::process::Command::new("prlimit")
+        .arg("--nofile=1024:1024")
+        .arg(proxy_run_binary())
+        .arg(listen.to_string())
+        .arg(dir.path())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    let socket = dir.path().join("proxy.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while control_request_blocking(&socket, &Request::Status).is_err() {
+        assert!(Instant::now() < deadline, "proxy did not come up");
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("proxy exited: {st}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _child = Kill(child);
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    println!("{nofile}");
+    assert!(nofile.split_whitespace().any(|w| w == "1024"), "{nofile}");
+    let deploy = Request::Deploy(DeployRequest {
+        service: "app".into(),
+        target: a.addr.to_string(),
+        health_path: "/up".into(),
+        domains: vec![],
+        options: fast(),
+    });
+    assert!(matches!(
+        control_request_blocking(&socket, &deploy),
+        Ok(Response::Deployed(_))
+    ));
+
+    // 2,000 keep-alive connections, each served once and then left idle.
+    let mut idle = Vec::new();
+    let mut served = 0;
+    let t = Instant::now();
+    for _ in 0..2000 {
+        let mut c = support::Conn::open(listen, "app.test");
+        if let Ok(r) = c.get("/") {
+            served += usize::from(r.status == 200);
+        }
+        idle.push(c);
+    }
+    println!(
+        "2,000 keep-alive connections opened and served once in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(served, 2000);
+    // Normal requests, fresh and keep-alive, and the control socket are still answered.
+    for _ in 0..20 {
+        let r = get(listen, "app.test", "/");
+        assert_eq!((r.status, r.first_line()), (200, "a"));
+    }
+    let mut conn = support::Conn::open(listen, "app.test");
+    for _ in 0..5 {
+        assert_eq!(conn.get("/").unwrap().first_line(), "a");
+    }
+    // The oldest idle connections were the ones closed to make room; the newest still serve.
+    assert!(idle[0].get("/").is_err());
+    assert_eq!(idle[1999].get("/").unwrap().first_line(), "a");
+    let status = control_request_blocking(&socket, &Request::Status).unwrap();
+    assert!(matches!(status, Response::Status(_)), "{status:?}");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    println!("the proxy holds {fds} descriptors");
+    assert!(fds < 1024);
+    drop(idle);
+    let log = std::fs::read_to_string(dir.path().join("proxy.log")).unwrap();
+    println!("{log}");
+    assert!(
+        log.contains("at most 480 client connections: the open-file limit allows no more"),
+        "{log}"
+    );
+    assert!(log.matches("accept:").count() <= 2, "{log}");
+}
