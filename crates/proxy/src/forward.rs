@@ -35,6 +35,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -47,6 +48,7 @@ use crate::limits::{self, AcceptLog, BodyFault, ClientBody, Slot, Slots, TimedBo
 use crate::log;
 use crate::switch::Shared;
 use crate::table::InFlight;
+use crate::upgrade;
 use crate::upstream::{self, ReqBody};
 
 /// Body type of health probes.
@@ -294,7 +296,8 @@ async fn connection(
         .max_buf_size(lim.max_header_bytes.max(limits::MIN_READ_BUF))
         .max_header_size(lim.max_header_bytes)
         .max_headers(lim.max_headers)
-        .serve_connection(TokioIo::new(stream), svc);
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
     tokio::pin!(conn);
     // Asked to close by the slots (too many connections and this one is idle).
     let conn_state = slot.state.clone();
@@ -423,8 +426,19 @@ async fn handle(
     let Some(host) = host_raw else {
         return local(StatusCode::BAD_REQUEST, "bad request: no usable Host\n");
     };
+    let upgrade = upgrade::requested(&parts.headers);
     forwarded_headers(&mut parts.headers, client, Some(host.clone()));
     parts.headers.insert(header::HOST, host);
+    let client_upgrade = match upgrade {
+        Some(u) => {
+            upgrade::restore(&mut parts.headers, u.clone());
+            parts
+                .extensions
+                .remove::<OnUpgrade>()
+                .map(|on| (on, u.as_bytes().eq_ignore_ascii_case(b"websocket")))
+        }
+        None => None,
+    };
 
     let limits = &shared.config.limits;
     let retryable = body.is_end_stream()
@@ -495,8 +509,22 @@ async fn handle(
         }
     };
     match result {
-        Ok((resp, sender)) => {
+        Ok((mut resp, sender)) => {
             target.count_served();
+            if let (StatusCode::SWITCHING_PROTOCOLS, Some((client_up, websocket))) =
+                (resp.status(), client_upgrade)
+            {
+                let theirs = resp.headers().get(header::UPGRADE).cloned();
+                let upstream_up = hyper::upgrade::on(&mut resp);
+                drop(sender);
+                let (mut parts, _) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                if let Some(u) = theirs {
+                    upgrade::restore(&mut parts.headers, u);
+                }
+                upgrade::tunnel(client_up, upstream_up, guard, websocket);
+                return Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())));
+            }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(

@@ -30,6 +30,7 @@ mod log;
 mod state;
 mod switch;
 mod table;
+mod upgrade;
 mod upstream;
 
 use std::future::Future;

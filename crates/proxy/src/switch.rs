@@ -288,6 +288,8 @@ async fn drain(old: &Target, limit: Duration) -> (bool, usize) {
         }
         let now = Instant::now();
         if now >= deadline {
+            // Upgraded connections (WebSockets) still on it are closed now.
+            old.retire();
             return (false, n);
         }
         tokio::time::sleep(DRAIN_POLL.min(deadline - now)).await;

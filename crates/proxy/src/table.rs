@@ -34,6 +34,9 @@ pub(crate) struct Target {
     pub(crate) addr: String,
     in_flight: AtomicUsize,
     served: AtomicU64,
+    /// Turns true when a switch away from this target reached its drain deadline: what is
+    /// still open on it (upgraded connections) closes.
+    retired: watch::Sender<bool>,
 }
 
 impl Target {
@@ -42,7 +45,18 @@ impl Target {
             addr,
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
+            retired: watch::channel(false).0,
         })
+    }
+
+    /// Closes what is still open on this target (see `upgrade`).
+    pub(crate) fn retire(&self) {
+        self.retired.send_replace(true);
+    }
+
+    /// Changes to true when the target is retired.
+    pub(crate) fn retired(&self) -> watch::Receiver<bool> {
+        self.retired.subscribe()
     }
 
     /// Requests sent to this target that have not finished (response body included).

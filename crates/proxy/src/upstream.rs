@@ -228,8 +228,9 @@ async fn connect(addr: &str, connect_timeout: Duration) -> Result<Sender, Connec
         .await
         .map_err(|e| ConnectError(format!("handshake with {addr}: {e}")))?;
     tokio::spawn(async move {
-        // Errors surface on the request that was using the connection.
-        let _ = conn.await;
+        // Errors surface on the request that was using the connection. With upgrades: a 101
+        // hands the connection over to a tunnel (see `upgrade`).
+        let _ = conn.with_upgrades().await;
     });
     Ok(sender)
 }
