@@ -148,7 +148,7 @@ pub(crate) async fn deploy(
     let switched_at = SystemTime::now();
     let state_error = shared.persist_logged().await;
     let (drained, in_flight_left) = match &installed.previous {
-        Some(old) => drain(old, opts.drain).await,
+        Some(old) => drain(old, opts.drain, true).await,
         None => (true, 0),
     };
     let drain_ms = swapped.elapsed().as_millis() as u64;
@@ -277,9 +277,10 @@ async fn probe(
     }
 }
 
-/// Waits for the old target's in-flight requests to finish, up to `limit`. Returns
-/// (drained, in-flight left).
-async fn drain(old: &Target, limit: Duration) -> (bool, usize) {
+/// Waits for the old target's in-flight requests to finish, up to `limit`; then, with
+/// `retire`, closes what is still open on it (upgraded connections). Returns (drained,
+/// in-flight left).
+async fn drain(old: &Target, limit: Duration, retire: bool) -> (bool, usize) {
     let deadline = Instant::now() + limit;
     loop {
         let n = old.in_flight();
@@ -288,8 +289,9 @@ async fn drain(old: &Target, limit: Duration) -> (bool, usize) {
         }
         let now = Instant::now();
         if now >= deadline {
-            // Upgraded connections (WebSockets) still on it are closed now.
-            old.retire();
+            if retire {
+                old.retire();
+            }
             return (false, n);
         }
         tokio::time::sleep(DRAIN_POLL.min(deadline - now)).await;
@@ -311,7 +313,9 @@ pub(crate) async fn pause(
     let started = Instant::now();
     let was = svc.pause(hold);
     let current = svc.current();
-    let (drained, in_flight_left) = drain(&current, drain_limit).await;
+    // The paused target may stay current (a hold that resumes without a switch): its open
+    // upgraded connections are left alone.
+    let (drained, in_flight_left) = drain(&current, drain_limit, false).await;
     let report = PauseReport {
         service: service.to_string(),
         hold_ms: hold.as_millis() as u64,
