@@ -145,8 +145,14 @@ pub(crate) async fn serve_http(
             }
         }
     }
+    let access = shared.access.clone();
+    let writer = access.clone().map(|a| tokio::spawn(a.writer()));
     start_worker(n - 1, listener, shared, slots, stop, done_tx);
     let _ = done_rx.recv().await;
+    if let (Some(w), Some(a)) = (writer, access) {
+        w.abort();
+        let _ = tokio::task::spawn_blocking(move || a.flush()).await;
+    }
 }
 
 /// Starts worker `i` on a thread of its own, or as a task of the current runtime if the
@@ -268,13 +274,46 @@ async fn connection(
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
     let lim = shared.config.limits.clone();
     let state = slot.state.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let shared = shared.clone();
         let client = client.clone();
         let busy = state.busy();
+        let started = std::time::Instant::now();
+        // What the access log needs of the request, before `handle` takes it.
+        let seen = shared.access.is_some().then(|| {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                .unwrap_or("-")
+                .to_string();
+            let path = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            (req.method().clone(), host, path)
+        });
         async move {
-            let mut resp = handle(&shared, req, client).await;
+            let mut resp = handle(&shared, req, client.clone()).await;
             drop(busy);
+            if let (Some(log), Some((method, host, path))) = (&shared.access, seen) {
+                let routed = resp.extensions_mut().remove::<Routed>();
+                let (svc, target) = routed.as_ref().map_or(("-", "-"), |Routed(s, t)| {
+                    (s.name.as_str(), t.addr.as_str())
+                });
+                log.record(&crate::access::Entry {
+                    client: client.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("-"),
+                    method: method.as_str(),
+                    host: &host,
+                    path: &path,
+                    status: resp.status().as_u16(),
+                    micros: started.elapsed().as_micros(),
+                    service: svc,
+                    target,
+                });
+            }
             if shared.is_closing() {
                 // Shutting down (e.g. handing over to an upgraded proxy): this is the
                 // connection's last response, and the client is told so, so it reconnects
@@ -508,7 +547,8 @@ async fn handle(
             }
         }
     };
-    match result {
+    let routed = Routed(service.clone(), target.clone());
+    let mut resp = match result {
         Ok((mut resp, sender)) => {
             target.count_served();
             if let (StatusCode::SWITCHING_PROTOCOLS, Some((client_up, websocket))) =
@@ -523,7 +563,10 @@ async fn handle(
                     upgrade::restore(&mut parts.headers, u);
                 }
                 upgrade::tunnel(client_up, upstream_up, guard, websocket);
-                return Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())));
+                let mut resp =
+                    Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())));
+                resp.extensions_mut().insert(routed);
+                return resp;
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -562,8 +605,15 @@ async fn handle(
                 "bad gateway: the service did not answer\n",
             )
         }
-    }
+    };
+    resp.extensions_mut().insert(routed);
+    resp
 }
+
+/// Which service and target a request went to (for the access log), in its response's
+/// extensions.
+#[derive(Clone)]
+pub(crate) struct Routed(Arc<crate::table::Service>, Arc<crate::table::Target>);
 
 /// Why a forwarded request got no response.
 enum Failure {

@@ -22,6 +22,7 @@
 //!   the kernel's peer credentials; the socket file is mode 0600 from the moment it has its
 //!   final name (`control`).
 
+mod access;
 mod control;
 mod forward;
 mod headers;
@@ -57,6 +58,8 @@ pub use cutover_proxy_wire::{
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/cutover/proxy.sock";
 /// Where the proxy keeps its state unless configured otherwise.
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/cutover/proxy-state.json";
+/// The access log's size limit unless configured otherwise (two files of it are kept).
+pub const DEFAULT_ACCESS_LOG_MAX_BYTES: u64 = 64 << 20;
 /// How long a request is held during a pause unless the pause says otherwise.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(30);
 /// How long `serve` waits for open client connections to finish after shutdown is asked for.
@@ -76,6 +79,11 @@ pub struct ProxyConfig {
     pub hold: Duration,
     /// Limits against hostile clients and broken upstreams (`[proxy]` limit keys).
     pub limits: Limits,
+    /// The access log (one line per request), `access.log` beside the state file by default;
+    /// `None`: no access log.
+    pub access_log: Option<PathBuf>,
+    /// The access log is rotated (to `access.log.1`, one old file kept) past this size.
+    pub access_log_max_bytes: u64,
 }
 
 impl ProxyConfig {
@@ -84,9 +92,11 @@ impl ProxyConfig {
         ProxyConfig {
             listen,
             control_socket,
-            state_file,
             hold: DEFAULT_HOLD,
             limits: Limits::default(),
+            access_log: Some(parent_dir(&state_file).join("access.log")),
+            access_log_max_bytes: DEFAULT_ACCESS_LOG_MAX_BYTES,
+            state_file,
         }
     }
 }

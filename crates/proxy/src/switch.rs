@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     pub(crate) table: Table,
     pub(crate) client: Upstream,
+    /// The access log, if the config names one.
+    pub(crate) access: Option<Arc<crate::access::AccessLog>>,
     /// Serializes state-file writes so that the last write is the newest snapshot.
     persist_lock: tokio::sync::Mutex<()>,
     /// One async lock per service name for deploy and remove.
@@ -50,10 +52,17 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(config: ProxyConfig, table: Table) -> Shared {
+        let access = config.access_log.as_ref().map(|p| {
+            Arc::new(crate::access::AccessLog::new(
+                p.clone(),
+                config.access_log_max_bytes,
+            ))
+        });
         Shared {
             config,
             table,
             client: upstream_client(),
+            access,
             persist_lock: tokio::sync::Mutex::new(()),
             service_locks: Mutex::new(HashMap::new()),
             started: Instant::now(),

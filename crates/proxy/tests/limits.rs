@@ -678,3 +678,50 @@ fn two_thousand_idle_keep_alive_connections_under_a_1024_fd_limit() {
     );
     assert!(log.matches("accept:").count() <= 2, "{log}");
 }
+
+#[test]
+fn every_answer_gets_an_access_log_line() {
+    let dir = TempDir::new("access");
+    let a = Backend::start("a");
+    let proxy = TestProxy::start(dir.path());
+    proxy
+        .deploy_with("app", a.addr, &["site.example"], fast())
+        .unwrap();
+    assert_serves(&proxy, "site.example", "a");
+    assert_eq!(get(proxy.addr, "evil.example", "/x").status, 404);
+    let r = raw(
+        proxy.addr,
+        b"GET /two HTTP/1.1\r\nHost: site.example\r\nHost: b\r\n\r\n",
+    );
+    assert_eq!(status_of(&r), 400);
+    assert_eq!(get(proxy.addr, "site.example", "/q?x=1").status, 200);
+    let path = dir.path().join("access.log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().count() >= 4 || Instant::now() > deadline {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    println!("{text}");
+    // Without the timestamp and the duration, which vary.
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert!(f[6].ends_with("ms"), "{l}");
+            format!("{} {}", f[1..6].join(" "), f[7..].join(" "))
+        })
+        .collect();
+    let target = a.addr.to_string();
+    assert_eq!(
+        lines,
+        [
+            format!("127.0.0.1 GET site.example / 200 app {target}"),
+            "127.0.0.1 GET evil.example /x 404 - -".to_string(),
+            "127.0.0.1 GET site.example /two 400 - -".to_string(),
+            format!("127.0.0.1 GET site.example /q?x=1 200 app {target}"),
+        ]
+    );
+}
