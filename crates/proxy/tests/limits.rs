@@ -725,3 +725,60 @@ fn every_answer_gets_an_access_log_line() {
         ]
     );
 }
+
+#[test]
+fn an_upstream_that_does_not_accept_connections_gets_502_at_the_connect_timeout() {
+    let dir = TempDir::new("connect");
+    let a = Backend::start("a");
+    let proxy = TestProxy::start_with(
+        dir.path(),
+        Limits {
+            upstream_connect_timeout: Duration::from_millis(500),
+            ..limits()
+        },
+    );
+    proxy.deploy("app", a.addr).unwrap();
+    assert_serves(&proxy, "app.test", "a");
+    // The app's port is taken over by a listener that never accepts, its backlog full: a
+    // connection attempt hangs (the kernel drops the SYN) instead of being refused.
+    let port = a.addr;
+    a.stop();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_hole, _fillers) = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_reuseaddr(true).unwrap();
+        sock.bind(port).unwrap();
+        let hole = sock.listen(0).unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) = tokio::time::timeout(
+                Duration::from_millis(300),
+                tokio::net::TcpStream::connect(port),
+            )
+            .await
+            {
+                fillers.push(s);
+            }
+        }
+        (hole, fillers)
+    });
+    let t = Instant::now();
+    let r = get(proxy.addr, "app.test", "/");
+    let took = t.elapsed();
+    println!(
+        "connect never completes: {} after {took:?}: {}",
+        r.status, r.body
+    );
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (502, "bad gateway: the service did not answer\n")
+    );
+    // One retry for a GET: two connect timeouts.
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
