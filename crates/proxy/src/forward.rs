@@ -273,11 +273,14 @@ async fn connection(
     // The client's address, as `X-Forwarded-For` gets it, once per connection.
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
     let lim = shared.config.limits.clone();
-    let state = slot.state.clone();
+    // Shared with tunnels: an upgraded connection keeps its slot (busy) until it closes.
+    let slot = Arc::new(slot);
+    let conn_slot = slot.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let shared = shared.clone();
         let client = client.clone();
-        let busy = state.busy();
+        let slot = conn_slot.clone();
+        let busy = slot.state.busy();
         let started = std::time::Instant::now();
         // What the access log needs of the request, before `handle` takes it.
         let seen = shared.access.is_some().then(|| {
@@ -296,7 +299,7 @@ async fn connection(
             (req.method().clone(), host, path)
         });
         async move {
-            let mut resp = handle(&shared, req, client.clone()).await;
+            let mut resp = handle(&shared, req, client.clone(), &slot).await;
             drop(busy);
             if let (Some(log), Some((method, host, path))) = (&shared.access, seen) {
                 let routed = resp.extensions_mut().remove::<Routed>();
@@ -396,6 +399,7 @@ async fn handle(
     shared: &Shared,
     req: Request<Incoming>,
     client: Option<HeaderValue>,
+    slot: &Arc<Slot>,
 ) -> Response<ProxyBody> {
     shared.count_request();
     let (mut parts, body) = req.into_parts();
@@ -562,7 +566,8 @@ async fn handle(
                 if let Some(u) = theirs {
                     upgrade::restore(&mut parts.headers, u);
                 }
-                upgrade::tunnel(client_up, upstream_up, guard, websocket);
+                let keep = (slot.clone(), slot.state.busy());
+                upgrade::tunnel(client_up, upstream_up, guard, websocket, keep);
                 let mut resp =
                     Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())));
                 resp.extensions_mut().insert(routed);

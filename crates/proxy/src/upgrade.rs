@@ -43,8 +43,15 @@ pub(crate) fn restore(headers: &mut HeaderMap, upgrade: HeaderValue) {
 }
 
 /// Joins the client and upstream connections once both have switched, until either side
-/// closes or the target is retired.
-pub(crate) fn tunnel(client: OnUpgrade, upstream: OnUpgrade, guard: InFlight, websocket: bool) {
+/// closes or the target is retired. `keep` (the client connection's slot, marked busy) lives
+/// as long as the tunnel, so that open tunnels count against the connection cap.
+pub(crate) fn tunnel<K: Send + 'static>(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    guard: InFlight,
+    websocket: bool,
+    keep: K,
+) {
     tokio::spawn(async move {
         let (c, u) = match tokio::try_join!(client, upstream) {
             Ok(x) => x,
@@ -59,6 +66,7 @@ pub(crate) fn tunnel(client: OnUpgrade, upstream: OnUpgrade, guard: InFlight, we
         let retired = guard.target().retired();
         run(c, u, retired, websocket).await;
         drop(guard);
+        drop(keep);
     });
 }
 

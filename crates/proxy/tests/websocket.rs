@@ -181,3 +181,44 @@ fn websockets_stay_on_the_old_release_until_the_drain_deadline_then_close_cleanl
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn open_websockets_count_against_the_connection_cap() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = TempDir::new("wscap");
+    let proxy = TestProxy::start_with(
+        dir.path(),
+        cutover_proxy::Limits {
+            max_connections: 2,
+            ..Default::default()
+        },
+    );
+    let a = rt.block_on(echo_app("a"));
+    proxy.deploy("app", a).unwrap();
+    let mut one = rt.block_on(connect(proxy.addr));
+    let mut two = rt.block_on(connect(proxy.addr));
+    assert_eq!(rt.block_on(echo(&mut one, "1")), "a:1");
+    assert_eq!(rt.block_on(echo(&mut two, "2")), "a:2");
+    // Both slots are open tunnels (never idle): a third connection is told why it is refused.
+    let r = get(proxy.addr, "app.test", "/");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (503, "too many connections to this proxy; try again\n")
+    );
+    assert_eq!(rt.block_on(echo(&mut one, "3")), "a:3");
+    rt.block_on(one.close(None)).unwrap();
+    drop(one);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = get(proxy.addr, "app.test", "/");
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
