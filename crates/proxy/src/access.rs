@@ -5,7 +5,9 @@
 //! decide anything about requests.
 //!
 //! A line: `TIME CLIENT METHOD HOST PATH STATUS MSms SERVICE TARGET` (`-` for what is unknown;
-//! TARGET is the address the request went to, which is the release's container).
+//! PATH without its query, which may carry a secret, `?...` marking that there was one; TARGET
+//! is the address the request went to, which is the release's container; MS is the time to
+//! the response head).
 //!
 //! Invariants:
 //! - The buffer never holds more than [`MAX_PENDING`] bytes: when the disk is slower than

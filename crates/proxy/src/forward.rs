@@ -291,11 +291,11 @@ async fn connection(
                 .or_else(|| req.uri().authority().map(|a| a.as_str()))
                 .unwrap_or("-")
                 .to_string();
-            let path = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
+            // The query may carry secrets (tokens in links): only whether there was one.
+            let mut path = req.uri().path().to_string();
+            if req.uri().query().is_some() {
+                path.push_str("?...");
+            }
             (req.method().clone(), host, path)
         });
         async move {

@@ -5,6 +5,12 @@
 //! as before. It is driven over a root-only unix control socket speaking one JSON object per
 //! line ([`Request`] / [`Response`]).
 //!
+//! Facing the open internet, it also limits what a client can cost (`limits`: head size and
+//! deadline, connection cap with idle reclaim, body timeout, upstream timeouts), refuses
+//! requests that are ambiguous about their framing or host and strips forgeable forwarding
+//! headers (`headers`), passes `Upgrade`/WebSockets through as tunnels that a switch closes at
+//! its drain deadline (`upgrade`), and writes a size-rotated access log (`access`).
+//!
 //! This crate owns the proxy process's behaviour only. It must not start or stop containers,
 //! talk SSH, or know about releases: the engine decides *what* to switch to and asks through
 //! [`control_request`]; the proxy decides nothing but *how* to switch safely.
@@ -18,6 +24,9 @@
 //!   counted in its in-flight counter, so "drained" means drained (`table`).
 //! - The state file on disk is always a complete JSON document (temp file + rename), written
 //!   after every change, in the order the changes happened (`state`).
+//! - A half-sent request costs at most `max_header_bytes` of buffer, and the number of client
+//!   connections stays within what the open-file limit allows (`limits`).
+//! - A request that is ambiguous about its length or host never reaches a target (`headers`).
 //! - The control socket serves only uid 0 and the proxy's own uid, checked per connection from
 //!   the kernel's peer credentials; the socket file is mode 0600 from the moment it has its
 //!   final name (`control`).

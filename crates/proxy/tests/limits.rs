@@ -694,7 +694,10 @@ fn every_answer_gets_an_access_log_line() {
         b"GET /two HTTP/1.1\r\nHost: site.example\r\nHost: b\r\n\r\n",
     );
     assert_eq!(status_of(&r), 400);
-    assert_eq!(get(proxy.addr, "site.example", "/q?x=1").status, 200);
+    assert_eq!(
+        get(proxy.addr, "site.example", "/q?token=s3cret").status,
+        200
+    );
     let path = dir.path().join("access.log");
     let deadline = Instant::now() + Duration::from_secs(5);
     let text = loop {
@@ -705,6 +708,7 @@ fn every_answer_gets_an_access_log_line() {
         thread::sleep(Duration::from_millis(100));
     };
     println!("{text}");
+    assert!(!text.contains("s3cret"), "{text}");
     // Without the timestamp and the duration, which vary.
     let lines: Vec<String> = text
         .lines()
@@ -721,7 +725,8 @@ fn every_answer_gets_an_access_log_line() {
             format!("127.0.0.1 GET site.example / 200 app {target}"),
             "127.0.0.1 GET evil.example /x 404 - -".to_string(),
             "127.0.0.1 GET site.example /two 400 - -".to_string(),
-            format!("127.0.0.1 GET site.example /q?x=1 200 app {target}"),
+            // The query is left out: it may carry a secret.
+            format!("127.0.0.1 GET site.example /q?... 200 app {target}"),
         ]
     );
 }
