@@ -525,13 +525,7 @@ async fn handle(
             again
         });
         let sent = conn.sender.try_send_request(req);
-        let Some(sent) = within(
-            sent,
-            limits.upstream_header_timeout,
-            watch.as_deref(),
-            limits.body_timeout,
-        )
-        .await
+        let Some(sent) = within(sent, limits.upstream_header_timeout, watch.as_deref()).await
         else {
             break Err(Failure::TimedOut);
         };
@@ -628,15 +622,14 @@ enum Failure {
     TimedOut,
 }
 
-/// Awaits `fut` until `timeout` has passed since the request body's last piece (or since the
-/// start, for a request without a body still arriving): `None` if it did not complete. A body
-/// still streaming in (a piece within `body_timeout`) keeps pushing the deadline out, so that
-/// a slow upload is not taken for a slow upstream.
+/// Awaits `fut` until `timeout` has passed since the request was sent, i.e. since the start
+/// or, for a request with a body, since its last piece: `None` if it did not complete. While
+/// the client is still sending the body the upstream is not waited on (the body timeout
+/// applies instead), so that a slow upload is not taken for a slow upstream.
 async fn within<F: Future>(
     fut: F,
     timeout: Duration,
     body: Option<&limits::BodyWatch>,
-    body_timeout: Duration,
 ) -> Option<F::Output> {
     tokio::pin!(fut);
     let start = tokio::time::Instant::now();
@@ -645,11 +638,13 @@ async fn within<F: Future>(
         match tokio::time::timeout_at(deadline, fut.as_mut()).await {
             Ok(out) => return Some(out),
             Err(_) => {
-                let last = body
-                    .and_then(limits::BodyWatch::last_piece)
-                    .map(tokio::time::Instant::from_std);
-                match last {
-                    Some(t) if t > start && t.elapsed() < body_timeout => {
+                let Some(body) = body else { return None };
+                if !body.done() {
+                    deadline = tokio::time::Instant::now() + timeout;
+                    continue;
+                }
+                match body.last_piece().map(tokio::time::Instant::from_std) {
+                    Some(t) if t > start && t + timeout > tokio::time::Instant::now() => {
                         deadline = t + timeout;
                     }
                     _ => return None,

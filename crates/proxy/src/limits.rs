@@ -283,6 +283,8 @@ pub(crate) struct BodyWatch {
     fault: AtomicU8,
     /// When the last piece of the body arrived, in ms since [`epoch`]; 0 if none did.
     last_piece_ms: std::sync::atomic::AtomicU64,
+    /// The whole body has arrived.
+    done: AtomicBool,
 }
 
 /// A fixed instant of this process, for storing instants in atomics.
@@ -298,6 +300,11 @@ impl BodyWatch {
             0 => None,
             ms => Some(epoch() + Duration::from_millis(ms)),
         }
+    }
+
+    /// Whether the whole body has arrived.
+    pub(crate) fn done(&self) -> bool {
+        self.done.load(Ordering::Relaxed)
     }
 
     fn piece(&self) {
@@ -368,13 +375,19 @@ impl Body for TimedBody {
             Poll::Ready(Some(Ok(f))) => {
                 this.sleep = None;
                 this.watch.piece();
+                if this.body.is_end_stream() {
+                    this.watch.done.store(true, Ordering::Relaxed);
+                }
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(e))) => {
                 this.watch.set(BodyFault::Malformed);
                 Poll::Ready(Some(Err(Box::new(e))))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.watch.done.store(true, Ordering::Relaxed);
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 let timeout = this.timeout;
                 let sleep = this

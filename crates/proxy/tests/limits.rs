@@ -787,3 +787,67 @@ fn an_upstream_that_does_not_accept_connections_gets_502_at_the_connect_timeout(
         "{took:?}"
     );
 }
+
+#[test]
+fn streamed_uploads_get_408_when_they_stall_and_are_not_cut_while_they_flow() {
+    let dir = TempDir::new("streamed");
+    let a = Backend::start("a");
+    let proxy = TestProxy::start_with(
+        dir.path(),
+        Limits {
+            body_timeout: Duration::from_secs(1),
+            upstream_header_timeout: Duration::from_secs(1),
+            ..limits()
+        },
+    );
+    proxy.deploy("app", a.addr).unwrap();
+
+    // 3 s of a steady upload (a piece every 250 ms): longer than both timeouts, never cut.
+    let piece = vec![b'x'; 10 * 1024];
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.write_all(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            12 * piece.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let t = Instant::now();
+    for _ in 0..12 {
+        s.write_all(&piece).unwrap();
+        thread::sleep(Duration::from_millis(250));
+    }
+    let mut out = String::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_string(&mut out);
+    println!(
+        "steady upload: {:?} after {:?}",
+        out.lines().next(),
+        t.elapsed()
+    );
+    assert_eq!(status_of(&out), 200, "{}", &out[..out.len().min(300)]);
+    assert_eq!(body_of(&out).len(), "a\n".len() + 12 * piece.len());
+
+    // 100 KiB (past the read-ahead, so streaming to the app), then a stall: 408.
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1048576\r\n\r\n")
+        .unwrap();
+    s.write_all(&vec![b'y'; 100 * 1024]).unwrap();
+    let t = Instant::now();
+    let mut out = String::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_string(&mut out);
+    let took = t.elapsed();
+    println!(
+        "stalled streamed upload: {:?} after {took:?}",
+        out.lines().next()
+    );
+    assert_eq!(status_of(&out), 408, "{out}");
+    assert_eq!(
+        body_of(&out),
+        "request timeout: the request body stopped arriving\n"
+    );
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_serves(&proxy, "app.test", "a");
+}
