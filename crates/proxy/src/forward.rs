@@ -638,7 +638,7 @@ async fn within<F: Future>(
         match tokio::time::timeout_at(deadline, fut.as_mut()).await {
             Ok(out) => return Some(out),
             Err(_) => {
-                let Some(body) = body else { return None };
+                let body = body?;
                 if !body.done() {
                     deadline = tokio::time::Instant::now() + timeout;
                     continue;
