@@ -10,9 +10,13 @@
 //! - A request takes its target exactly once ([`crate::table::Service::acquire`], after any
 //!   pause) and keeps the in-flight guard until its response body has been fully sent or
 //!   dropped.
-//! - Hop-by-hop headers are stripped in both directions; `X-Forwarded-For` is replaced with the
-//!   client's address (this is the edge: nothing before it is trusted), `X-Forwarded-Proto`
-//!   and `X-Forwarded-Host` are set.
+//! - Hop-by-hop headers are stripped in both directions (but `Upgrade` on a request that asks
+//!   for one, see `upgrade`); `X-Forwarded-For` is replaced with the client's address (this is
+//!   the edge: nothing before it is trusted), `X-Forwarded-Proto` and `X-Forwarded-Host` are
+//!   set, and forgeable forwarding headers are dropped (`headers`). The app sees the `Host` the
+//!   client asked for, never the target's address.
+//! - A request body is read ahead (up to `limits::BODY_BUFFER`) before an upstream connection
+//!   is taken, so a client that stalls early never holds one.
 //! - A request is retried at most once: if its upstream connection failed before the request
 //!   was written (whatever the request), or if it has no body and an idempotent method and it
 //!   failed to connect or on a pooled connection that had been idle for 100 ms or more (one
