@@ -42,10 +42,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::log;
 use crate::switch::Shared;
 use crate::table::InFlight;
 use crate::upstream::{self, ReqBody};
+use crate::{log, tls};
 
 /// Body type of health probes.
 pub(crate) type UpstreamBody = BoxBody<Bytes, hyper::Error>;
@@ -53,7 +53,7 @@ pub(crate) type UpstreamBody = BoxBody<Bytes, hyper::Error>;
 pub(crate) type Upstream = Client<HttpConnector, UpstreamBody>;
 
 /// How long a client has to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upstream connect timeout of health probes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled connections of health probes are closed after this long.
@@ -91,7 +91,7 @@ pub(crate) fn empty_body() -> UpstreamBody {
 }
 
 /// How long a keep-alive connection may stay idle after shutdown began before it is closed.
-const IDLE_CLOSE_AFTER_STOP: Duration = Duration::from_secs(3);
+pub(crate) const IDLE_CLOSE_AFTER_STOP: Duration = Duration::from_secs(3);
 
 /// Completes when `stop` turns true (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -106,10 +106,12 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// connection on that thread: the client connection, its upstream connections and their
 /// pool. A request thus never wakes another thread. If the worker threads cannot be started,
 /// the workers run as tasks of the calling runtime instead.
+/// With `tls`, the connections are served over TLS ([`tls::connection`]).
 pub(crate) async fn serve_http(
     shared: Arc<Shared>,
     listener: TcpListener,
     stop: watch::Receiver<bool>,
+    tls: Option<Arc<tls::Tls>>,
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let listener = match listener.into_std() {
@@ -122,14 +124,21 @@ pub(crate) async fn serve_http(
     let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
     for i in 0..n - 1 {
         match listener.try_clone() {
-            Ok(dup) => start_worker(i, dup, shared.clone(), stop.clone(), done_tx.clone()),
+            Ok(dup) => start_worker(
+                i,
+                dup,
+                shared.clone(),
+                stop.clone(),
+                done_tx.clone(),
+                tls.clone(),
+            ),
             Err(e) => {
                 log::line(format_args!("cannot share the listening socket: {e}"));
                 break;
             }
         }
     }
-    start_worker(n - 1, listener, shared, stop, done_tx);
+    start_worker(n - 1, listener, shared, stop, done_tx, tls);
     let _ = done_rx.recv().await;
 }
 
@@ -141,11 +150,12 @@ fn start_worker(
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
+    tls: Option<Arc<tls::Tls>>,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
-    let job = worker(listener, shared, stop, done);
+    let job = worker(listener, shared, stop, done, tls);
     let spawned = match rt {
         Ok(rt) => {
             let slot = Arc::new(std::sync::Mutex::new(Some(job)));
@@ -183,6 +193,7 @@ async fn worker(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
+    tls: Option<Arc<tls::Tls>>,
 ) {
     let listener = match listener
         .set_nonblocking(true)
@@ -210,6 +221,17 @@ async fn worker(
             },
             _ = stopped(&mut stop) => break,
         };
+        if let Some(tls) = &tls {
+            tokio::spawn(tls::connection(
+                shared.clone(),
+                tls.clone(),
+                stream,
+                peer,
+                stop.clone(),
+                conns_tx.clone(),
+            ));
+            continue;
+        }
         tokio::spawn(connection(
             shared.clone(),
             stream,
@@ -240,7 +262,7 @@ async fn connection(
         let shared = shared.clone();
         let client = client.clone();
         async move {
-            let mut resp = handle(&shared, req, client).await;
+            let mut resp = handle(&shared, req, client, false).await;
             if shared.is_closing() {
                 // Shutting down (e.g. handing over to an upgraded proxy): this is the
                 // connection's last response, and the client is told so, so it reconnects
@@ -298,14 +320,20 @@ async fn connection(
     drop(done);
 }
 
-/// Serves one request.
-async fn handle(
+/// Serves one request (`https`: it came over TLS).
+pub(crate) async fn handle(
     shared: &Shared,
     req: Request<Incoming>,
     client: Option<HeaderValue>,
+    https: bool,
 ) -> Response<ProxyBody> {
     shared.count_request();
     let (mut parts, body) = req.into_parts();
+    if !https {
+        if let Some(resp) = tls::challenge(shared, parts.uri.path()) {
+            return resp;
+        }
+    }
     // The `Host` as the client sent it (or the request target's authority).
     let host_raw = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
@@ -320,6 +348,12 @@ async fn handle(
     else {
         return local(StatusCode::NOT_FOUND, "no service for this host\n");
     };
+    if !https {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Some(resp) = tls::redirect(shared, host_raw.as_ref(), path) {
+            return resp;
+        }
+    }
     service.count_request();
     // Acquire first, then look at the pause flag (see `table`): a request either counts as in
     // flight before a pause looks, or sees the pause and waits.
@@ -357,9 +391,12 @@ async fn handle(
         }
     }
     parts.version = Version::HTTP_11;
-    forwarded_headers(&mut parts.headers, client, host_raw);
+    forwarded_headers(&mut parts.headers, client, host_raw.clone(), https);
     if !parts.headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&target.addr) {
+        // HTTP/2 carries the host as `:authority`; the app gets it as `Host`.
+        if let Some(h) = host_raw {
+            parts.headers.insert(header::HOST, h);
+        } else if let Ok(v) = HeaderValue::from_str(&target.addr) {
             parts.headers.insert(header::HOST, v);
         }
     }
@@ -459,7 +496,7 @@ pub(crate) fn chain(e: &dyn StdError) -> String {
 }
 
 /// A response made by the proxy itself.
-fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::Local(Full::new(Bytes::from_static(
         body.as_bytes(),
     ))));
@@ -529,13 +566,15 @@ fn forwarded_headers(
     headers: &mut HeaderMap,
     client: Option<HeaderValue>,
     host: Option<HeaderValue>,
+    https: bool,
 ) {
     strip_hop_by_hop(headers);
     match client {
         Some(v) => headers.insert(X_FORWARDED_FOR, v),
         None => headers.remove(X_FORWARDED_FOR),
     };
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match host {
         Some(v) => headers.insert(X_FORWARDED_HOST, v),
         None => headers.remove(X_FORWARDED_HOST),
@@ -638,6 +677,7 @@ mod tests {
             &mut h,
             Some(HeaderValue::from_static("10.0.0.9")),
             Some(HeaderValue::from_static("Site:8080")),
+            false,
         );
         for gone in [
             "connection",
