@@ -30,9 +30,10 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
 use crate::certs::{self, Certs, Loaded};
+use crate::forward::{self, chain};
+use crate::log;
 use crate::switch::Shared;
 use crate::tls::AcmeConfig;
-use crate::{forward, log};
 
 /// How often the routing table is looked at for new domains and due renewals.
 const TICK: Duration = Duration::from_secs(1);
@@ -282,14 +283,14 @@ async fn open_account(config: &AcmeConfig) -> Result<Account, String> {
         Some(ca) => Account::builder_with_root(ca),
         None => Account::builder(),
     }
-    .map_err(|e| format!("ACME client setup: {e}"))?;
+    .map_err(|e| format!("ACME client setup: {}", chain(&e)))?;
     let path = account_path(&config.dir);
     if let Ok(text) = std::fs::read(&path) {
         if let Ok(creds) = serde_json::from_slice::<AccountCredentials>(&text) {
             return builder
                 .from_credentials(creds)
                 .await
-                .map_err(|e| format!("the stored ACME account: {e}"));
+                .map_err(|e| format!("the stored ACME account: {}", chain(&e)));
         }
     }
     let contact = config.email.as_ref().map(|e| format!("mailto:{e}"));
@@ -305,7 +306,13 @@ async fn open_account(config: &AcmeConfig) -> Result<Account, String> {
             None,
         )
         .await
-        .map_err(|e| format!("cannot create an ACME account at {}: {e}", config.directory))?;
+        .map_err(|e| {
+            format!(
+                "cannot create an ACME account at {}: {}",
+                config.directory,
+                chain(&e)
+            )
+        })?;
     let text = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
     write_private(&path, &text)?;
     Ok(account)
@@ -322,7 +329,7 @@ async fn issue(
     let mut order = account
         .new_order(&NewOrder::new(&ids))
         .await
-        .map_err(|e| format!("new order: {e}"))?;
+        .map_err(|e| format!("new order: {}", chain(&e)))?;
     let mut cleanup = Cleanup {
         certs,
         domain,
@@ -330,7 +337,7 @@ async fn issue(
     };
     let mut authzs = order.authorizations();
     while let Some(authz) = authzs.next().await {
-        let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+        let mut authz = authz.map_err(|e| format!("authorization: {}", chain(&e)))?;
         match authz.status {
             AuthorizationStatus::Pending => {}
             AuthorizationStatus::Valid => continue,
@@ -353,16 +360,19 @@ async fn issue(
         }
         ch.set_ready()
             .await
-            .map_err(|e| format!("{name} challenge: {e}"))?;
+            .map_err(|e| format!("{name} challenge: {}", chain(&e)))?;
     }
     let retries = RetryPolicy::new()
         .initial_delay(Duration::from_millis(100))
         .backoff(1.5)
         .timeout(Duration::from_secs(60));
-    let status = order
-        .poll_ready(&retries)
-        .await
-        .map_err(|e| format!("waiting for validation: {e}"))?;
+    let status = order.poll_ready(&retries).await.map_err(|e| {
+        format!(
+            "{} validation failed: {}",
+            challenge_name(&challenge),
+            chain(&e)
+        )
+    })?;
     if status != OrderStatus::Ready {
         let mut why = format!(
             "the order is {status:?} ({} challenge)",
@@ -381,11 +391,11 @@ async fn issue(
     let key_pem = order
         .finalize()
         .await
-        .map_err(|e| format!("finalize: {e}"))?;
+        .map_err(|e| format!("finalize: {}", chain(&e)))?;
     let chain = order
         .poll_certificate(&retries)
         .await
-        .map_err(|e| format!("certificate download: {e}"))?;
+        .map_err(|e| format!("certificate download: {}", chain(&e)))?;
     drop(cleanup);
     Ok((chain, key_pem))
 }
