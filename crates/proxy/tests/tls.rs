@@ -173,7 +173,7 @@ fn raw_head(addr: std::net::SocketAddr, host: &str, path: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switches_under_https_load_fail_no_request_over_h1_and_h2() {
+async fn blue_green_and_hold_switches_under_https_load_fail_no_request_over_h1_and_h2() {
     let dir = TempDir::new("tls-switch");
     let ca = Ca::new();
     let (cert, key, _) = ca.leaf(&["site.test"]);
@@ -189,14 +189,21 @@ async fn switches_under_https_load_fail_no_request_over_h1_and_h2() {
     let to = proxy.tls_addr.to_string();
     let h2load = tokio::task::spawn_blocking(move || {
         std::process::Command::new("h2load")
-            .args(["-D", "4", "-c", "4", "-m", "8", "--connect-to", &to])
+            .args(["-D", "5", "-c", "4", "-m", "8", "--connect-to", &to])
             .arg("https://site.test/")
             .output()
             .expect("h2load (Debian package nghttp2-client) must be installed")
     });
+    // Blue-green switches, then hold switches (requests held while paused, released to the
+    // new target).
     for i in 0..10 {
         let to = if i % 2 == 0 { green.addr } else { blue.addr };
         proxy.deploy("web", to, &["site.test"]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..4 {
+        let to = if i % 2 == 0 { green.addr } else { blue.addr };
+        proxy.hold_switch("web", to, &["site.test"]).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (ok, failures) = load.stop().await;
@@ -212,7 +219,9 @@ async fn switches_under_https_load_fail_no_request_over_h1_and_h2() {
     assert!(text.contains("Application protocol: h2"), "h2load: {text}");
     let (total, failed) = h2load_counts(&text);
     assert!(total > 100 && failed == 0, "h2load: {text}");
-    eprintln!("{ok} HTTPS requests (h2load: {total}) across 10 switches, 0 failed");
+    eprintln!(
+        "{ok} HTTPS requests (h2load: {total}) across 10 blue-green and 4 hold switches, 0 failed"
+    );
 }
 
 /// From h2load's summary (`requests: 100 total, 100 started, 100 done, 100 succeeded, 0

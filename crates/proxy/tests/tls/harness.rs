@@ -105,6 +105,28 @@ impl TlsProxy {
         }
     }
 
+    /// A hold switch: pause (holding new requests), switch the target, resume.
+    pub async fn hold_switch(&self, service: &str, target: SocketAddr, domains: &[&str]) {
+        let pause = Request::Pause {
+            service: service.into(),
+            hold_ms: Some(10_000),
+            drain_ms: Some(5_000),
+        };
+        match control_request(&self.socket, &pause).await.unwrap() {
+            Response::Paused(_) => {}
+            other => panic!("pause failed: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.deploy(service, target, domains).await;
+        let resume = Request::Resume {
+            service: service.into(),
+        };
+        match control_request(&self.socket, &resume).await.unwrap() {
+            Response::Resumed { .. } => {}
+            other => panic!("resume failed: {other:?}"),
+        }
+    }
+
     pub async fn status(&self) -> StatusReport {
         match control_request(&self.socket, &Request::Status)
             .await
