@@ -350,7 +350,7 @@ pub(crate) async fn handle(
     };
     if !https {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        if let Some(resp) = tls::redirect(shared, host_raw.as_ref(), path) {
+        if let Some(resp) = tls::redirect(shared, client.as_ref(), host_raw.as_ref(), path) {
             return resp;
         }
     }

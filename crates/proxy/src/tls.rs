@@ -203,9 +203,12 @@ pub(crate) fn challenge(shared: &Shared, path: &str) -> Option<Response<ProxyBod
 }
 
 /// With `redirect_http`, the 308 a routed plain-HTTP request gets: the same host and path
-/// on https (with `listen_tls`'s port unless it is 443).
+/// on https (with `listen_tls`'s port unless it is 443). Requests from the host itself
+/// (`client` is a loopback address) are not redirected: cutover's own post-switch
+/// verification reaches the proxy's plain listener through the SSH connection, from loopback.
 pub(crate) fn redirect(
     shared: &Shared,
+    client: Option<&HeaderValue>,
     host: Option<&HeaderValue>,
     path_and_query: &str,
 ) -> Option<Response<ProxyBody>> {
@@ -213,6 +216,13 @@ pub(crate) fn redirect(
         || shared.config.tls == TlsMode::Off
         || path_and_query.starts_with(ACME_CHALLENGE_PATH)
     {
+        return None;
+    }
+    let local = client
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| c.parse::<std::net::IpAddr>().ok())
+        .is_none_or(|ip| ip.is_loopback());
+    if local {
         return None;
     }
     let host = host.and_then(|h| h.to_str().ok())?;

@@ -129,30 +129,49 @@ async fn files_certificate_is_served_over_h2_and_h1_and_reloaded_when_it_changes
     proxy.stop().unwrap();
 }
 
+/// One of this machine's addresses that is not loopback (a client connecting to it is seen
+/// from it, not from loopback).
+fn outside_ip() -> std::net::IpAddr {
+    let out = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .find(|a| a.is_ipv4() && !a.is_loopback())
+        .expect("a non-loopback IPv4 address on this machine")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redirect_http_answers_308_to_https_except_the_acme_challenge_path() {
+async fn redirect_http_answers_308_to_https_except_the_acme_path_and_the_host_itself() {
     let dir = TempDir::new("tls-redirect");
     let ca = Ca::new();
     let (cert, key, _) = ca.leaf(&["site.test"]);
     write_pair(dir.path(), &cert, &key);
     let blue = Backend::start("blue");
-    let proxy = TlsProxy::start(dir.path(), files_mode(dir.path()), true, (0, 0));
+    let proxy = TlsProxy::start_on(dir.path(), files_mode(dir.path()), true, "0.0.0.0");
     proxy.deploy("web", blue.addr, &["site.test"]).await;
+    let outside = std::net::SocketAddr::new(outside_ip(), proxy.addr.port());
 
-    let r = support::get_with(proxy.addr, "Site.Test:8080", "/a/b?c=d", "");
+    let r = support::get_with(outside, "Site.Test:8080", "/a/b?c=d", "");
     assert_eq!(r.status, 308, "{r:?}");
     assert_eq!(r.body, "moved to https\n");
-    let raw = raw_head(proxy.addr, "Site.Test:8080", "/a/b?c=d");
+    let raw = raw_head(outside, "Site.Test:8080", "/a/b?c=d");
     let want = format!(
         "location: https://site.test:{}/a/b?c=d",
         proxy.tls_addr.port()
     );
     assert!(raw.to_ascii_lowercase().contains(&want), "{raw}");
     // ACME's HTTP-01 path goes to the app (tls = "files": the proxy answers no challenge).
-    let r = support::get(proxy.addr, "site.test", "/.well-known/acme-challenge/tok");
+    let r = support::get(outside, "site.test", "/.well-known/acme-challenge/tok");
+    assert_eq!((r.status, r.first_line()), (200, "blue"));
+    // The host itself (cutover's verification comes from loopback) is served plain HTTP.
+    let r = support::get(proxy.addr, "site.test", "/");
     assert_eq!((r.status, r.first_line()), (200, "blue"));
     // HTTPS itself is served.
-    let a = get_once(proxy.tls_addr, "site.test", Http::H1, ca.roots(), "/")
+    let tls = std::net::SocketAddr::new(outside_ip(), proxy.tls_addr.port());
+    let a = get_once(tls, "site.test", Http::H1, ca.roots(), "/")
         .await
         .unwrap();
     assert_eq!(a.status, 200);

@@ -36,6 +36,25 @@ impl TlsProxy {
     /// Starts a proxy with `tls` and `redirect_http`; `ports` are the plain and TLS ports
     /// to bind (0: any).
     pub fn start(dir: &Path, tls: TlsMode, redirect_http: bool, ports: (u16, u16)) -> TlsProxy {
+        TlsProxy::start_with(dir, tls, redirect_http, ports, "127.0.0.1")
+    }
+
+    /// [`TlsProxy::start`] on any port of `ip` (`addr` and `tls_addr` are then on loopback).
+    pub fn start_on(dir: &Path, tls: TlsMode, redirect_http: bool, ip: &str) -> TlsProxy {
+        let mut p = TlsProxy::start_with(dir, tls, redirect_http, (0, 0), ip);
+        p.addr.set_ip([127, 0, 0, 1].into());
+        p.tls_addr.set_ip([127, 0, 0, 1].into());
+        p
+    }
+
+    fn start_with(
+        dir: &Path,
+        tls: TlsMode,
+        redirect_http: bool,
+        ports: (u16, u16),
+        ip: &str,
+    ) -> TlsProxy {
+        let ip = ip.to_string();
         let socket = dir.join("proxy.sock");
         let state = dir.join("state.json");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -48,10 +67,10 @@ impl TlsProxy {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let plain = tokio::net::TcpListener::bind(("127.0.0.1", ports.0))
+                let plain = tokio::net::TcpListener::bind((ip.as_str(), ports.0))
                     .await
                     .unwrap();
-                let tls_l = tokio::net::TcpListener::bind(("127.0.0.1", ports.1))
+                let tls_l = tokio::net::TcpListener::bind((ip.as_str(), ports.1))
                     .await
                     .unwrap();
                 let addr = plain.local_addr().unwrap();
