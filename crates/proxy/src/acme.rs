@@ -41,6 +41,8 @@ const TICK: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// The longest one order may take, challenges and download included.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest an ARI look-up (opening the account included) may take.
+const ARI_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often ARI is asked again at most, when the CA offers it.
 const ARI_RECHECK: Duration = Duration::from_secs(6 * 3600);
 
@@ -174,10 +176,17 @@ pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch
                 s
             });
             let now = now_ms();
-            if let (Some(acct), Some((_, _, leaf))) = (&account, &slot.current) {
-                if now >= slot.ari_at_ms {
-                    slot.ari_at_ms = now + ARI_RECHECK.as_millis() as u64;
-                    if let Some((at, recheck)) = ari(acct, leaf).await {
+            if slot.current.is_some() && now >= slot.ari_at_ms {
+                // ARI, when the CA offers it (the account is opened for it after a restart).
+                slot.ari_at_ms = now + ARI_RECHECK.as_millis() as u64;
+                if account.is_none() {
+                    let opened = tokio::time::timeout(ARI_TIMEOUT, open_account(&config)).await;
+                    account = opened.ok().and_then(Result::ok);
+                }
+                if let (Some(acct), Some((_, _, leaf))) = (&account, &slot.current) {
+                    if let Ok(Some((at, recheck))) =
+                        tokio::time::timeout(ARI_TIMEOUT, ari(acct, leaf)).await
+                    {
                         slot.renew_at_ms = at;
                         slot.ari_at_ms = now + recheck.max(60_000);
                         shared.certs.update(&domain, |h| h.renew_at_ms = Some(at));
