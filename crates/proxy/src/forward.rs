@@ -52,6 +52,7 @@ use crate::limits::{self, AcceptLog, BodyFault, ClientBody, Slot, Slots, TimedBo
 use crate::log;
 use crate::switch::Shared;
 use crate::table::InFlight;
+use crate::tls;
 use crate::upgrade;
 use crate::upstream::{self, ReqBody};
 
@@ -97,7 +98,7 @@ pub(crate) fn empty_body() -> UpstreamBody {
 }
 
 /// How long a keep-alive connection may stay idle after shutdown began before it is closed.
-const IDLE_CLOSE_AFTER_STOP: Duration = Duration::from_secs(3);
+pub(crate) const IDLE_CLOSE_AFTER_STOP: Duration = Duration::from_secs(3);
 
 /// Completes when `stop` turns true (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -112,10 +113,12 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// connection on that thread: the client connection, its upstream connections and their
 /// pool. A request thus never wakes another thread. If the worker threads cannot be started,
 /// the workers run as tasks of the calling runtime instead.
+/// With `tls`, the connections are served over TLS ([`tls::connection`]).
 pub(crate) async fn serve_http(
     shared: Arc<Shared>,
     listener: TcpListener,
     stop: watch::Receiver<bool>,
+    tls: Option<Arc<tls::Tls>>,
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let cap = limits::effective_cap(shared.config.limits.max_connections, limits::raise_nofile());
@@ -142,6 +145,7 @@ pub(crate) async fn serve_http(
                 slots.clone(),
                 stop.clone(),
                 done_tx.clone(),
+                tls.clone(),
             ),
             Err(e) => {
                 log::line(format_args!("cannot share the listening socket: {e}"));
@@ -151,7 +155,7 @@ pub(crate) async fn serve_http(
     }
     let access = shared.access.clone();
     let writer = access.clone().map(|a| tokio::spawn(a.writer()));
-    start_worker(n - 1, listener, shared, slots, stop, done_tx);
+    start_worker(n - 1, listener, shared, slots, stop, done_tx, tls);
     let _ = done_rx.recv().await;
     if let (Some(w), Some(a)) = (writer, access) {
         w.abort();
@@ -168,11 +172,12 @@ fn start_worker(
     slots: Arc<Slots>,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
+    tls: Option<Arc<tls::Tls>>,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
-    let job = worker(listener, shared, slots, stop, done);
+    let job = worker(listener, shared, slots, stop, done, tls);
     let spawned = match rt {
         Ok(rt) => {
             let slot = Arc::new(std::sync::Mutex::new(Some(job)));
@@ -211,6 +216,7 @@ async fn worker(
     slots: Arc<Slots>,
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
+    tls: Option<Arc<tls::Tls>>,
 ) {
     let listener = match listener
         .set_nonblocking(true)
@@ -242,16 +248,29 @@ async fn worker(
             _ = stopped(&mut stop) => break,
         };
         match slots.admit() {
-            Some(slot) => {
-                tokio::spawn(connection(
-                    shared.clone(),
-                    stream,
-                    peer,
-                    slot,
-                    stop.clone(),
-                    conns_tx.clone(),
-                ));
-            }
+            Some(slot) => match &tls {
+                Some(tls) => {
+                    tokio::spawn(tls::connection(
+                        shared.clone(),
+                        tls.clone(),
+                        stream,
+                        peer,
+                        slot,
+                        stop.clone(),
+                        conns_tx.clone(),
+                    ));
+                }
+                None => {
+                    tokio::spawn(connection(
+                        shared.clone(),
+                        stream,
+                        peer,
+                        slot,
+                        stop.clone(),
+                        conns_tx.clone(),
+                    ));
+                }
+            },
             None => {
                 tokio::spawn(limits::refuse_connection(stream));
             }
@@ -281,55 +300,13 @@ async fn connection(
     let slot = Arc::new(slot);
     let conn_slot = slot.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
-        let shared = shared.clone();
-        let client = client.clone();
-        let slot = conn_slot.clone();
-        let busy = slot.state.busy();
-        let started = std::time::Instant::now();
-        // What the access log needs of the request, before `handle` takes it.
-        let seen = shared.access.is_some().then(|| {
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().authority().map(|a| a.as_str()))
-                .unwrap_or("-")
-                .to_string();
-            // The query may carry secrets (tokens in links): only whether there was one.
-            let mut path = req.uri().path().to_string();
-            if req.uri().query().is_some() {
-                path.push_str("?...");
-            }
-            (req.method().clone(), host, path)
-        });
-        async move {
-            let mut resp = handle(&shared, req, client.clone(), &slot).await;
-            drop(busy);
-            if let (Some(log), Some((method, host, path))) = (&shared.access, seen) {
-                let routed = resp.extensions_mut().remove::<Routed>();
-                let (svc, target) = routed.as_ref().map_or(("-", "-"), |Routed(s, t)| {
-                    (s.name.as_str(), t.addr.as_str())
-                });
-                log.record(&crate::access::Entry {
-                    client: client.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("-"),
-                    method: method.as_str(),
-                    host: &host,
-                    path: &path,
-                    status: resp.status().as_u16(),
-                    micros: started.elapsed().as_micros(),
-                    service: svc,
-                    target,
-                });
-            }
-            if shared.is_closing() {
-                // Shutting down (e.g. handing over to an upgraded proxy): this is the
-                // connection's last response, and the client is told so, so it reconnects
-                // instead of racing a close.
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok::<_, Infallible>(resp)
-        }
+        serve_one(
+            shared.clone(),
+            req,
+            client.clone(),
+            conn_slot.clone(),
+            false,
+        )
     });
     // `writev(false)`: a response head and a small body go out as one flat buffer, which
     // costs fewer instructions per request than hyper's queue of buffers for `writev`.
@@ -398,12 +375,70 @@ async fn connection(
     drop(done);
 }
 
-/// Serves one request.
-async fn handle(
+/// Serves one request of a client connection (`https`: over TLS) and writes its access log
+/// line; the connection's slot counts as busy while the request is served.
+pub(crate) async fn serve_one(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    client: Option<HeaderValue>,
+    slot: Arc<Slot>,
+    https: bool,
+) -> Result<Response<ProxyBody>, Infallible> {
+    // HTTP/2 has no `Connection` header: closing is its GOAWAY.
+    let h1 = req.version() < Version::HTTP_2;
+    let busy = slot.state.busy();
+    let started = std::time::Instant::now();
+    // What the access log needs of the request, before `handle` takes it.
+    let seen = shared.access.is_some().then(|| {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("-")
+            .to_string();
+        // The query may carry secrets (tokens in links): only whether there was one.
+        let mut path = req.uri().path().to_string();
+        if req.uri().query().is_some() {
+            path.push_str("?...");
+        }
+        (req.method().clone(), host, path)
+    });
+    let mut resp = handle(&shared, req, client.clone(), &slot, https).await;
+    drop(busy);
+    if let (Some(log), Some((method, host, path))) = (&shared.access, seen) {
+        let routed = resp.extensions_mut().remove::<Routed>();
+        let (svc, target) = routed.as_ref().map_or(("-", "-"), |Routed(s, t)| {
+            (s.name.as_str(), t.addr.as_str())
+        });
+        log.record(&crate::access::Entry {
+            client: client.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("-"),
+            method: method.as_str(),
+            host: &host,
+            path: &path,
+            status: resp.status().as_u16(),
+            micros: started.elapsed().as_micros(),
+            service: svc,
+            target,
+        });
+    }
+    if h1 && shared.is_closing() {
+        // Shutting down (e.g. handing over to an upgraded proxy): this is the
+        // connection's last response, and the client is told so, so it reconnects
+        // instead of racing a close.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok::<_, Infallible>(resp)
+}
+
+/// Serves one request (`https`: it came over TLS).
+pub(crate) async fn handle(
     shared: &Shared,
     req: Request<Incoming>,
     client: Option<HeaderValue>,
     slot: &Arc<Slot>,
+    https: bool,
 ) -> Response<ProxyBody> {
     shared.count_request();
     let (mut parts, body) = req.into_parts();
@@ -417,6 +452,11 @@ async fn handle(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
+    }
+    if !https {
+        if let Some(resp) = tls::challenge(shared, parts.uri.path()) {
+            return resp;
+        }
     }
     // The `Host` as the client sent it (or the request target's authority).
     let host_raw = match parts.headers.get(header::HOST) {
@@ -432,6 +472,12 @@ async fn handle(
     else {
         return local(StatusCode::NOT_FOUND, "no service for this host\n");
     };
+    if !https {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Some(resp) = tls::redirect(shared, client.as_ref(), host_raw.as_ref(), path) {
+            return resp;
+        }
+    }
     service.count_request();
     // Acquire first, then look at the pause flag (see `table`): a request either counts as in
     // flight before a pause looks, or sees the pause and waits.
@@ -474,7 +520,7 @@ async fn handle(
         return local(StatusCode::BAD_REQUEST, "bad request: no usable Host\n");
     };
     let upgrade = upgrade::requested(&parts.headers);
-    forwarded_headers(&mut parts.headers, client, Some(host.clone()));
+    forwarded_headers(&mut parts.headers, client, Some(host.clone()), https);
     parts.headers.insert(header::HOST, host);
     let client_upgrade = match upgrade {
         Some(u) => {
@@ -708,7 +754,7 @@ pub(crate) fn chain(e: &dyn StdError) -> String {
 }
 
 /// A response made by the proxy itself.
-fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::Local(Full::new(Bytes::from_static(
         body.as_bytes(),
     ))));
@@ -782,6 +828,7 @@ fn forwarded_headers(
     headers: &mut HeaderMap,
     client: Option<HeaderValue>,
     host: Option<HeaderValue>,
+    https: bool,
 ) {
     strip_hop_by_hop(headers);
     headers::strip_client_forwarding(headers);
@@ -789,7 +836,8 @@ fn forwarded_headers(
         Some(v) => headers.insert(X_FORWARDED_FOR, v),
         None => headers.remove(X_FORWARDED_FOR),
     };
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match host {
         Some(v) => headers.insert(X_FORWARDED_HOST, v),
         None => headers.remove(X_FORWARDED_HOST),
@@ -892,6 +940,7 @@ mod tests {
             &mut h,
             Some(HeaderValue::from_static("10.0.0.9")),
             Some(HeaderValue::from_static("Site:8080")),
+            false,
         );
         for gone in [
             "connection",

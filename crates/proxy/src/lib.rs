@@ -32,6 +32,8 @@
 //!   final name (`control`).
 
 mod access;
+mod acme;
+mod certs;
 mod control;
 mod forward;
 mod headers;
@@ -40,6 +42,7 @@ mod log;
 mod state;
 mod switch;
 mod table;
+mod tls;
 mod upgrade;
 mod upstream;
 
@@ -59,9 +62,10 @@ pub use control::{bind_control, control_request, control_request_blocking, Contr
 /// The control protocol's wire types live in `cutover-proxy-wire` (serde only), so that the
 /// controller side can speak the protocol without this crate's HTTP stack.
 pub use cutover_proxy_wire::{
-    DeployOptions, DeployReport, DeployRequest, PauseReport, Request, Response, ServiceStatus,
-    StatusReport,
+    CertificateStatus, DeployOptions, DeployReport, DeployRequest, PauseReport, Request, Response,
+    ServiceStatus, StatusReport,
 };
+pub use tls::{AcmeConfig, TlsMode, LETS_ENCRYPT};
 
 /// Where the control socket lives unless configured otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/cutover/proxy.sock";
@@ -93,6 +97,13 @@ pub struct ProxyConfig {
     pub access_log: Option<PathBuf>,
     /// The access log is rotated (to `access.log.1`, one old file kept) past this size.
     pub access_log_max_bytes: u64,
+    /// `[proxy] tls`.
+    pub tls: TlsMode,
+    /// `[proxy] listen_tls`: where TLS is served when `tls` is not off.
+    pub listen_tls: SocketAddr,
+    /// `[proxy] redirect_http`: plain HTTP to a routed domain gets a 308 to https (but for
+    /// ACME's HTTP-01 path).
+    pub redirect_http: bool,
 }
 
 impl ProxyConfig {
@@ -106,6 +117,9 @@ impl ProxyConfig {
             access_log: Some(parent_dir(&state_file).join("access.log")),
             access_log_max_bytes: DEFAULT_ACCESS_LOG_MAX_BYTES,
             state_file,
+            tls: TlsMode::Off,
+            listen_tls: SocketAddr::from(([0, 0, 0, 0], 443)),
+            redirect_http: false,
         }
     }
 }
@@ -130,6 +144,9 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// TLS cannot be served as configured (a certificate or key file, the ACME setup).
+    #[error("tls: {0}")]
+    Tls(String),
     /// A request was malformed (bad name, target, path or domain).
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -255,14 +272,76 @@ impl Proxy {
         control: UnixListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        self.serve_with_tls(listener, None, control, shutdown).await
+    }
+
+    /// [`Proxy::serve`], and TLS on `tls_listener` when `config.tls` is not off (it must then
+    /// be given: it is where `listen_tls` was bound).
+    pub async fn serve_with_tls(
+        &self,
+        listener: TcpListener,
+        tls_listener: Option<TcpListener>,
+        control: UnixListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let tls = self.start_tls(tls_listener, &stop_rx)?;
         let http = tokio::spawn(forward::serve_http(
             self.inner.clone(),
             listener,
             stop_rx.clone(),
+            None,
         ));
+        let http = join_both(http, tls);
         self.serve_rest(http, stop_tx, stop_rx, control, shutdown)
             .await
+    }
+
+    /// Loads the certificates (`files`) or starts obtaining them (`acme`), and serves TLS on
+    /// `listener` until `stop`. Nothing when TLS is off.
+    fn start_tls(
+        &self,
+        listener: Option<TcpListener>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, Error> {
+        let shared = &self.inner;
+        let acme = match &shared.config.tls {
+            TlsMode::Off => return Ok(None),
+            TlsMode::Files { cert, key } => {
+                tls::load_files(&shared.certs, cert, key).map_err(Error::Tls)?;
+                tokio::spawn(tls::watch_files(
+                    shared.clone(),
+                    cert.clone(),
+                    key.clone(),
+                    stop.clone(),
+                ));
+                false
+            }
+            TlsMode::Acme(a) => {
+                acme::restore(&shared.certs, a).map_err(Error::Tls)?;
+                tokio::spawn(acme::run(shared.clone(), a.clone(), stop.clone()));
+                true
+            }
+        };
+        let listener = listener.ok_or_else(|| {
+            Error::Tls("TLS is on but no listener was given for listen_tls".into())
+        })?;
+        let tls = Arc::new(tls::Tls::new(shared.certs.clone(), acme).map_err(Error::Tls)?);
+        log::line(format_args!(
+            "serving TLS on {} ({}), HTTP/2 and HTTP/1.1",
+            shared.config.listen_tls,
+            if acme {
+                "ACME certificates"
+            } else {
+                "certificate files"
+            }
+        ));
+        Ok(Some(tokio::spawn(forward::serve_http(
+            shared.clone(),
+            listener,
+            stop.clone(),
+            Some(tls),
+        ))))
     }
 
     /// The rest of [`Proxy::serve`] once HTTP is being served: the control socket, then
@@ -317,6 +396,33 @@ pub async fn serve(
     Proxy::new(config)?.serve(listener, control, shutdown).await
 }
 
+/// [`serve`] with TLS on `tls_listener` (see [`Proxy::serve_with_tls`]).
+pub async fn serve_with_tls(
+    config: ProxyConfig,
+    listener: TcpListener,
+    tls_listener: Option<TcpListener>,
+    control: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    Proxy::new(config)?
+        .serve_with_tls(listener, tls_listener, control, shutdown)
+        .await
+}
+
+/// One task that ends when both do (plain HTTP, and TLS when it is served).
+fn join_both(
+    http: tokio::task::JoinHandle<()>,
+    tls: Option<tokio::task::JoinHandle<()>>,
+) -> tokio::task::JoinHandle<()> {
+    match tls {
+        None => http,
+        Some(tls) => tokio::spawn(async move {
+            let _ = http.await;
+            let _ = tls.await;
+        }),
+    }
+}
+
 /// Builds a runtime, binds `config.listen` and the control socket, restores state and serves
 /// until SIGTERM or SIGINT. This is `cutover proxy run`.
 pub fn run_blocking(config: ProxyConfig) -> Result<(), Error> {
@@ -331,16 +437,23 @@ pub fn run_blocking(config: ProxyConfig) -> Result<(), Error> {
         let shutdown = termination()?;
         let proxy = Proxy::new(config.clone())?;
         let listener = bind_shared(config.listen)?;
+        let tls_listener = match config.tls {
+            TlsMode::Off => None,
+            _ => Some(bind_shared(config.listen_tls)?),
+        };
         // Serve HTTP at once. If a predecessor (an older binary being upgraded) still holds
         // the control socket, both accept on the shared port while it is asked to stop; it
         // stops accepting, drains its in-flight requests and exits, and this proxy takes the
         // control socket over. Requests are never refused in between.
         let (stop_tx, stop_rx) = watch::channel(false);
+        let tls = proxy.start_tls(tls_listener, &stop_rx)?;
         let http = tokio::spawn(forward::serve_http(
             proxy.inner.clone(),
             listener,
             stop_rx.clone(),
+            None,
         ));
+        let http = join_both(http, tls);
         let control = take_over_control(&config.control_socket).await?;
         proxy
             .serve_rest(http, stop_tx, stop_rx, control, shutdown)

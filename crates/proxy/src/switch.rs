@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     requests: AtomicU64,
     /// Shutdown has begun: every response is the last of its connection.
     closing: AtomicBool,
+    /// The certificates served over TLS and the ACME challenge answers.
+    pub(crate) certs: Arc<crate::certs::Certs>,
 }
 
 impl Shared {
@@ -68,6 +70,7 @@ impl Shared {
             started: Instant::now(),
             requests: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            certs: Arc::default(),
         }
     }
 
@@ -382,7 +385,10 @@ pub(crate) async fn remove(shared: &Shared, service: &str) -> Result<(), Error> 
 }
 
 pub(crate) fn status(shared: &Shared) -> StatusReport {
+    let tls = shared.config.tls != crate::TlsMode::Off;
     StatusReport {
+        listen_tls: tls.then(|| shared.config.listen_tls.to_string()),
+        certificates: shared.certs.status(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         listen: shared.config.listen.to_string(),

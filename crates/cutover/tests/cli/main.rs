@@ -11,4 +11,5 @@ mod git;
 mod git_containers;
 mod git_https;
 mod hostile_input;
+mod https;
 mod world;
