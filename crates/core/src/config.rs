@@ -1329,6 +1329,21 @@ interval = "100ms"
         assert_eq!(app.container.strategy, crate::container::Strategy::Hold);
         assert_eq!(app.container.domain.as_deref(), Some("api.example.com"));
         assert_eq!(app.proxy.drain, Duration::from_secs(5));
+        assert_eq!(
+            *app.proxy.limits,
+            crate::proxy_limits::ProxyLimits::default()
+        );
+        let tuned = parse(&CONTAINER.replace(
+            "drain = \"5s\"",
+            "drain = \"5s\"\nheader_timeout = \"10s\"\nmax_header_bytes = 8192\nmax_connections = 500",
+        ))
+        .unwrap();
+        let limits = &tuned.container().unwrap().proxy.limits;
+        assert_eq!(limits.header_timeout, Duration::from_secs(10));
+        assert_eq!(
+            (limits.max_header_bytes, limits.max_connections),
+            (8192, 500)
+        );
         assert_eq!(app.health_path, "/healthz");
         assert_eq!(
             c.health.url.port, 8000,
@@ -1377,6 +1392,18 @@ interval = "100ms"
             (
                 CONTAINER.replace("drain = \"5s\"", "drain = \"5\""),
                 "proxy.drain",
+            ),
+            (
+                CONTAINER.replace("drain = \"5s\"", "header_timeout = \"0s\""),
+                "proxy.header_timeout",
+            ),
+            (
+                CONTAINER.replace("drain = \"5s\"", "max_connections = 0"),
+                "proxy.max_connections",
+            ),
+            (
+                CONTAINER.replace("drain = \"5s\"", "body_timeout = \"soon\""),
+                "proxy.body_timeout",
             ),
         ];
         for (text, key) in cases {
@@ -1854,6 +1881,105 @@ interval = "100ms"
         let e = parse("[4]\nmax_error_rate = 2.0").unwrap_err().to_string();
         assert!(
             e.contains("`deploy.max_error_rate`: expected a share from 0 to 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn proxy_tls_keys_are_validated_and_carried_as_run_flags() {
+        use crate::container::TlsKind;
+        let acme = CONTAINER.replace(
+            "install_dir = \"/opt/cutover\"",
+            "install_dir = \"/opt/cutover\"\ntls = \"acme\"\nacme_email = \"ops@example.com\"\nredirect_http = true",
+        );
+        let c = parse(&acme).unwrap();
+        let tls = &c.container().unwrap().proxy.tls;
+        assert_eq!(
+            tls.mode,
+            TlsKind::Acme {
+                email: Some("ops@example.com".into()),
+                directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+                ca_file: None,
+            }
+        );
+        assert_eq!(
+            tls.run_flags().join(" "),
+            "--tls acme --acme-directory https://acme-v02.api.letsencrypt.org/directory \
+             --acme-email ops@example.com --listen-tls 0.0.0.0:443 --redirect-http"
+        );
+        let files = CONTAINER.replace(
+            "install_dir = \"/opt/cutover\"",
+            "install_dir = \"/opt/cutover\"\ntls = \"files\"\ncert = \"/etc/ssl/site.pem\"\nkey = \"/etc/ssl/site.key\"\nlisten_tls = \"127.0.0.1:8443\"",
+        );
+        let c = parse(&files).unwrap();
+        assert_eq!(
+            c.container().unwrap().proxy.tls.run_flags().join(" "),
+            "--tls files --cert /etc/ssl/site.pem --key /etc/ssl/site.key --listen-tls 127.0.0.1:8443"
+        );
+        assert!(parse(CONTAINER)
+            .unwrap()
+            .container()
+            .unwrap()
+            .proxy
+            .tls
+            .run_flags()
+            .is_empty());
+
+        let with = |extra: &str| {
+            CONTAINER.replace(
+                "install_dir = \"/opt/cutover\"",
+                &format!("install_dir = \"/opt/cutover\"\n{extra}"),
+            )
+        };
+        let cases = [
+            ("tls = \"yes\"", "proxy.tls"),
+            ("tls = \"files\"\nkey = \"/k.pem\"", "proxy.cert"),
+            ("tls = \"files\"\ncert = \"/c.pem\"", "proxy.key"),
+            (
+                "tls = \"files\"\ncert = \"c.pem\"\nkey = \"/k.pem\"",
+                "proxy.cert",
+            ),
+            (
+                "tls = \"files\"\ncert = \"/my certs/c.pem\"\nkey = \"/k.pem\"",
+                "proxy.cert",
+            ),
+            ("cert = \"/c.pem\"", "proxy.cert"),
+            (
+                "tls = \"files\"\ncert = \"/c\"\nkey = \"/k\"\nacme_email = \"a@b.c\"",
+                "proxy.acme_email",
+            ),
+            (
+                "tls = \"acme\"\nacme_email = \"nobody\"",
+                "proxy.acme_email",
+            ),
+            (
+                "tls = \"acme\"\nacme_directory = \"http://ca.test/dir\"",
+                "proxy.acme_directory",
+            ),
+            (
+                "tls = \"acme\"\nacme_directory = \"https://ca.test/$(reboot)\"",
+                "proxy.acme_directory",
+            ),
+            (
+                "tls = \"acme\"\nacme_ca_file = \"ca.pem\"",
+                "proxy.acme_ca_file",
+            ),
+            ("tls = \"acme\"\nlisten_tls = \"443\"", "proxy.listen_tls"),
+            (
+                "tls = \"acme\"\nlisten_tls = \"0.0.0.0:8000\"",
+                "proxy.listen_tls",
+            ),
+            ("redirect_http = true", "proxy.redirect_http"),
+        ];
+        for (extra, key) in cases {
+            assert_eq!(key_of(&with(extra)), key, "for {extra}");
+        }
+        let e = parse(&with(
+            "tls = \"acme\"\nacme_directory = \"http://ca.test/dir\"",
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("`proxy.acme_directory`: expected an https:// URL like \"https://acme-v02.api.letsencrypt.org/directory\", got \"http://ca.test/dir\""),
             "{e}"
         );
     }

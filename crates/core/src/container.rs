@@ -30,6 +30,23 @@ pub(crate) struct RawProxy {
     drain: Option<String>,
     hold: Option<String>,
     install_dir: Option<String>,
+    // Limits against hostile clients and broken upstreams (`crate::proxy_limits`).
+    header_timeout: Option<String>,
+    max_header_bytes: Option<i64>,
+    max_headers: Option<i64>,
+    max_connections: Option<i64>,
+    upstream_connect_timeout: Option<String>,
+    upstream_header_timeout: Option<String>,
+    body_timeout: Option<String>,
+    // HTTPS (see `validate_tls`).
+    tls: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    acme_email: Option<String>,
+    acme_directory: Option<String>,
+    acme_ca_file: Option<String>,
+    listen_tls: Option<String>,
+    redirect_http: Option<bool>,
 }
 
 /// How the switch happens.
@@ -93,6 +110,202 @@ pub struct ProxySettings {
     pub hold: Duration,
     /// Where `cutover setup` puts the binary, the proxy state and the control socket on a host.
     pub install_dir: String,
+    /// Limits against hostile clients and broken upstreams (boxed: most configs never look).
+    pub limits: Box<crate::proxy_limits::ProxyLimits>,
+    /// HTTPS: `tls`, its certificates, `listen_tls`, `redirect_http` (boxed: most apps
+    /// have none, and `AppKind` stays small).
+    pub tls: Box<ProxyTls>,
+}
+
+/// `[proxy] tls` and the keys that go with it, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyTls {
+    pub mode: TlsKind,
+    /// `listen_tls` (default `0.0.0.0:443`); used unless `mode` is off.
+    pub listen_tls: String,
+    pub redirect_http: bool,
+}
+
+/// How the proxy gets its certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsKind {
+    Off,
+    /// The user's PEM files, as paths on each host.
+    Files {
+        cert: String,
+        key: String,
+    },
+    Acme {
+        email: Option<String>,
+        directory: String,
+        /// Paths on each host.
+        ca_file: Option<String>,
+    },
+}
+
+impl ProxyTls {
+    /// The `cutover proxy run` flags that carry these settings to a host's proxy; each
+    /// value is one shell word with no character a shell or systemd would expand (checked
+    /// by validation).
+    pub fn run_flags(&self) -> Vec<String> {
+        let mut f: Vec<String> = Vec::new();
+        let mut add = |k: &str, v: &str| {
+            f.push(k.to_string());
+            f.push(v.to_string());
+        };
+        match &self.mode {
+            TlsKind::Off => return Vec::new(),
+            TlsKind::Files { cert, key } => {
+                add("--tls", "files");
+                add("--cert", cert);
+                add("--key", key);
+            }
+            TlsKind::Acme {
+                email,
+                directory,
+                ca_file,
+            } => {
+                add("--tls", "acme");
+                add("--acme-directory", directory);
+                if let Some(e) = email {
+                    add("--acme-email", e);
+                }
+                if let Some(c) = ca_file {
+                    add("--acme-ca-file", c);
+                }
+            }
+        }
+        add("--listen-tls", &self.listen_tls);
+        if self.redirect_http {
+            f.push("--redirect-http".into());
+        }
+        f
+    }
+}
+
+/// Let's Encrypt's production directory: `acme_directory`'s default.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Whether `v` is one word for the shell and for systemd's `ExecStart` (no space, quote,
+/// glob, `$`, `%`, `;`, ...): letters, digits and `/._-+@:,=~&`.
+fn plain_word(v: &str) -> bool {
+    !v.is_empty()
+        && !v.starts_with('-')
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+@:,=~&".contains(c))
+}
+
+/// `[proxy] tls`, `cert`, `key`, `acme_email`, `acme_directory`, `acme_ca_file`,
+/// `listen_tls`, `redirect_http`.
+fn validate_tls(p: &RawProxy, listen: &str) -> Result<ProxyTls, Err> {
+    let e = |k: &str, m: String| Err((format!("proxy.{k}"), m));
+    let path = |k: &str, v: &Option<String>| -> Result<Option<String>, Err> {
+        match v {
+            None => Ok(None),
+            Some(v) if v.starts_with('/') && plain_word(v) && !v.split('/').any(|c| c == "..") => {
+                Ok(Some(v.clone()))
+            }
+            Some(v) => Err((
+                format!("proxy.{k}"),
+                format!("expected an absolute path on the hosts (letters, digits and /._-+@:,=~&), got {v:?}"),
+            )),
+        }
+    };
+    let kind = p.tls.as_deref().unwrap_or("off");
+    let cert = path("cert", &p.cert)?;
+    let key = path("key", &p.key)?;
+    let ca_file = path("acme_ca_file", &p.acme_ca_file)?;
+    let only = |k: &str, set: bool, mode: &str| -> Result<(), Err> {
+        if set && kind != mode {
+            return Err((
+                format!("proxy.{k}"),
+                format!("only used with tls = \"{mode}\" (tls is \"{kind}\")"),
+            ));
+        }
+        Ok(())
+    };
+    only("cert", cert.is_some(), "files")?;
+    only("key", key.is_some(), "files")?;
+    only("acme_email", p.acme_email.is_some(), "acme")?;
+    only("acme_directory", p.acme_directory.is_some(), "acme")?;
+    only("acme_ca_file", ca_file.is_some(), "acme")?;
+    let mode = match kind {
+        "off" => TlsKind::Off,
+        "files" => match (cert, key) {
+            (Some(cert), Some(key)) => TlsKind::Files { cert, key },
+            (None, _) => {
+                return e(
+                    "cert",
+                    "tls = \"files\" needs cert = \"/path/to/fullchain.pem\" (on the hosts)".into(),
+                )
+            }
+            (_, None) => {
+                return e(
+                    "key",
+                    "tls = \"files\" needs key = \"/path/to/privkey.pem\" (on the hosts)".into(),
+                )
+            }
+        },
+        "acme" => {
+            let email = match &p.acme_email {
+                None => None,
+                Some(m) if plain_word(m) && m.contains('@') && !m.contains('/') => Some(m.clone()),
+                Some(m) => {
+                    return e(
+                        "acme_email",
+                        format!("expected an address like \"ops@example.com\", got {m:?}"),
+                    )
+                }
+            };
+            let directory = p
+                .acme_directory
+                .clone()
+                .unwrap_or_else(|| LETS_ENCRYPT_DIRECTORY.to_string());
+            if !directory.starts_with("https://") || !plain_word(&directory) || directory.len() <= 8
+            {
+                return e(
+                    "acme_directory",
+                    format!("expected an https:// URL like \"{LETS_ENCRYPT_DIRECTORY}\", got {directory:?}"),
+                );
+            }
+            TlsKind::Acme {
+                email,
+                directory,
+                ca_file,
+            }
+        }
+        other => {
+            return e(
+                "tls",
+                format!("expected \"off\", \"files\" or \"acme\", got {other:?}"),
+            )
+        }
+    };
+    let listen_tls = p.listen_tls.clone().unwrap_or_else(|| "0.0.0.0:443".into());
+    match listen_tls.parse::<std::net::SocketAddr>() {
+        Err(_) => {
+            return e(
+                "listen_tls",
+                format!("expected ADDRESS:PORT like \"0.0.0.0:443\", got {listen_tls:?}"),
+            )
+        }
+        Ok(a) if mode != TlsKind::Off && listen.parse().ok() == Some(a) => {
+            return e("listen_tls", format!("must differ from listen ({listen})"))
+        }
+        Ok(_) => {}
+    }
+    let redirect_http = p.redirect_http.unwrap_or(false);
+    if redirect_http && mode == TlsKind::Off {
+        return e(
+            "redirect_http",
+            "redirects to https need tls = \"acme\" or \"files\"".into(),
+        );
+    }
+    Ok(ProxyTls {
+        mode,
+        listen_tls,
+        redirect_http,
+    })
 }
 
 type Err = (String, String);
@@ -205,7 +418,8 @@ pub(crate) fn has_tag(image: &str) -> bool {
 }
 
 pub(crate) fn validate_proxy(p: RawProxy) -> Result<ProxySettings, Err> {
-    let listen = p.listen.unwrap_or_else(|| "0.0.0.0:80".into());
+    let limits = proxy_limits(&p)?;
+    let listen = p.listen.clone().unwrap_or_else(|| "0.0.0.0:80".into());
     if listen.parse::<std::net::SocketAddr>().is_err() {
         return Err((
             "proxy.listen".into(),
@@ -214,6 +428,7 @@ pub(crate) fn validate_proxy(p: RawProxy) -> Result<ProxySettings, Err> {
     }
     let install_dir = p
         .install_dir
+        .clone()
         .unwrap_or_else(|| "/usr/local/lib/cutover".into());
     if !install_dir.starts_with('/') || install_dir.split('/').any(|c| c == "..") {
         return Err((
@@ -222,9 +437,39 @@ pub(crate) fn validate_proxy(p: RawProxy) -> Result<ProxySettings, Err> {
         ));
     }
     Ok(ProxySettings {
+        limits,
+        tls: Box::new(validate_tls(&p, &listen)?),
         listen,
         drain: dur("proxy.drain", &p.drain, Duration::from_secs(30))?,
         hold: dur("proxy.hold", &p.hold, Duration::from_secs(30))?,
         install_dir: install_dir.trim_end_matches('/').to_string(),
     })
+}
+
+/// The `[proxy]` limit keys.
+fn proxy_limits(p: &RawProxy) -> Result<Box<crate::proxy_limits::ProxyLimits>, Err> {
+    use crate::proxy_limits::RawValue::{Int, Text};
+    let mut limits = crate::proxy_limits::ProxyLimits::default();
+    let texts = [
+        ("header_timeout", &p.header_timeout),
+        ("upstream_connect_timeout", &p.upstream_connect_timeout),
+        ("upstream_header_timeout", &p.upstream_header_timeout),
+        ("body_timeout", &p.body_timeout),
+    ];
+    for (key, v) in texts {
+        if let Some(v) = v {
+            limits.set(key, Text(v))?;
+        }
+    }
+    let ints = [
+        ("max_header_bytes", p.max_header_bytes),
+        ("max_headers", p.max_headers),
+        ("max_connections", p.max_connections),
+    ];
+    for (key, v) in ints {
+        if let Some(v) = v {
+            limits.set(key, Int(v))?;
+        }
+    }
+    Ok(Box::new(limits))
 }

@@ -12,6 +12,7 @@ pub mod duration;
 pub mod host;
 pub mod plan;
 pub mod protocol;
+pub mod proxy_limits;
 pub mod release;
 
 pub use config::{AppKind, BuildConfig, Config, ConfigError, FilesConfig, HealthConfig, SshConfig};

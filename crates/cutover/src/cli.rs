@@ -246,6 +246,36 @@ pub(crate) enum ProxyCommand {
         /// Longest a request is held while its service is paused.
         #[arg(long, default_value = "30s")]
         hold: String,
+        /// Limits against hostile clients, `KEY=VALUE,...` with the `[proxy]` limit keys
+        /// (header_timeout, max_header_bytes, max_headers, max_connections,
+        /// upstream_connect_timeout, upstream_header_timeout, body_timeout); keys left out
+        /// keep their defaults.
+        #[arg(long, default_value = "")]
+        limits: String,
+        /// HTTPS: off, files (--cert and --key) or acme.
+        #[arg(long, default_value = "off")]
+        tls: String,
+        /// Where TLS is served.
+        #[arg(long, default_value = "0.0.0.0:443")]
+        listen_tls: String,
+        /// tls = files: the certificate chain (PEM), leaf first.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// tls = files: the private key (PEM).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// tls = acme: the ACME directory URL.
+        #[arg(long, default_value = cutover_proxy::LETS_ENCRYPT)]
+        acme_directory: String,
+        /// tls = acme: the account's contact address.
+        #[arg(long)]
+        acme_email: Option<String>,
+        /// tls = acme: the only roots trusted for the ACME directory (PEM).
+        #[arg(long)]
+        acme_ca_file: Option<PathBuf>,
+        /// Answer plain HTTP with a 308 to https (but ACME's HTTP-01 path).
+        #[arg(long)]
+        redirect_http: bool,
     },
     /// Gate TARGET, then switch SERVICE to it and drain the old target.
     Deploy {

@@ -21,6 +21,10 @@ pub struct HostStatus {
     pub commit_subject: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Container apps with `[proxy] tls`: the host's proxy's certificates for the app's
+    /// domain (every certificate when the app has no domain), failures included.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<cutover_proxy_wire::CertificateStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +39,32 @@ pub struct Status {
     pub hosts: Vec<HostStatus>,
     /// Human-readable drift findings; empty when every host serves the live release.
     pub drift: Vec<String>,
+}
+
+/// The certificates of a container app's host proxy when `[proxy] tls` is on: the app's
+/// domain's, or all when it has none. A proxy that does not answer shows none (`check` says
+/// why).
+fn certificates(
+    r: &dyn cutover_remote::Remote,
+    config: &Config,
+) -> Vec<cutover_proxy_wire::CertificateStatus> {
+    let Some(capp) = config.container() else {
+        return Vec::new();
+    };
+    if capp.proxy.tls.mode == cutover_core::container::TlsKind::Off {
+        return Vec::new();
+    }
+    match crate::switch::container::proxy_request(r, capp, &cutover_proxy_wire::Request::Status) {
+        Ok(cutover_proxy_wire::Response::Status(s)) => s
+            .certificates
+            .into_iter()
+            .filter(|c| match &capp.container.domain {
+                Some(d) => &c.domain == d || c.domain == "*",
+                None => true,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Reads `current` on every host.
@@ -74,6 +104,7 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
                 commit: None,
                 commit_subject: None,
                 error: None,
+                certificates: certificates(r, config),
             },
             Err(e) => HostStatus {
                 host: name,
@@ -82,6 +113,7 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
                 commit: None,
                 commit_subject: None,
                 error: Some(e),
+                certificates: Vec::new(),
             },
         }
     });

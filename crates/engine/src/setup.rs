@@ -95,8 +95,15 @@ set -u
 dir={dir}
 listen={listen}
 hold={hold}
+limits={limits}
 changed={changed}
+# HTTPS flags (`[proxy] tls` and friends): words validated to need no quoting.
+tls={tls}
+set -f
 pidfile="$dir/supervisor.pid"
+# Changed settings restart the proxy like a new binary does (a hand-over, no request lost).
+if [ "$(cat "$dir/proxy.args" 2>/dev/null)" != "$listen $hold $limits $tls" ]; then changed=yes; fi
+printf '%s\n' "$listen $hold $limits $tls" > "$dir/proxy.args"
 # Connections queued on a proxy that is handing over are passed to its successor, not reset.
 if [ -w /proc/sys/net/ipv4/tcp_migrate_req ]; then echo 1 > /proc/sys/net/ipv4/tcp_migrate_req; fi
 state=started
@@ -108,7 +115,9 @@ if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
   kill "$(cat "$pidfile")" 2>/dev/null
   state=upgraded
 fi
-nohup setsid sh -c 'while :; do "$0/cutover" proxy run --listen "$1" --dir "$0" --hold "$2"; sleep 1; done' "$dir" "$listen" "$hold" >>"$dir/proxy.log" 2>&1 </dev/null &
+# As the systemd unit's LimitNOFILE: room for many client connections (the proxy raises its soft
+# limit to this hard limit and keeps its connection cap within it).
+nohup setsid sh -c 'set -f; ulimit -n 65536 2>/dev/null; while :; do "$0/cutover" proxy run --listen "$1" --dir "$0" --hold "$2" --limits "$3" $4; sleep 1; done' "$dir" "$listen" "$hold" "$limits" "$tls" >>"$dir/proxy.log" 2>&1 </dev/null &
 echo $! > "$pidfile"
 if [ "$state" = upgraded ] && [ -n "${old:-}" ]; then
   # Wait for the old proxy to hand over and finish draining.
@@ -123,9 +132,11 @@ set -u
 dir={dir}
 listen={listen}
 hold={hold}
+limits={limits}
 changed={changed}
+tls={tls}
 unit=/etc/systemd/system/cutover-proxy.service
-new=$(printf '[Unit]\nDescription=cutover edge proxy\nAfter=network.target\n\n[Service]\nExecStart=%s/cutover proxy run --listen %s --dir %s --hold %s\nRestart=always\nRestartSec=1\n\n[Install]\nWantedBy=multi-user.target\n' "$dir" "$listen" "$dir" "$hold")
+new=$(printf '[Unit]\nDescription=cutover edge proxy\nAfter=network.target\n\n[Service]\nExecStart=%s/cutover proxy run --listen %s --dir %s --hold %s --limits %s%s\nRestart=always\nRestartSec=1\nLimitNOFILE=65536\n\n[Install]\nWantedBy=multi-user.target\n' "$dir" "$listen" "$dir" "$hold" "$limits" "${tls:+ $tls}")
 if [ "$(cat "$unit" 2>/dev/null)" != "$new" ]; then printf '%s\n' "$new" > "$unit"; systemctl daemon-reload; changed=yes; fi
 systemctl enable cutover-proxy >/dev/null 2>&1
 if [ "$changed" = yes ]; then systemctl restart cutover-proxy; echo "SERVICE restarted"; else systemctl start cutover-proxy; echo "SERVICE running"; fi
@@ -165,6 +176,8 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
     let hosts = Hosts::new(config).map_err(|e| e.to_string())?;
     let dir = capp.proxy.install_dir.as_str();
     let hold = format!("{}ms", capp.proxy.hold.as_millis());
+    let limits = capp.proxy.limits.to_arg();
+    let tls = capp.proxy.tls.run_flags().join(" ");
     let _ = remote_binary(capp);
     Ok(par_map(hosts.len(), config.ssh.parallel, |i| {
         let r = hosts.get(i);
@@ -217,7 +230,9 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
                     ("dir", dir),
                     ("listen", &capp.proxy.listen),
                     ("hold", &hold),
+                    ("limits", &limits),
                     ("changed", yes),
+                    ("tls", &tls),
                 ],
             ),
             None,
@@ -265,11 +280,84 @@ mod tests {
                     ("dir", "/d"),
                     ("listen", "0.0.0.0:80"),
                     ("hold", "30000ms"),
+                    ("limits", "header_timeout=60000ms"),
                     ("changed", "no"),
+                    ("tls", ""),
                 ],
             );
         }
         let _ = Script::new(CHECK, &[("dir", "/d")]);
+    }
+
+    /// The supervised start carries `[proxy] tls` to `cutover proxy run` as flags, and a
+    /// change of them alone restarts the proxy (as a hand-over, like a new binary).
+    #[test]
+    fn supervised_start_passes_the_tls_flags_and_restarts_when_they_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("tls-flags");
+        let bin = d.0.join("cutover");
+        // A stand-in binary: records each `proxy run` command line, answers no status.
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\nif [ \"$2\" = run ]; then echo \"$*\" >> \"$(dirname \"$0\")/runs\"; exec sleep 30; fi\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir_s = d.0.to_str().unwrap();
+        let start = |tls: &str| {
+            let script = Script::new(
+                START_SUPERVISED,
+                &[
+                    ("dir", dir_s),
+                    ("listen", "127.0.0.1:1"),
+                    ("hold", "30000ms"),
+                    ("limits", "header_timeout=60000ms"),
+                    ("changed", "no"),
+                    ("tls", tls),
+                ],
+            );
+            let o = cutover_remote::local::LocalHost.run(&script, None).unwrap();
+            assert!(o.success(), "{o:?}");
+            o.stdout
+        };
+        let runs = || {
+            let t = std::time::Instant::now();
+            loop {
+                let r = std::fs::read_to_string(d.0.join("runs")).unwrap_or_default();
+                if !r.is_empty() || t.elapsed() > std::time::Duration::from_secs(5) {
+                    return r;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        let flags = "--tls files --cert /etc/ssl/a.pem --key /etc/ssl/a.key --listen-tls 0.0.0.0:443 --redirect-http";
+        assert!(start(flags).contains("SERVICE started"));
+        assert_eq!(
+            runs(),
+            format!("proxy run --listen 127.0.0.1:1 --dir {dir_s} --hold 30000ms --limits header_timeout=60000ms {flags}\n")
+        );
+        assert!(
+            start(flags).contains("SERVICE running"),
+            "same flags: left running"
+        );
+        let first = std::fs::read_to_string(d.0.join("supervisor.pid")).unwrap();
+        std::fs::remove_file(d.0.join("runs")).unwrap();
+        assert!(
+            start("").contains("SERVICE upgraded"),
+            "changed flags: restarted"
+        );
+        assert_eq!(
+            runs(),
+            format!("proxy run --listen 127.0.0.1:1 --dir {dir_s} --hold 30000ms --limits header_timeout=60000ms\n")
+        );
+        // Stop both supervisor loops and their stand-in proxies (started by this test, each
+        // in a process group of its own).
+        let second = std::fs::read_to_string(d.0.join("supervisor.pid")).unwrap();
+        for pid in [first, second] {
+            let _ = std::process::Command::new("kill")
+                .args(["--", &format!("-{}", pid.trim())])
+                .status();
+        }
     }
 
     /// A scratch install dir, removed when dropped (killing what the test started there).

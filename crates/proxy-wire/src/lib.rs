@@ -208,6 +208,39 @@ pub struct StatusReport {
     pub requests: u64,
     /// Services by name.
     pub services: Vec<ServiceStatus>,
+    /// Where TLS is served (`[proxy] listen_tls`), when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_tls: Option<String>,
+    /// The certificates served over TLS, by domain (`tls = "files"`: one, for every name).
+    /// Absent from an older proxy's answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateStatus>,
+}
+
+/// One certificate in a [`StatusReport`]: what is served for a domain, and how its last
+/// issuance or reload went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    /// The domain (`*` for a `tls = "files"` certificate, served for every name).
+    pub domain: String,
+    /// `acme` or `files`.
+    pub source: String,
+    /// When the served certificate expires (ms since the Unix epoch); `None` while none has
+    /// been obtained yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_ms: Option<u64>,
+    /// When it will be renewed (ms since the Unix epoch), for ACME certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at_ms: Option<u64>,
+    /// Why the last issuance, renewal or reload failed (cleared by the next success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When that failure happened (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at_ms: Option<u64>,
+    /// When the next attempt is due after a failure (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_ms: Option<u64>,
 }
 
 /// One service in a [`StatusReport`].
@@ -366,9 +399,35 @@ mod tests {
                 requests: 9,
                 target_served: 8,
             }],
+            listen_tls: None,
+            certificates: vec![],
         });
         let text = serde_json::to_string(&status).unwrap();
         assert!(text.starts_with(r#"{"result":"status","pid":7"#), "{text}");
         assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), status);
+        assert!(!text.contains("certificates"), "{text}");
+        // With TLS: the certificates and their failures travel to `cutover status`.
+        let Response::Status(mut with_tls) = status else {
+            unreachable!()
+        };
+        with_tls.listen_tls = Some("0.0.0.0:443".into());
+        with_tls.certificates = vec![CertificateStatus {
+            domain: "site.example".into(),
+            source: "acme".into(),
+            not_after_ms: Some(1_000),
+            renew_at_ms: Some(500),
+            last_error: Some("order failed".into()),
+            failed_at_ms: Some(400),
+            next_retry_ms: Some(450),
+        }];
+        let with_tls = Response::Status(with_tls);
+        let text = serde_json::to_string(&with_tls).unwrap();
+        assert!(
+            text.contains(
+                r#""certificates":[{"domain":"site.example","source":"acme","not_after_ms":1000"#
+            ),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), with_tls);
     }
 }

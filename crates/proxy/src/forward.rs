@@ -10,9 +10,13 @@
 //! - A request takes its target exactly once ([`crate::table::Service::acquire`], after any
 //!   pause) and keeps the in-flight guard until its response body has been fully sent or
 //!   dropped.
-//! - Hop-by-hop headers are stripped in both directions; `X-Forwarded-For` is replaced with the
-//!   client's address (this is the edge: nothing before it is trusted), `X-Forwarded-Proto`
-//!   and `X-Forwarded-Host` are set.
+//! - Hop-by-hop headers are stripped in both directions (but `Upgrade` on a request that asks
+//!   for one, see `upgrade`); `X-Forwarded-For` is replaced with the client's address (this is
+//!   the edge: nothing before it is trusted), `X-Forwarded-Proto` and `X-Forwarded-Host` are
+//!   set, and forgeable forwarding headers are dropped (`headers`). The app sees the `Host` the
+//!   client asked for, never the target's address.
+//! - A request body is read ahead (up to `limits::BODY_BUFFER`) before an upstream connection
+//!   is taken, so a client that stalls early never holds one.
 //! - A request is retried at most once: if its upstream connection failed before the request
 //!   was written (whatever the request), or if it has no body and an idempotent method and it
 //!   failed to connect or on a pooled connection that had been idle for 100 ms or more (one
@@ -35,6 +39,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -42,9 +47,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::headers;
+use crate::limits::{self, AcceptLog, BodyFault, ClientBody, Slot, Slots, TimedBody};
 use crate::log;
 use crate::switch::Shared;
 use crate::table::InFlight;
+use crate::tls;
+use crate::upgrade;
 use crate::upstream::{self, ReqBody};
 
 /// Body type of health probes.
@@ -52,8 +61,6 @@ pub(crate) type UpstreamBody = BoxBody<Bytes, hyper::Error>;
 /// The pooled client of health probes (forwarded requests use [`upstream`]).
 pub(crate) type Upstream = Client<HttpConnector, UpstreamBody>;
 
-/// How long a client has to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upstream connect timeout of health probes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled connections of health probes are closed after this long.
@@ -91,7 +98,7 @@ pub(crate) fn empty_body() -> UpstreamBody {
 }
 
 /// How long a keep-alive connection may stay idle after shutdown began before it is closed.
-const IDLE_CLOSE_AFTER_STOP: Duration = Duration::from_secs(3);
+pub(crate) const IDLE_CLOSE_AFTER_STOP: Duration = Duration::from_secs(3);
 
 /// Completes when `stop` turns true (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -106,12 +113,21 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// connection on that thread: the client connection, its upstream connections and their
 /// pool. A request thus never wakes another thread. If the worker threads cannot be started,
 /// the workers run as tasks of the calling runtime instead.
+/// With `tls`, the connections are served over TLS ([`tls::connection`]).
 pub(crate) async fn serve_http(
     shared: Arc<Shared>,
     listener: TcpListener,
     stop: watch::Receiver<bool>,
+    tls: Option<Arc<tls::Tls>>,
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let cap = limits::effective_cap(shared.config.limits.max_connections, limits::raise_nofile());
+    if cap < shared.config.limits.max_connections {
+        log::line(format_args!(
+            "at most {cap} client connections: the open-file limit allows no more"
+        ));
+    }
+    let slots = Slots::new(cap);
     let listener = match listener.into_std() {
         Ok(l) => l,
         Err(e) => {
@@ -122,15 +138,29 @@ pub(crate) async fn serve_http(
     let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
     for i in 0..n - 1 {
         match listener.try_clone() {
-            Ok(dup) => start_worker(i, dup, shared.clone(), stop.clone(), done_tx.clone()),
+            Ok(dup) => start_worker(
+                i,
+                dup,
+                shared.clone(),
+                slots.clone(),
+                stop.clone(),
+                done_tx.clone(),
+                tls.clone(),
+            ),
             Err(e) => {
                 log::line(format_args!("cannot share the listening socket: {e}"));
                 break;
             }
         }
     }
-    start_worker(n - 1, listener, shared, stop, done_tx);
+    let access = shared.access.clone();
+    let writer = access.clone().map(|a| tokio::spawn(a.writer()));
+    start_worker(n - 1, listener, shared, slots, stop, done_tx, tls);
     let _ = done_rx.recv().await;
+    if let (Some(w), Some(a)) = (writer, access) {
+        w.abort();
+        let _ = tokio::task::spawn_blocking(move || a.flush()).await;
+    }
 }
 
 /// Starts worker `i` on a thread of its own, or as a task of the current runtime if the
@@ -139,13 +169,15 @@ fn start_worker(
     i: usize,
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
+    slots: Arc<Slots>,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
+    tls: Option<Arc<tls::Tls>>,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
-    let job = worker(listener, shared, stop, done);
+    let job = worker(listener, shared, slots, stop, done, tls);
     let spawned = match rt {
         Ok(rt) => {
             let slot = Arc::new(std::sync::Mutex::new(Some(job)));
@@ -181,8 +213,10 @@ fn start_worker(
 async fn worker(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
+    slots: Arc<Slots>,
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
+    tls: Option<Arc<tls::Tls>>,
 ) {
     let listener = match listener
         .set_nonblocking(true)
@@ -196,27 +230,51 @@ async fn worker(
     };
     let reaper = tokio::spawn(upstream::reaper());
     let (conns_tx, mut conns_rx) = mpsc::channel::<()>(1);
+    let mut accept_log = AcceptLog::default();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    log::line(format_args!("accept: {e}"));
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: free descriptors held by idle keep-alive
+                    // connections, and back off instead of spinning.
+                    slots.reclaim(16);
+                    accept_log.failed(&e);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             },
             _ = stopped(&mut stop) => break,
         };
-        tokio::spawn(connection(
-            shared.clone(),
-            stream,
-            peer,
-            stop.clone(),
-            conns_tx.clone(),
-        ));
+        match slots.admit() {
+            Some(slot) => match &tls {
+                Some(tls) => {
+                    tokio::spawn(tls::connection(
+                        shared.clone(),
+                        tls.clone(),
+                        stream,
+                        peer,
+                        slot,
+                        stop.clone(),
+                        conns_tx.clone(),
+                    ));
+                }
+                None => {
+                    tokio::spawn(connection(
+                        shared.clone(),
+                        stream,
+                        peer,
+                        slot,
+                        stop.clone(),
+                        conns_tx.clone(),
+                    ));
+                }
+            },
+            None => {
+                tokio::spawn(limits::refuse_connection(stream));
+            }
+        }
     }
     drop(listener);
     drop(conns_tx);
@@ -230,35 +288,44 @@ async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
+    slot: Slot,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
     let _ = stream.set_nodelay(true);
     // The client's address, as `X-Forwarded-For` gets it, once per connection.
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
-    let svc = service_fn(move |req| {
-        let shared = shared.clone();
-        let client = client.clone();
-        async move {
-            let mut resp = handle(&shared, req, client).await;
-            if shared.is_closing() {
-                // Shutting down (e.g. handing over to an upgraded proxy): this is the
-                // connection's last response, and the client is told so, so it reconnects
-                // instead of racing a close.
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok::<_, Infallible>(resp)
-        }
+    let lim = shared.config.limits.clone();
+    // Shared with tunnels: an upgraded connection keeps its slot (busy) until it closes.
+    let slot = Arc::new(slot);
+    let conn_slot = slot.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        serve_one(
+            shared.clone(),
+            req,
+            client.clone(),
+            conn_slot.clone(),
+            false,
+        )
     });
     // `writev(false)`: a response head and a small body go out as one flat buffer, which
     // costs fewer instructions per request than hyper's queue of buffers for `writev`.
+    // The read buffer is capped at the head limit (hyper's own minimum is 8 KiB), so that a
+    // half-sent head costs at most that much; a longer head gets 431.
     let conn = http1::Builder::new()
         .writev(false)
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), svc);
+        .header_read_timeout(lim.header_timeout)
+        .max_buf_size(lim.max_header_bytes.max(limits::MIN_READ_BUF))
+        .max_header_size(lim.max_header_bytes)
+        .max_headers(lim.max_headers)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
     tokio::pin!(conn);
+    // Asked to close by the slots (too many connections and this one is idle).
+    let conn_state = slot.state.clone();
+    let reclaim = conn_state.close.notified();
+    tokio::pin!(reclaim);
     // Serve until the connection ends or shutdown begins. The wake-up for shutdown is
     // registered once (this task's waker does not change); after that a wake-up only reads
     // the stop signal's version, which is cheaper than polling a `watch` future every time a
@@ -267,9 +334,14 @@ async fn connection(
     let registration = on_stop.changed();
     tokio::pin!(registration);
     let mut registered = false;
+    let mut reclaimed = false;
     let finished = std::future::poll_fn(|cx| {
         if conn.as_mut().poll(cx).is_ready() {
             return Poll::Ready(true);
+        }
+        if reclaim.as_mut().poll(cx).is_ready() {
+            reclaimed = true;
+            return Poll::Ready(false);
         }
         if !registered {
             registered = true;
@@ -283,7 +355,11 @@ async fn connection(
         Poll::Pending
     })
     .await;
-    if !finished {
+    if reclaimed {
+        // Idle (or in the middle of a request, which finishes first): closes at once.
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    } else if !finished {
         // Keep-alive clients get one more request answered with `Connection: close`; only
         // connections that stay idle that long are closed (closing an idle connection races
         // a client that is sending).
@@ -295,17 +371,93 @@ async fn connection(
             let _ = conn.await;
         }
     }
+    drop(slot);
     drop(done);
 }
 
-/// Serves one request.
-async fn handle(
+/// Serves one request of a client connection (`https`: over TLS) and writes its access log
+/// line; the connection's slot counts as busy while the request is served.
+pub(crate) async fn serve_one(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    client: Option<HeaderValue>,
+    slot: Arc<Slot>,
+    https: bool,
+) -> Result<Response<ProxyBody>, Infallible> {
+    // HTTP/2 has no `Connection` header: closing is its GOAWAY.
+    let h1 = req.version() < Version::HTTP_2;
+    let busy = slot.state.busy();
+    let started = std::time::Instant::now();
+    // What the access log needs of the request, before `handle` takes it.
+    let seen = shared.access.is_some().then(|| {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("-")
+            .to_string();
+        // The query may carry secrets (tokens in links): only whether there was one.
+        let mut path = req.uri().path().to_string();
+        if req.uri().query().is_some() {
+            path.push_str("?...");
+        }
+        (req.method().clone(), host, path)
+    });
+    let mut resp = handle(&shared, req, client.clone(), &slot, https).await;
+    drop(busy);
+    if let (Some(log), Some((method, host, path))) = (&shared.access, seen) {
+        let routed = resp.extensions_mut().remove::<Routed>();
+        let (svc, target) = routed.as_ref().map_or(("-", "-"), |Routed(s, t)| {
+            (s.name.as_str(), t.addr.as_str())
+        });
+        log.record(&crate::access::Entry {
+            client: client.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("-"),
+            method: method.as_str(),
+            host: &host,
+            path: &path,
+            status: resp.status().as_u16(),
+            micros: started.elapsed().as_micros(),
+            service: svc,
+            target,
+        });
+    }
+    if h1 && shared.is_closing() {
+        // Shutting down (e.g. handing over to an upgraded proxy): this is the
+        // connection's last response, and the client is told so, so it reconnects
+        // instead of racing a close.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok::<_, Infallible>(resp)
+}
+
+/// Serves one request (`https`: it came over TLS).
+pub(crate) async fn handle(
     shared: &Shared,
     req: Request<Incoming>,
     client: Option<HeaderValue>,
+    slot: &Arc<Slot>,
+    https: bool,
 ) -> Response<ProxyBody> {
     shared.count_request();
     let (mut parts, body) = req.into_parts();
+    if let Err(r) = headers::check_request(
+        &parts.method,
+        &parts.headers,
+        parts.uri.authority().is_some(),
+    ) {
+        // The connection may be out of step with the client (framing): it ends here.
+        let mut resp = local(r.status, r.body);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    if !https {
+        if let Some(resp) = tls::challenge(shared, parts.uri.path()) {
+            return resp;
+        }
+    }
     // The `Host` as the client sent it (or the request target's authority).
     let host_raw = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
@@ -320,6 +472,12 @@ async fn handle(
     else {
         return local(StatusCode::NOT_FOUND, "no service for this host\n");
     };
+    if !https {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Some(resp) = tls::redirect(shared, client.as_ref(), host_raw.as_ref(), path) {
+            return resp;
+        }
+    }
     service.count_request();
     // Acquire first, then look at the pause flag (see `table`): a request either counts as in
     // flight before a pause looks, or sees the pause and waits.
@@ -357,18 +515,41 @@ async fn handle(
         }
     }
     parts.version = Version::HTTP_11;
-    forwarded_headers(&mut parts.headers, client, host_raw);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&target.addr) {
-            parts.headers.insert(header::HOST, v);
+    // The app sees the host the client asked for, never the target's address.
+    let Some(host) = host_raw else {
+        return local(StatusCode::BAD_REQUEST, "bad request: no usable Host\n");
+    };
+    let upgrade = upgrade::requested(&parts.headers);
+    forwarded_headers(&mut parts.headers, client, Some(host.clone()), https);
+    parts.headers.insert(header::HOST, host);
+    let client_upgrade = match upgrade {
+        Some(u) => {
+            upgrade::restore(&mut parts.headers, u.clone());
+            parts
+                .extensions
+                .remove::<OnUpgrade>()
+                .map(|on| (on, u.as_bytes().eq_ignore_ascii_case(b"websocket")))
         }
-    }
+        None => None,
+    };
 
+    let limits = &shared.config.limits;
     let retryable = body.is_end_stream()
         && matches!(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         );
+    // Read the start of the body before taking an upstream connection (see `limits`).
+    let (body, watch) = if body.is_end_stream() {
+        (ClientBody::empty(), None)
+    } else {
+        let timed = TimedBody::new(body, limits.body_timeout);
+        let watch = timed.watch.clone();
+        match ClientBody::read_ahead(timed).await {
+            Ok(b) => (b, Some(watch)),
+            Err(fault) => return client_body_fault(fault, &service.name),
+        }
+    };
     let mut req = Request::from_parts(parts, ReqBody::Client(body));
     // One retry: a request that never left (its connection closed before it was written)
     // is sent again whatever it is; one that failed to connect, or was sent on a pooled
@@ -377,14 +558,14 @@ async fn handle(
     // method, from a copy of its head.
     let mut retried = false;
     let result = loop {
-        let mut conn = match upstream::take(&target.addr).await {
+        let mut conn = match upstream::take(&target.addr, limits.upstream_connect_timeout).await {
             Ok(c) => c,
             Err(e) if !retried && retryable => {
                 log_retry(&target.addr, &service.name, &e);
                 retried = true;
                 continue;
             }
-            Err(e) => break Err(e.to_string()),
+            Err(e) => break Err(Failure::Upstream(e.to_string())),
         };
         let copy = (retryable && conn.may_be_stale && !retried).then(|| {
             let mut again = Request::new(ReqBody::Empty);
@@ -393,7 +574,12 @@ async fn handle(
             *again.headers_mut() = req.headers().clone();
             again
         });
-        match conn.sender.try_send_request(req).await {
+        let sent = conn.sender.try_send_request(req);
+        let Some(sent) = within(sent, limits.upstream_header_timeout, watch.as_deref()).await
+        else {
+            break Err(Failure::TimedOut);
+        };
+        match sent {
             Ok(resp) => break Ok((resp, conn.sender)),
             Err(mut e) => {
                 let unsent = e.take_message();
@@ -404,14 +590,33 @@ async fn handle(
                         req = r;
                         retried = true;
                     }
-                    _ => break Err(chain(&err)),
+                    _ => break Err(Failure::Upstream(chain(&err))),
                 }
             }
         }
     };
-    match result {
-        Ok((resp, sender)) => {
+    let routed = Routed(service.clone(), target.clone());
+    let mut resp = match result {
+        Ok((mut resp, sender)) => {
             target.count_served();
+            if let (StatusCode::SWITCHING_PROTOCOLS, Some((client_up, websocket))) =
+                (resp.status(), client_upgrade)
+            {
+                let theirs = resp.headers().get(header::UPGRADE).cloned();
+                let upstream_up = hyper::upgrade::on(&mut resp);
+                drop(sender);
+                let (mut parts, _) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                if let Some(u) = theirs {
+                    upgrade::restore(&mut parts.headers, u);
+                }
+                let keep = (slot.clone(), slot.state.busy());
+                upgrade::tunnel(client_up, upstream_up, guard, websocket, keep);
+                let mut resp =
+                    Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())));
+                resp.extensions_mut().insert(routed);
+                return resp;
+            }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(
@@ -423,7 +628,23 @@ async fn handle(
                 },
             )
         }
-        Err(e) => {
+        Err(_) if watch.as_ref().is_some_and(|w| w.fault() != BodyFault::None) => {
+            let fault = watch.map_or(BodyFault::None, |w| w.fault());
+            client_body_fault(fault, &service.name)
+        }
+        Err(Failure::TimedOut) => {
+            log::line(format_args!(
+                "upstream {} for service {}: no response head within {} ms",
+                target.addr,
+                service.name,
+                limits.upstream_header_timeout.as_millis()
+            ));
+            local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "gateway timeout: the service did not answer in time\n",
+            )
+        }
+        Err(Failure::Upstream(e)) => {
             log::line(format_args!(
                 "upstream {} for service {} failed: {e}",
                 target.addr, service.name,
@@ -432,6 +653,80 @@ async fn handle(
                 StatusCode::BAD_GATEWAY,
                 "bad gateway: the service did not answer\n",
             )
+        }
+    };
+    resp.extensions_mut().insert(routed);
+    resp
+}
+
+/// Which service and target a request went to (for the access log), in its response's
+/// extensions.
+#[derive(Clone)]
+pub(crate) struct Routed(Arc<crate::table::Service>, Arc<crate::table::Target>);
+
+/// Why a forwarded request got no response.
+enum Failure {
+    /// The upstream failed (connect, write or read).
+    Upstream(String),
+    /// The upstream sent no response head in time.
+    TimedOut,
+}
+
+/// Awaits `fut` until `timeout` has passed since the request was sent, i.e. since the start
+/// or, for a request with a body, since its last piece: `None` if it did not complete. While
+/// the client is still sending the body the upstream is not waited on (the body timeout
+/// applies instead), so that a slow upload is not taken for a slow upstream.
+async fn within<F: Future>(
+    fut: F,
+    timeout: Duration,
+    body: Option<&limits::BodyWatch>,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    let start = tokio::time::Instant::now();
+    let mut deadline = start + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, fut.as_mut()).await {
+            Ok(out) => return Some(out),
+            Err(_) => {
+                let body = body?;
+                if !body.done() {
+                    deadline = tokio::time::Instant::now() + timeout;
+                    continue;
+                }
+                match body.last_piece().map(tokio::time::Instant::from_std) {
+                    Some(t) if t > start && t + timeout > tokio::time::Instant::now() => {
+                        deadline = t + timeout;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+}
+
+/// The answer to a request whose client failed to send its body (logged as the client's).
+fn client_body_fault(fault: BodyFault, service: &str) -> Response<ProxyBody> {
+    match fault {
+        BodyFault::TimedOut => {
+            let mut r = local(
+                StatusCode::REQUEST_TIMEOUT,
+                "request timeout: the request body stopped arriving\n",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+        _ => {
+            log::line(format_args!(
+                "client request for service {service}: malformed request body"
+            ));
+            let mut r = local(
+                StatusCode::BAD_REQUEST,
+                "bad request: malformed request body\n",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
         }
     }
 }
@@ -459,7 +754,7 @@ pub(crate) fn chain(e: &dyn StdError) -> String {
 }
 
 /// A response made by the proxy itself.
-fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::Local(Full::new(Bytes::from_static(
         body.as_bytes(),
     ))));
@@ -493,7 +788,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         for value in headers.get_all(header::CONNECTION) {
             let Ok(value) = value.to_str() else { continue };
             for token in value.split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+                // `Connection: host` must not make the upstream see another Host.
+                if token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("host")
+                {
                     continue;
                 }
                 if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
@@ -529,13 +828,16 @@ fn forwarded_headers(
     headers: &mut HeaderMap,
     client: Option<HeaderValue>,
     host: Option<HeaderValue>,
+    https: bool,
 ) {
     strip_hop_by_hop(headers);
+    headers::strip_client_forwarding(headers);
     match client {
         Some(v) => headers.insert(X_FORWARDED_FOR, v),
         None => headers.remove(X_FORWARDED_FOR),
     };
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match host {
         Some(v) => headers.insert(X_FORWARDED_HOST, v),
         None => headers.remove(X_FORWARDED_HOST),
@@ -638,6 +940,7 @@ mod tests {
             &mut h,
             Some(HeaderValue::from_static("10.0.0.9")),
             Some(HeaderValue::from_static("Site:8080")),
+            false,
         );
         for gone in [
             "connection",

@@ -5,6 +5,12 @@
 //! as before. It is driven over a root-only unix control socket speaking one JSON object per
 //! line ([`Request`] / [`Response`]).
 //!
+//! Facing the open internet, it also limits what a client can cost (`limits`: head size and
+//! deadline, connection cap with idle reclaim, body timeout, upstream timeouts), refuses
+//! requests that are ambiguous about their framing or host and strips forgeable forwarding
+//! headers (`headers`), passes `Upgrade`/WebSockets through as tunnels that a switch closes at
+//! its drain deadline (`upgrade`), and writes a size-rotated access log (`access`).
+//!
 //! This crate owns the proxy process's behaviour only. It must not start or stop containers,
 //! talk SSH, or know about releases: the engine decides *what* to switch to and asks through
 //! [`control_request`]; the proxy decides nothing but *how* to switch safely.
@@ -18,16 +24,26 @@
 //!   counted in its in-flight counter, so "drained" means drained (`table`).
 //! - The state file on disk is always a complete JSON document (temp file + rename), written
 //!   after every change, in the order the changes happened (`state`).
+//! - A half-sent request costs at most `max_header_bytes` of buffer, and the number of client
+//!   connections stays within what the open-file limit allows (`limits`).
+//! - A request that is ambiguous about its length or host never reaches a target (`headers`).
 //! - The control socket serves only uid 0 and the proxy's own uid, checked per connection from
 //!   the kernel's peer credentials; the socket file is mode 0600 from the moment it has its
 //!   final name (`control`).
 
+mod access;
+mod acme;
+mod certs;
 mod control;
 mod forward;
+mod headers;
+mod limits;
 mod log;
 mod state;
 mod switch;
 mod table;
+mod tls;
+mod upgrade;
 mod upstream;
 
 use std::future::Future;
@@ -40,18 +56,23 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+pub use limits::Limits;
+
 pub use control::{bind_control, control_request, control_request_blocking, ControlError};
 /// The control protocol's wire types live in `cutover-proxy-wire` (serde only), so that the
 /// controller side can speak the protocol without this crate's HTTP stack.
 pub use cutover_proxy_wire::{
-    DeployOptions, DeployReport, DeployRequest, PauseReport, Request, Response, ServiceStatus,
-    StatusReport,
+    CertificateStatus, DeployOptions, DeployReport, DeployRequest, PauseReport, Request, Response,
+    ServiceStatus, StatusReport,
 };
+pub use tls::{AcmeConfig, TlsMode, LETS_ENCRYPT};
 
 /// Where the control socket lives unless configured otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/cutover/proxy.sock";
 /// Where the proxy keeps its state unless configured otherwise.
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/cutover/proxy-state.json";
+/// The access log's size limit unless configured otherwise (two files of it are kept).
+pub const DEFAULT_ACCESS_LOG_MAX_BYTES: u64 = 64 << 20;
 /// How long a request is held during a pause unless the pause says otherwise.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(30);
 /// How long `serve` waits for open client connections to finish after shutdown is asked for.
@@ -69,6 +90,20 @@ pub struct ProxyConfig {
     /// Default for how long a request is held while its service is paused (`[proxy] hold`);
     /// a `pause` request may override it.
     pub hold: Duration,
+    /// Limits against hostile clients and broken upstreams (`[proxy]` limit keys).
+    pub limits: Limits,
+    /// The access log (one line per request), `access.log` beside the state file by default;
+    /// `None`: no access log.
+    pub access_log: Option<PathBuf>,
+    /// The access log is rotated (to `access.log.1`, one old file kept) past this size.
+    pub access_log_max_bytes: u64,
+    /// `[proxy] tls`.
+    pub tls: TlsMode,
+    /// `[proxy] listen_tls`: where TLS is served when `tls` is not off.
+    pub listen_tls: SocketAddr,
+    /// `[proxy] redirect_http`: plain HTTP to a routed domain gets a 308 to https (but for
+    /// ACME's HTTP-01 path).
+    pub redirect_http: bool,
 }
 
 impl ProxyConfig {
@@ -77,8 +112,14 @@ impl ProxyConfig {
         ProxyConfig {
             listen,
             control_socket,
-            state_file,
             hold: DEFAULT_HOLD,
+            limits: Limits::default(),
+            access_log: Some(parent_dir(&state_file).join("access.log")),
+            access_log_max_bytes: DEFAULT_ACCESS_LOG_MAX_BYTES,
+            state_file,
+            tls: TlsMode::Off,
+            listen_tls: SocketAddr::from(([0, 0, 0, 0], 443)),
+            redirect_http: false,
         }
     }
 }
@@ -103,6 +144,9 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// TLS cannot be served as configured (a certificate or key file, the ACME setup).
+    #[error("tls: {0}")]
+    Tls(String),
     /// A request was malformed (bad name, target, path or domain).
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -228,14 +272,76 @@ impl Proxy {
         control: UnixListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        self.serve_with_tls(listener, None, control, shutdown).await
+    }
+
+    /// [`Proxy::serve`], and TLS on `tls_listener` when `config.tls` is not off (it must then
+    /// be given: it is where `listen_tls` was bound).
+    pub async fn serve_with_tls(
+        &self,
+        listener: TcpListener,
+        tls_listener: Option<TcpListener>,
+        control: UnixListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let tls = self.start_tls(tls_listener, &stop_rx)?;
         let http = tokio::spawn(forward::serve_http(
             self.inner.clone(),
             listener,
             stop_rx.clone(),
+            None,
         ));
+        let http = join_both(http, tls);
         self.serve_rest(http, stop_tx, stop_rx, control, shutdown)
             .await
+    }
+
+    /// Loads the certificates (`files`) or starts obtaining them (`acme`), and serves TLS on
+    /// `listener` until `stop`. Nothing when TLS is off.
+    fn start_tls(
+        &self,
+        listener: Option<TcpListener>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, Error> {
+        let shared = &self.inner;
+        let acme = match &shared.config.tls {
+            TlsMode::Off => return Ok(None),
+            TlsMode::Files { cert, key } => {
+                tls::load_files(&shared.certs, cert, key).map_err(Error::Tls)?;
+                tokio::spawn(tls::watch_files(
+                    shared.clone(),
+                    cert.clone(),
+                    key.clone(),
+                    stop.clone(),
+                ));
+                false
+            }
+            TlsMode::Acme(a) => {
+                acme::restore(&shared.certs, a).map_err(Error::Tls)?;
+                tokio::spawn(acme::run(shared.clone(), a.clone(), stop.clone()));
+                true
+            }
+        };
+        let listener = listener.ok_or_else(|| {
+            Error::Tls("TLS is on but no listener was given for listen_tls".into())
+        })?;
+        let tls = Arc::new(tls::Tls::new(shared.certs.clone(), acme).map_err(Error::Tls)?);
+        log::line(format_args!(
+            "serving TLS on {} ({}), HTTP/2 and HTTP/1.1",
+            shared.config.listen_tls,
+            if acme {
+                "ACME certificates"
+            } else {
+                "certificate files"
+            }
+        ));
+        Ok(Some(tokio::spawn(forward::serve_http(
+            shared.clone(),
+            listener,
+            stop.clone(),
+            Some(tls),
+        ))))
     }
 
     /// The rest of [`Proxy::serve`] once HTTP is being served: the control socket, then
@@ -290,6 +396,33 @@ pub async fn serve(
     Proxy::new(config)?.serve(listener, control, shutdown).await
 }
 
+/// [`serve`] with TLS on `tls_listener` (see [`Proxy::serve_with_tls`]).
+pub async fn serve_with_tls(
+    config: ProxyConfig,
+    listener: TcpListener,
+    tls_listener: Option<TcpListener>,
+    control: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    Proxy::new(config)?
+        .serve_with_tls(listener, tls_listener, control, shutdown)
+        .await
+}
+
+/// One task that ends when both do (plain HTTP, and TLS when it is served).
+fn join_both(
+    http: tokio::task::JoinHandle<()>,
+    tls: Option<tokio::task::JoinHandle<()>>,
+) -> tokio::task::JoinHandle<()> {
+    match tls {
+        None => http,
+        Some(tls) => tokio::spawn(async move {
+            let _ = http.await;
+            let _ = tls.await;
+        }),
+    }
+}
+
 /// Builds a runtime, binds `config.listen` and the control socket, restores state and serves
 /// until SIGTERM or SIGINT. This is `cutover proxy run`.
 pub fn run_blocking(config: ProxyConfig) -> Result<(), Error> {
@@ -304,16 +437,23 @@ pub fn run_blocking(config: ProxyConfig) -> Result<(), Error> {
         let shutdown = termination()?;
         let proxy = Proxy::new(config.clone())?;
         let listener = bind_shared(config.listen)?;
+        let tls_listener = match config.tls {
+            TlsMode::Off => None,
+            _ => Some(bind_shared(config.listen_tls)?),
+        };
         // Serve HTTP at once. If a predecessor (an older binary being upgraded) still holds
         // the control socket, both accept on the shared port while it is asked to stop; it
         // stops accepting, drains its in-flight requests and exits, and this proxy takes the
         // control socket over. Requests are never refused in between.
         let (stop_tx, stop_rx) = watch::channel(false);
+        let tls = proxy.start_tls(tls_listener, &stop_rx)?;
         let http = tokio::spawn(forward::serve_http(
             proxy.inner.clone(),
             listener,
             stop_rx.clone(),
+            None,
         ));
+        let http = join_both(http, tls);
         let control = take_over_control(&config.control_socket).await?;
         proxy
             .serve_rest(http, stop_tx, stop_rx, control, shutdown)

@@ -19,8 +19,13 @@ pub(crate) fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// `2026-11-26T09:15:00.123Z`.
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     format_rfc3339_ms(unix_ms(SystemTime::now()))
+}
+
+/// `ms` since the Unix epoch as `2026-11-26T09:15:00.123Z`.
+pub(crate) fn rfc3339(ms: u64) -> String {
+    format_rfc3339_ms(ms)
 }
 
 fn format_rfc3339_ms(ms: u64) -> String {

@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     pub(crate) table: Table,
     pub(crate) client: Upstream,
+    /// The access log, if the config names one.
+    pub(crate) access: Option<Arc<crate::access::AccessLog>>,
     /// Serializes state-file writes so that the last write is the newest snapshot.
     persist_lock: tokio::sync::Mutex<()>,
     /// One async lock per service name for deploy and remove.
@@ -46,19 +48,29 @@ pub(crate) struct Shared {
     requests: AtomicU64,
     /// Shutdown has begun: every response is the last of its connection.
     closing: AtomicBool,
+    /// The certificates served over TLS and the ACME challenge answers.
+    pub(crate) certs: Arc<crate::certs::Certs>,
 }
 
 impl Shared {
     pub(crate) fn new(config: ProxyConfig, table: Table) -> Shared {
+        let access = config.access_log.as_ref().map(|p| {
+            Arc::new(crate::access::AccessLog::new(
+                p.clone(),
+                config.access_log_max_bytes,
+            ))
+        });
         Shared {
             config,
             table,
             client: upstream_client(),
+            access,
             persist_lock: tokio::sync::Mutex::new(()),
             service_locks: Mutex::new(HashMap::new()),
             started: Instant::now(),
             requests: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            certs: Arc::default(),
         }
     }
 
@@ -148,7 +160,7 @@ pub(crate) async fn deploy(
     let switched_at = SystemTime::now();
     let state_error = shared.persist_logged().await;
     let (drained, in_flight_left) = match &installed.previous {
-        Some(old) => drain(old, opts.drain).await,
+        Some(old) => drain(old, opts.drain, true).await,
         None => (true, 0),
     };
     let drain_ms = swapped.elapsed().as_millis() as u64;
@@ -277,9 +289,10 @@ async fn probe(
     }
 }
 
-/// Waits for the old target's in-flight requests to finish, up to `limit`. Returns
-/// (drained, in-flight left).
-async fn drain(old: &Target, limit: Duration) -> (bool, usize) {
+/// Waits for the old target's in-flight requests to finish, up to `limit`; then, with
+/// `retire`, closes what is still open on it (upgraded connections). Returns (drained,
+/// in-flight left).
+async fn drain(old: &Target, limit: Duration, retire: bool) -> (bool, usize) {
     let deadline = Instant::now() + limit;
     loop {
         let n = old.in_flight();
@@ -288,6 +301,9 @@ async fn drain(old: &Target, limit: Duration) -> (bool, usize) {
         }
         let now = Instant::now();
         if now >= deadline {
+            if retire {
+                old.retire();
+            }
             return (false, n);
         }
         tokio::time::sleep(DRAIN_POLL.min(deadline - now)).await;
@@ -309,7 +325,9 @@ pub(crate) async fn pause(
     let started = Instant::now();
     let was = svc.pause(hold);
     let current = svc.current();
-    let (drained, in_flight_left) = drain(&current, drain_limit).await;
+    // The paused target may stay current (a hold that resumes without a switch): its open
+    // upgraded connections are left alone.
+    let (drained, in_flight_left) = drain(&current, drain_limit, false).await;
     let report = PauseReport {
         service: service.to_string(),
         hold_ms: hold.as_millis() as u64,
@@ -367,7 +385,10 @@ pub(crate) async fn remove(shared: &Shared, service: &str) -> Result<(), Error> 
 }
 
 pub(crate) fn status(shared: &Shared) -> StatusReport {
+    let tls = shared.config.tls != crate::TlsMode::Off;
     StatusReport {
+        listen_tls: tls.then(|| shared.config.listen_tls.to_string()),
+        certificates: shared.certs.status(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         listen: shared.config.listen.to_string(),

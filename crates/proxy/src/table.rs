@@ -34,6 +34,9 @@ pub(crate) struct Target {
     pub(crate) addr: String,
     in_flight: AtomicUsize,
     served: AtomicU64,
+    /// Turns true when a switch away from this target reached its drain deadline: what is
+    /// still open on it (upgraded connections) closes.
+    retired: watch::Sender<bool>,
 }
 
 impl Target {
@@ -42,7 +45,18 @@ impl Target {
             addr,
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
+            retired: watch::channel(false).0,
         })
+    }
+
+    /// Closes what is still open on this target (see `upgrade`).
+    pub(crate) fn retire(&self) {
+        self.retired.send_replace(true);
+    }
+
+    /// Changes to true when the target is retired.
+    pub(crate) fn retired(&self) -> watch::Receiver<bool> {
+        self.retired.subscribe()
     }
 
     /// Requests sent to this target that have not finished (response body included).
@@ -259,13 +273,15 @@ impl Table {
     }
 
     /// The service for a request's `Host` (already normalized by [`normalize_host`]): the one
-    /// that has the domain, else the only service if there is exactly one.
+    /// that has the domain, else the only service if there is exactly one and it has no
+    /// domains (a service with domains gets only requests for them: a forged `Host` must not
+    /// reach it).
     pub(crate) fn route(&self, host: Option<&str>) -> Option<Arc<Service>> {
         let inner = read(&self.inner);
         if let Some(name) = host.and_then(|h| inner.domains.get(h)) {
             return inner.services.get(name).cloned();
         }
-        if inner.services.len() == 1 {
+        if inner.services.len() == 1 && inner.domains.is_empty() {
             return inner.services.values().next().cloned();
         }
         None
@@ -539,11 +555,16 @@ mod tests {
     fn routes_by_domain_then_single_service() {
         let t = Table::default();
         assert!(t.route(Some("x")).is_none());
-        t.install("a", "127.0.0.1:1", &["a.example".into()])
-            .unwrap();
-        // One service: everything goes to it.
+        // One service without domains: everything goes to it.
+        t.install("a", "127.0.0.1:1", &[]).unwrap();
         assert_eq!(t.route(Some("other")).unwrap().name, "a");
         assert_eq!(t.route(None).unwrap().name, "a");
+        // With domains: only they do (a forged Host does not reach it).
+        t.install("a", "127.0.0.1:1", &["a.example".into()])
+            .unwrap();
+        assert_eq!(t.route(Some("a.example")).unwrap().name, "a");
+        assert!(t.route(Some("other")).is_none());
+        assert!(t.route(None).is_none());
         t.install("b", "127.0.0.1:2", &["b.example".into()])
             .unwrap();
         assert_eq!(t.route(Some("b.example")).unwrap().name, "b");
@@ -556,7 +577,8 @@ mod tests {
             Err(Error::DomainConflict { .. })
         ));
         t.remove("a").unwrap();
-        assert_eq!(t.route(Some("a.example")).unwrap().name, "b");
+        assert!(t.route(Some("a.example")).is_none());
+        assert_eq!(t.route(Some("b.example")).unwrap().name, "b");
     }
 
     #[test]

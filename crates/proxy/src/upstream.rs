@@ -21,13 +21,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// Upstream connect timeout (all addresses of a name together).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::limits::ClientBody;
+
 /// Idle pooled connections are closed after at most this long (below most app servers'
 /// keep-alive timeouts, so that we rarely race an upstream's own idle close).
 const POOL_IDLE: Duration = Duration::from_secs(4);
@@ -39,18 +39,18 @@ const READY_WAIT: Duration = Duration::from_secs(1);
 
 /// The body of a forwarded request: the client's, or none (a retry).
 pub(crate) enum ReqBody {
-    Client(Incoming),
+    Client(ClientBody),
     Empty,
 }
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ReqBody::Client(b) => Pin::new(b).poll_frame(cx),
             ReqBody::Empty => Poll::Ready(None),
@@ -117,8 +117,9 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
-/// Takes an idle connection to `addr` from this thread's pool, else opens one.
-pub(crate) async fn take(addr: &str) -> Result<Taken, ConnectError> {
+/// Takes an idle connection to `addr` from this thread's pool, else opens one (giving up
+/// after `connect_timeout`).
+pub(crate) async fn take(addr: &str, connect_timeout: Duration) -> Result<Taken, ConnectError> {
     while let Some(Idle {
         mut sender, since, ..
     }) = pop(addr)
@@ -137,7 +138,7 @@ pub(crate) async fn take(addr: &str) -> Result<Taken, ConnectError> {
         }
     }
     Ok(Taken {
-        sender: connect(addr).await?,
+        sender: connect(addr, connect_timeout).await?,
         may_be_stale: false,
     })
 }
@@ -209,13 +210,13 @@ pub(crate) async fn reaper() {
 
 /// Opens a connection to `addr` (`host:port`; every address of a name in turn) and spawns
 /// its connection task on the current runtime.
-async fn connect(addr: &str) -> Result<Sender, ConnectError> {
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, open(addr)).await {
+async fn connect(addr: &str, connect_timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = match tokio::time::timeout(connect_timeout, open(addr)).await {
         Ok(r) => r?,
         Err(_) => {
             return Err(ConnectError(format!(
-                "connect to {addr}: timed out after {} s",
-                CONNECT_TIMEOUT.as_secs()
+                "connect to {addr}: timed out after {} ms",
+                connect_timeout.as_millis()
             )))
         }
     };
@@ -227,8 +228,9 @@ async fn connect(addr: &str) -> Result<Sender, ConnectError> {
         .await
         .map_err(|e| ConnectError(format!("handshake with {addr}: {e}")))?;
     tokio::spawn(async move {
-        // Errors surface on the request that was using the connection.
-        let _ = conn.await;
+        // Errors surface on the request that was using the connection. With upgrades: a 101
+        // hands the connection over to a tunnel (see `upgrade`).
+        let _ = conn.with_upgrades().await;
     });
     Ok(sender)
 }

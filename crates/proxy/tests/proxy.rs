@@ -309,8 +309,13 @@ fn routes_by_host_and_rewrites_headers() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
     let proxy = TestProxy::start(dir.path());
     proxy.deploy_with("a", a.addr, &["a.test"], fast()).unwrap();
-    // One service: every host goes to it.
-    assert_eq!(get(proxy.addr, "whatever", "/").first_line(), "a");
+    // One service with a domain: another host does not reach it (404, as for any host no
+    // service has: there is nothing to misdirect on a plain HTTP/1.1 connection).
+    let r = get(proxy.addr, "evil.example", "/");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (404, "no service for this host\n")
+    );
     proxy
         .deploy_with("b", b.addr, &["b.test", "www.b.test"], fast())
         .unwrap();
@@ -358,7 +363,7 @@ fn routes_by_host_and_rewrites_headers() {
         (200, "b\nhello through the proxy")
     );
 
-    // Remove: b's hosts now fall to the only service left.
+    // Remove: b's hosts now have no service (the one left has its own domain).
     assert!(matches!(
         proxy
             .request(&Request::Remove {
@@ -367,7 +372,8 @@ fn routes_by_host_and_rewrites_headers() {
             .unwrap(),
         Response::Removed { .. }
     ));
-    assert_eq!(get(proxy.addr, "b.test", "/").first_line(), "a");
+    assert_eq!(get(proxy.addr, "b.test", "/").status, 404);
+    assert_eq!(get(proxy.addr, "a.test", "/").first_line(), "a");
     let err = proxy
         .request(&Request::Remove {
             service: "b".into(),

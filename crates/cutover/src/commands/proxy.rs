@@ -8,7 +8,8 @@ use crate::cli::ProxyCommand;
 use cutover_core::parse_duration;
 use cutover_engine::exit;
 use cutover_proxy::{
-    control_request_blocking, DeployOptions, DeployRequest, ProxyConfig, Request, Response,
+    control_request_blocking, AcmeConfig, DeployOptions, DeployRequest, ProxyConfig, Request,
+    Response, TlsMode,
 };
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,24 @@ fn dur(flag: &str, text: &str) -> Result<Duration, i32> {
     })
 }
 
+/// `--limits KEY=VALUE,...` as the proxy's limits; a bad one is a usage error naming its key.
+fn proxy_limits(arg: &str) -> Result<cutover_proxy::Limits, i32> {
+    let l = cutover_core::proxy_limits::ProxyLimits::parse_arg(arg).map_err(|(key, msg)| {
+        eprintln!("error: --limits: {key}: {msg}");
+        exit::USAGE
+    })?;
+    let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Ok(cutover_proxy::Limits {
+        header_timeout: l.header_timeout,
+        max_header_bytes: n(l.max_header_bytes),
+        max_headers: n(l.max_headers),
+        max_connections: n(l.max_connections),
+        upstream_connect_timeout: l.upstream_connect_timeout,
+        upstream_header_timeout: l.upstream_header_timeout,
+        body_timeout: l.body_timeout,
+    })
+}
+
 pub(crate) fn run(cmd: ProxyCommand) -> i32 {
     match go(cmd) {
         Ok(code) | Err(code) => code,
@@ -38,17 +57,60 @@ pub(crate) fn run(cmd: ProxyCommand) -> i32 {
 
 fn go(cmd: ProxyCommand) -> Result<i32, i32> {
     match cmd {
-        ProxyCommand::Run { listen, dir, hold } => {
+        ProxyCommand::Run {
+            listen,
+            dir,
+            hold,
+            limits,
+            tls,
+            listen_tls,
+            cert,
+            key,
+            acme_directory,
+            acme_email,
+            acme_ca_file,
+            redirect_http,
+        } => {
             let listen = listen.parse().map_err(|_| {
                 eprintln!("error: --listen: expected ADDRESS:PORT, got {listen:?}");
                 exit::USAGE
             })?;
+            let listen_tls = listen_tls.parse().map_err(|_| {
+                eprintln!("error: --listen-tls: expected ADDRESS:PORT, got {listen_tls:?}");
+                exit::USAGE
+            })?;
+            let tls = match (tls.as_str(), cert, key) {
+                ("off", None, None) => TlsMode::Off,
+                ("files", Some(cert), Some(key)) => TlsMode::Files { cert, key },
+                ("files", _, _) => {
+                    eprintln!("error: --tls files needs --cert and --key");
+                    return Err(exit::USAGE);
+                }
+                ("acme", None, None) => {
+                    let mut a = AcmeConfig::new(acme_directory, dir.join("acme"));
+                    a.email = acme_email;
+                    a.ca_file = acme_ca_file;
+                    TlsMode::Acme(a)
+                }
+                ("off" | "acme", _, _) => {
+                    eprintln!("error: --cert and --key are for --tls files");
+                    return Err(exit::USAGE);
+                }
+                (other, _, _) => {
+                    eprintln!("error: --tls: expected off, files or acme, got {other:?}");
+                    return Err(exit::USAGE);
+                }
+            };
             std::fs::create_dir_all(&dir).map_err(|e| {
                 eprintln!("error: cannot create {}: {e}", dir.display());
                 exit::NEEDS_PERSON
             })?;
             let mut config = ProxyConfig::new(listen, socket_in(&dir), state_in(&dir));
             config.hold = dur("hold", &hold)?;
+            config.limits = proxy_limits(&limits)?;
+            config.tls = tls;
+            config.listen_tls = listen_tls;
+            config.redirect_http = redirect_http;
             match cutover_proxy::run_blocking(config) {
                 Ok(()) => Ok(exit::OK),
                 Err(e) => {
@@ -204,7 +266,113 @@ fn human(resp: &Response) {
                     svc.requests
                 );
             }
+            if let Some(tls) = &s.listen_tls {
+                println!("TLS on {tls}");
+            }
+            for line in certificate_lines(&s.certificates, now_ms()) {
+                println!("  {line}");
+            }
         }
         Response::Error { error } => eprintln!("error: {error}"),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long until (or since) `at`, from `now` (ms), like `in 3h 20m` or `2m ago`.
+fn relative(at: u64, now: u64) -> String {
+    let (d, ago) = if at >= now {
+        (at - now, false)
+    } else {
+        (now - at, true)
+    };
+    let s = d / 1000;
+    let text = match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    };
+    if ago {
+        format!("{text} ago")
+    } else {
+        format!("in {text}")
+    }
+}
+
+/// One line per certificate: the domain, when it expires and is renewed, and the last
+/// failure with when it is retried.
+pub(crate) fn certificate_lines(
+    certs: &[cutover_proxy::CertificateStatus],
+    now: u64,
+) -> Vec<String> {
+    certs
+        .iter()
+        .map(|c| {
+            let domain = if c.domain == "*" {
+                "every name"
+            } else {
+                c.domain.as_str()
+            };
+            let mut line = format!("certificate {domain} ({}): ", c.source);
+            match c.not_after_ms {
+                Some(t) => line.push_str(&format!("expires {}", relative(t, now))),
+                None => line.push_str("none yet"),
+            }
+            if let Some(r) = c.renew_at_ms {
+                line.push_str(&format!(", renewal {}", relative(r, now)));
+            }
+            if let Some(e) = &c.last_error {
+                line.push_str("; FAILED");
+                if let Some(f) = c.failed_at_ms {
+                    line.push_str(&format!(" {}", relative(f, now)));
+                }
+                line.push_str(&format!(": {e}"));
+                if let Some(n) = c.next_retry_ms {
+                    line.push_str(&format!("; next try {}", relative(n, now)));
+                }
+            }
+            line
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_lines_say_expiry_failure_and_retry() {
+        let now = 1_000_000_000;
+        let ok = cutover_proxy::CertificateStatus {
+            domain: "site.example".into(),
+            source: "acme".into(),
+            not_after_ms: Some(now + 90 * 86_400_000),
+            renew_at_ms: Some(now + 60 * 86_400_000),
+            last_error: None,
+            failed_at_ms: None,
+            next_retry_ms: None,
+        };
+        let failing = cutover_proxy::CertificateStatus {
+            domain: "new.example".into(),
+            not_after_ms: None,
+            renew_at_ms: None,
+            last_error: Some("new order: connection refused".into()),
+            failed_at_ms: Some(now - 120_000),
+            next_retry_ms: Some(now + 3_725_000),
+            ..ok.clone()
+        };
+        assert_eq!(
+            certificate_lines(&[ok, failing], now),
+            [
+                "certificate site.example (acme): expires in 90d 0h, renewal in 60d 0h",
+                "certificate new.example (acme): none yet; FAILED 2m 0s ago: new order: \
+                 connection refused; next try in 1h 2m"
+            ]
+        );
     }
 }

@@ -65,6 +65,14 @@ pub(crate) fn run(common: &Common, json: bool) -> i32 {
             None => String::new(),
         }
     );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for h in &status.hosts {
+        for line in super::proxy::certificate_lines(&h.certificates, now) {
+            println!("{}: {line}", h.host);
+        }
+    }
     for d in &status.drift {
         println!("drift: {d}");
     }

@@ -200,6 +200,11 @@ pub struct TestProxy {
 impl TestProxy {
     /// Starts a proxy whose socket and state file live in `dir`.
     pub fn start(dir: &Path) -> TestProxy {
+        TestProxy::start_with(dir, cutover_proxy::Limits::default())
+    }
+
+    /// Starts a proxy with the given limits.
+    pub fn start_with(dir: &Path, limits: cutover_proxy::Limits) -> TestProxy {
         let socket = dir.join("proxy.sock");
         let state = dir.join("state.json");
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -218,7 +223,8 @@ impl TestProxy {
                     let addr = listener.local_addr().unwrap();
                     let control = bind_control(&sock)?;
                     addr_tx.send(addr).unwrap();
-                    let config = ProxyConfig::new(addr, sock, st);
+                    let mut config = ProxyConfig::new(addr, sock, st);
+                    config.limits = limits;
                     serve(config, listener, control, async {
                         let _ = stop_rx.await;
                     })

@@ -1,0 +1,182 @@
+//! The access log: one line per request the proxy answered, in `access.log` beside the state
+//! file, rotated by size (`access.log` -> `access.log.1`, one old file kept), so that it never
+//! fills a disk and never floods the journal. Request paths take lines through a small shared
+//! buffer; a writer task moves it to the file twice a second. It owns the file; it must not
+//! decide anything about requests.
+//!
+//! A line: `TIME CLIENT METHOD HOST PATH STATUS MSms SERVICE TARGET` (`-` for what is unknown;
+//! PATH without its query, which may carry a secret, `?...` marking that there was one; TARGET
+//! is the address the request went to, which is the release's container; MS is the time to
+//! the response head).
+//!
+//! Invariants:
+//! - The buffer never holds more than [`MAX_PENDING`] bytes: when the disk is slower than
+//!   the traffic, lines are dropped and counted, never queued without bound.
+//! - The file never grows past its size limit by more than one flush.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::log;
+
+/// Lines waiting for the writer, at most.
+const MAX_PENDING: usize = 4 << 20;
+/// How often the writer moves lines to the file.
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
+
+/// One request, as logged.
+pub(crate) struct Entry<'a> {
+    pub(crate) client: &'a str,
+    pub(crate) method: &'a str,
+    pub(crate) host: &'a str,
+    pub(crate) path: &'a str,
+    pub(crate) status: u16,
+    pub(crate) micros: u128,
+    pub(crate) service: &'a str,
+    pub(crate) target: &'a str,
+}
+
+/// The access log of one proxy.
+pub(crate) struct AccessLog {
+    path: PathBuf,
+    max_bytes: u64,
+    pending: Mutex<String>,
+    dropped: AtomicU64,
+}
+
+/// A field as it goes on a line: printable ASCII without spaces, at most 512 bytes, else `-`
+/// or cut.
+fn field(s: &str) -> &str {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return "-";
+    }
+    &s[..s.len().min(512)]
+}
+
+impl AccessLog {
+    pub(crate) fn new(path: PathBuf, max_bytes: u64) -> AccessLog {
+        AccessLog {
+            path,
+            max_bytes,
+            pending: Mutex::new(String::new()),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues one line.
+    pub(crate) fn record(&self, e: &Entry<'_>) {
+        let Ok(mut p) = self.pending.lock() else {
+            return;
+        };
+        if p.len() > MAX_PENDING {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let _ = writeln!(
+            p,
+            "{} {} {} {} {} {} {}.{:03}ms {} {}",
+            log::now_rfc3339(),
+            field(e.client),
+            field(e.method),
+            field(e.host),
+            field(e.path),
+            e.status,
+            e.micros / 1000,
+            e.micros % 1000,
+            field(e.service),
+            field(e.target),
+        );
+    }
+
+    /// Moves queued lines to the file, rotating it first if it is over its limit.
+    pub(crate) fn flush(&self) {
+        let lines = match self.pending.lock() {
+            Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
+            _ => return,
+        };
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        if size >= self.max_bytes {
+            let mut old = self.path.clone().into_os_string();
+            old.push(".1");
+            if let Err(e) = std::fs::rename(&self.path, &old) {
+                log::line(format_args!("cannot rotate {}: {e}", self.path.display()));
+            }
+        }
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| {
+                f.write_all(lines.as_bytes())?;
+                if dropped > 0 {
+                    writeln!(
+                        f,
+                        "{} {dropped} lines dropped: the log could not keep up",
+                        log::now_rfc3339()
+                    )?;
+                }
+                Ok(())
+            });
+        if let Err(e) = written {
+            log::line(format_args!(
+                "cannot write the access log {}: {e}",
+                self.path.display()
+            ));
+        }
+    }
+
+    /// Flushes twice a second, for ever (the caller aborts it).
+    pub(crate) async fn writer(self: std::sync::Arc<Self>) {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.flush()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_one_per_request_and_rotate_by_size() {
+        let dir = std::env::temp_dir().join(format!("cutover-access-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = AccessLog::new(dir.join("access.log"), 200);
+        let e = Entry {
+            client: "10.0.0.1",
+            method: "GET",
+            host: "evil host\n",
+            path: "/a?b=c",
+            status: 200,
+            micros: 1_234,
+            service: "app",
+            target: "127.0.0.1:3000",
+        };
+        log.record(&e);
+        log.flush();
+        let text = std::fs::read_to_string(dir.join("access.log")).unwrap();
+        let (_, rest) = text.split_once(' ').unwrap();
+        assert_eq!(
+            rest,
+            "10.0.0.1 GET - /a?b=c 200 1.234ms app 127.0.0.1:3000\n"
+        );
+        for _ in 0..4 {
+            log.record(&e);
+            log.flush();
+        }
+        assert!(dir.join("access.log.1").exists());
+        let size = std::fs::metadata(dir.join("access.log")).unwrap().len();
+        assert!(size < 400, "{size}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,484 @@
+//! `tls = "acme"`: obtains and renews a certificate for every routed domain from an ACME CA
+//! (instant-acme over rustls/ring), answering HTTP-01 on the plain listener and TLS-ALPN-01 on
+//! the TLS listener through [`Certs`], and keeps the account, keys and certificates under the
+//! install directory. It owns the issuance schedule (first issuance, renewal, retries); it must
+//! not serve connections or change routes.
+//!
+//! Invariants:
+//! - A domain keeps its last good certificate until a new one is installed: a failed order,
+//!   an unreachable CA or a certificate that does not load changes nothing but the status.
+//! - Keys, certificates and the account are written 0600 (temp file, then rename) in a 0700
+//!   directory; a certificate is installed only after it is on disk.
+//! - A failure is retried after a delay that doubles from `retry_after` up to an hour; the
+//!   next attempt uses the other challenge type (HTTP-01, then TLS-ALPN-01, and so on).
+//! - Renewal is due when a third of the certificate's lifetime is left, or at the middle of
+//!   the CA's suggested window when it offers ACME Renewal Information (ARI, RFC 9773).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+
+use crate::certs::{self, Certs, Loaded};
+use crate::forward::{self, chain};
+use crate::log;
+use crate::switch::Shared;
+use crate::tls::AcmeConfig;
+
+/// How often the routing table is looked at for new domains and due renewals.
+const TICK: Duration = Duration::from_secs(1);
+/// The longest delay between two attempts after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// The longest one order may take, challenges and download included.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest an ARI look-up (opening the account included) may take.
+const ARI_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often ARI is asked again at most, when the CA offers it.
+const ARI_RECHECK: Duration = Duration::from_secs(6 * 3600);
+
+/// What the scheduler knows about one domain.
+#[derive(Default)]
+struct Slot {
+    /// The certificate being served: (notBefore, notAfter) in ms, and its leaf.
+    current: Option<(u64, u64, CertificateDer<'static>)>,
+    renew_at_ms: u64,
+    /// When ARI is to be asked next (ms), if the CA offers it.
+    ari_at_ms: u64,
+    failures: u32,
+    next_retry_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    log::unix_ms(SystemTime::now())
+}
+
+/// When a certificate valid from `nb` to `na` (ms) is due: a third of its lifetime left.
+pub(crate) fn renew_at(nb: u64, na: u64) -> u64 {
+    na.saturating_sub(na.saturating_sub(nb) / 3)
+}
+
+/// A file name for `domain`'s key and certificate (domains are validated by the table: only
+/// letters, digits, `-` and `.`; anything else is replaced all the same).
+fn file_stem(domain: &str) -> String {
+    domain
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
+}
+
+fn cert_path(dir: &Path, domain: &str) -> PathBuf {
+    dir.join(format!("{}.crt", file_stem(domain)))
+}
+
+fn key_path(dir: &Path, domain: &str) -> PathBuf {
+    dir.join(format!("{}.key", file_stem(domain)))
+}
+
+fn account_path(dir: &Path) -> PathBuf {
+    dir.join("account.json")
+}
+
+/// Creates `dir` mode 0700 if needed.
+fn make_dir(dir: &Path) -> Result<(), String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+}
+
+/// Writes `bytes` to `path` mode 0600 (a temp file renamed over it).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let r = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    r.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write {}: {e}", path.display())
+    })
+}
+
+/// Serves the certificates kept in `config.dir` (from before a restart) at once.
+pub(crate) fn restore(certs: &Certs, config: &AcmeConfig) -> Result<(), String> {
+    make_dir(&config.dir)?;
+    let entries = std::fs::read_dir(&config.dir)
+        .map_err(|e| format!("cannot read {}: {e}", config.dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(domain) = name.strip_suffix(".crt") else {
+            continue;
+        };
+        match certs::load_files(&entry.path(), &key_path(&config.dir, domain)) {
+            Ok(l) => install(certs, domain, &l),
+            Err(e) => log::line(format_args!("acme: ignoring a stored certificate: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn install(certs: &Certs, domain: &str, l: &Loaded) {
+    certs.install(domain, l.key.clone());
+    certs.update(domain, |h| {
+        h.source = "acme";
+        h.not_after_ms = Some(l.not_after_ms);
+        h.renew_at_ms = Some(renew_at(l.not_before_ms, l.not_after_ms));
+    });
+}
+
+/// Obtains and renews certificates for every routed domain until `stop`.
+pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch::Receiver<bool>) {
+    let mut slots: HashMap<String, Slot> = HashMap::new();
+    let mut account: Option<Account> = None;
+    loop {
+        let domains: BTreeSet<String> = shared
+            .table
+            .services()
+            .into_iter()
+            .flat_map(|(_, d)| d)
+            .collect();
+        for domain in domains {
+            let slot = slots.entry(domain.clone()).or_insert_with(|| {
+                let mut s = Slot::default();
+                if let Ok(l) = certs::load_files(
+                    &cert_path(&config.dir, &domain),
+                    &key_path(&config.dir, &domain),
+                ) {
+                    s.renew_at_ms = renew_at(l.not_before_ms, l.not_after_ms);
+                    s.current = Some((l.not_before_ms, l.not_after_ms, l.leaf));
+                }
+                s
+            });
+            let now = now_ms();
+            if slot.current.is_some() && now >= slot.ari_at_ms {
+                // ARI, when the CA offers it (the account is opened for it after a restart).
+                slot.ari_at_ms = now + ARI_RECHECK.as_millis() as u64;
+                if account.is_none() {
+                    let opened = tokio::time::timeout(ARI_TIMEOUT, open_account(&config)).await;
+                    account = opened.ok().and_then(Result::ok);
+                }
+                if let (Some(acct), Some((_, _, leaf))) = (&account, &slot.current) {
+                    if let Ok(Some((at, recheck))) =
+                        tokio::time::timeout(ARI_TIMEOUT, ari(acct, leaf)).await
+                    {
+                        slot.renew_at_ms = at;
+                        slot.ari_at_ms = now + recheck.max(60_000);
+                        shared.certs.update(&domain, |h| h.renew_at_ms = Some(at));
+                    }
+                }
+            }
+            let due = slot.current.is_none() || now >= slot.renew_at_ms;
+            if !due || now < slot.next_retry_ms {
+                continue;
+            }
+            let challenge = if slot.failures.is_multiple_of(2) {
+                ChallengeType::Http01
+            } else {
+                ChallengeType::TlsAlpn01
+            };
+            let attempt = async {
+                let acct = match &account {
+                    Some(a) => a.clone(),
+                    None => {
+                        let a = open_account(&config).await?;
+                        account = Some(a.clone());
+                        a
+                    }
+                };
+                issue(&shared.certs, &acct, &domain, challenge).await
+            };
+            let result = tokio::select! {
+                r = tokio::time::timeout(ORDER_TIMEOUT, attempt) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("no certificate within {} s", ORDER_TIMEOUT.as_secs())),
+                },
+                _ = forward::stopped(&mut stop) => return,
+            };
+            match result.and_then(|(cert_pem, key_pem)| {
+                let l = certs::load_pem(cert_pem.as_bytes(), key_pem.as_bytes())
+                    .map_err(|e| format!("the CA's certificate does not load: {e}"))?;
+                write_private(&key_path(&config.dir, &domain), key_pem.as_bytes())?;
+                write_private(&cert_path(&config.dir, &domain), cert_pem.as_bytes())?;
+                Ok(l)
+            }) {
+                Ok(l) => {
+                    let renewal = slot.current.is_some();
+                    install(&shared.certs, &domain, &l);
+                    shared.certs.update(&domain, |h| {
+                        h.last_error = None;
+                        h.failed_at_ms = None;
+                        h.next_retry_ms = None;
+                    });
+                    slot.renew_at_ms = renew_at(l.not_before_ms, l.not_after_ms);
+                    slot.current = Some((l.not_before_ms, l.not_after_ms, l.leaf));
+                    slot.ari_at_ms = 0;
+                    slot.failures = 0;
+                    slot.next_retry_ms = 0;
+                    log::line(format_args!(
+                        "acme: {} a certificate for {domain} (expires {}, renewal due {})",
+                        if renewal { "renewed" } else { "obtained" },
+                        log::rfc3339(l.not_after_ms),
+                        log::rfc3339(slot.renew_at_ms)
+                    ));
+                }
+                Err(e) => {
+                    slot.failures += 1;
+                    let backoff = config
+                        .retry_after
+                        .saturating_mul(1 << (slot.failures - 1).min(16))
+                        .min(MAX_BACKOFF);
+                    let now = now_ms();
+                    slot.next_retry_ms = now + backoff.as_millis() as u64;
+                    if e.contains("accountDoesNotExist") {
+                        // The CA forgot the account (a test CA restarted): make a new one.
+                        account = None;
+                        let _ = std::fs::remove_file(account_path(&config.dir));
+                    }
+                    log::line(format_args!(
+                        "acme: {domain}: {e}; {}retrying at {}",
+                        if slot.current.is_some() {
+                            "keeping the current certificate, "
+                        } else {
+                            ""
+                        },
+                        log::rfc3339(slot.next_retry_ms)
+                    ));
+                    let next = slot.next_retry_ms;
+                    shared.certs.update(&domain, |h| {
+                        h.source = "acme";
+                        h.last_error = Some(e);
+                        h.failed_at_ms = Some(now);
+                        h.next_retry_ms = Some(next);
+                    });
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = forward::stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// The stored account, or a new one (stored 0600).
+async fn open_account(config: &AcmeConfig) -> Result<Account, String> {
+    let builder = match &config.ca_file {
+        Some(ca) => Account::builder_with_root(ca),
+        None => Account::builder(),
+    }
+    .map_err(|e| format!("ACME client setup: {}", chain(&e)))?;
+    let path = account_path(&config.dir);
+    if let Ok(text) = std::fs::read(&path) {
+        if let Ok(creds) = serde_json::from_slice::<AccountCredentials>(&text) {
+            return builder
+                .from_credentials(creds)
+                .await
+                .map_err(|e| format!("the stored ACME account: {}", chain(&e)));
+        }
+    }
+    let contact = config.email.as_ref().map(|e| format!("mailto:{e}"));
+    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let (account, creds) = builder
+        .create(
+            &NewAccount {
+                contact: &contacts,
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            config.directory.clone(),
+            None,
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot create an ACME account at {}: {}",
+                config.directory,
+                chain(&e)
+            )
+        })?;
+    let text = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
+    write_private(&path, &text)?;
+    Ok(account)
+}
+
+/// Orders a certificate for `domain`, answering `challenge`; returns (chain PEM, key PEM).
+async fn issue(
+    certs: &Certs,
+    account: &Account,
+    domain: &str,
+    challenge: ChallengeType,
+) -> Result<(String, String), String> {
+    let ids = [Identifier::Dns(domain.to_string())];
+    let mut order = account
+        .new_order(&NewOrder::new(&ids))
+        .await
+        .map_err(|e| format!("new order: {}", chain(&e)))?;
+    let mut cleanup = Cleanup {
+        certs,
+        domain,
+        tokens: Vec::new(),
+    };
+    let mut authzs = order.authorizations();
+    while let Some(authz) = authzs.next().await {
+        let mut authz = authz.map_err(|e| format!("authorization: {}", chain(&e)))?;
+        match authz.status {
+            AuthorizationStatus::Pending => {}
+            AuthorizationStatus::Valid => continue,
+            s => return Err(format!("authorization is {s:?}")),
+        }
+        let name = challenge_name(&challenge);
+        let mut ch = authz
+            .challenge(challenge.clone())
+            .ok_or_else(|| format!("the CA offers no {name} challenge"))?;
+        let key_auth = ch.key_authorization();
+        match challenge {
+            ChallengeType::Http01 => {
+                certs.set_token(&ch.token, Some(key_auth.as_str().to_string()));
+                cleanup.tokens.push(ch.token.clone());
+            }
+            _ => {
+                let key = alpn_challenge_cert(domain, key_auth.digest().as_ref())?;
+                certs.set_challenge(domain, Some(key));
+            }
+        }
+        ch.set_ready()
+            .await
+            .map_err(|e| format!("{name} challenge: {}", chain(&e)))?;
+    }
+    let retries = RetryPolicy::new()
+        .initial_delay(Duration::from_millis(100))
+        .backoff(1.5)
+        .timeout(Duration::from_secs(60));
+    let status = order.poll_ready(&retries).await.map_err(|e| {
+        format!(
+            "{} validation failed: {}",
+            challenge_name(&challenge),
+            chain(&e)
+        )
+    })?;
+    if status != OrderStatus::Ready {
+        let mut why = format!(
+            "the order is {status:?} ({} challenge)",
+            challenge_name(&challenge)
+        );
+        let mut authzs = order.authorizations();
+        while let Some(Ok(a)) = authzs.next().await {
+            for c in &a.challenges {
+                if let Some(e) = &c.error {
+                    why.push_str(&format!(": {e}"));
+                }
+            }
+        }
+        return Err(why);
+    }
+    let key_pem = order
+        .finalize()
+        .await
+        .map_err(|e| format!("finalize: {}", chain(&e)))?;
+    let chain = order
+        .poll_certificate(&retries)
+        .await
+        .map_err(|e| format!("certificate download: {}", chain(&e)))?;
+    drop(cleanup);
+    Ok((chain, key_pem))
+}
+
+fn challenge_name(c: &ChallengeType) -> &'static str {
+    match c {
+        ChallengeType::Http01 => "http-01",
+        ChallengeType::TlsAlpn01 => "tls-alpn-01",
+        _ => "other",
+    }
+}
+
+/// Removes an order's challenge answers when it is over, however it ended.
+struct Cleanup<'a> {
+    certs: &'a Certs,
+    domain: &'a str,
+    tokens: Vec<String>,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for t in &self.tokens {
+            self.certs.set_token(t, None);
+        }
+        self.certs.set_challenge(self.domain, None);
+    }
+}
+
+/// The self-signed TLS-ALPN-01 certificate for `domain` (RFC 8737: the acmeIdentifier
+/// extension holds the SHA-256 of the key authorization).
+fn alpn_challenge_cert(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, String> {
+    let e = |e: rcgen::Error| format!("TLS-ALPN-01 certificate: {e}");
+    let key = rcgen::KeyPair::generate().map_err(e)?;
+    let mut params = rcgen::CertificateParams::new(vec![domain.to_string()]).map_err(e)?;
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::new_acme_identifier(digest));
+    let cert = params.self_signed(&key).map_err(e)?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+        .map_err(|e| format!("TLS-ALPN-01 key: {e}"))?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signer,
+    )))
+}
+
+/// ARI: when to renew `leaf` (the middle of the suggested window, ms) and when to ask again
+/// (ms from now). `None` when the CA does not offer ARI or the answer is unusable.
+async fn ari(account: &Account, leaf: &CertificateDer<'static>) -> Option<(u64, u64)> {
+    let id = certs::ari_id(leaf)?;
+    let (info, again) = account.renewal_info(&id).await.ok()?;
+    let w = info.suggested_window;
+    let start = w.start.unix_timestamp();
+    let end = w.end.unix_timestamp().max(start);
+    let mid = (start + (end - start) / 2).max(0) as u64 * 1000;
+    Some((mid, again.as_millis() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_with_a_third_of_the_lifetime_left() {
+        assert_eq!(renew_at(0, 90_000), 60_000);
+        assert_eq!(renew_at(1_000, 1_000), 1_000);
+        assert_eq!(renew_at(10, 5), 5);
+    }
+
+    #[test]
+    fn file_names_stay_in_the_directory() {
+        assert_eq!(file_stem("site.example"), "site.example");
+        assert_eq!(file_stem("../../etc/x"), "_.._etc_x");
+        assert_eq!(file_stem(".hidden"), "hidden");
+    }
+}

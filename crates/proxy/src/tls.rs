@@ -1,0 +1,308 @@
+//! The TLS side of the proxy (`[proxy] tls`): the rustls server config (ring provider, ALPN
+//! `h2` and `http/1.1`, plus `acme-tls/1` with ACME), serving one client connection over TLS
+//! with HTTP/2 or HTTP/1.1 (requests are forwarded by [`crate::forward`] exactly as over plain
+//! HTTP, to the app in HTTP/1.1), the reload of a user's certificate files, and what the plain
+//! HTTP listener answers itself when TLS is on (ACME HTTP-01 tokens, the 308 to https). It
+//! must not route, switch or issue certificates.
+//!
+//! Invariants:
+//! - A TLS connection is served like a plain one: never closed because of a switch; on
+//!   shutdown it gets one more request (HTTP/1.1) or a GOAWAY (HTTP/2) and the same grace.
+//! - A handshake that takes longer than [`HANDSHAKE_TIMEOUT`] is dropped (a client cannot pin
+//!   a connection slot by never finishing its handshake).
+//! - `tls = "files"`: the files are polled; a change that loads replaces the certificate for
+//!   the next handshake, one that does not is logged and shown in status, and the old
+//!   certificate keeps being served.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::ServerConfig;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::certs::{self, Certs, ACME_TLS_ALPN};
+use crate::forward::{self, ProxyBody};
+use crate::limits::Slot;
+use crate::log;
+use crate::switch::Shared;
+
+/// `[proxy] tls`: how (and whether) the proxy serves TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// Plain HTTP only (the default).
+    #[default]
+    Off,
+    /// The user's own certificate chain and key (PEM files on the host), for every name,
+    /// reloaded when the files change.
+    Files {
+        /// The certificate chain, leaf first.
+        cert: PathBuf,
+        /// The private key.
+        key: PathBuf,
+    },
+    /// A certificate per routed domain from an ACME CA.
+    Acme(AcmeConfig),
+}
+
+/// `tls = "acme"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    /// The ACME directory URL.
+    pub directory: String,
+    /// The account's contact address, if any.
+    pub email: Option<String>,
+    /// The only roots trusted for the directory itself (PEM); else the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Where the account, keys and certificates are kept (mode 0700, files 0600).
+    pub dir: PathBuf,
+    /// The first retry after a failure (then doubling, up to an hour).
+    pub retry_after: Duration,
+}
+
+impl AcmeConfig {
+    /// `directory`, keeping its files in `dir`, retrying a failure after a minute first.
+    pub fn new(directory: impl Into<String>, dir: impl Into<PathBuf>) -> AcmeConfig {
+        AcmeConfig {
+            directory: directory.into(),
+            email: None,
+            ca_file: None,
+            dir: dir.into(),
+            retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Let's Encrypt's production directory (`acme_directory`'s default).
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Where ACME's HTTP-01 tokens are asked for (never redirected to https).
+const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `tls = "files"` looks at the files.
+const FILES_POLL: Duration = Duration::from_secs(1);
+
+/// What a TLS connection needs: the acceptor (over [`Certs`]).
+pub(crate) struct Tls {
+    acceptor: TlsAcceptor,
+}
+
+impl Tls {
+    /// The server config over `certs`: TLS 1.2 and 1.3 (ring), no client auth, ALPN h2 and
+    /// http/1.1 (and acme-tls/1 for TLS-ALPN-01 when `acme`).
+    pub(crate) fn new(certs: Arc<Certs>, acme: bool) -> Result<Tls, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(certs);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if acme {
+            config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+        }
+        Ok(Tls {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+/// Serves one client connection over TLS: the handshake, then HTTP/2 or HTTP/1.1 as the
+/// client chose by ALPN (HTTP/1.1 without ALPN), until the connection ends or `stop`.
+pub(crate) async fn connection(
+    shared: Arc<Shared>,
+    tls: Arc<Tls>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+    mut stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let _ = stream.set_nodelay(true);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) | Err(_) => return,
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+        // A TLS-ALPN-01 validation: the handshake was the answer.
+        let mut stream = stream;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let client = HeaderValue::try_from(peer.ip().to_string()).ok();
+    let lim = shared.config.limits.clone();
+    // The same per-request path as plain HTTP: the slot counts as busy while a request is
+    // served (and while an upgraded tunnel is open), and the access log gets a line.
+    let slot = Arc::new(slot);
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        forward::serve_one(shared.clone(), req, client.clone(), slot.clone(), true)
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .writev(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(lim.header_timeout)
+        .max_buf_size(lim.max_header_bytes.max(crate::limits::MIN_READ_BUF))
+        .max_headers(lim.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let finished = tokio::select! {
+        _ = conn.as_mut() => true,
+        _ = forward::stopped(&mut stop) => false,
+    };
+    if !finished {
+        // As over plain HTTP: a keep-alive client gets one more answer (with `Connection:
+        // close`); an HTTP/2 client gets a GOAWAY and its open streams finish.
+        if tokio::time::timeout(forward::IDLE_CLOSE_AFTER_STOP, conn.as_mut())
+            .await
+            .is_err()
+        {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+    drop(done);
+}
+
+/// What the plain HTTP listener answers itself when TLS is on, before routing: an ACME
+/// HTTP-01 token. `None`: route the request.
+pub(crate) fn challenge(shared: &Shared, path: &str) -> Option<Response<ProxyBody>> {
+    let token = path.strip_prefix(ACME_CHALLENGE_PATH)?;
+    if !matches!(shared.config.tls, TlsMode::Acme(_)) {
+        return None;
+    }
+    Some(match shared.certs.token(token) {
+        Some(answer) => {
+            let mut r = Response::new(ProxyBody::Local(Full::new(Bytes::from(answer))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            r
+        }
+        None => forward::local(StatusCode::NOT_FOUND, "no such ACME challenge\n"),
+    })
+}
+
+/// With `redirect_http`, the 308 a routed plain-HTTP request gets: the same host and path
+/// on https (with `listen_tls`'s port unless it is 443). Requests from the host itself
+/// (`client` is a loopback address) are not redirected: cutover's own post-switch
+/// verification reaches the proxy's plain listener through the SSH connection, from loopback.
+pub(crate) fn redirect(
+    shared: &Shared,
+    client: Option<&HeaderValue>,
+    host: Option<&HeaderValue>,
+    path_and_query: &str,
+) -> Option<Response<ProxyBody>> {
+    if !shared.config.redirect_http
+        || shared.config.tls == TlsMode::Off
+        || path_and_query.starts_with(ACME_CHALLENGE_PATH)
+    {
+        return None;
+    }
+    let local = client
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| c.parse::<std::net::IpAddr>().ok())
+        .is_none_or(|ip| ip.is_loopback());
+    if local {
+        return None;
+    }
+    let host = host.and_then(|h| h.to_str().ok())?;
+    let name = crate::table::normalize_host(host);
+    let port = shared.config.listen_tls.port();
+    let authority = match (port, name.contains(':')) {
+        (443, false) => name,
+        (443, true) => format!("[{name}]"),
+        (p, false) => format!("{name}:{p}"),
+        (p, true) => format!("[{name}]:{p}"),
+    };
+    let location = format!("https://{authority}{path_and_query}");
+    let value = HeaderValue::try_from(location).ok()?;
+    let mut r = forward::local(StatusCode::PERMANENT_REDIRECT, "moved to https\n");
+    r.headers_mut().insert(header::LOCATION, value);
+    Some(r)
+}
+
+/// Loads the user's files for `tls = "files"`; the error names the file and what is wrong.
+pub(crate) fn load_files(certs: &Certs, cert: &Path, key: &Path) -> Result<(), String> {
+    let loaded = certs::load_files(cert, key)?;
+    install_files(certs, &loaded);
+    Ok(())
+}
+
+fn install_files(certs: &Certs, loaded: &certs::Loaded) {
+    certs.install(certs::ANY, loaded.key.clone());
+    certs.update(certs::ANY, |h| {
+        h.source = "files";
+        h.not_after_ms = Some(loaded.not_after_ms);
+        h.last_error = None;
+        h.failed_at_ms = None;
+    });
+}
+
+/// A file's identity for change detection: modification time, size and inode.
+fn stamp(p: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// `tls = "files"`: polls the files every second until `stop`; a change that loads replaces
+/// the certificate, one that does not keeps the old one and says why (log and status).
+pub(crate) async fn watch_files(
+    shared: Arc<Shared>,
+    cert: PathBuf,
+    key: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut seen = (stamp(&cert), stamp(&key));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FILES_POLL) => {}
+            _ = forward::stopped(&mut stop) => return,
+        }
+        let now = (stamp(&cert), stamp(&key));
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match certs::load_files(&cert, &key) {
+            Ok(loaded) => {
+                install_files(&shared.certs, &loaded);
+                log::line(format_args!(
+                    "reloaded the certificate from {} (expires {})",
+                    cert.display(),
+                    log::rfc3339(loaded.not_after_ms)
+                ));
+            }
+            Err(e) => {
+                log::line(format_args!(
+                    "keeping the current certificate: the new files do not load: {e}"
+                ));
+                shared.certs.update(certs::ANY, |h| {
+                    h.source = "files";
+                    h.last_error = Some(e);
+                    h.failed_at_ms = Some(log::unix_ms(SystemTime::now()));
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Large and broken bodies through the edge proxy, over real sockets on loopback: a 1 GiB
+//! upload and a 1 GiB download to a slow client are streamed with flat memory, and an upstream
+//! that closes mid-response ends that response only.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::{get, TempDir, TestProxy};
+
+const GIB: u64 = 1 << 30;
+
+/// This process's resident set, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Samples the RSS every 50 ms until dropped; reports the peak.
+struct Peak {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+}
+
+impl Peak {
+    fn start() -> Peak {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(rss_kib()));
+        let (s, p) = (stop.clone(), peak.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss_kib(), Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Peak { stop, peak }
+    }
+
+    fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Peak {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A raw backend: `/up` answers 200; `/sink` reads a Content-Length body and answers how many
+/// bytes it got; `/source` answers 1 GiB of zeros; `/cut` promises 1,000 bytes, sends 10 and
+/// closes.
+fn backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            thread::spawn(move || serve(s));
+        }
+    });
+    addr
+}
+
+fn serve(s: TcpStream) {
+    let mut r = BufReader::with_capacity(64 * 1024, s.try_clone().unwrap());
+    let mut w = s;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split(' ').nth(1).unwrap_or("").to_string();
+        let mut length = 0u64;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = (&mut r).take(length);
+        let got = std::io::copy(&mut body, &mut std::io::sink()).unwrap_or(0);
+        match path.as_str() {
+            "/source" => {
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {GIB}\r\n\r\n");
+                if w.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![0u8; 64 * 1024];
+                for _ in 0..GIB / chunk.len() as u64 {
+                    if w.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+            }
+            "/cut" => {
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789");
+                return;
+            }
+            _ => {
+                let text = format!("{got}\n");
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", text.len());
+                if w.write_all(head.as_bytes())
+                    .and_then(|()| w.write_all(text.as_bytes()))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_1_gib_upload_is_streamed_with_flat_memory() {
+    let dir = TempDir::new("upload");
+    let app = backend();
+    let proxy = TestProxy::start(dir.path());
+    proxy.deploy("app", app).unwrap();
+    let before = rss_kib();
+    let peak = Peak::start();
+    let t = Instant::now();
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.write_all(
+        format!("POST /sink HTTP/1.1\r\nHost: app.test\r\nContent-Length: {GIB}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..GIB / chunk.len() as u64 {
+        s.write_all(&chunk).unwrap();
+    }
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let took = t.elapsed();
+    let peak = peak.peak();
+    println!(
+        "1 GiB upload in {took:?}; RSS {before} KiB before, peak {peak} KiB: {:?}",
+        answer.lines().last()
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(&format!("\r\n\r\n{GIB}\n")), "{answer}");
+    assert!(
+        peak < before + 32 * 1024,
+        "RSS grew from {before} to {peak} KiB"
+    );
+    assert_eq!(get(proxy.addr, "app.test", "/").status, 200);
+}
+
+#[test]
+fn a_1_gib_download_to_a_slow_client_is_streamed_with_flat_memory() {
+    let dir = TempDir::new("download");
+    let app = backend();
+    let proxy = TestProxy::start(dir.path());
+    proxy.deploy("app", app).unwrap();
+    let before = rss_kib();
+    let peak = Peak::start();
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.write_all(b"GET /source HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // Read 1 MiB, then stall 3 s while the app could send far more than that.
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    while total < 1 << 20 {
+        total += s.read(&mut buf).unwrap() as u64;
+    }
+    thread::sleep(Duration::from_secs(3));
+    let stalled = rss_kib();
+    // A normal client meanwhile.
+    assert_eq!(get(proxy.addr, "app.test", "/").status, 200);
+    loop {
+        match s.read(&mut buf).unwrap() {
+            0 => break,
+            n => total += n as u64,
+        }
+    }
+    let peak = peak.peak();
+    println!(
+        "1 GiB download: RSS {before} KiB before, {stalled} KiB with the client stalled, peak {peak} KiB; {total} bytes"
+    );
+    assert!(total > GIB && total < GIB + 1024, "{total}");
+    assert!(
+        peak < before + 32 * 1024,
+        "RSS grew from {before} to {peak} KiB"
+    );
+}
+
+#[test]
+fn an_upstream_that_closes_mid_response_ends_that_response_only() {
+    let dir = TempDir::new("cut");
+    let app = backend();
+    let proxy = TestProxy::start(dir.path());
+    proxy.deploy("app", app).unwrap();
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /cut HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let r = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    println!("cut response: {r:?} {text:?}");
+    // The client sees the head and the 10 bytes, then the connection closes: it can tell the
+    // body is short of its Content-Length (never a complete-looking response).
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\n0123456789"), "{text}");
+    assert!(r.is_ok(), "closed, not hung: {r:?}");
+    for _ in 0..5 {
+        assert_eq!(get(proxy.addr, "app.test", "/").status, 200);
+    }
+}

@@ -1,0 +1,269 @@
+//! HTTPS and HTTP/2 through the proxy with the user's own certificate files (`tls =
+//! "files"`): served over both HTTP versions, reloaded when the files change (a bad file keeps
+//! the old certificate and says why), plain HTTP redirected, and switches under HTTPS load
+//! (HTTP/1.1 keep-alive and fresh connections, HTTP/2, and h2load) failing no request.
+
+#[path = "tls/harness.rs"]
+mod harness;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use cutover_proxy::TlsMode;
+use harness::{get_once, Ca, Http, HttpsLoad, TlsProxy};
+use hyper::Version;
+use support::{Backend, TempDir};
+
+fn files_mode(dir: &std::path::Path) -> TlsMode {
+    TlsMode::Files {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    }
+}
+
+fn write_pair(dir: &std::path::Path, cert: &str, key: &str) {
+    std::fs::write(dir.join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+}
+
+/// Waits until `f` is true (checked every 100 ms), or panics with `what`.
+async fn until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    while !f().await {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_certificate_is_served_over_h2_and_h1_and_reloaded_when_it_changes() {
+    let dir = TempDir::new("tls-files");
+    let ca = Ca::new();
+    let (cert1, key1, der1) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert1, &key1);
+    let blue = Backend::start("blue");
+    let proxy = TlsProxy::start(dir.path(), files_mode(dir.path()), false, (0, 0));
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+
+    // HTTP/2 by ALPN; the app gets HTTP/1.1 with the host and the scheme.
+    let a = get_once(
+        proxy.tls_addr,
+        "site.test",
+        Http::H2,
+        ca.roots(),
+        "/headers",
+    )
+    .await
+    .unwrap();
+    assert_eq!((a.status, a.version), (200, Version::HTTP_2), "{a:?}");
+    assert!(a.body.starts_with("blue\n"), "{}", a.body);
+    assert!(a.body.contains("\nhost: site.test\n"), "{}", a.body);
+    assert!(
+        a.body.contains("\nx-forwarded-proto: https\n"),
+        "{}",
+        a.body
+    );
+    assert_eq!(a.leaf, der1);
+    // HTTP/1.1 by ALPN.
+    let a = get_once(proxy.tls_addr, "site.test", Http::H1, ca.roots(), "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, a.version, a.body.as_str()),
+        (200, Version::HTTP_11, "blue\n")
+    );
+    // Plain HTTP still works (no redirect unless asked for) and says http.
+    let r = support::get(proxy.addr, "site.test", "/headers");
+    assert!(r.body.contains("\nx-forwarded-proto: http\n"), "{}", r.body);
+
+    let s = proxy.status().await;
+    assert_eq!(s.listen_tls, Some(proxy.tls_addr.to_string()));
+    assert_eq!(s.certificates.len(), 1, "{s:?}");
+    assert_eq!(s.certificates[0].domain, "*");
+    assert_eq!(s.certificates[0].source, "files");
+    assert!(s.certificates[0].not_after_ms.is_some());
+    assert_eq!(s.certificates[0].last_error, None);
+
+    // A key that is not a key: the old certificate stays, and status says why.
+    std::fs::write(dir.path().join("key.pem"), "not a key\n").unwrap();
+    until(
+        "the bad key to be reported",
+        Duration::from_secs(10),
+        || async { proxy.status().await.certificates[0].last_error.is_some() },
+    )
+    .await;
+    let err = proxy.status().await.certificates[0]
+        .last_error
+        .clone()
+        .unwrap();
+    let expected = format!(
+        "{} and {}: the key is not a PEM private key:",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display()
+    );
+    assert!(err.starts_with(&expected), "{err}");
+    let a = get_once(proxy.tls_addr, "site.test", Http::H2, ca.roots(), "/")
+        .await
+        .unwrap();
+    assert_eq!((a.status, &a.leaf), (200, &der1));
+
+    // A new good pair replaces it for the next handshake, and clears the error.
+    let (cert2, key2, der2) = ca.leaf(&["site.test", "www.site.test"]);
+    write_pair(dir.path(), &cert2, &key2);
+    until(
+        "the new certificate to be served",
+        Duration::from_secs(10),
+        || async {
+            get_once(proxy.tls_addr, "site.test", Http::H1, ca.roots(), "/")
+                .await
+                .map(|a| a.leaf == der2)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    assert_eq!(proxy.status().await.certificates[0].last_error, None);
+    proxy.stop().unwrap();
+}
+
+/// One of this machine's addresses that is not loopback (a client connecting to it is seen
+/// from it, not from loopback).
+fn outside_ip() -> std::net::IpAddr {
+    let out = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .find(|a| a.is_ipv4() && !a.is_loopback())
+        .expect("a non-loopback IPv4 address on this machine")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_http_answers_308_to_https_except_the_acme_path_and_the_host_itself() {
+    let dir = TempDir::new("tls-redirect");
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    let blue = Backend::start("blue");
+    let proxy = TlsProxy::start_on(dir.path(), files_mode(dir.path()), true, "0.0.0.0");
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+    let outside = std::net::SocketAddr::new(outside_ip(), proxy.addr.port());
+
+    let r = support::get_with(outside, "Site.Test:8080", "/a/b?c=d", "");
+    assert_eq!(r.status, 308, "{r:?}");
+    assert_eq!(r.body, "moved to https\n");
+    let raw = raw_head(outside, "Site.Test:8080", "/a/b?c=d");
+    let want = format!(
+        "location: https://site.test:{}/a/b?c=d",
+        proxy.tls_addr.port()
+    );
+    assert!(raw.to_ascii_lowercase().contains(&want), "{raw}");
+    // ACME's HTTP-01 path goes to the app (tls = "files": the proxy answers no challenge).
+    let r = support::get(outside, "site.test", "/.well-known/acme-challenge/tok");
+    assert_eq!((r.status, r.first_line()), (200, "blue"));
+    // The host itself (cutover's verification comes from loopback) is served plain HTTP.
+    let r = support::get(proxy.addr, "site.test", "/");
+    assert_eq!((r.status, r.first_line()), (200, "blue"));
+    // HTTPS itself is served.
+    let tls = std::net::SocketAddr::new(outside_ip(), proxy.tls_addr.port());
+    let a = get_once(tls, "site.test", Http::H1, ca.roots(), "/")
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+}
+
+/// The response head of `GET path` over plain HTTP.
+fn raw_head(addr: std::net::SocketAddr, host: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split("\r\n\r\n").next().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_and_hold_switches_under_https_load_fail_no_request_over_h1_and_h2() {
+    let dir = TempDir::new("tls-switch");
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    let blue = Backend::start("blue");
+    let green = Backend::start("green");
+    let proxy = TlsProxy::start(dir.path(), files_mode(dir.path()), false, (0, 0));
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+
+    let load = HttpsLoad::start(proxy.tls_addr, "site.test", ca.roots(), 2);
+    // h2load, a real HTTP/2 client (nghttp2-client), beside our own clients, for the whole
+    // run of switches.
+    let to = proxy.tls_addr.to_string();
+    let h2load = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("h2load")
+            .args(["-D", "5", "-c", "4", "-m", "8", "--connect-to", &to])
+            .arg("https://site.test/")
+            .output()
+            .expect("h2load (Debian package nghttp2-client) must be installed")
+    });
+    // Blue-green switches, then hold switches (requests held while paused, released to the
+    // new target).
+    for i in 0..10 {
+        let to = if i % 2 == 0 { green.addr } else { blue.addr };
+        proxy.deploy("web", to, &["site.test"]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..4 {
+        let to = if i % 2 == 0 { green.addr } else { blue.addr };
+        proxy.hold_switch("web", to, &["site.test"]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, failures) = load.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    assert!(ok > 100, "only {ok} requests answered");
+    let out = h2load.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Application protocol: h2"), "h2load: {text}");
+    let (total, failed) = h2load_counts(&text);
+    assert!(total > 100 && failed == 0, "h2load: {text}");
+    eprintln!(
+        "{ok} HTTPS requests (h2load: {total}) across 10 blue-green and 4 hold switches, 0 failed"
+    );
+}
+
+/// From h2load's summary (`requests: 100 total, 100 started, 100 done, 100 succeeded, 0
+/// failed, 0 errored, 0 timeout`): (done, failed + errored + timeout + not succeeded).
+fn h2load_counts(text: &str) -> (u64, u64) {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or_else(|| panic!("no summary in h2load's output: {text}"));
+    let n = |what: &str| -> u64 {
+        line.split(',')
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches("requests:")
+                    .trim()
+                    .strip_suffix(what)
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {what} in {line}"))
+    };
+    let done = n("done");
+    (
+        done,
+        n("failed") + n("errored") + n("timeout") + done - n("succeeded"),
+    )
+}
