@@ -44,9 +44,7 @@ pub enum Deploy {
 impl JobRequest {
     fn kind(&self) -> RunKind {
         match self {
-            JobRequest::Rollback { .. } | JobRequest::Deploy(Deploy::Release(_)) => {
-                RunKind::Rollback
-            }
+            JobRequest::Rollback { .. } => RunKind::Rollback,
             JobRequest::Deploy(_) => RunKind::Deploy,
         }
     }
@@ -67,8 +65,8 @@ impl JobRequest {
         let container = matches!(app.kind, AppKind::Container(_));
         match self {
             JobRequest::Rollback { to } => Ok(RunRequest::Rollback { to: to.clone() }),
-            JobRequest::Deploy(Deploy::Release(id)) => Ok(RunRequest::Rollback {
-                to: Some(id.clone()),
+            JobRequest::Deploy(Deploy::Release(id)) => Ok(RunRequest::Redeploy {
+                release: id.clone(),
             }),
             JobRequest::Deploy(Deploy::Image(_)) if !container => Err(ApiError::Invalid(format!(
                 "`{}` is a files app: deploy a ref (with a [build] section) or a release, not an image",

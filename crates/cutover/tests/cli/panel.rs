@@ -545,6 +545,18 @@ fn an_admin_diffs_redeploys_an_old_release_and_manages_users_and_tokens() {
     let run = poll(s.addr, &api, &admin, |b| !b.contains("\"running\""));
     assert!(run.contains("\"status\":\"succeeded\""), "{run}");
     assert_eq!(w.served(0), "v1");
+    // A deploy, not a rollback: the release it replaced is not marked bad.
+    assert!(run.contains("\"kind\":\"deploy\""), "{run}");
+    let bad: i64 = w
+        .db()
+        .query_row("SELECT COUNT(*) FROM releases WHERE bad = 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(
+        bad, 0,
+        "deploying an earlier release again marks nothing bad"
+    );
 
     // A user added with a generated password, shown once, who can log in with it.
     let (_, _, page) = http(s.addr, "GET", "/users", Some(&admin), None);

@@ -53,6 +53,10 @@ pub enum RunRequest {
     /// Roll back to `to`, or to the newest release before the live one that succeeded
     /// everywhere and is not marked bad.
     Rollback { to: Option<String> },
+    /// Deploy a release from the history again ("deploy this release" in the panel): its
+    /// artifact and config as recorded, through the same path as a rollback to it, but as a
+    /// deploy: the live release is not marked bad.
+    Redeploy { release: String },
 }
 
 impl RunRequest {
@@ -217,6 +221,7 @@ fn files_request<'b>(
             "--image is for container apps ([container]); this is a files app: use --artifact or --ref".into(),
         )),
         RunRequest::Rollback { to } => Ok(Early::Ready(Candidate::rollback(to))),
+        RunRequest::Redeploy { release } => Ok(Early::Ready(Candidate::rollback(Some(release)))),
     }
 }
 
@@ -275,5 +280,6 @@ fn container_request<'b>(
             "not a container app: use --artifact for [files] apps".into(),
         )),
         RunRequest::Rollback { to } => Ok(Early::Ready(Candidate::rollback(to))),
+        RunRequest::Redeploy { release } => Ok(Early::Ready(Candidate::rollback(Some(release)))),
     }
 }

@@ -564,6 +564,36 @@ fn rollback_marks_the_live_release_bad_and_goes_to_the_one_before() {
 }
 
 #[test]
+fn deploying_an_earlier_release_again_marks_nothing_bad() {
+    let w = World::new(2);
+    let (fleet, sw) = (FakeFleet::new(2), FakeSwitcher::new(2, &[]));
+    let r1 = w.deploy(&sw, &fleet, "c1").release.unwrap();
+    w.deploy(&sw, &fleet, "c2").release.unwrap();
+    let o = w.run(
+        &sw,
+        &fleet,
+        RunKind::Deploy,
+        What::Rollback(Some(r1.clone())),
+    );
+    assert_eq!(o.exit_code, 0, "{}", o.message);
+    assert_eq!(
+        o.message,
+        format!("deployed {r1} on 2 host(s); every host passed its health gate")
+    );
+    assert_eq!(sw.serving(), vec![Some(r1.clone()); 2]);
+    let bad: Vec<bool> = w
+        .store
+        .releases("site")
+        .unwrap()
+        .iter()
+        .map(|r| r.bad)
+        .collect();
+    assert_eq!(bad, [false, false], "nothing is marked bad");
+    // A rollback from it still goes to the newest good release before it, none here.
+    assert_eq!(w.store.live("site").unwrap(), Some(r1));
+}
+
+#[test]
 fn an_interrupted_deploy_is_reconciled_partial_when_a_host_serves_it_else_failed_unless_committed()
 {
     let cases = [
