@@ -49,6 +49,7 @@ struct RawConfig {
     health: Option<RawHealth>,
     build: Option<RawBuild>,
     deploy: Option<RawDeploy>,
+    webhook: Option<crate::webhook::RawWebhook>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +126,8 @@ pub struct Config {
     pub build: Option<BuildConfig>,
     /// `[deploy]`: how hosts are rolled out.
     pub deploy: DeployConfig,
+    /// `[webhook]`: pushes from a forge deploy the pushed commit (`cutover serve`).
+    pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
 /// `[deploy]`: how a run rolls out over the hosts.
@@ -440,6 +443,10 @@ impl Config {
 
         let deploy =
             parse_deploy(raw.deploy.as_ref(), raw.hosts.len()).map_err(|(k, m)| err(k, m))?;
+        let webhook = match raw.webhook {
+            None => None,
+            Some(w) => Some(crate::webhook::parse_webhook(w).map_err(|(k, m)| err(&k, m))?),
+        };
         if !valid_app_name(&raw.app) {
             return Err(err(
                 "app",
@@ -504,7 +511,8 @@ impl Config {
                 raw.health,
                 build,
                 deploy,
-            );
+            )
+            .map(|c| Config { webhook, ..c });
         }
         if raw.proxy.is_some() {
             return Err(err(
@@ -615,6 +623,7 @@ impl Config {
             kind: AppKind::Files(files),
             health,
             build,
+            webhook,
         })
     }
 
@@ -681,6 +690,7 @@ impl Config {
             ssh,
             health,
             build,
+            webhook: None,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod plan;
 pub mod protocol;
 pub mod proxy_limits;
 pub mod release;
+pub mod webhook;
 
 pub use config::{AppKind, BuildConfig, Config, ConfigError, FilesConfig, HealthConfig, SshConfig};
 pub use duration::parse_duration;

@@ -18,6 +18,7 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod hooks;
 pub mod jobs;
 mod pages;
 pub mod secret;
@@ -54,6 +55,8 @@ pub struct AppState {
     /// Cookies get `Secure` (the public URL is https).
     pub secure: bool,
     pub jobs: jobs::Runner,
+    /// Webhook pushes waiting for the app's run to end.
+    pub hooks: hooks::Queue,
 }
 
 impl AppState {
@@ -85,6 +88,7 @@ impl AppState {
             public_url: opts.public_url,
             secure,
             jobs: jobs::Runner::default(),
+            hooks: hooks::Queue::default(),
         }))
     }
 
@@ -100,6 +104,7 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(api::router())
+        .merge(hooks::router())
         .merge(pages::router())
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)

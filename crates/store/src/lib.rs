@@ -14,7 +14,9 @@ use std::path::Path;
 use std::time::Duration;
 
 mod server;
+mod webhooks;
 pub use server::{AuditRow, Job, JobState, Role, RunRow, Session, Token, User};
+pub use webhooks::Delivery;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,6 +68,7 @@ const TABLES: &[&[&str]] = &[
         "audit",
         "jobs",
     ],
+    &["webhook_deliveries"],
 ];
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -277,6 +280,19 @@ CREATE TABLE jobs (
     state TEXT NOT NULL,
     created_at TEXT NOT NULL,
     finished_at TEXT
+);
+"#,
+    // 4: webhook deliveries, one per (app, delivery id): a redelivery runs nothing; the
+    // outcome says what the delivery did (a run, ignored, superseded by a newer push).
+    r#"
+CREATE TABLE webhook_deliveries (
+    app TEXT NOT NULL,
+    delivery TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    sha TEXT,
+    outcome TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (app, delivery)
 );
 "#,
 ];
@@ -1184,7 +1200,7 @@ mod tests {
             .unwrap();
         let m = refused(&path);
         assert!(
-            m.contains(": made by a newer cutover (schema version 99; this one knows up to 3)"),
+            m.contains(": made by a newer cutover (schema version 99; this one knows up to 4)"),
             "{m}"
         );
 

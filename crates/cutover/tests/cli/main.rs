@@ -14,4 +14,5 @@ mod hostile_input;
 mod https;
 mod panel;
 mod server;
+mod webhooks;
 mod world;

@@ -1,0 +1,402 @@
+//! Webhooks against a real `cutover serve`, real test hosts and a real git repository the
+//! test commits and pushes to: deliveries shaped like the forges' `push` and `ping` events,
+//! signed here with HMAC-SHA256. A signed push deploys exactly the pushed SHA; a bad, missing
+//! or borrowed signature, an unknown app, another provider and an oversized body each get
+//! the contract's answer and change nothing; a redelivery runs nothing; the newest of two
+//! pushes during a run wins and the older waiting one is dropped and recorded; the secret
+//! is nowhere in the server's log or data directory.
+
+use crate::world::World;
+use serde_json::{json, Value};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "hook-secret-7f3a9c1e5b";
+
+/// `cutover serve` on a free loopback port with the webhook secret in its environment.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(w: &World) -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let log = w.dir.join(format!("serve-{port}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["serve", "--listen", &addr.to_string(), "-c"])
+            .arg(&w.config)
+            .arg("--data")
+            .arg(w.dir.join("data"))
+            .env("SITE_HOOK_SECRET", SECRET)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("cutover serve starts");
+        let mut s = Server { child, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("cutover serve exited ({status}): {}", s.log());
+            }
+            assert!(Instant::now() < deadline, "serve did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// POSTs `body` to `path` with `headers`: (status, JSON body).
+    fn post(&self, path: &str, headers: &[(&str, String)], body: Vec<u8>) -> (u16, Value) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let c = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let mut r = c
+            .post(format!("http://{}{path}", self.addr))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            r = r.header(*k, v);
+        }
+        let resp = r.body(body).send().expect("the server answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+impl Server {
+    /// Writes `head` on a new connection, then `chunked` as 64 KiB chunks (stopping quietly
+    /// when the server closes), and returns all the server answered.
+    fn raw(&self, head: &str, chunked: Option<&[u8]>) -> String {
+        use std::io::{Read, Write};
+        let mut c = TcpStream::connect(self.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.write_all(head.as_bytes()).unwrap();
+        if let Some(body) = chunked {
+            for part in body.chunks(64 * 1024) {
+                let mut chunk = format!("{:x}\r\n", part.len()).into_bytes();
+                chunk.extend_from_slice(part);
+                chunk.extend_from_slice(b"\r\n");
+                if c.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = c.write_all(b"0\r\n\r\n");
+        }
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if out.windows(4).any(|w| w == b"\r\n\r\n") && out.ends_with(b"}") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("cutover serve's log:\n{}", self.log());
+        }
+    }
+}
+
+fn hmac_hex(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    ring::hmac::sign(&key, body)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A GitHub delivery's headers: event, delivery id, and the signature of `signed`.
+fn github(event: &str, delivery: &str, signed: Option<&[u8]>) -> Vec<(&'static str, String)> {
+    let mut h = vec![
+        ("x-github-event", event.to_string()),
+        ("x-github-delivery", delivery.to_string()),
+    ];
+    if let Some(b) = signed {
+        h.push((
+            "x-hub-signature-256",
+            format!("sha256={}", hmac_hex(SECRET, b)),
+        ));
+    }
+    h
+}
+
+/// A push event as GitHub documents it (the fields cutover reads, and a few it does not).
+fn push_body(git_ref: &str, before: &str, after: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "ref": git_ref,
+        "before": before,
+        "after": after,
+        "created": false,
+        "deleted": false,
+        "forced": false,
+        "repository": {"full_name": "acme/site", "default_branch": "main"},
+        "pusher": {"name": "ada"},
+        "head_commit": {"id": after, "message": "a commit"},
+    }))
+    .unwrap()
+}
+
+fn count(w: &World, sql: &str) -> i64 {
+    w.db().query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+fn wait_no_open_run(w: &World, want_runs: i64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let runs = count(w, "SELECT COUNT(*) FROM runs");
+        let open = count(w, "SELECT COUNT(*) FROM runs WHERE finished_at IS NULL");
+        if runs == want_runs && open == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runs {runs} (want {want_runs}), {open} open"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn delivery_outcome(w: &World, id: &str) -> String {
+    w.db()
+        .query_row(
+            "SELECT outcome FROM webhook_deliveries WHERE app = 'site' AND delivery = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[test]
+fn signed_pushes_deploy_the_pushed_sha_and_everything_else_is_refused() {
+    let w = World::files(1)
+        .git()
+        .lines(
+            "build",
+            // A page containing "slow" takes a few seconds to build, to hold a run open.
+            "command = \"if grep -q slow index.html; then sleep 6; fi; mkdir -p out && cp index.html up out/\"\noutput = \"out\"",
+        )
+        .lines(
+            "webhook",
+            "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"",
+        )
+        .start();
+    let zero = "0".repeat(40);
+    let c1 = w.commit("First page", &[("index.html", "v1\n"), ("up", "ok\n")]);
+    w.push();
+    let s = Server::start(&w);
+    let hook = "/hooks/github/site";
+    let body = push_body("refs/heads/main", &zero, &c1);
+
+    // Refusals first: none of them runs anything.
+    let (st, b) = s.post(
+        "/hooks/github/nope",
+        &github("push", "d0", Some(&body)),
+        body.clone(),
+    );
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (404, Some("no webhook for `nope` from github"))
+    );
+    let (st, b) = s.post(
+        "/hooks/gitea/site",
+        &github("push", "d0", Some(&body)),
+        body.clone(),
+    );
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (404, Some("no webhook for `site` from gitea"))
+    );
+    let (st, b) = s.post(hook, &github("push", "d1", None), body.clone());
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (
+            401,
+            Some("webhook refused: no signature header; check the secret shared with the forge")
+        )
+    );
+    let mut wrong = github("push", "d2", None);
+    wrong.push((
+        "x-hub-signature-256",
+        format!("sha256={}", hmac_hex("not-the-secret", &body)),
+    ));
+    let (st, b) = s.post(hook, &wrong, body.clone());
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (
+            401,
+            Some(
+                "webhook refused: signature does not match; check the secret shared with the forge"
+            )
+        )
+    );
+    let other_body = push_body("refs/heads/main", &zero, &"b".repeat(40));
+    let (st, _) = s.post(hook, &github("push", "d3", Some(&other_body)), body.clone());
+    assert_eq!(st, 401, "a signature of another body");
+    // 6 MiB declared: 413 before any of it is sent (the answer comes with only the headers
+    // written). 6 MiB streamed in chunks: 413 once it passes 5 MiB.
+    let big = vec![b' '; 6 * 1024 * 1024];
+    let sig = format!("sha256={}", hmac_hex(SECRET, &big));
+    let declared = s.raw(&format!(
+        "POST {hook} HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: d4\r\nX-Hub-Signature-256: {sig}\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    ), None);
+    assert!(declared.starts_with("HTTP/1.1 413 "), "{declared}");
+    assert!(
+        declared.contains(r#"{"error":"a webhook body is at most 5242880 bytes"}"#),
+        "{declared}"
+    );
+    let streamed = s.raw(&format!(
+        "POST {hook} HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: d4\r\nX-Hub-Signature-256: {sig}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ), Some(&big));
+    assert!(streamed.starts_with("HTTP/1.1 413 "), "{streamed}");
+    assert_eq!(
+        count(&w, "SELECT COUNT(*) FROM runs"),
+        0,
+        "no refusal runs anything"
+    );
+    assert_eq!(
+        count(&w, "SELECT COUNT(*) FROM audit WHERE action = 'webhook refused' AND who = 'webhook:github' AND app = 'site'"),
+        3
+    );
+    assert_eq!(
+        count(&w, "SELECT COUNT(*) FROM webhook_deliveries"),
+        0,
+        "a refused delivery is not remembered (its id could be forged)"
+    );
+
+    // ping, and a push to another branch.
+    let ping =
+        serde_json::to_vec(&json!({"zen": "Keep it logically awesome.", "hook_id": 1})).unwrap();
+    let (st, b) = s.post(hook, &github("ping", "p1", Some(&ping)), ping.clone());
+    assert_eq!((st, b), (200, json!({"ping": "ok"})));
+    let dev = push_body("refs/heads/dev", &zero, &c1);
+    let (st, b) = s.post(hook, &github("push", "d5", Some(&dev)), dev.clone());
+    assert_eq!(
+        (st, b),
+        (
+            200,
+            json!({"ignored": "push to refs/heads/dev; this app deploys refs/heads/main"})
+        )
+    );
+
+    // The push: exactly that SHA is built and deployed, by webhook:github.
+    let (st, b) = s.post(hook, &github("push", "d6", Some(&body)), body.clone());
+    assert_eq!(st, 202, "{b}");
+    let run = b["run"].as_str().unwrap().to_string();
+    wait_no_open_run(&w, 1);
+    assert_eq!(w.served(0), "v1");
+    let (by, outcome): (String, String) = w
+        .db()
+        .query_row(
+            "SELECT started_by, outcome FROM runs WHERE id = ?1",
+            [&run],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (by.as_str(), outcome.as_str()),
+        ("webhook:github", "succeeded")
+    );
+    let h = w.run(&["history", "--json"]);
+    assert!(
+        h.stdout.contains(&c1),
+        "history shows the full SHA: {}",
+        h.stdout
+    );
+    assert_eq!(delivery_outcome(&w, "d6"), format!("run {run}"));
+
+    // A redelivery runs nothing.
+    let (st, b) = s.post(hook, &github("push", "d6", Some(&body)), body.clone());
+    assert_eq!((st, b), (200, json!({"duplicate": true})));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count(&w, "SELECT COUNT(*) FROM runs"), 1);
+
+    // Three pushes: the first runs (slowly), the second waits, the third replaces it.
+    let c2 = w.commit("Slow page", &[("index.html", "v2 slow\n")]);
+    let c3 = w.commit("Third page", &[("index.html", "v3\n")]);
+    let c4 = w.commit("Fourth page", &[("index.html", "v4\n")]);
+    w.push();
+    let b2 = push_body("refs/heads/main", &c1, &c2);
+    let b3 = push_body("refs/heads/main", &c2, &c3);
+    let b4 = push_body("refs/heads/main", &c3, &c4);
+    let (st, r2) = s.post(hook, &github("push", "d7", Some(&b2)), b2.clone());
+    assert_eq!(st, 202, "{r2}");
+    assert!(r2["run"].is_string(), "{r2}");
+    let (st, r3) = s.post(hook, &github("push", "d8", Some(&b3)), b3.clone());
+    assert_eq!((st, r3), (202, json!({"queued": c3})));
+    let (st, r4) = s.post(hook, &github("push", "d9", Some(&b4)), b4.clone());
+    assert_eq!((st, r4), (202, json!({"queued": c4})));
+    assert_eq!(delivery_outcome(&w, "d8"), format!("superseded by {c4}"));
+    assert_eq!(
+        count(
+            &w,
+            "SELECT COUNT(*) FROM audit WHERE action = 'webhook push dropped'"
+        ),
+        1
+    );
+    wait_no_open_run(&w, 3);
+    assert_eq!(w.served(0), "v4", "the newest push is live");
+    let commits: Vec<String> = {
+        let db = w.db();
+        let mut q = db
+            .prepare("SELECT commit_sha FROM releases WHERE app = 'site' ORDER BY created_at")
+            .unwrap();
+        q.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    assert_eq!(
+        commits,
+        vec![c1.clone(), c2.clone(), c4.clone()],
+        "c3 was never built"
+    );
+    assert!(delivery_outcome(&w, "d9").starts_with("run "));
+
+    // The secret is in no log, event, audit row or database file.
+    assert!(
+        !s.log().contains(SECRET),
+        "the server's log holds the secret"
+    );
+    for entry in std::fs::read_dir(w.dir.join("data")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            let bytes = std::fs::read(&p).unwrap();
+            assert!(
+                !bytes.windows(SECRET.len()).any(|x| x == SECRET.as_bytes()),
+                "{} holds the secret",
+                p.display()
+            );
+        }
+    }
+}

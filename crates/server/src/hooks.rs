@@ -1,0 +1,410 @@
+//! Webhooks: `POST /hooks/{provider}/{app}` from GitHub, Gitea or GitLab.
+//!
+//! The order is the contract's: the app must have a `[webhook]` for this provider (404),
+//! the body is read up to [`MAX_HOOK_BODY`] (413 past it, from `Content-Length` before
+//! reading anything, or as soon as a streamed body passes it), then the signature is
+//! checked over the raw bytes in constant time (401 and an audit row) **before** anything is
+//! parsed. Only then: the delivery id (a redelivery answers `{"duplicate": true}` and runs
+//! nothing), `ping`, the branch, and a job that builds and deploys the pushed full SHA.
+//!
+//! While a run of the app is in progress the newest push waits in [`Queue`] (one slot per
+//! app): a newer push replaces it, and the dropped one is recorded (audit row, and its
+//! delivery's outcome `superseded by <sha>`). A waiter thread starts the waiting push once
+//! the app is free.
+//!
+//! **Invariant:** the secret is read from the server's environment at each delivery and is
+//! never stored, logged, formatted or compared other than in constant time.
+
+use crate::auth::{Principal, Role, Via};
+use crate::error::ApiError;
+use crate::jobs::{self, Deploy, JobRequest};
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use cutover_core::webhook::{Provider, WebhookConfig};
+use cutover_store::AuditRow;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The largest delivery body read (5 MiB).
+pub const MAX_HOOK_BODY: usize = 5 * 1024 * 1024;
+
+pub(crate) fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/hooks/{provider}/{app}", post(hook))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+/// A push waiting for the app's run to end.
+#[derive(Debug, Clone)]
+struct Waiting {
+    sha: String,
+    delivery: Option<String>,
+    provider: Provider,
+    from: IpAddr,
+}
+
+/// The newest waiting push of each app.
+#[derive(Debug, Default)]
+pub struct Queue {
+    waiting: Mutex<HashMap<String, Waiting>>,
+}
+
+fn principal(provider: Provider, app: &str) -> Principal {
+    // A session-shaped principal so that runs and audit rows name it `webhook:<provider>`;
+    // it exists only inside this module and never holds a session.
+    Principal {
+        name: format!("webhook:{}", provider.as_str()),
+        role: Role::Deployer,
+        apps: Some(vec![app.to_string()]),
+        via: Via::Session {
+            csrf: String::new(),
+        },
+    }
+}
+
+fn who(provider: Provider) -> String {
+    format!("webhook:{}", provider.as_str())
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Why the delivery is not authentic, if it is not. Constant time in the secret.
+fn check_signature(
+    provider: Provider,
+    secret: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), &'static str> {
+    match provider {
+        Provider::Github | Provider::Gitea => {
+            let (name, prefix) = if provider == Provider::Github {
+                ("x-hub-signature-256", "sha256=")
+            } else {
+                ("x-gitea-signature", "")
+            };
+            let given = header(headers, name).ok_or("no signature header")?;
+            let hex = given.strip_prefix(prefix).ok_or("malformed signature")?;
+            let tag = unhex(hex)
+                .filter(|t| t.len() == 32)
+                .ok_or("malformed signature")?;
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+            ring::hmac::verify(&key, body, &tag).map_err(|_| "signature does not match")
+        }
+        Provider::Gitlab => {
+            let given = header(headers, "x-gitlab-token").ok_or("no X-Gitlab-Token header")?;
+            if crate::secret::same(given, secret) {
+                Ok(())
+            } else {
+                Err("token does not match")
+            }
+        }
+    }
+}
+
+fn answer(status: StatusCode, body: Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+fn is_full_sha(s: &str) -> bool {
+    s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && s.bytes().any(|b| b != b'0')
+}
+
+async fn hook(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    Path((provider_name, app)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let no_hook = || ApiError::NotFound(format!("no webhook for `{app}` from {provider_name}"));
+    let config = st.apps.get(&app).ok_or_else(no_hook)?.clone();
+    let hook: &WebhookConfig = config.webhook.as_ref().ok_or_else(no_hook)?;
+    let provider = Provider::parse(&provider_name)
+        .filter(|p| *p == hook.provider)
+        .ok_or_else(no_hook)?;
+    let too_large =
+        || ApiError::TooLarge(format!("a webhook body is at most {MAX_HOOK_BODY} bytes"));
+    let declared = header(&headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_HOOK_BODY as u64) {
+        return Err(too_large());
+    }
+    let raw = axum::body::to_bytes(body, MAX_HOOK_BODY)
+        .await
+        .map_err(|_| too_large())?;
+
+    let at = cutover_engine::now_utc();
+    let refuse = |why: &str| -> Result<Response, ApiError> {
+        st.store.audit(&AuditRow {
+            at: at.clone(),
+            who: who(provider),
+            action: "webhook refused".into(),
+            app: Some(app.clone()),
+            from: Some(from.ip().to_string()),
+            detail: why.to_string(),
+            ..AuditRow::default()
+        })?;
+        Err(ApiError::Unauthorized(format!(
+            "webhook refused: {why}; check the secret shared with the forge"
+        )))
+    };
+    let secret = match std::env::var(&hook.secret_env) {
+        Ok(s) if !s.is_empty() => s,
+        _ => {
+            eprintln!(
+                "webhook for {app} refused: the server's environment has no {}",
+                hook.secret_env
+            );
+            return refuse("the server has no secret for this webhook");
+        }
+    };
+    let checked = check_signature(provider, &secret, &headers, &raw);
+    drop(secret);
+    if let Err(why) = checked {
+        return refuse(why);
+    }
+
+    // Authentic from here on.
+    let (event_header, delivery_header) = match provider {
+        Provider::Github => ("x-github-event", "x-github-delivery"),
+        Provider::Gitea => ("x-gitea-event", "x-gitea-delivery"),
+        Provider::Gitlab => ("x-gitlab-event", "x-gitlab-event-uuid"),
+    };
+    let event = header(&headers, event_header).unwrap_or("").to_string();
+    let delivery = header(&headers, delivery_header)
+        .filter(|d| !d.is_empty() && d.len() <= 200 && !d.chars().any(|c| c.is_control()))
+        .map(str::to_string);
+    if let Some(d) = &delivery {
+        if !st
+            .store
+            .add_delivery(&app, d, provider.as_str(), &at, "received")?
+        {
+            return Ok(answer(StatusCode::OK, json!({ "duplicate": true })));
+        }
+    }
+    let outcome = |text: &str, sha: Option<&str>| {
+        if let Some(d) = &delivery {
+            let _ = st.store.set_delivery_outcome(&app, d, sha, text);
+        }
+    };
+    if event == "ping" && provider != Provider::Gitlab {
+        outcome("ping", None);
+        return Ok(answer(StatusCode::OK, json!({ "ping": "ok" })));
+    }
+    let is_push = match provider {
+        Provider::Gitlab => event == "Push Hook",
+        _ => event == "push",
+    };
+    if !is_push {
+        let why = format!("event {event:?} is not handled (only push)");
+        outcome(&format!("ignored: {why}"), None);
+        return Ok(answer(StatusCode::OK, json!({ "ignored": why })));
+    }
+    let payload: Value = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::Invalid(format!("the push payload is not JSON: {e}")))?;
+    let git_ref = payload.get("ref").and_then(Value::as_str).unwrap_or("");
+    let want = format!("refs/heads/{}", hook.branch);
+    if payload.get("deleted").and_then(Value::as_bool) == Some(true) {
+        let why = format!("{git_ref} was deleted; nothing to deploy");
+        outcome(&format!("ignored: {why}"), None);
+        return Ok(answer(StatusCode::OK, json!({ "ignored": why })));
+    }
+    if git_ref != want {
+        let why = format!("push to {git_ref}; this app deploys {want}");
+        outcome(&format!("ignored: {why}"), None);
+        return Ok(answer(StatusCode::OK, json!({ "ignored": why })));
+    }
+    let sha = match provider {
+        Provider::Gitlab => payload
+            .get("checkout_sha")
+            .and_then(Value::as_str)
+            .or_else(|| payload.get("after").and_then(Value::as_str)),
+        _ => payload.get("after").and_then(Value::as_str),
+    }
+    .unwrap_or("")
+    .to_string();
+    if !is_full_sha(&sha) {
+        let why =
+            format!("the push names no commit to deploy (expected 40 hex digits, got {sha:?})");
+        outcome(&format!("refused: {why}"), None);
+        return Err(ApiError::Invalid(why));
+    }
+    let w = Waiting {
+        sha: sha.clone(),
+        delivery: delivery.clone(),
+        provider,
+        from: from.ip(),
+    };
+    push(&st, &app, w)
+}
+
+/// Starts the push now, or makes it the app's waiting one.
+fn push(st: &Arc<AppState>, app: &str, w: Waiting) -> Result<Response, ApiError> {
+    let mut waiting = st.hooks.waiting.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(old) = waiting.remove(app) {
+        supersede(st, app, &old, &w.sha);
+        let sha = w.sha.clone();
+        record(st, app, &w, "waiting for the run in progress");
+        waiting.insert(app.to_string(), w);
+        return Ok(answer(StatusCode::ACCEPTED, json!({ "queued": sha })));
+    }
+    match start(st, app, &w) {
+        Ok(run) => Ok(answer(
+            StatusCode::ACCEPTED,
+            json!({ "run": run.to_string() }),
+        )),
+        Err(ApiError::Conflict(_)) => {
+            let sha = w.sha.clone();
+            record(st, app, &w, "waiting for the run in progress");
+            waiting.insert(app.to_string(), w);
+            drop(waiting);
+            let st2 = st.clone();
+            let name = app.to_string();
+            std::thread::Builder::new()
+                .name(format!("hook-wait-{app}"))
+                .spawn(move || wait_then_start(&st2, &name))
+                .map_err(|e| ApiError::Internal(format!("cannot start the waiter: {e}")))?;
+            Ok(answer(StatusCode::ACCEPTED, json!({ "queued": sha })))
+        }
+        Err(e) => {
+            record(st, app, &w, &format!("refused: {e}"));
+            Err(e)
+        }
+    }
+}
+
+fn record(st: &AppState, app: &str, w: &Waiting, outcome: &str) {
+    if let Some(d) = &w.delivery {
+        let _ = st.store.set_delivery_outcome(app, d, Some(&w.sha), outcome);
+    }
+}
+
+/// Submits the deploy of the pushed SHA; records the run in the delivery.
+fn start(st: &Arc<AppState>, app: &str, w: &Waiting) -> Result<i64, ApiError> {
+    let run = jobs::submit(
+        st,
+        app,
+        JobRequest::Deploy(Deploy::Ref(w.sha.clone())),
+        &principal(w.provider, app),
+        w.from,
+    )?;
+    record(st, app, w, &format!("run {run}"));
+    Ok(run)
+}
+
+fn supersede(st: &AppState, app: &str, old: &Waiting, by: &str) {
+    let text = format!("superseded by {by}");
+    record(st, app, old, &text);
+    let _ = st.store.audit(&AuditRow {
+        at: cutover_engine::now_utc(),
+        who: who(old.provider),
+        action: "webhook push dropped".into(),
+        app: Some(app.to_string()),
+        from: Some(old.from.to_string()),
+        detail: format!(
+            "push of {} (delivery {}) {text}",
+            old.sha,
+            old.delivery.as_deref().unwrap_or("-")
+        ),
+        ..AuditRow::default()
+    });
+}
+
+/// Starts the app's waiting push once the run in progress ends (polls; the slot may be
+/// replaced meanwhile by a newer push, which is the one started).
+fn wait_then_start(st: &Arc<AppState>, app: &str) {
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let mut waiting = st.hooks.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(w) = waiting.get(app).cloned() else {
+            return;
+        };
+        match start(st, app, &w) {
+            Err(ApiError::Conflict(_)) => continue,
+            Ok(_) => {
+                waiting.remove(app);
+                return;
+            }
+            Err(e) => {
+                waiting.remove(app);
+                record(st, app, &w, &format!("refused: {e}"));
+                eprintln!("webhook push of {} to {app} not started: {e}", w.sha);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(secret: &str, body: &[u8]) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        crate::secret::hex(ring::hmac::sign(&key, body).as_ref())
+    }
+
+    #[test]
+    fn signatures_are_checked_over_the_raw_body() {
+        let body = br#"{"ref":"refs/heads/main"}"#;
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-hub-signature-256",
+            format!("sha256={}", sign("s3cret", body)).parse().unwrap(),
+        );
+        assert_eq!(
+            check_signature(Provider::Github, "s3cret", &h, body),
+            Ok(())
+        );
+        assert_eq!(
+            check_signature(Provider::Github, "other", &h, body),
+            Err("signature does not match")
+        );
+        assert_eq!(
+            check_signature(Provider::Github, "s3cret", &h, b"{}"),
+            Err("signature does not match")
+        );
+        assert_eq!(
+            check_signature(Provider::Gitea, "s3cret", &h, body),
+            Err("no signature header")
+        );
+        let mut g = HeaderMap::new();
+        g.insert("x-gitea-signature", sign("s3cret", body).parse().unwrap());
+        assert_eq!(check_signature(Provider::Gitea, "s3cret", &g, body), Ok(()));
+        let mut l = HeaderMap::new();
+        l.insert("x-gitlab-token", "s3cret".parse().unwrap());
+        assert_eq!(
+            check_signature(Provider::Gitlab, "s3cret", &l, body),
+            Ok(())
+        );
+        assert_eq!(
+            check_signature(Provider::Gitlab, "s3cre", &l, body),
+            Err("token does not match")
+        );
+        assert!(is_full_sha(&"a".repeat(40)));
+        assert!(!is_full_sha(&"0".repeat(40)));
+        assert!(!is_full_sha("main"));
+    }
+}
