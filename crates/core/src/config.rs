@@ -1957,5 +1957,20 @@ interval = "100ms"
             let e = parse(&format!("[4]\n{bad}")).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
+        let e = parse("[4]\nbake = \"1m\"\ncanary = 10")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("`deploy.canary`: a canary is for container apps (the edge proxy splits the requests)"),
+            "{e}"
+        );
+        let hold = format!("{CONTAINER}[deploy]\nbake = \"1m\"\ncanary = 10\n");
+        let e = Config::parse(Path::new("/c.toml"), &hold, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`deploy.canary`: a canary needs the old container running beside the new one: strategy \"blue-green\", not \"hold\""), "{e}");
+        let bg = hold.replace("strategy = \"hold\"", "strategy = \"blue-green\"");
+        let c = Config::parse(Path::new("/c.toml"), &bg, None).unwrap();
+        assert_eq!(c.deploy.canary, Some(10));
     }
 }

@@ -374,6 +374,14 @@ fn cgi_image(w: &World, tag: &str, fail_every: Option<u32>) {
     );
 }
 
+/// The last 40 lines of host `i`'s proxy log (for a failure's message).
+fn proxy_log_tail(w: &World, i: usize) -> String {
+    let log =
+        std::fs::read_to_string(w.lab().srv_dir(i).join("cutover/proxy.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
 /// Real requests to `/cgi-bin/app` on every host, keep-alive.
 fn app_load(w: &World) -> testlab::Load {
     let targets: Vec<_> = (0..w.hosts()).map(|i| w.http_addr(i)).collect();
@@ -469,6 +477,9 @@ fn a_release_failing_real_requests_is_caught_by_its_canary_bake_and_a_good_one_i
     let load = app_load(&w);
     assert!(load.wait_for_ok(100, Duration::from_secs(30)));
     let r = w.run(&["deploy", "--events", "--image", "better"]);
+    if r.code != 0 {
+        println!("host 0 proxy log:\n{}", proxy_log_tail(&w, 0));
+    }
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     let baked: Vec<String> = r
         .stdout
@@ -484,6 +495,9 @@ fn a_release_failing_real_requests_is_caught_by_its_canary_bake_and_a_good_one_i
     }
     assert!(load.wait_for_ok(100, Duration::from_secs(30)));
     let ok = load.stop();
+    if ok.failed > 0 {
+        println!("host 0 proxy log:\n{}", proxy_log_tail(&w, 0));
+    }
     ok.assert_no_failures();
     assert!(
         ok.bodies.contains_key("better") && ok.bodies.contains_key("good"),
@@ -491,4 +505,35 @@ fn a_release_failing_real_requests_is_caught_by_its_canary_bake_and_a_good_one_i
         ok.bodies
     );
     w.assert_all_serve("better");
+
+    // Without a canary the first batch's host takes every request at once; its error rate
+    // over the bake is compared with the old release's before the switch.
+    w.configure(|t| {
+        t.unset("deploy", "canary");
+    });
+    cgi_image(&w, "flaky2", Some(5));
+    let better = w.history()[0]["id"].as_str().unwrap().to_string();
+    let load = app_load(&w);
+    assert!(load.wait_for_ok(100, Duration::from_secs(30)));
+    let r = w.deploy_image("flaky2");
+    assert_eq!(r.code, 1, "{}", r.json);
+    let flaky2 = r.release();
+    let msg = r.message();
+    assert!(
+        msg.starts_with(&format!(
+            "release {flaky2} passed its health gate but failed its bake:\n  {host0}: new release {flaky2}: "
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("; old release {better}: 0 of ")),
+        "{msg}"
+    );
+    w.assert_all_serve("better");
+    let seen = load.stop();
+    assert!(
+        seen.failures.iter().all(|f| f.contains("HTTP 500: boom")),
+        "{:?}",
+        seen.failures
+    );
 }
