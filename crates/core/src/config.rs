@@ -58,6 +58,8 @@ struct RawDeploy {
     batches: Option<Vec<toml::Value>>,
     bake: Option<String>,
     max_error_rate: Option<toml::Value>,
+    max_p99: Option<String>,
+    canary: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,8 +141,14 @@ pub struct DeployConfig {
     /// After each batch's gate, how long its hosts are watched before the next batch (0: no
     /// bake).
     pub bake: Duration,
-    /// The share of failed probes during a bake that fails it, in parts per million.
+    /// The share of failed requests (5xx or unanswered) of the new release during a bake
+    /// that fails it, when it is also above the old release's share; in parts per million.
     pub max_error_rate_ppm: u32,
+    /// A bake fails when the new release's 99th-percentile latency is above this.
+    pub max_p99: Option<Duration>,
+    /// Container apps (blue-green): the percentage of new requests the new release gets
+    /// during its bake (1..=99); it gets them all after.
+    pub canary: Option<u8>,
 }
 
 impl DeployConfig {
@@ -170,11 +178,43 @@ fn parse_deploy(
             ))
         }
     };
+    let max_p99 = match raw.and_then(|d| d.max_p99.as_deref()) {
+        None => None,
+        Some(t) => match parse_duration(t) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                return Err((
+                    "deploy.max_p99",
+                    "expected a duration above 0, e.g. \"500ms\"".into(),
+                ))
+            }
+            Err(m) => return Err(("deploy.max_p99", m)),
+        },
+    };
+    let canary = match raw.and_then(|d| d.canary.as_ref()) {
+        None => None,
+        Some(toml::Value::Integer(n)) if (1..=99).contains(n) => Some(*n as u8),
+        Some(v) => {
+            return Err((
+                "deploy.canary",
+                format!("expected the percentage of requests the new release gets during its bake, 1 to 99, got {v}"),
+            ))
+        }
+    };
+    if canary.is_some() && bake.is_zero() {
+        return Err((
+            "deploy.canary",
+            "a canary needs a `bake` (the time it runs before the new release gets every request)"
+                .into(),
+        ));
+    }
     let batches = raw.and_then(|d| d.batches.as_deref());
     Ok(DeployConfig {
         batches: parse_batches(batches, hosts).map_err(|m| ("deploy.batches", m))?,
         bake,
         max_error_rate_ppm: (rate * 1e6).round() as u32,
+        max_p99,
+        canary,
     })
 }
 
@@ -574,6 +614,12 @@ impl Config {
                 Some(n) => Err(err(key, format!("expected a positive number, got {n}"))),
             }
         };
+        if deploy.canary.is_some() {
+            return Err(err(
+                "deploy.canary",
+                "a canary is for container apps (the edge proxy splits the requests)".into(),
+            ));
+        }
         let files = FilesConfig {
             source: files.source.as_deref().map(resolve),
             root,
@@ -667,6 +713,12 @@ impl Config {
             return Err(err(
                 "health.path",
                 format!("expected a path like \"/up\", got {path:?}"),
+            ));
+        }
+        if deploy.canary.is_some() && container.strategy == crate::container::Strategy::Hold {
+            return Err(err(
+                "deploy.canary",
+                "a canary needs the old container running beside the new one: strategy \"blue-green\", not \"hold\"".into(),
             ));
         }
         let listen: std::net::SocketAddr = proxy.listen.parse().expect("validated");
@@ -1893,6 +1945,43 @@ interval = "100ms"
             e.contains("`deploy.max_error_rate`: expected a share from 0 to 1"),
             "{e}"
         );
+        let c = parse("[4]\nbake = \"1m\"\nmax_p99 = \"250ms\"").unwrap();
+        assert_eq!(c.deploy.max_p99, Some(Duration::from_millis(250)));
+        assert_eq!(c.deploy.canary, None);
+        for (bad, says) in [
+            ("max_p99 = \"fast\"", "`deploy.max_p99`"),
+            (
+                "max_p99 = \"0s\"",
+                "`deploy.max_p99`: expected a duration above 0",
+            ),
+            (
+                "bake = \"1m\"\ncanary = 100",
+                "`deploy.canary`: expected the percentage",
+            ),
+            (
+                "bake = \"1m\"\ncanary = \"10%\"",
+                "`deploy.canary`: expected the percentage",
+            ),
+            ("canary = 10", "`deploy.canary`: a canary needs a `bake`"),
+        ] {
+            let e = parse(&format!("[4]\n{bad}")).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = parse("[4]\nbake = \"1m\"\ncanary = 10")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("`deploy.canary`: a canary is for container apps (the edge proxy splits the requests)"),
+            "{e}"
+        );
+        let hold = format!("{CONTAINER}[deploy]\nbake = \"1m\"\ncanary = 10\n");
+        let e = Config::parse(Path::new("/c.toml"), &hold, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`deploy.canary`: a canary needs the old container running beside the new one: strategy \"blue-green\", not \"hold\""), "{e}");
+        let bg = hold.replace("strategy = \"hold\"", "strategy = \"blue-green\"");
+        let c = Config::parse(Path::new("/c.toml"), &bg, None).unwrap();
+        assert_eq!(c.deploy.canary, Some(10));
     }
 
     #[test]

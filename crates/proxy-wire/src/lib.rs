@@ -11,6 +11,9 @@
 //! {"op":"resume","service":"api"}                    {"result":"resumed","service":"api","released":3}
 //! {"op":"status"}                                    {"result":"status","pid":..,"services":[..]}
 //! {"op":"remove","service":"api"}                    {"result":"removed","service":"api"}
+//! {"op":"canary","service":"api","target":"127.0.0.1:41003","health_path":"/up","percent":10}
+//!                                                    {"result":"canary","service":"api","percent":10,...}
+//! {"op":"stats","service":"api"}                     {"result":"stats","service":"api","targets":[..]}
 //! anything that fails                                {"result":"error","error":"no such service: api"}
 //! ```
 //!
@@ -52,7 +55,33 @@ pub enum Request {
         /// The service.
         service: String,
     },
+    /// Gate a new target, then send `percent` of the service's new requests to it (the rest
+    /// stay on the current target) until a deploy: a deploy of the canary's target makes it
+    /// current (its counts kept), a deploy of anything else (the current target included)
+    /// ends the canary.
+    Canary(CanaryRequest),
+    /// Cumulative per-target counts of a service (current, canary and the previous target).
+    Stats {
+        /// The service.
+        service: String,
+    },
 }
+
+/// The body of a canary request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryRequest {
+    /// Share of new requests for the canary, 1..=99.
+    pub percent: u8,
+    /// Service, target, health path and gate options, as for a deploy.
+    #[serde(flatten)]
+    pub deploy: DeployRequest,
+}
+
+/// Upper bounds, in milliseconds, of the latency buckets of [`TargetStats::latency`] (one more
+/// bucket counts everything slower). Fixed: reports of different proxies can be compared.
+pub const LATENCY_BOUNDS_MS: [u64; 14] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000,
+];
 
 /// The body of a deploy request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +170,10 @@ pub enum Response {
         /// The service.
         service: String,
     },
+    /// A canary passed its gate and now gets its share of new requests.
+    Canary(CanaryReport),
+    /// Per-target counts of a service.
+    Stats(StatsReport),
     /// The request failed; nothing was changed unless the message says otherwise.
     Error {
         /// What went wrong.
@@ -176,6 +209,114 @@ pub struct DeployReport {
     /// Set if the switch happened but the state file could not be written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_error: Option<String>,
+}
+
+/// What a canary request did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryReport {
+    /// The service.
+    pub service: String,
+    /// The canary target.
+    pub target: String,
+    /// The current target, which keeps the rest of the requests.
+    pub current: String,
+    /// The canary's share of new requests.
+    pub percent: u8,
+    /// How long the health gate took.
+    pub health_ms: u64,
+    /// Health probes sent.
+    pub health_probes: u32,
+}
+
+/// A service's per-target counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsReport {
+    /// The service.
+    pub service: String,
+    /// Its current target, its canary (if any) and the target before the current one (if
+    /// any), each counted since it was installed.
+    pub targets: Vec<TargetStats>,
+}
+
+impl StatsReport {
+    /// The counts of the target with this role (`current`, `canary`, `previous`).
+    pub fn role(&self, role: &str) -> Option<&TargetStats> {
+        self.targets.iter().find(|t| t.role == role)
+    }
+
+    /// The counts of the newest stint of `target` (by address).
+    pub fn target(&self, target: &str) -> Option<&TargetStats> {
+        self.targets
+            .iter()
+            .filter(|t| t.target == target)
+            .max_by_key(|t| t.id)
+    }
+}
+
+/// One target's cumulative counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetStats {
+    /// Tells stints apart: an address installed again gets a new id and counts from zero.
+    pub id: u64,
+    /// The target, `host:port`.
+    pub target: String,
+    /// `current`, `canary` or `previous`.
+    pub role: String,
+    /// Requests forwarded to it that ended (answered or failed).
+    pub requests: u64,
+    /// Of those, answered with a 5xx status by the target.
+    pub errors_5xx: u64,
+    /// Of those, not answered (connect, read or time-out failures; the client got 502/504).
+    pub failures: u64,
+    /// Requests by time to the response head, one count per [`LATENCY_BOUNDS_MS`] bucket and
+    /// a last one for slower.
+    pub latency: Vec<u64>,
+}
+
+impl TargetStats {
+    /// The counts since `earlier` (a report of the same stint; else all of these counts).
+    pub fn since(&self, earlier: Option<&TargetStats>) -> TargetStats {
+        let Some(e) = earlier.filter(|e| e.id == self.id) else {
+            return self.clone();
+        };
+        TargetStats {
+            id: self.id,
+            target: self.target.clone(),
+            role: self.role.clone(),
+            requests: self.requests.saturating_sub(e.requests),
+            errors_5xx: self.errors_5xx.saturating_sub(e.errors_5xx),
+            failures: self.failures.saturating_sub(e.failures),
+            latency: self
+                .latency
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.saturating_sub(e.latency.get(i).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    /// Failed or 5xx requests over all requests; `None` without requests.
+    pub fn error_rate(&self) -> Option<f64> {
+        (self.requests > 0).then(|| (self.errors_5xx + self.failures) as f64 / self.requests as f64)
+    }
+
+    /// The upper bound of the bucket holding the 99th percentile, in ms (`u64::MAX` when it
+    /// is slower than the last bound); `None` without requests.
+    pub fn p99_ms(&self) -> Option<u64> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = total - total / 100;
+        let mut seen = 0;
+        for (i, c) in self.latency.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        Some(u64::MAX)
+    }
 }
 
 /// What a pause did.
@@ -296,6 +437,24 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+        let canary: Request = serde_json::from_str(
+            r#"{"op":"canary","service":"api","target":"127.0.0.1:9","health_path":"/up","percent":10}"#,
+        )
+        .unwrap();
+        let Request::Canary(c) = &canary else {
+            panic!("{canary:?}")
+        };
+        assert_eq!((c.percent, c.deploy.target.as_str()), (10, "127.0.0.1:9"));
+        assert_eq!(c.deploy.options, DeployOptions::default());
+        let back: Request = serde_json::from_str(&serde_json::to_string(&canary).unwrap()).unwrap();
+        assert_eq!(back, canary);
+        assert_eq!(
+            serde_json::to_string(&Request::Stats {
+                service: "api".into()
+            })
+            .unwrap(),
+            r#"{"op":"stats","service":"api"}"#
+        );
     }
 
     /// The exact bytes a controller sends today: a proxy already installed on a host parses
@@ -429,5 +588,38 @@ mod tests {
             "{text}"
         );
         assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), with_tls);
+    }
+
+    #[test]
+    fn stats_diff_into_a_window_with_its_rate_and_p99() {
+        let at = |requests, errors_5xx, failures, fast, slow| TargetStats {
+            id: 3,
+            target: "127.0.0.1:2".into(),
+            role: "current".into(),
+            requests,
+            errors_5xx,
+            failures,
+            latency: {
+                let mut l = vec![0; LATENCY_BOUNDS_MS.len() + 1];
+                l[0] = fast;
+                l[9] = slow;
+                l
+            },
+        };
+        let before = at(1000, 10, 0, 1000, 0);
+        let after = at(1200, 50, 2, 1190, 10);
+        let w = after.since(Some(&before));
+        assert_eq!((w.requests, w.errors_5xx, w.failures), (200, 40, 2));
+        assert_eq!(w.error_rate(), Some(0.21));
+        // 190 of 200 within 1 ms, 10 within 1000 ms: the 198th is a slow one.
+        assert_eq!(w.p99_ms(), Some(1000));
+        // Another stint of the same address: the earlier report does not apply.
+        let other = TargetStats { id: 4, ..before };
+        assert_eq!(after.since(Some(&other)), after);
+        assert_eq!(at(0, 0, 0, 0, 0).error_rate(), None);
+        assert_eq!(at(0, 0, 0, 0, 0).p99_ms(), None);
+        let mut all_slow = at(5, 0, 0, 0, 0);
+        all_slow.latency[LATENCY_BOUNDS_MS.len()] = 5;
+        assert_eq!(all_slow.p99_ms(), Some(u64::MAX));
     }
 }

@@ -309,6 +309,8 @@ async fn execute(proxy: &Proxy, req: Request) -> Response {
             .remove(&service)
             .await
             .map(|()| Response::Removed { service }),
+        Request::Canary(c) => proxy.canary(&c).await.map(Response::Canary),
+        Request::Stats { service } => proxy.stats(&service).map(Response::Stats),
     };
     result.unwrap_or_else(|e| Response::Error {
         error: e.to_string(),

@@ -557,6 +557,7 @@ pub(crate) async fn handle(
     // keep-alive connection under our feet), only if it has no body and an idempotent
     // method, from a copy of its head.
     let mut retried = false;
+    let sent_at = std::time::Instant::now();
     let result = loop {
         let mut conn = match upstream::take(&target.addr, limits.upstream_connect_timeout).await {
             Ok(c) => c,
@@ -599,6 +600,9 @@ pub(crate) async fn handle(
     let mut resp = match result {
         Ok((mut resp, sender)) => {
             target.count_served();
+            target
+                .stats
+                .answered(resp.status().as_u16(), sent_at.elapsed());
             if let (StatusCode::SWITCHING_PROTOCOLS, Some((client_up, websocket))) =
                 (resp.status(), client_upgrade)
             {
@@ -633,6 +637,7 @@ pub(crate) async fn handle(
             client_body_fault(fault, &service.name)
         }
         Err(Failure::TimedOut) => {
+            target.stats.failed(sent_at.elapsed());
             log::line(format_args!(
                 "upstream {} for service {}: no response head within {} ms",
                 target.addr,
@@ -645,6 +650,7 @@ pub(crate) async fn handle(
             )
         }
         Err(Failure::Upstream(e)) => {
+            target.stats.failed(sent_at.elapsed());
             log::line(format_args!(
                 "upstream {} for service {} failed: {e}",
                 target.addr, service.name,

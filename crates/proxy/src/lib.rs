@@ -33,6 +33,7 @@
 
 mod access;
 mod acme;
+mod canary;
 mod certs;
 mod control;
 mod forward;
@@ -40,6 +41,7 @@ mod headers;
 mod limits;
 mod log;
 mod state;
+mod stats;
 mod switch;
 mod table;
 mod tls;
@@ -62,8 +64,9 @@ pub use control::{bind_control, control_request, control_request_blocking, Contr
 /// The control protocol's wire types live in `cutover-proxy-wire` (serde only), so that the
 /// controller side can speak the protocol without this crate's HTTP stack.
 pub use cutover_proxy_wire::{
-    CertificateStatus, DeployOptions, DeployReport, DeployRequest, PauseReport, Request, Response,
-    ServiceStatus, StatusReport,
+    CanaryReport, CanaryRequest, CertificateStatus, DeployOptions, DeployReport, DeployRequest,
+    PauseReport, Request, Response, ServiceStatus, StatsReport, StatusReport, TargetStats,
+    LATENCY_BOUNDS_MS,
 };
 pub use tls::{AcmeConfig, TlsMode, LETS_ENCRYPT};
 
@@ -254,6 +257,17 @@ impl Proxy {
     /// Removes a service (its held requests get a 404).
     pub async fn remove(&self, service: &str) -> Result<(), Error> {
         switch::remove(&self.inner, service).await
+    }
+
+    /// Gates `req.deploy.target`, then sends `req.percent` of the service's new requests to
+    /// it; the next [`Proxy::deploy`] promotes it (same target) or ends it (any other).
+    pub async fn canary(&self, req: &CanaryRequest) -> Result<CanaryReport, Error> {
+        canary::canary(&self.inner, req).await
+    }
+
+    /// Cumulative per-target counts of `service`.
+    pub fn stats(&self, service: &str) -> Result<StatsReport, Error> {
+        canary::stats(&self.inner, service)
     }
 
     /// Services, targets, pause state and counters.

@@ -86,7 +86,7 @@ impl Shared {
         self.closing.load(Ordering::Relaxed)
     }
 
-    fn service_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn service_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.service_locks
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -117,7 +117,7 @@ impl Shared {
     }
 }
 
-fn check_health_path(path: &str) -> Result<PathAndQuery, Error> {
+pub(crate) fn check_health_path(path: &str) -> Result<PathAndQuery, Error> {
     if !path.starts_with('/') {
         return Err(Error::Invalid(format!(
             "health path {path:?} must start with /"
@@ -159,9 +159,17 @@ pub(crate) async fn deploy(
     let swapped = Instant::now();
     let switched_at = SystemTime::now();
     let state_error = shared.persist_logged().await;
-    let (drained, in_flight_left) = match &installed.previous {
-        Some(old) => drain(old, opts.drain, true).await,
-        None => (true, 0),
+    // A canary ended without becoming current drains like an old target.
+    let (drained, in_flight_left) = match (&installed.previous, &installed.ended_canary) {
+        (Some(old), None) | (None, Some(old)) => drain(old, opts.drain, true).await,
+        (Some(old), Some(canary)) => {
+            let (a, b) = tokio::join!(
+                drain(old, opts.drain, true),
+                drain(canary, opts.drain, true)
+            );
+            (a.0 && b.0, a.1 + b.1)
+        }
+        (None, None) => (true, 0),
     };
     let drain_ms = swapped.elapsed().as_millis() as u64;
     let report = DeployReport {
@@ -202,13 +210,13 @@ pub(crate) async fn deploy(
 }
 
 /// A passed gate.
-struct Gate {
-    took: Duration,
-    probes: u32,
+pub(crate) struct Gate {
+    pub(crate) took: Duration,
+    pub(crate) probes: u32,
 }
 
 /// Probes `GET http://target/path` (with `Host: host`, else the target) until `healthy_after` consecutive 2xx answers.
-async fn health_gate(
+pub(crate) async fn health_gate(
     client: &Upstream,
     target: &str,
     host: Option<&str>,
@@ -292,7 +300,7 @@ async fn probe(
 /// Waits for the old target's in-flight requests to finish, up to `limit`; then, with
 /// `retire`, closes what is still open on it (upgraded connections). Returns (drained,
 /// in-flight left).
-async fn drain(old: &Target, limit: Duration, retire: bool) -> (bool, usize) {
+pub(crate) async fn drain(old: &Target, limit: Duration, retire: bool) -> (bool, usize) {
     let deadline = Instant::now() + limit;
     loop {
         let n = old.in_flight();

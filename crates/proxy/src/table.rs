@@ -13,6 +13,9 @@
 //!   (backing off if paused), and a pause sets the flag before reading the in-flight counter;
 //!   so once a pause has seen the current target's counter at 0, no request reaches it until
 //!   resume.
+//! - A canary lives in the same lock as the current target: a request picks current or canary
+//!   once, in [`Service::acquire`], and keeps it; promoting the canary is the same one-pointer
+//!   swap (to the canary's own `Target`, so its counts carry on), and any install ends it.
 //! - A domain belongs to at most one service.
 //! - Locks are held only for map or pointer work and never across an `.await`.
 
@@ -32,6 +35,10 @@ use crate::Error;
 pub(crate) struct Target {
     /// `host:port`, validated by [`parse_target`].
     pub(crate) addr: String,
+    /// Unique per stint (see `stats`).
+    pub(crate) id: u64,
+    /// What this target answered (see `stats`).
+    pub(crate) stats: crate::stats::Stats,
     in_flight: AtomicUsize,
     served: AtomicU64,
     /// Turns true when a switch away from this target reached its drain deadline: what is
@@ -41,8 +48,11 @@ pub(crate) struct Target {
 
 impl Target {
     pub(crate) fn new(addr: String) -> Arc<Target> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Arc::new(Target {
             addr,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            stats: crate::stats::Stats::default(),
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             retired: watch::channel(false).0,
@@ -107,7 +117,7 @@ impl Drop for Held<'_> {
 #[derive(Debug)]
 pub(crate) struct Service {
     pub(crate) name: String,
-    current: RwLock<Arc<Target>>,
+    route: RwLock<Route>,
     paused: watch::Sender<bool>,
     hold_ms: AtomicU64,
     held: AtomicUsize,
@@ -116,11 +126,25 @@ pub(crate) struct Service {
     removed: AtomicBool,
 }
 
+/// Where a service's new requests go.
+#[derive(Debug)]
+struct Route {
+    current: Arc<Target>,
+    /// A canary and its percentage of new requests.
+    canary: Option<(Arc<Target>, u8)>,
+    /// The target before the current one (for its counts).
+    previous: Option<Arc<Target>>,
+}
+
 impl Service {
     fn new(name: String, target: Arc<Target>) -> Arc<Service> {
         Arc::new(Service {
             name,
-            current: RwLock::new(target),
+            route: RwLock::new(Route {
+                current: target,
+                canary: None,
+                previous: None,
+            }),
             paused: watch::Sender::new(false),
             hold_ms: AtomicU64::new(0),
             held: AtomicUsize::new(0),
@@ -130,13 +154,21 @@ impl Service {
         })
     }
 
-    /// The current target, counted as in flight until the guard drops.
+    /// The current target (or, for its share of requests, the canary), counted as in flight
+    /// until the guard drops.
     pub(crate) fn acquire(&self) -> InFlight {
-        let current = read(&self.current);
-        current.in_flight.fetch_add(1, Ordering::SeqCst);
+        let route = read(&self.route);
+        let target = match &route.canary {
+            // A random pick per request (a fixed rotation could line up with a client's
+            // own pattern, e.g. every second request of a page always on the old target).
+            Some((canary, percent)) if roll_percent() < u64::from(*percent) => canary,
+            Some(_) => &route.current,
+            None => &route.current,
+        };
+        target.in_flight.fetch_add(1, Ordering::SeqCst);
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight {
-            target: current.clone(),
+            target: target.clone(),
             service: self.in_flight.clone(),
         }
     }
@@ -148,12 +180,35 @@ impl Service {
 
     /// The current target.
     pub(crate) fn current(&self) -> Arc<Target> {
-        read(&self.current).clone()
+        read(&self.route).current.clone()
     }
 
-    /// The switch: replaces the current target, returns the old one.
+    /// The canary and its percentage, if there is one.
+    pub(crate) fn canary(&self) -> Option<(Arc<Target>, u8)> {
+        read(&self.route).canary.clone()
+    }
+
+    /// Current, canary and previous target, with those role names.
+    pub(crate) fn targets(&self) -> Vec<(Arc<Target>, &'static str)> {
+        let route = read(&self.route);
+        let mut out = vec![(route.current.clone(), "current")];
+        out.extend(route.canary.iter().map(|(c, _)| (c.clone(), "canary")));
+        out.extend(route.previous.iter().map(|p| (p.clone(), "previous")));
+        out
+    }
+
+    /// The switch: replaces the current target (ending any canary), returns the old one.
     fn swap(&self, new: Arc<Target>) -> Arc<Target> {
-        std::mem::replace(&mut *write(&self.current), new)
+        let mut route = write(&self.route);
+        route.canary = None;
+        let old = std::mem::replace(&mut route.current, new);
+        route.previous = Some(old.clone());
+        old
+    }
+
+    /// Ends the canary, if any, and returns it.
+    fn end_canary(&self) -> Option<Arc<Target>> {
+        write(&self.route).canary.take().map(|(c, _)| c)
     }
 
     /// Starts holding new requests for up to `hold` each. Returns whether it was paused.
@@ -219,6 +274,8 @@ pub(crate) struct Installed {
     pub(crate) created: bool,
     /// The target that was current before, if the pointer was swapped.
     pub(crate) previous: Option<Arc<Target>>,
+    /// A canary this install ended without making it current (to be drained).
+    pub(crate) ended_canary: Option<Arc<Target>>,
 }
 
 /// A service as persisted and reported.
@@ -330,17 +387,29 @@ impl Table {
             Some(service) if service.current().addr == target => Installed {
                 created: false,
                 previous: None,
+                ended_canary: service.end_canary(),
             },
-            Some(service) => Installed {
-                created: false,
-                previous: Some(service.swap(Target::new(target.to_string()))),
-            },
+            Some(service) => {
+                // Promoting the canary keeps its `Target` (and its counts).
+                let new = match service.canary() {
+                    Some((canary, _)) if canary.addr == target => canary,
+                    _ => Target::new(target.to_string()),
+                };
+                let canary = service.canary().map(|(c, _)| c);
+                let previous = service.swap(new.clone());
+                Installed {
+                    created: false,
+                    previous: Some(previous),
+                    ended_canary: canary.filter(|c| !Arc::ptr_eq(c, &new)),
+                }
+            }
             None => {
                 let service = Service::new(name.to_string(), Target::new(target.to_string()));
                 inner.services.insert(name.to_string(), service);
                 Installed {
                     created: true,
                     previous: None,
+                    ended_canary: None,
                 }
             }
         };
@@ -351,6 +420,32 @@ impl Table {
             }
         }
         Ok(installed)
+    }
+
+    /// Sends `percent` of `name`'s new requests to `target` (replacing any canary) and returns
+    /// the current target and the canary replaced, if any. The service must exist and
+    /// `target` must not be its current target.
+    pub(crate) fn set_canary(
+        &self,
+        name: &str,
+        target: &str,
+        percent: u8,
+    ) -> Result<(Arc<Target>, Option<Arc<Target>>), Error> {
+        let inner = read(&self.inner);
+        let service = inner
+            .services
+            .get(name)
+            .ok_or_else(|| Error::UnknownService(name.to_string()))?;
+        let mut route = write(&service.route);
+        if route.current.addr == target {
+            return Err(Error::Invalid(format!(
+                "canary {target} is already the current target of {name}"
+            )));
+        }
+        let replaced = route
+            .canary
+            .replace((Target::new(target.to_string()), percent));
+        Ok((route.current.clone(), replaced.map(|(c, _)| c)))
     }
 
     /// Removes a service and its domains; its held requests are released and answered 404.
@@ -385,6 +480,30 @@ impl Table {
             })
             .collect()
     }
+}
+
+/// A uniform number in 0..100 from a per-thread xorshift generator (not for secrets: it only
+/// spreads requests).
+fn roll_percent() -> u64 {
+    use std::cell::Cell;
+    static SEED: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            (SEED.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) ^ nanos) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        // The high bits of a multiply: uniform enough for a percentage.
+        ((u128::from(x) * 100) >> 64) as u64
+    })
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -607,5 +726,56 @@ mod tests {
         drop(g2);
         assert_eq!(s.in_flight(), 0);
         assert_eq!(s.requests(), 1);
+    }
+
+    #[test]
+    fn a_canary_gets_its_share_and_promotion_keeps_its_target() {
+        let t = Table::default();
+        t.install("a", "127.0.0.1:1", &[]).unwrap();
+        assert!(t.set_canary("a", "127.0.0.1:1", 10).is_err());
+        assert!(t.set_canary("b", "127.0.0.1:2", 10).is_err());
+        let (current, replaced) = t.set_canary("a", "127.0.0.1:2", 10).unwrap();
+        assert_eq!(current.addr, "127.0.0.1:1");
+        assert!(replaced.is_none());
+        let s = t.get("a").unwrap();
+        let picks: Vec<String> = (0..10_000)
+            .map(|_| s.acquire().target().addr.clone())
+            .collect();
+        let to_canary = picks.iter().filter(|a| *a == "127.0.0.1:2").count();
+        // 10% of 10,000 (one standard deviation is 30).
+        assert!((850..=1150).contains(&to_canary), "{to_canary}");
+        // No fixed pattern: even and odd requests both reach the canary about as often.
+        let even = picks
+            .iter()
+            .step_by(2)
+            .filter(|a| *a == "127.0.0.1:2")
+            .count();
+        assert!((400..=600).contains(&even), "{even} of {to_canary}");
+        let canary = s.canary().unwrap().0;
+        let roles: Vec<_> = s
+            .targets()
+            .iter()
+            .map(|(t, r)| (t.addr.clone(), *r))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("127.0.0.1:1".to_string(), "current"),
+                ("127.0.0.1:2".to_string(), "canary")
+            ]
+        );
+        // Promotion: the canary's own target becomes current.
+        let inst = t.install("a", "127.0.0.1:2", &[]).unwrap();
+        assert_eq!(inst.previous.unwrap().addr, "127.0.0.1:1");
+        assert!(inst.ended_canary.is_none());
+        assert!(Arc::ptr_eq(&s.current(), &canary));
+        assert!(s.canary().is_none());
+        assert_eq!(s.targets()[1].1, "previous");
+        // A canary ended by installing the current target again.
+        t.set_canary("a", "127.0.0.1:3", 50).unwrap();
+        let inst = t.install("a", "127.0.0.1:2", &[]).unwrap();
+        assert!(inst.previous.is_none());
+        assert_eq!(inst.ended_canary.unwrap().addr, "127.0.0.1:3");
+        assert!((0..10).all(|_| s.acquire().target().addr == "127.0.0.1:2"));
     }
 }

@@ -273,6 +273,25 @@ fn human(resp: &Response) {
                 println!("  {line}");
             }
         }
+        Response::Canary(c) => println!(
+            "{}: {}% of new requests -> {} (the rest stay on {}; gate {} ms, {} probes)",
+            c.service, c.percent, c.target, c.current, c.health_ms, c.health_probes
+        ),
+        Response::Stats(s) => {
+            println!("{}:", s.service);
+            for t in &s.targets {
+                println!(
+                    "  {} {}: {} requests, {} 5xx, {} failed, p99 {}",
+                    t.role,
+                    t.target,
+                    t.requests,
+                    t.errors_5xx,
+                    t.failures,
+                    t.p99_ms()
+                        .map_or("-".to_string(), |ms| format!("<= {ms} ms"))
+                );
+            }
+        }
         Response::Error { error } => eprintln!("error: {error}"),
     }
 }

@@ -347,3 +347,195 @@ fn kill_9_mid_deploy_then_a_successful_run() {
         );
     }
 }
+
+/// An image whose `/up` is healthy and whose `/cgi-bin/app` answers `TAG`, or, with
+/// `fail_every = n`, a 500 to every n-th request (a busybox httpd CGI with a counter).
+fn cgi_image(w: &World, tag: &str, fail_every: Option<u32>) {
+    let script = format!(
+        "#!/bin/sh\nn=$(cat /tmp/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /tmp/n\n\
+         if [ {} -ne 0 ] && [ $((n % {})) -eq 0 ]; then\n\
+         printf 'HTTP/1.1 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\n\\r\\nboom\\n'\n\
+         else\n\
+         printf 'HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n{tag}\\n'\n\
+         fi\n",
+        fail_every.unwrap_or(0),
+        fail_every.unwrap_or(1),
+    );
+    let start = b"#!/bin/sh\ntrap 'exit 0' TERM INT\nhttpd -f -p 8080 -h /www &\nwait\n";
+    w.lab().build_image_with(
+        &format!("web:{tag}"),
+        &[
+            ("www/index.html", format!("{tag}\n").as_bytes()),
+            ("www/up", b"ok\n"),
+            ("www/cgi-bin/app", script.as_bytes()),
+            ("start.sh", start),
+        ],
+        &["CMD [\"/start.sh\"]", "EXPOSE 8080/tcp"],
+    );
+}
+
+/// The last 40 lines of host `i`'s proxy log (for a failure's message).
+fn proxy_log_tail(w: &World, i: usize) -> String {
+    let log =
+        std::fs::read_to_string(w.lab().srv_dir(i).join("cutover/proxy.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Real requests to `/cgi-bin/app` on every host, keep-alive to the proxy.
+fn app_load(w: &World) -> testlab::Load {
+    let targets: Vec<_> = (0..w.hosts()).map(|i| w.http_addr(i)).collect();
+    testlab::Load::start(testlab::LoadOptions {
+        path: "/cgi-bin/app".into(),
+        // Busybox httpd closes every connection: each request is a new upstream connection
+        // (through docker-proxy), so the rate stays modest (about 40 a second per host).
+        workers_per_target: 1,
+        pause: Duration::from_millis(20),
+        ..testlab::LoadOptions::new(targets)
+    })
+}
+
+#[test]
+fn a_release_failing_real_requests_is_caught_by_its_canary_bake_and_a_good_one_is_promoted() {
+    let w = World::containers(2, "blue-green")
+        .set("deploy", "batches", "[1, \"100%\"]")
+        .set("deploy", "bake", "\"8s\"")
+        .set("deploy", "max_error_rate", "0.05")
+        .start();
+    cgi_image(&w, "good", None);
+    cgi_image(&w, "flaky", Some(5));
+    cgi_image(&w, "better", None);
+    let good = w.deploy_ok("good");
+
+    // A canary of 50% during the bake: /up is healthy, 20% of real requests get a 500.
+    w.configure(|t| {
+        t.set("deploy", "canary", "50");
+    });
+    let load = app_load(&w);
+    assert!(load.wait_for_ok(100, Duration::from_secs(30)));
+    let r = w.run(&["deploy", "--events", "--image", "flaky"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let events: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let outcome = events.last().unwrap();
+    let flaky = outcome["release"].as_str().unwrap().to_string();
+    let msg = outcome["message"].as_str().unwrap_or_default();
+    let host0 = w.lab().destination(0);
+    // Caught in the first batch: only host 0 baked; both releases' rates are named.
+    assert!(
+        msg.starts_with(&format!(
+            "release {flaky} passed its health gate but failed its bake:\n  {host0}: new release {flaky}: "
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("; old release {good}: 0 of ")),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("above max_error_rate 0.05 and the old release's rate"),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with(&format!(
+            "Every host was switched back to {good} and passed its health gate again."
+        )),
+        "{msg}"
+    );
+    let bake_failed = events
+        .iter()
+        .find(|e| e["step"] == "bake" && e["state"] == "failed" && e["host"] == host0.as_str())
+        .unwrap_or_else(|| panic!("a failed bake event for {host0}: {}", r.stdout));
+    assert!(
+        bake_failed["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("new release {flaky}: ")),
+        "{bake_failed}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["step"] == "bake" && e["host"] != host0.as_str() && e["host"].is_string()),
+        "the second batch never baked: {}",
+        r.stdout
+    );
+    w.assert_all_serve("good");
+    assert_eq!(w.history()[0]["status"], "rolled_back");
+    let bad = load.stop();
+    // The only failures the load saw were the flaky release's own 500s, during its canary.
+    assert!(bad.failed > 0, "the canary got real requests");
+    assert!(
+        bad.failures.iter().all(|f| f.contains("HTTP 500: boom")),
+        "{:?}",
+        bad.failures
+    );
+    assert!(bad.bodies.contains_key("good"), "{:?}", bad.bodies);
+
+    // A good release: baked as a canary on each batch, then promoted; no request fails.
+    let load = app_load(&w);
+    assert!(load.wait_for_ok(100, Duration::from_secs(30)));
+    let r = w.run(&["deploy", "--events", "--image", "better"]);
+    if r.code != 0 {
+        println!("host 0 proxy log:\n{}", proxy_log_tail(&w, 0));
+    }
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let baked: Vec<String> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["step"] == "bake" && e["state"] == "done" && e["host"].is_string())
+        .map(|e| e["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(baked.len(), 2, "{}", r.stdout);
+    for d in &baked {
+        assert!(d.contains("; old release "), "{d}");
+        assert!(d.contains("canary promoted to every request"), "{d}");
+    }
+    assert!(load.wait_for_ok(100, Duration::from_secs(30)));
+    let ok = load.stop();
+    if ok.failed > 0 {
+        println!("host 0 proxy log:\n{}", proxy_log_tail(&w, 0));
+    }
+    ok.assert_no_failures();
+    assert!(
+        ok.bodies.contains_key("better") && ok.bodies.contains_key("good"),
+        "{:?}",
+        ok.bodies
+    );
+    w.assert_all_serve("better");
+
+    // Without a canary the first batch's host takes every request at once; its error rate
+    // over the bake is compared with the old release's before the switch.
+    w.configure(|t| {
+        t.unset("deploy", "canary");
+    });
+    cgi_image(&w, "flaky2", Some(5));
+    let better = w.history()[0]["id"].as_str().unwrap().to_string();
+    let load = app_load(&w);
+    assert!(load.wait_for_ok(100, Duration::from_secs(30)));
+    let r = w.deploy_image("flaky2");
+    assert_eq!(r.code, 1, "{}", r.json);
+    let flaky2 = r.release();
+    let msg = r.message();
+    assert!(
+        msg.starts_with(&format!(
+            "release {flaky2} passed its health gate but failed its bake:\n  {host0}: new release {flaky2}: "
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("; old release {better}: 0 of ")),
+        "{msg}"
+    );
+    w.assert_all_serve("better");
+    let seen = load.stop();
+    assert!(
+        seen.failures.iter().all(|f| f.contains("HTTP 500: boom")),
+        "{:?}",
+        seen.failures
+    );
+}

@@ -741,7 +741,7 @@ impl<S: Switcher> Run<'_, S> {
             }
             let bake = self.env.config.deploy.bake;
             if why.is_empty() && !bake.is_zero() {
-                why = self.bake(out, &hosts[batch.clone()], to, bake, &what);
+                why = self.bake(out, &hosts[batch.clone()], previous, to, bake, &what);
                 failed_at = FailedAt::Bake;
             }
             let state = if why.is_empty() {
@@ -779,6 +779,7 @@ impl<S: Switcher> Run<'_, S> {
         &self,
         out: &mut Outcome,
         hosts: &[HostCx<'_>],
+        from: Option<&Target<S::Snap>>,
         to: &Target<S::Snap>,
         window: std::time::Duration,
         what: &str,
@@ -792,7 +793,7 @@ impl<S: Switcher> Run<'_, S> {
         let baked = par_map(hosts.len(), self.parallel(), |k| {
             let h = &hosts[k];
             h.ev(Step::Bake, State::Start, &self.sw.gate_target(to));
-            let r = self.sw.bake(h, to, window, rate);
+            let r = self.sw.bake(h, from, to, window, rate);
             match &r {
                 Ok(m) => h.ev(Step::Bake, State::Done, m),
                 Err(e) => h.ev(Step::Bake, State::Failed, e),

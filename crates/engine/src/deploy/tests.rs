@@ -197,6 +197,7 @@ impl Switcher for FakeSwitcher {
     fn bake(
         &self,
         h: &HostCx<'_>,
+        _from: Option<&Target<String>>,
         to: &Target<String>,
         _window: std::time::Duration,
         _max_error_rate: f64,

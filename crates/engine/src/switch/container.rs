@@ -24,7 +24,9 @@ use cutover_core::config::ContainerApp;
 use cutover_core::container::Strategy;
 use cutover_core::{Config, State, Step};
 use cutover_docker as docker;
-use cutover_proxy_wire::{DeployOptions, DeployRequest, Request, Response};
+use cutover_proxy_wire::{
+    CanaryRequest, DeployOptions, DeployRequest, Request, Response, StatsReport, TargetStats,
+};
 use cutover_remote::{Remote, Script};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -309,6 +311,49 @@ impl Containers<'_> {
         }
     }
 
+    /// Asks the host's proxy to gate `127.0.0.1:port` and send `percent` of the app's new
+    /// requests to it (the old container keeps the rest) until the bake promotes it.
+    fn canary(
+        &self,
+        r: &dyn Remote,
+        port: u16,
+        snap: &Snapshot,
+        percent: u8,
+    ) -> Result<String, SwitchError> {
+        let Request::Deploy(deploy) = self.deploy_request(format!("127.0.0.1:{port}"), snap, 1)
+        else {
+            unreachable!("deploy_request builds a deploy")
+        };
+        let req = Request::Canary(CanaryRequest { percent, deploy });
+        let answer = proxy_request(r, self.capp, &req).map_err(|e| {
+            if e.starts_with("proxy: ") && e.contains("health gate") {
+                SwitchError::Unhealthy(e)
+            } else {
+                SwitchError::Failed(e)
+            }
+        })?;
+        match answer {
+            Response::Canary(c) => Ok(format!(
+                "proxy canary: {}% of new requests -> {}, the rest on {} (gate {} ms)",
+                c.percent, c.target, c.current, c.health_ms
+            )),
+            other => Err(SwitchError::Failed(format!(
+                "unexpected proxy answer: {other:?}"
+            ))),
+        }
+    }
+
+    /// The proxy's per-target counts of the app on one host.
+    fn stats(&self, r: &dyn Remote) -> Result<StatsReport, String> {
+        let req = Request::Stats {
+            service: self.app().to_string(),
+        };
+        match proxy_request(r, self.capp, &req)? {
+            Response::Stats(s) => Ok(s),
+            other => Err(format!("unexpected proxy answer: {other:?}")),
+        }
+    }
+
     fn pause(&self, r: &dyn Remote, paused: bool) -> Result<(), String> {
         let service = self.app().to_string();
         let req = if paused {
@@ -552,7 +597,12 @@ impl Switcher for Containers<'_> {
                     Some(p) => p,
                     None => self.start_or_run(r, to)?,
                 };
-                self.flip(r, port, &to.snap, 1)
+                // Going forward from a running release with a canary: the new container gets
+                // its share of requests during the bake, which then promotes it.
+                match (self.config.deploy.canary, from, staged) {
+                    (Some(percent), Some(_), Some(_)) => self.canary(r, port, &to.snap, percent),
+                    _ => self.flip(r, port, &to.snap, 1),
+                }
             }
             Strategy::Hold => {
                 let exists = staged.is_none_or(|s| s.warm);
@@ -588,6 +638,66 @@ impl Switcher for Containers<'_> {
             .forward(&url.host, url.port)
             .map_err(|e| e.to_string())?;
         Ok((endpoint, spec))
+    }
+
+    /// The probing bake (so that a bake never passes on no data), judged together with the
+    /// proxy's own counts of real requests over the same window: the new release fails when
+    /// its error rate is above `max_error_rate` and above the old release's, or its p99 is
+    /// above `max_p99`. A canary is promoted once its bake passed.
+    fn bake(
+        &self,
+        h: &HostCx<'_>,
+        from: Option<&Target<Snapshot>>,
+        to: &Target<Snapshot>,
+        window: Duration,
+        max_error_rate: f64,
+    ) -> Result<String, String> {
+        let r = h.remote;
+        // A proxy too old to count answers an error: the probes alone judge.
+        let before = self.stats(r).ok();
+        let probed = super::probing_bake(self, h, to, window, max_error_rate);
+        let after = before.as_ref().and_then(|_| self.stats(r).ok());
+        let canary = after
+            .as_ref()
+            .and_then(|a| a.role("canary"))
+            .map(|c| c.target.clone());
+        let judged = match (&before, &after) {
+            (Some(b), Some(a)) => judge(
+                b,
+                a,
+                canary.is_some(),
+                &Releases {
+                    new: &to.id,
+                    old: from.map(|f| f.id.as_str()),
+                },
+                max_error_rate,
+                self.config.deploy.max_p99,
+            ),
+            _ => Judged::NoCounts,
+        };
+        let verdict = match (judged, probed) {
+            (Judged::Failed(why), Ok(p)) => Err(format!("{why} ({p})")),
+            (Judged::Failed(why), Err(p)) => Err(format!("{why}; {p}")),
+            (_, Err(p)) => Err(p),
+            (Judged::Passed(m), Ok(p)) => Ok(format!("{m}; {p}")),
+            (Judged::TooFew(m), Ok(p)) => Ok(format!("{m}: judged by probes, {p}")),
+            (Judged::NoCounts, Ok(p)) => Ok(p),
+        };
+        let passed = verdict?;
+        match canary {
+            Some(target) => {
+                let port = target
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .ok_or_else(|| format!("canary target {target:?} has no port"))?;
+                let m = self
+                    .flip(r, port, &to.snap, 1)
+                    .map_err(|e| format!("{passed}; promoting the canary failed: {}", e.text()))?;
+                Ok(format!("{passed}; canary promoted to every request: {m}"))
+            }
+            None => Ok(passed),
+        }
     }
 
     fn gate_target(&self, _to: &Target<Snapshot>) -> String {
@@ -679,5 +789,204 @@ mod tests {
         let armed = Script::new(HOLD_WATCHDOG, &args);
         assert!(armed.text().contains("sed \"s/@PORT@/$p/\""));
         let _ = Script::new(HOLD_DISARM, &[("pidfile", "/p")]);
+    }
+}
+
+/// Fewer requests than this to the new release in a bake window: the probes judge.
+const MIN_BAKE_REQUESTS: u64 = 20;
+
+/// The releases a bake compares, for its messages.
+struct Releases<'a> {
+    new: &'a str,
+    old: Option<&'a str>,
+}
+
+/// What the proxy's counts say about a bake.
+#[derive(Debug, PartialEq)]
+enum Judged {
+    Passed(String),
+    Failed(String),
+    /// Too little traffic to judge (the message says how much).
+    TooFew(String),
+    /// The proxy reported no counts.
+    NoCounts,
+}
+
+/// "12 of 240 requests failed (5.0%), p99 <= 20 ms"
+fn describe(t: &TargetStats) -> String {
+    let bad = t.errors_5xx + t.failures;
+    let rate = t.error_rate().unwrap_or(0.0) * 100.0;
+    let p99 = match t.p99_ms() {
+        None => "no p99".to_string(),
+        Some(u64::MAX) => format!(
+            "p99 > {} ms",
+            cutover_proxy_wire::LATENCY_BOUNDS_MS[cutover_proxy_wire::LATENCY_BOUNDS_MS.len() - 1]
+        ),
+        Some(ms) => format!("p99 <= {ms} ms"),
+    };
+    format!(
+        "{bad} of {} requests failed ({rate:.1}%), {p99}",
+        t.requests
+    )
+}
+
+/// Judges a bake window from two stats reports of one host's proxy: with a canary the new
+/// release is the canary and the old one the current target, over the same window; without,
+/// the new release is the current target over the window and the old one the previous
+/// target over its whole stint before the switch.
+fn judge(
+    before: &StatsReport,
+    after: &StatsReport,
+    canary: bool,
+    releases: &Releases<'_>,
+    max_error_rate: f64,
+    max_p99: Option<Duration>,
+) -> Judged {
+    let (new_role, old_role) = if canary {
+        ("canary", "current")
+    } else {
+        ("current", "previous")
+    };
+    let Some(new) = after.role(new_role) else {
+        return Judged::NoCounts;
+    };
+    let new = new.since(before.role(new_role));
+    let old = after.role(old_role).map(|o| {
+        if canary {
+            o.since(before.role(old_role))
+        } else {
+            o.clone()
+        }
+    });
+    let old_name = releases.old.unwrap_or("(none)");
+    let new_text = format!("new release {}: {}", releases.new, describe(&new));
+    let old_text = match &old {
+        Some(o) => format!("old release {old_name}: {}", describe(o)),
+        None => format!("old release {old_name}: no counts"),
+    };
+    if new.requests < MIN_BAKE_REQUESTS {
+        return Judged::TooFew(format!(
+            "{new_text}; {old_text}; under {MIN_BAKE_REQUESTS} requests"
+        ));
+    }
+    let new_rate = new.error_rate().unwrap_or(0.0);
+    let old_rate = old.as_ref().and_then(|o| o.error_rate()).unwrap_or(0.0);
+    if new_rate > max_error_rate && new_rate > old_rate {
+        return Judged::Failed(format!(
+            "{new_text}; {old_text}; above max_error_rate {max_error_rate} and the old release's rate"
+        ));
+    }
+    if let (Some(limit), Some(p99)) = (max_p99, new.p99_ms()) {
+        if u128::from(p99) > limit.as_millis() {
+            return Judged::Failed(format!(
+                "{new_text}; {old_text}; p99 above max_p99 {}",
+                cutover_core::duration::format_duration(limit)
+            ));
+        }
+    }
+    Judged::Passed(format!(
+        "{new_text}; {old_text}; within max_error_rate {max_error_rate}"
+    ))
+}
+
+#[cfg(test)]
+mod bake_tests {
+    use super::*;
+    use cutover_proxy_wire::LATENCY_BOUNDS_MS;
+
+    fn t(id: u64, role: &str, requests: u64, errors: u64, slow: u64) -> TargetStats {
+        let mut latency = vec![0; LATENCY_BOUNDS_MS.len() + 1];
+        latency[0] = requests - slow;
+        latency[8] = slow; // <= 500 ms
+        TargetStats {
+            id,
+            target: format!("127.0.0.1:{}", 40000 + id),
+            role: role.into(),
+            requests,
+            errors_5xx: errors,
+            failures: 0,
+            latency,
+        }
+    }
+
+    fn report(targets: Vec<TargetStats>) -> StatsReport {
+        StatsReport {
+            service: "web".into(),
+            targets,
+        }
+    }
+
+    const R: Releases<'static> = Releases {
+        new: "r2",
+        old: Some("r1"),
+    };
+
+    #[test]
+    fn a_new_release_failing_more_than_allowed_and_than_the_old_one_fails() {
+        let before = report(vec![t(2, "current", 0, 0, 0), t(1, "previous", 1000, 2, 0)]);
+        let after = report(vec![
+            t(2, "current", 200, 40, 0),
+            t(1, "previous", 1000, 2, 0),
+        ]);
+        assert_eq!(
+            judge(&before, &after, false, &R, 0.01, None),
+            Judged::Failed(
+                "new release r2: 40 of 200 requests failed (20.0%), p99 <= 1 ms; old release r1: 2 of 1000 requests failed (0.2%), p99 <= 1 ms; above max_error_rate 0.01 and the old release's rate".into()
+            )
+        );
+        // The old release failed as often: not the new release's fault.
+        let bad_old = report(vec![
+            t(2, "current", 200, 40, 0),
+            t(1, "previous", 1000, 300, 0),
+        ]);
+        assert!(matches!(
+            judge(&before, &bad_old, false, &R, 0.01, None),
+            Judged::Passed(_)
+        ));
+    }
+
+    #[test]
+    fn a_canary_is_compared_with_the_old_release_over_the_same_window() {
+        let before = report(vec![t(1, "current", 5000, 500, 0), t(2, "canary", 0, 0, 0)]);
+        let after = report(vec![
+            t(1, "current", 5900, 501, 0),
+            t(2, "canary", 100, 3, 0),
+        ]);
+        // 3% on the canary against 0.1% on the old release in the window (not its 10% before).
+        match judge(&before, &after, true, &R, 0.02, None) {
+            Judged::Failed(m) => assert!(
+                m.contains("old release r1: 1 of 900 requests failed (0.1%)"),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn little_traffic_is_left_to_the_probes_and_p99_is_bounded() {
+        let before = report(vec![t(2, "current", 0, 0, 0)]);
+        let few = report(vec![t(2, "current", 19, 19, 0)]);
+        assert!(matches!(
+            judge(&before, &few, false, &R, 0.01, None),
+            Judged::TooFew(m) if m.ends_with("under 20 requests")
+        ));
+        let slow = report(vec![t(2, "current", 100, 0, 5)]);
+        assert_eq!(
+            judge(&before, &slow, false, &R, 0.01, Some(Duration::from_millis(200))),
+            Judged::Failed(
+                "new release r2: 0 of 100 requests failed (0.0%), p99 <= 500 ms; old release r1: no counts; p99 above max_p99 200ms".into()
+            )
+        );
+        assert!(matches!(
+            judge(
+                &before,
+                &slow,
+                false,
+                &R,
+                0.01,
+                Some(Duration::from_secs(1))
+            ),
+            Judged::Passed(_)
+        ));
     }
 }

@@ -144,31 +144,18 @@ pub trait Switcher: Sync {
         h: &HostCx<'_>,
         to: &Target<Self::Snap>,
     ) -> Result<(cutover_remote::Endpoint, crate::gate::GateSpec), String>;
-    /// One host, after its batch's gate: probe [`Switcher::probe_at`] for `window`; `Err`
-    /// when more than `max_error_rate` of the probes failed (the host's diagnosis).
+    /// One host, after its batch's gate (`from`: the release it switched from): probe
+    /// [`Switcher::probe_at`] for `window`; `Err` when more than `max_error_rate` of the
+    /// probes failed (the host's diagnosis). Containers also judge the proxy's own counts.
     fn bake(
         &self,
         h: &HostCx<'_>,
+        _from: Option<&Target<Self::Snap>>,
         to: &Target<Self::Snap>,
         window: std::time::Duration,
         max_error_rate: f64,
     ) -> Result<String, String> {
-        let (endpoint, spec) = self.probe_at(h, to)?;
-        let r = crate::gate::run_bake(&endpoint, &spec, window, max_error_rate);
-        let m = format!(
-            "{} of {} probes of {} failed in {} (max_error_rate {max_error_rate})",
-            r.failed,
-            r.probes,
-            spec.path,
-            cutover_core::duration::format_duration(window)
-        );
-        if r.passed(max_error_rate) {
-            return Ok(m);
-        }
-        Err(match r.last_failure {
-            Some(p) => format!("{m}; last failure: {}", p.describe()),
-            None => m,
-        })
+        probing_bake(self, h, to, window, max_error_rate)
     }
     /// What the gate probes, for its start event.
     fn gate_target(&self, to: &Target<Self::Snap>) -> String;
@@ -191,4 +178,31 @@ pub trait Switcher: Sync {
         from: Option<&Target<Self::Snap>>,
         protect: &BTreeSet<String>,
     ) -> Result<(Vec<String>, String), String>;
+}
+
+/// The bake by probes: [`Switcher::probe_at`] every health interval for `window`; `Err` when
+/// more than `max_error_rate` of the probes failed.
+pub(crate) fn probing_bake<S: Switcher + ?Sized>(
+    sw: &S,
+    h: &HostCx<'_>,
+    to: &Target<S::Snap>,
+    window: std::time::Duration,
+    max_error_rate: f64,
+) -> Result<String, String> {
+    let (endpoint, spec) = sw.probe_at(h, to)?;
+    let r = crate::gate::run_bake(&endpoint, &spec, window, max_error_rate);
+    let m = format!(
+        "{} of {} probes of {} failed in {} (max_error_rate {max_error_rate})",
+        r.failed,
+        r.probes,
+        spec.path,
+        cutover_core::duration::format_duration(window)
+    );
+    if r.passed(max_error_rate) {
+        return Ok(m);
+    }
+    Err(match r.last_failure {
+        Some(p) => format!("{m}; last failure: {}", p.describe()),
+        None => m,
+    })
 }

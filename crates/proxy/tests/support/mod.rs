@@ -154,6 +154,8 @@ async fn backend_answer(
         let ms: u64 = ms.parse().unwrap_or(1000);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         (200, format!("{name}\n"))
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        (code.parse().unwrap_or(500), format!("{name}\n"))
     } else if path == "/echo" {
         use http_body_util::BodyExt;
         let body = req.into_body().collect().await.map(|b| b.to_bytes());
