@@ -132,3 +132,80 @@ pub(crate) fn parse_webhook(w: RawWebhook) -> Result<WebhookConfig, (String, Str
         api_url,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Config, ConfigError};
+    use std::path::Path;
+
+    const BASE: &str = r#"
+app = "site"
+hosts = ["web1"]
+[files]
+root = "/srv/site"
+[health]
+url = "http://127.0.0.1/up"
+"#;
+
+    fn parse(webhook: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            Path::new("/etc/site/cutover.toml"),
+            &format!("{BASE}[webhook]\n{webhook}"),
+            None,
+        )
+    }
+
+    #[test]
+    fn a_webhook_section_names_variables_never_secrets() {
+        let c = parse("provider = \"gitea\"\nsecret_env = \"SITE_HOOK\"\nbranch = \"release\"\nstatus_token_env = \"FORGE_TOKEN\"\napi_url = \"https://git.example.com/api/v1/\"").unwrap();
+        let w = c.webhook.unwrap();
+        assert_eq!(w.provider, super::Provider::Gitea);
+        assert_eq!(
+            (w.secret_env.as_str(), w.branch.as_str()),
+            ("SITE_HOOK", "release")
+        );
+        assert_eq!(w.status_token_env.as_deref(), Some("FORGE_TOKEN"));
+        assert_eq!(w.api_url.as_deref(), Some("https://git.example.com/api/v1"));
+        let d = parse("provider = \"github\"\nsecret_env = \"S\"").unwrap();
+        assert_eq!(d.webhook.unwrap().branch, "main");
+        assert!(parse("").is_err());
+        assert_eq!(
+            Config::parse(Path::new("/c.toml"), BASE, None)
+                .unwrap()
+                .webhook,
+            None
+        );
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_name_the_key() {
+        let key = |text: &str| parse(text).unwrap_err().key;
+        assert_eq!(
+            key("provider = \"bitbucket\"\nsecret_env = \"S\""),
+            "webhook.provider"
+        );
+        assert_eq!(key("secret_env = \"S\""), "webhook.provider");
+        assert_eq!(key("provider = \"github\""), "webhook.secret_env");
+        assert_eq!(
+            key("provider = \"github\"\nsecret_env = \"hunter2 is the secret\""),
+            "webhook.secret_env"
+        );
+        assert_eq!(
+            key("provider = \"github\"\nsecret_env = \"S\"\nbranch = \"refs/heads/main\""),
+            "webhook.branch"
+        );
+        assert_eq!(
+            key("provider = \"github\"\nsecret_env = \"S\"\nstatus_token_env = \"a-b\""),
+            "webhook.status_token_env"
+        );
+        assert_eq!(
+            key("provider = \"github\"\nsecret_env = \"S\"\napi_url = \"ftp://x\""),
+            "webhook.api_url"
+        );
+        let e = parse("provider = \"github\"\nsecret_env = \"S\"\nsecret = \"x\"").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/site/cutover.toml: unknown field `secret`, expected one of `provider`, `secret_env`, `branch`, `status_token_env`, `api_url` (line 11, column 1)"
+        );
+    }
+}

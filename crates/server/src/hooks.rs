@@ -49,6 +49,158 @@ struct Waiting {
     delivery: Option<String>,
     provider: Provider,
     from: IpAddr,
+    /// Where commit statuses go, when `status_token_env` is set.
+    status: Option<StatusTarget>,
+}
+
+/// A forge's statuses API for one repository (GitHub's shape; Gitea's is the same).
+#[derive(Debug, Clone)]
+struct StatusTarget {
+    api: String,
+    /// `owner/name`.
+    repo: String,
+    /// The variable holding the token (the token itself is read when a status is sent).
+    token_env: String,
+    provider: Provider,
+}
+
+fn status_target(hook: &WebhookConfig, payload: &Value) -> Option<StatusTarget> {
+    let token_env = hook.status_token_env.clone()?;
+    let api = hook.api_url.clone().or_else(|| {
+        (hook.provider == Provider::Github).then(|| "https://api.github.com".to_string())
+    })?;
+    if hook.provider == Provider::Gitlab {
+        return None;
+    }
+    let repo = payload
+        .get("repository")
+        .and_then(|r| r.get("full_name"))
+        .and_then(Value::as_str)?;
+    let ok = repo.split('/').count() == 2
+        && repo.len() <= 200
+        && repo.split('/').all(|p| {
+            !p.is_empty()
+                && p != "."
+                && p != ".."
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    ok.then(|| StatusTarget {
+        api,
+        repo: repo.to_string(),
+        token_env,
+        provider: hook.provider,
+    })
+}
+
+/// Posts one commit status; failures go to the server's log (never with the token).
+fn send_status(
+    t: &StatusTarget,
+    sha: &str,
+    state: &str,
+    target_url: Option<&str>,
+    description: &str,
+) {
+    let Ok(token) = std::env::var(&t.token_env) else {
+        eprintln!(
+            "commit status for {sha} not sent: the server's environment has no {}",
+            t.token_env
+        );
+        return;
+    };
+    let description: String = description.chars().take(140).collect();
+    let mut body = json!({ "state": state, "description": description, "context": "cutover" });
+    if let Some(u) = target_url {
+        body["target_url"] = json!(u);
+    }
+    let scheme = match t.provider {
+        Provider::Gitea => "token",
+        _ => "Bearer",
+    };
+    let url = format!("{}/repos/{}/statuses/{sha}", t.api, t.repo);
+    // reqwest is built without a provider of its own: ring's (a no-op when one is installed).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = match reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .user_agent("cutover")
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("commit status for {sha} not sent: {e}");
+            return;
+        }
+    };
+    let sent = client
+        .post(&url)
+        .header("authorization", format!("{scheme} {token}"))
+        .header("accept", "application/vnd.github+json")
+        .json(&body)
+        .send();
+    drop(token);
+    match sent {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => eprintln!(
+            "commit status {state} for {sha} refused by {url}: HTTP {}",
+            r.status()
+        ),
+        Err(e) => eprintln!(
+            "commit status {state} for {sha} not sent to {url}: {}",
+            e.without_url()
+        ),
+    }
+}
+
+/// `pending` now, then `success` or `failure` when the run ends (a thread watches the run).
+fn report_statuses(st: &Arc<AppState>, t: StatusTarget, sha: String, run: i64) {
+    let target = st
+        .public_url
+        .as_deref()
+        .map(|u| format!("{}/runs/{run}", u.trim_end_matches('/')));
+    let st = st.clone();
+    let _ = std::thread::Builder::new()
+        .name(format!("status-{run}"))
+        .spawn(move || {
+            let short = &sha[..7];
+            send_status(
+                &t,
+                &sha,
+                "pending",
+                target.as_deref(),
+                &format!("cutover is building and deploying {short} (run {run})"),
+            );
+            let row = loop {
+                match st.store.run_row(run) {
+                    Ok(Some(r)) if r.outcome.is_some() => break Some(r),
+                    Ok(Some(_)) => {}
+                    _ => break None,
+                }
+                if !st.jobs.is_running(run) {
+                    // One last look: the worker records the outcome before it lets go.
+                    break st.store.run_row(run).ok().flatten();
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            };
+            let outcome = row.as_ref().and_then(|r| r.outcome.clone());
+            let (state, text) = match outcome.as_deref() {
+                Some("succeeded") => (
+                    "success",
+                    format!(
+                        "{short} is live (release {})",
+                        row.as_ref().map(|r| r.release.as_str()).unwrap_or("")
+                    ),
+                ),
+                _ => {
+                    let why = row
+                        .as_ref()
+                        .and_then(|r| r.message.clone())
+                        .or(outcome)
+                        .unwrap_or_else(|| "the run did not finish".into());
+                    ("failure", why.lines().next().unwrap_or("").to_string())
+                }
+            };
+            send_status(&t, &sha, state, target.as_deref(), &text);
+        });
 }
 
 /// The newest waiting push of each app.
@@ -256,6 +408,7 @@ async fn hook(
         delivery: delivery.clone(),
         provider,
         from: from.ip(),
+        status: status_target(hook, &payload),
     };
     push(&st, &app, w)
 }
@@ -311,6 +464,9 @@ fn start(st: &Arc<AppState>, app: &str, w: &Waiting) -> Result<i64, ApiError> {
         w.from,
     )?;
     record(st, app, w, &format!("run {run}"));
+    if let Some(t) = &w.status {
+        report_statuses(st, t.clone(), w.sha.clone(), run);
+    }
     Ok(run)
 }
 

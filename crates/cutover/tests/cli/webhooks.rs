@@ -24,6 +24,10 @@ struct Server {
 
 impl Server {
     fn start(w: &World) -> Server {
+        Server::start_with(w, &[])
+    }
+
+    fn start_with(w: &World, env: &[(&str, &str)]) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -38,6 +42,7 @@ impl Server {
             .arg("--data")
             .arg(w.dir.join("data"))
             .env("SITE_HOOK_SECRET", SECRET)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -399,4 +404,285 @@ fn signed_pushes_deploy_the_pushed_sha_and_everything_else_is_refused() {
             );
         }
     }
+}
+
+#[test]
+fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
+    let w = World::files(1)
+        .git()
+        .lines(
+            "build",
+            "command = \"mkdir -p out && cp index.html up out/\"\noutput = \"out\"",
+        )
+        .lines(
+            "webhook",
+            "provider = \"gitea\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"",
+        )
+        .start();
+    let zero = "0".repeat(40);
+    let c1 = w.commit("First page", &[("index.html", "v1\n"), ("up", "ok\n")]);
+    w.push();
+
+    // Gitea: X-Gitea-Signature is the bare hex HMAC; GitHub's header is not accepted.
+    let s = Server::start(&w);
+    let hook = "/hooks/gitea/site";
+    let body = push_body("refs/heads/main", &zero, &c1);
+    let gitea = |delivery: &str, event: &str, sig: Option<String>| {
+        let mut h = vec![
+            ("x-gitea-event", event.to_string()),
+            ("x-gitea-delivery", delivery.to_string()),
+        ];
+        if let Some(s) = sig {
+            h.push(("x-gitea-signature", s));
+        }
+        h
+    };
+    let (st, _) = s.post(hook, &github("push", "g1", Some(&body)), body.clone());
+    assert_eq!(st, 401, "GitHub's signature header on a Gitea hook");
+    let (st, _) = s.post(
+        hook,
+        &gitea("g2", "push", Some(hmac_hex("wrong", &body))),
+        body.clone(),
+    );
+    assert_eq!(st, 401);
+    let ping = br#"{"hook_id": 3}"#.to_vec();
+    let (st, b) = s.post(
+        hook,
+        &gitea("g3", "ping", Some(hmac_hex(SECRET, &ping))),
+        ping.clone(),
+    );
+    assert_eq!((st, b), (200, json!({"ping": "ok"})));
+    assert_eq!(count(&w, "SELECT COUNT(*) FROM runs"), 0);
+    let (st, b) = s.post(
+        hook,
+        &gitea("g4", "push", Some(hmac_hex(SECRET, &body))),
+        body.clone(),
+    );
+    assert_eq!(st, 202, "{b}");
+    wait_no_open_run(&w, 1);
+    assert_eq!(w.served(0), "v1");
+    drop(s);
+
+    // GitLab: X-Gitlab-Token is the secret itself; checkout_sha is the commit; the event
+    // UUID is the delivery id.
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    std::fs::write(
+        &w.config,
+        text.replace("provider = \"gitea\"", "provider = \"gitlab\""),
+    )
+    .unwrap();
+    let s = Server::start(&w);
+    let hook = "/hooks/gitlab/site";
+    let c2 = w.commit("Second page", &[("index.html", "v2\n")]);
+    let c3 = w.commit("Third page", &[("index.html", "v3\n")]);
+    w.push();
+    // `after` is the branch's new head (c3); `checkout_sha` (c2 here) is what GitLab says to
+    // check out, and what is deployed.
+    let body = serde_json::to_vec(&json!({
+        "object_kind": "push",
+        "event_name": "push",
+        "ref": "refs/heads/main",
+        "before": c1,
+        "after": c3,
+        "checkout_sha": c2,
+        "project": {"path_with_namespace": "acme/site"},
+    }))
+    .unwrap();
+    let gitlab = |token: Option<&str>, uuid: &str| {
+        let mut h = vec![
+            ("x-gitlab-event", "Push Hook".to_string()),
+            ("x-gitlab-event-uuid", uuid.to_string()),
+        ];
+        if let Some(t) = token {
+            h.push(("x-gitlab-token", t.to_string()));
+        }
+        h
+    };
+    let (st, _) = s.post(hook, &gitlab(None, "u1"), body.clone());
+    assert_eq!(st, 401, "no token");
+    let (st, _) = s.post(
+        hook,
+        &gitlab(Some("hook-secret-7f3a9c1e5c"), "u2"),
+        body.clone(),
+    );
+    assert_eq!(st, 401, "a token one character off");
+    assert_eq!(count(&w, "SELECT COUNT(*) FROM runs"), 1);
+    let (st, b) = s.post(hook, &gitlab(Some(SECRET), "u3"), body.clone());
+    assert_eq!(st, 202, "{b}");
+    wait_no_open_run(&w, 2);
+    assert_eq!(w.served(0), "v2", "checkout_sha was deployed");
+    let (st, b) = s.post(hook, &gitlab(Some(SECRET), "u3"), body.clone());
+    assert_eq!((st, b), (200, json!({"duplicate": true})));
+    let newest: String = w
+        .db()
+        .query_row(
+            "SELECT commit_sha FROM releases WHERE app = 'site' ORDER BY created_at DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(newest, c2);
+    assert_eq!(
+        count(&w, "SELECT COUNT(*) FROM audit WHERE action = 'webhook refused' AND who = 'webhook:gitlab'"),
+        2
+    );
+    drop(s);
+
+    // A bad [webhook] is refused before the server listens, naming the key.
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    std::fs::write(
+        &w.config,
+        text.replace("provider = \"gitlab\"", "provider = \"bitbucket\""),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["serve", "--listen", "127.0.0.1:0", "-c"])
+        .arg(&w.config)
+        .arg("--data")
+        .arg(w.dir.join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "`webhook.provider`: expected \"github\", \"gitea\" or \"gitlab\", got \"bitbucket\""
+        ),
+        "{stderr}"
+    );
+}
+
+/// The forge's statuses API, as a stub that records every call: (request line,
+/// Authorization header, JSON body), answering 201.
+struct Forge {
+    addr: SocketAddr,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
+}
+
+impl Forge {
+    fn start() -> Forge {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rec = calls.clone();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, BufReader, Read, Write};
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let (mut auth, mut len) = (String::new(), 0usize);
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    let h = h.trim_end();
+                    if h.is_empty() {
+                        break;
+                    }
+                    let (k, v) = h.split_once(':').unwrap();
+                    match k.to_ascii_lowercase().as_str() {
+                        "authorization" => auth = v.trim().to_string(),
+                        "content-length" => len = v.trim().parse().unwrap(),
+                        _ => {}
+                    }
+                }
+                let mut body = vec![0u8; len];
+                r.read_exact(&mut body).unwrap();
+                rec.lock().unwrap().push((
+                    line.trim_end().to_string(),
+                    auth,
+                    serde_json::from_slice(&body).unwrap_or(Value::Null),
+                ));
+                let _ = conn.write_all(
+                    b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                );
+            }
+        });
+        Forge { addr, calls }
+    }
+
+    /// Waits for `n` calls and returns them.
+    fn calls(&self, n: usize) -> Vec<(String, String, Value)> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let c = self.calls.lock().unwrap().clone();
+            if c.len() >= n || Instant::now() > deadline {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn commit_statuses_go_to_the_forge_pending_then_success_or_failure() {
+    let forge = Forge::start();
+    let w = World::files(1)
+        .git()
+        .lines(
+            "build",
+            "command = \"if grep -q broken index.html; then echo broken page >&2; exit 1; fi; mkdir -p out && cp index.html up out/\"\noutput = \"out\"",
+        )
+        .lines(
+            "webhook",
+            &format!(
+                "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nstatus_token_env = \"SITE_FORGE_TOKEN\"\napi_url = \"http://{}\"",
+                forge.addr
+            ),
+        )
+        .start();
+    let token = "forge-token-31d0aa";
+    let zero = "0".repeat(40);
+    let good = w.commit("Good page", &[("index.html", "v1\n"), ("up", "ok\n")]);
+    let bad = w.commit("Broken page", &[("index.html", "broken\n")]);
+    w.push();
+    let s = Server::start_with(&w, &[("SITE_FORGE_TOKEN", token)]);
+    let body = push_body("refs/heads/main", &zero, &good);
+    let (st, b) = s.post(
+        "/hooks/github/site",
+        &github("push", "s1", Some(&body)),
+        body.clone(),
+    );
+    assert_eq!(st, 202, "{b}");
+    let calls = forge.calls(2);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for (line, auth, _) in &calls {
+        assert_eq!(
+            line,
+            &format!("POST /repos/acme/site/statuses/{good} HTTP/1.1")
+        );
+        assert_eq!(auth, &format!("Bearer {token}"));
+    }
+    assert_eq!(
+        (calls[0].2["state"].as_str(), calls[0].2["context"].as_str()),
+        (Some("pending"), Some("cutover"))
+    );
+    assert_eq!(calls[1].2["state"], "success", "{calls:?}");
+    assert!(calls[1].2["description"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("{} is live (release ", &good[..7])));
+    wait_no_open_run(&w, 1);
+    assert_eq!(w.served(0), "v1");
+
+    let body = push_body("refs/heads/main", &good, &bad);
+    let (st, b) = s.post(
+        "/hooks/github/site",
+        &github("push", "s2", Some(&body)),
+        body.clone(),
+    );
+    assert_eq!(st, 202, "{b}");
+    let calls = forge.calls(4);
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    assert_eq!(
+        calls[2].0,
+        format!("POST /repos/acme/site/statuses/{bad} HTTP/1.1")
+    );
+    assert_eq!(calls[2].2["state"], "pending");
+    assert_eq!(calls[3].2["state"], "failure", "{calls:?}");
+    assert!(!calls[3].2["description"].as_str().unwrap().is_empty());
+    wait_no_open_run(&w, 2);
+    assert_eq!(w.served(0), "v1", "the broken build changed nothing");
+    assert!(!s.log().contains(token), "the server's log holds the token");
 }
