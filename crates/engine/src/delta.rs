@@ -99,20 +99,27 @@ pub(crate) fn manifest(store: &ArtifactStore, art: &StoredArtifact) -> io::Resul
         return Ok(m);
     }
     let m = compute_manifest(art)?;
+    store_manifest(store, &art.sha256, &m);
+    Ok(m)
+}
+
+/// Keeps `m` as the manifest of the stored artifact `sha256` (written when a directory is
+/// packed, or when a delta first needs it). A cache only: when it cannot be written, the
+/// manifest is computed from the tarball again when next needed.
+pub(crate) fn store_manifest(store: &ArtifactStore, sha256: &str, m: &Manifest) {
+    let path = manifest_path(store, sha256);
     let tmp = store.dir().join(format!(
         ".manifest-{}-{}.tmp",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let written = serde_json::to_vec(&m)
+    let written = serde_json::to_vec(m)
         .map_err(io::Error::other)
         .and_then(|bytes| fs::write(&tmp, bytes))
         .and_then(|()| fs::rename(&tmp, &path));
     if written.is_err() {
-        // A cache only: the deploy goes on without it.
         let _ = fs::remove_file(&tmp);
     }
-    Ok(m)
 }
 
 fn compute_manifest(art: &StoredArtifact) -> io::Result<Manifest> {
@@ -323,6 +330,42 @@ mod tests {
         tree(&t.join("c"), &[("other", "o")]);
         let c = store.import_dir(&t.join("c"), &Limits::default()).unwrap();
         assert!(write_delta(&store, &c, &base).unwrap().is_none());
+        let _ = fs::remove_dir_all(&t);
+    }
+
+    #[test]
+    fn the_manifest_kept_while_packing_is_the_tarballs() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = std::env::temp_dir().join(format!("cutover-delta-pack-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&t);
+        let store = ArtifactStore::new(t.join("store"));
+        let long = format!("deep/{}/file.txt", "n".repeat(120));
+        tree(
+            &t.join("a"),
+            &[
+                ("index.html", "hi"),
+                ("run.sh", "echo"),
+                ("empty", ""),
+                (&long, "x"),
+            ],
+        );
+        fs::set_permissions(t.join("a/run.sh"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir_all(t.join("a/nothing/here")).unwrap();
+        std::os::unix::fs::symlink("index.html", t.join("a/link")).unwrap();
+        std::os::unix::fs::symlink(format!("../../{long}"), t.join("a/nothing/here/l")).unwrap();
+        let a = store.import_dir(&t.join("a"), &Limits::default()).unwrap();
+        let kept: Manifest =
+            serde_json::from_slice(&fs::read(manifest_path(&store, &a.sha256)).unwrap()).unwrap();
+        assert_eq!(kept, compute_manifest(&a).unwrap());
+        assert_eq!(kept.entries.len(), 10);
+        assert_eq!(
+            kept.entries["run.sh"],
+            Entry::File {
+                mode: 0o744,
+                size: 4,
+                sha256: crate::sha256_hex("echo"),
+            }
+        );
         let _ = fs::remove_dir_all(&t);
     }
 
