@@ -118,6 +118,7 @@ struct RedeployRow {
     cutover: Redeploy,
     cap: Redeploy,
     floor: Redeploy,
+    rsync: Redeploy,
 }
 
 pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
@@ -400,6 +401,7 @@ fn redeploy(
         cutover: Redeploy::default(),
         cap: Redeploy::default(),
         floor: Redeploy::default(),
+        rsync: Redeploy::default(),
     };
     let ca = cap.commit(a, None)?;
     let cc = cap.commit(changed, Some(&ca))?;
@@ -407,6 +409,12 @@ fn redeploy(
     for rep in 1..=ctx.reps {
         world.reset(&format!("re{rep}"))?;
         world.deploy(a)?;
+        let w0 = world.wire_bytes();
+        let rsync = world.rsync(changed)?;
+        let w1 = world.wire_bytes();
+        row.rsync.time.push(rsync);
+        row.rsync.wire_per_host.push(per_host(w0, w1));
+
         let w0 = world.wire_bytes();
         let run = world.deploy(changed)?;
         let w1 = world.wire_bytes();
@@ -432,10 +440,12 @@ fn redeploy(
         row.floor.time.push(floor);
         row.floor.wire_per_host.push(per_host(w0, w1));
         eprintln!(
-            "[deploy-speed] redeploy 1% changed on {n} host(s) run {rep}/{}: cutover {} s ({} per host on the wire), Capistrano {} s ({}), floor tar {} s ({})",
+            "[deploy-speed] redeploy 1% changed on {n} host(s) run {rep}/{}: cutover {} s ({} per host on the wire), rsync {} s ({}), Capistrano {} s ({}), floor tar {} s ({})",
             ctx.reps,
             secs(run.sample.secs),
             mib(*row.cutover.wire_per_host.last().unwrap_or(&0)),
+            secs(rsync.secs),
+            mib(*row.rsync.wire_per_host.last().unwrap_or(&0)),
             secs(cap_sample.secs),
             mib(*row.cap.wire_per_host.last().unwrap_or(&0)),
             secs(floor.secs),
@@ -578,11 +588,30 @@ fn section(
             mib(up),
             note,
         ]);
+        let (c, x) = (r.cutover.time.median(), r.rsync.time.median());
+        let ratio = if x > 0.0 {
+            format!("{:.2}x", c / x)
+        } else {
+            "–".into()
+        };
+        if let Some(row) = re_rows.last_mut() {
+            row.insert(5, ratio);
+        }
+        re_rows.push(vec![
+            r.hosts.to_string(),
+            "rsync -a --delete over ssh".into(),
+            r.rsync.time.cell(),
+            mib(median_u64(&r.rsync.wire_per_host)),
+            "–".into(),
+            "–".into(),
+            "into a copy of the live release; compares size and mtime, then checksums blocks of the files whose mtime differs".into(),
+        ]);
         re_rows.push(vec![
             r.hosts.to_string(),
             "Capistrano".into(),
             r.cap.time.cell(),
             mib(median_u64(&r.cap.wire_per_host)),
+            "–".into(),
             "–".into(),
             "git fetches the changed blobs, then archives the whole tree on the host".into(),
         ]);
@@ -591,6 +620,7 @@ fn section(
             "floor tar over ssh".into(),
             r.floor.time.cell(),
             mib(median_u64(&r.floor.wire_per_host)),
+            "–".into(),
             "–".into(),
             "ships everything".into(),
         ]);
@@ -602,6 +632,7 @@ fn section(
             "time",
             "on the wire per host (both directions)",
             "cutover's uploaded_bytes per host",
+            "cutover ÷ rsync",
             "note",
         ],
         &re_rows,
@@ -721,6 +752,7 @@ fn section(
                 "cutover": redeploy_json(&r.cutover),
                 "capistrano": redeploy_json(&r.cap),
                 "floor_tar_ssh": redeploy_json(&r.floor),
+                "rsync": redeploy_json(&r.rsync),
             })).collect::<Vec<_>>(),
         },
         "plots": [plot],
