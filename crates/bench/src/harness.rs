@@ -317,6 +317,27 @@ give_up_after = "20s"
         Ok(())
     }
 
+    /// How cutover packed the artifacts in its store (the `packing` of each `<sha256>.json`
+    /// summary: `gzip1` or `stored`), sorted and deduplicated.
+    pub(crate) fn packings(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.data.join("artifacts"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name.ends_with(".json") && !name.ends_with(".manifest.json")
+            })
+            .filter_map(|p| std::fs::read(p).ok())
+            .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+            .map(|v| v["packing"].as_str().unwrap_or("not said").to_string())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The hosts' site root (cutover's `[files] root`, nginx serves its `current`).
     pub(crate) fn site_root(&self) -> &'static str {
         SITE_ROOT
