@@ -457,7 +457,20 @@ mod tests {
         // Script::new panics on a missing or unused value: build each once.
         let _ = Script::new(PREPARE, &[("root", "/r"), ("holder", "h")]);
         let _ = Script::new(TAKEOVER, &[("root", "/r"), ("old", "a"), ("new", "b")]);
-        let _ = Script::new(STAGE, &[("root", "/r"), ("id", "i"), ("meta", "{}")]);
+        let _ = Script::new(
+            STAGE,
+            &[("root", "/r"), ("id", "i"), ("meta", "{}"), ("gz", "no")],
+        );
+        let _ = Script::new(
+            STAGE_DELTA,
+            &[
+                ("root", "/r"),
+                ("id", "i"),
+                ("base", "b"),
+                ("meta", "{}"),
+                ("links", "l"),
+            ],
+        );
         let _ = Script::new(SWITCH, &[("root", "/r"), ("id", "i"), ("reload", "")]);
         let _ = Script::new(FINISH, &[("root", "/r"), ("holder", "h"), ("prune", "")]);
         let _ = Script::new(CHECK, &[("root", "/r")]);
