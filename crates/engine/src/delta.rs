@@ -14,8 +14,10 @@
 //! unpacked into a fresh directory before any link exists, so the base release is never
 //! modified. Unchanged files keep the base release's inode (and so its mtime).
 //!
-//! A delta is only worth it when something is shared; with nothing shared, or when the new
-//! release itself contains a file named [`LINKS`], the full tarball is shipped instead.
+//! A delta is only worth it when much is shared: with less than a quarter of the new
+//! release's file bytes in unchanged files, or when the new release itself contains a file
+//! named [`LINKS`], the full tarball is shipped instead. The manifest of a directory packed by
+//! cutover is written while it is packed, so comparing two releases reads no tarball.
 
 use crate::artifact::{ArtifactStore, StoredArtifact};
 use flate2::read::GzDecoder;
@@ -27,6 +29,10 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A delta is made only when at least this share (in percent) of the new release's file bytes
+/// are unchanged files.
+const MIN_SHARED_PERCENT: u64 = 25;
 
 /// The delta tarball's member that lists the files to hard-link from the base release.
 pub(crate) const LINKS: &str = ".cutover-delta.links";
@@ -171,9 +177,9 @@ fn compute_manifest(art: &StoredArtifact) -> io::Result<Manifest> {
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Writes the delta of `new` against `base` into the store's directory, or `None` when no
-/// regular file is shared (or the new release has a file named [`LINKS`]): then the full
-/// tarball is the better thing to send.
+/// Writes the delta of `new` against `base` into the store's directory, or `None` when less
+/// than [`MIN_SHARED_PERCENT`] of the file bytes are shared (or the new release has a file
+/// named [`LINKS`]): then the full tarball is the better thing to send.
 pub(crate) fn write_delta(
     store: &ArtifactStore,
     new: &StoredArtifact,
@@ -184,12 +190,19 @@ pub(crate) fn write_delta(
         return Ok(None);
     }
     let mut links: Vec<&str> = Vec::new();
+    let (mut shared, mut all) = (0u64, 0u64);
     for (path, e) in &new_manifest.entries {
-        if matches!(e, Entry::File { .. }) && base.entries.get(path) == Some(e) {
-            links.push(path);
+        if let Entry::File { size, .. } = e {
+            all += size;
+            if base.entries.get(path) == Some(e) {
+                links.push(path);
+                shared += size;
+            }
         }
     }
-    if links.is_empty() {
+    // Writing a delta re-reads the new tarball; with little shared, sending the whole
+    // artifact costs less.
+    if links.is_empty() || shared * 100 < all * MIN_SHARED_PERCENT {
         return Ok(None);
     }
     let path = store.dir().join(format!(
@@ -204,9 +217,12 @@ pub(crate) fn write_delta(
         linked: links.len(),
     };
     let file = File::create(&delta.path)?;
-    let gz = GzBuilder::new()
-        .mtime(0)
-        .write(BufWriter::new(file), Compression::fast());
+    // What did not shrink in the artifact will not shrink in the delta.
+    let level = match new.packing {
+        Some(crate::artifact::Packing::Stored) => Compression::none(),
+        _ => Compression::fast(),
+    };
+    let gz = GzBuilder::new().mtime(0).write(BufWriter::new(file), level);
     let mut out = tar::Builder::new(gz);
     out.mode(tar::HeaderMode::Complete);
 
@@ -375,8 +391,8 @@ mod tests {
         let t = std::env::temp_dir().join(format!("cutover-delta-mode-{}", std::process::id()));
         let _ = fs::remove_dir_all(&t);
         let store = ArtifactStore::new(t.join("store"));
-        tree(&t.join("a"), &[("run.sh", "echo"), ("x", "x")]);
-        tree(&t.join("b"), &[("run.sh", "echo"), ("x", "x")]);
+        tree(&t.join("a"), &[("run.sh", "echo"), ("x", "xxxxxxxx")]);
+        tree(&t.join("b"), &[("run.sh", "echo"), ("x", "xxxxxxxx")]);
         fs::set_permissions(t.join("b/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
         let a = store.import_dir(&t.join("a"), &Limits::default()).unwrap();
         let b = store.import_dir(&t.join("b"), &Limits::default()).unwrap();
