@@ -24,12 +24,13 @@ on 1 and 4 hosts only. Each host count gets a fresh lab (cutover `parallel = 16`
 are served at once). Before every repetition the hosts' site roots and cutover's data dir \
 (history and artifact store) are emptied. *cutover 1st* is `cutover deploy --json --artifact \
 A` onto empty hosts; *cutover 2nd* is the deploy of a different directory B of the same size \
-right after (a full upload again, since no file is shared; before it, cutover reads both \
-tarballs once more to list their files and contents in search of unchanged files to \
-hard-link, which costs about 1.2 s per 100 MiB here and is kept for later deploys); both are \
-timed from spawn to exit \
-0, which includes packing the directory into a tar.gz (gzip fast level, SHA-256, fsync, then \
-re-reading it to validate), the SSH connection per host, staging (upload + unpack), the switch, \
+right after (a full upload again, since no file is shared; cutover finds that out by \
+comparing the two releases' manifests, kept in its artifact store when each was packed); \
+both are timed from spawn to exit \
+0, which includes packing the directory into a tar.gz in one pass (the tar stream checked by a \
+second thread as it is produced, SHA-256 of the artifact and of every file for the manifest, \
+gzip -1 only if a 2 MiB sample shrinks to 90% or less, else stored deflate blocks; *cutover's \
+packing* says which: `gzip1` or `stored`; fsync), the SSH connection per host, staging (upload + unpack), the switch, \
 the health gate (2 healthy probes 100 ms apart per host) and pruning; every host is then checked \
 over HTTP to serve the new version (untimed). *Capistrano 1st* and *2nd* are `cap bench deploy` \
 (Debian's capistrano, its default git strategy) of the same two directories, committed as two \
@@ -43,9 +44,9 @@ timed from spawn to exit, then every host is checked to serve it (untimed). *flo
 `tar czf - -C A . | ssh host 'mkdir -p D && tar xzf - -C D'` started for all hosts at once \
 with the same identity and known_hosts (strict host key checking), timed from the first spawn \
 to the last exit; note that it compresses once per host with gzip's default level 6, while \
-cutover compresses once at level 1. *floor tar* is the same without compression (`tar cf` / \
+cutover compresses (if at all) once at level 1. *floor tar* is the same without compression (`tar cf` / \
 `tar xf`). *cutover ÷ best floor* divides the *cutover 1st* median by the faster floor \
-median. 1 GiB cells run once (not `--reps` times) and without the tar.gz floor (gzip -6 of \
+median, *cutover 2nd ÷ 1st* the *cutover 2nd* median by the *cutover 1st* one. 1 GiB cells run once (not `--reps` times) and without the tar.gz floor (gzip -6 of \
 1 GiB once per host takes minutes on 2 cores); before a 1 GiB cell the bench checks the free \
 disk space where the hosts' `/srv` live and runs only what fits, saying so in the cell. The \
 CPU table gives the same runs' CPU seconds (all processes of the run on both sides). The \
@@ -55,7 +56,12 @@ of cutover's start and done events, and a phase ends when its last host reports 
 with 1% of the files changed* table deploys A (untimed), then A' (A with every 100th file \
 rewritten with new random bytes, a new `version`; 100 MiB, 10 MiB with `--quick`) and times \
 that second deploy the same way for cutover and Capistrano, and the tar floor shipping A' \
-whole (on every host count; on 4 hosts only with `--quick`); *on the wire* is the bytes \
+whole (on every host count; on 4 hosts only with `--quick`); *rsync* is Debian's `rsync -a \
+--delete -e 'ssh <cutover's ssh options>' A'/ host:/srv/rsync-copy/` to every host at once, \
+into a copy of the live release A made just before (`cp -a`, untimed), timed from the first \
+spawn to the last exit (the payload's unchanged files were copied without their mtimes when A' \
+was made, so rsync's quick check sees them as changed and compares their blocks, sending \
+little); *cutover ÷ rsync* divides the medians; *on the wire* is the bytes \
 that crossed the hosts' veths during the timed run, both \
 directions, per host (from the root side's `/sys/class/net/<veth>/statistics`), and \
 *uploaded_bytes* is what cutover itself reports per host in `--json`.";
@@ -85,6 +91,8 @@ struct Row {
     floor_gz: Samples,
     floor_tar: Samples,
     artifact_bytes: u64,
+    /// How cutover packed A (its artifact store's word: `gzip1` or `stored`).
+    packing: String,
     profile: Option<Profile>,
     /// Why columns were not run: (column key, reason).
     skipped: Vec<(&'static str, String)>,
@@ -118,6 +126,7 @@ struct RedeployRow {
     cutover: Redeploy,
     cap: Redeploy,
     floor: Redeploy,
+    rsync: Redeploy,
 }
 
 pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
@@ -231,6 +240,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
         floor_gz: Samples::default(),
         floor_tar: Samples::default(),
         artifact_bytes: 0,
+        packing: String::new(),
         profile: None,
         skipped: Vec::new(),
         discarded: Vec::new(),
@@ -284,6 +294,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
         world.reset(&tag)?;
         let first = world.deploy(a)?;
         row.artifact_bytes = first.uploaded().into_iter().max().unwrap_or(0);
+        row.packing = world.packings().join(", ");
         let second_run = if second { Some(world.deploy(b)?) } else { None };
         let gz = if s.gzip_floor && floor_gz_in(n, rep) {
             Some(world.floor(a, true, &format!("{tag}-gz"))?)
@@ -400,6 +411,7 @@ fn redeploy(
         cutover: Redeploy::default(),
         cap: Redeploy::default(),
         floor: Redeploy::default(),
+        rsync: Redeploy::default(),
     };
     let ca = cap.commit(a, None)?;
     let cc = cap.commit(changed, Some(&ca))?;
@@ -407,6 +419,12 @@ fn redeploy(
     for rep in 1..=ctx.reps {
         world.reset(&format!("re{rep}"))?;
         world.deploy(a)?;
+        let w0 = world.wire_bytes();
+        let rsync = world.rsync(changed)?;
+        let w1 = world.wire_bytes();
+        row.rsync.time.push(rsync);
+        row.rsync.wire_per_host.push(per_host(w0, w1));
+
         let w0 = world.wire_bytes();
         let run = world.deploy(changed)?;
         let w1 = world.wire_bytes();
@@ -432,10 +450,12 @@ fn redeploy(
         row.floor.time.push(floor);
         row.floor.wire_per_host.push(per_host(w0, w1));
         eprintln!(
-            "[deploy-speed] redeploy 1% changed on {n} host(s) run {rep}/{}: cutover {} s ({} per host on the wire), Capistrano {} s ({}), floor tar {} s ({})",
+            "[deploy-speed] redeploy 1% changed on {n} host(s) run {rep}/{}: cutover {} s ({} per host on the wire), rsync {} s ({}), Capistrano {} s ({}), floor tar {} s ({})",
             ctx.reps,
             secs(run.sample.secs),
             mib(*row.cutover.wire_per_host.last().unwrap_or(&0)),
+            secs(rsync.secs),
+            mib(*row.rsync.wire_per_host.last().unwrap_or(&0)),
             secs(cap_sample.secs),
             mib(*row.cap.wire_per_host.last().unwrap_or(&0)),
             secs(floor.secs),
@@ -486,9 +506,19 @@ fn section(
                 r.cell("floor_gz", &r.floor_gz, false),
                 r.cell("floor_tar", &r.floor_tar, false),
                 if best.is_finite() && best > 0.0 && !r.first.0.is_empty() {
-                    format!("{:.1}x", r.first.median() / best)
+                    format!("{:.2}x", r.first.median() / best)
                 } else {
                     "–".into()
+                },
+                if r.first.0.is_empty() || r.second.0.is_empty() {
+                    "–".into()
+                } else {
+                    format!("{:.2}x", r.second.median() / r.first.median())
+                },
+                if r.packing.is_empty() {
+                    "–".into()
+                } else {
+                    r.packing.clone()
                 },
                 if r.first.0.is_empty() {
                     "–".into()
@@ -512,6 +542,8 @@ fn section(
             "floor tar.gz over ssh",
             "floor tar over ssh",
             "cutover 1st ÷ best floor",
+            "cutover 2nd ÷ 1st",
+            "cutover's packing",
             "cutover 1st, MiB delivered/s",
         ],
         &table_rows,
@@ -578,11 +610,30 @@ fn section(
             mib(up),
             note,
         ]);
+        let (c, x) = (r.cutover.time.median(), r.rsync.time.median());
+        let ratio = if x > 0.0 {
+            format!("{:.2}x", c / x)
+        } else {
+            "–".into()
+        };
+        if let Some(row) = re_rows.last_mut() {
+            row.insert(5, ratio);
+        }
+        re_rows.push(vec![
+            r.hosts.to_string(),
+            "rsync -a --delete over ssh".into(),
+            r.rsync.time.cell(),
+            mib(median_u64(&r.rsync.wire_per_host)),
+            "–".into(),
+            "–".into(),
+            "into a copy of the live release; compares size and mtime, then checksums blocks of the files whose mtime differs".into(),
+        ]);
         re_rows.push(vec![
             r.hosts.to_string(),
             "Capistrano".into(),
             r.cap.time.cell(),
             mib(median_u64(&r.cap.wire_per_host)),
+            "–".into(),
             "–".into(),
             "git fetches the changed blobs, then archives the whole tree on the host".into(),
         ]);
@@ -591,6 +642,7 @@ fn section(
             "floor tar over ssh".into(),
             r.floor.time.cell(),
             mib(median_u64(&r.floor.wire_per_host)),
+            "–".into(),
             "–".into(),
             "ships everything".into(),
         ]);
@@ -602,6 +654,7 @@ fn section(
             "time",
             "on the wire per host (both directions)",
             "cutover's uploaded_bytes per host",
+            "cutover ÷ rsync",
             "note",
         ],
         &re_rows,
@@ -721,6 +774,7 @@ fn section(
                 "cutover": redeploy_json(&r.cutover),
                 "capistrano": redeploy_json(&r.cap),
                 "floor_tar_ssh": redeploy_json(&r.floor),
+                "rsync": redeploy_json(&r.rsync),
             })).collect::<Vec<_>>(),
         },
         "plots": [plot],
@@ -742,6 +796,7 @@ fn row_json(r: &Row) -> Value {
         "payload_bytes": r.bytes,
         "hosts": r.hosts,
         "artifact_bytes": r.artifact_bytes,
+        "packing": r.packing,
         "cutover_first": r.first.to_json(),
         "cutover_second": r.second.to_json(),
         "capistrano_first": r.cap_first.to_json(),

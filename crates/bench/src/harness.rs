@@ -317,6 +317,27 @@ give_up_after = "20s"
         Ok(())
     }
 
+    /// How cutover packed the artifacts in its store (the `packing` of each `<sha256>.json`
+    /// summary: `gzip1` or `stored`), sorted and deduplicated.
+    pub(crate) fn packings(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.data.join("artifacts"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name.ends_with(".json") && !name.ends_with(".manifest.json")
+            })
+            .filter_map(|p| std::fs::read(p).ok())
+            .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+            .map(|v| v["packing"].as_str().unwrap_or("not said").to_string())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The hosts' site root (cutover's `[files] root`, nginx serves its `current`).
     pub(crate) fn site_root(&self) -> &'static str {
         SITE_ROOT
@@ -517,6 +538,83 @@ give_up_after = "20s"
             "-o".into(),
             "ConnectTimeout=5".into(),
         ]
+    }
+
+    /// The rsync peer of a redeploy: first (untimed) a copy of each host's live release
+    /// (`cp -a` of `/srv/site/current/.` into `/srv/rsync-copy`; the hosts' `/srv` is on this
+    /// machine), then `rsync -a --delete -e 'ssh <cutover's options>' <payload>/
+    /// <host>:/srv/rsync-copy/` for every host at once, timed from the first spawn to the last
+    /// exit. Every host must then hold the payload's `version` there; the copies are removed
+    /// afterwards (untimed).
+    pub(crate) fn rsync(&self, p: &Payload) -> Result<Sample> {
+        const COPY: &str = "rsync-copy";
+        for i in 0..self.len() {
+            let srv = self.lab.srv_dir(i);
+            let copy = srv.join(COPY);
+            let _ = std::fs::remove_dir_all(&copy);
+            let st = Command::new("cp")
+                .arg("-a")
+                .arg(srv.join("site/current/."))
+                .arg(&copy)
+                .status()
+                .context("running cp")?;
+            if !st.success() {
+                bail!("rsync peer: cannot copy host {i}'s live release ({st})");
+            }
+        }
+        sync();
+        let ssh = std::iter::once("ssh".to_string())
+            .chain(self.ssh_options().into_iter().map(|o| {
+                // The options hold only paths of the lab and plain words; quoted for rsync's
+                // own splitting of `-e`.
+                format!("'{}'", o.replace('\'', ""))
+            }))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut src = p.dir.clone().into_os_string();
+        src.push("/");
+        let (errors, sample) = self.meter.time(|| -> Result<Vec<String>> {
+            let mut children = Vec::new();
+            for i in 0..self.len() {
+                let child = Command::new("rsync")
+                    .args(["-a", "--delete", "-e", &ssh])
+                    .arg(&src)
+                    .arg(format!("{}:/srv/{COPY}/", self.lab.destination(i)))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("running rsync (Debian package rsync)")?;
+                children.push(child);
+            }
+            let mut errors = Vec::new();
+            for (i, child) in children.into_iter().enumerate() {
+                let out = child.wait_with_output()?;
+                if !out.status.success() {
+                    errors.push(format!(
+                        "host {i}: rsync {}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
+            }
+            Ok(errors)
+        });
+        let errors = errors?;
+        if !errors.is_empty() {
+            bail!("rsync peer failed:\n{}", errors.join("\n"));
+        }
+        for i in 0..self.len() {
+            let v = self.lab.srv_dir(i).join(COPY).join("version");
+            let got = std::fs::read_to_string(&v).unwrap_or_default();
+            if got != p.label {
+                bail!("rsync peer: host {i} holds {got:?} in {}", v.display());
+            }
+        }
+        for i in 0..self.len() {
+            let _ = std::fs::remove_dir_all(self.lab.srv_dir(i).join(COPY));
+        }
+        sync();
+        Ok(sample)
     }
 
     /// The physical floor: `tar c[z]f - -C <payload> . | ssh <host> 'mkdir -p D && tar

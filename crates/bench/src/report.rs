@@ -310,7 +310,7 @@ fn head(ctx: &Ctx) -> String {
     s.push_str(
         "As root, on Debian 12 with what testlab needs (`iproute2`, `util-linux`, \
          `openssh-server`, `nginx-light`, `tar`, `gzip`, `docker.io`, `docker-registry`) and \
-         the peers (`caddy`, `capistrano`, `ruby-ed25519`, `ruby-bcrypt-pbkdf`) plus `curl` and \
+         the peers (`caddy`, `capistrano`, `ruby-ed25519`, `ruby-bcrypt-pbkdf`, `rsync`) plus `curl` and \
          `git` installed:\n\n```sh\ncargo run --release -p cutover-bench -- all\n```\n\n",
     );
     s.push_str(&format!(

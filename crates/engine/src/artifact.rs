@@ -20,7 +20,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -31,6 +31,8 @@ use flate2::read::MultiGzDecoder;
 use flate2::{Compression, GzBuilder};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::delta::{Entry, Manifest};
 
 /// Size limits applied while reading an archive.
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +107,9 @@ pub struct StoredArtifact {
     /// Compressed size in bytes.
     pub size: u64,
     pub summary: Summary,
+    /// How cutover compressed it when it packed a directory (`None` for a user's tarball, or
+    /// one stored before cutover said).
+    pub packing: Option<Packing>,
 }
 
 /// Path used in errors about the stream as a whole rather than one entry.
@@ -994,6 +999,8 @@ pub struct ArtifactStore {
 struct SummaryFile {
     entries: u64,
     unpacked_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    packing: Option<Packing>,
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -1057,11 +1064,249 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// Copies what is read through it into `out`; a write error is kept (and ends the read) so
+/// that it is not mistaken for a refusal of the archive.
+struct Copying<R, W> {
+    inner: R,
+    out: W,
+    failed: Option<io::Error>,
+}
+
+impl<R: Read, W: Write> Read for Copying<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.failed.is_some() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if let Err(e) = self.out.write_all(&buf[..n]) {
+            self.failed = Some(e);
+            return Ok(0);
+        }
+        Ok(n)
+    }
+}
+
 /// Entry and byte counts while packing a directory.
 struct PackCount<'l> {
     limits: &'l Limits,
     entries: u64,
     bytes: u64,
+    /// The release's manifest, built from what is packed (`None` once a name is not UTF-8:
+    /// then it is computed from the tarball when a delta needs it).
+    manifest: Option<Manifest>,
+}
+
+impl PackCount<'_> {
+    fn note(&mut self, rel: &[u8], entry: Entry) {
+        let name = std::str::from_utf8(rel).ok().map(str::to_string);
+        match (name, self.manifest.as_mut()) {
+            (Some(name), Some(m)) => {
+                m.entries.insert(name, entry);
+            }
+            _ => self.manifest = None,
+        }
+    }
+}
+
+/// Bytes of tar stream handed to the checker thread at a time.
+const TEE_CHUNK: usize = 256 << 10;
+/// Bytes of tar stream compressed up front to decide whether compressing pays.
+const SAMPLE_BYTES: usize = 2 << 20;
+/// Compression is used when the sample shrinks to at most this fraction (in percent).
+const WORTH_COMPRESSING_PERCENT: u64 = 90;
+
+/// How a packed artifact's tar stream is compressed inside its gzip container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Packing {
+    /// Deflate level 1 (gzip's fast level): the sample shrank.
+    Gzip1,
+    /// Stored (uncompressed) deflate blocks: the sample did not shrink enough to pay for
+    /// compressing on the way out and decompressing on every host. Still a gzip stream, so
+    /// every host unpacks it with the same `tar -xz`.
+    Stored,
+}
+
+impl Packing {
+    /// Words for a person: `gzip -1` or `none (stored)`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Packing::Gzip1 => "gzip -1",
+            Packing::Stored => "none (stored)",
+        }
+    }
+}
+
+/// Decides from the first [`SAMPLE_BYTES`] of the stream whether to compress it, then writes
+/// the gzip stream into the hashed file.
+enum Compressing<W: Write> {
+    Sampling { sample: Vec<u8>, file: W },
+    Gz(flate2::write::GzEncoder<W>, Packing),
+    Done,
+}
+
+impl<W: Write> Compressing<W> {
+    fn decide(&mut self) -> io::Result<()> {
+        if !matches!(self, Compressing::Sampling { .. }) {
+            return Ok(());
+        }
+        let Compressing::Sampling { sample, file } = std::mem::replace(self, Compressing::Done)
+        else {
+            return Ok(());
+        };
+        let mut probe = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(sample.len()),
+            Compression::fast(),
+        );
+        probe.write_all(&sample)?;
+        let shrunk = probe.finish()?.len() as u64;
+        let packing = if shrunk * 100 <= sample.len() as u64 * WORTH_COMPRESSING_PERCENT {
+            Packing::Gzip1
+        } else {
+            Packing::Stored
+        };
+        let level = match packing {
+            Packing::Gzip1 => Compression::fast(),
+            Packing::Stored => Compression::none(),
+        };
+        let mut gz = GzBuilder::new().mtime(0).write(file, level);
+        gz.write_all(&sample)?;
+        *self = Compressing::Gz(gz, packing);
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<(W, Packing)> {
+        self.decide()?;
+        match self {
+            Compressing::Gz(gz, packing) => Ok((gz.finish()?, packing)),
+            _ => Err(io::Error::other("the compressor is gone")),
+        }
+    }
+}
+
+impl<W: Write> Write for Compressing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Compressing::Sampling { sample, .. } => {
+                let n = buf.len().min(SAMPLE_BYTES - sample.len());
+                sample.extend_from_slice(&buf[..n]);
+                if sample.len() >= SAMPLE_BYTES {
+                    self.decide()?;
+                }
+                Ok(n)
+            }
+            Compressing::Gz(gz, _) => gz.write(buf),
+            Compressing::Done => Err(io::Error::other("the compressor is gone")),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Compressing::Gz(gz, _) => gz.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The checker thread stopped reading (it refused the stream).
+#[derive(Debug)]
+struct CheckerStopped;
+
+impl std::fmt::Display for CheckerStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the archive check stopped")
+    }
+}
+
+impl std::error::Error for CheckerStopped {}
+
+fn is_checker_stop(e: &ArtifactError) -> bool {
+    matches!(e, ArtifactError::Io { source, .. }
+        if source.get_ref().is_some_and(|s| s.is::<CheckerStopped>()))
+}
+
+/// Writes the tar stream to the compressor and a copy of it to the checker thread.
+struct Tee<W: Write> {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    chunk: Vec<u8>,
+    out: Compressing<W>,
+}
+
+impl<W: Write> Tee<W> {
+    fn send(&mut self) -> io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(TEE_CHUNK));
+        match &self.tx {
+            Some(tx) => tx.send(chunk).map_err(|_| io::Error::other(CheckerStopped)),
+            None => Err(io::Error::other(CheckerStopped)),
+        }
+    }
+
+    /// Hands the last bytes to the checker and closes its channel.
+    fn close(&mut self) -> io::Result<()> {
+        let sent = self.send();
+        self.tx = None;
+        sent
+    }
+}
+
+impl<W: Write> Write for Tee<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.chunk.extend_from_slice(&buf[..n]);
+        if self.chunk.len() >= TEE_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Reads the chunks a [`Tee`] sends.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// [`validate_tar_gz`] for an uncompressed tar stream.
+fn validate_tar(reader: impl Read, limits: &Limits) -> Result<Summary, ArtifactError> {
+    let mut stream = Stream {
+        inner: reader,
+        total: 0,
+        // Not a gzip stream: "empty input" is about the tar stream below.
+        compressed: Rc::new(Cell::new(1)),
+    };
+    let mut validator = Validator::new(limits);
+    validator.read_entries(&mut stream)?;
+    validator.check_symlinks()?;
+    Ok(Summary {
+        entries: validator.entries,
+        unpacked_bytes: validator.file_bytes,
+    })
 }
 
 fn is_sha256_hex(s: &str) -> bool {
@@ -1134,71 +1379,116 @@ impl ArtifactStore {
         }
         self.ensure_dir()?;
         let (temp, file) = self.temp_file("tar.gz")?;
-        let write_err = io_error(&temp.path);
-        let gz = GzBuilder::new()
-            .mtime(0)
-            .write(Hashing::new(BufWriter::new(file)), Compression::fast());
-        let mut builder = tar::Builder::new(gz);
+        // The tar stream is validated as it is produced, by a thread reading a copy of it: the
+        // same checks as for a user's tarball, without compressing, writing and re-reading it
+        // first.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+        let limits_copy = *limits;
+        let checker = std::thread::spawn(move || {
+            validate_tar(
+                ChannelReader {
+                    rx,
+                    chunk: Vec::new(),
+                    at: 0,
+                },
+                &limits_copy,
+            )
+        });
+        let out = Tee {
+            tx: Some(tx),
+            chunk: Vec::with_capacity(TEE_CHUNK),
+            out: Compressing::Sampling {
+                sample: Vec::with_capacity(SAMPLE_BYTES),
+                file: Hashing::new(BufWriter::with_capacity(1 << 20, file)),
+            },
+        };
+        let mut builder = tar::Builder::new(out);
         let mut count = PackCount {
             limits,
             entries: 0,
             bytes: 0,
+            manifest: Some(Manifest::default()),
         };
-        pack_tree(&mut builder, dir, &mut Vec::new(), &mut count, &temp.path)?;
-        let gz = builder.into_inner().map_err(io_error(&temp.path))?;
-        let hashing = gz.finish().map_err(io_error(&temp.path))?;
+        let packed = pack_tree(&mut builder, dir, &mut Vec::new(), &mut count, &temp.path);
+        let tee = match packed {
+            Ok(()) => builder.into_inner().map_err(io_error(&temp.path)),
+            Err(e) => {
+                drop(builder);
+                Err(e)
+            }
+        }
+        .and_then(|mut tee| tee.close().map(|()| tee).map_err(io_error(&temp.path)));
+        // The sender is gone with the tee (or closed): the checker ends.
+        let checked = checker.join().unwrap_or_else(|_| {
+            Err(ArtifactError::Io {
+                path: dir.display().to_string(),
+                source: io::Error::other("the archive checker panicked"),
+            })
+        });
+        let tee = match tee {
+            Ok(tee) => tee,
+            // The checker refused the stream and stopped reading: its reason is the one.
+            Err(e) if is_checker_stop(&e) => {
+                return Err(name_archive(checked.err().unwrap_or(e), dir));
+            }
+            Err(e) => return Err(e),
+        };
+        let summary = checked.map_err(|e| name_archive(e, dir))?;
+        let (hashing, packing) = tee.out.finish().map_err(io_error(&temp.path))?;
         let (sha256, size, buffered) = hashing.hex();
         let file = buffered
             .into_inner()
             .map_err(|e| e.into_error())
             .map_err(io_error(&temp.path))?;
-        file.sync_all().map_err(write_err)?;
+        file.sync_all().map_err(io_error(&temp.path))?;
         drop(file);
-
-        let reread = File::open(&temp.path).map_err(io_error(&temp.path))?;
-        let summary = validate_tar_gz(io::BufReader::new(reread), limits)
-            .map_err(|e| name_archive(e, dir))?;
-        self.commit(temp, sha256, size, summary)
+        let stored = self.commit(temp, sha256, size, summary, Some(packing))?;
+        if let Some(m) = count.manifest {
+            crate::delta::store_manifest(self, &stored.sha256, &m);
+        }
+        Ok(stored)
     }
 
-    /// Validates the tarball `file` (nothing is written to the store if it is
-    /// refused), then copies it into the store while hashing it.
+    /// Validates the tarball `file` while copying it into the store and hashing it, in one
+    /// read (nothing is kept in the store if it is refused).
     pub fn import_tar_gz(
         &self,
         file: &Path,
         limits: &Limits,
     ) -> Result<StoredArtifact, ArtifactError> {
-        let mut source = File::open(file).map_err(io_error(file))?;
+        let source = File::open(file).map_err(io_error(file))?;
         let meta = source.metadata().map_err(io_error(file))?;
         if !meta.is_file() {
             return Err(ArtifactError::NotAnArtifact {
                 path: file.display().to_string(),
             });
         }
-        let mut hashing = Hashing::new(io::BufReader::new(&mut source));
-        let summary = validate_tar_gz(&mut hashing, limits).map_err(|e| name_archive(e, file))?;
-        io::copy(&mut hashing, &mut io::sink()).map_err(io_error(file))?;
-        let (validated_sha, _, _) = hashing.hex();
-
         self.ensure_dir()?;
-        source.rewind().map_err(io_error(file))?;
         let (temp, out) = self.temp_file("tar.gz")?;
-        let mut writer = Hashing::new(BufWriter::new(out));
-        io::copy(&mut source, &mut writer).map_err(io_error(file))?;
-        let (sha256, size, buffered) = writer.hex();
-        let out = buffered
+        let mut copying = Copying {
+            inner: Hashing::new(io::BufReader::with_capacity(1 << 20, source)),
+            out: BufWriter::with_capacity(1 << 20, out),
+            failed: None,
+        };
+        let validated = validate_tar_gz(&mut copying, limits);
+        if let Some(e) = copying.failed.take() {
+            return Err(io_error(&temp.path)(e));
+        }
+        let summary = validated.map_err(|e| name_archive(e, file))?;
+        // What follows the archive's end (zero padding) is part of the file and its digest.
+        io::copy(&mut copying, &mut io::sink()).map_err(io_error(file))?;
+        if let Some(e) = copying.failed.take() {
+            return Err(io_error(&temp.path)(e));
+        }
+        let (sha256, size, _) = copying.inner.hex();
+        let out = copying
+            .out
             .into_inner()
             .map_err(|e| e.into_error())
             .map_err(io_error(&temp.path))?;
         out.sync_all().map_err(io_error(&temp.path))?;
         drop(out);
-        if sha256 != validated_sha {
-            return Err(ArtifactError::Io {
-                path: file.display().to_string(),
-                source: io::Error::other("the file changed while it was being imported"),
-            });
-        }
-        self.commit(temp, sha256, size, summary)
+        self.commit(temp, sha256, size, summary, None)
     }
 
     /// The store's directory.
@@ -1223,14 +1513,18 @@ impl ArtifactStore {
         if !meta.is_file() {
             return None;
         }
+        let mut packing = None;
         let summary = match fs::read(self.summary_path(sha256))
             .ok()
             .and_then(|bytes| serde_json::from_slice::<SummaryFile>(&bytes).ok())
         {
-            Some(s) => Summary {
-                entries: s.entries,
-                unpacked_bytes: s.unpacked_bytes,
-            },
+            Some(s) => {
+                packing = s.packing;
+                Summary {
+                    entries: s.entries,
+                    unpacked_bytes: s.unpacked_bytes,
+                }
+            }
             None => {
                 let unlimited = Limits {
                     max_unpacked_bytes: u64::MAX,
@@ -1245,6 +1539,7 @@ impl ArtifactStore {
             path,
             size: meta.len(),
             summary,
+            packing,
         })
     }
 
@@ -1288,10 +1583,12 @@ impl ArtifactStore {
         sha256: String,
         size: u64,
         summary: Summary,
+        packing: Option<Packing>,
     ) -> Result<StoredArtifact, ArtifactError> {
         let summary_json = serde_json::to_vec(&SummaryFile {
             entries: summary.entries,
             unpacked_bytes: summary.unpacked_bytes,
+            packing,
         })
         .map_err(|e| ArtifactError::Io {
             path: self.summary_path(&sha256).display().to_string(),
@@ -1321,6 +1618,7 @@ impl ArtifactStore {
             path: dest,
             size,
             summary,
+            packing,
         })
     }
 }
@@ -1382,6 +1680,7 @@ fn pack_entry<W: Write>(
         let mut name = rel.clone();
         name.push(b'/');
         append_raw(builder, &mut header, &name, None, io::empty()).map_err(write_err)?;
+        count.note(rel, Entry::Dir);
         pack_tree(builder, root, rel, count, temp)
     } else if kind.is_symlink() {
         let target = fs::read_link(path).map_err(io_error(path))?;
@@ -1395,7 +1694,17 @@ fn pack_entry<W: Write>(
             Some(target.as_os_str().as_bytes()),
             io::empty(),
         )
-        .map_err(write_err)
+        .map_err(write_err)?;
+        match target.to_str() {
+            Some(t) => count.note(
+                rel,
+                Entry::Symlink {
+                    target: t.to_string(),
+                },
+            ),
+            None => count.manifest = None,
+        }
+        Ok(())
     } else if kind.is_file() {
         let size = meta.len();
         count.bytes = count.bytes.saturating_add(size);
@@ -1413,11 +1722,13 @@ fn pack_entry<W: Write>(
             });
         }
         header.set_entry_type(tar::EntryType::Regular);
-        header.set_mode((meta.mode() & 0o755) | 0o644);
+        let mode = (meta.mode() & 0o755) | 0o644;
+        header.set_mode(mode);
         header.set_size(size);
         let mut exact = Exact {
             inner: file.take(size),
             left: size,
+            hasher: count.manifest.as_ref().map(|_| Sha256::new()),
         };
         append_raw(builder, &mut header, rel, None, &mut exact).map_err(|e| {
             if exact.left > 0 {
@@ -1439,6 +1750,10 @@ fn pack_entry<W: Write>(
                 path: path.display().to_string(),
                 source: io::Error::other("the file changed size while it was being packed"),
             });
+        }
+        if let Some(h) = exact.hasher {
+            let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            count.note(rel, Entry::File { mode, size, sha256 });
         }
         Ok(())
     } else {
@@ -1465,6 +1780,8 @@ fn pack_entry<W: Write>(
 struct Exact<R> {
     inner: io::Take<R>,
     left: u64,
+    /// Hashes the content for the manifest.
+    hasher: Option<Sha256>,
 }
 
 impl<R: Read> Read for Exact<R> {
@@ -1475,6 +1792,9 @@ impl<R: Read> Read for Exact<R> {
                 io::ErrorKind::UnexpectedEof,
                 "the file shrank while it was being packed",
             ));
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
         }
         self.left -= n as u64;
         Ok(n)

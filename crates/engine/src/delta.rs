@@ -14,8 +14,10 @@
 //! unpacked into a fresh directory before any link exists, so the base release is never
 //! modified. Unchanged files keep the base release's inode (and so its mtime).
 //!
-//! A delta is only worth it when something is shared; with nothing shared, or when the new
-//! release itself contains a file named [`LINKS`], the full tarball is shipped instead.
+//! A delta is only worth it when much is shared: with less than a quarter of the new
+//! release's file bytes in unchanged files, or when the new release itself contains a file
+//! named [`LINKS`], the full tarball is shipped instead. The manifest of a directory packed by
+//! cutover is written while it is packed, so comparing two releases reads no tarball.
 
 use crate::artifact::{ArtifactStore, StoredArtifact};
 use flate2::read::GzDecoder;
@@ -27,6 +29,10 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A delta is made only when at least this share (in percent) of the new release's file bytes
+/// are unchanged files.
+const MIN_SHARED_PERCENT: u64 = 25;
 
 /// The delta tarball's member that lists the files to hard-link from the base release.
 pub(crate) const LINKS: &str = ".cutover-delta.links";
@@ -99,20 +105,27 @@ pub(crate) fn manifest(store: &ArtifactStore, art: &StoredArtifact) -> io::Resul
         return Ok(m);
     }
     let m = compute_manifest(art)?;
+    store_manifest(store, &art.sha256, &m);
+    Ok(m)
+}
+
+/// Keeps `m` as the manifest of the stored artifact `sha256` (written when a directory is
+/// packed, or when a delta first needs it). A cache only: when it cannot be written, the
+/// manifest is computed from the tarball again when next needed.
+pub(crate) fn store_manifest(store: &ArtifactStore, sha256: &str, m: &Manifest) {
+    let path = manifest_path(store, sha256);
     let tmp = store.dir().join(format!(
         ".manifest-{}-{}.tmp",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let written = serde_json::to_vec(&m)
+    let written = serde_json::to_vec(m)
         .map_err(io::Error::other)
         .and_then(|bytes| fs::write(&tmp, bytes))
         .and_then(|()| fs::rename(&tmp, &path));
     if written.is_err() {
-        // A cache only: the deploy goes on without it.
         let _ = fs::remove_file(&tmp);
     }
-    Ok(m)
 }
 
 fn compute_manifest(art: &StoredArtifact) -> io::Result<Manifest> {
@@ -164,9 +177,9 @@ fn compute_manifest(art: &StoredArtifact) -> io::Result<Manifest> {
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Writes the delta of `new` against `base` into the store's directory, or `None` when no
-/// regular file is shared (or the new release has a file named [`LINKS`]): then the full
-/// tarball is the better thing to send.
+/// Writes the delta of `new` against `base` into the store's directory, or `None` when less
+/// than [`MIN_SHARED_PERCENT`] of the file bytes are shared (or the new release has a file
+/// named [`LINKS`]): then the full tarball is the better thing to send.
 pub(crate) fn write_delta(
     store: &ArtifactStore,
     new: &StoredArtifact,
@@ -177,12 +190,19 @@ pub(crate) fn write_delta(
         return Ok(None);
     }
     let mut links: Vec<&str> = Vec::new();
+    let (mut shared, mut all) = (0u64, 0u64);
     for (path, e) in &new_manifest.entries {
-        if matches!(e, Entry::File { .. }) && base.entries.get(path) == Some(e) {
-            links.push(path);
+        if let Entry::File { size, .. } = e {
+            all += size;
+            if base.entries.get(path) == Some(e) {
+                links.push(path);
+                shared += size;
+            }
         }
     }
-    if links.is_empty() {
+    // Writing a delta re-reads the new tarball; with little shared, sending the whole
+    // artifact costs less.
+    if links.is_empty() || shared * 100 < all * MIN_SHARED_PERCENT {
         return Ok(None);
     }
     let path = store.dir().join(format!(
@@ -197,9 +217,12 @@ pub(crate) fn write_delta(
         linked: links.len(),
     };
     let file = File::create(&delta.path)?;
-    let gz = GzBuilder::new()
-        .mtime(0)
-        .write(BufWriter::new(file), Compression::fast());
+    // What did not shrink in the artifact will not shrink in the delta.
+    let level = match new.packing {
+        Some(crate::artifact::Packing::Stored) => Compression::none(),
+        _ => Compression::fast(),
+    };
+    let gz = GzBuilder::new().mtime(0).write(BufWriter::new(file), level);
     let mut out = tar::Builder::new(gz);
     out.mode(tar::HeaderMode::Complete);
 
@@ -327,13 +350,49 @@ mod tests {
     }
 
     #[test]
+    fn the_manifest_kept_while_packing_is_the_tarballs() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = std::env::temp_dir().join(format!("cutover-delta-pack-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&t);
+        let store = ArtifactStore::new(t.join("store"));
+        let long = format!("deep/{}/file.txt", "n".repeat(120));
+        tree(
+            &t.join("a"),
+            &[
+                ("index.html", "hi"),
+                ("run.sh", "echo"),
+                ("empty", ""),
+                (&long, "x"),
+            ],
+        );
+        fs::set_permissions(t.join("a/run.sh"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir_all(t.join("a/nothing/here")).unwrap();
+        std::os::unix::fs::symlink("index.html", t.join("a/link")).unwrap();
+        std::os::unix::fs::symlink(format!("../../{long}"), t.join("a/nothing/here/l")).unwrap();
+        let a = store.import_dir(&t.join("a"), &Limits::default()).unwrap();
+        let kept: Manifest =
+            serde_json::from_slice(&fs::read(manifest_path(&store, &a.sha256)).unwrap()).unwrap();
+        assert_eq!(kept, compute_manifest(&a).unwrap());
+        assert_eq!(kept.entries.len(), 10);
+        assert_eq!(
+            kept.entries["run.sh"],
+            Entry::File {
+                mode: 0o744,
+                size: 4,
+                sha256: crate::sha256_hex("echo"),
+            }
+        );
+        let _ = fs::remove_dir_all(&t);
+    }
+
+    #[test]
     fn a_mode_change_is_a_change() {
         use std::os::unix::fs::PermissionsExt;
         let t = std::env::temp_dir().join(format!("cutover-delta-mode-{}", std::process::id()));
         let _ = fs::remove_dir_all(&t);
         let store = ArtifactStore::new(t.join("store"));
-        tree(&t.join("a"), &[("run.sh", "echo"), ("x", "x")]);
-        tree(&t.join("b"), &[("run.sh", "echo"), ("x", "x")]);
+        tree(&t.join("a"), &[("run.sh", "echo"), ("x", "xxxxxxxx")]);
+        tree(&t.join("b"), &[("run.sh", "echo"), ("x", "xxxxxxxx")]);
         fs::set_permissions(t.join("b/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
         let a = store.import_dir(&t.join("a"), &Limits::default()).unwrap();
         let b = store.import_dir(&t.join("b"), &Limits::default()).unwrap();

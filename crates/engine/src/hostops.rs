@@ -1,7 +1,7 @@
 //! What cutover does on a host, one remote invocation per phase (each SSH session costs
 //! ~160 ms, so a phase is one script, not one command per step): prepare (check the root,
 //! take the host lock, report `current` and the releases, clear stale `.partial` dirs), stage
-//! (stream a tar.gz, or a delta against the current release, into `releases/<id>.partial`,
+//! (stream a tar or tar.gz, or a delta against the current release, into `releases/<id>.partial`,
 //! flush its file system to disk, rename when complete), switch (`ln -s` to a
 //! unique temp name, `mv -T` over `current`, run `reload` in the release), finish (prune and
 //! unlock), and the read-only probes behind `status` and `check`.
@@ -121,14 +121,16 @@ if cp --help 2>&1 | grep -q -e '--parents' && command -v xargs >/dev/null 2>&1; 
 exit 0
 "#;
 
-/// Unpacks the tar.gz on stdin into a fresh `releases/<id>.partial` (after `cd
-/// "$root/releases"`). Shared by [`STAGE`] and [`STAGE_DELTA`].
+/// Unpacks the tar stream on stdin (gzip-compressed when `$gz` is `yes`) into a fresh
+/// `releases/<id>.partial` (after `cd "$root/releases"`). Shared by [`STAGE`] and
+/// [`STAGE_DELTA`].
 macro_rules! unpack_partial {
     () => {
         r#"
 rm -rf "$id.partial"
 mkdir "$id.partial" || { echo "ERR cannot create $root/releases/$id.partial"; exit 3; }
-if ! tar -x -z -o -f - -C "$id.partial"; then
+if [ "$gz" = yes ]; then set -- -z; else set --; fi
+if ! tar -x "$@" -o -f - -C "$id.partial"; then
   rm -rf "$id.partial"
   echo "ERR unpacking into $root/releases/$id.partial failed (disk full? see the tar message); the partial directory was removed"
   exit 4
@@ -162,6 +164,7 @@ set -u
 root={root}
 id={id}
 meta={meta}
+gz={gz}
 cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
 "#,
     unpack_partial!(),
@@ -178,6 +181,7 @@ id={id}
 base={base}
 meta={meta}
 links_name={links}
+gz=yes
 cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
 [ -d "$base" ] || { echo "ERR the base release $base is not on this host"; exit 3; }
 "#,
@@ -301,9 +305,14 @@ pub(crate) fn stage(
     root: &str,
     id: &str,
     meta: &str,
+    gz: bool,
     tarball: &mut (dyn Read + Send),
 ) -> Result<(), OpError> {
-    let s = Script::new(STAGE, &[("root", root), ("id", id), ("meta", meta)]);
+    let gz = if gz { "yes" } else { "no" };
+    let s = Script::new(
+        STAGE,
+        &[("root", root), ("id", id), ("meta", meta), ("gz", gz)],
+    );
     let out = r.run(&s, Some(tarball))?;
     if out.success() && out.stdout.lines().any(|l| l == "STAGED") {
         Ok(())
@@ -448,7 +457,20 @@ mod tests {
         // Script::new panics on a missing or unused value: build each once.
         let _ = Script::new(PREPARE, &[("root", "/r"), ("holder", "h")]);
         let _ = Script::new(TAKEOVER, &[("root", "/r"), ("old", "a"), ("new", "b")]);
-        let _ = Script::new(STAGE, &[("root", "/r"), ("id", "i"), ("meta", "{}")]);
+        let _ = Script::new(
+            STAGE,
+            &[("root", "/r"), ("id", "i"), ("meta", "{}"), ("gz", "no")],
+        );
+        let _ = Script::new(
+            STAGE_DELTA,
+            &[
+                ("root", "/r"),
+                ("id", "i"),
+                ("base", "b"),
+                ("meta", "{}"),
+                ("links", "l"),
+            ],
+        );
         let _ = Script::new(SWITCH, &[("root", "/r"), ("id", "i"), ("reload", "")]);
         let _ = Script::new(FINISH, &[("root", "/r"), ("holder", "h"), ("prune", "")]);
         let _ = Script::new(CHECK, &[("root", "/r")]);

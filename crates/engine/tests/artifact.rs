@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use cutover_engine::artifact::{
-    validate_tar_gz, ArtifactError, ArtifactStore, Limits, StoredArtifact, Summary,
+    validate_tar_gz, ArtifactError, ArtifactStore, Limits, Packing, StoredArtifact, Summary,
 };
 use sha2::{Digest, Sha256};
 use tar::EntryType;
@@ -908,6 +908,7 @@ fn import_dir_is_deterministic() {
         store_listing(&tmp.path().join("a")),
         vec![
             format!("{}.json", first.sha256),
+            format!("{}.manifest.json", first.sha256),
             format!("{}.tar.gz", first.sha256)
         ]
     );
@@ -1164,4 +1165,108 @@ fn good_fixture_passes() {
     tar.file(HARMLESS_NAME.as_bytes(), 0o644, HARMLESS_BODY)
         .finish();
     assert_eq!(accepted(&tar).entries, 1);
+}
+
+/// Pseudo-random bytes (splitmix64), which no compressor shrinks.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn a_directory_is_compressed_only_when_it_shrinks() {
+    let tmp = TempDir::new("packing");
+    let limits = Limits::default();
+    let store = ArtifactStore::new(tmp.path().join("store"));
+
+    let text = tmp.path().join("text");
+    fs::create_dir_all(&text).unwrap();
+    let page = "<p>the same paragraph of a page, again and again</p>\n".repeat(80_000);
+    fs::write(text.join("index.html"), &page).unwrap();
+    let packed = store.import_dir(&text, &limits).unwrap();
+    assert_eq!(packed.packing, Some(Packing::Gzip1));
+    assert!(
+        packed.size * 10 < page.len() as u64,
+        "text is compressed: {} bytes for {}",
+        packed.size,
+        page.len()
+    );
+
+    let random = tmp.path().join("random");
+    fs::create_dir_all(random.join("data")).unwrap();
+    for k in 0..12 {
+        fs::write(
+            random.join(format!("data/f{k}.bin")),
+            random_bytes(512 << 10, k),
+        )
+        .unwrap();
+    }
+    let packed = store.import_dir(&random, &limits).unwrap();
+    assert_eq!(packed.packing, Some(Packing::Stored));
+    // Still a gzip stream the host's `tar -xz` reads, holding every byte.
+    let summary = validate_tar_gz(fs::File::open(&packed.path).unwrap(), &limits).unwrap();
+    assert_eq!(summary.unpacked_bytes, 12 * (512 << 10));
+    assert_eq!(packed.summary, summary);
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+        fs::File::open(&packed.path).unwrap(),
+    ));
+    let mut found = 0;
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.header().entry_type() == EntryType::Regular {
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let k: u64 = name["data/f".len()..name.len() - 4].parse().unwrap();
+            let mut body = Vec::new();
+            e.read_to_end(&mut body).unwrap();
+            assert!(body == random_bytes(512 << 10, k), "{name} round-trips");
+            found += 1;
+        }
+    }
+    assert_eq!(found, 12);
+    // What the store says survives a new handle on it.
+    let again = ArtifactStore::new(tmp.path().join("store"))
+        .get(&packed.sha256)
+        .unwrap();
+    assert_eq!(again.packing, Some(Packing::Stored));
+}
+
+#[test]
+fn a_hostile_entry_deep_in_a_big_tree_is_refused_and_leaves_nothing() {
+    let tmp = TempDir::new("deep-hostile");
+    let tree = tmp.path().join("site");
+    // Far more than the checker's channel holds, so the refusal comes while packing goes on.
+    for k in 0..40 {
+        let dir = tree.join(format!("a{k:02}/b/c"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("f.bin"), random_bytes(256 << 10, k)).unwrap();
+    }
+    std::os::unix::fs::symlink("../../../../../etc/passwd", tree.join("a39/b/c/escape")).unwrap();
+    let store_dir = tmp.path().join("store");
+    let store = ArtifactStore::new(&store_dir);
+    let err = store.import_dir(&tree, &Limits::default()).unwrap_err();
+    assert!(
+        matches!(&err, ArtifactError::Hostile { path, reason }
+            if path == "a39/b/c/escape" && reason.contains("outside")),
+        "{err}"
+    );
+    assert_eq!(store_listing(&store_dir), Vec::<String>::new());
+
+    // Early in the tree, with plenty still to pack after it.
+    fs::remove_file(tree.join("a39/b/c/escape")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", tree.join("a00/b/abs")).unwrap();
+    let err = store.import_dir(&tree, &Limits::default()).unwrap_err();
+    assert!(
+        matches!(&err, ArtifactError::Hostile { path, .. } if path == "a00/b/abs"),
+        "{err}"
+    );
+    assert_eq!(store_listing(&store_dir), Vec::<String>::new());
 }

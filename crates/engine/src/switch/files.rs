@@ -3,7 +3,7 @@
 //! over `current`, then `reload`; gate = the health URL as the host sees it.
 
 use super::{HostCx, SwitchError, Switcher, Target};
-use crate::artifact::ArtifactStore;
+use crate::artifact::{ArtifactStore, Packing};
 use crate::deploy::{Recorder, Via};
 use crate::gate::{run_gate, GateSpec};
 use crate::hostops::{self, OpError};
@@ -108,18 +108,28 @@ impl<'a> Files<'a> {
             .cloned()
     }
 
-    /// Streams `path` (of `size` bytes) to a host through `send`, counting and reporting.
+    /// Streams `path` (of `size` bytes) to a host through `send`, counting and reporting;
+    /// with `plain`, the tar stream inside the gzip file is sent instead (decoded here, its
+    /// CRC checked on the way).
     fn send(
         &self,
         h: &HostCx<'_>,
         path: &std::path::Path,
         size: u64,
+        plain: bool,
         send: impl FnOnce(&mut Counting<'_>) -> Result<(), OpError>,
     ) -> Result<u64, OpError> {
         let file = std::fs::File::open(path)
             .map_err(|e| OpError::Host(format!("cannot read {}: {e}", path.display())))?;
+        let inner: Box<dyn Read + Send> = if plain {
+            Box::new(flate2::read::GzDecoder::new(
+                std::io::BufReader::with_capacity(1 << 20, file),
+            ))
+        } else {
+            Box::new(file)
+        };
         let mut counting = Counting {
-            inner: file,
+            inner,
             sent: 0,
             total: size,
             host: h.name,
@@ -218,7 +228,7 @@ impl Switcher for Files<'_> {
                 "{} bytes: a delta against release {base} ({} files sent, {} unchanged files hard-linked on the host)",
                 delta.size, delta.shipped, delta.linked
             ));
-            let sent = self.send(h, &delta.path, delta.size, |c| {
+            let sent = self.send(h, &delta.path, delta.size, false, |c| {
                 hostops::stage_delta(h.remote, root, &to.id, base, &meta, c)
             });
             match sent {
@@ -248,9 +258,12 @@ impl Switcher for Files<'_> {
                 }
             }
         }
+        // Stored without compression: the host is sent the tar stream itself, so it spends
+        // no CPU on gzip for data that does not shrink.
+        let plain = art.packing == Some(Packing::Stored);
         h.ev(Step::Stage, State::Start, &format!("{} bytes", art.size));
-        let r = self.send(h, &art.path, art.size, |c| {
-            hostops::stage(h.remote, root, &to.id, &meta, c)
+        let r = self.send(h, &art.path, art.size, plain, |c| {
+            hostops::stage(h.remote, root, &to.id, &meta, !plain, c)
         });
         match &r {
             Ok(sent) => h.ev(Step::Stage, State::Done, &format!("{sent} bytes sent")),
@@ -353,7 +366,7 @@ pub(crate) fn last_lines(s: &str) -> String {
 
 /// Counts the bytes streamed to a host, reports them, and holds the mid-upload crash point.
 struct Counting<'a> {
-    inner: std::fs::File,
+    inner: Box<dyn Read + Send>,
     sent: u64,
     total: u64,
     host: &'a str,
