@@ -569,22 +569,7 @@ impl Store {
             .prepare("SELECT id, app, status, bad, created_at, finished_at, artifact_sha256, commit_sha, source, snapshot, commit_subject FROM releases WHERE app = ?1 ORDER BY id DESC")
             .map_err(|e| self.e(e))?;
         let mut out: Vec<Release> = stmt
-            .query_map([app], |r| {
-                Ok(Release {
-                    id: r.get(0)?,
-                    app: r.get(1)?,
-                    status: r.get(2)?,
-                    bad: r.get(3)?,
-                    created_at: r.get(4)?,
-                    finished_at: r.get(5)?,
-                    artifact_sha256: r.get(6)?,
-                    commit: r.get(7)?,
-                    source: r.get(8)?,
-                    snapshot: r.get(9)?,
-                    commit_subject: r.get(10)?,
-                    hosts: BTreeMap::new(),
-                })
-            })
+            .query_map([app], release_row)
             .map_err(|e| self.e(e))?
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| self.e(e))?;
@@ -921,6 +906,25 @@ fn recognise(conn: &Connection) -> std::result::Result<(), Recognised> {
         )));
     }
     Ok(())
+}
+
+/// A `releases` row, selected as `id, app, status, bad, created_at, finished_at,
+/// artifact_sha256, commit_sha, source, snapshot, commit_subject`; hosts are filled in after.
+pub(crate) fn release_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
+    Ok(Release {
+        id: r.get(0)?,
+        app: r.get(1)?,
+        status: r.get(2)?,
+        bad: r.get(3)?,
+        created_at: r.get(4)?,
+        finished_at: r.get(5)?,
+        artifact_sha256: r.get(6)?,
+        commit: r.get(7)?,
+        source: r.get(8)?,
+        snapshot: r.get(9)?,
+        commit_subject: r.get(10)?,
+        hosts: BTreeMap::new(),
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! tokens and session ids as SHA-256 hex digests; this module never sees the secret itself
 //! and never hashes anything (the server does).
 
-use super::{params, Event, OptionalExtension, Release, Result, Store};
+use super::{params, release_row, Event, OptionalExtension, Release, Result, Store};
 use serde::Serialize;
 
 /// What a user or a token may do.
@@ -351,22 +351,7 @@ impl Store {
             .prepare("SELECT id, app, status, bad, created_at, finished_at, artifact_sha256, commit_sha, source, snapshot, commit_subject FROM releases WHERE app = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3")
             .map_err(|e| self.e(e))?;
         let mut out: Vec<Release> = stmt
-            .query_map(params![app, before, limit], |r| {
-                Ok(Release {
-                    id: r.get(0)?,
-                    app: r.get(1)?,
-                    status: r.get(2)?,
-                    bad: r.get(3)?,
-                    created_at: r.get(4)?,
-                    finished_at: r.get(5)?,
-                    artifact_sha256: r.get(6)?,
-                    commit: r.get(7)?,
-                    source: r.get(8)?,
-                    snapshot: r.get(9)?,
-                    commit_subject: r.get(10)?,
-                    hosts: Default::default(),
-                })
-            })
+            .query_map(params![app, before, limit], release_row)
             .map_err(|e| self.e(e))?
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| self.e(e))?;

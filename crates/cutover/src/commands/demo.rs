@@ -226,7 +226,7 @@ fn serve_panel(dir: &Path) -> i32 {
         println!("panel: http://{addr}/");
         println!("user: demo");
         println!("password: {password}");
-        match cutover_server::serve(listener, state, stopped()).await {
+        match cutover_server::serve(listener, state, super::serve::stopped()).await {
             Ok(()) => exit::OK,
             Err(e) => {
                 eprintln!("error: the panel stopped: {e}");
@@ -234,22 +234,6 @@ fn serve_panel(dir: &Path) -> i32 {
             }
         }
     })
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn stopped() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
 }
 
 /// The text of the page at `/`, first line, tags stripped.

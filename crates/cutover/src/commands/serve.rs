@@ -95,8 +95,8 @@ pub(crate) fn run(args: ServeArgs) -> i32 {
     })
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn stopped() {
+/// Resolves on Ctrl-C or SIGTERM (`serve` and the demo's panel stop on either).
+pub(crate) async fn stopped() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
