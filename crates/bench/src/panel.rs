@@ -4,7 +4,7 @@
 //! (p50/p99 of the page and of a page deep in the history); the server's RSS idle and at its
 //! peak during the rollbacks.
 
-use crate::harness::World;
+use crate::harness::{Payload, World};
 use crate::report::{secs, spread, Section};
 use crate::Ctx;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -25,8 +25,12 @@ peak* is its high-water mark (VmHWM) after the rollbacks. *app page, 10,000 rele
 10,000 release rows are added to the 1-host world's history, then `GET /apps/site` (the \
 newest 50 and the hosts' status, cached for 3 s) and `GET /apps/site?before=<id>` (a page \
 in the middle) are each fetched 300 times in a row over fresh connections; p50/p99 of the \
-time to the last byte. Not measured here: the delay from an event's write to an SSE client \
-(the events table records times to the second).";
+time to the last byte. *event to SSE client*: in the 1-host world, a CLI deploy with \
+`--events` on the server's data directory (the engine reports each event right after writing \
+it, so the line on the CLI's stdout marks the write) while an SSE client follows the same run \
+through the server (`/api/runs/{run}/events`); per event (matched by seq) the time from the \
+CLI's line to the SSE event, both read by the bench, for the events written after the client \
+connected; p50/p99/max.";
 
 /// `cutover serve` on a free loopback port, killed on drop.
 struct Server {
@@ -213,6 +217,86 @@ fn click_rollback(world: &World, s: &Server, cookie: &str, label: &str) -> Resul
     Ok(took)
 }
 
+/// The time in ms from each event's line on a CLI deploy's `--events` stdout to the same event
+/// (by seq) on an SSE client of the server following that run, for the events written after
+/// the client connected.
+fn sse_latency(world: &World, s: &Server, cookie: &str, p: &Payload) -> Result<Vec<f64>> {
+    use std::collections::HashMap;
+    let dir = p.dir.display().to_string();
+    let mut child = world
+        .cutover(&["deploy", "--events", "--artifact", &dir])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting cutover deploy --events")?;
+    let out = BufReader::new(child.stdout.take().context("the deploy's stdout")?);
+    let (run_tx, run_rx) = std::sync::mpsc::channel::<i64>();
+    let cli = std::thread::spawn(move || {
+        let mut at: HashMap<i64, Instant> = HashMap::new();
+        for line in out.lines().map_while(std::result::Result::ok) {
+            let now = Instant::now();
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["event"] != "step" {
+                continue;
+            }
+            if at.is_empty() {
+                if let Some(run) = v["run"].as_i64() {
+                    let _ = run_tx.send(run);
+                }
+            }
+            if let Some(seq) = v["seq"].as_i64() {
+                at.insert(seq, now);
+            }
+        }
+        at
+    });
+    let run = run_rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| anyhow!("the deploy printed no event"))?;
+    let mut conn = TcpStream::connect(s.addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        conn,
+        "GET /api/runs/{run}/events HTTP/1.1\r\nHost: {}\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n",
+        s.addr
+    )?;
+    let connected = Instant::now();
+    let mut sse: HashMap<i64, Instant> = HashMap::new();
+    for line in BufReader::new(conn).lines() {
+        let line = line.context("reading the SSE stream")?;
+        let now = Instant::now();
+        if line.starts_with("event: end") {
+            break;
+        }
+        if let Some(seq) = line
+            .strip_prefix("id: ")
+            .and_then(|v| v.trim().parse().ok())
+        {
+            sse.insert(seq, now);
+        }
+    }
+    let status = child.wait()?;
+    let cli = cli
+        .join()
+        .map_err(|_| anyhow!("the --events reader panicked"))?;
+    if !status.success() {
+        bail!("the deploy exited with {status}");
+    }
+    let mut ms: Vec<f64> = cli
+        .iter()
+        .filter(|(_, t)| **t > connected)
+        .filter_map(|(seq, t)| sse.get(seq).map(|r| r.saturating_duration_since(*t)))
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    if ms.is_empty() {
+        bail!("no event of run {run} was written after the SSE client connected");
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
 /// p50 and p99 in ms of `n` GETs of `path`.
 fn page_times(s: &Server, cookie: &str, path: &str, n: usize) -> Result<(f64, f64)> {
     let mut ms = Vec::with_capacity(n);
@@ -254,6 +338,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let (a, b) = ctx.payloads()?;
     let mut rows = Vec::new();
     let mut pages = None;
+    let mut sse = None;
     for n in [1usize, 4] {
         let world = World::start(n, ctx)?;
         world.deploy(a)?;
@@ -276,6 +361,16 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         }
         let peak = kib(s.child.id(), "VmHWM:");
         if n == 1 {
+            let ms = sse_latency(&world, &s, &cookie, b)?;
+            let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];
+            eprintln!(
+                "[panel] event to SSE client over {} events: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                ms.len(),
+                at(0.5),
+                at(0.99),
+                ms[ms.len() - 1]
+            );
+            sse = Some((ms.len(), at(0.5), at(0.99), ms[ms.len() - 1]));
             let middle = add_history(&world)?;
             let first = page_times(&s, &cookie, "/apps/site", 300)?;
             let deep = page_times(&s, &cookie, &format!("/apps/site?before={middle}"), 300)?;
@@ -305,7 +400,13 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             "\nApp page with 10,000 releases: newest page p50 {p50:.1} ms, p99 {p99:.1} ms; a page in the middle (`?before=`) p50 {d50:.1} ms, p99 {d99:.1} ms.\n"
         ));
     }
+    if let Some((n, p50, p99, max)) = sse {
+        md.push_str(&format!(
+            "\nEvent written by the engine to event received by an SSE client (over {n} events of a deploy): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms.\n"
+        ));
+    }
     let json = json!({
+        "sse_ms": sse.map(|(n, a, b, c)| json!({"events": n, "p50": a, "p99": b, "max": c})),
         "hosts": rows.iter().map(|(n, clicks, idle, peak)| json!({
             "hosts": n, "click_to_previous_s": clicks, "rss_idle_kib": idle, "rss_peak_kib": peak,
         })).collect::<Vec<_>>(),
