@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cutover_core::AppKind;
-use cutover_store::RunRow;
+use cutover_store::{HistoryRow, RunRow};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -100,27 +100,12 @@ struct Page {
     before: Option<String>,
 }
 
-/// A release as `cutover history --json` prints it.
-#[derive(Serialize)]
-struct ReleaseRow {
-    id: String,
-    status: String,
-    live: bool,
-    bad: bool,
-    created_at: String,
-    artifact_sha256: String,
-    commit: Option<String>,
-    commit_subject: Option<String>,
-    source: String,
-    hosts: std::collections::BTreeMap<String, String>,
-}
-
 async fn releases(
     State(st): State<Arc<AppState>>,
     p: Principal,
     Path(app): Path<String>,
     Query(page): Query<Page>,
-) -> Result<Json<Vec<ReleaseRow>>, ApiError> {
+) -> Result<Json<Vec<HistoryRow>>, ApiError> {
     visible(&st, &p, &app)?;
     let limit = page.limit.unwrap_or(50).clamp(1, 500);
     let live = st.store.live(&app)?;
@@ -128,18 +113,7 @@ async fn releases(
         .store
         .releases_page(&app, limit, page.before.as_deref())?
         .into_iter()
-        .map(|r| ReleaseRow {
-            live: live.as_deref() == Some(r.id.as_str()),
-            id: r.id,
-            status: r.status,
-            bad: r.bad,
-            created_at: r.created_at,
-            artifact_sha256: r.artifact_sha256,
-            commit: r.commit,
-            commit_subject: r.commit_subject,
-            source: r.source,
-            hosts: r.hosts,
-        })
+        .map(|r| HistoryRow::new(r, live.as_deref()))
         .collect();
     Ok(Json(rows))
 }

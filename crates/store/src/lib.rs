@@ -113,6 +113,41 @@ pub struct Release {
     pub hosts: BTreeMap<String, String>,
 }
 
+/// A release as `cutover history --json` prints it and `GET /api/apps/{app}/releases` answers
+/// (one shape for both).
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryRow {
+    pub id: String,
+    pub status: String,
+    pub live: bool,
+    pub bad: bool,
+    pub created_at: String,
+    pub artifact_sha256: String,
+    /// The full commit id (releases built from git).
+    pub commit: Option<String>,
+    pub commit_subject: Option<String>,
+    pub source: String,
+    pub hosts: BTreeMap<String, String>,
+}
+
+impl HistoryRow {
+    /// `r` as history shows it, `live` being the app's live release.
+    pub fn new(r: Release, live: Option<&str>) -> HistoryRow {
+        HistoryRow {
+            live: live == Some(r.id.as_str()),
+            id: r.id,
+            status: r.status,
+            bad: r.bad,
+            created_at: r.created_at,
+            artifact_sha256: r.artifact_sha256,
+            commit: r.commit,
+            commit_subject: r.commit_subject,
+            source: r.source,
+            hosts: r.hosts,
+        }
+    }
+}
+
 /// One recorded step.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {

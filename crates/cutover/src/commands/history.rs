@@ -4,23 +4,7 @@ use super::{load_config, open_store, print_json};
 use crate::cli::Common;
 use crate::output::table;
 use cutover_engine::exit;
-use serde::Serialize;
-use std::collections::BTreeMap;
-
-#[derive(Serialize)]
-struct Row {
-    id: String,
-    status: String,
-    live: bool,
-    bad: bool,
-    created_at: String,
-    artifact_sha256: String,
-    /// The full commit id (releases built from git).
-    commit: Option<String>,
-    commit_subject: Option<String>,
-    source: String,
-    hosts: BTreeMap<String, String>,
-}
+use cutover_store::HistoryRow;
 
 pub(crate) fn run(common: &crate::cli::Common, json: bool) -> i32 {
     let config = match load_config(&common.config) {
@@ -42,20 +26,9 @@ pub(crate) fn print(common: &Common, app: &str, json: bool) -> i32 {
             return exit::NEEDS_PERSON;
         }
     };
-    let rows: Vec<Row> = releases
+    let rows: Vec<HistoryRow> = releases
         .into_iter()
-        .map(|r| Row {
-            live: live.as_deref() == Some(r.id.as_str()),
-            id: r.id,
-            status: r.status,
-            bad: r.bad,
-            created_at: r.created_at,
-            artifact_sha256: r.artifact_sha256,
-            commit: r.commit,
-            commit_subject: r.commit_subject,
-            source: r.source,
-            hosts: r.hosts,
-        })
+        .map(|r| HistoryRow::new(r, live.as_deref()))
         .collect();
     if json {
         print_json(&rows);
