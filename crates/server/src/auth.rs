@@ -12,7 +12,8 @@
 //! * [`login`]: the same answer for an unknown user and a wrong password (and the same work:
 //!   an unknown user is verified against a decoy hash); failures are counted per (user,
 //!   client address), so one attacker cannot lock anyone out from elsewhere; past
-//!   [`FREE_FAILURES`] that address waits, doubling per failure up to [`MAX_WAIT`] seconds.
+//!   [`FREE_FAILURES`] that address waits [`FIRST_WAIT`] seconds, doubling per failure up to
+//!   [`MAX_WAIT`].
 
 use crate::error::ApiError;
 use crate::secret;
@@ -33,6 +34,8 @@ pub const COOKIE: &str = "cutover_session";
 pub const SESSION_SECS: i64 = 12 * 3600;
 /// Failed logins per (user, address) before that address has to wait.
 pub const FREE_FAILURES: u32 = 5;
+/// The first wait, in seconds: long enough that a guesser gains nothing by being slow.
+pub const FIRST_WAIT: u64 = 15;
 /// The longest wait, in seconds.
 pub const MAX_WAIT: u64 = 300;
 
@@ -312,8 +315,9 @@ pub fn wait_left(failures: u32, last: i64, now: i64) -> u64 {
     if failures < FREE_FAILURES {
         return 0;
     }
-    let wait = 1u64
+    let wait = FIRST_WAIT
         .checked_shl(failures - FREE_FAILURES)
+        .filter(|w| w >> (failures - FREE_FAILURES) == FIRST_WAIT)
         .unwrap_or(MAX_WAIT)
         .min(MAX_WAIT);
     let since = now.saturating_sub(last).max(0) as u64;
@@ -425,11 +429,15 @@ mod tests {
     #[test]
     fn waits_double_after_the_free_failures_and_are_capped() {
         assert_eq!(wait_left(4, 100, 100), 0);
-        assert_eq!(wait_left(5, 100, 100), 1);
-        assert_eq!(wait_left(6, 100, 100), 2);
-        assert_eq!(wait_left(8, 100, 103), 5);
+        assert_eq!(wait_left(5, 100, 100), 15);
+        assert_eq!(wait_left(5, 100, 110), 5);
+        assert_eq!(wait_left(6, 100, 100), 30);
+        assert_eq!(wait_left(8, 100, 103), 117);
+        assert_eq!(wait_left(9, 100, 100), 240);
+        assert_eq!(wait_left(10, 100, 100), MAX_WAIT);
         assert_eq!(wait_left(40, 100, 100), MAX_WAIT);
-        assert_eq!(wait_left(9, 100, 200), 0);
+        assert_eq!(wait_left(70, 100, 100), MAX_WAIT);
+        assert_eq!(wait_left(9, 100, 400), 0);
     }
 
     #[test]
