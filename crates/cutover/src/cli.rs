@@ -28,6 +28,10 @@ pub(crate) struct Common {
     /// Where the history database and the artifact store live.
     #[arg(long = "data", env = "CUTOVER_DATA", global = true)]
     pub(crate) data: Option<PathBuf>,
+    /// Keep the history in this PostgreSQL database (postgres://USER:PASSWORD@HOST/DB)
+    /// instead of SQLite in the data directory.
+    #[arg(long = "database", env = "CUTOVER_DATABASE", global = true)]
+    pub(crate) database: Option<cutover_store::DatabaseUrl>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +176,10 @@ pub(crate) struct ServeArgs {
     pub(crate) configs: Vec<PathBuf>,
     #[arg(long = "data", env = "CUTOVER_DATA")]
     pub(crate) data: Option<PathBuf>,
+    /// Keep the history in this PostgreSQL database (postgres://USER:PASSWORD@HOST/DB), which
+    /// several servers may share, instead of SQLite in the data directory.
+    #[arg(long = "database", env = "CUTOVER_DATABASE")]
+    pub(crate) database: Option<cutover_store::DatabaseUrl>,
     /// The URL people reach the server at; https:// makes the session cookie Secure.
     #[arg(long)]
     pub(crate) public_url: Option<String>,

@@ -228,6 +228,16 @@ pub(crate) fn crash_point(point: cutover_core::CrashPoint) {
 
 /// Opens the store in `data_dir` (created with mode 0700).
 pub fn open_store(data_dir: &std::path::Path) -> Result<Store, String> {
+    open_database(data_dir, None)
+}
+
+/// Opens the store: the PostgreSQL database at `database` when given (`--database`,
+/// `CUTOVER_DATABASE`), else SQLite in `data_dir`. The data directory (created with mode
+/// 0700) holds the artifact store either way.
+pub fn open_database(
+    data_dir: &std::path::Path,
+    database: Option<&cutover_store::DatabaseUrl>,
+) -> Result<Store, String> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -239,7 +249,10 @@ pub fn open_store(data_dir: &std::path::Path) -> Result<Store, String> {
                 data_dir.display()
             )
         })?;
-    Store::open(&data_dir.join("cutover.db")).map_err(|e| e.to_string())
+    match database {
+        Some(url) => Store::connect(&url.0).map_err(|e| e.to_string()),
+        None => Store::open(&data_dir.join("cutover.db")).map_err(|e| e.to_string()),
+    }
 }
 
 #[cfg(test)]

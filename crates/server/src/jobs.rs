@@ -14,7 +14,7 @@ use crate::AppState;
 use cutover_core::{AppKind, RunKind, Status};
 use cutover_engine::artifact::ArtifactStore;
 use cutover_engine::{identity, Job, RunRequest};
-use cutover_store::{AuditRow, JobState, RunRow, Store};
+use cutover_store::{AuditRow, Holder, JobState, LockOutcome, RunRow, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -116,24 +116,38 @@ impl Runner {
     }
 }
 
-/// Marks the jobs a previous server process left queued or running as interrupted.
+/// Marks the jobs a previous server process left queued or running as interrupted. A job
+/// whose app lock a live process holds is left alone: another server on the same PostgreSQL
+/// database is running it.
 pub fn reconcile(store: &Store) -> cutover_store::Result<()> {
     let at = cutover_engine::now_utc();
     for job in store.open_jobs()? {
-        store.set_job_state(job.id, JobState::Interrupted, Some(&at))?;
-        store.audit(&AuditRow {
-            at: at.clone(),
-            who: "server".into(),
-            action: "job interrupted".into(),
-            app: Some(job.app.clone()),
-            detail: format!(
-                "run {} by {} did not finish (the server stopped); not re-run",
-                job.run_id, job.by
-            ),
-            ..AuditRow::default()
-        })?;
+        if store
+            .lock_holder(&job.app)?
+            .is_some_and(|h| identity::alive(&h))
+        {
+            continue;
+        }
+        interrupted(store, &job, &at)?;
     }
     Ok(())
+}
+
+/// Marks `job` interrupted (its server stopped): it is not re-run; the app's next run
+/// reconciles the hosts from the run's events and what they serve.
+fn interrupted(store: &Store, job: &cutover_store::Job, at: &str) -> cutover_store::Result<()> {
+    store.set_job_state(job.id, JobState::Interrupted, Some(at))?;
+    store.audit(&AuditRow {
+        at: at.to_string(),
+        who: "server".into(),
+        action: "job interrupted".into(),
+        app: Some(job.app.clone()),
+        detail: format!(
+            "run {} by {} did not finish (the server stopped); not re-run",
+            job.run_id, job.by
+        ),
+        ..AuditRow::default()
+    })
 }
 
 /// A run's status as the API says it: the release status it ended with, `running` while this
@@ -187,34 +201,38 @@ pub fn submit(
             a.since
         )));
     }
-    if let Some(h) = state.store.lock_holder(app)?.filter(identity::alive) {
-        return Err(ApiError::Conflict(format!(
-            "a {} of `{app}` is in progress: {}@{} pid {} holds the lock since {}; wait for it to end",
-            h.op, h.user, h.machine, h.pid, h.since
-        )));
+    // The app's lock in the database is taken now, before answering, so that of two servers
+    // on one database (or a server and a CLI) only one accepts; the engine takes it again as
+    // the same process when the job runs, and `work` releases it.
+    let me = identity::me(req.kind().as_str(), &at);
+    match state.store.acquire_lock(app, &me, identity::alive)? {
+        LockOutcome::Held(h) => {
+            return Err(ApiError::Conflict(format!(
+                "a {} of `{app}` is in progress: {}@{} pid {} holds the lock since {}; wait for it to end",
+                h.op, h.user, h.machine, h.pid, h.since
+            )))
+        }
+        LockOutcome::TookOver(h) => {
+            // The holder died (or its lease ran out): a server's job it ran is interrupted.
+            // This server runs no job of the app (see `active`), so every open one is.
+            eprintln!(
+                "took over the lock of app `{app}` from a process that is gone: {}",
+                identity::describe(&h)
+            );
+            for job in state.store.open_jobs()?.iter().filter(|j| j.app == app) {
+                interrupted(&state.store, job, &at)?;
+            }
+        }
+        LockOutcome::Acquired => {}
     }
-    let live = state.store.live(app)?;
-    let run = state
-        .store
-        .start_run(app, req.kind(), "", live.as_deref(), &at)?;
-    state.store.set_run_by(run, &who)?;
-    let request = serde_json::to_string(&req).unwrap_or_default();
-    let job = state.store.add_job(run, app, &request, &who, &at)?;
-    let release = match &req {
-        JobRequest::Rollback { to } => to.clone(),
-        JobRequest::Deploy(Deploy::Release(r)) => Some(r.clone()),
-        JobRequest::Deploy(_) => None,
+    let accepted = accept(state, app, &req, &who, &at, from);
+    let (run, job) = match accepted {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = state.store.release_lock(app, &me);
+            return Err(e);
+        }
     };
-    state.store.audit(&AuditRow {
-        at: at.clone(),
-        who: who.clone(),
-        action: req.action().into(),
-        app: Some(app.into()),
-        release,
-        from: Some(from.to_string()),
-        detail: format!("run {run}: {request}"),
-        ..AuditRow::default()
-    })?;
     active.insert(
         app.to_string(),
         Active {
@@ -227,9 +245,10 @@ pub fn submit(
     drop(active);
     let st = state.clone();
     let name = app.to_string();
+    let holder = me.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("job-{run}"))
-        .spawn(move || work(&st, &name, &config, job, run, engine_req));
+        .spawn(move || work(&st, &name, &config, job, run, engine_req, &holder));
     if let Err(e) = spawned {
         state
             .jobs
@@ -240,9 +259,44 @@ pub fn submit(
         let _ = state
             .store
             .finish_run(run, Status::Failed, &cutover_engine::now_utc());
+        let _ = state.store.release_lock(app, &me);
         return Err(ApiError::Internal(format!("cannot start the job: {e}")));
     }
     Ok(run)
+}
+
+/// The rows of an accepted job: its run (the answer), the job and the audit row.
+fn accept(
+    state: &AppState,
+    app: &str,
+    req: &JobRequest,
+    who: &str,
+    at: &str,
+    from: IpAddr,
+) -> Result<(i64, i64), ApiError> {
+    let live = state.store.live(app)?;
+    let run = state
+        .store
+        .start_run(app, req.kind(), "", live.as_deref(), at)?;
+    state.store.set_run_by(run, who)?;
+    let request = serde_json::to_string(req).unwrap_or_default();
+    let job = state.store.add_job(run, app, &request, who, at)?;
+    let release = match req {
+        JobRequest::Rollback { to } => to.clone(),
+        JobRequest::Deploy(Deploy::Release(r)) => Some(r.clone()),
+        JobRequest::Deploy(_) => None,
+    };
+    state.store.audit(&AuditRow {
+        at: at.to_string(),
+        who: who.to_string(),
+        action: req.action().into(),
+        app: Some(app.into()),
+        release,
+        from: Some(from.to_string()),
+        detail: format!("run {run}: {request}"),
+        ..AuditRow::default()
+    })?;
+    Ok((run, job))
 }
 
 /// Notes the engine has for people go to the server's log.
@@ -264,8 +318,11 @@ fn work(
     job: i64,
     run: i64,
     req: RunRequest,
+    holder: &Holder,
 ) {
     let done = || {
+        // The engine released the lock it took; a run refused before it locked did not.
+        let _ = state.store.release_lock(app, holder);
         let _ = state
             .store
             .set_job_state(job, JobState::Done, Some(&cutover_engine::now_utc()));

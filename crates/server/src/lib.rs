@@ -40,6 +40,8 @@ pub use error::ApiError;
 pub struct Options {
     /// The data directory: `cutover.db` and the artifact store.
     pub data: PathBuf,
+    /// The PostgreSQL database (`--database`); `None`: SQLite in the data directory.
+    pub database: Option<cutover_store::DatabaseUrl>,
     /// The apps, loaded and validated by the binary.
     pub apps: Vec<Config>,
     /// The URL people reach the server at; `https://` makes the session cookie `Secure`.
@@ -49,6 +51,7 @@ pub struct Options {
 /// Everything a handler needs, shared as one `Arc<AppState>`.
 pub struct AppState {
     pub data: PathBuf,
+    pub database: Option<cutover_store::DatabaseUrl>,
     pub store: Store,
     pub apps: BTreeMap<String, Arc<Config>>,
     pub public_url: Option<String>,
@@ -63,7 +66,7 @@ impl AppState {
     /// Opens the store and reconciles the jobs a previous server died in (they are marked
     /// interrupted, never re-run).
     pub fn new(opts: Options) -> Result<Arc<AppState>, String> {
-        let store = cutover_engine::open_store(&opts.data)?;
+        let store = cutover_engine::open_database(&opts.data, opts.database.as_ref())?;
         let mut apps = BTreeMap::new();
         for c in opts.apps {
             if let Some(other) = apps.get(&c.app).map(|o: &Arc<Config>| o.file.clone()) {
@@ -83,6 +86,7 @@ impl AppState {
         jobs::reconcile(&store).map_err(|e| e.to_string())?;
         Ok(Arc::new(AppState {
             data: opts.data,
+            database: opts.database,
             store,
             apps,
             public_url: opts.public_url,

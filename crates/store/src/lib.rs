@@ -13,8 +13,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+mod backend;
+mod pg;
 mod server;
+#[cfg(test)]
+mod suite;
+#[doc(hidden)]
+pub mod testing;
 mod webhooks;
+pub use backend::Backend;
+pub use pg::{DatabaseUrl, Postgres};
 pub use server::{AuditRow, Job, JobState, Role, RunRow, Session, Token, User};
 pub use webhooks::Delivery;
 
@@ -32,6 +40,13 @@ pub enum StoreError {
         path: String,
         why: String,
         todo: &'static str,
+    },
+    /// PostgreSQL said no (or could not be reached); `name` is the URL without its password.
+    #[error("database {name}: {message}")]
+    Pg {
+        name: String,
+        message: String,
+        source: postgres::Error,
     },
     #[error("database {path}: {what}: {source}")]
     Io {
@@ -83,6 +98,13 @@ pub struct Holder {
     pub pid_start: u64,
     pub since: String,
     pub op: String,
+}
+
+impl Holder {
+    /// Whether `self` and `other` are the same process (machine, pid and its start time).
+    pub fn same_process(&self, other: &Holder) -> bool {
+        self.machine == other.machine && self.pid == other.pid && self.pid_start == other.pid_start
+    }
 }
 
 /// What trying to take the app lock did.
@@ -332,12 +354,73 @@ CREATE TABLE webhook_deliveries (
 "#,
 ];
 
-/// The SQLite store.
-pub struct Store {
+/// The SQLite backend: one connection to `cutover.db` (WAL).
+pub struct Sqlite {
     conn: std::sync::Mutex<Connection>,
     path: String,
     /// The database file's (device, inode), counted in [`OPEN`] while this store is open.
     file: Option<(u64, u64)>,
+}
+
+/// The store: the history and the server's rows in one of two backends, SQLite (a file in
+/// the data directory, the default) or PostgreSQL (a database several servers share). Every
+/// method of [`Backend`] is called on it directly.
+pub struct Store {
+    backend: Box<dyn Backend>,
+}
+
+impl std::ops::Deref for Store {
+    type Target = dyn Backend;
+    fn deref(&self) -> &(dyn Backend + 'static) {
+        self.backend.as_ref()
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.backend.fmt(f)
+    }
+}
+
+impl Store {
+    /// Opens (creating and migrating) the SQLite database at `path`: see [`Sqlite::open`].
+    pub fn open(path: &Path) -> Result<Store> {
+        Ok(Store {
+            backend: Box::new(Sqlite::open(path)?),
+        })
+    }
+
+    /// Connects to the PostgreSQL database at `url` (`postgres://user:password@host/db`) and
+    /// migrates it: see [`Postgres::connect`].
+    pub fn connect(url: &str) -> Result<Store> {
+        Ok(Store {
+            backend: Box::new(Postgres::connect(url)?),
+        })
+    }
+
+    /// Takes the app lock. `alive` says whether a recorded holder's process still runs (the
+    /// caller knows how to ask the OS); a dead holder's lock is taken over, and so is an
+    /// expired lease (PostgreSQL). The process that holds it already gets it again.
+    pub fn acquire_lock(
+        &self,
+        app: &str,
+        me: &Holder,
+        alive: impl Fn(&Holder) -> bool,
+    ) -> Result<LockOutcome> {
+        self.backend.acquire_lock(app, me, &alive)
+    }
+
+    /// A store over `backend` (a [`Postgres`] with its own lease, in tests).
+    pub fn with(backend: impl Backend + 'static) -> Store {
+        Store {
+            backend: Box::new(backend),
+        }
+    }
+
+    /// Which backend this is: `sqlite` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        self.backend.kind()
+    }
 }
 
 /// Database files this process has open, with how many stores: a file already open is not
@@ -363,7 +446,7 @@ fn open_count(key: (u64, u64), delta: isize) -> usize {
     n
 }
 
-impl Drop for Store {
+impl Drop for Sqlite {
     fn drop(&mut self) {
         if let Some(key) = self.file {
             open_count(key, -1);
@@ -371,20 +454,20 @@ impl Drop for Store {
     }
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for Sqlite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Sqlite").field("path", &self.path).finish()
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Opens (creating and migrating) the database at `path`. A missing file is a new, empty
     /// history (created under a temporary name and linked into place only when complete, so
     /// a crash never leaves a half-made database by this name). A file that exists but is
     /// not cutover's database is [`StoreError::NotOurs`], and nothing is written to it: an
     /// empty file (a truncated database must not read as "no releases yet"), a file that is
     /// not SQLite, an SQLite database of another program, or one of a newer cutover.
-    pub fn open(path: &Path) -> Result<Store> {
+    pub fn open(path: &Path) -> Result<Sqlite> {
         let p = path.display().to_string();
         let not_ours = |why: String| StoreError::NotOurs {
             path: p.clone(),
@@ -434,7 +517,7 @@ impl Store {
         if let Some(key) = file {
             open_count(key, 1);
         }
-        let store = Store {
+        let store = Sqlite {
             conn: std::sync::Mutex::new(conn),
             path: p,
             file,
@@ -490,6 +573,8 @@ impl Store {
             .optional()
             .map_err(|e| self.e(e))?;
         let outcome = match existing {
+            // This very process again (a server's job, locked when it was accepted): it holds it.
+            Some(h) if h.same_process(me) => LockOutcome::Acquired,
             Some(h) if alive(&h) => return Ok(LockOutcome::Held(h)),
             Some(h) => LockOutcome::TookOver(h),
             None => LockOutcome::Acquired,
@@ -965,142 +1050,6 @@ pub(crate) fn release_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn holder(pid: u32) -> Holder {
-        Holder {
-            user: "u".into(),
-            machine: "m".into(),
-            pid,
-            pid_start: 1,
-            since: "t".into(),
-            op: "deploy".into(),
-        }
-    }
-
-    fn store() -> (Store, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!(
-            "cutover-store-test-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        (Store::open(&dir.join("cutover.db")).unwrap(), dir)
-    }
-
-    #[test]
-    fn lock_is_exclusive_and_dead_holders_are_taken_over() {
-        let (s, dir) = store();
-        assert_eq!(
-            s.acquire_lock("a", &holder(1), |_| true).unwrap(),
-            LockOutcome::Acquired
-        );
-        assert_eq!(
-            s.acquire_lock("a", &holder(2), |_| true).unwrap(),
-            LockOutcome::Held(holder(1))
-        );
-        assert_eq!(
-            s.acquire_lock("b", &holder(2), |_| true).unwrap(),
-            LockOutcome::Acquired
-        );
-        assert_eq!(
-            s.acquire_lock("a", &holder(2), |_| false).unwrap(),
-            LockOutcome::TookOver(holder(1))
-        );
-        s.release_lock("a", &holder(1)).unwrap(); // not the holder: no effect
-        assert_eq!(
-            s.acquire_lock("a", &holder(3), |_| true).unwrap(),
-            LockOutcome::Held(holder(2))
-        );
-        s.release_lock("a", &holder(2)).unwrap();
-        assert_eq!(
-            s.acquire_lock("a", &holder(3), |_| true).unwrap(),
-            LockOutcome::Acquired
-        );
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn releases_outcomes_runs_and_events_round_trip() {
-        let (s, dir) = store();
-        for id in ["r1", "r2"] {
-            s.insert_release(&NewRelease {
-                id,
-                app: "a",
-                created_at: "t",
-                artifact_sha256: "ab",
-                commit: None,
-                commit_subject: None,
-                source: "dist",
-                snapshot: "x",
-            })
-            .unwrap();
-        }
-        s.set_host_outcome("a", "r1", "web1", HostState::Healthy)
-            .unwrap();
-        s.set_status("a", "r1", Status::Succeeded, Some("t2"))
-            .unwrap();
-        s.set_bad("a", "r2", true).unwrap();
-        s.set_live("a", "r1").unwrap();
-        let rs = s.releases("a").unwrap();
-        assert_eq!(rs[0].id, "r2");
-        assert!(rs[0].bad);
-        assert_eq!(rs[1].status, "succeeded");
-        assert_eq!(rs[1].hosts["web1"], "healthy");
-        assert_eq!(s.live("a").unwrap().as_deref(), Some("r1"));
-        let run = s
-            .start_run("a", RunKind::Deploy, "r2", Some("r1"), "t")
-            .unwrap();
-        s.event(
-            run,
-            "a",
-            "r2",
-            Some("web1"),
-            Step::Stage,
-            State::Start,
-            "t",
-            "",
-        )
-        .unwrap();
-        assert_eq!(s.unfinished_runs("a").unwrap().len(), 1);
-        s.finish_run(run, Status::Failed, "t3").unwrap();
-        assert!(s.unfinished_runs("a").unwrap().is_empty());
-        assert_eq!(s.events(run).unwrap()[0].step, "stage");
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn commits_runs_renamed_and_the_build_cache() {
-        let (s, dir) = store();
-        let sha = "0123456789abcdef0123456789abcdef01234567";
-        s.insert_release(&NewRelease {
-            id: "r1",
-            app: "a",
-            created_at: "t",
-            artifact_sha256: "ab",
-            commit: Some(sha),
-            commit_subject: Some("Fix the thing"),
-            source: "repo @ main",
-            snapshot: "x",
-        })
-        .unwrap();
-        let r = s.release("a", "r1").unwrap().unwrap();
-        assert_eq!(r.commit.as_deref(), Some(sha));
-        assert_eq!(r.commit_subject.as_deref(), Some("Fix the thing"));
-
-        let run = s.start_run("a", RunKind::Deploy, "", None, "t").unwrap();
-        s.event(run, "a", "", None, Step::Build, State::Start, "t", "")
-            .unwrap();
-        s.set_run_release(run, "r1").unwrap();
-        assert_eq!(s.unfinished_runs("a").unwrap()[0].release_id, "r1");
-        assert_eq!(s.events(run).unwrap()[0].release_id, "r1");
-
-        assert_eq!(s.cached_build("a", "k").unwrap(), None);
-        s.record_build("a", "k", sha, "ab", "t").unwrap();
-        assert_eq!(s.cached_build("a", "k").unwrap().as_deref(), Some("ab"));
-        assert_eq!(s.cached_build("b", "k").unwrap(), None);
-        std::fs::remove_dir_all(dir).unwrap();
-    }
 
     #[test]
     fn a_version_1_database_is_migrated() {

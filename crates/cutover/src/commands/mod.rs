@@ -183,7 +183,7 @@ pub(crate) fn data_dir(common: &Common) -> PathBuf {
 
 pub(crate) fn open_store(common: &Common) -> Result<(cutover_store::Store, PathBuf), i32> {
     let dir = data_dir(common);
-    match cutover_engine::open_store(&dir) {
+    match cutover_engine::open_database(&dir, common.database.as_ref()) {
         Ok(s) => Ok((s, dir)),
         Err(e) => {
             eprintln!("error: {e}");

@@ -10,6 +10,7 @@ pub(crate) fn run(args: ServeArgs) -> i32 {
     let common = Common {
         config: PathBuf::from("cutover.toml"),
         data: args.data.clone(),
+        database: args.database.clone(),
     };
     let data = data_dir(&common);
     let dir = args.apps.clone().unwrap_or_else(|| data.join("apps"));
@@ -45,6 +46,7 @@ pub(crate) fn run(args: ServeArgs) -> i32 {
     let names: Vec<String> = apps.iter().map(|a| a.app.clone()).collect();
     let state = match cutover_server::AppState::new(cutover_server::Options {
         data,
+        database: args.database.clone(),
         apps,
         public_url: args.public_url.clone(),
     }) {

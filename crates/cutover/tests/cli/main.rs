@@ -10,6 +10,7 @@ mod files;
 mod git;
 mod git_containers;
 mod git_https;
+mod ha;
 mod hostile_input;
 mod https;
 mod panel;

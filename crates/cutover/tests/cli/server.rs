@@ -12,14 +12,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// `cutover serve` on a free loopback port, killed on drop.
-struct Server {
-    child: Child,
+pub(crate) struct Server {
+    pub(crate) child: Child,
     addr: SocketAddr,
     log: PathBuf,
 }
 
 impl Server {
-    fn start(w: &World, env: &[(&str, &str)]) -> Server {
+    pub(crate) fn start(w: &World, env: &[(&str, &str)]) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -56,11 +56,11 @@ impl Server {
         s
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -75,7 +75,7 @@ impl Drop for Server {
     }
 }
 
-fn http(from: &str) -> reqwest::blocking::Client {
+pub(crate) fn http(from: &str) -> reqwest::blocking::Client {
     // reqwest is built without a TLS provider of its own (the binary installs ring's).
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::blocking::Client::builder()
@@ -86,7 +86,7 @@ fn http(from: &str) -> reqwest::blocking::Client {
 }
 
 /// (status, JSON body).
-fn send(req: reqwest::blocking::RequestBuilder) -> (u16, Value) {
+pub(crate) fn send(req: reqwest::blocking::RequestBuilder) -> (u16, Value) {
     let r = req.send().expect("the server answers");
     let status = r.status().as_u16();
     let text = r.text().unwrap_or_default();
@@ -96,7 +96,7 @@ fn send(req: reqwest::blocking::RequestBuilder) -> (u16, Value) {
     )
 }
 
-fn token(w: &World, name: &str, role: &str, extra: &[&str]) -> String {
+pub(crate) fn token(w: &World, name: &str, role: &str, extra: &[&str]) -> String {
     let mut args = vec!["token", "create", name, "--role", role];
     args.extend_from_slice(extra);
     let r = w.run(&args);
@@ -456,7 +456,10 @@ fn lockout_is_per_user_and_address_and_the_database_holds_no_secret() {
 }
 
 /// Reads SSE events from `resp` until `stop` of them (or the end): (id, event, data).
-fn read_sse(resp: reqwest::blocking::Response, stop: usize) -> Vec<(Option<i64>, String, String)> {
+pub(crate) fn read_sse(
+    resp: reqwest::blocking::Response,
+    stop: usize,
+) -> Vec<(Option<i64>, String, String)> {
     use std::io::BufRead;
     let mut out = Vec::new();
     let (mut id, mut ev, mut data) = (None, String::new(), String::new());

@@ -44,8 +44,9 @@ async fn host_status(st: &Arc<AppState>, app: &str) -> Result<Status, PageError>
     }
     let config = st.app(app)?.clone();
     let data = st.data.clone();
+    let database = st.database.clone();
     let s = blocking(move || {
-        let store = cutover_engine::open_store(&data)
+        let store = cutover_engine::open_database(&data, database.as_ref())
             .map_err(|e| PageError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         cutover_engine::inspect::status(&config, &store)
             .map_err(|e| PageError::new(StatusCode::INTERNAL_SERVER_ERROR, e))
@@ -417,10 +418,11 @@ pub(crate) async fn diff(
 ) -> PageResult {
     let config = visible(&st, &p, &app)?.clone();
     let data = st.data.clone();
+    let database = st.database.clone();
     let (from, to) = (field(&q.from), field(&q.to));
     let pp = p.clone();
     let d = blocking(move || {
-        let store = cutover_engine::open_store(&data)
+        let store = cutover_engine::open_database(&data, database.as_ref())
             .map_err(|e| PageError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         cutover_engine::changes::diff(&config, &store, &data, from.as_deref(), to.as_deref())
             .map_err(|e| {

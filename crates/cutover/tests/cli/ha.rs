@@ -1,0 +1,230 @@
+//! Two `cutover serve` instances on one PostgreSQL database (a scratch database per test,
+//! dropped after): a job runs exactly once whichever instance the requests reach, the CLI on
+//! the same database gets the same lock and exit 4, each instance streams the events of runs
+//! the other executes, and when the instance running a job is killed (kill -9) the other one
+//! takes the lock over and its next run reconciles the killed one, the history and the hosts
+//! agreeing afterwards.
+
+use crate::server::{http, read_sse, send, token, Server};
+use crate::world::World;
+use cutover_store::testing::ScratchDb;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// A scratch database every `cutover` this test starts uses (`CUTOVER_DATABASE`; nextest
+/// runs each test in its own process).
+fn on_postgres(tag: &str) -> (ScratchDb, postgres::Client) {
+    let db = ScratchDb::new(tag);
+    std::env::set_var("CUTOVER_DATABASE", &db.url);
+    let c = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    (db, c)
+}
+
+fn count(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+#[test]
+fn two_servers_on_one_postgres_database_run_a_deploy_exactly_once() {
+    let (_db, mut pg) = on_postgres("two_servers");
+    let w = World::files(2).start();
+    let v1 = w.deploy_ok("v1");
+    w.deploy_ok("v2");
+    assert!(
+        !w.dir.join("data/cutover.db").exists(),
+        "the CLI keeps the history in PostgreSQL, not in the data directory"
+    );
+    assert_eq!(count(&mut pg, "SELECT count(*) FROM runs"), 2);
+    // A reload that takes a while keeps the run going while the requests arrive.
+    w.configure(|t| {
+        t.set_str("files", "reload", "sleep 3");
+    });
+    let tok = token(&w, "ci", "deployer", &[]);
+    let servers = [Server::start(&w, &[]), Server::start(&w, &[])];
+    let answers: Vec<(usize, u16, Value)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..100)
+            .map(|i| {
+                let (s, tok, v1) = (&servers[i % 2], &tok, &v1);
+                sc.spawn(move || {
+                    let (status, body) = send(
+                        http("127.0.0.1")
+                            .post(s.url("/api/apps/site/deploys"))
+                            .json(&json!({ "release": v1 }))
+                            .bearer_auth(tok),
+                    );
+                    (i % 2, status, body)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let accepted: Vec<&(usize, u16, Value)> = answers.iter().filter(|a| a.1 == 202).collect();
+    let refused: Vec<&(usize, u16, Value)> = answers.iter().filter(|a| a.1 == 409).collect();
+    assert_eq!(
+        (accepted.len(), refused.len()),
+        (1, 99),
+        "one run, 99 conflicts: {answers:?}"
+    );
+    for (_, _, body) in &refused {
+        let m = body["error"].as_str().unwrap();
+        assert!(
+            m.starts_with("a deploy of `site` is in progress: ")
+                && m.ends_with("; wait for it to end"),
+            "{m}"
+        );
+    }
+    // Both instances refused some: the lock is the database's, not a process's.
+    for i in 0..2 {
+        assert!(refused.iter().any(|a| a.0 == i), "server {i} refused none");
+    }
+    let (by, _, body) = accepted[0];
+    let run = body["run"].as_str().unwrap().to_string();
+    // The CLI on the same database: the same lock, exit 4.
+    let r = w.run(&["deploy", "--artifact", w.build("v3").to_str().unwrap()]);
+    assert_eq!(r.code, 4, "{} {}", r.stdout, r.stderr);
+    assert!(
+        r.stderr
+            .contains("another run of app `site` holds the lock: "),
+        "{}",
+        r.stderr
+    );
+    // The other instance streams the run's events, to its end.
+    let other = &servers[1 - by];
+    let ev = read_sse(
+        http("127.0.0.1")
+            .get(other.url(&format!("/api/runs/{run}/events")))
+            .bearer_auth(&tok)
+            .send()
+            .unwrap(),
+        usize::MAX,
+    );
+    let (_, kind, data) = ev.last().unwrap();
+    assert_eq!(kind, "end", "{ev:?}");
+    let end: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(
+        (end["status"].as_str(), end["exit_code"].as_i64()),
+        (Some("succeeded"), Some(0)),
+        "{end}"
+    );
+    let seqs: Vec<i64> = ev.iter().filter_map(|e| e.0).collect();
+    let stored: Vec<i64> = pg
+        .query(
+            "SELECT seq FROM events WHERE run_id = $1 ORDER BY seq",
+            &[&run.parse::<i64>().unwrap()],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(seqs.len() > 5, "{ev:?}");
+    assert_eq!(seqs, stored, "every event of the run, once, in order");
+    // Exactly one run more, one job, and the hosts serve what the history says is live.
+    assert_eq!(count(&mut pg, "SELECT count(*) FROM runs"), 3);
+    assert_eq!(count(&mut pg, "SELECT count(*) FROM jobs"), 1);
+    w.assert_all_serve("v1");
+    let live: Vec<String> = w
+        .history()
+        .iter()
+        .filter(|r| r["live"] == true)
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(live, [v1]);
+}
+
+#[test]
+fn a_server_killed_mid_job_leaves_the_other_to_take_over_and_reconcile() {
+    let (_db, mut pg) = on_postgres("killed");
+    let w = World::files(2).start();
+    let v1 = w.deploy_ok("v1");
+    w.deploy_ok("v2");
+    let tok = token(&w, "ci", "deployer", &[]);
+    let lease = ("CUTOVER_LEASE", "3");
+    let mut a = Server::start(&w, &[("CUTOVER_CRASH_AT", "after-switch-first"), lease]);
+    let b = Server::start(&w, &[lease]);
+    let c = http("127.0.0.1");
+    let (status, body) = send(
+        c.post(a.url("/api/apps/site/rollback"))
+            .json(&json!({}))
+            .bearer_auth(&tok),
+    );
+    assert_eq!(status, 202, "{body}");
+    let run = body["run"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "a did not die: {}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One host switched, the other not: the history does not say so yet.
+    for i in 0..w.hosts() {
+        w.assert_complete(i);
+    }
+    // b sees the run interrupted (its holder is gone), and its stream ends.
+    let (status, got) = send(c.get(b.url(&format!("/api/runs/{run}"))).bearer_auth(&tok));
+    assert_eq!(status, 200);
+    assert_eq!(got["status"], "interrupted", "{got}");
+    let ev = read_sse(
+        c.get(b.url(&format!("/api/runs/{run}/events")))
+            .bearer_auth(&tok)
+            .send()
+            .unwrap(),
+        usize::MAX,
+    );
+    assert_eq!(ev.last().unwrap().1, "end");
+    // b takes the lock over; its run reconciles the killed one and finishes the rollback.
+    let (status, body) = send(
+        c.post(b.url("/api/apps/site/rollback"))
+            .json(&json!({}))
+            .bearer_auth(&tok),
+    );
+    assert_eq!(status, 202, "{body}");
+    let next = body["run"].as_str().unwrap().to_string();
+    let ev = read_sse(
+        c.get(b.url(&format!("/api/runs/{next}/events")))
+            .bearer_auth(&tok)
+            .send()
+            .unwrap(),
+        usize::MAX,
+    );
+    let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
+    assert_eq!(end["exit_code"], 0, "{end}");
+    let reconciled: Vec<Value> = ev
+        .iter()
+        .filter(|e| e.1.is_empty())
+        .map(|e| serde_json::from_str::<Value>(&e.2).unwrap())
+        .filter(|e| e["step"] == "reconcile")
+        .collect();
+    assert_eq!(reconciled.len(), 1, "{ev:?}");
+    let job: String = pg
+        .query_one(
+            "SELECT state FROM jobs WHERE run_id = $1",
+            &[&run.parse::<i64>().unwrap()],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(job, "interrupted", "not re-run blindly");
+    let outcome: Option<String> = pg
+        .query_one(
+            "SELECT outcome FROM runs WHERE id = $1",
+            &[&run.parse::<i64>().unwrap()],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(outcome.as_deref(), Some("interrupted"));
+    // The history and the hosts agree.
+    w.assert_all_serve("v1");
+    for i in 0..w.hosts() {
+        w.assert_complete(i);
+    }
+    let live: Vec<String> = w
+        .history()
+        .iter()
+        .filter(|r| r["live"] == true)
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(live, [v1]);
+    assert_eq!(
+        count(&mut pg, "SELECT count(*) FROM locks"),
+        0,
+        "the lock is free"
+    );
+}
