@@ -2,7 +2,8 @@
 //! once per backend ([`crate::Sqlite`] in `lib.rs`, `server.rs` and `webhooks.rs`;
 //! [`crate::Postgres`] in `pg.rs`). Each backend has the methods as inherent methods with
 //! these signatures; the macro below declares the trait and implements it for both by calling
-//! them, so a new query is one line here plus its SQL in each backend.
+//! them, so a new query is one line here plus its SQL in each backend. PostgreSQL's calls go
+//! through `pg::off_runtime` (the sync client cannot block inside the server's async runtime).
 
 use crate::{
     AuditRow, Delivery, Event, Holder, Job, JobState, LockOutcome, NewRelease, Release, Result,
@@ -18,7 +19,7 @@ macro_rules! backend {
             /// `sqlite` or `postgres`.
             fn kind(&self) -> &'static str;
             /// Takes the app lock (see [`crate::Store::acquire_lock`]).
-            fn acquire_lock(&self, app: &str, me: &Holder, alive: &dyn Fn(&Holder) -> bool) -> Result<LockOutcome>;
+            fn acquire_lock(&self, app: &str, me: &Holder, alive: &(dyn Fn(&Holder) -> bool + Sync)) -> Result<LockOutcome>;
             $( $(#[$m])* fn $name(&self $(, $arg: $ty)*) -> $ret; )*
         }
         #[allow(clippy::too_many_arguments)]
@@ -26,7 +27,7 @@ macro_rules! backend {
             fn kind(&self) -> &'static str {
                 "sqlite"
             }
-            fn acquire_lock(&self, app: &str, me: &Holder, alive: &dyn Fn(&Holder) -> bool) -> Result<LockOutcome> {
+            fn acquire_lock(&self, app: &str, me: &Holder, alive: &(dyn Fn(&Holder) -> bool + Sync)) -> Result<LockOutcome> {
                 crate::Sqlite::acquire_lock(self, app, me, alive)
             }
             $( fn $name(&self $(, $arg: $ty)*) -> $ret { crate::Sqlite::$name(self $(, $arg)*) } )*
@@ -36,10 +37,12 @@ macro_rules! backend {
             fn kind(&self) -> &'static str {
                 "postgres"
             }
-            fn acquire_lock(&self, app: &str, me: &Holder, alive: &dyn Fn(&Holder) -> bool) -> Result<LockOutcome> {
-                crate::Postgres::acquire_lock(self, app, me, alive)
+            fn acquire_lock(&self, app: &str, me: &Holder, alive: &(dyn Fn(&Holder) -> bool + Sync)) -> Result<LockOutcome> {
+                crate::pg::off_runtime(|| crate::Postgres::acquire_lock(self, app, me, alive))
             }
-            $( fn $name(&self $(, $arg: $ty)*) -> $ret { crate::Postgres::$name(self $(, $arg)*) } )*
+            $( fn $name(&self $(, $arg: $ty)*) -> $ret {
+                crate::pg::off_runtime(|| crate::Postgres::$name(self $(, $arg)*))
+            } )*
         }
     };
 }

@@ -394,7 +394,7 @@ impl Store {
     /// migrates it: see [`Postgres::connect`].
     pub fn connect(url: &str) -> Result<Store> {
         Ok(Store {
-            backend: Box::new(Postgres::connect(url)?),
+            backend: Box::new(pg::off_runtime(|| Postgres::connect(url))?),
         })
     }
 
@@ -405,7 +405,7 @@ impl Store {
         &self,
         app: &str,
         me: &Holder,
-        alive: impl Fn(&Holder) -> bool,
+        alive: impl Fn(&Holder) -> bool + Sync,
     ) -> Result<LockOutcome> {
         self.backend.acquire_lock(app, me, &alive)
     }

@@ -161,9 +161,39 @@ const MIGRATION_LOCK: i64 = 0x6375_7476;
 /// Seconds since the epoch by the database's clock, as SQL.
 const NOW: &str = "extract(epoch from clock_timestamp())::bigint";
 
+/// Runs `f` where the sync client may block: here, or on a scoped thread of its own when
+/// called from inside a tokio runtime (the server's handlers and blocking tasks), where the
+/// client's own `block_on` would panic.
+pub(crate) fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// The connection, open until the store is dropped.
+struct Conn<'a>(MutexGuard<'a, Option<Client>>);
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.0.as_ref().expect("open until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.0.as_mut().expect("open until dropped")
+    }
+}
+
 /// The PostgreSQL backend.
 pub struct Postgres {
-    client: Mutex<Client>,
+    client: Mutex<Option<Client>>,
     /// The URL without its password.
     name: String,
     lease: Duration,
@@ -171,6 +201,20 @@ pub struct Postgres {
     held: Arc<Mutex<Vec<(String, Holder)>>>,
     /// Dropped with the store: the lease thread stops.
     _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Closing the connection blocks too.
+        let client = self
+            .client
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = client {
+            off_runtime(move || drop(c));
+        }
+    }
 }
 
 impl std::fmt::Debug for Postgres {
@@ -276,7 +320,7 @@ impl Postgres {
                 source,
             })?;
         Ok(Postgres {
-            client: Mutex::new(client),
+            client: Mutex::new(Some(client)),
             name,
             lease,
             held,
@@ -284,8 +328,8 @@ impl Postgres {
         })
     }
 
-    fn c(&self) -> MutexGuard<'_, Client> {
-        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    fn c(&self) -> Conn<'_> {
+        Conn(self.client.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn e(&self, source: postgres::Error) -> StoreError {

@@ -422,3 +422,22 @@ fn postgres_refuses_a_database_of_something_else_untouched() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn postgres_works_from_inside_an_async_runtime() {
+    // The server's handlers call the store on tokio's threads, where the sync client's own
+    // runtime cannot block: the calls (and connecting, and closing) go to a thread of their own.
+    let db = ScratchDb::new("async");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = Store::connect(&db.url).unwrap();
+        assert_eq!(
+            s.acquire_lock("a", &holder(1), |_| true).unwrap(),
+            LockOutcome::Acquired
+        );
+        assert!(s.releases("a").unwrap().is_empty());
+        drop(s);
+    });
+}
