@@ -686,3 +686,78 @@ fn commit_statuses_go_to_the_forge_pending_then_success_or_failure() {
     assert_eq!(w.served(0), "v1", "the broken build changed nothing");
     assert!(!s.log().contains(token), "the server's log holds the token");
 }
+
+#[test]
+fn a_delivery_to_two_servers_on_one_postgres_database_runs_once() {
+    let db = cutover_store::testing::ScratchDb::new("hook_twice");
+    std::env::set_var("CUTOVER_DATABASE", &db.url); // every cutover this test starts
+    let mut pg = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    let w = World::files(1)
+        .git()
+        .lines(
+            "build",
+            "command = \"mkdir -p out && cp index.html up out/\"\noutput = \"out\"",
+        )
+        .lines(
+            "webhook",
+            "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"",
+        )
+        .start();
+    let zero = "0".repeat(40);
+    let c1 = w.commit("First page", &[("index.html", "v1\n"), ("up", "ok\n")]);
+    w.push();
+    let servers = [Server::start(&w), Server::start(&w)];
+    let body = push_body("refs/heads/main", &zero, &c1);
+    // The forge delivers the same push to both (a retry through a load balancer, at once).
+    let answers: Vec<(u16, Value)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = servers
+            .iter()
+            .map(|s| {
+                let body = body.clone();
+                sc.spawn(move || {
+                    s.post(
+                        "/hooks/github/site",
+                        &github("push", "d-twice", Some(&body)),
+                        body.clone(),
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let runs: Vec<&Value> = answers
+        .iter()
+        .filter(|(st, _)| *st == 202)
+        .map(|(_, b)| b)
+        .collect();
+    let duplicates = answers
+        .iter()
+        .filter(|(st, b)| *st == 200 && b["duplicate"] == true)
+        .count();
+    assert_eq!((runs.len(), duplicates), (1, 1), "{answers:?}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let open: i64 = pg
+            .query_one("SELECT count(*) FROM runs WHERE finished_at IS NULL", &[])
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run did not end");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM runs", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "one run for one delivery");
+    let rows: Vec<(String, Option<String>)> = pg
+        .query("SELECT delivery, sha FROM webhook_deliveries", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, [("d-twice".to_string(), Some(c1.clone()))]);
+    assert_eq!(w.served(0), "v1");
+}
