@@ -250,7 +250,10 @@ pub fn open_database(
             )
         })?;
     match database {
-        Some(url) => Store::connect(&url.0).map_err(|e| e.to_string()),
+        Some(url) => {
+            url.check()?;
+            Store::connect(&url.0).map_err(|e| e.to_string())
+        }
         None => Store::open(&data_dir.join("cutover.db")).map_err(|e| e.to_string()),
     }
 }

@@ -273,13 +273,26 @@ impl std::fmt::Debug for DatabaseUrl {
     }
 }
 
+/// Any text parses (so that a parser's error never echoes a password); [`DatabaseUrl::check`]
+/// says whether it is a PostgreSQL URL, showing it without its password.
 impl std::str::FromStr for DatabaseUrl {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<DatabaseUrl, String> {
-        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            Ok(DatabaseUrl(s.to_string()))
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<DatabaseUrl, Self::Err> {
+        Ok(DatabaseUrl(s.to_string()))
+    }
+}
+
+impl DatabaseUrl {
+    /// `Err` (a sentence naming the URL without its password) unless it is `postgres://` or
+    /// `postgresql://`.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.0.starts_with("postgres://") || self.0.starts_with("postgresql://") {
+            Ok(())
         } else {
-            Err("expected a postgres:// URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE); without --database the history is SQLite in the data directory".into())
+            Err(format!(
+                "--database {}: expected a postgres:// URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE); without --database the history is SQLite in the data directory",
+                shown(&self.0)
+            ))
         }
     }
 }

@@ -441,3 +441,28 @@ fn postgres_works_from_inside_an_async_runtime() {
         drop(s);
     });
 }
+
+#[test]
+fn a_database_url_never_shows_its_password() {
+    let u: DatabaseUrl = "postgres://ci:s3cret-pw@db.internal:5432/cutover"
+        .parse()
+        .unwrap();
+    assert_eq!(format!("{u:?}"), "postgres://ci@db.internal:5432/cutover");
+    assert_eq!(u.check(), Ok(()));
+    let e = "mysql://ci:pw@db/x"
+        .parse::<DatabaseUrl>()
+        .unwrap()
+        .check()
+        .unwrap_err();
+    assert_eq!(e, "--database mysql://ci@db/x: expected a postgres:// URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE); without --database the history is SQLite in the data directory");
+    let wrong = format!(
+        "{}/postgres",
+        crate::testing::server_url().replace(":cutover_test@", ":not-the-password@")
+    );
+    let m = Store::connect(&wrong).unwrap_err().to_string();
+    assert!(!m.contains("not-the-password"), "{m}");
+    assert!(
+        m.ends_with("FATAL: password authentication failed for user \"cutover_test\""),
+        "{m}"
+    );
+}

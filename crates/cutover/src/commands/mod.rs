@@ -183,6 +183,10 @@ pub(crate) fn data_dir(common: &Common) -> PathBuf {
 
 pub(crate) fn open_store(common: &Common) -> Result<(cutover_store::Store, PathBuf), i32> {
     let dir = data_dir(common);
+    if let Some(Err(e)) = common.database.as_ref().map(|d| d.check()) {
+        eprintln!("error: {e}");
+        return Err(exit::USAGE);
+    }
     match cutover_engine::open_database(&dir, common.database.as_ref()) {
         Ok(s) => Ok((s, dir)),
         Err(e) => {

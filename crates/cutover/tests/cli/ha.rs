@@ -228,3 +228,31 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_and_reconcile() {
         "the lock is free"
     );
 }
+
+#[test]
+fn the_cli_says_which_database_it_could_not_use_without_its_password() {
+    let w = World::local().start();
+    let wrong = cutover_store::testing::server_url()
+        .replace(":cutover_test@", ":not-the-password@")
+        + "/cutover";
+    let r = w.run(&["history", "--database", &wrong]);
+    let shown = wrong.replace(":not-the-password@", "@");
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            3,
+            format!(
+                "error: database {shown}: FATAL: password authentication failed for user \"cutover_test\"\n"
+            )
+            .as_str()
+        )
+    );
+    let r = w
+        .cutover(&["history"])
+        .env("CUTOVER_DATABASE", "mysql://u:pw@db/x")
+        .run();
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (2, "error: --database mysql://u@db/x: expected a postgres:// URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE); without --database the history is SQLite in the data directory\n")
+    );
+}
