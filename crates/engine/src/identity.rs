@@ -21,6 +21,13 @@ pub fn me(op: &str, since: &str) -> Holder {
 
 /// `hostname/machine-id-prefix`: stable per machine, readable in messages.
 pub fn machine() -> String {
+    // Test hook: the two-server tests play a server on another machine.
+    if let Some(m) = std::env::var("CUTOVER_TEST_MACHINE")
+        .ok()
+        .filter(|m| !m.is_empty())
+    {
+        return m;
+    }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());

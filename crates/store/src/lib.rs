@@ -367,6 +367,9 @@ pub struct Sqlite {
 /// method of [`Backend`] is called on it directly.
 pub struct Store {
     backend: Box<dyn Backend>,
+    /// Per app, the holder whose lock this process took over (dead, or its lease expired) and
+    /// still holds: its host locks are as dead as its lock here.
+    taken: std::sync::Mutex<Vec<(String, Holder)>>,
 }
 
 impl std::ops::Deref for Store {
@@ -385,17 +388,13 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating and migrating) the SQLite database at `path`: see [`Sqlite::open`].
     pub fn open(path: &Path) -> Result<Store> {
-        Ok(Store {
-            backend: Box::new(Sqlite::open(path)?),
-        })
+        Ok(Store::with(Sqlite::open(path)?))
     }
 
     /// Connects to the PostgreSQL database at `url` (`postgres://user:password@host/db`) and
     /// migrates it: see [`Postgres::connect`].
     pub fn connect(url: &str) -> Result<Store> {
-        Ok(Store {
-            backend: Box::new(pg::off_runtime(|| Postgres::connect(url))?),
-        })
+        Ok(Store::with(pg::off_runtime(|| Postgres::connect(url))?))
     }
 
     /// Takes the app lock. `alive` says whether a recorded holder's process still runs (the
@@ -407,13 +406,40 @@ impl Store {
         me: &Holder,
         alive: impl Fn(&Holder) -> bool + Sync,
     ) -> Result<LockOutcome> {
-        self.backend.acquire_lock(app, me, &alive)
+        let out = self.backend.acquire_lock(app, me, &alive)?;
+        if let LockOutcome::TookOver(h) = &out {
+            let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+            taken.retain(|(a, _)| a != app);
+            taken.push((app.to_string(), h.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Releases the lock if `me` holds it.
+    pub fn release_lock(&self, app: &str, me: &Holder) -> Result<()> {
+        self.taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(a, _)| a != app);
+        self.backend.release_lock(app, me)
+    }
+
+    /// The holder whose lock on `app` this process took over, while it holds it: a process
+    /// that is gone, or whose lease expired (another machine's).
+    pub fn took_over(&self, app: &str) -> Option<Holder> {
+        self.taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(a, _)| a == app)
+            .map(|(_, h)| h.clone())
     }
 
     /// A store over `backend` (a [`Postgres`] with its own lease, in tests).
     pub fn with(backend: impl Backend + 'static) -> Store {
         Store {
             backend: Box::new(backend),
+            taken: std::sync::Mutex::new(Vec::new()),
         }
     }
 

@@ -132,14 +132,23 @@ fn two_servers_on_one_postgres_database_run_a_deploy_exactly_once() {
 }
 
 #[test]
-fn a_server_killed_mid_job_leaves_the_other_to_take_over_and_reconcile() {
+fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_reconcile() {
     let (_db, mut pg) = on_postgres("killed");
     let w = World::files(2).start();
     let v1 = w.deploy_ok("v1");
     w.deploy_ok("v2");
     let tok = token(&w, "ci", "deployer", &[]);
-    let lease = ("CUTOVER_LEASE", "3");
-    let mut a = Server::start(&w, &[("CUTOVER_CRASH_AT", "after-switch-first"), lease]);
+    // a plays a server on another machine: b cannot see whether its process lives, only
+    // whether its lease (10 s here) is renewed.
+    let lease = ("CUTOVER_LEASE", "10");
+    let mut a = Server::start(
+        &w,
+        &[
+            ("CUTOVER_CRASH_AT", "after-switch-first"),
+            ("CUTOVER_TEST_MACHINE", "elsewhere"),
+            lease,
+        ],
+    );
     let b = Server::start(&w, &[lease]);
     let c = http("127.0.0.1");
     let (status, body) = send(
@@ -158,10 +167,35 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_and_reconcile() {
     for i in 0..w.hosts() {
         w.assert_complete(i);
     }
-    // b sees the run interrupted (its holder is gone), and its stream ends.
-    let (status, got) = send(c.get(b.url(&format!("/api/runs/{run}"))).bearer_auth(&tok));
-    assert_eq!(status, 200);
-    assert_eq!(got["status"], "interrupted", "{got}");
+    let died = Instant::now();
+    // Until the lease expires, b must presume a alive: 409 naming it.
+    let (status, body) = send(
+        c.post(b.url("/api/apps/site/rollback"))
+            .json(&json!({}))
+            .bearer_auth(&tok),
+    );
+    assert_eq!(status, 409, "{body}");
+    let m = body["error"].as_str().unwrap();
+    assert!(
+        m.starts_with("a rollback of `site` is in progress: ") && m.contains("@elsewhere pid "),
+        "{m}"
+    );
+    // Once it expired, b sees the run interrupted, and its stream ends.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (status, got) = send(c.get(b.url(&format!("/api/runs/{run}"))).bearer_auth(&tok));
+        assert_eq!(status, 200);
+        if got["status"] == "interrupted" {
+            break;
+        }
+        assert_eq!(got["status"], "running", "{got}");
+        assert!(Instant::now() < deadline, "the lease never expired");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        died.elapsed() > Duration::from_secs(5),
+        "not before the lease ran out"
+    );
     let ev = read_sse(
         c.get(b.url(&format!("/api/runs/{run}/events")))
             .bearer_auth(&tok)
@@ -194,6 +228,12 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_and_reconcile() {
         .filter(|e| e["step"] == "reconcile")
         .collect();
     assert_eq!(reconciled.len(), 1, "{ev:?}");
+    // a's host locks went with its lease.
+    let takeovers = ev
+        .iter()
+        .filter(|e| e.1.is_empty() && e.2.contains("\"step\":\"lock-takeover\""))
+        .count();
+    assert_eq!(takeovers, w.hosts(), "{ev:?}");
     let job: String = pg
         .query_one(
             "SELECT state FROM jobs WHERE run_id = $1",

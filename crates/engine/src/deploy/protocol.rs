@@ -545,7 +545,17 @@ impl<S: Switcher> Run<'_, S> {
                     ..
                 }) = &p
                 {
-                    if let Some(h) = identity::from_line(line).filter(|h| !identity::alive(h)) {
+                    // Gone: its process is (this machine), or it is the holder whose app lock
+                    // this run took over (its lease expired: another machine, dead or cut off).
+                    let gone = |h: &Holder| {
+                        !identity::alive(h)
+                            || self
+                                .env
+                                .store
+                                .took_over(&self.env.config.app)
+                                .is_some_and(|t| t.same_process(h))
+                    };
+                    if let Some(h) = identity::from_line(line).filter(gone) {
                         self.env.reporter.note(&format!(
                             "{}: taking over the host lock of a process that is gone: {}",
                             names[i],
