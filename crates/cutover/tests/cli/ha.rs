@@ -35,10 +35,12 @@ fn two_servers_on_one_postgres_database_run_a_deploy_exactly_once() {
         "the CLI keeps the history in PostgreSQL, not in the data directory"
     );
     assert_eq!(count(&mut pg, "SELECT count(*) FROM runs"), 2);
-    // A reload that takes a while keeps the run going while the requests arrive.
+    // A reload that takes a while keeps the run going while the requests arrive and the CLI
+    // tries (on a loaded machine too).
     w.configure(|t| {
-        t.set_str("files", "reload", "sleep 3");
+        t.set_str("files", "reload", "sleep 8");
     });
+    let v3 = w.build("v3");
     let tok = token(&w, "ci", "deployer", &[]);
     let servers = [Server::start(&w, &[]), Server::start(&w, &[])];
     let answers: Vec<(usize, u16, Value)> = std::thread::scope(|sc| {
@@ -80,7 +82,7 @@ fn two_servers_on_one_postgres_database_run_a_deploy_exactly_once() {
     let (by, _, body) = accepted[0];
     let run = body["run"].as_str().unwrap().to_string();
     // The CLI on the same database: the same lock, exit 4.
-    let r = w.run(&["deploy", "--artifact", w.build("v3").to_str().unwrap()]);
+    let r = w.run(&["deploy", "--artifact", v3.to_str().unwrap()]);
     assert_eq!(r.code, 4, "{} {}", r.stdout, r.stderr);
     assert!(
         r.stderr
