@@ -14,6 +14,12 @@
 //! of refusing it; and its header timeout also runs while a keep-alive connection is idle.
 //! It must not route or look at anything but framing.
 //!
+//! What hyper still answers itself, with an empty body: a request target in absolute form
+//! (`http://host/...`) whose authority the `http` crate refuses, and a bad head on a connection
+//! the guard no longer reads (bytes were sent behind a protocol-switch request before its
+//! answer, or a chunked body it could not follow, which hyper refuses anyway). hyper gives no
+//! hook for its own error responses, so the guard can only get there first.
+//!
 //! Invariants:
 //! - A head this guard refuses never reaches hyper (so never a service, never an upstream),
 //!   and the answer is written after every response to the requests before it.
@@ -114,6 +120,10 @@ struct RequestLine {
     method: [u8; 8],
     method_len: usize,
     target_len: usize,
+    /// The target is in origin form (`/path?query#fragment`); where in it the scan is: 0
+    /// path, 1 query, 2 fragment.
+    origin: bool,
+    target_part: u8,
     version_len: usize,
 }
 
@@ -160,6 +170,7 @@ const fn bad(body: &'static str) -> Step {
 
 const BAD_LINE: Step = bad("bad request: malformed request line\n");
 const BAD_HEADER: Step = bad("bad request: malformed header line\n");
+const BAD_TARGET: Step = bad("bad request: malformed request target\n");
 
 impl HeadScan {
     fn started(&self) -> bool {
@@ -239,6 +250,19 @@ impl HeadScan {
             }
             1 if b == b' ' && rl.target_len > 0 => rl.part = 2,
             1 if b > b' ' && b != 0x7f => {
+                if rl.target_len == 0 {
+                    rl.origin = b == b'/';
+                }
+                // Bytes hyper's parser takes but the `http` crate's URI refuses (hyper would
+                // answer 400 with an empty body).
+                if rl.origin {
+                    match (rl.target_part, b) {
+                        (0 | 1, b'#') => rl.target_part = 2,
+                        (0, b'?') => rl.target_part = 1,
+                        (0, b'<' | b'>' | b'`') | (1, b'"' | b'<' | b'>') => return BAD_TARGET,
+                        _ => {}
+                    }
+                }
                 rl.target_len += 1;
                 if rl.target_len > MAX_TARGET {
                     return Step::Refused(Refusal {
@@ -885,7 +909,22 @@ mod tests {
 
     #[test]
     fn refuses_malformed_and_oversized_heads_at_their_first_bad_byte() {
-        let cases: [(&[u8], u16, &str); 7] = [
+        let cases: [(&[u8], u16, &str); 10] = [
+            (
+                b"GET /a<b HTTP/1.1\r\n\r\n",
+                400,
+                "bad request: malformed request target\n",
+            ),
+            (
+                b"GET /a`b HTTP/1.1\r\n\r\n",
+                400,
+                "bad request: malformed request target\n",
+            ),
+            (
+                b"GET /a?\"b HTTP/1.1\r\n\r\n",
+                400,
+                "bad request: malformed request target\n",
+            ),
             (
                 b"GET / HTTP/2.0\r\n\r\n",
                 400,
@@ -941,6 +980,8 @@ mod tests {
             many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
         }
         assert_eq!(scan(&many), Some((0, 431, "too many header fields\n")));
+        // What the `http` crate takes is fine.
+        assert_eq!(scan(b"GET /a{b}|^?x=`{}#<> HTTP/1.1\r\n\r\n"), None);
         // 100 headers are fine.
         let mut fine = b"GET / HTTP/1.1\r\n".to_vec();
         for i in 0..100 {

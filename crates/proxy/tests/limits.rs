@@ -143,6 +143,10 @@ fn oversized_heads_get_431_and_the_proxy_keeps_serving() {
             "GET / HTTP/1.1\r\nHost: app.test\r\n folded\r\n\r\n",
             "bad request: malformed header line\n",
         ),
+        (
+            "GET /a<b> HTTP/1.1\r\nHost: app.test\r\n\r\n",
+            "bad request: malformed request target\n",
+        ),
     ] {
         let r = raw(proxy.addr, head.as_bytes());
         assert_eq!((status_of(&r), body_of(&r)), (400, body), "{head:?}: {r}");
