@@ -541,6 +541,23 @@ impl<S> Guard<S> {
                     i += 1;
                 }
                 Phase::Head(head) => {
+                    // Fast path: the value of a header the guard does not read, up to the
+                    // next control byte (a line end, or a bad byte for the slow path), and
+                    // short of the size limit (which the slow path then reports).
+                    if head.in_headers && head.line.in_value && head.line.candidates == 0 {
+                        let rest = &bytes[i..];
+                        let plain = rest
+                            .iter()
+                            .position(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
+                            .unwrap_or(rest.len());
+                        let n = plain.min(limits.0.saturating_sub(head.bytes + 1));
+                        if n > 0 && !head.cr {
+                            head.bytes += n;
+                            head.line.len += n;
+                            i += n;
+                            continue;
+                        }
+                    }
                     let was_started = head.started();
                     let step = head.byte(bytes[i], limits.0, limits.1);
                     if !was_started && head.started() && self.deadline != Deadline::Head {
