@@ -1397,11 +1397,12 @@ interval = "100ms"
         );
         let tuned = parse(&CONTAINER.replace(
             "drain = \"5s\"",
-            "drain = \"5s\"\nheader_timeout = \"10s\"\nmax_header_bytes = 8192\nmax_connections = 500",
+            "drain = \"5s\"\nheader_timeout = \"10s\"\nidle_timeout = \"20s\"\nmax_header_bytes = 8192\nmax_connections = 500",
         ))
         .unwrap();
         let limits = &tuned.container().unwrap().proxy.limits;
         assert_eq!(limits.header_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(20));
         assert_eq!(
             (limits.max_header_bytes, limits.max_connections),
             (8192, 500)

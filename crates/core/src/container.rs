@@ -32,6 +32,7 @@ pub(crate) struct RawProxy {
     install_dir: Option<String>,
     // Limits against hostile clients and broken upstreams (`crate::proxy_limits`).
     header_timeout: Option<String>,
+    idle_timeout: Option<String>,
     max_header_bytes: Option<i64>,
     max_headers: Option<i64>,
     max_connections: Option<i64>,
@@ -452,6 +453,7 @@ fn proxy_limits(p: &RawProxy) -> Result<Box<crate::proxy_limits::ProxyLimits>, E
     let mut limits = crate::proxy_limits::ProxyLimits::default();
     let texts = [
         ("header_timeout", &p.header_timeout),
+        ("idle_timeout", &p.idle_timeout),
         ("upstream_connect_timeout", &p.upstream_connect_timeout),
         ("upstream_header_timeout", &p.upstream_header_timeout),
         ("body_timeout", &p.body_timeout),

@@ -9,8 +9,10 @@ use std::time::Duration;
 /// Validated `[proxy]` limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyLimits {
-    /// `header_timeout`: to send a request head, and to stay idle between keep-alive requests.
+    /// `header_timeout`: to send a request head (the first from the accept).
     pub header_timeout: Duration,
+    /// `idle_timeout`: how long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
     /// `max_header_bytes`: the largest request head (431 above).
     pub max_header_bytes: u64,
     /// `max_headers`: the most header lines in a request head (431 above).
@@ -29,6 +31,7 @@ impl Default for ProxyLimits {
     fn default() -> Self {
         ProxyLimits {
             header_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(75),
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             max_connections: 16_384,
@@ -46,8 +49,9 @@ pub(crate) enum RawValue<'a> {
     Int(i64),
 }
 
-const KEYS: [&str; 7] = [
+const KEYS: [&str; 8] = [
     "header_timeout",
+    "idle_timeout",
     "max_header_bytes",
     "max_headers",
     "max_connections",
@@ -85,6 +89,7 @@ impl ProxyLimits {
         };
         match key {
             "header_timeout" => self.header_timeout = dur()?,
+            "idle_timeout" => self.idle_timeout = dur()?,
             "max_header_bytes" => self.max_header_bytes = count(1024, 1024 * 1024)?,
             "max_headers" => self.max_headers = count(1, 10_000)?,
             "max_connections" => self.max_connections = count(1, 1_000_000)?,
@@ -104,9 +109,10 @@ impl ProxyLimits {
     /// The `--limits` argument of `cutover proxy run`: `key=value,...`, every key.
     pub fn to_arg(&self) -> String {
         format!(
-            "header_timeout={}ms,max_header_bytes={},max_headers={},max_connections={},\
+            "header_timeout={}ms,idle_timeout={}ms,max_header_bytes={},max_headers={},max_connections={},\
              upstream_connect_timeout={}ms,upstream_header_timeout={}ms,body_timeout={}ms",
             self.header_timeout.as_millis(),
+            self.idle_timeout.as_millis(),
             self.max_header_bytes,
             self.max_headers,
             self.max_connections,

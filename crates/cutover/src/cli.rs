@@ -255,7 +255,7 @@ pub(crate) enum ProxyCommand {
         #[arg(long, default_value = "30s")]
         hold: String,
         /// Limits against hostile clients, `KEY=VALUE,...` with the `[proxy]` limit keys
-        /// (header_timeout, max_header_bytes, max_headers, max_connections,
+        /// (header_timeout, idle_timeout, max_header_bytes, max_headers, max_connections,
         /// upstream_connect_timeout, upstream_header_timeout, body_timeout); keys left out
         /// keep their defaults.
         #[arg(long, default_value = "")]

@@ -47,6 +47,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::guard;
 use crate::headers;
 use crate::limits::{self, AcceptLog, BodyFault, ClientBody, Slot, Slots, TimedBody};
 use crate::log;
@@ -283,6 +284,12 @@ async fn worker(
     drop(done);
 }
 
+/// hyper's own header timeout, a backstop behind the guard's deadlines (for a connection the
+/// guard no longer reads, e.g. after bytes sent behind an unanswered `Upgrade`).
+pub(crate) fn backstop(lim: &limits::Limits) -> Duration {
+    lim.header_timeout + lim.idle_timeout
+}
+
 /// Serves one client connection.
 async fn connection(
     shared: Arc<Shared>,
@@ -308,68 +315,81 @@ async fn connection(
             false,
         )
     });
-    // `writev(false)`: a response head and a small body go out as one flat buffer, which
-    // costs fewer instructions per request than hyper's queue of buffers for `writev`.
-    // The read buffer is capped at the head limit (hyper's own minimum is 8 KiB), so that a
-    // half-sent head costs at most that much; a longer head gets 431.
-    let conn = http1::Builder::new()
-        .writev(false)
-        .timer(TokioTimer::new())
-        .header_read_timeout(lim.header_timeout)
-        .max_buf_size(lim.max_header_bytes.max(limits::MIN_READ_BUF))
-        .max_header_size(lim.max_header_bytes)
-        .max_headers(lim.max_headers)
-        .serve_connection(TokioIo::new(stream), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
-    // Asked to close by the slots (too many connections and this one is idle).
-    let conn_state = slot.state.clone();
-    let reclaim = conn_state.close.notified();
-    tokio::pin!(reclaim);
-    // Serve until the connection ends or shutdown begins. The wake-up for shutdown is
-    // registered once (this task's waker does not change); after that a wake-up only reads
-    // the stop signal's version, which is cheaper than polling a `watch` future every time a
-    // busy connection is woken.
-    let mut on_stop = stop.clone();
-    let registration = on_stop.changed();
-    tokio::pin!(registration);
-    let mut registered = false;
-    let mut reclaimed = false;
-    let finished = std::future::poll_fn(|cx| {
-        if conn.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(true);
-        }
-        if reclaim.as_mut().poll(cx).is_ready() {
-            reclaimed = true;
-            return Poll::Ready(false);
-        }
-        if !registered {
-            registered = true;
-            if registration.as_mut().poll(cx).is_ready() {
+    // The guard reads every head before hyper does: it refuses ambiguous, malformed and
+    // oversized ones with a plain-text answer, and keeps the header and idle deadlines.
+    let (io, mut refused) = guard::Guard::new(stream, &lim, slot.state.clone(), true);
+    {
+        // `writev(false)`: a response head and a small body go out as one flat buffer, which
+        // costs fewer instructions per request than hyper's queue of buffers for `writev`.
+        // The read buffer is capped at the head limit (hyper's own minimum is 8 KiB), so that
+        // a half-sent head costs at most that much. hyper's header timeout is only a backstop
+        // (the guard's deadlines come first); `half_close`: a client that ends its side after
+        // a request still gets the answer (and so do the requests before a refused head).
+        let conn = http1::Builder::new()
+            .writev(false)
+            .half_close(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(backstop(&lim))
+            .max_buf_size(lim.max_header_bytes.max(limits::MIN_READ_BUF))
+            .max_header_size(lim.max_header_bytes)
+            .max_headers(lim.max_headers)
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
+        tokio::pin!(conn);
+        // Asked to close by the slots (too many connections and this one is idle).
+        let conn_state = slot.state.clone();
+        let reclaim = conn_state.close.notified();
+        tokio::pin!(reclaim);
+        // Serve until the connection ends or shutdown begins. The wake-up for shutdown is
+        // registered once (this task's waker does not change); after that a wake-up only
+        // reads the stop signal's version, which is cheaper than polling a `watch` future
+        // every time a busy connection is woken.
+        let mut on_stop = stop.clone();
+        let registration = on_stop.changed();
+        tokio::pin!(registration);
+        let mut registered = false;
+        let mut reclaimed = false;
+        let finished = std::future::poll_fn(|cx| {
+            if conn.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            if reclaim.as_mut().poll(cx).is_ready() {
+                reclaimed = true;
                 return Poll::Ready(false);
             }
-        }
-        if stop.has_changed().unwrap_or(true) {
-            return Poll::Ready(false);
-        }
-        Poll::Pending
-    })
-    .await;
-    if reclaimed {
-        // Idle (or in the middle of a request, which finishes first): closes at once.
-        conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
-    } else if !finished {
-        // Keep-alive clients get one more request answered with `Connection: close`; only
-        // connections that stay idle that long are closed (closing an idle connection races
-        // a client that is sending).
-        if tokio::time::timeout(IDLE_CLOSE_AFTER_STOP, conn.as_mut())
-            .await
-            .is_err()
-        {
+            if !registered {
+                registered = true;
+                if registration.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+            }
+            if stop.has_changed().unwrap_or(true) {
+                return Poll::Ready(false);
+            }
+            Poll::Pending
+        })
+        .await;
+        if reclaimed {
+            // Idle (or in the middle of a request, which finishes first): closes at once.
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
+        } else if !finished {
+            // Keep-alive clients get one more request answered with `Connection: close`;
+            // only connections that stay idle that long are closed (closing an idle
+            // connection races a client that is sending).
+            if tokio::time::timeout(IDLE_CLOSE_AFTER_STOP, conn.as_mut())
+                .await
+                .is_err()
+            {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
         }
+    }
+    // hyper is done with the connection (it dropped the guard): a refused head is answered.
+    if let Some((stream, refusal)) = guard::refused(&mut refused) {
+        // Boxed: rare, and it must not grow every connection's task.
+        Box::pin(guard::answer(stream, refusal)).await;
     }
     drop(slot);
     drop(done);
@@ -615,6 +635,8 @@ pub(crate) async fn handle(
                     upgrade::restore(&mut parts.headers, u);
                 }
                 let keep = (slot.clone(), slot.state.busy());
+                // The client connection's bytes are the tunnel's from now on (`guard`).
+                slot.state.set_upgraded();
                 upgrade::tunnel(client_up, upstream_up, guard, websocket, keep);
                 let mut resp =
                     Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())));

@@ -3,6 +3,10 @@
 //! the list of forwarding headers a client must not be able to forge; it must not route or
 //! touch the network.
 //!
+//! The framing checks repeat what `guard` refuses before hyper sees a head (hyper drops a
+//! `Content-Length` beside `Transfer-Encoding` and folds equal ones, so only the guard sees
+//! those); they stay as a second line.
+//!
 //! Invariants:
 //! - A request whose length or target is ambiguous is answered by the proxy and never reaches
 //!   an upstream: `CONNECT`, more than one `Host`, a missing `Host`, a transfer coding other

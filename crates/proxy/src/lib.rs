@@ -26,7 +26,8 @@
 //!   after every change, in the order the changes happened (`state`).
 //! - A half-sent request costs at most `max_header_bytes` of buffer, and the number of client
 //!   connections stays within what the open-file limit allows (`limits`).
-//! - A request that is ambiguous about its length or host never reaches a target (`headers`).
+//! - A request that is ambiguous about its length or host never reaches a target (`guard`,
+//!   before hyper parses its head; `headers`).
 //! - The control socket serves only uid 0 and the proxy's own uid, checked per connection from
 //!   the kernel's peer credentials; the socket file is mode 0600 from the moment it has its
 //!   final name (`control`).
@@ -37,6 +38,7 @@ mod canary;
 mod certs;
 mod control;
 mod forward;
+mod guard;
 mod headers;
 mod limits;
 mod log;

@@ -29,10 +29,14 @@ use crate::log;
 /// The proxy's limits (`[proxy]` keys of the same names). Defaults are close to nginx's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// How long a client has to send a complete request head, counted from the moment the
-    /// connection waits for it (so it is also how long a keep-alive connection may stay idle).
+    /// How long a client has to send a complete request head, counted from the accept for
+    /// the first request and from the head's first byte for later ones.
     /// nginx: `client_header_timeout 60s`.
     pub header_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request (from the end of the
+    /// previous response to the next head's first byte) before the proxy closes it.
+    /// nginx: `keepalive_timeout 75s`.
+    pub idle_timeout: Duration,
     /// The largest request head (request line and headers), in bytes; larger heads get 431.
     /// It is also what a half-sent head can make a connection hold. Node.js: 16 KiB; nginx:
     /// 1 KiB, then up to 4 x 8 KiB of `large_client_header_buffers`.
@@ -55,6 +59,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             header_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(75),
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             max_connections: 16_384,
@@ -107,6 +112,8 @@ pub(crate) struct ConnState {
     busy: AtomicUsize,
     /// It was asked to close.
     reclaimed: AtomicBool,
+    /// It became a tunnel (a request's protocol switch was answered 101).
+    upgraded: AtomicBool,
     /// Wakes the connection's task when it is asked to close.
     pub(crate) close: Notify,
 }
@@ -116,6 +123,16 @@ impl ConnState {
     pub(crate) fn busy(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
+    }
+
+    /// The connection is a tunnel from now on.
+    pub(crate) fn set_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection became a tunnel.
+    pub(crate) fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Relaxed)
     }
 }
 
@@ -183,6 +200,7 @@ impl Slots {
         let state = Arc::new(ConnState {
             busy: AtomicUsize::new(0),
             reclaimed: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
             close: Notify::new(),
         });
         if let Ok(mut conns) = self.conns.lock() {

@@ -144,6 +144,10 @@ pub(crate) async fn connection(
     }
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
     let lim = shared.config.limits.clone();
+    // HTTP/1.1 heads are read by the guard first (as over plain HTTP); HTTP/2 frames its
+    // messages itself and passes through.
+    let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
+    let (io, mut refused) = crate::guard::Guard::new(stream, &lim, slot.state.clone(), http1);
     // The same per-request path as plain HTTP: the slot counts as busy while a request is
     // served (and while an upgraded tunnel is open), and the access log gets a line.
     let slot = Arc::new(slot);
@@ -154,30 +158,37 @@ pub(crate) async fn connection(
     builder
         .http1()
         .writev(false)
+        .half_close(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(lim.header_timeout)
+        .header_read_timeout(forward::backstop(&lim))
         .max_buf_size(lim.max_header_bytes.max(crate::limits::MIN_READ_BUF))
         .max_headers(lim.max_headers);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    let finished = tokio::select! {
-        _ = conn.as_mut() => true,
-        _ = forward::stopped(&mut stop) => false,
-    };
-    if !finished {
-        // As over plain HTTP: a keep-alive client gets one more answer (with `Connection:
-        // close`); an HTTP/2 client gets a GOAWAY and its open streams finish.
-        if tokio::time::timeout(forward::IDLE_CLOSE_AFTER_STOP, conn.as_mut())
-            .await
-            .is_err()
-        {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    {
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let finished = tokio::select! {
+            _ = conn.as_mut() => true,
+            _ = forward::stopped(&mut stop) => false,
+        };
+        if !finished {
+            // As over plain HTTP: a keep-alive client gets one more answer (with
+            // `Connection: close`); an HTTP/2 client gets a GOAWAY and its open streams finish.
+            if tokio::time::timeout(forward::IDLE_CLOSE_AFTER_STOP, conn.as_mut())
+                .await
+                .is_err()
+            {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
         }
+    }
+    if let Some((stream, refusal)) = crate::guard::refused(&mut refused) {
+        // Boxed: rare, and it must not grow every connection's task.
+        Box::pin(crate::guard::answer(stream, refusal)).await;
     }
     drop(done);
 }

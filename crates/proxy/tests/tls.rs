@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::TlsMode;
-use harness::{get_once, Ca, Http, HttpsLoad, TlsProxy};
+use harness::{get_once, raw_tls, Ca, Http, HttpsLoad, TlsProxy};
 use hyper::Version;
 use support::{Backend, TempDir};
 
@@ -126,6 +126,49 @@ async fn files_certificate_is_served_over_h2_and_h1_and_reloaded_when_it_changes
     )
     .await;
     assert_eq!(proxy.status().await.certificates[0].last_error, None);
+    proxy.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_requests_over_tls_get_plain_text_answers_and_h2_is_untouched() {
+    let dir = TempDir::new("tls-framing");
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    let blue = Backend::start("blue");
+    let proxy = TlsProxy::start(dir.path(), files_mode(dir.path()), false, (0, 0));
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+
+    // A good request, then one with both Content-Length and Transfer-Encoding behind it on
+    // the same HTTP/1.1 connection: the first is answered by the app, the second by the
+    // proxy, and the connection ends.
+    let r = raw_tls(
+        proxy.tls_addr,
+        "site.test",
+        ca.roots(),
+        b"GET / HTTP/1.1\r\nHost: site.test\r\n\r\nPOST / HTTP/1.1\r\nHost: site.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    let answers: Vec<&str> = r.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 2, "{r}");
+    assert!(
+        answers[0].starts_with("200 ") && answers[0].ends_with("blue\n"),
+        "{r}"
+    );
+    assert!(
+        answers[1].starts_with("400 ")
+            && answers[1]
+                .ends_with("\r\n\r\nbad request: both Content-Length and Transfer-Encoding\n"),
+        "{r}"
+    );
+    // HTTP/2 (which frames its own messages) is served as before.
+    let a = get_once(proxy.tls_addr, "site.test", Http::H2, ca.roots(), "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, a.body.as_str(), a.version),
+        (200, "blue\n", Version::HTTP_2)
+    );
     proxy.stop().unwrap();
 }
 

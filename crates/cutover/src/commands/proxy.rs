@@ -40,6 +40,7 @@ fn proxy_limits(arg: &str) -> Result<cutover_proxy::Limits, i32> {
     let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     Ok(cutover_proxy::Limits {
         header_timeout: l.header_timeout,
+        idle_timeout: l.idle_timeout,
         max_header_bytes: n(l.max_header_bytes),
         max_headers: n(l.max_headers),
         max_connections: n(l.max_connections),

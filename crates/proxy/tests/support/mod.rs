@@ -418,6 +418,20 @@ impl Conn {
             Instant::now() + Duration::from_secs(20),
         )
     }
+
+    /// Waits up to `limit` for the proxy to close this connection (EOF or reset, with
+    /// nothing read before it); how long it took, or `None` if it stayed open.
+    pub fn closed_within(&mut self, limit: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        self.stream.set_read_timeout(Some(limit)).unwrap();
+        let mut b = [0u8; 64];
+        match self.stream.read(&mut b) {
+            Ok(0) => Some(t.elapsed()),
+            Ok(n) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&b[..n])),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+            Err(_) => Some(t.elapsed()),
+        }
+    }
 }
 
 /// Writes a request and reads one response (Content-Length bodies only: that is what the

@@ -441,3 +441,31 @@ impl HttpsLoad {
         (self.ok.load(Ordering::Relaxed), failures)
     }
 }
+
+/// Sends `bytes` over a fresh TLS connection (ALPN http/1.1) and returns everything read until
+/// the proxy closes it (or 10 s pass).
+pub async fn raw_tls(
+    addr: SocketAddr,
+    sni: &str,
+    roots: Arc<RootCertStore>,
+    bytes: &[u8],
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}

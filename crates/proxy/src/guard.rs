@@ -1,0 +1,1025 @@
+//! The request-head guard: a layer between an HTTP/1.1 client connection and hyper that reads
+//! every byte the client sends on its way to hyper, follows the message framing (head, then a
+//! `Content-Length` or chunked body, then the next head) and, without keeping the bytes:
+//! - refuses a head before hyper parses it when it is ambiguous about its length (both
+//!   `Content-Length` and `Transfer-Encoding`, more than one `Content-Length`, a malformed
+//!   one, a transfer coding other than `chunked`), too large, or malformed: hyper gets the
+//!   bytes before that head and then the end of the stream, and once hyper has finished the
+//!   requests before it, the client gets a short plain-text answer and the connection closes;
+//! - ends a connection that stays idle between requests longer than `idle_timeout`, or takes
+//!   longer than `header_timeout` to send a head (the first one counted from the accept).
+//!
+//! hyper would answer most of these itself, but with an empty body, and it reads a request
+//! with both `Content-Length` and `Transfer-Encoding` as chunked (dropping the length) instead
+//! of refusing it; and its header timeout also runs while a keep-alive connection is idle.
+//! It must not route or look at anything but framing.
+//!
+//! What hyper still answers itself, with an empty body: a request target in absolute form
+//! (`http://host/...`) whose authority the `http` crate refuses, and a bad head on a connection
+//! the guard no longer reads (bytes were sent behind a protocol-switch request before its
+//! answer, or a chunked body it could not follow, which hyper refuses anyway). hyper gives no
+//! hook for its own error responses, so the guard can only get there first.
+//!
+//! Invariants:
+//! - A head this guard refuses never reaches hyper (so never a service, never an upstream),
+//!   and the answer is written after every response to the requests before it.
+//! - The guard keeps no bytes: per connection it holds a few counters and at most
+//!   [`VALUE_KEEP`] bytes of the header value being read.
+//! - After a request that asks for a protocol switch (`Upgrade`, `CONNECT`), the bytes are
+//!   looked at again only if the connection did not switch (`ConnState::upgraded`); a tunnel
+//!   is never read as HTTP.
+
+use std::future::Future as _;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use crate::headers::Refusal;
+use crate::limits::{ConnState, Limits};
+
+/// How many bytes of a header value are kept to read `Content-Length` and `Transfer-Encoding`
+/// (longer values of those are refused).
+const VALUE_KEEP: usize = 24;
+/// How long a refused connection's further bytes are read and dropped after the answer, so
+/// that closing does not reset the answer away before the client reads it.
+const DRAIN_AFTER_REFUSAL: Duration = Duration::from_secs(1);
+
+/// A refused connection, handed back by a dropped [`Guard`] so that its answer is written.
+pub(crate) type Refused<S> = oneshot::Receiver<(S, Refusal)>;
+
+/// Where in the byte stream the guard is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// In a request head (or before its first byte).
+    Head(HeadScan),
+    /// In a `Content-Length` body: this many bytes left.
+    Length(u64),
+    /// In a chunked body.
+    Chunked(Chunk),
+    /// After a request asking for a protocol switch: the next read says whether it happened.
+    AfterUpgrade,
+    /// Not HTTP/1.1 framing (a tunnel, an HTTP/2 connection, or a state hyper refuses
+    /// anyway): bytes pass unread.
+    Through,
+}
+
+/// Where in a chunked body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// In a chunk-size line: the size so far and the number of hex digits seen, or past the
+    /// digits (an extension).
+    Size { size: u64, digits: u8, ext: bool },
+    /// In chunk data: bytes left.
+    Data(u64),
+    /// After chunk data, until its line end.
+    DataEnd,
+    /// In the trailer section: bytes in the current line.
+    Trailer(usize),
+}
+
+/// What is known of the head being read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct HeadScan {
+    /// Bytes of the head so far (from the first byte of its request line).
+    bytes: usize,
+    /// Header lines so far.
+    lines: usize,
+    /// Past the request line.
+    in_headers: bool,
+    /// The request line so far.
+    rl: RequestLine,
+    /// The header line being read.
+    line: Line,
+    /// The previous byte was a CR.
+    cr: bool,
+    /// The request is HTTP/1.0.
+    http10: bool,
+    /// `Content-Length` lines, and the length of the first.
+    cl_lines: u32,
+    cl: Option<u64>,
+    cl_bad: bool,
+    /// `Transfer-Encoding` lines, and whether the only one is exactly `chunked`.
+    te_lines: u32,
+    te_chunked: bool,
+    /// The request asks for a protocol switch.
+    upgrade: bool,
+}
+
+/// The request line being read: method, a space, target, a space, version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct RequestLine {
+    /// 0: method, 1: target, 2: version.
+    part: u8,
+    method: [u8; 8],
+    method_len: usize,
+    target_len: usize,
+    /// The target is in origin form (`/path?query#fragment`); where in it the scan is: 0
+    /// path, 1 query, 2 fragment.
+    origin: bool,
+    target_part: u8,
+    version_len: usize,
+}
+
+/// The header line being read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Line {
+    /// Bytes in it (CR and LF not counted).
+    len: usize,
+    /// Past the colon.
+    in_value: bool,
+    /// Which header the name is, as far as read: bit `i` for `NAMES[i]`.
+    candidates: u8,
+    /// The value, trimmed at the start, up to [`VALUE_KEEP`] bytes.
+    value: [u8; VALUE_KEEP],
+    value_len: usize,
+    value_long: bool,
+}
+
+/// The headers whose values the guard reads.
+const NAMES: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"upgrade"];
+
+/// The longest request target hyper takes (it answers 414 past it).
+const MAX_TARGET: usize = 65_534;
+
+/// A `token` byte (RFC 9110 5.6.2), as hyper's parser reads method and header names.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// What one byte of a head did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    More,
+    Ended,
+    Refused(Refusal),
+}
+
+const fn bad(body: &'static str) -> Step {
+    Step::Refused(Refusal {
+        status: StatusCode::BAD_REQUEST,
+        body,
+    })
+}
+
+const BAD_LINE: Step = bad("bad request: malformed request line\n");
+const BAD_HEADER: Step = bad("bad request: malformed header line\n");
+const BAD_TARGET: Step = bad("bad request: malformed request target\n");
+
+impl HeadScan {
+    fn started(&self) -> bool {
+        self.bytes > 0
+    }
+
+    /// Reads one byte of a head. A malformed head is refused at its first bad byte (hyper's
+    /// parser would answer it at that byte, with an empty body); one that is ambiguous about
+    /// its length at its end.
+    fn byte(&mut self, b: u8, max_bytes: usize, max_headers: usize) -> Step {
+        // Empty lines before a request line are skipped (as hyper does).
+        if self.bytes == 0 && (b == b'\r' || b == b'\n') {
+            return Step::More;
+        }
+        self.bytes += 1;
+        let step = if self.cr && b != b'\n' {
+            if self.in_headers {
+                BAD_HEADER
+            } else {
+                BAD_LINE
+            }
+        } else if b == b'\r' {
+            self.cr = true;
+            self.line_may_end()
+        } else if b == b'\n' {
+            self.cr = false;
+            match self.line_may_end() {
+                Step::More => self.end_line(),
+                refused => refused,
+            }
+        } else if self.in_headers {
+            if self.line.len == 0 && self.lines >= max_headers {
+                // hyper's parser refuses at the first byte of one header too many.
+                return Step::Refused(Refusal {
+                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    body: "too many header fields\n",
+                });
+            }
+            self.header_byte(b)
+        } else {
+            self.request_line_byte(b)
+        };
+        if step == Step::More && self.bytes >= max_bytes {
+            return Step::Refused(Refusal {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                body: "request header fields too large\n",
+            });
+        }
+        step
+    }
+
+    /// A CR or LF: may the current line end here?
+    fn line_may_end(&self) -> Step {
+        if !self.in_headers {
+            // Only after the whole version.
+            if self.rl.part == 2 && self.rl.version_len == 8 {
+                Step::More
+            } else {
+                BAD_LINE
+            }
+        } else if self.line.len > 0 && !self.line.in_value {
+            BAD_HEADER
+        } else {
+            Step::More
+        }
+    }
+
+    fn request_line_byte(&mut self, b: u8) -> Step {
+        let rl = &mut self.rl;
+        match rl.part {
+            0 if b == b' ' && rl.method_len > 0 => rl.part = 1,
+            0 if is_tchar(b) => {
+                if rl.method_len < rl.method.len() {
+                    rl.method[rl.method_len] = b;
+                }
+                rl.method_len += 1;
+            }
+            1 if b == b' ' && rl.target_len > 0 => rl.part = 2,
+            1 if b > b' ' && b != 0x7f => {
+                if rl.target_len == 0 {
+                    rl.origin = b == b'/';
+                }
+                // Bytes hyper's parser takes but the `http` crate's URI refuses (hyper would
+                // answer 400 with an empty body).
+                if rl.origin {
+                    match (rl.target_part, b) {
+                        (0 | 1, b'#') => rl.target_part = 2,
+                        (0, b'?') => rl.target_part = 1,
+                        (0, b'<' | b'>' | b'`') | (1, b'"' | b'<' | b'>') => return BAD_TARGET,
+                        _ => {}
+                    }
+                }
+                rl.target_len += 1;
+                if rl.target_len > MAX_TARGET {
+                    return Step::Refused(Refusal {
+                        status: StatusCode::URI_TOO_LONG,
+                        body: "request target too long\n",
+                    });
+                }
+            }
+            2 if rl.version_len < 8 => {
+                let ok = match rl.version_len {
+                    7 => b == b'0' || b == b'1',
+                    n => b"HTTP/1."[n] == b,
+                };
+                if !ok {
+                    return BAD_LINE;
+                }
+                rl.version_len += 1;
+                if rl.version_len == 8 {
+                    self.http10 = b == b'0';
+                }
+            }
+            _ => return BAD_LINE,
+        }
+        Step::More
+    }
+
+    fn header_byte(&mut self, b: u8) -> Step {
+        let line = &mut self.line;
+        if line.len == 0 {
+            line.candidates = 0b111;
+        }
+        line.len += 1;
+        if !line.in_value {
+            if b == b':' && line.len > 1 {
+                line.in_value = true;
+                // A name matches only if all of it was read.
+                let name_len = line.len - 1;
+                for (i, n) in NAMES.iter().enumerate() {
+                    if n.len() != name_len {
+                        line.candidates &= !(1 << i);
+                    }
+                }
+                return Step::More;
+            }
+            // Also a folded line (obs-fold), which starts with a space.
+            if !is_tchar(b) {
+                return BAD_HEADER;
+            }
+            let at = line.len - 1;
+            let lower = b.to_ascii_lowercase();
+            for (i, n) in NAMES.iter().enumerate() {
+                if n.get(at) != Some(&lower) {
+                    line.candidates &= !(1 << i);
+                }
+            }
+            return Step::More;
+        }
+        if (b < b' ' && b != b'\t') || b == 0x7f {
+            return BAD_HEADER;
+        }
+        if line.candidates == 0 || (line.value_len == 0 && (b == b' ' || b == b'\t')) {
+            return Step::More;
+        }
+        if line.value_len < VALUE_KEEP {
+            line.value[line.value_len] = b;
+            line.value_len += 1;
+        } else {
+            line.value_long = true;
+        }
+        Step::More
+    }
+
+    /// A line ended (at its LF).
+    fn end_line(&mut self) -> Step {
+        if !self.in_headers {
+            self.in_headers = true;
+            if self.rl.method_len == 7 && &self.rl.method[..7] == b"CONNECT" {
+                self.upgrade = true;
+            }
+            return Step::More;
+        }
+        let line = std::mem::take(&mut self.line);
+        if line.len == 0 {
+            return match self.verdict() {
+                Ok(()) => Step::Ended,
+                Err(r) => Step::Refused(r),
+            };
+        }
+        self.lines += 1;
+        let mut value = &line.value[..line.value_len];
+        while let [rest @ .., b' ' | b'\t'] = value {
+            value = rest;
+        }
+        match line.candidates {
+            0b001 => {
+                self.cl_lines += 1;
+                let digits =
+                    !line.value_long && !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+                let parsed = digits
+                    .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+                    .flatten();
+                match parsed {
+                    Some(n) => {
+                        self.cl.get_or_insert(n);
+                    }
+                    None => self.cl_bad = true,
+                }
+            }
+            0b010 => {
+                self.te_lines += 1;
+                self.te_chunked = !line.value_long && value.eq_ignore_ascii_case(b"chunked");
+            }
+            0b100 => self.upgrade = true,
+            _ => {}
+        }
+        Step::More
+    }
+
+    /// The head ended: is its framing unambiguous?
+    fn verdict(&self) -> Result<(), Refusal> {
+        let bad = |body| {
+            Err(Refusal {
+                status: StatusCode::BAD_REQUEST,
+                body,
+            })
+        };
+        if self.cl_lines > 0 && self.te_lines > 0 {
+            return bad("bad request: both Content-Length and Transfer-Encoding\n");
+        }
+        if self.cl_lines > 1 {
+            return bad("bad request: more than one Content-Length\n");
+        }
+        if self.cl_bad {
+            return bad("bad request: malformed Content-Length\n");
+        }
+        if self.te_lines > 0 && self.http10 {
+            return bad("bad request: Transfer-Encoding in an HTTP/1.0 request\n");
+        }
+        if self.te_lines > 1 || (self.te_lines == 1 && !self.te_chunked) {
+            // RFC 9112 6.1: a coding the server does not understand is a 501, as nginx
+            // answers; the request is well-formed, the proxy just does not decode it.
+            return Err(Refusal {
+                status: StatusCode::NOT_IMPLEMENTED,
+                body: "transfer codings other than chunked are not supported\n",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Which deadline is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deadline {
+    None,
+    /// Waiting for the next request on a kept-alive connection.
+    Idle,
+    /// Waiting for the rest of a head.
+    Head,
+}
+
+/// A client connection seen through the guard (see the module docs).
+pub(crate) struct Guard<S> {
+    inner: Option<S>,
+    phase: Phase,
+    /// The request whose body is being read asked for a protocol switch.
+    upgrade_after_body: bool,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    max_header_bytes: usize,
+    max_headers: usize,
+    conn: Arc<ConnState>,
+    deadline: Deadline,
+    at: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The refusal to answer once hyper is done; reads end from then on.
+    refused: Option<Refusal>,
+    /// A deadline passed: reads end.
+    timed_out: bool,
+    handback: Option<oneshot::Sender<(S, Refusal)>>,
+}
+
+impl<S> Guard<S> {
+    /// `stream` guarded with `limits`; `http1`: false for a connection that is not HTTP/1.1
+    /// (its bytes pass unread, and no deadline applies). The receiver gets the stream back
+    /// when a head was refused.
+    pub(crate) fn new(
+        stream: S,
+        limits: &Limits,
+        conn: Arc<ConnState>,
+        http1: bool,
+    ) -> (Guard<S>, Refused<S>) {
+        let (tx, rx) = oneshot::channel();
+        let guard = Guard {
+            inner: Some(stream),
+            phase: if http1 {
+                Phase::Head(HeadScan::default())
+            } else {
+                Phase::Through
+            },
+            upgrade_after_body: false,
+            header_timeout: limits.header_timeout,
+            idle_timeout: limits.idle_timeout,
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+            conn,
+            // The first head is timed from the accept (as nginx's client_header_timeout).
+            deadline: if http1 {
+                Deadline::Head
+            } else {
+                Deadline::None
+            },
+            at: Instant::now() + limits.header_timeout,
+            sleep: None,
+            refused: None,
+            timed_out: false,
+            handback: Some(tx),
+        };
+        (guard, rx)
+    }
+
+    fn inner(&mut self) -> io::Result<&mut S> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+
+    /// What follows a message's body.
+    fn after_body(&mut self) -> Phase {
+        if std::mem::take(&mut self.upgrade_after_body) {
+            Phase::AfterUpgrade
+        } else {
+            Phase::Head(HeadScan::default())
+        }
+    }
+
+    /// Reads `bytes` (just received); `Some((n, refusal))`: the first `n` of them come before
+    /// a refused head.
+    fn scan(&mut self, bytes: &[u8]) -> Option<(usize, Refusal)> {
+        let limits = (self.max_header_bytes, self.max_headers);
+        let mut i = 0;
+        while i < bytes.len() {
+            match &mut self.phase {
+                Phase::Through | Phase::AfterUpgrade => {
+                    // Bytes right after a switch request, before its answer: not HTTP that
+                    // can be followed any more (hyper still frames them).
+                    self.phase = Phase::Through;
+                    return None;
+                }
+                Phase::Length(left) => {
+                    let take = (*left).min((bytes.len() - i) as u64);
+                    *left -= take;
+                    i += take as usize;
+                    if *left == 0 {
+                        self.phase = self.after_body();
+                    }
+                }
+                Phase::Chunked(chunk) => {
+                    if let Chunk::Data(left) = chunk {
+                        let take = (*left).min((bytes.len() - i) as u64);
+                        *left -= take;
+                        i += take as usize;
+                        if *left == 0 {
+                            *chunk = Chunk::DataEnd;
+                        }
+                        continue;
+                    }
+                    match chunk_byte(chunk, bytes[i]) {
+                        ChunkStep::More => {}
+                        ChunkStep::End => self.phase = self.after_body(),
+                        ChunkStep::Lost => {
+                            // hyper refuses this body (and closes the connection).
+                            self.phase = Phase::Through;
+                            return None;
+                        }
+                    }
+                    i += 1;
+                }
+                Phase::Head(head) => {
+                    // Fast path: the value of a header the guard does not read, up to the
+                    // next control byte (a line end, or a bad byte for the slow path), and
+                    // short of the size limit (which the slow path then reports).
+                    if head.in_headers && head.line.in_value && head.line.candidates == 0 {
+                        let rest = &bytes[i..];
+                        let plain = rest
+                            .iter()
+                            .position(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
+                            .unwrap_or(rest.len());
+                        let n = plain.min(limits.0.saturating_sub(head.bytes + 1));
+                        if n > 0 && !head.cr {
+                            head.bytes += n;
+                            head.line.len += n;
+                            i += n;
+                            continue;
+                        }
+                    }
+                    let was_started = head.started();
+                    let step = head.byte(bytes[i], limits.0, limits.1);
+                    if !was_started && head.started() && self.deadline != Deadline::Head {
+                        self.deadline = Deadline::Head;
+                        self.at = Instant::now() + self.header_timeout;
+                    }
+                    i += 1;
+                    match step {
+                        Step::More => {}
+                        Step::Refused(r) => {
+                            // The head's bytes in this read are held back (those of an
+                            // earlier read are with hyper, an unfinished head it never
+                            // answers).
+                            return Some((i.saturating_sub(head.bytes), r));
+                        }
+                        Step::Ended => {
+                            self.deadline = Deadline::None;
+                            let head = std::mem::take(head);
+                            self.upgrade_after_body = head.upgrade;
+                            let cl = head.cl.unwrap_or(0);
+                            self.phase = if head.te_lines > 0 {
+                                Phase::Chunked(Chunk::Size {
+                                    size: 0,
+                                    digits: 0,
+                                    ext: false,
+                                })
+                            } else if cl > 0 {
+                                Phase::Length(cl)
+                            } else {
+                                self.after_body()
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether the running deadline has passed; if not, arranges a wake-up for it.
+    fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.deadline == Deadline::None {
+            return false;
+        }
+        let at = self.at;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// What one byte of a chunked body did.
+enum ChunkStep {
+    More,
+    End,
+    /// Not a chunked body hyper reads.
+    Lost,
+}
+
+fn chunk_byte(chunk: &mut Chunk, b: u8) -> ChunkStep {
+    match chunk {
+        Chunk::Data(_) => {}
+        Chunk::DataEnd => {
+            if b == b'\n' {
+                *chunk = Chunk::Size {
+                    size: 0,
+                    digits: 0,
+                    ext: false,
+                };
+            }
+        }
+        Chunk::Size { size, digits, ext } => {
+            if b == b'\n' {
+                if *digits == 0 {
+                    return ChunkStep::Lost;
+                }
+                *chunk = if *size == 0 {
+                    Chunk::Trailer(0)
+                } else {
+                    Chunk::Data(*size)
+                };
+            } else if !*ext && b.is_ascii_hexdigit() {
+                if *digits >= 16 {
+                    return ChunkStep::Lost;
+                }
+                let d = (b as char).to_digit(16).unwrap_or(0);
+                *size = (*size << 4) | u64::from(d);
+                *digits += 1;
+            } else {
+                *ext = true;
+            }
+        }
+        Chunk::Trailer(len) => {
+            if b == b'\n' {
+                if *len == 0 {
+                    return ChunkStep::End;
+                }
+                *len = 0;
+            } else if b != b'\r' {
+                *len += 1;
+            }
+        }
+    }
+    ChunkStep::More
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.refused.is_some() || this.timed_out {
+            // The end of the stream, as far as hyper is concerned.
+            return Poll::Ready(Ok(()));
+        }
+        match &this.phase {
+            Phase::Through => return Pin::new(this.inner()?).poll_read(cx, buf),
+            Phase::AfterUpgrade => {
+                if this.conn.upgraded() {
+                    this.phase = Phase::Through;
+                    return Pin::new(this.inner()?).poll_read(cx, buf);
+                }
+                this.phase = Phase::Head(HeadScan::default());
+            }
+            _ => {}
+        }
+        if let Phase::Head(h) = &this.phase {
+            if !h.started() && this.deadline == Deadline::None {
+                // hyper asks for the next request: the connection is idle from now on.
+                this.deadline = Deadline::Idle;
+                this.at = Instant::now() + this.idle_timeout;
+            }
+        }
+        let before = buf.filled().len();
+        match Pin::new(this.inner()?).poll_read(cx, buf) {
+            Poll::Pending => {
+                if this.deadline_passed(cx) {
+                    this.timed_out = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled().len() - before;
+                if got == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                if this.deadline != Deadline::None && Instant::now() >= this.at {
+                    // Still sending a head past its deadline (a slowloris client).
+                    buf.set_filled(before);
+                    this.timed_out = true;
+                    return Poll::Ready(Ok(()));
+                }
+                let scanned = this.scan(&buf.filled()[before..]);
+                if let Some((keep, refusal)) = scanned {
+                    buf.set_filled(before + keep);
+                    this.refused = Some(refusal);
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.get_mut().inner()?).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.get_mut().inner()?).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(S::is_write_vectored)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().inner()?).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.refused.is_some() {
+            // The answer goes first (when the guard is dropped); it shuts down after it.
+            return Pin::new(this.inner()?).poll_flush(cx);
+        }
+        Pin::new(this.inner()?).poll_shutdown(cx)
+    }
+}
+
+impl<S> Drop for Guard<S> {
+    fn drop(&mut self) {
+        if let (Some(refusal), Some(tx), Some(inner)) =
+            (self.refused, self.handback.take(), self.inner.take())
+        {
+            let _ = tx.send((inner, refusal));
+        }
+    }
+}
+
+/// The refused connection and its answer, once hyper is done with the connection (the guard
+/// was dropped); `None` if nothing was refused (or the connection lives on as a tunnel).
+pub(crate) fn refused<S>(rx: &mut Refused<S>) -> Option<(S, Refusal)> {
+    rx.try_recv().ok()
+}
+
+/// Writes a refused head's answer on its connection, then closes it, reading and dropping
+/// what the client still sends for a moment so that the close does not reset the answer away.
+pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, r: Refusal) {
+    let text = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{}",
+        r.status.as_u16(),
+        r.status.canonical_reason().unwrap_or(""),
+        r.body.len(),
+        r.body
+    );
+    let answer = async {
+        stream.write_all(text.as_bytes()).await?;
+        stream.shutdown().await?;
+        // On the heap: this future is part of every connection's task, which must stay small.
+        let mut buf = vec![0u8; 4096];
+        while stream.read(&mut buf).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(DRAIN_AFTER_REFUSAL, answer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::Slots;
+
+    fn guard() -> Guard<()> {
+        let slot = Slots::new(4).admit().unwrap();
+        Guard::new((), &Limits::default(), slot.state.clone(), true).0
+    }
+
+    /// Scans `bytes` whole and one byte at a time; both must agree. Returns where the
+    /// refused head starts and its status and body.
+    fn scan(bytes: &[u8]) -> Option<(usize, u16, &'static str)> {
+        let whole = guard()
+            .scan(bytes)
+            .map(|(n, r)| (n, r.status.as_u16(), r.body));
+        let mut g = guard();
+        let mut bytewise = None;
+        for (i, b) in bytes.iter().enumerate() {
+            if let Some((n, r)) = g.scan(std::slice::from_ref(b)) {
+                // One byte per read: the refused head started `n` bytes into this read (0),
+                // so where it started overall is where its first byte was.
+                assert_eq!(n, 0);
+                bytewise = Some((i, r.status.as_u16(), r.body));
+                break;
+            }
+        }
+        match (whole, bytewise) {
+            (None, None) => None,
+            (Some(w), Some((i, s, b))) => {
+                assert_eq!((w.1, w.2), (s, b), "{:?}", String::from_utf8_lossy(bytes));
+                // Byte-wise, the refusal comes at its deciding byte, at or after the start.
+                assert!(i >= w.0);
+                Some(w)
+            }
+            (w, b) => panic!(
+                "whole {w:?} but byte-wise {b:?} for {:?}",
+                String::from_utf8_lossy(bytes)
+            ),
+        }
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+
+    #[test]
+    fn follows_framing_and_passes_good_requests() {
+        let mut s = Vec::new();
+        s.extend_from_slice(GET);
+        // A body that looks like headers is a body.
+        s.extend_from_slice(
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 45\r\n\r\nTransfer-Encoding: chunked\r\nContent-Length: 1",
+        );
+        // Chunked with an extension, a chunk holding a CRLF, and a trailer.
+        s.extend_from_slice(
+            b"POST /c HTTP/1.1\r\nHost: a\r\ntransfer-encoding:  Chunked \r\n\r\n4;ext=1\r\n\r\n\r\n\r\nA\r\n0123456789\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        );
+        s.extend_from_slice(b"\r\nGET /lf HTTP/1.0\nHost: a\n\n");
+        s.extend_from_slice(GET);
+        assert_eq!(scan(&s), None);
+    }
+
+    #[test]
+    fn refuses_ambiguous_framing_at_the_start_of_its_head() {
+        let cases: [(&[u8], u16, &str); 9] = [
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+                "bad request: both Content-Length and Transfer-Encoding\n",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+                400,
+                "bad request: both Content-Length and Transfer-Encoding\n",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n",
+                400,
+                "bad request: more than one Content-Length\n",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 4, 4\r\n\r\n",
+                400,
+                "bad request: malformed Content-Length\n",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: +4\r\n\r\n",
+                400,
+                "bad request: malformed Content-Length\n",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                400,
+                "bad request: malformed Content-Length\n",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                501,
+                "transfer codings other than chunked are not supported\n",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                501,
+                "transfer codings other than chunked are not supported\n",
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+                "bad request: Transfer-Encoding in an HTTP/1.0 request\n",
+            ),
+        ];
+        for (head, status, body) in cases {
+            let mut s = GET.to_vec();
+            s.extend_from_slice(head);
+            assert_eq!(
+                scan(&s),
+                Some((GET.len(), status, body)),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_and_oversized_heads_at_their_first_bad_byte() {
+        let cases: [(&[u8], u16, &str); 10] = [
+            (
+                b"GET /a<b HTTP/1.1\r\n\r\n",
+                400,
+                "bad request: malformed request target\n",
+            ),
+            (
+                b"GET /a`b HTTP/1.1\r\n\r\n",
+                400,
+                "bad request: malformed request target\n",
+            ),
+            (
+                b"GET /a?\"b HTTP/1.1\r\n\r\n",
+                400,
+                "bad request: malformed request target\n",
+            ),
+            (
+                b"GET / HTTP/2.0\r\n\r\n",
+                400,
+                "bad request: malformed request line\n",
+            ),
+            (
+                b"GET  / HTTP/1.1\r\n\r\n",
+                400,
+                "bad request: malformed request line\n",
+            ),
+            (
+                b"GET /\r\n\r\n",
+                400,
+                "bad request: malformed request line\n",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+                400,
+                "bad request: malformed header line\n",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n",
+                400,
+                "bad request: malformed header line\n",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nA: b\x01c\r\n\r\n",
+                400,
+                "bad request: malformed header line\n",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+                400,
+                "bad request: malformed header line\n",
+            ),
+        ];
+        for (head, status, body) in cases {
+            assert_eq!(
+                scan(head),
+                Some((0, status, body)),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.resize(16 * 1024 + 10, b'x');
+        assert_eq!(
+            scan(&big),
+            Some((0, 431, "request header fields too large\n"))
+        );
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..101 {
+            many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        assert_eq!(scan(&many), Some((0, 431, "too many header fields\n")));
+        // What the `http` crate takes is fine.
+        assert_eq!(scan(b"GET /a{b}|^?x=`{}#<> HTTP/1.1\r\n\r\n"), None);
+        // 100 headers are fine.
+        let mut fine = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..100 {
+            fine.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        fine.extend_from_slice(b"\r\n");
+        assert_eq!(scan(&fine), None);
+    }
+
+    #[test]
+    fn a_protocol_switch_stops_the_reading_until_it_is_known_to_have_failed() {
+        let mut g = guard();
+        let up =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+        assert!(g.scan(up).is_none());
+        assert_eq!(g.phase, Phase::AfterUpgrade);
+        // Bytes behind it before the answer are not read as HTTP.
+        assert!(g.scan(b"\x81\x05hello").is_none());
+        assert_eq!(g.phase, Phase::Through);
+        assert!(g
+            .scan(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .is_none());
+    }
+}
