@@ -11,6 +11,7 @@ pub mod container;
 pub mod duration;
 pub mod host;
 pub mod plan;
+pub mod preview;
 pub mod protocol;
 pub mod proxy_limits;
 pub mod release;
