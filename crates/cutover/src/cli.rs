@@ -106,6 +106,13 @@ pub(crate) enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// A pull request's own copy of the app, `<app>-pr-<n>` at pr-<n>-<app>.<domain> ([preview]).
+    Preview {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: PreviewCommand,
+    },
     /// Install or upgrade the edge proxy on every host (container apps). Harmless to re-run.
     Setup {
         #[command(flatten)]
@@ -157,6 +164,50 @@ pub(crate) struct Through {
     /// The app on the server (default: the `app` of the config file).
     #[arg(long, requires = "server")]
     pub(crate) app: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PreviewCommand {
+    /// Build REF (or take --image) and deploy it as pull request N's preview, through the
+    /// same protocol as any deploy (gate, revert, its own history).
+    Deploy {
+        #[command(flatten)]
+        through: Through,
+        /// The pull request number.
+        #[arg(long)]
+        pr: u64,
+        /// The git revision to build ([build] in the config), resolved to a full commit.
+        #[arg(long = "ref", value_name = "REF")]
+        git_ref: Option<String>,
+        /// Container apps: an image version (a tag of [container] image, or @sha256:DIGEST).
+        #[arg(long, conflicts_with = "git_ref")]
+        image: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// One JSON object per line on stdout as each step starts and ends (see deploy).
+        #[arg(long, conflicts_with = "json")]
+        events: bool,
+    },
+    /// The app's open previews (with --all, the removed ones too).
+    List {
+        #[command(flatten)]
+        through: Through,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tear pull request N's preview down on every preview host (proxy route, containers,
+    /// directories); its history is kept.
+    Remove {
+        #[command(flatten)]
+        through: Through,
+        /// The pull request number.
+        #[arg(long)]
+        pr: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

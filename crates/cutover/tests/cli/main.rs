@@ -13,6 +13,7 @@ mod git_https;
 mod hostile_input;
 mod https;
 mod panel;
+mod previews;
 mod server;
 mod webhooks;
 mod world;

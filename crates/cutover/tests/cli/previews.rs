@@ -1,0 +1,193 @@
+//! Pull request previews on container hosts with their own dockerd, through the real edge
+//! proxy, reached with the preview's `Host` header, while production serves under load
+//! beside them. Needs root.
+
+use crate::world::World;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+use testlab::{Load, LoadOptions};
+
+const HOST: &str = "pr-7-web.preview.test";
+
+/// `GET /` of `addr` with `Host: host`: the body on 200, else `HTTP <status line>`.
+fn get_as(addr: SocketAddr, host: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut b = String::new();
+    s.read_to_string(&mut b).unwrap();
+    let (head, body) = b.split_once("\r\n\r\n").unwrap_or((&b, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return format!("HTTP {}", head.lines().next().unwrap_or(""));
+    }
+    body.trim().to_string()
+}
+
+/// Keep-alive and fresh-connection load on `addr` with `Host: host` (None: the address).
+fn load(addr: SocketAddr, host: Option<&str>) -> (Load, Load) {
+    let start = |keep_alive| {
+        Load::start(LoadOptions {
+            keep_alive,
+            host_header: host.map(str::to_string),
+            ..LoadOptions::new(vec![addr])
+        })
+    };
+    (start(true), start(false))
+}
+
+fn stop(what: &str, (ka, fresh): (Load, Load)) -> Vec<String> {
+    let (ka, fresh) = (ka.stop(), fresh.stop());
+    eprintln!(
+        "{what}: keep-alive {} ok {} failed, fresh {} ok {} failed, bodies {:?}",
+        ka.ok, ka.failed, fresh.ok, fresh.failed, ka.bodies
+    );
+    ka.assert_no_failures();
+    fresh.assert_no_failures();
+    assert!(ka.ok > 0 && fresh.ok > 0, "{what}: the load ran");
+    ka.bodies.keys().cloned().collect()
+}
+
+/// The preview's containers on host 0 (`web-pr-7-...`).
+fn preview_containers(w: &World) -> Vec<String> {
+    w.containers_on(0)
+        .into_iter()
+        .filter(|c| c.starts_with("web-pr-7-"))
+        .collect()
+}
+
+#[test]
+fn a_preview_is_deployed_redeployed_under_load_and_removed_leaving_nothing_while_production_serves()
+{
+    let w = World::containers(1, "blue-green")
+        .lines(
+            "preview",
+            "domain = \"preview.test\"\nmax = 1\nenv = { API_URL = \"https://staging.test\" }",
+        )
+        .start();
+    for tag in ["prod", "p1", "p2", "p3", "p4"] {
+        w.image(tag, true);
+    }
+    let prod = w.deploy_ok("prod");
+    let addr = w.http_addr(0);
+    let production = load(addr, None);
+
+    // Opened: the preview is an app of its own, routed by its host name.
+    let r = w.run(&["preview", "deploy", "--pr", "7", "--image", "p1", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    let p1 = r.release();
+    assert_eq!(r.json["app"], "web-pr-7");
+    assert_eq!(
+        w.norm_with(r.message(), &[(&p1, "<p1>")]),
+        "deployed <p1> (<registry>/web@sha256:<digest>) on 1 host(s) with blue-green; \
+         every host passed its health gate through the proxy"
+    );
+    assert_eq!(get_as(addr, HOST), "p1");
+    assert_eq!(
+        w.served(0),
+        "prod",
+        "production keeps every other host name"
+    );
+
+    // Three pushes to the pull request under load through the preview: no request fails.
+    let preview = load(addr, Some(HOST));
+    for tag in ["p2", "p3", "p4"] {
+        let r = w.run(&["preview", "deploy", "--pr", "7", "--image", tag, "--json"]);
+        assert_eq!(r.code, 0, "{tag}: {} {}", r.json, r.stderr);
+    }
+    let seen = stop("preview", preview);
+    assert!(seen.iter().any(|b| b.trim() == "p4"), "{seen:?}");
+    assert!(seen.iter().all(|b| b.trim() != "prod"), "{seen:?}");
+    assert_eq!(get_as(addr, HOST), "p4");
+
+    // Its environment: [preview] env and its own URL, never production's env.
+    let running: Vec<String> = preview_containers(&w)
+        .into_iter()
+        .filter(|c| c.ends_with(" running"))
+        .collect();
+    assert_eq!(running.len(), 1, "{running:?}");
+    let name = running[0].split(' ').next().unwrap();
+    let env = w.lab().docker(0, &["exec", name, "env"]);
+    let env = String::from_utf8_lossy(&env.stdout).to_string();
+    assert!(env.contains("API_URL=https://staging.test\n"), "{env}");
+    assert!(env.contains("CUTOVER_PR=7\n"), "{env}");
+    assert!(
+        env.contains(&format!("CUTOVER_PREVIEW_URL=http://{HOST}\n")),
+        "{env}"
+    );
+    assert!(!env.contains("GREETING"), "production's env leaked: {env}");
+
+    // Listed; `max` = 1 refuses a second one with a message saying so.
+    let l = w.run(&["preview", "list", "--json"]);
+    assert_eq!(l.code, 0, "{}", l.stderr);
+    let rows = l.json.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["pr"], 7);
+    assert_eq!(rows[0]["state"], "open");
+    assert_eq!(rows[0]["url"], format!("http://{HOST}"));
+    assert_eq!(rows[0]["head_ref"], "p4");
+    let r = w.run(&["preview", "deploy", "--pr", "8", "--image", "p1", "--json"]);
+    assert_eq!(r.code, 2, "{}", r.json);
+    assert_eq!(
+        r.message(),
+        "web already has 1 open preview(s) (#7) and [preview] max is 1: no preview for #8; remove one first (cutover preview remove --pr N)"
+    );
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-8")));
+
+    // Closed: nothing of it is left on the host, its history is kept.
+    let before = preview_containers(&w).len();
+    assert!(before >= 2, "the last and the one before it are kept");
+    let r = w.run(&["preview", "remove", "--pr", "7", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert_eq!(
+        r.json["message"],
+        format!("removed the preview of #7 (web-pr-7) from 1 host(s): its proxy route, {before} container(s) and its directory; its history is kept")
+    );
+    assert_eq!(preview_containers(&w), Vec::<String>::new());
+    assert!(!w.lab().srv_dir(0).join("cutover/apps/web-pr-7").exists());
+    assert!(w.lab().srv_dir(0).join("cutover/apps/web").exists());
+    let status = w.lab().ssh(
+        0,
+        "/srv/cutover/cutover proxy status --dir /srv/cutover --json",
+    );
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(!status.contains("web-pr-7"), "{status}");
+    assert!(!status.contains(HOST), "{status}");
+    assert_eq!(
+        get_as(addr, HOST),
+        "prod",
+        "an unknown host name goes to production again"
+    );
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["state"], "removed");
+    let kept: i64 = w
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM releases WHERE app = 'web-pr-7' AND status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, 4);
+
+    // Production was untouched all along: same release, same container, no failed request.
+    let seen = stop("production", production);
+    assert_eq!(seen, ["prod"]);
+    let h = w.history();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0]["id"], prod.as_str());
+    assert_eq!(w.served(0), "prod");
+    let prod_running = w
+        .containers_on(0)
+        .into_iter()
+        .filter(|c| c.ends_with(" running"))
+        .collect::<Vec<_>>();
+    assert_eq!(prod_running, [format!("web-{prod} running")]);
+}
