@@ -28,6 +28,12 @@ pub enum JobRequest {
     Rollback {
         to: Option<String>,
     },
+    /// Pull request `pr`'s preview (`<app>-pr-<pr>`), built from `git_ref` (a webhook's head
+    /// SHA) and deployed through the same protocol.
+    Preview {
+        pr: u64,
+        git_ref: String,
+    },
 }
 
 /// What a deploy deploys.
@@ -45,7 +51,7 @@ impl JobRequest {
     fn kind(&self) -> RunKind {
         match self {
             JobRequest::Rollback { .. } => RunKind::Rollback,
-            JobRequest::Deploy(_) => RunKind::Deploy,
+            JobRequest::Deploy(_) | JobRequest::Preview { .. } => RunKind::Deploy,
         }
     }
 
@@ -53,6 +59,7 @@ impl JobRequest {
         match self {
             JobRequest::Rollback { .. } => "rollback",
             JobRequest::Deploy(_) => "deploy",
+            JobRequest::Preview { .. } => "preview deploy",
         }
     }
 
@@ -82,10 +89,12 @@ impl JobRequest {
                     app.file.display()
                 )))
             }
-            JobRequest::Deploy(Deploy::Ref(r)) => Ok(RunRequest::Build {
-                git_ref: r.clone(),
-                data_dir: state.data.clone(),
-            }),
+            JobRequest::Deploy(Deploy::Ref(r)) | JobRequest::Preview { git_ref: r, .. } => {
+                Ok(RunRequest::Build {
+                    git_ref: r.clone(),
+                    data_dir: state.data.clone(),
+                })
+            }
         }
     }
 }
@@ -173,8 +182,22 @@ pub fn submit(
     by: &Principal,
     from: IpAddr,
 ) -> Result<i64, ApiError> {
-    let config = state.app(app)?.clone();
-    let engine_req = req.engine_request(state, &config)?;
+    let base = state.app(app)?.clone();
+    let engine_req = req.engine_request(state, &base)?;
+    // A preview is an app of its own: its own lock, run rows and history.
+    let (config, key) = match &req {
+        JobRequest::Preview { pr, .. } => {
+            let c = base
+                .preview(*pr)
+                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            cutover_engine::preview::admit(&base, *pr, &state.store)
+                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            let key = c.app.clone();
+            (c, key)
+        }
+        _ => ((*base).clone(), app.to_string()),
+    };
+    let app = key.as_str();
     let who = by.who();
     let at = cutover_engine::now_utc();
     let mut active = state.jobs.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -203,7 +226,7 @@ pub fn submit(
     let release = match &req {
         JobRequest::Rollback { to } => to.clone(),
         JobRequest::Deploy(Deploy::Release(r)) => Some(r.clone()),
-        JobRequest::Deploy(_) => None,
+        JobRequest::Deploy(_) | JobRequest::Preview { .. } => None,
     };
     state.store.audit(&AuditRow {
         at: at.clone(),
@@ -229,7 +252,13 @@ pub fn submit(
     let name = app.to_string();
     let spawned = std::thread::Builder::new()
         .name(format!("job-{run}"))
-        .spawn(move || work(&st, &name, &config, job, run, engine_req));
+        .spawn(move || {
+            let pr = match &req {
+                JobRequest::Preview { pr, git_ref } => Some((*pr, git_ref.clone())),
+                _ => None,
+            };
+            work(&st, &name, &base, &config, pr, job, run, engine_req)
+        });
     if let Err(e) = spawned {
         state
             .jobs
@@ -256,11 +285,15 @@ impl cutover_engine::Reporter for Log {
     }
 }
 
-/// The worker: runs the job, then frees the app.
+/// The worker: runs the job (`preview`: pull request and head of a preview of `base`), then
+/// frees the app.
+#[allow(clippy::too_many_arguments)]
 fn work(
     state: &AppState,
     app: &str,
+    base: &cutover_core::Config,
     config: &cutover_core::Config,
+    preview: Option<(u64, String)>,
     job: i64,
     run: i64,
     req: RunRequest,
@@ -282,16 +315,22 @@ fn work(
     // POSIX lock this process holds on it (SQLite's locks included).
     let store = &state.store;
     let artifacts = ArtifactStore::new(state.data.join("artifacts"));
-    let out = cutover_engine::run(
-        config,
-        store,
-        &artifacts,
-        &Log { run },
-        Job {
-            request: req,
-            run: Some(run),
-        },
-    );
+    let job_of = Job {
+        request: req,
+        run: Some(run),
+    };
+    let out = match preview {
+        Some((pr, head)) => cutover_engine::preview::deploy(
+            base,
+            pr,
+            &head,
+            store,
+            &artifacts,
+            &Log { run },
+            job_of,
+        ),
+        None => cutover_engine::run(config, store, &artifacts, &Log { run }, job_of),
+    };
     eprintln!(
         "run {run} of {app} ended: {} (exit {}): {}",
         out.status.as_str(),

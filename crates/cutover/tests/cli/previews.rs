@@ -191,3 +191,114 @@ fn a_preview_is_deployed_redeployed_under_load_and_removed_leaving_nothing_while
         .collect::<Vec<_>>();
     assert_eq!(prod_running, [format!("web-{prod} running")]);
 }
+
+/// A `pull_request` event as GitHub documents it (the fields cutover reads, and a few more).
+fn pr_body(action: &str, number: u64, head_sha: &str, head_repo: &str, labels: &[&str]) -> Vec<u8> {
+    let labels: Vec<serde_json::Value> = labels
+        .iter()
+        .map(|l| serde_json::json!({ "name": l }))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "action": action,
+        "number": number,
+        "pull_request": {
+            "number": number,
+            "state": if action == "closed" { "closed" } else { "open" },
+            "merged": false,
+            "labels": labels,
+            "head": { "ref": "feature", "sha": head_sha, "repo": { "full_name": head_repo } },
+            "base": { "ref": "main", "sha": "0".repeat(40), "repo": { "full_name": "acme/site" } },
+        },
+        "repository": { "full_name": "acme/site" },
+        "sender": { "login": "ada" },
+    }))
+    .unwrap()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_removes_it() {
+    use crate::git_containers::{commit, world, DOCKERFILE};
+    use crate::webhooks::{github, Server};
+    let w = world(1);
+    w.configure(|t| {
+        t.lines(
+            "webhook",
+            "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"",
+        )
+        .lines("preview", "domain = \"preview.test\"");
+    });
+    commit(&w, "main page", "first", Some(DOCKERFILE));
+    w.git(&["checkout", "-q", "-b", "feature"]);
+    let head = w.commit(
+        "the feature",
+        &[("rootfs/www/index.html", "feature page\n")],
+    );
+    w.git(&["push", "-q", "--force", "origin", "feature"]);
+    // The server builds with host 0's daemon, as the CLI does (it trusts the lab registry).
+    let docker = w.lab().docker_host(0);
+    let s = Server::start_with(&w, &[("DOCKER_HOST", docker.as_str())]);
+    let hook = "/hooks/github/web";
+    let host = "pr-3-web.preview.test";
+    let addr = w.http_addr(0);
+
+    // From a fork without the label: not built.
+    let body = pr_body("opened", 3, &head, "eve/site", &[]);
+    let (st, b) = s.post(hook, &github("pull_request", "f1", Some(&body)), body);
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        b["ignored"],
+        "pull request #3 comes from a fork (eve/site) and is not labelled cutover-preview"
+    );
+    assert!(w.containers_on(0).is_empty());
+
+    // Opened from the repository itself: the head SHA is built and served at its host name.
+    let body = pr_body("opened", 3, &head, "acme/site", &[]);
+    let (st, b) = s.post(hook, &github("pull_request", "o1", Some(&body)), body);
+    assert_eq!(st, 202, "{b}");
+    let run: i64 = b["run"].as_str().unwrap().parse().unwrap();
+    let db = w.db();
+    wait_for("the preview run ends", || {
+        db.query_row(
+            "SELECT finished_at IS NOT NULL FROM runs WHERE id = ?1",
+            [run],
+            |r| r.get::<_, bool>(0),
+        )
+        .unwrap_or(false)
+    });
+    let (app, commit_sha): (String, String) = db
+        .query_row(
+            "SELECT app, commit_sha FROM releases ORDER BY created_at DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (app.as_str(), commit_sha.as_str()),
+        ("web-pr-3", head.as_str())
+    );
+    assert_eq!(get_as(addr, host), "feature page");
+    let l = w.run(&["preview", "list", "--json"]);
+    assert_eq!(l.json[0]["head_sha"], head.as_str());
+
+    // Closed: torn down, history kept.
+    let body = pr_body("closed", 3, &head, "acme/site", &[]);
+    let (st, b) = s.post(hook, &github("pull_request", "c1", Some(&body)), body);
+    assert_eq!((st, &b["removing"]), (202, &serde_json::json!(3)), "{b}");
+    wait_for("the preview is removed", || {
+        w.run(&["preview", "list", "--all", "--json"]).json[0]["state"] == "removed"
+    });
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-3")));
+    assert!(!w.lab().srv_dir(0).join("cutover/apps/web-pr-3").exists());
+    assert_eq!(get_as(addr, host), "HTTP HTTP/1.1 404 Not Found");
+}

@@ -16,18 +16,18 @@ use std::time::{Duration, Instant};
 const SECRET: &str = "hook-secret-7f3a9c1e5b";
 
 /// `cutover serve` on a free loopback port with the webhook secret in its environment.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
 }
 
 impl Server {
-    fn start(w: &World) -> Server {
+    pub(crate) fn start(w: &World) -> Server {
         Server::start_with(w, &[])
     }
 
-    fn start_with(w: &World, env: &[(&str, &str)]) -> Server {
+    pub(crate) fn start_with(w: &World, env: &[(&str, &str)]) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -65,7 +65,12 @@ impl Server {
     }
 
     /// POSTs `body` to `path` with `headers`: (status, JSON body).
-    fn post(&self, path: &str, headers: &[(&str, String)], body: Vec<u8>) -> (u16, Value) {
+    pub(crate) fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> (u16, Value) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let c = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -141,7 +146,11 @@ fn hmac_hex(secret: &str, body: &[u8]) -> String {
 }
 
 /// A GitHub delivery's headers: event, delivery id, and the signature of `signed`.
-fn github(event: &str, delivery: &str, signed: Option<&[u8]>) -> Vec<(&'static str, String)> {
+pub(crate) fn github(
+    event: &str,
+    delivery: &str,
+    signed: Option<&[u8]>,
+) -> Vec<(&'static str, String)> {
     let mut h = vec![
         ("x-github-event", event.to_string()),
         ("x-github-delivery", delivery.to_string()),
