@@ -226,6 +226,10 @@ pub(crate) struct ServeArgs {
     /// The URL people reach the server at; https:// makes the session cookie Secure.
     #[arg(long)]
     pub(crate) public_url: Option<String>,
+    /// How often previews are reconciled with the hosts (expired by ttl, orphans removed,
+    /// interrupted deploys finished); also once at start.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub(crate) preview_check: String,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -177,3 +177,44 @@ fn teardown_host(config: &Config, r: &dyn Remote) -> Result<Vec<String>, Partial
     }
     Ok(removed)
 }
+
+const ON_HOST: &str = r#"
+docker ps -a --filter label=cutover.app --format '{{.Label "cutover.app"}}' 2>/dev/null
+ls -1 {dir} 2>/dev/null
+echo LISTED
+"#;
+
+/// The pull requests of `app` that have anything on a preview host (a container or a state
+/// directory), whatever the store says; `Err` names a host that could not be asked.
+pub fn on_hosts(app: &Config) -> Result<std::collections::BTreeSet<u64>, String> {
+    let p = app.preview.as_ref().ok_or("no [preview]")?;
+    let AppKind::Container(capp) = &app.kind else {
+        return Ok(Default::default());
+    };
+    let probe = Config {
+        hosts: p.hosts.clone(),
+        ..app.clone()
+    };
+    let hosts = Hosts::new(&probe).map_err(|e| format!("cannot prepare SSH: {e}"))?;
+    let dir = format!("{}/apps", capp.proxy.install_dir);
+    let found = par_map(hosts.len(), app.ssh.parallel, |i| {
+        let r = hosts.get(i);
+        r.connect().map_err(|e| e.to_string())?;
+        let out = r
+            .run(&Script::new(ON_HOST, &[("dir", &dir)]), None)
+            .map_err(|e| e.to_string())?;
+        if !out.stdout.contains("LISTED") {
+            return Err(format!("{}: {}", r.name(), out.tail()));
+        }
+        Ok(out
+            .stdout
+            .lines()
+            .filter_map(|l| cutover_core::preview::preview_number(&app.app, l.trim()))
+            .collect::<Vec<u64>>())
+    });
+    let mut all = std::collections::BTreeSet::new();
+    for f in found {
+        all.extend(f?);
+    }
+    Ok(all)
+}

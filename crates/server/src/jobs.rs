@@ -115,6 +115,14 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// Whether this server runs a job of `app` (or of the preview app of that name) now.
+    pub fn is_running_app(&self, app: &str) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(app)
+    }
+
     /// Whether this server is running `run` right now.
     pub fn is_running(&self, run: i64) -> bool {
         self.active

@@ -302,3 +302,54 @@ fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_remo
     assert!(!w.lab().srv_dir(0).join("cutover/apps/web-pr-3").exists());
     assert_eq!(get_as(addr, host), "HTTP HTTP/1.1 404 Not Found");
 }
+
+#[test]
+fn the_reconcile_loop_removes_previews_the_store_does_not_know_and_idle_ones() {
+    use crate::webhooks::Server;
+    let w = World::containers(1, "blue-green")
+        .lines("preview", "domain = \"preview.test\"\nttl = \"40s\"")
+        .start();
+    w.image("p1", true);
+    for pr in ["5", "6"] {
+        let r = w.run(&["preview", "deploy", "--pr", pr, "--image", "p1", "--json"]);
+        assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    }
+    // A crash between steps or a missed webhook: the store no longer knows #6.
+    w.db()
+        .execute("DELETE FROM previews WHERE pr = 6", [])
+        .unwrap();
+    let addr = w.http_addr(0);
+    assert_eq!(get_as(addr, "pr-6-web.preview.test"), "p1");
+    let s = Server::start_args(&w, &[], &["--preview-check", "1s"]);
+    let on_host = |pr: &str| {
+        let prefix = format!("web-pr-{pr}-");
+        w.containers_on(0).iter().any(|c| c.starts_with(&prefix))
+            || w.lab()
+                .srv_dir(0)
+                .join(format!("cutover/apps/web-pr-{pr}"))
+                .exists()
+    };
+    wait_for("the unknown preview is removed", || !on_host("6"));
+    assert_eq!(
+        get_as(addr, "pr-6-web.preview.test"),
+        "HTTP HTTP/1.1 404 Not Found"
+    );
+    // #5 is open and young: kept, until it has been idle for the ttl.
+    assert!(on_host("5"));
+    assert_eq!(get_as(addr, "pr-5-web.preview.test"), "p1");
+    wait_for("the idle preview is removed", || !on_host("5"));
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["pr"], 5);
+    assert_eq!(l.json[0]["state"], "removed");
+    assert_eq!(
+        l.json[0]["removed_why"],
+        "idle longer than [preview] ttl (40s)"
+    );
+    assert!(
+        s.log().contains(
+            "preview #6 of web removed: on a preview host but not an open preview the server knows"
+        ),
+        "{}",
+        s.log()
+    );
+}

@@ -17,7 +17,7 @@ const SECRET: &str = "hook-secret-7f3a9c1e5b";
 
 /// `cutover serve` on a free loopback port with the webhook secret in its environment.
 pub(crate) struct Server {
-    child: Child,
+    pub(crate) child: Child,
     addr: SocketAddr,
     log: PathBuf,
 }
@@ -28,6 +28,11 @@ impl Server {
     }
 
     pub(crate) fn start_with(w: &World, env: &[(&str, &str)]) -> Server {
+        Server::start_args(w, env, &[])
+    }
+
+    /// `cutover serve` with `env` and more arguments.
+    pub(crate) fn start_args(w: &World, env: &[(&str, &str)], args: &[&str]) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -41,6 +46,7 @@ impl Server {
             .arg(&w.config)
             .arg("--data")
             .arg(w.dir.join("data"))
+            .args(args)
             .env("SITE_HOOK_SECRET", SECRET)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -60,7 +66,7 @@ impl Server {
         s
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
