@@ -353,3 +353,110 @@ fn the_reconcile_loop_removes_previews_the_store_does_not_know_and_idle_ones() {
         s.log()
     );
 }
+
+#[test]
+fn a_server_killed_mid_preview_deploy_has_the_preview_finished_after_restart() {
+    use crate::git_containers::{commit, world, DOCKERFILE};
+    use crate::webhooks::{github, Server};
+    let w = world(1);
+    w.configure(|t| {
+        t.lines(
+            "webhook",
+            "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"",
+        )
+        .lines("preview", "domain = \"preview.test\"");
+    });
+    commit(&w, "main page", "first", Some(DOCKERFILE));
+    w.git(&["checkout", "-q", "-b", "feature"]);
+    let head = w.commit(
+        "the feature",
+        &[("rootfs/www/index.html", "feature page\n")],
+    );
+    w.git(&["push", "-q", "--force", "origin", "feature"]);
+    let docker = w.lab().docker_host(0);
+    let addr = w.http_addr(0);
+    let host = "pr-4-web.preview.test";
+
+    // The server kills itself (SIGKILL) once the preview's host switched, before the gate.
+    let mut s = Server::start_args(
+        &w,
+        &[
+            ("DOCKER_HOST", docker.as_str()),
+            ("CUTOVER_CRASH_AT", "after-switch"),
+        ],
+        &["--preview-check", "1h"],
+    );
+    let body = pr_body("opened", 4, &head, "acme/site", &[]);
+    let (st, b) = s.post(
+        "/hooks/github/web",
+        &github("pull_request", "k1", Some(&body)),
+        body,
+    );
+    assert_eq!(st, 202, "{b}");
+    let status = s.child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "killed mid-deploy"
+    );
+    drop(s);
+    let unfinished: i64 = w
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM runs WHERE app = 'web-pr-4' AND finished_at IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(unfinished, 1);
+
+    // Restarted: the loop finds the interrupted preview and deploys its head again.
+    let s = Server::start_args(
+        &w,
+        &[("DOCKER_HOST", docker.as_str())],
+        &["--preview-check", "1s"],
+    );
+    let db = w.db();
+    wait_for("the preview is finished", || {
+        db.query_row(
+            "SELECT COUNT(*) FROM runs WHERE app = 'web-pr-4' AND outcome = 'succeeded' AND finished_at IS NOT NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    });
+    assert_eq!(get_as(addr, host), "feature page", "{}", s.log());
+    let runs: Vec<(String, Option<String>)> = {
+        let mut st = db
+            .prepare("SELECT outcome, finished_at FROM runs WHERE app = 'web-pr-4' ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                r.get(1)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    };
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.iter().all(|(_, f)| f.is_some()), "{runs:?}");
+    assert_eq!(runs[1].0, "succeeded", "{runs:?}");
+    // The release the restarted server deployed runs (the interrupted one's container, its
+    // release marked partial, is no longer routed and goes with pruning or the removal).
+    let release: String = db
+        .query_row(
+            "SELECT id FROM releases WHERE app = 'web-pr-4' AND status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        w.containers_on(0)
+            .contains(&format!("web-pr-4-{release} running")),
+        "{:?}",
+        w.containers_on(0)
+    );
+}
