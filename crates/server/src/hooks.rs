@@ -496,7 +496,7 @@ fn start(st: &Arc<AppState>, app: &str, w: &Waiting) -> Result<i64, ApiError> {
     let req = match w.pr {
         Some(pr) => JobRequest::Preview {
             pr,
-            git_ref: w.sha.clone(),
+            what: Deploy::Ref(w.sha.clone()),
         },
         None => JobRequest::Deploy(Deploy::Ref(w.sha.clone())),
     };

@@ -28,11 +28,11 @@ pub enum JobRequest {
     Rollback {
         to: Option<String>,
     },
-    /// Pull request `pr`'s preview (`<app>-pr-<pr>`), built from `git_ref` (a webhook's head
-    /// SHA) and deployed through the same protocol.
+    /// Pull request `pr`'s preview (`<app>-pr-<pr>`): a ref built (a webhook's head SHA) or an
+    /// image, deployed through the same protocol.
     Preview {
         pr: u64,
-        git_ref: String,
+        what: Deploy,
     },
 }
 
@@ -72,6 +72,18 @@ impl JobRequest {
         let container = matches!(app.kind, AppKind::Container(_));
         match self {
             JobRequest::Rollback { to } => Ok(RunRequest::Rollback { to: to.clone() }),
+            JobRequest::Preview {
+                what: Deploy::Release(_),
+                ..
+            } => Err(ApiError::Invalid(
+                "a preview deploys a ref or an image, not a release".into(),
+            )),
+            JobRequest::Preview { pr, what } => JobRequest::Deploy(what.clone())
+                .engine_request(state, app)
+                .map_err(|e| match e {
+                    ApiError::Invalid(m) => ApiError::Invalid(format!("preview #{pr}: {m}")),
+                    other => other,
+                }),
             JobRequest::Deploy(Deploy::Release(id)) => Ok(RunRequest::Redeploy {
                 release: id.clone(),
             }),
@@ -89,12 +101,10 @@ impl JobRequest {
                     app.file.display()
                 )))
             }
-            JobRequest::Deploy(Deploy::Ref(r)) | JobRequest::Preview { git_ref: r, .. } => {
-                Ok(RunRequest::Build {
-                    git_ref: r.clone(),
-                    data_dir: state.data.clone(),
-                })
-            }
+            JobRequest::Deploy(Deploy::Ref(r)) => Ok(RunRequest::Build {
+                git_ref: r.clone(),
+                data_dir: state.data.clone(),
+            }),
         }
     }
 }
@@ -262,7 +272,10 @@ pub fn submit(
         .name(format!("job-{run}"))
         .spawn(move || {
             let pr = match &req {
-                JobRequest::Preview { pr, git_ref } => Some((*pr, git_ref.clone())),
+                JobRequest::Preview {
+                    pr,
+                    what: Deploy::Ref(head) | Deploy::Image(head) | Deploy::Release(head),
+                } => Some((*pr, head.clone())),
                 _ => None,
             };
             work(&st, &name, &base, &config, pr, job, run, engine_req)

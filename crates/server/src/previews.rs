@@ -10,7 +10,7 @@
 //! Removal and redeploys go through the same engine calls as the CLI and the webhooks.
 
 use crate::auth::{Principal, Role, Via};
-use crate::jobs::{self, JobRequest};
+use crate::jobs::{self, Deploy, JobRequest};
 use crate::AppState;
 use cutover_store::AuditRow;
 use std::sync::Arc;
@@ -119,11 +119,15 @@ pub fn reconcile(state: &Arc<AppState>) {
                 .map(|r| !r.is_empty())
                 .unwrap_or(false);
             if interrupted {
-                let head = o.head_sha.clone().unwrap_or_else(|| o.head_ref.clone());
-                let req = JobRequest::Preview {
-                    pr: o.pr,
-                    git_ref: head.clone(),
+                // Built from git: the recorded commit; else the image it was given.
+                let (head, what) = match &o.head_sha {
+                    Some(sha) => (sha.clone(), Deploy::Ref(sha.clone())),
+                    None if config.build.is_some() && o.head_ref.len() == 40 => {
+                        (o.head_ref.clone(), Deploy::Ref(o.head_ref.clone()))
+                    }
+                    None => (o.head_ref.clone(), Deploy::Image(o.head_ref.clone())),
                 };
+                let req = JobRequest::Preview { pr: o.pr, what };
                 let from = std::net::IpAddr::from([127, 0, 0, 1]);
                 match jobs::submit(state, &config.app, req, &server(), from) {
                     Ok(run) => audit(

@@ -3,7 +3,7 @@
 //! `cutover serve` call the same functions.
 
 use super::{data_dir, load_config, open_store, print_json};
-use crate::cli::{Common, PreviewCommand, Through};
+use crate::cli::{Common, PreviewCommand};
 use crate::output::{table, Mode, Progress};
 use cutover_engine::artifact::ArtifactStore;
 use cutover_engine::{exit, RunRequest};
@@ -12,10 +12,28 @@ pub(crate) fn run(common: &Common, command: PreviewCommand) -> i32 {
     let through = match &command {
         PreviewCommand::Deploy { through, .. }
         | PreviewCommand::List { through, .. }
-        | PreviewCommand::Remove { through, .. } => through,
+        | PreviewCommand::Remove { through, .. } => through.clone(),
     };
-    if let Some(code) = not_through_server(through) {
-        return code;
+    if through.server.is_some() {
+        use super::remote;
+        return match command {
+            PreviewCommand::Deploy {
+                pr,
+                git_ref,
+                image,
+                json,
+                events,
+                ..
+            } => {
+                remote::preview_deploy(common, &through, pr, git_ref, image, Mode::of(json, events))
+            }
+            PreviewCommand::List { all, json, .. } => {
+                remote::preview_list(common, &through, all, json)
+            }
+            PreviewCommand::Remove { pr, json, .. } => {
+                remote::preview_remove(common, &through, pr, json)
+            }
+        };
     }
     match command {
         PreviewCommand::Deploy {
@@ -29,13 +47,6 @@ pub(crate) fn run(common: &Common, command: PreviewCommand) -> i32 {
         PreviewCommand::List { all, json, .. } => list(common, all, json),
         PreviewCommand::Remove { pr, json, .. } => remove(common, pr, json),
     }
-}
-
-fn not_through_server(through: &Through) -> Option<i32> {
-    through.server.as_ref().map(|_| {
-        eprintln!("error: `cutover preview` through --server is not built yet: run it on the machine that holds the history (or let the server's webhooks do it)");
-        exit::USAGE
-    })
 }
 
 fn deploy(
@@ -111,27 +122,38 @@ fn list(common: &Common, all: bool, json: bool) -> i32 {
             return exit::NEEDS_PERSON;
         }
     };
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .filter_map(|r| serde_json::to_value(r).ok())
+        .collect();
+    print_rows(&config.app, rows, json);
+    exit::OK
+}
+
+/// Previews as JSON or a table (the same for a local list and a server's answer).
+pub(crate) fn print_rows(app: &str, rows: Vec<serde_json::Value>, json: bool) {
     if json {
         print_json(&rows);
-        return exit::OK;
+        return;
     }
     if rows.is_empty() {
-        println!("no open previews of app `{}`", config.app);
-        return exit::OK;
+        println!("no open previews of app `{app}`");
+        return;
     }
+    let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_string();
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|p| {
-            let head = match &p.head_sha {
+            let head = match p["head_sha"].as_str() {
                 Some(sha) => sha.chars().take(7).collect(),
-                None => p.head_ref.clone(),
+                None => s(p, "head_ref"),
             };
             vec![
-                format!("#{}", p.pr),
-                p.state.clone(),
-                p.url.clone(),
+                format!("#{}", p["pr"]),
+                s(p, "state"),
+                s(p, "url"),
                 head,
-                p.updated_at.clone(),
+                s(p, "updated_at"),
             ]
         })
         .collect();
@@ -139,7 +161,6 @@ fn list(common: &Common, all: bool, json: bool) -> i32 {
         "{}",
         table(&["PR", "STATE", "URL", "HEAD", "UPDATED"], &cells)
     );
-    exit::OK
 }
 
 fn remove(common: &Common, pr: u64, json: bool) -> i32 {
@@ -152,7 +173,6 @@ fn remove(common: &Common, pr: u64, json: bool) -> i32 {
         Err(code) => return code,
     };
     let who = format!("removed by {} (cutover preview remove)", whoami());
-    let name = cutover_core::preview::preview_app(&config.app, pr);
     let hosts = match cutover_engine::preview::remove(&config, pr, &who, &store) {
         Ok(h) => h,
         Err(e) => {
@@ -160,11 +180,41 @@ fn remove(common: &Common, pr: u64, json: bool) -> i32 {
             return exit::FAILED;
         }
     };
+    let hosts: Vec<serde_json::Value> = hosts
+        .iter()
+        .map(|h| {
+            serde_json::json!({
+                "host": h.host,
+                "containers": h.containers,
+                "error": h.result.as_ref().err(),
+            })
+        })
+        .collect();
+    print_removal(
+        &config.app,
+        pr,
+        &serde_json::json!({ "hosts": hosts }),
+        json,
+    )
+}
+
+/// What a removal did (`answer["hosts"]`: host, containers, error), in words or JSON; the
+/// exit code.
+pub(crate) fn print_removal(app: &str, pr: u64, answer: &serde_json::Value, json: bool) -> i32 {
+    let name = cutover_core::preview::preview_app(app, pr);
+    let hosts = answer["hosts"].as_array().cloned().unwrap_or_default();
     let failed: Vec<String> = hosts
         .iter()
-        .filter_map(|h| h.result.as_ref().err().map(|e| format!("{}: {e}", h.host)))
+        .filter_map(|h| {
+            h["error"]
+                .as_str()
+                .map(|e| format!("{}: {e}", h["host"].as_str().unwrap_or("")))
+        })
         .collect();
-    let containers: usize = hosts.iter().map(|h| h.containers.len()).sum();
+    let containers: usize = hosts
+        .iter()
+        .map(|h| h["containers"].as_array().map_or(0, Vec::len))
+        .sum();
     let message = if failed.is_empty() {
         format!(
             "removed the preview of #{pr} ({name}) from {} host(s): its proxy route, {containers} container(s) and its directory; its history is kept",
@@ -182,18 +232,8 @@ fn remove(common: &Common, pr: u64, json: bool) -> i32 {
         exit::FAILED
     };
     if json {
-        let hosts: Vec<serde_json::Value> = hosts
-            .iter()
-            .map(|h| {
-                serde_json::json!({
-                    "host": h.host,
-                    "containers": h.containers,
-                    "error": h.result.as_ref().err(),
-                })
-            })
-            .collect();
         print_json(&serde_json::json!({
-            "app": config.app,
+            "app": app,
             "preview": name,
             "pr": pr,
             "exit_code": code,

@@ -460,3 +460,43 @@ fn a_server_killed_mid_preview_deploy_has_the_preview_finished_after_restart() {
         w.containers_on(0)
     );
 }
+
+#[test]
+fn preview_deploy_list_and_remove_run_through_a_server() {
+    use crate::webhooks::Server;
+    let w = World::containers(1, "blue-green")
+        .lines("preview", "domain = \"preview.test\"")
+        .start();
+    w.image("p1", true);
+    let r = w.run(&["token", "create", "ci", "--role", "deployer"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let token = r.stdout.trim().to_string();
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let url = format!("http://{}", s.addr);
+    let through = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--server", &url]);
+        w.cutover(&a).env("CUTOVER_TOKEN", &token).run()
+    };
+    let r = through(&["preview", "deploy", "--pr", "11", "--image", "p1", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert_eq!(r.json["status"], "succeeded", "{}", r.json);
+    assert_eq!(get_as(w.http_addr(0), "pr-11-web.preview.test"), "p1");
+    let l = through(&["preview", "list", "--json"]);
+    assert_eq!(l.code, 0, "{}", l.stderr);
+    assert_eq!(l.json[0]["pr"], 11);
+    assert_eq!(l.json[0]["url"], "http://pr-11-web.preview.test");
+    let r = through(&["preview", "remove", "--pr", "11", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert!(r.json["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("removed the preview of #11 (web-pr-11) from 1 host(s)"));
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-11")));
+    let l = through(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["state"], "removed");
+    assert_eq!(l.json[0]["removed_why"], "removed by token:ci (API)");
+}

@@ -18,7 +18,7 @@ const SECRET: &str = "hook-secret-7f3a9c1e5b";
 /// `cutover serve` on a free loopback port with the webhook secret in its environment.
 pub(crate) struct Server {
     pub(crate) child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     log: PathBuf,
 }
 
