@@ -226,14 +226,17 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 #[test]
 fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_removes_it() {
     use crate::git_containers::{commit, world, DOCKERFILE};
-    use crate::webhooks::{github, Server};
+    use crate::webhooks::{github, Forge, Server};
+    let forge = Forge::start();
     let w = world(1);
-    w.configure(|t| {
+    let api = format!("http://{}", forge.addr);
+    w.configure(move |t| {
         t.lines(
             "webhook",
-            "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"",
+            "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"\nstatus_token_env = \"FORGE_TOKEN\"",
         )
-        .lines("preview", "domain = \"preview.test\"");
+        .set_str("webhook", "api_url", &api)
+        .lines("preview", "domain = \"preview.test\"\nmax = 1");
     });
     commit(&w, "main page", "first", Some(DOCKERFILE));
     w.git(&["checkout", "-q", "-b", "feature"]);
@@ -244,7 +247,13 @@ fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_remo
     w.git(&["push", "-q", "--force", "origin", "feature"]);
     // The server builds with host 0's daemon, as the CLI does (it trusts the lab registry).
     let docker = w.lab().docker_host(0);
-    let s = Server::start_with(&w, &[("DOCKER_HOST", docker.as_str())]);
+    let s = Server::start_with(
+        &w,
+        &[
+            ("DOCKER_HOST", docker.as_str()),
+            ("FORGE_TOKEN", "tok-forge-123"),
+        ],
+    );
     let hook = "/hooks/github/web";
     let host = "pr-3-web.preview.test";
     let addr = w.http_addr(0);
@@ -287,6 +296,35 @@ fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_remo
     assert_eq!(get_as(addr, host), "feature page");
     let l = w.run(&["preview", "list", "--json"]);
     assert_eq!(l.json[0]["head_sha"], head.as_str());
+    // Commit statuses on the head SHA: pending, then success linking the preview.
+    let calls = forge.calls(2);
+    let line = format!("POST /repos/acme/site/statuses/{head} HTTP/1.1");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        (calls[0].0.as_str(), calls[0].1.as_str()),
+        (line.as_str(), "Bearer tok-forge-123")
+    );
+    assert_eq!(calls[0].2["state"], "pending");
+    assert_eq!(calls[1].2["state"], "success", "{calls:?}");
+    assert_eq!(calls[1].2["target_url"], format!("http://{host}"));
+    assert_eq!(
+        calls[1].2["description"],
+        format!("{} is served at http://{host}", &head[..7])
+    );
+
+    // `max` = 1: a second pull request is refused, with a failure status saying so.
+    let body = pr_body("opened", 5, &head, "acme/site", &[]);
+    let (st, b) = s.post(hook, &github("pull_request", "o5", Some(&body)), body);
+    let why = "web already has 1 open preview(s) (#3) and [preview] max is 1: no preview for #5; remove one first (cutover preview remove --pr N)";
+    assert_eq!((st, b["error"].as_str()), (422, Some(why)), "{b}");
+    let calls = forge.calls(3);
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert_eq!(calls[2].2["state"], "failure");
+    assert_eq!(calls[2].2["description"], why);
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-5")));
 
     // Closed: torn down, history kept.
     let body = pr_body("closed", 3, &head, "acme/site", &[]);

@@ -569,13 +569,13 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
 
 /// The forge's statuses API, as a stub that records every call: (request line,
 /// Authorization header, JSON body), answering 201.
-struct Forge {
-    addr: SocketAddr,
+pub(crate) struct Forge {
+    pub(crate) addr: SocketAddr,
     calls: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
 }
 
 impl Forge {
-    fn start() -> Forge {
+    pub(crate) fn start() -> Forge {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -618,7 +618,7 @@ impl Forge {
     }
 
     /// Waits for `n` calls and returns them.
-    fn calls(&self, n: usize) -> Vec<(String, String, Value)> {
+    pub(crate) fn calls(&self, n: usize) -> Vec<(String, String, Value)> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let c = self.calls.lock().unwrap().clone();
