@@ -538,3 +538,57 @@ fn preview_deploy_list_and_remove_run_through_a_server() {
     assert_eq!(l.json[0]["state"], "removed");
     assert_eq!(l.json[0]["removed_why"], "removed by token:ci (API)");
 }
+
+#[test]
+fn the_panel_lists_previews_and_removes_one_after_a_confirmation() {
+    use crate::webhooks::Server;
+    use testlab::Browser;
+    let w = World::containers(1, "blue-green")
+        .lines("preview", "domain = \"preview.test\"")
+        .start();
+    w.image("p1", true);
+    let r = w.run(&["preview", "deploy", "--pr", "12", "--image", "p1", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    crate::panel::add_user(&w, "ada", "admin", "correct horse battery staple");
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let b = Browser::start(1100, 900);
+    b.goto(&format!("http://{}/apps/web", s.addr));
+    b.fill("#login [name=user]", "ada");
+    b.fill("#login [name=password]", "correct horse battery staple");
+    b.click("#login button[type=submit]");
+    b.wait_for("the app page", Duration::from_secs(20), || {
+        b.exists("#previews-link").then_some(())
+    });
+    b.click("#previews-link");
+    b.wait_for("the previews page", Duration::from_secs(10), || {
+        b.exists("#previews").then_some(())
+    });
+    assert_eq!(
+        b.text("#preview-12 .preview-url"),
+        "http://pr-12-web.preview.test"
+    );
+    assert_eq!(b.text("#preview-12 .head"), "p1");
+    b.click("#preview-12 button");
+    b.wait_for("the confirmation", Duration::from_secs(10), || {
+        b.exists("#question").then_some(())
+    });
+    assert_eq!(
+        b.text("#question"),
+        "Remove the preview of pull request #12 of web? Its history is kept."
+    );
+    b.click("#confirm");
+    b.wait_for("the previews page again", Duration::from_secs(60), || {
+        b.exists("#no-previews").then_some(())
+    });
+    assert!(b.url().ends_with("/apps/web/previews"), "{}", b.url());
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-12")));
+    assert_eq!(
+        get_as(w.http_addr(0), "pr-12-web.preview.test"),
+        "HTTP HTTP/1.1 404 Not Found"
+    );
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["removed_why"], "removed by ada (panel)");
+}
