@@ -50,6 +50,7 @@ struct RawConfig {
     build: Option<RawBuild>,
     deploy: Option<RawDeploy>,
     webhook: Option<crate::webhook::RawWebhook>,
+    preview: Option<crate::preview::RawPreview>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +131,8 @@ pub struct Config {
     pub deploy: DeployConfig,
     /// `[webhook]`: pushes from a forge deploy the pushed commit (`cutover serve`).
     pub webhook: Option<crate::webhook::WebhookConfig>,
+    /// `[preview]`: a pull request's own copy of the app ([`Config::preview`]).
+    pub preview: Option<crate::preview::PreviewConfig>,
 }
 
 /// `[deploy]`: how a run rolls out over the hosts.
@@ -515,6 +518,11 @@ impl Config {
             hosts.push((h.clone(), d));
         }
 
+        let preview = match raw.preview {
+            None => None,
+            Some(p) => Some(crate::preview::parse_preview(p, &hosts).map_err(|(k, m)| err(&k, m))?),
+        };
+
         let parallel = match raw.ssh.parallel {
             None => 16,
             Some(n) if (1..=1024).contains(&n) => n as usize,
@@ -552,7 +560,11 @@ impl Config {
                 build,
                 deploy,
             )
-            .map(|c| Config { webhook, ..c });
+            .map(|c| Config {
+                webhook,
+                preview,
+                ..c
+            });
         }
         if raw.proxy.is_some() {
             return Err(err(
@@ -670,6 +682,7 @@ impl Config {
             health,
             build,
             webhook,
+            preview,
         })
     }
 
@@ -743,6 +756,7 @@ impl Config {
             health,
             build,
             webhook: None,
+            preview: None,
         })
     }
 

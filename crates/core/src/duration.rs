@@ -1,4 +1,4 @@
-//! Human durations as they appear in `cutover.toml`: `500ms`, `2s`, `1m30s`, `1h`.
+//! Human durations as they appear in `cutover.toml`: `500ms`, `2s`, `1m30s`, `1h`, `7d`.
 
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
             "" => {
                 return Err(format!(
                     "`{text}` has no unit: write e.g. \"{n}s\" or \"{n}ms\""
@@ -37,7 +38,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             }
             other => {
                 return Err(format!(
-                    "`{text}`: unknown unit `{other}` (use ms, s, m or h)"
+                    "`{text}`: unknown unit `{other}` (use ms, s, m, h or d)"
                 ))
             }
         };
@@ -72,7 +73,11 @@ mod tests {
     fn refuses_missing_or_unknown_units() {
         assert!(parse_duration("30").unwrap_err().contains("no unit"));
         assert!(parse_duration("3 days").is_err());
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("5w").unwrap_err().contains("unknown unit"));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
         assert!(parse_duration("").is_err());
         assert!(parse_duration("ms").is_err());
     }

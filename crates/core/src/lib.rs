@@ -11,6 +11,7 @@ pub mod container;
 pub mod duration;
 pub mod host;
 pub mod plan;
+pub mod preview;
 pub mod protocol;
 pub mod proxy_limits;
 pub mod release;
@@ -20,4 +21,4 @@ pub use config::{AppKind, BuildConfig, Config, ConfigError, FilesConfig, HealthC
 pub use duration::parse_duration;
 pub use host::Destination;
 pub use protocol::{CrashPoint, HostState, RunKind, State, Status, Step};
-pub use release::{format_utc, ReleaseId};
+pub use release::{format_utc, parse_utc, ReleaseId};

@@ -110,6 +110,13 @@ pub(crate) enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// A pull request's own copy of the app, `<app>-pr-<n>` at pr-<n>-<app>.<domain> ([preview]).
+    Preview {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: PreviewCommand,
+    },
     /// Install or upgrade the edge proxy on every host (container apps). Harmless to re-run.
     Setup {
         #[command(flatten)]
@@ -163,6 +170,50 @@ pub(crate) struct Through {
     pub(crate) app: Option<String>,
 }
 
+#[derive(Debug, Subcommand)]
+pub(crate) enum PreviewCommand {
+    /// Build REF (or take --image) and deploy it as pull request N's preview, through the
+    /// same protocol as any deploy (gate, revert, its own history).
+    Deploy {
+        #[command(flatten)]
+        through: Through,
+        /// The pull request number.
+        #[arg(long)]
+        pr: u64,
+        /// The git revision to build ([build] in the config), resolved to a full commit.
+        #[arg(long = "ref", value_name = "REF")]
+        git_ref: Option<String>,
+        /// Container apps: an image version (a tag of [container] image, or @sha256:DIGEST).
+        #[arg(long, conflicts_with = "git_ref")]
+        image: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// One JSON object per line on stdout as each step starts and ends (see deploy).
+        #[arg(long, conflicts_with = "json")]
+        events: bool,
+    },
+    /// The app's open previews (with --all, the removed ones too).
+    List {
+        #[command(flatten)]
+        through: Through,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tear pull request N's preview down on every preview host (proxy route, containers,
+    /// directories); its history is kept.
+    Remove {
+        #[command(flatten)]
+        through: Through,
+        /// The pull request number.
+        #[arg(long)]
+        pr: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
     /// Where to listen. Loopback by default: anything else is a decision.
@@ -183,6 +234,10 @@ pub(crate) struct ServeArgs {
     /// The URL people reach the server at; https:// makes the session cookie Secure.
     #[arg(long)]
     pub(crate) public_url: Option<String>,
+    /// How often previews are reconciled with the hosts (expired by ttl, orphans removed,
+    /// interrupted deploys finished); also once at start.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub(crate) preview_check: String,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -16,6 +16,7 @@ pub mod gate;
 mod hostops;
 pub mod identity;
 pub mod inspect;
+pub mod preview;
 pub mod setup;
 pub mod switch;
 

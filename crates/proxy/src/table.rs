@@ -297,9 +297,23 @@ struct Inner {
     services: BTreeMap<String, Arc<Service>>,
     /// domain -> service name.
     domains: BTreeMap<String, String>,
+    /// The one service without domains, when exactly one has none: it gets every request
+    /// for a host no service has (previews with their own domains beside an app without).
+    fallback: Option<String>,
 }
 
 impl Inner {
+    fn refresh_fallback(&mut self) {
+        let mut bare = self
+            .services
+            .keys()
+            .filter(|n| !self.domains.values().any(|s| s == *n));
+        self.fallback = match (bare.next(), bare.next()) {
+            (Some(only), None) => Some(only.clone()),
+            _ => None,
+        };
+    }
+
     fn domains_of(&self, name: &str) -> Vec<String> {
         self.domains
             .iter()
@@ -330,18 +344,17 @@ impl Table {
     }
 
     /// The service for a request's `Host` (already normalized by [`normalize_host`]): the one
-    /// that has the domain, else the only service if there is exactly one and it has no
-    /// domains (a service with domains gets only requests for them: a forged `Host` must not
-    /// reach it).
+    /// that has the domain, else the only service without domains if exactly one has none (a
+    /// service with domains gets only requests for them: a forged `Host` must not reach it).
     pub(crate) fn route(&self, host: Option<&str>) -> Option<Arc<Service>> {
         let inner = read(&self.inner);
         if let Some(name) = host.and_then(|h| inner.domains.get(h)) {
             return inner.services.get(name).cloned();
         }
-        if inner.services.len() == 1 && inner.domains.is_empty() {
-            return inner.services.values().next().cloned();
-        }
-        None
+        inner
+            .fallback
+            .as_ref()
+            .and_then(|name| inner.services.get(name).cloned())
     }
 
     /// [`Table::route`] for a raw `Host` value (normalized here, without allocating for
@@ -419,6 +432,7 @@ impl Table {
                 inner.domains.insert(d.clone(), name.to_string());
             }
         }
+        inner.refresh_fallback();
         Ok(installed)
     }
 
@@ -453,6 +467,7 @@ impl Table {
         let mut inner = write(&self.inner);
         let service = inner.services.remove(name)?;
         inner.domains.retain(|_, s| s != name);
+        inner.refresh_fallback();
         drop(inner);
         service.removed.store(true, Ordering::SeqCst);
         service.paused.send_replace(false);
@@ -698,6 +713,16 @@ mod tests {
         t.remove("a").unwrap();
         assert!(t.route(Some("a.example")).is_none());
         assert_eq!(t.route(Some("b.example")).unwrap().name, "b");
+        // One service without domains beside services with (an app and its previews): it
+        // gets every other host; two without: nobody does.
+        t.install("c", "127.0.0.1:3", &[]).unwrap();
+        assert_eq!(t.route(Some("other")).unwrap().name, "c");
+        assert_eq!(t.route(None).unwrap().name, "c");
+        assert_eq!(t.route(Some("b.example")).unwrap().name, "b");
+        t.install("d", "127.0.0.1:4", &[]).unwrap();
+        assert!(t.route(Some("other")).is_none());
+        t.remove("d").unwrap();
+        assert_eq!(t.route(Some("other")).unwrap().name, "c");
     }
 
     #[test]

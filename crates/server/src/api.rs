@@ -32,6 +32,14 @@ pub(crate) fn router() -> Router<Arc<AppState>> {
         .route("/api/apps/{app}/runs", get(app_runs))
         .route("/api/apps/{app}/deploys", post(deploy))
         .route("/api/apps/{app}/rollback", post(rollback))
+        .route(
+            "/api/apps/{app}/previews",
+            get(previews).post(preview_deploy),
+        )
+        .route(
+            "/api/apps/{app}/previews/{pr}",
+            axum::routing::delete(preview_remove),
+        )
         .route("/api/runs/{run}", get(run))
         .route("/api/runs/{run}/events", get(crate::sse::events))
         .route("/api/audit", get(audit))
@@ -289,6 +297,99 @@ async fn rollback(
     }
     let run = jobs::submit(&st, &app, JobRequest::Rollback { to: b.to }, &p, from.ip())?;
     Ok(started(run))
+}
+
+#[derive(Deserialize)]
+struct PreviewsQuery {
+    all: Option<bool>,
+}
+
+async fn previews(
+    State(st): State<Arc<AppState>>,
+    p: Principal,
+    Path(app): Path<String>,
+    Query(q): Query<PreviewsQuery>,
+) -> Result<Json<Vec<cutover_store::Preview>>, ApiError> {
+    visible(&st, &p, &app)?;
+    Ok(Json(st.store.previews(&app, q.all.unwrap_or(false))?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewBody {
+    pr: u64,
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    image: Option<String>,
+}
+
+async fn preview_deploy(
+    State(st): State<Arc<AppState>>,
+    p: Principal,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<PreviewBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    may_write(&st, &p, &headers, &app)?;
+    let Json(b) = body?;
+    let what = match (b.git_ref, b.image) {
+        (Some(r), None) => {
+            bounded("ref", &r)?;
+            Deploy::Ref(r)
+        }
+        (None, Some(i)) => {
+            bounded("image", &i)?;
+            Deploy::Image(i)
+        }
+        _ => {
+            return Err(ApiError::Invalid(
+                "give the pull request and exactly one of {\"pr\": 42, \"ref\": \"feature\"} or {\"pr\": 42, \"image\": \"v2\"}".into(),
+            ))
+        }
+    };
+    let run = jobs::submit(
+        &st,
+        &app,
+        JobRequest::Preview { pr: b.pr, what },
+        &p,
+        from.ip(),
+    )?;
+    Ok(started(run))
+}
+
+async fn preview_remove(
+    State(st): State<Arc<AppState>>,
+    p: Principal,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    Path((app, pr)): Path<(String, u64)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    may_write(&st, &p, &headers, &app)?;
+    let config = st.app(&app)?.clone();
+    let who = p.who();
+    let st2 = st.clone();
+    let why = format!("removed by {who} (API)");
+    let hosts = tokio::task::spawn_blocking(move || {
+        cutover_engine::preview::remove(&config, pr, &why, &st2.store)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(ApiError::Conflict)?;
+    st.store.audit(&cutover_store::AuditRow {
+        at: cutover_engine::now_utc(),
+        who,
+        action: "preview remove".into(),
+        app: Some(app.clone()),
+        from: Some(from.ip().to_string()),
+        detail: format!("#{pr}"),
+        ..cutover_store::AuditRow::default()
+    })?;
+    let hosts: Vec<Value> = hosts
+        .iter()
+        .map(|h| json!({ "host": h.host, "containers": h.containers, "error": h.result.as_ref().err() }))
+        .collect();
+    Ok(Json(json!({ "app": app, "pr": pr, "hosts": hosts })))
 }
 
 #[derive(Deserialize)]

@@ -46,6 +46,8 @@ pub(crate) fn router() -> Router<Arc<AppState>> {
 #[derive(Debug, Clone)]
 struct Waiting {
     sha: String,
+    /// A pull request's preview (`None`: the app itself).
+    pr: Option<u64>,
     delivery: Option<String>,
     provider: Provider,
     from: IpAddr,
@@ -151,8 +153,15 @@ fn send_status(
     }
 }
 
-/// `pending` now, then `success` or `failure` when the run ends (a thread watches the run).
-fn report_statuses(st: &Arc<AppState>, t: StatusTarget, sha: String, run: i64) {
+/// `pending` now, then `success` or `failure` when the run ends (a thread watches the run);
+/// a preview's `success` links to the preview (`served_at`).
+fn report_statuses(
+    st: &Arc<AppState>,
+    t: StatusTarget,
+    sha: String,
+    run: i64,
+    served_at: Option<String>,
+) {
     let target = st
         .public_url
         .as_deref()
@@ -183,6 +192,13 @@ fn report_statuses(st: &Arc<AppState>, t: StatusTarget, sha: String, run: i64) {
             };
             let outcome = row.as_ref().and_then(|r| r.outcome.clone());
             let (state, text) = match outcome.as_deref() {
+                Some("succeeded") if served_at.is_some() => (
+                    "success",
+                    format!(
+                        "{short} is served at {}",
+                        served_at.as_deref().unwrap_or("")
+                    ),
+                ),
                 Some("succeeded") => (
                     "success",
                     format!(
@@ -199,7 +215,11 @@ fn report_statuses(st: &Arc<AppState>, t: StatusTarget, sha: String, run: i64) {
                     ("failure", why.lines().next().unwrap_or("").to_string())
                 }
             };
-            send_status(&t, &sha, state, target.as_deref(), &text);
+            let link = match state {
+                "success" => served_at.as_deref().or(target.as_deref()),
+                _ => target.as_deref(),
+            };
+            send_status(&t, &sha, state, link, &text);
         });
 }
 
@@ -365,12 +385,15 @@ async fn hook(
         outcome("ping", None);
         return Ok(answer(StatusCode::OK, json!({ "ping": "ok" })));
     }
+    if event == "pull_request" && provider != Provider::Gitlab {
+        return pull_request(&st, &app, &config, provider, from.ip(), delivery, &raw);
+    }
     let is_push = match provider {
         Provider::Gitlab => event == "Push Hook",
         _ => event == "push",
     };
     if !is_push {
-        let why = format!("event {event:?} is not handled (only push)");
+        let why = format!("event {event:?} is not handled (only push and pull_request)");
         outcome(&format!("ignored: {why}"), None);
         return Ok(answer(StatusCode::OK, json!({ "ignored": why })));
     }
@@ -405,6 +428,7 @@ async fn hook(
     }
     let w = Waiting {
         sha: sha.clone(),
+        pr: None,
         delivery: delivery.clone(),
         provider,
         from: from.ip(),
@@ -413,14 +437,23 @@ async fn hook(
     push(&st, &app, w)
 }
 
-/// Starts the push now, or makes it the app's waiting one.
+/// The waiting slot of an app or of one of its previews.
+fn slot(app: &str, pr: Option<u64>) -> String {
+    match pr {
+        Some(n) => cutover_core::preview::preview_app(app, n),
+        None => app.to_string(),
+    }
+}
+
+/// Starts the push now, or makes it the app's (or the preview's) waiting one.
 fn push(st: &Arc<AppState>, app: &str, w: Waiting) -> Result<Response, ApiError> {
+    let key = slot(app, w.pr);
     let mut waiting = st.hooks.waiting.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(old) = waiting.remove(app) {
+    if let Some(old) = waiting.remove(&key) {
         supersede(st, app, &old, &w.sha);
         let sha = w.sha.clone();
         record(st, app, &w, "waiting for the run in progress");
-        waiting.insert(app.to_string(), w);
+        waiting.insert(key, w);
         return Ok(answer(StatusCode::ACCEPTED, json!({ "queued": sha })));
     }
     match start(st, app, &w) {
@@ -431,18 +464,22 @@ fn push(st: &Arc<AppState>, app: &str, w: Waiting) -> Result<Response, ApiError>
         Err(ApiError::Conflict(_)) => {
             let sha = w.sha.clone();
             record(st, app, &w, "waiting for the run in progress");
-            waiting.insert(app.to_string(), w);
+            waiting.insert(key.clone(), w);
             drop(waiting);
             let st2 = st.clone();
             let name = app.to_string();
             std::thread::Builder::new()
-                .name(format!("hook-wait-{app}"))
-                .spawn(move || wait_then_start(&st2, &name))
+                .name(format!("hook-wait-{key}"))
+                .spawn(move || wait_then_start(&st2, &name, &key))
                 .map_err(|e| ApiError::Internal(format!("cannot start the waiter: {e}")))?;
             Ok(answer(StatusCode::ACCEPTED, json!({ "queued": sha })))
         }
         Err(e) => {
             record(st, app, &w, &format!("refused: {e}"));
+            if let (Some(t), Some(_)) = (&w.status, w.pr) {
+                let (t, sha, why) = (t.clone(), w.sha.clone(), e.to_string());
+                std::thread::spawn(move || send_status(&t, &sha, "failure", None, &why));
+            }
             Err(e)
         }
     }
@@ -456,18 +493,153 @@ fn record(st: &AppState, app: &str, w: &Waiting, outcome: &str) {
 
 /// Submits the deploy of the pushed SHA; records the run in the delivery.
 fn start(st: &Arc<AppState>, app: &str, w: &Waiting) -> Result<i64, ApiError> {
-    let run = jobs::submit(
-        st,
-        app,
-        JobRequest::Deploy(Deploy::Ref(w.sha.clone())),
-        &principal(w.provider, app),
-        w.from,
-    )?;
+    let req = match w.pr {
+        Some(pr) => JobRequest::Preview {
+            pr,
+            what: Deploy::Ref(w.sha.clone()),
+        },
+        None => JobRequest::Deploy(Deploy::Ref(w.sha.clone())),
+    };
+    let run = jobs::submit(st, app, req, &principal(w.provider, app), w.from)?;
     record(st, app, w, &format!("run {run}"));
     if let Some(t) = &w.status {
-        report_statuses(st, t.clone(), w.sha.clone(), run);
+        let url =
+            w.pr.and_then(|pr| st.apps.get(app).and_then(|c| c.preview_url(pr)));
+        report_statuses(st, t.clone(), w.sha.clone(), run, url);
     }
     Ok(run)
+}
+
+/// The label that lets a pull request from a fork get a preview.
+pub const FORK_LABEL: &str = "cutover-preview";
+
+/// A `pull_request` event (GitHub's shape; Gitea's is the same): opened, reopened,
+/// synchronize (or the fork label added) build the head SHA and deploy the preview; closed
+/// (merged or not) removes it. A pull request from a fork is not built unless labelled
+/// [`FORK_LABEL`].
+fn pull_request(
+    st: &Arc<AppState>,
+    app: &str,
+    config: &cutover_core::Config,
+    provider: Provider,
+    from: IpAddr,
+    delivery: Option<String>,
+    raw: &[u8],
+) -> Result<Response, ApiError> {
+    let outcome = |text: &str, sha: Option<&str>| {
+        if let Some(d) = &delivery {
+            let _ = st.store.set_delivery_outcome(app, d, sha, text);
+        }
+    };
+    let ignored = |why: String| -> Result<Response, ApiError> {
+        outcome(&format!("ignored: {why}"), None);
+        Ok(answer(StatusCode::OK, json!({ "ignored": why })))
+    };
+    let payload: Value = serde_json::from_slice(raw)
+        .map_err(|e| ApiError::Invalid(format!("the pull_request payload is not JSON: {e}")))?;
+    let pr_obj = payload.get("pull_request").unwrap_or(&Value::Null);
+    let action = payload.get("action").and_then(Value::as_str).unwrap_or("");
+    let Some(pr) = payload
+        .get("number")
+        .or_else(|| pr_obj.get("number"))
+        .and_then(Value::as_u64)
+        .filter(|n| (1..=cutover_core::preview::MAX_PR).contains(n))
+    else {
+        return Err(ApiError::Invalid(
+            "the pull_request payload has no pull request number".into(),
+        ));
+    };
+    if config.preview.is_none() {
+        return ignored(format!(
+            "pull request #{pr}: `{app}` has no [preview] section"
+        ));
+    }
+    let hook = config.webhook.as_ref().expect("checked by the caller");
+    if action == "closed" {
+        let st2 = st.clone();
+        let config = config.clone();
+        let why = format!("pull request closed (webhook:{})", provider.as_str());
+        let name = app.to_string();
+        std::thread::Builder::new()
+            .name(format!("preview-remove-{pr}"))
+            .spawn(
+                move || match cutover_engine::preview::remove(&config, pr, &why, &st2.store) {
+                    Ok(hosts) => {
+                        for h in hosts {
+                            if let Err(e) = h.result {
+                                eprintln!("preview #{pr} of {name} not removed on {}: {e}", h.host);
+                            }
+                        }
+                    }
+                    Err(e) => eprintln!("preview #{pr} of {name} not removed: {e}"),
+                },
+            )
+            .map_err(|e| ApiError::Internal(format!("cannot start the removal: {e}")))?;
+        outcome(&format!("removing the preview of #{pr}"), None);
+        return Ok(answer(StatusCode::ACCEPTED, json!({ "removing": pr })));
+    }
+    let labels: Vec<&str> = pr_obj
+        .get("labels")
+        .and_then(Value::as_array)
+        .map(|l| {
+            l.iter()
+                .filter_map(|x| x.get("name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    let labelled = labels.contains(&FORK_LABEL);
+    let builds = match action {
+        "opened" | "reopened" | "synchronize" => true,
+        "labeled" => {
+            payload
+                .get("label")
+                .and_then(|l| l.get("name"))
+                .and_then(Value::as_str)
+                == Some(FORK_LABEL)
+        }
+        _ => false,
+    };
+    if !builds {
+        return ignored(format!("pull request #{pr} {action}: nothing to build"));
+    }
+    let repo_of = |side: &str| {
+        pr_obj
+            .get(side)
+            .and_then(|s| s.get("repo"))
+            .and_then(|r| r.get("full_name"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let (head_repo, base_repo) = (repo_of("head"), repo_of("base"));
+    let fork = head_repo.is_none() || head_repo != base_repo;
+    if fork && !labelled {
+        return ignored(format!(
+            "pull request #{pr} comes from a fork ({}) and is not labelled {FORK_LABEL}",
+            head_repo.as_deref().unwrap_or("a deleted repository")
+        ));
+    }
+    let sha = pr_obj
+        .get("head")
+        .and_then(|h| h.get("sha"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if !is_full_sha(&sha) {
+        let why = format!(
+            "pull request #{pr} names no head commit (expected 40 hex digits, got {sha:?})"
+        );
+        outcome(&format!("refused: {why}"), None);
+        return Err(ApiError::Invalid(why));
+    }
+    let w = Waiting {
+        sha,
+        pr: Some(pr),
+        delivery,
+        provider,
+        from,
+        status: status_target(hook, &payload),
+    };
+    push(st, app, w)
 }
 
 fn supersede(st: &AppState, app: &str, old: &Waiting, by: &str) {
@@ -490,21 +662,21 @@ fn supersede(st: &AppState, app: &str, old: &Waiting, by: &str) {
 
 /// Starts the app's waiting push once the run in progress ends (polls; the slot may be
 /// replaced meanwhile by a newer push, which is the one started).
-fn wait_then_start(st: &Arc<AppState>, app: &str) {
+fn wait_then_start(st: &Arc<AppState>, app: &str, key: &str) {
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let mut waiting = st.hooks.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(w) = waiting.get(app).cloned() else {
+        let Some(w) = waiting.get(key).cloned() else {
             return;
         };
         match start(st, app, &w) {
             Err(ApiError::Conflict(_)) => continue,
             Ok(_) => {
-                waiting.remove(app);
+                waiting.remove(key);
                 return;
             }
             Err(e) => {
-                waiting.remove(app);
+                waiting.remove(key);
                 record(st, app, &w, &format!("refused: {e}"));
                 eprintln!("webhook push of {} to {app} not started: {e}", w.sha);
                 return;

@@ -28,6 +28,12 @@ pub enum JobRequest {
     Rollback {
         to: Option<String>,
     },
+    /// Pull request `pr`'s preview (`<app>-pr-<pr>`): a ref built (a webhook's head SHA) or an
+    /// image, deployed through the same protocol.
+    Preview {
+        pr: u64,
+        what: Deploy,
+    },
 }
 
 /// What a deploy deploys.
@@ -45,7 +51,7 @@ impl JobRequest {
     fn kind(&self) -> RunKind {
         match self {
             JobRequest::Rollback { .. } => RunKind::Rollback,
-            JobRequest::Deploy(_) => RunKind::Deploy,
+            JobRequest::Deploy(_) | JobRequest::Preview { .. } => RunKind::Deploy,
         }
     }
 
@@ -53,6 +59,7 @@ impl JobRequest {
         match self {
             JobRequest::Rollback { .. } => "rollback",
             JobRequest::Deploy(_) => "deploy",
+            JobRequest::Preview { .. } => "preview deploy",
         }
     }
 
@@ -65,6 +72,18 @@ impl JobRequest {
         let container = matches!(app.kind, AppKind::Container(_));
         match self {
             JobRequest::Rollback { to } => Ok(RunRequest::Rollback { to: to.clone() }),
+            JobRequest::Preview {
+                what: Deploy::Release(_),
+                ..
+            } => Err(ApiError::Invalid(
+                "a preview deploys a ref or an image, not a release".into(),
+            )),
+            JobRequest::Preview { pr, what } => JobRequest::Deploy(what.clone())
+                .engine_request(state, app)
+                .map_err(|e| match e {
+                    ApiError::Invalid(m) => ApiError::Invalid(format!("preview #{pr}: {m}")),
+                    other => other,
+                }),
             JobRequest::Deploy(Deploy::Release(id)) => Ok(RunRequest::Redeploy {
                 release: id.clone(),
             }),
@@ -106,6 +125,14 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// Whether this server runs a job of `app` (or of the preview app of that name) now.
+    pub fn is_running_app(&self, app: &str) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(app)
+    }
+
     /// Whether this server is running `run` right now.
     pub fn is_running(&self, run: i64) -> bool {
         self.active
@@ -187,8 +214,22 @@ pub fn submit(
     by: &Principal,
     from: IpAddr,
 ) -> Result<i64, ApiError> {
-    let config = state.app(app)?.clone();
-    let engine_req = req.engine_request(state, &config)?;
+    let base = state.app(app)?.clone();
+    let engine_req = req.engine_request(state, &base)?;
+    // A preview is an app of its own: its own lock, run rows and history.
+    let (config, key) = match &req {
+        JobRequest::Preview { pr, .. } => {
+            let c = base
+                .preview(*pr)
+                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            cutover_engine::preview::admit(&base, *pr, &state.store)
+                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            let key = c.app.clone();
+            (c, key)
+        }
+        _ => ((*base).clone(), app.to_string()),
+    };
+    let app = key.as_str();
     let who = by.who();
     let at = cutover_engine::now_utc();
     let mut active = state.jobs.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -248,7 +289,24 @@ pub fn submit(
     let holder = me.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("job-{run}"))
-        .spawn(move || work(&st, &name, &config, job, run, engine_req, &holder));
+        .spawn(move || {
+            let pr = match &req {
+                JobRequest::Preview {
+                    pr,
+                    what: Deploy::Ref(head) | Deploy::Image(head) | Deploy::Release(head),
+                } => Some((*pr, head.clone())),
+                _ => None,
+            };
+            let job = Work {
+                app: &name,
+                base: &base,
+                config: &config,
+                preview: pr,
+                job,
+                run,
+            };
+            work(&st, job, engine_req, &holder)
+        });
     if let Err(e) = spawned {
         state
             .jobs
@@ -284,7 +342,7 @@ fn accept(
     let release = match req {
         JobRequest::Rollback { to } => to.clone(),
         JobRequest::Deploy(Deploy::Release(r)) => Some(r.clone()),
-        JobRequest::Deploy(_) => None,
+        JobRequest::Deploy(_) | JobRequest::Preview { .. } => None,
     };
     state.store.audit(&AuditRow {
         at: at.to_string(),
@@ -310,16 +368,27 @@ impl cutover_engine::Reporter for Log {
     }
 }
 
-/// The worker: runs the job, then frees the app.
-fn work(
-    state: &AppState,
-    app: &str,
-    config: &cutover_core::Config,
+/// What a worker runs: a job of `app` (`preview`: the pull request and head of a preview of
+/// `base`, whose own config is `config`).
+struct Work<'a> {
+    app: &'a str,
+    base: &'a cutover_core::Config,
+    config: &'a cutover_core::Config,
+    preview: Option<(u64, String)>,
     job: i64,
     run: i64,
-    req: RunRequest,
-    holder: &Holder,
-) {
+}
+
+/// The worker: runs the job, then frees the app.
+fn work(state: &AppState, w: Work<'_>, req: RunRequest, holder: &Holder) {
+    let Work {
+        app,
+        base,
+        config,
+        preview,
+        job,
+        run,
+    } = w;
     let done = || {
         // The engine released the lock it took; a run refused before it locked did not.
         let _ = state.store.release_lock(app, holder);
@@ -339,16 +408,22 @@ fn work(
     // POSIX lock this process holds on it (SQLite's locks included).
     let store = &state.store;
     let artifacts = ArtifactStore::new(state.data.join("artifacts"));
-    let out = cutover_engine::run(
-        config,
-        store,
-        &artifacts,
-        &Log { run },
-        Job {
-            request: req,
-            run: Some(run),
-        },
-    );
+    let job_of = Job {
+        request: req,
+        run: Some(run),
+    };
+    let out = match preview {
+        Some((pr, head)) => cutover_engine::preview::deploy(
+            base,
+            pr,
+            &head,
+            store,
+            &artifacts,
+            &Log { run },
+            job_of,
+        ),
+        None => cutover_engine::run(config, store, &artifacts, &Log { run }, job_of),
+    };
     eprintln!(
         "run {run} of {app} ended: {} (exit {}): {}",
         out.status.as_str(),

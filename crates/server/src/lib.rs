@@ -21,6 +21,7 @@ pub mod error;
 pub mod hooks;
 pub mod jobs;
 mod pages;
+pub mod previews;
 pub mod secret;
 mod sse;
 

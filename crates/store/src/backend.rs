@@ -1,13 +1,14 @@
 //! The store's backend trait: every query the engine, the server and the CLI make, written
-//! once per backend ([`crate::Sqlite`] in `lib.rs`, `server.rs` and `webhooks.rs`;
+//! once per backend ([`crate::Sqlite`] in `lib.rs`, `server.rs`, `webhooks.rs` and
+//! `previews.rs`;
 //! [`crate::Postgres`] in `pg.rs`). Each backend has the methods as inherent methods with
 //! these signatures; the macro below declares the trait and implements it for both by calling
 //! them, so a new query is one line here plus its SQL in each backend. PostgreSQL's calls go
 //! through `pg::off_runtime` (the sync client cannot block inside the server's async runtime).
 
 use crate::{
-    AuditRow, Delivery, Event, Holder, Job, JobState, LockOutcome, NewRelease, Release, Result,
-    Role, Run, RunRow, Session, Token, User,
+    AuditRow, Delivery, Event, Holder, Job, JobState, LockOutcome, NewRelease, Preview, Release,
+    Result, Role, Run, RunRow, Session, Token, User,
 };
 use cutover_core::{HostState, RunKind, State, Status, Step};
 
@@ -129,4 +130,16 @@ backend! {
     fn set_delivery_outcome(&self, app: &str, delivery: &str, sha: Option<&str>, outcome: &str) -> Result<()>;
     /// A delivery, if the app has one with this id.
     fn delivery(&self, app: &str, delivery: &str) -> Result<Option<Delivery>>;
+
+    /// Marks a preview open (a new row, or a removed one opened again) with what it is deployed
+    /// from; an open one just gets the new head.
+    fn open_preview(&self, app: &str, pr: u64, url: &str, head_ref: &str, at: &str) -> Result<()>;
+    /// Records the commit a preview's deploy built.
+    fn set_preview_sha(&self, app: &str, pr: u64, sha: &str, at: &str) -> Result<()>;
+    /// Marks a preview removed (its row stays); `false` if it was not open.
+    fn remove_preview(&self, app: &str, pr: u64, at: &str, why: &str) -> Result<bool>;
+    /// A preview, if the app ever had one for this pull request.
+    fn preview(&self, app: &str, pr: u64) -> Result<Option<Preview>>;
+    /// The app's previews by pull request number; only the open ones unless `all`.
+    fn previews(&self, app: &str, all: bool) -> Result<Vec<Preview>>;
 }

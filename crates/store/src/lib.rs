@@ -15,6 +15,7 @@ use std::time::Duration;
 
 mod backend;
 mod pg;
+mod previews;
 mod server;
 #[cfg(test)]
 mod suite;
@@ -23,6 +24,7 @@ pub mod testing;
 mod webhooks;
 pub use backend::Backend;
 pub use pg::{DatabaseUrl, Postgres};
+pub use previews::Preview;
 pub use server::{AuditRow, Job, JobState, Role, RunRow, Session, Token, User};
 pub use webhooks::Delivery;
 
@@ -84,6 +86,7 @@ const TABLES: &[&[&str]] = &[
         "jobs",
     ],
     &["webhook_deliveries"],
+    &["previews"],
 ];
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -350,6 +353,23 @@ CREATE TABLE webhook_deliveries (
     sha TEXT,
     outcome TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (app, delivery)
+);
+"#,
+    // 5: previews, one row per (app, pull request): open or removed (the row and the
+    // preview app's releases are kept as its history).
+    r#"
+CREATE TABLE previews (
+    app TEXT NOT NULL,
+    pr INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    url TEXT NOT NULL,
+    head_ref TEXT NOT NULL DEFAULT '',
+    head_sha TEXT,
+    opened_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    removed_at TEXT,
+    removed_why TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (app, pr)
 );
 "#,
 ];
@@ -1214,7 +1234,7 @@ mod tests {
             .unwrap();
         let m = refused(&path);
         assert!(
-            m.contains(": made by a newer cutover (schema version 99; this one knows up to 4)"),
+            m.contains(": made by a newer cutover (schema version 99; this one knows up to 5)"),
             "{m}"
         );
 

@@ -24,7 +24,8 @@ use std::time::Duration;
 pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// Version n of the schema is `MIGRATIONS[..n]` applied in order; never edit one, append.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE releases (
     id TEXT NOT NULL,
     app TEXT NOT NULL,
@@ -153,7 +154,24 @@ CREATE TABLE webhook_deliveries (
     outcome TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (app, delivery)
 );
-"#];
+"#,
+    // 2: previews, one row per (app, pull request), as SQLite's migration 5.
+    r#"
+CREATE TABLE previews (
+    app TEXT NOT NULL,
+    pr BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    url TEXT NOT NULL,
+    head_ref TEXT NOT NULL DEFAULT '',
+    head_sha TEXT,
+    opened_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    removed_at TEXT,
+    removed_why TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (app, pr)
+);
+"#,
+];
 
 /// The key of the session advisory lock held while migrating ("cutv").
 const MIGRATION_LOCK: i64 = 0x6375_7476;
@@ -349,15 +367,15 @@ impl Postgres {
         pg_error(&self.name, source)
     }
 
-    fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    pub(crate) fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         self.c().execute(sql, params).map_err(|e| self.e(e))
     }
 
-    fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    pub(crate) fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         self.c().query(sql, params).map_err(|e| self.e(e))
     }
 
-    fn opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+    pub(crate) fn opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
         self.c().query_opt(sql, params).map_err(|e| self.e(e))
     }
 

@@ -466,3 +466,48 @@ fn a_database_url_never_shows_its_password() {
         "{m}"
     );
 }
+
+both!(
+    a_preview_opens_updates_and_is_removed_keeping_its_row,
+    |s: &Store| {
+        s.open_preview("web", 3, "http://pr-3-web.p.example", "feature", "t1")
+            .unwrap();
+        s.set_preview_sha("web", 3, "ab12", "t2").unwrap();
+        s.open_preview("web", 3, "http://pr-3-web.p.example", "feature2", "t3")
+            .unwrap();
+        s.open_preview("web", 4, "http://pr-4-web.p.example", "x", "t3")
+            .unwrap();
+        let p = s.preview("web", 3).unwrap().unwrap();
+        assert_eq!(
+            (
+                p.state.as_str(),
+                p.opened_at.as_str(),
+                p.updated_at.as_str()
+            ),
+            ("open", "t1", "t3")
+        );
+        assert_eq!(
+            (p.head_ref.as_str(), p.head_sha.as_deref()),
+            ("feature2", Some("ab12"))
+        );
+        assert!(s.remove_preview("web", 3, "t4", "closed").unwrap());
+        assert!(!s.remove_preview("web", 3, "t5", "closed").unwrap());
+        let open: Vec<u64> = s
+            .previews("web", false)
+            .unwrap()
+            .iter()
+            .map(|p| p.pr)
+            .collect();
+        assert_eq!(open, [4]);
+        let all = s.previews("web", true).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].removed_at.as_deref(), Some("t4"));
+        // Opened again: a new opening time.
+        s.open_preview("web", 3, "http://pr-3-web.p.example", "y", "t6")
+            .unwrap();
+        let p = s.preview("web", 3).unwrap().unwrap();
+        assert_eq!((p.state.as_str(), p.opened_at.as_str()), ("open", "t6"));
+        assert_eq!(p.removed_at, None);
+        assert!(s.previews("other", true).unwrap().is_empty());
+    }
+);

@@ -6,6 +6,7 @@ mod demo;
 mod deploy;
 mod diff;
 mod history;
+mod preview;
 mod proxy;
 mod remote;
 mod serve;
@@ -73,6 +74,7 @@ pub(crate) fn run(cli: Cli) -> i32 {
             None => status::run(&common, json),
         },
         Command::Check { common } => check::run(&common),
+        Command::Preview { common, command } => preview::run(&common, command),
         Command::Setup { common, json } => setup::run(&common, json),
         Command::Proxy { command } => proxy::run(command),
         Command::Demo { keep, panel } => demo::run(keep, panel),

@@ -405,3 +405,57 @@ pub(crate) fn status(common: &Common, through: &Through, json: bool) -> i32 {
     }
     code
 }
+
+/// `cutover preview deploy --server`: a preview job on the server, followed like a deploy.
+pub(crate) fn preview_deploy(
+    common: &Common,
+    through: &Through,
+    pr: u64,
+    git_ref: Option<String>,
+    image: Option<String>,
+    mode: Mode,
+) -> i32 {
+    let body = match (git_ref, image) {
+        (Some(r), None) => json!({ "pr": pr, "ref": r }),
+        (None, Some(i)) => json!({ "pr": pr, "image": i }),
+        _ => {
+            eprintln!("error: what to deploy as the preview: pass --ref REF (the pull request's head) or --image TAG");
+            return exit::USAGE;
+        }
+    };
+    match client(common, through) {
+        Ok(c) => start(&c, &format!("/api/apps/{}/previews", c.app), body, mode),
+        Err(code) => code,
+    }
+}
+
+/// `cutover preview list --server`.
+pub(crate) fn preview_list(common: &Common, through: &Through, all: bool, json: bool) -> i32 {
+    let c = match client(common, through) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match c.get(&format!("/api/apps/{}/previews?all={all}", c.app)) {
+        Ok(rows) => {
+            super::preview::print_rows(&c.app, rows.as_array().cloned().unwrap_or_default(), json);
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// `cutover preview remove --server`: the server tears the preview down and answers what it
+/// did on each host.
+pub(crate) fn preview_remove(common: &Common, through: &Through, pr: u64, json: bool) -> i32 {
+    let c = match client(common, through) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match c.call(
+        c.http
+            .delete(c.url(&format!("/api/apps/{}/previews/{pr}", c.app))),
+    ) {
+        Ok(v) => super::preview::print_removal(&c.app, pr, &v, json),
+        Err(code) => code,
+    }
+}

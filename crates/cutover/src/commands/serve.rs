@@ -56,6 +56,19 @@ pub(crate) fn run(args: ServeArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    let every = match cutover_core::parse_duration(&args.preview_check) {
+        Ok(d) if d >= std::time::Duration::from_secs(1) => d,
+        _ => {
+            eprintln!(
+                "error: --preview-check {}: expected a duration of at least 1s, e.g. \"60s\"",
+                args.preview_check
+            );
+            return exit::USAGE;
+        }
+    };
+    if state.apps.values().any(|a| a.preview.is_some()) {
+        cutover_server::previews::start(state.clone(), every);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -478,7 +478,7 @@ fn malformed_config_is_exit_2_naming_file_and_key() {
         ),
         (
             "app = \"x\"\nhosts = [\"local\"]\nbogus = 1\n",
-            "<dir>/cutover.toml: unknown field `bogus`, expected one of `app`, `hosts`, `ssh`, `files`, `container`, `proxy`, `health`, `build`, `deploy`, `webhook` (line 3, column 1)",
+            "<dir>/cutover.toml: unknown field `bogus`, expected one of `app`, `hosts`, `ssh`, `files`, `container`, `proxy`, `health`, `build`, `deploy`, `webhook`, `preview` (line 3, column 1)",
         ),
         (
             "app = \"x\"\nhosts = [\"local\"]\n[files]\nroot = \"/srv/x\"\n[health]\nurl = \"http://127.0.0.1/\"\ninterval = \"5\"\n",

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// A Dockerfile that serves `www/` of the repository with busybox httpd on 8080, and writes the
 /// commit it was built from (the `CUTOVER_COMMIT` build argument) to `/commit`.
-const DOCKERFILE: &str = r#"FROM scratch
+pub(crate) const DOCKERFILE: &str = r#"FROM scratch
 COPY rootfs/ /
 ARG CUTOVER_COMMIT
 RUN echo "stamping commit $CUTOVER_COMMIT" && echo "$CUTOVER_COMMIT" > /www/commit
@@ -26,7 +26,7 @@ CMD ["sh", "-c", "trap 'exit 0' TERM INT; httpd -f -p 8080 -h /www & wait"]
 /// A container app on `hosts` lab hosts built from the world's repository, whose `rootfs/`
 /// holds a static busybox and the applets the Dockerfile and the container use, as symlinks
 /// (git keeps them). Builds run on host 0's dockerd.
-fn world(hosts: usize) -> World {
+pub(crate) fn world(hosts: usize) -> World {
     let w = World::containers(hosts, "blue-green")
         .git()
         .unset("container", "env")
@@ -51,7 +51,7 @@ fn world(hosts: usize) -> World {
 
 /// Commits a site whose `/` says `page` with `dockerfile` (none: no Dockerfile at all) and
 /// pushes it to origin's main; returns the full SHA.
-fn commit(w: &World, page: &str, subject: &str, dockerfile: Option<&str>) -> String {
+pub(crate) fn commit(w: &World, page: &str, subject: &str, dockerfile: Option<&str>) -> String {
     if dockerfile.is_none() {
         let _ = std::fs::remove_file(w.work().join("Dockerfile"));
     }

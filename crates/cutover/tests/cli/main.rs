@@ -14,6 +14,7 @@ mod ha;
 mod hostile_input;
 mod https;
 mod panel;
+mod previews;
 mod server;
 mod webhooks;
 mod world;

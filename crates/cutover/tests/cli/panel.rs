@@ -80,7 +80,7 @@ impl Drop for Server {
 }
 
 /// `cutover user add NAME --role ROLE --password-stdin` on the world's data directory.
-fn add_user(w: &World, name: &str, role: &str, password: &str) {
+pub(crate) fn add_user(w: &World, name: &str, role: &str, password: &str) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cutover"))
         .args(["user", "add", name, "--role", role, "--password-stdin"])
         .env("CUTOVER_DATA", w.dir.join("data"))

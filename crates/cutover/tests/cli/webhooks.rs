@@ -16,18 +16,23 @@ use std::time::{Duration, Instant};
 const SECRET: &str = "hook-secret-7f3a9c1e5b";
 
 /// `cutover serve` on a free loopback port with the webhook secret in its environment.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) addr: SocketAddr,
     log: PathBuf,
 }
 
 impl Server {
-    fn start(w: &World) -> Server {
+    pub(crate) fn start(w: &World) -> Server {
         Server::start_with(w, &[])
     }
 
-    fn start_with(w: &World, env: &[(&str, &str)]) -> Server {
+    pub(crate) fn start_with(w: &World, env: &[(&str, &str)]) -> Server {
+        Server::start_args(w, env, &[])
+    }
+
+    /// `cutover serve` with `env` and more arguments.
+    pub(crate) fn start_args(w: &World, env: &[(&str, &str)], args: &[&str]) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -41,6 +46,7 @@ impl Server {
             .arg(&w.config)
             .arg("--data")
             .arg(w.dir.join("data"))
+            .args(args)
             .env("SITE_HOOK_SECRET", SECRET)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -60,12 +66,17 @@ impl Server {
         s
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// POSTs `body` to `path` with `headers`: (status, JSON body).
-    fn post(&self, path: &str, headers: &[(&str, String)], body: Vec<u8>) -> (u16, Value) {
+    pub(crate) fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> (u16, Value) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let c = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -141,7 +152,11 @@ fn hmac_hex(secret: &str, body: &[u8]) -> String {
 }
 
 /// A GitHub delivery's headers: event, delivery id, and the signature of `signed`.
-fn github(event: &str, delivery: &str, signed: Option<&[u8]>) -> Vec<(&'static str, String)> {
+pub(crate) fn github(
+    event: &str,
+    delivery: &str,
+    signed: Option<&[u8]>,
+) -> Vec<(&'static str, String)> {
     let mut h = vec![
         ("x-github-event", event.to_string()),
         ("x-github-delivery", delivery.to_string()),
@@ -554,13 +569,13 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
 
 /// The forge's statuses API, as a stub that records every call: (request line,
 /// Authorization header, JSON body), answering 201.
-struct Forge {
-    addr: SocketAddr,
+pub(crate) struct Forge {
+    pub(crate) addr: SocketAddr,
     calls: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
 }
 
 impl Forge {
-    fn start() -> Forge {
+    pub(crate) fn start() -> Forge {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -603,7 +618,7 @@ impl Forge {
     }
 
     /// Waits for `n` calls and returns them.
-    fn calls(&self, n: usize) -> Vec<(String, String, Value)> {
+    pub(crate) fn calls(&self, n: usize) -> Vec<(String, String, Value)> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let c = self.calls.lock().unwrap().clone();

@@ -192,6 +192,9 @@ pub(crate) async fn app(
         .map(|r| r.id.clone());
     let body = html! {
         h1 { (app) " " span.muted { "(" (kind(&config)) ")" } }
+        @if config.preview.is_some() {
+            p { a #previews-link href={ "/apps/" (app) "/previews" } { "Previews" } }
+        }
         h2 { "Hosts" }
         p { "Live release: "
             @match &live { Some(l) => code #live { (l) }, None => span #live.muted { "none yet" } }
@@ -471,4 +474,87 @@ pub(crate) async fn diff(
         p { a href={ "/apps/" (app) } { "Back to " (app) } }
     };
     Ok(layout(&format!("{app}: changes"), Some(&p), body).into_response())
+}
+
+/// An app's open previews: pull request, URL, head, last deploy, and a remove button (which
+/// asks for confirmation without JS, like a rollback).
+pub(crate) async fn previews(
+    State(st): State<Arc<AppState>>,
+    PageAuth(p): PageAuth,
+    Path(app): Path<String>,
+) -> PageResult {
+    visible(&st, &p, &app)?;
+    let rows = st
+        .store
+        .previews(&app, false)
+        .map_err(|e| PageError::from(e).for_user(&p))?;
+    let deployer = p.require(Role::Deployer).is_ok();
+    let body = html! {
+        h1 { "Previews of " a href={ "/apps/" (app) } { (app) } }
+        @if rows.is_empty() {
+            p #no-previews { "No open previews." }
+        } @else {
+            table #previews {
+                thead { tr { th { "PR" } th { "URL" } th { "Head" } th { "Updated" } @if deployer { th {} } } }
+                tbody {
+                    @for r in &rows {
+                        tr id={ "preview-" (r.pr) } {
+                            td { "#" (r.pr) }
+                            td { a.preview-url href=(r.url) { (r.url) } }
+                            td.head { (r.head_sha.as_deref().map(short).unwrap_or(&r.head_ref)) }
+                            td { (when(&r.updated_at)) }
+                            @if deployer {
+                                td {
+                                    form method="post" action={ "/apps/" (app) "/previews/" (r.pr) "/remove" } {
+                                        (csrf_field(&p))
+                                        button.danger type="submit" { "Remove" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    Ok(layout(&format!("Previews of {app}"), Some(&p), body).into_response())
+}
+
+/// Removes a preview (after a confirmation page), then back to the previews page.
+pub(crate) async fn remove_preview(
+    State(st): State<Arc<AppState>>,
+    PageAuth(p): PageAuth,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    Path((app, pr)): Path<(String, u64)>,
+    Form(f): Form<ActionForm>,
+) -> PageResult {
+    check_form(&p, f.csrf.as_deref())?;
+    require(&p, Role::Deployer)?;
+    let config = visible(&st, &p, &app)?.clone();
+    if f.confirmed.as_deref() != Some("1") {
+        let q = format!("Remove the preview of pull request #{pr} of {app}? Its history is kept.");
+        return confirm_page(&p, &app, &format!("previews/{pr}/remove"), &q, &f);
+    }
+    let who = p.who();
+    let why = format!("removed by {who} (panel)");
+    let st2 = st.clone();
+    let p2 = p.clone();
+    let hosts = blocking(move || {
+        cutover_engine::preview::remove(&config, pr, &why, &st2.store)
+            .map_err(|e| PageError::new(StatusCode::CONFLICT, e).for_user(&p2))
+    })
+    .await?;
+    let _ = st.store.audit(&cutover_store::AuditRow {
+        at: cutover_engine::now_utc(),
+        who,
+        action: "preview remove".into(),
+        app: Some(app.clone()),
+        from: Some(from.ip().to_string()),
+        detail: format!("#{pr}"),
+        ..cutover_store::AuditRow::default()
+    });
+    if let Some(e) = hosts.iter().find_map(|h| h.result.as_ref().err()) {
+        return Err(PageError::new(StatusCode::BAD_GATEWAY, e.clone()).for_user(&p));
+    }
+    Ok(see_other(&format!("/apps/{app}/previews")))
 }

@@ -41,6 +41,11 @@ pub(crate) fn router() -> Router<Arc<AppState>> {
         .route("/apps/{app}/diff", get(app::diff))
         .route("/apps/{app}/rollback", post(app::rollback))
         .route("/apps/{app}/deploy", post(app::deploy))
+        .route("/apps/{app}/previews", get(app::previews))
+        .route(
+            "/apps/{app}/previews/{pr}/remove",
+            post(app::remove_preview),
+        )
         .route("/runs/{run}", get(run::run))
         .route("/users", get(admin::users).post(admin::add_user))
         .route("/users/{name}/remove", post(admin::remove_user))

@@ -1,0 +1,594 @@
+//! Pull request previews on container hosts with their own dockerd, through the real edge
+//! proxy, reached with the preview's `Host` header, while production serves under load
+//! beside them. Needs root.
+
+use crate::world::World;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+use testlab::{Load, LoadOptions};
+
+const HOST: &str = "pr-7-web.preview.test";
+
+/// `GET /` of `addr` with `Host: host`: the body on 200, else `HTTP <status line>`.
+fn get_as(addr: SocketAddr, host: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut b = String::new();
+    s.read_to_string(&mut b).unwrap();
+    let (head, body) = b.split_once("\r\n\r\n").unwrap_or((&b, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return format!("HTTP {}", head.lines().next().unwrap_or(""));
+    }
+    body.trim().to_string()
+}
+
+/// Keep-alive and fresh-connection load on `addr` with `Host: host` (None: the address).
+fn load(addr: SocketAddr, host: Option<&str>) -> (Load, Load) {
+    let start = |keep_alive| {
+        Load::start(LoadOptions {
+            keep_alive,
+            host_header: host.map(str::to_string),
+            ..LoadOptions::new(vec![addr])
+        })
+    };
+    (start(true), start(false))
+}
+
+fn stop(what: &str, (ka, fresh): (Load, Load)) -> Vec<String> {
+    let (ka, fresh) = (ka.stop(), fresh.stop());
+    eprintln!(
+        "{what}: keep-alive {} ok {} failed, fresh {} ok {} failed, bodies {:?}",
+        ka.ok, ka.failed, fresh.ok, fresh.failed, ka.bodies
+    );
+    ka.assert_no_failures();
+    fresh.assert_no_failures();
+    assert!(ka.ok > 0 && fresh.ok > 0, "{what}: the load ran");
+    ka.bodies.keys().cloned().collect()
+}
+
+/// The preview's containers on host 0 (`web-pr-7-...`).
+fn preview_containers(w: &World) -> Vec<String> {
+    w.containers_on(0)
+        .into_iter()
+        .filter(|c| c.starts_with("web-pr-7-"))
+        .collect()
+}
+
+#[test]
+fn a_preview_is_deployed_redeployed_under_load_and_removed_leaving_nothing_while_production_serves()
+{
+    let w = World::containers(1, "blue-green")
+        .lines(
+            "preview",
+            "domain = \"preview.test\"\nmax = 1\nenv = { API_URL = \"https://staging.test\" }",
+        )
+        .start();
+    for tag in ["prod", "p1", "p2", "p3", "p4"] {
+        w.image(tag, true);
+    }
+    let prod = w.deploy_ok("prod");
+    let addr = w.http_addr(0);
+    let production = load(addr, None);
+
+    // Opened: the preview is an app of its own, routed by its host name.
+    let r = w.run(&["preview", "deploy", "--pr", "7", "--image", "p1", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    let p1 = r.release();
+    assert_eq!(r.json["app"], "web-pr-7");
+    assert_eq!(
+        w.norm_with(r.message(), &[(&p1, "<p1>")]),
+        "deployed <p1> (<registry>/web@sha256:<digest>) on 1 host(s) with blue-green; \
+         every host passed its health gate through the proxy"
+    );
+    assert_eq!(get_as(addr, HOST), "p1");
+    assert_eq!(
+        w.served(0),
+        "prod",
+        "production keeps every other host name"
+    );
+
+    // Three pushes to the pull request under load through the preview: no request fails.
+    let preview = load(addr, Some(HOST));
+    for tag in ["p2", "p3", "p4"] {
+        let r = w.run(&["preview", "deploy", "--pr", "7", "--image", tag, "--json"]);
+        assert_eq!(r.code, 0, "{tag}: {} {}", r.json, r.stderr);
+    }
+    let seen = stop("preview", preview);
+    assert!(seen.iter().any(|b| b.trim() == "p4"), "{seen:?}");
+    assert!(seen.iter().all(|b| b.trim() != "prod"), "{seen:?}");
+    assert_eq!(get_as(addr, HOST), "p4");
+
+    // Its environment: [preview] env and its own URL, never production's env.
+    let running: Vec<String> = preview_containers(&w)
+        .into_iter()
+        .filter(|c| c.ends_with(" running"))
+        .collect();
+    assert_eq!(running.len(), 1, "{running:?}");
+    let name = running[0].split(' ').next().unwrap();
+    let env = w.lab().docker(0, &["exec", name, "env"]);
+    let env = String::from_utf8_lossy(&env.stdout).to_string();
+    assert!(env.contains("API_URL=https://staging.test\n"), "{env}");
+    assert!(env.contains("CUTOVER_PR=7\n"), "{env}");
+    assert!(
+        env.contains(&format!("CUTOVER_PREVIEW_URL=http://{HOST}\n")),
+        "{env}"
+    );
+    assert!(!env.contains("GREETING"), "production's env leaked: {env}");
+
+    // Listed; `max` = 1 refuses a second one with a message saying so.
+    let l = w.run(&["preview", "list", "--json"]);
+    assert_eq!(l.code, 0, "{}", l.stderr);
+    let rows = l.json.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["pr"], 7);
+    assert_eq!(rows[0]["state"], "open");
+    assert_eq!(rows[0]["url"], format!("http://{HOST}"));
+    assert_eq!(rows[0]["head_ref"], "p4");
+    let r = w.run(&["preview", "deploy", "--pr", "8", "--image", "p1", "--json"]);
+    assert_eq!(r.code, 2, "{}", r.json);
+    assert_eq!(
+        r.message(),
+        "web already has 1 open preview(s) (#7) and [preview] max is 1: no preview for #8; remove one first (cutover preview remove --pr N)"
+    );
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-8")));
+
+    // Closed: nothing of it is left on the host, its history is kept.
+    let before = preview_containers(&w).len();
+    assert!(before >= 2, "the last and the one before it are kept");
+    let r = w.run(&["preview", "remove", "--pr", "7", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert_eq!(
+        r.json["message"],
+        format!("removed the preview of #7 (web-pr-7) from 1 host(s): its proxy route, {before} container(s) and its directory; its history is kept")
+    );
+    assert_eq!(preview_containers(&w), Vec::<String>::new());
+    assert!(!w.lab().srv_dir(0).join("cutover/apps/web-pr-7").exists());
+    assert!(w.lab().srv_dir(0).join("cutover/apps/web").exists());
+    let status = w.lab().ssh(
+        0,
+        "/srv/cutover/cutover proxy status --dir /srv/cutover --json",
+    );
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(!status.contains("web-pr-7"), "{status}");
+    assert!(!status.contains(HOST), "{status}");
+    assert_eq!(
+        get_as(addr, HOST),
+        "prod",
+        "an unknown host name goes to production again"
+    );
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["state"], "removed");
+    let kept: i64 = w
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM releases WHERE app = 'web-pr-7' AND status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, 4);
+
+    // Production was untouched all along: same release, same container, no failed request.
+    let seen = stop("production", production);
+    assert_eq!(seen, ["prod"]);
+    let h = w.history();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0]["id"], prod.as_str());
+    assert_eq!(w.served(0), "prod");
+    let prod_running = w
+        .containers_on(0)
+        .into_iter()
+        .filter(|c| c.ends_with(" running"))
+        .collect::<Vec<_>>();
+    assert_eq!(prod_running, [format!("web-{prod} running")]);
+}
+
+/// A `pull_request` event as GitHub documents it (the fields cutover reads, and a few more).
+fn pr_body(action: &str, number: u64, head_sha: &str, head_repo: &str, labels: &[&str]) -> Vec<u8> {
+    let labels: Vec<serde_json::Value> = labels
+        .iter()
+        .map(|l| serde_json::json!({ "name": l }))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "action": action,
+        "number": number,
+        "pull_request": {
+            "number": number,
+            "state": if action == "closed" { "closed" } else { "open" },
+            "merged": false,
+            "labels": labels,
+            "head": { "ref": "feature", "sha": head_sha, "repo": { "full_name": head_repo } },
+            "base": { "ref": "main", "sha": "0".repeat(40), "repo": { "full_name": "acme/site" } },
+        },
+        "repository": { "full_name": "acme/site" },
+        "sender": { "login": "ada" },
+    }))
+    .unwrap()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_removes_it() {
+    use crate::git_containers::{commit, world, DOCKERFILE};
+    use crate::webhooks::{github, Forge, Server};
+    let forge = Forge::start();
+    let w = world(1);
+    let api = format!("http://{}", forge.addr);
+    w.configure(move |t| {
+        t.lines(
+            "webhook",
+            "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"\nstatus_token_env = \"FORGE_TOKEN\"",
+        )
+        .set_str("webhook", "api_url", &api)
+        .lines("preview", "domain = \"preview.test\"\nmax = 1");
+    });
+    commit(&w, "main page", "first", Some(DOCKERFILE));
+    w.git(&["checkout", "-q", "-b", "feature"]);
+    let head = w.commit(
+        "the feature",
+        &[("rootfs/www/index.html", "feature page\n")],
+    );
+    w.git(&["push", "-q", "--force", "origin", "feature"]);
+    // The server builds with host 0's daemon, as the CLI does (it trusts the lab registry).
+    let docker = w.lab().docker_host(0);
+    let s = Server::start_with(
+        &w,
+        &[
+            ("DOCKER_HOST", docker.as_str()),
+            ("FORGE_TOKEN", "tok-forge-123"),
+        ],
+    );
+    let hook = "/hooks/github/web";
+    let host = "pr-3-web.preview.test";
+    let addr = w.http_addr(0);
+
+    // From a fork without the label: not built.
+    let body = pr_body("opened", 3, &head, "eve/site", &[]);
+    let (st, b) = s.post(hook, &github("pull_request", "f1", Some(&body)), body);
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        b["ignored"],
+        "pull request #3 comes from a fork (eve/site) and is not labelled cutover-preview"
+    );
+    assert!(w.containers_on(0).is_empty());
+
+    // Opened from the repository itself: the head SHA is built and served at its host name.
+    let body = pr_body("opened", 3, &head, "acme/site", &[]);
+    let (st, b) = s.post(hook, &github("pull_request", "o1", Some(&body)), body);
+    assert_eq!(st, 202, "{b}");
+    let run: i64 = b["run"].as_str().unwrap().parse().unwrap();
+    let db = w.db();
+    wait_for("the preview run ends", || {
+        db.query_row(
+            "SELECT finished_at IS NOT NULL FROM runs WHERE id = ?1",
+            [run],
+            |r| r.get::<_, bool>(0),
+        )
+        .unwrap_or(false)
+    });
+    let (app, commit_sha): (String, String) = db
+        .query_row(
+            "SELECT app, commit_sha FROM releases ORDER BY created_at DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (app.as_str(), commit_sha.as_str()),
+        ("web-pr-3", head.as_str())
+    );
+    assert_eq!(get_as(addr, host), "feature page");
+    let l = w.run(&["preview", "list", "--json"]);
+    assert_eq!(l.json[0]["head_sha"], head.as_str());
+    // Commit statuses on the head SHA: pending, then success linking the preview.
+    let calls = forge.calls(2);
+    let line = format!("POST /repos/acme/site/statuses/{head} HTTP/1.1");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        (calls[0].0.as_str(), calls[0].1.as_str()),
+        (line.as_str(), "Bearer tok-forge-123")
+    );
+    assert_eq!(calls[0].2["state"], "pending");
+    assert_eq!(calls[1].2["state"], "success", "{calls:?}");
+    assert_eq!(calls[1].2["target_url"], format!("http://{host}"));
+    assert_eq!(
+        calls[1].2["description"],
+        format!("{} is served at http://{host}", &head[..7])
+    );
+
+    // `max` = 1: a second pull request is refused, with a failure status saying so.
+    let body = pr_body("opened", 5, &head, "acme/site", &[]);
+    let (st, b) = s.post(hook, &github("pull_request", "o5", Some(&body)), body);
+    let why = "web already has 1 open preview(s) (#3) and [preview] max is 1: no preview for #5; remove one first (cutover preview remove --pr N)";
+    assert_eq!((st, b["error"].as_str()), (422, Some(why)), "{b}");
+    let calls = forge.calls(3);
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert_eq!(calls[2].2["state"], "failure");
+    assert_eq!(calls[2].2["description"], why);
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-5")));
+
+    // Closed: torn down, history kept.
+    let body = pr_body("closed", 3, &head, "acme/site", &[]);
+    let (st, b) = s.post(hook, &github("pull_request", "c1", Some(&body)), body);
+    assert_eq!((st, &b["removing"]), (202, &serde_json::json!(3)), "{b}");
+    wait_for("the preview is removed", || {
+        w.run(&["preview", "list", "--all", "--json"]).json[0]["state"] == "removed"
+    });
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-3")));
+    assert!(!w.lab().srv_dir(0).join("cutover/apps/web-pr-3").exists());
+    assert_eq!(get_as(addr, host), "HTTP HTTP/1.1 404 Not Found");
+}
+
+#[test]
+fn the_reconcile_loop_removes_previews_the_store_does_not_know_and_idle_ones() {
+    use crate::webhooks::Server;
+    let w = World::containers(1, "blue-green")
+        .lines("preview", "domain = \"preview.test\"\nttl = \"40s\"")
+        .start();
+    w.image("p1", true);
+    for pr in ["5", "6"] {
+        let r = w.run(&["preview", "deploy", "--pr", pr, "--image", "p1", "--json"]);
+        assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    }
+    // A crash between steps or a missed webhook: the store no longer knows #6.
+    w.db()
+        .execute("DELETE FROM previews WHERE pr = 6", [])
+        .unwrap();
+    let addr = w.http_addr(0);
+    assert_eq!(get_as(addr, "pr-6-web.preview.test"), "p1");
+    let s = Server::start_args(&w, &[], &["--preview-check", "1s"]);
+    let on_host = |pr: &str| {
+        let prefix = format!("web-pr-{pr}-");
+        w.containers_on(0).iter().any(|c| c.starts_with(&prefix))
+            || w.lab()
+                .srv_dir(0)
+                .join(format!("cutover/apps/web-pr-{pr}"))
+                .exists()
+    };
+    wait_for("the unknown preview is removed", || !on_host("6"));
+    assert_eq!(
+        get_as(addr, "pr-6-web.preview.test"),
+        "HTTP HTTP/1.1 404 Not Found"
+    );
+    // #5 is open and young: kept, until it has been idle for the ttl.
+    assert!(on_host("5"));
+    assert_eq!(get_as(addr, "pr-5-web.preview.test"), "p1");
+    wait_for("the idle preview is removed", || !on_host("5"));
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["pr"], 5);
+    assert_eq!(l.json[0]["state"], "removed");
+    assert_eq!(
+        l.json[0]["removed_why"],
+        "idle longer than [preview] ttl (40s)"
+    );
+    assert!(
+        s.log().contains(
+            "preview #6 of web removed: on a preview host but not an open preview the server knows"
+        ),
+        "{}",
+        s.log()
+    );
+}
+
+#[test]
+fn a_server_killed_mid_preview_deploy_has_the_preview_finished_after_restart() {
+    use crate::git_containers::{commit, world, DOCKERFILE};
+    use crate::webhooks::{github, Server};
+    let w = world(1);
+    w.configure(|t| {
+        t.lines(
+            "webhook",
+            "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"",
+        )
+        .lines("preview", "domain = \"preview.test\"");
+    });
+    commit(&w, "main page", "first", Some(DOCKERFILE));
+    w.git(&["checkout", "-q", "-b", "feature"]);
+    let head = w.commit(
+        "the feature",
+        &[("rootfs/www/index.html", "feature page\n")],
+    );
+    w.git(&["push", "-q", "--force", "origin", "feature"]);
+    let docker = w.lab().docker_host(0);
+    let addr = w.http_addr(0);
+    let host = "pr-4-web.preview.test";
+
+    // The server kills itself (SIGKILL) once the preview's host switched, before the gate.
+    let mut s = Server::start_args(
+        &w,
+        &[
+            ("DOCKER_HOST", docker.as_str()),
+            ("CUTOVER_CRASH_AT", "after-switch"),
+        ],
+        &["--preview-check", "1h"],
+    );
+    let body = pr_body("opened", 4, &head, "acme/site", &[]);
+    let (st, b) = s.post(
+        "/hooks/github/web",
+        &github("pull_request", "k1", Some(&body)),
+        body,
+    );
+    assert_eq!(st, 202, "{b}");
+    let status = s.child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "killed mid-deploy"
+    );
+    drop(s);
+    let unfinished: i64 = w
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM runs WHERE app = 'web-pr-4' AND finished_at IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(unfinished, 1);
+
+    // Restarted: the loop finds the interrupted preview and deploys its head again.
+    let s = Server::start_args(
+        &w,
+        &[("DOCKER_HOST", docker.as_str())],
+        &["--preview-check", "1s"],
+    );
+    let db = w.db();
+    wait_for("the preview is finished", || {
+        db.query_row(
+            "SELECT COUNT(*) FROM runs WHERE app = 'web-pr-4' AND outcome = 'succeeded' AND finished_at IS NOT NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    });
+    assert_eq!(get_as(addr, host), "feature page", "{}", s.log());
+    let runs: Vec<(String, Option<String>)> = {
+        let mut st = db
+            .prepare("SELECT outcome, finished_at FROM runs WHERE app = 'web-pr-4' ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                r.get(1)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    };
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.iter().all(|(_, f)| f.is_some()), "{runs:?}");
+    assert_eq!(runs[1].0, "succeeded", "{runs:?}");
+    // The release the restarted server deployed runs (the interrupted one's container, its
+    // release marked partial, is no longer routed and goes with pruning or the removal).
+    let release: String = db
+        .query_row(
+            "SELECT id FROM releases WHERE app = 'web-pr-4' AND status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        w.containers_on(0)
+            .contains(&format!("web-pr-4-{release} running")),
+        "{:?}",
+        w.containers_on(0)
+    );
+}
+
+#[test]
+fn preview_deploy_list_and_remove_run_through_a_server() {
+    use crate::webhooks::Server;
+    let w = World::containers(1, "blue-green")
+        .lines("preview", "domain = \"preview.test\"")
+        .start();
+    w.image("p1", true);
+    let r = w.run(&["token", "create", "ci", "--role", "deployer"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let token = r.stdout.trim().to_string();
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let url = format!("http://{}", s.addr);
+    let through = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--server", &url]);
+        w.cutover(&a).env("CUTOVER_TOKEN", &token).run()
+    };
+    let r = through(&["preview", "deploy", "--pr", "11", "--image", "p1", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert_eq!(r.json["status"], "succeeded", "{}", r.json);
+    assert_eq!(get_as(w.http_addr(0), "pr-11-web.preview.test"), "p1");
+    let l = through(&["preview", "list", "--json"]);
+    assert_eq!(l.code, 0, "{}", l.stderr);
+    assert_eq!(l.json[0]["pr"], 11);
+    assert_eq!(l.json[0]["url"], "http://pr-11-web.preview.test");
+    let r = through(&["preview", "remove", "--pr", "11", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert!(r.json["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("removed the preview of #11 (web-pr-11) from 1 host(s)"));
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-11")));
+    let l = through(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["state"], "removed");
+    assert_eq!(l.json[0]["removed_why"], "removed by token:ci (API)");
+}
+
+#[test]
+fn the_panel_lists_previews_and_removes_one_after_a_confirmation() {
+    use crate::webhooks::Server;
+    use testlab::Browser;
+    let w = World::containers(1, "blue-green")
+        .lines("preview", "domain = \"preview.test\"")
+        .start();
+    w.image("p1", true);
+    let r = w.run(&["preview", "deploy", "--pr", "12", "--image", "p1", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    crate::panel::add_user(&w, "ada", "admin", "correct horse battery staple");
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let b = Browser::start(1100, 900);
+    b.goto(&format!("http://{}/apps/web", s.addr));
+    b.fill("#login [name=user]", "ada");
+    b.fill("#login [name=password]", "correct horse battery staple");
+    b.click("#login button[type=submit]");
+    b.wait_for("the app page", Duration::from_secs(20), || {
+        b.exists("#previews-link").then_some(())
+    });
+    b.click("#previews-link");
+    b.wait_for("the previews page", Duration::from_secs(10), || {
+        b.exists("#previews").then_some(())
+    });
+    assert_eq!(
+        b.text("#preview-12 .preview-url"),
+        "http://pr-12-web.preview.test"
+    );
+    assert_eq!(b.text("#preview-12 .head"), "p1");
+    b.click("#preview-12 button");
+    b.wait_for("the confirmation", Duration::from_secs(10), || {
+        b.exists("#question").then_some(())
+    });
+    assert_eq!(
+        b.text("#question"),
+        "Remove the preview of pull request #12 of web? Its history is kept."
+    );
+    b.click("#confirm");
+    b.wait_for("the previews page again", Duration::from_secs(60), || {
+        b.exists("#no-previews").then_some(())
+    });
+    assert!(b.url().ends_with("/apps/web/previews"), "{}", b.url());
+    assert!(w
+        .containers_on(0)
+        .iter()
+        .all(|c| !c.starts_with("web-pr-12")));
+    assert_eq!(
+        get_as(w.http_addr(0), "pr-12-web.preview.test"),
+        "HTTP HTTP/1.1 404 Not Found"
+    );
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["removed_why"], "removed by ada (panel)");
+}
