@@ -539,3 +539,178 @@ fn a_release_failing_real_requests_is_caught_by_its_canary_bake_and_a_good_one_i
         seen.failures
     );
 }
+
+/// The bake of host `i`'s proxy as its state file records it (`baking`, `passed`, ...).
+fn proxy_bake(w: &World, i: usize) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(w.lab().srv_dir(i).join("cutover/proxy-state.json")).ok()?;
+    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+    doc["bakes"].as_array()?.first().cloned()
+}
+
+/// Waits until every host's proxy records a bake of `release` in `state`.
+fn wait_for_bakes(w: &World, release: Option<&str>, state: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let bakes: Vec<Option<serde_json::Value>> =
+            (0..w.hosts()).map(|i| proxy_bake(w, i)).collect();
+        let all = bakes.iter().all(|b| {
+            b.as_ref()
+                .is_some_and(|b| b["state"] == state && release.is_none_or(|r| b["release"] == r))
+        });
+        if all {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {state} bake on every host: {bakes:?}\n{}",
+            proxy_log_tail(w, 0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The newest release id in the history.
+fn newest(w: &World) -> String {
+    w.history()[0]["id"].as_str().unwrap().to_string()
+}
+
+/// kill -9 of the controller while its batch bakes: each host's proxy finishes the bake
+/// alone (a failing release is swapped back by the proxies, a healthy one passes), and the
+/// next run reconciles the history with what each host did.
+#[test]
+fn kill_9_during_a_bake_the_proxies_finish_it_alone_and_the_next_run_reconciles() {
+    let w = World::containers(2, "blue-green")
+        .set("deploy", "bake", "\"6s\"")
+        .set("deploy", "max_error_rate", "0.05")
+        .start();
+    for (tag, fail) in [
+        ("good", None),
+        ("flaky", Some(5)),
+        ("fine", None),
+        ("later", None),
+        ("last", None),
+    ] {
+        cgi_image(&w, tag, fail);
+    }
+    let good = w.deploy_ok("good");
+    let load = app_load(&w);
+    assert!(load.wait_for_ok(100, Duration::from_secs(30)));
+
+    // A release failing 20% of real requests; the controller dies once both hosts bake.
+    let mut child = w.cutover(&["deploy", "--image", "flaky"]).spawn_quiet();
+    wait_for_bakes(&w, None, "baking", Duration::from_secs(120));
+    child.kill().unwrap(); // SIGKILL
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&child.wait().unwrap()),
+        Some(9)
+    );
+    let flaky = newest(&w);
+    wait_for_bakes(&w, Some(&flaky), "failed", Duration::from_secs(30));
+    for i in 0..2 {
+        let b = proxy_bake(&w, i).unwrap();
+        let verdict = b["verdict"].as_str().unwrap();
+        assert!(
+            verdict.starts_with(&format!("new release {flaky}: "))
+                && verdict.contains(&format!("; old release {good}: "))
+                && verdict.ends_with("above max_error_rate 0.05 and the old release's rate"),
+            "{b}"
+        );
+        assert!(
+            b["action"]
+                .as_str()
+                .unwrap()
+                .starts_with("the proxy swapped back to 127.0.0.1:"),
+            "{b}"
+        );
+        assert_eq!(w.get(i, "/cgi-bin/app").trim(), "good", "host {i}");
+    }
+    // `cutover status` reads what each proxy did: the old release, and the bake's verdict.
+    let st = w.run(&["status"]);
+    for i in 0..2 {
+        let host = w.lab().destination(i);
+        assert!(
+            st.stdout
+                .contains(&format!("{host}: bake failed of 127.0.0.1:")),
+            "{}",
+            st.stdout
+        );
+    }
+    let st = w.run(&["status", "--json"]);
+    for h in st.json["hosts"].as_array().unwrap() {
+        assert_eq!(h["release"], good.as_str(), "{}", st.json);
+        assert_eq!(h["bake"]["state"], "failed", "{}", st.json);
+    }
+    // The next run reconciles: nobody serves the killed release; each host's verdict named.
+    let fine = w.deploy_ok("fine");
+    let rec = w
+        .last_run_events()
+        .into_iter()
+        .find(|(step, _, _)| step == "reconcile")
+        .expect("a reconcile event")
+        .2;
+    assert!(
+        rec.starts_with(&format!(
+            "reconciled an interrupted deploy of {flaky} (last step: "
+        )) && rec.contains("): marked failed; hosts serving it: none; "),
+        "{rec}"
+    );
+    for i in 0..2 {
+        let host = w.lab().destination(i);
+        assert!(rec.contains(&format!("; {host}: bake failed of ")), "{rec}");
+    }
+    let h = w.history();
+    assert_eq!(
+        (h[1]["id"].as_str(), h[1]["status"].as_str()),
+        (Some(flaky.as_str()), Some("failed"))
+    );
+    w.assert_all_serve("fine");
+    for i in 0..2 {
+        let running: Vec<String> = w
+            .containers_on(i)
+            .into_iter()
+            .filter(|c| c.ends_with(" running"))
+            .collect();
+        assert_eq!(
+            running.len(),
+            1,
+            "only the live container runs on host {i}: {running:?}"
+        );
+        assert!(running[0].contains(&fine), "{running:?}");
+    }
+
+    // A healthy release: the proxies pass the bake alone; the next run finds it served.
+    let mut child = w.cutover(&["deploy", "--image", "later"]).spawn_quiet();
+    wait_for_bakes(&w, None, "baking", Duration::from_secs(120));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let later = newest(&w);
+    wait_for_bakes(&w, Some(&later), "passed", Duration::from_secs(30));
+    for i in 0..2 {
+        assert_eq!(w.get(i, "/cgi-bin/app").trim(), "later", "host {i}");
+    }
+    let st = w.run(&["status", "--json"]);
+    for h in st.json["hosts"].as_array().unwrap() {
+        assert_eq!(h["release"], later.as_str(), "{}", st.json);
+    }
+    w.deploy_ok("last");
+    let rec = w
+        .last_run_events()
+        .into_iter()
+        .find(|(step, _, _)| step == "reconcile")
+        .expect("a reconcile event")
+        .2;
+    let hosts = format!("{}, {}", w.lab().destination(0), w.lab().destination(1));
+    assert!(
+        rec.contains(&format!("): marked partial; hosts serving it: {hosts}; ")),
+        "{rec}"
+    );
+    assert!(rec.contains(": bake passed of "), "{rec}");
+    assert_eq!(w.history()[1]["status"], "partial");
+    w.assert_all_serve("last");
+    let seen = load.stop();
+    assert!(
+        seen.failures.iter().all(|f| f.contains("HTTP 500: boom")),
+        "only the flaky release's own 500s: {:?}",
+        seen.failures
+    );
+}

@@ -494,14 +494,17 @@ impl Switcher for Containers<'_> {
     }
 
     fn serving(&self, h: &HostCx<'_>) -> Vec<String> {
-        docker::list(h.remote, self.app())
-            .map(|list| {
-                list.iter()
-                    .filter(|c| c.state == "running")
-                    .filter_map(|c| c.labels.get("cutover.release").cloned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        routed_releases(h.remote, self.capp, self.app()).unwrap_or_default()
+    }
+
+    fn reconcile_note(&self, h: &HostCx<'_>, release: &str) -> Option<String> {
+        let req = Request::Stats {
+            service: self.app().to_string(),
+        };
+        match proxy_request(h.remote, self.capp, &req) {
+            Ok(Response::Stats(s)) => s.bake.filter(|b| b.release == release).map(|b| b.summary()),
+            _ => None,
+        }
     }
 
     fn stage(&self, h: &HostCx<'_>, to: &Target<Snapshot>) -> Result<Staged, String> {
@@ -757,7 +760,7 @@ impl Switcher for Containers<'_> {
     fn retire(
         &self,
         h: &HostCx<'_>,
-        _live: &Target<Snapshot>,
+        live: &Target<Snapshot>,
         from: Option<&Target<Snapshot>>,
         protect: &BTreeSet<String>,
     ) -> Result<(Vec<String>, String), String> {
@@ -766,6 +769,22 @@ impl Switcher for Containers<'_> {
             self.stop(r, &self.name(p));
         }
         let list = docker::list(r, self.app()).map_err(|e| e.message())?;
+        // A run killed during its bake leaves the container it baked running beside the
+        // live one (whichever way the proxy decided): only the live one keeps running.
+        let strays: Vec<String> = list
+            .iter()
+            .filter(|c| c.state == "running")
+            .filter(|c| c.labels.get("cutover.release") != Some(&live.id))
+            .filter(|c| from.is_none_or(|f| c.name != self.name(f)))
+            .map(|c| c.name.clone())
+            .collect();
+        if !strays.is_empty() {
+            let _ = docker::stop(
+                r,
+                &strays,
+                self.capp.container.stop_timeout.as_secs() as u32,
+            );
+        }
         let ids: Vec<String> = list
             .iter()
             .filter_map(|c| c.labels.get("cutover.release").cloned())
@@ -775,6 +794,40 @@ impl Switcher for Containers<'_> {
         docker::remove(r, &names).map_err(|e| e.message())?;
         Ok((Vec::new(), names.join(" ")))
     }
+}
+
+/// The releases a host serves: its running containers of the app; when more than one runs
+/// (a bake keeps the old one running, and a controller may have died during it), only the
+/// one whose port is the proxy's current target (all of them if the proxy cannot say).
+pub(crate) fn routed_releases(
+    r: &dyn Remote,
+    capp: &ContainerApp,
+    app: &str,
+) -> Result<Vec<String>, String> {
+    let list = docker::list(r, app).map_err(|e| e.message())?;
+    let running: Vec<&docker::Listed> = list.iter().filter(|c| c.state == "running").collect();
+    let release = |c: &&docker::Listed| c.labels.get("cutover.release").cloned();
+    if running.len() <= 1 {
+        return Ok(running.iter().filter_map(release).collect());
+    }
+    let req = Request::Stats {
+        service: app.to_string(),
+    };
+    let current = match proxy_request(r, capp, &req) {
+        Ok(Response::Stats(s)) => s.role("current").map(|c| c.target.clone()),
+        _ => None,
+    };
+    let port = current.and_then(|t| t.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()));
+    let routed: Vec<String> = running
+        .iter()
+        .filter(|c| port.is_some() && c.host_port == port)
+        .filter_map(release)
+        .collect();
+    Ok(if routed.is_empty() {
+        running.iter().filter_map(release).collect()
+    } else {
+        routed
+    })
 }
 
 /// `; the container exited with code N; last log lines: ...` for a container that failed.
