@@ -226,7 +226,8 @@ impl BakeStatus {
     /// One line for humans: state, counts so far and the verdict.
     pub fn summary(&self) -> String {
         let mut m = format!("bake {} of {}", self.state.as_str(), self.target);
-        if let Some(n) = &self.new {
+        // While baking, the counts so far; after, the verdict says them.
+        if let (Some(n), true) = (&self.new, self.verdict.is_empty()) {
             m.push_str(&format!(": {}", describe(n)));
         }
         if self.probes > 0 {
