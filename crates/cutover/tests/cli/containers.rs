@@ -812,7 +812,7 @@ fn caught_in_the_last_batch_every_switched_host_is_swapped_back_without_a_contai
         passed.starts_with(&format!(
             "new release {flaky}: 0 of 0 requests failed (0.0%), no p99; old release {good}: "
         )) && passed.contains("; under 20 requests: judged by probes, 0 of ")
-            && passed.ends_with("probes of /cgi-bin/up failed in 4s (max_error_rate 0.05)"),
+            && passed.ends_with("probes of /up failed in 4s (max_error_rate 0.05)"),
         "{passed}"
     );
     // Live counts while baking.
