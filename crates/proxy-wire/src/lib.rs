@@ -311,7 +311,8 @@ pub fn bake_window(
 }
 
 /// The one judge of a bake window (`new`, `old` from [`bake_window`]): the new release fails
-/// when its error rate is above `max_error_rate` and above the old release's, or its p99 is
+/// when its error rate is above `max_error_rate` (by more than chance, see
+/// [`significantly_above`]) and above the old release's, or its p99 is
 /// above `max_p99`; with fewer than `min_requests` requests it is left to the probes.
 pub fn judge(
     new: &TargetStats,
@@ -335,7 +336,7 @@ pub fn judge(
     }
     let new_rate = new.error_rate().unwrap_or(0.0);
     let old_rate = old.and_then(|o| o.error_rate()).unwrap_or(0.0);
-    if new_rate > max_error_rate && new_rate > old_rate {
+    if significantly_above(new, max_error_rate) && new_rate > old_rate {
         return Judged::Failed(format!(
             "{new_text}; {old_text}; above max_error_rate {max_error_rate} and the old release's rate"
         ));
@@ -351,6 +352,17 @@ pub fn judge(
     Judged::Passed(format!(
         "{new_text}; {old_text}; within max_error_rate {max_error_rate}"
     ))
+}
+
+/// Whether `t`'s failed requests are above `rate` by more than chance explains: more than
+/// three standard deviations of a binomial count at `rate` over its requests. (One 500 in the
+/// first 57 requests of a release that fails 0.2% of the time is 1.8%, above a 1% limit, but
+/// is no evidence; a release failing 20% is caught from its first 20 requests.)
+pub fn significantly_above(t: &TargetStats, rate: f64) -> bool {
+    let n = t.requests as f64;
+    let bad = (t.errors_5xx + t.failures) as f64;
+    let allowed = rate * n + 3.0 * (n * rate * (1.0 - rate)).sqrt();
+    bad > allowed
 }
 
 /// The judge of a bake with too little traffic: its health probes, failing when more than
@@ -1005,9 +1017,9 @@ mod tests {
         let before = report(vec![t(1, "current", 5000, 500, 0), t(2, "canary", 0, 0, 0)]);
         let after = report(vec![
             t(1, "current", 5900, 501, 0),
-            t(2, "canary", 100, 3, 0),
+            t(2, "canary", 100, 10, 0),
         ]);
-        // 3% on the canary against 0.1% on the old release in the window (not its 10% before).
+        // 10% on the canary against 0.1% on the old release in the window (not its 10% before).
         let l = BakeLimits {
             max_error_ppm: 20_000,
             ..LIMITS
@@ -1019,6 +1031,22 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_failure_rate_above_the_limit_by_chance_alone_is_no_evidence() {
+        let n = |requests, errors| t(2, "current", requests, errors, 0);
+        // 0.2% noise: one 500 in 57 requests is 1.8% but no evidence against a 1% limit.
+        assert!(!significantly_above(&n(57, 1), 0.01));
+        assert!(!significantly_above(&n(57, 2), 0.01));
+        assert!(significantly_above(&n(57, 4), 0.01));
+        // A release failing 20% is caught at the first judgement of 20 requests.
+        assert!(significantly_above(&n(20, 4), 0.05));
+        assert!(significantly_above(&n(1000, 40), 0.01));
+        assert!(!significantly_above(&n(1000, 15), 0.01));
+        // No tolerance at all: any failure counts.
+        assert!(significantly_above(&n(100, 1), 0.0));
+        assert!(!significantly_above(&n(100, 0), 0.0));
     }
 
     #[test]

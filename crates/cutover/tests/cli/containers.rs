@@ -844,7 +844,35 @@ fn caught_in_the_last_batch_every_switched_host_is_swapped_back_without_a_contai
         "{msg}"
     );
     w.assert_all_serve("good");
-    assert_eq!(w.history()[0]["status"], "rolled_back");
+    let h = w.history();
+    assert_eq!(h[0]["status"], "rolled_back");
+    // The history keeps each host's verdict with its numbers.
+    let baked: Vec<(String, String)> = h[0]["bake"]
+        .as_array()
+        .unwrap_or_else(|| panic!("bake verdicts in the history: {}", h[0]))
+        .iter()
+        .map(|b| {
+            (
+                b["host"].as_str().unwrap().to_string(),
+                b["verdict"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        baked,
+        [
+            (host0.clone(), "passed".to_string()),
+            (host1.clone(), "failed".to_string())
+        ]
+    );
+    assert_eq!(h[0]["bake"][1]["detail"].as_str(), Some(failed.as_str()));
+    let table = w.run(&["history"]).stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&flaky) && l.trim_end().ends_with("failed 1/2")),
+        "{table}"
+    );
     // No container was started to go back: the old one kept running through the bake.
     let after: Vec<String> = (0..2).map(|i| started_at(&w, i, &good)).collect();
     assert_eq!(after, before);
