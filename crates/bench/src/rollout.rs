@@ -374,6 +374,8 @@ fn median_cell(v: &[f64]) -> String {
 }
 
 pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
+    let clock = Instant::now();
+    let load_before = crate::machine::loadavg();
     let dir = ctx.work.join("rollout-proxy");
     let mut rows = Vec::new();
     let mut raw = serde_json::Map::new();
@@ -410,7 +412,16 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let _ = std::fs::remove_dir_all(&dir);
     let elsewhere =
         "see *Container rollback* in the `switch` section (blue-green, the same machine)";
-    let mut body = String::new();
+    let load_after = crate::machine::loadavg();
+    let mut body = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
+    body.push_str(&format!(
+        " The `cutover` binary is the bench's own build ({} profile).\n\n",
+        if crate::harness::RELEASE {
+            "release"
+        } else {
+            "dev, unoptimized"
+        }
+    ));
     body.push_str(&report::table(
         &[
             "bad release gets",
