@@ -30,6 +30,7 @@ mod plot;
 mod proxy;
 mod report;
 mod rollback;
+mod rollout;
 mod switch;
 mod switch_files;
 mod switching;
@@ -64,6 +65,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         title: "Rollback latency",
         how_to_read: rollback::HOW_TO_READ,
         run: rollback::run,
+    },
+    Scenario {
+        name: "rollout",
+        title: "Rollout: the bake judged by the proxy",
+        how_to_read: rollout::HOW_TO_READ,
+        run: rollout::run,
     },
     Scenario {
         name: "switch",

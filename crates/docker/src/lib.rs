@@ -299,6 +299,8 @@ pub struct Listed {
     pub name: String,
     pub state: String,
     pub labels: BTreeMap<String, String>,
+    /// The first host port it publishes (`127.0.0.1:32768->8080/tcp`), while running.
+    pub host_port: Option<u16>,
 }
 
 /// Containers labelled `cutover.app=<app>`.
@@ -330,6 +332,12 @@ fn parse_listed(line: &str) -> Option<Listed> {
         name: v["Names"].as_str()?.to_string(),
         state: v["State"].as_str().unwrap_or("").to_string(),
         labels,
+        host_port: v["Ports"]
+            .as_str()
+            .and_then(|p| p.split(',').next())
+            .and_then(|p| p.split_once("->"))
+            .and_then(|(host, _)| host.rsplit(':').next())
+            .and_then(|port| port.trim().parse().ok()),
     })
 }
 
@@ -370,6 +378,12 @@ mod tests {
         assert_eq!(l.name, "site-20261126T091500Z-3f9a2c1");
         assert_eq!(l.state, "exited");
         assert_eq!(l.labels["cutover.release"], "20261126T091500Z-3f9a2c1");
+        assert_eq!(l.host_port, None);
+        let l = parse_listed(
+            r#"{"Names":"a","State":"running","Labels":"","Ports":"127.0.0.1:32768->8080/tcp"}"#,
+        )
+        .unwrap();
+        assert_eq!(l.host_port, Some(32768));
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub struct HostStatus {
     /// domain (every certificate when the app has no domain), failures included.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<cutover_proxy_wire::CertificateStatus>,
+    /// Container apps: the host's proxy's bake of the app, live counts while it runs, else
+    /// its last verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bake: Option<cutover_proxy_wire::BakeStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,16 +71,28 @@ fn certificates(
     }
 }
 
+/// The host's proxy's bake of a container app (none for files apps or a silent proxy).
+fn bake(r: &dyn cutover_remote::Remote, config: &Config) -> Option<cutover_proxy_wire::BakeStatus> {
+    let capp = config.container()?;
+    let req = cutover_proxy_wire::Request::Stats {
+        service: config.app.clone(),
+    };
+    match crate::switch::container::proxy_request(r, capp, &req) {
+        Ok(cutover_proxy_wire::Response::Stats(s)) => s.bake,
+        _ => None,
+    }
+}
+
 /// Reads `current` on every host.
 /// A container app's release on a host: the one running container labelled with the app
 /// (after a switch commits, the old one is stopped).
-fn serving_container(r: &dyn cutover_remote::Remote, app: &str) -> Result<Option<String>, String> {
-    let list = cutover_docker::list(r, app).map_err(|e| e.message())?;
-    let running: Vec<String> = list
-        .iter()
-        .filter(|c| c.state == "running")
-        .filter_map(|c| c.labels.get("cutover.release").cloned())
-        .collect();
+/// During a bake two run: the one the proxy routes to.
+fn serving_container(
+    r: &dyn cutover_remote::Remote,
+    capp: &cutover_core::config::ContainerApp,
+    app: &str,
+) -> Result<Option<String>, String> {
+    let running = crate::switch::container::routed_releases(r, capp, app)?;
     Ok(match running.as_slice() {
         [one] => Some(one.clone()),
         _ => None,
@@ -91,8 +107,8 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
         let r = hosts.get(i);
         let name = config.hosts[i].0.clone();
         match r.connect().map_err(|e| e.to_string()).and_then(|()| {
-            if config.container().is_some() {
-                serving_container(r, &config.app)
+            if let Some(capp) = config.container() {
+                serving_container(r, capp, &config.app)
             } else {
                 hostops::current(r, root).map_err(|e| e.to_string())
             }
@@ -105,6 +121,7 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
                 commit_subject: None,
                 error: None,
                 certificates: certificates(r, config),
+                bake: bake(r, config),
             },
             Err(e) => HostStatus {
                 host: name,
@@ -114,6 +131,7 @@ pub fn status(config: &Config, store: &Store) -> Result<Status, String> {
                 commit_subject: None,
                 error: Some(e),
                 certificates: Vec::new(),
+                bake: None,
             },
         }
     });

@@ -13,7 +13,10 @@
 //! {"op":"remove","service":"api"}                    {"result":"removed","service":"api"}
 //! {"op":"canary","service":"api","target":"127.0.0.1:41003","health_path":"/up","percent":10}
 //!                                                    {"result":"canary","service":"api","percent":10,...}
-//! {"op":"stats","service":"api"}                     {"result":"stats","service":"api","targets":[..]}
+//! {"op":"stats","service":"api"}                     {"result":"stats","service":"api","targets":[..],"bake":{..}}
+//! {"op":"bake","service":"api","target":"127.0.0.1:41002","fallback":"127.0.0.1:41001",
+//!  "health_path":"/up","window_ms":120000,"max_error_ppm":10000}
+//!                                                    {"result":"baking","service":"api","state":"baking",...}
 //! anything that fails                                {"result":"error","error":"no such service: api"}
 //! ```
 //!
@@ -65,6 +68,325 @@ pub enum Request {
         /// The service.
         service: String,
     },
+    /// Watch a target that just became current (or a canary) for a window, judge it by the
+    /// proxy's own counts (probing the health path when traffic is too thin) and swap back to
+    /// the fallback on its own when the limits are crossed; a passed canary is promoted. The
+    /// answer comes at once; the verdict is in `stats` (and `status`) and in the state file.
+    Bake(BakeRequest),
+}
+
+/// The body of a bake request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BakeRequest {
+    /// The service.
+    pub service: String,
+    /// The target under watch: the service's current target, or its canary.
+    pub target: String,
+    /// Where to swap back to if the bake fails (the old release, still running); none: the
+    /// verdict is only recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// Health path probed on the target when real traffic is too thin to judge.
+    pub health_path: String,
+    /// How long to watch.
+    #[serde(rename = "window_ms", with = "millis")]
+    pub window: Duration,
+    /// The limits.
+    #[serde(flatten)]
+    pub limits: BakeLimits,
+    /// Time between two judgements (and two probes); default 500 ms.
+    #[serde(rename = "interval_ms", with = "millis", default = "half_a_second")]
+    pub interval: Duration,
+    /// One probe's timeout; default 2 s.
+    #[serde(rename = "timeout_ms", with = "millis", default = "two_seconds")]
+    pub timeout: Duration,
+    /// The release under watch and the one before, for the verdict's wording.
+    #[serde(default)]
+    pub release: String,
+    /// See `release`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_release: Option<String>,
+}
+
+fn half_a_second() -> Duration {
+    Duration::from_millis(500)
+}
+
+fn two_seconds() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// What a bake judges by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BakeLimits {
+    /// Largest share of failed requests (5xx or unanswered), in parts per million, that the
+    /// new release may have above the old release's own rate.
+    pub max_error_ppm: u32,
+    /// Optional bound on the new release's p99 latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ms: Option<u64>,
+    /// Fewer requests than this to the new release: the probes judge instead.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+}
+
+/// Fewer requests than this to the new release in a bake window: the probes judge.
+pub const MIN_BAKE_REQUESTS: u64 = 20;
+
+fn default_min_requests() -> u64 {
+    MIN_BAKE_REQUESTS
+}
+
+impl BakeLimits {
+    /// `max_error_ppm` as a share (0.01 = 1%).
+    pub fn max_error_rate(&self) -> f64 {
+        f64::from(self.max_error_ppm) / 1e6
+    }
+}
+
+/// Where a bake is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BakeState {
+    /// Still watching.
+    Baking,
+    /// The window ended within the limits (a canary was promoted).
+    Passed,
+    /// The limits were crossed: the proxy swapped back to the fallback.
+    Failed,
+    /// A later deploy or canary of the service ended the bake before its verdict.
+    Superseded,
+    /// The proxy restarted during the bake (routing is what its state file says).
+    Interrupted,
+}
+
+impl BakeState {
+    /// The wire word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BakeState::Baking => "baking",
+            BakeState::Passed => "passed",
+            BakeState::Failed => "failed",
+            BakeState::Superseded => "superseded",
+            BakeState::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A bake as the proxy knows it: live while baking, then its verdict (kept, and persisted in
+/// the state file, until the service's next bake).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BakeStatus {
+    /// The service.
+    pub service: String,
+    /// The target under watch.
+    pub target: String,
+    /// Where a failure swaps back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// The release under watch (as the controller named it).
+    #[serde(default)]
+    pub release: String,
+    /// The release before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_release: Option<String>,
+    /// Where the bake is.
+    pub state: BakeState,
+    /// The target was a canary.
+    #[serde(default)]
+    pub canary: bool,
+    /// When it began, Unix milliseconds.
+    pub started_at_ms: u64,
+    /// When the window ends, Unix milliseconds.
+    pub ends_at_ms: u64,
+    /// When the verdict was reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    /// The new release's counts over the window so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<TargetStats>,
+    /// The old release's counts it is compared with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<TargetStats>,
+    /// Health probes the proxy sent to the target during the bake.
+    #[serde(default)]
+    pub probes: u32,
+    /// Of those, the ones that failed.
+    #[serde(default)]
+    pub probes_failed: u32,
+    /// The verdict with its numbers (empty while baking).
+    #[serde(default)]
+    pub verdict: String,
+    /// What the proxy did after the verdict: swapped back, promoted the canary.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub action: String,
+}
+
+impl BakeStatus {
+    /// One line for humans: state, counts so far and the verdict.
+    pub fn summary(&self) -> String {
+        let mut m = format!("bake {} of {}", self.state.as_str(), self.target);
+        // While baking, the counts so far; after, the verdict says them.
+        if let (Some(n), true) = (&self.new, self.verdict.is_empty()) {
+            m.push_str(&format!(": {}", describe(n)));
+        }
+        if self.probes > 0 {
+            m.push_str(&format!(
+                "; {} of {} probes failed",
+                self.probes_failed, self.probes
+            ));
+        }
+        if !self.verdict.is_empty() {
+            m.push_str(&format!("; {}", self.verdict));
+        }
+        if !self.action.is_empty() {
+            m.push_str(&format!("; {}", self.action));
+        }
+        m
+    }
+}
+
+/// What a bake's counts say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Judged {
+    /// Within the limits (the message gives both releases' numbers).
+    Passed(String),
+    /// A limit was crossed.
+    Failed(String),
+    /// Too little traffic to judge (the message says how much).
+    TooFew(String),
+}
+
+/// "12 of 240 requests failed (5.0%), p99 <= 20 ms"
+pub fn describe(t: &TargetStats) -> String {
+    let bad = t.errors_5xx + t.failures;
+    let rate = t.error_rate().unwrap_or(0.0) * 100.0;
+    let p99 = match t.p99_ms() {
+        None => "no p99".to_string(),
+        Some(u64::MAX) => format!(
+            "p99 > {} ms",
+            LATENCY_BOUNDS_MS[LATENCY_BOUNDS_MS.len() - 1]
+        ),
+        Some(ms) => format!("p99 <= {ms} ms"),
+    };
+    format!(
+        "{bad} of {} requests failed ({rate:.1}%), {p99}",
+        t.requests
+    )
+}
+
+/// "250ms", "2s": how the config spells a duration.
+fn spell_ms(ms: u64) -> String {
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// The window of a bake from two stats reports of one proxy: the new release's counts and
+/// the old one's. With a canary the new release is the canary and the old one the current
+/// target, over the same window; without, the new release is the current target over the
+/// window and the old one the previous target over its whole stint before the switch.
+/// `None` when the report has no target in the new release's role.
+pub fn bake_window(
+    before: &StatsReport,
+    after: &StatsReport,
+    canary: bool,
+) -> Option<(TargetStats, Option<TargetStats>)> {
+    let (new_role, old_role) = if canary {
+        ("canary", "current")
+    } else {
+        ("current", "previous")
+    };
+    let new = after.role(new_role)?.since(before.role(new_role));
+    let old = after.role(old_role).map(|o| {
+        if canary {
+            o.since(before.role(old_role))
+        } else {
+            o.clone()
+        }
+    });
+    Some((new, old))
+}
+
+/// The one judge of a bake window (`new`, `old` from [`bake_window`]): the new release fails
+/// when its error rate is above `max_error_rate` (by more than chance, see
+/// [`significantly_above`]) and above the old release's, or its p99 is
+/// above `max_p99`; with fewer than `min_requests` requests it is left to the probes.
+pub fn judge(
+    new: &TargetStats,
+    old: Option<&TargetStats>,
+    release: &str,
+    old_release: Option<&str>,
+    limits: &BakeLimits,
+) -> Judged {
+    let max_error_rate = limits.max_error_rate();
+    let old_name = old_release.unwrap_or("(none)");
+    let new_text = format!("new release {release}: {}", describe(new));
+    let old_text = match old {
+        Some(o) => format!("old release {old_name}: {}", describe(o)),
+        None => format!("old release {old_name}: no counts"),
+    };
+    if new.requests < limits.min_requests {
+        return Judged::TooFew(format!(
+            "{new_text}; {old_text}; under {} requests",
+            limits.min_requests
+        ));
+    }
+    let new_rate = new.error_rate().unwrap_or(0.0);
+    let old_rate = old.and_then(|o| o.error_rate()).unwrap_or(0.0);
+    if significantly_above(new, max_error_rate) && new_rate > old_rate {
+        return Judged::Failed(format!(
+            "{new_text}; {old_text}; above max_error_rate {max_error_rate} and the old release's rate"
+        ));
+    }
+    if let (Some(limit), Some(p99)) = (limits.max_p99_ms, new.p99_ms()) {
+        if p99 > limit {
+            return Judged::Failed(format!(
+                "{new_text}; {old_text}; p99 above max_p99 {}",
+                spell_ms(limit)
+            ));
+        }
+    }
+    Judged::Passed(format!(
+        "{new_text}; {old_text}; within max_error_rate {max_error_rate}"
+    ))
+}
+
+/// Whether `t`'s failed requests are above `rate` by more than chance explains: more than
+/// three standard deviations of a binomial count at `rate` over its requests. (One 500 in the
+/// first 57 requests of a release that fails 0.2% of the time is 1.8%, above a 1% limit, but
+/// is no evidence; a release failing 20% is caught from its first 20 requests.)
+pub fn significantly_above(t: &TargetStats, rate: f64) -> bool {
+    let n = t.requests as f64;
+    let bad = (t.errors_5xx + t.failures) as f64;
+    let allowed = rate * n + 3.0 * (n * rate * (1.0 - rate)).sqrt();
+    bad > allowed
+}
+
+/// The judge of a bake with too little traffic: its health probes, failing when more than
+/// `max_error_rate` of them failed, or when there were none (never passed on no data).
+pub fn judge_probes(
+    probes: u32,
+    failed: u32,
+    path: &str,
+    window: Duration,
+    limits: &BakeLimits,
+) -> Judged {
+    let max_error_rate = limits.max_error_rate();
+    let m = format!(
+        "{failed} of {probes} probes of {path} failed in {} (max_error_rate {max_error_rate})",
+        spell_ms(window.as_millis().min(u128::from(u64::MAX)) as u64)
+    );
+    if probes == 0 {
+        return Judged::Failed(format!("{m}: no data to judge"));
+    }
+    if f64::from(failed) / f64::from(probes) > max_error_rate {
+        Judged::Failed(m)
+    } else {
+        Judged::Passed(m)
+    }
 }
 
 /// The body of a canary request.
@@ -174,6 +496,8 @@ pub enum Response {
     Canary(CanaryReport),
     /// Per-target counts of a service.
     Stats(StatsReport),
+    /// A bake began.
+    Baking(BakeStatus),
     /// The request failed; nothing was changed unless the message says otherwise.
     Error {
         /// What went wrong.
@@ -236,6 +560,9 @@ pub struct StatsReport {
     /// Its current target, its canary (if any) and the target before the current one (if
     /// any), each counted since it was installed.
     pub targets: Vec<TargetStats>,
+    /// The service's bake: live while baking, else the last verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<BakeStatus>,
 }
 
 impl StatsReport {
@@ -403,6 +730,9 @@ pub struct ServiceStatus {
     pub requests: u64,
     /// Requests the current target answered since it became current.
     pub target_served: u64,
+    /// Its bake: live while baking, else the last verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<BakeStatus>,
 }
 
 #[cfg(test)]
@@ -557,6 +887,7 @@ mod tests {
                 in_flight: 1,
                 requests: 9,
                 target_served: 8,
+                bake: None,
             }],
             listen_tls: None,
             certificates: vec![],
@@ -621,5 +952,164 @@ mod tests {
         let mut all_slow = at(5, 0, 0, 0, 0);
         all_slow.latency[LATENCY_BOUNDS_MS.len()] = 5;
         assert_eq!(all_slow.p99_ms(), Some(u64::MAX));
+    }
+
+    fn t(id: u64, role: &str, requests: u64, errors: u64, slow: u64) -> TargetStats {
+        let mut latency = vec![0; LATENCY_BOUNDS_MS.len() + 1];
+        latency[0] = requests - slow;
+        latency[8] = slow; // <= 500 ms
+        TargetStats {
+            id,
+            target: format!("127.0.0.1:{}", 40000 + id),
+            role: role.into(),
+            requests,
+            errors_5xx: errors,
+            failures: 0,
+            latency,
+        }
+    }
+
+    fn report(targets: Vec<TargetStats>) -> StatsReport {
+        StatsReport {
+            service: "web".into(),
+            targets,
+            bake: None,
+        }
+    }
+
+    const LIMITS: BakeLimits = BakeLimits {
+        max_error_ppm: 10_000,
+        max_p99_ms: None,
+        min_requests: MIN_BAKE_REQUESTS,
+    };
+
+    fn judged(before: &StatsReport, after: &StatsReport, canary: bool, l: &BakeLimits) -> Judged {
+        let (new, old) = bake_window(before, after, canary).unwrap();
+        judge(&new, old.as_ref(), "r2", Some("r1"), l)
+    }
+
+    #[test]
+    fn a_new_release_failing_more_than_allowed_and_than_the_old_one_fails() {
+        let before = report(vec![t(2, "current", 0, 0, 0), t(1, "previous", 1000, 2, 0)]);
+        let after = report(vec![
+            t(2, "current", 200, 40, 0),
+            t(1, "previous", 1000, 2, 0),
+        ]);
+        assert_eq!(
+            judged(&before, &after, false, &LIMITS),
+            Judged::Failed(
+                "new release r2: 40 of 200 requests failed (20.0%), p99 <= 1 ms; old release r1: 2 of 1000 requests failed (0.2%), p99 <= 1 ms; above max_error_rate 0.01 and the old release's rate".into()
+            )
+        );
+        // The old release failed as often: not the new release's fault.
+        let bad_old = report(vec![
+            t(2, "current", 200, 40, 0),
+            t(1, "previous", 1000, 300, 0),
+        ]);
+        assert!(matches!(
+            judged(&before, &bad_old, false, &LIMITS),
+            Judged::Passed(_)
+        ));
+    }
+
+    #[test]
+    fn a_canary_is_compared_with_the_old_release_over_the_same_window() {
+        let before = report(vec![t(1, "current", 5000, 500, 0), t(2, "canary", 0, 0, 0)]);
+        let after = report(vec![
+            t(1, "current", 5900, 501, 0),
+            t(2, "canary", 100, 10, 0),
+        ]);
+        // 10% on the canary against 0.1% on the old release in the window (not its 10% before).
+        let l = BakeLimits {
+            max_error_ppm: 20_000,
+            ..LIMITS
+        };
+        match judged(&before, &after, true, &l) {
+            Judged::Failed(m) => assert!(
+                m.contains("old release r1: 1 of 900 requests failed (0.1%)"),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failure_rate_above_the_limit_by_chance_alone_is_no_evidence() {
+        let n = |requests, errors| t(2, "current", requests, errors, 0);
+        // 0.2% noise: one 500 in 57 requests is 1.8% but no evidence against a 1% limit.
+        assert!(!significantly_above(&n(57, 1), 0.01));
+        assert!(!significantly_above(&n(57, 2), 0.01));
+        assert!(significantly_above(&n(57, 4), 0.01));
+        // A release failing 20% is caught at the first judgement of 20 requests.
+        assert!(significantly_above(&n(20, 4), 0.05));
+        assert!(significantly_above(&n(1000, 40), 0.01));
+        assert!(!significantly_above(&n(1000, 15), 0.01));
+        // No tolerance at all: any failure counts.
+        assert!(significantly_above(&n(100, 1), 0.0));
+        assert!(!significantly_above(&n(100, 0), 0.0));
+    }
+
+    #[test]
+    fn little_traffic_is_left_to_the_probes_and_p99_is_bounded() {
+        let before = report(vec![t(2, "current", 0, 0, 0)]);
+        let few = report(vec![t(2, "current", 19, 19, 0)]);
+        assert!(matches!(
+            judged(&before, &few, false, &LIMITS),
+            Judged::TooFew(m) if m.ends_with("under 20 requests")
+        ));
+        let slow = report(vec![t(2, "current", 100, 0, 5)]);
+        let p99 = |ms| BakeLimits {
+            max_p99_ms: Some(ms),
+            ..LIMITS
+        };
+        assert_eq!(
+            judged(&before, &slow, false, &p99(200)),
+            Judged::Failed(
+                "new release r2: 0 of 100 requests failed (0.0%), p99 <= 500 ms; old release r1: no counts; p99 above max_p99 200ms".into()
+            )
+        );
+        assert!(matches!(
+            judged(&before, &slow, false, &p99(1000)),
+            Judged::Passed(_)
+        ));
+        // The probes: none is no data, not a pass.
+        let w = Duration::from_secs(8);
+        assert_eq!(
+            judge_probes(0, 0, "/up", w, &LIMITS),
+            Judged::Failed(
+                "0 of 0 probes of /up failed in 8s (max_error_rate 0.01): no data to judge".into()
+            )
+        );
+        assert!(matches!(
+            judge_probes(16, 0, "/up", w, &LIMITS),
+            Judged::Passed(_)
+        ));
+        assert!(matches!(
+            judge_probes(16, 1, "/up", w, &LIMITS),
+            Judged::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn a_bake_request_has_the_documented_shape_and_defaults() {
+        let req: Request = serde_json::from_str(
+            r#"{"op":"bake","service":"api","target":"127.0.0.1:2","fallback":"127.0.0.1:1","health_path":"/up","window_ms":8000,"max_error_ppm":10000}"#,
+        )
+        .unwrap();
+        let Request::Bake(b) = &req else {
+            panic!("{req:?}")
+        };
+        assert_eq!(b.window, Duration::from_secs(8));
+        assert_eq!(b.limits, LIMITS);
+        assert_eq!(b.interval, Duration::from_millis(500));
+        assert_eq!(b.fallback.as_deref(), Some("127.0.0.1:1"));
+        let back: Request = serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(back, req);
+        let st: BakeStatus = serde_json::from_str(
+            r#"{"service":"api","target":"127.0.0.1:2","state":"failed","started_at_ms":1,"ends_at_ms":2}"#,
+        )
+        .unwrap();
+        assert_eq!(st.state, BakeState::Failed);
+        assert_eq!(st.summary(), "bake failed of 127.0.0.1:2");
     }
 }

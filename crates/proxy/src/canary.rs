@@ -77,5 +77,6 @@ pub(crate) fn stats(shared: &Shared, service: &str) -> Result<StatsReport, Error
             .iter()
             .map(|(t, role)| t.stats.report(t.id, &t.addr, role))
             .collect(),
+        bake: shared.bakes.get(service),
     })
 }

@@ -311,6 +311,7 @@ async fn execute(proxy: &Proxy, req: Request) -> Response {
             .map(|()| Response::Removed { service }),
         Request::Canary(c) => proxy.canary(&c).await.map(Response::Canary),
         Request::Stats { service } => proxy.stats(&service).map(Response::Stats),
+        Request::Bake(b) => proxy.bake(b).await.map(Response::Baking),
     };
     result.unwrap_or_else(|e| Response::Error {
         error: e.to_string(),

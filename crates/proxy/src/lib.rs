@@ -34,6 +34,7 @@
 
 mod access;
 mod acme;
+mod bake;
 mod canary;
 mod certs;
 mod control;
@@ -66,9 +67,9 @@ pub use control::{bind_control, control_request, control_request_blocking, Contr
 /// The control protocol's wire types live in `cutover-proxy-wire` (serde only), so that the
 /// controller side can speak the protocol without this crate's HTTP stack.
 pub use cutover_proxy_wire::{
-    CanaryReport, CanaryRequest, CertificateStatus, DeployOptions, DeployReport, DeployRequest,
-    PauseReport, Request, Response, ServiceStatus, StatsReport, StatusReport, TargetStats,
-    LATENCY_BOUNDS_MS,
+    BakeLimits, BakeRequest, BakeState, BakeStatus, CanaryReport, CanaryRequest, CertificateStatus,
+    DeployOptions, DeployReport, DeployRequest, PauseReport, Request, Response, ServiceStatus,
+    StatsReport, StatusReport, TargetStats, LATENCY_BOUNDS_MS,
 };
 pub use tls::{AcmeConfig, TlsMode, LETS_ENCRYPT};
 
@@ -210,7 +211,7 @@ impl Proxy {
     /// Builds a proxy and restores its routing table from `config.state_file` (a missing file
     /// is an empty table). Must be called inside a tokio runtime.
     pub fn new(config: ProxyConfig) -> Result<Proxy, Error> {
-        let table = state::restore(&config.state_file)?;
+        let (table, bakes) = state::restore(&config.state_file)?;
         let n = table.len();
         if n > 0 {
             log::line(format_args!(
@@ -219,7 +220,7 @@ impl Proxy {
             ));
         }
         Ok(Proxy {
-            inner: Arc::new(switch::Shared::new(config, table)),
+            inner: Arc::new(switch::Shared::new(config, table, bakes)),
         })
     }
 
@@ -234,6 +235,7 @@ impl Proxy {
         domains: &[String],
         opts: &DeployOptions,
     ) -> Result<DeployReport, Error> {
+        self.inner.bakes.supersede(service);
         switch::deploy(&self.inner, service, target, health_path, domains, opts).await
     }
 
@@ -258,13 +260,23 @@ impl Proxy {
 
     /// Removes a service (its held requests get a 404).
     pub async fn remove(&self, service: &str) -> Result<(), Error> {
+        self.inner.bakes.supersede(service);
         switch::remove(&self.inner, service).await
     }
 
     /// Gates `req.deploy.target`, then sends `req.percent` of the service's new requests to
     /// it; the next [`Proxy::deploy`] promotes it (same target) or ends it (any other).
     pub async fn canary(&self, req: &CanaryRequest) -> Result<CanaryReport, Error> {
+        self.inner.bakes.supersede(&req.deploy.service);
         canary::canary(&self.inner, req).await
+    }
+
+    /// Starts a bake of the service's current target or canary (see [`BakeRequest`]): the
+    /// proxy judges it by its own counts and probes, swaps back to the fallback on its own if
+    /// a limit is crossed, and keeps the verdict (in [`Proxy::stats`], [`Proxy::status`] and
+    /// the state file). Answers at once.
+    pub async fn bake(&self, req: BakeRequest) -> Result<BakeStatus, Error> {
+        bake::start(&self.inner, req).await
     }
 
     /// Cumulative per-target counts of `service`.

@@ -1,10 +1,14 @@
-//! The state file: services, their current targets and domains, as one JSON document,
-//! written atomically (temp file in the same directory, fsync, rename, fsync the directory)
-//! and read back on start. It owns the file format; it must not hold pause state, counters or
-//! anything else that would be wrong after a restart.
+//! The state file: services, their current targets and domains, and each service's last bake
+//! verdict, as one JSON document, written atomically (temp file in the same directory, fsync,
+//! rename, fsync the directory) and read back on start. It owns the file format; it must not
+//! hold pause state, counters or anything else that would be wrong after a restart.
 //!
-//! Format (version 1):
-//! `{"version":1,"services":[{"name":"api","target":"127.0.0.1:41001","domains":["api.example.com"]}]}`
+//! Format (version 1; `bakes` only when there is one):
+//! `{"version":1,"services":[{"name":"api","target":"127.0.0.1:41001","domains":["api.example.com"]}],
+//!   "bakes":[{"service":"api","state":"failed","verdict":"...",...}]}`
+//!
+//! A bake still `baking` in the file was cut short by a restart: it is read back as
+//! `interrupted` (the routing is what the file says).
 //!
 //! Invariants: the file at `path` is always either absent or a complete document written by
 //! [`save`]; a document that does not parse or validate is refused (the proxy does not start
@@ -15,6 +19,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use cutover_proxy_wire::{BakeState, BakeStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::table::{check_name, parse_domains, parse_target, Entry, Table};
@@ -30,6 +35,8 @@ static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 struct StateFile {
     version: u32,
     services: Vec<StateService>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    bakes: Vec<BakeStatus>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -41,10 +48,11 @@ struct StateService {
     domains: Vec<String>,
 }
 
-/// Writes `entries` to `path` atomically.
-pub(crate) fn save(path: &Path, entries: &[Entry]) -> Result<(), Error> {
+/// Writes `entries` and `bakes` to `path` atomically.
+pub(crate) fn save(path: &Path, entries: &[Entry], bakes: &[BakeStatus]) -> Result<(), Error> {
     let doc = StateFile {
         version: VERSION,
+        bakes: bakes.to_vec(),
         services: entries
             .iter()
             .map(|e| StateService {
@@ -94,11 +102,11 @@ pub(crate) fn save(path: &Path, entries: &[Entry]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Reads the table from `path`; a missing file is an empty table.
-pub(crate) fn restore(path: &Path) -> Result<Table, Error> {
+/// Reads the table and the bake verdicts from `path`; a missing file is an empty table.
+pub(crate) fn restore(path: &Path) -> Result<(Table, Vec<BakeStatus>), Error> {
     let text = match fs::read(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Table::default()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Table::default(), Vec::new())),
         Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
     };
     let bad = |message: String| Error::State {
@@ -124,7 +132,19 @@ pub(crate) fn restore(path: &Path) -> Result<Table, Error> {
             .install(&s.name, &target, &domains)
             .map_err(|e| bad(e.to_string()))?;
     }
-    Ok(table)
+    let bakes = doc
+        .bakes
+        .into_iter()
+        .filter(|b| table.get(&b.service).is_some())
+        .map(|mut b| {
+            if b.state == BakeState::Baking {
+                b.state = BakeState::Interrupted;
+                b.verdict = "the proxy restarted during the bake".into();
+            }
+            b
+        })
+        .collect();
+    Ok((table, bakes))
 }
 
 #[cfg(test)]
@@ -143,7 +163,7 @@ mod tests {
     fn save_then_restore_round_trips() {
         let dir = tempdir("rt");
         let path = dir.join("sub/state.json");
-        assert_eq!(restore(&path).unwrap().len(), 0);
+        assert_eq!(restore(&path).unwrap().0.len(), 0);
         let entries = vec![
             Entry {
                 name: "a".into(),
@@ -156,9 +176,33 @@ mod tests {
                 domains: vec![],
             },
         ];
-        save(&path, &entries).unwrap();
-        let table = restore(&path).unwrap();
+        let bake = |state| BakeStatus {
+            service: "a".into(),
+            target: "127.0.0.1:1".into(),
+            fallback: Some("127.0.0.1:9".into()),
+            release: "r2".into(),
+            old_release: Some("r1".into()),
+            state,
+            canary: false,
+            started_at_ms: 1,
+            ends_at_ms: 2,
+            finished_at_ms: None,
+            new: None,
+            old: None,
+            probes: 0,
+            probes_failed: 0,
+            verdict: String::new(),
+            action: String::new(),
+        };
+        save(&path, &entries, &[bake(BakeState::Failed)]).unwrap();
+        let (table, bakes) = restore(&path).unwrap();
         assert_eq!(table.snapshot(), entries);
+        assert_eq!(bakes, vec![bake(BakeState::Failed)]);
+        // A bake cut short by a restart reads back as interrupted.
+        save(&path, &entries, &[bake(BakeState::Baking)]).unwrap();
+        let (_, bakes) = restore(&path).unwrap();
+        assert_eq!(bakes[0].state, BakeState::Interrupted);
+        assert_eq!(bakes[0].verdict, "the proxy restarted during the bake");
         // No temp files left behind.
         let names: Vec<_> = fs::read_dir(path.parent().unwrap())
             .unwrap()

@@ -50,10 +50,16 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     /// The certificates served over TLS and the ACME challenge answers.
     pub(crate) certs: Arc<crate::certs::Certs>,
+    /// Each service's bake (live, or its last verdict), persisted with the table.
+    pub(crate) bakes: crate::bake::Bakes,
 }
 
 impl Shared {
-    pub(crate) fn new(config: ProxyConfig, table: Table) -> Shared {
+    pub(crate) fn new(
+        config: ProxyConfig,
+        table: Table,
+        bakes: Vec<cutover_proxy_wire::BakeStatus>,
+    ) -> Shared {
         let access = config.access_log.as_ref().map(|p| {
             Arc::new(crate::access::AccessLog::new(
                 p.clone(),
@@ -71,6 +77,7 @@ impl Shared {
             requests: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             certs: Arc::default(),
+            bakes: crate::bake::Bakes::new(bakes),
         }
     }
 
@@ -99,14 +106,15 @@ impl Shared {
     async fn persist(&self) -> Result<(), Error> {
         let _order = self.persist_lock.lock().await;
         let snapshot = self.table.snapshot();
+        let bakes = self.bakes.all();
         let path = self.config.state_file.clone();
-        tokio::task::spawn_blocking(move || state::save(&path, &snapshot))
+        tokio::task::spawn_blocking(move || state::save(&path, &snapshot, &bakes))
             .await
             .map_err(|e| Error::io("state writer", std::io::Error::other(e.to_string())))?
     }
 
     /// Persists and turns a failure into a logged message.
-    async fn persist_logged(&self) -> Option<String> {
+    pub(crate) async fn persist_logged(&self) -> Option<String> {
         match self.persist().await {
             Ok(()) => None,
             Err(e) => {
@@ -266,7 +274,7 @@ pub(crate) async fn health_gate(
 }
 
 /// One health probe: Ok on a 2xx answer with a complete body.
-async fn probe(
+pub(crate) async fn probe(
     client: &Upstream,
     target: &str,
     host: Option<&str>,
@@ -417,6 +425,7 @@ pub(crate) fn status(shared: &Shared) -> StatusReport {
                     in_flight: s.in_flight(),
                     requests: s.requests(),
                     target_served: current.served(),
+                    bake: shared.bakes.get(&s.name),
                 }
             })
             .collect(),

@@ -7,8 +7,8 @@ mod support;
 use std::time::Duration;
 
 use cutover_proxy::{
-    CanaryRequest, ControlError, DeployRequest, Request, Response, StatsReport, TargetStats,
-    LATENCY_BOUNDS_MS,
+    BakeLimits, BakeRequest, BakeState, BakeStatus, CanaryRequest, ControlError, DeployRequest,
+    Request, Response, StatsReport, TargetStats, LATENCY_BOUNDS_MS,
 };
 use support::{fast, get, Backend, Load, LoadOpts, TempDir, TestProxy};
 
@@ -196,4 +196,144 @@ fn a_ten_percent_canary_gets_its_share_and_is_promoted_without_a_failed_request(
     let r = proxy.deploy("app", b.addr).unwrap();
     assert!(!r.switched && r.drained, "{r:?}");
     assert!((0..40).all(|_| get(proxy.addr, "app.test", "/").first_line() == "b"));
+}
+
+fn bake(proxy: &TestProxy, to: &Backend, fallback: &Backend, window: Duration) -> BakeStatus {
+    let req = Request::Bake(BakeRequest {
+        service: "app".into(),
+        target: to.addr.to_string(),
+        fallback: Some(fallback.addr.to_string()),
+        health_path: "/up".into(),
+        window,
+        limits: BakeLimits {
+            max_error_ppm: 10_000,
+            max_p99_ms: None,
+            min_requests: 20,
+        },
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_secs(1),
+        release: "r2".into(),
+        old_release: Some("r1".into()),
+    });
+    match proxy.request(&req) {
+        Ok(Response::Baking(b)) => b,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Polls `stats` until the bake has its verdict.
+fn verdict(proxy: &TestProxy, within: Duration) -> BakeStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let b = stats(proxy, "app").bake.expect("a bake in stats");
+        if b.state != BakeState::Baking {
+            return b;
+        }
+        assert!(std::time::Instant::now() < deadline, "still baking: {b:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Nobody polls or acts for the proxy: it judges the bake itself, swaps back on its own
+/// when real requests fail (long before the window ends), persists the verdict; a bake with
+/// no traffic at all is judged from its own probes.
+#[test]
+fn a_bake_is_judged_and_reverted_by_the_proxy_alone_and_its_verdict_survives_a_restart() {
+    let dir = TempDir::new("bake");
+    let (a, bad, good) = (
+        Backend::start("a"),
+        Backend::start("bad"),
+        Backend::start("good"),
+    );
+    let proxy = TestProxy::start(dir.path());
+    proxy.deploy("app", a.addr).unwrap();
+    let mut opts = LoadOpts::new(proxy.addr, true);
+    opts.path = "/app".into();
+    let load = Load::start(opts);
+    assert!(load.wait_more(50, Duration::from_secs(10)));
+
+    // A release whose /up is fine and whose real requests all fail.
+    proxy.deploy("app", bad.addr).unwrap();
+    let started = bake(&proxy, &bad, &a, Duration::from_secs(60));
+    assert_eq!(started.state, BakeState::Baking);
+    let b = verdict(&proxy, Duration::from_secs(10));
+    assert_eq!(b.state, BakeState::Failed, "{b:?}");
+    assert!(
+        b.verdict.starts_with("new release r2: ") && b.verdict.contains("; old release r1: 0 of "),
+        "{b:?}"
+    );
+    assert!(
+        b.verdict
+            .ends_with("above max_error_rate 0.01 and the old release's rate"),
+        "{b:?}"
+    );
+    assert!(
+        b.action
+            .starts_with(&format!("the proxy swapped back to {} (gate ", a.addr)),
+        "{b:?}"
+    );
+    // Judged at the first judgement with enough requests, not at the end of the window.
+    assert!(b.finished_at_ms.unwrap() < b.ends_at_ms - 30_000, "{b:?}");
+    assert!(load.wait_more(50, Duration::from_secs(10)));
+    let seen = load.stop();
+    assert!(seen.failed > 0, "{seen}");
+    assert!(
+        seen.failures.iter().all(|f| f.contains("500")),
+        "{:?}",
+        seen.failures
+    );
+    assert_eq!(get(proxy.addr, "app.test", "/app").first_line(), "a");
+
+    // The verdict is in the state: a restarted proxy reports it.
+    proxy.stop().unwrap();
+    let proxy = TestProxy::start(dir.path());
+    let status = proxy.status();
+    let kept = status.services[0].bake.clone().expect("the bake survives");
+    assert_eq!(
+        (kept.state, kept.verdict.clone()),
+        (b.state, b.verdict.clone())
+    );
+    assert_eq!(status.services[0].target, a.addr.to_string());
+
+    // No client traffic at all: the proxy probes /up itself, and passes on that data only.
+    proxy.deploy("app", good.addr).unwrap();
+    bake(&proxy, &good, &a, Duration::from_secs(2));
+    let b = verdict(&proxy, Duration::from_secs(10));
+    assert_eq!(b.state, BakeState::Passed, "{b:?}");
+    assert!(b.probes >= 5 && b.probes_failed == 0, "{b:?}");
+    assert!(
+        b.verdict
+            .contains("under 20 requests: judged by probes, 0 of ")
+            && b.verdict
+                .ends_with("probes of /up failed in 2s (max_error_rate 0.01)"),
+        "{b:?}"
+    );
+    assert_eq!(get(proxy.addr, "app.test", "/").first_line(), "good");
+
+    // A bake of a target the service does not route to is refused.
+    match proxy.request(&Request::Bake(BakeRequest {
+        service: "app".into(),
+        target: bad.addr.to_string(),
+        fallback: None,
+        health_path: "/up".into(),
+        window: Duration::from_secs(1),
+        limits: BakeLimits {
+            max_error_ppm: 0,
+            max_p99_ms: None,
+            min_requests: 20,
+        },
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_secs(1),
+        release: String::new(),
+        old_release: None,
+    })) {
+        Err(ControlError::Rejected(e)) => assert_eq!(
+            e,
+            format!(
+                "invalid request: bake target {} is neither the current target nor the canary of app",
+                bad.addr
+            )
+        ),
+        other => panic!("{other:?}"),
+    }
 }

@@ -266,6 +266,9 @@ fn human(resp: &Response) {
                     svc.in_flight,
                     svc.requests
                 );
+                if let Some(b) = &svc.bake {
+                    println!("    {}", b.summary());
+                }
             }
             if let Some(tls) = &s.listen_tls {
                 println!("TLS on {tls}");
@@ -292,7 +295,11 @@ fn human(resp: &Response) {
                         .map_or("-".to_string(), |ms| format!("<= {ms} ms"))
                 );
             }
+            if let Some(b) = &s.bake {
+                println!("  {}", b.summary());
+            }
         }
+        Response::Baking(b) => println!("{}: {}", b.service, b.summary()),
         Response::Error { error } => eprintln!("error: {error}"),
     }
 }

@@ -72,6 +72,9 @@ pub(crate) fn run(common: &Common, json: bool) -> i32 {
         for line in super::proxy::certificate_lines(&h.certificates, now) {
             println!("{}: {line}", h.host);
         }
+        if let Some(b) = &h.bake {
+            println!("{}: {}", h.host, b.summary());
+        }
     }
     for d in &status.drift {
         println!("drift: {d}");

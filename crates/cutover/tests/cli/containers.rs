@@ -539,3 +539,397 @@ fn a_release_failing_real_requests_is_caught_by_its_canary_bake_and_a_good_one_i
         seen.failures
     );
 }
+
+/// The bake of host `i`'s proxy as its state file records it (`baking`, `passed`, ...).
+fn proxy_bake(w: &World, i: usize) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(w.lab().srv_dir(i).join("cutover/proxy-state.json")).ok()?;
+    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+    doc["bakes"].as_array()?.first().cloned()
+}
+
+/// Waits until every host's proxy records a bake of `release` in `state`.
+fn wait_for_bakes(w: &World, release: &str, state: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let bakes: Vec<Option<serde_json::Value>> =
+            (0..w.hosts()).map(|i| proxy_bake(w, i)).collect();
+        let all = bakes.iter().all(|b| {
+            b.as_ref()
+                .is_some_and(|b| b["state"] == state && b["release"] == release)
+        });
+        if all {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {state} bake on every host: {bakes:?}\n{}",
+            proxy_log_tail(w, 0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until every host's proxy has been handed the bake of a release other than `old`
+/// (whatever its state by then: hosts of one batch may start their bakes apart).
+fn wait_for_new_bakes(w: &World, old: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let bakes: Vec<Option<serde_json::Value>> =
+            (0..w.hosts()).map(|i| proxy_bake(w, i)).collect();
+        if bakes
+            .iter()
+            .all(|b| b.as_ref().is_some_and(|b| b["release"] != old))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new bake on every host: {bakes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The newest release id in the history.
+fn newest(w: &World) -> String {
+    w.history()[0]["id"].as_str().unwrap().to_string()
+}
+
+/// kill -9 of the controller while its batch bakes: each host's proxy finishes the bake
+/// alone (a failing release is swapped back by the proxies, a healthy one passes), and the
+/// next run reconciles the history with what each host did.
+#[test]
+fn kill_9_during_a_bake_the_proxies_finish_it_alone_and_the_next_run_reconciles() {
+    let w = World::containers(2, "blue-green")
+        .set("deploy", "bake", "\"6s\"")
+        .set("deploy", "max_error_rate", "0.05")
+        .start();
+    for (tag, fail) in [
+        ("good", None),
+        ("flaky", Some(5)),
+        ("fine", None),
+        ("later", None),
+        ("last", None),
+    ] {
+        cgi_image(&w, tag, fail);
+    }
+    let good = w.deploy_ok("good");
+    let load = app_load(&w);
+    assert!(load.wait_for_ok(100, Duration::from_secs(30)));
+
+    // A release failing 20% of real requests; the controller dies once both hosts bake.
+    let mut child = w.cutover(&["deploy", "--image", "flaky"]).spawn_quiet();
+    wait_for_new_bakes(&w, &good, Duration::from_secs(120));
+    child.kill().unwrap(); // SIGKILL
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&child.wait().unwrap()),
+        Some(9)
+    );
+    let flaky = newest(&w);
+    wait_for_bakes(&w, &flaky, "failed", Duration::from_secs(30));
+    for i in 0..2 {
+        let b = proxy_bake(&w, i).unwrap();
+        let verdict = b["verdict"].as_str().unwrap();
+        assert!(
+            verdict.starts_with(&format!("new release {flaky}: "))
+                && verdict.contains(&format!("; old release {good}: "))
+                && verdict.ends_with("above max_error_rate 0.05 and the old release's rate"),
+            "{b}"
+        );
+        assert!(
+            b["action"]
+                .as_str()
+                .unwrap()
+                .starts_with("the proxy swapped back to 127.0.0.1:"),
+            "{b}"
+        );
+        let page = w.get(i, "/cgi-bin/app");
+        assert!(
+            page.lines().any(|l| l.trim() == "good"),
+            "host {i}: {page:?}"
+        );
+    }
+    // `cutover status` reads what each proxy did: the old release, and the bake's verdict.
+    let st = w.run(&["status"]);
+    for i in 0..2 {
+        let host = w.lab().destination(i);
+        assert!(
+            st.stdout
+                .contains(&format!("{host}: bake failed of 127.0.0.1:")),
+            "{}",
+            st.stdout
+        );
+    }
+    let st = w.run(&["status", "--json"]);
+    for h in st.json["hosts"].as_array().unwrap() {
+        assert_eq!(h["release"], good.as_str(), "{}", st.json);
+        assert_eq!(h["bake"]["state"], "failed", "{}", st.json);
+    }
+    // The next run reconciles: nobody serves the killed release; each host's verdict named.
+    let fine = w.deploy_ok("fine");
+    let rec = w
+        .last_run_events()
+        .into_iter()
+        .find(|(step, _, _)| step == "reconcile")
+        .expect("a reconcile event")
+        .2;
+    assert!(
+        rec.starts_with(&format!(
+            "reconciled an interrupted deploy of {flaky} (last step: "
+        )) && rec.contains("): marked failed; hosts serving it: none; "),
+        "{rec}"
+    );
+    for i in 0..2 {
+        let host = w.lab().destination(i);
+        assert!(rec.contains(&format!("; {host}: bake failed of ")), "{rec}");
+    }
+    let h = w.history();
+    assert_eq!(
+        (h[1]["id"].as_str(), h[1]["status"].as_str()),
+        (Some(flaky.as_str()), Some("failed"))
+    );
+    w.assert_all_serve("fine");
+    for i in 0..2 {
+        let running: Vec<String> = w
+            .containers_on(i)
+            .into_iter()
+            .filter(|c| c.ends_with(" running"))
+            .collect();
+        assert_eq!(
+            running.len(),
+            1,
+            "only the live container runs on host {i}: {running:?}"
+        );
+        assert!(running[0].contains(&fine), "{running:?}");
+    }
+
+    // A healthy release: the proxies pass the bake alone; the next run finds it served.
+    let mut child = w.cutover(&["deploy", "--image", "later"]).spawn_quiet();
+    wait_for_new_bakes(&w, &fine, Duration::from_secs(120));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let later = newest(&w);
+    wait_for_bakes(&w, &later, "passed", Duration::from_secs(30));
+    for i in 0..2 {
+        let page = w.get(i, "/cgi-bin/app");
+        assert!(
+            page.lines().any(|l| l.trim() == "later"),
+            "host {i}: {page:?}"
+        );
+    }
+    let st = w.run(&["status", "--json"]);
+    for h in st.json["hosts"].as_array().unwrap() {
+        assert_eq!(h["release"], later.as_str(), "{}", st.json);
+    }
+    w.deploy_ok("last");
+    let rec = w
+        .last_run_events()
+        .into_iter()
+        .find(|(step, _, _)| step == "reconcile")
+        .expect("a reconcile event")
+        .2;
+    let hosts = format!("{}, {}", w.lab().destination(0), w.lab().destination(1));
+    assert!(
+        rec.contains(&format!("): marked partial; hosts serving it: {hosts}; ")),
+        "{rec}"
+    );
+    assert!(rec.contains(": bake passed of "), "{rec}");
+    assert_eq!(w.history()[1]["status"], "partial");
+    w.assert_all_serve("last");
+    let seen = load.stop();
+    assert!(
+        seen.failures.iter().all(|f| f.contains("HTTP 500: boom")),
+        "only the flaky release's own 500s: {:?}",
+        seen.failures
+    );
+}
+
+/// When host `i` last started the container of `release` (docker's `StartedAt`).
+fn started_at(w: &World, i: usize, release: &str) -> String {
+    let out = w.lab().docker(
+        i,
+        &[
+            "inspect",
+            "-f",
+            "{{.Id}} {{.State.StartedAt}}",
+            &format!("web-{release}"),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Real requests to `/cgi-bin/app` on the hosts `which`, `workers` per host.
+fn app_load_on(w: &World, which: &[usize], workers: usize) -> testlab::Load {
+    testlab::Load::start(testlab::LoadOptions {
+        path: "/cgi-bin/app".into(),
+        workers_per_target: workers,
+        pause: Duration::from_millis(20),
+        ..testlab::LoadOptions::new(which.iter().map(|&i| w.http_addr(i)).collect())
+    })
+}
+
+/// The failing release caught in the last batch: the first batch's host, which had no client
+/// traffic, passed on its proxy's own probes (not on no data); the last batch's host failed on
+/// real requests; every switched host goes back, and going back is a swap in each proxy: the
+/// old container was never stopped, so it is not started again (same id, same StartedAt).
+#[test]
+fn caught_in_the_last_batch_every_switched_host_is_swapped_back_without_a_container_start() {
+    let w = World::containers(2, "blue-green")
+        .set("deploy", "batches", "[1, \"100%\"]")
+        .set("deploy", "bake", "\"4s\"")
+        .set("deploy", "max_error_rate", "0.05")
+        .start();
+    cgi_image(&w, "good", None);
+    cgi_image(&w, "flaky", Some(5));
+    let good = w.deploy_ok("good");
+    let before: Vec<String> = (0..2).map(|i| started_at(&w, i, &good)).collect();
+    assert!(before.iter().all(|s| s.len() > 64), "{before:?}");
+    // Client traffic only on host 1 (the last batch).
+    let load = app_load_on(&w, &[1], 2);
+    assert!(load.wait_for_ok(50, Duration::from_secs(30)));
+    let r = w.run(&["deploy", "--events", "--image", "flaky"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let events: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let flaky = events.last().unwrap()["release"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (host0, host1) = (w.lab().destination(0), w.lab().destination(1));
+    let bake = |host: &str, state: &str| {
+        events
+            .iter()
+            .find(|e| e["step"] == "bake" && e["state"] == state && e["host"] == host)
+            .and_then(|e| e["detail"].as_str())
+            .unwrap_or_else(|| panic!("a {state} bake event of {host}: {}", r.stdout))
+            .to_string()
+    };
+    let passed = bake(&host0, "done");
+    assert!(
+        passed.starts_with(&format!(
+            "new release {flaky}: 0 of 0 requests failed (0.0%), no p99; old release {good}: "
+        )) && passed.contains("; under 20 requests: judged by probes, 0 of ")
+            && passed.ends_with("probes of /up failed in 4s (max_error_rate 0.05)"),
+        "{passed}"
+    );
+    // Live counts while baking.
+    assert!(
+        events.iter().any(|e| e["step"] == "bake"
+            && e["state"] == "output"
+            && e["host"] == host1.as_str()
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("bake baking of 127.0.0.1:")),
+        "{}",
+        r.stdout
+    );
+    let failed = bake(&host1, "failed");
+    assert!(
+        failed.starts_with(&format!("new release {flaky}: "))
+            && failed.contains("above max_error_rate 0.05 and the old release's rate; the proxy swapped back to 127.0.0.1:"),
+        "{failed}"
+    );
+    let outcome = events.last().unwrap();
+    let msg = outcome["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with(&format!(
+            "release {flaky} passed its health gate but failed its bake:\n  {host1}: new release {flaky}: "
+        )) && msg.ends_with(&format!(
+            "Every host was switched back to {good} and passed its health gate again."
+        )),
+        "{msg}"
+    );
+    w.assert_all_serve("good");
+    let h = w.history();
+    assert_eq!(h[0]["status"], "rolled_back");
+    // The history keeps each host's verdict with its numbers.
+    let baked: Vec<(String, String)> = h[0]["bake"]
+        .as_array()
+        .unwrap_or_else(|| panic!("bake verdicts in the history: {}", h[0]))
+        .iter()
+        .map(|b| {
+            (
+                b["host"].as_str().unwrap().to_string(),
+                b["verdict"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        baked,
+        [
+            (host0.clone(), "passed".to_string()),
+            (host1.clone(), "failed".to_string())
+        ]
+    );
+    assert_eq!(h[0]["bake"][1]["detail"].as_str(), Some(failed.as_str()));
+    let table = w.run(&["history"]).stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&flaky) && l.trim_end().ends_with("failed 1/2")),
+        "{table}"
+    );
+    // No container was started to go back: the old one kept running through the bake.
+    let after: Vec<String> = (0..2).map(|i| started_at(&w, i, &good)).collect();
+    assert_eq!(after, before);
+    let seen = load.stop();
+    assert!(
+        seen.failures.iter().all(|f| f.contains("HTTP 500: boom")),
+        "{:?}",
+        seen.failures
+    );
+}
+
+/// A release 300 ms slower than the old one: with `max_p99` its bake fails on the proxy's
+/// latency counts and it is reverted; without `max_p99` it is kept.
+#[test]
+fn a_slower_release_is_reverted_with_max_p99_and_kept_without() {
+    let w = World::containers(1, "blue-green")
+        .set("deploy", "bake", "\"5s\"")
+        .set("deploy", "max_p99", "\"200ms\"")
+        .start();
+    cgi_image(&w, "fast", None);
+    let slow = |tag: &str| {
+        let script = format!(
+            "#!/bin/sh\nsleep 0.3\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n{tag}\\n'\n"
+        );
+        let start = b"#!/bin/sh\ntrap 'exit 0' TERM INT\nhttpd -f -p 8080 -h /www &\nwait\n";
+        w.lab().build_image_with(
+            &format!("web:{tag}"),
+            &[
+                ("www/index.html", format!("{tag}\n").as_bytes()),
+                ("www/up", b"ok\n"),
+                ("www/cgi-bin/app", script.as_bytes()),
+                ("start.sh", start),
+            ],
+            &["CMD [\"/start.sh\"]", "EXPOSE 8080/tcp"],
+        );
+    };
+    slow("slow");
+    slow("slow2");
+    let fast = w.deploy_ok("fast");
+    let load = app_load_on(&w, &[0], 8);
+    assert!(load.wait_for_ok(50, Duration::from_secs(30)));
+    let r = w.deploy_image("slow");
+    assert_eq!(r.code, 1, "{}", r.json);
+    let msg = r.message();
+    assert!(
+        msg.contains(&format!("; old release {fast}: 0 of "))
+            && msg.contains("p99 <= 500 ms; old release")
+            && msg.contains("; p99 above max_p99 200ms; the proxy swapped back to 127.0.0.1:"),
+        "{msg}"
+    );
+    w.assert_all_serve("fast");
+    w.configure(|t| {
+        t.unset("deploy", "max_p99");
+    });
+    let kept = w.deploy_image("slow2");
+    assert_eq!(kept.code, 0, "{}", kept.json);
+    w.assert_all_serve("slow2");
+    let seen = load.stop();
+    assert_eq!(seen.failed, 0, "{:?}", seen.failures);
+}

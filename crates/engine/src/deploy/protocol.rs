@@ -652,7 +652,7 @@ impl<S: Switcher> Run<'_, S> {
             }
             let r = store.finish_run(run.id, Status::Interrupted, &now_utc());
             self.rec.best_effort(r);
-            let msg = reconciled(
+            let mut msg = reconciled(
                 kind,
                 &run.release_id,
                 &last,
@@ -660,6 +660,12 @@ impl<S: Switcher> Run<'_, S> {
                 &serving,
                 S::STAGES_DIRECTORIES,
             );
+            // What each host did alone (a proxy that finished a bake): said with its numbers.
+            for h in hosts {
+                if let Some(note) = self.sw.reconcile_note(h, &run.release_id) {
+                    msg.push_str(&format!("; {}: {note}", h.name));
+                }
+            }
             self.env.reporter.note(&msg);
             self.rec.ev(None, Step::Reconcile, State::Done, &msg);
         }

@@ -25,7 +25,8 @@ use cutover_core::container::Strategy;
 use cutover_core::{Config, State, Step};
 use cutover_docker as docker;
 use cutover_proxy_wire::{
-    CanaryRequest, DeployOptions, DeployRequest, Request, Response, StatsReport, TargetStats,
+    BakeLimits, BakeRequest, BakeState, CanaryRequest, DeployOptions, DeployRequest, Request,
+    Response, StatsReport, MIN_BAKE_REQUESTS,
 };
 use cutover_remote::{Remote, Script};
 use serde::{Deserialize, Serialize};
@@ -493,14 +494,17 @@ impl Switcher for Containers<'_> {
     }
 
     fn serving(&self, h: &HostCx<'_>) -> Vec<String> {
-        docker::list(h.remote, self.app())
-            .map(|list| {
-                list.iter()
-                    .filter(|c| c.state == "running")
-                    .filter_map(|c| c.labels.get("cutover.release").cloned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        routed_releases(h.remote, self.capp, self.app()).unwrap_or_default()
+    }
+
+    fn reconcile_note(&self, h: &HostCx<'_>, release: &str) -> Option<String> {
+        let req = Request::Stats {
+            service: self.app().to_string(),
+        };
+        match proxy_request(h.remote, self.capp, &req) {
+            Ok(Response::Stats(s)) => s.bake.filter(|b| b.release == release).map(|b| b.summary()),
+            _ => None,
+        }
     }
 
     fn stage(&self, h: &HostCx<'_>, to: &Target<Snapshot>) -> Result<Staged, String> {
@@ -640,63 +644,85 @@ impl Switcher for Containers<'_> {
         Ok((endpoint, spec))
     }
 
-    /// The probing bake (so that a bake never passes on no data), judged together with the
-    /// proxy's own counts of real requests over the same window: the new release fails when
-    /// its error rate is above `max_error_rate` and above the old release's, or its p99 is
-    /// above `max_p99`. A canary is promoted once its bake passed.
+    /// The bake is the proxy's: it is handed the window, the limits and the target to fall
+    /// back to, judges by its own counts (probing the health path when traffic is thin),
+    /// swaps back on its own when a limit is crossed and promotes a passed canary. Here the
+    /// verdict is only awaited (polling `stats`, each poll's live counts an event), so that a
+    /// controller that dies mid-bake changes nothing about how the bake ends.
     fn bake(
         &self,
         h: &HostCx<'_>,
         from: Option<&Target<Snapshot>>,
         to: &Target<Snapshot>,
         window: Duration,
-        max_error_rate: f64,
+        _max_error_rate: f64,
     ) -> Result<String, String> {
         let r = h.remote;
-        // A proxy too old to count answers an error: the probes alone judge.
-        let before = self.stats(r).ok();
-        let probed = super::probing_bake(self, h, to, window, max_error_rate);
-        let after = before.as_ref().and_then(|_| self.stats(r).ok());
-        let canary = after
-            .as_ref()
-            .and_then(|a| a.role("canary"))
-            .map(|c| c.target.clone());
-        let judged = match (&before, &after) {
-            (Some(b), Some(a)) => judge(
-                b,
-                a,
-                canary.is_some(),
-                &Releases {
-                    new: &to.id,
-                    old: from.map(|f| f.id.as_str()),
-                },
-                max_error_rate,
-                self.config.deploy.max_p99,
+        let now = self.stats(r)?;
+        let (target, fallback) = match (now.role("canary"), now.role("current")) {
+            (Some(c), cur) => (c.target.clone(), cur.map(|c| c.target.clone())),
+            (None, Some(cur)) => (
+                cur.target.clone(),
+                from.and(now.role("previous")).map(|p| p.target.clone()),
             ),
-            _ => Judged::NoCounts,
+            (None, None) => return Err("the proxy reports no target for the app".into()),
         };
-        let verdict = match (judged, probed) {
-            (Judged::Failed(why), Ok(p)) => Err(format!("{why} ({p})")),
-            (Judged::Failed(why), Err(p)) => Err(format!("{why}; {p}")),
-            (_, Err(p)) => Err(p),
-            (Judged::Passed(m), Ok(p)) => Ok(format!("{m}; {p}")),
-            (Judged::TooFew(m), Ok(p)) => Ok(format!("{m}: judged by probes, {p}")),
-            (Judged::NoCounts, Ok(p)) => Ok(p),
-        };
-        let passed = verdict?;
-        match canary {
-            Some(target) => {
-                let port = target
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| p.parse::<u16>().ok())
-                    .ok_or_else(|| format!("canary target {target:?} has no port"))?;
-                let m = self
-                    .flip(r, port, &to.snap, 1)
-                    .map_err(|e| format!("{passed}; promoting the canary failed: {}", e.text()))?;
-                Ok(format!("{passed}; canary promoted to every request: {m}"))
+        let deploy = &self.config.deploy;
+        let health = &self.config.health;
+        let interval = health
+            .interval
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let req = Request::Bake(BakeRequest {
+            service: self.app().to_string(),
+            target,
+            fallback,
+            health_path: to.snap.health_path.clone(),
+            window,
+            limits: BakeLimits {
+                max_error_ppm: deploy.max_error_rate_ppm,
+                max_p99_ms: deploy.max_p99.map(|d| d.as_millis() as u64),
+                min_requests: MIN_BAKE_REQUESTS,
+            },
+            interval,
+            timeout: health.timeout,
+            release: to.id.clone(),
+            old_release: from.map(|f| f.id.clone()),
+        });
+        match proxy_request(r, self.capp, &req)? {
+            Response::Baking(b) => h.ev(Step::Bake, State::Output, &b.summary()),
+            other => return Err(format!("unexpected proxy answer: {other:?}")),
+        }
+        // The proxy's verdict comes at the end of the window at the latest (plus a swap back
+        // and its drain); a proxy that says nothing by then is a failed bake.
+        let deadline = std::time::Instant::now() + window + Duration::from_secs(60);
+        let poll = Duration::from_secs(1);
+        loop {
+            std::thread::sleep(poll);
+            let b = self.stats(r).ok().and_then(|s| s.bake);
+            match b {
+                Some(b) if b.state == BakeState::Baking => {
+                    h.ev(Step::Bake, State::Output, &b.summary())
+                }
+                Some(b) if b.state == BakeState::Passed => {
+                    return Ok(match b.action.as_str() {
+                        "" => b.verdict,
+                        a => format!("{}; {a}", b.verdict),
+                    })
+                }
+                Some(b) => {
+                    return Err(match b.action.as_str() {
+                        "" => b.verdict,
+                        a => format!("{}; {a}", b.verdict),
+                    })
+                }
+                None => {}
             }
-            None => Ok(passed),
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "the proxy gave no bake verdict within {}",
+                    cutover_core::duration::format_duration(window + Duration::from_secs(60))
+                ));
+            }
         }
     }
 
@@ -734,7 +760,7 @@ impl Switcher for Containers<'_> {
     fn retire(
         &self,
         h: &HostCx<'_>,
-        _live: &Target<Snapshot>,
+        live: &Target<Snapshot>,
         from: Option<&Target<Snapshot>>,
         protect: &BTreeSet<String>,
     ) -> Result<(Vec<String>, String), String> {
@@ -743,6 +769,22 @@ impl Switcher for Containers<'_> {
             self.stop(r, &self.name(p));
         }
         let list = docker::list(r, self.app()).map_err(|e| e.message())?;
+        // A run killed during its bake leaves the container it baked running beside the
+        // live one (whichever way the proxy decided): only the live one keeps running.
+        let strays: Vec<String> = list
+            .iter()
+            .filter(|c| c.state == "running")
+            .filter(|c| c.labels.get("cutover.release") != Some(&live.id))
+            .filter(|c| from.is_none_or(|f| c.name != self.name(f)))
+            .map(|c| c.name.clone())
+            .collect();
+        if !strays.is_empty() {
+            let _ = docker::stop(
+                r,
+                &strays,
+                self.capp.container.stop_timeout.as_secs() as u32,
+            );
+        }
         let ids: Vec<String> = list
             .iter()
             .filter_map(|c| c.labels.get("cutover.release").cloned())
@@ -752,6 +794,40 @@ impl Switcher for Containers<'_> {
         docker::remove(r, &names).map_err(|e| e.message())?;
         Ok((Vec::new(), names.join(" ")))
     }
+}
+
+/// The releases a host serves: its running containers of the app; when more than one runs
+/// (a bake keeps the old one running, and a controller may have died during it), only the
+/// one whose port is the proxy's current target (all of them if the proxy cannot say).
+pub(crate) fn routed_releases(
+    r: &dyn Remote,
+    capp: &ContainerApp,
+    app: &str,
+) -> Result<Vec<String>, String> {
+    let list = docker::list(r, app).map_err(|e| e.message())?;
+    let running: Vec<&docker::Listed> = list.iter().filter(|c| c.state == "running").collect();
+    let release = |c: &&docker::Listed| c.labels.get("cutover.release").cloned();
+    if running.len() <= 1 {
+        return Ok(running.iter().filter_map(release).collect());
+    }
+    let req = Request::Stats {
+        service: app.to_string(),
+    };
+    let current = match proxy_request(r, capp, &req) {
+        Ok(Response::Stats(s)) => s.role("current").map(|c| c.target.clone()),
+        _ => None,
+    };
+    let port = current.and_then(|t| t.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()));
+    let routed: Vec<String> = running
+        .iter()
+        .filter(|c| port.is_some() && c.host_port == port)
+        .filter_map(release)
+        .collect();
+    Ok(if routed.is_empty() {
+        running.iter().filter_map(release).collect()
+    } else {
+        routed
+    })
 }
 
 /// `; the container exited with code N; last log lines: ...` for a container that failed.
@@ -789,204 +865,5 @@ mod tests {
         let armed = Script::new(HOLD_WATCHDOG, &args);
         assert!(armed.text().contains("sed \"s/@PORT@/$p/\""));
         let _ = Script::new(HOLD_DISARM, &[("pidfile", "/p")]);
-    }
-}
-
-/// Fewer requests than this to the new release in a bake window: the probes judge.
-const MIN_BAKE_REQUESTS: u64 = 20;
-
-/// The releases a bake compares, for its messages.
-struct Releases<'a> {
-    new: &'a str,
-    old: Option<&'a str>,
-}
-
-/// What the proxy's counts say about a bake.
-#[derive(Debug, PartialEq)]
-enum Judged {
-    Passed(String),
-    Failed(String),
-    /// Too little traffic to judge (the message says how much).
-    TooFew(String),
-    /// The proxy reported no counts.
-    NoCounts,
-}
-
-/// "12 of 240 requests failed (5.0%), p99 <= 20 ms"
-fn describe(t: &TargetStats) -> String {
-    let bad = t.errors_5xx + t.failures;
-    let rate = t.error_rate().unwrap_or(0.0) * 100.0;
-    let p99 = match t.p99_ms() {
-        None => "no p99".to_string(),
-        Some(u64::MAX) => format!(
-            "p99 > {} ms",
-            cutover_proxy_wire::LATENCY_BOUNDS_MS[cutover_proxy_wire::LATENCY_BOUNDS_MS.len() - 1]
-        ),
-        Some(ms) => format!("p99 <= {ms} ms"),
-    };
-    format!(
-        "{bad} of {} requests failed ({rate:.1}%), {p99}",
-        t.requests
-    )
-}
-
-/// Judges a bake window from two stats reports of one host's proxy: with a canary the new
-/// release is the canary and the old one the current target, over the same window; without,
-/// the new release is the current target over the window and the old one the previous
-/// target over its whole stint before the switch.
-fn judge(
-    before: &StatsReport,
-    after: &StatsReport,
-    canary: bool,
-    releases: &Releases<'_>,
-    max_error_rate: f64,
-    max_p99: Option<Duration>,
-) -> Judged {
-    let (new_role, old_role) = if canary {
-        ("canary", "current")
-    } else {
-        ("current", "previous")
-    };
-    let Some(new) = after.role(new_role) else {
-        return Judged::NoCounts;
-    };
-    let new = new.since(before.role(new_role));
-    let old = after.role(old_role).map(|o| {
-        if canary {
-            o.since(before.role(old_role))
-        } else {
-            o.clone()
-        }
-    });
-    let old_name = releases.old.unwrap_or("(none)");
-    let new_text = format!("new release {}: {}", releases.new, describe(&new));
-    let old_text = match &old {
-        Some(o) => format!("old release {old_name}: {}", describe(o)),
-        None => format!("old release {old_name}: no counts"),
-    };
-    if new.requests < MIN_BAKE_REQUESTS {
-        return Judged::TooFew(format!(
-            "{new_text}; {old_text}; under {MIN_BAKE_REQUESTS} requests"
-        ));
-    }
-    let new_rate = new.error_rate().unwrap_or(0.0);
-    let old_rate = old.as_ref().and_then(|o| o.error_rate()).unwrap_or(0.0);
-    if new_rate > max_error_rate && new_rate > old_rate {
-        return Judged::Failed(format!(
-            "{new_text}; {old_text}; above max_error_rate {max_error_rate} and the old release's rate"
-        ));
-    }
-    if let (Some(limit), Some(p99)) = (max_p99, new.p99_ms()) {
-        if u128::from(p99) > limit.as_millis() {
-            return Judged::Failed(format!(
-                "{new_text}; {old_text}; p99 above max_p99 {}",
-                cutover_core::duration::format_duration(limit)
-            ));
-        }
-    }
-    Judged::Passed(format!(
-        "{new_text}; {old_text}; within max_error_rate {max_error_rate}"
-    ))
-}
-
-#[cfg(test)]
-mod bake_tests {
-    use super::*;
-    use cutover_proxy_wire::LATENCY_BOUNDS_MS;
-
-    fn t(id: u64, role: &str, requests: u64, errors: u64, slow: u64) -> TargetStats {
-        let mut latency = vec![0; LATENCY_BOUNDS_MS.len() + 1];
-        latency[0] = requests - slow;
-        latency[8] = slow; // <= 500 ms
-        TargetStats {
-            id,
-            target: format!("127.0.0.1:{}", 40000 + id),
-            role: role.into(),
-            requests,
-            errors_5xx: errors,
-            failures: 0,
-            latency,
-        }
-    }
-
-    fn report(targets: Vec<TargetStats>) -> StatsReport {
-        StatsReport {
-            service: "web".into(),
-            targets,
-        }
-    }
-
-    const R: Releases<'static> = Releases {
-        new: "r2",
-        old: Some("r1"),
-    };
-
-    #[test]
-    fn a_new_release_failing_more_than_allowed_and_than_the_old_one_fails() {
-        let before = report(vec![t(2, "current", 0, 0, 0), t(1, "previous", 1000, 2, 0)]);
-        let after = report(vec![
-            t(2, "current", 200, 40, 0),
-            t(1, "previous", 1000, 2, 0),
-        ]);
-        assert_eq!(
-            judge(&before, &after, false, &R, 0.01, None),
-            Judged::Failed(
-                "new release r2: 40 of 200 requests failed (20.0%), p99 <= 1 ms; old release r1: 2 of 1000 requests failed (0.2%), p99 <= 1 ms; above max_error_rate 0.01 and the old release's rate".into()
-            )
-        );
-        // The old release failed as often: not the new release's fault.
-        let bad_old = report(vec![
-            t(2, "current", 200, 40, 0),
-            t(1, "previous", 1000, 300, 0),
-        ]);
-        assert!(matches!(
-            judge(&before, &bad_old, false, &R, 0.01, None),
-            Judged::Passed(_)
-        ));
-    }
-
-    #[test]
-    fn a_canary_is_compared_with_the_old_release_over_the_same_window() {
-        let before = report(vec![t(1, "current", 5000, 500, 0), t(2, "canary", 0, 0, 0)]);
-        let after = report(vec![
-            t(1, "current", 5900, 501, 0),
-            t(2, "canary", 100, 3, 0),
-        ]);
-        // 3% on the canary against 0.1% on the old release in the window (not its 10% before).
-        match judge(&before, &after, true, &R, 0.02, None) {
-            Judged::Failed(m) => assert!(
-                m.contains("old release r1: 1 of 900 requests failed (0.1%)"),
-                "{m}"
-            ),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn little_traffic_is_left_to_the_probes_and_p99_is_bounded() {
-        let before = report(vec![t(2, "current", 0, 0, 0)]);
-        let few = report(vec![t(2, "current", 19, 19, 0)]);
-        assert!(matches!(
-            judge(&before, &few, false, &R, 0.01, None),
-            Judged::TooFew(m) if m.ends_with("under 20 requests")
-        ));
-        let slow = report(vec![t(2, "current", 100, 0, 5)]);
-        assert_eq!(
-            judge(&before, &slow, false, &R, 0.01, Some(Duration::from_millis(200))),
-            Judged::Failed(
-                "new release r2: 0 of 100 requests failed (0.0%), p99 <= 500 ms; old release r1: no counts; p99 above max_p99 200ms".into()
-            )
-        );
-        assert!(matches!(
-            judge(
-                &before,
-                &slow,
-                false,
-                &R,
-                0.01,
-                Some(Duration::from_secs(1))
-            ),
-            Judged::Passed(_)
-        ));
     }
 }

@@ -118,6 +118,11 @@ pub trait Switcher: Sync {
     }
     /// The releases a host may serve now (to reconcile an interrupted run).
     fn serving(&self, h: &HostCx<'_>) -> Vec<String>;
+    /// What a host did on its own for `release` while no controller watched (containers:
+    /// the proxy's bake verdict), for the reconcile message.
+    fn reconcile_note(&self, _h: &HostCx<'_>, _release: &str) -> Option<String> {
+        None
+    }
     /// Work done once before every host stages (files: the deltas worth sending).
     fn plan_stage(&self, _rec: &Recorder<'_>, _to: &Target<Self::Snap>, _hosts: &[HostCx<'_>]) {}
     /// One host: put `to` beside what it serves, which keeps serving.

@@ -56,7 +56,7 @@ impl Drop for TempDir {
 }
 
 /// A test backend: `/` answers its name, `/up` answers `up_status`, `/slow/<ms>` answers its
-/// name after `ms` milliseconds, `/headers` answers the request headers, one per line.
+/// name after `ms` milliseconds, `/app` answers 500 if its name starts with `bad`, `/headers` answers the request headers, one per line.
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
@@ -156,6 +156,11 @@ async fn backend_answer(
         (200, format!("{name}\n"))
     } else if let Some(code) = path.strip_prefix("/status/") {
         (code.parse().unwrap_or(500), format!("{name}\n"))
+    } else if path == "/app" {
+        // A release that passes its health gate but fails real requests: any backend named
+        // "bad...".
+        let code = if name.starts_with("bad") { 500 } else { 200 };
+        (code, format!("{name}\n"))
     } else if path == "/echo" {
         use http_body_util::BodyExt;
         let body = req.into_body().collect().await.map(|b| b.to_bytes());
