@@ -87,6 +87,7 @@ struct RawSsh {
     identity: Option<String>,
     parallel: Option<i64>,
     connect_timeout: Option<String>,
+    step_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,6 +356,8 @@ pub struct SshConfig {
     pub identity: Option<PathBuf>,
     pub parallel: usize,
     pub connect_timeout: Duration,
+    /// The longest one remote command on one host may take (default 10 minutes).
+    pub step_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -527,12 +530,20 @@ impl Config {
         if connect_timeout < Duration::from_secs(1) {
             return Err(err("ssh.connect_timeout", "expected at least 1s".into()));
         }
+        let step_timeout = match &raw.ssh.step_timeout {
+            None => Duration::from_secs(600),
+            Some(s) => parse_duration(s).map_err(|m| err("ssh.step_timeout", m))?,
+        };
+        if step_timeout < Duration::from_secs(1) {
+            return Err(err("ssh.step_timeout", "expected at least 1s".into()));
+        }
         let ssh = SshConfig {
             config: raw.ssh.config.as_deref().map(resolve),
             known_hosts: raw.ssh.known_hosts.as_deref().map(resolve),
             identity: raw.ssh.identity.as_deref().map(resolve),
             parallel,
             connect_timeout,
+            step_timeout,
         };
 
         if let Some(rc) = raw.container {
@@ -1320,6 +1331,7 @@ give_up_after = "10s"
         assert_eq!(c.health.url.path, "/up");
         assert_eq!(c.health.healthy_after, 3);
         assert_eq!(c.health.interval, Duration::from_millis(100));
+        assert_eq!(c.ssh.step_timeout, Duration::from_secs(600), "the default");
     }
 
     #[test]
@@ -1353,6 +1365,10 @@ give_up_after = "10s"
                 "hosts[1]",
             ),
             (GOOD.replace("parallel = 4", "parallel = 0"), "ssh.parallel"),
+            (
+                GOOD.replace("parallel = 4", "parallel = 4\nstep_timeout = \"0.5s\""),
+                "ssh.step_timeout",
+            ),
             (
                 GOOD.replace("[files]", "[container]\nimage=\"x\"\nport=80\n[files]"),
                 "files",

@@ -11,6 +11,7 @@ mod git;
 mod git_containers;
 mod git_https;
 mod hostile_input;
+mod hosts;
 mod https;
 mod panel;
 mod server;
