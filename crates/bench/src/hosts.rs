@@ -20,7 +20,7 @@ pub(crate) const HOW_TO_READ: &str = "\
 the payload is a directory of 20 files of 16 KiB of pseudo-random bytes (plus `index.html`, \
 `version` and `up`: 320 KiB), two different ones, A and B. Each host count gets a fresh lab \
 of testlab's light hosts (a network namespace with its own sshd and `busybox nc -ll -e httpd \
--i` serving `<root>/current`; no nginx) and cutover's default `[ssh] parallel = 16`. Per \
+-i` serving `<root>/current`; no nginx) and `[ssh] parallel = 16`. Per \
 repetition, the hosts' site roots and cutover's data dir are emptied, then: *deploy 1st* is \
 `cutover deploy --json --artifact A` onto empty hosts, *deploy 2nd* the deploy of B right \
 after, *rollback (warm)* is `cutover rollback --json` right after that (back to A, still on \
@@ -35,8 +35,9 @@ cutover process and of every `ssh` process whose command line names cutover's co
 directory (`/tmp/cutover-<pid>-N`: the masters, which `ssh -f` detaches, and the commands \
 multiplexed over them); the table gives the peak of cutover alone, the peak of cutover plus \
 those ssh processes at the same instant, and the most ssh processes seen at once. The \
-*parallel* table (full runs only, on 100 hosts) repeats *deploy 2nd* once per value of \
-`[ssh] parallel`, memory polled as above. The *OpenSSH* table (on the largest host count) \
+*parallel* table (full runs only, on 100 hosts) deploys A, B, A, ... once per value of \
+`[ssh] parallel`, right after the memory deploy (no reset in between: each deploy replaces the \
+live release with the other payload), memory polled as above. The *OpenSSH* table (on the largest host count) \
 measures the two ways to run 5 commands (`true`) per host, 16 hosts at a time: through one \
 master per host (`ssh -M -N -f`, then `ssh -S <socket>` per command, as cutover does; the \
 masters' Pss read while all are up, idle) and with a fresh connection per command (no master; \
@@ -130,12 +131,12 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         row.memory = memory;
         rows.push(row);
         if n == 100 && !ctx.quick {
-            for &p in SWEEP {
+            // Live is B (the memory deploy): A, B, A... each a new release.
+            for (k, &p) in SWEEP.iter().enumerate() {
                 eprintln!("[hosts] 100 hosts, parallel = {p}");
                 world.set_parallel(p)?;
-                world.reset(&format!("p{p}"))?;
-                world.deploy(&a)?;
-                let (_, sample, memory) = watched_deploy(&world, &b)?;
+                let next = if k % 2 == 0 { &a } else { &b };
+                let (_, sample, memory) = watched_deploy(&world, next)?;
                 sweep.push(SweepRow {
                     parallel: p,
                     sample,
@@ -459,9 +460,7 @@ fn section(
         &mem_rows,
     ));
     if !sweep.is_empty() {
-        md.push_str(
-            "\n`[ssh] parallel` on 100 hosts (deploy 2nd, one run each, memory polled):\n\n",
-        );
+        md.push_str("\n`[ssh] parallel` on 100 hosts (one deploy each, memory polled):\n\n");
         let r: Vec<Vec<String>> = sweep
             .iter()
             .map(|s| {
