@@ -238,10 +238,22 @@ impl<'m> World<'m> {
     /// Unless `ctx.host_bashrc`, hides root's `~/.bashrc` from the hosts' SSH sessions (see
     /// [`hide_bashrc`]).
     pub(crate) fn start(hosts: usize, ctx: &'m Ctx) -> Result<World<'m>> {
+        World::start_with(hosts, ctx, false, 16)
+    }
+
+    /// Like [`World::start`], with testlab's light hosts (busybox instead of nginx) if
+    /// `light`, and `[ssh] parallel = parallel`.
+    pub(crate) fn start_with(
+        hosts: usize,
+        ctx: &'m Ctx,
+        light: bool,
+        parallel: usize,
+    ) -> Result<World<'m>> {
         let t = Instant::now();
         let lab = Lab::try_start_with(LabOptions {
             hosts,
             site_root: SITE_ROOT.into(),
+            light,
             ..LabOptions::default()
         })
         .map_err(|e| anyhow!("cannot start a testlab lab of {hosts} hosts: {e}"))?;
@@ -266,7 +278,7 @@ hosts = [{hosts_toml}]
 known_hosts = {kh:?}
 identity = {id:?}
 connect_timeout = "5s"
-parallel = 16
+parallel = {parallel}
 
 [files]
 root = {SITE_ROOT:?}
@@ -295,6 +307,11 @@ give_up_after = "20s"
 
     pub(crate) fn len(&self) -> usize {
         self.lab.len()
+    }
+
+    /// The meter timing this world's runs.
+    pub(crate) fn meter(&self) -> &'m Meter {
+        self.meter
     }
 
     /// Back to a first deploy: every host's site root emptied, a new, empty data dir (no
@@ -356,9 +373,26 @@ give_up_after = "20s"
         c
     }
 
+    /// Sets `[ssh] parallel` in the config.
+    pub(crate) fn set_parallel(&self, parallel: usize) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("parallel = ") {
+                    format!("parallel = {parallel}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&self.config, text)?;
+        Ok(())
+    }
+
     /// Runs cutover with `--json`, timed from spawn to exit; fails unless it exits 0 and says
     /// `succeeded`.
-    fn timed(&self, args: &[&str]) -> Result<Run> {
+    pub(crate) fn timed(&self, args: &[&str]) -> Result<Run> {
         sync();
         let (out, sample) = self.meter.time(|| self.cutover(args).output());
         let out = out.context("running cutover")?;
@@ -519,7 +553,7 @@ give_up_after = "20s"
 
     /// The ssh options cutover itself uses (see `crates/remote/src/ssh.rs`), without its
     /// control socket, so the system ssh_config applies to both alike.
-    fn ssh_options(&self) -> Vec<String> {
+    pub(crate) fn ssh_options(&self) -> Vec<String> {
         vec![
             "-o".into(),
             "BatchMode=yes".into(),

@@ -4,7 +4,7 @@
 //! `bench/results/<scenario>.json`. Numbers are reported, never asserted. Needs root.
 //!
 //! One module per scenario ([`deploy_speed`], [`rollback`], [`switch`], [`switch_files`],
-//! [`proxy`], [`footprint`]); to add one, write a module with a
+//! [`proxy`], [`hosts`], [`footprint`]); to add one, write a module with a
 //! `pub(crate) fn run(&Ctx) -> anyhow::Result<report::Section>` and register it in
 //! [`SCENARIOS`] with the text that says how to read its table. The switch scenarios share
 //! one skeleton ([`switching`]: a method trait, the load, the tables and plots); cutover's
@@ -22,6 +22,7 @@ mod deploy_speed;
 mod events;
 mod footprint;
 mod harness;
+mod hosts;
 mod machine;
 mod meter;
 mod panel;
@@ -89,6 +90,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         title: "Proxy overhead",
         how_to_read: proxy::HOW_TO_READ,
         run: proxy::run,
+    },
+    Scenario {
+        name: "hosts",
+        title: "Many hosts",
+        how_to_read: hosts::HOW_TO_READ,
+        run: hosts::run,
     },
     Scenario {
         name: "panel",

@@ -64,6 +64,7 @@ pub fn open_mirror(
             known_hosts: config.ssh.known_hosts.clone(),
             identity: config.ssh.identity.clone(),
             connect_timeout: config.ssh.connect_timeout,
+            step_timeout: Some(config.ssh.step_timeout),
             control_dir: PathBuf::new(),
         })
     });

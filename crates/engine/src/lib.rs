@@ -138,6 +138,7 @@ impl Hosts {
             known_hosts: config.ssh.known_hosts.clone(),
             identity: config.ssh.identity.clone(),
             connect_timeout: config.ssh.connect_timeout,
+            step_timeout: Some(config.ssh.step_timeout),
             control_dir: control_dir.clone().unwrap_or_default(),
         };
         let remotes = config

@@ -4,6 +4,9 @@ use crate::{Endpoint, Output, Remote, RemoteError, Script};
 use std::io::{Read, Write};
 use std::net::ToSocketAddrs;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// This machine.
 #[derive(Debug, Default)]
@@ -25,7 +28,7 @@ impl Remote for LocalHost {
     ) -> Result<Output, RemoteError> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(script.text()).current_dir("/");
-        run_child(cmd, "local", stdin)
+        run_child(cmd, "local", stdin, None)
     }
 
     fn forward(&self, host: &str, port: u16) -> Result<Endpoint, RemoteError> {
@@ -44,11 +47,16 @@ impl Remote for LocalHost {
 }
 
 /// Runs a prepared child, streaming `stdin` into it while collecting stdout and stderr on
-/// threads (so neither pipe can fill and stall the other).
+/// threads (so neither pipe can fill and stall the other). With a deadline `(d, abort)`, a
+/// child still running after `d` is killed (SIGKILL), then `abort` runs, and the answer is
+/// [`RemoteError::Unreachable`] saying so. `abort` must make every other holder of the
+/// child's pipes let go (an OpenSSH mux client hands its stdio to the master: `abort` stops
+/// the master), or this waits for them.
 pub(crate) fn run_child(
     mut cmd: Command,
     host: &str,
     stdin: Option<&mut (dyn Read + Send)>,
+    deadline: Option<(Duration, &(dyn Fn() + Sync))>,
 ) -> Result<Output, RemoteError> {
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
@@ -64,7 +72,27 @@ pub(crate) fn run_child(
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
     let child_in = child.stdin.take();
+    let pid = child.id();
+    let (stop, stopped) = mpsc::channel::<()>();
+    let timed_out = AtomicBool::new(false);
     let (stdout, stderr, write_err) = std::thread::scope(|s| {
+        // The watchdog ends when `stop` is dropped, before the child is reaped below, so the
+        // pid it may kill is still the child's (a zombie at worst), never a reused one.
+        let watchdog = deadline.map(|(d, abort)| {
+            let timed_out = &timed_out;
+            s.spawn(move || {
+                if let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(d) {
+                    timed_out.store(true, Ordering::SeqCst);
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                    abort();
+                }
+            })
+        });
         let o = s.spawn(move || {
             let mut b = Vec::new();
             let _ = out.read_to_end(&mut b);
@@ -82,16 +110,30 @@ pub(crate) fn run_child(
             }
             drop(w);
         }
-        (
+        let out = (
             o.join().unwrap_or_default(),
             e.join().unwrap_or_default(),
             write_err,
-        )
+        );
+        drop(stop);
+        if let Some(w) = watchdog {
+            let _ = w.join();
+        }
+        out
     });
     let status = child.wait().map_err(|e| RemoteError::Other {
         host: host.into(),
         detail: format!("waiting for the command: {e}"),
     })?;
+    if let (true, Some((d, _))) = (timed_out.load(Ordering::SeqCst), deadline) {
+        return Err(RemoteError::Unreachable {
+            host: host.into(),
+            detail: format!(
+                "no answer within {} ([ssh] step_timeout); stopped waiting",
+                seconds(d)
+            ),
+        });
+    }
     let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
     if let Some(e) = write_err {
         if e.kind() != std::io::ErrorKind::BrokenPipe || status.success() {
@@ -103,4 +145,41 @@ pub(crate) fn run_child(
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr,
     })
+}
+
+/// A duration as the config writes it: `90s`, `1.5s`.
+pub(crate) fn seconds(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_child_past_its_deadline_is_killed_and_said_so() {
+        let t = Instant::now();
+        let mut c = Command::new("sleep");
+        c.arg("30");
+        let aborted = AtomicBool::new(false);
+        let abort = || aborted.store(true, Ordering::SeqCst);
+        let e = run_child(c, "h1", None, Some((Duration::from_millis(300), &abort))).unwrap_err();
+        assert!(aborted.load(Ordering::SeqCst));
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_eq!(
+            e.to_string(),
+            "h1: unreachable: no answer within 0.3s ([ssh] step_timeout); stopped waiting"
+        );
+        // One that ends in time answers as usual.
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo hi; exit 3"]);
+        let o = run_child(c, "h1", None, Some((Duration::from_secs(30), &|| {}))).unwrap();
+        assert_eq!((o.code, o.stdout.as_str()), (3, "hi\n"));
+    }
 }

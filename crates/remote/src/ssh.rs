@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Options shared by every host of a run.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +19,9 @@ pub struct SshOptions {
     pub known_hosts: Option<PathBuf>,
     pub identity: Option<PathBuf>,
     pub connect_timeout: Duration,
+    /// The longest one remote command (and the start of a master connection) may take; past
+    /// it the `ssh` client is killed and the host counts as unreachable. `None`: no limit.
+    pub step_timeout: Option<Duration>,
     /// Private directory for control sockets and logs (short path: unix sockets are limited).
     pub control_dir: PathBuf,
 }
@@ -136,6 +139,18 @@ impl SshHost {
     }
 }
 
+impl SshHost {
+    /// Starts the master again if it is gone (stopped after a step timed out, or expired by
+    /// `ControlPersist` while the run waited on other hosts).
+    fn ensure_master(&self) -> Result<(), RemoteError> {
+        if self.control_path().exists() {
+            Ok(())
+        } else {
+            self.connect()
+        }
+    }
+}
+
 impl Remote for SshHost {
     fn name(&self) -> &str {
         &self.name
@@ -165,10 +180,39 @@ impl Remote for SshHost {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-        let status = c.status().map_err(|e| RemoteError::Other {
+        let mut child = c.spawn().map_err(|e| RemoteError::Other {
             host: self.name.clone(),
             detail: format!("cannot run ssh: {e}"),
         })?;
+        // ConnectTimeout bounds the TCP connect, the banner and the key exchange; this bounds
+        // the rest (authentication) too. `-f` returns once authenticated.
+        let started = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(RemoteError::Other {
+                        host: self.name.clone(),
+                        detail: format!("waiting for ssh: {e}"),
+                    })
+                }
+            }
+            if let Some(d) = self.opts.step_timeout {
+                if started.elapsed() > d {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(RemoteError::Unreachable {
+                        host: self.name.clone(),
+                        detail: format!(
+                            "no answer within {} ([ssh] step_timeout); stopped waiting",
+                            crate::local::seconds(d)
+                        ),
+                    });
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         if status.success() && self.control_path().exists() {
             return Ok(());
         }
@@ -181,12 +225,21 @@ impl Remote for SshHost {
         script: &Script,
         stdin: Option<&mut (dyn Read + Send)>,
     ) -> Result<Output, RemoteError> {
+        self.ensure_master()?;
         let mut c = self.base();
         c.args(["-o", "ControlMaster=no", "-T"])
             .arg("--")
             .arg(&self.host)
             .arg(script.command_line());
-        let out = run_child(c, &self.name, stdin)?;
+        // The mux client hands its stdio to the master, so killing it alone would leave this
+        // waiting for the master: on a timeout the master goes too (the next command starts
+        // a new one, see `ensure_master`).
+        let abort = || self.close();
+        let deadline = self
+            .opts
+            .step_timeout
+            .map(|d| (d, &abort as &(dyn Fn() + Sync)));
+        let out = run_child(c, &self.name, stdin, deadline)?;
         if out.code == 255 {
             return Err(RemoteError::Unreachable {
                 host: self.name.clone(),
@@ -197,6 +250,7 @@ impl Remote for SshHost {
     }
 
     fn forward(&self, host: &str, port: u16) -> Result<Endpoint, RemoteError> {
+        self.ensure_master()?;
         let n = self.forwards.fetch_add(1, Ordering::SeqCst);
         let sock = self
             .opts
@@ -318,6 +372,7 @@ mod git_ssh_tests {
             known_hosts: Some(PathBuf::from("/k'h")),
             identity: Some(PathBuf::from("/id")),
             connect_timeout: Duration::from_secs(3),
+            step_timeout: None,
             control_dir: PathBuf::new(),
         });
         assert!(cmd.starts_with("ssh -F '/etc/my ssh/config' "), "{cmd}");

@@ -1,6 +1,6 @@
 //! Lab numbers: every [`crate::Lab`] owns a number X in 1..=250 that names
 //! its network namespaces (`tl{X}h{i}`), veth pairs (`tl{X}h{i}a`/`b`),
-//! its address block (10.201.X.0/24) and its temp dir (`testlab-{X}.{pid}`).
+//! its address blocks (10.201.X.0/24, and 10.202.X.0/24 past 63 hosts) and its temp dir (`testlab-{X}.{pid}`).
 //!
 //! A number is claimed by creating `/tmp/testlab-claims/X` with
 //! `create_new`, holding "pid starttime" of the owning process, so parallel
@@ -350,10 +350,13 @@ fn cleanup_leftovers(num: u8) {
             let _ = fs::remove_dir_all(tmp.join(d));
         }
     }
-    let net = format!("10.201.{num}.0/24");
-    if sys::run("ip", &["route", "show", "exact", &net])
-        .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
-    {
-        sys::run_quiet("ip", &["route", "del", &net]);
+    // Both address blocks a lab may use (see the lab's module docs).
+    for b in [201, 202] {
+        let net = format!("10.{b}.{num}.0/24");
+        if sys::run("ip", &["route", "show", "exact", &net])
+            .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
+        {
+            sys::run_quiet("ip", &["route", "del", &net]);
+        }
     }
 }

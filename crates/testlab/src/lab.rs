@@ -3,8 +3,10 @@
 //! port 22 and nginx on port 80, reachable from the test at 10.201.X.Y.
 //!
 //! Host i of lab X is the network namespace `tl{X}h{i}`, joined to the root
-//! namespace by the veth pair `tl{X}h{i}a` (root side, 10.201.X.(4i+1)/30)
-//! and `tl{X}h{i}b` (host side, 10.201.X.(4i+2)/30). A long-lived anchor
+//! namespace by the veth pair `tl{X}h{i}a` (root side, 10.B.X.(4j+1)/30)
+//! and `tl{X}h{i}b` (host side, 10.B.X.(4j+2)/30), where hosts 0..63 have
+//! B = 201 and j = i, and hosts 63..126 have B = 202 and j = i - 63 (a second
+//! /24, so that a lab can hold 100 hosts). A long-lived anchor
 //! process (`sleep infinity`) holds a private mount namespace in which the
 //! host's directory `srv` of the lab dir is bind-mounted on `/srv`; sshd,
 //! nginx and [`Lab::exec`] are started inside the anchor's namespaces with
@@ -13,6 +15,12 @@
 //!
 //! With [`LabOptions::docker`], every host also runs its own `dockerd` and
 //! the lab runs a registry; see the `docker` submodule and [`Lab::registry`].
+//!
+//! With [`LabOptions::light`], a host's web server is busybox instead of
+//! nginx (`nc -ll -p 80 -e httpd -i`, one small listener per host and one
+//! short-lived `httpd` per connection): for labs of many hosts (100 light
+//! hosts cost about 1.5 MiB of private memory each for sshd and the
+//! listener, and no process per idle connection).
 
 mod docker;
 
@@ -29,17 +37,39 @@ use std::time::{Duration, Instant};
 
 /// How long to wait for sshd/nginx to accept connections after a start.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-/// Most hosts a lab can have (one /30 each inside 10.201.X.0/24).
-const MAX_HOSTS: usize = 63;
+/// Hosts per address block (one /30 each inside 10.B.X.0/24).
+const HOSTS_PER_BLOCK: usize = 63;
+/// Most hosts a lab can have: two blocks, 10.201.X.0/24 and 10.202.X.0/24.
+const MAX_HOSTS: usize = 2 * HOSTS_PER_BLOCK;
+
+/// The second octet of host i's addresses, and its /30's index in that block.
+fn block_of(i: usize) -> (u8, usize) {
+    (201 + (i / HOSTS_PER_BLOCK) as u8, i % HOSTS_PER_BLOCK)
+}
+
+/// The address blocks a lab of `hosts` hosts uses.
+fn blocks(num: u8, hosts: usize) -> Vec<String> {
+    (0..hosts.div_ceil(HOSTS_PER_BLOCK))
+        .map(|b| format!("10.{}.{num}.0/24", 201 + b))
+        .collect()
+}
 
 /// Options for [`Lab::start_with`].
 #[derive(Debug, Clone)]
 pub struct LabOptions {
-    /// Number of hosts (1..=63).
+    /// Number of hosts (1..=126).
     pub hosts: usize,
     /// Site root as seen inside each host; created empty (no `current`).
-    /// nginx serves `<site_root>/current`. Default `/srv/site`.
+    /// nginx (or busybox, see `light`) serves `<site_root>/current`.
+    /// Default `/srv/site`.
     pub site_root: String,
+    /// If true, each host serves `<site_root>/current` on port 80 with
+    /// Debian's busybox-static instead of nginx: `busybox nc -ll -p 80 -e
+    /// busybox httpd -i -h <site_root>/current`, which resolves `current`
+    /// afresh for every connection (a plain `busybox httpd -h` would stay in
+    /// the directory `current` pointed to when it started). No keep-alive:
+    /// one connection per request. For labs of many hosts.
+    pub light: bool,
     /// If set, each host's `/srv` is a tmpfs of this many bytes (for
     /// disk-full tests). Otherwise it is a plain directory in the lab dir.
     pub srv_tmpfs_bytes: Option<u64>,
@@ -59,6 +89,7 @@ impl Default for LabOptions {
         LabOptions {
             hosts: 1,
             site_root: "/srv/site".to_string(),
+            light: false,
             srv_tmpfs_bytes: None,
             docker: false,
             docker_storage_driver: None,
@@ -80,7 +111,8 @@ struct Host {
     anchor: Mutex<Option<Child>>,
     anchor_pid: u32,
     sshd: Mutex<Option<Child>>,
-    nginx: Mutex<Option<Child>>,
+    /// nginx, or busybox's listener with [`LabOptions::light`].
+    http: Mutex<Option<Child>>,
     /// This host's dockerd (only with [`LabOptions::docker`]).
     dockerd: Mutex<Option<Child>>,
 }
@@ -96,7 +128,8 @@ pub struct Lab {
     dir: PathBuf,
     opts: LabOptions,
     hosts: Vec<Host>,
-    route_added: bool,
+    /// Blackhole routes added for the lab's address blocks.
+    routes: Vec<String>,
     /// The lab's registry (only with [`LabOptions::docker`]).
     registry: Mutex<Option<Child>>,
     // Released last (fields drop after Drop::drop ran).
@@ -169,7 +202,7 @@ impl Lab {
             dir,
             opts,
             hosts: Vec::new(),
-            route_added: false,
+            routes: Vec::new(),
             registry: Mutex::new(None),
             _claim: claim,
         };
@@ -190,9 +223,10 @@ impl Lab {
 
         // Safety net: nothing addressed to this lab's block may ever leave
         // through the default route, whatever state the veths are in.
-        let block = format!("10.201.{num}.0/24");
-        sys::run("ip", &["route", "replace", "blackhole", &block])?;
-        self.route_added = true;
+        for block in blocks(num, self.opts.hosts) {
+            sys::run("ip", &["route", "replace", "blackhole", &block])?;
+            self.routes.push(block);
+        }
 
         // Client key, authorized on every host.
         let identity = self.identity();
@@ -204,8 +238,9 @@ impl Lab {
 
         for i in 0..self.opts.hosts {
             let hdir = self.dir.join(format!("h{i}"));
+            let (b, j) = block_of(i);
             let host = Host {
-                ip: Ipv4Addr::new(10, 201, num, (4 * i + 2) as u8),
+                ip: Ipv4Addr::new(10, b, num, (4 * j + 2) as u8),
                 netns: format!("tl{num}h{i}"),
                 veth_root: format!("tl{num}h{i}a"),
                 veth_host: format!("tl{num}h{i}b"),
@@ -215,7 +250,7 @@ impl Lab {
                 anchor: Mutex::new(None),
                 anchor_pid: 0,
                 sshd: Mutex::new(None),
-                nginx: Mutex::new(None),
+                http: Mutex::new(None),
                 dockerd: Mutex::new(None),
             };
             // Registered before creating anything, so Drop covers it.
@@ -232,11 +267,11 @@ impl Lab {
 
         for i in 0..self.hosts.len() {
             self.try_start_sshd(i)?;
-            self.try_start_nginx(i)?;
+            self.try_start_http(i)?;
         }
         for i in 0..self.hosts.len() {
             self.wait_sshd(i)?;
-            self.wait_nginx(i)?;
+            self.wait_http(i)?;
         }
         if self.opts.docker {
             self.setup_docker()?;
@@ -246,7 +281,8 @@ impl Lab {
 
     fn setup_host(&mut self, i: usize) -> Result<(), String> {
         let num = self.num;
-        let root_ip = Ipv4Addr::new(10, 201, num, (4 * i + 1) as u8);
+        let (b, j) = block_of(i);
+        let root_ip = Ipv4Addr::new(10, b, num, (4 * j + 1) as u8);
         let tmpfs_bytes = self.opts.srv_tmpfs_bytes;
         let site_root = self.opts.site_root.clone();
         let h = &mut self.hosts[i];
@@ -491,8 +527,20 @@ impl Lab {
         })
     }
 
-    fn try_start_nginx(&self, i: usize) -> Result<(), String> {
+    fn try_start_http(&self, i: usize) -> Result<(), String> {
         let h = &self.hosts[i];
+        if self.opts.light {
+            let home = format!("{}/current", self.opts.site_root.trim_end_matches('/'));
+            let child = self.spawn_in(
+                i,
+                &[
+                    "busybox", "nc", "-ll", "-p", "80", "-e", "busybox", "httpd", "-i", "-h", &home,
+                ],
+                &h.dir.join("http.log"),
+            )?;
+            *lock(&h.http) = Some(child);
+            return Ok(());
+        }
         let hd = h.dir.display().to_string();
         let child = self.spawn_in(
             i,
@@ -507,15 +555,16 @@ impl Lab {
             ],
             &h.dir.join("nginx.log"),
         )?;
-        *lock(&h.nginx) = Some(child);
+        *lock(&h.http) = Some(child);
         Ok(())
     }
 
-    fn wait_nginx(&self, i: usize) -> Result<(), String> {
+    fn wait_http(&self, i: usize) -> Result<(), String> {
         let h = &self.hosts[i];
-        let mut guard = lock(&h.nginx);
+        let mut guard = lock(&h.http);
         sys::wait_port(self.http_addr(i), guard.as_mut(), START_TIMEOUT).map_err(|e| {
-            let log = h.dir.join("nginx.log");
+            let name = if self.opts.light { "http" } else { "nginx" };
+            let log = h.dir.join(format!("{name}.log"));
             let elog = h.dir.join("nginx-error.log");
             format!(
                 "nginx of host {i}: {e}; {}: {}; {}: {}",
@@ -716,6 +765,34 @@ impl Lab {
         self.start_sshd(i);
     }
 
+    /// Every process living in the lab's hosts (sshd, web servers, anchors,
+    /// SSH sessions, commands they run), as `ip netns pids` lists them: to
+    /// measure what the lab costs (memory, file descriptors).
+    pub fn host_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for h in &self.hosts {
+            if let Ok(out) = sys::run("ip", &["netns", "pids", &h.netns]) {
+                pids.extend(
+                    String::from_utf8_lossy(&out.stdout)
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+        pids
+    }
+
+    /// Sends `signal` (e.g. "STOP", "CONT") to host i's sshd listener: a
+    /// stopped sshd still completes TCP handshakes (the kernel queues them)
+    /// but never answers, like a hung host.
+    pub fn signal_sshd(&self, i: usize, signal: &str) {
+        let h = self.host(i);
+        // The child is nsenter, which execs sshd: same pid.
+        if let Some(c) = lock(&h.sshd).as_ref() {
+            sys::signal(&[c.id()], signal);
+        }
+    }
+
     /// Runs `sh -c script` inside host i's network and mount namespaces
     /// (as root, cwd `/`, stdin null) and returns its output.
     pub fn exec(&self, i: usize, script: &str) -> Output {
@@ -738,7 +815,7 @@ impl Lab {
     }
 
     fn teardown_host(&self, h: &Host) {
-        if let Some(mut c) = lock(&h.nginx).take() {
+        if let Some(mut c) = lock(&h.http).take() {
             sys::terminate(&mut c, Duration::from_secs(3));
         }
         if let Some(mut c) = lock(&h.sshd).take() {
@@ -792,16 +869,8 @@ impl Drop for Lab {
         for mp in claim::mounts_under(&self.dir) {
             sys::run_quiet("umount", &["-l", &mp]);
         }
-        if self.route_added {
-            sys::run_quiet(
-                "ip",
-                &[
-                    "route",
-                    "del",
-                    "blackhole",
-                    &format!("10.201.{}.0/24", self.num),
-                ],
-            );
+        for block in &self.routes {
+            sys::run_quiet("ip", &["route", "del", "blackhole", block]);
         }
         if std::env::var("TESTLAB_KEEP").as_deref() == Ok("1") {
             eprintln!("testlab: keeping {}", self.dir.display());

@@ -358,3 +358,93 @@ fn failed_setup_reports_and_cleans_up() {
     })
     .is_err());
 }
+
+/// Private memory (Pss, KiB) and open file descriptors of `pids`.
+fn pss_and_fds(pids: &[u32]) -> (u64, usize) {
+    let mut kib = 0;
+    let mut fds = 0;
+    for p in pids {
+        if let Ok(s) = fs::read_to_string(format!("/proc/{p}/smaps_rollup")) {
+            kib += s
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        fds += fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count());
+    }
+    (kib, fds)
+}
+
+#[test]
+fn a_hundred_light_hosts_serve_their_current_and_go_away() {
+    let t = Instant::now();
+    let lab = Lab::start_with(LabOptions {
+        hosts: 100,
+        light: true,
+        ..LabOptions::default()
+    });
+    let started = t.elapsed();
+    let num = lab.number();
+    // Past 63 hosts, the second address block.
+    assert_eq!(lab.ip(0).to_string(), format!("10.201.{num}.2"));
+    assert_eq!(lab.ip(62).to_string(), format!("10.201.{num}.250"));
+    assert_eq!(lab.ip(63).to_string(), format!("10.202.{num}.2"));
+    assert_eq!(lab.ip(99).to_string(), format!("10.202.{num}.146"));
+    let pids = lab.host_pids();
+    let (kib, fds) = pss_and_fds(&pids);
+    eprintln!(
+        "100 light hosts: started in {started:?}, {} processes, {} MiB Pss, {fds} fds",
+        pids.len(),
+        kib / 1024
+    );
+    // sshd + listener + anchor per host, nothing else.
+    assert_eq!(pids.len(), 300, "{pids:?}");
+
+    // Every host over real SSH, ten at a time; each serves its own `current`,
+    // switched atomically (the listener resolves `current` per connection).
+    std::thread::scope(|s| {
+        for k in 0..10 {
+            let lab = &lab;
+            s.spawn(move || {
+                for i in (k..100).step_by(10) {
+                    publish(lab, i, "r1", &format!("one-{i}"));
+                    assert!(http_get(lab.http_addr(i)).ends_with(&format!("one-{i}\n")));
+                    publish(lab, i, "r2", &format!("two-{i}"));
+                    let r = http_get(lab.http_addr(i));
+                    assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+                    assert!(r.ends_with(&format!("two-{i}\n")), "host {i}: {r}");
+                }
+            });
+        }
+    });
+    // Hosts do not see each other's /srv.
+    assert_eq!(
+        fs::read_to_string(lab.site_dir(99).join("current/index.html")).unwrap(),
+        "two-99\n"
+    );
+
+    // A stopped sshd accepts the TCP connection and never answers.
+    lab.signal_sshd(7, "STOP");
+    let mut s = TcpStream::connect_timeout(&lab.ssh_addr(7), Duration::from_secs(2))
+        .expect("the kernel still completes the handshake");
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut banner = [0u8; 8];
+    let r = std::io::Read::read(&mut s, &mut banner);
+    assert!(r.is_err(), "no banner from a stopped sshd: {r:?}");
+    lab.signal_sshd(7, "CONT");
+    assert_ok(&strict_ssh(&lab, 7, "true"), "ssh after SIGCONT");
+
+    let t = Instant::now();
+    drop(lab);
+    eprintln!("100 light hosts: stopped in {:?}", t.elapsed());
+    for i in [0, 63, 99] {
+        assert!(!Path::new(&format!("/var/run/netns/tl{num}h{i}")).exists());
+        assert!(!Path::new(&format!("/sys/class/net/tl{num}h{i}a")).exists());
+    }
+    let routes = Command::new("ip").args(["route"]).output().unwrap();
+    let routes = text(&routes.stdout);
+    assert!(!routes.contains(&format!("10.202.{num}.")), "{routes}");
+    assert!(!routes.contains(&format!("10.201.{num}.")), "{routes}");
+}

@@ -12,6 +12,7 @@ mod git_containers;
 mod git_https;
 mod ha;
 mod hostile_input;
+mod hosts;
 mod https;
 mod panel;
 mod previews;

@@ -537,7 +537,8 @@ impl Lab {
         // Hosts other than 0 reach the registry through their own veth.
         let reg_ip = self.registry_addr().ip().to_string();
         for (i, h) in self.hosts.iter().enumerate().skip(1) {
-            let via = Ipv4Addr::new(10, 201, self.num, (4 * i + 1) as u8).to_string();
+            let (b, j) = super::block_of(i);
+            let via = Ipv4Addr::new(10, b, self.num, (4 * j + 1) as u8).to_string();
             let dst = format!("{reg_ip}/32");
             sys::run(
                 "ip",
