@@ -4,7 +4,7 @@
 //! `bench/results/<scenario>.json`. Numbers are reported, never asserted. Needs root.
 //!
 //! One module per scenario ([`deploy_speed`], [`rollback`], [`switch`], [`switch_files`],
-//! [`proxy`], [`footprint`]); to add one, write a module with a
+//! [`proxy`], [`tls`], [`footprint`]); to add one, write a module with a
 //! `pub(crate) fn run(&Ctx) -> anyhow::Result<report::Section>` and register it in
 //! [`SCENARIOS`] with the text that says how to read its table. The switch scenarios share
 //! one skeleton ([`switching`]: a method trait, the load, the tables and plots); cutover's
@@ -33,6 +33,7 @@ mod rollback;
 mod switch;
 mod switch_files;
 mod switching;
+mod tls;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
@@ -82,6 +83,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         title: "Proxy overhead",
         how_to_read: proxy::HOW_TO_READ,
         run: proxy::run,
+    },
+    Scenario {
+        name: "tls",
+        title: "TLS and HTTP/2 termination",
+        how_to_read: tls::HOW_TO_READ,
+        run: tls::run,
     },
     Scenario {
         name: "panel",
