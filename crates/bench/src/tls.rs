@@ -20,15 +20,15 @@ three TLS-terminating proxies run side by side as local processes on this machin
 each in front of the same backend: Debian's nginx with one worker on 127.0.0.1 answering `/` \
 with a 10-byte body, keeping connections open and logging nothing. *cutover* is `cutover \
 proxy run --tls files --cert --key` (the binary built with the bench's profile) with one \
-service deployed by `cutover proxy deploy --domain bench.test`; *nginx* is Debian's nginx \
-(`worker_processes auto`, `listen ... ssl http2`, `proxy_pass` to an upstream with \
+service deployed by `cutover proxy deploy --domain localhost`; *nginx* is Debian's nginx \
+(`worker_processes auto`, `server_name localhost`, `listen ... ssl http2`, `proxy_pass` to an upstream with \
 `keepalive 32`, `proxy_http_version 1.1`, no access log); *Caddy* is Debian's `caddy run` \
 with a JSON config (the same certificate loaded from files, automatic HTTPS off, one \
 `reverse_proxy` route, Caddy's defaults otherwise). All three serve the same self-signed \
-ECDSA P-256 certificate for `bench.test` made by the bench (rcgen) and negotiate TLS 1.3. \
+ECDSA P-256 certificate for `localhost` made by the bench (rcgen) and negotiate TLS 1.3. \
 Each proxy gets three loads in turn, each for 10 s (2 s with `--quick`), repeated for every \
 run of the cell (`--reps`), the order of the proxies rotating: *HTTP/1.1* is `wrk -t2 -c8 \
---latency` (8 keep-alive connections, no pause), *HTTP/2* is `h2load -t2 -c8 -m1 -D` over \
+--latency https://localhost:PORT/` (8 keep-alive connections, no pause), *HTTP/2* is `h2load -t2 -c8 -m1 -D` over \
 ALPN h2 (8 connections, one stream in flight on each, so 8 requests in flight as with wrk), \
 its p50/p99 computed by the bench from h2load's `--log-file` (one line per request with its \
 duration), *handshakes/s* is `wrk -t2 -c8` with `Connection: close`, so every request is a \
@@ -45,8 +45,9 @@ read every 100 ms during that proxy's loads.";
 
 /// Connections of every load.
 const CONNECTIONS: usize = 8;
-/// The name every proxy serves and the loads ask for.
-const DOMAIN: &str = "bench.test";
+/// The name every proxy serves and the loads ask for (and send as SNI: wrk sends its URL's
+/// host, so the name must resolve to 127.0.0.1 without touching /etc/hosts).
+const DOMAIN: &str = "localhost";
 const BODY: &str = "keepalive\n";
 const NGINX: &str = "/usr/sbin/nginx";
 const CADDY: &str = "/usr/bin/caddy";
@@ -321,9 +322,7 @@ fn caddy_config(dir: &Path, port: u16, backend: u16) -> String {
             "http": { "servers": { "bench": {
                 "listen": [format!("127.0.0.1:{port}")],
                 "automatic_https": { "disable": true },
-                // wrk sends the address of its URL (127.0.0.1) as SNI: serve the certificate
-                // anyway, as nginx and cutover do.
-                "tls_connection_policies": [{ "default_sni": DOMAIN, "fallback_sni": DOMAIN }],
+                "tls_connection_policies": [{}],
                 "routes": [{
                     "handle": [{
                         "handler": "reverse_proxy",
@@ -491,15 +490,14 @@ fn load(
     tls_port: u16,
     secs: u64,
 ) -> Result<Round> {
-    let url = format!("https://127.0.0.1:{tls_port}/");
-    let host = format!("Host: {DOMAIN}");
+    let url = format!("https://{DOMAIN}:{tls_port}/");
     let (r, sample) = ctx.meter.time(|| -> Result<Round> {
         let (rps, p50_ms, p99_ms, requests, errors, rss) = match kind {
             Kind::H1 | Kind::Handshake => {
                 let mut cmd = Command::new("wrk");
                 cmd.args(["-t2", &format!("-c{CONNECTIONS}")])
                     .arg(format!("-d{secs}s"))
-                    .args(["--latency", "-H", &host]);
+                    .arg("--latency");
                 if kind == Kind::Handshake {
                     cmd.args(["-H", "Connection: close"]);
                 }
@@ -587,7 +585,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     )?;
     backend.wait_listening(loopback(backend_port))?;
 
-    // cutover's proxy with the certificate from files, and one service on bench.test.
+    // cutover's proxy with the certificate from files, and one service on localhost.
     let plain_port = free_port()?;
     let cutover_port = free_port()?;
     let cdir = work.join("cutover");
