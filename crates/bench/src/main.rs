@@ -4,7 +4,7 @@
 //! `bench/results/<scenario>.json`. Numbers are reported, never asserted. Needs root.
 //!
 //! One module per scenario ([`deploy_speed`], [`rollback`], [`switch`], [`switch_files`],
-//! [`proxy`], [`hosts`], [`footprint`]); to add one, write a module with a
+//! [`proxy`], [`hosts`], [`tls`], [`footprint`]); to add one, write a module with a
 //! `pub(crate) fn run(&Ctx) -> anyhow::Result<report::Section>` and register it in
 //! [`SCENARIOS`] with the text that says how to read its table. The switch scenarios share
 //! one skeleton ([`switching`]: a method trait, the load, the tables and plots); cutover's
@@ -35,6 +35,7 @@ mod rollout;
 mod switch;
 mod switch_files;
 mod switching;
+mod tls;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
@@ -96,6 +97,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         title: "Many hosts",
         how_to_read: hosts::HOW_TO_READ,
         run: hosts::run,
+    },
+    Scenario {
+        name: "tls",
+        title: "TLS and HTTP/2 termination",
+        how_to_read: tls::HOW_TO_READ,
+        run: tls::run,
     },
     Scenario {
         name: "panel",
