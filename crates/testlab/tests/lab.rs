@@ -391,7 +391,15 @@ fn a_hundred_light_hosts_serve_their_current_and_go_away() {
     assert_eq!(lab.ip(62).to_string(), format!("10.201.{num}.250"));
     assert_eq!(lab.ip(63).to_string(), format!("10.202.{num}.2"));
     assert_eq!(lab.ip(99).to_string(), format!("10.202.{num}.146"));
-    let pids = lab.host_pids();
+    // The readiness check's connection left a short-lived `httpd -i` behind
+    // it (one per connection, by design); wait for those to go so only the
+    // standing processes are counted.
+    let mut pids = lab.host_pids();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids.len() > 300 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        pids = lab.host_pids();
+    }
     let (kib, fds) = pss_and_fds(&pids);
     eprintln!(
         "100 light hosts: started in {started:?}, {} processes, {} MiB Pss, {fds} fds",
