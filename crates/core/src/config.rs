@@ -508,53 +508,14 @@ impl Config {
                 "expected at least one host, e.g. [\"web1\"] or [\"local\"]".into(),
             ));
         }
-        let mut hosts = Vec::new();
-        let mut seen = BTreeSet::new();
-        for (i, h) in raw.hosts.iter().enumerate() {
-            let d = Destination::parse(h).map_err(|m| err(&format!("hosts[{i}]"), m))?;
-            if !seen.insert(h.clone()) {
-                return Err(err(
-                    &format!("hosts[{i}]"),
-                    format!("{h:?} is listed twice"),
-                ));
-            }
-            hosts.push((h.clone(), d));
-        }
+        let hosts = parse_hosts(&raw.hosts, &err)?;
 
         let preview = match raw.preview {
             None => None,
             Some(p) => Some(crate::preview::parse_preview(p, &hosts).map_err(|(k, m)| err(&k, m))?),
         };
 
-        let parallel = match raw.ssh.parallel {
-            // Measured on 100 hosts (BENCHMARKS.md, *Many hosts*): 32 at once halves the wall
-            // time of 16 at the same CPU and memory; more gains nothing.
-            None => 32,
-            Some(n) if (1..=1024).contains(&n) => n as usize,
-            Some(n) => return Err(err("ssh.parallel", format!("expected 1 to 1024, got {n}"))),
-        };
-        let connect_timeout = match &raw.ssh.connect_timeout {
-            None => Duration::from_secs(10),
-            Some(s) => parse_duration(s).map_err(|m| err("ssh.connect_timeout", m))?,
-        };
-        if connect_timeout < Duration::from_secs(1) {
-            return Err(err("ssh.connect_timeout", "expected at least 1s".into()));
-        }
-        let step_timeout = match &raw.ssh.step_timeout {
-            None => Duration::from_secs(600),
-            Some(s) => parse_duration(s).map_err(|m| err("ssh.step_timeout", m))?,
-        };
-        if step_timeout < Duration::from_secs(1) {
-            return Err(err("ssh.step_timeout", "expected at least 1s".into()));
-        }
-        let ssh = SshConfig {
-            config: raw.ssh.config.as_deref().map(resolve),
-            known_hosts: raw.ssh.known_hosts.as_deref().map(resolve),
-            identity: raw.ssh.identity.as_deref().map(resolve),
-            parallel,
-            connect_timeout,
-            step_timeout,
-        };
+        let ssh = parse_ssh(&raw.ssh, &err, &resolve)?;
 
         if let Some(rc) = raw.container {
             let build = match raw.build {
@@ -586,99 +547,8 @@ impl Config {
                     .into(),
             ));
         }
-        let files = raw.files.ok_or_else(|| {
-            err(
-                "files",
-                "expected a [files] section (source, root, reload, keep)".into(),
-            )
-        })?;
-        if !files.root.starts_with('/') {
-            return Err(err(
-                "files.root",
-                format!(
-                    "expected an absolute path on the hosts, got {:?}",
-                    files.root
-                ),
-            ));
-        }
-        if files.root.split('/').any(|c| c == ".." || c == ".") {
-            return Err(err(
-                "files.root",
-                format!(
-                    "expected a path without '.' or '..' components, got {:?}",
-                    files.root
-                ),
-            ));
-        }
-        if files.root.contains('\0') || files.root.contains('\n') {
-            return Err(err(
-                "files.root",
-                "expected a path without NUL or newline".into(),
-            ));
-        }
-        let root = if files.root.len() > 1 {
-            files.root.trim_end_matches('/').to_string()
-        } else {
-            files.root.clone()
-        };
-        if root == "/" {
-            return Err(err(
-                "files.root",
-                "expected a dedicated directory, not /".into(),
-            ));
-        }
-        let keep = match files.keep {
-            None => 5,
-            Some(n) if (1..=1000).contains(&n) => n as usize,
-            Some(n) => return Err(err("files.keep", format!("expected 1 to 1000, got {n}"))),
-        };
-        let positive = |key: &str, v: Option<i64>, default: u64| -> Result<u64, ConfigError> {
-            match v {
-                None => Ok(default),
-                Some(n) if n > 0 => Ok(n as u64),
-                Some(n) => Err(err(key, format!("expected a positive number, got {n}"))),
-            }
-        };
-        if deploy.canary.is_some() {
-            return Err(err(
-                "deploy.canary",
-                "a canary is for container apps (the edge proxy splits the requests)".into(),
-            ));
-        }
-        let files = FilesConfig {
-            source: files.source.as_deref().map(resolve),
-            root,
-            reload: files.reload.filter(|r| !r.trim().is_empty()),
-            keep,
-            max_unpacked_bytes: positive(
-                "files.max_unpacked_bytes",
-                files.max_unpacked_bytes,
-                4 << 30,
-            )?,
-            max_entries: positive("files.max_entries", files.max_entries, 200_000)?,
-        };
-
-        let h = raw.health.ok_or_else(|| {
-            err(
-                "health",
-                "expected a [health] section with `url`: the gate every switch must pass".into(),
-            )
-        })?;
-        if h.path.is_some() {
-            return Err(err(
-                "health.path",
-                "`path` is for container apps; files apps use `url`".into(),
-            ));
-        }
-        let url = h.url.as_deref().ok_or_else(|| {
-            err(
-                "health.url",
-                "expected the URL to probe as the host sees it, e.g. \"http://127.0.0.1/up\""
-                    .into(),
-            )
-        })?;
-        let url = HealthUrl::parse(url).map_err(|m| err("health.url", m))?;
-        let health = health_config(&h, url, &err)?;
+        let files = parse_files(raw.files, &deploy, &err, &resolve)?;
+        let health = files_health(raw.health, &err)?;
 
         let build = match raw.build {
             None => None,
@@ -828,6 +698,170 @@ fn unsupported_repo(url: &str) -> Option<String> {
 pub const DEFAULT_TOKEN_ENV: &str = "CUTOVER_GIT_TOKEN";
 
 /// `[build] token_env`, `token_user` and `ca_file`: for `https://` repositories only.
+/// `hosts`: each parsed as a destination, none twice.
+fn parse_hosts(
+    raw: &[String],
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Vec<(String, Destination)>, ConfigError> {
+    let mut hosts = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, h) in raw.iter().enumerate() {
+        let d = Destination::parse(h).map_err(|m| err(&format!("hosts[{i}]"), m))?;
+        if !seen.insert(h.clone()) {
+            return Err(err(
+                &format!("hosts[{i}]"),
+                format!("{h:?} is listed twice"),
+            ));
+        }
+        hosts.push((h.clone(), d));
+    }
+    Ok(hosts)
+}
+
+/// `[ssh]`: paths resolved, parallelism and deadlines bounded.
+fn parse_ssh(
+    raw: &RawSsh,
+    err: &dyn Fn(&str, String) -> ConfigError,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<SshConfig, ConfigError> {
+    let parallel = match raw.parallel {
+        // Measured on 100 hosts (BENCHMARKS.md, *Many hosts*): 32 at once halves the wall
+        // time of 16 at the same CPU and memory; more gains nothing.
+        None => 32,
+        Some(n) if (1..=1024).contains(&n) => n as usize,
+        Some(n) => return Err(err("ssh.parallel", format!("expected 1 to 1024, got {n}"))),
+    };
+    let connect_timeout = match &raw.connect_timeout {
+        None => Duration::from_secs(10),
+        Some(s) => parse_duration(s).map_err(|m| err("ssh.connect_timeout", m))?,
+    };
+    if connect_timeout < Duration::from_secs(1) {
+        return Err(err("ssh.connect_timeout", "expected at least 1s".into()));
+    }
+    let step_timeout = match &raw.step_timeout {
+        None => Duration::from_secs(600),
+        Some(s) => parse_duration(s).map_err(|m| err("ssh.step_timeout", m))?,
+    };
+    if step_timeout < Duration::from_secs(1) {
+        return Err(err("ssh.step_timeout", "expected at least 1s".into()));
+    }
+    Ok(SshConfig {
+        config: raw.config.as_deref().map(resolve),
+        known_hosts: raw.known_hosts.as_deref().map(resolve),
+        identity: raw.identity.as_deref().map(resolve),
+        parallel,
+        connect_timeout,
+        step_timeout,
+    })
+}
+
+/// `[files]` of a files app (a canary is refused: only the proxy can split requests).
+fn parse_files(
+    raw: Option<RawFiles>,
+    deploy: &DeployConfig,
+    err: &dyn Fn(&str, String) -> ConfigError,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<FilesConfig, ConfigError> {
+    let files = raw.ok_or_else(|| {
+        err(
+            "files",
+            "expected a [files] section (source, root, reload, keep)".into(),
+        )
+    })?;
+    if !files.root.starts_with('/') {
+        return Err(err(
+            "files.root",
+            format!(
+                "expected an absolute path on the hosts, got {:?}",
+                files.root
+            ),
+        ));
+    }
+    if files.root.split('/').any(|c| c == ".." || c == ".") {
+        return Err(err(
+            "files.root",
+            format!(
+                "expected a path without '.' or '..' components, got {:?}",
+                files.root
+            ),
+        ));
+    }
+    if files.root.contains('\0') || files.root.contains('\n') {
+        return Err(err(
+            "files.root",
+            "expected a path without NUL or newline".into(),
+        ));
+    }
+    let root = if files.root.len() > 1 {
+        files.root.trim_end_matches('/').to_string()
+    } else {
+        files.root.clone()
+    };
+    if root == "/" {
+        return Err(err(
+            "files.root",
+            "expected a dedicated directory, not /".into(),
+        ));
+    }
+    let keep = match files.keep {
+        None => 5,
+        Some(n) if (1..=1000).contains(&n) => n as usize,
+        Some(n) => return Err(err("files.keep", format!("expected 1 to 1000, got {n}"))),
+    };
+    let positive = |key: &str, v: Option<i64>, default: u64| -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if n > 0 => Ok(n as u64),
+            Some(n) => Err(err(key, format!("expected a positive number, got {n}"))),
+        }
+    };
+    if deploy.canary.is_some() {
+        return Err(err(
+            "deploy.canary",
+            "a canary is for container apps (the edge proxy splits the requests)".into(),
+        ));
+    }
+    Ok(FilesConfig {
+        source: files.source.as_deref().map(resolve),
+        root,
+        reload: files.reload.filter(|r| !r.trim().is_empty()),
+        keep,
+        max_unpacked_bytes: positive(
+            "files.max_unpacked_bytes",
+            files.max_unpacked_bytes,
+            4 << 30,
+        )?,
+        max_entries: positive("files.max_entries", files.max_entries, 200_000)?,
+    })
+}
+
+/// `[health]` of a files app: `url` (the host's view), never `path`.
+fn files_health(
+    raw: Option<RawHealth>,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<HealthConfig, ConfigError> {
+    let h = raw.ok_or_else(|| {
+        err(
+            "health",
+            "expected a [health] section with `url`: the gate every switch must pass".into(),
+        )
+    })?;
+    if h.path.is_some() {
+        return Err(err(
+            "health.path",
+            "`path` is for container apps; files apps use `url`".into(),
+        ));
+    }
+    let url = h.url.as_deref().ok_or_else(|| {
+        err(
+            "health.url",
+            "expected the URL to probe as the host sees it, e.g. \"http://127.0.0.1/up\"".into(),
+        )
+    })?;
+    let url = HealthUrl::parse(url).map_err(|m| err("health.url", m))?;
+    health_config(&h, url, err)
+}
+
 fn parse_https(
     b: &RawBuild,
     repo: &str,
