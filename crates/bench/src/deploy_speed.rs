@@ -487,6 +487,47 @@ fn section(
         "\n\nPayloads of 256 KiB pseudo-random files (gzip cannot compress them); {}.\n\nWall time:\n\n",
         capistrano::version()
     ));
+    wall_table(&mut md, rows);
+    cpu_table(&mut md, rows);
+    redeploy_table(&mut md, ctx, redeploys, a, changed);
+    profile_table(&mut md, rows);
+    notes(&mut md, ctx, rows, redeploys);
+    let json = json!({
+        "scenario": "deploy-speed",
+        "started": started,
+        "finished": report::utc_now(),
+        "command": ctx.command,
+        "quick": ctx.quick,
+        "reps": ctx.reps,
+        "hosts_source_root_bashrc": ctx.host_bashrc,
+        "machine": ctx.machine.to_json(),
+        "capistrano": capistrano::version(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "payload": {
+            "file_size": a.file_size,
+            "content": "pseudo-random bytes (splitmix64), incompressible",
+        },
+        "results": rows.iter().map(row_json).collect::<Vec<_>>(),
+        "redeploy_one_percent_changed": {
+            "files": a.files,
+            "changed_files": a.one_percent(),
+            "bytes": changed.bytes(),
+            "results": redeploys.iter().map(|r| json!({
+                "hosts": r.hosts,
+                "cutover": redeploy_json(&r.cutover),
+                "capistrano": redeploy_json(&r.cap),
+                "floor_tar_ssh": redeploy_json(&r.floor),
+                "rsync": redeploy_json(&r.rsync),
+            })).collect::<Vec<_>>(),
+        },
+        "plots": [plot(rows)],
+    });
+    Section { markdown: md, json }
+}
+
+/// The wall-time table of first and second deploys against Capistrano and the floors.
+fn wall_table(md: &mut String, rows: &[Row]) {
     let table_rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -548,6 +589,10 @@ fn section(
         ],
         &table_rows,
     ));
+}
+
+/// The CPU-time table (both sides of every run).
+fn cpu_table(md: &mut String, rows: &[Row]) {
     md.push_str(
         "\nCPU time (median, seconds of CPU summed over every process of the run on both \
          sides: cutover or Capistrano, ssh, git, the hosts' sshd, tar and nginx):\n\n",
@@ -580,7 +625,16 @@ fn section(
         ],
         &cpu_rows,
     ));
+}
 
+/// The redeploy-with-1%-changed table, with rsync as a peer.
+fn redeploy_table(
+    md: &mut String,
+    ctx: &Ctx,
+    redeploys: &[RedeployRow],
+    a: &Payload,
+    changed: &Payload,
+) {
     md.push_str(&format!(
         "\nRedeploy with 1% of the files changed ({} of {} files of {} KiB rewritten, {} in \
          all), after a deploy of the original (medians of {} runs; bytes per host):\n\n",
@@ -659,7 +713,10 @@ fn section(
         ],
         &re_rows,
     ));
+}
 
+/// Where the time of a first deploy goes, per phase.
+fn profile_table(md: &mut String, rows: &[Row]) {
     md.push_str(
         "\nWhere the time of a first deploy goes (one more profiled run per host count, \
          seconds; the phases add up to the total):\n\n",
@@ -684,6 +741,10 @@ fn section(
     header[0] = "payload × hosts".into();
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
     md.push_str(&report::table(&header_refs, &prow));
+}
+
+/// How the cells were run (fewer reps, interference).
+fn notes(md: &mut String, ctx: &Ctx, rows: &[Row], redeploys: &[RedeployRow]) {
     let all: Vec<&Samples> = rows
         .iter()
         .flat_map(|r| {
@@ -719,7 +780,10 @@ fn section(
     }
     md.push_str(&report::interference_line(&all, ctx.machine.cores, redone));
     md.push('\n');
+}
 
+/// The first-deploy bar chart.
+fn plot(rows: &[Row]) -> Value {
     let categories: Vec<String> = rows
         .iter()
         .map(|r| format!("{} × {}", r.size, r.hosts))
@@ -736,7 +800,7 @@ fn section(
             })
             .collect()
     };
-    let plot = json!({
+    json!({
         "file": "deploy-speed.svg",
         "kind": "bars",
         "title": "First deploy onto empty hosts (payload × hosts)",
@@ -747,39 +811,7 @@ fn section(
             {"name": "Capistrano", "values": bar(&|r| &r.cap_first)},
             {"name": "floor: tar over ssh", "values": bar(&|r| &r.floor_tar)},
         ],
-    });
-    let json = json!({
-        "scenario": "deploy-speed",
-        "started": started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
-        "reps": ctx.reps,
-        "hosts_source_root_bashrc": ctx.host_bashrc,
-        "machine": ctx.machine.to_json(),
-        "capistrano": capistrano::version(),
-        "load_before": load_before,
-        "load_after": load_after,
-        "payload": {
-            "file_size": a.file_size,
-            "content": "pseudo-random bytes (splitmix64), incompressible",
-        },
-        "results": rows.iter().map(row_json).collect::<Vec<_>>(),
-        "redeploy_one_percent_changed": {
-            "files": a.files,
-            "changed_files": a.one_percent(),
-            "bytes": changed.bytes(),
-            "results": redeploys.iter().map(|r| json!({
-                "hosts": r.hosts,
-                "cutover": redeploy_json(&r.cutover),
-                "capistrano": redeploy_json(&r.cap),
-                "floor_tar_ssh": redeploy_json(&r.floor),
-                "rsync": redeploy_json(&r.rsync),
-            })).collect::<Vec<_>>(),
-        },
-        "plots": [plot],
-    });
-    Section { markdown: md, json }
+    })
 }
 
 fn redeploy_json(r: &Redeploy) -> Value {
