@@ -382,6 +382,50 @@ fn section(
 ) -> Section {
     let mut md = report::measured_line(ctx, load_before, load_after, took);
     md.push_str("\n\n");
+    times_tables(&mut md, rows);
+    memory_table(&mut md, rows);
+    sweep_table(&mut md, sweep);
+    if let Some(a) = alt {
+        openssh_table(&mut md, a);
+    }
+    let all: Vec<&Samples> = rows
+        .iter()
+        .flat_map(|r| [&r.first, &r.second, &r.rollback, &r.floor])
+        .collect();
+    md.push('\n');
+    md.push_str(&report::interference_line(&all, ctx.machine.cores, 0));
+    md.push('\n');
+    let json = json!({
+        "payload": {"files": FILES, "file_bytes": FILE_SIZE},
+        "rows": rows.iter().map(|r| json!({
+            "hosts": r.hosts,
+            "deploy_first": r.first.to_json(),
+            "deploy_second": r.second.to_json(),
+            "rollback_warm": r.rollback.to_json(),
+            "floor_tar": r.floor.to_json(),
+            "memory": r.memory.to_json(),
+        })).collect::<Vec<_>>(),
+        "parallel_sweep": sweep.iter().map(|s| json!({
+            "parallel": s.parallel,
+            "deploy": s.sample.to_json(),
+            "memory": s.memory.to_json(),
+        })).collect::<Vec<_>>(),
+        "openssh": alt.map(|a| json!({
+            "hosts": a.hosts,
+            "commands_per_host": COMMANDS,
+            "at_once": AT_ONCE,
+            "masters_connect": a.masters_connect.to_json(),
+            "masters_commands": a.masters_commands.to_json(),
+            "masters_pss_kib": a.masters_pss_kib,
+            "fresh_commands": a.fresh_commands.to_json(),
+            "fresh_peak_pss_kib": a.fresh_peak_pss_kib,
+        })),
+    });
+    Section { markdown: md, json }
+}
+
+/// Wall time and CPU per host count, next to the floor.
+fn times_tables(md: &mut String, rows: &[Row]) {
     let table_rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -434,6 +478,10 @@ fn section(
         ],
         &cpu_rows,
     ));
+}
+
+/// The control side's memory during a deploy.
+fn memory_table(md: &mut String, rows: &[Row]) {
     md.push_str("\nControl side memory during a deploy (peak Pss):\n\n");
     let mem_rows: Vec<Vec<String>> = rows
         .iter()
@@ -459,93 +507,66 @@ fn section(
         ],
         &mem_rows,
     ));
-    if !sweep.is_empty() {
-        md.push_str("\n`[ssh] parallel` on 100 hosts (one deploy each, memory polled):\n\n");
-        let r: Vec<Vec<String>> = sweep
-            .iter()
-            .map(|s| {
-                vec![
-                    s.parallel.to_string(),
-                    format!("{} s", secs(s.sample.secs)),
-                    cpu(&s.sample),
-                    mib_of_kib(s.memory.with_ssh_kib),
-                    s.memory.ssh_procs.to_string(),
-                ]
-            })
-            .collect();
-        md.push_str(&report::table(
-            &[
-                "parallel",
-                "wall",
-                "CPU",
-                "cutover + its ssh (peak Pss)",
-                "ssh processes (most at once)",
-            ],
-            &r,
-        ));
+}
+
+/// `[ssh] parallel` on 100 hosts.
+fn sweep_table(md: &mut String, sweep: &[SweepRow]) {
+    if sweep.is_empty() {
+        return;
     }
-    if let Some(a) = alt {
-        md.push_str(&format!(
-            "\nOpenSSH on {} hosts, {COMMANDS} commands per host, {AT_ONCE} hosts at a time:\n\n",
-            a.hosts
-        ));
-        md.push_str(&report::table(
-            &["way", "connect", "commands", "CPU (all)", "memory (Pss)"],
-            &[
-                vec![
-                    "one master per host (cutover's)".into(),
-                    format!("{} s", secs(a.masters_connect.secs)),
-                    format!("{} s", secs(a.masters_commands.secs)),
-                    format!("{} + {}", cpu(&a.masters_connect), cpu(&a.masters_commands)),
-                    format!(
-                        "{} for {} idle masters ({} each)",
-                        mib_of_kib(a.masters_pss_kib),
-                        a.hosts,
-                        mib_of_kib(a.masters_pss_kib / a.hosts as u64)
-                    ),
-                ],
-                vec![
-                    "a fresh connection per command".into(),
-                    "–".into(),
-                    format!("{} s", secs(a.fresh_commands.secs)),
-                    cpu(&a.fresh_commands),
-                    format!("{} at the peak", mib_of_kib(a.fresh_peak_pss_kib)),
-                ],
-            ],
-        ));
-    }
-    let all: Vec<&Samples> = rows
+    md.push_str("\n`[ssh] parallel` on 100 hosts (one deploy each, memory polled):\n\n");
+    let r: Vec<Vec<String>> = sweep
         .iter()
-        .flat_map(|r| [&r.first, &r.second, &r.rollback, &r.floor])
+        .map(|s| {
+            vec![
+                s.parallel.to_string(),
+                format!("{} s", secs(s.sample.secs)),
+                cpu(&s.sample),
+                mib_of_kib(s.memory.with_ssh_kib),
+                s.memory.ssh_procs.to_string(),
+            ]
+        })
         .collect();
-    md.push('\n');
-    md.push_str(&report::interference_line(&all, ctx.machine.cores, 0));
-    md.push('\n');
-    let json = json!({
-        "payload": {"files": FILES, "file_bytes": FILE_SIZE},
-        "rows": rows.iter().map(|r| json!({
-            "hosts": r.hosts,
-            "deploy_first": r.first.to_json(),
-            "deploy_second": r.second.to_json(),
-            "rollback_warm": r.rollback.to_json(),
-            "floor_tar": r.floor.to_json(),
-            "memory": r.memory.to_json(),
-        })).collect::<Vec<_>>(),
-        "parallel_sweep": sweep.iter().map(|s| json!({
-            "parallel": s.parallel,
-            "deploy": s.sample.to_json(),
-            "memory": s.memory.to_json(),
-        })).collect::<Vec<_>>(),
-        "openssh": alt.map(|a| json!({
-            "hosts": a.hosts,
-            "commands_per_host": COMMANDS,
-            "at_once": AT_ONCE,
-            "masters_connect": a.masters_connect.to_json(),
-            "masters_commands": a.masters_commands.to_json(),
-            "masters_pss_kib": a.masters_pss_kib,
-            "fresh_commands": a.fresh_commands.to_json(),
-            "fresh_peak_pss_kib": a.fresh_peak_pss_kib,
-        })),
-    });
-    Section { markdown: md, json }
+    md.push_str(&report::table(
+        &[
+            "parallel",
+            "wall",
+            "CPU",
+            "cutover + its ssh (peak Pss)",
+            "ssh processes (most at once)",
+        ],
+        &r,
+    ));
+}
+
+/// One OpenSSH master per host against a fresh connection per command.
+fn openssh_table(md: &mut String, a: &Alternatives) {
+    md.push_str(&format!(
+        "\nOpenSSH on {} hosts, {COMMANDS} commands per host, {AT_ONCE} hosts at a time:\n\n",
+        a.hosts
+    ));
+    md.push_str(&report::table(
+        &["way", "connect", "commands", "CPU (all)", "memory (Pss)"],
+        &[
+            vec![
+                "one master per host (cutover's)".into(),
+                format!("{} s", secs(a.masters_connect.secs)),
+                format!("{} s", secs(a.masters_commands.secs)),
+                format!("{} + {}", cpu(&a.masters_connect), cpu(&a.masters_commands)),
+                format!(
+                    "{} for {} idle masters ({} each)",
+                    mib_of_kib(a.masters_pss_kib),
+                    a.hosts,
+                    mib_of_kib(a.masters_pss_kib / a.hosts as u64)
+                ),
+            ],
+            vec![
+                "a fresh connection per command".into(),
+                "–".into(),
+                format!("{} s", secs(a.fresh_commands.secs)),
+                cpu(&a.fresh_commands),
+                format!("{} at the peak", mib_of_kib(a.fresh_peak_pss_kib)),
+            ],
+        ],
+    ));
 }
