@@ -20,6 +20,7 @@ pub mod auth;
 pub mod error;
 pub mod hooks;
 pub mod jobs;
+mod memory;
 mod pages;
 pub mod previews;
 pub mod secret;
@@ -67,6 +68,7 @@ impl AppState {
     /// Opens the store and reconciles the jobs a previous server died in (they are marked
     /// interrupted, never re-run).
     pub fn new(opts: Options) -> Result<Arc<AppState>, String> {
+        memory::return_large_blocks();
         let store = cutover_engine::open_database(&opts.data, opts.database.as_ref())?;
         let mut apps = BTreeMap::new();
         for c in opts.apps {

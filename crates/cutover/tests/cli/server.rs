@@ -835,3 +835,36 @@ fn serves(w: &World, page: &str) {
         assert_eq!(w.served(i), page, "host {i}");
     }
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Every login verifies an argon2id hash with 19 MiB of working memory; none of it may stay
+/// resident afterwards (glibc kept it: four logins took the server from 19 to 96 MiB).
+#[test]
+fn logins_leave_the_servers_memory_where_it_was() {
+    let w = World::local().start();
+    add_user(&w, "ada", "admin", "ada-password-1");
+    let s = Server::start(&w, &[]);
+    let (status, body, _) = login(&s, "127.0.0.3", "ada", "ada-password-1");
+    assert_eq!(status, 200, "{body}");
+    let after_one = rss_kib(s.child.id());
+    for _ in 0..8 {
+        let (status, body, _) = login(&s, "127.0.0.3", "ada", "ada-password-1");
+        assert_eq!(status, 200, "{body}");
+    }
+    let after_nine = rss_kib(s.child.id());
+    let grew = after_nine.saturating_sub(after_one) / 1024;
+    assert!(
+        grew < 12,
+        "8 more logins grew the server's RSS by {grew} MiB ({} -> {} MiB)",
+        after_one / 1024,
+        after_nine / 1024
+    );
+}
