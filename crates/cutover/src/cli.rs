@@ -159,6 +159,8 @@ pub(crate) enum Command {
     },
     /// The history's database: move an SQLite history into PostgreSQL.
     Db {
+        #[command(flatten)]
+        common: Common,
         #[command(subcommand)]
         command: DbCommand,
     },
@@ -169,9 +171,10 @@ pub(crate) enum DbCommand {
     /// Copy an SQLite history (releases, runs, events, users, tokens, audit, webhooks,
     /// previews) into an empty PostgreSQL database, in one transaction.
     Copy {
-        /// The SQLite database: a `cutover.db` file, or a data directory holding one.
+        /// The SQLite database: a `cutover.db` file, or a data directory holding one
+        /// (default: the data directory's).
         #[arg(long, value_name = "PATH")]
-        from: PathBuf,
+        from: Option<PathBuf>,
         /// The PostgreSQL database (postgres://USER:PASSWORD@HOST/DB, with `?sslmode=...`
         /// as for --database); it must hold no rows.
         #[arg(long, value_name = "URL")]

@@ -277,7 +277,7 @@ pub(crate) fn open_migrated(url: &str) -> Result<(Client, String)> {
 }
 
 /// One connection to `url`, with TLS as its `sslmode` and `sslrootcert` say ([`pgtls`]).
-fn open_client(url: &str, name: &str) -> Result<Client> {
+pub(crate) fn open_client(url: &str, name: &str) -> Result<Client> {
     let bad = |message: String| StoreError::Url {
         name: name.to_string(),
         message,

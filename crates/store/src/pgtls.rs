@@ -61,16 +61,20 @@ pub(crate) fn parse(url: &str) -> Result<Parsed, String> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
-            "sslmode" => mode = Some(match v {
-                "disable" => Mode::Disable,
-                "prefer" => Mode::Prefer,
-                "require" => Mode::Require,
-                "verify-ca" => Mode::VerifyCa,
-                "verify-full" => Mode::VerifyFull,
-                other => return Err(format!(
+            "sslmode" => {
+                mode = Some(match v {
+                    "disable" => Mode::Disable,
+                    "prefer" => Mode::Prefer,
+                    "require" => Mode::Require,
+                    "verify-ca" => Mode::VerifyCa,
+                    "verify-full" => Mode::VerifyFull,
+                    other => {
+                        return Err(format!(
                     "sslmode={other}: expected disable, prefer, require, verify-ca or verify-full"
-                )),
-            }),
+                ))
+                    }
+                })
+            }
             "sslrootcert" => root = Some(decode(v)),
             _ => kept.push(pair),
         }
@@ -147,8 +151,9 @@ fn roots(root: Option<&str>) -> Result<RootCertStore, String> {
             .ok_or("sslrootcert is not set and there is no HOME for ~/.postgresql/root.crt")?,
     };
     let shown = path.display();
-    let certs = CertificateDer::pem_file_iter(&path)
-        .map_err(|e| format!("sslrootcert {shown}: cannot read it: {e}"))?
+    let pem =
+        std::fs::read(&path).map_err(|e| format!("sslrootcert {shown}: cannot read it: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("sslrootcert {shown}: not a PEM file of certificates: {e}"))?;
     for c in certs {
@@ -391,6 +396,89 @@ mod tests {
         assert_eq!(
             parse("postgres://u:pw@db/x?sslmode=allow").unwrap_err(),
             "sslmode=allow: expected disable, prefer, require, verify-ca or verify-full"
+        );
+    }
+}
+
+/// Against the local cluster `.ci/run` starts: Debian's PostgreSQL with `ssl = on` and the
+/// snakeoil certificate (self-signed, for `localhost`).
+#[cfg(test)]
+mod cluster {
+    use crate::testing::ScratchDb;
+
+    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+    /// Whether the session on `url` is encrypted, or the error as the user sees it.
+    fn encrypted(url: &str) -> Result<bool, String> {
+        let name = crate::pg::shown(url);
+        let mut c = crate::pg::open_client(url, &name).map_err(|e| {
+            let (shown, debug) = (e.to_string(), format!("{e:?}"));
+            assert!(!shown.contains("cutover_test:cutover_test"), "{shown}");
+            assert!(!debug.contains(":cutover_test@"), "{debug}");
+            shown
+        })?;
+        Ok(c.query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0))
+    }
+
+    #[test]
+    fn each_sslmode_connects_as_libpq_would_and_a_wrong_root_is_refused_clearly() {
+        let db = ScratchDb::new("tls");
+        let on = |host: &str, params: &str| {
+            let url = db.url.replacen("@127.0.0.1:", &format!("@{host}:"), 1);
+            format!("{url}?{params}")
+        };
+        let shown = |url: &str| crate::pg::shown(url);
+        assert_eq!(encrypted(&on("127.0.0.1", "sslmode=disable")), Ok(false));
+        // The default is libpq's: prefer, so TLS when the server offers it.
+        assert_eq!(encrypted(&db.url), Ok(true));
+        assert_eq!(encrypted(&on("127.0.0.1", "sslmode=require")), Ok(true));
+        let root = format!("sslrootcert={SNAKEOIL}");
+        assert_eq!(
+            encrypted(&on("localhost", &format!("sslmode=verify-full&{root}"))),
+            Ok(true)
+        );
+        // verify-ca checks the chain, not the name.
+        assert_eq!(
+            encrypted(&on("127.0.0.1", &format!("sslmode=verify-ca&{root}"))),
+            Ok(true)
+        );
+        let url = on("127.0.0.1", &format!("sslmode=verify-full&{root}"));
+        assert_eq!(
+            encrypted(&url),
+            Err(format!("database {}: error performing TLS handshake: invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is only valid for DnsName(\"localhost\")", shown(&url)))
+        );
+        // A root that did not sign the server's certificate (Debian's ca-certificates).
+        let url = on(
+            "localhost",
+            "sslmode=verify-full&sslrootcert=/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt",
+        );
+        assert_eq!(
+            encrypted(&url),
+            Err(format!(
+                "database {}: error performing TLS handshake: invalid peer certificate: UnknownIssuer",
+                shown(&url)
+            ))
+        );
+        let url = on(
+            "localhost",
+            "sslmode=verify-full&sslrootcert=/nonexistent/root.crt",
+        );
+        assert_eq!(
+            encrypted(&url),
+            Err(format!(
+                "database {}: sslrootcert /nonexistent/root.crt: cannot read it: No such file or directory (os error 2)",
+                shown(&url)
+            ))
+        );
+        // A password in a parameter is hidden too.
+        assert_eq!(
+            shown("postgres://u@db/x?password=secret&sslmode=require"),
+            "postgres://u@db/x?sslmode=require"
         );
     }
 }

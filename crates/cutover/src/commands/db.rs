@@ -1,17 +1,18 @@
 //! `cutover db copy --from PATH --to URL`: an SQLite history into an empty PostgreSQL
 //! database (`cutover_store::copy_sqlite_to_postgres`), for a team moving to several servers.
 
-use crate::cli::DbCommand;
+use crate::cli::{Common, DbCommand};
 use cutover_engine::exit;
 use cutover_store::StoreError;
 
-pub(crate) fn run(command: DbCommand) -> i32 {
+pub(crate) fn run(common: &Common, command: DbCommand) -> i32 {
     match command {
         DbCommand::Copy { from, to } => {
             if let Err(e) = to.check() {
                 eprintln!("error: {}", e.replacen("--database", "--to", 1));
                 return exit::USAGE;
             }
+            let from = from.unwrap_or_else(|| super::data_dir(common));
             let file = if from.is_dir() {
                 from.join("cutover.db")
             } else {

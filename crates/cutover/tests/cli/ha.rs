@@ -364,3 +364,71 @@ fn the_cli_says_which_database_it_could_not_use_without_its_password() {
         (2, "error: --database mysql://u@db/x: expected a postgres:// URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE); without --database the history is SQLite in the data directory\n")
     );
 }
+
+#[test]
+fn db_copy_moves_an_sqlite_history_into_an_empty_postgres_database_once() {
+    let w = World::local().start();
+    w.deploy_ok("v1");
+    w.deploy_ok("v2");
+    token(&w, "ci", "deployer", &[]);
+    let on_sqlite = w.history();
+    let db = ScratchDb::new("db_copy");
+    let data = w.dir.join("data");
+    let r = w.run(&[
+        "db",
+        "copy",
+        "--from",
+        data.to_str().unwrap(),
+        "--to",
+        &db.url,
+    ]);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    let shown = db.url.replace(":cutover_test@", "@");
+    assert!(!r.stdout.contains(":cutover_test@"), "{}", r.stdout);
+    let last = r.stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with("copied ")
+            && last.ends_with(&format!(
+                " tables from {} into {shown}",
+                data.join("cutover.db").display()
+            )),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.split_whitespace().eq(["2", "runs"])),
+        "{}",
+        r.stdout
+    );
+    // The history reads the same from PostgreSQL, and the CLI deploys on.
+    let on_pg = w
+        .cutover(&["history", "--json"])
+        .env("CUTOVER_DATABASE", &db.url)
+        .run();
+    assert_eq!(on_pg.code, 0, "{}", on_pg.stderr);
+    assert_eq!(on_pg.json.as_array().unwrap(), &on_sqlite);
+    let mut pg = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    assert_eq!(count(&mut pg, "SELECT count(*) FROM tokens"), 1);
+    // Into a database with rows: refused, nothing written.
+    let r = w.run(&[
+        "db",
+        "copy",
+        "--from",
+        data.to_str().unwrap(),
+        "--to",
+        &db.url,
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .starts_with(&format!("error: database {shown}: not empty (table `"))
+            && r.stderr.ends_with(
+                "` has rows): db copy writes only into a new, empty database; nothing was copied\n"
+            ),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(count(&mut pg, "SELECT count(*) FROM runs"), 2);
+}
