@@ -432,3 +432,32 @@ fn db_copy_moves_an_sqlite_history_into_an_empty_postgres_database_once() {
     );
     assert_eq!(count(&mut pg, "SELECT count(*) FROM runs"), 2);
 }
+
+#[test]
+fn the_cli_reaches_postgres_over_verified_tls_and_names_a_root_that_does_not_fit() {
+    let w = World::local().start();
+    let db = ScratchDb::new("cli_tls");
+    let on = |params: &str| {
+        format!(
+            "{}?{params}",
+            db.url.replacen("@127.0.0.1:", "@localhost:", 1)
+        )
+    };
+    let good = on("sslmode=verify-full&sslrootcert=/etc/ssl/certs/ssl-cert-snakeoil.pem");
+    let r = w.run(&["history", "--database", &good]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    let wrong =
+        on("sslmode=verify-full&sslrootcert=/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt");
+    let r = w.run(&["history", "--database", &wrong]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            3,
+            format!(
+                "error: database {}: error performing TLS handshake: invalid peer certificate: UnknownIssuer\n",
+                wrong.replace(":cutover_test@", "@")
+            )
+            .as_str()
+        )
+    );
+}
