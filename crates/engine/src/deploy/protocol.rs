@@ -1160,7 +1160,7 @@ impl<S: Switcher> Run<'_, S> {
         // A deploy's release some hosts served, all now back on the live one: what a revert
         // makes of it.
         let app = self.env.config.app.as_str();
-        if let (true, Some(l)) = (agreed, left) {
+        if let (true, Some(l), RunKind::Deploy) = (agreed, left, self.kind) {
             let partial = self.env.store.release(app, &l.id).ok().flatten();
             if partial.is_some_and(|r| r.status == Status::Partial.as_str()) {
                 let status = cutover_core::protocol::reverted_status(true);
@@ -1192,7 +1192,9 @@ impl<S: Switcher> Run<'_, S> {
                 format!("every host serves the live release {}", live.id),
             );
         }
-        let verdicts = self.switch_and_gate(&off, left, live, None, true);
+        // Going back drops what the host goes back from (a container): never the live one.
+        let from = left.filter(|l| l.id != live.id);
+        let verdicts = self.switch_and_gate(&off, from, live, None, true);
         let mut failed = Vec::new();
         for (h, v) in off.iter().zip(&verdicts) {
             if let Err((_, e)) = v {
