@@ -1045,8 +1045,9 @@ pub struct Recovered {
 /// releases from their events and what the hosts serve (the reconcile step every run takes
 /// first), then switch every host that does not serve the live release back to it and gate
 /// it (the protocol's revert); a deploy's release left `partial` that no host serves any
-/// more is `rolled_back`. `Ok(None)`: nothing was unfinished. The runs stay unfinished when
-/// a host cannot be reached or prepared, for a later attempt.
+/// more is `rolled_back`. `Ok(None)`: nothing was unfinished, or the hosts may still be
+/// finishing a switch on their own ([`Switcher::settle`]): ask again later. The runs stay
+/// unfinished when a host cannot be reached or prepared, for a later attempt.
 pub(crate) fn recover_on<S: Switcher>(
     sw: &S,
     env: &Env<'_>,
@@ -1073,6 +1074,9 @@ fn recover_locked<S: Switcher>(
     let Some(last) = runs.last() else {
         return Ok(None);
     };
+    if settling(sw, store, last) {
+        return Ok(None);
+    }
     let releases = store.releases(app).map_err(st)?;
     let target = |id: &str| {
         releases
@@ -1128,6 +1132,21 @@ fn recover_locked<S: Switcher>(
         agreed,
         message,
     }))
+}
+
+/// Whether the hosts of `run` may still be changing on their own ([`Switcher::settle`] after
+/// its last event).
+fn settling<S: Switcher>(sw: &S, store: &Store, run: &cutover_store::Run) -> bool {
+    let settle = sw.settle();
+    if settle.is_zero() {
+        return false;
+    }
+    let last = store
+        .events(run.id)
+        .ok()
+        .and_then(|e| e.last().map(|e| e.at.clone()))
+        .unwrap_or_else(|| run.started_at.clone());
+    cutover_core::release::parse_utc(&last).is_some_and(|t| now_secs() < t + settle.as_secs())
 }
 
 impl<S: Switcher> Run<'_, S> {

@@ -98,6 +98,7 @@ struct FakeSwitcher {
     faults: Vec<Fault>,
     serving: Mutex<Vec<Option<String>>>,
     log: Mutex<Vec<String>>,
+    settle: std::time::Duration,
 }
 
 impl FakeSwitcher {
@@ -106,6 +107,7 @@ impl FakeSwitcher {
             faults: faults.to_vec(),
             serving: Mutex::new(vec![None; n]),
             log: Mutex::new(Vec::new()),
+            settle: std::time::Duration::ZERO,
         }
     }
 
@@ -166,6 +168,9 @@ impl Switcher for FakeSwitcher {
     }
     fn serving(&self, h: &HostCx<'_>) -> Vec<String> {
         self.serving.lock().unwrap()[h.i].iter().cloned().collect()
+    }
+    fn settle(&self) -> std::time::Duration {
+        self.settle
     }
     fn stage(&self, h: &HostCx<'_>, to: &Target<String>) -> Result<(), String> {
         self.step("stage", h, &to.content).map(|_| ())
@@ -858,6 +863,26 @@ fn a_dead_processs_run_is_reconciled_without_a_new_run_and_every_host_goes_back_
         };
         let fleet_of =
             || -> Result<Box<dyn Fleet + '_>, DeployError> { Ok(Box::new(Borrowed(&fleet))) };
+        // While a host may still be finishing the switch on its own, nothing is done.
+        let waiting = FakeSwitcher {
+            settle: std::time::Duration::from_secs(3600),
+            ..FakeSwitcher::new(2, &[])
+        };
+        w.store
+            .event(
+                run,
+                "site",
+                id,
+                None,
+                Step::Switch,
+                State::Start,
+                &crate::now_utc(),
+                "",
+            )
+            .unwrap();
+        let r = super::protocol::recover_on(&waiting, &env, "server test", &fleet_of).unwrap();
+        assert_eq!(r, None);
+        assert_eq!(w.store.unfinished_runs("site").unwrap().len(), 1);
         let got = super::protocol::recover_on(&sw, &env, "server test", &fleet_of)
             .unwrap()
             .unwrap();
