@@ -157,6 +157,29 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The history's database: move an SQLite history into PostgreSQL.
+    Db {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DbCommand {
+    /// Copy an SQLite history (releases, runs, events, users, tokens, audit, webhooks,
+    /// previews) into an empty PostgreSQL database, in one transaction.
+    Copy {
+        /// The SQLite database: a `cutover.db` file, or a data directory holding one
+        /// (default: the data directory's).
+        #[arg(long, value_name = "PATH")]
+        from: Option<PathBuf>,
+        /// The PostgreSQL database (postgres://USER:PASSWORD@HOST/DB, with `?sslmode=...`
+        /// as for --database); it must hold no rows.
+        #[arg(long, value_name = "URL")]
+        to: cutover_store::DatabaseUrl,
+    },
 }
 
 /// Run deploy, rollback, history or status through a `cutover serve` instead of over SSH.

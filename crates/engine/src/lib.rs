@@ -21,7 +21,7 @@ pub mod setup;
 pub mod switch;
 
 pub use cutover_core::State as Phase;
-pub use deploy::{run, DeployError, HostOutcome, Job, Outcome, RunRequest};
+pub use deploy::{reconcile, run, DeployError, HostOutcome, Job, Outcome, Recovered, RunRequest};
 pub use switch::container::{container_name, remote_binary};
 
 use cutover_core::{Config, Destination};

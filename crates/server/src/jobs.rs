@@ -5,8 +5,10 @@
 //! this server or from a CLI on the same data directory; otherwise it makes the run row (so
 //! the answer carries the run id), a job row and an audit row, and starts a worker thread that
 //! calls `cutover_engine::run` with that run row. [`reconcile`] at startup marks the jobs a
-//! killed server left as interrupted: they are not re-run; the engine reconciles the hosts on
-//! the app's next run, as after a killed CLI.
+//! killed server left as interrupted: they are not re-run. The sweeper ([`start_sweeper`],
+//! at start and every third of the lease) reconciles the hosts of a run no live process
+//! runs any more (a killed server or CLI; on PostgreSQL, another server whose lease ran out)
+//! without waiting for the app's next run: [`sweep`].
 
 use crate::auth::Principal;
 use crate::error::ApiError;
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What a job runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -431,4 +434,135 @@ fn work(state: &AppState, w: Work<'_>, req: RunRequest, holder: &Holder) {
         out.message
     );
     done();
+}
+
+/// Who reconciles: this server, as the audit and the run's message name it.
+fn server_id(me: &Holder) -> String {
+    format!("server {}@{} pid {}", me.user, me.machine, me.pid)
+}
+
+/// Starts the sweeper thread: at once, then every `every`, [`sweep`] each configured app.
+/// It stops when the server's state is dropped.
+pub fn start_sweeper(state: &Arc<AppState>, every: Duration) {
+    let weak = Arc::downgrade(state);
+    let spawned = std::thread::Builder::new()
+        .name("sweeper".into())
+        .spawn(move || {
+            let mut later: HashMap<String, Instant> = HashMap::new();
+            while let Some(state) = weak.upgrade() {
+                let apps: Vec<String> = state.apps.keys().cloned().collect();
+                for app in apps {
+                    if later.get(&app).is_some_and(|t| Instant::now() < *t) {
+                        continue;
+                    }
+                    if let Err(e) = sweep(&state, &app) {
+                        eprintln!("cannot reconcile app `{app}` yet (retrying later): {e}");
+                        later.insert(app, Instant::now() + every * 6);
+                    }
+                }
+                drop(state);
+                std::thread::sleep(every);
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("cannot start the sweeper: {e}");
+    }
+}
+
+/// Reconciles `app` if it has a run no live process is running (a killed server or CLI: on
+/// PostgreSQL, one whose lease expired): takes the app's lock (the same atomic acquire as a
+/// job, so one server does it), marks the dead holder's jobs interrupted, runs the engine's
+/// reconciliation (the hosts back to the live release, the runs and releases marked), records
+/// it in the audit, and frees the app.
+pub fn sweep(state: &Arc<AppState>, app: &str) -> Result<(), String> {
+    let config = state.app(app).map_err(|e| e.to_string())?.clone();
+    let store = &state.store;
+    let unfinished = store.unfinished_runs(app).map_err(|e| e.to_string())?;
+    let Some(run) = unfinished.last() else {
+        return Ok(());
+    };
+    if store
+        .lock_holder(app)
+        .map_err(|e| e.to_string())?
+        .is_some_and(|h| identity::alive(&h))
+    {
+        return Ok(());
+    }
+    let at = cutover_engine::now_utc();
+    let me = identity::me("reconcile", &at);
+    let by = server_id(&me);
+    {
+        let mut active = state.jobs.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.contains_key(app) {
+            return Ok(());
+        }
+        match store
+            .acquire_lock(app, &me, identity::alive)
+            .map_err(|e| e.to_string())?
+        {
+            LockOutcome::Held(_) => return Ok(()),
+            LockOutcome::TookOver(h) => eprintln!(
+                "took over the lock of app `{app}` from a process that is gone: {}",
+                identity::describe(&h)
+            ),
+            LockOutcome::Acquired => {}
+        }
+        active.insert(
+            app.to_string(),
+            Active {
+                run: run.id,
+                by: by.clone(),
+                kind: RunKind::parse(&run.kind).unwrap_or(RunKind::Deploy),
+                since: at.clone(),
+            },
+        );
+    }
+    let r = reconcile_held(state, &config, (app, run.id), &by, &at);
+    let _ = store.release_lock(app, &me);
+    state
+        .jobs
+        .active
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(app);
+    r
+}
+
+/// [`sweep`] once the app's lock is this server's.
+fn reconcile_held(
+    state: &AppState,
+    config: &cutover_core::Config,
+    (app, run): (&str, i64),
+    by: &str,
+    at: &str,
+) -> Result<(), String> {
+    let store = &state.store;
+    // This server runs no job of the app (see `active`), so every open one is a dead one's.
+    for job in store
+        .open_jobs()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .filter(|j| j.app == app)
+    {
+        interrupted(store, job, at).map_err(|e| e.to_string())?;
+    }
+    let artifacts = ArtifactStore::new(state.data.join("artifacts"));
+    let log = Log { run };
+    match cutover_engine::reconcile(config, store, &artifacts, &log, by) {
+        Ok(None) | Err(cutover_engine::DeployError::Locked { .. }) => Ok(()),
+        Ok(Some(done)) => {
+            eprintln!("run {}: {}", done.run, done.message);
+            store
+                .audit(&AuditRow {
+                    at: cutover_engine::now_utc(),
+                    who: "server".into(),
+                    action: "run reconciled".into(),
+                    app: Some(app.into()),
+                    detail: format!("run {}: {}", done.run, done.message),
+                    ..AuditRow::default()
+                })
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -124,6 +124,9 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // A third of the lease: a dead server's run is reconciled soon after its lease ends.
+    let every = (Store::lease() / 3).max(std::time::Duration::from_secs(1));
+    jobs::start_sweeper(&state, every);
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

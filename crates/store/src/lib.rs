@@ -14,13 +14,16 @@ use std::path::Path;
 use std::time::Duration;
 
 mod backend;
+mod copy;
 mod pg;
+mod pgtls;
 mod previews;
 mod server;
 #[cfg(test)]
 mod suite;
 #[doc(hidden)]
 pub mod testing;
+pub use copy::{copy_sqlite_to_postgres, Copied};
 mod webhooks;
 pub use backend::Backend;
 pub use pg::{DatabaseUrl, Postgres};
@@ -50,6 +53,10 @@ pub enum StoreError {
         message: String,
         source: postgres::Error,
     },
+    /// A database URL cutover cannot use as given (its TLS parameters); `name` is the URL
+    /// without its password.
+    #[error("database {name}: {message}")]
+    Url { name: String, message: String },
     #[error("database {path}: {what}: {source}")]
     Io {
         path: String,
@@ -415,6 +422,11 @@ impl Store {
     /// migrates it: see [`Postgres::connect`].
     pub fn connect(url: &str) -> Result<Store> {
         Ok(Store::with(pg::off_runtime(|| Postgres::connect(url))?))
+    }
+
+    /// How long a lock lasts on PostgreSQL without renewal: `CUTOVER_LEASE` seconds, default 30.
+    pub fn lease() -> std::time::Duration {
+        pg::lease_from_env()
     }
 
     /// Takes the app lock. `alive` says whether a recorded holder's process still runs (the

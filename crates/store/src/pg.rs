@@ -9,13 +9,14 @@
 //! the lock is one transaction serialised by a transaction-scoped advisory lock per app, so
 //! two instances never both see it free.
 
+use crate::pgtls;
 use crate::{
     AuditRow, Delivery, Event, Holder, Job, JobState, LockOutcome, NewRelease, Release, Result,
     Role, Run, RunRow, Session, StoreError, Token, User,
 };
 use cutover_core::{HostState, RunKind, State, Status, Step};
 use postgres::types::ToSql;
-use postgres::{Client, NoTls, Row};
+use postgres::{Client, Row};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -244,7 +245,7 @@ impl std::fmt::Debug for Postgres {
 }
 
 /// PostgreSQL's own words for what went wrong (the client's `Display` says only "db error").
-fn pg_error(name: &str, source: postgres::Error) -> StoreError {
+pub(crate) fn pg_error(name: &str, source: postgres::Error) -> StoreError {
     let message = match source.as_db_error() {
         Some(db) => match db.detail() {
             Some(d) => format!("{}: {} ({d})", db.severity(), db.message()),
@@ -267,8 +268,45 @@ fn pg_error(name: &str, source: postgres::Error) -> StoreError {
     }
 }
 
-/// `url` as it may be shown: without a password.
-fn shown(url: &str) -> String {
+/// One connection to `url`, its database migrated, and the URL as it may be shown.
+pub(crate) fn open_migrated(url: &str) -> Result<(Client, String)> {
+    let name = shown(url);
+    let mut client = open_client(url, &name)?;
+    migrate(&mut client, &name)?;
+    Ok((client, name))
+}
+
+/// One connection to `url`, with TLS as its `sslmode` and `sslrootcert` say ([`pgtls`]).
+pub(crate) fn open_client(url: &str, name: &str) -> Result<Client> {
+    let bad = |message: String| StoreError::Url {
+        name: name.to_string(),
+        message,
+    };
+    let p = pgtls::parse(url).map_err(bad)?;
+    let tls = pgtls::connector(p.mode, p.root.as_deref()).map_err(bad)?;
+    let mut config: postgres::Config = p.url.parse().map_err(|e| pg_error(name, e))?;
+    config.ssl_mode(pgtls::ssl_mode(p.mode));
+    config.connect(tls).map_err(|e| pg_error(name, e))
+}
+
+/// `url` as it may be shown: without a password (in the user part or a `password=`
+/// parameter).
+pub(crate) fn shown(url: &str) -> String {
+    let url = match url.split_once('?') {
+        Some((base, query)) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|p| !p.starts_with("password="))
+                .collect();
+            if kept.is_empty() {
+                base.to_string()
+            } else {
+                format!("{base}?{}", kept.join("&"))
+            }
+        }
+        None => url.to_string(),
+    };
+    let url = url.as_str();
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((cred, host)) => {
@@ -315,7 +353,7 @@ impl DatabaseUrl {
     }
 }
 
-fn lease_from_env() -> Duration {
+pub(crate) fn lease_from_env() -> Duration {
     std::env::var("CUTOVER_LEASE")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
@@ -335,10 +373,9 @@ impl Postgres {
     /// [`Postgres::connect`] with a lease of `lease` instead of `CUTOVER_LEASE`'s.
     pub fn connect_with_lease(url: &str, lease: Duration) -> Result<Postgres> {
         let name = shown(url);
-        let err = |source| pg_error(&name, source);
-        let mut client = Client::connect(url, NoTls).map_err(err)?;
+        let mut client = open_client(url, &name)?;
         migrate(&mut client, &name)?;
-        let renewer = Client::connect(url, NoTls).map_err(err)?;
+        let renewer = open_client(url, &name)?;
         let held: Arc<Mutex<Vec<(String, Holder)>>> = Arc::default();
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let h = held.clone();

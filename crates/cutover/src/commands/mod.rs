@@ -2,6 +2,7 @@
 //! directory, and printing an outcome.
 
 mod check;
+mod db;
 mod demo;
 mod deploy;
 mod diff;
@@ -81,6 +82,7 @@ pub(crate) fn run(cli: Cli) -> i32 {
         Command::Serve(args) => serve::run(args),
         Command::User { common, command } => users::user(&common, command),
         Command::Token { common, command } => users::token(&common, command),
+        Command::Db { common, command } => db::run(&common, command),
     }
 }
 

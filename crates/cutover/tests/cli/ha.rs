@@ -1,9 +1,9 @@
 //! Two `cutover serve` instances on one PostgreSQL database (a scratch database per test,
 //! dropped after): a job runs exactly once whichever instance the requests reach, the CLI on
 //! the same database gets the same lock and exit 4, each instance streams the events of runs
-//! the other executes, and when the instance running a job is killed (kill -9) the other one
-//! takes the lock over and its next run reconciles the killed one, the history and the hosts
-//! agreeing afterwards.
+//! the other executes, and when the instance running a job is killed (kill -9) the other one's
+//! sweeper takes the lock over once the lease expired and reconciles the killed run with no
+//! new run, the history and the hosts agreeing afterwards.
 
 use crate::server::{http, read_sse, send, token, Server};
 use crate::world::World;
@@ -133,12 +133,56 @@ fn two_servers_on_one_postgres_database_run_a_deploy_exactly_once() {
     assert_eq!(live, [v1]);
 }
 
+/// Polls `GET /api/runs/{run}` (up to 120 s) until the run has ended with an exit code: a
+/// sweeper reconciled it. The status stays `running` or `interrupted` until then.
+pub(crate) fn wait_reconciled(s: &Server, tok: &str, run: &str) -> Value {
+    let c = http("127.0.0.1");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, got) = send(c.get(s.url(&format!("/api/runs/{run}"))).bearer_auth(tok));
+        assert_eq!(status, 200);
+        if !got["exit_code"].is_null() {
+            return got;
+        }
+        assert!(
+            got["status"] == "interrupted" || got["status"] == "running",
+            "{got}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "never reconciled: {got}; {}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Asserts the message a sweeper leaves on a rollback it reconciled that was killed after
+/// host 0 switched: host 0 (and host 1, if its switch ran on after the kill) back on the live
+/// release. Returns how many hosts were switched back.
+pub(crate) fn assert_reconciled(w: &World, message: &str) -> usize {
+    let me = format!(
+        "{}@{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
+        cutover_engine::identity::machine()
+    );
+    let m = w.norm_with(message, &[(&me, "<me>")]);
+    let said = |hosts: &str| {
+        format!("reconciled by server <me> pid <pid>: switched {hosts} back to the live release <release>; every host serves it")
+    };
+    match m {
+        m if m == said("<host0>") => 1,
+        m if m == said("<host0>, <host1>") => 2,
+        m => panic!("{m}"),
+    }
+}
+
 #[test]
 fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_reconcile() {
     let (_db, mut pg) = on_postgres("killed");
     let w = World::files(2).start();
     let v1 = w.deploy_ok("v1");
-    w.deploy_ok("v2");
+    let v2 = w.deploy_ok("v2");
     let tok = token(&w, "ci", "deployer", &[]);
     // a plays a server on another machine: b cannot see whether its process lives, only
     // whether its lease (10 s here) is renewed.
@@ -165,7 +209,8 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
         assert!(Instant::now() < deadline, "a did not die: {}", a.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    // One host switched, the other not: the history does not say so yet.
+    // Host 0 switched to v1 (host 1 too, if its switch ran on after the kill): the history
+    // (v2 live) does not say so.
     for i in 0..w.hosts() {
         w.assert_complete(i);
     }
@@ -182,22 +227,38 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
         m.starts_with("a rollback of `site` is in progress: ") && m.contains("@elsewhere pid "),
         "{m}"
     );
-    // Once it expired, b sees the run interrupted, and its stream ends.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let (status, got) = send(c.get(b.url(&format!("/api/runs/{run}"))).bearer_auth(&tok));
-        assert_eq!(status, 200);
-        if got["status"] == "interrupted" {
-            break;
-        }
-        assert_eq!(got["status"], "running", "{got}");
-        assert!(Instant::now() < deadline, "the lease never expired");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    // With no new run, b's sweeper takes the lease over once it expired and reconciles the
+    // run: host 0 goes back to v2, the release the history says is live.
+    let got = wait_reconciled(&b, &tok, &run);
     assert!(
         died.elapsed() > Duration::from_secs(5),
         "not before the lease ran out"
     );
+    assert_eq!(
+        (got["status"].as_str(), got["exit_code"].as_i64()),
+        (Some("interrupted"), Some(1)),
+        "{got}"
+    );
+    let message: String = pg
+        .query_one(
+            "SELECT message FROM runs WHERE id = $1",
+            &[&run.parse::<i64>().unwrap()],
+        )
+        .unwrap()
+        .get(0);
+    let back = assert_reconciled(&w, &message);
+    assert!(message.contains(&v2), "{message}");
+    // The history and every host agree, before anyone deploys again.
+    w.assert_all_serve("v2");
+    let live: Vec<String> = w
+        .history()
+        .iter()
+        .filter(|r| r["live"] == true)
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(live, std::slice::from_ref(&v2));
+    // The reconciliation's steps are the run's own events, streamed by b to the end: a's
+    // host locks taken over on every host, host 0 switched back and gated.
     let ev = read_sse(
         c.get(b.url(&format!("/api/runs/{run}/events")))
             .bearer_auth(&tok)
@@ -206,7 +267,45 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
         usize::MAX,
     );
     assert_eq!(ev.last().unwrap().1, "end");
-    // b takes the lock over; its run reconciles the killed one and finishes the rollback.
+    let steps: Vec<Value> = ev
+        .iter()
+        .filter(|e| e.1.is_empty())
+        .map(|e| serde_json::from_str::<Value>(&e.2).unwrap())
+        .collect();
+    let n = |step: &str, state: &str| {
+        steps
+            .iter()
+            .filter(|e| e["step"] == step && e["state"] == state)
+            .count()
+    };
+    assert_eq!(n("lock-takeover", "done"), w.hosts(), "{steps:?}");
+    assert_eq!(n("revert", "done"), back, "{steps:?}");
+    assert_eq!(n("revert-gate", "done"), back, "{steps:?}");
+    assert_eq!(n("reconcile", "done"), 1, "{steps:?}");
+    let job: String = pg
+        .query_one(
+            "SELECT state FROM jobs WHERE run_id = $1",
+            &[&run.parse::<i64>().unwrap()],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(job, "interrupted", "not re-run blindly");
+    let audit: Vec<String> = pg
+        .query(
+            "SELECT detail FROM audit WHERE action = 'run reconciled'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(audit, [format!("run {run}: {message}")]);
+    assert_eq!(
+        count(&mut pg, "SELECT count(*) FROM locks"),
+        0,
+        "the lock is free"
+    );
+    // The next rollback has nothing left to reconcile and goes to v1.
     let (status, body) = send(
         c.post(b.url("/api/apps/site/rollback"))
             .json(&json!({}))
@@ -223,51 +322,18 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
     );
     let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
     assert_eq!(end["exit_code"], 0, "{end}");
-    let reconciled: Vec<Value> = ev
-        .iter()
-        .filter(|e| e.1.is_empty())
-        .map(|e| serde_json::from_str::<Value>(&e.2).unwrap())
-        .filter(|e| e["step"] == "reconcile")
-        .collect();
-    assert_eq!(reconciled.len(), 1, "{ev:?}");
-    // a's host locks went with its lease.
-    let takeovers = ev
-        .iter()
-        .filter(|e| e.1.is_empty() && e.2.contains("\"step\":\"lock-takeover\""))
-        .count();
-    assert_eq!(takeovers, w.hosts(), "{ev:?}");
-    let job: String = pg
-        .query_one(
-            "SELECT state FROM jobs WHERE run_id = $1",
-            &[&run.parse::<i64>().unwrap()],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(job, "interrupted", "not re-run blindly");
-    let outcome: Option<String> = pg
-        .query_one(
-            "SELECT outcome FROM runs WHERE id = $1",
-            &[&run.parse::<i64>().unwrap()],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(outcome.as_deref(), Some("interrupted"));
-    // The history and the hosts agree.
+    assert!(
+        !ev.iter().any(|e| e.2.contains("\"step\":\"reconcile\"")),
+        "{ev:?}"
+    );
     w.assert_all_serve("v1");
-    for i in 0..w.hosts() {
-        w.assert_complete(i);
-    }
-    let live: Vec<String> = w
-        .history()
-        .iter()
-        .filter(|r| r["live"] == true)
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(live, [v1]);
     assert_eq!(
-        count(&mut pg, "SELECT count(*) FROM locks"),
-        0,
-        "the lock is free"
+        w.history()
+            .iter()
+            .filter(|r| r["live"] == true)
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>(),
+        [v1]
     );
 }
 
@@ -296,5 +362,102 @@ fn the_cli_says_which_database_it_could_not_use_without_its_password() {
     assert_eq!(
         (r.code, r.stderr.as_str()),
         (2, "error: --database mysql://u@db/x: expected a postgres:// URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE); without --database the history is SQLite in the data directory\n")
+    );
+}
+
+#[test]
+fn db_copy_moves_an_sqlite_history_into_an_empty_postgres_database_once() {
+    let w = World::local().start();
+    w.deploy_ok("v1");
+    w.deploy_ok("v2");
+    token(&w, "ci", "deployer", &[]);
+    let on_sqlite = w.history();
+    let db = ScratchDb::new("db_copy");
+    let data = w.dir.join("data");
+    let r = w.run(&[
+        "db",
+        "copy",
+        "--from",
+        data.to_str().unwrap(),
+        "--to",
+        &db.url,
+    ]);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    let shown = db.url.replace(":cutover_test@", "@");
+    assert!(!r.stdout.contains(":cutover_test@"), "{}", r.stdout);
+    let last = r.stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with("copied ")
+            && last.ends_with(&format!(
+                " tables from {} into {shown}",
+                data.join("cutover.db").display()
+            )),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.split_whitespace().eq(["2", "runs"])),
+        "{}",
+        r.stdout
+    );
+    // The history reads the same from PostgreSQL, and the CLI deploys on.
+    let on_pg = w
+        .cutover(&["history", "--json"])
+        .env("CUTOVER_DATABASE", &db.url)
+        .run();
+    assert_eq!(on_pg.code, 0, "{}", on_pg.stderr);
+    assert_eq!(on_pg.json.as_array().unwrap(), &on_sqlite);
+    let mut pg = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    assert_eq!(count(&mut pg, "SELECT count(*) FROM tokens"), 1);
+    // Into a database with rows: refused, nothing written.
+    let r = w.run(&[
+        "db",
+        "copy",
+        "--from",
+        data.to_str().unwrap(),
+        "--to",
+        &db.url,
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .starts_with(&format!("error: database {shown}: not empty (table `"))
+            && r.stderr.ends_with(
+                "` has rows): db copy writes only into a new, empty database; nothing was copied\n"
+            ),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(count(&mut pg, "SELECT count(*) FROM runs"), 2);
+}
+
+#[test]
+fn the_cli_reaches_postgres_over_verified_tls_and_names_a_root_that_does_not_fit() {
+    let w = World::local().start();
+    let db = ScratchDb::new("cli_tls");
+    let on = |params: &str| {
+        format!(
+            "{}?{params}",
+            db.url.replacen("@127.0.0.1:", "@localhost:", 1)
+        )
+    };
+    let good = on("sslmode=verify-full&sslrootcert=/etc/ssl/certs/ssl-cert-snakeoil.pem");
+    let r = w.run(&["history", "--database", &good]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    let wrong =
+        on("sslmode=verify-full&sslrootcert=/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt");
+    let r = w.run(&["history", "--database", &wrong]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            3,
+            format!(
+                "error: database {}: error performing TLS handshake: invalid peer certificate: UnknownIssuer\n",
+                wrong.replace(":cutover_test@", "@")
+            )
+            .as_str()
+        )
     );
 }

@@ -24,6 +24,7 @@ mod tests;
 
 pub use error::{succeeded, DeployError, FailedAt, Proxied, Via};
 pub use outcome::{HostOutcome, Outcome};
+pub use protocol::Recovered;
 pub use recorder::Recorder;
 
 use crate::artifact::{ArtifactStore, Limits};
@@ -130,6 +131,41 @@ pub fn run(
         }
     }
     out
+}
+
+/// Reconciles the runs of the app that a dead process (a killed CLI or server) left
+/// unfinished, without a new run: the hosts go back to the live release through the
+/// protocol's own revert, and the runs and their releases are marked from their events and
+/// what the hosts serve (the step every run takes first). The steps are appended to the
+/// newest interrupted run, whose message starts `reconciled by <by>`. `Ok(None)`: nothing
+/// was unfinished; `Err(DeployError::Locked)`: a live process holds the app.
+pub fn reconcile(
+    config: &Config,
+    store: &Store,
+    artifacts: &ArtifactStore,
+    reporter: &dyn Reporter,
+    by: &str,
+) -> Result<Option<Recovered>, DeployError> {
+    let env = Env {
+        config,
+        store,
+        reporter,
+        run: None,
+    };
+    match &config.kind {
+        AppKind::Files(files) => {
+            let sw = Files::new(config, files, artifacts, reporter);
+            protocol::recover(&sw, &env, by)
+        }
+        AppKind::Container(capp) => {
+            let sw = Containers {
+                config,
+                capp,
+                parallel: config.ssh.parallel,
+            };
+            protocol::recover(&sw, &env, by)
+        }
+    }
 }
 
 fn execute(

@@ -103,12 +103,23 @@ pub(crate) fn execute<S: Switcher>(
     kind: RunKind,
     early: Early<'_, S::Snap>,
 ) -> Outcome {
-    execute_on(sw, env, kind, early, &|| {
-        let hosts =
-            Hosts::new(env.config).map_err(|e| DeployError::ControlSockets(e.to_string()))?;
-        let names = env.config.hosts.iter().map(|(h, _)| h.clone()).collect();
-        Ok(Box::new(Real { hosts, names }))
-    })
+    execute_on(sw, env, kind, early, &|| real(env.config))
+}
+
+/// The config's real hosts.
+fn real(config: &Config) -> Result<Box<dyn Fleet + 'static>, DeployError> {
+    let hosts = Hosts::new(config).map_err(|e| DeployError::ControlSockets(e.to_string()))?;
+    let names = config.hosts.iter().map(|(h, _)| h.clone()).collect();
+    Ok(Box::new(Real { hosts, names }))
+}
+
+/// [`recover_on`] the config's real hosts.
+pub(crate) fn recover<S: Switcher>(
+    sw: &S,
+    env: &Env<'_>,
+    by: &str,
+) -> Result<Option<Recovered>, DeployError> {
+    recover_on(sw, env, by, &|| real(env.config))
 }
 
 pub(crate) type MakeFleet<'f> = dyn Fn() -> Result<Box<dyn Fleet + 'f>, DeployError> + 'f;
@@ -123,7 +134,7 @@ pub(crate) fn execute_on<S: Switcher>(
     fleet: &MakeFleet<'_>,
 ) -> Outcome {
     let app = env.config.app.as_str();
-    let me = match lock_app(env.store, app, kind, env.reporter) {
+    let me = match lock_app(env.store, app, kind.as_str(), env.reporter) {
         Ok(me) => me,
         Err(e) => return Outcome::refused(kind, app, e),
     };
@@ -165,10 +176,10 @@ pub(crate) fn execute_on<S: Switcher>(
 fn lock_app(
     store: &Store,
     app: &str,
-    kind: RunKind,
+    op: &str,
     reporter: &dyn Reporter,
 ) -> Result<Holder, DeployError> {
-    let me = identity::me(kind.as_str(), &now_utc());
+    let me = identity::me(op, &now_utc());
     match store.acquire_lock(app, &me, identity::alive) {
         Err(e) => Err(DeployError::Store(e.to_string())),
         Ok(LockOutcome::Held(h)) => Err(DeployError::Locked {
@@ -456,20 +467,14 @@ impl<S: Switcher> Run<'_, S> {
         let fleet = fleet()?;
         self.connect(out, fleet.as_ref())?;
         let prepared = self.prepare(out, fleet.as_ref())?;
-        let hosts: Vec<HostCx<'_>> = prepared
-            .iter()
-            .enumerate()
-            .map(|(i, p)| HostCx {
-                i,
-                name: &fleet.names()[i],
-                remote: fleet.remote(i),
-                prepared: p,
-                rec: self.rec,
-            })
-            .collect();
+        let hosts = self.cx(fleet.as_ref(), &prepared);
         let mut prune: Vec<Vec<String>> = vec![Vec::new(); hosts.len()];
         let r = (|| {
-            self.reconcile(&hosts, interrupted);
+            let others: Vec<&cutover_store::Run> = interrupted
+                .iter()
+                .filter(|r| r.id != self.rec.run_id)
+                .collect();
+            self.reconcile(&hosts, &others);
             let target = match (target.take(), pin) {
                 (Some(t), _) => t,
                 (None, Some((reference, source))) => {
@@ -494,6 +499,21 @@ impl<S: Switcher> Run<'_, S> {
         })();
         self.unlock(fleet.as_ref(), &prune, r.is_ok());
         r
+    }
+
+    /// Each prepared host as a step sees it.
+    fn cx<'h>(&'h self, fleet: &'h dyn Fleet, prepared: &'h [Prepared]) -> Vec<HostCx<'h>> {
+        prepared
+            .iter()
+            .enumerate()
+            .map(|(i, p)| HostCx {
+                i,
+                name: &fleet.names()[i],
+                remote: fleet.remote(i),
+                prepared: p,
+                rec: self.rec,
+            })
+            .collect()
     }
 
     fn connect(&self, out: &mut Outcome, fleet: &dyn Fleet) -> Result<(), DeployError> {
@@ -624,9 +644,9 @@ impl<S: Switcher> Run<'_, S> {
     }
 
     /// Runs a crash interrupted: their events plus what the hosts serve now.
-    fn reconcile(&self, hosts: &[HostCx<'_>], interrupted: &[cutover_store::Run]) {
+    fn reconcile(&self, hosts: &[HostCx<'_>], interrupted: &[&cutover_store::Run]) {
         let store = self.env.store;
-        for run in interrupted.iter().filter(|r| r.id != self.rec.run_id) {
+        for run in interrupted {
             let serving: Vec<&str> = hosts
                 .iter()
                 .filter(|h| {
@@ -1005,5 +1025,217 @@ impl<S: Switcher> Run<'_, S> {
                 );
             }
         });
+    }
+}
+
+/// How a reconciliation of a dead process's runs ended ([`recover_on`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// The newest interrupted run: the reconciliation's steps are appended to its events.
+    pub run: i64,
+    /// Every host serves what the history says is live (or there is nothing live to go to).
+    pub agreed: bool,
+    /// What was done, for the run's message, the audit and the log.
+    pub message: String,
+}
+
+/// Reconciles the runs of `env.config`'s app that a dead process left unfinished, with no new
+/// run: under the app lock (a live holder: [`DeployError::Locked`]), connect and prepare
+/// every host (taking over a dead holder's host locks), mark the interrupted runs and their
+/// releases from their events and what the hosts serve (the reconcile step every run takes
+/// first), then switch every host that does not serve the live release back to it and gate
+/// it (the protocol's revert); a deploy's release left `partial` that no host serves any
+/// more is `rolled_back`. `Ok(None)`: nothing was unfinished, or the hosts may still be
+/// finishing a switch on their own ([`Switcher::settle`]): ask again later. The runs stay
+/// unfinished when a host cannot be reached or prepared, for a later attempt.
+pub(crate) fn recover_on<S: Switcher>(
+    sw: &S,
+    env: &Env<'_>,
+    by: &str,
+    fleet: &MakeFleet<'_>,
+) -> Result<Option<Recovered>, DeployError> {
+    let (store, app) = (env.store, env.config.app.as_str());
+    let me = lock_app(store, app, "reconcile", env.reporter)?;
+    let r = recover_locked(sw, env, by, &me, fleet);
+    let _ = store.release_lock(app, &me);
+    r
+}
+
+fn recover_locked<S: Switcher>(
+    sw: &S,
+    env: &Env<'_>,
+    by: &str,
+    me: &Holder,
+    fleet: &MakeFleet<'_>,
+) -> Result<Option<Recovered>, DeployError> {
+    let (store, app) = (env.store, env.config.app.as_str());
+    let st = |e: cutover_store::StoreError| DeployError::Store(e.to_string());
+    let runs = store.unfinished_runs(app).map_err(st)?;
+    let Some(last) = runs.last() else {
+        return Ok(None);
+    };
+    if settling(sw, store, last) {
+        return Ok(None);
+    }
+    let releases = store.releases(app).map_err(st)?;
+    let target = |id: &str| {
+        releases
+            .iter()
+            .find(|r| r.id == id)
+            .and_then(|r| target_of(sw, r))
+    };
+    let live = store.live(app).map_err(st)?.and_then(|l| target(&l));
+    let left = target(&last.release_id);
+    let kind = RunKind::parse(&last.kind).unwrap_or(RunKind::Deploy);
+    let rec = Recorder::resume(store, env.reporter, app, last.id, &last.release_id);
+    rec.ev(None, Step::Reconcile, State::Start, &format!("by {by}"));
+    let run = Run {
+        sw,
+        env,
+        rec: &rec,
+        kind,
+        me: identity::to_line(me),
+        new_release: false,
+        commit: None,
+        subject: None,
+    };
+    let mut out = Outcome::new(kind, app, fleet_names(env.config).as_slice());
+    let all: Vec<&cutover_store::Run> = runs.iter().collect();
+    let r = run.agree(&mut out, live.as_ref(), left.as_ref(), &all, fleet);
+    let (agreed, message, code) = match r {
+        Ok((agreed, m)) => {
+            // A run killed after its commit did what it meant to.
+            let done = live.as_ref().is_some_and(|l| l.id == last.release_id);
+            let code = match (agreed, done) {
+                (true, true) => crate::exit::OK,
+                (true, false) => crate::exit::FAILED,
+                (false, _) => crate::exit::NEEDS_PERSON,
+            };
+            (agreed, format!("reconciled by {by}: {m}"), code)
+        }
+        Err(e) => {
+            let m = format!("not reconciled yet by {by}: {e}");
+            rec.ev(None, Step::Reconcile, State::Failed, &m);
+            return Err(e);
+        }
+    };
+    let ended = store.set_run_exit(last.id, code, &message);
+    rec.best_effort(ended);
+    let state = if code == crate::exit::OK {
+        State::Done
+    } else {
+        State::Failed
+    };
+    rec.ev(None, Step::Run, state, &message);
+    Ok(Some(Recovered {
+        run: last.id,
+        agreed,
+        message,
+    }))
+}
+
+/// Whether the hosts of `run` may still be changing on their own ([`Switcher::settle`] after
+/// its last event).
+fn settling<S: Switcher>(sw: &S, store: &Store, run: &cutover_store::Run) -> bool {
+    let settle = sw.settle();
+    if settle.is_zero() {
+        return false;
+    }
+    let last = store
+        .events(run.id)
+        .ok()
+        .and_then(|e| e.last().map(|e| e.at.clone()))
+        .unwrap_or_else(|| run.started_at.clone());
+    cutover_core::release::parse_utc(&last).is_some_and(|t| now_secs() < t + settle.as_secs())
+}
+
+impl<S: Switcher> Run<'_, S> {
+    /// The interrupted runs reconciled, then the hosts back to the live release: whether
+    /// every host serves the live release, and what was done.
+    fn agree(
+        &self,
+        out: &mut Outcome,
+        live: Option<&Target<S::Snap>>,
+        left: Option<&Target<S::Snap>>,
+        interrupted: &[&cutover_store::Run],
+        fleet: &MakeFleet<'_>,
+    ) -> Result<(bool, String), DeployError> {
+        let fleet = fleet()?;
+        self.connect(out, fleet.as_ref())?;
+        let prepared = self.prepare(out, fleet.as_ref())?;
+        let hosts = self.cx(fleet.as_ref(), &prepared);
+        // Marked from what the hosts served when the runs stopped, as the next run would.
+        self.reconcile(&hosts, interrupted);
+        let (agreed, mut back) = match live {
+            Some(l) => self.back_to(&hosts, l, left),
+            None if hosts.iter().all(|h| self.sw.serving(h).is_empty()) => {
+                (true, "no live release, and no host serves one".to_string())
+            }
+            None => (
+                false,
+                "no live release to go back to: a person must settle the hosts".to_string(),
+            ),
+        };
+        // A deploy's release some hosts served, all now back on the live one: what a revert
+        // makes of it.
+        let app = self.env.config.app.as_str();
+        if let (true, Some(l), RunKind::Deploy) = (agreed, left, self.kind) {
+            let partial = self.env.store.release(app, &l.id).ok().flatten();
+            if partial.is_some_and(|r| r.status == Status::Partial.as_str()) {
+                let status = cutover_core::protocol::reverted_status(true);
+                self.rec.set_status(&l.id, status);
+                back.push_str(&format!("; release {} marked {status}", l.id));
+            }
+        }
+        let none: Vec<Vec<String>> = vec![Vec::new(); hosts.len()];
+        self.unlock(fleet.as_ref(), &none, false);
+        Ok((agreed, back))
+    }
+
+    /// Switches every host that does not serve `live` back to it (from `left`, the release
+    /// the interrupted run was putting on them) and gates it: whether every host serves it.
+    fn back_to(
+        &self,
+        hosts: &[HostCx<'_>],
+        live: &Target<S::Snap>,
+        left: Option<&Target<S::Snap>>,
+    ) -> (bool, String) {
+        let off: Vec<HostCx<'_>> = hosts
+            .iter()
+            .filter(|h| !self.sw.serving(h).contains(&live.id))
+            .map(|h| HostCx { ..*h })
+            .collect();
+        if off.is_empty() {
+            return (
+                true,
+                format!("every host serves the live release {}", live.id),
+            );
+        }
+        // Going back drops what the host goes back from (a container): never the live one.
+        let from = left.filter(|l| l.id != live.id);
+        let verdicts = self.switch_and_gate(&off, from, live, None, true);
+        let mut failed = Vec::new();
+        for (h, v) in off.iter().zip(&verdicts) {
+            if let Err((_, e)) = v {
+                failed.push(format!("{}: {e}", h.name));
+            }
+        }
+        let names: Vec<&str> = off.iter().map(|h| h.name).collect();
+        if failed.is_empty() {
+            let m = format!(
+                "switched {} back to the live release {}; every host serves it",
+                names.join(", "),
+                live.id
+            );
+            (true, m)
+        } else {
+            let m = format!(
+                "switching {} back to the live release {} failed: {}",
+                names.join(", "),
+                live.id,
+                failed.join("; ")
+            );
+            (false, m)
+        }
     }
 }

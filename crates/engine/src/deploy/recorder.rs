@@ -58,6 +58,26 @@ impl<'a> Recorder<'a> {
         })
     }
 
+    /// Records onto an existing run, unfinished, that another process started and left
+    /// (the reconciliation of a dead process's run appends its steps to that run).
+    pub(crate) fn resume(
+        store: &'a Store,
+        reporter: &'a dyn Reporter,
+        app: &'a str,
+        run_id: i64,
+        release: &str,
+    ) -> Recorder<'a> {
+        Recorder {
+            store,
+            reporter,
+            app,
+            run_id,
+            release: Mutex::new(release.to_string()),
+            dropped: AtomicBool::new(false),
+            order: Mutex::new(()),
+        }
+    }
+
     pub(crate) fn release(&self) -> String {
         self.release
             .lock()

@@ -98,6 +98,7 @@ struct FakeSwitcher {
     faults: Vec<Fault>,
     serving: Mutex<Vec<Option<String>>>,
     log: Mutex<Vec<String>>,
+    settle: std::time::Duration,
 }
 
 impl FakeSwitcher {
@@ -106,6 +107,7 @@ impl FakeSwitcher {
             faults: faults.to_vec(),
             serving: Mutex::new(vec![None; n]),
             log: Mutex::new(Vec::new()),
+            settle: std::time::Duration::ZERO,
         }
     }
 
@@ -166,6 +168,9 @@ impl Switcher for FakeSwitcher {
     }
     fn serving(&self, h: &HostCx<'_>) -> Vec<String> {
         self.serving.lock().unwrap()[h.i].iter().cloned().collect()
+    }
+    fn settle(&self) -> std::time::Duration {
+        self.settle
     }
     fn stage(&self, h: &HostCx<'_>, to: &Target<String>) -> Result<(), String> {
         self.step("stage", h, &to.content).map(|_| ())
@@ -796,4 +801,121 @@ fn a_release_that_fails_its_bake_in_a_batch_goes_back_like_a_failed_gate() {
     );
     assert_eq!(sw.serving(), vec![first.release.clone(); 4]);
     assert!(!sw.log().contains(&"switch h2 c2".to_string()));
+}
+
+#[test]
+fn a_dead_processs_run_is_reconciled_without_a_new_run_and_every_host_goes_back_to_the_live_release(
+) {
+    // (host 0 serves the dead run's release, its commit was recorded) -> (its status, the
+    // run's exit code, what the hosts were switched back).
+    let cases = [
+        ((true, false), ("rolled_back", 1, vec!["back h0 c1"])),
+        ((false, false), ("failed", 1, vec![])),
+        ((true, true), ("succeeded", 0, vec![])),
+    ];
+    for ((served, committed), (want, code, back)) in cases {
+        let w = World::new(2);
+        let (fleet, sw) = (FakeFleet::new(2), FakeSwitcher::new(2, &[]));
+        let first = w.deploy(&sw, &fleet, "c1");
+        let live = first.release.clone().unwrap();
+        let id = &cutover_core::ReleaseId::new(crate::now_secs() + 5, "dead000", 0).to_string();
+        w.store
+            .insert_release(&cutover_store::NewRelease {
+                id,
+                app: "site",
+                created_at: "t",
+                artifact_sha256: "dead",
+                commit: None,
+                commit_subject: None,
+                source: "x",
+                snapshot: "\"cfg\"",
+            })
+            .unwrap();
+        let run = w
+            .store
+            .start_run("site", RunKind::Deploy, id, Some(&live), "t")
+            .unwrap();
+        if committed {
+            w.store
+                .set_status("site", id, cutover_core::Status::Succeeded, None)
+                .unwrap();
+            w.store.set_live("site", id).unwrap();
+            *sw.serving.lock().unwrap() = vec![Some(id.clone()); 2];
+        } else if served {
+            sw.serving.lock().unwrap()[0] = Some(id.clone());
+        }
+        // A host lock the dead process left is taken over.
+        let dead = cutover_store::Holder {
+            user: "x".into(),
+            machine: crate::identity::machine(),
+            pid: 4_194_304,
+            pid_start: 1,
+            since: "t".into(),
+            op: "deploy".into(),
+        };
+        *fleet.hosts[1].lock.lock().unwrap() = Some(crate::identity::to_line(&dead));
+        let before = w.store.run_rows(None, 100).unwrap().len();
+        let env = Env {
+            config: &w.config,
+            store: &w.store,
+            reporter: &Silent,
+            run: None,
+        };
+        let fleet_of =
+            || -> Result<Box<dyn Fleet + '_>, DeployError> { Ok(Box::new(Borrowed(&fleet))) };
+        // While a host may still be finishing the switch on its own, nothing is done.
+        let waiting = FakeSwitcher {
+            settle: std::time::Duration::from_secs(3600),
+            ..FakeSwitcher::new(2, &[])
+        };
+        w.store
+            .event(
+                run,
+                "site",
+                id,
+                None,
+                Step::Switch,
+                State::Start,
+                &crate::now_utc(),
+                "",
+            )
+            .unwrap();
+        let r = super::protocol::recover_on(&waiting, &env, "server test", &fleet_of).unwrap();
+        assert_eq!(r, None);
+        assert_eq!(w.store.unfinished_runs("site").unwrap().len(), 1);
+        let got = super::protocol::recover_on(&sw, &env, "server test", &fleet_of)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.run, run);
+        assert_eq!(w.store.release("site", id).unwrap().unwrap().status, want);
+        assert_eq!(
+            w.store.run_rows(None, 100).unwrap().len(),
+            before,
+            "no new run"
+        );
+        let row = w.store.run_row(run).unwrap().unwrap();
+        assert_eq!(
+            (row.outcome.as_deref(), row.exit_code),
+            (Some("interrupted"), Some(code)),
+            "{}",
+            got.message
+        );
+        assert!(got.agreed && got.message.starts_with("reconciled by server test: "));
+        let switched: Vec<String> = sw
+            .log()
+            .into_iter()
+            .filter(|l| l.starts_with("back "))
+            .collect();
+        assert_eq!(switched, back);
+        let now = w.store.live("site").unwrap().unwrap();
+        assert!(sw
+            .serving()
+            .iter()
+            .all(|s| s.as_deref() == Some(now.as_str())));
+        assert!(unlocked(&fleet));
+        assert_eq!(w.store.lock_holder("site").unwrap(), None);
+        // Nothing is left to reconcile.
+        let again = super::protocol::recover_on(&sw, &env, "server test", &fleet_of).unwrap();
+        assert_eq!(again, None);
+    }
 }

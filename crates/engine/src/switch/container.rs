@@ -753,6 +753,21 @@ impl Switcher for Containers<'_> {
         }
     }
 
+    /// A hold switch's watchdog acts after its grace (see `arm`), from the config's settings,
+    /// plus a margin.
+    fn settle(&self) -> Duration {
+        match self.strategy() {
+            Strategy::BlueGreen => Duration::ZERO,
+            Strategy::Hold => {
+                let h = &self.config.health;
+                self.capp.container.stop_timeout
+                    + h.give_up_after
+                    + 2 * h.timeout
+                    + Duration::from_secs(15 + 5)
+            }
+        }
+    }
+
     fn drop_failed(&self, h: &HostCx<'_>, failed: &Target<Snapshot>) {
         let _ = docker::remove(h.remote, &[self.name(failed)]);
     }

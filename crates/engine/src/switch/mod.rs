@@ -174,6 +174,12 @@ pub trait Switcher: Sync {
     ) -> Result<String, String>;
     /// One host, after going back from `failed` passed its gate: remove what `failed` left.
     fn drop_failed(&self, _h: &HostCx<'_>, _failed: &Target<Self::Snap>) {}
+    /// How long after its controller died a host may still change on its own (a hold
+    /// switch's watchdog finishing the switch): a reconciliation without a new run waits that
+    /// long after the dead run's last event, so that it does not race the host.
+    fn settle(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// One host, after the commit: retire `from`, and say which release directories the
     /// unlock prunes (keeping `protect`). `Ok` also carries the detail of the prune event.
     fn retire(
