@@ -37,6 +37,9 @@ struct Line<'a> {
     state: &'a str,
     time: &'a str,
     detail: &'a str,
+    /// A host's bake event read into the run page's rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bake: Option<Vec<crate::pages::run::BakeRow>>,
 }
 
 struct Tail {
@@ -86,6 +89,9 @@ pub(crate) async fn events(
                     state: &e.phase,
                     time: &e.at,
                     detail: &e.detail,
+                    bake: e.host.as_deref().and_then(|h| {
+                        crate::pages::run::bake_rows(h, &e.step, &e.phase, &e.detail)
+                    }),
                 };
                 let data = serde_json::to_string(&line).unwrap_or_default();
                 let ev = Event::default().id(e.seq.to_string()).data(data);
