@@ -1,6 +1,7 @@
 //! `GET /api/runs/{run}/events`: a run's events as Server-Sent Events, tailed from the store's
 //! events table (so a CLI run on the same data directory streams too). Each event is
-//! `id: <seq>` and `data: <one JSON event>` of the `--events` line's shape; `Last-Event-ID`
+//! `id: <seq>` and `data: <one JSON event>` of the `--events` line's shape (a host's `bake`
+//! event also carries `bake`, its rows of the run page's bake table); `Last-Event-ID`
 //! resumes after that seq. The stream ends with `event: end` carrying the run as
 //! `GET /api/runs/{run}` shows it.
 //!
