@@ -101,6 +101,11 @@ impl DockerWorld {
 
     /// Writes the config with `[container] strategy = STRATEGY` (`blue-green` or `hold`).
     pub(crate) fn write_config(&self, strategy: &str) -> Result<()> {
+        self.write_config_with(strategy, "")
+    }
+
+    /// [`DockerWorld::write_config`] with `extra` appended (e.g. a `[deploy]` section).
+    pub(crate) fn write_config_with(&self, strategy: &str, extra: &str) -> Result<()> {
         let text = format!(
             r#"app = "{APP}"
 hosts = [{host:?}]
@@ -134,7 +139,7 @@ give_up_after = "10s"
             kh = self.lab.known_hosts(),
             id = self.lab.identity(),
             reg = self.registry,
-        );
+        ) + extra;
         std::fs::write(&self.config, text)
             .with_context(|| format!("writing {}", self.config.display()))
     }
@@ -426,7 +431,7 @@ http {
 }
 
 /// The body of `GET /` (HTTP/1.1, connection close); an error unless the status is 200.
-fn http_get(addr: SocketAddr) -> Result<String> {
+pub(crate) fn http_get(addr: SocketAddr) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     write!(

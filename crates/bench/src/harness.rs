@@ -228,8 +228,8 @@ pub(crate) struct World<'m> {
     pub(crate) lab: Lab,
     meter: &'m Meter,
     cutover: PathBuf,
-    dir: PathBuf,
-    config: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) config: PathBuf,
     data: PathBuf,
 }
 

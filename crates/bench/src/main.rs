@@ -36,6 +36,8 @@ mod switch;
 mod switch_files;
 mod switching;
 mod tls;
+mod way_back;
+mod webhooks;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
@@ -109,6 +111,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         title: "Web panel",
         how_to_read: panel::HOW_TO_READ,
         run: panel::run,
+    },
+    Scenario {
+        name: "webhooks",
+        title: "Webhooks",
+        how_to_read: webhooks::HOW_TO_READ,
+        run: webhooks::run,
     },
     Scenario {
         name: "footprint",

@@ -4,8 +4,8 @@
 //! controller died. Measured: how long a bad release serves requests after its first failed
 //! one until every request is back on the old release, and how many failed meanwhile
 //! (canary 10% and 100%); how many healthy bakes with latency noise are reverted (false
-//! reverts); and the revert inside a bake (a proxy swap) next to the rollback scenario's warm
-//! and cold rollbacks (container starts) of the `switch` scenario.
+//! reverts); and three ways back for one container app ([`crate::way_back`]): the revert
+//! inside a bake (a proxy swap), a warm and a cold rollback (container starts).
 
 use crate::report::{self, Section};
 use crate::Ctx;
@@ -36,10 +36,16 @@ of the bake. The goal is under the judging interval plus 100 ms. False reverts: 
 (100, 10 with `--quick`) of a healthy release against a healthy old one, both with the same \
 noise (latency 1 ms plus an exponential of mean 4 ms, 1% of requests 40 to 160 ms, 0.2% of \
 requests 500), 2 s windows (1 s with `--quick`) with max_error_rate 0.01 and max_p99 500ms; \
-a false revert is a bake the proxy failed. The last table puts the revert inside a bake (the \
-proxy's swap, measured here as the time from the verdict to the last request on the bad \
-release) next to a warm and a cold rollback after the bake (a container start: the `switch` \
-scenario's *Container rollback* table).";
+a false revert is a bake the proxy failed. The last table takes three ways back to the old \
+release of one app (a testlab Docker host, blue-green, cutover's proxy; `web:a` serving): \
+*revert during a bake*: `web:bad` (`/up` healthy, the load's `/cgi-bin/app` answers 500; \
+2 load workers) deployed with `bake = \"30s\"`, the proxy fails it and swaps back to `a`'s \
+container, still running; timed from the proxy's verdict (its `finished_at` minus the swap's \
+drain and gate, from its state file) until `GET /` (polled every 10 ms) answers `a` again, and \
+until the deploy exits 1; *warm rollback after the bake*: `a` then `b` deployed (`a`'s \
+container stopped at the commit), then `cutover rollback` (a container start), timed from its \
+spawn; *cold rollback*: the same after `docker container prune` and `docker image prune -a`, so \
+`a` is pulled again. The loopback row is the swap measured above without containers.";
 
 /// One in-process HTTP backend.
 struct Backend {
@@ -410,8 +416,13 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let elsewhere =
-        "see *Container rollback* in the `switch` section (blue-green, the same machine)";
+    let ways = crate::way_back::measure(ctx)?;
+    let (mut way_rows, ways_json) = crate::way_back::rows(&ways);
+    way_rows.push(vec![
+        "the same swap on loopback (above; verdict → last request on the bad release)".into(),
+        median_cell(&swaps),
+        "–".into(),
+    ]);
     let load_after = crate::machine::loadavg();
     let mut body = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
     body.push_str(&format!(
@@ -442,26 +453,17 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     ));
     body.push('\n');
     body.push_str(&report::table(
-        &["way back", "time (ms)"],
         &[
-            vec![
-                "revert during a bake (proxy swap, verdict → last request on the bad release)"
-                    .into(),
-                median_cell(&swaps),
-            ],
-            vec![
-                "warm rollback after the bake (container start)".into(),
-                elsewhere.into(),
-            ],
-            vec![
-                "cold rollback (image pulled again, container start)".into(),
-                elsewhere.into(),
-            ],
+            "way back (one blue-green app, one Docker host)",
+            "old version answers after (ms)",
+            "command exits after (ms)",
         ],
+        &way_rows,
     ));
     let value = json!({
         "bad": raw,
         "swap_ms": swaps,
+        "way_back": ways_json,
         "false_reverts": {"bakes": n, "window_ms": window, "reverted": false_reverts},
         "cutover_failed": {},
     });

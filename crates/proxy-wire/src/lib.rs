@@ -226,9 +226,18 @@ impl BakeStatus {
     /// One line for humans: state, counts so far and the verdict.
     pub fn summary(&self) -> String {
         let mut m = format!("bake {} of {}", self.state.as_str(), self.target);
-        // While baking, the counts so far; after, the verdict says them.
+        // While baking, both releases' counts so far; after, the verdict says them.
         if let (Some(n), true) = (&self.new, self.verdict.is_empty()) {
-            m.push_str(&format!(": {}", describe(n)));
+            let old_name = self.old_release.as_deref().unwrap_or("(none)");
+            let old = match &self.old {
+                Some(o) => describe(o),
+                None => "no counts".into(),
+            };
+            m.push_str(&format!(
+                ": new release {}: {}; old release {old_name}: {old}",
+                self.release,
+                describe(n)
+            ));
         }
         if self.probes > 0 {
             m.push_str(&format!(
@@ -269,10 +278,123 @@ pub fn describe(t: &TargetStats) -> String {
         ),
         Some(ms) => format!("p99 <= {ms} ms"),
     };
+    // The split of the failures is said only when there are some.
+    let split = if bad > 0 {
+        format!(": {} 5xx, {} unanswered", t.errors_5xx, t.failures)
+    } else {
+        String::new()
+    };
     format!(
-        "{bad} of {} requests failed ({rate:.1}%), {p99}",
+        "{bad} of {} requests failed ({rate:.1}%{split}), {p99}",
         t.requests
     )
+}
+
+/// One release's counts as [`describe`] said them (read back by [`read_bake`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReleaseCounts {
+    /// `new` or `old`.
+    pub role: String,
+    /// The release id (`(none)` when the controller named none).
+    pub release: String,
+    /// `None`: the report had no counts for it.
+    pub requests: Option<u64>,
+    /// Answered 5xx.
+    pub errors_5xx: u64,
+    /// Not answered.
+    pub failures: u64,
+    /// `5.0%`.
+    pub rate: String,
+    /// `p99 <= 20 ms`, `no p99`.
+    pub p99: String,
+}
+
+/// A bake's line (a [`BakeStatus::summary`], a verdict, a `bake` event's detail) read back
+/// into its parts: each release's counts, the probes, and the rest of the words (the
+/// verdict and what the proxy did), in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BakeLine {
+    /// The new release's counts, then the old one's, as the line names them.
+    pub releases: Vec<ReleaseCounts>,
+    /// Probes failed, probes sent (when the line counts them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes: Option<(u32, u32)>,
+    /// The other parts of the line (verdict, action), `; `-joined.
+    pub rest: String,
+}
+
+/// Reads a bake line back (the inverse of [`describe`], [`judge`]'s verdicts and
+/// [`BakeStatus::summary`]): a part it does not know is kept in `rest`, never dropped.
+pub fn read_bake(line: &str) -> BakeLine {
+    let mut out = BakeLine::default();
+    let mut rest = Vec::new();
+    for part in line.split("; ") {
+        // A summary's head, `bake baking of 127.0.0.1:41002: new release ...`.
+        let part = match part
+            .strip_prefix("bake ")
+            .and_then(|p| p.split_once(" of "))
+        {
+            Some((_, t)) => match t.split_once(": ") {
+                Some((_, counts)) => counts,
+                None => continue,
+            },
+            None => part,
+        };
+        if let Some(c) = read_release(part) {
+            out.releases.push(c);
+        } else if let Some(p) = read_probes(part) {
+            out.probes = Some(p);
+        } else {
+            rest.push(part);
+        }
+    }
+    out.rest = rest.join("; ");
+    out
+}
+
+/// `new release R: 12 of 240 requests failed (5.0%: 10 5xx, 2 unanswered), p99 <= 20 ms`
+fn read_release(part: &str) -> Option<ReleaseCounts> {
+    let (role, tail) = part
+        .strip_prefix("new release ")
+        .map(|t| ("new", t))
+        .or_else(|| part.strip_prefix("old release ").map(|t| ("old", t)))?;
+    let (release, counts) = tail.split_once(": ")?;
+    let mut c = ReleaseCounts {
+        role: role.into(),
+        release: release.into(),
+        requests: None,
+        errors_5xx: 0,
+        failures: 0,
+        rate: String::new(),
+        p99: String::new(),
+    };
+    if counts == "no counts" {
+        return Some(c);
+    }
+    let (bad, tail) = counts.split_once(" of ")?;
+    let (requests, tail) = tail.split_once(" requests failed (")?;
+    let (inner, p99) = tail.split_once("), ")?;
+    let (rate, split) = inner.split_once(": ").unwrap_or((inner, ""));
+    c.requests = Some(requests.parse().ok()?);
+    let bad: u64 = bad.parse().ok()?;
+    match split.split_once(" 5xx, ") {
+        Some((e, f)) => {
+            c.errors_5xx = e.parse().ok()?;
+            c.failures = f.strip_suffix(" unanswered")?.parse().ok()?;
+        }
+        None if bad == 0 => {}
+        None => return None,
+    }
+    c.rate = rate.into();
+    c.p99 = p99.into();
+    Some(c)
+}
+
+/// `2 of 16 probes failed`
+fn read_probes(part: &str) -> Option<(u32, u32)> {
+    let (failed, tail) = part.split_once(" of ")?;
+    let probes = tail.strip_suffix(" probes failed")?;
+    Some((failed.parse().ok()?, probes.parse().ok()?))
 }
 
 /// "250ms", "2s": how the config spells a duration.
@@ -998,7 +1120,7 @@ mod tests {
         assert_eq!(
             judged(&before, &after, false, &LIMITS),
             Judged::Failed(
-                "new release r2: 40 of 200 requests failed (20.0%), p99 <= 1 ms; old release r1: 2 of 1000 requests failed (0.2%), p99 <= 1 ms; above max_error_rate 0.01 and the old release's rate".into()
+                "new release r2: 40 of 200 requests failed (20.0%: 40 5xx, 0 unanswered), p99 <= 1 ms; old release r1: 2 of 1000 requests failed (0.2%: 2 5xx, 0 unanswered), p99 <= 1 ms; above max_error_rate 0.01 and the old release's rate".into()
             )
         );
         // The old release failed as often: not the new release's fault.
@@ -1026,7 +1148,7 @@ mod tests {
         };
         match judged(&before, &after, true, &l) {
             Judged::Failed(m) => assert!(
-                m.contains("old release r1: 1 of 900 requests failed (0.1%)"),
+                m.contains("old release r1: 1 of 900 requests failed (0.1%: 1 5xx, 0 unanswered)"),
                 "{m}"
             ),
             other => panic!("{other:?}"),
@@ -1088,6 +1210,77 @@ mod tests {
             judge_probes(16, 1, "/up", w, &LIMITS),
             Judged::Failed(_)
         ));
+    }
+
+    #[test]
+    fn a_bake_line_reads_back_into_each_release_s_counts() {
+        let before = report(vec![t(2, "current", 0, 0, 0), t(1, "previous", 1000, 2, 0)]);
+        let mut new = t(2, "current", 200, 38, 3);
+        new.failures = 2;
+        let after = report(vec![new, t(1, "previous", 1000, 2, 0)]);
+        let Judged::Failed(verdict) = judged(&before, &after, false, &LIMITS) else {
+            panic!("a failed bake");
+        };
+        let action = "the proxy swapped back to 127.0.0.1:1 (gate 3 ms, drained true in 0 ms)";
+        let line = read_bake(&format!("{verdict}; {action}"));
+        let counts = |role: &str, release: &str, n, e, f, rate: &str, p99: &str| ReleaseCounts {
+            role: role.into(),
+            release: release.into(),
+            requests: Some(n),
+            errors_5xx: e,
+            failures: f,
+            rate: rate.into(),
+            p99: p99.into(),
+        };
+        assert_eq!(
+            line,
+            BakeLine {
+                releases: vec![
+                    counts("new", "r2", 200, 38, 2, "20.0%", "p99 <= 500 ms"),
+                    counts("old", "r1", 1000, 2, 0, "0.2%", "p99 <= 1 ms"),
+                ],
+                probes: None,
+                rest: format!("above max_error_rate 0.01 and the old release's rate; {action}"),
+            }
+        );
+        // A live summary: both releases so far, and the probes.
+        let st = BakeStatus {
+            service: "web".into(),
+            target: "127.0.0.1:2".into(),
+            fallback: None,
+            release: "r2".into(),
+            old_release: None,
+            state: BakeState::Baking,
+            canary: false,
+            started_at_ms: 0,
+            ends_at_ms: 1,
+            finished_at_ms: None,
+            new: Some(t(2, "current", 5, 0, 0)),
+            old: None,
+            probes: 4,
+            probes_failed: 1,
+            verdict: String::new(),
+            action: String::new(),
+        };
+        assert_eq!(
+            st.summary(),
+            "bake baking of 127.0.0.1:2: new release r2: 0 of 5 requests failed (0.0%), p99 <= 1 ms; old release (none): no counts; 1 of 4 probes failed"
+        );
+        let line = read_bake(&st.summary());
+        assert_eq!(
+            line.releases[0],
+            counts("new", "r2", 5, 0, 0, "0.0%", "p99 <= 1 ms")
+        );
+        assert_eq!(
+            (line.releases[1].release.as_str(), line.releases[1].requests),
+            ("(none)", None)
+        );
+        assert_eq!((line.probes, line.rest.as_str()), (Some((1, 4)), ""));
+        // Words it does not know are kept.
+        assert_eq!(
+            read_bake("0 of 3 probes of /up failed in 1s").rest,
+            "0 of 3 probes of /up failed in 1s"
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 // 2. Buttons with data-copy copy that text (the full commit SHA).
 // 3. The run page (#run[data-events]) follows the run's events over Server-Sent Events,
 //    appending each new event (never re-rendering the log); EventSource reconnects by itself
-//    with Last-Event-ID. The stream's `end` event carries the final run.
+//    with Last-Event-ID. The stream's `end` event carries the final run. A bake event carries
+//    its host's rows of the #bake table (counts per release, verdict), which replace them.
 "use strict";
 (function () {
   document.addEventListener("submit", function (e) {
@@ -50,6 +51,27 @@
     return null;
   }
 
+  // A host's bake rows (the server read the event's counts): they replace the host's rows.
+  function showBake(host, rows) {
+    var body = document.querySelector("#bake tbody");
+    if (!body) return;
+    Array.prototype.slice.call(body.querySelectorAll("tr[data-host]")).forEach(function (tr) {
+      if (tr.getAttribute("data-host") === host) body.removeChild(tr);
+    });
+    rows.forEach(function (r) {
+      var tr = document.createElement("tr");
+      tr.setAttribute("data-host", host);
+      [r.host, r.state, r.release, r.requests, r.errors_5xx, r.failures, r.rate, r.p99, r.verdict]
+        .forEach(function (text) {
+          var td = document.createElement("td");
+          td.textContent = text;
+          tr.appendChild(td);
+        });
+      body.appendChild(tr);
+    });
+    document.getElementById("bake-section").hidden = false;
+  }
+
   var es = new EventSource(run.getAttribute("data-events"));
   es.onmessage = function (m) {
     var ev;
@@ -64,6 +86,7 @@
     li.appendChild(cell("state", ev.state + " "));
     li.appendChild(cell("detail", ev.detail || ""));
     list.appendChild(li);
+    if (ev.host && ev.bake) showBake(ev.host, ev.bake);
     if (ev.host) {
       var row = hostRow(ev.host);
       if (row) {

@@ -72,7 +72,18 @@ fn status_target(hook: &WebhookConfig, payload: &Value) -> Option<StatusTarget> 
         (hook.provider == Provider::Github).then(|| "https://api.github.com".to_string())
     })?;
     if hook.provider == Provider::Gitlab {
-        return None;
+        // GitLab names the project by its numeric id (`project.id`, or a push's `project_id`).
+        let id = payload
+            .get("project")
+            .and_then(|p| p.get("id"))
+            .or_else(|| payload.get("project_id"))
+            .and_then(Value::as_u64)?;
+        return Some(StatusTarget {
+            api,
+            repo: id.to_string(),
+            token_env,
+            provider: hook.provider,
+        });
     }
     let repo = payload
         .get("repository")
@@ -111,15 +122,27 @@ fn send_status(
         return;
     };
     let description: String = description.chars().take(140).collect();
-    let mut body = json!({ "state": state, "description": description, "context": "cutover" });
+    let gitlab = t.provider == Provider::Gitlab;
+    // GitLab says `failed` and `name`; GitHub and Gitea `failure` and `context`.
+    let state = match (gitlab, state) {
+        (true, "failure") => "failed",
+        (_, s) => s,
+    };
+    let mut body = json!({ "state": state, "description": description });
+    body[if gitlab { "name" } else { "context" }] = json!("cutover");
     if let Some(u) = target_url {
         body["target_url"] = json!(u);
     }
-    let scheme = match t.provider {
-        Provider::Gitea => "token",
-        _ => "Bearer",
+    let (header, value) = match t.provider {
+        Provider::Gitlab => ("private-token", token.clone()),
+        Provider::Gitea => ("authorization", format!("token {token}")),
+        Provider::Github => ("authorization", format!("Bearer {token}")),
     };
-    let url = format!("{}/repos/{}/statuses/{sha}", t.api, t.repo);
+    // GitLab: `api_url` is the instance's API root (`https://gitlab.example.com/api/v4`).
+    let url = match t.provider {
+        Provider::Gitlab => format!("{}/projects/{}/statuses/{sha}", t.api, t.repo),
+        _ => format!("{}/repos/{}/statuses/{sha}", t.api, t.repo),
+    };
     // reqwest is built without a provider of its own: ring's (a no-op when one is installed).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match reqwest::blocking::Client::builder()
@@ -135,7 +158,7 @@ fn send_status(
     };
     let sent = client
         .post(&url)
-        .header("authorization", format!("{scheme} {token}"))
+        .header(header, value)
         .header("accept", "application/vnd.github+json")
         .json(&body)
         .send();
@@ -387,6 +410,14 @@ async fn hook(
     }
     if event == "pull_request" && provider != Provider::Gitlab {
         return pull_request(&st, &app, &config, provider, from.ip(), delivery, &raw);
+    }
+    if event == "Merge Request Hook" && provider == Provider::Gitlab {
+        let payload: Value = serde_json::from_slice(&raw).map_err(|e| {
+            ApiError::Invalid(format!("the merge request payload is not JSON: {e}"))
+        })?;
+        let as_pr = serde_json::to_vec(&gitlab_merge_request(&payload))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        return pull_request(&st, &app, &config, provider, from.ip(), delivery, &as_pr);
     }
     let is_push = match provider {
         Provider::Gitlab => event == "Push Hook",
@@ -642,6 +673,56 @@ fn pull_request(
     push(st, app, w)
 }
 
+/// A GitLab `Merge Request Hook` said as the `pull_request` event [`pull_request`] reads:
+/// `object_attributes.iid` is the number, `last_commit.id` the head SHA, `source` and
+/// `target` projects the head and base repositories (a fork's source is another project),
+/// `labels[].title` the labels, `project.id` the project statuses go to. Actions: `open`,
+/// `reopen`; `update` with new commits (`oldrev`) is a synchronize, one that adds the fork
+/// label a `labeled`, any other update nothing to build; `close` and `merge` close.
+fn gitlab_merge_request(p: &Value) -> Value {
+    let attrs = p.get("object_attributes").unwrap_or(&Value::Null);
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
+    let titles = |v: Option<&Value>| -> Vec<String> {
+        v.and_then(Value::as_array)
+            .map(|l| {
+                l.iter()
+                    .filter_map(|x| x.get("title").and_then(Value::as_str))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let labels = titles(p.get("labels"));
+    let changes = p.get("changes").and_then(|c| c.get("labels"));
+    let added_label = !titles(changes.and_then(|c| c.get("previous")))
+        .iter()
+        .any(|l| l == FORK_LABEL)
+        && titles(changes.and_then(|c| c.get("current")))
+            .iter()
+            .any(|l| l == FORK_LABEL);
+    let action = match attrs.get("action").and_then(Value::as_str).unwrap_or("") {
+        "open" => "opened",
+        "reopen" => "reopened",
+        "close" | "merge" => "closed",
+        "update" if attrs.get("oldrev").is_some_and(|v| !v.is_null()) => "synchronize",
+        "update" if added_label => "labeled",
+        other => other,
+    };
+    let repo = |side: &str| json!({ "full_name": text(p.get(side).and_then(|s| s.get("path_with_namespace"))) });
+    json!({
+        "action": action,
+        "number": attrs.get("iid"),
+        "label": if action == "labeled" { json!({ "name": FORK_LABEL }) } else { Value::Null },
+        "pull_request": {
+            "number": attrs.get("iid"),
+            "labels": labels.iter().map(|l| json!({ "name": l })).collect::<Vec<_>>(),
+            "head": { "sha": text(attrs.get("last_commit").and_then(|c| c.get("id"))), "repo": repo("source") },
+            "base": { "repo": repo("target") },
+        },
+        "project": p.get("project").map(|pr| json!({ "id": pr.get("id") })),
+    })
+}
+
 fn supersede(st: &AppState, app: &str, old: &Waiting, by: &str) {
     let text = format!("superseded by {by}");
     record(st, app, old, &text);
@@ -688,6 +769,84 @@ fn wait_then_start(st: &Arc<AppState>, app: &str, key: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GitLab `Merge Request Hook` body as GitLab documents it (the fields read, and more).
+    fn mr(action: &str, oldrev: Option<&str>, source: &str, labels: &[&str]) -> Value {
+        json!({
+            "object_kind": "merge_request",
+            "event_type": "merge_request",
+            "project": { "id": 15, "path_with_namespace": "acme/site" },
+            "object_attributes": {
+                "iid": 7, "id": 99, "action": action, "state": "opened", "oldrev": oldrev,
+                "source_branch": "feature", "target_branch": "main",
+                "last_commit": { "id": "b".repeat(40), "message": "the feature" },
+            },
+            "labels": labels.iter().map(|l| json!({ "title": l })).collect::<Vec<_>>(),
+            "source": { "path_with_namespace": source },
+            "target": { "path_with_namespace": "acme/site" },
+            "changes": {},
+        })
+    }
+
+    #[test]
+    fn gitlab_merge_requests_read_as_pull_requests() {
+        let pr = gitlab_merge_request(&mr("open", None, "acme/site", &[]));
+        assert_eq!(
+            pr,
+            json!({
+                "action": "opened",
+                "number": 7,
+                "label": null,
+                "pull_request": {
+                    "number": 7,
+                    "labels": [],
+                    "head": { "sha": "b".repeat(40), "repo": { "full_name": "acme/site" } },
+                    "base": { "repo": { "full_name": "acme/site" } },
+                },
+                "project": { "id": 15 },
+            })
+        );
+        let action = |p: Value| gitlab_merge_request(&p)["action"].clone();
+        assert_eq!(action(mr("reopen", None, "acme/site", &[])), "reopened");
+        assert_eq!(
+            action(mr("update", Some(&"a".repeat(40)), "acme/site", &[])),
+            "synchronize"
+        );
+        assert_eq!(action(mr("update", None, "acme/site", &[])), "update");
+        assert_eq!(action(mr("merge", None, "acme/site", &[])), "closed");
+        assert_eq!(action(mr("close", None, "acme/site", &[])), "closed");
+        // The fork label added by an update: built like GitHub's `labeled`.
+        let mut labelled = mr("update", None, "eve/site", &[FORK_LABEL]);
+        labelled["changes"] = json!({ "labels": {
+            "previous": [],
+            "current": [{ "title": FORK_LABEL }],
+        } });
+        let pr = gitlab_merge_request(&labelled);
+        assert_eq!(
+            (pr["action"].clone(), pr["label"]["name"].clone()),
+            (json!("labeled"), json!(FORK_LABEL))
+        );
+        assert_eq!(
+            pr["pull_request"]["labels"],
+            json!([{ "name": FORK_LABEL }])
+        );
+        assert_eq!(pr["pull_request"]["head"]["repo"]["full_name"], "eve/site");
+        // Statuses go to the project by id.
+        let hook = WebhookConfig {
+            provider: Provider::Gitlab,
+            secret_env: "S".into(),
+            branch: "main".into(),
+            status_token_env: Some("T".into()),
+            api_url: Some("https://gitlab.example.com/api/v4".into()),
+        };
+        let t = status_target(&hook, &pr).unwrap();
+        assert_eq!(
+            (t.api.as_str(), t.repo.as_str()),
+            ("https://gitlab.example.com/api/v4", "15")
+        );
+        let push = json!({ "object_kind": "push", "project_id": 15 });
+        assert_eq!(status_target(&hook, &push).unwrap().repo, "15");
+    }
 
     fn sign(secret: &str, body: &[u8]) -> String {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());

@@ -1,6 +1,7 @@
 //! `GET /api/runs/{run}/events`: a run's events as Server-Sent Events, tailed from the store's
 //! events table (so a CLI run on the same data directory streams too). Each event is
-//! `id: <seq>` and `data: <one JSON event>` of the `--events` line's shape; `Last-Event-ID`
+//! `id: <seq>` and `data: <one JSON event>` of the `--events` line's shape (a host's `bake`
+//! event also carries `bake`, its rows of the run page's bake table); `Last-Event-ID`
 //! resumes after that seq. The stream ends with `event: end` carrying the run as
 //! `GET /api/runs/{run}` shows it.
 //!
@@ -37,6 +38,9 @@ struct Line<'a> {
     state: &'a str,
     time: &'a str,
     detail: &'a str,
+    /// A host's bake event read into the run page's rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bake: Option<Vec<crate::pages::run::BakeRow>>,
 }
 
 struct Tail {
@@ -86,6 +90,9 @@ pub(crate) async fn events(
                     state: &e.phase,
                     time: &e.at,
                     detail: &e.detail,
+                    bake: e.host.as_deref().and_then(|h| {
+                        crate::pages::run::bake_rows(h, &e.step, &e.phase, &e.detail)
+                    }),
                 };
                 let data = serde_json::to_string(&line).unwrap_or_default();
                 let ev = Event::default().id(e.seq.to_string()).data(data);

@@ -3,6 +3,7 @@
 //! `cutover` binary installing and driving its own edge proxy on every host, and real load
 //! through those proxies. Needs root.
 
+use crate::panel::{add_user, log_in, Server};
 use crate::world::World;
 use std::time::Duration;
 
@@ -424,26 +425,34 @@ fn a_release_failing_real_requests_is_caught_by_its_canary_bake_and_a_good_one_i
     let flaky = outcome["release"].as_str().unwrap().to_string();
     let msg = outcome["message"].as_str().unwrap_or_default();
     let host0 = w.lab().destination(0);
-    // Caught in the first batch: only host 0 baked; both releases' rates are named.
-    assert!(
-        msg.starts_with(&format!(
-            "release {flaky} passed its health gate but failed its bake:\n  {host0}: new release {flaky}: "
-        )),
-        "{msg}"
+    // Caught in the first batch: only host 0 baked; the diagnosis gives both releases' rates
+    // exactly as host 0's proxy counted them over the canary's window.
+    let baked = proxy_bake_status(&w, 0);
+    let (new, old) = (baked.new.as_ref().unwrap(), baked.old.as_ref().unwrap());
+    assert!(new.errors_5xx > 0 && old.requests > 0, "{baked:?}");
+    let describe = cutover_proxy_wire::describe;
+    assert_eq!(
+        msg,
+        format!(
+            "release {flaky} passed its health gate but failed its bake:\n  {host0}: new release {flaky}: {}; old release {good}: {}; above max_error_rate 0.05 and the old release's rate; {}\nEvery host was switched back to {good} and passed its health gate again.",
+            describe(new),
+            describe(old),
+            baked.action
+        )
     );
     assert!(
-        msg.contains(&format!("; old release {good}: 0 of ")),
-        "{msg}"
+        baked
+            .action
+            .starts_with("the proxy swapped back to 127.0.0.1:"),
+        "{baked:?}"
     );
+    // Only that batch's host was exposed: host 1 never switched and its proxy never baked it.
+    let host1 = w.lab().destination(1);
+    assert_eq!(outcome["hosts"][&host1]["outcome"], "staged", "{outcome}");
     assert!(
-        msg.contains("above max_error_rate 0.05 and the old release's rate"),
-        "{msg}"
-    );
-    assert!(
-        msg.ends_with(&format!(
-            "Every host was switched back to {good} and passed its health gate again."
-        )),
-        "{msg}"
+        proxy_bake(&w, 1).is_none_or(|b| b["release"] != flaky.as_str()),
+        "{:?}",
+        proxy_bake(&w, 1)
     );
     let bake_failed = events
         .iter()
@@ -885,7 +894,10 @@ fn caught_in_the_last_batch_every_switched_host_is_swapped_back_without_a_contai
 }
 
 /// A release 300 ms slower than the old one: with `max_p99` its bake fails on the proxy's
-/// latency counts and it is reverted; without `max_p99` it is kept.
+/// latency counts and it is reverted; without `max_p99` it is kept. The panel's run page shows
+/// each bake's counts per release (live while it bakes, then the verdict), cell for cell what
+/// the proxy counted. Then a release whose `/up` breaks during a bake with no client traffic:
+/// the proxy's own probes fail it (a bake is never passed on no data).
 #[test]
 fn a_slower_release_is_reverted_with_max_p99_and_kept_without() {
     let w = World::containers(1, "blue-green")
@@ -893,6 +905,7 @@ fn a_slower_release_is_reverted_with_max_p99_and_kept_without() {
         .set("deploy", "max_p99", "\"200ms\"")
         .start();
     cgi_image(&w, "fast", None);
+    cgi_image(&w, "sick", None);
     let slow = |tag: &str| {
         let script = format!(
             "#!/bin/sh\nsleep 0.3\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n{tag}\\n'\n"
@@ -912,6 +925,11 @@ fn a_slower_release_is_reverted_with_max_p99_and_kept_without() {
     slow("slow");
     slow("slow2");
     let fast = w.deploy_ok("fast");
+    add_user(&w, "admin", "admin", "correct horse battery");
+    let server = Server::start(&w);
+    let b = testlab::Browser::start(1100, 900);
+    b.goto(&server.url("/"));
+    log_in(&b, &server, "admin", "correct horse battery");
     let load = app_load_on(&w, &[0], 8);
     assert!(load.wait_for_ok(50, Duration::from_secs(30)));
     let r = w.deploy_image("slow");
@@ -924,12 +942,148 @@ fn a_slower_release_is_reverted_with_max_p99_and_kept_without() {
         "{msg}"
     );
     w.assert_all_serve("fast");
+    // The run page: the table holds what the proxy counted (its state file), cell for cell.
+    let host = w.lab().destination(0);
+    let baked = proxy_bake_status(&w, 0);
+    b.goto(&server.url(&format!("/runs/{}", last_run(&w))));
+    let verdict = format!("p99 above max_p99 200ms; {}", baked.action);
+    assert_eq!(bake_table(&b), bake_cells(&host, &baked, &verdict));
+
+    // Without max_p99 the slow release is kept; its run page follows the bake live.
     w.configure(|t| {
         t.unset("deploy", "max_p99");
+        t.set("deploy", "bake", "\"10s\"");
     });
-    let kept = w.deploy_image("slow2");
+    let before = last_run(&w);
+    let deploy = w.cutover(&["deploy", "--json", "--image", "slow2"]);
+    let kept = std::thread::spawn(move || deploy.run());
+    let run = b.wait_for("the run to start", Duration::from_secs(60), || {
+        let run = last_run(&w);
+        (run > before).then_some(run)
+    });
+    b.goto(&server.url(&format!("/runs/{run}")));
+    b.wait_for("live bake counts", Duration::from_secs(120), || {
+        let rows = bake_table(&b);
+        rows.iter()
+            .any(|r| r[1] == "baking" && r[2].starts_with("new ") && r[3] != "0")
+            .then_some(())
+    });
+    let kept = kept.join().unwrap();
     assert_eq!(kept.code, 0, "{}", kept.json);
+    b.wait_for("the run's end", Duration::from_secs(30), || {
+        (b.text("#run-status") == "succeeded").then_some(())
+    });
+    let baked = proxy_bake_status(&w, 0);
+    let want = bake_cells(&host, &baked, "within max_error_rate 0.01");
+    assert_eq!(bake_table(&b), want, "followed live");
+    b.goto(&server.url(&format!("/runs/{run}")));
+    assert_eq!(bake_table(&b), want, "rendered by the server");
     w.assert_all_serve("slow2");
     let seen = load.stop();
     assert_eq!(seen.failed, 0, "{:?}", seen.failures);
+
+    // No client traffic, and `/up` breaks once the bake began: the proxy's own probes fail it.
+    let slow2 = newest(&w);
+    let mut child = w.cutover(&["deploy", "--image", "sick"]).spawn_quiet();
+    wait_for_new_bakes(&w, &slow2, Duration::from_secs(120));
+    let sick = newest(&w);
+    let rm = w
+        .lab()
+        .docker(0, &["exec", &format!("web-{sick}"), "rm", "/www/up"]);
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+    let baked = proxy_bake_status(&w, 0);
+    assert_eq!(
+        baked.state,
+        cutover_proxy_wire::BakeState::Failed,
+        "{baked:?}"
+    );
+    assert!(
+        baked.probes_failed > 0 && baked.new.as_ref().unwrap().requests < 20,
+        "{baked:?}"
+    );
+    let failed = w
+        .last_run_events()
+        .into_iter()
+        .find(|(step, state, _)| step == "bake" && state == "failed")
+        .expect("a failed bake event")
+        .2;
+    assert_eq!(
+        failed,
+        format!(
+            "new release {sick}: 0 of 0 requests failed (0.0%), no p99; old release {slow2}: {}; under 20 requests; {} of {} probes of /up failed in 10s (max_error_rate 0.01); {}",
+            cutover_proxy_wire::describe(baked.old.as_ref().unwrap()),
+            baked.probes_failed,
+            baked.probes,
+            baked.action
+        )
+    );
+    assert!(
+        baked
+            .action
+            .starts_with("the proxy swapped back to 127.0.0.1:"),
+        "{baked:?}"
+    );
+    w.assert_all_serve("slow2");
+}
+
+/// The newest run's id.
+fn last_run(w: &World) -> i64 {
+    w.db()
+        .query_row("SELECT COALESCE(MAX(id), 0) FROM runs", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Host `i`'s proxy's bake as its state file records it.
+fn proxy_bake_status(w: &World, i: usize) -> cutover_proxy_wire::BakeStatus {
+    serde_json::from_value(proxy_bake(w, i).expect("a bake in the proxy's state")).unwrap()
+}
+
+/// The run page's bake table, cell by cell.
+fn bake_table(b: &testlab::Browser) -> Vec<Vec<String>> {
+    let v = b.js(
+        "return Array.from(document.querySelectorAll('#bake tbody tr'))\
+         .map(tr => Array.from(tr.cells).map(td => td.textContent))",
+    );
+    serde_json::from_value(v).unwrap()
+}
+
+/// The rows the run page must show for a bake: the proxy's counts of each release.
+fn bake_cells(host: &str, b: &cutover_proxy_wire::BakeStatus, verdict: &str) -> Vec<Vec<String>> {
+    let row = |role: &str, release: &str, t: Option<&cutover_proxy_wire::TargetStats>| {
+        let mut cells = vec![host.to_string(), b.state.as_str().to_string()];
+        cells.push(format!("{role} {release}"));
+        match t {
+            Some(t) => {
+                let rate = t.error_rate().unwrap_or(0.0) * 100.0;
+                let p99 = match t.p99_ms() {
+                    None => "–".to_string(),
+                    Some(u64::MAX) => {
+                        let last = cutover_proxy_wire::LATENCY_BOUNDS_MS.last().unwrap();
+                        format!("> {last} ms")
+                    }
+                    Some(ms) => format!("<= {ms} ms"),
+                };
+                cells.extend([
+                    t.requests.to_string(),
+                    t.errors_5xx.to_string(),
+                    t.failures.to_string(),
+                    format!("{rate:.1}%"),
+                    p99,
+                ]);
+            }
+            None => cells.extend(["–"; 5].map(String::from)),
+        }
+        cells
+    };
+    let mut new = row("new", &b.release, b.new.as_ref());
+    new.push(verdict.to_string());
+    let old_release = b.old_release.as_deref().unwrap_or("(none)");
+    let mut old = row("old", old_release, b.old.as_ref());
+    old.push(String::new());
+    vec![new, old]
 }

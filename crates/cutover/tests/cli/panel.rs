@@ -18,14 +18,14 @@ const SCRIPT: &str = "<script>alert(1)</script>";
 const IMG: &str = "\"><img src=x onerror=alert(1)>";
 
 /// `cutover serve` on a free loopback port, killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
 }
 
 impl Server {
-    fn start(w: &World) -> Server {
+    pub(crate) fn start(w: &World) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -60,11 +60,11 @@ impl Server {
         s
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -127,7 +127,7 @@ fn release_of(v: &serde_json::Value) -> String {
     v["release"].as_str().expect("a release").to_string()
 }
 
-fn log_in(b: &Browser, s: &Server, user: &str, password: &str) {
+pub(crate) fn log_in(b: &Browser, s: &Server, user: &str, password: &str) {
     b.fill("#login [name=user]", user);
     b.fill("#login [name=password]", password);
     b.click("#login button[type=submit]");

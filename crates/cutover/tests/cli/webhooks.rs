@@ -479,14 +479,23 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
     drop(s);
 
     // GitLab: X-Gitlab-Token is the secret itself; checkout_sha is the commit; the event
-    // UUID is the delivery id.
+    // UUID is the delivery id; commit statuses go to the project's statuses API with the
+    // token in PRIVATE-TOKEN.
+    let forge = Forge::start();
+    let token = "glpat-forge-9e1c77";
     let text = std::fs::read_to_string(&w.config).unwrap();
     std::fs::write(
         &w.config,
-        text.replace("provider = \"gitea\"", "provider = \"gitlab\""),
+        text.replace(
+            "provider = \"gitea\"",
+            &format!(
+                "provider = \"gitlab\"\nstatus_token_env = \"SITE_FORGE_TOKEN\"\napi_url = \"http://{}/api/v4\"",
+                forge.addr
+            ),
+        ) + "\n[preview]\ndomain = \"preview.test\"\n",
     )
     .unwrap();
-    let s = Server::start(&w);
+    let s = Server::start_with(&w, &[("SITE_FORGE_TOKEN", token)]);
     let hook = "/hooks/gitlab/site";
     let c2 = w.commit("Second page", &[("index.html", "v2\n")]);
     let c3 = w.commit("Third page", &[("index.html", "v3\n")]);
@@ -500,12 +509,13 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
         "before": c1,
         "after": c3,
         "checkout_sha": c2,
-        "project": {"path_with_namespace": "acme/site"},
+        "project_id": 15,
+        "project": {"id": 15, "path_with_namespace": "acme/site"},
     }))
     .unwrap();
-    let gitlab = |token: Option<&str>, uuid: &str| {
+    let gitlab_event = |event: &str, token: Option<&str>, uuid: &str| {
         let mut h = vec![
-            ("x-gitlab-event", "Push Hook".to_string()),
+            ("x-gitlab-event", event.to_string()),
             ("x-gitlab-event-uuid", uuid.to_string()),
         ];
         if let Some(t) = token {
@@ -513,6 +523,7 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
         }
         h
     };
+    let gitlab = |token: Option<&str>, uuid: &str| gitlab_event("Push Hook", token, uuid);
     let (st, _) = s.post(hook, &gitlab(None, "u1"), body.clone());
     assert_eq!(st, 401, "no token");
     let (st, _) = s.post(
@@ -537,10 +548,70 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
         )
         .unwrap();
     assert_eq!(newest, c2);
+    let calls = forge.calls(2);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for (line, auth, _) in &calls {
+        assert_eq!(
+            line,
+            &format!("POST /api/v4/projects/15/statuses/{c2} HTTP/1.1")
+        );
+        assert_eq!(auth, &format!("PRIVATE-TOKEN {token}"));
+    }
+    assert_eq!(
+        (calls[0].2["state"].as_str(), calls[0].2["name"].as_str()),
+        (Some("pending"), Some("cutover"))
+    );
+    assert_eq!(calls[1].2["state"], "success", "{calls:?}");
+
+    // Merge Request Hook events, read as pull requests: iid is the number, the source
+    // project the head repository; a fork without the label and an update without new
+    // commits build nothing; a wrong token is refused.
+    let mr = |action: &str, source: &str, oldrev: Option<&str>| {
+        serde_json::to_vec(&json!({
+            "object_kind": "merge_request",
+            "event_type": "merge_request",
+            "project": {"id": 15, "path_with_namespace": "acme/site"},
+            "object_attributes": {
+                "iid": 7, "action": action, "state": "opened", "oldrev": oldrev,
+                "source_branch": "feature", "target_branch": "main",
+                "last_commit": {"id": c3, "message": "Third page"},
+            },
+            "labels": [],
+            "source": {"path_with_namespace": source},
+            "target": {"path_with_namespace": "acme/site"},
+        }))
+        .unwrap()
+    };
+    let mr_hook = |token: &str, uuid: &str| gitlab_event("Merge Request Hook", Some(token), uuid);
+    let body = mr("open", "eve/site", None);
+    let (st, _) = s.post(hook, &mr_hook("hook-secret-7f3a9c1e5c", "m1"), body.clone());
+    assert_eq!(st, 401, "a token one character off");
+    let (st, b) = s.post(hook, &mr_hook(SECRET, "m2"), body);
+    assert_eq!(
+        (st, b),
+        (
+            200,
+            json!({"ignored": "pull request #7 comes from a fork (eve/site) and is not labelled cutover-preview"})
+        )
+    );
+    let (st, b) = s.post(
+        hook,
+        &mr_hook(SECRET, "m3"),
+        mr("update", "acme/site", None),
+    );
+    assert_eq!(
+        (st, b),
+        (
+            200,
+            json!({"ignored": "pull request #7 update: nothing to build"})
+        )
+    );
+    assert_eq!(count(&w, "SELECT COUNT(*) FROM runs"), 2, "nothing ran");
     assert_eq!(
         count(&w, "SELECT COUNT(*) FROM audit WHERE action = 'webhook refused' AND who = 'webhook:gitlab'"),
-        2
+        3
     );
+    assert!(!s.log().contains(token), "the server's log holds the token");
     drop(s);
 
     // A bad [webhook] is refused before the server listens, naming the key.
@@ -598,6 +669,7 @@ impl Forge {
                     let (k, v) = h.split_once(':').unwrap();
                     match k.to_ascii_lowercase().as_str() {
                         "authorization" => auth = v.trim().to_string(),
+                        "private-token" => auth = format!("PRIVATE-TOKEN {}", v.trim()),
                         "content-length" => len = v.trim().parse().unwrap(),
                         _ => {}
                     }

@@ -16,6 +16,7 @@
 //! **Invariant:** the old container keeps running (blue-green) until every host verified the
 //! new one, so going back is a proxy swap, not a container start.
 
+use super::own_bake::OwnBake;
 use super::{HostCx, Pinned, SwitchError, Switcher, Target};
 use crate::deploy::{DeployError, Recorder, Via};
 use crate::gate::{run_gate, GateSpec};
@@ -345,6 +346,49 @@ impl Containers<'_> {
     }
 
     /// The proxy's per-target counts of the app on one host.
+    /// The bake judged by the controller ([`OwnBake`]) from `now` on, probing the health
+    /// path through the proxy when traffic is thin; a passed canary (`target`) is promoted
+    /// here, since no proxy bake will.
+    fn own_bake(
+        &self,
+        h: &HostCx<'_>,
+        to: &Target<Snapshot>,
+        now: &StatsReport,
+        own: &OwnBake<'_>,
+        target: &str,
+        canary: bool,
+    ) -> Result<String, String> {
+        let r = h.remote;
+        let (endpoint, spec) = self.probe_at(h, to)?;
+        let verdict = own.run(
+            now,
+            || self.stats(r),
+            || {
+                let p = crate::gate::probe(&endpoint, &spec.host_header, &spec.path, spec.timeout);
+                p.error.is_none() && p.status == Some(spec.expect)
+            },
+            |m| {
+                h.ev(
+                    Step::Bake,
+                    State::Output,
+                    &format!("bake baking of {target}: {m}"),
+                )
+            },
+            std::thread::sleep,
+        )?;
+        if !canary {
+            return Ok(verdict);
+        }
+        let port = target
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| format!("{verdict}; the canary {target} has no port"))?;
+        self.flip(r, port, &to.snap, 1)
+            .map(|_| format!("{verdict}; canary promoted to every request"))
+            .map_err(|e| format!("{verdict}; promoting the canary failed: {}", e.text()))
+    }
+
     fn stats(&self, r: &dyn Remote) -> Result<StatsReport, String> {
         let req = Request::Stats {
             service: self.app().to_string(),
@@ -655,10 +699,22 @@ impl Switcher for Containers<'_> {
         from: Option<&Target<Snapshot>>,
         to: &Target<Snapshot>,
         window: Duration,
-        _max_error_rate: f64,
+        max_error_rate: f64,
     ) -> Result<String, String> {
         let r = h.remote;
-        let now = self.stats(r)?;
+        let now = match self.stats(r) {
+            Ok(now) => now,
+            // A proxy too old to count: judged by probes through it, as files apps are
+            // (never passed on no data).
+            Err(e) => {
+                h.ev(
+                    Step::Bake,
+                    State::Output,
+                    &format!("the proxy gives no counts ({e}); the controller judges the bake by probes through it"),
+                );
+                return super::probing_bake(self, h, to, window, max_error_rate);
+            }
+        };
         let (target, fallback) = match (now.role("canary"), now.role("current")) {
             (Some(c), cur) => (c.target.clone(), cur.map(|c| c.target.clone())),
             (None, Some(cur)) => (
@@ -672,25 +728,49 @@ impl Switcher for Containers<'_> {
         let interval = health
             .interval
             .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let limits = BakeLimits {
+            max_error_ppm: deploy.max_error_rate_ppm,
+            max_p99_ms: deploy.max_p99.map(|d| d.as_millis() as u64),
+            min_requests: MIN_BAKE_REQUESTS,
+        };
+        let canary = now.role("canary").map(|c| c.target.clone());
         let req = Request::Bake(BakeRequest {
             service: self.app().to_string(),
-            target,
+            target: target.clone(),
             fallback,
             health_path: to.snap.health_path.clone(),
             window,
-            limits: BakeLimits {
-                max_error_ppm: deploy.max_error_rate_ppm,
-                max_p99_ms: deploy.max_p99.map(|d| d.as_millis() as u64),
-                min_requests: MIN_BAKE_REQUESTS,
-            },
+            limits,
             interval,
             timeout: health.timeout,
             release: to.id.clone(),
             old_release: from.map(|f| f.id.clone()),
         });
-        match proxy_request(r, self.capp, &req)? {
-            Response::Baking(b) => h.ev(Step::Bake, State::Output, &b.summary()),
-            other => return Err(format!("unexpected proxy answer: {other:?}")),
+        let why = match proxy_request(r, self.capp, &req) {
+            Ok(Response::Baking(b)) => {
+                h.ev(Step::Bake, State::Output, &b.summary());
+                None
+            }
+            Ok(other) => Some(format!("unexpected proxy answer: {other:?}")),
+            Err(e) => Some(e),
+        };
+        if let Some(why) = why {
+            // An older proxy (or one refusing the op): the controller judges the bake.
+            h.ev(
+                Step::Bake,
+                State::Output,
+                &format!("the proxy did not take the bake ({why}); the controller judges it from the proxy's counts"),
+            );
+            let own = OwnBake {
+                window,
+                interval: Duration::from_secs(1),
+                limits,
+                release: &to.id,
+                old_release: from.map(|f| f.id.as_str()),
+                health_path: &to.snap.health_path,
+                canary: canary.is_some(),
+            };
+            return self.own_bake(h, to, &now, &own, &target, canary.is_some());
         }
         // The proxy's verdict comes at the end of the window at the latest (plus a swap back
         // and its drain); a proxy that says nothing by then is a failed bake.

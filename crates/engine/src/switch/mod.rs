@@ -13,6 +13,7 @@
 
 pub mod container;
 pub mod files;
+mod own_bake;
 
 use crate::deploy::{DeployError, Recorder, Via};
 use crate::hostops::Prepared;

@@ -17,7 +17,7 @@
 mod admin;
 mod app;
 mod assets;
-mod run;
+pub(crate) mod run;
 
 use crate::auth::{self, PageAuth, Principal, Role};
 use crate::error::ApiError;

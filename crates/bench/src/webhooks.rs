@@ -1,0 +1,420 @@
+//! `webhooks`: deploy on push, timed. A `cutover serve` on loopback with a files app whose
+//! `[build]` ships a git repository's tree as it is (no build command) and a GitHub
+//! `[webhook]`: from a signed `push` delivery's POST to the host serving the pushed commit;
+//! the HMAC-SHA256 check's throughput (ring, the server's primitive); and a flood of forged
+//! deliveries (refused per second) with a genuine push in the middle of it, still deployed.
+
+use crate::harness::World;
+use crate::report::{self, spread, Section};
+use crate::Ctx;
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::json;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(crate) const HOW_TO_READ: &str = "\
+one testlab host (nginx) and a `cutover serve` on loopback (the bench's cutover build); the app \
+`site` is a files app whose `[build]` takes a bare git repository on this machine and ships the \
+commit's tree as it is (no build command), with a GitHub `[webhook]` (branch `main`). *push → \
+serving*: the bench commits a new `version` (and `index.html`, `up`), pushes it, POSTs a `push` \
+delivery signed with HMAC-SHA256 (`X-Hub-Signature-256`) naming the full SHA, and polls the host's \
+`GET /version` every 10 ms until it answers the commit's label; timed from the POST; *answered \
+after* is the server's 202. The second row restarts the server on the same config with a build \
+command (copying the three files into `out/`, the release's `output`). *HMAC-SHA256 verify* is ring's `hmac::verify` (what the server runs) \
+in the bench process over a 2 KiB push body and a 5 MiB one (the largest accepted), for 1 s each. \
+*Forged flood*: 8 client threads, each on its own keep-alive connection, POST a 2 KiB push body \
+with a wrong signature as fast as they are answered, for 6 s (3 s with `--quick`); each refusal is \
+a 401 and an audit row in the server's SQLite history. 1 s into the flood the bench pushes a \
+genuine commit (signed delivery): *genuine push during the flood* is its POST → host serving \
+time, and its answer.";
+
+const SECRET: &str = "bench-hook-secret-5e2d";
+
+/// `cutover serve` on a free loopback port with the webhook secret, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(world: &World) -> Result<Server> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let child = world
+        .cutover(&["serve", "--listen", &addr.to_string()])
+        .env("BENCH_HOOK_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting cutover serve")?;
+    let s = Server { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("cutover serve did not listen on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(s)
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new("git")
+        .args(["-c", "user.name=bench", "-c", "user.email=bench@localhost"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running git")?;
+    if !out.status.success() {
+        bail!("git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The app's repository: a bare origin and a work tree.
+struct Repo {
+    work: std::path::PathBuf,
+}
+
+impl Repo {
+    fn create(dir: &Path) -> Result<(Repo, std::path::PathBuf)> {
+        let origin = dir.join("origin.git");
+        let work = dir.join("work");
+        std::fs::create_dir_all(&work)?;
+        git(dir, &["init", "-q", "--bare", "-b", "main", "origin.git"])?;
+        git(&work, &["init", "-q", "-b", "main"])?;
+        git(
+            &work,
+            &["remote", "add", "origin", &origin.display().to_string()],
+        )?;
+        Ok((Repo { work }, origin))
+    }
+
+    /// Commits a page labelled `label` and pushes it: the full SHA.
+    fn commit(&self, label: &str) -> Result<String> {
+        for (name, text) in [("version", label), ("index.html", label), ("up", "ok")] {
+            std::fs::write(self.work.join(name), format!("{text}\n"))?;
+        }
+        git(&self.work, &["add", "-A"])?;
+        git(&self.work, &["commit", "-q", "-m", label])?;
+        git(&self.work, &["push", "-q", "origin", "main"])?;
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+}
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    ring::hmac::sign(&key, body)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A push event as GitHub sends it, padded to about 2 KiB like a real one.
+fn push_body(after: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "ref": "refs/heads/main",
+        "before": "0".repeat(40),
+        "after": after,
+        "created": false, "deleted": false, "forced": false,
+        "repository": {"full_name": "acme/site", "default_branch": "main"},
+        "pusher": {"name": "ada"},
+        "head_commit": {"id": after, "message": "x".repeat(1700)},
+    }))
+    .unwrap_or_default()
+}
+
+/// One POST on a keep-alive connection: the status and the body.
+fn post(
+    conn: &mut BufReader<TcpStream>,
+    delivery: &str,
+    signature: &str,
+    body: &[u8],
+) -> Result<(u16, String)> {
+    let head = format!(
+        "POST /hooks/github/site HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
+         X-GitHub-Event: push\r\nX-GitHub-Delivery: {delivery}\r\n\
+         X-Hub-Signature-256: sha256={signature}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let s = conn.get_mut();
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut line = String::new();
+    conn.read_line(&mut line)?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no status line: {line:?}"))?;
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        conn.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut b = vec![0u8; len];
+    conn.read_exact(&mut b)?;
+    Ok((status, String::from_utf8_lossy(&b).to_string()))
+}
+
+fn connect(addr: SocketAddr) -> Result<BufReader<TcpStream>> {
+    let s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_nodelay(true)?;
+    Ok(BufReader::new(s))
+}
+
+/// A signed push of a new commit labelled `label`: (POST → 202 ms, POST → serving ms, answer).
+fn genuine_push(world: &World, s: &Server, repo: &Repo, label: &str) -> Result<Genuine> {
+    let sha = repo.commit(label)?;
+    let body = push_body(&sha);
+    let mut conn = connect(s.addr)?;
+    let t = Instant::now();
+    let (status, answer) = post(
+        &mut conn,
+        &format!("d-{label}"),
+        &sign(SECRET, &body),
+        &body,
+    )?;
+    let answered = t.elapsed().as_secs_f64() * 1000.0;
+    if status != 202 {
+        bail!("the genuine push of {label} got {status}: {answer}");
+    }
+    while !world.serves(label) {
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("{label} was not served 120 s after its push");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((
+        answered,
+        t.elapsed().as_secs_f64() * 1000.0,
+        format!("{status} {answer}"),
+    ))
+}
+
+/// ring's HMAC-SHA256 verify over `size` bytes for about 1 s: verifications per second.
+fn verify_rate(size: usize) -> f64 {
+    let body = vec![b'x'; size];
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+    let tag = ring::hmac::sign(&key, &body);
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < Duration::from_secs(1) || n < 3 {
+        if ring::hmac::verify(&key, &body, tag.as_ref()).is_ok() {
+            n += 1;
+        }
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// A genuine push's (POST → answer ms, POST → serving ms, the answer).
+type Genuine = (f64, f64, String);
+
+/// The forged flood with a genuine push 1 s in: (refused, other answers, seconds, genuine).
+fn flood(world: &World, s: &Server, repo: &Repo, secs: u64) -> Result<(u64, u64, f64, Genuine)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (refused, other) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let forged = push_body(&"f".repeat(40));
+    let wrong = sign("not-the-secret", &forged);
+    let t = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|k| {
+            let (stop, refused, other) = (stop.clone(), refused.clone(), other.clone());
+            let (body, sig, addr) = (forged.clone(), wrong.clone(), s.addr);
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut c) = connect(addr) else {
+                        other.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        match post(&mut c, &format!("forged-{k}-{n}"), &sig, &body) {
+                            Ok((401, _)) => refused.fetch_add(1, Ordering::Relaxed),
+                            Ok(_) => other.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => {
+                                other.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        };
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let genuine = genuine_push(world, s, repo, "flooded");
+    let rest = Duration::from_secs(secs).saturating_sub(t.elapsed());
+    std::thread::sleep(rest);
+    stop.store(true, Ordering::Relaxed);
+    for th in threads {
+        let _ = th.join();
+    }
+    let took = t.elapsed().as_secs_f64();
+    Ok((
+        refused.load(Ordering::Relaxed),
+        other.load(Ordering::Relaxed),
+        took,
+        genuine?,
+    ))
+}
+
+fn cell(v: &[f64]) -> String {
+    let (med, min, max) = spread(v);
+    if v.len() > 1 {
+        format!("{med:.0} ({min:.0}–{max:.0})")
+    } else {
+        format!("{med:.0}")
+    }
+}
+
+pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
+    let clock = Instant::now();
+    let load_before = crate::machine::loadavg();
+    let world = World::start(1, ctx)?;
+    let (repo, origin) = Repo::create(&world.dir)?;
+    let config = std::fs::read_to_string(&world.config)?;
+    std::fs::write(
+        &world.config,
+        format!(
+            "{config}\n[build]\nrepo = {:?}\n\n[webhook]\nprovider = \"github\"\nsecret_env = \"BENCH_HOOK_SECRET\"\nbranch = \"main\"\n",
+            origin.display().to_string()
+        ),
+    )?;
+    let s = serve(&world)?;
+    let n = if ctx.quick { 3 } else { 10 };
+    let (mut answered, mut serving) = (Vec::new(), Vec::new());
+    // The first push clones the repository into the server's mirror: untimed.
+    genuine_push(&world, &s, &repo, "v0")?;
+    for k in 1..=n {
+        eprintln!("[webhooks] push {k}/{n}");
+        let (a, t, _) = genuine_push(&world, &s, &repo, &format!("v{k}"))?;
+        answered.push(a);
+        serving.push(t);
+    }
+    // The same with a small build step: the server restarted on the config with a command.
+    drop(s);
+    let text = std::fs::read_to_string(&world.config)?;
+    std::fs::write(
+        &world.config,
+        text.replace(
+            "\n\n[webhook]",
+            "\ncommand = \"mkdir -p out && cp index.html up version out/\"\noutput = \"out\"\n\n[webhook]",
+        ),
+    )?;
+    let s = serve(&world)?;
+    let (mut built_answered, mut built_serving) = (Vec::new(), Vec::new());
+    for k in 1..=n {
+        eprintln!("[webhooks] push with a build {k}/{n}");
+        let (a, t, _) = genuine_push(&world, &s, &repo, &format!("b{k}"))?;
+        built_answered.push(a);
+        built_serving.push(t);
+    }
+    let small = verify_rate(2048);
+    let large = verify_rate(5 * 1024 * 1024);
+    let secs = if ctx.quick { 3 } else { 6 };
+    eprintln!("[webhooks] forged flood for {secs} s");
+    let (refused, other, took, (g_answered, g_serving, g_answer)) = flood(&world, &s, &repo, secs)?;
+    drop(s);
+    let load_after = crate::machine::loadavg();
+    let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
+    md.push_str("\n\n");
+    md.push_str(&report::table(
+        &[
+            "signed push → host serves the commit (files app)",
+            "runs",
+            "answered after (ms)",
+            "push → serving (ms)",
+        ],
+        &[
+            vec![
+                "no build step (the commit's tree shipped as it is)".into(),
+                n.to_string(),
+                cell(&answered),
+                cell(&serving),
+            ],
+            vec![
+                "a small build (`mkdir -p out && cp index.html up version out/`)".into(),
+                n.to_string(),
+                cell(&built_answered),
+                cell(&built_serving),
+            ],
+        ],
+    ));
+    md.push('\n');
+    md.push_str(&report::table(
+        &[
+            "HMAC-SHA256 verify (ring, one core)",
+            "verifications/s",
+            "MiB/s",
+        ],
+        &[2048usize, 5 * 1024 * 1024]
+            .iter()
+            .zip([small, large])
+            .map(|(size, rate)| {
+                vec![
+                    if *size == 2048 {
+                        "2 KiB body".into()
+                    } else {
+                        "5 MiB body".into()
+                    },
+                    format!("{rate:.0}"),
+                    format!("{:.0}", rate * *size as f64 / 1048576.0),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    ));
+    md.push('\n');
+    md.push_str(&report::table(
+        &[
+            "forged flood (8 keep-alive clients)",
+            "refused (401)",
+            "other answers or errors",
+            "refused/s",
+            "genuine push during it: answer",
+            "answered after (ms)",
+            "push → serving (ms)",
+        ],
+        &[vec![
+            format!("{took:.1} s"),
+            refused.to_string(),
+            other.to_string(),
+            format!("{:.0}", refused as f64 / took),
+            g_answer.chars().take(60).collect(),
+            format!("{g_answered:.0}"),
+            format!("{g_serving:.0}"),
+        ]],
+    ));
+    let json = json!({
+        "push_answered_ms": answered,
+        "push_to_serving_ms": serving,
+        "with_build": {"push_answered_ms": built_answered, "push_to_serving_ms": built_serving},
+        "verify_per_s": {"2KiB": small, "5MiB": large},
+        "flood": {"seconds": took, "refused": refused, "other": other,
+                  "genuine": {"answered_ms": g_answered, "serving_ms": g_serving, "answer": g_answer}},
+    });
+    Ok(Section { markdown: md, json })
+}
