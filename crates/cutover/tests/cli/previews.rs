@@ -1,8 +1,8 @@
-//! Pull request previews on container hosts with their own dockerd, through the real edge
-//! proxy, reached with the preview's `Host` header, while production serves under load
-//! beside them. Needs root.
+//! Pull request previews on container hosts with their own dockerd, and of a files app (served
+//! by the host's edge proxy as a static target), through the real edge proxy, reached with the
+//! preview's `Host` header, while production serves under load beside them. Needs root.
 
-use crate::world::World;
+use crate::world::{Toml, World, PROXY_PORT};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -12,11 +12,16 @@ const HOST: &str = "pr-7-web.preview.test";
 
 /// `GET /` of `addr` with `Host: host`: the body on 200, else `HTTP <status line>`.
 fn get_as(addr: SocketAddr, host: &str) -> String {
+    request_as(addr, "GET", host, "/")
+}
+
+/// `method path` of `addr` with `Host: host`: the body on 200, else `HTTP <status line>`.
+fn request_as(addr: SocketAddr, method: &str, host: &str, path: &str) -> String {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut b = String::new();
@@ -591,4 +596,172 @@ fn the_panel_lists_previews_and_removes_one_after_a_confirmation() {
     );
     let l = w.run(&["preview", "list", "--all", "--json"]);
     assert_eq!(l.json[0]["removed_why"], "removed by ada (panel)");
+}
+
+// ---- files apps: previews served by the edge proxy as a static target ----
+
+/// A files app on one lab host (nginx serves production from `/srv/site`) whose previews are
+/// served by the host's edge proxy (installed here by `cutover setup`), built from the
+/// world's git repository; `extra` changes the config.
+fn files_world(extra: impl FnOnce(&mut Toml) + 'static) -> World {
+    let w = World::files(1)
+        .git()
+        .config(|t| {
+            t.set_str("proxy", "listen", format!("0.0.0.0:{PROXY_PORT}"))
+                .lines("proxy", "drain = \"2s\"\ninstall_dir = \"/srv/cutover\"")
+                .lines("preview", "domain = \"preview.test\"");
+            extra(t);
+        })
+        .start();
+    let r = w.run(&["setup", "--json"]);
+    assert_eq!(r.code, 0, "setup: {} {}", r.stdout, r.stderr);
+    w
+}
+
+/// Commits a site whose `/` says `page` (with `/up`), pushes main, returns the full SHA.
+fn site_commit(w: &World, page: &str, extra: &[(&str, &str)]) -> String {
+    let index = format!("{page}\n");
+    let mut files = vec![("index.html", index.as_str()), ("up", "ok\n")];
+    files.extend_from_slice(extra);
+    let sha = w.commit(page, &files);
+    w.push();
+    sha
+}
+
+/// Host 0's edge proxy.
+fn proxy_addr(w: &World) -> SocketAddr {
+    SocketAddr::new(w.lab().ip(0).into(), PROXY_PORT)
+}
+
+/// The services host 0's proxy routes, with their domains and targets.
+fn proxy_services(w: &World) -> Vec<serde_json::Value> {
+    let out = w.lab().ssh(
+        0,
+        "/srv/cutover/cutover proxy status --dir /srv/cutover --json",
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "proxy status: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    status["services"].as_array().cloned().unwrap_or_default()
+}
+
+/// The preview directories on host 0.
+fn preview_dirs(w: &World) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(w.lab().srv_dir(0).join("cutover/apps"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_files_preview_is_served_by_the_proxy_at_its_host_name_redeployed_under_load_and_removed() {
+    let w = files_world(|_| {});
+    let r = w.deploy_artifact(&w.build("prod"));
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    let host = "pr-7-site.preview.test";
+    let proxy = proxy_addr(&w);
+    let production = load(w.http_addr(0), None);
+
+    // Opened: built from its commit, served by the proxy at its own host name.
+    let p1 = site_commit(&w, "p1", &[]);
+    let r = w.run(&["preview", "deploy", "--pr", "7", "--ref", &p1, "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert_eq!(r.json["app"], "site-pr-7");
+    assert_eq!(r.json["commit"], p1.as_str());
+    let id = r.release();
+    assert_eq!(
+        w.norm_with(r.message(), &[(&id, "<p1>")]),
+        "deployed <p1> on 1 host(s); every host passed its health gate"
+    );
+    assert_eq!(get_as(proxy, host), "p1");
+    assert_eq!(w.served(0), "prod", "nginx serves production");
+    assert_eq!(
+        get_as(proxy, "www.example.test"),
+        "HTTP HTTP/1.1 404 Not Found"
+    );
+    let services = proxy_services(&w);
+    assert_eq!(services.len(), 1, "{services:?}");
+    assert_eq!(services[0]["name"], "site-pr-7");
+    assert_eq!(services[0]["domains"], serde_json::json!([host]));
+    assert_eq!(services[0]["target"], "/srv/cutover/apps/site-pr-7/current");
+
+    // Three pushes under load through the proxy: no request fails.
+    let preview = load(proxy, Some(host));
+    for page in ["p2", "p3", "p4"] {
+        let sha = site_commit(&w, page, &[]);
+        let r = w.run(&["preview", "deploy", "--pr", "7", "--ref", &sha, "--json"]);
+        assert_eq!(r.code, 0, "{page}: {} {}", r.json, r.stderr);
+    }
+    let seen = stop("preview", preview);
+    assert!(seen.iter().any(|b| b.trim() == "p4"), "{seen:?}");
+    assert!(seen.iter().all(|b| b.trim() != "prod"), "{seen:?}");
+    assert_eq!(get_as(proxy, host), "p4");
+
+    // What the static target refuses: cutover's own dotfile, a way out of the release
+    // (`..`, a symlink that leads out, made by hand here: artifacts cannot carry one), a
+    // directory listing, and methods that are not GET or HEAD.
+    let dir = w.lab().srv_dir(0).join("cutover/apps/site-pr-7");
+    let current = dir.join("current");
+    assert!(current.join(".cutover-release.json").is_file());
+    std::os::unix::fs::symlink(
+        "../../../../../site/current/index.html",
+        current.join("leak"),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(current.join("leak")).unwrap(),
+        "prod\n",
+        "the link does lead to production's page"
+    );
+    std::fs::create_dir(current.join("assets")).unwrap();
+    std::fs::write(current.join("assets/app.css"), "body{}\n").unwrap();
+    assert_eq!(request_as(proxy, "GET", host, "/assets/app.css"), "body{}");
+    let up = "/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/site/current/index.html";
+    for path in ["/.cutover-release.json", "/leak", up, "/assets/"] {
+        assert_eq!(
+            request_as(proxy, "GET", host, path),
+            "HTTP HTTP/1.1 404 Not Found",
+            "{path}"
+        );
+    }
+    assert_eq!(
+        request_as(proxy, "POST", host, "/"),
+        "HTTP HTTP/1.1 405 Method Not Allowed"
+    );
+
+    // Removed: route, releases and directory go; its history is kept.
+    let r = w.run(&["preview", "remove", "--pr", "7", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert_eq!(
+        r.json["message"],
+        "removed the preview of #7 (site-pr-7) from 1 host(s): its proxy route and its directory; its history is kept"
+    );
+    assert!(!dir.exists());
+    assert_eq!(proxy_services(&w), Vec::<serde_json::Value>::new());
+    assert_eq!(get_as(proxy, host), "HTTP HTTP/1.1 404 Not Found");
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["state"], "removed");
+    let kept: i64 = w
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM releases WHERE app = 'site-pr-7' AND status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, 4);
+
+    // Production was untouched all along.
+    let seen = stop("production", production);
+    assert_eq!(seen, ["prod"]);
+    assert_eq!(w.history().len(), 1);
+    assert_eq!(w.served(0), "prod");
 }
