@@ -765,3 +765,232 @@ fn a_files_preview_is_served_by_the_proxy_at_its_host_name_redeployed_under_load
     assert_eq!(w.history().len(), 1);
     assert_eq!(w.served(0), "prod");
 }
+
+/// The run ids of a batch of deliveries, once each has ended; panics on a run that failed.
+fn await_runs(w: &World, runs: &[i64]) {
+    let db = w.db();
+    wait_for("the preview runs end", || {
+        runs.iter().all(|run| {
+            db.query_row(
+                "SELECT finished_at IS NOT NULL FROM runs WHERE id = ?1",
+                [run],
+                |r| r.get::<_, bool>(0),
+            )
+            .unwrap_or(false)
+        })
+    });
+    for run in runs {
+        let outcome: Option<String> = db
+            .query_row("SELECT outcome FROM runs WHERE id = ?1", [run], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(outcome.as_deref(), Some("succeeded"), "run {run}");
+    }
+}
+
+/// The state of pull request `pr`'s preview row.
+fn preview_state(w: &World, pr: u64) -> String {
+    w.db()
+        .query_row(
+            "SELECT state FROM previews WHERE app = 'site' AND pr = ?1",
+            [pr],
+            |r| r.get(0),
+        )
+        .unwrap_or_else(|_| "none".into())
+}
+
+const FILES_HOOK: &str =
+    "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"";
+
+/// 20 pull requests, five at a time, each opened, pushed to and closed through the
+/// server's webhook: every preview is served at its host name after each push, and nothing of
+/// any of them is left on the host (directory, route) once closed; their rows and history are
+/// kept.
+#[test]
+fn twenty_files_previews_opened_pushed_and_closed_through_webhooks_leave_nothing_behind() {
+    use crate::webhooks::{github, Server};
+    let w = files_world(|t| {
+        t.lines("webhook", FILES_HOOK).lines("preview", "max = 5");
+    });
+    let first = site_commit(&w, "first", &[]);
+    let second = site_commit(&w, "second", &[]);
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let proxy = proxy_addr(&w);
+    let started = std::time::Instant::now();
+    for round in 0..4u64 {
+        let prs: Vec<u64> = (1..=5).map(|i| round * 5 + i).collect();
+        for (action, head, page) in [
+            ("opened", &first, "first"),
+            ("synchronize", &second, "second"),
+        ] {
+            let runs: Vec<i64> = prs
+                .iter()
+                .map(|pr| {
+                    let body = pr_body(action, *pr, head, "acme/site", &[]);
+                    let id = format!("{action}-{pr}");
+                    let (st, b) = s.post(
+                        "/hooks/github/site",
+                        &github("pull_request", &id, Some(&body)),
+                        body,
+                    );
+                    assert_eq!(st, 202, "#{pr} {action}: {b}");
+                    b["run"].as_str().unwrap().parse().unwrap()
+                })
+                .collect();
+            await_runs(&w, &runs);
+            for pr in &prs {
+                assert_eq!(
+                    get_as(proxy, &format!("pr-{pr}-site.preview.test")),
+                    page,
+                    "#{pr}"
+                );
+            }
+        }
+        for pr in &prs {
+            let body = pr_body("closed", *pr, &second, "acme/site", &[]);
+            let (st, b) = s.post(
+                "/hooks/github/site",
+                &github("pull_request", &format!("closed-{pr}"), Some(&body)),
+                body,
+            );
+            assert_eq!((st, &b["removing"]), (202, &serde_json::json!(pr)), "{b}");
+        }
+        wait_for("the round's previews are removed", || {
+            prs.iter().all(|pr| preview_state(&w, *pr) == "removed")
+        });
+    }
+    eprintln!(
+        "20 open/synchronize/close cycles in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        preview_dirs(&w),
+        Vec::<String>::new(),
+        "no preview directory is left"
+    );
+    assert_eq!(
+        proxy_services(&w),
+        Vec::<serde_json::Value>::new(),
+        "no route is left"
+    );
+    for pr in 1..=20 {
+        assert_eq!(
+            get_as(proxy, &format!("pr-{pr}-site.preview.test")),
+            "HTTP HTTP/1.1 404 Not Found"
+        );
+    }
+    let (rows, releases): (i64, i64) = w
+        .db()
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM previews WHERE app = 'site' AND removed_at IS NOT NULL), \
+             (SELECT COUNT(*) FROM releases WHERE app LIKE 'site-pr-%' AND status = 'succeeded')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((rows, releases), (20, 40), "rows and history are kept");
+    assert!(!s.log().contains("not removed"), "{}", s.log());
+}
+
+/// A pull request closed while its preview's run is in progress: the removal waits for the
+/// run to end (it is not cut short, and it does not run beside it), a push waiting behind
+/// that run is dropped, then everything of the preview goes.
+#[test]
+fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
+    use crate::webhooks::{github, Server};
+    let w = files_world(|t| {
+        t.lines("webhook", FILES_HOOK)
+            .lines("build", "command = \"sh build.sh\"\noutput = \"out\"");
+    });
+    let build = "mkdir -p out && cp index.html up out/\n";
+    let fast = site_commit(&w, "fast", &[("build.sh", build)]);
+    let slow_build = format!("sleep 8\n{build}");
+    let slow = site_commit(&w, "slow", &[("build.sh", &slow_build)]);
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let proxy = proxy_addr(&w);
+    let host = "pr-9-site.preview.test";
+    let hook = "/hooks/github/site";
+    let post = |action: &str, head: &str, id: &str| {
+        let body = pr_body(action, 9, head, "acme/site", &[]);
+        s.post(hook, &github("pull_request", id, Some(&body)), body)
+    };
+    let (st, b) = post("opened", &fast, "o9");
+    assert_eq!(st, 202, "{b}");
+    await_runs(&w, &[b["run"].as_str().unwrap().parse().unwrap()]);
+    assert_eq!(get_as(proxy, host), "fast");
+
+    // A push whose build takes a while, a push waiting behind it, then the close.
+    let (st, b) = post("synchronize", &slow, "s9");
+    assert_eq!(st, 202, "{b}");
+    let run: i64 = b["run"].as_str().unwrap().parse().unwrap();
+    let (st, b) = post("synchronize", &fast, "s9-again");
+    assert_eq!(
+        (st, b["queued"].as_str()),
+        (202, Some(fast.as_str())),
+        "{b}"
+    );
+    let running = |run: i64| -> bool {
+        w.db()
+            .query_row(
+                "SELECT finished_at IS NULL FROM runs WHERE id = ?1",
+                [run],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert!(running(run), "the slow run is still in progress");
+    let (st, b) = post("closed", &slow, "c9");
+    assert_eq!((st, &b["removing"]), (202, &serde_json::json!(9)), "{b}");
+    assert!(running(run), "closed during the run");
+    assert_eq!(
+        preview_state(&w, 9),
+        "open",
+        "the removal waits for the run"
+    );
+
+    // The run finishes (it was not cut short); then the preview is removed.
+    wait_for("the preview is removed", || {
+        preview_state(&w, 9) == "removed"
+    });
+    await_runs(&w, &[run]);
+    let (finished, removed): (String, String) = w
+        .db()
+        .query_row(
+            "SELECT r.finished_at, p.removed_at FROM runs r, previews p WHERE r.id = ?1 AND p.app = 'site' AND p.pr = 9",
+            [run],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(
+        removed >= finished,
+        "removed at {removed}, the run finished at {finished}"
+    );
+    let dropped: String = w
+        .db()
+        .query_row(
+            "SELECT outcome FROM webhook_deliveries WHERE delivery = 's9-again'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(dropped, "dropped: the pull request was closed");
+    assert_eq!(preview_dirs(&w), Vec::<String>::new());
+    assert_eq!(proxy_services(&w), Vec::<serde_json::Value>::new());
+    assert_eq!(get_as(proxy, host), "HTTP HTTP/1.1 404 Not Found");
+    let runs: i64 = w
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM runs WHERE app = 'site-pr-9'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(runs, 2, "the dropped push never ran");
+    assert!(
+        s.log()
+            .contains("preview #9 of site removed: pull request closed (webhook:github)"),
+        "{}",
+        s.log()
+    );
+}
