@@ -216,7 +216,20 @@ pub fn reconcile(state: &Arc<AppState>) {
         }
         match cutover_engine::preview::on_hosts(config) {
             Ok(found) => {
+                // Read again: a preview opened (by the CLI, say) since `open` was read is
+                // recorded before anything of it is on a host, so it is in this list.
+                let now_open: std::collections::BTreeSet<u64> =
+                    match state.store.previews(&config.app, false) {
+                        Ok(o) => o.iter().map(|o| o.pr).collect(),
+                        Err(e) => {
+                            eprintln!("previews of {}: {e}", config.app);
+                            continue;
+                        }
+                    };
                 for pr in found.difference(&kept) {
+                    if now_open.contains(pr) {
+                        continue;
+                    }
                     let name = cutover_core::preview::preview_app(&config.app, *pr);
                     if state.jobs.is_running_app(&name) {
                         continue;

@@ -789,12 +789,16 @@ fn await_runs(w: &World, runs: &[i64]) {
     }
 }
 
-/// The state of pull request `pr`'s preview row.
+/// The state of pull request `pr`'s preview row (of app `site`, or `app`).
 fn preview_state(w: &World, pr: u64) -> String {
+    preview_state_of(w, "site", pr)
+}
+
+fn preview_state_of(w: &World, app: &str, pr: u64) -> String {
     w.db()
         .query_row(
-            "SELECT state FROM previews WHERE app = 'site' AND pr = ?1",
-            [pr],
+            "SELECT state FROM previews WHERE app = ?1 AND pr = ?2",
+            rusqlite::params![app, pr],
             |r| r.get(0),
         )
         .unwrap_or_else(|_| "none".into())
@@ -993,4 +997,101 @@ fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
         "{}",
         s.log()
     );
+}
+
+/// Container previews through the same cycle, five at a time: opened (image `a`), pushed to
+/// (image `b`) by concurrent `preview deploy` runs, closed by webhooks. Fewer cycles than the
+/// files test: each costs containers. No container labelled with a preview app, no preview
+/// directory and no route is left; rows and history are kept.
+#[test]
+fn container_previews_opened_pushed_and_closed_five_at_a_time_leave_nothing_behind() {
+    use crate::webhooks::{github, Server};
+    const ROUNDS: u64 = 1;
+    let w = World::containers(1, "blue-green")
+        .lines("webhook", FILES_HOOK)
+        .lines("preview", "domain = \"preview.test\"\nmax = 5")
+        .start();
+    for tag in ["a", "b"] {
+        w.image(tag, true);
+    }
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let addr = w.http_addr(0);
+    let started = std::time::Instant::now();
+    for round in 0..ROUNDS {
+        let prs: Vec<String> = (1..=5).map(|i| (round * 5 + i).to_string()).collect();
+        for tag in ["a", "b"] {
+            let runs: Vec<crate::world::Run> = std::thread::scope(|sc| {
+                let started: Vec<_> = prs
+                    .iter()
+                    .map(|pr| {
+                        let c =
+                            w.cutover(&["preview", "deploy", "--pr", pr, "--image", tag, "--json"]);
+                        sc.spawn(move || c.run())
+                    })
+                    .collect();
+                started.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (pr, r) in prs.iter().zip(&runs) {
+                assert_eq!(r.code, 0, "#{pr} {tag}: {} {}", r.json, r.stderr);
+                assert_eq!(get_as(addr, &format!("pr-{pr}-web.preview.test")), tag);
+            }
+        }
+        for pr in &prs {
+            let n: u64 = pr.parse().unwrap();
+            let body = pr_body("closed", n, &"b".repeat(40), "acme/site", &[]);
+            let (st, b) = s.post(
+                "/hooks/github/web",
+                &github("pull_request", &format!("closed-{pr}"), Some(&body)),
+                body,
+            );
+            assert_eq!((st, &b["removing"]), (202, &serde_json::json!(n)), "{b}");
+        }
+        wait_for("the round's previews are removed", || {
+            prs.iter()
+                .all(|pr| preview_state_of(&w, "web", pr.parse().unwrap()) == "removed")
+        });
+    }
+    eprintln!(
+        "{} container preview cycles in {:.1}s",
+        ROUNDS * 5,
+        started.elapsed().as_secs_f64()
+    );
+    let labelled = w.lab().docker(
+        0,
+        &[
+            "ps",
+            "-a",
+            "--filter",
+            "label=cutover.app",
+            "--format",
+            "{{.Names}}",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&labelled.stdout),
+        "",
+        "no preview container is left"
+    );
+    assert_eq!(w.containers_on(0), Vec::<String>::new());
+    assert_eq!(
+        preview_dirs(&w),
+        Vec::<String>::new(),
+        "no preview directory is left"
+    );
+    assert_eq!(
+        proxy_services(&w),
+        Vec::<serde_json::Value>::new(),
+        "no route is left"
+    );
+    let (rows, releases): (i64, i64) = w
+        .db()
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM previews WHERE app = 'web' AND state = 'removed'), \
+             (SELECT COUNT(*) FROM releases WHERE app LIKE 'web-pr-%' AND status = 'succeeded')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((rows, releases), (5 * ROUNDS as i64, 10 * ROUNDS as i64));
+    assert!(!s.log().contains("not removed"), "{}", s.log());
 }
