@@ -3,7 +3,8 @@
 //!
 //! 1. a preview idle longer than `ttl` (no deploy since) is removed;
 //! 2. anything on a preview host that belongs to a preview the store does not know as open
-//!    (a crash between steps, a missed `closed` webhook, a row removed by hand) is removed;
+//!    (a crash between steps, a missed `closed` webhook, a row removed by hand, a preview
+//!    `closing` whose removal a restart cut short) is removed;
 //! 3. an open preview whose newest run never finished (the server was killed mid-deploy) is
 //!    deployed again from its recorded head, so it is finished rather than left half-done.
 //!
@@ -84,6 +85,10 @@ pub fn close(
         .spawn(move || {
             let name = cutover_core::preview::preview_app(&config.app, pr);
             crate::hooks::drop_waiting(&state, &config.app, pr, "the pull request was closed");
+            // No longer open: a server restarted before the removal removes it at its start.
+            if let Err(e) = state.store.close_preview(&config.app, pr, &why) {
+                eprintln!("preview #{pr} of {}: {e}", config.app);
+            }
             let deadline = std::time::Instant::now() + CLOSE_WAIT;
             let reserved = loop {
                 if let Some(r) = state.jobs.reserve(&name, &why) {
@@ -234,12 +239,12 @@ pub fn reconcile(state: &Arc<AppState>) {
                     if state.jobs.is_running_app(&name) {
                         continue;
                     }
-                    remove(
-                        state,
-                        config,
-                        *pr,
-                        "on a preview host but not an open preview the server knows",
-                    );
+                    // Closed during a run that a restart cut short: as the close said.
+                    let why = match state.store.preview(&config.app, *pr) {
+                        Ok(Some(p)) if p.state == "closing" => p.removed_why,
+                        _ => "on a preview host but not an open preview the server knows".into(),
+                    };
+                    remove(state, config, *pr, &why);
                 }
             }
             Err(e) => eprintln!("previews of {} on the hosts: {e}", config.app),

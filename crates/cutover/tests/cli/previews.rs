@@ -899,7 +899,8 @@ fn twenty_files_previews_opened_pushed_and_closed_through_webhooks_leave_nothing
 
 /// A pull request closed while its preview's run is in progress: the removal waits for the
 /// run to end (it is not cut short, and it does not run beside it), a push waiting behind
-/// that run is dropped, then everything of the preview goes.
+/// that run is dropped, then everything of the preview goes; and when the server is killed
+/// while the removal waits, the restarted server removes the preview.
 #[test]
 fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
     use crate::webhooks::{github, Server};
@@ -915,10 +916,11 @@ fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
     let proxy = proxy_addr(&w);
     let host = "pr-9-site.preview.test";
     let hook = "/hooks/github/site";
-    let post = |action: &str, head: &str, id: &str| {
+    let post_to = |s: &Server, action: &str, head: &str, id: &str| {
         let body = pr_body(action, 9, head, "acme/site", &[]);
         s.post(hook, &github("pull_request", id, Some(&body)), body)
     };
+    let post = |action: &str, head: &str, id: &str| post_to(&s, action, head, id);
     let (st, b) = post("opened", &fast, "o9");
     assert_eq!(st, 202, "{b}");
     await_runs(&w, &[b["run"].as_str().unwrap().parse().unwrap()]);
@@ -946,12 +948,13 @@ fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
     assert!(running(run), "the slow run is still in progress");
     let (st, b) = post("closed", &slow, "c9");
     assert_eq!((st, &b["removing"]), (202, &serde_json::json!(9)), "{b}");
-    assert!(running(run), "closed during the run");
+    wait_for("the preview is closing", || preview_state(&w, 9) != "open");
     assert_eq!(
         preview_state(&w, 9),
-        "open",
+        "closing",
         "the removal waits for the run"
     );
+    assert!(running(run), "closed during the run");
 
     // The run finishes (it was not cut short); then the preview is removed.
     wait_for("the preview is removed", || {
@@ -991,6 +994,39 @@ fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
         )
         .unwrap();
     assert_eq!(runs, 2, "the dropped push never ran");
+    assert!(
+        s.log()
+            .contains("preview #9 of site removed: pull request closed (webhook:github)"),
+        "{}",
+        s.log()
+    );
+
+    // Reopened, and closed during a run again, but the server is killed (SIGKILL) before the
+    // removal: the restarted server removes it at its start, as the close said.
+    let (st, b) = post("reopened", &fast, "r9");
+    assert_eq!(st, 202, "{b}");
+    await_runs(&w, &[b["run"].as_str().unwrap().parse().unwrap()]);
+    assert_eq!(get_as(proxy, host), "fast");
+    let (st, b) = post("synchronize", &slow, "s9-3");
+    assert_eq!(st, 202, "{b}");
+    let (st, b) = post("closed", &slow, "c9-2");
+    assert_eq!((st, &b["removing"]), (202, &serde_json::json!(9)), "{b}");
+    wait_for("the preview is closing", || preview_state(&w, 9) != "open");
+    assert_eq!(preview_state(&w, 9), "closing");
+    drop(s);
+    assert!(!preview_dirs(&w).is_empty(), "killed before the removal");
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    wait_for("the preview is removed after the restart", || {
+        preview_state(&w, 9) == "removed"
+    });
+    assert_eq!(preview_dirs(&w), Vec::<String>::new());
+    assert_eq!(proxy_services(&w), Vec::<serde_json::Value>::new());
+    assert_eq!(get_as(proxy, host), "HTTP HTTP/1.1 404 Not Found");
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(
+        l.json[0]["removed_why"],
+        "pull request closed (webhook:github)"
+    );
     assert!(
         s.log()
             .contains("preview #9 of site removed: pull request closed (webhook:github)"),
