@@ -293,6 +293,36 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
 mod tests {
     use super::*;
 
+    /// Where setup installs the proxy: a container app's hosts and its preview hosts; only
+    /// the preview hosts of a files app; nowhere for a files app without previews.
+    #[test]
+    fn the_proxy_goes_where_apps_and_previews_are_served() {
+        let parse = |t: &str| Config::parse(std::path::Path::new("/c.toml"), t, None).unwrap();
+        let names = |c: &Config| {
+            let (on, proxy) = proxy_hosts(c).unwrap();
+            let hosts: Vec<String> = on.hosts.iter().map(|h| h.0.clone()).collect();
+            (hosts, proxy.listen.clone())
+        };
+        let files = "app = \"site\"\nhosts = [\"a\", \"b\"]\n[files]\nroot = \"/srv/site\"\n[health]\nurl = \"http://127.0.0.1/up\"\n";
+        assert_eq!(
+            proxy_hosts(&parse(files)).unwrap_err(),
+            "`cutover setup` installs the edge proxy, which a files app needs only for its previews ([preview]); this app has neither [container] nor [preview]"
+        );
+        let with = format!("{files}[proxy]\nlisten = \"0.0.0.0:8080\"\n[preview]\ndomain = \"p.example.com\"\nhosts = [\"c\"]\n");
+        assert_eq!(
+            names(&parse(&with)),
+            (vec!["c".into()], "0.0.0.0:8080".into())
+        );
+        let container = "app = \"web\"\nhosts = [\"a\", \"b\"]\n[container]\nimage = \"r.example.com/web\"\nport = 8080\n[preview]\ndomain = \"p.example.com\"\nhosts = [\"b\", \"c\"]\n";
+        assert_eq!(
+            names(&parse(container)),
+            (
+                vec!["a".into(), "b".into(), "c".into()],
+                "0.0.0.0:80".into()
+            )
+        );
+    }
+
     #[test]
     fn templates_have_every_placeholder_filled() {
         let _ = Script::new(PROBE, &[("dir", "/d")]);

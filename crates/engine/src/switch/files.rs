@@ -467,3 +467,52 @@ impl Read for Counting<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const SITE: &str = r#"
+app = "site"
+hosts = ["web1"]
+[files]
+root = "/srv/site"
+[health]
+url = "http://127.0.0.1/up"
+[proxy]
+listen = "0.0.0.0:8080"
+install_dir = "/srv/cutover"
+[preview]
+domain = "preview.example.com"
+"#;
+
+    /// A preview's settings carry its route, and its gate asks the proxy for the preview's
+    /// host name; production's have no route (and read back from older records alike).
+    #[test]
+    fn a_files_preview_is_gated_through_the_proxy_as_its_own_host() {
+        let c = Config::parse(Path::new("/c.toml"), SITE, None).unwrap();
+        let prod = Settings::from_config(&c, c.files().unwrap());
+        assert_eq!(prod.route, None);
+        assert_eq!(prod.gate().unwrap().1.host_header, "127.0.0.1");
+        let p = c.preview(4).unwrap();
+        let s = Settings::from_config(&p, p.files().unwrap());
+        assert_eq!(
+            s.route,
+            Some(Route {
+                domain: "pr-4-site.preview.example.com".into(),
+                install_dir: "/srv/cutover".into(),
+                drain_ms: 30_000,
+            })
+        );
+        let (url, spec) = s.gate().unwrap();
+        assert_eq!((url.port, spec.path.as_str()), (8080, "/up"));
+        assert_eq!(spec.host_header, "pr-4-site.preview.example.com");
+        // A release recorded before routes existed.
+        let mut old = serde_json::to_value(&prod).unwrap();
+        assert!(old.get("route").is_none(), "not written when absent");
+        old.as_object_mut().unwrap().remove("route");
+        let back: Settings = serde_json::from_value(old).unwrap();
+        assert_eq!(back, prod);
+    }
+}
