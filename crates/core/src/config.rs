@@ -372,6 +372,12 @@ pub struct FilesConfig {
     pub keep: usize,
     pub max_unpacked_bytes: u64,
     pub max_entries: u64,
+    /// The edge proxy that serves the app's previews (`[proxy]`, allowed on a files app only
+    /// beside `[preview]`; defaults otherwise). `None` without `[preview]`.
+    pub proxy: Option<crate::container::ProxySettings>,
+    /// A preview's route: the proxy serves `<root>/current` at this host name as a static
+    /// target (set by [`Config::preview`], never by a config file).
+    pub route: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -540,14 +546,23 @@ impl Config {
                 ..c
             });
         }
-        if raw.proxy.is_some() {
+        if raw.proxy.is_some() && preview.is_none() {
             return Err(err(
                 "proxy",
-                "[proxy] is for container apps: add a [container] section, or remove [proxy]"
+                "[proxy] is for container apps (and for the previews of a files app, beside [preview]): add a [container] section, or remove [proxy]"
                     .into(),
             ));
         }
-        let files = parse_files(raw.files, &deploy, &err, &resolve)?;
+        // A files app's previews are served by the edge proxy (a static target).
+        let proxy = match &preview {
+            None => None,
+            Some(_) => Some(
+                crate::container::validate_proxy(raw.proxy.unwrap_or_default())
+                    .map_err(|(k, m)| err(&k, m))?,
+            ),
+        };
+        let mut files = parse_files(raw.files, &deploy, &err, &resolve)?;
+        files.proxy = proxy;
         let health = files_health(raw.health, &err)?;
 
         let build = match raw.build {
@@ -832,6 +847,8 @@ fn parse_files(
             4 << 30,
         )?,
         max_entries: positive("files.max_entries", files.max_entries, 200_000)?,
+        proxy: None,
+        route: None,
     })
 }
 

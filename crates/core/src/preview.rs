@@ -172,8 +172,6 @@ pub enum PreviewError {
     NotConfigured { file: String },
     /// A pull request number out of range.
     BadNumber(u64),
-    /// A files app: its previews need the edge proxy's static target.
-    FilesApp { app: String },
 }
 
 impl fmt::Display for PreviewError {
@@ -186,10 +184,6 @@ impl fmt::Display for PreviewError {
             PreviewError::BadNumber(n) => write!(
                 f,
                 "expected a pull request number from 1 to {MAX_PR}, got {n}"
-            ),
-            PreviewError::FilesApp { app } => write!(
-                f,
-                "{app} is a files app: previews of files apps are served by the edge proxy as a static target, which this version does not have yet; previews work for container apps"
             ),
         }
     }
@@ -222,6 +216,9 @@ impl Config {
     /// at `pr-<pr>-<app>.<domain>`, with `[preview] env` plus `CUTOVER_PREVIEW_URL` and
     /// `CUTOVER_PR` (the production env only with `inherit_env`), no volumes (a preview never
     /// writes into production's data), one batch, no bake, no canary, no webhook.
+    /// A files app's preview lives in `<install_dir>/apps/<app>-pr-<pr>` (no `reload`), is
+    /// served by the host's edge proxy as a static target (its `current`, routed at the
+    /// preview's host name) and gated through that proxy; its build gets the variables.
     pub fn preview(&self, pr: u64) -> Result<Config, PreviewError> {
         let p = self
             .preview
@@ -234,25 +231,47 @@ impl Config {
         }
         let name = preview_app(&self.app, pr);
         let host = preview_host(&self.app, pr, &p.domain);
+        let mut health = self.health.clone();
+        let mut build = self.build.clone();
         let kind = match &self.kind {
-            AppKind::Files(_) => {
-                return Err(PreviewError::FilesApp {
-                    app: self.app.clone(),
+            AppKind::Files(f) => {
+                let proxy = f.proxy.clone().unwrap_or_else(|| {
+                    crate::container::validate_proxy(Default::default()).expect("the defaults")
+                });
+                // The build learns where its preview is served (a static site's base URL).
+                if let Some(b) = &mut build {
+                    b.env.extend(p.env.clone());
+                    b.env
+                        .insert("CUTOVER_PREVIEW_URL".into(), preview_url(&proxy, &host));
+                    b.env.insert("CUTOVER_PR".into(), pr.to_string());
+                }
+                // The gate: the health path through the host's proxy, with the preview's host.
+                let listen: std::net::SocketAddr = proxy.listen.parse().expect("validated");
+                health.url = crate::config::HealthUrl {
+                    host: "127.0.0.1".into(),
+                    port: listen.port(),
+                    path: self.health.url.path.clone(),
+                };
+                AppKind::Files(crate::config::FilesConfig {
+                    source: f.source.clone(),
+                    root: format!("{}/apps/{name}", proxy.install_dir),
+                    reload: None,
+                    keep: f.keep,
+                    max_unpacked_bytes: f.max_unpacked_bytes,
+                    max_entries: f.max_entries,
+                    proxy: Some(proxy),
+                    route: Some(host),
                 })
             }
             AppKind::Container(c) => {
                 let mut c = c.clone();
-                let scheme = match c.proxy.tls.mode {
-                    crate::container::TlsKind::Off => "http",
-                    _ => "https",
-                };
                 let mut env = if p.inherit_env {
                     c.container.env.clone()
                 } else {
                     BTreeMap::new()
                 };
                 env.extend(p.env.clone());
-                env.insert("CUTOVER_PREVIEW_URL".into(), format!("{scheme}://{host}"));
+                env.insert("CUTOVER_PREVIEW_URL".into(), preview_url(&c.proxy, &host));
                 env.insert("CUTOVER_PR".into(), pr.to_string());
                 c.container.env = env;
                 c.container.volumes = Vec::new();
@@ -267,8 +286,8 @@ impl Config {
             hosts: p.hosts.clone(),
             ssh: self.ssh.clone(),
             kind,
-            health: self.health.clone(),
-            build: self.build.clone(),
+            health,
+            build,
             deploy: DeployConfig {
                 max_error_rate_ppm: self.deploy.max_error_rate_ppm,
                 ..DeployConfig::default()
@@ -281,14 +300,27 @@ impl Config {
     /// The URL pull request `pr`'s preview is served at (`None` without `[preview]`).
     pub fn preview_url(&self, pr: u64) -> Option<String> {
         let p = self.preview.as_ref()?;
-        let scheme = match self.container().map(|c| &c.proxy.tls.mode) {
-            Some(crate::container::TlsKind::Off) | None => "http",
-            Some(_) => "https",
-        };
-        Some(format!(
-            "{scheme}://{}",
-            preview_host(&self.app, pr, &p.domain)
-        ))
+        let host = preview_host(&self.app, pr, &p.domain);
+        Some(match self.proxy() {
+            Some(proxy) => preview_url(proxy, &host),
+            None => format!("http://{host}"),
+        })
+    }
+
+    /// The edge proxy's settings: a container app's, or those serving a files app's previews.
+    pub fn proxy(&self) -> Option<&crate::container::ProxySettings> {
+        match &self.kind {
+            AppKind::Container(c) => Some(&c.proxy),
+            AppKind::Files(f) => f.proxy.as_ref(),
+        }
+    }
+}
+
+/// `http://<host>`, or `https://` when the proxy serves TLS.
+fn preview_url(proxy: &crate::container::ProxySettings, host: &str) -> String {
+    match proxy.tls.mode {
+        crate::container::TlsKind::Off => format!("http://{host}"),
+        _ => format!("https://{host}"),
     }
 }
 
@@ -416,6 +448,60 @@ batches = [1, "100%"]
             none.preview(1).unwrap_err().to_string(),
             "/c.toml has no [preview] section: add one with at least `domain` (previews are served at pr-<n>-<app>.<domain>)"
         );
+    }
+
+    #[test]
+    fn a_files_preview_is_served_by_the_proxy_from_its_own_directory() {
+        let text = r#"
+app = "site"
+hosts = ["web1", "web2"]
+[files]
+root = "/srv/site"
+reload = "systemctl reload nginx"
+[health]
+url = "http://127.0.0.1/up"
+[build]
+repo = "/git/site.git"
+command = "make"
+output = "dist"
+[proxy]
+listen = "0.0.0.0:8080"
+install_dir = "/srv/cutover"
+[preview]
+domain = "preview.example.com"
+env = { API_URL = "https://staging" }
+"#;
+        let c = Config::parse(Path::new("/c.toml"), text, None).unwrap();
+        let p = c.preview(3).unwrap();
+        assert_eq!(p.app, "site-pr-3");
+        let f = p.files().unwrap();
+        assert_eq!(f.root, "/srv/cutover/apps/site-pr-3");
+        assert_eq!(f.reload, None, "production's reload is not the preview's");
+        assert_eq!(f.route.as_deref(), Some("pr-3-site.preview.example.com"));
+        assert_eq!(p.health.url.to_string(), "http://127.0.0.1:8080/up");
+        let env = &p.build.as_ref().unwrap().env;
+        assert_eq!(
+            env["CUTOVER_PREVIEW_URL"],
+            "http://pr-3-site.preview.example.com"
+        );
+        assert_eq!(env["CUTOVER_PR"], "3");
+        assert_eq!(env["API_URL"], "https://staging");
+        assert_eq!(
+            c.preview_url(3).as_deref(),
+            Some("http://pr-3-site.preview.example.com")
+        );
+        // Production is unchanged, and [proxy] without [preview] is still refused.
+        assert_eq!(c.files().unwrap().route, None);
+        assert_eq!(c.files().unwrap().root, "/srv/site");
+        let e = Config::parse(
+            Path::new("/c.toml"),
+            &text
+                .replace("[preview]\ndomain = \"preview.example.com\"\n", "")
+                .replace("env = { API_URL = \"https://staging\" }\n", ""),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "proxy");
     }
 
     #[test]

@@ -117,7 +117,8 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: PreviewCommand,
     },
-    /// Install or upgrade the edge proxy on every host (container apps). Harmless to re-run.
+    /// Install or upgrade the edge proxy on every host of a container app and on the preview
+    /// hosts ([preview]; a files app's previews are served by it). Harmless to re-run.
     Setup {
         #[command(flatten)]
         common: Common,

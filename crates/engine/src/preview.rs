@@ -2,7 +2,8 @@
 //! preview deploy is the one protocol ([`crate::deploy::run`]) on the derived config, after
 //! the preview is recorded open (so that a crash leaves nothing the store does not know of).
 //! Removal tears down, on every preview host, the proxy route, the containers and the state
-//! directory, and keeps the history.
+//! directory (a files preview's releases and `current`, the proxy's static target), and keeps
+//! the history.
 
 use crate::artifact::ArtifactStore;
 use crate::deploy::{DeployError, Job, Outcome};
@@ -93,18 +94,36 @@ const REMOVE_DIR: &str = "rm -rf -- {dir} && echo REMOVED";
 /// preview row) is kept; the row is marked removed with `why` once every host is clean.
 /// Holds the preview's app lock meanwhile, so no deploy of it runs at the same time.
 pub fn remove(app: &Config, pr: u64, why: &str, store: &Store) -> Result<Vec<HostRemoval>, String> {
+    remove_after(app, pr, why, store, std::time::Duration::ZERO)
+}
+
+/// [`remove`], but while a deploy of the preview holds its lock (a pull request closed during
+/// its preview's run), waits for that run to end, up to `wait`, and removes after it.
+pub fn remove_after(
+    app: &Config,
+    pr: u64,
+    why: &str,
+    store: &Store,
+    wait: std::time::Duration,
+) -> Result<Vec<HostRemoval>, String> {
     let config = app.preview(pr).map_err(|e| e.to_string())?;
     let me = identity::me("remove", &now_utc());
-    match store.acquire_lock(&config.app, &me, identity::alive) {
-        Err(e) => return Err(e.to_string()),
-        Ok(LockOutcome::Held(h)) => {
-            return Err(format!(
-                "{} is being deployed ({}): try again when it is done",
-                config.app,
-                identity::describe(&h)
-            ))
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match store.acquire_lock(&config.app, &me, identity::alive) {
+            Err(e) => return Err(e.to_string()),
+            Ok(LockOutcome::Held(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            Ok(LockOutcome::Held(h)) => {
+                return Err(format!(
+                    "{} is being deployed ({}): try again when it is done",
+                    config.app,
+                    identity::describe(&h)
+                ))
+            }
+            Ok(_) => break,
         }
-        Ok(_) => {}
     }
     let result = teardown(&config);
     let done = match &result {
@@ -145,16 +164,18 @@ type Partial = (Vec<String>, String);
 fn teardown_host(config: &Config, r: &dyn Remote) -> Result<Vec<String>, Partial> {
     r.connect().map_err(|e| (Vec::new(), e.to_string()))?;
     let mut removed = Vec::new();
-    if let AppKind::Container(capp) = &config.kind {
-        // The route first: no request reaches a container that is about to go.
+    // The route first: no request reaches a container or a directory that is about to go.
+    if let Some(proxy) = config.proxy() {
         let req = Request::Remove {
             service: config.app.clone(),
         };
-        match crate::switch::container::proxy_request(r, capp, &req) {
+        match crate::switch::container::proxy_request_at(r, &proxy.install_dir, &req) {
             Ok(_) => {}
             Err(e) if e.contains("no such service") => {}
             Err(e) => return Err((removed, format!("removing the proxy route: {e}"))),
         }
+    }
+    if let AppKind::Container(_) = &config.kind {
         let listed = cutover_docker::list(r, &config.app).map_err(|e| (Vec::new(), e.message()))?;
         removed = listed.into_iter().map(|c| c.name).collect();
         cutover_docker::remove(r, &removed).map_err(|e| (removed.clone(), e.message()))?;
@@ -188,7 +209,7 @@ echo LISTED
 /// directory), whatever the store says; `Err` names a host that could not be asked.
 pub fn on_hosts(app: &Config) -> Result<std::collections::BTreeSet<u64>, String> {
     let p = app.preview.as_ref().ok_or("no [preview]")?;
-    let AppKind::Container(capp) = &app.kind else {
+    let Some(proxy) = app.proxy() else {
         return Ok(Default::default());
     };
     let probe = Config {
@@ -196,7 +217,7 @@ pub fn on_hosts(app: &Config) -> Result<std::collections::BTreeSet<u64>, String>
         ..app.clone()
     };
     let hosts = Hosts::new(&probe).map_err(|e| format!("cannot prepare SSH: {e}"))?;
-    let dir = format!("{}/apps", capp.proxy.install_dir);
+    let dir = format!("{}/apps", proxy.install_dir);
     let found = par_map(hosts.len(), app.ssh.parallel, |i| {
         let r = hosts.get(i);
         r.connect().map_err(|e| e.to_string())?;

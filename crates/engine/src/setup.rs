@@ -1,12 +1,14 @@
-//! `cutover setup`: install or upgrade the edge proxy on every host of a container app. It
+//! `cutover setup`: install or upgrade the edge proxy on every host of a container app, and on
+//! the preview hosts of an app with `[preview]` (a files app's previews are served by the
+//! proxy as a static target, so a files app needs it there and only there). It
 //! uploads the running cutover binary itself (skipped when the same bytes are there), refuses
 //! a host that cannot run it (another architecture or C library), starts `cutover proxy run`
 //! under systemd where the host has it, else as a supervised daemon (a shell loop that restarts
 //! it), and checks that the proxy answers on its control socket. Running it again is harmless.
 
-use crate::switch::container::remote_binary;
 use crate::{par_map, Hosts};
-use cutover_core::Config;
+use cutover_core::container::ProxySettings;
+use cutover_core::{AppKind, Config};
 use cutover_remote::{Remote, Script};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -163,9 +165,32 @@ fn err_of(out: &cutover_remote::Output) -> String {
         .unwrap_or_else(|| out.tail())
 }
 
-/// Installs or upgrades the proxy on every host.
+/// The hosts that run the edge proxy, and its settings: a container app's hosts and its
+/// preview hosts; a files app's preview hosts.
+fn proxy_hosts(config: &Config) -> Result<(Config, &ProxySettings), String> {
+    let proxy = config.proxy().ok_or("`cutover setup` installs the edge proxy, which a files app needs only for its previews ([preview]); this app has neither [container] nor [preview]")?;
+    let mut hosts = match &config.kind {
+        AppKind::Container(_) => config.hosts.clone(),
+        AppKind::Files(_) => Vec::new(),
+    };
+    for h in config.preview.iter().flat_map(|p| &p.hosts) {
+        if !hosts.iter().any(|(name, _)| *name == h.0) {
+            hosts.push(h.clone());
+        }
+    }
+    Ok((
+        Config {
+            hosts,
+            ..config.clone()
+        },
+        proxy,
+    ))
+}
+
+/// Installs or upgrades the proxy on every host that runs it ([`proxy_hosts`]).
 pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
-    let capp = config.container().ok_or("`cutover setup` is for container apps ([container]); files apps need no agent on the hosts")?;
+    let (on, proxy) = proxy_hosts(config)?;
+    let config = &on;
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the running binary: {e}"))?;
     let bytes = std::fs::read(&exe).map_err(|e| format!("cannot read {}: {e}", exe.display()))?;
@@ -174,11 +199,10 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
         .map(|b| format!("{b:02x}"))
         .collect();
     let hosts = Hosts::new(config).map_err(|e| e.to_string())?;
-    let dir = capp.proxy.install_dir.as_str();
-    let hold = format!("{}ms", capp.proxy.hold.as_millis());
-    let limits = capp.proxy.limits.to_arg();
-    let tls = capp.proxy.tls.run_flags().join(" ");
-    let _ = remote_binary(capp);
+    let dir = proxy.install_dir.as_str();
+    let hold = format!("{}ms", proxy.hold.as_millis());
+    let limits = proxy.limits.to_arg();
+    let tls = proxy.tls.run_flags().join(" ");
     Ok(par_map(hosts.len(), config.ssh.parallel, |i| {
         let r = hosts.get(i);
         let mut s = HostSetup {
@@ -228,7 +252,7 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
                 template,
                 &[
                     ("dir", dir),
-                    ("listen", &capp.proxy.listen),
+                    ("listen", &proxy.listen),
                     ("hold", &hold),
                     ("limits", &limits),
                     ("changed", yes),
@@ -268,6 +292,36 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where setup installs the proxy: a container app's hosts and its preview hosts; only
+    /// the preview hosts of a files app; nowhere for a files app without previews.
+    #[test]
+    fn the_proxy_goes_where_apps_and_previews_are_served() {
+        let parse = |t: &str| Config::parse(std::path::Path::new("/c.toml"), t, None).unwrap();
+        let names = |c: &Config| {
+            let (on, proxy) = proxy_hosts(c).unwrap();
+            let hosts: Vec<String> = on.hosts.iter().map(|h| h.0.clone()).collect();
+            (hosts, proxy.listen.clone())
+        };
+        let files = "app = \"site\"\nhosts = [\"a\", \"b\"]\n[files]\nroot = \"/srv/site\"\n[health]\nurl = \"http://127.0.0.1/up\"\n";
+        assert_eq!(
+            proxy_hosts(&parse(files)).unwrap_err(),
+            "`cutover setup` installs the edge proxy, which a files app needs only for its previews ([preview]); this app has neither [container] nor [preview]"
+        );
+        let with = format!("{files}[proxy]\nlisten = \"0.0.0.0:8080\"\n[preview]\ndomain = \"p.example.com\"\nhosts = [\"c\"]\n");
+        assert_eq!(
+            names(&parse(&with)),
+            (vec!["c".into()], "0.0.0.0:8080".into())
+        );
+        let container = "app = \"web\"\nhosts = [\"a\", \"b\"]\n[container]\nimage = \"r.example.com/web\"\nport = 8080\n[preview]\ndomain = \"p.example.com\"\nhosts = [\"b\", \"c\"]\n";
+        assert_eq!(
+            names(&parse(container)),
+            (
+                vec!["a".into(), "b".into(), "c".into()],
+                "0.0.0.0:80".into()
+            )
+        );
+    }
 
     #[test]
     fn templates_have_every_placeholder_filled() {

@@ -521,6 +521,9 @@ pub(crate) async fn handle(
         }
     };
     let target = guard.target().clone();
+    if crate::static_target::is_static(&target.addr) {
+        return serve_static(&parts, guard, service).await;
+    }
 
     // Upstream requests are in origin form (`/path?query`).
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -684,6 +687,34 @@ pub(crate) async fn handle(
         }
     };
     resp.extensions_mut().insert(routed);
+    resp
+}
+
+/// A request to a static target (a files preview), answered by the proxy from the directory
+/// ([`crate::static_target`]), holding the in-flight guard until its body is sent.
+async fn serve_static(
+    parts: &hyper::http::request::Parts,
+    guard: InFlight,
+    service: Arc<crate::table::Service>,
+) -> Response<ProxyBody> {
+    let target = guard.target().clone();
+    let started = std::time::Instant::now();
+    let resp =
+        crate::static_target::respond(&target.addr, &parts.method, &parts.uri, &parts.headers)
+            .await;
+    target.count_served();
+    target
+        .stats
+        .answered(resp.status().as_u16(), started.elapsed());
+    let (head, body) = resp.into_parts();
+    let mut resp = Response::from_parts(
+        head,
+        ProxyBody::Static {
+            body,
+            guard: Some(guard),
+        },
+    );
+    resp.extensions_mut().insert(Routed(service, target));
     resp
 }
 
@@ -882,6 +913,11 @@ pub(crate) enum ProxyBody {
         guard: Option<InFlight>,
         sender: Option<upstream::Sender>,
     },
+    /// Answered from a static target's directory, holding the in-flight guard.
+    Static {
+        body: crate::static_target::StaticBody,
+        guard: Option<InFlight>,
+    },
 }
 
 impl ProxyBody {
@@ -904,7 +940,7 @@ impl Drop for ProxyBody {
         // leaves its connection mid-response, which must not be reused.
         let clean = match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
-            ProxyBody::Local(_) => false,
+            ProxyBody::Local(_) | ProxyBody::Static { .. } => false,
         };
         self.finish(clean);
     }
@@ -912,12 +948,12 @@ impl Drop for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn StdError + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         match this {
             ProxyBody::Local(full) => Pin::new(full)
@@ -930,7 +966,14 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Err(_))) => this.finish(false),
                     _ => {}
                 }
-                polled
+                polled.map(|f| f.map(|r| r.map_err(Into::into)))
+            }
+            ProxyBody::Static { body, guard } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                    guard.take();
+                }
+                polled.map(|f| f.map(|r| r.map_err(Into::into)))
             }
         }
     }
@@ -939,6 +982,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Local(full) => full.is_end_stream(),
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Static { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -946,6 +990,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Local(full) => full.size_hint(),
             ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Static { body, .. } => body.size_hint(),
         }
     }
 }

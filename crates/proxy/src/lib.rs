@@ -44,6 +44,7 @@ mod headers;
 mod limits;
 mod log;
 mod state;
+mod static_target;
 mod stats;
 mod switch;
 mod table;

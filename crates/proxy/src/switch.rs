@@ -280,6 +280,9 @@ pub(crate) async fn probe(
     host: Option<&str>,
     path: &PathAndQuery,
 ) -> Result<(), String> {
+    if crate::static_target::is_static(target) {
+        return crate::static_target::probe(target, path).await;
+    }
     let uri = Uri::builder()
         .scheme("http")
         .authority(target)

@@ -589,9 +589,12 @@ pub(crate) fn check_name(name: &str) -> Result<(), Error> {
     }
 }
 
-/// Checks a target address `host:port` (no scheme, no path, no user info) and returns it as
-/// the proxy stores it.
+/// Checks a target address `host:port` (no scheme, no path, no user info), or a static
+/// target's directory (`crate::static_target`), and returns it as the proxy stores it.
 pub(crate) fn parse_target(target: &str) -> Result<String, Error> {
+    if crate::static_target::is_static(target) {
+        return crate::static_target::parse(target);
+    }
     let bad = |why: &str| Error::Invalid(format!("target {target:?}: {why}; expected host:port"));
     if target.contains("://") {
         return Err(bad("no scheme allowed"));

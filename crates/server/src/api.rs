@@ -370,12 +370,11 @@ async fn preview_remove(
     let who = p.who();
     let st2 = st.clone();
     let why = format!("removed by {who} (API)");
-    let hosts = tokio::task::spawn_blocking(move || {
-        cutover_engine::preview::remove(&config, pr, &why, &st2.store)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(ApiError::Conflict)?;
+    let hosts =
+        tokio::task::spawn_blocking(move || crate::previews::remove_now(&st2, &config, pr, &why))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(ApiError::Conflict)?;
     st.store.audit(&cutover_store::AuditRow {
         at: cutover_engine::now_utc(),
         who,

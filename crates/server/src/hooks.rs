@@ -587,24 +587,9 @@ fn pull_request(
     }
     let hook = config.webhook.as_ref().expect("checked by the caller");
     if action == "closed" {
-        let st2 = st.clone();
-        let config = config.clone();
+        // After the preview's run in progress, if any (see `previews::close`).
         let why = format!("pull request closed (webhook:{})", provider.as_str());
-        let name = app.to_string();
-        std::thread::Builder::new()
-            .name(format!("preview-remove-{pr}"))
-            .spawn(
-                move || match cutover_engine::preview::remove(&config, pr, &why, &st2.store) {
-                    Ok(hosts) => {
-                        for h in hosts {
-                            if let Err(e) = h.result {
-                                eprintln!("preview #{pr} of {name} not removed on {}: {e}", h.host);
-                            }
-                        }
-                    }
-                    Err(e) => eprintln!("preview #{pr} of {name} not removed: {e}"),
-                },
-            )
+        crate::previews::close(st, config.clone(), pr, why)
             .map_err(|e| ApiError::Internal(format!("cannot start the removal: {e}")))?;
         outcome(&format!("removing the preview of #{pr}"), None);
         return Ok(answer(StatusCode::ACCEPTED, json!({ "removing": pr })));
@@ -739,6 +724,14 @@ fn supersede(st: &AppState, app: &str, old: &Waiting, by: &str) {
         ),
         ..AuditRow::default()
     });
+}
+
+/// Drops pull request `pr`'s waiting push, if any (recorded with `why`).
+pub(crate) fn drop_waiting(st: &AppState, app: &str, pr: u64, why: &str) {
+    let mut waiting = st.hooks.waiting.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(w) = waiting.remove(&slot(app, Some(pr))) {
+        record(st, app, &w, &format!("dropped: {why}"));
+    }
 }
 
 /// Starts the app's waiting push once the run in progress ends (polls; the slot may be

@@ -127,7 +127,45 @@ pub struct Runner {
     active: Mutex<HashMap<String, Active>>,
 }
 
+/// A reservation of an app by work that is not a run ([`Runner::reserve`]), until dropped.
+pub struct Reserved<'a> {
+    runner: &'a Runner,
+    app: String,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.runner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.app);
+    }
+}
+
 impl Runner {
+    /// Reserves `app` for `by` (a preview's removal): while the guard lives, a job of it is
+    /// refused (409) as if one ran. `None` while a job of it runs.
+    pub fn reserve(&self, app: &str, by: &str) -> Option<Reserved<'_>> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.contains_key(app) {
+            return None;
+        }
+        active.insert(
+            app.to_string(),
+            Active {
+                run: 0,
+                by: by.to_string(),
+                kind: RunKind::Deploy,
+                since: cutover_engine::now_utc(),
+            },
+        );
+        Some(Reserved {
+            runner: self,
+            app: app.to_string(),
+        })
+    }
+
     /// Whether this server runs a job of `app` (or of the preview app of that name) now.
     pub fn is_running_app(&self, app: &str) -> bool {
         self.active
@@ -236,6 +274,12 @@ pub fn submit(
     let who = by.who();
     let at = cutover_engine::now_utc();
     let mut active = state.jobs.active.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(a) = active.get(app).filter(|a| a.run == 0) {
+        return Err(ApiError::Conflict(format!(
+            "`{app}` is being removed by {} since {}",
+            a.by, a.since
+        )));
+    }
     if let Some(a) = active.get(app) {
         return Err(ApiError::Conflict(format!(
             "a {} of `{app}` is in progress: run {} by {} holds the lock since {}; wait for it to end",

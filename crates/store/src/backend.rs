@@ -138,6 +138,9 @@ backend! {
     fn set_preview_sha(&self, app: &str, pr: u64, sha: &str, at: &str) -> Result<()>;
     /// Marks a preview removed (its row stays); `false` if it was not open.
     fn remove_preview(&self, app: &str, pr: u64, at: &str, why: &str) -> Result<bool>;
+    /// Marks an open preview `closing` (its pull request closed during a run of it): no longer
+    /// open, so a restarted server removes it; `false` if it was not open.
+    fn close_preview(&self, app: &str, pr: u64, why: &str) -> Result<bool>;
     /// A preview, if the app ever had one for this pull request.
     fn preview(&self, app: &str, pr: u64) -> Result<Option<Preview>>;
     /// The app's previews by pull request number; only the open ones unless `all`.

@@ -11,7 +11,7 @@ pub struct Preview {
     /// The production app.
     pub app: String,
     pub pr: u64,
-    /// `open` or `removed`.
+    /// `open`, `closing` (its pull request closed during a run of it) or `removed`.
     pub state: String,
     pub url: String,
     /// What the last deploy was asked for (a git ref or an image).
@@ -84,8 +84,20 @@ impl Sqlite {
         let n = self
             .c()
             .execute(
-                "UPDATE previews SET state = 'removed', removed_at = ?3, removed_why = ?4 WHERE app = ?1 AND pr = ?2 AND state = 'open'",
+                "UPDATE previews SET state = 'removed', removed_at = ?3, removed_why = ?4 WHERE app = ?1 AND pr = ?2 AND state IN ('open', 'closing')",
                 params![app, pr as i64, at, why],
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(n == 1)
+    }
+
+    /// Marks an open preview `closing` with why; `false` if it was not open.
+    pub fn close_preview(&self, app: &str, pr: u64, why: &str) -> Result<bool> {
+        let n = self
+            .c()
+            .execute(
+                "UPDATE previews SET state = 'closing', removed_why = ?3 WHERE app = ?1 AND pr = ?2 AND state = 'open'",
+                params![app, pr as i64, why],
             )
             .map_err(|e| self.e(e))?;
         Ok(n == 1)
@@ -165,8 +177,16 @@ impl Postgres {
 
     pub fn remove_preview(&self, app: &str, pr: u64, at: &str, why: &str) -> Result<bool> {
         let n = self.exec(
-            "UPDATE previews SET state = 'removed', removed_at = $3, removed_why = $4 WHERE app = $1 AND pr = $2 AND state = 'open'",
+            "UPDATE previews SET state = 'removed', removed_at = $3, removed_why = $4 WHERE app = $1 AND pr = $2 AND state IN ('open', 'closing')",
             &[&app, &(pr as i64), &at, &why],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn close_preview(&self, app: &str, pr: u64, why: &str) -> Result<bool> {
+        let n = self.exec(
+            "UPDATE previews SET state = 'closing', removed_why = $3 WHERE app = $1 AND pr = $2 AND state = 'open'",
+            &[&app, &(pr as i64), &why],
         )?;
         Ok(n == 1)
     }

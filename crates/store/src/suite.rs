@@ -490,6 +490,15 @@ both!(
             (p.head_ref.as_str(), p.head_sha.as_deref()),
             ("feature2", Some("ab12"))
         );
+        // Closed during a run: no longer open, removed after.
+        assert!(s.close_preview("web", 3, "closed").unwrap());
+        assert!(!s.close_preview("web", 3, "closed").unwrap());
+        let p = s.preview("web", 3).unwrap().unwrap();
+        assert_eq!(
+            (p.state.as_str(), p.removed_why.as_str()),
+            ("closing", "closed")
+        );
+        assert_eq!(s.previews("web", false).unwrap().len(), 1);
         assert!(s.remove_preview("web", 3, "t4", "closed").unwrap());
         assert!(!s.remove_preview("web", 3, "t5", "closed").unwrap());
         let open: Vec<u64> = s

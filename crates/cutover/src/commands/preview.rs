@@ -216,8 +216,13 @@ pub(crate) fn print_removal(app: &str, pr: u64, answer: &serde_json::Value, json
         .map(|h| h["containers"].as_array().map_or(0, Vec::len))
         .sum();
     let message = if failed.is_empty() {
+        // A files preview has no containers: its directory holds its releases.
+        let what = match containers {
+            0 => "its proxy route and its directory".to_string(),
+            n => format!("its proxy route, {n} container(s) and its directory"),
+        };
         format!(
-            "removed the preview of #{pr} ({name}) from {} host(s): its proxy route, {containers} container(s) and its directory; its history is kept",
+            "removed the preview of #{pr} ({name}) from {} host(s): {what}; its history is kept",
             hosts.len()
         )
     } else {

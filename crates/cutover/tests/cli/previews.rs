@@ -1,8 +1,8 @@
-//! Pull request previews on container hosts with their own dockerd, through the real edge
-//! proxy, reached with the preview's `Host` header, while production serves under load
-//! beside them. Needs root.
+//! Pull request previews on container hosts with their own dockerd, and of a files app (served
+//! by the host's edge proxy as a static target), through the real edge proxy, reached with the
+//! preview's `Host` header, while production serves under load beside them. Needs root.
 
-use crate::world::World;
+use crate::world::{Toml, World, PROXY_PORT};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -12,11 +12,16 @@ const HOST: &str = "pr-7-web.preview.test";
 
 /// `GET /` of `addr` with `Host: host`: the body on 200, else `HTTP <status line>`.
 fn get_as(addr: SocketAddr, host: &str) -> String {
+    request_as(addr, "GET", host, "/")
+}
+
+/// `method path` of `addr` with `Host: host`: the body on 200, else `HTTP <status line>`.
+fn request_as(addr: SocketAddr, method: &str, host: &str, path: &str) -> String {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut b = String::new();
@@ -591,4 +596,538 @@ fn the_panel_lists_previews_and_removes_one_after_a_confirmation() {
     );
     let l = w.run(&["preview", "list", "--all", "--json"]);
     assert_eq!(l.json[0]["removed_why"], "removed by ada (panel)");
+}
+
+// ---- files apps: previews served by the edge proxy as a static target ----
+
+/// A files app on one lab host (nginx serves production from `/srv/site`) whose previews are
+/// served by the host's edge proxy (installed here by `cutover setup`), built from the
+/// world's git repository; `extra` changes the config.
+fn files_world(extra: impl FnOnce(&mut Toml) + 'static) -> World {
+    let w = World::files(1)
+        .git()
+        .config(|t| {
+            t.set_str("proxy", "listen", format!("0.0.0.0:{PROXY_PORT}"))
+                .lines("proxy", "drain = \"2s\"\ninstall_dir = \"/srv/cutover\"")
+                .lines("preview", "domain = \"preview.test\"");
+            extra(t);
+        })
+        .start();
+    let r = w.run(&["setup", "--json"]);
+    assert_eq!(r.code, 0, "setup: {} {}", r.stdout, r.stderr);
+    w
+}
+
+/// Commits a site whose `/` says `page` (with `/up`), pushes main, returns the full SHA.
+fn site_commit(w: &World, page: &str, extra: &[(&str, &str)]) -> String {
+    let index = format!("{page}\n");
+    let mut files = vec![("index.html", index.as_str()), ("up", "ok\n")];
+    files.extend_from_slice(extra);
+    let sha = w.commit(page, &files);
+    w.push();
+    sha
+}
+
+/// Host 0's edge proxy.
+fn proxy_addr(w: &World) -> SocketAddr {
+    SocketAddr::new(w.lab().ip(0).into(), PROXY_PORT)
+}
+
+/// The services host 0's proxy routes, with their domains and targets.
+fn proxy_services(w: &World) -> Vec<serde_json::Value> {
+    let out = w.lab().ssh(
+        0,
+        "/srv/cutover/cutover proxy status --dir /srv/cutover --json",
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "proxy status: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    status["services"].as_array().cloned().unwrap_or_default()
+}
+
+/// The preview directories on host 0.
+fn preview_dirs(w: &World) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(w.lab().srv_dir(0).join("cutover/apps"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_files_preview_is_served_by_the_proxy_at_its_host_name_redeployed_under_load_and_removed() {
+    let w = files_world(|_| {});
+    let r = w.deploy_artifact(&w.build("prod"));
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    let host = "pr-7-site.preview.test";
+    let proxy = proxy_addr(&w);
+    let production = load(w.http_addr(0), None);
+
+    // Opened: built from its commit, served by the proxy at its own host name.
+    let p1 = site_commit(&w, "p1", &[]);
+    let r = w.run(&["preview", "deploy", "--pr", "7", "--ref", &p1, "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert_eq!(r.json["app"], "site-pr-7");
+    assert_eq!(r.json["commit"], p1.as_str());
+    let id = r.release();
+    assert_eq!(
+        w.norm_with(r.message(), &[(&id, "<p1>")]),
+        "deployed <p1> on 1 host(s); every host passed its health gate"
+    );
+    assert_eq!(get_as(proxy, host), "p1");
+    assert_eq!(w.served(0), "prod", "nginx serves production");
+    assert_eq!(
+        get_as(proxy, "www.example.test"),
+        "HTTP HTTP/1.1 404 Not Found"
+    );
+    let services = proxy_services(&w);
+    assert_eq!(services.len(), 1, "{services:?}");
+    assert_eq!(services[0]["name"], "site-pr-7");
+    assert_eq!(services[0]["domains"], serde_json::json!([host]));
+    assert_eq!(services[0]["target"], "/srv/cutover/apps/site-pr-7/current");
+
+    // Three pushes under load through the proxy: no request fails.
+    let preview = load(proxy, Some(host));
+    for page in ["p2", "p3", "p4"] {
+        let sha = site_commit(&w, page, &[]);
+        let r = w.run(&["preview", "deploy", "--pr", "7", "--ref", &sha, "--json"]);
+        assert_eq!(r.code, 0, "{page}: {} {}", r.json, r.stderr);
+    }
+    let seen = stop("preview", preview);
+    assert!(seen.iter().any(|b| b.trim() == "p4"), "{seen:?}");
+    assert!(seen.iter().all(|b| b.trim() != "prod"), "{seen:?}");
+    assert_eq!(get_as(proxy, host), "p4");
+
+    // What the static target refuses: cutover's own dotfile, a way out of the release
+    // (`..`, a symlink that leads out, made by hand here: artifacts cannot carry one), a
+    // directory listing, and methods that are not GET or HEAD.
+    let dir = w.lab().srv_dir(0).join("cutover/apps/site-pr-7");
+    let current = dir.join("current");
+    assert!(current.join(".cutover-release.json").is_file());
+    std::os::unix::fs::symlink(
+        "../../../../../site/current/index.html",
+        current.join("leak"),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(current.join("leak")).unwrap(),
+        "prod\n",
+        "the link does lead to production's page"
+    );
+    std::fs::create_dir(current.join("assets")).unwrap();
+    std::fs::write(current.join("assets/app.css"), "body{}\n").unwrap();
+    assert_eq!(request_as(proxy, "GET", host, "/assets/app.css"), "body{}");
+    let up = "/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/site/current/index.html";
+    for path in ["/.cutover-release.json", "/leak", up, "/assets/"] {
+        assert_eq!(
+            request_as(proxy, "GET", host, path),
+            "HTTP HTTP/1.1 404 Not Found",
+            "{path}"
+        );
+    }
+    assert_eq!(
+        request_as(proxy, "POST", host, "/"),
+        "HTTP HTTP/1.1 405 Method Not Allowed"
+    );
+
+    // Removed: route, releases and directory go; its history is kept.
+    let r = w.run(&["preview", "remove", "--pr", "7", "--json"]);
+    assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
+    assert_eq!(
+        r.json["message"],
+        "removed the preview of #7 (site-pr-7) from 1 host(s): its proxy route and its directory; its history is kept"
+    );
+    assert!(!dir.exists());
+    assert_eq!(proxy_services(&w), Vec::<serde_json::Value>::new());
+    assert_eq!(get_as(proxy, host), "HTTP HTTP/1.1 404 Not Found");
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(l.json[0]["state"], "removed");
+    let kept: i64 = w
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM releases WHERE app = 'site-pr-7' AND status = 'succeeded'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, 4);
+
+    // Production was untouched all along.
+    let seen = stop("production", production);
+    assert_eq!(seen, ["prod"]);
+    assert_eq!(w.history().len(), 1);
+    assert_eq!(w.served(0), "prod");
+}
+
+/// The run ids of a batch of deliveries, once each has ended; panics on a run that failed.
+fn await_runs(w: &World, runs: &[i64]) {
+    let db = w.db();
+    wait_for("the preview runs end", || {
+        runs.iter().all(|run| {
+            db.query_row(
+                "SELECT finished_at IS NOT NULL FROM runs WHERE id = ?1",
+                [run],
+                |r| r.get::<_, bool>(0),
+            )
+            .unwrap_or(false)
+        })
+    });
+    for run in runs {
+        let outcome: Option<String> = db
+            .query_row("SELECT outcome FROM runs WHERE id = ?1", [run], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(outcome.as_deref(), Some("succeeded"), "run {run}");
+    }
+}
+
+/// The state of pull request `pr`'s preview row (of app `site`, or `app`).
+fn preview_state(w: &World, pr: u64) -> String {
+    preview_state_of(w, "site", pr)
+}
+
+fn preview_state_of(w: &World, app: &str, pr: u64) -> String {
+    w.db()
+        .query_row(
+            "SELECT state FROM previews WHERE app = ?1 AND pr = ?2",
+            rusqlite::params![app, pr],
+            |r| r.get(0),
+        )
+        .unwrap_or_else(|_| "none".into())
+}
+
+const FILES_HOOK: &str =
+    "provider = \"github\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"";
+
+/// 20 pull requests, five at a time, each opened, pushed to and closed through the
+/// server's webhook: every preview is served at its host name after each push, and nothing of
+/// any of them is left on the host (directory, route) once closed; their rows and history are
+/// kept.
+#[test]
+fn twenty_files_previews_opened_pushed_and_closed_through_webhooks_leave_nothing_behind() {
+    use crate::webhooks::{github, Server};
+    let w = files_world(|t| {
+        t.lines("webhook", FILES_HOOK).lines("preview", "max = 5");
+    });
+    let first = site_commit(&w, "first", &[]);
+    let second = site_commit(&w, "second", &[]);
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let proxy = proxy_addr(&w);
+    let started = std::time::Instant::now();
+    for round in 0..4u64 {
+        let prs: Vec<u64> = (1..=5).map(|i| round * 5 + i).collect();
+        for (action, head, page) in [
+            ("opened", &first, "first"),
+            ("synchronize", &second, "second"),
+        ] {
+            let runs: Vec<i64> = prs
+                .iter()
+                .map(|pr| {
+                    let body = pr_body(action, *pr, head, "acme/site", &[]);
+                    let id = format!("{action}-{pr}");
+                    let (st, b) = s.post(
+                        "/hooks/github/site",
+                        &github("pull_request", &id, Some(&body)),
+                        body,
+                    );
+                    assert_eq!(st, 202, "#{pr} {action}: {b}");
+                    b["run"].as_str().unwrap().parse().unwrap()
+                })
+                .collect();
+            await_runs(&w, &runs);
+            for pr in &prs {
+                assert_eq!(
+                    get_as(proxy, &format!("pr-{pr}-site.preview.test")),
+                    page,
+                    "#{pr}"
+                );
+            }
+        }
+        for pr in &prs {
+            let body = pr_body("closed", *pr, &second, "acme/site", &[]);
+            let (st, b) = s.post(
+                "/hooks/github/site",
+                &github("pull_request", &format!("closed-{pr}"), Some(&body)),
+                body,
+            );
+            assert_eq!((st, &b["removing"]), (202, &serde_json::json!(pr)), "{b}");
+        }
+        wait_for("the round's previews are removed", || {
+            prs.iter().all(|pr| preview_state(&w, *pr) == "removed")
+        });
+    }
+    eprintln!(
+        "20 open/synchronize/close cycles in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        preview_dirs(&w),
+        Vec::<String>::new(),
+        "no preview directory is left"
+    );
+    assert_eq!(
+        proxy_services(&w),
+        Vec::<serde_json::Value>::new(),
+        "no route is left"
+    );
+    for pr in 1..=20 {
+        assert_eq!(
+            get_as(proxy, &format!("pr-{pr}-site.preview.test")),
+            "HTTP HTTP/1.1 404 Not Found"
+        );
+    }
+    let (rows, releases): (i64, i64) = w
+        .db()
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM previews WHERE app = 'site' AND removed_at IS NOT NULL), \
+             (SELECT COUNT(*) FROM releases WHERE app LIKE 'site-pr-%' AND status = 'succeeded')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((rows, releases), (20, 40), "rows and history are kept");
+    assert!(!s.log().contains("not removed"), "{}", s.log());
+}
+
+/// A pull request closed while its preview's run is in progress: the removal waits for the
+/// run to end (it is not cut short, and it does not run beside it), a push waiting behind
+/// that run is dropped, then everything of the preview goes; and when the server is killed
+/// while the removal waits, the restarted server removes the preview.
+#[test]
+fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
+    use crate::webhooks::{github, Server};
+    let w = files_world(|t| {
+        t.lines("webhook", FILES_HOOK)
+            .lines("build", "command = \"sh build.sh\"\noutput = \"out\"");
+    });
+    let build = "mkdir -p out && cp index.html up out/\n";
+    let fast = site_commit(&w, "fast", &[("build.sh", build)]);
+    let slow_build = format!("sleep 8\n{build}");
+    let slow = site_commit(&w, "slow", &[("build.sh", &slow_build)]);
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let proxy = proxy_addr(&w);
+    let host = "pr-9-site.preview.test";
+    let hook = "/hooks/github/site";
+    let post_to = |s: &Server, action: &str, head: &str, id: &str| {
+        let body = pr_body(action, 9, head, "acme/site", &[]);
+        s.post(hook, &github("pull_request", id, Some(&body)), body)
+    };
+    let post = |action: &str, head: &str, id: &str| post_to(&s, action, head, id);
+    let (st, b) = post("opened", &fast, "o9");
+    assert_eq!(st, 202, "{b}");
+    await_runs(&w, &[b["run"].as_str().unwrap().parse().unwrap()]);
+    assert_eq!(get_as(proxy, host), "fast");
+
+    // A push whose build takes a while, a push waiting behind it, then the close.
+    let (st, b) = post("synchronize", &slow, "s9");
+    assert_eq!(st, 202, "{b}");
+    let run: i64 = b["run"].as_str().unwrap().parse().unwrap();
+    let (st, b) = post("synchronize", &fast, "s9-again");
+    assert_eq!(
+        (st, b["queued"].as_str()),
+        (202, Some(fast.as_str())),
+        "{b}"
+    );
+    let running = |run: i64| -> bool {
+        w.db()
+            .query_row(
+                "SELECT finished_at IS NULL FROM runs WHERE id = ?1",
+                [run],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert!(running(run), "the slow run is still in progress");
+    let (st, b) = post("closed", &slow, "c9");
+    assert_eq!((st, &b["removing"]), (202, &serde_json::json!(9)), "{b}");
+    wait_for("the preview is closing", || preview_state(&w, 9) != "open");
+    assert_eq!(
+        preview_state(&w, 9),
+        "closing",
+        "the removal waits for the run"
+    );
+    assert!(running(run), "closed during the run");
+
+    // The run finishes (it was not cut short); then the preview is removed.
+    wait_for("the preview is removed", || {
+        preview_state(&w, 9) == "removed"
+    });
+    await_runs(&w, &[run]);
+    let (finished, removed): (String, String) = w
+        .db()
+        .query_row(
+            "SELECT r.finished_at, p.removed_at FROM runs r, previews p WHERE r.id = ?1 AND p.app = 'site' AND p.pr = 9",
+            [run],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(
+        removed >= finished,
+        "removed at {removed}, the run finished at {finished}"
+    );
+    let dropped: String = w
+        .db()
+        .query_row(
+            "SELECT outcome FROM webhook_deliveries WHERE delivery = 's9-again'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(dropped, "dropped: the pull request was closed");
+    assert_eq!(preview_dirs(&w), Vec::<String>::new());
+    assert_eq!(proxy_services(&w), Vec::<serde_json::Value>::new());
+    assert_eq!(get_as(proxy, host), "HTTP HTTP/1.1 404 Not Found");
+    let runs: i64 = w
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM runs WHERE app = 'site-pr-9'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(runs, 2, "the dropped push never ran");
+    assert!(
+        s.log()
+            .contains("preview #9 of site removed: pull request closed (webhook:github)"),
+        "{}",
+        s.log()
+    );
+
+    // Reopened, and closed during a run again, but the server is killed (SIGKILL) before the
+    // removal: the restarted server removes it at its start, as the close said.
+    let (st, b) = post("reopened", &fast, "r9");
+    assert_eq!(st, 202, "{b}");
+    await_runs(&w, &[b["run"].as_str().unwrap().parse().unwrap()]);
+    assert_eq!(get_as(proxy, host), "fast");
+    let (st, b) = post("synchronize", &slow, "s9-3");
+    assert_eq!(st, 202, "{b}");
+    let (st, b) = post("closed", &slow, "c9-2");
+    assert_eq!((st, &b["removing"]), (202, &serde_json::json!(9)), "{b}");
+    wait_for("the preview is closing", || preview_state(&w, 9) != "open");
+    assert_eq!(preview_state(&w, 9), "closing");
+    drop(s);
+    assert!(!preview_dirs(&w).is_empty(), "killed before the removal");
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    wait_for("the preview is removed after the restart", || {
+        preview_state(&w, 9) == "removed"
+    });
+    assert_eq!(preview_dirs(&w), Vec::<String>::new());
+    assert_eq!(proxy_services(&w), Vec::<serde_json::Value>::new());
+    assert_eq!(get_as(proxy, host), "HTTP HTTP/1.1 404 Not Found");
+    let l = w.run(&["preview", "list", "--all", "--json"]);
+    assert_eq!(
+        l.json[0]["removed_why"],
+        "pull request closed (webhook:github)"
+    );
+    assert!(
+        s.log()
+            .contains("preview #9 of site removed: pull request closed (webhook:github)"),
+        "{}",
+        s.log()
+    );
+}
+
+/// Container previews through the same cycle, five at a time: opened (image `a`), pushed to
+/// (image `b`) by concurrent `preview deploy` runs, closed by webhooks. Fewer cycles than the
+/// files test: each costs containers. No container labelled with a preview app, no preview
+/// directory and no route is left; rows and history are kept.
+#[test]
+fn container_previews_opened_pushed_and_closed_five_at_a_time_leave_nothing_behind() {
+    use crate::webhooks::{github, Server};
+    const ROUNDS: u64 = 1;
+    let w = World::containers(1, "blue-green")
+        .lines("webhook", FILES_HOOK)
+        .lines("preview", "domain = \"preview.test\"\nmax = 5")
+        .start();
+    for tag in ["a", "b"] {
+        w.image(tag, true);
+    }
+    let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
+    let addr = w.http_addr(0);
+    let started = std::time::Instant::now();
+    for round in 0..ROUNDS {
+        let prs: Vec<String> = (1..=5).map(|i| (round * 5 + i).to_string()).collect();
+        for tag in ["a", "b"] {
+            let runs: Vec<crate::world::Run> = std::thread::scope(|sc| {
+                let started: Vec<_> = prs
+                    .iter()
+                    .map(|pr| {
+                        let c =
+                            w.cutover(&["preview", "deploy", "--pr", pr, "--image", tag, "--json"]);
+                        sc.spawn(move || c.run())
+                    })
+                    .collect();
+                started.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (pr, r) in prs.iter().zip(&runs) {
+                assert_eq!(r.code, 0, "#{pr} {tag}: {} {}", r.json, r.stderr);
+                assert_eq!(get_as(addr, &format!("pr-{pr}-web.preview.test")), tag);
+            }
+        }
+        for pr in &prs {
+            let n: u64 = pr.parse().unwrap();
+            let body = pr_body("closed", n, &"b".repeat(40), "acme/site", &[]);
+            let (st, b) = s.post(
+                "/hooks/github/web",
+                &github("pull_request", &format!("closed-{pr}"), Some(&body)),
+                body,
+            );
+            assert_eq!((st, &b["removing"]), (202, &serde_json::json!(n)), "{b}");
+        }
+        wait_for("the round's previews are removed", || {
+            prs.iter()
+                .all(|pr| preview_state_of(&w, "web", pr.parse().unwrap()) == "removed")
+        });
+    }
+    eprintln!(
+        "{} container preview cycles in {:.1}s",
+        ROUNDS * 5,
+        started.elapsed().as_secs_f64()
+    );
+    let labelled = w.lab().docker(
+        0,
+        &[
+            "ps",
+            "-a",
+            "--filter",
+            "label=cutover.app",
+            "--format",
+            "{{.Names}}",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&labelled.stdout),
+        "",
+        "no preview container is left"
+    );
+    assert_eq!(w.containers_on(0), Vec::<String>::new());
+    assert_eq!(
+        preview_dirs(&w),
+        Vec::<String>::new(),
+        "no preview directory is left"
+    );
+    assert_eq!(
+        proxy_services(&w),
+        Vec::<serde_json::Value>::new(),
+        "no route is left"
+    );
+    let (rows, releases): (i64, i64) = w
+        .db()
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM previews WHERE app = 'web' AND state = 'removed'), \
+             (SELECT COUNT(*) FROM releases WHERE app LIKE 'web-pr-%' AND status = 'succeeded')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((rows, releases), (5 * ROUNDS as i64, 10 * ROUNDS as i64));
+    assert!(!s.log().contains("not removed"), "{}", s.log());
 }

@@ -96,15 +96,20 @@ pub(crate) fn proxy_request(
     app: &ContainerApp,
     req: &Request,
 ) -> Result<Response, String> {
+    proxy_request_at(r, &app.proxy.install_dir, req)
+}
+
+/// [`proxy_request`] to the proxy `cutover setup` installed in `install_dir`.
+pub(crate) fn proxy_request_at(
+    r: &dyn Remote,
+    install_dir: &str,
+    req: &Request,
+) -> Result<Response, String> {
     let json = serde_json::to_string(req).map_err(|e| e.to_string())?;
-    let bin = remote_binary(app);
+    let bin = format!("{install_dir}/cutover");
     let s = Script::new(
         PROXY_REQUEST,
-        &[
-            ("req", &json),
-            ("bin", &bin),
-            ("dir", &app.proxy.install_dir),
-        ],
+        &[("req", &json), ("bin", &bin), ("dir", install_dir)],
     );
     let out = r.run(&s, None).map_err(|e| e.to_string())?;
     let line = out

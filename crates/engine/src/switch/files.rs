@@ -27,6 +27,22 @@ pub struct Settings {
     interval_ms: u64,
     healthy_after: u32,
     give_up_after_ms: u64,
+    /// A files preview's route in the host's edge proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    route: Option<Route>,
+}
+
+/// A files preview is served by the host's edge proxy as a static target: the route from its
+/// host name to `<root>/current`, installed by each switch (the proxy resolves `current` per
+/// request, so the switch itself stays the rename of `current`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Route {
+    /// The host name routed (`pr-<n>-<app>.<domain>`).
+    pub domain: String,
+    /// Where `cutover setup` installed the proxy.
+    pub install_dir: String,
+    /// `[proxy] drain`.
+    pub drain_ms: u64,
 }
 
 impl Settings {
@@ -40,15 +56,25 @@ impl Settings {
             interval_ms: c.health.interval.as_millis() as u64,
             healthy_after: c.health.healthy_after,
             give_up_after_ms: c.health.give_up_after.as_millis() as u64,
+            route: files
+                .route
+                .as_ref()
+                .zip(files.proxy.as_ref())
+                .map(|(d, p)| Route {
+                    domain: d.clone(),
+                    install_dir: p.install_dir.clone(),
+                    drain_ms: p.drain.as_millis() as u64,
+                }),
         }
     }
 
     fn gate(&self) -> Result<(HealthUrl, GateSpec), String> {
         let url = HealthUrl::parse(&self.health_url)?;
-        let host_header = if url.port == 80 {
-            url.host.clone()
-        } else {
-            format!("{}:{}", url.host, url.port)
+        let host_header = match &self.route {
+            // Through the proxy, as the preview's own host name.
+            Some(route) => route.domain.clone(),
+            None if url.port == 80 => url.host.clone(),
+            None => format!("{}:{}", url.host, url.port),
         };
         let spec = GateSpec {
             host_header,
@@ -283,7 +309,7 @@ impl Switcher for Files<'_> {
         to: &Target<Settings>,
         _staged: Option<&u64>,
     ) -> Result<String, SwitchError> {
-        match hostops::switch(h.remote, self.root(), &to.id, to.snap.reload.as_deref()) {
+        let out = match hostops::switch(h.remote, self.root(), &to.id, to.snap.reload.as_deref()) {
             Ok(s) => match s.reload {
                 Some((code, out)) if code != 0 => Err(SwitchError::Failed(format!(
                     "switched, but reload exited with {code}: {}",
@@ -293,6 +319,10 @@ impl Switcher for Files<'_> {
                 None => Ok(String::new()),
             },
             Err(e) => Err(SwitchError::Failed(e.to_string())),
+        }?;
+        match &to.snap.route {
+            Some(route) => self.install_route(h, route, &to.snap),
+            None => Ok(out),
         }
     }
 
@@ -359,6 +389,54 @@ impl Switcher for Files<'_> {
     }
 }
 
+impl Files<'_> {
+    /// Routes the preview's host name to `<root>/current` in the host's proxy (the proxy
+    /// gates it with one probe of the health path first). Idempotent: after the first switch
+    /// the route is already there and nothing changes in the proxy.
+    fn install_route(
+        &self,
+        h: &HostCx<'_>,
+        route: &Route,
+        snap: &Settings,
+    ) -> Result<String, SwitchError> {
+        use cutover_proxy_wire::{DeployOptions, DeployRequest, Request, Response};
+        let path = HealthUrl::parse(&snap.health_url)
+            .map(|u| u.path)
+            .unwrap_or_else(|_| "/".into());
+        let req = Request::Deploy(DeployRequest {
+            service: self.config.app.clone(),
+            target: format!("{}/current", self.root()),
+            health_path: path,
+            domains: vec![route.domain.clone()],
+            options: DeployOptions {
+                health_interval: Duration::from_millis(snap.interval_ms),
+                healthy_after: 1,
+                give_up_after: Duration::from_millis(snap.give_up_after_ms),
+                timeout: Duration::from_millis(snap.timeout_ms),
+                drain: Duration::from_millis(route.drain_ms),
+            },
+        });
+        let answer = super::container::proxy_request_at(h.remote, &route.install_dir, &req)
+            .map_err(|e| {
+                if e.starts_with("proxy: ") && e.contains("health gate") {
+                    SwitchError::Unhealthy(e)
+                } else {
+                    SwitchError::Failed(format!("switched, but the proxy route failed: {e}"))
+                }
+            })?;
+        match answer {
+            Response::Deployed(d) if d.created => Ok(format!(
+                "proxy routes {} to {} (static)",
+                route.domain, d.target
+            )),
+            Response::Deployed(_) => Ok(String::new()),
+            other => Err(SwitchError::Failed(format!(
+                "unexpected proxy answer: {other:?}"
+            ))),
+        }
+    }
+}
+
 pub(crate) fn last_lines(s: &str) -> String {
     let lines: Vec<&str> = s.trim().lines().collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")
@@ -387,5 +465,54 @@ impl Read for Counting<'_> {
             crash_point(CrashPoint::MidUpload);
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const SITE: &str = r#"
+app = "site"
+hosts = ["web1"]
+[files]
+root = "/srv/site"
+[health]
+url = "http://127.0.0.1/up"
+[proxy]
+listen = "0.0.0.0:8080"
+install_dir = "/srv/cutover"
+[preview]
+domain = "preview.example.com"
+"#;
+
+    /// A preview's settings carry its route, and its gate asks the proxy for the preview's
+    /// host name; production's have no route (and read back from older records alike).
+    #[test]
+    fn a_files_preview_is_gated_through_the_proxy_as_its_own_host() {
+        let c = Config::parse(Path::new("/c.toml"), SITE, None).unwrap();
+        let prod = Settings::from_config(&c, c.files().unwrap());
+        assert_eq!(prod.route, None);
+        assert_eq!(prod.gate().unwrap().1.host_header, "127.0.0.1");
+        let p = c.preview(4).unwrap();
+        let s = Settings::from_config(&p, p.files().unwrap());
+        assert_eq!(
+            s.route,
+            Some(Route {
+                domain: "pr-4-site.preview.example.com".into(),
+                install_dir: "/srv/cutover".into(),
+                drain_ms: 30_000,
+            })
+        );
+        let (url, spec) = s.gate().unwrap();
+        assert_eq!((url.port, spec.path.as_str()), (8080, "/up"));
+        assert_eq!(spec.host_header, "pr-4-site.preview.example.com");
+        // A release recorded before routes existed.
+        let mut old = serde_json::to_value(&prod).unwrap();
+        assert!(old.get("route").is_none(), "not written when absent");
+        old.as_object_mut().unwrap().remove("route");
+        let back: Settings = serde_json::from_value(old).unwrap();
+        assert_eq!(back, prod);
     }
 }

@@ -540,7 +540,7 @@ pub(crate) async fn remove_preview(
     let st2 = st.clone();
     let p2 = p.clone();
     let hosts = blocking(move || {
-        cutover_engine::preview::remove(&config, pr, &why, &st2.store)
+        crate::previews::remove_now(&st2, &config, pr, &why)
             .map_err(|e| PageError::new(StatusCode::CONFLICT, e).for_user(&p2))
     })
     .await?;
