@@ -36,6 +36,7 @@ mod switch;
 mod switch_files;
 mod switching;
 mod tls;
+mod tls_switch;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
