@@ -36,6 +36,7 @@ mod switch;
 mod switch_files;
 mod switching;
 mod tls;
+mod tls_switch;
 mod way_back;
 mod webhooks;
 

@@ -7,6 +7,7 @@ use crate::machine::loadavg;
 use crate::meter::Sample;
 use crate::peers;
 use crate::report::{self, spread, Section};
+use crate::tls_switch::{self, Flip};
 use crate::Ctx;
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
@@ -41,7 +42,21 @@ requests of all runs. The bench waits for an idle machine before each load and r
 load generators and the backend included, shares the machine's 2 cores, so these numbers \
 are what the whole path sustains on 2 cores. Memory is `VmRSS` from `/proc/<pid>/status` \
 (nginx: master and workers summed): *idle* before any load, *under load* the largest value \
-read every 100 ms during that proxy's loads.";
+read every 100 ms during that proxy's loads. \
+*Switches under HTTPS load* (same processes, after the loads above): a second backend (nginx, \
+the same answer) is started, and each proxy is switched K times (10, 3 with `--quick`) \
+alternately to one and the other backend, one switch a second, while `h2load -t2 -c8 -m1 \
+-D(K+2)` runs against it over TLS 1.3, with HTTP/2 and then with HTTP/1.1 keep-alive \
+(`--h1`); h2load opens a new connection when the server closes one. A switch is, for \
+*cutover*, `cutover proxy deploy web --target 127.0.0.1:P` (health gate every 50 ms, 2 \
+healthy probes, then the pointer swap, then the old target drained, 2 s at most); for \
+*nginx*, its config rewritten with the other backend and `SIGHUP` to its master (a reload: \
+new workers start, old ones finish their requests and close their connections, HTTP/2 ones \
+with a GOAWAY); for *Caddy*, a `PATCH` of the route's `upstreams` through its admin API \
+(on 127.0.0.1), which returns once the new config runs. *failed* is h2load's requests not \
+succeeded (errors, resets, non-2xx); *longest gap* is the longest time between the ends of \
+two consecutive successful responses, all connections together, from h2load's \
+`--log-file`; *switch time* is the median wall time of the switch command.";
 
 /// Connections of every load.
 const CONNECTIONS: usize = 8;
@@ -309,10 +324,11 @@ http {{
     )
 }
 
-/// Caddy terminating TLS with the certificate from files, in front of the backend.
-fn caddy_config(dir: &Path, port: u16, backend: u16) -> String {
+/// Caddy terminating TLS with the certificate from files, in front of the backend, its admin
+/// API on `127.0.0.1:admin` (for the switches).
+fn caddy_config(dir: &Path, port: u16, backend: u16, admin: u16) -> String {
     json!({
-        "admin": { "disabled": true },
+        "admin": { "listen": format!("127.0.0.1:{admin}") },
         "logging": { "logs": { "default": { "level": "WARN" } } },
         "apps": {
             "tls": { "certificates": { "load_files": [{
@@ -422,7 +438,7 @@ fn parse_wrk(out: &str) -> Result<WrkOut> {
 }
 
 /// h2load's summary: requests/s, and requests done and not succeeded.
-fn parse_h2load(out: &str) -> Result<(f64, u64, u64)> {
+pub(crate) fn parse_h2load(out: &str) -> Result<(f64, u64, u64)> {
     let mut rps = None;
     let mut counts = None;
     for l in out.lines().map(str::trim) {
@@ -559,7 +575,13 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let started = report::utc_now();
     let clock = Instant::now();
     let work = ctx.work.join("tls");
-    for d in ["backend/tmp", "nginx/tmp", "caddy", "cutover"] {
+    for d in [
+        "backend/tmp",
+        "backend-b/tmp",
+        "nginx/tmp",
+        "caddy",
+        "cutover",
+    ] {
         std::fs::create_dir_all(work.join(d))?;
     }
     let work = work.canonicalize()?;
@@ -584,6 +606,23 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         work.join("backend/output.log"),
     )?;
     backend.wait_listening(loopback(backend_port))?;
+    // The second backend, for the switches at the end.
+    let backend_b_port = free_port()?;
+    let d = work.join("backend-b").display().to_string();
+    std::fs::write(
+        work.join("backend-b/nginx.conf"),
+        backend_config(&d, backend_b_port),
+    )?;
+    let mut backend_b = Proc::spawn(
+        "the second backend (nginx)",
+        Command::new(NGINX)
+            .arg("-c")
+            .arg(work.join("backend-b/nginx.conf"))
+            .arg("-e")
+            .arg(work.join("backend-b/error.log")),
+        work.join("backend-b/output.log"),
+    )?;
+    backend_b.wait_listening(loopback(backend_b_port))?;
 
     // cutover's proxy with the certificate from files, and one service on localhost.
     let plain_port = free_port()?;
@@ -639,10 +678,11 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     nginx.wait_listening(loopback(nginx_port))?;
 
     let caddy_port = free_port()?;
+    let caddy_admin = free_port()?;
     let cd = work.join("caddy");
     std::fs::write(
         cd.join("caddy.json"),
-        caddy_config(&work, caddy_port, backend_port),
+        caddy_config(&work, caddy_port, backend_port, caddy_admin),
     )?;
     let mut caddy = Proc::spawn(
         "caddy",
@@ -717,6 +757,14 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             }
         }
     }
+    let (switch_md, switch_json) = switches(
+        ctx,
+        &work,
+        [backend_port, backend_b_port],
+        (cutover_port, nginx_port, caddy_port),
+        nginx.pid(),
+        caddy_admin,
+    )?;
     for (name, p) in [("cutover proxy run", &mut cutover), ("caddy", &mut caddy)] {
         if let Some(s) = p.child.try_wait()? {
             bail!("{name} exited during the scenario ({s}): {}", p.log_tail());
@@ -727,6 +775,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     drop(nginx);
     drop(cutover);
     drop(backend);
+    drop(backend_b);
 
     let cell = |p: Proxy, k: Kind| -> Vec<&Round> {
         rounds
@@ -847,6 +896,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         },
         discarded.len()
     ));
+    md.push_str(&switch_md);
 
     let json = json!({
         "scenario": "tls",
@@ -862,8 +912,96 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         "idle_rss_kib": idle.iter().map(|(p, k)| (p.key().to_string(), json!(k))).collect::<serde_json::Map<_, _>>(),
         "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
         "discarded": discarded.iter().map(round_json).collect::<Vec<_>>(),
+        "switches": switch_json,
+        // The zero-downtime gate: a failed request while cutover switches fails the run.
+        "cutover_failed": switch_json
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["proxy"] == Proxy::Cutover.key())
+            .map(|r| (format!("https switch, {}", r["client"].as_str().unwrap_or("?")), r["failed"].clone()))
+            .collect::<serde_json::Map<_, _>>(),
     });
     Ok(Section { markdown: md, json })
+}
+
+/// The switch table (see [`tls_switch`]): cutover, nginx and Caddy switched between the two
+/// backends under HTTP/2 and HTTP/1.1 load. `ports`: the proxies' TLS ports (cutover, nginx,
+/// Caddy).
+fn switches(
+    ctx: &Ctx,
+    work: &Path,
+    backends: [u16; 2],
+    ports: (u16, u16, u16),
+    nginx_master: u32,
+    caddy_admin: u16,
+) -> Result<(String, Value)> {
+    let cdir = work.join("cutover");
+    let ndir = work.join("nginx").display().to_string();
+    let run = |cmd: &mut Command, what: &str| -> Result<()> {
+        let out = cmd.output().with_context(|| format!("running {what}"))?;
+        if !out.status.success() {
+            bail!(
+                "{what} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    let flips = [
+        Flip {
+            name: Proxy::Cutover.name(),
+            key: Proxy::Cutover.key(),
+            port: ports.0,
+            switch: Box::new(|to| {
+                run(
+                    Command::new(&ctx.cutover)
+                        .args(["proxy", "deploy", "web", "--target"])
+                        .arg(loopback(to).to_string())
+                        .args(["--health", "/", "--domain", DOMAIN, "--interval", "50ms"])
+                        .args(["--drain", "2s", "--dir"])
+                        .arg(&cdir),
+                    "cutover proxy deploy",
+                )
+            }),
+        },
+        Flip {
+            name: Proxy::Nginx.name(),
+            key: Proxy::Nginx.key(),
+            port: ports.1,
+            switch: Box::new(|to| {
+                std::fs::write(
+                    work.join("nginx/nginx.conf"),
+                    nginx_tls_config(&ndir, ports.1, to),
+                )?;
+                run(
+                    Command::new("kill").args(["-HUP", &nginx_master.to_string()]),
+                    "nginx reload",
+                )
+            }),
+        },
+        Flip {
+            name: Proxy::Caddy.name(),
+            key: Proxy::Caddy.key(),
+            port: ports.2,
+            switch: Box::new(|to| {
+                run(
+                    Command::new("curl")
+                        .args(["-sS", "--fail-with-body", "-X", "PATCH"])
+                        .args(["-H", "Content-Type: application/json", "-d"])
+                        .arg(format!("[{{\"dial\":\"127.0.0.1:{to}\"}}]"))
+                        .arg(format!(
+                            "http://127.0.0.1:{caddy_admin}/config/apps/http/servers/bench/routes/0/handle/0/upstreams"
+                        )),
+                    "Caddy's admin API",
+                )
+            }),
+        },
+    ];
+    let k = if ctx.quick { 3 } else { 10 };
+    tls_switch::measure(&flips, k, backends, work)
 }
 
 fn mib_kib(k: u64) -> String {

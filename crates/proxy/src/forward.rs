@@ -317,7 +317,27 @@ async fn connection(
     });
     // The guard reads every head before hyper does: it refuses ambiguous, malformed and
     // oversized ones with a plain-text answer, and keeps the header and idle deadlines.
-    let (io, mut refused) = guard::Guard::new(stream, &lim, slot.state.clone(), true);
+    let (mut io, mut refused) = guard::Guard::new(stream, &lim, slot.state.clone(), true);
+    {
+        // The first head is read by the guard before hyper makes its buffers (a connection
+        // that sends nothing or half a head costs little). Asked to close: it is idle, it
+        // goes; at shutdown it gets the same grace as an idle keep-alive connection.
+        let first = io.first_head();
+        tokio::pin!(first);
+        let mut on_stop = stop.clone();
+        let done = tokio::select! {
+            _ = first.as_mut() => true,
+            _ = slot.state.close.notified() => return,
+            _ = stopped(&mut on_stop) => false,
+        };
+        if !done
+            && tokio::time::timeout(IDLE_CLOSE_AFTER_STOP, first)
+                .await
+                .is_err()
+        {
+            return;
+        }
+    }
     {
         // `writev(false)`: a response head and a small body go out as one flat buffer, which
         // costs fewer instructions per request than hyper's queue of buffers for `writev`.

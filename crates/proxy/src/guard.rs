@@ -23,8 +23,9 @@
 //! Invariants:
 //! - A head this guard refuses never reaches hyper (so never a service, never an upstream),
 //!   and the answer is written after every response to the requests before it.
-//! - The guard keeps no bytes: per connection it holds a few counters and at most
-//!   [`VALUE_KEEP`] bytes of the header value being read.
+//! - The guard keeps no bytes but the first head: per connection it holds a few counters
+//!   and at most [`VALUE_KEEP`] bytes of the header value being read, and until hyper has
+//!   them, the bytes of the first head that [`Guard::first_head`] read.
 //! - After a request that asks for a protocol switch (`Upgrade`, `CONNECT`), the bytes are
 //!   looked at again only if the connection did not switch (`ConnState::upgraded`); a tunnel
 //!   is never read as HTTP.
@@ -442,6 +443,12 @@ pub(crate) struct Guard<S> {
     /// A deadline passed: reads end.
     timed_out: bool,
     handback: Option<oneshot::Sender<(S, Refusal)>>,
+    /// A head ended since the connection opened.
+    head_ended: bool,
+    /// Bytes read (and scanned) by [`Guard::first_head`] that hyper has not had yet, and how
+    /// many of them it has had.
+    pending: Vec<u8>,
+    pending_at: usize,
 }
 
 impl<S> Guard<S> {
@@ -479,6 +486,9 @@ impl<S> Guard<S> {
             refused: None,
             timed_out: false,
             handback: Some(tx),
+            head_ended: false,
+            pending: Vec::new(),
+            pending_at: 0,
         };
         (guard, rx)
     }
@@ -574,6 +584,7 @@ impl<S> Guard<S> {
                             return Some((i.saturating_sub(head.bytes), r));
                         }
                         Step::Ended => {
+                            self.head_ended = true;
                             self.deadline = Deadline::None;
                             let head = std::mem::take(head);
                             self.upgrade_after_body = head.upgrade;
@@ -668,6 +679,55 @@ fn chunk_byte(chunk: &mut Chunk, b: u8) -> ChunkStep {
     ChunkStep::More
 }
 
+/// The first read of [`Guard::first_head`]; its buffer then doubles when full, up to the
+/// head limit (and by this much past it, for the bytes that come with a head).
+const FIRST_READ: usize = 1024;
+
+impl<S: AsyncRead + Unpin> Guard<S> {
+    /// Reads the connection's first request head (and what arrives with it) before hyper
+    /// takes the connection, into a buffer that grows only as bytes arrive: hyper's own
+    /// buffers (8 KiB to read and 8 KiB to write, per connection) are made only once a head
+    /// is complete, so a client that connects and sends nothing, or half a head, costs its
+    /// bytes and little more. The bytes are scanned as [`AsyncRead::poll_read`] scans them, and
+    /// handed to hyper first. Returns at the head's end, its refusal, the header deadline, or
+    /// the end of the stream or an error (which hyper's next read then meets).
+    pub(crate) async fn first_head(&mut self) {
+        if !matches!(self.phase, Phase::Head(_)) {
+            return;
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        while !self.head_ended && self.refused.is_none() {
+            if buf.capacity() == buf.len() {
+                // Doubling, but never past the head limit (a head that long is refused).
+                let want = (buf.len() * 2)
+                    .clamp(FIRST_READ, self.max_header_bytes.max(FIRST_READ))
+                    .max(buf.len() + FIRST_READ);
+                buf.reserve_exact(want - buf.len());
+            }
+            let Some(inner) = self.inner.as_mut() else {
+                break;
+            };
+            let before = buf.len();
+            match tokio::time::timeout_at(self.at, inner.read_buf(&mut buf)).await {
+                Err(_) => {
+                    // A slowloris client: hyper gets the end of the stream, nothing else.
+                    self.timed_out = true;
+                    buf = Vec::new();
+                    break;
+                }
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {
+                    if let Some((keep, refusal)) = self.scan(&buf[before..]) {
+                        buf.truncate(before + keep);
+                        self.refused = Some(refusal);
+                    }
+                }
+            }
+        }
+        self.pending = buf;
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -675,6 +735,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.pending_at < this.pending.len() {
+            // What `first_head` read, already scanned.
+            let n = buf.remaining().min(this.pending.len() - this.pending_at);
+            buf.put_slice(&this.pending[this.pending_at..this.pending_at + n]);
+            this.pending_at += n;
+            if this.pending_at == this.pending.len() {
+                this.pending = Vec::new();
+                this.pending_at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         if this.refused.is_some() || this.timed_out {
             // The end of the stream, as far as hyper is concerned.
             return Poll::Ready(Ok(()));

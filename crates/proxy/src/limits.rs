@@ -110,6 +110,9 @@ pub(crate) fn effective_cap(configured: usize, nofile: Option<u64>) -> usize {
 pub(crate) struct ConnState {
     /// Requests being served on it right now.
     busy: AtomicUsize,
+    /// Requests started on it so far (an HTTP/2 connection is idle while this stays put and
+    /// `busy` is 0).
+    started: AtomicUsize,
     /// It was asked to close.
     reclaimed: AtomicBool,
     /// It became a tunnel (a request's protocol switch was answered 101).
@@ -122,7 +125,16 @@ impl ConnState {
     /// A request starts on this connection; it is not idle until the guard is dropped.
     pub(crate) fn busy(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
+        self.started.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
+    }
+
+    /// Whether a request is being served, and how many were started so far.
+    pub(crate) fn activity(&self) -> (bool, usize) {
+        (
+            self.busy.load(Ordering::Relaxed) > 0,
+            self.started.load(Ordering::Relaxed),
+        )
     }
 
     /// The connection is a tunnel from now on.
@@ -199,6 +211,7 @@ impl Slots {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
         let state = Arc::new(ConnState {
             busy: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
             reclaimed: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),
             close: Notify::new(),

@@ -10,6 +10,8 @@
 //!   shutdown it gets one more request (HTTP/1.1) or a GOAWAY (HTTP/2) and the same grace.
 //! - A handshake that takes longer than [`HANDSHAKE_TIMEOUT`] is dropped (a client cannot pin
 //!   a connection slot by never finishing its handshake).
+//! - An HTTP/2 connection with no request in flight for `idle_timeout` gets a GOAWAY and is
+//!   closed (HTTP/1.1's idle deadline is the guard's), as is one the slots ask to close.
 //! - `tls = "files"`: the files are polled; a change that loads replaces the certificate for
 //!   the next handshake, one that does not is logged and shown in status, and the old
 //!   certificate keeps being served.
@@ -34,7 +36,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::certs::{self, Certs, ACME_TLS_ALPN};
 use crate::forward::{self, ProxyBody};
-use crate::limits::Slot;
+use crate::limits::{ConnState, Slot};
 use crate::log;
 use crate::switch::Shared;
 
@@ -151,6 +153,7 @@ pub(crate) async fn connection(
     // The same per-request path as plain HTTP: the slot counts as busy while a request is
     // served (and while an upgraded tunnel is open), and the access log gets a line.
     let slot = Arc::new(slot);
+    let state = slot.state.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         forward::serve_one(shared.clone(), req, client.clone(), slot.clone(), true)
     });
@@ -170,11 +173,19 @@ pub(crate) async fn connection(
     {
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
-        let finished = tokio::select! {
-            _ = conn.as_mut() => true,
-            _ = forward::stopped(&mut stop) => false,
+        // The guard keeps HTTP/1.1's idle deadline; an HTTP/2 connection is watched here.
+        let end = tokio::select! {
+            _ = conn.as_mut() => End::Finished,
+            _ = forward::stopped(&mut stop) => End::Stop,
+            _ = idle_h2(&state, lim.idle_timeout), if !http1 => End::Close,
+            _ = state.close.notified() => End::Close,
         };
-        if !finished {
+        if end == End::Close {
+            // Idle too long, or asked to close by the slots: a GOAWAY (HTTP/2) or `Connection:
+            // close` (HTTP/1.1); a request in flight still finishes.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        } else if end == End::Stop {
             // As over plain HTTP: a keep-alive client gets one more answer (with
             // `Connection: close`); an HTTP/2 client gets a GOAWAY and its open streams finish.
             if tokio::time::timeout(forward::IDLE_CLOSE_AFTER_STOP, conn.as_mut())
@@ -191,6 +202,36 @@ pub(crate) async fn connection(
         Box::pin(crate::guard::answer(stream, refusal)).await;
     }
     drop(done);
+}
+
+/// Why a TLS connection's serving loop ended.
+#[derive(PartialEq, Eq)]
+enum End {
+    Finished,
+    Stop,
+    Close,
+}
+
+/// Resolves once an HTTP/2 connection has had no request in flight and none started for
+/// `idle` (`[proxy] idle_timeout`), at most a tick (a quarter of `idle`, at most 1 s) later.
+/// A response body still streaming does not count (its stream survives the GOAWAY).
+async fn idle_h2(state: &ConnState, idle: Duration) {
+    let tick = (idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    // (requests started, when the connection was first seen idle with that count).
+    let mut idle_since: Option<(usize, tokio::time::Instant)> = None;
+    loop {
+        let (busy, started) = state.activity();
+        match idle_since {
+            _ if busy => idle_since = None,
+            Some((n, at)) if n == started => {
+                if at.elapsed() >= idle {
+                    return;
+                }
+            }
+            _ => idle_since = Some((started, tokio::time::Instant::now())),
+        }
+        tokio::time::sleep(tick).await;
+    }
 }
 
 /// What the plain HTTP listener answers itself when TLS is on, before routing: an ACME

@@ -1,25 +1,21 @@
-//! `tls = "acme"` against a real ACME server: Debian's `pebble`, with `pebble-challtestsrv` as
-//! its DNS server answering 127.0.0.1 for every test domain, both started here. Pebble's own
-//! HTTPS certificate is made by a test CA (the proxy trusts it through `acme_ca_file`); the
-//! certificates the proxy obtains are checked against Pebble's root, fetched from Pebble's
-//! management interface. Pebble settings: `PEBBLE_VA_NOSLEEP=1` (no random validation
-//! delay), `PEBBLE_WFE_NONCEREJECT=0` (no random bad nonces), `certificateValidityPeriod`
-//! short (so that renewal comes during the test), `httpPort`/`tlsPort` pointed at the proxy.
-//! Validation is real (never `PEBBLE_VA_ALWAYS_VALID`).
+//! `tls = "acme"` against a real ACME server: testlab's [`Pebble`] (Debian's `pebble`, with
+//! `pebble-challtestsrv` as its DNS server answering 127.0.0.1 for every test domain) on
+//! loopback, its certificates short-lived so that renewal comes during the test. The proxy
+//! trusts Pebble's own HTTPS certificate through `acme_ca_file`; the certificates it obtains
+//! are checked against Pebble's root, from Pebble's management interface. Validation is real.
 
 #[path = "tls/harness.rs"]
 mod harness;
 mod support;
 
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cutover_proxy::{AcmeConfig, CertificateStatus, TlsMode};
-use harness::{get_once, roots_from_pem, Ca, Http, HttpsLoad, TlsProxy};
+use harness::{get_once, roots_from_pem, Http, HttpsLoad, TlsProxy};
 use support::{Backend, TempDir};
+use testlab::{Pebble, PebbleOptions};
 
 /// A free loopback port (bound, then released).
 fn free_port() -> u16 {
@@ -30,119 +26,28 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Pebble and its DNS server; both killed on drop.
-struct Pebble {
-    pebble: Option<Child>,
-    dns: Child,
-    directory: String,
-    management: SocketAddr,
-    ca: Ca,
-    ca_file: std::path::PathBuf,
+/// testlab's Pebble on loopback, validating HTTP-01 on `http_port` and TLS-ALPN-01 on
+/// `tls_port`, issuing certificates valid for `validity_s` seconds.
+fn pebble(dir: &Path, http_port: u16, tls_port: u16, validity_s: u64) -> Pebble {
+    Pebble::start(
+        &dir.join("pebble"),
+        &PebbleOptions {
+            listen: [127, 0, 0, 1].into(),
+            answer: [127, 0, 0, 1].into(),
+            http_port,
+            tls_port,
+            validity_s,
+        },
+    )
 }
 
-impl Pebble {
-    /// Starts Pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`, issuing
-    /// certificates valid for `validity_s` seconds.
-    fn start(dir: &Path, http_port: u16, tls_port: u16, validity_s: u64) -> Pebble {
-        let ca = Ca::new();
-        let (cert, key, _) = ca.leaf(&["localhost", "127.0.0.1"]);
-        let ca_file = dir.join("pebble-ca.pem");
-        std::fs::write(&ca_file, ca.pem()).unwrap();
-        std::fs::write(dir.join("pebble.crt"), cert).unwrap();
-        std::fs::write(dir.join("pebble.key"), key).unwrap();
-        let (listen, mgmt, dns, dns_mgmt) = (free_port(), free_port(), free_port(), free_port());
-        let config = serde_json::json!({
-            "pebble": {
-                "listenAddress": format!("127.0.0.1:{listen}"),
-                "managementListenAddress": format!("127.0.0.1:{mgmt}"),
-                "certificate": dir.join("pebble.crt"),
-                "privateKey": dir.join("pebble.key"),
-                "httpPort": http_port,
-                "tlsPort": tls_port,
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
-                "certificateValidityPeriod": validity_s,
-            }
-        });
-        std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
-        let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
-        let dns_child = Command::new("pebble-challtestsrv")
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-            .args(["-dns01", &format!("127.0.0.1:{dns}")])
-            .args(["-management", &format!("127.0.0.1:{dns_mgmt}")])
-            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .stdout(log("challtestsrv.log"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pebble-challtestsrv (Debian package pebble) must be installed");
-        let pebble = Command::new("pebble")
-            .arg("-config")
-            .arg(dir.join("pebble.json"))
-            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .stdout(log("pebble.log"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pebble (Debian package pebble) must be installed");
-        let p = Pebble {
-            pebble: Some(pebble),
-            dns: dns_child,
-            directory: format!("https://127.0.0.1:{listen}/dir"),
-            management: format!("127.0.0.1:{mgmt}").parse().unwrap(),
-            ca,
-            ca_file,
-        };
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err()
-            || std::net::TcpStream::connect(p.management).is_err()
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "pebble did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        p
-    }
-
-    /// Pebble's root (the issuer of the certificates it gives), from its management API.
-    async fn root_pem(&self) -> String {
-        let a = get_once(
-            self.management,
-            "localhost",
-            Http::H1,
-            self.ca.roots(),
-            "/roots/0",
-        )
-        .await
-        .unwrap();
-        assert_eq!(a.status, 200, "{a:?}");
-        a.body
-    }
-
-    fn acme(&self, dir: &Path) -> TlsMode {
-        let mut a = AcmeConfig::new(self.directory.clone(), dir.join("acme"));
-        a.email = Some("ops@site.test".into());
-        a.ca_file = Some(self.ca_file.clone());
-        a.retry_after = Duration::from_secs(1);
-        TlsMode::Acme(a)
-    }
-
-    fn kill_pebble(&mut self) {
-        if let Some(mut c) = self.pebble.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Pebble {
-    fn drop(&mut self) {
-        self.kill_pebble();
-        let _ = self.dns.kill();
-        let _ = self.dns.wait();
-    }
+/// `tls = "acme"` against `pebble`, keeping its files in `dir/acme`, retrying after 1 s.
+fn acme(pebble: &Pebble, dir: &Path) -> TlsMode {
+    let mut a = AcmeConfig::new(pebble.directory.clone(), dir.join("acme"));
+    a.email = Some("ops@site.test".into());
+    a.ca_file = Some(pebble.ca_file.clone());
+    a.retry_after = Duration::from_secs(1);
+    TlsMode::Acme(a)
 }
 
 fn now_ms() -> u64 {
@@ -206,11 +111,11 @@ async fn acme_gets_a_certificate_per_domain_and_renews_under_https_load_failing_
     let dir = TempDir::new("acme-issue");
     let (http_port, tls_port) = (free_port(), free_port());
     // Certificates for 30 s: renewal is due 20 s after issuance.
-    let pebble = Pebble::start(dir.path(), http_port, tls_port, 30);
+    let pebble = pebble(dir.path(), http_port, tls_port, 30);
     let blue = Backend::start("blue");
     let proxy = TlsProxy::start(
         dir.path(),
-        pebble.acme(dir.path()),
+        acme(&pebble, dir.path()),
         true,
         (http_port, tls_port),
     );
@@ -239,7 +144,7 @@ async fn acme_gets_a_certificate_per_domain_and_renews_under_https_load_failing_
     assert!(renew_at < not_after, "{a:?}");
 
     // Served over HTTPS, chaining to Pebble's root; each domain has its own certificate.
-    let roots = roots_from_pem(&pebble.root_pem().await);
+    let roots = roots_from_pem(&pebble.root_pem());
     let ra = get_once(proxy.tls_addr, "a.test", Http::H2, roots.clone(), "/")
         .await
         .unwrap();
@@ -301,11 +206,11 @@ async fn acme_retries_over_tls_alpn_and_keeps_the_last_certificate_when_the_ca_i
     // Pebble validates HTTP-01 on a port nobody listens on: the first order fails, the retry
     // (TLS-ALPN-01, on the proxy's TLS port) succeeds. Certificates for 30 s.
     let dead_port = free_port();
-    let mut pebble = Pebble::start(dir.path(), dead_port, tls_port, 30);
+    let mut pebble = pebble(dir.path(), dead_port, tls_port, 30);
     let blue = Backend::start("blue");
     let proxy = TlsProxy::start(
         dir.path(),
-        pebble.acme(dir.path()),
+        acme(&pebble, dir.path()),
         false,
         (proxy_http, tls_port),
     );
@@ -333,7 +238,7 @@ async fn acme_retries_over_tls_alpn_and_keeps_the_last_certificate_when_the_ca_i
     )
     .await;
     assert_eq!(got.last_error, None);
-    let roots = roots_from_pem(&pebble.root_pem().await);
+    let roots = roots_from_pem(&pebble.root_pem());
     let first = get_once(proxy.tls_addr, "c.test", Http::H2, roots.clone(), "/")
         .await
         .unwrap();
@@ -341,7 +246,7 @@ async fn acme_retries_over_tls_alpn_and_keeps_the_last_certificate_when_the_ca_i
 
     // The CA goes away; the renewal fails, status says why and when it retries, and the last
     // certificate keeps being served.
-    pebble.kill_pebble();
+    pebble.kill();
     let renew_at = got.renew_at_ms.unwrap();
     let limit = Duration::from_millis(renew_at.saturating_sub(now_ms()) + 10_000);
     let down = wait_cert(&proxy, "c.test", "the failed renewal", limit, |c| {

@@ -9,8 +9,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use cutover_proxy::TlsMode;
-use harness::{get_once, raw_tls, Ca, Http, HttpsLoad, TlsProxy};
+use cutover_proxy::{Limits, TlsMode};
+use harness::{get_once, raw_tls, Ca, Client, Http, HttpsLoad, TlsProxy};
 use hyper::Version;
 use support::{Backend, TempDir};
 
@@ -309,4 +309,55 @@ fn h2load_counts(text: &str) -> (u64, u64) {
         done,
         n("failed") + n("errored") + n("timeout") + done - n("succeeded"),
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_idle_timeout_but_not_while_busy() {
+    let dir = TempDir::new("tls-h2-idle");
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    let blue = Backend::start("blue");
+    let idle = Duration::from_secs(3);
+    let proxy = TlsProxy::start_limited(
+        dir.path(),
+        files_mode(dir.path()),
+        Limits {
+            idle_timeout: idle,
+            ..Limits::default()
+        },
+    );
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+    let mut client = Client::new(proxy.tls_addr, "site.test", Http::H2, ca.roots());
+
+    // A request longer than the idle timeout: the connection is busy, not idle.
+    let slow = client.get("/slow/5000", true).await.unwrap();
+    assert_eq!((slow.status, slow.body.as_str()), (200, "blue\n"));
+    assert!(!client.is_closed(), "closed during a slow request");
+    // Requests closer together than the timeout keep it open, for longer than the timeout.
+    let t = Instant::now();
+    while t.elapsed() < idle + Duration::from_secs(1) {
+        let a = client.get("/", true).await.unwrap();
+        assert_eq!((a.status, a.body.as_str()), (200, "blue\n"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(client.connects, 1);
+    // Idle: a GOAWAY and the end of the connection, not at once.
+    let t = Instant::now();
+    until(
+        "the idle HTTP/2 connection to close",
+        Duration::from_secs(60),
+        || std::future::ready(client.is_closed()),
+    )
+    .await;
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
+    eprintln!(
+        "idle HTTP/2 connection closed {:?} after its last request",
+        t.elapsed()
+    );
+    // A new connection is served.
+    let again = get_once(proxy.tls_addr, "site.test", Http::H2, ca.roots(), "/")
+        .await
+        .unwrap();
+    assert_eq!(again.status, 200);
 }

@@ -618,6 +618,14 @@ impl Lab {
         self.host(i).ip
     }
 
+    /// The root namespace's side of host i's veth: an address of this machine that host i
+    /// reaches (e.g. for a service the test runs for it, such as [`crate::Pebble`]).
+    pub fn gateway(&self, i: usize) -> Ipv4Addr {
+        self.host(i);
+        let (b, j) = block_of(i);
+        Ipv4Addr::new(10, b, self.num, (4 * j + 1) as u8)
+    }
+
     /// nginx of host i (port 80), reachable from the root namespace.
     pub fn http_addr(&self, i: usize) -> SocketAddr {
         SocketAddr::new(self.ip(i).into(), 80)

@@ -9,6 +9,8 @@
 //! locally from Debian's busybox-static ([`Lab::build_web_image`]) and
 //! pushed there, never pulled from the internet.
 //!
+//! [`Pebble`] is a real ACME server (Debian's pebble) for the proxy's `tls = "acme"` tests.
+//!
 //! [`Browser`] is a headless chromium under Debian's chromedriver, driven over WebDriver
 //! (fantoccini) with blocking calls, for the panel's tests and screenshots.
 
@@ -17,11 +19,13 @@ mod claim;
 pub mod hostile;
 mod lab;
 mod load;
+pub mod pebble;
 mod sys;
 
 pub use browser::Browser;
 pub use lab::{Lab, LabOptions};
 pub use load::{Load, LoadOptions, LoadReport, RequestSample};
+pub use pebble::{Pebble, PebbleOptions};
 
 /// Cleans up after labs whose test process died without dropping them
 /// (e.g. killed by a test timeout): kills their processes, deletes their

@@ -1,11 +1,16 @@
-//! `[proxy] tls = "files"` end to end: `cutover setup` carries the TLS settings to the host's
-//! proxy, a container app deployed through it is served over HTTPS with HTTP/2 and HTTP/1.1
-//! (curl, trusting a test CA made here with rcgen), plain HTTP from outside the host is
-//! redirected (cutover's own verification, from the host, is not), and `cutover status`
-//! shows the certificate.
+//! `[proxy] tls` end to end. `tls = "files"`: `cutover setup` carries the TLS settings to the
+//! host's proxy, a container app deployed through it is served over HTTPS with HTTP/2 and
+//! HTTP/1.1 (curl, trusting a test CA made here with rcgen), plain HTTP from outside the host
+//! is redirected (cutover's own verification, from the host, is not), and `cutover status`
+//! shows the certificate. `tls = "acme"`: the same path against a real ACME server (testlab's
+//! [`Pebble`], listening on the root side of the host's veth, validating against the host's
+//! proxy), one certificate per app domain, and a failing order shown by `cutover status`.
 
-use crate::world::World;
+use crate::world::{World, PROXY_PORT};
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::time::{Duration, Instant};
+use testlab::{Pebble, PebbleOptions};
 
 /// A test CA and a leaf for `site.test` in `dir`: (ca.pem, cert.pem, key.pem).
 fn certificates(dir: &std::path::Path) -> (String, String, String) {
@@ -31,12 +36,13 @@ fn certificates(dir: &std::path::Path) -> (String, String, String) {
     (path("ca.pem"), path("cert.pem"), path("key.pem"))
 }
 
-/// `curl` over HTTPS to host `ip`: the body and the HTTP version, or curl's error.
-fn curl(ip: std::net::Ipv4Addr, ca: &str, http: &str) -> String {
+/// `curl` over HTTPS to `domain` on host `ip` (port 8443): the body and the HTTP version, or
+/// curl's error.
+fn curl(ip: std::net::Ipv4Addr, domain: &str, ca: &str, http: &str) -> String {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "5", http, "--cacert", ca])
-        .args(["--resolve", &format!("site.test:8443:{ip}")])
-        .args(["-w", " %{http_version}", "https://site.test:8443/"])
+        .args(["--resolve", &format!("{domain}:8443:{ip}")])
+        .args(["-w", " %{http_version}", &format!("https://{domain}:8443/")])
         .output()
         .expect("curl");
     format!(
@@ -60,8 +66,8 @@ fn a_tls_files_app_is_served_over_https_h2_and_h1_and_plain_http_is_redirected()
     w.image("t1", true);
     w.deploy_ok("t1");
     let ip = w.lab().ip(0);
-    assert_eq!(curl(ip, &ca, "--http2"), "t1\n 2");
-    assert_eq!(curl(ip, &ca, "--http1.1"), "t1\n 1.1");
+    assert_eq!(curl(ip, "site.test", &ca, "--http2"), "t1\n 2");
+    assert_eq!(curl(ip, "site.test", &ca, "--http1.1"), "t1\n 1.1");
     // From outside the host, plain HTTP is redirected to https.
     assert!(
         w.get(0, "/").starts_with("HTTP HTTP/1.1 308"),
@@ -76,4 +82,159 @@ fn a_tls_files_app_is_served_over_https_h2_and_h1_and_plain_http_is_redirected()
         s.stdout
     );
     let _ = std::fs::remove_dir_all(&certs);
+}
+
+/// Polls `f` every 200 ms until it returns `Some`, or panics after `limit` with `what` and
+/// the last value seen.
+fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let t = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if t.elapsed() > limit => panic!("timed out waiting for {what}: {last}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Switches the world's config to app `app` serving `domain` (same host, same proxy).
+fn app_with_domain(w: &World, app: &str, domain: &str, acme: &[(&str, String)]) {
+    let (app, domain) = (app.to_string(), domain.to_string());
+    let acme: Vec<(String, String)> = acme
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    w.configure(move |t| {
+        t.set_str("", "app", &app)
+            .set_str("container", "domain", &domain);
+        for (k, v) in &acme {
+            t.set("proxy", k, v);
+        }
+    });
+}
+
+#[test]
+fn an_acme_app_gets_a_certificate_per_domain_from_pebble_and_a_failing_order_shows_in_status() {
+    let w = World::containers(1, "blue-green").start();
+    let (ip, gateway) = (w.lab().ip(0), w.lab().gateway(0));
+    // Pebble on this machine's side of the host's veth; every name resolves to the host,
+    // whose proxy answers HTTP-01 on its plain port and TLS-ALPN-01 on 8443.
+    let mut pebble = Pebble::start(
+        &w.dir.join("pebble"),
+        &PebbleOptions {
+            listen: gateway.into(),
+            answer: ip,
+            http_port: PROXY_PORT,
+            tls_port: 8443,
+            validity_s: 86_400,
+        },
+    );
+    let acme = [
+        ("tls", "\"acme\"".to_string()),
+        ("acme_email", "\"ops@site.test\"".to_string()),
+        ("acme_directory", format!("{:?}", pebble.directory)),
+        (
+            "acme_ca_file",
+            format!("{:?}", pebble.ca_file.display().to_string()),
+        ),
+        ("listen_tls", "\"0.0.0.0:8443\"".to_string()),
+        ("redirect_http", "true".to_string()),
+    ];
+    // TLS is turned on for a host already set up: `setup` again restarts its proxy.
+    app_with_domain(&w, "web", "a.test", &acme);
+    let r = w.run(&["setup"]);
+    assert_eq!(r.code, 0, "setup: {}{}", r.stdout, r.stderr);
+    w.image("t1", true);
+    w.deploy_ok("t1");
+    // A second app on the same host, with a domain of its own.
+    app_with_domain(&w, "api", "b.test", &acme);
+    w.deploy_ok("t1");
+
+    // Served over HTTPS with certificates chaining to Pebble's root (curl checks the chain and
+    // the name), as soon as the orders complete.
+    let root = w.dir.join("pebble-root.pem");
+    std::fs::write(&root, pebble.root_pem()).unwrap();
+    let root = root.display().to_string();
+    for (domain, http, want) in [
+        ("a.test", "--http2", "t1\n 2"),
+        ("b.test", "--http1.1", "t1\n 1.1"),
+    ] {
+        wait_for(Duration::from_secs(90), domain, || {
+            let got = curl(ip, domain, &root, http);
+            if got == want {
+                Ok(())
+            } else {
+                Err(got)
+            }
+        });
+    }
+    // Each domain has its own key and certificate: 0600 in a 0700 directory under
+    // install_dir, with the account.
+    let dir = w.lab().srv_dir(0).join("cutover/acme");
+    let mode = |f: &str| {
+        std::fs::metadata(dir.join(f))
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700);
+    for f in [
+        "a.test.key",
+        "a.test.crt",
+        "b.test.key",
+        "b.test.crt",
+        "account.json",
+    ] {
+        assert_eq!(mode(f), 0o600, "{f}");
+    }
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    assert_ne!(read("a.test.crt"), read("b.test.crt"));
+    assert_ne!(read("a.test.key"), read("b.test.key"));
+    let s = w.run(&["status"]);
+    // Pebble's certificates here last a day: renewal is due with a third of it left.
+    let host = w.lab().destination(0);
+    let line = s
+        .stdout
+        .lines()
+        .find(|l| l.contains("certificate b.test (acme): "))
+        .unwrap_or_else(|| panic!("{}", s.stdout))
+        .trim();
+    let (expiry, renewal) = line
+        .strip_prefix(&format!(
+            "{host}: certificate b.test (acme): expires in 23h "
+        ))
+        .and_then(|l| l.split_once(", renewal in "))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        expiry.ends_with('m') && (renewal.starts_with("15h ") || renewal.starts_with("16h ")),
+        "{line}"
+    );
+
+    // The CA goes down; a third domain's order fails: `cutover status` says what failed and
+    // when it is tried again, and the domains served so far keep their certificates.
+    pebble.kill();
+    app_with_domain(&w, "third", "c.test", &acme);
+    w.deploy_ok("t1");
+    let line = wait_for(Duration::from_secs(60), "the failed order", || {
+        let s = w.run(&["status"]);
+        s.stdout
+            .lines()
+            .find(|l| l.contains("certificate c.test (acme): none yet; FAILED "))
+            .map(|l| l.trim().to_string())
+            .ok_or(s.stdout)
+    });
+    assert!(
+        line.starts_with(&format!(
+            "{host}: certificate c.test (acme): none yet; FAILED "
+        )),
+        "{line}"
+    );
+    let (_, why) = line
+        .split_once(" ago: ")
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(why.starts_with("new order: "), "{line}");
+    assert!(why.contains("onnection refused"), "{line}");
+    assert!(why.contains("; next try in "), "{line}");
+    assert_eq!(curl(ip, "a.test", &root, "--http2"), "t1\n 2");
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cutover_proxy::{
-    bind_control, control_request, serve_with_tls, DeployOptions, DeployRequest, ProxyConfig,
-    Request, Response, StatusReport, TlsMode,
+    bind_control, control_request, serve_with_tls, DeployOptions, DeployRequest, Limits,
+    ProxyConfig, Request, Response, StatusReport, TlsMode,
 };
 use http_body_util::{BodyExt, Empty};
 use hyper::Version;
@@ -36,12 +36,17 @@ impl TlsProxy {
     /// Starts a proxy with `tls` and `redirect_http`; `ports` are the plain and TLS ports
     /// to bind (0: any).
     pub fn start(dir: &Path, tls: TlsMode, redirect_http: bool, ports: (u16, u16)) -> TlsProxy {
-        TlsProxy::start_with(dir, tls, redirect_http, ports, "127.0.0.1")
+        TlsProxy::start_with(dir, tls, redirect_http, ports, "127.0.0.1", None)
+    }
+
+    /// [`TlsProxy::start`] on any ports, with `limits`.
+    pub fn start_limited(dir: &Path, tls: TlsMode, limits: Limits) -> TlsProxy {
+        TlsProxy::start_with(dir, tls, false, (0, 0), "127.0.0.1", Some(limits))
     }
 
     /// [`TlsProxy::start`] on any port of `ip` (`addr` and `tls_addr` are then on loopback).
     pub fn start_on(dir: &Path, tls: TlsMode, redirect_http: bool, ip: &str) -> TlsProxy {
-        let mut p = TlsProxy::start_with(dir, tls, redirect_http, (0, 0), ip);
+        let mut p = TlsProxy::start_with(dir, tls, redirect_http, (0, 0), ip, None);
         p.addr.set_ip([127, 0, 0, 1].into());
         p.tls_addr.set_ip([127, 0, 0, 1].into());
         p
@@ -53,6 +58,7 @@ impl TlsProxy {
         redirect_http: bool,
         ports: (u16, u16),
         ip: &str,
+        limits: Option<Limits>,
     ) -> TlsProxy {
         let ip = ip.to_string();
         let socket = dir.join("proxy.sock");
@@ -80,6 +86,9 @@ impl TlsProxy {
                 config.tls = tls;
                 config.listen_tls = tls_addr;
                 config.redirect_http = redirect_http;
+                if let Some(l) = limits {
+                    config.limits = l;
+                }
                 let r = serve_with_tls(config, plain, Some(tls_l), control, async {
                     let _ = tx.send((addr, tls_addr));
                     let _ = stop_rx.await;
@@ -257,6 +266,8 @@ pub struct Client {
     http: Http,
     roots: Arc<RootCertStore>,
     conn: Option<(Sender, CertificateDer<'static>)>,
+    /// Connections opened so far.
+    pub connects: usize,
 }
 
 impl Client {
@@ -267,6 +278,17 @@ impl Client {
             http,
             roots,
             conn: None,
+            connects: 0,
+        }
+    }
+
+    /// Whether the client's connection was closed (by the server: a GOAWAY, or the end of
+    /// the stream); true with no connection.
+    pub fn is_closed(&self) -> bool {
+        match &self.conn {
+            None => true,
+            Some((Sender::H1(s), _)) => s.is_closed(),
+            Some((Sender::H2(s), _)) => s.is_closed(),
         }
     }
 
@@ -325,6 +347,7 @@ impl Client {
     pub async fn get(&mut self, path: &str, keep: bool) -> Result<Answer, String> {
         if self.conn.is_none() {
             self.conn = Some(self.connect().await?);
+            self.connects += 1;
         }
         let (sender, leaf) = self.conn.as_mut().unwrap();
         let leaf = leaf.clone();
