@@ -4,7 +4,9 @@
 //! or borrowed signature, an unknown app, another provider and an oversized body each get
 //! the contract's answer and change nothing; a redelivery runs nothing; the newest of two
 //! pushes during a run wins and the older waiting one is dropped and recorded; the secret
-//! is nowhere in the server's log or data directory.
+//! is nowhere in the server's log or data directory. A GitLab merge request (`X-Gitlab-Token`)
+//! builds a preview served by the edge proxy, with GitLab's commit statuses, and its close
+//! removes it.
 
 use crate::world::World;
 use serde_json::{json, Value};
@@ -423,6 +425,8 @@ fn signed_pushes_deploy_the_pushed_sha_and_everything_else_is_refused() {
 
 #[test]
 fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
+    use crate::previews::{get_as, preview_dirs, proxy_addr, proxy_services};
+    // The edge proxy (installed by `cutover setup`) serves the GitLab merge request's preview.
     let w = World::files(1)
         .git()
         .lines(
@@ -433,7 +437,18 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
             "webhook",
             "provider = \"gitea\"\nsecret_env = \"SITE_HOOK_SECRET\"\nbranch = \"main\"",
         )
+        .config(|t| {
+            t.set_str(
+                "proxy",
+                "listen",
+                format!("0.0.0.0:{}", crate::world::PROXY_PORT),
+            )
+            .lines("proxy", "drain = \"2s\"\ninstall_dir = \"/srv/cutover\"")
+            .lines("preview", "domain = \"preview.test\"");
+        })
         .start();
+    let r = w.run(&["setup", "--json"]);
+    assert_eq!(r.code, 0, "setup: {} {}", r.stdout, r.stderr);
     let zero = "0".repeat(40);
     let c1 = w.commit("First page", &[("index.html", "v1\n"), ("up", "ok\n")]);
     w.push();
@@ -492,7 +507,7 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
                 "provider = \"gitlab\"\nstatus_token_env = \"SITE_FORGE_TOKEN\"\napi_url = \"http://{}/api/v4\"",
                 forge.addr
             ),
-        ) + "\n[preview]\ndomain = \"preview.test\"\n",
+        ),
     )
     .unwrap();
     let s = Server::start_with(&w, &[("SITE_FORGE_TOKEN", token)]);
@@ -572,7 +587,8 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
             "event_type": "merge_request",
             "project": {"id": 15, "path_with_namespace": "acme/site"},
             "object_attributes": {
-                "iid": 7, "action": action, "state": "opened", "oldrev": oldrev,
+                "iid": 7, "action": action, "oldrev": oldrev,
+                "state": if action == "close" { "closed" } else { "opened" },
                 "source_branch": "feature", "target_branch": "main",
                 "last_commit": {"id": c3, "message": "Third page"},
             },
@@ -611,6 +627,56 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
         count(&w, "SELECT COUNT(*) FROM audit WHERE action = 'webhook refused' AND who = 'webhook:gitlab'"),
         3
     );
+
+    // Opened from the project itself: the head (c3) is built from the repository and served
+    // by the proxy at the preview's host name, with `pending` then `success` (the preview's
+    // URL) on c3; closed: the preview is torn down, nothing of it left on the host.
+    let (st, b) = s.post(hook, &mr_hook(SECRET, "m4"), mr("open", "acme/site", None));
+    assert_eq!(st, 202, "{b}");
+    wait_no_open_run(&w, 3);
+    let preview = "pr-7-site.preview.test";
+    let proxy = proxy_addr(&w);
+    assert_eq!(get_as(proxy, preview), "v3");
+    assert_eq!(w.served(0), "v2", "production is untouched");
+    let (app, sha): (String, String) = w
+        .db()
+        .query_row(
+            "SELECT app, commit_sha FROM releases ORDER BY created_at DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((app.as_str(), sha.as_str()), ("site-pr-7", c3.as_str()));
+    let calls = forge.calls(4);
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    for (line, auth, _) in &calls[2..] {
+        assert_eq!(
+            line,
+            &format!("POST /api/v4/projects/15/statuses/{c3} HTTP/1.1")
+        );
+        assert_eq!(auth, &format!("PRIVATE-TOKEN {token}"));
+    }
+    assert_eq!(
+        (calls[2].2["state"].as_str(), calls[2].2["name"].as_str()),
+        (Some("pending"), Some("cutover"))
+    );
+    assert_eq!(calls[3].2["state"], "success", "{calls:?}");
+    assert_eq!(calls[3].2["target_url"], format!("http://{preview}"));
+    assert_eq!(
+        calls[3].2["description"],
+        format!("{} is served at http://{preview}", &c3[..7])
+    );
+    let (st, b) = s.post(hook, &mr_hook(SECRET, "m5"), mr("close", "acme/site", None));
+    assert_eq!((st, &b["removing"]), (202, &json!(7)), "{b}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count(&w, "SELECT COUNT(*) FROM previews WHERE state = 'removed'") != 1 {
+        assert!(Instant::now() < deadline, "the preview was not removed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(preview_dirs(&w), Vec::<String>::new());
+    assert_eq!(proxy_services(&w), Vec::<Value>::new());
+    assert_eq!(get_as(proxy, preview), "HTTP HTTP/1.1 404 Not Found");
+    assert_eq!(w.served(0), "v2");
     assert!(!s.log().contains(token), "the server's log holds the token");
     drop(s);
 
