@@ -2,7 +2,9 @@
 //! `[build]` ships a git repository's tree as it is (no build command) and a GitHub
 //! `[webhook]`: from a signed `push` delivery's POST to the host serving the pushed commit;
 //! the HMAC-SHA256 check's throughput (ring, the server's primitive); and a flood of forged
-//! deliveries (refused per second) with a genuine push in the middle of it, still deployed.
+//! deliveries (refused per second) with a genuine push in the middle of it, still deployed;
+//! and from a signed `pull_request` `opened` delivery to the new preview serving the head at its
+//! host name through the host's edge proxy (a files preview, the proxy's static target).
 
 use crate::harness::World;
 use crate::report::{self, spread, Section};
@@ -25,7 +27,14 @@ serving*: the bench commits a new `version` (and `index.html`, `up`), pushes it,
 delivery signed with HMAC-SHA256 (`X-Hub-Signature-256`) naming the full SHA, and polls the host's \
 `GET /version` every 10 ms until it answers the commit's label; timed from the POST; *answered \
 after* is the server's 202. The second row restarts the server on the same config with a build \
-command (copying the three files into `out/`, the release's `output`). *HMAC-SHA256 verify* is ring's `hmac::verify` (what the server runs) \
+command (copying the three files into `out/`, the release's `output`). *`pull_request` opened → \
+preview serves*: the config also has `[proxy]` (cutover's edge proxy on the host's port 8000, \
+installed by `cutover setup`) and `[preview] domain = \"preview.bench\"`; on the first server (no \
+build step) the bench commits and pushes a new labelled commit, POSTs a signed `pull_request` \
+`opened` delivery of a new pull request whose head is that SHA, and polls `GET /version` on the \
+proxy with `Host: pr-<n>-site.preview.bench` every 10 ms until it answers the label: the preview \
+app `site-pr-<n>`'s first release, built from the repository, its route added to the proxy, \
+served by the proxy as a static target. *HMAC-SHA256 verify* is ring's `hmac::verify` (what the server runs) \
 in the bench process over a 2 KiB push body and a 5 MiB one (the largest accepted), for 1 s each. \
 *Forged flood*: 8 client threads, each on its own keep-alive connection, POST a 2 KiB push body \
 with a wrong signature as fast as they are answered, for 6 s (3 s with `--quick`); each refusal is \
@@ -139,13 +148,14 @@ fn push_body(after: &str) -> Vec<u8> {
 /// One POST on a keep-alive connection: the status and the body.
 fn post(
     conn: &mut BufReader<TcpStream>,
+    event: &str,
     delivery: &str,
     signature: &str,
     body: &[u8],
 ) -> Result<(u16, String)> {
     let head = format!(
         "POST /hooks/github/site HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
-         X-GitHub-Event: push\r\nX-GitHub-Delivery: {delivery}\r\n\
+         X-GitHub-Event: {event}\r\nX-GitHub-Delivery: {delivery}\r\n\
          X-Hub-Signature-256: sha256={signature}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
@@ -193,6 +203,7 @@ fn genuine_push(world: &World, s: &Server, repo: &Repo, label: &str) -> Result<G
     let t = Instant::now();
     let (status, answer) = post(
         &mut conn,
+        "push",
         &format!("d-{label}"),
         &sign(SECRET, &body),
         &body,
@@ -212,6 +223,74 @@ fn genuine_push(world: &World, s: &Server, repo: &Repo, label: &str) -> Result<G
         t.elapsed().as_secs_f64() * 1000.0,
         format!("{status} {answer}"),
     ))
+}
+
+/// Where the bench's previews are served: `pr-<n>-site.<PREVIEW_DOMAIN>` on the host's edge
+/// proxy (`[proxy] listen`).
+const PREVIEW_DOMAIN: &str = "preview.bench";
+const PROXY_PORT: u16 = 8000;
+
+/// `GET path` of `addr` with `Host: host`: the body on a 200.
+fn get_as(addr: SocketAddr, host: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut b = String::new();
+    s.read_to_string(&mut b).ok()?;
+    let (head, body) = b.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.trim().to_string())
+}
+
+/// A `pull_request` event as GitHub sends it (the fields cutover reads, and a few more).
+fn pull_request_body(action: &str, number: u64, head: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "action": action,
+        "number": number,
+        "pull_request": {
+            "number": number, "state": "open", "merged": false, "labels": [],
+            "head": {"ref": format!("feature-{number}"), "sha": head, "repo": {"full_name": "acme/site"}},
+            "base": {"ref": "main", "sha": "0".repeat(40), "repo": {"full_name": "acme/site"}},
+        },
+        "repository": {"full_name": "acme/site"},
+        "sender": {"login": "ada"},
+    }))
+    .unwrap_or_default()
+}
+
+/// Pull request `number` opened on a new commit labelled `label`, delivered signed: (POST →
+/// answer ms, POST → its preview serves the commit's `/version` at its host name through the
+/// edge proxy, ms).
+fn preview_opened(world: &World, s: &Server, repo: &Repo, number: u64) -> Result<(f64, f64)> {
+    let label = format!("pr{number}");
+    let sha = repo.commit(&label)?;
+    let body = pull_request_body("opened", number, &sha);
+    let host = format!("pr-{number}-site.{PREVIEW_DOMAIN}");
+    let proxy = SocketAddr::new(world.lab.ip(0).into(), PROXY_PORT);
+    let mut conn = connect(s.addr)?;
+    let t = Instant::now();
+    let (status, answer) = post(
+        &mut conn,
+        "pull_request",
+        &format!("pr-{number}"),
+        &sign(SECRET, &body),
+        &body,
+    )?;
+    let answered = t.elapsed().as_secs_f64() * 1000.0;
+    if status != 202 {
+        bail!("pull request #{number} opened got {status}: {answer}");
+    }
+    while get_as(proxy, &host, "/version").as_deref() != Some(label.as_str()) {
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("the preview of #{number} did not serve {label} 120 s after the delivery");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((answered, t.elapsed().as_secs_f64() * 1000.0))
 }
 
 /// ring's HMAC-SHA256 verify over `size` bytes for about 1 s: verifications per second.
@@ -252,7 +331,7 @@ fn flood(world: &World, s: &Server, repo: &Repo, secs: u64) -> Result<(u64, u64,
                     };
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
-                        match post(&mut c, &format!("forged-{k}-{n}"), &sig, &body) {
+                        match post(&mut c, "push", &format!("forged-{k}-{n}"), &sig, &body) {
                             Ok((401, _)) => refused.fetch_add(1, Ordering::Relaxed),
                             Ok(_) => other.fetch_add(1, Ordering::Relaxed),
                             Err(_) => {
@@ -300,10 +379,22 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     std::fs::write(
         &world.config,
         format!(
-            "{config}\n[build]\nrepo = {:?}\n\n[webhook]\nprovider = \"github\"\nsecret_env = \"BENCH_HOOK_SECRET\"\nbranch = \"main\"\n",
+            "{config}\n[build]\nrepo = {:?}\n\n[webhook]\nprovider = \"github\"\nsecret_env = \"BENCH_HOOK_SECRET\"\nbranch = \"main\"\n\n\
+             [proxy]\nlisten = \"0.0.0.0:{PROXY_PORT}\"\ninstall_dir = \"/srv/cutover\"\n\n\
+             [preview]\ndomain = \"{PREVIEW_DOMAIN}\"\nmax = 50\n",
             origin.display().to_string()
         ),
     )?;
+    // The edge proxy that serves the files app's previews, on the host.
+    let out = world.cutover(&["setup", "--json"]).output()?;
+    if !out.status.success() {
+        bail!(
+            "cutover setup exited with {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let s = serve(&world)?;
     let n = if ctx.quick { 3 } else { 10 };
     let (mut answered, mut serving) = (Vec::new(), Vec::new());
@@ -314,6 +405,13 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         let (a, t, _) = genuine_push(&world, &s, &repo, &format!("v{k}"))?;
         answered.push(a);
         serving.push(t);
+    }
+    let (mut pr_answered, mut pr_serving) = (Vec::new(), Vec::new());
+    for k in 1..=n as u64 {
+        eprintln!("[webhooks] pull request {k}/{n} opened");
+        let (a, t) = preview_opened(&world, &s, &repo, k)?;
+        pr_answered.push(a);
+        pr_serving.push(t);
     }
     // The same with a small build step: the server restarted on the config with a command.
     drop(s);
@@ -361,6 +459,12 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
                 n.to_string(),
                 cell(&built_answered),
                 cell(&built_serving),
+            ],
+            vec![
+                "`pull_request` opened → its new preview serves the head (no build step; the edge proxy's static target)".into(),
+                n.to_string(),
+                cell(&pr_answered),
+                cell(&pr_serving),
             ],
         ],
     ));
@@ -412,6 +516,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         "push_answered_ms": answered,
         "push_to_serving_ms": serving,
         "with_build": {"push_answered_ms": built_answered, "push_to_serving_ms": built_serving},
+        "preview_opened": {"answered_ms": pr_answered, "to_serving_ms": pr_serving},
         "verify_per_s": {"2KiB": small, "5MiB": large},
         "flood": {"seconds": took, "refused": refused, "other": other,
                   "genuine": {"answered_ms": g_answered, "serving_ms": g_serving, "answer": g_answer}},
