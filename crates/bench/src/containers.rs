@@ -144,7 +144,8 @@ give_up_after = "10s"
             .with_context(|| format!("writing {}", self.config.display()))
     }
 
-    fn cutover(&self, args: &[&str]) -> Command {
+    /// `cutover ARGS -c <config> --data <data dir>`, stdin null.
+    pub(crate) fn cutover(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.cutover);
         c.args(args)
             .arg("-c")

@@ -34,7 +34,13 @@ build step) the bench commits and pushes a new labelled commit, POSTs a signed `
 `opened` delivery of a new pull request whose head is that SHA, and polls `GET /version` on the \
 proxy with `Host: pr-<n>-site.preview.bench` every 10 ms until it answers the label: the preview \
 app `site-pr-<n>`'s first release, built from the repository, its route added to the proxy, \
-served by the proxy as a static target. *HMAC-SHA256 verify* is ring's `hmac::verify` (what the server runs) \
+served by the proxy as a static target. The container row does the same on a lab of its own: \
+one Docker host with cutover's edge proxy (`cutover setup`), the app `web` built by the server \
+(its docker CLI on the host's dockerd) from a repository holding a `Dockerfile` (`FROM scratch`, \
+a static busybox serving `/www`) and the labelled files, pushed to the lab's registry, deployed \
+as the preview's first container (blue-green gate through the proxy) and polled through the proxy \
+with `Host: pr-<n>-web.preview.bench`; the first pull request (cloning the repository into the \
+server's mirror) is untimed. *HMAC-SHA256 verify* is ring's `hmac::verify` (what the server runs) \
 in the bench process over a 2 KiB push body and a 5 MiB one (the largest accepted), for 1 s each. \
 *Forged flood*: 8 client threads, each on its own keep-alive connection, POST a 2 KiB push body \
 with a wrong signature as fast as they are answered, for 6 s (3 s with `--quick`); each refusal is \
@@ -58,10 +64,14 @@ impl Drop for Server {
 }
 
 fn serve(world: &World) -> Result<Server> {
+    serve_with(|args| world.cutover(args))
+}
+
+/// `cutover serve` from the command `cutover` makes of its arguments.
+fn serve_with(cutover: impl Fn(&[&str]) -> Command) -> Result<Server> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let child = world
-        .cutover(&["serve", "--listen", &addr.to_string()])
+    let child = cutover(&["serve", "--listen", &addr.to_string()])
         .env("BENCH_HOOK_SECRET", SECRET)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -94,6 +104,9 @@ fn git(dir: &Path, args: &[&str]) -> Result<String> {
 /// The app's repository: a bare origin and a work tree.
 struct Repo {
     work: std::path::PathBuf,
+    /// Where a commit's `version`, `index.html` and `up` go (the work tree, or an image's
+    /// `rootfs/www`).
+    www: std::path::PathBuf,
 }
 
 impl Repo {
@@ -107,13 +120,19 @@ impl Repo {
             &work,
             &["remote", "add", "origin", &origin.display().to_string()],
         )?;
-        Ok((Repo { work }, origin))
+        Ok((
+            Repo {
+                www: work.clone(),
+                work,
+            },
+            origin,
+        ))
     }
 
     /// Commits a page labelled `label` and pushes it: the full SHA.
     fn commit(&self, label: &str) -> Result<String> {
         for (name, text) in [("version", label), ("index.html", label), ("up", "ok")] {
-            std::fs::write(self.work.join(name), format!("{text}\n"))?;
+            std::fs::write(self.www.join(name), format!("{text}\n"))?;
         }
         git(&self.work, &["add", "-A"])?;
         git(&self.work, &["commit", "-q", "-m", label])?;
@@ -148,13 +167,14 @@ fn push_body(after: &str) -> Vec<u8> {
 /// One POST on a keep-alive connection: the status and the body.
 fn post(
     conn: &mut BufReader<TcpStream>,
+    app: &str,
     event: &str,
     delivery: &str,
     signature: &str,
     body: &[u8],
 ) -> Result<(u16, String)> {
     let head = format!(
-        "POST /hooks/github/site HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
+        "POST /hooks/github/{app} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
          X-GitHub-Event: {event}\r\nX-GitHub-Delivery: {delivery}\r\n\
          X-Hub-Signature-256: sha256={signature}\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -203,6 +223,7 @@ fn genuine_push(world: &World, s: &Server, repo: &Repo, label: &str) -> Result<G
     let t = Instant::now();
     let (status, answer) = post(
         &mut conn,
+        "site",
         "push",
         &format!("d-{label}"),
         &sign(SECRET, &body),
@@ -265,16 +286,22 @@ fn pull_request_body(action: &str, number: u64, head: &str) -> Vec<u8> {
 /// Pull request `number` opened on a new commit labelled `label`, delivered signed: (POST →
 /// answer ms, POST → its preview serves the commit's `/version` at its host name through the
 /// edge proxy, ms).
-fn preview_opened(world: &World, s: &Server, repo: &Repo, number: u64) -> Result<(f64, f64)> {
+fn preview_opened(
+    proxy: SocketAddr,
+    app: &str,
+    s: &Server,
+    repo: &Repo,
+    number: u64,
+) -> Result<(f64, f64)> {
     let label = format!("pr{number}");
     let sha = repo.commit(&label)?;
     let body = pull_request_body("opened", number, &sha);
-    let host = format!("pr-{number}-site.{PREVIEW_DOMAIN}");
-    let proxy = SocketAddr::new(world.lab.ip(0).into(), PROXY_PORT);
+    let host = format!("pr-{number}-{app}.{PREVIEW_DOMAIN}");
     let mut conn = connect(s.addr)?;
     let t = Instant::now();
     let (status, answer) = post(
         &mut conn,
+        app,
         "pull_request",
         &format!("pr-{number}"),
         &sign(SECRET, &body),
@@ -291,6 +318,56 @@ fn preview_opened(world: &World, s: &Server, repo: &Repo, number: u64) -> Result
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok((answered, t.elapsed().as_secs_f64() * 1000.0))
+}
+
+/// The image the container previews are built into: a static busybox serving `/www`.
+const DOCKERFILE: &str = "FROM scratch\nCOPY rootfs/ /\nEXPOSE 8080\n\
+CMD [\"sh\", \"-c\", \"trap 'exit 0' TERM INT; httpd -f -p 8080 -h /www & wait\"]\n";
+
+/// Container previews: a lab of one Docker host with cutover's edge proxy, the app `web`
+/// built from a repository (a Dockerfile, a static busybox) by a `cutover serve` whose docker
+/// CLI talks to the host's dockerd; `n` pull requests opened (one untimed first): (POST →
+/// answer ms, POST → the preview serves its head ms) each.
+fn container_previews(ctx: &Ctx, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let w = crate::containers::DockerWorld::start(ctx)?;
+    let dir = w.lab.dir().join("controller/git");
+    std::fs::create_dir_all(&dir)?;
+    let (mut repo, origin) = Repo::create(&dir)?;
+    let bin = repo.work.join("rootfs/bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .context("/bin/busybox (Debian's busybox-static)")?;
+    for applet in ["sh", "httpd"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+    }
+    std::fs::write(repo.work.join("Dockerfile"), DOCKERFILE)?;
+    repo.www = repo.work.join("rootfs/www");
+    std::fs::create_dir_all(&repo.www)?;
+    w.write_config_with(
+        "blue-green",
+        &format!(
+            "\n[build]\nrepo = {:?}\ndockerfile = \"Dockerfile\"\n\n[webhook]\nprovider = \"github\"\n\
+             secret_env = \"BENCH_HOOK_SECRET\"\nbranch = \"main\"\n\n\
+             [preview]\ndomain = \"{PREVIEW_DOMAIN}\"\nmax = 50\n",
+            origin.display().to_string()
+        ),
+    )?;
+    let docker = w.lab.docker_host(0);
+    let s = serve_with(|args| {
+        let mut c = w.cutover(args);
+        c.env("DOCKER_HOST", &docker).env_remove("DOCKER_CONTEXT");
+        c
+    })?;
+    // The first clones the repository into the server's mirror: untimed.
+    preview_opened(w.proxy_addr(), "web", &s, &repo, 100)?;
+    let (mut answered, mut serving) = (Vec::new(), Vec::new());
+    for k in 1..=n as u64 {
+        eprintln!("[webhooks] container pull request {k}/{n} opened");
+        let (a, t) = preview_opened(w.proxy_addr(), "web", &s, &repo, k)?;
+        answered.push(a);
+        serving.push(t);
+    }
+    Ok((answered, serving))
 }
 
 /// ring's HMAC-SHA256 verify over `size` bytes for about 1 s: verifications per second.
@@ -331,7 +408,14 @@ fn flood(world: &World, s: &Server, repo: &Repo, secs: u64) -> Result<(u64, u64,
                     };
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
-                        match post(&mut c, "push", &format!("forged-{k}-{n}"), &sig, &body) {
+                        match post(
+                            &mut c,
+                            "site",
+                            "push",
+                            &format!("forged-{k}-{n}"),
+                            &sig,
+                            &body,
+                        ) {
                             Ok((401, _)) => refused.fetch_add(1, Ordering::Relaxed),
                             Ok(_) => other.fetch_add(1, Ordering::Relaxed),
                             Err(_) => {
@@ -409,7 +493,8 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let (mut pr_answered, mut pr_serving) = (Vec::new(), Vec::new());
     for k in 1..=n as u64 {
         eprintln!("[webhooks] pull request {k}/{n} opened");
-        let (a, t) = preview_opened(&world, &s, &repo, k)?;
+        let proxy = SocketAddr::new(world.lab.ip(0).into(), PROXY_PORT);
+        let (a, t) = preview_opened(proxy, "site", &s, &repo, k)?;
         pr_answered.push(a);
         pr_serving.push(t);
     }
@@ -431,6 +516,9 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         built_answered.push(a);
         built_serving.push(t);
     }
+    drop(s);
+    let (c_answered, c_serving) = container_previews(ctx, n)?;
+    let s = serve(&world)?;
     let small = verify_rate(2048);
     let large = verify_rate(5 * 1024 * 1024);
     let secs = if ctx.quick { 3 } else { 6 };
@@ -442,7 +530,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     md.push_str("\n\n");
     md.push_str(&report::table(
         &[
-            "signed push → host serves the commit (files app)",
+            "signed delivery → the commit is served (files app unless said)",
             "runs",
             "answered after (ms)",
             "push → serving (ms)",
@@ -465,6 +553,12 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
                 n.to_string(),
                 cell(&pr_answered),
                 cell(&pr_serving),
+            ],
+            vec![
+                "`pull_request` opened → its new container preview serves the head (docker build and push, container app)".into(),
+                n.to_string(),
+                cell(&c_answered),
+                cell(&c_serving),
             ],
         ],
     ));
@@ -517,6 +611,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         "push_to_serving_ms": serving,
         "with_build": {"push_answered_ms": built_answered, "push_to_serving_ms": built_serving},
         "preview_opened": {"answered_ms": pr_answered, "to_serving_ms": pr_serving},
+        "container_preview_opened": {"answered_ms": c_answered, "to_serving_ms": c_serving},
         "verify_per_s": {"2KiB": small, "5MiB": large},
         "flood": {"seconds": took, "refused": refused, "other": other,
                   "genuine": {"answered_ms": g_answered, "serving_ms": g_serving, "answer": g_answer}},
