@@ -533,7 +533,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             "signed delivery → the commit is served (files app unless said)",
             "runs",
             "answered after (ms)",
-            "push → serving (ms)",
+            "delivery → serving (ms)",
         ],
         &[
             vec![
