@@ -42,7 +42,10 @@ requests of all runs. The bench waits for an idle machine before each load and r
 load generators and the backend included, shares the machine's 2 cores, so these numbers \
 are what the whole path sustains on 2 cores. Memory is `VmRSS` from `/proc/<pid>/status` \
 (nginx: master and workers summed): *idle* before any load, *under load* the largest value \
-read every 100 ms during that proxy's loads. \
+read every 100 ms during that proxy's loads. *CPU per request* is the user + system time of \
+the proxy's processes (nginx: master and workers) during its loads, read from \
+`/proc/<pid>/stat`, divided by the requests those loads completed: a measure of the proxy's \
+own work that other processes on the machine disturb far less than requests/s. \
 *Switches under HTTPS load* (same processes, after the loads above): a second backend (nginx, \
 the same answer) is started, and each proxy is switched K times (10, 3 with `--quick`) \
 alternately to one and the other backend, one switch a second, while `h2load -t2 -c8 -m1 \
@@ -125,6 +128,8 @@ struct Round {
     errors: u64,
     /// Largest RSS of the proxy's processes read during the load, KiB.
     rss_kib: u64,
+    /// CPU seconds (user + system) the proxy's processes used during the load.
+    proxy_cpu_s: f64,
     sample: Sample,
 }
 
@@ -255,6 +260,34 @@ fn rss_kib(pids: &[u32]) -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .sum()
+}
+
+/// CPU seconds (utime + stime, all threads) of processes, from `/proc/<pid>/stat`
+/// (processes gone count 0).
+fn cpu_s(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|text| {
+            // The name may hold spaces and parentheses: fields start after the last ')'.
+            let rest = &text[text.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // f[0] is field 3 (state); utime and stime are fields 14 and 15.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / 100.0 // USER_HZ
+}
+
+/// CPU per request of a cell's runs, µs: their proxy CPU summed over their requests summed.
+fn cpu_per_request_us(rounds: &[&Round]) -> f64 {
+    let requests: u64 = rounds.iter().map(|r| r.requests).sum();
+    let cpu: f64 = rounds.iter().map(|r| r.proxy_cpu_s).sum();
+    if requests == 0 {
+        f64::NAN
+    } else {
+        cpu * 1e6 / requests as f64
+    }
 }
 
 /// nginx serving [`BODY`] at every path on `127.0.0.1:port`, one worker, keep-alive.
@@ -508,6 +541,7 @@ fn load(
 ) -> Result<Round> {
     let url = format!("https://{DOMAIN}:{tls_port}/");
     let (r, sample) = ctx.meter.time(|| -> Result<Round> {
+        let cpu_before = cpu_s(pids);
         let (rps, p50_ms, p99_ms, requests, errors, rss) = match kind {
             Kind::H1 | Kind::Handshake => {
                 let mut cmd = Command::new("wrk");
@@ -561,6 +595,7 @@ fn load(
             requests,
             errors,
             rss_kib: rss,
+            proxy_cpu_s: cpu_s(pids) - cpu_before,
             sample: Sample::default(),
         })
     });
@@ -858,6 +893,39 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         &["proxy", "RSS idle", "RSS under load (largest read)"],
         &mem_rows,
     ));
+    md.push_str(
+        "\nCPU time of each proxy per request (user + system of its processes during the \
+         loads, from `/proc/<pid>/stat` in 10 ms ticks, over the requests of all runs; \
+         steadier than requests/s on a busy machine):\n\n",
+    );
+    let us_cell = |v: f64| {
+        if v.is_nan() {
+            "–".to_string()
+        } else {
+            format!("{v:.1} µs")
+        }
+    };
+    let cpu_rows: Vec<Vec<String>> = PROXIES
+        .iter()
+        .map(|&p| {
+            let mut row = vec![p.name().to_string()];
+            row.extend(
+                KINDS
+                    .iter()
+                    .map(|&k| us_cell(cpu_per_request_us(&cell(p, k)))),
+            );
+            row
+        })
+        .collect();
+    md.push_str(&report::table(
+        &[
+            "proxy",
+            "HTTP/1.1 keep-alive",
+            "HTTP/2",
+            "full handshake + request",
+        ],
+        &cpu_rows,
+    ));
     // The issue's goal: at least nginx's throughput and no worse p99.
     let mut verdicts = Vec::new();
     for k in KINDS {
@@ -871,11 +939,14 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         };
         let met = crps >= nrps && cp99 <= np99;
         verdicts.push(format!(
-            "{what}: {} ({:.0}% of nginx's requests/s, p99 {:.2} vs {:.2} ms)",
+            "{what}: {} ({:.0}% of nginx's requests/s, p99 {:.2} vs {:.2} ms, CPU per \
+             request {:.1} vs {:.1} µs)",
             if met { "met" } else { "not met" },
             100.0 * crps / nrps.max(1e-9),
             cp99,
-            np99
+            np99,
+            cpu_per_request_us(&c),
+            cpu_per_request_us(&n)
         ));
     }
     md.push_str(&format!(
@@ -1018,6 +1089,7 @@ fn round_json(r: &Round) -> Value {
         "requests": r.requests,
         "errors": r.errors,
         "rss_under_load_kib": r.rss_kib,
+        "proxy_cpu_s": r.proxy_cpu_s,
         "run": r.sample.to_json(),
     })
 }
@@ -1066,6 +1138,38 @@ requests: 18001 total, 18009 started, 18001 done, 17999 succeeded, 2 failed, 2 e
         assert_eq!((ms, bad), (vec![0.5, 1.5], 1));
         assert_eq!(percentile(&[0.5, 1.5], 0.5), 0.5);
         assert_eq!(percentile(&[0.5, 1.5], 0.99), 1.5);
+    }
+
+    /// The CPU read from `/proc` grows with this process's own work, and a cell's CPU per
+    /// request is its CPU over its requests.
+    #[test]
+    fn cpu_per_request_is_read_from_proc() {
+        let me = [std::process::id()];
+        let before = cpu_s(&me);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut x = 0u64;
+        while cpu_s(&me) < before + 0.05 {
+            assert!(Instant::now() < deadline, "no CPU time read from /proc");
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        assert_eq!(cpu_s(&[u32::MAX]), 0.0);
+        let round = |requests, proxy_cpu_s| Round {
+            proxy: Proxy::Cutover,
+            kind: Kind::H2,
+            rps: 0.0,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            requests,
+            errors: 0,
+            rss_kib: 0,
+            proxy_cpu_s,
+            sample: Sample::default(),
+        };
+        let (a, b) = (round(1000, 0.02), round(3000, 0.06));
+        assert!((cpu_per_request_us(&[&a, &b]) - 20.0).abs() < 1e-9);
+        assert!(cpu_per_request_us(&[]).is_nan());
     }
 
     /// The TLS nginx config passes Debian's `nginx -t`.
