@@ -812,12 +812,52 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     drop(backend);
     drop(backend_b);
 
-    let cell = |p: Proxy, k: Kind| -> Vec<&Round> {
-        rounds
-            .iter()
-            .filter(|r| r.proxy == p && r.kind == k)
-            .collect()
-    };
+    let mut md = tables(
+        ctx,
+        (&rounds, &discarded),
+        &idle,
+        (&load_before, &load_after),
+        clock.elapsed(),
+    );
+    md.push_str(&switch_md);
+
+    let json = json!({
+        "scenario": "tls",
+        "started": started,
+        "finished": report::utc_now(),
+        "command": ctx.command,
+        "quick": ctx.quick,
+        "reps": ctx.reps,
+        "machine": ctx.machine.to_json(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "load": { "connections": CONNECTIONS, "duration_s": secs, "h2_streams_per_connection": 1 },
+        "idle_rss_kib": idle.iter().map(|(p, k)| (p.key().to_string(), json!(k))).collect::<serde_json::Map<_, _>>(),
+        "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
+        "discarded": discarded.iter().map(round_json).collect::<Vec<_>>(),
+        "switches": switch_json,
+        // The zero-downtime gate: a failed request while cutover switches fails the run.
+        "cutover_failed": switch_json
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["proxy"] == Proxy::Cutover.key())
+            .map(|r| (format!("https switch, {}", r["client"].as_str().unwrap_or("?")), r["failed"].clone()))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    Ok(Section { markdown: md, json })
+}
+
+/// The scenario's tables (throughput and latency, memory, CPU per request), the goal's verdict
+/// per row and how much other work ran: everything but the switch table.
+fn tables(
+    ctx: &Ctx,
+    (rounds, discarded): (&[Round], &[Round]),
+    idle: &[(Proxy, u64)],
+    (load_before, load_after): (&str, &str),
+    took: Duration,
+) -> String {
+    let cell = |p: Proxy, k: Kind| cell_of(rounds, p, k);
     let med =
         |rs: &[&Round], f: fn(&Round) -> f64| spread(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
     let rps_cell = |rs: &[&Round]| {
@@ -835,7 +875,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             format!("{v:.2} ms")
         }
     };
-    let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
+    let mut md = report::measured_line(ctx, load_before, load_after, took);
     md.push_str("\n\n");
     let mut rows = Vec::new();
     for p in PROXIES {
@@ -926,12 +966,47 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         ],
         &cpu_rows,
     ));
-    // The issue's goal: at least nginx's throughput and no worse p99.
+    md.push_str(&goal_line(rounds));
+    let cores = ctx.machine.cores.max(1) as f64;
+    let (foreign, wall) = rounds.iter().fold((0.0, 0.0), |(f, w), r| {
+        (f + r.sample.foreign_cpu_s, w + r.sample.secs)
+    });
+    md.push_str(&format!(
+        "\nDuring the loads, processes outside the bench used {:.0}% of the machine's CPU time; \
+         loads redone because other processes took over a quarter of the CPU: {}.\n",
+        if wall > 0.0 {
+            100.0 * foreign / (wall * cores)
+        } else {
+            0.0
+        },
+        discarded.len()
+    ));
+    md
+}
+
+/// The runs of proxy `p` with load `k`.
+fn cell_of(rounds: &[Round], p: Proxy, k: Kind) -> Vec<&Round> {
+    rounds
+        .iter()
+        .filter(|r| r.proxy == p && r.kind == k)
+        .collect()
+}
+
+/// The median of `f` over `rs`.
+fn median_of(rs: &[&Round], f: fn(&Round) -> f64) -> f64 {
+    spread(&rs.iter().map(|r| f(r)).collect::<Vec<_>>()).0
+}
+
+/// The issue's goal, per row: at least nginx's throughput and no worse p99.
+fn goal_line(rounds: &[Round]) -> String {
     let mut verdicts = Vec::new();
     for k in KINDS {
-        let (c, n) = (cell(Proxy::Cutover, k), cell(Proxy::Nginx, k));
-        let (crps, nrps) = (med(&c, |r| r.rps).0, med(&n, |r| r.rps).0);
-        let (cp99, np99) = (med(&c, |r| r.p99_ms).0, med(&n, |r| r.p99_ms).0);
+        let (c, n) = (
+            cell_of(rounds, Proxy::Cutover, k),
+            cell_of(rounds, Proxy::Nginx, k),
+        );
+        let (crps, nrps) = (median_of(&c, |r| r.rps), median_of(&n, |r| r.rps));
+        let (cp99, np99) = (median_of(&c, |r| r.p99_ms), median_of(&n, |r| r.p99_ms));
         let what = match k {
             Kind::H1 => "HTTP/1.1",
             Kind::H2 => "HTTP/2",
@@ -949,51 +1024,10 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             cpu_per_request_us(&n)
         ));
     }
-    md.push_str(&format!(
+    format!(
         "\nGoal (issue 12: at least nginx's throughput and no worse p99) in this run: {}.\n",
         verdicts.join("; ")
-    ));
-    let cores = ctx.machine.cores.max(1) as f64;
-    let (foreign, wall) = rounds.iter().fold((0.0, 0.0), |(f, w), r| {
-        (f + r.sample.foreign_cpu_s, w + r.sample.secs)
-    });
-    md.push_str(&format!(
-        "\nDuring the loads, processes outside the bench used {:.0}% of the machine's CPU time; \
-         loads redone because other processes took over a quarter of the CPU: {}.\n",
-        if wall > 0.0 {
-            100.0 * foreign / (wall * cores)
-        } else {
-            0.0
-        },
-        discarded.len()
-    ));
-    md.push_str(&switch_md);
-
-    let json = json!({
-        "scenario": "tls",
-        "started": started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
-        "reps": ctx.reps,
-        "machine": ctx.machine.to_json(),
-        "load_before": load_before,
-        "load_after": load_after,
-        "load": { "connections": CONNECTIONS, "duration_s": secs, "h2_streams_per_connection": 1 },
-        "idle_rss_kib": idle.iter().map(|(p, k)| (p.key().to_string(), json!(k))).collect::<serde_json::Map<_, _>>(),
-        "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
-        "discarded": discarded.iter().map(round_json).collect::<Vec<_>>(),
-        "switches": switch_json,
-        // The zero-downtime gate: a failed request while cutover switches fails the run.
-        "cutover_failed": switch_json
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|r| r["proxy"] == Proxy::Cutover.key())
-            .map(|r| (format!("https switch, {}", r["client"].as_str().unwrap_or("?")), r["failed"].clone()))
-            .collect::<serde_json::Map<_, _>>(),
-    });
-    Ok(Section { markdown: md, json })
+    )
 }
 
 /// The switch table (see [`tls_switch`]): cutover, nginx and Caddy switched between the two
