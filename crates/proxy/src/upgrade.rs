@@ -121,6 +121,13 @@ async fn pipe<R, W>(
         let n = tokio::select! {
             r = from.read(&mut buf) => match r {
                 Ok(0) | Err(_) => {
+                    // Retired, and this side ended first (an app that answers the close frame
+                    // sent to it by hanging up): the other side still gets its close frame,
+                    // unless one already went through.
+                    let retiring = closing.is_some() || *retired.borrow();
+                    if let (Some(c), true) = (close, retiring && frames.at_boundary() && !frames.closed) {
+                        let _ = to.write_all(c).await;
+                    }
                     let _ = to.shutdown().await;
                     return;
                 }
@@ -152,6 +159,8 @@ struct Frames {
     head: [u8; 14],
     have: usize,
     remaining: u64,
+    /// A close frame went through.
+    closed: bool,
 }
 
 impl Frames {
@@ -174,6 +183,7 @@ impl Frames {
             data = &data[1..];
             if let Some((head_len, payload)) = frame_lengths(&self.head[..self.have]) {
                 if self.have == head_len {
+                    self.closed |= self.head[0] & 0x0f == 0x8;
                     self.have = 0;
                     self.remaining = payload;
                 }
@@ -226,6 +236,10 @@ mod tests {
         assert!(!f.at_boundary());
         f.advance(&big[100..]);
         assert!(f.at_boundary());
+        // Text, binary and ping frames are not a close; a close frame (payload 1001) is.
+        assert!(!f.closed);
+        f.advance(CLOSE_TO_CLIENT);
+        assert!(f.at_boundary() && f.closed);
     }
 
     #[test]
