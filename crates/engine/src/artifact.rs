@@ -32,7 +32,8 @@ use flate2::{Compression, GzBuilder};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::delta::{Entry, Manifest};
+use crate::delta::{Entry, Heads, Manifest};
+use crate::stream::Fanout;
 
 /// Size limits applied while reading an archive.
 #[derive(Debug, Clone, Copy)]
@@ -1094,6 +1095,8 @@ struct PackCount<'l> {
     /// The release's manifest, built from what is packed (`None` once a name is not UTF-8:
     /// then it is computed from the tarball when a delta needs it).
     manifest: Option<Manifest>,
+    /// Files are packed empty and never opened ([`ArtifactStore::check_dir`]).
+    dry: bool,
 }
 
 impl PackCount<'_> {
@@ -1137,11 +1140,41 @@ impl Packing {
     }
 }
 
+/// The store's copy of a packed artifact, and the hosts that get the stored (compressed)
+/// bytes as they are written when the artifact is compressed.
+struct Tap<W> {
+    inner: W,
+    hosts: Option<Fanout>,
+}
+
+impl<W: Write> Write for Tap<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(h) = self.hosts.as_mut() {
+            h.push(&buf[..n]);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Decides from the first [`SAMPLE_BYTES`] of the stream whether to compress it, then writes
-/// the gzip stream into the hashed file.
+/// the gzip stream into the hashed file. Hosts streamed to (the file's [`Tap`]) get the gzip
+/// stream when it is compressed, or else the tar stream itself (`plain`): a host spends no
+/// CPU on gzip for data that does not shrink.
 enum Compressing<W: Write> {
-    Sampling { sample: Vec<u8>, file: W },
-    Gz(flate2::write::GzEncoder<W>, Packing),
+    Sampling {
+        sample: Vec<u8>,
+        file: Tap<W>,
+    },
+    Gz {
+        gz: flate2::write::GzEncoder<Tap<W>>,
+        packing: Packing,
+        plain: Option<Fanout>,
+    },
     Done,
 }
 
@@ -1150,7 +1183,7 @@ impl<W: Write> Compressing<W> {
         if !matches!(self, Compressing::Sampling { .. }) {
             return Ok(());
         }
-        let Compressing::Sampling { sample, file } = std::mem::replace(self, Compressing::Done)
+        let Compressing::Sampling { sample, mut file } = std::mem::replace(self, Compressing::Done)
         else {
             return Ok(());
         };
@@ -1169,16 +1202,28 @@ impl<W: Write> Compressing<W> {
             Packing::Gzip1 => Compression::fast(),
             Packing::Stored => Compression::none(),
         };
+        let mut plain = None;
+        if let Some(mut hosts) = file.hosts.take() {
+            hosts.start(packing == Packing::Gzip1);
+            if packing == Packing::Gzip1 {
+                file.hosts = Some(hosts);
+            } else {
+                hosts.push(&sample);
+                plain = Some(hosts);
+            }
+        }
         let mut gz = GzBuilder::new().mtime(0).write(file, level);
         gz.write_all(&sample)?;
-        *self = Compressing::Gz(gz, packing);
+        *self = Compressing::Gz { gz, packing, plain };
         Ok(())
     }
 
-    fn finish(mut self) -> io::Result<(W, Packing)> {
+    /// The file (with the hosts if they get the gzip stream), how it was packed, and the
+    /// hosts if they get the tar stream.
+    fn finish(mut self) -> io::Result<(Tap<W>, Packing, Option<Fanout>)> {
         self.decide()?;
         match self {
-            Compressing::Gz(gz, packing) => Ok((gz.finish()?, packing)),
+            Compressing::Gz { gz, packing, plain } => Ok((gz.finish()?, packing, plain)),
             _ => Err(io::Error::other("the compressor is gone")),
         }
     }
@@ -1195,14 +1240,20 @@ impl<W: Write> Write for Compressing<W> {
                 }
                 Ok(n)
             }
-            Compressing::Gz(gz, _) => gz.write(buf),
+            Compressing::Gz { gz, plain, .. } => {
+                let n = gz.write(buf)?;
+                if let Some(h) = plain.as_mut() {
+                    h.push(&buf[..n]);
+                }
+                Ok(n)
+            }
             Compressing::Done => Err(io::Error::other("the compressor is gone")),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Compressing::Gz(gz, _) => gz.flush(),
+            Compressing::Gz { gz, .. } => gz.flush(),
             _ => Ok(()),
         }
     }
@@ -1229,7 +1280,7 @@ fn is_checker_stop(e: &ArtifactError) -> bool {
 struct Tee<W: Write> {
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     chunk: Vec<u8>,
-    out: Compressing<W>,
+    out: W,
 }
 
 impl<W: Write> Tee<W> {
@@ -1371,6 +1422,52 @@ impl ArtifactStore {
     /// Symlinks are stored as symlinks, not followed; sockets, FIFOs and
     /// devices are refused.
     pub fn import_dir(&self, dir: &Path, limits: &Limits) -> Result<StoredArtifact, ArtifactError> {
+        self.import_dir_to(dir, limits, None)
+    }
+
+    /// [`ArtifactStore::import_dir`], handing the stream to `hosts` while it is packed: the
+    /// stored bytes when they are compressed, the tar stream itself when they are not (see
+    /// [`crate::stream`]). The hosts get the end of the stream only once all of it has
+    /// passed the checks; on a refusal they get a cut stream.
+    pub(crate) fn import_dir_streaming(
+        &self,
+        dir: &Path,
+        limits: &Limits,
+        hosts: Fanout,
+    ) -> Result<StoredArtifact, ArtifactError> {
+        self.import_dir_to(dir, limits, Some(hosts))
+    }
+
+    /// Walks `dir` as [`ArtifactStore::import_dir`] would pack it, with the same checks and
+    /// the same archive checks, without reading any file's content or writing anything: what
+    /// packing would refuse for the tree's shape (names, symlinks, file types, limits) is
+    /// refused here, before any host is touched. Returns the archive's summary.
+    pub fn check_dir(dir: &Path, limits: &Limits) -> Result<Summary, ArtifactError> {
+        Self::check_dir_tree(dir, limits).map(|(summary, _)| summary)
+    }
+
+    /// [`ArtifactStore::check_dir`], and the tree's entries (files without digests; `None`
+    /// when a name is not UTF-8).
+    pub(crate) fn check_dir_tree(
+        dir: &Path,
+        limits: &Limits,
+    ) -> Result<(Summary, Option<Manifest>), ArtifactError> {
+        let meta = fs::metadata(dir).map_err(io_error(dir))?;
+        if !meta.is_dir() {
+            return Err(ArtifactError::NotAnArtifact {
+                path: dir.display().to_string(),
+            });
+        }
+        let (summary, _, tree) = pack_checked(dir, limits, io::sink(), true, Path::new("-"))?;
+        Ok((summary, tree))
+    }
+
+    fn import_dir_to(
+        &self,
+        dir: &Path,
+        limits: &Limits,
+        hosts: Option<Fanout>,
+    ) -> Result<StoredArtifact, ArtifactError> {
         let meta = fs::metadata(dir).map_err(io_error(dir))?;
         if !meta.is_dir() {
             return Err(ArtifactError::NotAnArtifact {
@@ -1379,63 +1476,17 @@ impl ArtifactStore {
         }
         self.ensure_dir()?;
         let (temp, file) = self.temp_file("tar.gz")?;
-        // The tar stream is validated as it is produced, by a thread reading a copy of it: the
-        // same checks as for a user's tarball, without compressing, writing and re-reading it
-        // first.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
-        let limits_copy = *limits;
-        let checker = std::thread::spawn(move || {
-            validate_tar(
-                ChannelReader {
-                    rx,
-                    chunk: Vec::new(),
-                    at: 0,
-                },
-                &limits_copy,
-            )
-        });
-        let out = Tee {
-            tx: Some(tx),
-            chunk: Vec::with_capacity(TEE_CHUNK),
-            out: Compressing::Sampling {
-                sample: Vec::with_capacity(SAMPLE_BYTES),
-                file: Hashing::new(BufWriter::with_capacity(1 << 20, file)),
+        let out = Compressing::Sampling {
+            sample: Vec::with_capacity(SAMPLE_BYTES),
+            file: Tap {
+                inner: Hashing::new(BufWriter::with_capacity(1 << 20, file)),
+                hosts,
             },
         };
-        let mut builder = tar::Builder::new(out);
-        let mut count = PackCount {
-            limits,
-            entries: 0,
-            bytes: 0,
-            manifest: Some(Manifest::default()),
-        };
-        let packed = pack_tree(&mut builder, dir, &mut Vec::new(), &mut count, &temp.path);
-        let tee = match packed {
-            Ok(()) => builder.into_inner().map_err(io_error(&temp.path)),
-            Err(e) => {
-                drop(builder);
-                Err(e)
-            }
-        }
-        .and_then(|mut tee| tee.close().map(|()| tee).map_err(io_error(&temp.path)));
-        // The sender is gone with the tee (or closed): the checker ends.
-        let checked = checker.join().unwrap_or_else(|_| {
-            Err(ArtifactError::Io {
-                path: dir.display().to_string(),
-                source: io::Error::other("the archive checker panicked"),
-            })
-        });
-        let tee = match tee {
-            Ok(tee) => tee,
-            // The checker refused the stream and stopped reading: its reason is the one.
-            Err(e) if is_checker_stop(&e) => {
-                return Err(name_archive(checked.err().unwrap_or(e), dir));
-            }
-            Err(e) => return Err(e),
-        };
-        let summary = checked.map_err(|e| name_archive(e, dir))?;
-        let (hashing, packing) = tee.out.finish().map_err(io_error(&temp.path))?;
-        let (sha256, size, buffered) = hashing.hex();
+        let (summary, out, manifest) = pack_checked(dir, limits, out, false, &temp.path)?;
+        let (tap, packing, plain) = out.finish().map_err(io_error(&temp.path))?;
+        let hosts = plain.or(tap.hosts);
+        let (sha256, size, buffered) = tap.inner.hex();
         let file = buffered
             .into_inner()
             .map_err(|e| e.into_error())
@@ -1443,8 +1494,12 @@ impl ArtifactStore {
         file.sync_all().map_err(io_error(&temp.path))?;
         drop(file);
         let stored = self.commit(temp, sha256, size, summary, Some(packing))?;
-        if let Some(m) = count.manifest {
+        if let Some(m) = manifest {
             crate::delta::store_manifest(self, &stored.sha256, &m);
+        }
+        // Checked, hashed and stored: the hosts may now take the stream as whole.
+        if let Some(h) = hosts {
+            h.finish();
         }
         Ok(stored)
     }
@@ -1623,6 +1678,71 @@ impl ArtifactStore {
     }
 }
 
+/// Packs `dir` into `out` while a thread checks a copy of the tar stream with the same checks
+/// as a user's tarball (without compressing, writing and re-reading it first). `dry`: every
+/// regular file is packed empty and not read (see [`ArtifactStore::check_dir`]). Returns the
+/// checked summary, `out`, and the manifest (when dry, without digests; none when a name is
+/// not UTF-8).
+fn pack_checked<W: Write>(
+    dir: &Path,
+    limits: &Limits,
+    out: W,
+    dry: bool,
+    temp: &Path,
+) -> Result<(Summary, W, Option<Manifest>), ArtifactError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let limits_copy = *limits;
+    let checker = std::thread::spawn(move || {
+        validate_tar(
+            ChannelReader {
+                rx,
+                chunk: Vec::new(),
+                at: 0,
+            },
+            &limits_copy,
+        )
+    });
+    let tee = Tee {
+        tx: Some(tx),
+        chunk: Vec::with_capacity(TEE_CHUNK),
+        out,
+    };
+    let mut builder = tar::Builder::new(tee);
+    let mut count = PackCount {
+        limits,
+        entries: 0,
+        bytes: 0,
+        manifest: Some(Manifest::default()),
+        dry,
+    };
+    let packed = pack_tree(&mut builder, dir, &mut Vec::new(), &mut count, temp);
+    let tee = match packed {
+        Ok(()) => builder.into_inner().map_err(io_error(temp)),
+        Err(e) => {
+            drop(builder);
+            Err(e)
+        }
+    }
+    .and_then(|mut tee| tee.close().map(|()| tee).map_err(io_error(temp)));
+    // The sender is gone with the tee (or closed): the checker ends.
+    let checked = checker.join().unwrap_or_else(|_| {
+        Err(ArtifactError::Io {
+            path: dir.display().to_string(),
+            source: io::Error::other("the archive checker panicked"),
+        })
+    });
+    let tee = match tee {
+        Ok(tee) => tee,
+        // The checker refused the stream and stopped reading: its reason is the one.
+        Err(e) if is_checker_stop(&e) => {
+            return Err(name_archive(checked.err().unwrap_or(e), dir));
+        }
+        Err(e) => return Err(e),
+    };
+    let summary = checked.map_err(|e| name_archive(e, dir))?;
+    Ok((summary, tee.out, count.manifest))
+}
+
 /// Appends the contents of `root/rel` (a directory) to `builder`, depth
 /// first, siblings in byte-wise order.
 fn pack_tree<W: Write>(
@@ -1713,6 +1833,23 @@ fn pack_entry<W: Write>(
                 limit: count.limits.max_unpacked_bytes,
             });
         }
+        let mode = (meta.mode() & 0o755) | 0o644;
+        if count.dry {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(mode);
+            header.set_size(0);
+            append_raw(builder, &mut header, rel, None, io::empty()).map_err(write_err)?;
+            count.note(
+                rel,
+                Entry::File {
+                    mode,
+                    size,
+                    sha256: String::new(),
+                    head: None,
+                },
+            );
+            return Ok(());
+        }
         let file = File::open(path).map_err(io_error(path))?;
         let opened = file.metadata().map_err(io_error(path))?;
         if !opened.is_file() || opened.ino() != meta.ino() || opened.dev() != meta.dev() {
@@ -1722,13 +1859,12 @@ fn pack_entry<W: Write>(
             });
         }
         header.set_entry_type(tar::EntryType::Regular);
-        let mode = (meta.mode() & 0o755) | 0o644;
         header.set_mode(mode);
         header.set_size(size);
         let mut exact = Exact {
             inner: file.take(size),
             left: size,
-            hasher: count.manifest.as_ref().map(|_| Sha256::new()),
+            hasher: count.manifest.as_ref().map(|_| Heads::default()),
         };
         append_raw(builder, &mut header, rel, None, &mut exact).map_err(|e| {
             if exact.left > 0 {
@@ -1752,8 +1888,16 @@ fn pack_entry<W: Write>(
             });
         }
         if let Some(h) = exact.hasher {
-            let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            count.note(rel, Entry::File { mode, size, sha256 });
+            let (sha256, head) = h.finish();
+            count.note(
+                rel,
+                Entry::File {
+                    mode,
+                    size,
+                    sha256,
+                    head: Some(head),
+                },
+            );
         }
         Ok(())
     } else {
@@ -1781,7 +1925,7 @@ struct Exact<R> {
     inner: io::Take<R>,
     left: u64,
     /// Hashes the content for the manifest.
-    hasher: Option<Sha256>,
+    hasher: Option<Heads>,
 }
 
 impl<R: Read> Read for Exact<R> {

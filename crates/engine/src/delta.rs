@@ -34,6 +34,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// are unchanged files.
 const MIN_SHARED_PERCENT: u64 = 25;
 
+/// Bytes of a file's start hashed as its manifest `head`.
+pub(crate) const HEAD_BYTES: u64 = 4096;
+
 /// The delta tarball's member that lists the files to hard-link from the base release.
 pub(crate) const LINKS: &str = ".cutover-delta.links";
 
@@ -46,6 +49,10 @@ pub(crate) enum Entry {
         mode: u32,
         size: u64,
         sha256: String,
+        /// SHA-256 of the first [`HEAD_BYTES`] (or all, if fewer): whether a delta would pay
+        /// is guessed from these before a directory is packed ([`shared_percent`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        head: Option<String>,
     },
     Symlink {
         target: String,
@@ -149,7 +156,7 @@ fn compute_manifest(art: &StoredArtifact) -> io::Result<Manifest> {
             Entry::Symlink { target }
         } else if kind.is_file() {
             let mode = header.mode()? & 0o7777;
-            let mut h = Sha256::new();
+            let mut h = Heads::default();
             let mut size = 0u64;
             loop {
                 let n = entry.read(&mut buf)?;
@@ -159,10 +166,12 @@ fn compute_manifest(art: &StoredArtifact) -> io::Result<Manifest> {
                 h.update(&buf[..n]);
                 size += n as u64;
             }
+            let (sha256, head) = h.finish();
             Entry::File {
                 mode,
                 size,
-                sha256: format!("{:x}", h.finalize()),
+                sha256,
+                head: Some(head),
             }
         } else {
             // Validated artifacts hold nothing else.
@@ -176,6 +185,93 @@ fn compute_manifest(art: &StoredArtifact) -> io::Result<Manifest> {
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The content digest of a file and of its first [`HEAD_BYTES`], in one pass.
+#[derive(Default)]
+pub(crate) struct Heads {
+    all: Sha256,
+    head: Sha256,
+    seen: u64,
+}
+
+impl Heads {
+    pub(crate) fn update(&mut self, buf: &[u8]) {
+        self.all.update(buf);
+        let left = HEAD_BYTES.saturating_sub(self.seen) as usize;
+        self.head.update(&buf[..buf.len().min(left)]);
+        self.seen += buf.len() as u64;
+    }
+
+    /// `(sha256, head)` as lowercase hex.
+    pub(crate) fn finish(self) -> (String, String) {
+        (
+            format!("{:x}", self.all.finalize()),
+            format!("{:x}", self.head.finalize()),
+        )
+    }
+}
+
+/// Whether two entries are the same file for a delta: kind, mode, size and content (the
+/// `head`, a guess, is not compared).
+fn same_file(a: &Entry, b: &Entry) -> bool {
+    match (a, b) {
+        (
+            Entry::File {
+                mode: m1,
+                size: s1,
+                sha256: h1,
+                ..
+            },
+            Entry::File {
+                mode: m2,
+                size: s2,
+                sha256: h2,
+                ..
+            },
+        ) => m1 == m2 && s1 == s2 && h1 == h2,
+        _ => a == b,
+    }
+}
+
+/// Guesses, without reading more than [`HEAD_BYTES`] of any file, the share (in percent) of
+/// the file bytes of directory `dir` (whose entries `tree` lists, as
+/// `ArtifactStore::check_dir_tree` returns them) that are unchanged from `base`: a file
+/// counts if its path, mode and size are the same and its first bytes hash to the base's
+/// `head`. Only a guess that decides how to ship (a delta is then made from digests).
+pub(crate) fn shared_percent(base: &Manifest, dir: &Path, tree: &Manifest) -> u64 {
+    let (mut shared, mut all) = (0u64, 0u64);
+    for (path, e) in &tree.entries {
+        let Entry::File { mode, size, .. } = e else {
+            continue;
+        };
+        all += size;
+        let Some(Entry::File {
+            mode: bm,
+            size: bs,
+            head: Some(head),
+            ..
+        }) = base.entries.get(path)
+        else {
+            continue;
+        };
+        if bm != mode || bs != size {
+            continue;
+        }
+        let mut start = Vec::new();
+        let read =
+            File::open(dir.join(path)).and_then(|f| f.take(HEAD_BYTES).read_to_end(&mut start));
+        if read.is_ok() && format!("{:x}", Sha256::digest(&start)) == *head {
+            shared += size;
+        }
+    }
+    (shared * 100).checked_div(all).unwrap_or(100)
+}
+
+/// Whether a delta against `base` is worth making for a release `shared` percent of whose
+/// file bytes are unchanged.
+pub(crate) fn pays(shared: u64) -> bool {
+    shared >= MIN_SHARED_PERCENT
+}
 
 /// Writes the delta of `new` against `base` into the store's directory, or `None` when less
 /// than [`MIN_SHARED_PERCENT`] of the file bytes are shared (or the new release has a file
@@ -194,7 +290,7 @@ pub(crate) fn write_delta(
     for (path, e) in &new_manifest.entries {
         if let Entry::File { size, .. } = e {
             all += size;
-            if base.entries.get(path) == Some(e) {
+            if base.entries.get(path).is_some_and(|b| same_file(b, e)) {
                 links.push(path);
                 shared += size;
             }
@@ -380,6 +476,7 @@ mod tests {
                 mode: 0o744,
                 size: 4,
                 sha256: crate::sha256_hex("echo"),
+                head: Some(crate::sha256_hex("echo")),
             }
         );
         let _ = fs::remove_dir_all(&t);

@@ -171,6 +171,47 @@ cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
     complete_partial!()
 );
 
+/// Unpacks a stream that is still being packed into `releases/<token>.partial`, and stops
+/// there: its release id is known only once the stream is whole (see
+/// [`crate::stream`]). [`STAGE_FINISH`] names it; `prepare` removes one left by a dead run.
+const STAGE_STREAM: &str = concat!(
+    r#"
+set -u
+root={root}
+id={token}
+gz={gz}
+cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
+"#,
+    unpack_partial!(),
+    r#"
+echo UNPACKED
+"#
+);
+
+/// Gives a streamed upload its release id: `<token>.partial` becomes `<id>.partial`, then
+/// metadata, flush and rename as for any upload.
+const STAGE_FINISH: &str = concat!(
+    r#"
+set -u
+root={root}
+token={token}
+id={id}
+meta={meta}
+cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
+[ -d "$token.partial" ] || { echo "ERR the streamed upload $root/releases/$token.partial is gone"; exit 4; }
+rm -rf "$id.partial"
+mv "$token.partial" "$id.partial" || { rm -rf "$token.partial"; echo "ERR cannot rename $token.partial to $id.partial"; exit 4; }
+"#,
+    complete_partial!()
+);
+
+/// Removes a streamed upload that will not become a release.
+const STAGE_DISCARD: &str = r#"
+root={root}
+token={token}
+rm -rf "$root/releases/$token.partial"
+"#;
+
 /// Stages from a delta tarball (see [`crate::delta`]): unpack it into a fresh `.partial`
 /// directory, then hard-link the listed unchanged files from the base release into it.
 const STAGE_DELTA: &str = concat!(
@@ -319,6 +360,53 @@ pub(crate) fn stage(
     } else {
         Err(failed(&out, "staging"))
     }
+}
+
+/// Unpacks a stream into `releases/<token>.partial` as it arrives (see [`STAGE_STREAM`]).
+pub(crate) fn stage_stream(
+    r: &dyn Remote,
+    root: &str,
+    token: &str,
+    gz: bool,
+    stream: &mut (dyn Read + Send),
+) -> Result<(), OpError> {
+    let gz = if gz { "yes" } else { "no" };
+    let s = Script::new(
+        STAGE_STREAM,
+        &[("root", root), ("token", token), ("gz", gz)],
+    );
+    let out = r.run(&s, Some(stream))?;
+    if out.success() && out.stdout.lines().any(|l| l == "UNPACKED") {
+        Ok(())
+    } else {
+        Err(failed(&out, "staging"))
+    }
+}
+
+/// Makes the streamed upload `token` release `id` (see [`STAGE_FINISH`]).
+pub(crate) fn stage_finish(
+    r: &dyn Remote,
+    root: &str,
+    token: &str,
+    id: &str,
+    meta: &str,
+) -> Result<(), OpError> {
+    let s = Script::new(
+        STAGE_FINISH,
+        &[("root", root), ("token", token), ("id", id), ("meta", meta)],
+    );
+    let out = r.run(&s, None)?;
+    if out.success() && out.stdout.lines().any(|l| l == "STAGED") {
+        Ok(())
+    } else {
+        Err(failed(&out, "staging"))
+    }
+}
+
+/// Removes the streamed upload `token` (best effort: `prepare` removes what is left).
+pub(crate) fn stage_discard(r: &dyn Remote, root: &str, token: &str) {
+    let s = Script::new(STAGE_DISCARD, &[("root", root), ("token", token)]);
+    let _ = r.run(&s, None);
 }
 
 /// Stages release `id` from a delta against release `base` (already on the host).

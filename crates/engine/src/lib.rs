@@ -18,6 +18,7 @@ pub mod identity;
 pub mod inspect;
 pub mod preview;
 pub mod setup;
+mod stream;
 pub mod switch;
 
 pub use cutover_core::State as Phase;

@@ -17,5 +17,6 @@ mod https;
 mod panel;
 mod previews;
 mod server;
+mod streaming;
 mod webhooks;
 mod world;

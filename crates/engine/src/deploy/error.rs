@@ -40,6 +40,9 @@ pub enum DeployError {
     Usage(String),
     /// A hostile or unreadable artifact.
     ArtifactRefused(String),
+    /// The same, found while the artifact was being streamed to the hosts (a file replaced
+    /// mid-pack): their partial uploads were removed.
+    ArtifactRefusedStreamed(String),
     /// `deploy --ref` without the [build] section it needs.
     NoBuildSection { file: String, container: bool },
     /// `deploy --image` with something that is not a tag or a digest.
@@ -112,6 +115,7 @@ impl DeployError {
         match self {
             Usage(_)
             | ArtifactRefused(_)
+            | ArtifactRefusedStreamed(_)
             | NoBuildSection { .. }
             | BadImage { .. }
             | BuildInput(_)
@@ -174,6 +178,7 @@ impl fmt::Display for DeployError {
         match self {
             Usage(m) | Store(m) | NoRollbackTarget(m) => f.write_str(m),
             ArtifactRefused(e) => write!(f, "artifact refused: {e}. Nothing was touched."),
+            ArtifactRefusedStreamed(e) => write!(f, "artifact refused: {e}. Nothing was switched: every host still serves what it served, and the partial uploads were removed."),
             NoBuildSection { file, container: false } => write!(f, "`deploy --ref` builds from git and needs a [build] section (repo, command, output) in {file}. Nothing was touched."),
             NoBuildSection { file, container: true } => write!(f, "`deploy --ref` builds an image from git and needs a [build] section with `repo` and `dockerfile` in {file}. Nothing was touched."),
             BadImage { given, image } => write!(f, "--image takes a tag (e.g. v1.2) or @sha256:DIGEST of {image}, got {given:?}; nothing was touched"),

@@ -220,6 +220,21 @@ fn files_request<'b>(
     match req {
         RunRequest::Deploy { artifact, commit } => {
             let limits = Limits::of(files);
+            // A directory is checked now (its tree, not its content: nothing is touched if it
+            // is refused) and packed once the hosts are prepared, streamed to them as it is
+            // packed (`Files::pin`).
+            if let Some(dir) = artifact.to_str().filter(|_| artifact.is_dir()) {
+                ArtifactStore::check_dir(&artifact, &limits)
+                    .map_err(|e| DeployError::ArtifactRefused(e.to_string()))?;
+                return Ok(Early::Ready(Candidate {
+                    what: What::OnHosts {
+                        reference: dir.to_string(),
+                        source: None,
+                    },
+                    commit,
+                    subject: None,
+                }));
+            }
             reporter.note(&format!("packing and checking {}", artifact.display()));
             let a = artifacts
                 .import(&artifact, &limits)

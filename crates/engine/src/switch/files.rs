@@ -2,9 +2,9 @@
 //! still in the store) into `releases/<id>.partial`, then rename; switch = a symlink renamed
 //! over `current`, then `reload`; gate = the health URL as the host sees it.
 
-use super::{HostCx, SwitchError, Switcher, Target};
-use crate::artifact::{ArtifactStore, Packing};
-use crate::deploy::{Recorder, Via};
+use super::{HostCx, Pinned, SwitchError, Switcher, Target};
+use crate::artifact::{ArtifactStore, Limits, Packing, StoredArtifact};
+use crate::deploy::{DeployError, Recorder, Via};
 use crate::gate::{run_gate, GateSpec};
 use crate::hostops::{self, OpError};
 use crate::{crash_point, Reporter};
@@ -13,6 +13,7 @@ use cutover_core::{Config, CrashPoint, FilesConfig, State, Step};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,6 +97,9 @@ pub struct Files<'a> {
     pub(crate) artifacts: &'a ArtifactStore,
     pub(crate) reporter: &'a dyn Reporter,
     deltas: Mutex<HashMap<String, Arc<crate::delta::Delta>>>,
+    /// The upload a host unpacked while the artifact was packed (its token and bytes), by
+    /// host index: staging only names it (see [`Files::pin`]).
+    streamed: Mutex<HashMap<usize, (String, u64)>>,
 }
 
 impl<'a> Files<'a> {
@@ -111,7 +115,132 @@ impl<'a> Files<'a> {
             artifacts,
             reporter,
             deltas: Mutex::new(HashMap::new()),
+            streamed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether a delta would pay for some host: it serves a release whose artifact is still
+    /// in the store, and a quarter or more of the new tree's file bytes look unchanged from
+    /// it (a guess from each file's first bytes, [`crate::delta::shared_percent`]). Then the
+    /// artifact is packed first and deltas are made from digests ([`Files::plan_stage`]).
+    fn delta_pays(
+        &self,
+        rec: &Recorder<'_>,
+        hosts: &[HostCx<'_>],
+        dir: &Path,
+        tree: Option<&crate::delta::Manifest>,
+    ) -> bool {
+        let mut bases = BTreeSet::new();
+        for p in hosts.iter().map(|h| h.prepared) {
+            if let Some(base) = p.current.as_deref() {
+                if p.delta && p.releases.iter().any(|r| r == base) {
+                    bases.insert(base.to_string());
+                }
+            }
+        }
+        bases.iter().any(|base| {
+            let Some(art) = rec
+                .store
+                .release(rec.app, base)
+                .ok()
+                .flatten()
+                .and_then(|r| self.artifacts.get(&r.artifact_sha256))
+            else {
+                return false;
+            };
+            match (tree, crate::delta::manifest(self.artifacts, &art)) {
+                (Some(tree), Ok(m)) => {
+                    crate::delta::pays(crate::delta::shared_percent(&m, dir, tree))
+                }
+                // No way to guess: pack first and let the digests decide.
+                _ => true,
+            }
+        })
+    }
+
+    /// Packs `dir` into the store while every host unpacks the stream as it is produced into
+    /// `releases/<token>.partial` (see [`crate::stream`]); staging then gives each its id.
+    /// If the packing is refused part-way or any host fails, every streamed upload is removed.
+    fn stream(
+        &self,
+        rec: &Recorder<'_>,
+        hosts: &[HostCx<'_>],
+        dir: &Path,
+        limits: &Limits,
+        total: u64,
+    ) -> Result<StoredArtifact, DeployError> {
+        let token = format!("stream-{}", rec.run_id);
+        let root = self.root();
+        self.reporter.note(&format!(
+            "packing {} and streaming it to {} host(s) as it is packed",
+            dir.display(),
+            hosts.len()
+        ));
+        let (fanout, readers) = crate::stream::Fanout::new(hosts.len());
+        let (packed, sent) = std::thread::scope(|s| {
+            let uploads: Vec<_> = readers
+                .into_iter()
+                .zip(hosts)
+                .map(|(mut stream, h)| {
+                    let token = &token;
+                    s.spawn(move || -> Result<u64, String> {
+                        let gz = stream.format().map_err(|e| e.to_string())?;
+                        h.ev(Step::Stage, State::Start, "streamed as it is packed");
+                        let mut counting = Counting {
+                            inner: Box::new(stream),
+                            sent: 0,
+                            total,
+                            host: h.name,
+                            reporter: self.reporter,
+                            crash_half: h.i == 0,
+                            last_report: 0,
+                        };
+                        let r = hostops::stage_stream(h.remote, root, token, gz, &mut counting);
+                        match r {
+                            Ok(()) => Ok(counting.sent),
+                            Err(e) => {
+                                h.ev(Step::Stage, State::Failed, &e.to_string());
+                                Err(e.to_string())
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let packed = self.artifacts.import_dir_streaming(dir, limits, fanout);
+            let sent: Vec<Result<u64, String>> = uploads
+                .into_iter()
+                .map(|u| {
+                    u.join()
+                        .unwrap_or_else(|_| Err("the upload thread panicked".into()))
+                })
+                .collect();
+            (packed, sent)
+        });
+        let errors: Vec<String> = hosts
+            .iter()
+            .zip(&sent)
+            .filter_map(|(h, r)| r.as_ref().err().map(|e| format!("{}: {e}", h.name)))
+            .collect();
+        let outcome = match packed {
+            Err(e) => Err(DeployError::ArtifactRefusedStreamed(e.to_string())),
+            Ok(_) if !errors.is_empty() => Err(DeployError::StageFailed {
+                release: token.clone(),
+                via: Via::Files,
+                errors,
+            }),
+            Ok(stored) => Ok(stored),
+        };
+        if outcome.is_err() {
+            crate::par_map(hosts.len(), self.config.ssh.parallel, |i| {
+                hostops::stage_discard(hosts[i].remote, root, &token)
+            });
+            return outcome;
+        }
+        let mut streamed = self.streamed.lock().unwrap_or_else(|p| p.into_inner());
+        for (h, r) in hosts.iter().zip(sent) {
+            streamed.insert(h.i, (token.clone(), r.unwrap_or(0)));
+        }
+        outcome
     }
 
     fn meta(&self, to: &Target<Settings>) -> String {
@@ -171,6 +300,36 @@ impl Switcher for Files<'_> {
     type Snap = Settings;
     const STAGES_DIRECTORIES: bool = true;
     type Staged = u64;
+
+    /// A directory is packed once the hosts are prepared: streamed to every host as it is
+    /// packed, unless a host could take a delta (or there are more hosts than `[ssh]
+    /// parallel`), then packed into the store first and staged from there.
+    fn pin(
+        &self,
+        rec: &Recorder<'_>,
+        hosts: &[HostCx<'_>],
+        dir: &str,
+    ) -> Result<Pinned<Settings>, DeployError> {
+        let path = Path::new(dir);
+        let limits = Limits::of(self.files);
+        let (summary, tree) = ArtifactStore::check_dir_tree(path, &limits)
+            .map_err(|e| DeployError::ArtifactRefused(e.to_string()))?;
+        let stream = hosts.len() <= self.config.ssh.parallel
+            && !self.delta_pays(rec, hosts, path, tree.as_ref());
+        let stored = if stream {
+            self.stream(rec, hosts, path, &limits, summary.unpacked_bytes)?
+        } else {
+            self.reporter.note(&format!("packing and checking {dir}"));
+            self.artifacts
+                .import(path, &limits)
+                .map_err(|e| DeployError::ArtifactRefused(e.to_string()))?
+        };
+        Ok(Pinned {
+            content: stored.sha256,
+            snap: Settings::from_config(self.config, self.files),
+            source: dir.to_string(),
+        })
+    }
 
     fn root(&self) -> &str {
         &self.files.root
@@ -233,6 +392,28 @@ impl Switcher for Files<'_> {
     }
 
     fn stage(&self, h: &HostCx<'_>, to: &Target<Settings>) -> Result<u64, String> {
+        let streamed = self
+            .streamed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&h.i);
+        if let Some((token, bytes)) = streamed {
+            let r = hostops::stage_finish(h.remote, self.root(), &token, &to.id, &self.meta(to));
+            return match r {
+                Ok(()) => {
+                    h.ev(
+                        Step::Stage,
+                        State::Done,
+                        &format!("{bytes} bytes sent (streamed as it was packed)"),
+                    );
+                    Ok(bytes)
+                }
+                Err(e) => {
+                    h.ev(Step::Stage, State::Failed, &e.to_string());
+                    Err(e.to_string())
+                }
+            };
+        }
         if h.prepared.releases.contains(&to.id) {
             h.ev(
                 Step::Stage,

@@ -1,0 +1,181 @@
+//! A directory is streamed to the hosts while it is packed (issue 14): what is streamed is
+//! what the store keeps and the history records, a hostile entry anywhere in the tree is
+//! refused before any host is touched, and a kill -9 mid-stream loses nothing.
+
+use crate::world::{noise, World};
+use std::path::Path;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The stage events of the last run, per host: `(host, detail)` of each `done`.
+fn stage_done(w: &World) -> Vec<(String, String)> {
+    let db = w.db();
+    let mut q = db
+        .prepare(
+            "SELECT host, detail FROM events WHERE run_id = (SELECT MAX(id) FROM runs) \
+             AND step = 'stage' AND state = 'done' AND host IS NOT NULL ORDER BY host, id",
+        )
+        .unwrap();
+    q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A build with a 2 MB file of random bytes in a nested directory.
+fn big_build(w: &World, name: &str, seed: u64) -> std::path::PathBuf {
+    let d = w.build(name);
+    std::fs::create_dir_all(d.join("assets/deep")).unwrap();
+    std::fs::write(d.join("assets/deep/noise.bin"), noise(seed, 2_000_000)).unwrap();
+    d
+}
+
+#[test]
+fn a_streamed_directory_is_the_artifact_the_history_records_and_a_cold_rollback_reships_it_byte_for_byte(
+) {
+    let w = World::files(2).start();
+    let a = big_build(&w, "a", 1);
+    let r = w.deploy_artifact(&a);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let a_id = r.release();
+    // Both hosts got the stream while it was packed, and staging only named it.
+    let stages = stage_done(&w);
+    let streamed: Vec<&(String, String)> = stages
+        .iter()
+        .filter(|(_, d)| d.ends_with("bytes sent (streamed as it was packed)"))
+        .collect();
+    assert_eq!(streamed.len(), 2, "{stages:?}");
+    // The store's copy is the bytes whose digest the history records.
+    let history = w.history();
+    let recorded = history[0]["artifact_sha256"].as_str().unwrap().to_string();
+    let stored = std::fs::read(w.dir.join(format!("data/artifacts/{recorded}.tar.gz"))).unwrap();
+    assert_eq!(sha256_hex(&stored), recorded);
+    let source = std::fs::read(a.join("assets/deep/noise.bin")).unwrap();
+    for i in 0..2 {
+        let on_host = w
+            .site(i)
+            .join(format!("releases/{a_id}/assets/deep/noise.bin"));
+        assert!(
+            std::fs::read(&on_host).unwrap() == source,
+            "host {i}: noise.bin"
+        );
+    }
+
+    // B replaces it; A's directory is then deleted on every host, so going back re-ships
+    // A's stored artifact.
+    let b = big_build(&w, "b", 2);
+    assert_eq!(w.deploy_artifact(&b).code, 0);
+    for i in 0..2 {
+        std::fs::remove_dir_all(w.site(i).join(format!("releases/{a_id}"))).unwrap();
+    }
+    let r = w.run(&["rollback", "--json", "--to", &a_id]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for h in r.json["hosts"].as_array().unwrap() {
+        assert!(h["uploaded_bytes"].as_u64().unwrap() > 0, "re-shipped: {h}");
+    }
+    w.assert_all_serve("a");
+    for i in 0..2 {
+        let on_host = w.site(i).join("current/assets/deep/noise.bin");
+        assert!(
+            std::fs::read(&on_host).unwrap() == source,
+            "host {i}: noise.bin after the rollback"
+        );
+    }
+}
+
+#[test]
+fn a_hostile_entry_deep_in_a_directory_is_refused_before_any_host_is_touched() {
+    let w = World::files(2).start();
+    let cases: [(&str, fn(&Path)); 2] = [
+        ("a symlink out of the release", |deep| {
+            std::os::unix::fs::symlink("../../../../../etc", deep.join("up")).unwrap()
+        }),
+        ("a FIFO", |deep| {
+            let p = deep.join("pipe");
+            let made = std::process::Command::new("mkfifo")
+                .arg(&p)
+                .status()
+                .unwrap();
+            assert!(made.success());
+        }),
+    ];
+    let mut said = Vec::new();
+    for (k, (what, plant)) in cases.iter().enumerate() {
+        let d = big_build(&w, &format!("hostile{k}"), 3);
+        let deep = d.join("assets/deep/er/still");
+        std::fs::create_dir_all(&deep).unwrap();
+        plant(&deep);
+        let r = w.deploy_artifact(&d);
+        assert_eq!(r.code, 2, "{what}: {}", r.stderr);
+        said.push(w.norm(r.message()));
+        for i in 0..2 {
+            assert_eq!(
+                w.releases_on(i),
+                Vec::<String>::new(),
+                "{what}: host {i} touched"
+            );
+        }
+    }
+    let dir = |k: usize| {
+        w.dir
+            .join(format!("builds/hostile{k}"))
+            .display()
+            .to_string()
+    };
+    assert_eq!(
+        said,
+        vec![
+            w.norm(&format!("artifact refused: {}: assets/deep/er/still/up: symlink target ../../../../../etc resolves outside the release. Nothing was touched.", dir(0))),
+            w.norm(&format!("artifact refused: {}/assets/deep/er/still/pipe: is a FIFO (named pipe); only regular files, directories and symlinks can be shipped. Nothing was touched.", dir(1))),
+        ]
+    );
+    assert!(w.history().is_empty(), "no history row");
+}
+
+#[test]
+fn kill_9_mid_stream_leaves_every_host_serving_its_release_and_the_next_run_succeeds() {
+    let w = World::files(2).start();
+    let v1 = w.deploy_ok("v1");
+    // Without v1's artifact no host can take a delta, so the next deploy streams.
+    std::fs::remove_dir_all(w.dir.join("data/artifacts")).unwrap();
+    let d = big_build(&w, "crashing", 4);
+    std::fs::write(d.join("more.bin"), noise(5, 3_000_000)).unwrap();
+    let r = w
+        .cutover(&["deploy", "--artifact", d.to_str().unwrap()])
+        .crash_at("mid-upload")
+        .run();
+    assert_eq!(r.signal, Some(9), "killed mid-stream: {}", r.stderr);
+    for i in 0..2 {
+        w.assert_complete(i);
+        assert_eq!(w.served(i), "v1", "host {i}");
+        assert_eq!(w.current(i).as_deref(), Some(v1.as_str()));
+    }
+    let cut: Vec<String> = w
+        .releases_on(0)
+        .into_iter()
+        .filter(|r| r.starts_with("stream-") && r.ends_with(".partial"))
+        .collect();
+    assert_eq!(
+        cut.len(),
+        1,
+        "host 0 holds the cut stream: {:?}",
+        w.releases_on(0)
+    );
+    let after = w.deploy_ok("after");
+    w.assert_all_serve("after");
+    for i in 0..2 {
+        let left: Vec<String> = w
+            .releases_on(i)
+            .into_iter()
+            .filter(|r| r.ends_with(".partial"))
+            .collect();
+        assert!(left.is_empty(), "host {i}: {left:?} left");
+        assert!(w.releases_on(i).contains(&after));
+    }
+}
