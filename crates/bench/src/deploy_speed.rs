@@ -24,13 +24,18 @@ on 1 and 4 hosts only. Each host count gets a fresh lab (cutover `parallel = 16`
 are served at once). Before every repetition the hosts' site roots and cutover's data dir \
 (history and artifact store) are emptied. *cutover 1st* is `cutover deploy --json --artifact \
 A` onto empty hosts; *cutover 2nd* is the deploy of a different directory B of the same size \
-right after (a full upload again, since no file is shared; cutover finds that out by \
-comparing the two releases' manifests, kept in its artifact store when each was packed); \
+right after (the hosts serve A, whose artifact is in the store, so cutover first guesses \
+whether a delta would pay: a quarter or more of B's file bytes in files whose path, mode, \
+size and first 4 KiB match A's manifest; here none do, so B is streamed whole like A); \
 both are timed from spawn to exit \
-0, which includes packing the directory into a tar.gz in one pass (the tar stream checked by a \
-second thread as it is produced, SHA-256 of the artifact and of every file for the manifest, \
-gzip -1 only if a 2 MiB sample shrinks to 90% or less, else stored deflate blocks; *cutover's \
-packing* says which: `gzip1` or `stored`; fsync), the SSH connection per host, staging (upload + unpack), the switch, \
+0, which includes checking the directory's tree (names, symlinks, file types, limits: no \
+content read), the SSH connection per host and the host lock, then one pass that packs the \
+directory (the tar stream checked by a second thread as it is produced, SHA-256 of the \
+artifact and of every file for the manifest, gzip -1 only if a 2 MiB sample shrinks to 90% \
+or less, else stored deflate blocks; *cutover's packing* says which: `gzip1` or `stored`), \
+writes it into the artifact store (fsync) and, as it is produced, streams it to every host, \
+which unpacks it as it arrives (the tar stream itself when stored, the gzip stream when \
+compressed); then staging gives each upload its release id (flush, rename), the switch, \
 the health gate (2 healthy probes 100 ms apart per host) and pruning; every host is then checked \
 over HTTP to serve the new version (untimed). *Capistrano 1st* and *2nd* are `cap bench deploy` \
 (Debian's capistrano, its default git strategy) of the same two directories, committed as two \

@@ -235,10 +235,10 @@ impl Trace {
     /// its last host reports `done` (or `failed`).
     pub(crate) fn phases(&self, total: f64) -> Vec<(&'static str, f64)> {
         let marks = [
-            ("pack + check artifact", self.first_start("connect")),
+            ("check the tree", self.first_start("connect")),
             ("connect (ssh master)", self.last_end("connect")),
             ("prepare (lock, list)", self.last_end("prepare")),
-            ("stage (upload + unpack)", self.last_end("stage")),
+            ("stage (pack + upload + unpack, streamed)", self.last_end("stage")),
             ("switch", self.last_end("switch")),
             ("health gate", self.last_end("gate")),
             ("prune, unlock, exit", Some(total)),
