@@ -1,4 +1,6 @@
-//! Files apps: stage = upload (a delta when the host serves a release whose artifact is
+//! Files apps: pin = pack a directory into the store, streaming it to every host as it is
+//! packed (into `releases/stream-<run>.partial`) unless a delta would pay; stage = name a
+//! streamed upload, or upload (a delta when the host serves a release whose artifact is
 //! still in the store) into `releases/<id>.partial`, then rename; switch = a symlink renamed
 //! over `current`, then `reload`; gate = the health URL as the host sees it.
 
