@@ -294,18 +294,15 @@ fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_remo
     let l = w.run(&["preview", "list", "--json"]);
     assert_eq!(l.json[0]["head_sha"], head.as_str());
     // Commit statuses on the head SHA: pending, then success linking the preview.
-    let calls = forge.calls(2);
-    let line = format!("POST /repos/acme/site/statuses/{head} HTTP/1.1");
-    assert_eq!(calls.len(), 2, "{calls:?}");
-    assert_eq!(
-        (calls[0].0.as_str(), calls[0].1.as_str()),
-        (line.as_str(), "Bearer tok-forge-123")
+    let success = forge.pending_then_success(
+        0,
+        &format!("POST /repos/acme/site/statuses/{head} HTTP/1.1"),
+        "Bearer tok-forge-123",
+        "context",
     );
-    assert_eq!(calls[0].2["state"], "pending");
-    assert_eq!(calls[1].2["state"], "success", "{calls:?}");
-    assert_eq!(calls[1].2["target_url"], format!("http://{host}"));
+    assert_eq!(success["target_url"], format!("http://{host}"));
     assert_eq!(
-        calls[1].2["description"],
+        success["description"],
         format!("{} is served at http://{host}", &head[..7])
     );
 

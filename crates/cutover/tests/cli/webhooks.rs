@@ -458,20 +458,13 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
         )
         .unwrap();
     assert_eq!(newest, c2);
-    let calls = forge.calls(2);
-    assert_eq!(calls.len(), 2, "{calls:?}");
-    for (line, auth, _) in &calls {
-        assert_eq!(
-            line,
-            &format!("POST /api/v4/projects/15/statuses/{c2} HTTP/1.1")
-        );
-        assert_eq!(auth, &format!("PRIVATE-TOKEN {token}"));
-    }
-    assert_eq!(
-        (calls[0].2["state"].as_str(), calls[0].2["name"].as_str()),
-        (Some("pending"), Some("cutover"))
+    let private_token = format!("PRIVATE-TOKEN {token}");
+    forge.pending_then_success(
+        0,
+        &format!("POST /api/v4/projects/15/statuses/{c2} HTTP/1.1"),
+        &private_token,
+        "name",
     );
-    assert_eq!(calls[1].2["state"], "success", "{calls:?}");
 
     // Merge Request Hook events, read as pull requests: iid is the number, the source
     // project the head repository; a fork without the label and an update without new
@@ -546,23 +539,15 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
         )
         .unwrap();
     assert_eq!((app.as_str(), sha.as_str()), ("site-pr-7", c3.as_str()));
-    let calls = forge.calls(4);
-    assert_eq!(calls.len(), 4, "{calls:?}");
-    for (line, auth, _) in &calls[2..] {
-        assert_eq!(
-            line,
-            &format!("POST /api/v4/projects/15/statuses/{c3} HTTP/1.1")
-        );
-        assert_eq!(auth, &format!("PRIVATE-TOKEN {token}"));
-    }
-    assert_eq!(
-        (calls[2].2["state"].as_str(), calls[2].2["name"].as_str()),
-        (Some("pending"), Some("cutover"))
+    let success = forge.pending_then_success(
+        2,
+        &format!("POST /api/v4/projects/15/statuses/{c3} HTTP/1.1"),
+        &private_token,
+        "name",
     );
-    assert_eq!(calls[3].2["state"], "success", "{calls:?}");
-    assert_eq!(calls[3].2["target_url"], format!("http://{preview}"));
+    assert_eq!(success["target_url"], format!("http://{preview}"));
     assert_eq!(
-        calls[3].2["description"],
+        success["description"],
         format!("{} is served at http://{preview}", &c3[..7])
     );
     let (st, b) = s.post(
@@ -656,6 +641,30 @@ impl Forge {
         Forge { addr, calls }
     }
 
+    /// Waits for `from + 2` calls, of which the last two must be a commit status POSTed as
+    /// `line` with `auth`: `pending` (named `cutover` in `name_key`: GitHub's `context`,
+    /// GitLab's `name`), then `success`. Returns the success's body.
+    pub(crate) fn pending_then_success(
+        &self,
+        from: usize,
+        line: &str,
+        auth: &str,
+        name_key: &str,
+    ) -> Value {
+        let calls = self.calls(from + 2);
+        assert_eq!(calls.len(), from + 2, "{calls:?}");
+        for (l, a, _) in &calls[from..] {
+            assert_eq!((l.as_str(), a.as_str()), (line, auth), "{calls:?}");
+        }
+        let (pending, success) = (&calls[from].2, &calls[from + 1].2);
+        assert_eq!(
+            (pending["state"].as_str(), pending[name_key].as_str()),
+            (Some("pending"), Some("cutover"))
+        );
+        assert_eq!(success["state"], "success", "{calls:?}");
+        success.clone()
+    }
+
     /// Waits for `n` calls and returns them.
     pub(crate) fn calls(&self, n: usize) -> Vec<(String, String, Value)> {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -699,21 +708,13 @@ fn commit_statuses_go_to_the_forge_pending_then_success_or_failure() {
         body.clone(),
     );
     assert_eq!(st, 202, "{b}");
-    let calls = forge.calls(2);
-    assert_eq!(calls.len(), 2, "{calls:?}");
-    for (line, auth, _) in &calls {
-        assert_eq!(
-            line,
-            &format!("POST /repos/acme/site/statuses/{good} HTTP/1.1")
-        );
-        assert_eq!(auth, &format!("Bearer {token}"));
-    }
-    assert_eq!(
-        (calls[0].2["state"].as_str(), calls[0].2["context"].as_str()),
-        (Some("pending"), Some("cutover"))
+    let success = forge.pending_then_success(
+        0,
+        &format!("POST /repos/acme/site/statuses/{good} HTTP/1.1"),
+        &format!("Bearer {token}"),
+        "context",
     );
-    assert_eq!(calls[1].2["state"], "success", "{calls:?}");
-    assert!(calls[1].2["description"]
+    assert!(success["description"]
         .as_str()
         .unwrap()
         .starts_with(&format!("{} is live (release ", &good[..7])));
