@@ -328,7 +328,7 @@ CMD [\"sh\", \"-c\", \"trap 'exit 0' TERM INT; httpd -f -p 8080 -h /www & wait\"
 /// built from a repository (a Dockerfile, a static busybox) by a `cutover serve` whose docker
 /// CLI talks to the host's dockerd; `n` pull requests opened (one untimed first): (POST →
 /// answer ms, POST → the preview serves its head ms) each.
-fn container_previews(ctx: &Ctx, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+fn container_previews(ctx: &Ctx, n: usize) -> Result<Times> {
     let w = crate::containers::DockerWorld::start(ctx)?;
     let dir = w.lab.dir().join("controller/git");
     std::fs::create_dir_all(&dir)?;
@@ -360,14 +360,12 @@ fn container_previews(ctx: &Ctx, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     })?;
     // The first clones the repository into the server's mirror: untimed.
     preview_opened(w.proxy_addr(), "web", &s, &repo, 100)?;
-    let (mut answered, mut serving) = (Vec::new(), Vec::new());
+    let mut times = Times::default();
     for k in 1..=n as u64 {
         eprintln!("[webhooks] container pull request {k}/{n} opened");
-        let (a, t) = preview_opened(w.proxy_addr(), "web", &s, &repo, k)?;
-        answered.push(a);
-        serving.push(t);
+        times.add(preview_opened(w.proxy_addr(), "web", &s, &repo, k)?);
     }
-    Ok((answered, serving))
+    Ok(times)
 }
 
 /// ring's HMAC-SHA256 verify over `size` bytes for about 1 s: verifications per second.
@@ -388,8 +386,8 @@ fn verify_rate(size: usize) -> f64 {
 /// A genuine push's (POST → answer ms, POST → serving ms, the answer).
 type Genuine = (f64, f64, String);
 
-/// The forged flood with a genuine push 1 s in: (refused, other answers, seconds, genuine).
-fn flood(world: &World, s: &Server, repo: &Repo, secs: u64) -> Result<(u64, u64, f64, Genuine)> {
+/// The forged flood with a genuine push 1 s in.
+fn flood(world: &World, s: &Server, repo: &Repo, secs: u64) -> Result<Flood> {
     let stop = Arc::new(AtomicBool::new(false));
     let (refused, other) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let forged = push_body(&"f".repeat(40));
@@ -437,12 +435,12 @@ fn flood(world: &World, s: &Server, repo: &Repo, secs: u64) -> Result<(u64, u64,
         let _ = th.join();
     }
     let took = t.elapsed().as_secs_f64();
-    Ok((
-        refused.load(Ordering::Relaxed),
-        other.load(Ordering::Relaxed),
+    Ok(Flood {
+        refused: refused.load(Ordering::Relaxed),
+        other: other.load(Ordering::Relaxed),
         took,
-        genuine?,
-    ))
+        genuine: genuine?,
+    })
 }
 
 fn cell(v: &[f64]) -> String {
@@ -454,11 +452,112 @@ fn cell(v: &[f64]) -> String {
     }
 }
 
+/// POST → answer and POST → serving (ms) of each timed delivery of one kind.
+#[derive(Default)]
+struct Times {
+    answered: Vec<f64>,
+    serving: Vec<f64>,
+}
+
+impl Times {
+    fn add(&mut self, (answered, serving): (f64, f64)) {
+        self.answered.push(answered);
+        self.serving.push(serving);
+    }
+
+    /// A row of the deliveries table: what, runs, answered after, delivery → serving.
+    fn row(&self, what: &str) -> Vec<String> {
+        vec![
+            what.into(),
+            self.answered.len().to_string(),
+            cell(&self.answered),
+            cell(&self.serving),
+        ]
+    }
+}
+
+/// What the forged flood saw.
+struct Flood {
+    refused: u64,
+    other: u64,
+    /// Its length, s.
+    took: f64,
+    genuine: Genuine,
+}
+
+/// Everything the section reports.
+struct Measured {
+    pushes: Times,
+    built: Times,
+    previews: Times,
+    container_previews: Times,
+    /// Verifications per second over a 2 KiB and a 5 MiB body.
+    verify: [f64; 2],
+    flood: Flood,
+}
+
+/// The verify table's body sizes, as `Measured::verify` holds them.
+const VERIFY_SIZES: [usize; 2] = [2048, 5 * 1024 * 1024];
+
 pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let clock = Instant::now();
     let load_before = crate::machine::loadavg();
     let world = World::start(1, ctx)?;
+    let m = measure(ctx, &world)?;
+    let load_after = crate::machine::loadavg();
+    let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
+    md.push_str("\n\n");
+    md.push_str(&deliveries_table(&m));
+    md.push('\n');
+    md.push_str(&verify_table(&m));
+    md.push('\n');
+    md.push_str(&flood_table(&m.flood));
+    Ok(Section {
+        markdown: md,
+        json: section_json(&m),
+    })
+}
+
+/// Runs every measurement on `world` (and the container previews on a lab of their own).
+fn measure(ctx: &Ctx, world: &World) -> Result<Measured> {
     let (repo, origin) = Repo::create(&world.dir)?;
+    configure(world, &origin)?;
+    let s = serve(world)?;
+    let n = if ctx.quick { 3 } else { 10 };
+    // The first push clones the repository into the server's mirror: untimed.
+    genuine_push(world, &s, &repo, "v0")?;
+    let pushes = timed_pushes(world, &s, &repo, n, "v", "push")?;
+    let proxy = SocketAddr::new(world.lab.ip(0).into(), PROXY_PORT);
+    let mut previews = Times::default();
+    for k in 1..=n as u64 {
+        eprintln!("[webhooks] pull request {k}/{n} opened");
+        previews.add(preview_opened(proxy, "site", &s, &repo, k)?);
+    }
+    // The same with a small build step: the server restarted on the config with a command.
+    drop(s);
+    add_build_step(world)?;
+    let s = serve(world)?;
+    let built = timed_pushes(world, &s, &repo, n, "b", "push with a build")?;
+    drop(s);
+    let container_previews = container_previews(ctx, n)?;
+    let s = serve(world)?;
+    let verify = VERIFY_SIZES.map(verify_rate);
+    let secs = if ctx.quick { 3 } else { 6 };
+    eprintln!("[webhooks] forged flood for {secs} s");
+    let flood = flood(world, &s, &repo, secs)?;
+    Ok(Measured {
+        pushes,
+        built,
+        previews,
+        container_previews,
+        verify,
+        flood,
+    })
+}
+
+/// Gives the world's app a `[build]` from `origin`, a GitHub `[webhook]`, the edge proxy and
+/// `[preview]`, and installs the proxy on the host (`cutover setup`).
+fn configure(world: &World, origin: &Path) -> Result<()> {
     let config = std::fs::read_to_string(&world.config)?;
     std::fs::write(
         &world.config,
@@ -479,27 +578,11 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let s = serve(&world)?;
-    let n = if ctx.quick { 3 } else { 10 };
-    let (mut answered, mut serving) = (Vec::new(), Vec::new());
-    // The first push clones the repository into the server's mirror: untimed.
-    genuine_push(&world, &s, &repo, "v0")?;
-    for k in 1..=n {
-        eprintln!("[webhooks] push {k}/{n}");
-        let (a, t, _) = genuine_push(&world, &s, &repo, &format!("v{k}"))?;
-        answered.push(a);
-        serving.push(t);
-    }
-    let (mut pr_answered, mut pr_serving) = (Vec::new(), Vec::new());
-    for k in 1..=n as u64 {
-        eprintln!("[webhooks] pull request {k}/{n} opened");
-        let proxy = SocketAddr::new(world.lab.ip(0).into(), PROXY_PORT);
-        let (a, t) = preview_opened(proxy, "site", &s, &repo, k)?;
-        pr_answered.push(a);
-        pr_serving.push(t);
-    }
-    // The same with a small build step: the server restarted on the config with a command.
-    drop(s);
+    Ok(())
+}
+
+/// Adds a build command (copying the three files into `out/`) to the config's `[build]`.
+fn add_build_step(world: &World) -> Result<()> {
     let text = std::fs::read_to_string(&world.config)?;
     std::fs::write(
         &world.config,
@@ -508,27 +591,29 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             "\ncommand = \"mkdir -p out && cp index.html up version out/\"\noutput = \"out\"\n\n[webhook]",
         ),
     )?;
-    let s = serve(&world)?;
-    let (mut built_answered, mut built_serving) = (Vec::new(), Vec::new());
+    Ok(())
+}
+
+/// `n` genuine pushes labelled `<prefix>1`..`<prefix>n`, timed.
+fn timed_pushes(
+    world: &World,
+    s: &Server,
+    repo: &Repo,
+    n: usize,
+    prefix: &str,
+    what: &str,
+) -> Result<Times> {
+    let mut times = Times::default();
     for k in 1..=n {
-        eprintln!("[webhooks] push with a build {k}/{n}");
-        let (a, t, _) = genuine_push(&world, &s, &repo, &format!("b{k}"))?;
-        built_answered.push(a);
-        built_serving.push(t);
+        eprintln!("[webhooks] {what} {k}/{n}");
+        let (a, t, _) = genuine_push(world, s, repo, &format!("{prefix}{k}"))?;
+        times.add((a, t));
     }
-    drop(s);
-    let (c_answered, c_serving) = container_previews(ctx, n)?;
-    let s = serve(&world)?;
-    let small = verify_rate(2048);
-    let large = verify_rate(5 * 1024 * 1024);
-    let secs = if ctx.quick { 3 } else { 6 };
-    eprintln!("[webhooks] forged flood for {secs} s");
-    let (refused, other, took, (g_answered, g_serving, g_answer)) = flood(&world, &s, &repo, secs)?;
-    drop(s);
-    let load_after = crate::machine::loadavg();
-    let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
-    md.push_str("\n\n");
-    md.push_str(&report::table(
+    Ok(times)
+}
+
+fn deliveries_table(m: &Measured) -> String {
+    report::table(
         &[
             "signed delivery → the commit is served (files app unless said)",
             "runs",
@@ -536,42 +621,24 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             "delivery → serving (ms)",
         ],
         &[
-            vec![
-                "no build step (the commit's tree shipped as it is)".into(),
-                n.to_string(),
-                cell(&answered),
-                cell(&serving),
-            ],
-            vec![
-                "a small build (`mkdir -p out && cp index.html up version out/`)".into(),
-                n.to_string(),
-                cell(&built_answered),
-                cell(&built_serving),
-            ],
-            vec![
-                "`pull_request` opened → its new preview serves the head (no build step; the edge proxy's static target)".into(),
-                n.to_string(),
-                cell(&pr_answered),
-                cell(&pr_serving),
-            ],
-            vec![
-                "`pull_request` opened → its new container preview serves the head (docker build and push, container app)".into(),
-                n.to_string(),
-                cell(&c_answered),
-                cell(&c_serving),
-            ],
+            m.pushes.row("no build step (the commit's tree shipped as it is)"),
+            m.built.row("a small build (`mkdir -p out && cp index.html up version out/`)"),
+            m.previews.row("`pull_request` opened → its new preview serves the head (no build step; the edge proxy's static target)"),
+            m.container_previews.row("`pull_request` opened → its new container preview serves the head (docker build and push, container app)"),
         ],
-    ));
-    md.push('\n');
-    md.push_str(&report::table(
+    )
+}
+
+fn verify_table(m: &Measured) -> String {
+    report::table(
         &[
             "HMAC-SHA256 verify (ring, one core)",
             "verifications/s",
             "MiB/s",
         ],
-        &[2048usize, 5 * 1024 * 1024]
+        &VERIFY_SIZES
             .iter()
-            .zip([small, large])
+            .zip(m.verify)
             .map(|(size, rate)| {
                 vec![
                     if *size == 2048 {
@@ -584,9 +651,12 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
                 ]
             })
             .collect::<Vec<_>>(),
-    ));
-    md.push('\n');
-    md.push_str(&report::table(
+    )
+}
+
+fn flood_table(f: &Flood) -> String {
+    let (g_answered, g_serving, g_answer) = &f.genuine;
+    report::table(
         &[
             "forged flood (8 keep-alive clients)",
             "refused (401)",
@@ -597,24 +667,28 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             "push → serving (ms)",
         ],
         &[vec![
-            format!("{took:.1} s"),
-            refused.to_string(),
-            other.to_string(),
-            format!("{:.0}", refused as f64 / took),
+            format!("{:.1} s", f.took),
+            f.refused.to_string(),
+            f.other.to_string(),
+            format!("{:.0}", f.refused as f64 / f.took),
             g_answer.chars().take(60).collect(),
             format!("{g_answered:.0}"),
             format!("{g_serving:.0}"),
         ]],
-    ));
-    let json = json!({
-        "push_answered_ms": answered,
-        "push_to_serving_ms": serving,
-        "with_build": {"push_answered_ms": built_answered, "push_to_serving_ms": built_serving},
-        "preview_opened": {"answered_ms": pr_answered, "to_serving_ms": pr_serving},
-        "container_preview_opened": {"answered_ms": c_answered, "to_serving_ms": c_serving},
-        "verify_per_s": {"2KiB": small, "5MiB": large},
-        "flood": {"seconds": took, "refused": refused, "other": other,
+    )
+}
+
+fn section_json(m: &Measured) -> serde_json::Value {
+    let f = &m.flood;
+    let (g_answered, g_serving, g_answer) = &f.genuine;
+    json!({
+        "push_answered_ms": m.pushes.answered,
+        "push_to_serving_ms": m.pushes.serving,
+        "with_build": {"push_answered_ms": m.built.answered, "push_to_serving_ms": m.built.serving},
+        "preview_opened": {"answered_ms": m.previews.answered, "to_serving_ms": m.previews.serving},
+        "container_preview_opened": {"answered_ms": m.container_previews.answered, "to_serving_ms": m.container_previews.serving},
+        "verify_per_s": {"2KiB": m.verify[0], "5MiB": m.verify[1]},
+        "flood": {"seconds": f.took, "refused": f.refused, "other": f.other,
                   "genuine": {"answered_ms": g_answered, "serving_ms": g_serving, "answer": g_answer}},
-    });
-    Ok(Section { markdown: md, json })
+    })
 }

@@ -468,22 +468,7 @@ impl Config {
             key: key.to_string(),
             message,
         };
-        if let Some(m) = control_character(text) {
-            return Err(err("", m));
-        }
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let span = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .map(|(l, c)| format!(" (line {l}, column {c})"))
-                .unwrap_or_default();
-            err("", format!("{}{span}", parse_message(e.message())))
-        })?;
-        // The same text parsed again as plain TOML, to bound every string before any
-        // validation looks at (or repeats) it.
-        if let Ok(table) = toml::from_str::<toml::Table>(text) {
-            check_sizes("", &table).map_err(|(k, m)| err(&k, m))?;
-        }
+        let raw = read_raw(text, &err)?;
         let base = file.parent().unwrap_or(Path::new("."));
         let resolve = |p: &str| -> PathBuf {
             if let (Some(rest), Some(h)) = (p.strip_prefix("~/"), home) {
@@ -499,21 +484,7 @@ impl Config {
             None => None,
             Some(w) => Some(crate::webhook::parse_webhook(w).map_err(|(k, m)| err(&k, m))?),
         };
-        if !valid_app_name(&raw.app) {
-            return Err(err(
-                "app",
-                format!(
-                    "expected a name matching ^[a-z][a-z0-9-]{{0,39}}$ (it is used in paths and container names), got {:?}",
-                    raw.app
-                ),
-            ));
-        }
-        if raw.hosts.is_empty() {
-            return Err(err(
-                "hosts",
-                "expected at least one host, e.g. [\"web1\"] or [\"local\"]".into(),
-            ));
-        }
+        check_app_name(&raw.app, &err)?;
         let hosts = parse_hosts(&raw.hosts, &err)?;
 
         let preview = match raw.preview {
@@ -524,10 +495,7 @@ impl Config {
         let ssh = parse_ssh(&raw.ssh, &err, &resolve)?;
 
         if let Some(rc) = raw.container {
-            let build = match raw.build {
-                None => None,
-                Some(b) => Some(parse_build(b, true, &err, &resolve)?),
-            };
+            let build = optional_build(raw.build, true, &err, &resolve)?;
             return Self::parse_container(
                 file,
                 raw.app,
@@ -546,29 +514,11 @@ impl Config {
                 ..c
             });
         }
-        if raw.proxy.is_some() && preview.is_none() {
-            return Err(err(
-                "proxy",
-                "[proxy] is for container apps (and for the previews of a files app, beside [preview]): add a [container] section, or remove [proxy]"
-                    .into(),
-            ));
-        }
-        // A files app's previews are served by the edge proxy (a static target).
-        let proxy = match &preview {
-            None => None,
-            Some(_) => Some(
-                crate::container::validate_proxy(raw.proxy.unwrap_or_default())
-                    .map_err(|(k, m)| err(&k, m))?,
-            ),
-        };
+        let proxy = files_proxy(raw.proxy, preview.is_some(), &err)?;
         let mut files = parse_files(raw.files, &deploy, &err, &resolve)?;
         files.proxy = proxy;
         let health = files_health(raw.health, &err)?;
-
-        let build = match raw.build {
-            None => None,
-            Some(b) => Some(parse_build(b, false, &err, &resolve)?),
-        };
+        let build = optional_build(raw.build, false, &err, &resolve)?;
 
         Ok(Config {
             deploy: deploy.clone(),
@@ -713,11 +663,88 @@ fn unsupported_repo(url: &str) -> Option<String> {
 pub const DEFAULT_TOKEN_ENV: &str = "CUTOVER_GIT_TOKEN";
 
 /// `[build] token_env`, `token_user` and `ca_file`: for `https://` repositories only.
-/// `hosts`: each parsed as a destination, none twice.
+/// The config's text as TOML of the config's shape, with no control character and no value
+/// over its bound.
+fn read_raw(
+    text: &str,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<RawConfig, ConfigError> {
+    if let Some(m) = control_character(text) {
+        return Err(err("", m));
+    }
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .map(|(l, c)| format!(" (line {l}, column {c})"))
+            .unwrap_or_default();
+        err("", format!("{}{span}", parse_message(e.message())))
+    })?;
+    // The same text parsed again as plain TOML, to bound every string before any
+    // validation looks at (or repeats) it.
+    if let Ok(table) = toml::from_str::<toml::Table>(text) {
+        check_sizes("", &table).map_err(|(k, m)| err(&k, m))?;
+    }
+    Ok(raw)
+}
+
+/// `app`: a name fit for paths and container names.
+fn check_app_name(app: &str, err: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
+    if valid_app_name(app) {
+        return Ok(());
+    }
+    Err(err(
+        "app",
+        format!(
+            "expected a name matching ^[a-z][a-z0-9-]{{0,39}}$ (it is used in paths and container names), got {app:?}"
+        ),
+    ))
+}
+
+/// `[build]`, if the config has one.
+fn optional_build(
+    b: Option<RawBuild>,
+    container: bool,
+    err: &dyn Fn(&str, String) -> ConfigError,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<Option<BuildConfig>, ConfigError> {
+    b.map(|b| parse_build(b, container, err, resolve))
+        .transpose()
+}
+
+/// A files app's `[proxy]`: only beside `[preview]` (the edge proxy serves its previews, a
+/// static target), and then set up with its defaults if the config has none.
+fn files_proxy(
+    raw: Option<crate::container::RawProxy>,
+    has_preview: bool,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<crate::container::ProxySettings>, ConfigError> {
+    if !has_preview {
+        if raw.is_some() {
+            return Err(err(
+                "proxy",
+                "[proxy] is for container apps (and for the previews of a files app, beside [preview]): add a [container] section, or remove [proxy]"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    }
+    crate::container::validate_proxy(raw.unwrap_or_default())
+        .map(Some)
+        .map_err(|(k, m)| err(&k, m))
+}
+
+/// `hosts`: at least one, each parsed as a destination, none twice.
 fn parse_hosts(
     raw: &[String],
     err: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<Vec<(String, Destination)>, ConfigError> {
+    if raw.is_empty() {
+        return Err(err(
+            "hosts",
+            "expected at least one host, e.g. [\"web1\"] or [\"local\"]".into(),
+        ));
+    }
     let mut hosts = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, h) in raw.iter().enumerate() {
@@ -951,74 +978,12 @@ fn parse_build(
     resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Result<BuildConfig, ConfigError> {
     let docker = if container {
-        if b.output.is_some() {
-            return Err(err(
-                "build.output",
-                "`output` is for files apps; a container app's build makes an image: set `dockerfile` (and `context`) instead".into(),
-            ));
-        }
-        let dockerfile = b.dockerfile.as_deref().ok_or_else(|| {
-            err(
-                "build.dockerfile",
-                "a container app's build makes an image: expected the Dockerfile's path in the checkout, e.g. dockerfile = \"Dockerfile\"".into(),
-            )
-        })?;
-        let dockerfile = checkout_path(dockerfile)
-            .filter(|d| d != ".")
-            .ok_or_else(|| {
-                err(
-                    "build.dockerfile",
-                    format!("expected a file relative to the checkout, without '..', e.g. \"Dockerfile\" or \"deploy/Dockerfile\", got {dockerfile:?}"),
-                )
-            })?;
-        let context = b.context.as_deref().unwrap_or(".");
-        let context = checkout_path(context).ok_or_else(|| {
-            err(
-                "build.context",
-                format!("expected a directory relative to the checkout, without '..', e.g. \".\" or \"app\", got {context:?}"),
-            )
-        })?;
-        Some(DockerBuild {
-            dockerfile,
-            context,
-        })
+        Some(docker_build(&b, err)?)
     } else {
-        if b.dockerfile.is_some() {
-            return Err(err(
-                "build.dockerfile",
-                "`dockerfile` is for container apps ([container]); a files app is built with `command` and `output`".into(),
-            ));
-        }
-        if b.context.is_some() {
-            return Err(err(
-                "build.context",
-                "`context` is the docker build context of container apps ([container]); a files app is built with `command` and `output`".into(),
-            ));
-        }
+        files_build_keys(&b, err)?;
         None
     };
-    let repo = b.repo.as_deref().map(str::trim).unwrap_or("");
-    if repo.is_empty() {
-        return Err(err(
-            "build.repo",
-            "expected the app's git repository: a path, file://, ssh:// URL or user@host:path"
-                .into(),
-        ));
-    }
-    if let Some(m) = unsupported_repo(repo) {
-        return Err(err("build.repo", m));
-    }
-    if repo.contains('\0') || repo.contains('\n') || repo.starts_with('-') {
-        return Err(err(
-            "build.repo",
-            format!("expected a path or URL, got {repo:?}"),
-        ));
-    }
-    let repo = if repo.contains("://") || scp_like(repo) {
-        repo.to_string()
-    } else {
-        resolve(repo).display().to_string()
-    };
+    let repo = build_repo(b.repo.as_deref(), err, resolve)?;
     let (token_env, token_user, ca_file) = parse_https(&b, &repo, err, resolve)?;
     let command = match b.command {
         Some(c) if c.trim().is_empty() => {
@@ -1036,20 +1001,136 @@ fn parse_build(
             format!("expected a directory relative to the checkout, without '..', e.g. \"dist\", got {output:?}"),
         )
     })?;
-    let timeout = match &b.timeout {
-        None => Duration::from_secs(600),
-        Some(s) => {
-            let d = parse_duration(s).map_err(|m| err("build.timeout", m))?;
-            if d.is_zero() {
-                return Err(err(
-                    "build.timeout",
-                    "expected a duration above zero".into(),
-                ));
-            }
-            d
-        }
+    let timeout = build_timeout(b.timeout.as_deref(), err)?;
+    let (env, pass_env) = build_env(b.env, b.pass_env, err)?;
+    Ok(BuildConfig {
+        repo,
+        command,
+        output,
+        docker,
+        timeout,
+        env,
+        pass_env,
+        cache: b.cache.unwrap_or(false),
+        token_env,
+        token_user,
+        ca_file,
+    })
+}
+
+/// A container app's `[build]`: `dockerfile` and `context` in the checkout, no `output`.
+fn docker_build(
+    b: &RawBuild,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<DockerBuild, ConfigError> {
+    if b.output.is_some() {
+        return Err(err(
+            "build.output",
+            "`output` is for files apps; a container app's build makes an image: set `dockerfile` (and `context`) instead".into(),
+        ));
+    }
+    let dockerfile = b.dockerfile.as_deref().ok_or_else(|| {
+        err(
+            "build.dockerfile",
+            "a container app's build makes an image: expected the Dockerfile's path in the checkout, e.g. dockerfile = \"Dockerfile\"".into(),
+        )
+    })?;
+    let dockerfile = checkout_path(dockerfile)
+        .filter(|d| d != ".")
+        .ok_or_else(|| {
+            err(
+                "build.dockerfile",
+                format!("expected a file relative to the checkout, without '..', e.g. \"Dockerfile\" or \"deploy/Dockerfile\", got {dockerfile:?}"),
+            )
+        })?;
+    let context = b.context.as_deref().unwrap_or(".");
+    let context = checkout_path(context).ok_or_else(|| {
+        err(
+            "build.context",
+            format!("expected a directory relative to the checkout, without '..', e.g. \".\" or \"app\", got {context:?}"),
+        )
+    })?;
+    Ok(DockerBuild {
+        dockerfile,
+        context,
+    })
+}
+
+/// A files app's `[build]` has no `dockerfile` or `context`.
+fn files_build_keys(
+    b: &RawBuild,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    if b.dockerfile.is_some() {
+        return Err(err(
+            "build.dockerfile",
+            "`dockerfile` is for container apps ([container]); a files app is built with `command` and `output`".into(),
+        ));
+    }
+    if b.context.is_some() {
+        return Err(err(
+            "build.context",
+            "`context` is the docker build context of container apps ([container]); a files app is built with `command` and `output`".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `build.repo`: a URL or scp-like address as written, a path resolved.
+fn build_repo(
+    repo: Option<&str>,
+    err: &dyn Fn(&str, String) -> ConfigError,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<String, ConfigError> {
+    let repo = repo.map(str::trim).unwrap_or("");
+    if repo.is_empty() {
+        return Err(err(
+            "build.repo",
+            "expected the app's git repository: a path, file://, ssh:// URL or user@host:path"
+                .into(),
+        ));
+    }
+    if let Some(m) = unsupported_repo(repo) {
+        return Err(err("build.repo", m));
+    }
+    if repo.contains('\0') || repo.contains('\n') || repo.starts_with('-') {
+        return Err(err(
+            "build.repo",
+            format!("expected a path or URL, got {repo:?}"),
+        ));
+    }
+    Ok(if repo.contains("://") || scp_like(repo) {
+        repo.to_string()
+    } else {
+        resolve(repo).display().to_string()
+    })
+}
+
+/// `build.timeout`: 10 minutes unless set, never zero.
+fn build_timeout(
+    timeout: Option<&str>,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Duration, ConfigError> {
+    let Some(s) = timeout else {
+        return Ok(Duration::from_secs(600));
     };
-    let env = b.env.unwrap_or_default();
+    let d = parse_duration(s).map_err(|m| err("build.timeout", m))?;
+    if d.is_zero() {
+        return Err(err(
+            "build.timeout",
+            "expected a duration above zero".into(),
+        ));
+    }
+    Ok(d)
+}
+
+/// `build.env` and `build.pass_env`: valid names, no NUL in a value, no name in both.
+fn build_env(
+    env: Option<BTreeMap<String, String>>,
+    pass_env: Option<Vec<String>>,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(BTreeMap<String, String>, Vec<String>), ConfigError> {
+    let env = env.unwrap_or_default();
     for (k, v) in &env {
         if !valid_env_name(k) {
             return Err(err(
@@ -1064,7 +1145,7 @@ fn parse_build(
             ));
         }
     }
-    let pass_env = b.pass_env.unwrap_or_default();
+    let pass_env = pass_env.unwrap_or_default();
     for (i, name) in pass_env.iter().enumerate() {
         if !valid_env_name(name) {
             return Err(err(
@@ -1079,19 +1160,7 @@ fn parse_build(
             ));
         }
     }
-    Ok(BuildConfig {
-        repo,
-        command,
-        output,
-        docker,
-        timeout,
-        env,
-        pass_env,
-        cache: b.cache.unwrap_or(false),
-        token_env,
-        token_user,
-        ca_file,
-    })
+    Ok((env, pass_env))
 }
 
 /// The gate settings shared by files and container apps: `expect`, `timeout`, `interval`,

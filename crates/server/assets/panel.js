@@ -6,6 +6,8 @@
 //    appending each new event (never re-rendering the log); EventSource reconnects by itself
 //    with Last-Event-ID. The stream's `end` event carries the final run. A bake event carries
 //    its host's rows of the #bake table (counts per release, verdict), which replace them.
+//    The run's release (#release) and its commit and subject (#commit) are filled in from the
+//    events once the run has chosen it (the page may have been loaded before), as text only.
 "use strict";
 (function () {
   document.addEventListener("submit", function (e) {
@@ -72,10 +74,25 @@
     document.getElementById("bake-section").hidden = false;
   }
 
+  // The release an event names; the first event naming it carries its commit and subject.
+  function showRelease(ev) {
+    var release = document.getElementById("release");
+    if (!ev.release || release.textContent === ev.release) return;
+    release.textContent = ev.release;
+    var commit = document.getElementById("commit");
+    commit.hidden = !ev.commit;
+    if (!ev.commit) return;
+    var sha = commit.querySelector(".sha");
+    sha.textContent = ev.commit.slice(0, 7);
+    sha.setAttribute("title", ev.commit);
+    document.getElementById("subject").textContent = ev.commit_subject || "";
+  }
+
   var es = new EventSource(run.getAttribute("data-events"));
   es.onmessage = function (m) {
     var ev;
     try { ev = JSON.parse(m.data); } catch (_) { return; }
+    showRelease(ev);
     if (ev.seq <= last) return;
     last = ev.seq;
     var li = document.createElement("li");
@@ -101,6 +118,7 @@
     var r = null;
     try { r = JSON.parse(m.data); } catch (_) { /* keep the page as it is */ }
     if (!r) return;
+    if (!r.release) document.getElementById("release").textContent = "none";
     if (r.message && r.status !== "succeeded") diagnosis.textContent = r.message;
     if (r.finished) {
       document.getElementById("finished").textContent = r.finished.replace("T", " ").replace("Z", "");

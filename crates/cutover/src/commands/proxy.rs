@@ -72,36 +72,14 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             acme_ca_file,
             redirect_http,
         } => {
-            let listen = listen.parse().map_err(|_| {
-                eprintln!("error: --listen: expected ADDRESS:PORT, got {listen:?}");
-                exit::USAGE
+            let listen = address("listen", &listen)?;
+            let listen_tls = address("listen-tls", &listen_tls)?;
+            let tls = tls_mode(&tls, cert, key, || {
+                let mut a = AcmeConfig::new(acme_directory, dir.join("acme"));
+                a.email = acme_email;
+                a.ca_file = acme_ca_file;
+                a
             })?;
-            let listen_tls = listen_tls.parse().map_err(|_| {
-                eprintln!("error: --listen-tls: expected ADDRESS:PORT, got {listen_tls:?}");
-                exit::USAGE
-            })?;
-            let tls = match (tls.as_str(), cert, key) {
-                ("off", None, None) => TlsMode::Off,
-                ("files", Some(cert), Some(key)) => TlsMode::Files { cert, key },
-                ("files", _, _) => {
-                    eprintln!("error: --tls files needs --cert and --key");
-                    return Err(exit::USAGE);
-                }
-                ("acme", None, None) => {
-                    let mut a = AcmeConfig::new(acme_directory, dir.join("acme"));
-                    a.email = acme_email;
-                    a.ca_file = acme_ca_file;
-                    TlsMode::Acme(a)
-                }
-                ("off" | "acme", _, _) => {
-                    eprintln!("error: --cert and --key are for --tls files");
-                    return Err(exit::USAGE);
-                }
-                (other, _, _) => {
-                    eprintln!("error: --tls: expected off, files or acme, got {other:?}");
-                    return Err(exit::USAGE);
-                }
-            };
             std::fs::create_dir_all(&dir).map_err(|e| {
                 eprintln!("error: cannot create {}: {e}", dir.display());
                 exit::NEEDS_PERSON
@@ -112,13 +90,11 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             config.tls = tls;
             config.listen_tls = listen_tls;
             config.redirect_http = redirect_http;
-            match cutover_proxy::run_blocking(config) {
-                Ok(()) => Ok(exit::OK),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    Err(exit::NEEDS_PERSON)
-                }
-            }
+            cutover_proxy::run_blocking(config).map_err(|e| {
+                eprintln!("error: {e}");
+                exit::NEEDS_PERSON
+            })?;
+            Ok(exit::OK)
         }
         ProxyCommand::Deploy {
             service,
@@ -176,19 +152,56 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             send(&dir, &Request::Remove { service }, json)
         }
         ProxyCommand::Status { dir, json } => send(&dir, &Request::Status, json),
-        ProxyCommand::Request { dir } => {
-            let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).map_err(|e| {
-                eprintln!("error: reading the request: {e}");
-                exit::USAGE
-            })?;
-            let req: Request = serde_json::from_str(text.trim()).map_err(|e| {
-                eprintln!("error: not a proxy request: {e}");
-                exit::USAGE
-            })?;
-            send(&dir, &req, true)
+        ProxyCommand::Request { dir } => send(&dir, &request_from_stdin()?, true),
+    }
+}
+
+/// `--FLAG ADDRESS:PORT`.
+fn address(flag: &str, text: &str) -> Result<std::net::SocketAddr, i32> {
+    text.parse().map_err(|_| {
+        eprintln!("error: --{flag}: expected ADDRESS:PORT, got {text:?}");
+        exit::USAGE
+    })
+}
+
+/// `--tls off|files|acme` with `--cert` and `--key` (files only); `acme` makes the ACME
+/// settings.
+fn tls_mode(
+    mode: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    acme: impl FnOnce() -> AcmeConfig,
+) -> Result<TlsMode, i32> {
+    match (mode, cert, key) {
+        ("off", None, None) => Ok(TlsMode::Off),
+        ("files", Some(cert), Some(key)) => Ok(TlsMode::Files { cert, key }),
+        ("files", _, _) => {
+            eprintln!("error: --tls files needs --cert and --key");
+            Err(exit::USAGE)
+        }
+        ("acme", None, None) => Ok(TlsMode::Acme(acme())),
+        ("off" | "acme", _, _) => {
+            eprintln!("error: --cert and --key are for --tls files");
+            Err(exit::USAGE)
+        }
+        (other, _, _) => {
+            eprintln!("error: --tls: expected off, files or acme, got {other:?}");
+            Err(exit::USAGE)
         }
     }
+}
+
+/// The one JSON request of `proxy request`, read from stdin.
+fn request_from_stdin() -> Result<Request, i32> {
+    let mut text = String::new();
+    std::io::stdin().read_to_string(&mut text).map_err(|e| {
+        eprintln!("error: reading the request: {e}");
+        exit::USAGE
+    })?;
+    serde_json::from_str(text.trim()).map_err(|e| {
+        eprintln!("error: not a proxy request: {e}");
+        exit::USAGE
+    })
 }
 
 fn send(dir: &Path, req: &Request, json: bool) -> Result<i32, i32> {

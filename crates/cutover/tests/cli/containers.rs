@@ -3,7 +3,7 @@
 //! `cutover` binary installing and driving its own edge proxy on every host, and real load
 //! through those proxies. Needs root.
 
-use crate::panel::{add_user, log_in, Server};
+use crate::serve::{add_user, log_in, Server};
 use crate::world::World;
 use std::time::Duration;
 

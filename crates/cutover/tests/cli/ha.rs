@@ -5,8 +5,8 @@
 //! sweeper takes the lock over once the lease expired and reconciles the killed run with no
 //! new run, the history and the hosts agreeing afterwards.
 
-use crate::server::{http, read_sse, send, token, Server};
-use crate::world::World;
+use crate::serve::{token, Server};
+use crate::world::{wait_for, World};
 use cutover_store::testing::ScratchDb;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -42,18 +42,14 @@ fn two_servers_on_one_postgres_database_run_a_deploy_exactly_once() {
     });
     let v3 = w.build("v3");
     let tok = token(&w, "ci", "deployer", &[]);
-    let servers = [Server::start(&w, &[]), Server::start(&w, &[])];
+    let servers = [Server::start(&w), Server::start(&w)];
     let answers: Vec<(usize, u16, Value)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..100)
             .map(|i| {
                 let (s, tok, v1) = (&servers[i % 2], &tok, &v1);
                 sc.spawn(move || {
-                    let (status, body) = send(
-                        http("127.0.0.1")
-                            .post(s.url("/api/apps/site/deploys"))
-                            .json(&json!({ "release": v1 }))
-                            .bearer_auth(tok),
-                    );
+                    let (status, body) =
+                        s.api_post(tok, "/api/apps/site/deploys", &json!({ "release": v1 }));
                     (i % 2, status, body)
                 })
             })
@@ -92,14 +88,7 @@ fn two_servers_on_one_postgres_database_run_a_deploy_exactly_once() {
     );
     // The other instance streams the run's events, to its end.
     let other = &servers[1 - by];
-    let ev = read_sse(
-        http("127.0.0.1")
-            .get(other.url(&format!("/api/runs/{run}/events")))
-            .bearer_auth(&tok)
-            .send()
-            .unwrap(),
-        usize::MAX,
-    );
+    let ev = other.run_events(&tok, &run);
     let (_, kind, data) = ev.last().unwrap();
     assert_eq!(kind, "end", "{ev:?}");
     let end: Value = serde_json::from_str(data).unwrap();
@@ -124,37 +113,24 @@ fn two_servers_on_one_postgres_database_run_a_deploy_exactly_once() {
     assert_eq!(count(&mut pg, "SELECT count(*) FROM runs"), 3);
     assert_eq!(count(&mut pg, "SELECT count(*) FROM jobs"), 1);
     w.assert_all_serve("v1");
-    let live: Vec<String> = w
-        .history()
-        .iter()
-        .filter(|r| r["live"] == true)
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(live, [v1]);
+    assert_eq!(w.live(), [v1]);
 }
 
 /// Polls `GET /api/runs/{run}` (up to 120 s) until the run has ended with an exit code: a
 /// sweeper reconciled it. The status stays `running` or `interrupted` until then.
 pub(crate) fn wait_reconciled(s: &Server, tok: &str, run: &str) -> Value {
-    let c = http("127.0.0.1");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, got) = send(c.get(s.url(&format!("/api/runs/{run}"))).bearer_auth(tok));
+    wait_for(Duration::from_secs(120), "a reconciled run", || {
+        let (status, got) = s.api_get(tok, &format!("/api/runs/{run}"));
         assert_eq!(status, 200);
         if !got["exit_code"].is_null() {
-            return got;
+            return Ok(got);
         }
         assert!(
             got["status"] == "interrupted" || got["status"] == "running",
             "{got}"
         );
-        assert!(
-            Instant::now() < deadline,
-            "never reconciled: {got}; {}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+        Err(format!("{got}; {}", s.log()))
+    })
 }
 
 /// Asserts the message a sweeper leaves on a rollback it reconciled that was killed after
@@ -187,7 +163,7 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
     // a plays a server on another machine: b cannot see whether its process lives, only
     // whether its lease (10 s here) is renewed.
     let lease = ("CUTOVER_LEASE", "10");
-    let mut a = Server::start(
+    let mut a = Server::start_with(
         &w,
         &[
             ("CUTOVER_CRASH_AT", "after-switch-first"),
@@ -195,20 +171,9 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
             lease,
         ],
     );
-    let b = Server::start(&w, &[lease]);
-    let c = http("127.0.0.1");
-    let (status, body) = send(
-        c.post(a.url("/api/apps/site/rollback"))
-            .json(&json!({}))
-            .bearer_auth(&tok),
-    );
-    assert_eq!(status, 202, "{body}");
-    let run = body["run"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while a.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "a did not die: {}", a.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let b = Server::start_with(&w, &[lease]);
+    let run = a.start_job(&tok, "/api/apps/site/rollback", &json!({}));
+    a.wait_exit();
     // Host 0 switched to v1 (host 1 too, if its switch ran on after the kill): the history
     // (v2 live) does not say so.
     for i in 0..w.hosts() {
@@ -216,11 +181,7 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
     }
     let died = Instant::now();
     // Until the lease expires, b must presume a alive: 409 naming it.
-    let (status, body) = send(
-        c.post(b.url("/api/apps/site/rollback"))
-            .json(&json!({}))
-            .bearer_auth(&tok),
-    );
+    let (status, body) = b.api_post(&tok, "/api/apps/site/rollback", &json!({}));
     assert_eq!(status, 409, "{body}");
     let m = body["error"].as_str().unwrap();
     assert!(
@@ -250,22 +211,10 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
     assert!(message.contains(&v2), "{message}");
     // The history and every host agree, before anyone deploys again.
     w.assert_all_serve("v2");
-    let live: Vec<String> = w
-        .history()
-        .iter()
-        .filter(|r| r["live"] == true)
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(live, std::slice::from_ref(&v2));
+    assert_eq!(w.live(), std::slice::from_ref(&v2));
     // The reconciliation's steps are the run's own events, streamed by b to the end: a's
     // host locks taken over on every host, host 0 switched back and gated.
-    let ev = read_sse(
-        c.get(b.url(&format!("/api/runs/{run}/events")))
-            .bearer_auth(&tok)
-            .send()
-            .unwrap(),
-        usize::MAX,
-    );
+    let ev = b.run_events(&tok, &run);
     assert_eq!(ev.last().unwrap().1, "end");
     let steps: Vec<Value> = ev
         .iter()
@@ -306,20 +255,8 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
         "the lock is free"
     );
     // The next rollback has nothing left to reconcile and goes to v1.
-    let (status, body) = send(
-        c.post(b.url("/api/apps/site/rollback"))
-            .json(&json!({}))
-            .bearer_auth(&tok),
-    );
-    assert_eq!(status, 202, "{body}");
-    let next = body["run"].as_str().unwrap().to_string();
-    let ev = read_sse(
-        c.get(b.url(&format!("/api/runs/{next}/events")))
-            .bearer_auth(&tok)
-            .send()
-            .unwrap(),
-        usize::MAX,
-    );
+    let next = b.start_job(&tok, "/api/apps/site/rollback", &json!({}));
+    let ev = b.run_events(&tok, &next);
     let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
     assert_eq!(end["exit_code"], 0, "{end}");
     assert!(
@@ -327,14 +264,7 @@ fn a_server_killed_mid_job_leaves_the_other_to_take_over_after_its_lease_and_rec
         "{ev:?}"
     );
     w.assert_all_serve("v1");
-    assert_eq!(
-        w.history()
-            .iter()
-            .filter(|r| r["live"] == true)
-            .map(|r| r["id"].as_str().unwrap().to_string())
-            .collect::<Vec<_>>(),
-        [v1]
-    );
+    assert_eq!(w.live(), [v1]);
 }
 
 #[test]

@@ -6,10 +6,10 @@
 //! [`Pebble`], listening on the root side of the host's veth, validating against the host's
 //! proxy), one certificate per app domain, and a failing order shown by `cutover status`.
 
-use crate::world::{World, PROXY_PORT};
+use crate::world::{wait_for, World, PROXY_PORT};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use testlab::{Pebble, PebbleOptions};
 
 /// A test CA and a leaf for `site.test` in `dir`: (ca.pem, cert.pem, key.pem).
@@ -82,19 +82,6 @@ fn a_tls_files_app_is_served_over_https_h2_and_h1_and_plain_http_is_redirected()
         s.stdout
     );
     let _ = std::fs::remove_dir_all(&certs);
-}
-
-/// Polls `f` every 200 ms until it returns `Some`, or panics after `limit` with `what` and
-/// the last value seen.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let t = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) if t.elapsed() > limit => panic!("timed out waiting for {what}: {last}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 /// Switches the world's config to app `app` serving `domain` (same host, same proxy).

@@ -6,102 +6,17 @@
 //! Set `CUTOVER_PANEL_SCREENSHOTS=DIR` to have the browser test write `panel-app.png` and
 //! `panel-run.png` there (the ones in `docs/` were made so).
 
+use crate::serve::{add_user, log_in, Server};
 use crate::world::{unique_temp_dir, World};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use testlab::Browser;
 
 const SCRIPT: &str = "<script>alert(1)</script>";
 const IMG: &str = "\"><img src=x onerror=alert(1)>";
-
-/// `cutover serve` on a free loopback port, killed on drop.
-pub(crate) struct Server {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Server {
-    pub(crate) fn start(w: &World) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let log = w.dir.join("serve.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cutover"))
-            .args(["serve", "--listen", &addr.to_string(), "-c"])
-            .arg(&w.config)
-            .arg("--data")
-            .arg(w.dir.join("data"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("cutover serve starts");
-        let mut s = Server { child, addr, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = s.child.try_wait() {
-                panic!("cutover serve exited ({status}): {}", s.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not listen: {}",
-                s.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        s
-    }
-
-    pub(crate) fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("cutover serve's log:\n{}", self.log());
-        }
-    }
-}
-
-/// `cutover user add NAME --role ROLE --password-stdin` on the world's data directory.
-pub(crate) fn add_user(w: &World, name: &str, role: &str, password: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cutover"))
-        .args(["user", "add", name, "--role", role, "--password-stdin"])
-        .env("CUTOVER_DATA", w.dir.join("data"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "user add {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A files app on `hosts` lab hosts whose releases are built from git: each commit's pages
 /// say its name.
@@ -125,16 +40,6 @@ fn commit_page(w: &World, page: &str, subject: &str) -> String {
 
 fn release_of(v: &serde_json::Value) -> String {
     v["release"].as_str().expect("a release").to_string()
-}
-
-pub(crate) fn log_in(b: &Browser, s: &Server, user: &str, password: &str) {
-    b.fill("#login [name=user]", user);
-    b.fill("#login [name=password]", password);
-    b.click("#login button[type=submit]");
-    b.wait_for("the login to finish", Duration::from_secs(10), || {
-        (!b.url().contains("/login")).then_some(())
-    });
-    assert_eq!(b.text("#who"), format!("{user} (admin)"), "{}", s.log());
 }
 
 #[test]
@@ -337,12 +242,6 @@ fn csrf(page: &str) -> String {
     page[at..].split('"').next().unwrap().to_string()
 }
 
-fn runs(w: &World) -> i64 {
-    w.db()
-        .query_row("SELECT COUNT(*) FROM runs", [], |r| r.get(0))
-        .unwrap()
-}
-
 #[test]
 fn pages_need_a_login_and_a_viewer_cannot_roll_back() {
     let w = World::local().start();
@@ -370,7 +269,7 @@ fn pages_need_a_login_and_a_viewer_cannot_roll_back() {
         assert!(body.contains("Wrong user name or password."), "{body}");
     }
 
-    let before = runs(&w);
+    let before = w.count("SELECT COUNT(*) FROM runs");
     let viewer = session(s.addr, "val", "viewer+password+1");
     let (status, _, page) = http(s.addr, "GET", "/apps/site", Some(&viewer), None);
     assert_eq!(status, 200);
@@ -423,7 +322,11 @@ fn pages_need_a_login_and_a_viewer_cannot_roll_back() {
         body.contains("Roll back site to the previous good release?"),
         "{body}"
     );
-    assert_eq!(runs(&w), before, "no refusal or question started a run");
+    assert_eq!(
+        w.count("SELECT COUNT(*) FROM runs"),
+        before,
+        "no refusal or question started a run"
+    );
     assert_eq!(w.served(0), "v2");
 }
 

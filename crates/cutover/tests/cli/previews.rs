@@ -2,7 +2,8 @@
 //! by the host's edge proxy as a static target), through the real edge proxy, reached with the
 //! preview's `Host` header, while production serves under load beside them. Needs root.
 
-use crate::world::{Toml, World, PROXY_PORT};
+use crate::serve::{add_user, log_in, token, Server};
+use crate::world::{wait_until, Toml, World, PROXY_PORT};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -172,14 +173,8 @@ fn a_preview_is_deployed_redeployed_under_load_and_removed_leaving_nothing_while
     );
     let l = w.run(&["preview", "list", "--all", "--json"]);
     assert_eq!(l.json[0]["state"], "removed");
-    let kept: i64 = w
-        .db()
-        .query_row(
-            "SELECT COUNT(*) FROM releases WHERE app = 'web-pr-7' AND status = 'succeeded'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let kept =
+        w.count("SELECT COUNT(*) FROM releases WHERE app = 'web-pr-7' AND status = 'succeeded'");
     assert_eq!(kept, 4);
 
     // Production was untouched all along: same release, same container, no failed request.
@@ -220,18 +215,15 @@ fn pr_body(action: &str, number: u64, head_sha: &str, head_repo: &str, labels: &
     .unwrap()
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(240);
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+/// Waits (up to 240 s: previews are built and deployed on a loaded machine) until `done`.
+fn wait_for(what: &str, done: impl FnMut() -> bool) {
+    wait_until(Duration::from_secs(240), what, done);
 }
 
 #[test]
 fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_removes_it() {
     use crate::git_containers::{commit, world, DOCKERFILE};
-    use crate::webhooks::{github, Forge, Server};
+    use crate::webhooks::{github, Forge};
     let forge = Forge::start();
     let w = world(1);
     let api = format!("http://{}", forge.addr);
@@ -302,18 +294,15 @@ fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_remo
     let l = w.run(&["preview", "list", "--json"]);
     assert_eq!(l.json[0]["head_sha"], head.as_str());
     // Commit statuses on the head SHA: pending, then success linking the preview.
-    let calls = forge.calls(2);
-    let line = format!("POST /repos/acme/site/statuses/{head} HTTP/1.1");
-    assert_eq!(calls.len(), 2, "{calls:?}");
-    assert_eq!(
-        (calls[0].0.as_str(), calls[0].1.as_str()),
-        (line.as_str(), "Bearer tok-forge-123")
+    let success = forge.pending_then_success(
+        0,
+        &format!("POST /repos/acme/site/statuses/{head} HTTP/1.1"),
+        "Bearer tok-forge-123",
+        "context",
     );
-    assert_eq!(calls[0].2["state"], "pending");
-    assert_eq!(calls[1].2["state"], "success", "{calls:?}");
-    assert_eq!(calls[1].2["target_url"], format!("http://{host}"));
+    assert_eq!(success["target_url"], format!("http://{host}"));
     assert_eq!(
-        calls[1].2["description"],
+        success["description"],
         format!("{} is served at http://{host}", &head[..7])
     );
 
@@ -348,7 +337,6 @@ fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_remo
 
 #[test]
 fn the_reconcile_loop_removes_previews_the_store_does_not_know_and_idle_ones() {
-    use crate::webhooks::Server;
     let w = World::containers(1, "blue-green")
         .lines("preview", "domain = \"preview.test\"\nttl = \"40s\"")
         .start();
@@ -400,7 +388,7 @@ fn the_reconcile_loop_removes_previews_the_store_does_not_know_and_idle_ones() {
 #[test]
 fn a_server_killed_mid_preview_deploy_has_the_preview_finished_after_restart() {
     use crate::git_containers::{commit, world, DOCKERFILE};
-    use crate::webhooks::{github, Server};
+    use crate::webhooks::github;
     let w = world(1);
     w.configure(|t| {
         t.lines(
@@ -443,14 +431,8 @@ fn a_server_killed_mid_preview_deploy_has_the_preview_finished_after_restart() {
         "killed mid-deploy"
     );
     drop(s);
-    let unfinished: i64 = w
-        .db()
-        .query_row(
-            "SELECT COUNT(*) FROM runs WHERE app = 'web-pr-4' AND finished_at IS NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let unfinished =
+        w.count("SELECT COUNT(*) FROM runs WHERE app = 'web-pr-4' AND finished_at IS NULL");
     assert_eq!(unfinished, 1);
 
     // Restarted: the loop finds the interrupted preview and deploys its head again.
@@ -506,14 +488,11 @@ fn a_server_killed_mid_preview_deploy_has_the_preview_finished_after_restart() {
 
 #[test]
 fn preview_deploy_list_and_remove_run_through_a_server() {
-    use crate::webhooks::Server;
     let w = World::containers(1, "blue-green")
         .lines("preview", "domain = \"preview.test\"")
         .start();
     w.image("p1", true);
-    let r = w.run(&["token", "create", "ci", "--role", "deployer"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let token = r.stdout.trim().to_string();
+    let token = token(&w, "ci", "deployer", &[]);
     let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
     let url = format!("http://{}", s.addr);
     let through = |args: &[&str]| {
@@ -546,7 +525,6 @@ fn preview_deploy_list_and_remove_run_through_a_server() {
 
 #[test]
 fn the_panel_lists_previews_and_removes_one_after_a_confirmation() {
-    use crate::webhooks::Server;
     use testlab::Browser;
     let w = World::containers(1, "blue-green")
         .lines("preview", "domain = \"preview.test\"")
@@ -554,13 +532,11 @@ fn the_panel_lists_previews_and_removes_one_after_a_confirmation() {
     w.image("p1", true);
     let r = w.run(&["preview", "deploy", "--pr", "12", "--image", "p1", "--json"]);
     assert_eq!(r.code, 0, "{} {}", r.json, r.stderr);
-    crate::panel::add_user(&w, "ada", "admin", "correct horse battery staple");
+    add_user(&w, "ada", "admin", "correct horse battery staple");
     let s = Server::start_args(&w, &[], &["--preview-check", "1h"]);
     let b = Browser::start(1100, 900);
-    b.goto(&format!("http://{}/apps/web", s.addr));
-    b.fill("#login [name=user]", "ada");
-    b.fill("#login [name=password]", "correct horse battery staple");
-    b.click("#login button[type=submit]");
+    b.goto(&s.url("/apps/web"));
+    log_in(&b, &s, "ada", "correct horse battery staple");
     b.wait_for("the app page", Duration::from_secs(20), || {
         b.exists("#previews-link").then_some(())
     });
@@ -650,15 +626,7 @@ pub(crate) fn proxy_services(w: &World) -> Vec<serde_json::Value> {
 
 /// The preview directories on host 0.
 pub(crate) fn preview_dirs(w: &World) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(w.lab().srv_dir(0).join("cutover/apps"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    crate::world::names_in(&w.lab().srv_dir(0).join("cutover/apps"))
 }
 
 #[test]
@@ -749,14 +717,8 @@ fn a_files_preview_is_served_by_the_proxy_at_its_host_name_redeployed_under_load
     assert_eq!(get_as(proxy, host), "HTTP HTTP/1.1 404 Not Found");
     let l = w.run(&["preview", "list", "--all", "--json"]);
     assert_eq!(l.json[0]["state"], "removed");
-    let kept: i64 = w
-        .db()
-        .query_row(
-            "SELECT COUNT(*) FROM releases WHERE app = 'site-pr-7' AND status = 'succeeded'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let kept =
+        w.count("SELECT COUNT(*) FROM releases WHERE app = 'site-pr-7' AND status = 'succeeded'");
     assert_eq!(kept, 4);
 
     // Production was untouched all along.
@@ -813,7 +775,7 @@ const FILES_HOOK: &str =
 /// kept.
 #[test]
 fn twenty_files_previews_opened_pushed_and_closed_through_webhooks_leave_nothing_behind() {
-    use crate::webhooks::{github, Server};
+    use crate::webhooks::github;
     let w = files_world(|t| {
         t.lines("webhook", FILES_HOOK).lines("preview", "max = 5");
     });
@@ -903,7 +865,7 @@ fn twenty_files_previews_opened_pushed_and_closed_through_webhooks_leave_nothing
 /// while the removal waits, the restarted server removes the preview.
 #[test]
 fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
-    use crate::webhooks::{github, Server};
+    use crate::webhooks::github;
     let w = files_world(|t| {
         t.lines("webhook", FILES_HOOK)
             .lines("build", "command = \"sh build.sh\"\noutput = \"out\"");
@@ -985,14 +947,7 @@ fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
     assert_eq!(preview_dirs(&w), Vec::<String>::new());
     assert_eq!(proxy_services(&w), Vec::<serde_json::Value>::new());
     assert_eq!(get_as(proxy, host), "HTTP HTTP/1.1 404 Not Found");
-    let runs: i64 = w
-        .db()
-        .query_row(
-            "SELECT COUNT(*) FROM runs WHERE app = 'site-pr-9'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let runs = w.count("SELECT COUNT(*) FROM runs WHERE app = 'site-pr-9'");
     assert_eq!(runs, 2, "the dropped push never ran");
     assert!(
         s.log()
@@ -1042,7 +997,7 @@ fn a_pull_request_closed_during_its_preview_run_is_removed_once_the_run_ends() {
 /// and history are kept. Short drain and stop timeouts keep it cheap.
 #[test]
 fn twenty_container_previews_opened_pushed_and_closed_ten_at_a_time_leave_nothing_behind() {
-    use crate::webhooks::{github, Server};
+    use crate::webhooks::github;
     const ROUNDS: u64 = 2;
     const AT_ONCE: u64 = 10;
     let w = World::containers(1, "blue-green")

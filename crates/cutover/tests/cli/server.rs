@@ -4,142 +4,13 @@
 //! events over SSE cut and resumed by `Last-Event-ID`, a server killed mid-job, and the CLI
 //! through `--server`.
 
-use crate::world::World;
+use crate::serve::{add_user, http, read_sse, send, token, Server};
+use crate::world::{wait_for, World};
 use serde_json::{json, Value};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// `cutover serve` on a free loopback port, killed on drop.
-pub(crate) struct Server {
-    pub(crate) child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Server {
-    pub(crate) fn start(w: &World, env: &[(&str, &str)]) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let log = w.dir.join(format!("serve-{port}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cutover"));
-        cmd.args(["serve", "--listen", &addr.to_string(), "-c"])
-            .arg(&w.config)
-            .arg("--data")
-            .arg(w.dir.join("data"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("cutover serve starts");
-        let mut s = Server { child, addr, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = s.child.try_wait() {
-                panic!("cutover serve exited ({status}): {}", s.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not listen: {}",
-                s.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        s
-    }
-
-    pub(crate) fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("cutover serve's log:\n{}", self.log());
-        }
-    }
-}
-
-pub(crate) fn http(from: &str) -> reqwest::blocking::Client {
-    // reqwest is built without a TLS provider of its own (the binary installs ring's).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::blocking::Client::builder()
-        .local_address(from.parse::<IpAddr>().unwrap())
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
-
-/// (status, JSON body).
-pub(crate) fn send(req: reqwest::blocking::RequestBuilder) -> (u16, Value) {
-    let r = req.send().expect("the server answers");
-    let status = r.status().as_u16();
-    let text = r.text().unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-pub(crate) fn token(w: &World, name: &str, role: &str, extra: &[&str]) -> String {
-    let mut args = vec!["token", "create", name, "--role", role];
-    args.extend_from_slice(extra);
-    let r = w.run(&args);
-    assert_eq!(r.code, 0, "token create: {}", r.stderr);
-    let t = r.stdout.trim().to_string();
-    assert!(t.starts_with("cutover_") && t.len() == 72, "{t}");
-    t
-}
-
-fn add_user(w: &World, name: &str, role: &str, password: &str) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cutover"));
-    c.args([
-        "user",
-        "add",
-        name,
-        "--role",
-        role,
-        "--password-stdin",
-        "--data",
-    ])
-    .arg(w.dir.join("data"))
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    use std::io::Write;
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr),
-        format!("added user {name} ({role})\n")
-    );
-}
+use std::time::Duration;
 
 fn runs_in_db(w: &World) -> i64 {
-    w.db()
-        .query_row("SELECT COUNT(*) FROM runs", [], |r| r.get(0))
-        .unwrap()
+    w.count("SELECT COUNT(*) FROM runs")
 }
 
 /// Logs in from `from`; (status, body, cookie header value for later requests).
@@ -172,7 +43,7 @@ fn api_access_matrix_refuses_and_leaves_no_run() {
     assert_eq!((r.code, r.stderr.as_str()), (0, "revoked token gone\n"));
     add_user(&w, "ada", "admin", "ada-password-1");
     std::thread::sleep(Duration::from_millis(1100)); // `old` expires
-    let s = Server::start(&w, &[]);
+    let s = Server::start(&w);
     let c = http("127.0.0.1");
     let app = "site";
     let before = runs_in_db(&w);
@@ -375,7 +246,7 @@ fn lockout_is_per_user_and_address_and_the_database_holds_no_secret() {
     let w = World::local().start();
     add_user(&w, "ada", "admin", "ada-password-1");
     let tok = token(&w, "ci", "deployer", &[]);
-    let s = Server::start(&w, &[]);
+    let s = Server::start(&w);
     for i in 0..5 {
         let (status, body, _) = login(&s, "127.0.0.2", "ada", &format!("wrong-{i}"));
         assert_eq!(
@@ -455,63 +326,18 @@ fn lockout_is_per_user_and_address_and_the_database_holds_no_secret() {
     assert!(!r.stdout.contains(&tok), "{}", r.stdout);
 }
 
-/// Reads SSE events from `resp` until `stop` of them (or the end): (id, event, data).
-pub(crate) fn read_sse(
-    resp: reqwest::blocking::Response,
-    stop: usize,
-) -> Vec<(Option<i64>, String, String)> {
-    use std::io::BufRead;
-    let mut out = Vec::new();
-    let (mut id, mut ev, mut data) = (None, String::new(), String::new());
-    for line in std::io::BufReader::new(resp).lines() {
-        let Ok(line) = line else { break };
-        if line.is_empty() {
-            if !data.is_empty() {
-                let end = ev == "end";
-                out.push((
-                    id.take(),
-                    std::mem::take(&mut ev),
-                    std::mem::take(&mut data),
-                ));
-                if end || out.len() >= stop {
-                    break;
-                }
-            }
-            continue;
-        }
-        if let Some(v) = line.strip_prefix("id: ") {
-            id = v.parse().ok();
-        } else if let Some(v) = line.strip_prefix("event: ") {
-            ev = v.to_string();
-        } else if let Some(v) = line.strip_prefix("data: ") {
-            data.push_str(v);
-        }
-    }
-    out
-}
-
 #[test]
 fn api_rollback_under_load_streams_events_that_resume_after_a_cut() {
     let w = World::files(2).start();
     w.deploy_ok("v1");
     w.deploy_ok("v2");
     let tok = token(&w, "ci", "deployer", &[]);
-    let s = Server::start(&w, &[]);
+    let s = Server::start(&w);
     let c = http("127.0.0.1");
     let load = w.load(None);
-    let (status, body) = send(
-        c.post(s.url("/api/apps/site/rollback"))
-            .json(&json!({}))
-            .bearer_auth(&tok),
-    );
-    assert_eq!(status, 202, "{body}");
-    let run = body["run"].as_str().unwrap().to_string();
+    let run = s.start_job(&tok, "/api/apps/site/rollback", &json!({}));
     // A second job of the same app while the first runs: 409 naming the holder.
-    let (status, body) = send(
-        c.post(s.url("/api/apps/site/rollback"))
-            .json(&json!({}))
-            .bearer_auth(&tok),
-    );
+    let (status, body) = s.api_post(&tok, "/api/apps/site/rollback", &json!({}));
     assert_eq!(status, 409, "{body}");
     let m = body["error"].as_str().unwrap();
     assert!(
@@ -567,7 +393,7 @@ fn api_rollback_under_load_streams_events_that_resume_after_a_cut() {
         (Some("step"), run.clone())
     );
     let final_run: Value = serde_json::from_str(&end.2).unwrap();
-    let (status, got) = send(c.get(s.url(&format!("/api/runs/{run}"))).bearer_auth(&tok));
+    let (status, got) = s.api_get(&tok, &format!("/api/runs/{run}"));
     assert_eq!(status, 200);
     assert_eq!(final_run, got, "the end event is the run");
     assert_eq!(got["status"], "succeeded", "{got}");
@@ -620,31 +446,16 @@ fn a_server_killed_mid_job_reconciles_it_when_it_restarts() {
     w.deploy_ok("v1");
     let v2 = w.deploy_ok("v2");
     let tok = token(&w, "ci", "deployer", &[]);
-    let mut s = Server::start(&w, &[("CUTOVER_CRASH_AT", "after-switch-first")]);
-    let c = http("127.0.0.1");
-    let (status, body) = send(
-        c.post(s.url("/api/apps/site/rollback"))
-            .json(&json!({}))
-            .bearer_auth(&tok),
-    );
-    assert_eq!(status, 202, "{body}");
-    let run = body["run"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s.child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the server did not die: {}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut s = Server::start_with(&w, &[("CUTOVER_CRASH_AT", "after-switch-first")]);
+    let run = s.start_job(&tok, "/api/apps/site/rollback", &json!({}));
+    s.wait_exit();
     for i in 0..w.hosts() {
         w.assert_complete(i);
     }
     drop(s);
     // Restarted on its own (SQLite): the sweeper reconciles the run at once, with no new
     // run: host 0 goes back to v2, which the history says is live.
-    let s = Server::start(&w, &[]);
+    let s = Server::start(&w);
     let got = crate::ha::wait_reconciled(&s, &tok, &run);
     assert_eq!(
         (got["status"].as_str(), got["exit_code"].as_i64()),
@@ -653,13 +464,7 @@ fn a_server_killed_mid_job_reconciles_it_when_it_restarts() {
     );
     crate::ha::assert_reconciled(&w, got["message"].as_str().unwrap());
     w.assert_all_serve("v2");
-    let live: Vec<Value> = w
-        .history()
-        .into_iter()
-        .filter(|r| r["live"] == true)
-        .map(|r| r["id"].clone())
-        .collect();
-    assert_eq!(live, [json!(v2)]);
+    assert_eq!(w.live(), [v2]);
     let job: String = w
         .db()
         .query_row(
@@ -670,29 +475,11 @@ fn a_server_killed_mid_job_reconciles_it_when_it_restarts() {
         .unwrap();
     assert_eq!(job, "interrupted", "not re-run blindly");
     // The SSE stream of an interrupted run ends.
-    let ev = read_sse(
-        c.get(s.url(&format!("/api/runs/{run}/events")))
-            .bearer_auth(&tok)
-            .send()
-            .unwrap(),
-        usize::MAX,
-    );
+    let ev = s.run_events(&tok, &run);
     assert_eq!(ev.last().unwrap().1, "end");
     // The next rollback has nothing left to reconcile, and succeeds.
-    let (status, body) = send(
-        c.post(s.url("/api/apps/site/rollback"))
-            .json(&json!({}))
-            .bearer_auth(&tok),
-    );
-    assert_eq!(status, 202, "{body}");
-    let next = body["run"].as_str().unwrap().to_string();
-    let ev = read_sse(
-        c.get(s.url(&format!("/api/runs/{next}/events")))
-            .bearer_auth(&tok)
-            .send()
-            .unwrap(),
-        usize::MAX,
-    );
+    let next = s.start_job(&tok, "/api/apps/site/rollback", &json!({}));
+    let ev = s.run_events(&tok, &next);
     let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
     assert_eq!(end["exit_code"], 0, "{end}");
 }
@@ -706,36 +493,22 @@ fn a_cli_run_on_the_same_data_directory_streams_live_through_the_server() {
         t.set_str("files", "reload", "sleep 2");
     });
     let viewer = token(&w, "look", "viewer", &[]);
-    let s = Server::start(&w, &[]);
-    let c = http("127.0.0.1");
+    let s = Server::start(&w);
     let mut cli = w
         .cutover(&["deploy", "--artifact", w.build("v2").to_str().unwrap()])
         .spawn_quiet();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let run = loop {
+    let run = wait_for(Duration::from_secs(30), "the CLI run to start", || {
         let n: Option<i64> = w
             .db()
             .query_row("SELECT MAX(id) FROM runs WHERE id > 1", [], |r| r.get(0))
             .unwrap();
-        if let Some(n) = n {
-            break n;
-        }
-        assert!(Instant::now() < deadline, "the CLI run did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (status, now) = send(
-        c.get(s.url(&format!("/api/runs/{run}")))
-            .bearer_auth(&viewer),
-    );
+        n.ok_or_else(String::new)
+    })
+    .to_string();
+    let (status, now) = s.api_get(&viewer, &format!("/api/runs/{run}"));
     assert_eq!(status, 200);
     assert_eq!(now["status"], "running", "{now}");
-    let ev = read_sse(
-        c.get(s.url(&format!("/api/runs/{run}/events")))
-            .bearer_auth(&viewer)
-            .send()
-            .unwrap(),
-        usize::MAX,
-    );
+    let ev = s.run_events(&viewer, &run);
     assert!(cli.wait().unwrap().success());
     let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
     assert_eq!(ev.last().unwrap().1, "end");
@@ -765,23 +538,10 @@ fn a_deploy_of_a_ref_through_the_api_and_the_cli_under_load_fails_no_request() {
     let c2 = w.commit("Second page", &[("index.html", "v2\n"), ("up", "ok\n")]);
     w.push();
     let tok = token(&w, "ci", "deployer", &["--app", "site"]);
-    let s = Server::start(&w, &[]);
-    let c = http("127.0.0.1");
+    let s = Server::start(&w);
     let load = w.load(None);
-    let (status, body) = send(
-        c.post(s.url("/api/apps/site/deploys"))
-            .json(&json!({"ref": "main"}))
-            .bearer_auth(&tok),
-    );
-    assert_eq!(status, 202, "{body}");
-    let run = body["run"].as_str().unwrap().to_string();
-    let ev = read_sse(
-        c.get(s.url(&format!("/api/runs/{run}/events")))
-            .bearer_auth(&tok)
-            .send()
-            .unwrap(),
-        usize::MAX,
-    );
+    let run = s.start_job(&tok, "/api/apps/site/deploys", &json!({"ref": "main"}));
+    let ev = s.run_events(&tok, &run);
     let end: Value = serde_json::from_str(&ev.last().unwrap().2).unwrap();
     assert_eq!(
         (end["status"].as_str(), end["exit_code"].as_i64()),
@@ -790,19 +550,16 @@ fn a_deploy_of_a_ref_through_the_api_and_the_cli_under_load_fails_no_request() {
     );
     assert_eq!(end["kind"], "deploy");
     serves(&w, "v2");
-    let (_, releases) = send(
-        c.get(s.url("/api/apps/site/releases?limit=1"))
-            .bearer_auth(&tok),
-    );
+    let (_, releases) = s.api_get(&tok, "/api/apps/site/releases?limit=1");
     assert_eq!(releases[0]["commit"], c2.as_str());
     assert_eq!(releases[0]["commit_subject"], "Second page");
     assert_eq!(releases[0]["live"], true);
-    let (_, older) = send(
-        c.get(s.url(&format!(
+    let (_, older) = s.api_get(
+        &tok,
+        &format!(
             "/api/apps/site/releases?limit=5&before={}",
             releases[0]["id"].as_str().unwrap()
-        )))
-        .bearer_auth(&tok),
+        ),
     );
     assert_eq!(
         older.as_array().unwrap().len(),
@@ -865,7 +622,7 @@ fn rss_kib(pid: u32) -> u64 {
 fn logins_leave_the_servers_memory_where_it_was() {
     let w = World::local().start();
     add_user(&w, "ada", "admin", "ada-password-1");
-    let s = Server::start(&w, &[]);
+    let s = Server::start(&w);
     let (status, body, _) = login(&s, "127.0.0.3", "ada", "ada-password-1");
     assert_eq!(status, 200, "{body}");
     let after_one = rss_kib(s.child.id());

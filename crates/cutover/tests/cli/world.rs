@@ -431,8 +431,22 @@ impl World {
         r.json.as_array().expect("history is an array").clone()
     }
 
+    /// The ids of the releases `history --json` marks live.
+    pub(crate) fn live(&self) -> Vec<String> {
+        self.history()
+            .iter()
+            .filter(|r| r["live"] == true)
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     pub(crate) fn db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.dir.join("data/cutover.db")).unwrap()
+    }
+
+    /// The one number `sql` selects from the data directory's database.
+    pub(crate) fn count(&self, sql: &str) -> i64 {
+        self.db().query_row(sql, [], |r| r.get(0)).unwrap()
     }
 
     /// (step, phase, detail) of every event of the newest run.
@@ -563,15 +577,7 @@ impl World {
 
     /// The directories in host `i`'s `releases/`, sorted.
     pub(crate) fn releases_on(&self, i: usize) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.site(i).join("releases"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        names_in(&self.site(i).join("releases"))
     }
 
     /// Host `i`'s `current` is a complete release of a [`World::build`].
@@ -900,6 +906,28 @@ pub(crate) fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> 
     Ok(body.to_string())
 }
 
+/// Polls `f` every 200 ms until it returns `Ok`, or panics after `limit` with `what` and the
+/// last error seen.
+pub(crate) fn wait_for<T>(
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let t = std::time::Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if t.elapsed() > limit => panic!("timed out waiting for {what}: {last}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Polls `done` every 200 ms until it is true, or panics after `limit` naming `what`.
+pub(crate) fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    wait_for(limit, what, || done().then_some(()).ok_or_else(String::new));
+}
+
 /// Runs git in `dir` with a fixed identity, no user or system config and no ssh.
 pub(crate) fn git_at(dir: &Path, args: &[&str], date: Option<i64>) -> String {
     let mut c = Command::new("git");
@@ -940,6 +968,19 @@ pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// The names in directory `dir`, sorted (none if it is not there).
+pub(crate) fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 /// A fresh directory under the system's temp dir.

@@ -66,7 +66,8 @@ fn kind(c: &cutover_core::Config) -> &'static str {
     }
 }
 
-fn short(id: &str) -> &str {
+/// A commit as the pages show it: its first 7 hex digits (the full id is the title).
+pub(super) fn short(id: &str) -> &str {
     id.get(..7).unwrap_or(id)
 }
 

@@ -1,7 +1,9 @@
 //! A run's page: the events recorded so far, server-rendered, then followed live by the
 //! script over `/api/runs/{run}/events` (SSE, the session cookie): each new event is appended,
 //! each host's row shows its latest step, and the stream's final `end` event sets
-//! `#run-status` and, when the run failed, the diagnosis. Without JS the page shows the run as
+//! `#run-status` and, when the run failed, the diagnosis. `#release` and `#commit` (the commit
+//! and `#subject`, hidden until known) are always there: a page loaded before the run chose its
+//! release gets them from the first event naming it (as text). Without JS the page shows the run as
 //! it was when loaded (reload to see more).
 //!
 //! A bake's counts get a table (`#bake`): per host, its latest `bake` event read back into each
@@ -35,6 +37,7 @@ pub(crate) async fn run(
         Some(id) => st.store.release(&r.app, id)?,
         None => None,
     };
+    let commit = release.as_ref().and_then(|r| r.commit.as_deref());
     // Each host of the app, then any host the events name, with its latest step.
     let mut hosts: BTreeMap<String, (String, String)> = BTreeMap::new();
     if let Ok(c) = st.app(&r.app) {
@@ -59,9 +62,10 @@ pub(crate) async fn run(
                 "Status: " span #run-status class=(status_class(&view.status)) data-final=(if final_ { "1" } else { "0" }) { (view.status) }
             }
             p.muted {
-                @if let Some(rel) = &view.release { "Release " code #release { (rel) } " " }
-                @if let Some(c) = release.as_ref().and_then(|r| r.commit.as_deref()) {
-                    "(" code.sha title=(c) { (c.get(..7).unwrap_or(c)) } " "
+                // Always there: the script fills them in when the run records its release.
+                "Release " code #release { (view.release.as_deref().unwrap_or(if final_ { "none" } else { "not chosen yet" })) } " "
+                span #commit hidden[commit.is_none()] {
+                    "(" code.sha title=(commit.unwrap_or("")) { (super::app::short(commit.unwrap_or(""))) } " "
                     span.subject #subject { (release.as_ref().and_then(|r| r.commit_subject.as_deref()).unwrap_or("")) }
                     ") "
                 }
