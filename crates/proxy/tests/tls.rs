@@ -7,6 +7,7 @@
 mod harness;
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::{Limits, TlsMode};
@@ -360,4 +361,211 @@ async fn an_idle_http2_connection_is_closed_after_idle_timeout_but_not_while_bus
         .await
         .unwrap();
     assert_eq!(again.status, 200);
+}
+
+/// A process's resident set, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Opens a TLS connection (ALPN as `config` says), sends `bytes` and keeps only the TCP
+/// socket: the proxy holds the connection and what was sent, the client's TLS state is gone.
+async fn hold_tls(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    bytes: &[u8],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site.test").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(bytes).await.unwrap();
+    tls.flush().await.unwrap();
+    tls.into_inner().0
+}
+
+fn client_config(roots: Arc<rustls::RootCertStore>, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(config)
+}
+
+/// The `proxy_run` example (the proxy's real entry point, `run_blocking`, in a process of its
+/// own) serving TLS from the files in `dir`, with one service for `site.test`.
+struct ProxyProcess(std::process::Child);
+
+impl ProxyProcess {
+    async fn start(
+        dir: &std::path::Path,
+        backend: std::net::SocketAddr,
+    ) -> (ProxyProcess, std::net::SocketAddr) {
+        use cutover_proxy::{control_request, DeployRequest, Request, Response};
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (plain, tls) = (port(), port());
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("examples/proxy_run");
+        assert!(
+            bin.exists(),
+            "{} is missing: run the whole package's tests",
+            bin.display()
+        );
+        let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+        let child = std::process::Command::new(bin)
+            .arg(plain.to_string())
+            .arg(dir)
+            .arg(tls.to_string())
+            .arg(dir.join("cert.pem"))
+            .arg(dir.join("key.pem"))
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut proxy = ProxyProcess(child);
+        let socket = dir.join("proxy.sock");
+        let t = Instant::now();
+        while control_request(&socket, &Request::Status).await.is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "proxy did not come up"
+            );
+            assert!(proxy.0.try_wait().unwrap().is_none(), "proxy exited");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let deploy = Request::Deploy(DeployRequest {
+            service: "web".into(),
+            target: backend.to_string(),
+            health_path: "/up".into(),
+            domains: vec!["site.test".into()],
+            options: support::fast(),
+        });
+        let r = control_request(&socket, &deploy).await.unwrap();
+        assert!(matches!(r, Response::Deployed(_)), "{r:?}");
+        (proxy, tls)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        rss_kib(self.0.id())
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.0.id()))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 12's half-sent heads, over TLS, against the proxy in a process of its own: 1,000
+/// HTTP/1.1 connections each holding 4 KiB of an unfinished head and 1,000 HTTP/2 connections
+/// each holding 4 KiB of an unfinished HEADERS frame keep its RSS under 64 MiB; then 2,000
+/// connections that never finish their handshake as well (they hold no more than descriptors
+/// and rustls' first read buffer). HTTPS clients (HTTP/1.1 and HTTP/2) are served during and
+/// after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_half_sent_heads_and_handshakes_over_tls_stay_under_64_mib() {
+    use tokio::io::AsyncWriteExt;
+    let dir = TempDir::new("tls-halfheads");
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    let blue = Backend::start("blue");
+    let (proxy, addr) = ProxyProcess::start(dir.path(), blue.addr).await;
+    let serves = |http| {
+        let roots = ca.roots();
+        async move {
+            let a = get_once(addr, "site.test", http, roots, "/").await.unwrap();
+            assert_eq!((a.status, a.body.as_str()), (200, "blue\n"), "{http:?}");
+        }
+    };
+    serves(Http::H1).await;
+    serves(Http::H2).await;
+    let before = proxy.rss_kib();
+
+    let h1 = format!(
+        "GET / HTTP/1.1\r\nHost: site.test\r\nX-Pad: {}",
+        "p".repeat(4096)
+    );
+    // The preface, an empty SETTINGS frame, and a HEADERS frame (END_HEADERS) on stream 1
+    // that promises 16 KiB and sends 4 KiB of it.
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    h2.extend_from_slice(&[0x00, 0x40, 0x00, 0x01, 0x04, 0, 0, 0, 1]);
+    h2.resize(h2.len() + 4096, 0);
+    let kinds = [
+        (
+            client_config(ca.roots(), b"http/1.1"),
+            Arc::new(h1.into_bytes()),
+        ),
+        (client_config(ca.roots(), b"h2"), Arc::new(h2)),
+    ];
+    let mut held = Vec::new();
+    for batch in 0..100 {
+        let (config, bytes) = kinds[batch % 2].clone();
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (config, bytes) = (config.clone(), bytes.clone());
+                tokio::spawn(async move { hold_tls(addr, config, &bytes).await })
+            })
+            .collect();
+        for t in tasks {
+            held.push(t.await.unwrap());
+        }
+    }
+    // Let the proxy read everything that was sent.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    serves(Http::H1).await;
+    serves(Http::H2).await;
+    let heads = proxy.rss_kib();
+    // Half a ClientHello: a handshake record header promising 512 bytes, and 100 of them.
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(105, 0);
+    for _ in 0..2000 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    serves(Http::H1).await;
+    serves(Http::H2).await;
+    let handshakes = proxy.rss_kib();
+    let fds = proxy.fds();
+    println!(
+        "proxy RSS: {before} KiB before, {heads} KiB with 1,000 HTTP/1.1 and 1,000 HTTP/2 \
+         half-sent 4 KiB heads over TLS, {handshakes} KiB with 2,000 half-sent handshakes \
+         as well ({fds} descriptors)"
+    );
+    assert!(heads < 64 * 1024, "RSS {heads} KiB");
+    assert!(handshakes < 96 * 1024, "RSS {handshakes} KiB");
+    drop(held);
+    serves(Http::H1).await;
+    serves(Http::H2).await;
 }
