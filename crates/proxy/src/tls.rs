@@ -129,9 +129,10 @@ impl Tls {
 /// Serves one client connection over TLS: the handshake, then HTTP/2 or HTTP/1.1 as the
 /// client chose by ALPN (HTTP/1.1 without ALPN), until the connection ends or `stop`.
 ///
-/// This future is every TLS connection's task, so it stays small: the handshake and the
-/// serving (hyper's state) are boxed, and hyper's part is made only once the guard has read
-/// the first request's head (HTTP/1.1) or header block (HTTP/2). A client that connects and
+/// This future is every TLS connection's task, so it stays small: each phase (the handshake,
+/// reading the first request, serving) is boxed and freed when it ends, and hyper's part is
+/// made only once the guard has read the first request's head (HTTP/1.1) or header block
+/// (HTTP/2). A client that connects and
 /// sends nothing, half a handshake or half a request costs its bytes and little more.
 pub(crate) async fn connection(
     shared: Arc<Shared>,
@@ -143,37 +144,67 @@ pub(crate) async fn connection(
     done: mpsc::Sender<()>,
 ) {
     let _ = stream.set_nodelay(true);
-    let accept = Box::pin(tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        tls.acceptor.accept(stream),
-    ));
-    let stream = match accept.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) | Err(_) => return,
+    // rustls' state and its first read buffer (4 KiB) are made only once the client has sent
+    // something: a connection that sends nothing costs its descriptor and this task.
+    let accept = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        stream.readable().await?;
+        tls.acceptor.accept(stream).await
+    }));
+    // In a block, so that the stream is not kept in this future's state once it is moved.
+    let first = {
+        let stream = match accept.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) | Err(_) => return,
+        };
+        Box::pin(first_request(
+            stream,
+            &shared.config.limits,
+            &slot.state,
+            &stop,
+        ))
     };
+    let Some((io, refused, http1)) = first.await else {
+        return;
+    };
+    Box::pin(serve(shared, io, refused, peer, slot, stop, http1)).await;
+    drop(done);
+}
+
+/// A TLS connection over TCP.
+type Stream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The guard over a TLS connection once it has read the first request (see [`connection`]),
+/// and whether the connection is HTTP/1.1; `None`: the connection goes unserved (a
+/// TLS-ALPN-01 validation, or see [`forward::first_head`]).
+async fn first_request(
+    mut stream: Stream,
+    lim: &crate::limits::Limits,
+    state: &Arc<ConnState>,
+    stop: &watch::Receiver<bool>,
+) -> Option<(
+    crate::guard::Guard<Stream>,
+    crate::guard::Refused<Stream>,
+    bool,
+)> {
     if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
         // A TLS-ALPN-01 validation: the handshake was the answer.
-        let mut stream = stream;
         let _ = stream.shutdown().await;
-        return;
+        return None;
     }
-    let lim = &shared.config.limits;
     // HTTP/1.1 heads are read by the guard (as over plain HTTP); HTTP/2 frames its messages
     // itself and passes through, but for its first header block (read before hyper's part).
     let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
-    let (mut io, refused) = crate::guard::Guard::new(stream, lim, slot.state.clone(), http1);
-    if !forward::first_head(&mut io, &slot.state, &stop).await {
-        return;
-    }
-    Box::pin(serve(shared, io, refused, peer, slot, stop, http1)).await;
-    drop(done);
+    let (mut io, refused) = crate::guard::Guard::new(stream, lim, state.clone(), http1);
+    forward::first_head(&mut io, state, stop)
+        .await
+        .then_some((io, refused, http1))
 }
 
 /// Serves a TLS connection whose first request has arrived (see [`connection`]).
 async fn serve(
     shared: Arc<Shared>,
-    io: crate::guard::Guard<tokio_rustls::server::TlsStream<TcpStream>>,
-    mut refused: crate::guard::Refused<tokio_rustls::server::TlsStream<TcpStream>>,
+    io: crate::guard::Guard<Stream>,
+    mut refused: crate::guard::Refused<Stream>,
     peer: SocketAddr,
     slot: Slot,
     mut stop: watch::Receiver<bool>,
