@@ -569,3 +569,73 @@ async fn two_thousand_half_sent_heads_and_handshakes_over_tls_stay_under_64_mib(
     serves(Http::H1).await;
     serves(Http::H2).await;
 }
+
+/// An HTTP/2 connection over TLS with its preface sent (hyper's client), and no request yet.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+    roots: Arc<rustls::RootCertStore>,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(roots, b"h2"))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// The proxy reads an HTTP/2 connection's first request itself before hyper takes it: a
+/// client that opens a connection and sends its first request later (a browser's
+/// preconnect) is served, and one that never sends one is closed after `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_waiting_for_its_first_request_is_served_or_closed_at_the_idle_timeout()
+{
+    use http_body_util::BodyExt;
+    let dir = TempDir::new("tls-h2-first");
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    let blue = Backend::start("blue");
+    let idle = Duration::from_secs(3);
+    let proxy = TlsProxy::start_limited(
+        dir.path(),
+        files_mode(dir.path()),
+        Limits {
+            idle_timeout: idle,
+            ..Limits::default()
+        },
+    );
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+    let mut late = h2_connection(proxy.tls_addr, ca.roots()).await;
+    let never = h2_connection(proxy.tls_addr, ca.roots()).await;
+    let t = Instant::now();
+    tokio::time::sleep(idle / 2).await;
+    let req = hyper::Request::get("https://site.test/")
+        .version(Version::HTTP_2)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    late.ready().await.unwrap();
+    let resp = late.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"blue\n");
+    assert!(!never.is_closed(), "closed before the idle timeout");
+    until(
+        "the HTTP/2 connection without a request to close",
+        Duration::from_secs(30),
+        || std::future::ready(never.is_closed()),
+    )
+    .await;
+    assert!(t.elapsed() >= idle, "{:?}", t.elapsed());
+    eprintln!(
+        "an HTTP/2 connection without a request closed {:?} after it opened",
+        t.elapsed()
+    );
+}
