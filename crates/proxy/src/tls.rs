@@ -9,7 +9,8 @@
 //! - A TLS connection is served like a plain one: never closed because of a switch; on
 //!   shutdown it gets one more request (HTTP/1.1) or a GOAWAY (HTTP/2) and the same grace.
 //! - A handshake that takes longer than [`HANDSHAKE_TIMEOUT`] is dropped (a client cannot pin
-//!   a connection slot by never finishing its handshake).
+//!   a connection slot by never finishing its handshake), and one the slots ask to close (to
+//!   make room under the open-file limit) goes at once.
 //! - hyper's part of a connection (its buffers, HTTP/2 state) is made only once the first
 //!   request's head (HTTP/1.1) or header block (HTTP/2) has arrived whole; until then a
 //!   connection holds its bytes and rustls' own buffers. An HTTP/2 client that sends no whole
@@ -152,9 +153,14 @@ pub(crate) async fn connection(
     }));
     // In a block, so that the stream is not kept in this future's state once it is moved.
     let first = {
-        let stream = match accept.await {
-            Ok(Ok(s)) => s,
-            Ok(Err(_)) | Err(_) => return,
+        // Asked to close by the slots (the open-file limit is near): a handshake is not a
+        // request, it goes at once.
+        let stream = tokio::select! {
+            r = accept => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(_)) | Err(_) => return,
+            },
+            _ = slot.state.close.notified() => return,
         };
         Box::pin(first_request(
             stream,
