@@ -290,6 +290,28 @@ pub(crate) fn backstop(lim: &limits::Limits) -> Duration {
     lim.header_timeout + lim.idle_timeout
 }
 
+/// Waits for the guard to read a connection's first head before hyper makes its buffers (a
+/// connection that sends nothing or half a head costs its bytes and little more). `false`:
+/// the connection goes without being served: asked to close (it is idle), or shutdown began
+/// and it stayed idle for as long as an idle keep-alive connection gets then.
+pub(crate) async fn first_head<S: tokio::io::AsyncRead + Unpin>(
+    io: &mut guard::Guard<S>,
+    state: &limits::ConnState,
+    stop: &watch::Receiver<bool>,
+) -> bool {
+    let first = io.first_head();
+    tokio::pin!(first);
+    let mut on_stop = stop.clone();
+    let done = tokio::select! {
+        _ = first.as_mut() => true,
+        _ = state.close.notified() => return false,
+        _ = stopped(&mut on_stop) => false,
+    };
+    done || tokio::time::timeout(IDLE_CLOSE_AFTER_STOP, first)
+        .await
+        .is_ok()
+}
+
 /// Serves one client connection.
 async fn connection(
     shared: Arc<Shared>,
@@ -318,25 +340,8 @@ async fn connection(
     // The guard reads every head before hyper does: it refuses ambiguous, malformed and
     // oversized ones with a plain-text answer, and keeps the header and idle deadlines.
     let (mut io, mut refused) = guard::Guard::new(stream, &lim, slot.state.clone(), true);
-    {
-        // The first head is read by the guard before hyper makes its buffers (a connection
-        // that sends nothing or half a head costs little). Asked to close: it is idle, it
-        // goes; at shutdown it gets the same grace as an idle keep-alive connection.
-        let first = io.first_head();
-        tokio::pin!(first);
-        let mut on_stop = stop.clone();
-        let done = tokio::select! {
-            _ = first.as_mut() => true,
-            _ = slot.state.close.notified() => return,
-            _ = stopped(&mut on_stop) => false,
-        };
-        if !done
-            && tokio::time::timeout(IDLE_CLOSE_AFTER_STOP, first)
-                .await
-                .is_err()
-        {
-            return;
-        }
+    if !first_head(&mut io, &slot.state, &stop).await {
+        return;
     }
     {
         // `writev(false)`: a response head and a small body go out as one flat buffer, which

@@ -25,7 +25,8 @@
 //!   and the answer is written after every response to the requests before it.
 //! - The guard keeps no bytes but the first head: per connection it holds a few counters
 //!   and at most [`VALUE_KEEP`] bytes of the header value being read, and until hyper has
-//!   them, the bytes of the first head that [`Guard::first_head`] read.
+//!   them, the bytes of the first head (or HTTP/2 header block) that [`Guard::first_head`]
+//!   read.
 //! - After a request that asks for a protocol switch (`Upgrade`, `CONNECT`), the bytes are
 //!   looked at again only if the connection did not switch (`ConnState::upgraded`); a tunnel
 //!   is never read as HTTP.
@@ -449,6 +450,8 @@ pub(crate) struct Guard<S> {
     /// many of them it has had.
     pending: Vec<u8>,
     pending_at: usize,
+    /// An HTTP/2 connection whose first request [`Guard::first_head`] has not read yet.
+    h2_first: bool,
 }
 
 impl<S> Guard<S> {
@@ -489,6 +492,7 @@ impl<S> Guard<S> {
             head_ended: false,
             pending: Vec::new(),
             pending_at: 0,
+            h2_first: !http1,
         };
         (guard, rx)
     }
@@ -691,14 +695,41 @@ impl<S: AsyncRead + Unpin> Guard<S> {
     /// bytes and little more. The bytes are scanned as [`AsyncRead::poll_read`] scans them, and
     /// handed to hyper first. Returns at the head's end, its refusal, the header deadline, or
     /// the end of the stream or an error (which hyper's next read then meets).
+    ///
+    /// On an HTTP/2 connection it reads the client's preface and frames up to the end of the
+    /// first request's header block instead (see [`H2First`]), waiting for it at most
+    /// `idle_timeout` (the time an HTTP/2 connection may stay without a request).
     pub(crate) async fn first_head(&mut self) {
+        if std::mem::take(&mut self.h2_first) {
+            self.at = Instant::now() + self.idle_timeout;
+            let mut h2 = H2First::default();
+            let cap = h2_first_cap(self.max_header_bytes);
+            self.read_first(|_, buf, _| h2.done(buf) || buf.len() >= cap)
+                .await;
+            return;
+        }
         if !matches!(self.phase, Phase::Head(_)) {
             return;
         }
+        self.read_first(|g, buf, before| {
+            if let Some((keep, refusal)) = g.scan(&buf[before..]) {
+                buf.truncate(before + keep);
+                g.refused = Some(refusal);
+            }
+            g.head_ended || g.refused.is_some()
+        })
+        .await;
+    }
+
+    /// Reads into a buffer that doubles when full (from [`FIRST_READ`], up to the head
+    /// limit at a time) until `enough` (given the guard, the bytes so far, and where this
+    /// read's start) says so, the end of the stream or an error, or the deadline (a slowloris
+    /// client: hyper then gets the end of the stream, nothing else). The bytes are handed to
+    /// hyper first.
+    async fn read_first(&mut self, mut enough: impl FnMut(&mut Self, &mut Vec<u8>, usize) -> bool) {
         let mut buf: Vec<u8> = Vec::new();
-        while !self.head_ended && self.refused.is_none() {
+        loop {
             if buf.capacity() == buf.len() {
-                // Doubling, but never past the head limit (a head that long is refused).
                 let want = (buf.len() * 2)
                     .clamp(FIRST_READ, self.max_header_bytes.max(FIRST_READ))
                     .max(buf.len() + FIRST_READ);
@@ -710,21 +741,69 @@ impl<S: AsyncRead + Unpin> Guard<S> {
             let before = buf.len();
             match tokio::time::timeout_at(self.at, inner.read_buf(&mut buf)).await {
                 Err(_) => {
-                    // A slowloris client: hyper gets the end of the stream, nothing else.
                     self.timed_out = true;
                     buf = Vec::new();
                     break;
                 }
                 Ok(Ok(0)) | Ok(Err(_)) => break,
                 Ok(Ok(_)) => {
-                    if let Some((keep, refusal)) = self.scan(&buf[before..]) {
-                        buf.truncate(before + keep);
-                        self.refused = Some(refusal);
+                    if enough(self, &mut buf, before) {
+                        break;
                     }
                 }
             }
         }
         self.pending = buf;
+    }
+}
+
+/// The HTTP/2 connection preface a client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How many bytes of an HTTP/2 connection [`Guard::first_head`] reads at most before its
+/// first header block ends: a header block of the head limit, in frames of up to 16 KiB
+/// (HTTP/2's default largest frame), and the small frames a client sends first (SETTINGS,
+/// WINDOW_UPDATE). A client that sends more is handed to hyper, whose limits then apply.
+fn h2_first_cap(max_header_bytes: usize) -> usize {
+    max_header_bytes.max(16 * 1024) + 16 * 1024 + 1024
+}
+
+/// Follows an HTTP/2 connection's first bytes, frame by frame, up to the end of the first
+/// header block (a HEADERS or CONTINUATION frame with END_HEADERS, received whole), so that a
+/// client holding half a request costs its bytes and not hyper's HTTP/2 state and buffers.
+#[derive(Debug, Default)]
+struct H2First {
+    /// Where the next frame starts in the bytes.
+    at: usize,
+}
+
+impl H2First {
+    /// Whether `buf` (the connection's first bytes) holds a whole first header block, or is
+    /// not HTTP/2 (hyper answers that).
+    fn done(&mut self, buf: &[u8]) -> bool {
+        if self.at == 0 {
+            let n = buf.len().min(H2_PREFACE.len());
+            if buf[..n] != H2_PREFACE[..n] {
+                return true;
+            }
+            if n < H2_PREFACE.len() {
+                return false;
+            }
+            self.at = H2_PREFACE.len();
+        }
+        while let Some(head) = buf.get(self.at..self.at + 9) {
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let end = self.at + 9 + len;
+            if buf.len() < end {
+                return false;
+            }
+            // HEADERS (1) or CONTINUATION (9) with END_HEADERS (0x4).
+            if matches!(head[3], 1 | 9) && head[4] & 0x4 != 0 {
+                return true;
+            }
+            self.at = end;
+        }
+        false
     }
 }
 
@@ -1077,6 +1156,28 @@ mod tests {
         }
         fine.extend_from_slice(b"\r\n");
         assert_eq!(scan(&fine), None);
+    }
+
+    #[test]
+    fn an_http2_first_request_is_complete_at_its_end_headers_frame_received_whole() {
+        let mut bytes = H2_PREFACE.to_vec();
+        // SETTINGS (empty), WINDOW_UPDATE, HEADERS without END_HEADERS, then CONTINUATION
+        // with it.
+        bytes.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        bytes.extend_from_slice(&[0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+        bytes.extend_from_slice(&[0, 0, 3, 1, 0, 0, 0, 0, 1, 0x82, 0x84, 0x86]);
+        bytes.extend_from_slice(&[0, 0, 2, 9, 4, 0, 0, 0, 1, 0x87, 0x41]);
+        // Byte by byte: not done until the very last byte.
+        let mut h2 = H2First::default();
+        for n in 1..bytes.len() {
+            assert!(!h2.done(&bytes[..n]), "done at {n}");
+        }
+        assert!(h2.done(&bytes));
+        // At once, too.
+        assert!(H2First::default().done(&bytes));
+        // Not HTTP/2: handed to hyper at once.
+        assert!(H2First::default().done(b"GET / HTTP/1.1\r\n"));
+        assert!(!H2First::default().done(b"PRI * HT"));
     }
 
     #[test]

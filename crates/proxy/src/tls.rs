@@ -9,7 +9,12 @@
 //! - A TLS connection is served like a plain one: never closed because of a switch; on
 //!   shutdown it gets one more request (HTTP/1.1) or a GOAWAY (HTTP/2) and the same grace.
 //! - A handshake that takes longer than [`HANDSHAKE_TIMEOUT`] is dropped (a client cannot pin
-//!   a connection slot by never finishing its handshake).
+//!   a connection slot by never finishing its handshake), and one the slots ask to close (to
+//!   make room under the open-file limit) goes at once.
+//! - hyper's part of a connection (its buffers, HTTP/2 state) is made only once the first
+//!   request's head (HTTP/1.1) or header block (HTTP/2) has arrived whole; until then a
+//!   connection holds its bytes and rustls' own buffers. An HTTP/2 client that sends no whole
+//!   first request within `idle_timeout` is closed.
 //! - An HTTP/2 connection with no request in flight for `idle_timeout` gets a GOAWAY and is
 //!   closed (HTTP/1.1's idle deadline is the guard's), as is one the slots ask to close.
 //! - `tls = "files"`: the files are polled; a change that loads replaces the certificate for
@@ -124,32 +129,95 @@ impl Tls {
 
 /// Serves one client connection over TLS: the handshake, then HTTP/2 or HTTP/1.1 as the
 /// client chose by ALPN (HTTP/1.1 without ALPN), until the connection ends or `stop`.
+///
+/// This future is every TLS connection's task, so it stays small: each phase (the handshake,
+/// reading the first request, serving) is boxed and freed when it ends, and hyper's part is
+/// made only once the guard has read the first request's head (HTTP/1.1) or header block
+/// (HTTP/2). A client that connects and
+/// sends nothing, half a handshake or half a request costs its bytes and little more.
 pub(crate) async fn connection(
     shared: Arc<Shared>,
     tls: Arc<Tls>,
     stream: TcpStream,
     peer: SocketAddr,
     slot: Slot,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
     let _ = stream.set_nodelay(true);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) | Err(_) => return,
+    // rustls' state and its first read buffer (4 KiB) are made only once the client has sent
+    // something: a connection that sends nothing costs its descriptor and this task.
+    let accept = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        stream.readable().await?;
+        tls.acceptor.accept(stream).await
+    }));
+    // In a block, so that the stream is not kept in this future's state once it is moved.
+    let first = {
+        // Asked to close by the slots (the open-file limit is near): a handshake is not a
+        // request, it goes at once.
+        let stream = tokio::select! {
+            r = accept => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(_)) | Err(_) => return,
+            },
+            _ = slot.state.close.notified() => return,
+        };
+        Box::pin(first_request(
+            stream,
+            &shared.config.limits,
+            &slot.state,
+            &stop,
+        ))
     };
+    let Some((io, refused, http1)) = first.await else {
+        return;
+    };
+    Box::pin(serve(shared, io, refused, peer, slot, stop, http1)).await;
+    drop(done);
+}
+
+/// A TLS connection over TCP.
+type Stream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The guard over a TLS connection once it has read the first request (see [`connection`]),
+/// and whether the connection is HTTP/1.1; `None`: the connection goes unserved (a
+/// TLS-ALPN-01 validation, or see [`forward::first_head`]).
+async fn first_request(
+    mut stream: Stream,
+    lim: &crate::limits::Limits,
+    state: &Arc<ConnState>,
+    stop: &watch::Receiver<bool>,
+) -> Option<(
+    crate::guard::Guard<Stream>,
+    crate::guard::Refused<Stream>,
+    bool,
+)> {
     if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
         // A TLS-ALPN-01 validation: the handshake was the answer.
-        let mut stream = stream;
         let _ = stream.shutdown().await;
-        return;
+        return None;
     }
+    // HTTP/1.1 heads are read by the guard (as over plain HTTP); HTTP/2 frames its messages
+    // itself and passes through, but for its first header block (read before hyper's part).
+    let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
+    let (mut io, refused) = crate::guard::Guard::new(stream, lim, state.clone(), http1);
+    forward::first_head(&mut io, state, stop)
+        .await
+        .then_some((io, refused, http1))
+}
+
+/// Serves a TLS connection whose first request has arrived (see [`connection`]).
+async fn serve(
+    shared: Arc<Shared>,
+    io: crate::guard::Guard<Stream>,
+    mut refused: crate::guard::Refused<Stream>,
+    peer: SocketAddr,
+    slot: Slot,
+    mut stop: watch::Receiver<bool>,
+    http1: bool,
+) {
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
     let lim = shared.config.limits.clone();
-    // HTTP/1.1 heads are read by the guard first (as over plain HTTP); HTTP/2 frames its
-    // messages itself and passes through.
-    let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
-    let (io, mut refused) = crate::guard::Guard::new(stream, &lim, slot.state.clone(), http1);
     // The same per-request path as plain HTTP: the slot counts as busy while a request is
     // served (and while an upgraded tunnel is open), and the access log gets a line.
     let slot = Arc::new(slot);
@@ -201,7 +269,6 @@ pub(crate) async fn connection(
         // Boxed: rare, and it must not grow every connection's task.
         Box::pin(crate::guard::answer(stream, refusal)).await;
     }
-    drop(done);
 }
 
 /// Why a TLS connection's serving loop ended.

@@ -7,6 +7,7 @@
 mod harness;
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::{Limits, TlsMode};
@@ -360,4 +361,333 @@ async fn an_idle_http2_connection_is_closed_after_idle_timeout_but_not_while_bus
         .await
         .unwrap();
     assert_eq!(again.status, 200);
+}
+
+/// A process's resident set, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Opens a TLS connection (ALPN as `config` says), sends `bytes` and keeps only the TCP
+/// socket: the proxy holds the connection and what was sent, the client's TLS state is gone.
+async fn hold_tls(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    bytes: &[u8],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site.test").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(bytes).await.unwrap();
+    tls.flush().await.unwrap();
+    tls.into_inner().0
+}
+
+fn client_config(roots: Arc<rustls::RootCertStore>, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(config)
+}
+
+/// The `proxy_run` example (the proxy's real entry point, `run_blocking`, in a process of its
+/// own) serving TLS from the files in `dir`, with one service for `site.test`.
+struct ProxyProcess(std::process::Child);
+
+impl ProxyProcess {
+    /// `nofile`: the open-file limit to run it under (else this process's).
+    async fn start(
+        dir: &std::path::Path,
+        backend: std::net::SocketAddr,
+        nofile: Option<u32>,
+    ) -> (ProxyProcess, std::net::SocketAddr) {
+        use cutover_proxy::{control_request, DeployRequest, Request, Response};
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (plain, tls) = (port(), port());
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("examples/proxy_run");
+        assert!(
+            bin.exists(),
+            "{} is missing: run the whole package's tests",
+            bin.display()
+        );
+        let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = std::process::Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(bin);
+                c
+            }
+            None => std::process::Command::new(bin),
+        };
+        let child = cmd
+            .arg(plain.to_string())
+            .arg(dir)
+            .arg(tls.to_string())
+            .arg(dir.join("cert.pem"))
+            .arg(dir.join("key.pem"))
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut proxy = ProxyProcess(child);
+        let socket = dir.join("proxy.sock");
+        let t = Instant::now();
+        while control_request(&socket, &Request::Status).await.is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "proxy did not come up"
+            );
+            assert!(proxy.0.try_wait().unwrap().is_none(), "proxy exited");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let deploy = Request::Deploy(DeployRequest {
+            service: "web".into(),
+            target: backend.to_string(),
+            health_path: "/up".into(),
+            domains: vec!["site.test".into()],
+            options: support::fast(),
+        });
+        let r = control_request(&socket, &deploy).await.unwrap();
+        assert!(matches!(r, Response::Deployed(_)), "{r:?}");
+        (proxy, tls)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        rss_kib(self.0.id())
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.0.id()))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 12's half-sent heads, over TLS, against the proxy in a process of its own: 1,000
+/// HTTP/1.1 connections each holding 4 KiB of an unfinished head and 1,000 HTTP/2 connections
+/// each holding 4 KiB of an unfinished HEADERS frame keep its RSS under 64 MiB; then 2,000
+/// connections that never finish their handshake as well (they hold no more than descriptors
+/// and rustls' first read buffer). HTTPS clients (HTTP/1.1 and HTTP/2) are served during and
+/// after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_half_sent_heads_and_handshakes_over_tls_stay_under_64_mib() {
+    use tokio::io::AsyncWriteExt;
+    let dir = TempDir::new("tls-halfheads");
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    let blue = Backend::start("blue");
+    let (proxy, addr) = ProxyProcess::start(dir.path(), blue.addr, None).await;
+    let serves = |http| {
+        let roots = ca.roots();
+        async move {
+            let a = get_once(addr, "site.test", http, roots, "/").await.unwrap();
+            assert_eq!((a.status, a.body.as_str()), (200, "blue\n"), "{http:?}");
+        }
+    };
+    serves(Http::H1).await;
+    serves(Http::H2).await;
+    let before = proxy.rss_kib();
+
+    let h1 = format!(
+        "GET / HTTP/1.1\r\nHost: site.test\r\nX-Pad: {}",
+        "p".repeat(4096)
+    );
+    // The preface, an empty SETTINGS frame, and a HEADERS frame (END_HEADERS) on stream 1
+    // that promises 16 KiB and sends 4 KiB of it.
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    h2.extend_from_slice(&[0x00, 0x40, 0x00, 0x01, 0x04, 0, 0, 0, 1]);
+    h2.resize(h2.len() + 4096, 0);
+    let kinds = [
+        (
+            client_config(ca.roots(), b"http/1.1"),
+            Arc::new(h1.into_bytes()),
+        ),
+        (client_config(ca.roots(), b"h2"), Arc::new(h2)),
+    ];
+    let mut held = Vec::new();
+    for batch in 0..100 {
+        let (config, bytes) = kinds[batch % 2].clone();
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (config, bytes) = (config.clone(), bytes.clone());
+                tokio::spawn(async move { hold_tls(addr, config, &bytes).await })
+            })
+            .collect();
+        for t in tasks {
+            held.push(t.await.unwrap());
+        }
+    }
+    // Let the proxy read everything that was sent.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    serves(Http::H1).await;
+    serves(Http::H2).await;
+    let heads = proxy.rss_kib();
+    // Half a ClientHello: a handshake record header promising 512 bytes, and 100 of them.
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(105, 0);
+    for _ in 0..2000 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    serves(Http::H1).await;
+    serves(Http::H2).await;
+    let handshakes = proxy.rss_kib();
+    let fds = proxy.fds();
+    println!(
+        "proxy RSS: {before} KiB before, {heads} KiB with 1,000 HTTP/1.1 and 1,000 HTTP/2 \
+         half-sent 4 KiB heads over TLS, {handshakes} KiB with 2,000 half-sent handshakes \
+         as well ({fds} descriptors)"
+    );
+    assert!(heads < 64 * 1024, "RSS {heads} KiB");
+    assert!(handshakes < 96 * 1024, "RSS {handshakes} KiB");
+    drop(held);
+    serves(Http::H1).await;
+    serves(Http::H2).await;
+}
+
+/// An HTTP/2 connection over TLS with its preface sent (hyper's client), and no request yet.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+    roots: Arc<rustls::RootCertStore>,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(roots, b"h2"))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// The proxy reads an HTTP/2 connection's first request itself before hyper takes it: a
+/// client that opens a connection and sends its first request later (a browser's
+/// preconnect) is served, and one that never sends one is closed after `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_waiting_for_its_first_request_is_served_or_closed_at_the_idle_timeout()
+{
+    use http_body_util::BodyExt;
+    let dir = TempDir::new("tls-h2-first");
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    let blue = Backend::start("blue");
+    let idle = Duration::from_secs(3);
+    let proxy = TlsProxy::start_limited(
+        dir.path(),
+        files_mode(dir.path()),
+        Limits {
+            idle_timeout: idle,
+            ..Limits::default()
+        },
+    );
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+    let mut late = h2_connection(proxy.tls_addr, ca.roots()).await;
+    let never = h2_connection(proxy.tls_addr, ca.roots()).await;
+    let t = Instant::now();
+    tokio::time::sleep(idle / 2).await;
+    let req = hyper::Request::get("https://site.test/")
+        .version(Version::HTTP_2)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    late.ready().await.unwrap();
+    let resp = late.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"blue\n");
+    assert!(!never.is_closed(), "closed before the idle timeout");
+    until(
+        "the HTTP/2 connection without a request to close",
+        Duration::from_secs(30),
+        || std::future::ready(never.is_closed()),
+    )
+    .await;
+    assert!(t.elapsed() >= idle, "{:?}", t.elapsed());
+    eprintln!(
+        "an HTTP/2 connection without a request closed {:?} after it opened",
+        t.elapsed()
+    );
+}
+
+/// Half-sent handshakes under the proxy's real open-file limit (1,024, so at most 480 client
+/// connections): connections still in their handshake are closed to make room, so HTTPS
+/// clients (HTTP/1.1 and HTTP/2) are served while 2,000 of them are held open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_half_sent_handshakes_under_a_1024_fd_limit_do_not_lock_out_https_clients() {
+    use tokio::io::AsyncWriteExt;
+    let dir = TempDir::new("tls-handshakes-fd");
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    let blue = Backend::start("blue");
+    let (proxy, addr) = ProxyProcess::start(dir.path(), blue.addr, Some(1024)).await;
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(105, 0);
+    let mut held = Vec::new();
+    for _ in 0..2000 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The proxy may have closed it already to make room for the next one.
+        let _ = s.write_all(&hello).await;
+        held.push(s);
+    }
+    let t = Instant::now();
+    for http in [Http::H1, Http::H2, Http::H1, Http::H2] {
+        let a = get_once(addr, "site.test", http, ca.roots(), "/")
+            .await
+            .unwrap();
+        assert_eq!((a.status, a.body.as_str()), (200, "blue\n"), "{http:?}");
+    }
+    let fds = proxy.fds();
+    println!(
+        "4 HTTPS requests beside 2,000 half-sent handshakes answered in {:?}; the proxy holds \
+         {fds} descriptors",
+        t.elapsed()
+    );
+    // Well within the handshake timeout (10 s), which would free the slots anyway.
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(fds < 1024, "{fds}");
+    drop(held);
 }
