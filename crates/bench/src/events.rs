@@ -238,7 +238,10 @@ impl Trace {
             ("check the tree", self.first_start("connect")),
             ("connect (ssh master)", self.last_end("connect")),
             ("prepare (lock, list)", self.last_end("prepare")),
-            ("stage (pack + upload + unpack, streamed)", self.last_end("stage")),
+            (
+                "stage (pack + upload + unpack, streamed)",
+                self.last_end("stage"),
+            ),
             ("switch", self.last_end("switch")),
             ("health gate", self.last_end("gate")),
             ("prune, unlock, exit", Some(total)),
