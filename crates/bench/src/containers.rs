@@ -106,6 +106,12 @@ impl DockerWorld {
 
     /// [`DockerWorld::write_config`] with `extra` appended (e.g. a `[deploy]` section).
     pub(crate) fn write_config_with(&self, strategy: &str, extra: &str) -> Result<()> {
+        self.write_config_full(strategy, "", extra)
+    }
+
+    /// [`DockerWorld::write_config_with`] with `proxy` (lines ending in a newline, e.g.
+    /// `tls = "files"`) added to `[proxy]`.
+    pub(crate) fn write_config_full(&self, strategy: &str, proxy: &str, extra: &str) -> Result<()> {
         let text = format!(
             r#"app = "{APP}"
 hosts = [{host:?}]
@@ -127,7 +133,7 @@ listen = "0.0.0.0:{PROXY_PORT}"
 drain = "10s"
 hold = "30s"
 install_dir = "{INSTALL_DIR}"
-
+{proxy}
 [health]
 path = "/up"
 timeout = "1s"
