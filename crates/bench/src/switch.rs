@@ -73,7 +73,32 @@ SSH command (which returns as soon as `docker run` has started the container, no
 httpd answers), for Caddy and nginx their SSH command (start, wait, flip, stop and remove). \
 Plots: `switch-timeline-<method>.svg` (successful and failed requests per 100 ms, the \
 flips as vertical marks), `switch-failed.svg` and `switch-gap.svg`. The load and the \
-switches share the machine's 2 cores with the host's dockerd, containers, proxy and peers.";
+switches share the machine's 2 cores with the host's dockerd, containers, proxy and peers. \
+*Under HTTPS load* (run after the rows above and the rollbacks): cutover's proxy is given \
+`tls = \"files\"` with a self-signed ECDSA P-256 certificate for `web.test` made by the bench \
+(rcgen) and `listen_tls` on the host's port 8443 (`cutover setup` again, untimed: it hands \
+over to a proxy with the new flags); Caddy (port 8201: the JSON config above plus the \
+certificate loaded from its files and a TLS connection policy) and nginx (port 8101: \
+`listen ... ssl http2` with the certificate, TLS 1.2 and 1.3) are started as for the plain \
+rows with the same certificate; all three offer HTTP/2 and HTTP/1.1 by ALPN. cutover \
+blue-green, Caddy and nginx are each switched K times under HTTP/2 load, then K times under \
+HTTP/1.1 keep-alive load, with the same switch commands and rhythm as above (1 s of load, \
+then each switch command to its exit followed by 1 s of load). The load is 8 h2load \
+processes from this machine's root namespace (`h2load -t1 -c1 -m1 --rps 50`, plus `--h1` \
+for HTTP/1.1, connecting to the host's address and asking for `https://web.test:PORT/`): \
+8 connections, each with one request in flight and 50 requests a second, about the pace \
+of the plain rows' workers. h2load (1.52) does not open a new connection when the server \
+closes one during a timed run (after an HTTP/2 GOAWAY, or an HTTP/1.1 close without \
+`Connection: close`): it stops that client and counts no failure. So the bench looks at each \
+process every 5 ms (a socket among its open files, its log growing) and starts it again as \
+soon as its connection is gone, as a browser would connect again; *connections opened \
+again* counts those (server closed) and the processes whose connection did not come up \
+within 3 s (never up). *requests* are the lines of h2load's `--log-file`s (one per request \
+that ended), *failed* those without a 2xx status (errors, resets, 4xx and 5xx); *longest \
+gap* is the longest time between the ends of two consecutive successful responses, all \
+connections together, or from the last one to the end of the load; *switch time* as above. \
+The zero-downtime check (the run fails if a cutover method had a failed request) covers \
+cutover's HTTPS rows too.";
 
 /// The naive method's published port on the host.
 const NAIVE_PORT: u16 = 8080;
@@ -89,6 +114,9 @@ const TLS_PORT: u16 = 8443;
 const CADDY_TLS_PORT: u16 = 8201;
 const NGINX_TLS_PORT: u16 = 8101;
 const TLS_NAME: &str = "web.test";
+/// Requests per second on each HTTPS connection: one every [`switching::PAUSE`], about the
+/// pace of a plain worker.
+const HTTPS_RATE: u32 = 50;
 
 /// The table and plots: the "around a switch" requests are those of the flip step.
 const LAYOUT: Layout = Layout {
@@ -392,6 +420,7 @@ fn https_method(
                 name: TLS_NAME,
             },
             h1,
+            rate: HTTPS_RATE,
             k,
             settle: switching::SETTLE,
             work: &ctx.work,

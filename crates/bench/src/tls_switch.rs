@@ -296,6 +296,8 @@ pub(crate) struct Target {
 struct Spawner {
     target: Target,
     h1: bool,
+    /// Requests per second on each connection (`--rps`), or as fast as answered.
+    rate: Option<u32>,
     /// Log files are `<prefix>-<n>.log`.
     prefix: PathBuf,
     next: usize,
@@ -314,6 +316,9 @@ impl Spawner {
             .arg(format!("--log-file={}", log.display()));
         if self.h1 {
             cmd.arg("--h1");
+        }
+        if let Some(r) = self.rate {
+            cmd.arg(format!("--rps={r}"));
         }
         let child = cmd
             .arg(format!("https://{name}:{}/", addr.port()))
@@ -420,19 +425,26 @@ pub(crate) struct PoolOut {
 }
 
 /// A steady HTTPS load of [`CONNECTIONS`] h2load processes (`-c1 -m1`, HTTP/2, or
-/// HTTP/1.1 keep-alive with `--h1`), each started again as soon as its connection is gone
-/// (see the module's doc), until stopped.
+/// HTTP/1.1 keep-alive with `--h1`, `--rps` if a rate is given), each started again as soon
+/// as its connection is gone (see the module's doc), until stopped.
 pub(crate) struct Pool {
     stop: Arc<AtomicBool>,
     supervisor: Option<std::thread::JoinHandle<Result<PoolOut>>>,
 }
 
 impl Pool {
-    /// Starts the processes; logs go to `<prefix>-<n>.log`.
-    pub(crate) fn start(target: Target, h1: bool, prefix: PathBuf) -> Result<Pool> {
+    /// Starts the processes (`rate`: requests per second on each connection, or as fast as
+    /// answered); logs go to `<prefix>-<n>.log`.
+    pub(crate) fn start(
+        target: Target,
+        h1: bool,
+        rate: Option<u32>,
+        prefix: PathBuf,
+    ) -> Result<Pool> {
         let mut spawner = Spawner {
             target,
             h1,
+            rate,
             prefix,
             next: 0,
         };
@@ -519,6 +531,8 @@ pub(crate) struct HttpsRun<'a> {
     pub(crate) key: &'static str,
     pub(crate) target: Target,
     pub(crate) h1: bool,
+    /// Requests per second on each connection.
+    pub(crate) rate: u32,
     pub(crate) k: usize,
     /// Load before the first switch and after each.
     pub(crate) settle: Duration,
@@ -543,7 +557,7 @@ pub(crate) fn run_with_switches(
         run.key,
         if run.h1 { "h1" } else { "h2" }
     ));
-    let pool = Pool::start(run.target, run.h1, prefix)?;
+    let pool = Pool::start(run.target, run.h1, Some(run.rate), prefix)?;
     std::thread::sleep(run.settle);
     let mut switch_s = Vec::new();
     let mut failed_switches = Vec::new();
@@ -700,7 +714,7 @@ mod tests {
                 addr,
                 name: "web.test",
             };
-            let pool = Pool::start(target, h1, d.join(format!("pool-{h1}"))).unwrap();
+            let pool = Pool::start(target, h1, None, d.join(format!("pool-{h1}"))).unwrap();
             for _ in 0..3 {
                 std::thread::sleep(Duration::from_millis(400));
                 let _ = Command::new("kill")
