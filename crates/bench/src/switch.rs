@@ -318,7 +318,8 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     out.markdown.push_str(&format!(
         "\n**Under HTTPS load** ({k} switches per method and client, the same switch \
          commands; cutover's proxy with `tls = \"files\"` on port {TLS_PORT}, Caddy on \
-         {CADDY_TLS_PORT}, nginx on {NGINX_TLS_PORT}; {} h2load connections):\n\n{https_md}",
+         {CADDY_TLS_PORT}, nginx on {NGINX_TLS_PORT}; {} h2load connections, {HTTPS_RATE} \
+         requests/s each):\n\n{https_md}",
         tls_switch::CONNECTIONS
     ));
     out.markdown.push_str(&rollback_md);
