@@ -87,7 +87,13 @@ impl DockerWorld {
             registry,
         };
         w.write_config("blue-green")?;
-        let out = w.cutover(&["setup", "--json"]).output()?;
+        w.setup()?;
+        Ok(w)
+    }
+
+    /// `cutover setup --json` with the config as written; an error unless it exits 0.
+    pub(crate) fn setup(&self) -> Result<()> {
+        let out = self.cutover(&["setup", "--json"]).output()?;
         if !out.status.success() {
             bail!(
                 "cutover setup exited with {}: {}{}",
@@ -96,7 +102,7 @@ impl DockerWorld {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(w)
+        Ok(())
     }
 
     /// Writes the config with `[container] strategy = STRATEGY` (`blue-green` or `hold`).

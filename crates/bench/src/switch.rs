@@ -351,15 +351,9 @@ fn https_runs(
         "",
     )?;
     eprintln!("[switch] untimed: cutover setup with tls = \"files\" (listen_tls :{TLS_PORT})");
-    let out = world.cutover(&["setup", "--json"]).output()?;
-    if !out.status.success() {
-        bail!(
-            "cutover setup with tls = \"files\" exited with {}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    world
+        .setup()
+        .context("cutover setup with tls = \"files\"")?;
     let host = |port| SocketAddr::new(world.lab.ip(0).into(), port);
     wait_serves_https(host(TLS_PORT), live, Duration::from_secs(20))?;
     let mut runs = Vec::new();
