@@ -49,6 +49,9 @@ pub(crate) struct SwitchRun {
     reconnects: Option<(u64, u64)>,
     /// Switch commands that failed: "switch N: message".
     failed_switches: Vec<String>,
+    /// With a [`Pool`]: when the switches ran and where the longest gap starts, seconds since
+    /// the load started (for the JSON).
+    timeline: Option<Value>,
 }
 
 impl SwitchRun {
@@ -113,13 +116,18 @@ pub(crate) fn longest_gap_ms(log: &str) -> f64 {
 /// [`longest_gap_ms`], also counting the time from the last 2xx response to `until` (µs
 /// since the epoch, when the load stopped): a load that stopped being answered shows.
 fn longest_gap_until_ms(log: &str, until: Option<f64>) -> f64 {
+    longest_gap_at(log, until).0
+}
+
+/// [`longest_gap_until_ms`] and where the gap starts (µs since the epoch; 0 without one).
+fn longest_gap_at(log: &str, until: Option<f64>) -> (f64, f64) {
     let (mut ends, _) = success_ends(log);
     if let (Some(u), Some(&last)) = (until, ends.last()) {
         ends.push(u.max(last));
     }
     ends.windows(2)
-        .map(|w| (w[1] - w[0]) / 1000.0)
-        .fold(0.0, f64::max)
+        .map(|w| ((w[1] - w[0]) / 1000.0, w[0]))
+        .fold((0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a })
 }
 
 /// Requests in an h2load `--log-file` (one line each) and those without a 2xx status.
@@ -187,6 +195,7 @@ fn one_run(
         switch_s,
         reconnects: None,
         failed_switches: Vec::new(),
+        timeline: None,
     })
 }
 
@@ -259,6 +268,9 @@ fn run_json(r: &SwitchRun) -> Value {
         j["reconnects_after_server_close"] = json!(closed);
         j["restarts_never_connected"] = json!(never_up);
         j["failed_switches"] = json!(r.failed_switches);
+    }
+    if let Some(t) = &r.timeline {
+        j["timeline"] = t.clone();
     }
     j
 }
@@ -557,14 +569,18 @@ pub(crate) fn run_with_switches(
         run.key,
         if run.h1 { "h1" } else { "h2" }
     ));
+    let t0 = epoch_now();
     let pool = Pool::start(run.target, run.h1, Some(run.rate), prefix)?;
     std::thread::sleep(run.settle);
     let mut switch_s = Vec::new();
+    let mut windows = Vec::new();
     let mut failed_switches = Vec::new();
     for i in 1..=run.k {
         let t = Instant::now();
+        let start = epoch_now() - t0;
         let f = switch()?;
         switch_s.push(t.elapsed().as_secs_f64());
+        windows.push([start, epoch_now() - t0]);
         if !f.ok {
             failed_switches.push(format!("switch {i}: {}", f.message));
         }
@@ -577,6 +593,7 @@ pub(crate) fn run_with_switches(
         text.push_str(&std::fs::read_to_string(l).unwrap_or_default());
     }
     let (requests, failed) = tally(&text);
+    let (gap_ms, gap_at) = longest_gap_at(&text, Some(out.stopped_us));
     Ok(SwitchRun {
         proxy: run.proxy,
         key: run.key,
@@ -584,10 +601,16 @@ pub(crate) fn run_with_switches(
         switches: run.k,
         requests,
         failed,
-        gap_ms: longest_gap_until_ms(&text, Some(out.stopped_us)),
+        gap_ms,
         switch_s,
         reconnects: Some((out.reconnects, out.never_up)),
         failed_switches,
+        timeline: Some(json!({
+            "load_started_epoch_s": t0,
+            "switches_start_end_s": windows,
+            "longest_gap_starts_s": if gap_ms > 0.0 { gap_at / 1e6 - t0 } else { 0.0 },
+            "load_stopped_s": out.stopped_us / 1e6 - t0,
+        })),
     })
 }
 
@@ -639,6 +662,8 @@ mod tests {
         // A load that stopped being answered: the time to its end counts.
         assert_eq!(longest_gap_until_ms(log, Some(1030500.0)), 20.0);
         assert_eq!(longest_gap_until_ms("", Some(1030500.0)), 0.0);
+        assert_eq!(longest_gap_at(log, None), (7.5, 1003000.0));
+        assert_eq!(longest_gap_at(log, Some(1030500.0)), (20.0, 1010500.0));
     }
 
     #[test]
