@@ -87,7 +87,13 @@ impl DockerWorld {
             registry,
         };
         w.write_config("blue-green")?;
-        let out = w.cutover(&["setup", "--json"]).output()?;
+        w.setup()?;
+        Ok(w)
+    }
+
+    /// `cutover setup --json` with the config as written; an error unless it exits 0.
+    pub(crate) fn setup(&self) -> Result<()> {
+        let out = self.cutover(&["setup", "--json"]).output()?;
         if !out.status.success() {
             bail!(
                 "cutover setup exited with {}: {}{}",
@@ -96,7 +102,7 @@ impl DockerWorld {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(w)
+        Ok(())
     }
 
     /// Writes the config with `[container] strategy = STRATEGY` (`blue-green` or `hold`).
@@ -106,6 +112,12 @@ impl DockerWorld {
 
     /// [`DockerWorld::write_config`] with `extra` appended (e.g. a `[deploy]` section).
     pub(crate) fn write_config_with(&self, strategy: &str, extra: &str) -> Result<()> {
+        self.write_config_full(strategy, "", extra)
+    }
+
+    /// [`DockerWorld::write_config_with`] with `proxy` (lines ending in a newline, e.g.
+    /// `tls = "files"`) added to `[proxy]`.
+    pub(crate) fn write_config_full(&self, strategy: &str, proxy: &str, extra: &str) -> Result<()> {
         let text = format!(
             r#"app = "{APP}"
 hosts = [{host:?}]
@@ -127,7 +139,7 @@ listen = "0.0.0.0:{PROXY_PORT}"
 drain = "10s"
 hold = "30s"
 install_dir = "{INSTALL_DIR}"
-
+{proxy}
 [health]
 path = "/up"
 timeout = "1s"

@@ -43,6 +43,13 @@ impl Kind {
     }
 }
 
+/// A certificate and key (PEM files on this machine, which the peers read) for a peer that
+/// terminates TLS (HTTP/2 and HTTP/1.1 by ALPN) on its port instead of serving plain HTTP.
+pub(crate) struct PeerTls {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
 /// A running Caddy or nginx in host `host` of a lab, listening on `listen` (all of the host's
 /// addresses) and reverse proxying to `127.0.0.1:<upstream port>`.
 pub(crate) struct Peer {
@@ -64,6 +71,18 @@ impl Peer {
         listen: u16,
         upstream: u16,
     ) -> Result<Peer> {
+        Peer::start_with(lab, host, kind, listen, upstream, None)
+    }
+
+    /// [`Peer::start`], serving HTTPS on `listen` with `tls` if given.
+    pub(crate) fn start_with(
+        lab: &Lab,
+        host: usize,
+        kind: Kind,
+        listen: u16,
+        upstream: u16,
+        tls: Option<&PeerTls>,
+    ) -> Result<Peer> {
         let dir = lab
             .dir()
             .join("peers")
@@ -80,7 +99,7 @@ impl Peer {
         match kind {
             Kind::Caddy => {
                 let config = dir.join("caddy.json");
-                std::fs::write(&config, caddy_config(listen, upstream))?;
+                std::fs::write(&config, caddy_config(listen, upstream, tls))?;
                 cmd.arg(CADDY)
                     .arg("run")
                     .arg("--config")
@@ -92,7 +111,7 @@ impl Peer {
             Kind::Nginx => {
                 let d = dir.display().to_string();
                 std::fs::write(dir.join("upstream.conf"), nginx_upstream(upstream))?;
-                std::fs::write(dir.join("nginx.conf"), nginx_config(&d, listen))?;
+                std::fs::write(dir.join("nginx.conf"), nginx_config(&d, listen, tls))?;
                 cmd.arg(NGINX)
                     .arg("-c")
                     .arg(dir.join("nginx.conf"))
@@ -244,9 +263,11 @@ impl Drop for Peer {
 
 /// Caddy's JSON config: one server on `:listen` with one route whose only handler is a
 /// `reverse_proxy` to `127.0.0.1:upstream` (Caddy's defaults otherwise: HTTP/1.1 keep-alive
-/// to the upstream); no automatic HTTPS; the admin API on the host's loopback.
-fn caddy_config(listen: u16, upstream: u16) -> String {
-    serde_json::json!({
+/// to the upstream); no automatic HTTPS; the admin API on the host's loopback. With `tls`:
+/// the certificate loaded from its files and the server's connections over TLS (Caddy's
+/// default connection policy: HTTP/2 and HTTP/1.1 by ALPN).
+fn caddy_config(listen: u16, upstream: u16, tls: Option<&PeerTls>) -> String {
+    let mut c = serde_json::json!({
         "admin": { "listen": CADDY_ADMIN },
         "logging": { "logs": { "default": { "level": "WARN" } } },
         "apps": { "http": { "servers": { CADDY_SERVER: {
@@ -259,8 +280,16 @@ fn caddy_config(listen: u16, upstream: u16) -> String {
                 }],
             }],
         } } } },
-    })
-    .to_string()
+    });
+    if let Some(t) = tls {
+        c["apps"]["tls"] = serde_json::json!({ "certificates": { "load_files": [{
+            "certificate": t.cert,
+            "key": t.key,
+        }] } });
+        c["apps"]["http"]["servers"][CADDY_SERVER]["tls_connection_policies"] =
+            serde_json::json!([{}]);
+    }
+    c.to_string()
 }
 
 /// nginx's upstream file (included by [`nginx_config`]): one server and a pool of up to 32
@@ -282,8 +311,21 @@ fn nginx_switch_rewrite(dir: &str, port: u16) -> String {
 
 /// nginx as a reverse proxy the way its documentation recommends for keep-alive upstreams
 /// (`proxy_http_version 1.1`, an empty `Connection` header), one worker per core, no access
-/// log, clients' keep-alive connections kept for up to a million requests.
-fn nginx_config(dir: &str, listen: u16) -> String {
+/// log, clients' keep-alive connections kept for up to a million requests. With `tls`:
+/// `listen ... ssl http2` with the certificate, TLS 1.2 and 1.3 (Debian's nginx 1.22 leaves
+/// 1.3 out by default).
+fn nginx_config(dir: &str, listen: u16, tls: Option<&PeerTls>) -> String {
+    let listen = match tls {
+        None => format!("listen {listen};"),
+        Some(t) => format!(
+            "listen {listen} ssl http2;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.2 TLSv1.3;",
+            t.cert.display(),
+            t.key.display()
+        ),
+    };
     format!(
         "daemon off;
 master_process on;
@@ -302,7 +344,7 @@ http {{
     scgi_temp_path {dir}/tmp/scgi;
     include {dir}/upstream.conf;
     server {{
-        listen {listen};
+        {listen}
         location / {{
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -344,7 +386,7 @@ mod tests {
     fn nginx_config_and_rewritten_upstream_pass_nginx_t() {
         let d = scratch("nginx");
         let ds = d.display().to_string();
-        std::fs::write(d.join("nginx.conf"), nginx_config(&ds, 18100)).unwrap();
+        std::fs::write(d.join("nginx.conf"), nginx_config(&ds, 18100, None)).unwrap();
         std::fs::write(d.join("upstream.conf"), nginx_upstream(18091)).unwrap();
         let check = |what: &str| {
             let out = Command::new(NGINX)
@@ -372,34 +414,52 @@ mod tests {
         let text = std::fs::read_to_string(d.join("upstream.conf")).unwrap();
         assert!(text.contains("server 127.0.0.1:18092;"), "{text}");
         check("after the rewrite");
+        let tls = test_tls(&d);
+        std::fs::write(d.join("nginx.conf"), nginx_config(&ds, 18100, Some(&tls))).unwrap();
+        let text = std::fs::read_to_string(d.join("nginx.conf")).unwrap();
+        assert!(text.contains("listen 18100 ssl http2;"), "{text}");
+        check("over TLS");
         let _ = std::fs::remove_dir_all(&d);
     }
 
-    /// The Caddy config passes Debian's `caddy validate`, and the admin API path the switch
-    /// PATCHes exists in it.
+    /// The Caddy config, plain and over TLS, passes Debian's `caddy validate`, and the admin
+    /// API path the switch PATCHes exists in it.
     #[test]
     fn caddy_config_passes_caddy_validate() {
         let d = scratch("caddy");
+        let tls = test_tls(&d);
         let config = d.join("caddy.json");
-        std::fs::write(&config, caddy_config(18200, 18081)).unwrap();
-        let out = Command::new(CADDY)
-            .args(["validate", "--config"])
-            .arg(&config)
-            .env("HOME", &d)
-            .env("XDG_DATA_HOME", d.join("data"))
-            .env("XDG_CONFIG_HOME", d.join("config"))
-            .output()
-            .expect("running caddy validate (Debian's caddy)");
-        assert!(
-            out.status.success(),
-            "caddy validate: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_str(&caddy_config(18200, 18081)).unwrap();
-        assert_eq!(
-            v["apps"]["http"]["servers"][CADDY_SERVER]["routes"][0]["handle"][0]["upstreams"],
-            serde_json::json!([{"dial": "127.0.0.1:18081"}])
-        );
+        for t in [None, Some(&tls)] {
+            let text = caddy_config(18200, 18081, t);
+            std::fs::write(&config, &text).unwrap();
+            let out = Command::new(CADDY)
+                .args(["validate", "--config"])
+                .arg(&config)
+                .env("HOME", &d)
+                .env("XDG_DATA_HOME", d.join("data"))
+                .env("XDG_CONFIG_HOME", d.join("config"))
+                .output()
+                .expect("running caddy validate (Debian's caddy)");
+            assert!(
+                out.status.success(),
+                "caddy validate ({}): {}",
+                if t.is_some() { "TLS" } else { "plain" },
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let server = &v["apps"]["http"]["servers"][CADDY_SERVER];
+            assert_eq!(
+                server["routes"][0]["handle"][0]["upstreams"],
+                serde_json::json!([{"dial": "127.0.0.1:18081"}])
+            );
+            assert_eq!(server["tls_connection_policies"].is_array(), t.is_some());
+        }
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A self-signed certificate for `web.test` in `dir`.
+    fn test_tls(dir: &std::path::Path) -> PeerTls {
+        let (cert, key) = crate::tls_switch::write_test_cert(dir, "web.test").unwrap();
+        PeerTls { cert, key }
     }
 }

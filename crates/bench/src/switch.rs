@@ -8,14 +8,15 @@
 
 use crate::containers::DockerWorld;
 use crate::events::{epoch_now, State, Step, Trace};
-use crate::peers::{self, Kind as PeerKind, Peer};
+use crate::peers::{self, Kind as PeerKind, Peer, PeerTls};
 use crate::report::{self, secs, spread, Section};
 use crate::switching::{self, Around, Cell, Head, Layout, Method, Plan, Switched};
+use crate::tls_switch::{self, Flipped, HttpsRun, SwitchRun, Target};
 use crate::Ctx;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) const HOW_TO_READ: &str = "\
 one testlab host running its own dockerd (like every host, a network namespace on this \
@@ -72,7 +73,32 @@ SSH command (which returns as soon as `docker run` has started the container, no
 httpd answers), for Caddy and nginx their SSH command (start, wait, flip, stop and remove). \
 Plots: `switch-timeline-<method>.svg` (successful and failed requests per 100 ms, the \
 flips as vertical marks), `switch-failed.svg` and `switch-gap.svg`. The load and the \
-switches share the machine's 2 cores with the host's dockerd, containers, proxy and peers.";
+switches share the machine's 2 cores with the host's dockerd, containers, proxy and peers. \
+*Under HTTPS load* (run after the rows above and the rollbacks): cutover's proxy is given \
+`tls = \"files\"` with a self-signed ECDSA P-256 certificate for `web.test` made by the bench \
+(rcgen) and `listen_tls` on the host's port 8443 (`cutover setup` again, untimed: it hands \
+over to a proxy with the new flags); Caddy (port 8201: the JSON config above plus the \
+certificate loaded from its files and a TLS connection policy) and nginx (port 8101: \
+`listen ... ssl http2` with the certificate, TLS 1.2 and 1.3) are started as for the plain \
+rows with the same certificate; all three offer HTTP/2 and HTTP/1.1 by ALPN. cutover \
+blue-green, Caddy and nginx are each switched K times under HTTP/2 load, then K times under \
+HTTP/1.1 keep-alive load, with the same switch commands and rhythm as above (1 s of load, \
+then each switch command to its exit followed by 1 s of load). The load is 8 h2load \
+processes from this machine's root namespace (`h2load -t1 -c1 -m1 --rps 50`, plus `--h1` \
+for HTTP/1.1, connecting to the host's address and asking for `https://web.test:PORT/`): \
+8 connections, each with one request in flight and 50 requests a second, about the pace \
+of the plain rows' workers. h2load (1.52) does not open a new connection when the server \
+closes one during a timed run (after an HTTP/2 GOAWAY, or an HTTP/1.1 close without \
+`Connection: close`): it stops that client and counts no failure. So the bench looks at each \
+process every 5 ms (a socket among its open files, its log growing) and starts it again as \
+soon as its connection is gone, as a browser would connect again; *connections opened \
+again* counts those (server closed) and the processes whose connection did not come up \
+within 3 s (never up). *requests* are the lines of h2load's `--log-file`s (one per request \
+that ended), *failed* those without a 2xx status (errors, resets, 4xx and 5xx); *longest \
+gap* is the longest time between the ends of two consecutive successful responses, all \
+connections together, or from the last one to the end of the load; *switch time* as above. \
+The zero-downtime check (the run fails if a cutover method had a failed request) covers \
+cutover's HTTPS rows too.";
 
 /// The naive method's published port on the host.
 const NAIVE_PORT: u16 = 8080;
@@ -82,6 +108,15 @@ const CADDY_PORT: u16 = 8200;
 const CADDY_UPSTREAMS: [u16; 2] = [18081, 18082];
 const NGINX_PORT: u16 = 8100;
 const NGINX_UPSTREAMS: [u16; 2] = [18091, 18092];
+/// The HTTPS rows: where cutover's proxy (`listen_tls`), Caddy and nginx serve HTTPS on the
+/// host, and the name the load asks for (the test certificate's).
+const TLS_PORT: u16 = 8443;
+const CADDY_TLS_PORT: u16 = 8201;
+const NGINX_TLS_PORT: u16 = 8101;
+const TLS_NAME: &str = "web.test";
+/// Requests per second on each HTTPS connection: one every [`switching::PAUSE`], about the
+/// pace of a plain worker.
+const HTTPS_RATE: u32 = 50;
 
 /// The table and plots: the "around a switch" requests are those of the flip step.
 const LAYOUT: Layout = Layout {
@@ -257,21 +292,194 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         (Kind::Caddy, PeerKind::Caddy, CADDY_PORT, CADDY_UPSTREAMS),
         (Kind::Nginx, PeerKind::Nginx, NGINX_PORT, NGINX_UPSTREAMS),
     ] {
-        let side = PeerSide::start(&world, peer, listen, ports, &live)?;
+        let side = PeerSide::start(&world, peer, listen, ports, &live, None)?;
         go(kind, Some(&side), &mut live)?;
         side.stop(&world)?;
     }
     let (rollback_md, rollback_json) = container_rollbacks(ctx, &world)?;
+    // Every rollback ends with `a` served.
+    let mut live = "a".to_string();
+    let https = https_runs(ctx, &world, k, &mut live)?;
     drop(world);
+    let (https_md, https_json) = tls_switch::https_table(&https);
     let mut out = switching::section(
         &plan,
         &head,
         &runs,
         &discarded,
-        json!({ "container_rollback": rollback_json }),
+        json!({ "container_rollback": rollback_json, "https": https_json }),
     );
+    // The zero-downtime gate covers cutover's HTTPS rows too.
+    if let Some(gate) = out.json["cutover_failed"].as_object_mut() {
+        for r in https.iter().filter(|r| r.key() == "blue-green") {
+            gate.insert(r.gate_name(), json!(r.failed()));
+        }
+    }
+    out.markdown.push_str(&format!(
+        "\n**Under HTTPS load** ({k} switches per method and client, the same switch \
+         commands; cutover's proxy with `tls = \"files\"` on port {TLS_PORT}, Caddy on \
+         {CADDY_TLS_PORT}, nginx on {NGINX_TLS_PORT}; {} h2load connections, {HTTPS_RATE} \
+         requests/s each):\n\n{https_md}",
+        tls_switch::CONNECTIONS
+    ));
     out.markdown.push_str(&rollback_md);
     Ok(out)
+}
+
+/// The HTTPS rows (untimed setup first): a self-signed certificate for [`TLS_NAME`],
+/// cutover's proxy given `tls = "files"` with it (`cutover setup` again, which hands the
+/// proxy over to one with the new flags), then cutover blue-green, Caddy and nginx (both
+/// terminating TLS with the same certificate), each switched K times under HTTP/2 load and
+/// K times under HTTP/1.1 keep-alive load from a [`tls_switch::Pool`], with the same switch
+/// commands as the plain rows. `live`: the image served, before and after.
+fn https_runs(
+    ctx: &Ctx,
+    world: &DockerWorld,
+    k: usize,
+    live: &mut String,
+) -> Result<Vec<SwitchRun>> {
+    let dir = world.lab.dir().join("tls");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (cert, key) = tls_switch::write_test_cert(&dir, TLS_NAME)?;
+    world.write_config_full(
+        "blue-green",
+        &format!(
+            "tls = \"files\"\ncert = \"{}\"\nkey = \"{}\"\nlisten_tls = \"0.0.0.0:{TLS_PORT}\"\n",
+            cert.display(),
+            key.display()
+        ),
+        "",
+    )?;
+    eprintln!("[switch] untimed: cutover setup with tls = \"files\" (listen_tls :{TLS_PORT})");
+    world
+        .setup()
+        .context("cutover setup with tls = \"files\"")?;
+    let host = |port| SocketAddr::new(world.lab.ip(0).into(), port);
+    wait_serves_https(host(TLS_PORT), live, Duration::from_secs(20))?;
+    let mut runs = Vec::new();
+    let method = Container {
+        kind: Kind::BlueGreen,
+        world,
+        peer: None,
+    };
+    https_method(ctx, &method, host(TLS_PORT), k, live, &mut runs)?;
+    let tls = PeerTls { cert, key };
+    for (kind, peer, listen, ports) in [
+        (
+            Kind::Caddy,
+            PeerKind::Caddy,
+            CADDY_TLS_PORT,
+            CADDY_UPSTREAMS,
+        ),
+        (
+            Kind::Nginx,
+            PeerKind::Nginx,
+            NGINX_TLS_PORT,
+            NGINX_UPSTREAMS,
+        ),
+    ] {
+        let side = PeerSide::start(world, peer, listen, ports, live, Some(&tls))?;
+        let method = Container {
+            kind,
+            world,
+            peer: Some(&side),
+        };
+        https_method(ctx, &method, host(listen), k, live, &mut runs)?;
+        side.stop(world)?;
+    }
+    if let Some(r) = runs.iter().find(|r| r.requests() == 0) {
+        bail!(
+            "{}: no request of the HTTPS load was answered",
+            r.gate_name()
+        );
+    }
+    Ok(runs)
+}
+
+/// A method's two HTTPS runs (HTTP/2, then HTTP/1.1 keep-alive), each after the bench waited
+/// for an idle machine.
+fn https_method(
+    ctx: &Ctx,
+    method: &Container<'_>,
+    addr: SocketAddr,
+    k: usize,
+    live: &mut String,
+    runs: &mut Vec<SwitchRun>,
+) -> Result<()> {
+    for h1 in [false, true] {
+        let run = HttpsRun {
+            proxy: method.name(),
+            key: method.key(),
+            target: Target {
+                addr,
+                name: TLS_NAME,
+            },
+            h1,
+            rate: HTTPS_RATE,
+            k,
+            settle: switching::SETTLE,
+            work: &ctx.work,
+        };
+        eprintln!(
+            "[switch] {} over HTTPS ({}): load on {addr}",
+            method.name(),
+            if h1 { "HTTP/1.1" } else { "HTTP/2" }
+        );
+        let (r, _) = ctx.meter.time(|| {
+            tls_switch::run_with_switches(&run, &mut || {
+                let to = if live.as_str() == "a" { "b" } else { "a" };
+                let t = Instant::now();
+                let s = method.switch(to)?;
+                eprintln!(
+                    "[switch] {} (HTTPS) -> {to}: {} in {} s{}",
+                    method.name(),
+                    if s.ok { "ok" } else { "FAILED" },
+                    secs(t.elapsed().as_secs_f64()),
+                    if s.ok {
+                        String::new()
+                    } else {
+                        format!(": {}", s.message)
+                    }
+                );
+                if s.ok {
+                    *live = to.to_string();
+                }
+                Ok(Flipped {
+                    ok: s.ok,
+                    message: s.message,
+                })
+            })
+        });
+        let r = r?;
+        eprintln!("[switch] {}: {}", r.gate_name(), r.summary());
+        runs.push(r);
+    }
+    Ok(())
+}
+
+/// Waits until `GET https://TLS_NAME:PORT/` on `addr` (curl, certificate not checked)
+/// answers `body` (up to `limit`).
+fn wait_serves_https(addr: SocketAddr, body: &str, limit: Duration) -> Result<()> {
+    let t = Instant::now();
+    let url = format!("https://{TLS_NAME}:{}/", addr.port());
+    let to = format!("{TLS_NAME}:{}:{}:{}", addr.port(), addr.ip(), addr.port());
+    loop {
+        let out = std::process::Command::new("curl")
+            .args(["-sSk", "--max-time", "3", "--connect-to", &to, &url])
+            .output()
+            .context("running curl")?;
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && got == body {
+            return Ok(());
+        }
+        if t.elapsed() > limit {
+            bail!(
+                "{url} on {addr} does not serve {body:?} after {limit:?}: {got:?} {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Container rollbacks on the same host, `--reps` times each, with `strategy = "blue-green"`:
@@ -416,13 +624,15 @@ struct PeerSide {
 
 impl PeerSide {
     /// Starts the container of image `tag` on the first port (untimed, over SSH), then the
-    /// peer in front of it, and waits until the peer serves `tag`.
+    /// peer in front of it (serving HTTPS with `tls`, if given), and waits until the peer
+    /// serves `tag`.
     fn start(
         world: &DockerWorld,
         kind: PeerKind,
         listen: u16,
         ports: [u16; 2],
         tag: &str,
+        tls: Option<&PeerTls>,
     ) -> Result<PeerSide> {
         let name = format!("{}-web-{}", kind.name(), ports[0]);
         world.ssh_ok(&format!(
@@ -434,8 +644,13 @@ impl PeerSide {
             world.image(tag),
             ports[0]
         ))?;
-        let peer = Peer::start(&world.lab, 0, kind, listen, ports[0])?;
-        if let Err(e) = world.wait_serves(peer.addr(), tag, Duration::from_secs(10)) {
+        let peer = Peer::start_with(&world.lab, 0, kind, listen, ports[0], tls)?;
+        let limit = Duration::from_secs(10);
+        let served = match tls {
+            None => world.wait_serves(peer.addr(), tag, limit),
+            Some(_) => wait_serves_https(peer.addr(), tag, limit),
+        };
+        if let Err(e) = served {
             bail!("{e}; {}: {}", kind.name(), peer.log_tail());
         }
         eprintln!(

@@ -9,7 +9,7 @@ use crate::peers;
 use crate::report::{self, spread, Section};
 use crate::tls_switch::{self, Flip};
 use crate::Ctx;
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -620,10 +620,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         std::fs::create_dir_all(work.join(d))?;
     }
     let work = work.canonicalize()?;
-    let cert = rcgen::generate_simple_self_signed(vec![DOMAIN.to_string()])
-        .map_err(|e| anyhow!("making the test certificate: {e}"))?;
-    std::fs::write(work.join("cert.pem"), cert.cert.pem())?;
-    std::fs::write(work.join("key.pem"), cert.signing_key.serialize_pem())?;
+    tls_switch::write_test_cert(&work, DOMAIN)?;
 
     let backend_port = free_port()?;
     let d = work.join("backend").display().to_string();
