@@ -50,7 +50,9 @@ own work that other processes on the machine disturb far less than requests/s. \
 the same answer) is started, and each proxy is switched K times (10, 3 with `--quick`) \
 alternately to one and the other backend, one switch a second, while `h2load -t2 -c8 -m1 \
 -D(K+2)` runs against it over TLS 1.3, with HTTP/2 and then with HTTP/1.1 keep-alive \
-(`--h1`); h2load opens a new connection when the server closes one. A switch is, for \
+(`--h1`); h2load does not open a new connection when the server closes one (a reload's \
+GOAWAY or close): that client stops, counting no failure, so nginx's and Caddy's rows here \
+show a load that mostly stopped (the `switch` scenario's HTTPS rows reconnect). A switch is, for \
 *cutover*, `cutover proxy deploy web --target 127.0.0.1:P` (health gate every 50 ms, 2 \
 healthy probes, then the pointer swap, then the old target drained, 2 s at most); for \
 *nginx*, its config rewritten with the other backend and `SIGHUP` to its master (a reload: \

@@ -83,10 +83,13 @@ fn a_streamed_directory_is_the_artifact_the_history_records_and_a_cold_rollback_
     }
 }
 
+/// Puts a hostile entry into a directory.
+type Plant = fn(&Path);
+
 #[test]
 fn a_hostile_entry_deep_in_a_directory_is_refused_before_any_host_is_touched() {
     let w = World::files(2).start();
-    let cases: [(&str, fn(&Path)); 2] = [
+    let cases: [(&str, Plant); 2] = [
         ("a symlink out of the release", |deep| {
             std::os::unix::fs::symlink("../../../../../etc", deep.join("up")).unwrap()
         }),
