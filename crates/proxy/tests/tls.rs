@@ -40,6 +40,16 @@ where
     }
 }
 
+/// A test's directory holding a `site.test` certificate from a fresh CA as the `files` pair,
+/// that CA, and the backend answering `blue`.
+fn site(name: &str) -> (TempDir, Ca, Backend) {
+    let dir = TempDir::new(name);
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf(&["site.test"]);
+    write_pair(dir.path(), &cert, &key);
+    (dir, ca, Backend::start("blue"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_certificate_is_served_over_h2_and_h1_and_reloaded_when_it_changes() {
     let dir = TempDir::new("tls-files");
@@ -132,11 +142,7 @@ async fn files_certificate_is_served_over_h2_and_h1_and_reloaded_when_it_changes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_requests_over_tls_get_plain_text_answers_and_h2_is_untouched() {
-    let dir = TempDir::new("tls-framing");
-    let ca = Ca::new();
-    let (cert, key, _) = ca.leaf(&["site.test"]);
-    write_pair(dir.path(), &cert, &key);
-    let blue = Backend::start("blue");
+    let (dir, ca, blue) = site("tls-framing");
     let proxy = TlsProxy::start(dir.path(), files_mode(dir.path()), false, (0, 0));
     proxy.deploy("web", blue.addr, &["site.test"]).await;
 
@@ -189,11 +195,7 @@ fn outside_ip() -> std::net::IpAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_http_answers_308_to_https_except_the_acme_path_and_the_host_itself() {
-    let dir = TempDir::new("tls-redirect");
-    let ca = Ca::new();
-    let (cert, key, _) = ca.leaf(&["site.test"]);
-    write_pair(dir.path(), &cert, &key);
-    let blue = Backend::start("blue");
+    let (dir, ca, blue) = site("tls-redirect");
     let proxy = TlsProxy::start_on(dir.path(), files_mode(dir.path()), true, "0.0.0.0");
     proxy.deploy("web", blue.addr, &["site.test"]).await;
     let outside = std::net::SocketAddr::new(outside_ip(), proxy.addr.port());
@@ -237,11 +239,7 @@ fn raw_head(addr: std::net::SocketAddr, host: &str, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blue_green_and_hold_switches_under_https_load_fail_no_request_over_h1_and_h2() {
-    let dir = TempDir::new("tls-switch");
-    let ca = Ca::new();
-    let (cert, key, _) = ca.leaf(&["site.test"]);
-    write_pair(dir.path(), &cert, &key);
-    let blue = Backend::start("blue");
+    let (dir, ca, blue) = site("tls-switch");
     let green = Backend::start("green");
     let proxy = TlsProxy::start(dir.path(), files_mode(dir.path()), false, (0, 0));
     proxy.deploy("web", blue.addr, &["site.test"]).await;
@@ -314,11 +312,7 @@ fn h2load_counts(text: &str) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_after_idle_timeout_but_not_while_busy() {
-    let dir = TempDir::new("tls-h2-idle");
-    let ca = Ca::new();
-    let (cert, key, _) = ca.leaf(&["site.test"]);
-    write_pair(dir.path(), &cert, &key);
-    let blue = Backend::start("blue");
+    let (dir, ca, blue) = site("tls-h2-idle");
     let idle = Duration::from_secs(3);
     let proxy = TlsProxy::start_limited(
         dir.path(),
@@ -502,11 +496,7 @@ impl Drop for ProxyProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_half_sent_heads_and_handshakes_over_tls_stay_under_64_mib() {
     use tokio::io::AsyncWriteExt;
-    let dir = TempDir::new("tls-halfheads");
-    let ca = Ca::new();
-    let (cert, key, _) = ca.leaf(&["site.test"]);
-    write_pair(dir.path(), &cert, &key);
-    let blue = Backend::start("blue");
+    let (dir, ca, blue) = site("tls-halfheads");
     let (proxy, addr) = ProxyProcess::start(dir.path(), blue.addr, None).await;
     let serves = |http| {
         let roots = ca.roots();
@@ -608,11 +598,7 @@ async fn h2_connection(
 async fn an_http2_connection_waiting_for_its_first_request_is_served_or_closed_at_the_idle_timeout()
 {
     use http_body_util::BodyExt;
-    let dir = TempDir::new("tls-h2-first");
-    let ca = Ca::new();
-    let (cert, key, _) = ca.leaf(&["site.test"]);
-    write_pair(dir.path(), &cert, &key);
-    let blue = Backend::start("blue");
+    let (dir, ca, blue) = site("tls-h2-first");
     let idle = Duration::from_secs(3);
     let proxy = TlsProxy::start_limited(
         dir.path(),
@@ -656,11 +642,7 @@ async fn an_http2_connection_waiting_for_its_first_request_is_served_or_closed_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_half_sent_handshakes_under_a_1024_fd_limit_do_not_lock_out_https_clients() {
     use tokio::io::AsyncWriteExt;
-    let dir = TempDir::new("tls-handshakes-fd");
-    let ca = Ca::new();
-    let (cert, key, _) = ca.leaf(&["site.test"]);
-    write_pair(dir.path(), &cert, &key);
-    let blue = Backend::start("blue");
+    let (dir, ca, blue) = site("tls-handshakes-fd");
     let (proxy, addr) = ProxyProcess::start(dir.path(), blue.addr, Some(1024)).await;
     let mut hello = vec![
         0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
