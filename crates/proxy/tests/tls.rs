@@ -310,10 +310,8 @@ fn h2load_counts(text: &str) -> (u64, u64) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_http2_connection_is_closed_after_idle_timeout_but_not_while_busy() {
-    let (dir, ca, blue) = site("tls-h2-idle");
-    let idle = Duration::from_secs(3);
+/// A proxy whose keep-alive connections close after `idle`, routing `site.test` to `blue`.
+async fn idle_proxy(dir: &TempDir, blue: &Backend, idle: Duration) -> TlsProxy {
     let proxy = TlsProxy::start_limited(
         dir.path(),
         files_mode(dir.path()),
@@ -323,6 +321,14 @@ async fn an_idle_http2_connection_is_closed_after_idle_timeout_but_not_while_bus
         },
     );
     proxy.deploy("web", blue.addr, &["site.test"]).await;
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_idle_timeout_but_not_while_busy() {
+    let (dir, ca, blue) = site("tls-h2-idle");
+    let idle = Duration::from_secs(3);
+    let proxy = idle_proxy(&dir, &blue, idle).await;
     let mut client = Client::new(proxy.tls_addr, "site.test", Http::H2, ca.roots());
 
     // A request longer than the idle timeout: the connection is busy, not idle.
@@ -600,15 +606,7 @@ async fn an_http2_connection_waiting_for_its_first_request_is_served_or_closed_a
     use http_body_util::BodyExt;
     let (dir, ca, blue) = site("tls-h2-first");
     let idle = Duration::from_secs(3);
-    let proxy = TlsProxy::start_limited(
-        dir.path(),
-        files_mode(dir.path()),
-        Limits {
-            idle_timeout: idle,
-            ..Limits::default()
-        },
-    );
-    proxy.deploy("web", blue.addr, &["site.test"]).await;
+    let proxy = idle_proxy(&dir, &blue, idle).await;
     let mut late = h2_connection(proxy.tls_addr, ca.roots()).await;
     let never = h2_connection(proxy.tls_addr, ca.roots()).await;
     let t = Instant::now();
