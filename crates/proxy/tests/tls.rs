@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::{Limits, TlsMode};
-use harness::{get_once, raw_tls, Ca, Client, Http, HttpsLoad, TlsProxy};
+use harness::{client_config, get_once, raw_tls, Ca, Client, Http, HttpsLoad, TlsProxy};
 use hyper::Version;
 use support::{Backend, TempDir};
 
@@ -390,17 +390,6 @@ async fn hold_tls(
     tls.write_all(bytes).await.unwrap();
     tls.flush().await.unwrap();
     tls.into_inner().0
-}
-
-fn client_config(roots: Arc<rustls::RootCertStore>, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    Arc::new(config)
 }
 
 /// The `proxy_run` example (the proxy's real entry point, `run_blocking`, in a process of its

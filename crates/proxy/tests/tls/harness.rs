@@ -465,6 +465,18 @@ impl HttpsLoad {
     }
 }
 
+/// A TLS client config trusting `roots` and offering one ALPN protocol.
+pub fn client_config(roots: Arc<RootCertStore>, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(config)
+}
+
 /// Sends `bytes` over a fresh TLS connection (ALPN http/1.1) and returns everything read until
 /// the proxy closes it (or 10 s pass).
 pub async fn raw_tls(
@@ -474,19 +486,10 @@ pub async fn raw_tls(
     bytes: &[u8],
 ) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = client_config(roots, b"http/1.1");
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from(sni.to_string()).unwrap();
-    let mut tls = TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut tls = TlsConnector::from(config).connect(name, tcp).await.unwrap();
     tls.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
