@@ -1826,80 +1826,7 @@ fn pack_entry<W: Write>(
         }
         Ok(())
     } else if kind.is_file() {
-        let size = meta.len();
-        count.bytes = count.bytes.saturating_add(size);
-        if count.bytes > count.limits.max_unpacked_bytes {
-            return Err(ArtifactError::TooLarge {
-                limit: count.limits.max_unpacked_bytes,
-            });
-        }
-        let mode = (meta.mode() & 0o755) | 0o644;
-        if count.dry {
-            header.set_entry_type(tar::EntryType::Regular);
-            header.set_mode(mode);
-            header.set_size(0);
-            append_raw(builder, &mut header, rel, None, io::empty()).map_err(write_err)?;
-            count.note(
-                rel,
-                Entry::File {
-                    mode,
-                    size,
-                    sha256: String::new(),
-                    head: None,
-                },
-            );
-            return Ok(());
-        }
-        let file = File::open(path).map_err(io_error(path))?;
-        let opened = file.metadata().map_err(io_error(path))?;
-        if !opened.is_file() || opened.ino() != meta.ino() || opened.dev() != meta.dev() {
-            return Err(ArtifactError::Io {
-                path: path.display().to_string(),
-                source: io::Error::other("the file was replaced while it was being packed"),
-            });
-        }
-        header.set_entry_type(tar::EntryType::Regular);
-        header.set_mode(mode);
-        header.set_size(size);
-        let mut exact = Exact {
-            inner: file.take(size),
-            left: size,
-            hasher: count.manifest.as_ref().map(|_| Heads::default()),
-        };
-        append_raw(builder, &mut header, rel, None, &mut exact).map_err(|e| {
-            if exact.left > 0 {
-                ArtifactError::Io {
-                    path: path.display().to_string(),
-                    source: e,
-                }
-            } else {
-                io_error(temp)(e)
-            }
-        })?;
-        let after = exact
-            .inner
-            .into_inner()
-            .metadata()
-            .map_err(io_error(path))?;
-        if after.len() != size {
-            return Err(ArtifactError::Io {
-                path: path.display().to_string(),
-                source: io::Error::other("the file changed size while it was being packed"),
-            });
-        }
-        if let Some(h) = exact.hasher {
-            let (sha256, head) = h.finish();
-            count.note(
-                rel,
-                Entry::File {
-                    mode,
-                    size,
-                    sha256,
-                    head: Some(head),
-                },
-            );
-        }
-        Ok(())
+        pack_file(builder, path, rel, &meta, header, count, temp)
     } else {
         let what = if kind.is_socket() {
             "a socket"
@@ -1917,6 +1844,91 @@ fn pack_entry<W: Write>(
             format!("is {what}; only regular files, directories and symlinks can be shipped"),
         ))
     }
+}
+
+/// Appends the regular file `path` (whose `lstat` is `meta`) as `rel`, hashing it for the
+/// manifest; when dry, an empty entry of its name and mode, unread.
+fn pack_file<W: Write>(
+    builder: &mut tar::Builder<W>,
+    path: &Path,
+    rel: &[u8],
+    meta: &fs::Metadata,
+    mut header: tar::Header,
+    count: &mut PackCount<'_>,
+    temp: &Path,
+) -> Result<(), ArtifactError> {
+    let size = meta.len();
+    count.bytes = count.bytes.saturating_add(size);
+    if count.bytes > count.limits.max_unpacked_bytes {
+        return Err(ArtifactError::TooLarge {
+            limit: count.limits.max_unpacked_bytes,
+        });
+    }
+    let mode = (meta.mode() & 0o755) | 0o644;
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(mode);
+    if count.dry {
+        header.set_size(0);
+        append_raw(builder, &mut header, rel, None, io::empty()).map_err(io_error(temp))?;
+        count.note(
+            rel,
+            Entry::File {
+                mode,
+                size,
+                sha256: String::new(),
+                head: None,
+            },
+        );
+        return Ok(());
+    }
+    let file = File::open(path).map_err(io_error(path))?;
+    let opened = file.metadata().map_err(io_error(path))?;
+    if !opened.is_file() || opened.ino() != meta.ino() || opened.dev() != meta.dev() {
+        return Err(ArtifactError::Io {
+            path: path.display().to_string(),
+            source: io::Error::other("the file was replaced while it was being packed"),
+        });
+    }
+    header.set_size(size);
+    let mut exact = Exact {
+        inner: file.take(size),
+        left: size,
+        hasher: count.manifest.as_ref().map(|_| Heads::default()),
+    };
+    append_raw(builder, &mut header, rel, None, &mut exact).map_err(|e| {
+        if exact.left > 0 {
+            ArtifactError::Io {
+                path: path.display().to_string(),
+                source: e,
+            }
+        } else {
+            io_error(temp)(e)
+        }
+    })?;
+    let after = exact
+        .inner
+        .into_inner()
+        .metadata()
+        .map_err(io_error(path))?;
+    if after.len() != size {
+        return Err(ArtifactError::Io {
+            path: path.display().to_string(),
+            source: io::Error::other("the file changed size while it was being packed"),
+        });
+    }
+    if let Some(h) = exact.hasher {
+        let (sha256, head) = h.finish();
+        count.note(
+            rel,
+            Entry::File {
+                mode,
+                size,
+                sha256,
+                head: Some(head),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Reads exactly `left` bytes or fails (a file that shrank mid-pack would
