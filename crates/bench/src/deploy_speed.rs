@@ -136,7 +136,12 @@ struct RedeployRow {
 
 pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let (a, b) = ctx.payloads()?;
-    let host_counts: &[usize] = if ctx.quick { &[1, 4] } else { &[1, 4, 16] };
+    let defaults: &[usize] = if ctx.quick { &[1, 4] } else { &[1, 4, 16] };
+    let host_counts: &[usize] = if ctx.hosts.is_empty() {
+        defaults
+    } else {
+        &ctx.hosts
+    };
     let load_before = loadavg();
     let started = report::utc_now();
     let clock = std::time::Instant::now();
@@ -148,9 +153,14 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         gzip_floor: !big,
         profile,
     };
+    // `--sizes`: the payload sizes asked for (all by default).
+    let want =
+        |name: &str| ctx.sizes.is_empty() || ctx.sizes.iter().any(|s| s == &name.replace(' ', ""));
     let mut sizes = Vec::new();
     if ctx.quick {
-        sizes.push(size("10 MiB", a, b, false, true));
+        if want("10 MiB") {
+            sizes.push(size("10 MiB", a, b, false, true));
+        }
     } else {
         let (_, file_size) = ctx.payload_shape();
         let make = |files: usize, tag: &str, seed: u64| {
@@ -163,11 +173,23 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
                 seed,
             )
         };
-        let s10 = (make(40, "10m-a", 11)?, make(40, "10m-b", 12)?);
-        sizes.push(size("10 MiB", &s10.0, &s10.1, false, false));
-        sizes.push(size("100 MiB", a, b, false, true));
-        let s1g = (make(4096, "1g-a", 21)?, make(4096, "1g-b", 22)?);
-        sizes.push(size("1 GiB", &s1g.0, &s1g.1, true, false));
+        if want("10 MiB") {
+            let s10 = (make(40, "10m-a", 11)?, make(40, "10m-b", 12)?);
+            sizes.push(size("10 MiB", &s10.0, &s10.1, false, false));
+        }
+        if want("100 MiB") {
+            sizes.push(size("100 MiB", a, b, false, true));
+        }
+        if want("1 GiB") {
+            let s1g = (make(4096, "1g-a", 21)?, make(4096, "1g-b", 22)?);
+            sizes.push(size("1 GiB", &s1g.0, &s1g.1, true, false));
+        }
+    }
+    if sizes.is_empty() {
+        bail!(
+            "--sizes: none of {:?} is a deploy-speed payload size",
+            ctx.sizes
+        );
     }
     let changed = a.one_percent_changed(&ctx.work.join("payload-a1"), "bench-a1", 3)?;
     let git_base = ctx.work.join("capistrano-git");

@@ -151,6 +151,13 @@ struct Cli {
     /// committed files). CI's quick run may write elsewhere.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// deploy-speed only: run only these host counts (e.g. `--hosts 1,4`; default 1, 4, 16).
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    hosts: Vec<usize>,
+    /// deploy-speed only: run only these payload sizes (e.g. `--sizes 100MiB,1GiB`; default
+    /// 10MiB, 100MiB, 1GiB).
+    #[arg(long, value_delimiter = ',', value_name = "SIZE,...")]
+    sizes: Vec<String>,
 }
 
 /// What every scenario gets: settings, the cutover binary, a work dir, lazily made payloads.
@@ -170,6 +177,10 @@ pub(crate) struct Ctx {
     pub(crate) meter: meter::Meter,
     /// Where BENCHMARKS.md and bench/results/ are written.
     pub(crate) out: PathBuf,
+    /// `--hosts`: the host counts deploy-speed runs (empty: its defaults).
+    pub(crate) hosts: Vec<usize>,
+    /// `--sizes`: the payload sizes deploy-speed runs, spaces removed (empty: its defaults).
+    pub(crate) sizes: Vec<String>,
     /// The JSON of every scenario that already ran in this run, by name.
     pub(crate) results: RefCell<BTreeMap<&'static str, Value>>,
     payloads: OnceCell<(Payload, Payload)>,
@@ -282,6 +293,17 @@ fn main() -> Result<()> {
     if let Some(d) = &cli.out {
         command.push_str(&format!(" --out {}", d.display()));
     }
+    let join = |v: Vec<String>| v.join(",");
+    if !cli.hosts.is_empty() {
+        command.push_str(&format!(
+            " --hosts {}",
+            join(cli.hosts.iter().map(|n| n.to_string()).collect())
+        ));
+    }
+    let sizes: Vec<String> = cli.sizes.iter().map(|s| s.replace(' ', "")).collect();
+    if !sizes.is_empty() {
+        command.push_str(&format!(" --sizes {}", join(sizes.clone())));
+    }
     let machine = machine::Machine::read(&root, &cutover);
     let ctx = Ctx {
         quick: cli.quick,
@@ -293,6 +315,8 @@ fn main() -> Result<()> {
         command,
         meter: meter::Meter::new(cli.quick),
         out,
+        hosts: cli.hosts,
+        sizes,
         results: RefCell::new(BTreeMap::new()),
         payloads: OnceCell::new(),
     };

@@ -28,7 +28,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use flate2::read::MultiGzDecoder;
-use flate2::{Compression, GzBuilder};
+use flate2::Compression;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -1171,7 +1171,7 @@ enum Compressing<W: Write> {
         file: Tap<W>,
     },
     Gz {
-        gz: flate2::write::GzEncoder<Tap<W>>,
+        gz: crate::gzip::GzOut<Tap<W>>,
         packing: Packing,
         plain: Option<Fanout>,
     },
@@ -1198,10 +1198,6 @@ impl<W: Write> Compressing<W> {
         } else {
             Packing::Stored
         };
-        let level = match packing {
-            Packing::Gzip1 => Compression::fast(),
-            Packing::Stored => Compression::none(),
-        };
         let mut plain = None;
         if let Some(mut hosts) = file.hosts.take() {
             hosts.start(packing == Packing::Gzip1);
@@ -1212,7 +1208,7 @@ impl<W: Write> Compressing<W> {
                 plain = Some(hosts);
             }
         }
-        let mut gz = GzBuilder::new().mtime(0).write(file, level);
+        let mut gz = crate::gzip::GzOut::new(file, packing)?;
         gz.write_all(&sample)?;
         *self = Compressing::Gz { gz, packing, plain };
         Ok(())

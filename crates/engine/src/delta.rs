@@ -21,7 +21,6 @@
 
 use crate::artifact::{ArtifactStore, StoredArtifact};
 use flate2::read::GzDecoder;
-use flate2::{Compression, GzBuilder};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -314,11 +313,11 @@ pub(crate) fn write_delta(
     };
     let file = File::create(&delta.path)?;
     // What did not shrink in the artifact will not shrink in the delta.
-    let level = match new.packing {
-        Some(crate::artifact::Packing::Stored) => Compression::none(),
-        _ => Compression::fast(),
+    let packing = match new.packing {
+        Some(crate::artifact::Packing::Stored) => crate::artifact::Packing::Stored,
+        _ => crate::artifact::Packing::Gzip1,
     };
-    let gz = GzBuilder::new().mtime(0).write(BufWriter::new(file), level);
+    let gz = crate::gzip::GzOut::new(BufWriter::new(file), packing)?;
     let mut out = tar::Builder::new(gz);
     out.mode(tar::HeaderMode::Complete);
 

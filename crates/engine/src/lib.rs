@@ -13,6 +13,7 @@ pub mod changes;
 mod delta;
 pub mod deploy;
 pub mod gate;
+mod gzip;
 mod hostops;
 pub mod identity;
 pub mod inspect;
