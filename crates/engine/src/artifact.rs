@@ -1487,15 +1487,18 @@ impl ArtifactStore {
             .into_inner()
             .map_err(|e| e.into_error())
             .map_err(io_error(&temp.path))?;
+        // Checked, hashed and written: the hosts may now take the stream as whole and finish
+        // unpacking while the store's copy is flushed. No host can serve the upload before
+        // this returns: it is renamed to its release id only after the artifact is committed
+        // below (and if flushing or committing fails, the run removes every upload).
+        if let Some(h) = hosts {
+            h.finish();
+        }
         file.sync_all().map_err(io_error(&temp.path))?;
         drop(file);
         let stored = self.commit(temp, sha256, size, summary, Some(packing))?;
         if let Some(m) = manifest {
             crate::delta::store_manifest(self, &stored.sha256, &m);
-        }
-        // Checked, hashed and stored: the hosts may now take the stream as whole.
-        if let Some(h) = hosts {
-            h.finish();
         }
         Ok(stored)
     }
