@@ -47,14 +47,14 @@ pub(crate) struct SwitchRun {
     failed: u64,
     gap_ms: f64,
     switch_s: Vec<f64>,
-    /// With a [`Pool`]: its processes started again because the server closed their
-    /// connection, and those started again because theirs never came up.
-    reconnects: Option<(u64, u64)>,
+    /// The pool's processes started again because the server closed their connection, and
+    /// those started again because theirs never came up.
+    reconnects: (u64, u64),
     /// Switch commands that failed: "switch N: message".
     failed_switches: Vec<String>,
-    /// With a [`Pool`]: when the switches ran and where the longest gap starts, seconds since
-    /// the load started (for the JSON).
-    timeline: Option<Value>,
+    /// When the switches ran and where the longest gap starts, seconds since the load started
+    /// (for the JSON).
+    timeline: Value,
 }
 
 impl SwitchRun {
@@ -77,14 +77,11 @@ impl SwitchRun {
 
     /// Its numbers, one line for the log.
     pub(crate) fn summary(&self) -> String {
+        let (closed, never_up) = self.reconnects;
         format!(
-            "{} requests, {} failed, longest gap {:.0} ms{}",
-            self.requests,
-            self.failed,
-            self.gap_ms,
-            self.reconnects
-                .map(|(c, n)| format!(", connections opened again {c} / {n}"))
-                .unwrap_or_default()
+            "{} requests, {} failed, longest gap {:.0} ms, connections opened again {closed} / \
+             {never_up}",
+            self.requests, self.failed, self.gap_ms,
         )
     }
 }
@@ -186,8 +183,9 @@ pub(crate) fn measure(
     Ok((md, json))
 }
 
-/// The columns of a switch table under HTTPS load.
-const HEADER: [&str; 7] = [
+/// The columns of a switch table under HTTPS load; the last one counts the connections the
+/// pool opened again.
+const HEADER: [&str; 8] = [
     "proxy",
     "client",
     "requests",
@@ -195,6 +193,7 @@ const HEADER: [&str; 7] = [
     "failed per switch",
     "longest gap",
     "switch time",
+    "connections opened again (server closed / never up)",
 ];
 
 /// A run's row under [`HEADER`].
@@ -208,11 +207,12 @@ fn cells(r: &SwitchRun) -> Vec<String> {
         format!("{:.1}", r.failed as f64 / r.switches.max(1) as f64),
         format!("{:.0} ms", r.gap_ms),
         format!("{m:.2} s ({lo:.2}–{hi:.2})"),
+        format!("{} / {}", r.reconnects.0, r.reconnects.1),
     ]
 }
 
 fn run_json(r: &SwitchRun) -> Value {
-    let mut j = json!({
+    json!({
         "proxy": r.key,
         "client": r.client,
         "switches": r.switches,
@@ -220,16 +220,11 @@ fn run_json(r: &SwitchRun) -> Value {
         "failed": r.failed,
         "longest_gap_ms": r.gap_ms,
         "switch_s": r.switch_s,
-    });
-    if let Some((closed, never_up)) = r.reconnects {
-        j["reconnects_after_server_close"] = json!(closed);
-        j["restarts_never_connected"] = json!(never_up);
-        j["failed_switches"] = json!(r.failed_switches);
-    }
-    if let Some(t) = &r.timeline {
-        j["timeline"] = t.clone();
-    }
-    j
+        "reconnects_after_server_close": r.reconnects.0,
+        "restarts_never_connected": r.reconnects.1,
+        "failed_switches": r.failed_switches,
+        "timeline": r.timeline,
+    })
 }
 
 /// Writes a self-signed certificate for `name` (ECDSA P-256, rcgen) and its key as PEM
@@ -560,32 +555,22 @@ pub(crate) fn run_with_switches(
         failed,
         gap_ms,
         switch_s,
-        reconnects: Some((out.reconnects, out.never_up)),
+        reconnects: (out.reconnects, out.never_up),
         failed_switches,
-        timeline: Some(json!({
+        timeline: json!({
             "load_started_epoch_s": t0,
             "switches_start_end_s": windows,
             "longest_gap_starts_s": if gap_ms > 0.0 { gap_at / 1e6 - t0 } else { 0.0 },
             "load_stopped_s": out.stopped_us / 1e6 - t0,
-        })),
+        }),
     })
 }
 
-/// The switch scenario's HTTPS table: [`HEADER`] plus the connections the pool opened
-/// again, and the failed switch commands below it; the runs' JSON.
+/// A table of runs under HTTPS load (both scenarios'): [`HEADER`], and the failed switch
+/// commands below it; the runs' JSON.
 pub(crate) fn https_table(runs: &[SwitchRun]) -> (String, Value) {
-    let mut header = HEADER.to_vec();
-    header.push("connections opened again (server closed / never up)");
-    let rows: Vec<Vec<String>> = runs
-        .iter()
-        .map(|r| {
-            let mut c = cells(r);
-            let (closed, never) = r.reconnects.unwrap_or((0, 0));
-            c.push(format!("{closed} / {never}"));
-            c
-        })
-        .collect();
-    let mut md = report::table(&header, &rows);
+    let rows: Vec<Vec<String>> = runs.iter().map(cells).collect();
+    let mut md = report::table(&HEADER, &rows);
     let failed: Vec<String> = runs
         .iter()
         .flat_map(|r| {
