@@ -7,13 +7,13 @@ use crate::machine::loadavg;
 use crate::meter::Sample;
 use crate::peers;
 use crate::report::{self, spread, Section};
-use crate::tls_switch::{self, Flip};
+use crate::tls_switch::{self, Flip, Target};
 use crate::Ctx;
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub(crate) const HOW_TO_READ: &str = "\
@@ -48,20 +48,33 @@ the proxy's processes (nginx: master and workers) during its loads, read from \
 own work that other processes on the machine disturb far less than requests/s. \
 *Switches under HTTPS load* (same processes, after the loads above): a second backend (nginx, \
 the same answer) is started, and each proxy is switched K times (10, 3 with `--quick`) \
-alternately to one and the other backend, one switch a second, while `h2load -t2 -c8 -m1 \
--D(K+2)` runs against it over TLS 1.3, with HTTP/2 and then with HTTP/1.1 keep-alive \
-(`--h1`); h2load does not open a new connection when the server closes one (a reload's \
-GOAWAY or close): that client stops, counting no failure, so nginx's and Caddy's rows here \
-show a load that mostly stopped (the `switch` scenario's HTTPS rows reconnect). A switch is, for \
-*cutover*, `cutover proxy deploy web --target 127.0.0.1:P` (health gate every 50 ms, 2 \
-healthy probes, then the pointer swap, then the old target drained, 2 s at most); for \
+alternately to one and the other backend while a steady HTTPS load runs against it over TLS \
+1.3, with HTTP/2 and then with HTTP/1.1 keep-alive: 1 s of load, then each switch command run \
+to its exit followed by 1 s of load (the code and rhythm of the `switch` scenario's HTTPS \
+rows). The load is 8 h2load processes (`h2load -t1 -c1 -m1 --rps 50`, plus `--h1` for \
+HTTP/1.1, asking 127.0.0.1 for `https://localhost:PORT/`): 8 connections, each with one \
+request in flight and 50 requests a second. h2load (1.52) does not open a new connection \
+when the server closes one during a timed run (a reload's GOAWAY, an HTTP/1.1 close): it \
+stops that client and counts no failure. So the bench looks at each process every 5 ms (a \
+socket among its open files, its log growing) and starts it again as soon as its connection \
+is gone, as a browser would connect again: a proxy that closes its clients' connections on a \
+switch keeps its load, and the rows of the three proxies compare like with like. A switch \
+is, for *cutover*, `cutover proxy deploy web --target 127.0.0.1:P` (health gate every 50 \
+ms, 2 healthy probes, then the pointer swap, then the old target drained, 2 s at most); for \
 *nginx*, its config rewritten with the other backend and `SIGHUP` to its master (a reload: \
 new workers start, old ones finish their requests and close their connections, HTTP/2 ones \
 with a GOAWAY); for *Caddy*, a `PATCH` of the route's `upstreams` through its admin API \
-(on 127.0.0.1), which returns once the new config runs. *failed* is h2load's requests not \
-succeeded (errors, resets, non-2xx); *longest gap* is the longest time between the ends of \
-two consecutive successful responses, all connections together, from h2load's \
-`--log-file`; *switch time* is the median wall time of the switch command.";
+(on 127.0.0.1), which returns once the new config runs (Caddy closes its clients' \
+connections on a config change too). *requests* are the lines of h2load's `--log-file`s \
+(one per request that ended), *failed* those without a 2xx status (errors, resets, \
+non-2xx), *failed per switch* those over K; *longest gap* is the longest time between the \
+ends of two consecutive successful responses, all connections together, or from the last \
+one to the end of the load; *switch time* is the median (min–max) wall time of the switch \
+command; *connections opened again* counts the processes the bench started again because \
+the server closed their connection, and those whose connection did not come up within 3 s \
+(never up). A switch command that fails is listed below the table (the proxy then stays on \
+its backend until the next one). The zero-downtime check (the run fails if cutover had a \
+failed request) covers cutover's two rows.";
 
 /// Connections of every load.
 const CONNECTIONS: usize = 8;
@@ -401,14 +414,7 @@ fn run_sampling(cmd: &mut Command, pids: &[u32]) -> Result<(String, u64)> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    exited_ok(&format!("{cmd:?}"), &out)?;
     Ok((String::from_utf8_lossy(&out.stdout).into_owned(), peak))
 }
 
@@ -473,7 +479,7 @@ fn parse_wrk(out: &str) -> Result<WrkOut> {
 }
 
 /// h2load's summary: requests/s, and requests done and not succeeded.
-pub(crate) fn parse_h2load(out: &str) -> Result<(f64, u64, u64)> {
+fn parse_h2load(out: &str) -> Result<(f64, u64, u64)> {
     let mut rps = None;
     let mut counts = None;
     for l in out.lines().map(str::trim) {
@@ -611,6 +617,49 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let load_before = loadavg();
     let started = report::utc_now();
     let clock = Instant::now();
+    let work = make_work(ctx)?;
+    let mut lab = Lab::start(ctx, &work)?;
+    // Settle, then read the idle proxies' memory.
+    std::thread::sleep(Duration::from_secs(1));
+    let idle: Vec<(Proxy, u64)> = PROXIES
+        .iter()
+        .map(|&p| (p, rss_kib(&lab.pids(p))))
+        .collect();
+    eprintln!(
+        "[tls] backend 127.0.0.1:{}; cutover pid {} on :{}, nginx pids {:?} on :{}, caddy pid \
+         {} on :{}; {secs} s per load",
+        lab.backends[0],
+        lab.cutover.pid(),
+        lab.port(Proxy::Cutover),
+        lab.nginx.pids(),
+        lab.port(Proxy::Nginx),
+        lab.caddy.pid(),
+        lab.port(Proxy::Caddy)
+    );
+    let (rounds, discarded) = loads(ctx, &work, &lab, secs)?;
+    let (switch_md, switch_json) = switches(ctx, &work, &lab)?;
+    lab.check_running()?;
+    let load_after = loadavg();
+    drop(lab);
+    let done = Measured {
+        secs,
+        rounds,
+        discarded,
+        idle,
+        load_before,
+        load_after,
+        switch_json,
+    };
+    let mut md = tables(ctx, &done, clock.elapsed());
+    md.push_str(&switch_md);
+    Ok(Section {
+        markdown: md,
+        json: section_json(ctx, &done, started),
+    })
+}
+
+/// The scenario's work directory, made afresh, with the certificate every proxy serves.
+fn make_work(ctx: &Ctx) -> Result<PathBuf> {
     let work = ctx.work.join("tls");
     for d in [
         "backend/tmp",
@@ -623,102 +672,180 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     }
     let work = work.canonicalize()?;
     tls_switch::write_test_cert(&work, DOMAIN)?;
+    Ok(work)
+}
 
-    let backend_port = free_port()?;
-    let d = work.join("backend").display().to_string();
+/// What the scenario measured, for its tables and its JSON.
+struct Measured {
+    /// Seconds per load.
+    secs: u64,
+    rounds: Vec<Round>,
+    /// Loads redone because other processes took over a quarter of the CPU.
+    discarded: Vec<Round>,
+    /// Each proxy's RSS before any load, KiB.
+    idle: Vec<(Proxy, u64)>,
+    load_before: String,
+    load_after: String,
+    switch_json: Value,
+}
+
+/// The scenario's processes and their ports. Dropped (stopped) in the order of the fields:
+/// the proxies first, then the backends.
+struct Lab {
+    caddy: Proc,
+    nginx: Proc,
+    cutover: Proc,
+    /// The two backends, held to be stopped when the lab is dropped.
+    _backends: [Proc; 2],
+    /// The backends' ports: the one every proxy serves at first, and the second one (for the
+    /// switches at the end).
+    backends: [u16; 2],
+    /// The proxies' TLS ports, in the order of [`PROXIES`].
+    ports: [u16; 3],
+    caddy_admin: u16,
+}
+
+impl Lab {
+    /// Starts the two backends, then cutover's proxy, nginx and Caddy in front of the first.
+    fn start(ctx: &Ctx, work: &Path) -> Result<Lab> {
+        let (backend, backend_port) = start_backend(work, "backend", "the backend (nginx)")?;
+        let (backend_b, backend_b_port) =
+            start_backend(work, "backend-b", "the second backend (nginx)")?;
+        let (cutover, cutover_port) = start_cutover(ctx, work, backend_port)?;
+        let (nginx, nginx_port) = start_nginx(work, backend_port)?;
+        let (caddy, caddy_port, caddy_admin) = start_caddy(work, backend_port)?;
+        Ok(Lab {
+            caddy,
+            nginx,
+            cutover,
+            _backends: [backend, backend_b],
+            backends: [backend_port, backend_b_port],
+            ports: [cutover_port, nginx_port, caddy_port],
+            caddy_admin,
+        })
+    }
+
+    fn proc(&self, p: Proxy) -> &Proc {
+        match p {
+            Proxy::Cutover => &self.cutover,
+            Proxy::Nginx => &self.nginx,
+            Proxy::Caddy => &self.caddy,
+        }
+    }
+
+    fn port(&self, p: Proxy) -> u16 {
+        let [cutover, nginx, caddy] = self.ports;
+        match p {
+            Proxy::Cutover => cutover,
+            Proxy::Nginx => nginx,
+            Proxy::Caddy => caddy,
+        }
+    }
+
+    fn pids(&self, p: Proxy) -> Vec<u32> {
+        self.proc(p).pids()
+    }
+
+    /// Fails if cutover's proxy or Caddy exited (nginx's master stays across its reloads).
+    fn check_running(&mut self) -> Result<()> {
+        for (name, p) in [
+            ("cutover proxy run", &mut self.cutover),
+            ("caddy", &mut self.caddy),
+        ] {
+            if let Some(s) = p.child.try_wait()? {
+                bail!("{name} exited during the scenario ({s}): {}", p.log_tail());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An nginx backend ([`backend_config`]) in `work/dir` on a free port, listening.
+fn start_backend(work: &Path, dir: &str, name: &'static str) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let d = work.join(dir);
     std::fs::write(
-        work.join("backend/nginx.conf"),
-        backend_config(&d, backend_port),
+        d.join("nginx.conf"),
+        backend_config(&d.display().to_string(), port),
     )?;
-    let mut backend = Proc::spawn(
-        "the backend (nginx)",
+    let mut p = Proc::spawn(
+        name,
         Command::new(NGINX)
             .arg("-c")
-            .arg(work.join("backend/nginx.conf"))
+            .arg(d.join("nginx.conf"))
             .arg("-e")
-            .arg(work.join("backend/error.log")),
-        work.join("backend/output.log"),
+            .arg(d.join("error.log")),
+        d.join("output.log"),
     )?;
-    backend.wait_listening(loopback(backend_port))?;
-    // The second backend, for the switches at the end.
-    let backend_b_port = free_port()?;
-    let d = work.join("backend-b").display().to_string();
-    std::fs::write(
-        work.join("backend-b/nginx.conf"),
-        backend_config(&d, backend_b_port),
-    )?;
-    let mut backend_b = Proc::spawn(
-        "the second backend (nginx)",
-        Command::new(NGINX)
-            .arg("-c")
-            .arg(work.join("backend-b/nginx.conf"))
-            .arg("-e")
-            .arg(work.join("backend-b/error.log")),
-        work.join("backend-b/output.log"),
-    )?;
-    backend_b.wait_listening(loopback(backend_b_port))?;
+    p.wait_listening(loopback(port))?;
+    Ok((p, port))
+}
 
-    // cutover's proxy with the certificate from files, and one service on localhost.
+/// cutover's proxy with the certificate from files and one service on [`DOMAIN`] in front of
+/// `backend`; its TLS port.
+fn start_cutover(ctx: &Ctx, work: &Path, backend: u16) -> Result<(Proc, u16)> {
     let plain_port = free_port()?;
-    let cutover_port = free_port()?;
+    let port = free_port()?;
     let cdir = work.join("cutover");
-    let mut cutover = Proc::spawn(
+    let mut p = Proc::spawn(
         "cutover proxy run",
         Command::new(&ctx.cutover)
             .args(["proxy", "run", "--listen"])
             .arg(loopback(plain_port).to_string())
             .arg("--listen-tls")
-            .arg(loopback(cutover_port).to_string())
+            .arg(loopback(port).to_string())
             .arg("--dir")
             .arg(&cdir)
             .args(["--tls", "files", "--cert"])
             .arg(work.join("cert.pem"))
             .arg("--key")
             .arg(work.join("key.pem")),
-        work.join("cutover/output.log"),
+        cdir.join("output.log"),
     )?;
-    cutover.wait_listening(loopback(cutover_port))?;
-    let out = Command::new(&ctx.cutover)
-        .args(["proxy", "deploy", "web", "--target"])
-        .arg(loopback(backend_port).to_string())
-        .args(["--health", "/", "--domain", DOMAIN, "--dir"])
-        .arg(&cdir)
-        .output()
-        .context("running cutover proxy deploy")?;
-    if !out.status.success() {
-        bail!(
-            "cutover proxy deploy failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    p.wait_listening(loopback(port))?;
+    run_ok(
+        Command::new(&ctx.cutover)
+            .args(["proxy", "deploy", "web", "--target"])
+            .arg(loopback(backend).to_string())
+            .args(["--health", "/", "--domain", DOMAIN, "--dir"])
+            .arg(&cdir),
+        "cutover proxy deploy",
+    )?;
+    Ok((p, port))
+}
 
-    let nginx_port = free_port()?;
-    let d = work.join("nginx").display().to_string();
+/// nginx terminating TLS ([`nginx_tls_config`]) in front of `backend`; its port.
+fn start_nginx(work: &Path, backend: u16) -> Result<(Proc, u16)> {
+    let port = free_port()?;
+    let d = work.join("nginx");
     std::fs::write(
-        work.join("nginx/nginx.conf"),
-        nginx_tls_config(&d, nginx_port, backend_port),
+        d.join("nginx.conf"),
+        nginx_tls_config(&d.display().to_string(), port, backend),
     )?;
-    let mut nginx = Proc::spawn(
+    let mut p = Proc::spawn(
         "nginx",
         Command::new(NGINX)
             .arg("-c")
-            .arg(work.join("nginx/nginx.conf"))
+            .arg(d.join("nginx.conf"))
             .arg("-e")
-            .arg(work.join("nginx/error.log")),
-        work.join("nginx/output.log"),
+            .arg(d.join("error.log")),
+        d.join("output.log"),
     )?;
-    nginx.wait_listening(loopback(nginx_port))?;
+    p.wait_listening(loopback(port))?;
+    Ok((p, port))
+}
 
-    let caddy_port = free_port()?;
-    let caddy_admin = free_port()?;
+/// Caddy terminating TLS ([`caddy_config`]) in front of `backend`; its port and its admin
+/// API's.
+fn start_caddy(work: &Path, backend: u16) -> Result<(Proc, u16, u16)> {
+    let port = free_port()?;
+    let admin = free_port()?;
     let cd = work.join("caddy");
     std::fs::write(
         cd.join("caddy.json"),
-        caddy_config(&work, caddy_port, backend_port, caddy_admin),
+        caddy_config(work, port, backend, admin),
     )?;
-    let mut caddy = Proc::spawn(
+    let mut p = Proc::spawn(
         "caddy",
         Command::new(CADDY)
             .arg("run")
@@ -729,29 +856,32 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             .env("XDG_CONFIG_HOME", cd.join("config")),
         cd.join("output.log"),
     )?;
-    caddy.wait_listening(loopback(caddy_port))?;
+    p.wait_listening(loopback(port))?;
+    Ok((p, port, admin))
+}
 
-    let port = |p: Proxy| match p {
-        Proxy::Cutover => cutover_port,
-        Proxy::Nginx => nginx_port,
-        Proxy::Caddy => caddy_port,
-    };
-    let pids = |p: Proxy| match p {
-        Proxy::Cutover => cutover.pids(),
-        Proxy::Nginx => nginx.pids(),
-        Proxy::Caddy => caddy.pids(),
-    };
-    // Settle, then read the idle proxies' memory.
-    std::thread::sleep(Duration::from_secs(1));
-    let idle: Vec<(Proxy, u64)> = PROXIES.iter().map(|&p| (p, rss_kib(&pids(p)))).collect();
-    eprintln!(
-        "[tls] backend 127.0.0.1:{backend_port}; cutover pid {} on :{cutover_port}, nginx pids \
-         {:?} on :{nginx_port}, caddy pid {} on :{caddy_port}; {secs} s per load",
-        cutover.pid(),
-        nginx.pids(),
-        caddy.pid()
-    );
+/// Runs `cmd` to its end; fails, with its output, if it does not exit 0.
+fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    exited_ok(what, &out)
+}
 
+/// An error with the output of `what` unless it exited 0.
+fn exited_ok(what: &str, out: &Output) -> Result<()> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Every proxy's loads, `ctx.reps` times, the order of the proxies rotating; the loads kept
+/// and those redone.
+fn loads(ctx: &Ctx, work: &Path, lab: &Lab, secs: u64) -> Result<(Vec<Round>, Vec<Round>)> {
     let mut rounds: Vec<Round> = Vec::new();
     let mut discarded: Vec<Round> = Vec::new();
     for rep in 0..ctx.reps {
@@ -759,7 +889,15 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             let proxy = PROXIES[(rep + j) % PROXIES.len()];
             for kind in KINDS {
                 loop {
-                    let r = load(ctx, &work, proxy, &pids(proxy), kind, port(proxy), secs)?;
+                    let r = load(
+                        ctx,
+                        work,
+                        proxy,
+                        &lab.pids(proxy),
+                        kind,
+                        lab.port(proxy),
+                        secs,
+                    )?;
                     eprintln!(
                         "[tls] run {}/{} {} {}: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, \
                          {} errors, RSS {} KiB; other processes {:.1} CPU-s",
@@ -791,36 +929,12 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             }
         }
     }
-    let (switch_md, switch_json) = switches(
-        ctx,
-        &work,
-        [backend_port, backend_b_port],
-        (cutover_port, nginx_port, caddy_port),
-        nginx.pid(),
-        caddy_admin,
-    )?;
-    for (name, p) in [("cutover proxy run", &mut cutover), ("caddy", &mut caddy)] {
-        if let Some(s) = p.child.try_wait()? {
-            bail!("{name} exited during the scenario ({s}): {}", p.log_tail());
-        }
-    }
-    let load_after = loadavg();
-    drop(caddy);
-    drop(nginx);
-    drop(cutover);
-    drop(backend);
-    drop(backend_b);
+    Ok((rounds, discarded))
+}
 
-    let mut md = tables(
-        ctx,
-        (&rounds, &discarded),
-        &idle,
-        (&load_before, &load_after),
-        clock.elapsed(),
-    );
-    md.push_str(&switch_md);
-
-    let json = json!({
+/// The scenario's JSON, with the zero-downtime gate's map.
+fn section_json(ctx: &Ctx, m: &Measured, started: String) -> Value {
+    json!({
         "scenario": "tls",
         "started": started,
         "finished": report::utc_now(),
@@ -828,76 +942,83 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         "quick": ctx.quick,
         "reps": ctx.reps,
         "machine": ctx.machine.to_json(),
-        "load_before": load_before,
-        "load_after": load_after,
-        "load": { "connections": CONNECTIONS, "duration_s": secs, "h2_streams_per_connection": 1 },
-        "idle_rss_kib": idle.iter().map(|(p, k)| (p.key().to_string(), json!(k))).collect::<serde_json::Map<_, _>>(),
-        "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
-        "discarded": discarded.iter().map(round_json).collect::<Vec<_>>(),
-        "switches": switch_json,
+        "load_before": m.load_before,
+        "load_after": m.load_after,
+        "load": { "connections": CONNECTIONS, "duration_s": m.secs, "h2_streams_per_connection": 1 },
+        "idle_rss_kib": m.idle.iter().map(|(p, k)| (p.key().to_string(), json!(k))).collect::<serde_json::Map<_, _>>(),
+        "runs": m.rounds.iter().map(round_json).collect::<Vec<_>>(),
+        "discarded": m.discarded.iter().map(round_json).collect::<Vec<_>>(),
+        "switches": m.switch_json,
         // The zero-downtime gate: a failed request while cutover switches fails the run.
-        "cutover_failed": switch_json
+        "cutover_failed": m.switch_json
             .as_array()
             .into_iter()
             .flatten()
             .filter(|r| r["proxy"] == Proxy::Cutover.key())
             .map(|r| (format!("https switch, {}", r["client"].as_str().unwrap_or("?")), r["failed"].clone()))
             .collect::<serde_json::Map<_, _>>(),
-    });
-    Ok(Section { markdown: md, json })
+    })
 }
 
 /// The scenario's tables (throughput and latency, memory, CPU per request), the goal's verdict
 /// per row and how much other work ran: everything but the switch table.
-fn tables(
-    ctx: &Ctx,
-    (rounds, discarded): (&[Round], &[Round]),
-    idle: &[(Proxy, u64)],
-    (load_before, load_after): (&str, &str),
-    took: Duration,
-) -> String {
-    let cell = |p: Proxy, k: Kind| cell_of(rounds, p, k);
-    let med =
-        |rs: &[&Round], f: fn(&Round) -> f64| spread(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
-    let rps_cell = |rs: &[&Round]| {
-        let (m, lo, hi) = med(rs, |r| r.rps);
-        if rs.len() > 1 {
-            format!("{m:.0} ({lo:.0}–{hi:.0})")
-        } else {
-            format!("{m:.0}")
-        }
-    };
-    let ms_cell = |v: f64| {
-        if v.is_nan() {
-            "–".to_string()
-        } else {
-            format!("{v:.2} ms")
-        }
-    };
-    let mut md = report::measured_line(ctx, load_before, load_after, took);
+fn tables(ctx: &Ctx, m: &Measured, took: Duration) -> String {
+    let mut md = report::measured_line(ctx, &m.load_before, &m.load_after, took);
     md.push_str("\n\n");
+    md.push_str(&throughput_table(&m.rounds));
+    md.push_str(&format!(
+        "\nPeers: {}. Memory of each proxy (nginx: master and workers together):\n\n",
+        peers::versions_line(&ctx.machine)
+    ));
+    md.push_str(&memory_table(&m.idle, &m.rounds));
+    md.push_str(
+        "\nCPU time of each proxy per request (user + system of its processes during the \
+         loads, from `/proc/<pid>/stat` in 10 ms ticks, over the requests of all runs; \
+         steadier than requests/s on a busy machine):\n\n",
+    );
+    md.push_str(&cpu_table(&m.rounds));
+    md.push_str(&goal_line(&m.rounds));
+    md.push_str(&foreign_line(ctx, &m.rounds, m.discarded.len()));
+    md
+}
+
+/// `v` written by `f`, or "–" for NaN (no value).
+fn or_dash(v: f64, f: impl Fn(f64) -> String) -> String {
+    if v.is_nan() {
+        "–".to_string()
+    } else {
+        f(v)
+    }
+}
+
+/// Requests/s, p50 and p99 per proxy and load, and the errors of all its loads.
+fn throughput_table(rounds: &[Round]) -> String {
+    let ms_cell = |v: f64| or_dash(v, |v| format!("{v:.2} ms"));
     let mut rows = Vec::new();
     for p in PROXIES {
         let mut row = vec![p.name().to_string()];
         for k in KINDS {
-            let rs = cell(p, k);
-            row.push(rps_cell(&rs));
+            let rs = cell_of(rounds, p, k);
+            let (m, lo, hi) = spread(&rs.iter().map(|r| r.rps).collect::<Vec<_>>());
+            row.push(if rs.len() > 1 {
+                format!("{m:.0} ({lo:.0}–{hi:.0})")
+            } else {
+                format!("{m:.0}")
+            });
             if k != Kind::Handshake {
-                row.push(ms_cell(med(&rs, |r| r.p50_ms).0));
+                row.push(ms_cell(median_of(&rs, |r| r.p50_ms)));
             }
-            row.push(ms_cell(med(&rs, |r| r.p99_ms).0));
+            row.push(ms_cell(median_of(&rs, |r| r.p99_ms)));
         }
-        row.push(
-            rounds
-                .iter()
-                .filter(|r| r.proxy == p)
-                .map(|r| r.errors)
-                .sum::<u64>()
-                .to_string(),
-        );
+        let errors: u64 = rounds
+            .iter()
+            .filter(|r| r.proxy == p)
+            .map(|r| r.errors)
+            .sum();
+        row.push(errors.to_string());
         rows.push(row);
     }
-    md.push_str(&report::table(
+    report::table(
         &[
             "proxy (TLS 1.3)",
             "HTTP/1.1 requests/s",
@@ -911,12 +1032,12 @@ fn tables(
             "errors",
         ],
         &rows,
-    ));
-    md.push_str(&format!(
-        "\nPeers: {}. Memory of each proxy (nginx: master and workers together):\n\n",
-        peers::versions_line(&ctx.machine)
-    ));
-    let mem_rows: Vec<Vec<String>> = idle
+    )
+}
+
+/// Each proxy's RSS idle and the largest read under its loads.
+fn memory_table(idle: &[(Proxy, u64)], rounds: &[Round]) -> String {
+    let rows: Vec<Vec<String>> = idle
         .iter()
         .map(|&(p, kib)| {
             let under = rounds
@@ -928,59 +1049,53 @@ fn tables(
             vec![p.name().to_string(), mib_kib(kib), mib_kib(under)]
         })
         .collect();
-    md.push_str(&report::table(
+    report::table(
         &["proxy", "RSS idle", "RSS under load (largest read)"],
-        &mem_rows,
-    ));
-    md.push_str(
-        "\nCPU time of each proxy per request (user + system of its processes during the \
-         loads, from `/proc/<pid>/stat` in 10 ms ticks, over the requests of all runs; \
-         steadier than requests/s on a busy machine):\n\n",
-    );
-    let us_cell = |v: f64| {
-        if v.is_nan() {
-            "–".to_string()
-        } else {
-            format!("{v:.1} µs")
-        }
-    };
-    let cpu_rows: Vec<Vec<String>> = PROXIES
+        &rows,
+    )
+}
+
+/// Each proxy's CPU per request, per load.
+fn cpu_table(rounds: &[Round]) -> String {
+    let rows: Vec<Vec<String>> = PROXIES
         .iter()
         .map(|&p| {
             let mut row = vec![p.name().to_string()];
-            row.extend(
-                KINDS
-                    .iter()
-                    .map(|&k| us_cell(cpu_per_request_us(&cell(p, k)))),
-            );
+            row.extend(KINDS.iter().map(|&k| {
+                or_dash(cpu_per_request_us(&cell_of(rounds, p, k)), |v| {
+                    format!("{v:.1} µs")
+                })
+            }));
             row
         })
         .collect();
-    md.push_str(&report::table(
+    report::table(
         &[
             "proxy",
             "HTTP/1.1 keep-alive",
             "HTTP/2",
             "full handshake + request",
         ],
-        &cpu_rows,
-    ));
-    md.push_str(&goal_line(rounds));
+        &rows,
+    )
+}
+
+/// How much of the machine's CPU other processes used during the loads, and how many loads
+/// were redone for it.
+fn foreign_line(ctx: &Ctx, rounds: &[Round], redone: usize) -> String {
     let cores = ctx.machine.cores.max(1) as f64;
     let (foreign, wall) = rounds.iter().fold((0.0, 0.0), |(f, w), r| {
         (f + r.sample.foreign_cpu_s, w + r.sample.secs)
     });
-    md.push_str(&format!(
+    format!(
         "\nDuring the loads, processes outside the bench used {:.0}% of the machine's CPU time; \
-         loads redone because other processes took over a quarter of the CPU: {}.\n",
+         loads redone because other processes took over a quarter of the CPU: {redone}.\n",
         if wall > 0.0 {
             100.0 * foreign / (wall * cores)
         } else {
             0.0
         },
-        discarded.len()
-    ));
-    md
+    )
 }
 
 /// The runs of proxy `p` with load `k`.
@@ -1029,38 +1144,35 @@ fn goal_line(rounds: &[Round]) -> String {
     )
 }
 
+/// Requests per second on each connection of the switch load: the pace of the `switch`
+/// scenario's HTTPS rows.
+const SWITCH_RATE: u32 = 50;
+
 /// The switch table (see [`tls_switch`]): cutover, nginx and Caddy switched between the two
-/// backends under HTTP/2 and HTTP/1.1 load. `ports`: the proxies' TLS ports (cutover, nginx,
-/// Caddy).
-fn switches(
-    ctx: &Ctx,
-    work: &Path,
-    backends: [u16; 2],
-    ports: (u16, u16, u16),
-    nginx_master: u32,
-    caddy_admin: u16,
-) -> Result<(String, Value)> {
+/// backends under HTTP/2 and HTTP/1.1 load.
+fn switches(ctx: &Ctx, work: &Path, lab: &Lab) -> Result<(String, Value)> {
     let cdir = work.join("cutover");
     let ndir = work.join("nginx").display().to_string();
-    let run = |cmd: &mut Command, what: &str| -> Result<()> {
-        let out = cmd.output().with_context(|| format!("running {what}"))?;
-        if !out.status.success() {
-            bail!(
-                "{what} failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+    let nginx_port = lab.port(Proxy::Nginx);
+    let nginx_master = lab.nginx.pid().to_string();
+    let upstreams = format!(
+        "http://127.0.0.1:{}/config/apps/http/servers/bench/routes/0/handle/0/upstreams",
+        lab.caddy_admin
+    );
+    let flip = |p: Proxy, switch| Flip {
+        name: p.name(),
+        key: p.key(),
+        target: Target {
+            addr: loopback(lab.port(p)),
+            name: DOMAIN,
+        },
+        switch,
     };
     let flips = [
-        Flip {
-            name: Proxy::Cutover.name(),
-            key: Proxy::Cutover.key(),
-            port: ports.0,
-            switch: Box::new(|to| {
-                run(
+        flip(
+            Proxy::Cutover,
+            Box::new(|to| {
+                run_ok(
                     Command::new(&ctx.cutover)
                         .args(["proxy", "deploy", "web", "--target"])
                         .arg(loopback(to).to_string())
@@ -1070,42 +1182,36 @@ fn switches(
                     "cutover proxy deploy",
                 )
             }),
-        },
-        Flip {
-            name: Proxy::Nginx.name(),
-            key: Proxy::Nginx.key(),
-            port: ports.1,
-            switch: Box::new(|to| {
+        ),
+        flip(
+            Proxy::Nginx,
+            Box::new(|to| {
                 std::fs::write(
                     work.join("nginx/nginx.conf"),
-                    nginx_tls_config(&ndir, ports.1, to),
+                    nginx_tls_config(&ndir, nginx_port, to),
                 )?;
-                run(
-                    Command::new("kill").args(["-HUP", &nginx_master.to_string()]),
+                run_ok(
+                    Command::new("kill").args(["-HUP", &nginx_master]),
                     "nginx reload",
                 )
             }),
-        },
-        Flip {
-            name: Proxy::Caddy.name(),
-            key: Proxy::Caddy.key(),
-            port: ports.2,
-            switch: Box::new(|to| {
-                run(
+        ),
+        flip(
+            Proxy::Caddy,
+            Box::new(|to| {
+                run_ok(
                     Command::new("curl")
                         .args(["-sS", "--fail-with-body", "-X", "PATCH"])
                         .args(["-H", "Content-Type: application/json", "-d"])
                         .arg(format!("[{{\"dial\":\"127.0.0.1:{to}\"}}]"))
-                        .arg(format!(
-                            "http://127.0.0.1:{caddy_admin}/config/apps/http/servers/bench/routes/0/handle/0/upstreams"
-                        )),
+                        .arg(&upstreams),
                     "Caddy's admin API",
                 )
             }),
-        },
+        ),
     ];
     let k = if ctx.quick { 3 } else { 10 };
-    tls_switch::measure(&flips, k, backends, work)
+    tls_switch::measure(&flips, k, lab.backends, SWITCH_RATE, work)
 }
 
 fn mib_kib(k: u64) -> String {

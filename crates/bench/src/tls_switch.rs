@@ -1,19 +1,21 @@
-//! Switches under HTTPS load, measured with h2load (nghttp2's load generator).
+//! Switches under HTTPS load, one code path for both scenarios that measure them.
 //!
-//! The `tls` scenario's switch table: each TLS-terminating proxy is switched K times between
-//! two backends while h2load keeps it busy over HTTPS, once with HTTP/2 and once with
-//! HTTP/1.1 keep-alive; per run, the failed requests and the longest time without a
-//! successful response. The switches are what an operator would run on the same machine:
-//! cutover's `proxy deploy` (gate, pointer swap, drain), nginx's config rewritten and
-//! reloaded (SIGHUP to the master), Caddy's upstream PATCHed through its admin API.
+//! A proxy terminating TLS is switched K times between two backends while a [`Pool`] of h2load
+//! processes (nghttp2's load generator) keeps it busy over HTTPS, once with HTTP/2 and once
+//! with HTTP/1.1 keep-alive ([`run_with_switches`]); per run, the requests, the failed ones,
+//! the longest time without a successful response, the switch commands' wall time and the
+//! connections the pool opened again. The `switch` scenario's HTTPS rows switch containers
+//! behind cutover, Caddy and nginx; the `tls` scenario's switch table ([`measure`]) switches
+//! the proxies on this machine's loopback between two local backends with what an operator
+//! would run: cutover's `proxy deploy` (gate, pointer swap, drain), nginx's config rewritten
+//! and reloaded (SIGHUP to the master), Caddy's upstream PATCHed through its admin API.
 //!
-//! The `switch` scenario's HTTPS rows ([`run_with_switches`]) use a [`Pool`] instead: one
-//! h2load process per connection, each started again as soon as its connection is gone.
-//! h2load (1.52) does not open a new connection when the server closes one during a timed
-//! run (`-D`), neither after an HTTP/2 GOAWAY nor after an HTTP/1.1 close without
-//! `Connection: close`: that client just stops, silently, and its run reports no failure.
-//! A browser would connect again; the pool does, so that a proxy that closes its clients'
-//! connections on a switch (nginx's reload, Caddy's config change) keeps its load.
+//! The pool runs one h2load process per connection, each started again as soon as its
+//! connection is gone. h2load (1.52) does not open a new connection when the server closes
+//! one during a timed run (`-D`), neither after an HTTP/2 GOAWAY nor after an HTTP/1.1 close
+//! without `Connection: close`: that client just stops, silently, and its run reports no
+//! failure. A browser would connect again; the pool does, so that a proxy that closes its
+//! clients' connections on a switch (nginx's reload, Caddy's config change) keeps its load.
 
 use crate::events::epoch_now;
 use crate::report;
@@ -30,7 +32,8 @@ use std::time::{Duration, Instant};
 pub(crate) struct Flip<'a> {
     pub(crate) name: &'static str,
     pub(crate) key: &'static str,
-    pub(crate) port: u16,
+    /// Where its TLS port is.
+    pub(crate) target: Target,
     pub(crate) switch: Box<dyn Fn(u16) -> Result<()> + 'a>,
 }
 
@@ -44,14 +47,14 @@ pub(crate) struct SwitchRun {
     failed: u64,
     gap_ms: f64,
     switch_s: Vec<f64>,
-    /// With a [`Pool`]: its processes started again because the server closed their
-    /// connection, and those started again because theirs never came up.
-    reconnects: Option<(u64, u64)>,
+    /// The pool's processes started again because the server closed their connection, and
+    /// those started again because theirs never came up.
+    reconnects: (u64, u64),
     /// Switch commands that failed: "switch N: message".
     failed_switches: Vec<String>,
-    /// With a [`Pool`]: when the switches ran and where the longest gap starts, seconds since
-    /// the load started (for the JSON).
-    timeline: Option<Value>,
+    /// When the switches ran and where the longest gap starts, seconds since the load started
+    /// (for the JSON).
+    timeline: Value,
 }
 
 impl SwitchRun {
@@ -74,14 +77,11 @@ impl SwitchRun {
 
     /// Its numbers, one line for the log.
     pub(crate) fn summary(&self) -> String {
+        let (closed, never_up) = self.reconnects;
         format!(
-            "{} requests, {} failed, longest gap {:.0} ms{}",
-            self.requests,
-            self.failed,
-            self.gap_ms,
-            self.reconnects
-                .map(|(c, n)| format!(", connections opened again {c} / {n}"))
-                .unwrap_or_default()
+            "{} requests, {} failed, longest gap {:.0} ms, connections opened again {closed} / \
+             {never_up}",
+            self.requests, self.failed, self.gap_ms,
         )
     }
 }
@@ -108,18 +108,9 @@ fn success_ends(log: &str) -> (Vec<f64>, u64) {
 }
 
 /// The longest time (ms) between the ends of two consecutive 2xx responses in an h2load
-/// `--log-file`.
-pub(crate) fn longest_gap_ms(log: &str) -> f64 {
-    longest_gap_until_ms(log, None)
-}
-
-/// [`longest_gap_ms`], also counting the time from the last 2xx response to `until` (µs
-/// since the epoch, when the load stopped): a load that stopped being answered shows.
-fn longest_gap_until_ms(log: &str, until: Option<f64>) -> f64 {
-    longest_gap_at(log, until).0
-}
-
-/// [`longest_gap_until_ms`] and where the gap starts (µs since the epoch; 0 without one).
+/// `--log-file`, also counting the time from the last one to `until` (µs since the epoch,
+/// when the load stopped: a load that stopped being answered shows), and where that gap
+/// starts (µs since the epoch; 0 without one).
 fn longest_gap_at(log: &str, until: Option<f64>) -> (f64, f64) {
     let (mut ends, _) = success_ends(log);
     if let (Some(u), Some(&last)) = (until, ends.last()) {
@@ -136,101 +127,65 @@ fn tally(log: &str) -> (u64, u64) {
     (lines, lines - ends.len() as u64)
 }
 
-/// Runs h2load for `secs` against `port` (`h1`: HTTP/1.1), logging every request to `log`.
-fn start_h2load(port: u16, h1: bool, secs: usize, log: &Path) -> Result<Child> {
-    let _ = std::fs::remove_file(log);
-    let mut cmd = Command::new("h2load");
-    cmd.args(["-t2", "-c8", "-m1"])
-        .arg(format!("-D{secs}"))
-        .arg(format!("--connect-to=127.0.0.1:{port}"))
-        .arg(format!("--log-file={}", log.display()));
-    if h1 {
-        cmd.arg("--h1");
-    }
-    cmd.arg(format!("https://localhost:{port}/"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting h2load")
-}
-
-fn one_run(
-    flip: &Flip<'_>,
-    h1: bool,
-    k: usize,
-    backends: [u16; 2],
-    next: &mut usize,
-    work: &Path,
-) -> Result<SwitchRun> {
-    let client = if h1 { "HTTP/1.1 keep-alive" } else { "HTTP/2" };
-    let log = work.join(format!(
-        "switch-{}-{}.log",
-        flip.key,
-        if h1 { "h1" } else { "h2" }
-    ));
-    let load = start_h2load(flip.port, h1, k + 2, &log)?;
-    std::thread::sleep(Duration::from_secs(1));
-    let mut switch_s = Vec::new();
-    for _ in 0..k {
-        *next = 1 - *next;
-        let t = Instant::now();
-        (flip.switch)(backends[*next])
-            .with_context(|| format!("switching {} to :{}", flip.name, backends[*next]))?;
-        switch_s.push(t.elapsed().as_secs_f64());
-        std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
-    }
-    let out = load.wait_with_output().context("waiting for h2load")?;
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (_, done, failed) = crate::tls::parse_h2load(&out)?;
-    let text = std::fs::read_to_string(&log).with_context(|| format!("{}", log.display()))?;
-    Ok(SwitchRun {
-        proxy: flip.name,
-        key: flip.key,
-        client,
-        switches: k,
-        requests: done,
-        failed,
-        gap_ms: longest_gap_ms(&text),
-        switch_s,
-        reconnects: None,
-        failed_switches: Vec::new(),
-        timeline: None,
-    })
-}
-
-/// Switches every proxy `k` times under HTTP/2 and then HTTP/1.1 load; the table (with its
-/// heading) and the runs' JSON. `backends[0]` is the one every proxy serves at the start.
+/// Switches every proxy `k` times under HTTP/2 and then HTTP/1.1 load from a [`Pool`]
+/// (`rate` requests per second on each connection), through [`run_with_switches`]; the table
+/// (with its heading, see [`https_table`]) and the runs' JSON. `backends[0]` is the one every
+/// proxy serves at the start; a failed switch leaves the proxy where it was.
 pub(crate) fn measure(
     flips: &[Flip<'_>],
     k: usize,
     backends: [u16; 2],
+    rate: u32,
     work: &Path,
 ) -> Result<(String, Value)> {
     let mut runs = Vec::new();
     for flip in flips {
-        let mut next = 0;
+        let mut served = 0;
         for h1 in [false, true] {
-            let r = one_run(flip, h1, k, backends, &mut next, work)?;
-            eprintln!(
-                "[tls] switches: {} {}: {} requests, {} failed, longest gap {:.0} ms",
-                r.proxy, r.client, r.requests, r.failed, r.gap_ms
-            );
+            let run = HttpsRun {
+                proxy: flip.name,
+                key: flip.key,
+                target: flip.target,
+                h1,
+                rate,
+                k,
+                settle: crate::switching::SETTLE,
+                work,
+            };
+            let r = run_with_switches(&run, &mut || {
+                let to = 1 - served;
+                Ok(match (flip.switch)(backends[to]) {
+                    Ok(()) => {
+                        served = to;
+                        Flipped {
+                            ok: true,
+                            message: String::new(),
+                        }
+                    }
+                    Err(e) => Flipped {
+                        ok: false,
+                        message: format!("{e:#}"),
+                    },
+                })
+            })?;
+            eprintln!("[tls] switches: {}: {}", r.gate_name(), r.summary());
             runs.push(r);
         }
     }
     if runs.iter().any(|r| r.requests == 0) {
         bail!("a switch run answered no request");
     }
-    let rows: Vec<Vec<String>> = runs.iter().map(cells).collect();
-    let mut md = format!("\n**Switches under HTTPS load** ({k} per run):\n\n");
-    md.push_str(&report::table(&HEADER, &rows));
-    let json = runs.iter().map(run_json).collect();
-    Ok((md, Value::Array(json)))
+    let (table, json) = https_table(&runs);
+    let md = format!(
+        "\n**Switches under HTTPS load** ({k} per run; {CONNECTIONS} h2load connections, {rate} \
+         requests/s each):\n\n{table}"
+    );
+    Ok((md, json))
 }
 
-/// The columns of a switch table under HTTPS load.
-const HEADER: [&str; 7] = [
+/// The columns of a switch table under HTTPS load; the last one counts the connections the
+/// pool opened again.
+const HEADER: [&str; 8] = [
     "proxy",
     "client",
     "requests",
@@ -238,6 +193,7 @@ const HEADER: [&str; 7] = [
     "failed per switch",
     "longest gap",
     "switch time",
+    "connections opened again (server closed / never up)",
 ];
 
 /// A run's row under [`HEADER`].
@@ -251,11 +207,12 @@ fn cells(r: &SwitchRun) -> Vec<String> {
         format!("{:.1}", r.failed as f64 / r.switches.max(1) as f64),
         format!("{:.0} ms", r.gap_ms),
         format!("{m:.2} s ({lo:.2}–{hi:.2})"),
+        format!("{} / {}", r.reconnects.0, r.reconnects.1),
     ]
 }
 
 fn run_json(r: &SwitchRun) -> Value {
-    let mut j = json!({
+    json!({
         "proxy": r.key,
         "client": r.client,
         "switches": r.switches,
@@ -263,16 +220,11 @@ fn run_json(r: &SwitchRun) -> Value {
         "failed": r.failed,
         "longest_gap_ms": r.gap_ms,
         "switch_s": r.switch_s,
-    });
-    if let Some((closed, never_up)) = r.reconnects {
-        j["reconnects_after_server_close"] = json!(closed);
-        j["restarts_never_connected"] = json!(never_up);
-        j["failed_switches"] = json!(r.failed_switches);
-    }
-    if let Some(t) = &r.timeline {
-        j["timeline"] = t.clone();
-    }
-    j
+        "reconnects_after_server_close": r.reconnects.0,
+        "restarts_never_connected": r.reconnects.1,
+        "failed_switches": r.failed_switches,
+        "timeline": r.timeline,
+    })
 }
 
 /// Writes a self-signed certificate for `name` (ECDSA P-256, rcgen) and its key as PEM
@@ -603,32 +555,22 @@ pub(crate) fn run_with_switches(
         failed,
         gap_ms,
         switch_s,
-        reconnects: Some((out.reconnects, out.never_up)),
+        reconnects: (out.reconnects, out.never_up),
         failed_switches,
-        timeline: Some(json!({
+        timeline: json!({
             "load_started_epoch_s": t0,
             "switches_start_end_s": windows,
             "longest_gap_starts_s": if gap_ms > 0.0 { gap_at / 1e6 - t0 } else { 0.0 },
             "load_stopped_s": out.stopped_us / 1e6 - t0,
-        })),
+        }),
     })
 }
 
-/// The switch scenario's HTTPS table: [`HEADER`] plus the connections the pool opened
-/// again, and the failed switch commands below it; the runs' JSON.
+/// A table of runs under HTTPS load (both scenarios'): [`HEADER`], and the failed switch
+/// commands below it; the runs' JSON.
 pub(crate) fn https_table(runs: &[SwitchRun]) -> (String, Value) {
-    let mut header = HEADER.to_vec();
-    header.push("connections opened again (server closed / never up)");
-    let rows: Vec<Vec<String>> = runs
-        .iter()
-        .map(|r| {
-            let mut c = cells(r);
-            let (closed, never) = r.reconnects.unwrap_or((0, 0));
-            c.push(format!("{closed} / {never}"));
-            c
-        })
-        .collect();
-    let mut md = report::table(&header, &rows);
+    let rows: Vec<Vec<String>> = runs.iter().map(cells).collect();
+    let mut md = report::table(&HEADER, &rows);
     let failed: Vec<String> = runs
         .iter()
         .flat_map(|r| {
@@ -657,12 +599,10 @@ mod tests {
     fn the_longest_gap_is_between_successful_response_ends() {
         let log = "1000000\t200\t1000\n1002000\t200\t1000\n1003500\t503\t10\n1010000\t200\t500\n";
         // Ends: 1001000, 1003000, (503 ignored), 1010500: gaps 2 ms and 7.5 ms.
-        assert_eq!(longest_gap_ms(log), 7.5);
-        assert_eq!(longest_gap_ms(""), 0.0);
-        // A load that stopped being answered: the time to its end counts.
-        assert_eq!(longest_gap_until_ms(log, Some(1030500.0)), 20.0);
-        assert_eq!(longest_gap_until_ms("", Some(1030500.0)), 0.0);
         assert_eq!(longest_gap_at(log, None), (7.5, 1003000.0));
+        assert_eq!(longest_gap_at("", None), (0.0, 0.0));
+        // A load that stopped being answered: the time to its end counts.
+        assert_eq!(longest_gap_at("", Some(1030500.0)), (0.0, 0.0));
         assert_eq!(longest_gap_at(log, Some(1030500.0)), (20.0, 1010500.0));
     }
 
@@ -761,7 +701,7 @@ mod tests {
                 out.reconnects
             );
             assert!(span_ms > 1500.0, "h1 {h1}: answered for {span_ms} ms only");
-            let gap = longest_gap_until_ms(&text, Some(out.stopped_us));
+            let (gap, _) = longest_gap_at(&text, Some(out.stopped_us));
             assert!(gap < 500.0, "h1 {h1}: longest gap {gap} ms");
         }
         drop(nginx);
