@@ -172,3 +172,58 @@ fn kill_9_mid_stream_leaves_every_host_serving_its_release_and_the_next_run_succ
         assert!(w.releases_on(i).contains(&after));
     }
 }
+
+#[test]
+fn a_redeploy_packed_while_the_hosts_connect_still_ships_everything_to_a_host_that_was_replaced() {
+    let w = World::files(2).start();
+    let a = big_build(&w, "a", 6);
+    assert_eq!(w.deploy_artifact(&a).code, 0);
+    // B shares A's 2 MB file: a delta against A (the live release) pays, so B is packed
+    // while the hosts connect instead of streamed.
+    let b = big_build(&w, "b", 6);
+    // Host 1 is replaced by an empty machine since: it serves nothing history knows of.
+    for e in std::fs::read_dir(w.site(1)).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    let r = w.run(&["deploy", "--artifact", b.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("while the hosts connect"),
+        "packed while the hosts connected: {}",
+        r.stderr
+    );
+    w.assert_all_serve("b");
+    let done = stage_events(&w, "done");
+    assert!(
+        done.iter().all(|d| !d.contains("streamed")),
+        "nothing streamed: {done:?}"
+    );
+    // Host 0 took a delta (not the 2 MB file again), host 1 the whole artifact.
+    let mut sent: Vec<(u64, bool)> = done
+        .iter()
+        .filter_map(|d| {
+            let (n, rest) = d.split_once(" bytes sent")?;
+            Some((n.parse().ok()?, rest.contains("delta")))
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(sent.len(), 2, "{done:?}");
+    assert!(
+        sent[0].0 < 100_000 && sent[0].1,
+        "a delta for host 0: {done:?}"
+    );
+    assert!(
+        sent[1].0 > 2_000_000 && !sent[1].1,
+        "everything for host 1: {done:?}"
+    );
+    let source = std::fs::read(b.join("assets/deep/noise.bin")).unwrap();
+    for i in 0..2 {
+        let on_host = w.site(i).join("current/assets/deep/noise.bin");
+        assert!(std::fs::read(&on_host).unwrap() == source, "host {i}");
+    }
+}

@@ -465,8 +465,14 @@ impl<S: Switcher> Run<'_, S> {
             }
         }
         let fleet = fleet()?;
-        self.connect(out, fleet.as_ref())?;
-        let prepared = self.prepare(out, fleet.as_ref())?;
+        let prepared = std::thread::scope(|s| {
+            if let Some((reference, _)) = &pin {
+                let hosts = fleet.names().len();
+                s.spawn(move || self.sw.prepin(self.rec, reference, hosts));
+            }
+            self.connect(out, fleet.as_ref())?;
+            self.prepare(out, fleet.as_ref())
+        })?;
         let hosts = self.cx(fleet.as_ref(), &prepared);
         let mut prune: Vec<Vec<String>> = vec![Vec::new(); hosts.len()];
         let r = (|| {

@@ -102,6 +102,8 @@ pub struct Files<'a> {
     /// The upload a host unpacked while the artifact was packed (its token and bytes), by
     /// host index: staging only names it (see [`Files::pin`]).
     streamed: Mutex<HashMap<usize, (String, u64)>>,
+    /// The directory [`Files::prepin`] packed while the hosts connected, and how that went.
+    prepacked: Mutex<Option<(String, Result<StoredArtifact, String>)>>,
 }
 
 impl<'a> Files<'a> {
@@ -118,6 +120,7 @@ impl<'a> Files<'a> {
             reporter,
             deltas: Mutex::new(HashMap::new()),
             streamed: Mutex::new(HashMap::new()),
+            prepacked: Mutex::new(None),
         }
     }
 
@@ -140,24 +143,34 @@ impl<'a> Files<'a> {
                 }
             }
         }
-        bases.iter().any(|base| {
-            let Some(art) = rec
-                .store
-                .release(rec.app, base)
-                .ok()
-                .flatten()
-                .and_then(|r| self.artifacts.get(&r.artifact_sha256))
-            else {
-                return false;
-            };
-            match (tree, crate::delta::manifest(self.artifacts, &art)) {
-                (Some(tree), Ok(m)) => {
-                    crate::delta::pays(crate::delta::shared_percent(&m, dir, tree))
-                }
-                // No way to guess: pack first and let the digests decide.
-                _ => true,
-            }
-        })
+        bases
+            .iter()
+            .any(|base| self.delta_pays_against(rec, base, dir, tree))
+    }
+
+    /// Whether a delta of `dir` against release `base` would likely pay (false when `base`'s
+    /// artifact is not in the store).
+    fn delta_pays_against(
+        &self,
+        rec: &Recorder<'_>,
+        base: &str,
+        dir: &Path,
+        tree: Option<&crate::delta::Manifest>,
+    ) -> bool {
+        let Some(art) = rec
+            .store
+            .release(rec.app, base)
+            .ok()
+            .flatten()
+            .and_then(|r| self.artifacts.get(&r.artifact_sha256))
+        else {
+            return false;
+        };
+        match (tree, crate::delta::manifest(self.artifacts, &art)) {
+            (Some(tree), Ok(m)) => crate::delta::pays(crate::delta::shared_percent(&m, dir, tree)),
+            // No way to guess: pack first and let the digests decide.
+            _ => true,
+        }
     }
 
     /// Packs `dir` into the store while every host unpacks the stream as it is produced into
@@ -306,25 +319,62 @@ impl Switcher for Files<'_> {
     /// A directory is packed once the hosts are prepared: streamed to every host as it is
     /// packed, unless a host could take a delta (or there are more hosts than `[ssh]
     /// parallel`), then packed into the store first and staged from there.
+    /// Packs `dir` into the store now, while the hosts connect, when it will not be streamed
+    /// (more hosts than `[ssh] parallel`) or likely will not: a delta against the live
+    /// release pays. The guess uses history's live release instead of what the hosts serve,
+    /// which only `prepare` knows; a wrong guess costs the stream (the packed artifact is
+    /// uploaded as it was before streaming existed), never correctness.
+    fn prepin(&self, rec: &Recorder<'_>, dir: &str, hosts: usize) {
+        let path = Path::new(dir);
+        let limits = Limits::of(self.files);
+        let pack = hosts > self.config.ssh.parallel || {
+            let Ok((_, tree)) = ArtifactStore::check_dir_tree(path, &limits) else {
+                return; // pin says why
+            };
+            let live = rec.store.live(rec.app).ok().flatten();
+            live.is_some_and(|id| self.delta_pays_against(rec, &id, path, tree.as_ref()))
+        };
+        if pack {
+            self.reporter.note(&format!(
+                "packing and checking {dir} while the hosts connect"
+            ));
+            let r = self
+                .artifacts
+                .import(path, &limits)
+                .map_err(|e| e.to_string());
+            *self.prepacked.lock().unwrap_or_else(|p| p.into_inner()) = Some((dir.to_string(), r));
+        }
+    }
+
     fn pin(
         &self,
         rec: &Recorder<'_>,
         hosts: &[HostCx<'_>],
         dir: &str,
     ) -> Result<Pinned<Settings>, DeployError> {
+        let prepacked = self
+            .prepacked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|(d, _)| d == dir);
         let path = Path::new(dir);
         let limits = Limits::of(self.files);
-        let (summary, tree) = ArtifactStore::check_dir_tree(path, &limits)
-            .map_err(|e| DeployError::ArtifactRefused(e.to_string()))?;
-        let stream = hosts.len() <= self.config.ssh.parallel
-            && !self.delta_pays(rec, hosts, path, tree.as_ref());
-        let stored = if stream {
-            self.stream(rec, hosts, path, &limits, summary.unpacked_bytes)?
+        let stored = if let Some((_, r)) = prepacked {
+            r.map_err(DeployError::ArtifactRefused)?
         } else {
-            self.reporter.note(&format!("packing and checking {dir}"));
-            self.artifacts
-                .import(path, &limits)
-                .map_err(|e| DeployError::ArtifactRefused(e.to_string()))?
+            let (summary, tree) = ArtifactStore::check_dir_tree(path, &limits)
+                .map_err(|e| DeployError::ArtifactRefused(e.to_string()))?;
+            let stream = hosts.len() <= self.config.ssh.parallel
+                && !self.delta_pays(rec, hosts, path, tree.as_ref());
+            if stream {
+                self.stream(rec, hosts, path, &limits, summary.unpacked_bytes)?
+            } else {
+                self.reporter.note(&format!("packing and checking {dir}"));
+                self.artifacts
+                    .import(path, &limits)
+                    .map_err(|e| DeployError::ArtifactRefused(e.to_string()))?
+            }
         };
         Ok(Pinned {
             content: stored.sha256,

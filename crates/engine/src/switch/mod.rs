@@ -117,6 +117,10 @@ pub trait Switcher: Sync {
             "this kind of app deploys content it knows before connecting, not {reference:?}"
         )))
     }
+    /// Work on a reference to pin that needs no host, run while the hosts connect and are
+    /// prepared (files: packing a directory into the store when a delta will likely be sent,
+    /// so that the packing overlaps the connections). [`Switcher::pin`] takes its result.
+    fn prepin(&self, _rec: &Recorder<'_>, _reference: &str, _hosts: usize) {}
     /// The releases a host may serve now (to reconcile an interrupted run).
     fn serving(&self, h: &HostCx<'_>) -> Vec<String>;
     /// What a host did on its own for `release` while no controller watched (containers:
