@@ -124,8 +124,9 @@ pub fn run(
                 &at,
                 &out.message,
             )
-            .and_then(|_| store.finish_run(id, out.status, &at))
-            .and_then(|()| store.set_run_exit(id, out.exit_code, &out.message));
+            // The exit code before the outcome (see `Recorder::finish`).
+            .and_then(|_| store.set_run_exit(id, out.exit_code, &out.message))
+            .and_then(|()| store.finish_run(id, out.status, &at));
         if let Err(e) = ended {
             reporter.note(&format!("warning: not recorded in the history: {e}"));
         }

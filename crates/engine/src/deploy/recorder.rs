@@ -186,12 +186,17 @@ impl<'a> Recorder<'a> {
         self.best_effort(r);
     }
 
-    /// Ends the run row (with its exit code and message) and records its last event.
+    /// Ends the run row (with its exit code and message) and records its last event. The
+    /// exit code is written before the outcome: a reader that sees the run ended (another
+    /// server's event stream) reads its exit code with it.
     pub(crate) fn finish(&self, status: Status, exit_code: i32, message: &str) {
         let r = self
             .store
-            .finish_run(self.run_id, status, &crate::now_utc())
-            .and_then(|()| self.store.set_run_exit(self.run_id, exit_code, message));
+            .set_run_exit(self.run_id, exit_code, message)
+            .and_then(|()| {
+                self.store
+                    .finish_run(self.run_id, status, &crate::now_utc())
+            });
         self.best_effort(r);
         let state = if exit_code == crate::exit::OK {
             State::Done
