@@ -223,7 +223,16 @@ async fn serve(
     let slot = Arc::new(slot);
     let state = slot.state.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        forward::serve_one(shared.clone(), req, client.clone(), slot.clone(), true)
+        // Boxed: a request's future is a few KiB, and HTTP/2 moves it several times per
+        // request on its way into a task of its own (hyper spawns one per stream); a box
+        // moves as a pointer.
+        Box::pin(forward::serve_one(
+            shared.clone(),
+            req,
+            client.clone(),
+            slot.clone(),
+            true,
+        ))
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
