@@ -107,7 +107,8 @@ impl AccessLog {
     /// (no allocation once it has grown, and the seconds of the timestamp are formatted once
     /// per second per thread), so that the lock is held for one copy only.
     pub(crate) fn record(&self, e: &Entry<'_>) {
-        LINE.with(|line| {
+        // `try_with`: a request finishing while the thread's locals are torn down goes unlogged.
+        let _ = LINE.try_with(|line| {
             let Ok(mut line) = line.try_borrow_mut() else {
                 return;
             };
