@@ -48,6 +48,42 @@ pub(crate) struct AccessLog {
     dropped: AtomicU64,
 }
 
+/// A line being made, per thread (see [`AccessLog::record`]).
+#[derive(Default)]
+struct Line {
+    text: String,
+    /// The second `second_text` (`2026-11-26T09:15:00`) is of.
+    second: u64,
+    second_text: String,
+}
+
+impl Line {
+    /// Appends the timestamp of `ms` (as [`log::rfc3339`] has it).
+    fn stamp(&mut self, ms: u64) {
+        if self.second_text.is_empty() || self.second != ms / 1000 {
+            let full = log::rfc3339(ms);
+            self.second = ms / 1000;
+            self.second_text.clear();
+            self.second_text.push_str(full.get(..19).unwrap_or(&full));
+        }
+        self.text.push_str(&self.second_text);
+        let frac = (ms % 1000) as u32;
+        let digits = [
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+            b'Z',
+        ];
+        self.text
+            .push_str(std::str::from_utf8(&digits).unwrap_or(".000Z"));
+    }
+}
+
+thread_local! {
+    static LINE: std::cell::RefCell<Line> = std::cell::RefCell::new(Line::default());
+}
+
 /// A field as it goes on a line: printable ASCII without spaces, at most 512 bytes, else `-`
 /// or cut.
 fn field(s: &str) -> &str {
@@ -67,29 +103,42 @@ impl AccessLog {
         }
     }
 
-    /// Queues one line.
+    /// Queues one line. The line is made outside the lock, in a buffer of the calling thread
+    /// (no allocation once it has grown, and the seconds of the timestamp are formatted once
+    /// per second per thread), so that the lock is held for one copy only.
     pub(crate) fn record(&self, e: &Entry<'_>) {
-        let Ok(mut p) = self.pending.lock() else {
-            return;
-        };
-        if p.len() > MAX_PENDING {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let _ = writeln!(
-            p,
-            "{} {} {} {} {} {} {}.{:03}ms {} {}",
-            log::now_rfc3339(),
-            field(e.client),
-            field(e.method),
-            field(e.host),
-            field(e.path),
-            e.status,
-            e.micros / 1000,
-            e.micros % 1000,
-            field(e.service),
-            field(e.target),
-        );
+        // `try_with`: a request finishing while the thread's locals are torn down goes unlogged.
+        let _ = LINE.try_with(|line| {
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return;
+            };
+            let line = &mut *line;
+            line.text.clear();
+            line.stamp(log::unix_ms(std::time::SystemTime::now()));
+            for f in [e.client, e.method, e.host, e.path] {
+                line.text.push(' ');
+                line.text.push_str(field(f));
+            }
+            let _ = write!(
+                line.text,
+                " {} {}.{:03}ms ",
+                e.status,
+                e.micros / 1000,
+                e.micros % 1000
+            );
+            line.text.push_str(field(e.service));
+            line.text.push(' ');
+            line.text.push_str(field(e.target));
+            line.text.push('\n');
+            let Ok(mut p) = self.pending.lock() else {
+                return;
+            };
+            if p.len() > MAX_PENDING {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            p.push_str(&line.text);
+        });
     }
 
     /// Moves queued lines to the file, rotating it first if it is over its limit.
@@ -145,6 +194,23 @@ impl AccessLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_the_logs_own() {
+        let mut line = Line::default();
+        for ms in [
+            0,
+            1_795_684_500_123,
+            1_795_684_500_999,
+            1_795_684_501_007,
+            951_782_400_000,
+            1_795_684_501_070,
+        ] {
+            line.text.clear();
+            line.stamp(ms);
+            assert_eq!(line.text, log::rfc3339(ms));
+        }
+    }
 
     #[test]
     fn lines_are_one_per_request_and_rotate_by_size() {

@@ -547,7 +547,8 @@ pub(crate) async fn handle(
     };
     let target = guard.target().clone();
     if crate::static_target::is_static(&target.addr) {
-        return serve_static(&parts, guard, service).await;
+        // Boxed: rare, and its future (the directory service's) must not grow every request's.
+        return Box::pin(serve_static(&parts, guard, service)).await;
     }
 
     // Upstream requests are in origin form (`/path?query`).
@@ -593,7 +594,8 @@ pub(crate) async fn handle(
     } else {
         let timed = TimedBody::new(body, limits.body_timeout);
         let watch = timed.watch.clone();
-        match ClientBody::read_ahead(timed).await {
+        // Boxed: most requests have no body, and every request's future would carry it.
+        match Box::pin(ClientBody::read_ahead(timed)).await {
             Ok(b) => (b, Some(watch)),
             Err(fault) => return client_body_fault(fault, &service.name),
         }

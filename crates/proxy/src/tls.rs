@@ -21,6 +21,7 @@
 //!   the next handshake, one that does not is logged and shown in status, and the old
 //!   certificate keeps being served.
 
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -213,7 +214,7 @@ async fn serve(
     mut refused: crate::guard::Refused<Stream>,
     peer: SocketAddr,
     slot: Slot,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     http1: bool,
 ) {
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
@@ -223,7 +224,16 @@ async fn serve(
     let slot = Arc::new(slot);
     let state = slot.state.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        forward::serve_one(shared.clone(), req, client.clone(), slot.clone(), true)
+        // Boxed: a request's future is a few KiB, and HTTP/2 moves it several times per
+        // request on its way into a task of its own (hyper spawns one per stream); a box
+        // moves as a pointer.
+        Box::pin(forward::serve_one(
+            shared.clone(),
+            req,
+            client.clone(),
+            slot.clone(),
+            true,
+        ))
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -242,12 +252,40 @@ async fn serve(
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
         // The guard keeps HTTP/1.1's idle deadline; an HTTP/2 connection is watched here.
-        let end = tokio::select! {
-            _ = conn.as_mut() => End::Finished,
-            _ = forward::stopped(&mut stop) => End::Stop,
-            _ = idle_h2(&state, lim.idle_timeout), if !http1 => End::Close,
-            _ = state.close.notified() => End::Close,
-        };
+        let idle = idle_h2(&state, lim.idle_timeout);
+        tokio::pin!(idle);
+        let close = state.close.notified();
+        tokio::pin!(close);
+        // As over plain HTTP (`forward::connection`): the wake-up for shutdown is registered
+        // once (this task's waker does not change); after that a wake-up only reads the stop
+        // signal's version, instead of polling the `watch` that all connections share, with
+        // its lock, every time a busy connection is woken.
+        let mut on_stop = stop.clone();
+        let registration = on_stop.changed();
+        tokio::pin!(registration);
+        let mut registered = false;
+        let end = std::future::poll_fn(|cx| {
+            if conn.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(End::Finished);
+            }
+            if close.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(End::Close);
+            }
+            if !http1 && idle.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(End::Close);
+            }
+            if !registered {
+                registered = true;
+                if registration.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(End::Stop);
+                }
+            }
+            if stop.has_changed().unwrap_or(true) {
+                return std::task::Poll::Ready(End::Stop);
+            }
+            std::task::Poll::Pending
+        })
+        .await;
         if end == End::Close {
             // Idle too long, or asked to close by the slots: a GOAWAY (HTTP/2) or `Connection:
             // close` (HTTP/1.1); a request in flight still finishes.

@@ -137,8 +137,10 @@ pub(crate) async fn take(addr: &str, connect_timeout: Duration) -> Result<Taken,
             });
         }
     }
+    // Boxed: a new connection is rare under load, and its future (resolving, connecting, the
+    // handshake) would otherwise be part of every request's.
     Ok(Taken {
-        sender: connect(addr, connect_timeout).await?,
+        sender: Box::pin(connect(addr, connect_timeout)).await?,
         may_be_stale: false,
     })
 }
