@@ -1255,6 +1255,31 @@ impl<W: Write> Write for Compressing<W> {
     }
 }
 
+/// Flushes a file being written once a second from a thread of its own, so that the flush
+/// that commits it finds little left to write (a gigabyte flushed at the end takes seconds,
+/// while the disk idled as it was written).
+struct Flusher;
+
+impl Flusher {
+    fn during<T>(file: File, work: impl FnOnce() -> T) -> T {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(std::time::Duration::from_secs(1))
+                {
+                    if file.sync_data().is_err() {
+                        return; // the final flush reports it
+                    }
+                }
+            });
+            let r = work();
+            drop(stop);
+            r
+        })
+    }
+}
+
 /// The checker thread stopped reading (it refused the stream).
 #[derive(Debug)]
 struct CheckerStopped;
@@ -1472,6 +1497,7 @@ impl ArtifactStore {
         }
         self.ensure_dir()?;
         let (temp, file) = self.temp_file("tar.gz")?;
+        let flushing = file.try_clone().map_err(io_error(&temp.path))?;
         let out = Compressing::Sampling {
             sample: Vec::with_capacity(SAMPLE_BYTES),
             file: Tap {
@@ -1479,7 +1505,9 @@ impl ArtifactStore {
                 hosts,
             },
         };
-        let (summary, out, manifest) = pack_checked(dir, limits, out, false, &temp.path)?;
+        let (summary, out, manifest) = Flusher::during(flushing, || {
+            pack_checked(dir, limits, out, false, &temp.path)
+        })?;
         let (tap, packing, plain) = out.finish().map_err(io_error(&temp.path))?;
         let hosts = plain.or(tap.hosts);
         let (sha256, size, buffered) = tap.inner.hex();
