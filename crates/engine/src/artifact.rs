@@ -1256,8 +1256,8 @@ impl<W: Write> Write for Compressing<W> {
 }
 
 /// Flushes a file being written once a second from a thread of its own, so that the flush
-/// that commits it finds little left to write (a gigabyte flushed at the end takes seconds,
-/// while the disk idled as it was written).
+/// that commits it finds little left to write, not the whole artifact (the disk would
+/// otherwise idle while it is written).
 struct Flusher;
 
 impl Flusher {

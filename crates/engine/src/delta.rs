@@ -313,10 +313,7 @@ pub(crate) fn write_delta(
     };
     let file = File::create(&delta.path)?;
     // What did not shrink in the artifact will not shrink in the delta.
-    let packing = match new.packing {
-        Some(crate::artifact::Packing::Stored) => crate::artifact::Packing::Stored,
-        _ => crate::artifact::Packing::Gzip1,
-    };
+    let packing = new.packing.unwrap_or(crate::artifact::Packing::Gzip1);
     let gz = crate::gzip::GzOut::new(BufWriter::new(file), packing)?;
     let mut out = tar::Builder::new(gz);
     out.mode(tar::HeaderMode::Complete);

@@ -131,7 +131,7 @@ rm -rf "$id.partial"
 mkdir "$id.partial" || { echo "ERR cannot create $root/releases/$id.partial"; exit 3; }
 if [ "$gz" = yes ]; then set -- -z; else set --; fi
 # While tar runs, what it wrote is flushed once a second, so that the flush before the rename
-# finds little left to write (a gigabyte flushed at the end takes seconds).
+# finds little left to write instead of a whole release written since the last flush.
 ( while sleep 1; do sync -f "$id.partial" || exit 0; done ) </dev/null >/dev/null 2>&1 &
 flusher=$!
 if ! tar -x "$@" -o -f - -C "$id.partial"; then
