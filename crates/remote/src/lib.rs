@@ -176,6 +176,11 @@ pub trait Remote: Send + Sync {
     fn forward(&self, host: &str, port: u16) -> Result<Endpoint, RemoteError>;
     /// Closes the connection and every forward.
     fn close(&self);
+    /// What the open connection negotiated that is worth a line in the run's events (for
+    /// SSH, the cipher); empty when there is nothing to say.
+    fn link(&self) -> String {
+        String::new()
+    }
 }
 
 #[cfg(test)]

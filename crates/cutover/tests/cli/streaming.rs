@@ -227,3 +227,56 @@ fn a_redeploy_packed_while_the_hosts_connect_still_ships_everything_to_a_host_th
         assert!(std::fs::read(&on_host).unwrap() == source, "host {i}");
     }
 }
+
+/// The detail of each host's `connect` `done` event in the newest run, in host order.
+fn ciphers(w: &World) -> Vec<String> {
+    (0..w.hosts())
+        .map(|i| {
+            let host = w.lab().destination(i);
+            w.db()
+                .query_row(
+                    "SELECT detail FROM events WHERE run_id = (SELECT MAX(id) FROM runs) \
+                     AND step = 'connect' AND phase = 'done' AND host = ?1",
+                    [&host],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn hosts_are_reached_over_aes_gcm_when_this_cpu_has_aes_unless_ssh_config_chooses_the_ciphers() {
+    let w = World::files(2).start();
+    let aes = std::arch::is_x86_feature_detected!("aes")
+        && std::arch::is_x86_feature_detected!("pclmulqdq");
+    let default = if aes {
+        "cipher aes128-gcm@openssh.com"
+    } else {
+        "cipher chacha20-poly1305@openssh.com"
+    };
+    let a = w.build("a");
+    assert_eq!(w.deploy_artifact(&a).code, 0);
+    assert_eq!(ciphers(&w), vec![default; 2]);
+
+    // The user's ssh_config names the ciphers for one host: that host gets them, the other
+    // keeps cutover's choice.
+    let host1 = w.lab().ip(1).to_string();
+    let ssh_config = w.dir.join("ssh_config");
+    std::fs::write(
+        &ssh_config,
+        format!("Host {host1}\n    Ciphers chacha20-poly1305@openssh.com\n"),
+    )
+    .unwrap();
+    w.configure(|t| {
+        t.set_str("ssh", "config", ssh_config.display().to_string());
+    });
+    let b = w.build("b");
+    let r = w.deploy_artifact(&b);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        ciphers(&w),
+        vec![default, "cipher chacha20-poly1305@openssh.com"]
+    );
+    w.assert_all_serve("b");
+}

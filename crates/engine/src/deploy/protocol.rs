@@ -529,7 +529,12 @@ impl<S: Switcher> Run<'_, S> {
                 .ev(Some(&names[i]), Step::Connect, State::Start, "");
             let r = fleet.connect(i);
             match &r {
-                Ok(()) => self.rec.ev(Some(&names[i]), Step::Connect, State::Done, ""),
+                Ok(()) => self.rec.ev(
+                    Some(&names[i]),
+                    Step::Connect,
+                    State::Done,
+                    &fleet.remote(i).link(),
+                ),
                 Err(e) => self
                     .rec
                     .ev(Some(&names[i]), Step::Connect, State::Failed, e),
