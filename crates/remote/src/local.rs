@@ -52,6 +52,27 @@ impl Remote for LocalHost {
 /// [`RemoteError::Unreachable`] saying so. `abort` must make every other holder of the
 /// child's pipes let go (an OpenSSH mux client hands its stdio to the master: `abort` stops
 /// the master), or this waits for them.
+/// Bytes per write into a child's stdin.
+const FEED: usize = 256 << 10;
+
+/// Copies `r` into a child's stdin in writes of up to [`FEED`] bytes. `ssh` sends what it finds
+/// in its stdin pipe as it wakes up: with `io::copy`'s 8 KiB writes it woke for every 8 KiB and
+/// sent small packets, and the whole path (ssh, the host's sshd and tar) spent about 15% more
+/// CPU per byte than with large writes (measured with `perf stat` over ssh and sshd).
+fn feed(r: &mut dyn Read, w: &mut impl Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; FEED];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])?;
+    }
+    w.flush()
+}
+
 pub(crate) fn run_child(
     mut cmd: Command,
     host: &str,
@@ -105,7 +126,7 @@ pub(crate) fn run_child(
         });
         let mut write_err = None;
         if let (Some(mut w), Some(r)) = (child_in, stdin) {
-            if let Err(e) = std::io::copy(r, &mut w).and_then(|_| w.flush()) {
+            if let Err(e) = feed(r, &mut w) {
                 write_err = Some(e);
             }
             drop(w);

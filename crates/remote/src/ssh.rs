@@ -238,7 +238,7 @@ impl Remote for SshHost {
                     });
                 }
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(2));
         };
         if status.success() && self.control_path().exists() {
             return Ok(());
