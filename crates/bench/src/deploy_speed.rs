@@ -16,6 +16,9 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 
+/// The cipher cutover asks for first on a machine with AES instructions.
+const AES_GCM: &str = "aes128-gcm@openssh.com";
+
 pub(crate) const HOW_TO_READ: &str = "\
 each payload is a directory of files of 256 KiB of pseudo-random bytes (splitmix64 output; 40 \
 files = 10 MiB, 400 = 100 MiB, 4096 = 1 GiB, plus `index.html`, `version` and `up`), which \
@@ -50,8 +53,12 @@ timed from spawn to exit, then every host is checked to serve it (untimed). *flo
 with the same identity and known_hosts (strict host key checking), timed from the first spawn \
 to the last exit; note that it compresses once per host with gzip's default level 6, while \
 cutover compresses (if at all) once at level 1. *floor tar* is the same without compression (`tar cf` / \
-`tar xf`). *cutover ÷ best floor* divides the *cutover 1st* median by the faster floor \
-median, *cutover 2nd ÷ 1st* the *cutover 2nd* median by the *cutover 1st* one. 1 GiB cells run once (not `--reps` times) and without the tar.gz floor (gzip -6 of \
+`tar xf`), with the cipher OpenSSH picks by default (chacha20-poly1305), as a person typing \
+it gets. cutover asks for AES-GCM first on a machine with AES instructions (this one has \
+them), so *floor tar over ssh, AES-GCM* is the tar floor again with `ssh -c \
+aes128-gcm@openssh.com`: the floor with cutover's cipher. *cutover ÷ best floor* divides the \
+*cutover 1st* median by the faster of the two default-cipher floors (the issue's goal), \
+*cutover 1st ÷ floor AES-GCM* by the AES-GCM floor's median, *cutover 2nd ÷ 1st* the *cutover 2nd* median by the *cutover 1st* one. 1 GiB cells run once (not `--reps` times) and without the tar.gz floor (gzip -6 of \
 1 GiB once per host takes minutes on 2 cores); before a 1 GiB cell the bench checks the free \
 disk space where the hosts' `/srv` live and runs only what fits, saying so in the cell. The \
 CPU table gives the same runs' CPU seconds (all processes of the run on both sides). The \
@@ -95,6 +102,9 @@ struct Row {
     cap_second: Samples,
     floor_gz: Samples,
     floor_tar: Samples,
+    /// The tar floor with `ssh -c aes128-gcm@openssh.com`, the cipher cutover asks for on
+    /// this machine.
+    floor_aes: Samples,
     artifact_bytes: u64,
     /// How cutover packed A (its artifact store's word: `gzip1` or `stored`).
     packing: String,
@@ -266,6 +276,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
         cap_second: Samples::default(),
         floor_gz: Samples::default(),
         floor_tar: Samples::default(),
+        floor_aes: Samples::default(),
         artifact_bytes: 0,
         packing: String::new(),
         profile: None,
@@ -329,6 +340,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
             None
         };
         let tar = world.floor(a, false, &format!("{tag}-tar"))?;
+        let aes = world.floor_with(a, false, Some(AES_GCM), &format!("{tag}-aes"))?;
         world.reset(&format!("{tag}-cap"))?;
         cap.set_main(&ca)?;
         let cap1 = cap_deploy(ctx, world, cap, a)?;
@@ -343,6 +355,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
             second_run.as_ref().map(|r| r.sample),
             gz,
             Some(tar),
+            Some(aes),
             Some(cap1),
             cap2,
         ]
@@ -355,7 +368,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
                 .unwrap_or_else(|| "skipped".into())
         };
         eprintln!(
-            "[deploy-speed] {} on {n} host(s) run {rep}/{}: cutover 1st {}, 2nd {}, Capistrano 1st {}, 2nd {}, floor tar.gz {}, floor tar {}; other processes {} CPU-s",
+            "[deploy-speed] {} on {n} host(s) run {rep}/{}: cutover 1st {}, 2nd {}, Capistrano 1st {}, 2nd {}, floor tar.gz {}, floor tar {}, floor tar AES-GCM {}; other processes {} CPU-s",
             s.name,
             s.reps,
             opt(Some(first.sample)),
@@ -364,6 +377,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
             opt(cap2),
             opt(gz),
             opt(Some(tar)),
+            opt(Some(aes)),
             secs(foreign),
         );
         if runs.iter().any(|s| s.disturbed(ctx.machine.cores))
@@ -377,6 +391,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
                 "capistrano_second": cap2.map(Sample::to_json),
                 "floor_tar_gz_ssh": gz.map(Sample::to_json),
                 "floor_tar_ssh": tar.to_json(),
+                "floor_tar_ssh_aes128_gcm": aes.to_json(),
             }));
             continue;
         }
@@ -388,6 +403,7 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
             row.floor_gz.push(g);
         }
         row.floor_tar.push(tar);
+        row.floor_aes.push(aes);
         row.cap_first.push(cap1);
         if let Some(c) = cap2 {
             row.cap_second.push(c);
@@ -573,10 +589,16 @@ fn wall_table(md: &mut String, rows: &[Row]) {
                 r.cell("cap_second", &r.cap_second, false),
                 r.cell("floor_gz", &r.floor_gz, false),
                 r.cell("floor_tar", &r.floor_tar, false),
+                r.cell("floor_aes", &r.floor_aes, false),
                 if best.is_finite() && best > 0.0 && !r.first.0.is_empty() {
                     format!("{:.2}x", r.first.median() / best)
                 } else {
                     "–".into()
+                },
+                if r.first.0.is_empty() || r.floor_aes.0.is_empty() {
+                    "–".into()
+                } else {
+                    format!("{:.2}x", r.first.median() / r.floor_aes.median())
                 },
                 if r.first.0.is_empty() || r.second.0.is_empty() {
                     "–".into()
@@ -609,7 +631,9 @@ fn wall_table(md: &mut String, rows: &[Row]) {
             "Capistrano 2nd",
             "floor tar.gz over ssh",
             "floor tar over ssh",
+            "floor tar over ssh, AES-GCM",
             "cutover 1st ÷ best floor",
+            "cutover 1st ÷ floor AES-GCM",
             "cutover 2nd ÷ 1st",
             "cutover's packing",
             "cutover 1st, MiB delivered/s",
@@ -636,6 +660,7 @@ fn cpu_table(md: &mut String, rows: &[Row]) {
                 r.cell("cap_second", &r.cap_second, true),
                 r.cell("floor_gz", &r.floor_gz, true),
                 r.cell("floor_tar", &r.floor_tar, true),
+                r.cell("floor_aes", &r.floor_aes, true),
             ]
         })
         .collect();
@@ -649,6 +674,7 @@ fn cpu_table(md: &mut String, rows: &[Row]) {
             "Capistrano 2nd",
             "floor tar.gz over ssh",
             "floor tar over ssh",
+            "floor tar over ssh, AES-GCM",
         ],
         &cpu_rows,
     ));
@@ -782,6 +808,7 @@ fn notes(md: &mut String, ctx: &Ctx, rows: &[Row], redeploys: &[RedeployRow]) {
                 &r.cap_second,
                 &r.floor_gz,
                 &r.floor_tar,
+                &r.floor_aes,
             ]
         })
         .chain(
@@ -862,6 +889,7 @@ fn row_json(r: &Row) -> Value {
         "capistrano_second": r.cap_second.to_json(),
         "floor_tar_gz_ssh": r.floor_gz.to_json(),
         "floor_tar_ssh": r.floor_tar.to_json(),
+        "floor_tar_ssh_aes128_gcm": r.floor_aes.to_json(),
         "not_run": r.skipped.iter().map(|(k, why)| json!({"column": k, "why": why})).collect::<Vec<_>>(),
         "discarded": r.discarded,
         "profile": r.profile.as_ref().map(|p| json!({

@@ -657,11 +657,25 @@ give_up_after = "20s"
     /// to the last exit; every host must then hold the payload's `version` file. The copies
     /// are removed afterwards (untimed).
     pub(crate) fn floor(&self, p: &Payload, gzip: bool, tag: &str) -> Result<Sample> {
+        self.floor_with(p, gzip, None, tag)
+    }
+
+    /// [`World::floor`] with `ssh -c cipher` when given.
+    pub(crate) fn floor_with(
+        &self,
+        p: &Payload,
+        gzip: bool,
+        cipher: Option<&str>,
+        tag: &str,
+    ) -> Result<Sample> {
         sync();
         let dest = format!("/srv/floor/{tag}");
         let (c, x) = if gzip { ("czf", "xzf") } else { ("cf", "xf") };
         let remote = format!("mkdir -p {dest} && tar {x} - -C {dest}");
-        let opts = self.ssh_options();
+        let mut opts = self.ssh_options();
+        if let Some(cipher) = cipher {
+            opts.extend(["-c".to_string(), cipher.to_string()]);
+        }
         let (errors, sample) = self.meter.time(|| -> Result<Vec<String>> {
             let mut pipes = Vec::new();
             for i in 0..self.len() {
