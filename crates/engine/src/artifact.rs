@@ -26,6 +26,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt}
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use flate2::read::MultiGzDecoder;
 use flate2::Compression;
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::delta::{Entry, Heads, Manifest};
-use crate::stream::Fanout;
+use crate::stream::{Fanout, Growing};
 
 /// Size limits applied while reading an archive.
 #[derive(Debug, Clone, Copy)]
@@ -1145,6 +1146,8 @@ impl Packing {
 struct Tap<W> {
     inner: W,
     hosts: Option<Fanout>,
+    /// Told the stream's format when it is decided (a head start, [`Growing`]).
+    growing: Option<Arc<Growing>>,
 }
 
 impl<W: Write> Write for Tap<W> {
@@ -1158,6 +1161,32 @@ impl<W: Write> Write for Tap<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// The store's file, telling a [`Growing`] reader how much of it is written.
+struct StoreFile {
+    file: File,
+    written: u64,
+    growing: Option<Arc<Growing>>,
+}
+
+impl Write for StoreFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(g) = &self.growing else {
+            return self.file.write(buf);
+        };
+        if g.cancelled() {
+            return Err(io::Error::other("no host is left to stream to"));
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        g.wrote(self.written);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -1199,6 +1228,9 @@ impl<W: Write> Compressing<W> {
             Packing::Stored
         };
         let mut plain = None;
+        if let Some(g) = &file.growing {
+            g.format(packing == Packing::Gzip1);
+        }
         if let Some(mut hosts) = file.hosts.take() {
             hosts.start(packing == Packing::Gzip1);
             if packing == Packing::Gzip1 {
@@ -1266,7 +1298,7 @@ impl Flusher {
         std::thread::scope(|s| {
             s.spawn(move || {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(std::time::Duration::from_secs(1))
+                    stopped.recv_timeout(std::time::Duration::from_millis(200))
                 {
                     if file.sync_data().is_err() {
                         return; // the final flush reports it
@@ -1443,7 +1475,7 @@ impl ArtifactStore {
     /// Symlinks are stored as symlinks, not followed; sockets, FIFOs and
     /// devices are refused.
     pub fn import_dir(&self, dir: &Path, limits: &Limits) -> Result<StoredArtifact, ArtifactError> {
-        self.import_dir_to(dir, limits, None)
+        self.import_dir_to(dir, limits, None, None)
     }
 
     /// [`ArtifactStore::import_dir`], handing the stream to `hosts` while it is packed: the
@@ -1456,7 +1488,21 @@ impl ArtifactStore {
         limits: &Limits,
         hosts: Fanout,
     ) -> Result<StoredArtifact, ArtifactError> {
-        self.import_dir_to(dir, limits, Some(hosts))
+        self.import_dir_to(dir, limits, Some(hosts), None)
+    }
+
+    /// [`ArtifactStore::import_dir`], with the store's file readable by hosts as it is
+    /// written (see [`Growing`]): said whole only once every byte is written, said failed if
+    /// the packing fails; stops if `growing` is cancelled.
+    pub(crate) fn import_dir_growing(
+        &self,
+        dir: &Path,
+        limits: &Limits,
+        growing: Arc<Growing>,
+    ) -> Result<StoredArtifact, ArtifactError> {
+        let r = self.import_dir_to(dir, limits, None, Some(growing.clone()));
+        growing.end(false); // no-op when it was said whole
+        r
     }
 
     /// Walks `dir` as [`ArtifactStore::import_dir`] would pack it, with the same checks and
@@ -1488,6 +1534,7 @@ impl ArtifactStore {
         dir: &Path,
         limits: &Limits,
         hosts: Option<Fanout>,
+        growing: Option<Arc<Growing>>,
     ) -> Result<StoredArtifact, ArtifactError> {
         let meta = fs::metadata(dir).map_err(io_error(dir))?;
         if !meta.is_dir() {
@@ -1498,11 +1545,22 @@ impl ArtifactStore {
         self.ensure_dir()?;
         let (temp, file) = self.temp_file("tar.gz")?;
         let flushing = file.try_clone().map_err(io_error(&temp.path))?;
+        if let Some(g) = &growing {
+            g.open(File::open(&temp.path).map_err(io_error(&temp.path))?);
+        }
         let out = Compressing::Sampling {
             sample: Vec::with_capacity(SAMPLE_BYTES),
             file: Tap {
-                inner: Hashing::new(BufWriter::with_capacity(1 << 20, file)),
+                inner: Hashing::new(BufWriter::with_capacity(
+                    1 << 20,
+                    StoreFile {
+                        file,
+                        written: 0,
+                        growing: growing.clone(),
+                    },
+                )),
                 hosts,
+                growing: growing.clone(),
             },
         };
         let (summary, out, manifest) = Flusher::during(flushing, || {
@@ -1514,7 +1572,11 @@ impl ArtifactStore {
         let file = buffered
             .into_inner()
             .map_err(|e| e.into_error())
-            .map_err(io_error(&temp.path))?;
+            .map_err(io_error(&temp.path))?
+            .file;
+        if let Some(g) = &growing {
+            g.end(true);
+        }
         // Checked, hashed and written: the hosts may now take the stream as whole and finish
         // unpacking while the store's copy is flushed. No host can serve the upload before
         // this returns: it is renamed to its release id only after the artifact is committed

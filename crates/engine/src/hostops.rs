@@ -132,7 +132,7 @@ mkdir "$id.partial" || { echo "ERR cannot create $root/releases/$id.partial"; ex
 if [ "$gz" = yes ]; then set -- -z; else set --; fi
 # While tar runs, what it wrote is flushed once a second, so that the flush before the rename
 # finds little left to write instead of a whole release written since the last flush.
-( while sleep 1; do sync -f "$id.partial" || exit 0; done ) </dev/null >/dev/null 2>&1 &
+( while sleep 0.2; do sync -f "$id.partial" || exit 0; done ) </dev/null >/dev/null 2>&1 &
 flusher=$!
 if ! tar -x "$@" -o -f - -C "$id.partial"; then
   kill "$flusher" 2>/dev/null

@@ -280,3 +280,32 @@ fn hosts_are_reached_over_aes_gcm_when_this_cpu_has_aes_unless_ssh_config_choose
     );
     w.assert_all_serve("b");
 }
+
+#[test]
+fn a_deploy_stopped_by_an_unreachable_host_leaves_no_upload_and_no_half_written_artifact() {
+    let w = World::files(2).start();
+    let v1 = w.deploy_ok("v1");
+    w.lab().stop_sshd(1);
+    // Packing begins while the hosts connect; the run stops at connect, long before 300 MB
+    // are packed.
+    let b = big_build(&w, "b", 3);
+    std::fs::write(b.join("assets/more.bin"), noise(4, 300_000_000)).unwrap();
+    let r = w.deploy_artifact(&b);
+    assert_eq!(r.code, 1, "{}", r.json);
+    assert_eq!(
+        w.norm(r.message()),
+        "1 of 2 hosts could not be used, so no host was touched:\n  \
+         <host1>: unreachable: ssh: connect to host <ip1> port 22: Connection refused"
+    );
+    assert_eq!(w.releases_on(0), vec![v1.clone()]);
+    let leftovers: Vec<String> = std::fs::read_dir(w.dir.join("data/artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    w.lab().start_sshd(1);
+    let r = w.deploy_artifact(&b);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    w.assert_all_serve("b");
+}

@@ -9,6 +9,7 @@ use crate::artifact::{ArtifactStore, Limits, Packing, StoredArtifact};
 use crate::deploy::{DeployError, Recorder, Via};
 use crate::gate::{run_gate, GateSpec};
 use crate::hostops::{self, OpError};
+use crate::stream::{Growing, HostReader};
 use crate::{crash_point, Reporter};
 use cutover_core::config::HealthUrl;
 use cutover_core::{Config, CrashPoint, FilesConfig, State, Step};
@@ -104,6 +105,60 @@ pub struct Files<'a> {
     streamed: Mutex<HashMap<usize, (String, u64)>>,
     /// The directory [`Files::prepin`] packed while the hosts connected, and how that went.
     prepacked: Mutex<Option<(String, Result<StoredArtifact, String>)>>,
+    /// The directory [`Files::prepin`] began packing for the hosts to read as it is written.
+    early: Mutex<Option<EarlyStream>>,
+}
+
+/// A head start (see [`Growing`]): a directory being packed into the store from a thread of
+/// its own since the hosts began to connect.
+struct EarlyStream {
+    dir: String,
+    growing: Arc<Growing>,
+    packing: std::thread::JoinHandle<Result<StoredArtifact, String>>,
+}
+
+impl EarlyStream {
+    fn start(store: &ArtifactStore, dir: &str, limits: Limits) -> EarlyStream {
+        let growing = Arc::new(Growing::default());
+        let (store, path, g) = (store.clone(), Path::new(dir).to_path_buf(), growing.clone());
+        let packing = std::thread::spawn(move || {
+            store
+                .import_dir_growing(&path, &limits, g)
+                .map_err(|e| e.to_string())
+        });
+        EarlyStream {
+            dir: dir.to_string(),
+            growing,
+            packing,
+        }
+    }
+
+    /// The packing's outcome, once it is over.
+    fn finish(self) -> Result<StoredArtifact, String> {
+        self.packing
+            .join()
+            .unwrap_or_else(|_| Err("the packing thread panicked".into()))
+    }
+
+    /// Stops the packing (no host will read it) and waits for it to end.
+    fn stop(self) {
+        self.growing.cancel();
+        let _ = self.finish();
+    }
+}
+
+impl Drop for Files<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.early.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            e.stop();
+        }
+    }
+}
+
+/// Where a stream's bytes come from: packed now, or by an [`EarlyStream`].
+enum Source<'l> {
+    Now(&'l Limits),
+    Early(EarlyStream),
 }
 
 impl<'a> Files<'a> {
@@ -121,6 +176,7 @@ impl<'a> Files<'a> {
             deltas: Mutex::new(HashMap::new()),
             streamed: Mutex::new(HashMap::new()),
             prepacked: Mutex::new(None),
+            early: Mutex::new(None),
         }
     }
 
@@ -181,7 +237,7 @@ impl<'a> Files<'a> {
         rec: &Recorder<'_>,
         hosts: &[HostCx<'_>],
         dir: &Path,
-        limits: &Limits,
+        source: Source<'_>,
         total: u64,
     ) -> Result<StoredArtifact, DeployError> {
         let token = format!("stream-{}", rec.run_id);
@@ -191,18 +247,37 @@ impl<'a> Files<'a> {
             dir.display(),
             hosts.len()
         ));
-        let (fanout, readers) = crate::stream::Fanout::new(hosts.len());
+        type Produce<'p> = Box<dyn FnOnce() -> Result<StoredArtifact, String> + 'p>;
+        let (readers, produce): (Vec<HostReader>, Produce<'_>) = match source {
+            Source::Now(limits) => {
+                let (fanout, readers) = crate::stream::Fanout::new(hosts.len());
+                let produce = move || {
+                    self.artifacts
+                        .import_dir_streaming(dir, limits, fanout)
+                        .map_err(|e| e.to_string())
+                };
+                let readers = readers.into_iter().map(HostReader::Fanned).collect();
+                (readers, Box::new(produce))
+            }
+            Source::Early(early) => {
+                let readers = hosts
+                    .iter()
+                    .map(|_| HostReader::Grown(early.growing.reader()))
+                    .collect();
+                (readers, Box::new(move || early.finish()))
+            }
+        };
         let (packed, sent) = std::thread::scope(|s| {
             let uploads: Vec<_> = readers
                 .into_iter()
                 .zip(hosts)
-                .map(|(mut stream, h)| {
+                .map(|(reader, h)| {
                     let token = &token;
                     s.spawn(move || -> Result<u64, String> {
-                        let gz = stream.format().map_err(|e| e.to_string())?;
+                        let (gz, bytes) = reader.open().map_err(|e| e.to_string())?;
                         h.ev(Step::Stage, State::Start, "streamed as it is packed");
                         let mut counting = Counting {
-                            inner: Box::new(stream),
+                            inner: bytes,
                             sent: 0,
                             total,
                             host: h.name,
@@ -221,7 +296,7 @@ impl<'a> Files<'a> {
                     })
                 })
                 .collect();
-            let packed = self.artifacts.import_dir_streaming(dir, limits, fanout);
+            let packed = produce();
             let sent: Vec<Result<u64, String>> = uploads
                 .into_iter()
                 .map(|u| {
@@ -237,7 +312,7 @@ impl<'a> Files<'a> {
             .filter_map(|(h, r)| r.as_ref().err().map(|e| format!("{}: {e}", h.name)))
             .collect();
         let outcome = match packed {
-            Err(e) => Err(DeployError::ArtifactRefusedStreamed(e.to_string())),
+            Err(e) => Err(DeployError::ArtifactRefusedStreamed(e)),
             Ok(_) if !errors.is_empty() => Err(DeployError::StageFailed {
                 release: token.clone(),
                 via: Via::Files,
@@ -319,11 +394,13 @@ impl Switcher for Files<'_> {
     /// A directory is packed once the hosts are prepared: streamed to every host as it is
     /// packed, unless a host could take a delta (or there are more hosts than `[ssh]
     /// parallel`), then packed into the store first and staged from there.
-    /// Packs `dir` into the store now, while the hosts connect, when it will not be streamed
-    /// (more hosts than `[ssh] parallel`) or likely will not: a delta against the live
-    /// release pays. The guess uses history's live release instead of what the hosts serve,
-    /// which only `prepare` knows; a wrong guess costs the stream (the packed artifact is
-    /// uploaded as it was before streaming existed), never correctness.
+    /// Packs `dir` into the store now, while the hosts connect: whole before staging when it
+    /// will not be streamed (more hosts than `[ssh] parallel`) or likely will not (a delta
+    /// against the live release pays), else as a head start the hosts read as it is written
+    /// once they are ready ([`EarlyStream`]). The guess uses history's live release instead
+    /// of what the hosts serve, which only `prepare` knows; a wrong guess costs the stream
+    /// (the packed artifact is uploaded whole) or the delta (the head start is streamed),
+    /// never correctness.
     fn prepin(&self, rec: &Recorder<'_>, dir: &str, hosts: usize) {
         let path = Path::new(dir);
         let limits = Limits::of(self.files);
@@ -334,16 +411,21 @@ impl Switcher for Files<'_> {
             let live = rec.store.live(rec.app).ok().flatten();
             live.is_some_and(|id| self.delta_pays_against(rec, &id, path, tree.as_ref()))
         };
-        if pack {
-            self.reporter.note(&format!(
-                "packing and checking {dir} while the hosts connect"
-            ));
-            let r = self
-                .artifacts
-                .import(path, &limits)
-                .map_err(|e| e.to_string());
-            *self.prepacked.lock().unwrap_or_else(|p| p.into_inner()) = Some((dir.to_string(), r));
+        if !pack {
+            // It will likely be streamed: the packing starts now, into the store, and the
+            // hosts read the store's file as it grows once they are ready.
+            let early = EarlyStream::start(self.artifacts, dir, limits);
+            *self.early.lock().unwrap_or_else(|p| p.into_inner()) = Some(early);
+            return;
         }
+        self.reporter.note(&format!(
+            "packing and checking {dir} while the hosts connect"
+        ));
+        let r = self
+            .artifacts
+            .import(path, &limits)
+            .map_err(|e| e.to_string());
+        *self.prepacked.lock().unwrap_or_else(|p| p.into_inner()) = Some((dir.to_string(), r));
     }
 
     fn pin(
@@ -358,17 +440,43 @@ impl Switcher for Files<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .filter(|(d, _)| d == dir);
+        let early = self.early.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (early, other) = match early {
+            Some(e) if e.dir == dir => (Some(e), None),
+            e => (None, e),
+        };
+        if let Some(e) = other {
+            e.stop();
+        }
         let path = Path::new(dir);
         let limits = Limits::of(self.files);
         let stored = if let Some((_, r)) = prepacked {
             r.map_err(DeployError::ArtifactRefused)?
         } else {
-            let (summary, tree) = ArtifactStore::check_dir_tree(path, &limits)
-                .map_err(|e| DeployError::ArtifactRefused(e.to_string()))?;
-            let stream = hosts.len() <= self.config.ssh.parallel
-                && !self.delta_pays(rec, hosts, path, tree.as_ref());
-            if stream {
-                self.stream(rec, hosts, path, &limits, summary.unpacked_bytes)?
+            let (summary, tree) = match ArtifactStore::check_dir_tree(path, &limits) {
+                Ok(checked) => checked,
+                Err(e) => {
+                    if let Some(early) = early {
+                        early.stop();
+                    }
+                    return Err(DeployError::ArtifactRefused(e.to_string()));
+                }
+            };
+            // Begun while the hosts connected: streamed even if a host turns out to serve a
+            // release a delta could have been made against (a wrong guess costs the delta).
+            if let Some(early) = early {
+                self.stream(
+                    rec,
+                    hosts,
+                    path,
+                    Source::Early(early),
+                    summary.unpacked_bytes,
+                )?
+            } else if hosts.len() <= self.config.ssh.parallel
+                && !self.delta_pays(rec, hosts, path, tree.as_ref())
+            {
+                let source = Source::Now(&limits);
+                self.stream(rec, hosts, path, source, summary.unpacked_bytes)?
             } else {
                 self.reporter.note(&format!("packing and checking {dir}"));
                 self.artifacts
