@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::delta::{Entry, Heads, Manifest};
-use crate::stream::{Fanout, Growing};
+use crate::stream::Growing;
 
 /// Size limits applied while reading an archive.
 #[derive(Debug, Clone, Copy)]
@@ -1141,29 +1141,6 @@ impl Packing {
     }
 }
 
-/// The store's copy of a packed artifact, and the hosts that get the stored (compressed)
-/// bytes as they are written when the artifact is compressed.
-struct Tap<W> {
-    inner: W,
-    hosts: Option<Fanout>,
-    /// Told the stream's format when it is decided (a head start, [`Growing`]).
-    growing: Option<Arc<Growing>>,
-}
-
-impl<W: Write> Write for Tap<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        if let Some(h) = self.hosts.as_mut() {
-            h.push(&buf[..n]);
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// The store's file, telling a [`Growing`] reader how much of it is written.
 struct StoreFile {
     file: File,
@@ -1191,18 +1168,18 @@ impl Write for StoreFile {
 }
 
 /// Decides from the first [`SAMPLE_BYTES`] of the stream whether to compress it, then writes
-/// the gzip stream into the hashed file. Hosts streamed to (the file's [`Tap`]) get the gzip
-/// stream when it is compressed, or else the tar stream itself (`plain`): a host spends no
-/// CPU on gzip for data that does not shrink.
+/// the gzip stream into the hashed file, and tells a head start's readers ([`Growing`]) which
+/// it is: hosts get the gzip stream when it is compressed, or else the tar stream inside its
+/// stored blocks (a host spends no CPU on gzip for data that does not shrink).
 enum Compressing<W: Write> {
     Sampling {
         sample: Vec<u8>,
-        file: Tap<W>,
+        file: W,
+        growing: Option<Arc<Growing>>,
     },
     Gz {
-        gz: crate::gzip::GzOut<Tap<W>>,
+        gz: crate::gzip::GzOut<W>,
         packing: Packing,
-        plain: Option<Fanout>,
     },
     Done,
 }
@@ -1212,7 +1189,11 @@ impl<W: Write> Compressing<W> {
         if !matches!(self, Compressing::Sampling { .. }) {
             return Ok(());
         }
-        let Compressing::Sampling { sample, mut file } = std::mem::replace(self, Compressing::Done)
+        let Compressing::Sampling {
+            sample,
+            file,
+            growing,
+        } = std::mem::replace(self, Compressing::Done)
         else {
             return Ok(());
         };
@@ -1227,31 +1208,20 @@ impl<W: Write> Compressing<W> {
         } else {
             Packing::Stored
         };
-        let mut plain = None;
-        if let Some(g) = &file.growing {
+        if let Some(g) = &growing {
             g.format(packing == Packing::Gzip1);
-        }
-        if let Some(mut hosts) = file.hosts.take() {
-            hosts.start(packing == Packing::Gzip1);
-            if packing == Packing::Gzip1 {
-                file.hosts = Some(hosts);
-            } else {
-                hosts.push(&sample);
-                plain = Some(hosts);
-            }
         }
         let mut gz = crate::gzip::GzOut::new(file, packing)?;
         gz.write_all(&sample)?;
-        *self = Compressing::Gz { gz, packing, plain };
+        *self = Compressing::Gz { gz, packing };
         Ok(())
     }
 
-    /// The file (with the hosts if they get the gzip stream), how it was packed, and the
-    /// hosts if they get the tar stream.
-    fn finish(mut self) -> io::Result<(Tap<W>, Packing, Option<Fanout>)> {
+    /// The file, and how it was packed.
+    fn finish(mut self) -> io::Result<(W, Packing)> {
         self.decide()?;
         match self {
-            Compressing::Gz { gz, packing, plain } => Ok((gz.finish()?, packing, plain)),
+            Compressing::Gz { gz, packing } => Ok((gz.finish()?, packing)),
             _ => Err(io::Error::other("the compressor is gone")),
         }
     }
@@ -1268,13 +1238,7 @@ impl<W: Write> Write for Compressing<W> {
                 }
                 Ok(n)
             }
-            Compressing::Gz { gz, plain, .. } => {
-                let n = gz.write(buf)?;
-                if let Some(h) = plain.as_mut() {
-                    h.push(&buf[..n]);
-                }
-                Ok(n)
-            }
+            Compressing::Gz { gz, .. } => gz.write(buf),
             Compressing::Done => Err(io::Error::other("the compressor is gone")),
         }
     }
@@ -1287,7 +1251,7 @@ impl<W: Write> Write for Compressing<W> {
     }
 }
 
-/// Flushes a file being written once a second from a thread of its own, so that the flush
+/// Flushes a file being written every 0.2 s from a thread of its own, so that the flush
 /// that commits it finds little left to write, not the whole artifact (the disk would
 /// otherwise idle while it is written).
 struct Flusher;
@@ -1475,20 +1439,7 @@ impl ArtifactStore {
     /// Symlinks are stored as symlinks, not followed; sockets, FIFOs and
     /// devices are refused.
     pub fn import_dir(&self, dir: &Path, limits: &Limits) -> Result<StoredArtifact, ArtifactError> {
-        self.import_dir_to(dir, limits, None, None)
-    }
-
-    /// [`ArtifactStore::import_dir`], handing the stream to `hosts` while it is packed: the
-    /// stored bytes when they are compressed, the tar stream itself when they are not (see
-    /// [`crate::stream`]). The hosts get the end of the stream only once all of it has
-    /// passed the checks; on a refusal they get a cut stream.
-    pub(crate) fn import_dir_streaming(
-        &self,
-        dir: &Path,
-        limits: &Limits,
-        hosts: Fanout,
-    ) -> Result<StoredArtifact, ArtifactError> {
-        self.import_dir_to(dir, limits, Some(hosts), None)
+        self.import_dir_to(dir, limits, None)
     }
 
     /// [`ArtifactStore::import_dir`], with the store's file readable by hosts as it is
@@ -1500,7 +1451,7 @@ impl ArtifactStore {
         limits: &Limits,
         growing: Arc<Growing>,
     ) -> Result<StoredArtifact, ArtifactError> {
-        let r = self.import_dir_to(dir, limits, None, Some(growing.clone()));
+        let r = self.import_dir_to(dir, limits, Some(growing.clone()));
         growing.end(false); // no-op when it was said whole
         r
     }
@@ -1533,7 +1484,6 @@ impl ArtifactStore {
         &self,
         dir: &Path,
         limits: &Limits,
-        hosts: Option<Fanout>,
         growing: Option<Arc<Growing>>,
     ) -> Result<StoredArtifact, ArtifactError> {
         let meta = fs::metadata(dir).map_err(io_error(dir))?;
@@ -1550,39 +1500,32 @@ impl ArtifactStore {
         }
         let out = Compressing::Sampling {
             sample: Vec::with_capacity(SAMPLE_BYTES),
-            file: Tap {
-                inner: Hashing::new(BufWriter::with_capacity(
-                    1 << 20,
-                    StoreFile {
-                        file,
-                        written: 0,
-                        growing: growing.clone(),
-                    },
-                )),
-                hosts,
-                growing: growing.clone(),
-            },
+            file: Hashing::new(BufWriter::with_capacity(
+                1 << 20,
+                StoreFile {
+                    file,
+                    written: 0,
+                    growing: growing.clone(),
+                },
+            )),
+            growing: growing.clone(),
         };
         let (summary, out, manifest) = Flusher::during(flushing, || {
             pack_checked(dir, limits, out, false, &temp.path)
         })?;
-        let (tap, packing, plain) = out.finish().map_err(io_error(&temp.path))?;
-        let hosts = plain.or(tap.hosts);
-        let (sha256, size, buffered) = tap.inner.hex();
+        let (hashed, packing) = out.finish().map_err(io_error(&temp.path))?;
+        let (sha256, size, buffered) = hashed.hex();
         let file = buffered
             .into_inner()
             .map_err(|e| e.into_error())
             .map_err(io_error(&temp.path))?
             .file;
-        if let Some(g) = &growing {
-            g.end(true);
-        }
         // Checked, hashed and written: the hosts may now take the stream as whole and finish
         // unpacking while the store's copy is flushed. No host can serve the upload before
         // this returns: it is renamed to its release id only after the artifact is committed
         // below (and if flushing or committing fails, the run removes every upload).
-        if let Some(h) = hosts {
-            h.finish();
+        if let Some(g) = &growing {
+            g.end(true);
         }
         file.sync_all().map_err(io_error(&temp.path))?;
         drop(file);

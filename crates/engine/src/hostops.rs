@@ -130,8 +130,8 @@ macro_rules! unpack_partial {
 rm -rf "$id.partial"
 mkdir "$id.partial" || { echo "ERR cannot create $root/releases/$id.partial"; exit 3; }
 if [ "$gz" = yes ]; then set -- -z; else set --; fi
-# While tar runs, what it wrote is flushed once a second, so that the flush before the rename
-# finds little left to write instead of a whole release written since the last flush.
+# While tar runs, what it wrote is flushed every 0.2 s (if sleep takes fractions; else only at
+# the end), so that the flush before the rename finds little left to write.
 ( while sleep 0.2; do sync -f "$id.partial" || exit 0; done ) </dev/null >/dev/null 2>&1 &
 flusher=$!
 if ! tar -x "$@" -o -f - -C "$id.partial"; then

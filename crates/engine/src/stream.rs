@@ -1,165 +1,24 @@
-//! One packing, many hosts: the bytes a directory packs into are handed, as they are produced,
-//! to one reader per host (each feeding that host's `ssh` stdin), while the same pass hashes
-//! them and writes the artifact store's copy.
+//! One packing, many hosts, and a head start: a directory is packed into the artifact store
+//! from the moment the hosts begin to connect ([`Growing`]), and every host, once ready, reads
+//! the store's file as it is written (each feeding that host's `ssh` stdin) until it catches up
+//! with the packing. The file (page cache, not this process's memory) holds what a host has
+//! not read yet, so memory does not grow with the payload, and the packing's CPU overlaps the
+//! connections instead of the upload. The format is decided from the first bytes packed (see
+//! `artifact::Compressing`): a host gets the gzip stream when the artifact is compressed, or
+//! the tar stream inside its stored deflate blocks ([`Unstored`]), so it spends no CPU on gzip
+//! for data that does not shrink.
 //!
-//! [`Fanout`] is the producer's end: it cuts the stream into shared chunks and sends each to
-//! every host still reading, through a bounded channel per host, so memory stays at a few
-//! chunks whatever the payload's size, and the slowest host sets the pace. [`HostStream`] is a
-//! host's end. The first message says whether the bytes are a gzip stream or a plain tar
-//! (decided from the first bytes packed, see `artifact::Compressing`). A stream that ends
-//! without its end marker (the packing was refused or failed part-way) is an error for every
-//! reader, never a clean end of file: a host must not take a cut stream for a whole release.
-//!
-//! Invariant: a host that stops reading (its connection failed) is dropped from the fan-out;
-//! the others and the store's copy go on.
+//! Invariant: a stream the packing did not say is whole (it was refused, failed part-way or
+//! was cancelled) is an error for every reader, never a clean end of file: a host must not take
+//! a cut stream for a whole release.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-
-/// Bytes per chunk sent to the hosts.
-const CHUNK: usize = 256 << 10;
-/// Chunks queued per host before the producer waits for it.
-const DEPTH: usize = 8;
-
-enum Msg {
-    /// The stream's format: a gzip stream (`true`) or a plain tar.
-    Start {
-        gz: bool,
-    },
-    Data(Arc<Vec<u8>>),
-    End,
-}
-
-/// The producer's end of a fan-out to hosts.
-pub(crate) struct Fanout {
-    hosts: Vec<Option<SyncSender<Msg>>>,
-    chunk: Vec<u8>,
-    started: bool,
-}
-
-impl Fanout {
-    /// A fan-out to `n` hosts and their readers, in host order.
-    pub(crate) fn new(n: usize) -> (Fanout, Vec<HostStream>) {
-        let (hosts, readers) = (0..n)
-            .map(|_| {
-                let (tx, rx) = sync_channel(DEPTH);
-                (
-                    Some(tx),
-                    HostStream {
-                        rx,
-                        chunk: Arc::new(Vec::new()),
-                        at: 0,
-                        ended: false,
-                    },
-                )
-            })
-            .unzip();
-        (
-            Fanout {
-                hosts,
-                chunk: Vec::with_capacity(CHUNK),
-                started: false,
-            },
-            readers,
-        )
-    }
-
-    /// Says the stream's format; every host's reader waits for this before its upload starts.
-    pub(crate) fn start(&mut self, gz: bool) {
-        if !self.started {
-            self.started = true;
-            self.broadcast(|| Msg::Start { gz });
-        }
-    }
-
-    /// Queues bytes of the stream (sent in chunks).
-    pub(crate) fn push(&mut self, mut buf: &[u8]) {
-        while !buf.is_empty() {
-            let n = buf.len().min(CHUNK - self.chunk.len());
-            self.chunk.extend_from_slice(&buf[..n]);
-            buf = &buf[n..];
-            if self.chunk.len() == CHUNK {
-                self.send_chunk();
-            }
-        }
-    }
-
-    fn send_chunk(&mut self) {
-        if self.chunk.is_empty() {
-            return;
-        }
-        let chunk = Arc::new(std::mem::replace(
-            &mut self.chunk,
-            Vec::with_capacity(CHUNK),
-        ));
-        self.broadcast(|| Msg::Data(chunk.clone()));
-    }
-
-    fn broadcast(&mut self, msg: impl Fn() -> Msg) {
-        for slot in &mut self.hosts {
-            if let Some(tx) = slot {
-                if tx.send(msg()).is_err() {
-                    // That host stopped reading: its own error says why.
-                    *slot = None;
-                }
-            }
-        }
-    }
-
-    /// The stream is complete: the last bytes and the end marker go out.
-    pub(crate) fn finish(mut self) {
-        self.send_chunk();
-        self.broadcast(|| Msg::End);
-    }
-}
-
-/// A host's end of a [`Fanout`].
-pub(crate) struct HostStream {
-    rx: Receiver<Msg>,
-    chunk: Arc<Vec<u8>>,
-    at: usize,
-    ended: bool,
-}
 
 fn cut() -> io::Error {
     io::Error::other("the packing stopped before the end of the stream")
-}
-
-impl HostStream {
-    /// Waits for the stream's format: `Ok(true)` for gzip, `Ok(false)` for a plain tar; an
-    /// error if the packing stopped before it began.
-    pub(crate) fn format(&mut self) -> io::Result<bool> {
-        match self.rx.recv() {
-            Ok(Msg::Start { gz }) => Ok(gz),
-            _ => Err(cut()),
-        }
-    }
-}
-
-impl Read for HostStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.chunk.len() {
-            if self.ended {
-                return Ok(0);
-            }
-            match self.rx.recv() {
-                Ok(Msg::Data(chunk)) => {
-                    self.chunk = chunk;
-                    self.at = 0;
-                }
-                Ok(Msg::End) => self.ended = true,
-                Ok(Msg::Start { .. }) => {}
-                Err(_) => return Err(cut()),
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.at);
-        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
 }
 
 /// A head start: the artifact store's copy, packed while the hosts connect, read by every host
@@ -167,7 +26,7 @@ impl Read for HostStream {
 /// cache, not this process's memory) holds what the hosts have not read yet, so the packing's
 /// CPU overlaps the connections instead of the upload. Hosts get the gzip stream when the
 /// artifact is compressed, or the tar stream inside its stored deflate blocks ([`Unstored`]).
-/// As with [`Fanout`], a stream that ends without the producer saying it is whole is an error
+/// A stream that ends without the producer saying it is whole is an error
 /// for every reader.
 #[derive(Default)]
 pub(crate) struct Growing {
@@ -242,7 +101,8 @@ pub(crate) struct GrowingReader {
 }
 
 impl GrowingReader {
-    /// Waits for the stream's format, as [`HostStream::format`].
+    /// Waits for the stream's format: `Ok(true)` for gzip, `Ok(false)` for stored blocks; an
+    /// error if the packing stopped before it began.
     pub(crate) fn format(&mut self) -> io::Result<bool> {
         let mut g = self.growing.state();
         loop {
@@ -254,6 +114,17 @@ impl GrowingReader {
             }
             g = self.growing.grew.wait(g).unwrap_or_else(|p| p.into_inner());
         }
+    }
+    /// Waits for the stream's format; returns whether the host gets gzip, and the bytes it
+    /// gets (the tar inside the stored blocks when it does not).
+    pub(crate) fn open(mut self) -> io::Result<(bool, Box<dyn Read + Send>)> {
+        let gz = self.format()?;
+        let bytes: Box<dyn Read + Send> = if gz {
+            Box::new(self)
+        } else {
+            Box::new(Unstored::new(self))
+        };
+        Ok((gz, bytes))
     }
 }
 
@@ -280,31 +151,6 @@ impl Read for GrowingReader {
                 None => {}
             }
             g = self.growing.grew.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-/// A host's end of either kind of stream.
-pub(crate) enum HostReader {
-    Fanned(HostStream),
-    Grown(GrowingReader),
-}
-
-impl HostReader {
-    /// Waits for the stream's format; returns whether the host gets gzip, and the bytes it
-    /// gets (the tar inside stored blocks when it does not).
-    pub(crate) fn open(self) -> io::Result<(bool, Box<dyn Read + Send>)> {
-        match self {
-            HostReader::Fanned(mut s) => Ok((s.format()?, Box::new(s))),
-            HostReader::Grown(mut r) => {
-                let gz = r.format()?;
-                let bytes: Box<dyn Read + Send> = if gz {
-                    Box::new(r)
-                } else {
-                    Box::new(Unstored::new(r))
-                };
-                Ok((gz, bytes))
-            }
         }
     }
 }
@@ -374,35 +220,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_host_reads_the_whole_stream_and_a_gone_host_does_not_stop_the_others() {
-        let (mut f, mut readers) = Fanout::new(3);
-        let gone = readers.remove(1);
-        drop(gone);
-        let handles: Vec<_> = readers
-            .into_iter()
-            .map(|mut r| {
-                std::thread::spawn(move || {
-                    let gz = r.format().unwrap();
-                    let mut all = Vec::new();
-                    r.read_to_end(&mut all).unwrap();
-                    (gz, all)
-                })
-            })
-            .collect();
-        f.start(true);
-        let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
-        for piece in data.chunks(1000) {
-            f.push(piece);
-        }
-        f.finish();
-        for h in handles {
-            let (gz, all) = h.join().unwrap();
-            assert!(gz);
-            assert_eq!(all, data);
-        }
-    }
-
-    #[test]
     fn unstored_gives_back_the_bytes_the_stored_writer_framed() {
         for len in [0usize, 1, 65_535, 65_536, 3 * 65_535 + 17] {
             let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
@@ -462,25 +279,5 @@ mod tests {
             "the packing stopped before the end of the stream"
         );
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_stream_cut_before_its_end_is_an_error_not_an_end_of_file() {
-        let (mut f, mut readers) = Fanout::new(1);
-        let mut r = readers.pop().unwrap();
-        let h = std::thread::spawn(move || {
-            r.format().unwrap();
-            let mut all = Vec::new();
-            r.read_to_end(&mut all)
-        });
-        f.start(false);
-        f.push(&[1, 2, 3]);
-        f.send_chunk();
-        drop(f);
-        let e = h.join().unwrap().unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "the packing stopped before the end of the stream"
-        );
     }
 }

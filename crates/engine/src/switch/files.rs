@@ -9,7 +9,7 @@ use crate::artifact::{ArtifactStore, Limits, Packing, StoredArtifact};
 use crate::deploy::{DeployError, Recorder, Via};
 use crate::gate::{run_gate, GateSpec};
 use crate::hostops::{self, OpError};
-use crate::stream::{Growing, HostReader};
+use crate::stream::Growing;
 use crate::{crash_point, Reporter};
 use cutover_core::config::HealthUrl;
 use cutover_core::{Config, CrashPoint, FilesConfig, State, Step};
@@ -155,12 +155,6 @@ impl Drop for Files<'_> {
     }
 }
 
-/// Where a stream's bytes come from: packed now, or by an [`EarlyStream`].
-enum Source<'l> {
-    Now(&'l Limits),
-    Early(EarlyStream),
-}
-
 impl<'a> Files<'a> {
     pub fn new(
         config: &'a Config,
@@ -237,7 +231,7 @@ impl<'a> Files<'a> {
         rec: &Recorder<'_>,
         hosts: &[HostCx<'_>],
         dir: &Path,
-        source: Source<'_>,
+        early: EarlyStream,
         total: u64,
     ) -> Result<StoredArtifact, DeployError> {
         let token = format!("stream-{}", rec.run_id);
@@ -247,31 +241,11 @@ impl<'a> Files<'a> {
             dir.display(),
             hosts.len()
         ));
-        type Produce<'p> = Box<dyn FnOnce() -> Result<StoredArtifact, String> + 'p>;
-        let (readers, produce): (Vec<HostReader>, Produce<'_>) = match source {
-            Source::Now(limits) => {
-                let (fanout, readers) = crate::stream::Fanout::new(hosts.len());
-                let produce = move || {
-                    self.artifacts
-                        .import_dir_streaming(dir, limits, fanout)
-                        .map_err(|e| e.to_string())
-                };
-                let readers = readers.into_iter().map(HostReader::Fanned).collect();
-                (readers, Box::new(produce))
-            }
-            Source::Early(early) => {
-                let readers = hosts
-                    .iter()
-                    .map(|_| HostReader::Grown(early.growing.reader()))
-                    .collect();
-                (readers, Box::new(move || early.finish()))
-            }
-        };
         let (packed, sent) = std::thread::scope(|s| {
-            let uploads: Vec<_> = readers
-                .into_iter()
-                .zip(hosts)
-                .map(|(reader, h)| {
+            let uploads: Vec<_> = hosts
+                .iter()
+                .map(|h| {
+                    let reader = early.growing.reader();
                     let token = &token;
                     s.spawn(move || -> Result<u64, String> {
                         let (gz, bytes) = reader.open().map_err(|e| e.to_string())?;
@@ -296,7 +270,7 @@ impl<'a> Files<'a> {
                     })
                 })
                 .collect();
-            let packed = produce();
+            let packed = early.finish();
             let sent: Vec<Result<u64, String>> = uploads
                 .into_iter()
                 .map(|u| {
@@ -464,19 +438,13 @@ impl Switcher for Files<'_> {
             };
             // Begun while the hosts connected: streamed even if a host turns out to serve a
             // release a delta could have been made against (a wrong guess costs the delta).
+            let early = early.or_else(|| {
+                let stream = hosts.len() <= self.config.ssh.parallel
+                    && !self.delta_pays(rec, hosts, path, tree.as_ref());
+                stream.then(|| EarlyStream::start(self.artifacts, dir, limits))
+            });
             if let Some(early) = early {
-                self.stream(
-                    rec,
-                    hosts,
-                    path,
-                    Source::Early(early),
-                    summary.unpacked_bytes,
-                )?
-            } else if hosts.len() <= self.config.ssh.parallel
-                && !self.delta_pays(rec, hosts, path, tree.as_ref())
-            {
-                let source = Source::Now(&limits);
-                self.stream(rec, hosts, path, source, summary.unpacked_bytes)?
+                self.stream(rec, hosts, path, early, summary.unpacked_bytes)?
             } else {
                 self.reporter.note(&format!("packing and checking {dir}"));
                 self.artifacts
