@@ -350,14 +350,18 @@ async fn connection(
         // a half-sent head costs at most that much. hyper's header timeout is only a backstop
         // (the guard's deadlines come first); `half_close`: a client that ends its side after
         // a request still gets the answer (and so do the requests before a refused head).
-        let conn = http1::Builder::new()
+        let mut builder = http1::Builder::new();
+        builder
             .writev(false)
             .half_close(true)
             .timer(TokioTimer::new())
             .header_read_timeout(backstop(&lim))
             .max_buf_size(lim.max_header_bytes.max(limits::MIN_READ_BUF))
-            .max_header_size(lim.max_header_bytes)
-            .max_headers(lim.max_headers)
+            .max_header_size(lim.max_header_bytes);
+        if let Some(n) = limits::hyper_max_headers(&lim) {
+            builder.max_headers(n);
+        }
+        let conn = builder
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         tokio::pin!(conn);
