@@ -350,14 +350,18 @@ async fn connection(
         // a half-sent head costs at most that much. hyper's header timeout is only a backstop
         // (the guard's deadlines come first); `half_close`: a client that ends its side after
         // a request still gets the answer (and so do the requests before a refused head).
-        let conn = http1::Builder::new()
+        let mut builder = http1::Builder::new();
+        builder
             .writev(false)
             .half_close(true)
             .timer(TokioTimer::new())
             .header_read_timeout(backstop(&lim))
             .max_buf_size(lim.max_header_bytes.max(limits::MIN_READ_BUF))
-            .max_header_size(lim.max_header_bytes)
-            .max_headers(lim.max_headers)
+            .max_header_size(lim.max_header_bytes);
+        if let Some(n) = limits::hyper_max_headers(&lim) {
+            builder.max_headers(n);
+        }
+        let conn = builder
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         tokio::pin!(conn);
@@ -449,10 +453,10 @@ pub(crate) async fn serve_one(
         }
         (req.method().clone(), host, path)
     });
-    let mut resp = handle(&shared, req, client.clone(), &slot, https).await;
+    let mut routed = None;
+    let mut resp = handle(&shared, req, client.clone(), &slot, https, &mut routed).await;
     drop(busy);
     if let (Some(log), Some((method, host, path))) = (&shared.access, seen) {
-        let routed = resp.extensions_mut().remove::<Routed>();
         let (svc, target) = routed.as_ref().map_or(("-", "-"), |Routed(s, t)| {
             (s.name.as_str(), t.addr.as_str())
         });
@@ -477,13 +481,15 @@ pub(crate) async fn serve_one(
     Ok::<_, Infallible>(resp)
 }
 
-/// Serves one request (`https`: it came over TLS).
+/// Serves one request (`https`: it came over TLS); `routed` is set to where it went once it
+/// was sent (for the access log).
 pub(crate) async fn handle(
     shared: &Shared,
     req: Request<Incoming>,
     client: Option<HeaderValue>,
     slot: &Arc<Slot>,
     https: bool,
+    routed: &mut Option<Routed>,
 ) -> Response<ProxyBody> {
     shared.count_request();
     let (mut parts, body) = req.into_parts();
@@ -548,7 +554,8 @@ pub(crate) async fn handle(
     let target = guard.target().clone();
     if crate::static_target::is_static(&target.addr) {
         // Boxed: rare, and its future (the directory service's) must not grow every request's.
-        return Box::pin(serve_static(&parts, guard, service)).await;
+        *routed = Some(Routed(service, target));
+        return Box::pin(serve_static(&parts, guard)).await;
     }
 
     // Upstream requests are in origin form (`/path?query`).
@@ -646,8 +653,8 @@ pub(crate) async fn handle(
             }
         }
     };
-    let routed = Routed(service.clone(), target.clone());
-    let mut resp = match result {
+    *routed = Some(Routed(service.clone(), target.clone()));
+    match result {
         Ok((mut resp, sender)) => {
             target.count_served();
             target
@@ -668,10 +675,7 @@ pub(crate) async fn handle(
                 // The client connection's bytes are the tunnel's from now on (`guard`).
                 slot.state.set_upgraded();
                 upgrade::tunnel(client_up, upstream_up, guard, websocket, keep);
-                let mut resp =
-                    Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())));
-                resp.extensions_mut().insert(routed);
-                return resp;
+                return Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())));
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -712,18 +716,12 @@ pub(crate) async fn handle(
                 "bad gateway: the service did not answer\n",
             )
         }
-    };
-    resp.extensions_mut().insert(routed);
-    resp
+    }
 }
 
 /// A request to a static target (a files preview), answered by the proxy from the directory
 /// ([`crate::static_target`]), holding the in-flight guard until its body is sent.
-async fn serve_static(
-    parts: &hyper::http::request::Parts,
-    guard: InFlight,
-    service: Arc<crate::table::Service>,
-) -> Response<ProxyBody> {
+async fn serve_static(parts: &hyper::http::request::Parts, guard: InFlight) -> Response<ProxyBody> {
     let target = guard.target().clone();
     let started = std::time::Instant::now();
     let resp =
@@ -734,20 +732,17 @@ async fn serve_static(
         .stats
         .answered(resp.status().as_u16(), started.elapsed());
     let (head, body) = resp.into_parts();
-    let mut resp = Response::from_parts(
+    Response::from_parts(
         head,
         ProxyBody::Static {
             body,
             guard: Some(guard),
         },
-    );
-    resp.extensions_mut().insert(Routed(service, target));
-    resp
+    )
 }
 
-/// Which service and target a request went to (for the access log), in its response's
-/// extensions.
-#[derive(Clone)]
+/// Which service and target a request went to (for the access log). Handed back beside the
+/// response rather than in its extensions, whose map costs allocations on every request.
 pub(crate) struct Routed(Arc<crate::table::Service>, Arc<crate::table::Target>);
 
 /// Why a forwarded request got no response.

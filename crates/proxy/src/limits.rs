@@ -73,6 +73,18 @@ impl Default for Limits {
 /// The smallest `max_header_bytes` hyper accepts as its read buffer.
 pub(crate) const MIN_READ_BUF: usize = 8192;
 
+/// How many header lines hyper's HTTP/1.1 parser takes when it is not told.
+const HYPER_MAX_HEADERS: usize = 100;
+
+/// What to tell hyper's HTTP/1.1 server as its `max_headers`: `None` when its own default is
+/// the same. Told a number, hyper makes (and fills) two arrays that long for every head it
+/// parses; left to its default it uses uninitialised ones on the stack, which is cheaper per
+/// request (measured with callgrind: about 1,700 of 53,500 instructions per proxied request
+/// over TLS).
+pub(crate) fn hyper_max_headers(lim: &Limits) -> Option<usize> {
+    (lim.max_headers != HYPER_MAX_HEADERS).then_some(lim.max_headers)
+}
+
 /// How often at most a failing `accept` is logged.
 pub(crate) const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 

@@ -242,8 +242,10 @@ async fn serve(
         .half_close(true)
         .timer(TokioTimer::new())
         .header_read_timeout(forward::backstop(&lim))
-        .max_buf_size(lim.max_header_bytes.max(crate::limits::MIN_READ_BUF))
-        .max_headers(lim.max_headers);
+        .max_buf_size(lim.max_header_bytes.max(crate::limits::MIN_READ_BUF));
+    if let Some(n) = crate::limits::hyper_max_headers(&lim) {
+        builder.http1().max_headers(n);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
