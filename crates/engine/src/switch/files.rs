@@ -110,11 +110,13 @@ pub struct Files<'a> {
 }
 
 /// A head start (see [`Growing`]): a directory being packed into the store from a thread of
-/// its own since the hosts began to connect.
+/// its own since the hosts began to connect. Dropped before [`EarlyStream::finish`] (no host
+/// will read it: the run stopped, or the tree was refused), it cancels the packing and waits
+/// for it, so the packing's temp file is gone before the process exits.
 struct EarlyStream {
     dir: String,
     growing: Arc<Growing>,
-    packing: std::thread::JoinHandle<Result<StoredArtifact, String>>,
+    packing: Option<std::thread::JoinHandle<Result<StoredArtifact, String>>>,
 }
 
 impl EarlyStream {
@@ -129,28 +131,24 @@ impl EarlyStream {
         EarlyStream {
             dir: dir.to_string(),
             growing,
-            packing,
+            packing: Some(packing),
         }
     }
 
     /// The packing's outcome, once it is over.
-    fn finish(self) -> Result<StoredArtifact, String> {
-        self.packing
-            .join()
-            .unwrap_or_else(|_| Err("the packing thread panicked".into()))
-    }
-
-    /// Stops the packing (no host will read it) and waits for it to end.
-    fn stop(self) {
-        self.growing.cancel();
-        let _ = self.finish();
+    fn finish(mut self) -> Result<StoredArtifact, String> {
+        match self.packing.take().map(|p| p.join()) {
+            Some(Ok(r)) => r,
+            _ => Err("the packing thread panicked".into()),
+        }
     }
 }
 
-impl Drop for Files<'_> {
+impl Drop for EarlyStream {
     fn drop(&mut self) {
-        if let Some(e) = self.early.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            e.stop();
+        if let Some(p) = self.packing.take() {
+            self.growing.cancel();
+            let _ = p.join();
         }
     }
 }
@@ -365,9 +363,6 @@ impl Switcher for Files<'_> {
     const STAGES_DIRECTORIES: bool = true;
     type Staged = u64;
 
-    /// A directory is packed once the hosts are prepared: streamed to every host as it is
-    /// packed, unless a host could take a delta (or there are more hosts than `[ssh]
-    /// parallel`), then packed into the store first and staged from there.
     /// Packs `dir` into the store now, while the hosts connect: whole before staging when it
     /// will not be streamed (more hosts than `[ssh] parallel`) or likely will not (a delta
     /// against the live release pays), else as a head start the hosts read as it is written
@@ -414,28 +409,19 @@ impl Switcher for Files<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .filter(|(d, _)| d == dir);
-        let early = self.early.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (early, other) = match early {
-            Some(e) if e.dir == dir => (Some(e), None),
-            e => (None, e),
-        };
-        if let Some(e) = other {
-            e.stop();
-        }
+        let early = self
+            .early
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|e| e.dir == dir);
         let path = Path::new(dir);
         let limits = Limits::of(self.files);
         let stored = if let Some((_, r)) = prepacked {
             r.map_err(DeployError::ArtifactRefused)?
         } else {
-            let (summary, tree) = match ArtifactStore::check_dir_tree(path, &limits) {
-                Ok(checked) => checked,
-                Err(e) => {
-                    if let Some(early) = early {
-                        early.stop();
-                    }
-                    return Err(DeployError::ArtifactRefused(e.to_string()));
-                }
-            };
+            let (summary, tree) = ArtifactStore::check_dir_tree(path, &limits)
+                .map_err(|e| DeployError::ArtifactRefused(e.to_string()))?;
             // Begun while the hosts connected: streamed even if a host turns out to serve a
             // release a delta could have been made against (a wrong guess costs the delta).
             let early = early.or_else(|| {
