@@ -65,48 +65,61 @@ fn failed(out: &Output, what: &str) -> OpError {
     }
 }
 
-macro_rules! check_root {
+// The scripts run on every host at every deploy: each external command is a fork and an
+// exec on the host (about a millisecond each), so the common path uses the shell's builtins
+// where it can and runs `rm` only when there is something to remove.
+
+/// What `prepare` and `takeover` report once the lock is this run's: leftovers of a dead run
+/// removed, then `current`, the releases and whether the host can stage from a delta.
+macro_rules! list_host {
     () => {
         r#"
-root={root}
-command -v tar >/dev/null 2>&1 || { echo "ERR tar is not installed on the host (cutover needs sh and tar)"; exit 3; }
-mkdir -p "$root/releases" "$root/.cutover" 2>/dev/null || { echo "ERR cannot create $root/releases: check that the SSH user may write there"; exit 3; }
-probe="$root/.cutover/.probe.$$"
-if ( : > "$probe" ) 2>/dev/null; then rm -f "$probe"; else echo "ERR $root is not writable by the SSH user"; exit 3; fi
-if [ -e "$root/current" ] && [ ! -L "$root/current" ]; then echo "ERR $root/current exists and is not a symlink: move it away so cutover can manage it"; exit 3; fi
+for p in "$root"/releases/*.partial "$root"/.cutover/current.*.tmp; do
+  if [ -e "$p" ] || [ -L "$p" ]; then rm -rf "$root"/releases/*.partial "$root"/.cutover/current.*.tmp; break; fi
+done
+if [ -L "$root/current" ]; then printf 'CURRENT %s\n' "$(readlink "$root/current" 2>/dev/null)"; fi
+for d in "$root"/releases/*; do [ -d "$d" ] && printf 'REL %s\n' "${d##*/}"; done
+case $(cp --help 2>&1) in *--parents*) command -v xargs >/dev/null 2>&1 && echo "DELTA yes";; esac
+exit 0
 "#
     };
 }
 
+/// Checks the host and takes its lock. Creating the lock directory is also the check that
+/// the root is writable: only when it fails is it told whether the lock is held, the
+/// directories are missing (first deploy) or the root is not writable.
 const PREPARE: &str = concat!(
     r#"
 set -u
 root={root}
 holder={holder}
-"#,
-    check_root!(),
-    r#"
-if mkdir "$root/.cutover/lock" 2>/dev/null; then
-  printf '%s\n' "$holder" > "$root/.cutover/lock/holder"
-  echo "LOCK acquired"
-else
-  printf 'LOCK held %s\n' "$(head -n 1 "$root/.cutover/lock/holder" 2>/dev/null)"
-  exit 0
+command -v tar >/dev/null 2>&1 || { echo "ERR tar is not installed on the host (cutover needs sh and tar)"; exit 3; }
+if [ -e "$root/current" ] && [ ! -L "$root/current" ]; then echo "ERR $root/current exists and is not a symlink: move it away so cutover can manage it"; exit 3; fi
+if ! mkdir "$root/.cutover/lock" 2>/dev/null; then
+  if [ -d "$root/.cutover/lock" ]; then
+    held=
+    IFS= read -r held 2>/dev/null <"$root/.cutover/lock/holder"
+    printf 'LOCK held %s\n' "$held"
+    exit 0
+  fi
+  mkdir -p "$root/releases" "$root/.cutover" 2>/dev/null || { echo "ERR cannot create $root/releases: check that the SSH user may write there"; exit 3; }
+  mkdir "$root/.cutover/lock" 2>/dev/null || { echo "ERR $root is not writable by the SSH user"; exit 3; }
 fi
-rm -rf "$root"/releases/*.partial "$root"/.cutover/current.*.tmp
-printf 'CURRENT %s\n' "$(readlink "$root/current" 2>/dev/null)"
-for d in "$root"/releases/*; do [ -d "$d" ] && printf 'REL %s\n' "${d##*/}"; done
-if cp --help 2>&1 | grep -q -e '--parents' && command -v xargs >/dev/null 2>&1; then echo "DELTA yes"; fi
-exit 0
-"#
+printf '%s\n' "$holder" > "$root/.cutover/lock/holder"
+echo "LOCK acquired"
+[ -d "$root/releases" ] || mkdir "$root/releases" 2>/dev/null || { echo "ERR cannot create $root/releases: check that the SSH user may write there"; exit 3; }
+"#,
+    list_host!()
 );
 
-const TAKEOVER: &str = r#"
+const TAKEOVER: &str = concat!(
+    r#"
 set -u
 root={root}
 old={old}
 new={new}
-cur=$(head -n 1 "$root/.cutover/lock/holder" 2>/dev/null)
+cur=
+IFS= read -r cur 2>/dev/null <"$root/.cutover/lock/holder"
 if [ "$cur" = "$old" ]; then
   printf '%s\n' "$new" > "$root/.cutover/lock/holder"
   echo "LOCK acquired"
@@ -114,12 +127,9 @@ else
   printf 'LOCK held %s\n' "$cur"
   exit 0
 fi
-rm -rf "$root"/releases/*.partial "$root"/.cutover/current.*.tmp
-printf 'CURRENT %s\n' "$(readlink "$root/current" 2>/dev/null)"
-for d in "$root"/releases/*; do [ -d "$d" ] && printf 'REL %s\n' "${d##*/}"; done
-if cp --help 2>&1 | grep -q -e '--parents' && command -v xargs >/dev/null 2>&1; then echo "DELTA yes"; fi
-exit 0
-"#;
+"#,
+    list_host!()
+);
 
 /// Unpacks the tar stream on stdin (gzip-compressed when `$gz` is `yes`) into a fresh
 /// `releases/<id>.partial` (after `cd "$root/releases"`). Shared by [`STAGE`] and
@@ -205,7 +215,7 @@ id={id}
 meta={meta}
 cd "$root/releases" || { echo "ERR $root/releases is missing"; exit 3; }
 [ -d "$token.partial" ] || { echo "ERR the streamed upload $root/releases/$token.partial is gone"; exit 4; }
-rm -rf "$id.partial"
+if [ -e "$id.partial" ]; then rm -rf "$id.partial"; fi
 mv "$token.partial" "$id.partial" || { rm -rf "$token.partial"; echo "ERR cannot rename $token.partial to $id.partial"; exit 4; }
 "#,
     complete_partial!()
@@ -253,7 +263,7 @@ id={id}
 reload={reload}
 [ -d "$root/releases/$id" ] || { echo "ERR release $id is not on this host"; exit 3; }
 tmp="$root/.cutover/current.$$.tmp"
-rm -f "$tmp"
+if [ -e "$tmp" ] || [ -L "$tmp" ]; then rm -f "$tmp"; fi
 ln -s "releases/$id" "$tmp" || { echo "ERR cannot create the symlink $tmp"; exit 3; }
 mv -T "$tmp" "$root/current" || { rm -f "$tmp"; echo "ERR cannot rename $tmp over $root/current"; exit 3; }
 echo SWITCHED
@@ -270,10 +280,18 @@ set -u
 root={root}
 holder={holder}
 prune={prune}
-printf '%s\n' "$prune" | while IFS= read -r d; do
-  [ -n "$d" ] && rm -rf "$root/releases/$d"
-done
-if [ "$(head -n 1 "$root/.cutover/lock/holder" 2>/dev/null)" = "$holder" ]; then rm -rf "$root/.cutover/lock"; fi
+# One release per line of $prune, all removed by one rm.
+set -f
+IFS='
+'
+set --
+for d in $prune; do set -- "$@" "$root/releases/$d"; done
+unset IFS
+set +f
+if [ $# -gt 0 ]; then rm -rf "$@"; fi
+cur=
+IFS= read -r cur 2>/dev/null <"$root/.cutover/lock/holder"
+if [ "$cur" = "$holder" ]; then rm -rf "$root/.cutover/lock"; fi
 echo FINISHED
 "#;
 

@@ -117,12 +117,14 @@ impl SshHost {
         if !cpu_has_aes() {
             return None;
         }
+        // Both `ssh -G` run at once: they are on the way to every first connection.
+        let mine = spawn_ciphers(self.base(), &self.host);
         let default = DEFAULT.get_or_init(|| {
             let mut c = Command::new("ssh");
             c.args(["-F", "none"]);
-            effective_ciphers(c, &self.host)
+            spawn_ciphers(c, &self.host).and_then(read_ciphers)
         });
-        let mine = effective_ciphers(self.base(), &self.host);
+        let mine = mine.and_then(read_ciphers);
         (default.is_some() && *default == mine).then_some(AES_FIRST)
     }
 
@@ -370,17 +372,21 @@ fn cpu_has_aes() -> bool {
     }
 }
 
-/// The `ciphers` line of `ssh -G` (the configuration `ssh` would use for `host`), if `ssh`
-/// gives one.
-fn effective_ciphers(mut c: Command, host: &str) -> Option<String> {
-    let out = c
-        .arg("-G")
+/// Starts `ssh -G`, which prints the configuration `ssh` would use for `host`.
+fn spawn_ciphers(mut c: Command, host: &str) -> Option<std::process::Child> {
+    c.arg("-G")
         .arg("--")
         .arg(host)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .output()
-        .ok()?;
+        .spawn()
+        .ok()
+}
+
+/// The `ciphers` line of an `ssh -G` started by [`spawn_ciphers`], if it gives one.
+fn read_ciphers(child: std::process::Child) -> Option<String> {
+    let out = child.wait_with_output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find_map(|l| l.strip_prefix("ciphers "))?;
     Some(line.trim().to_string())

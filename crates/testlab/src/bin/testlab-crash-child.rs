@@ -1,4 +1,5 @@
-//! A process for the stale-lab reaper tests: starts a lab (`plain`: one host; `docker`: one
+//! A process for the stale-lab reaper tests: starts a lab (`plain [hosts] [seconds]`: one host
+//! by default; `docker`: one
 //! docker host on the vfs driver with a running container), prints `LAB <number> <dir>
 //! [<container pid>]` and waits to be SIGKILLed, so that its lab is left behind for
 //! `testlab::reap_stale_labs` to clean up.
@@ -18,9 +19,16 @@ fn ok(out: &std::process::Output, what: &str) -> String {
 fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("plain") => {
-            let lab = Lab::start(1);
+            // Optional: how many hosts and how long to wait (for measuring by hand).
+            let arg = |i: usize, d: u64| {
+                std::env::args()
+                    .nth(i)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(d)
+            };
+            let lab = Lab::start(arg(2, 1) as usize);
             println!("LAB {} {}", lab.number(), lab.dir().display());
-            std::thread::sleep(Duration::from_secs(120));
+            std::thread::sleep(Duration::from_secs(arg(3, 120)));
         }
         Some("docker") => {
             // Also covers the vfs storage driver (the fallback when overlay2 fails).
