@@ -230,7 +230,7 @@ impl HeadScan {
     fn feed(&mut self, bytes: &[u8], max_bytes: usize, max_headers: usize) -> (usize, Step) {
         let mut i = 0;
         while i < bytes.len() {
-            i += self.run(&bytes[i..], max_bytes);
+            i += self.run(&bytes[i..], max_bytes, max_headers);
             let Some(&b) = bytes.get(i) else {
                 break;
             };
@@ -245,11 +245,12 @@ impl HeadScan {
 
     /// Takes at once the bytes at the start of `bytes` that [`HeadScan::byte`] would take one
     /// at a time doing nothing but count them (and follow the header name): the rest of a
-    /// method, a request target's ordinary bytes, `HTTP/1.` of the version, a header name
-    /// after its first byte, and the value of a header the guard does not read. It stops
-    /// before any byte that could end a line, be refused or change more than counts, and
-    /// short of the size limits (which [`HeadScan::byte`] then reports). Returns how many.
-    fn run(&mut self, bytes: &[u8], max_bytes: usize) -> usize {
+    /// method, a request target's ordinary bytes, `HTTP/1.` of the version, and a header line
+    /// (its name, colon, and, for a header the guard does not read, its value and the CRLF
+    /// that ends it). It stops before any byte that could be refused or change more than
+    /// counts, and short of the size limits (which [`HeadScan::byte`] then reports). Returns
+    /// how many.
+    fn run(&mut self, bytes: &[u8], max_bytes: usize, max_headers: usize) -> usize {
         if self.bytes == 0 || self.cr {
             return 0;
         }
@@ -257,33 +258,7 @@ impl HeadScan {
         let room = max_bytes.saturating_sub(self.bytes + 1);
         let bytes = &bytes[..bytes.len().min(room)];
         let n = if self.in_headers {
-            let line = &mut self.line;
-            if line.len == 0 {
-                // The first byte of a line: the header count, and the names to follow.
-                return 0;
-            }
-            let n = if line.in_value {
-                if line.candidates != 0 {
-                    return 0;
-                }
-                run_of(bytes, VALUE)
-            } else {
-                let n = run_of(bytes, TCHAR);
-                for (at, &b) in (line.len..).zip(&bytes[..n]) {
-                    if line.candidates == 0 {
-                        break;
-                    }
-                    let lower = b.to_ascii_lowercase();
-                    for (i, name) in NAMES.iter().enumerate() {
-                        if name.get(at) != Some(&lower) {
-                            line.candidates &= !(1 << i);
-                        }
-                    }
-                }
-                n
-            };
-            line.len += n;
-            n
+            self.header_run(bytes, max_headers)
         } else {
             let rl = &mut self.rl;
             match rl.part {
@@ -314,6 +289,63 @@ impl HeadScan {
             }
         };
         self.bytes += n;
+        n
+    }
+
+    /// The header-line part of [`HeadScan::run`] (`bytes` within the size limit; the caller
+    /// counts them in `self.bytes`).
+    fn header_run(&mut self, bytes: &[u8], max_headers: usize) -> usize {
+        let line = &mut self.line;
+        let mut n = 0;
+        if !line.in_value {
+            if line.len == 0 {
+                // The first byte of a line: one header too many is refused by `byte`, and
+                // so is a byte that is not a name's (an empty line goes to `byte` too).
+                if self.lines >= max_headers || !bytes.first().is_some_and(|&b| is_tchar(b)) {
+                    return 0;
+                }
+                line.candidates = 0b111;
+            }
+            n = run_of(bytes, TCHAR);
+            for (at, &b) in (line.len..).zip(&bytes[..n]) {
+                if line.candidates == 0 {
+                    break;
+                }
+                let lower = b.to_ascii_lowercase();
+                for (i, name) in NAMES.iter().enumerate() {
+                    if name.get(at) != Some(&lower) {
+                        line.candidates &= !(1 << i);
+                    }
+                }
+            }
+            line.len += n;
+            if bytes.get(n) != Some(&b':') {
+                return n;
+            }
+            // The colon (after at least one name byte): a name matches only if all of it
+            // was read.
+            n += 1;
+            line.in_value = true;
+            for (i, name) in NAMES.iter().enumerate() {
+                if name.len() != line.len {
+                    line.candidates &= !(1 << i);
+                }
+            }
+            line.len += 1;
+        }
+        if line.candidates != 0 {
+            // A value the guard reads: `byte` keeps it.
+            return n;
+        }
+        let value = run_of(&bytes[n..], VALUE);
+        line.len += value;
+        n += value;
+        if bytes[n..].starts_with(b"\r\n") {
+            // The line ends: it counts, and nothing of it is kept.
+            self.line = Line::default();
+            self.lines += 1;
+            n += 2;
+        }
         n
     }
 
