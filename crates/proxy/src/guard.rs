@@ -229,11 +229,12 @@ impl HeadScan {
     /// what the last of them did (`Step::More`: all were read and the head goes on).
     fn feed(&mut self, bytes: &[u8], max_bytes: usize, max_headers: usize) -> (usize, Step) {
         let mut i = 0;
-        while i < bytes.len() {
-            i += self.run(&bytes[i..], max_bytes, max_headers);
-            let Some(&b) = bytes.get(i) else {
-                break;
-            };
+        while let Some(&b) = bytes.get(i) {
+            let n = self.run(&bytes[i..], max_bytes, max_headers);
+            if n > 0 {
+                i += n;
+                continue;
+            }
             i += 1;
             let step = self.byte(b, max_bytes, max_headers);
             if !matches!(step, Step::More) {
@@ -243,13 +244,13 @@ impl HeadScan {
         (i, Step::More)
     }
 
-    /// Takes at once the bytes at the start of `bytes` that [`HeadScan::byte`] would take one
-    /// at a time doing nothing but count them (and follow the header name): the rest of a
-    /// method, a request target's ordinary bytes, `HTTP/1.` of the version, and a header line
-    /// (its name, colon, and, for a header the guard does not read, its value and the CRLF
-    /// that ends it). It stops before any byte that could be refused or change more than
-    /// counts, and short of the size limits (which [`HeadScan::byte`] then reports). Returns
-    /// how many.
+    /// Takes at once bytes at the start of `bytes` that [`HeadScan::byte`] would take one at a
+    /// time with the same effect, in the common shapes: the request line after its first byte
+    /// (see [`HeadScan::request_line_run`]) and a header line (its name, colon, and, for a
+    /// header the guard does not read, its value and the CRLF that ends it). It stops before
+    /// any byte that could be refused or needs a closer look (the empty line ending the head,
+    /// every refusal), and short of the size limits (which [`HeadScan::byte`] then reports).
+    /// Returns how many.
     fn run(&mut self, bytes: &[u8], max_bytes: usize, max_headers: usize) -> usize {
         if self.bytes == 0 || self.cr {
             return 0;
@@ -260,35 +261,84 @@ impl HeadScan {
         let n = if self.in_headers {
             self.header_run(bytes, max_headers)
         } else {
-            let rl = &mut self.rl;
-            match rl.part {
-                0 if rl.method_len > 0 => {
-                    let n = run_of(bytes, TCHAR);
-                    for &b in &bytes[..n] {
-                        if rl.method_len < rl.method.len() {
-                            rl.method[rl.method_len] = b;
-                        }
-                        rl.method_len += 1;
-                    }
-                    n
-                }
-                1 if rl.target_len > 0 => {
-                    // `request_line_byte` refuses the byte past `MAX_TARGET`.
-                    let room = MAX_TARGET.saturating_sub(rl.target_len);
-                    let n = run_of(&bytes[..bytes.len().min(room)], TARGET);
-                    rl.target_len += n;
-                    n
-                }
-                2 => {
-                    let want = &b"HTTP/1."[rl.version_len.min(7)..];
-                    let n = bytes.iter().zip(want).take_while(|(b, w)| b == w).count();
-                    rl.version_len += n;
-                    n
-                }
-                _ => 0,
-            }
+            self.request_line_run(bytes)
         };
         self.bytes += n;
+        n
+    }
+
+    /// The request-line part of [`HeadScan::run`] (`bytes` within the size limit; the caller
+    /// counts them in `self.bytes`): the rest of the method and its space, the target up to a
+    /// byte whose meaning depends on where it is (a target's first byte other than `/` is left
+    /// to `byte`), its space, the version and the CRLF after it.
+    fn request_line_run(&mut self, bytes: &[u8]) -> usize {
+        let rl = &mut self.rl;
+        let mut n = 0;
+        if rl.part == 0 {
+            if rl.method_len == 0 {
+                return 0;
+            }
+            n = run_of(bytes, TCHAR);
+            for &b in &bytes[..n] {
+                if rl.method_len < rl.method.len() {
+                    rl.method[rl.method_len] = b;
+                }
+                rl.method_len += 1;
+            }
+            if bytes.get(n) != Some(&b' ') {
+                return n;
+            }
+            rl.part = 1;
+            n += 1;
+        }
+        if rl.part == 1 {
+            if rl.target_len == 0 {
+                if bytes.get(n) != Some(&b'/') {
+                    return n;
+                }
+                rl.origin = true;
+                rl.target_len = 1;
+                n += 1;
+            }
+            // `request_line_byte` refuses the byte past `MAX_TARGET`.
+            let room = MAX_TARGET.saturating_sub(rl.target_len);
+            let rest = &bytes[n..];
+            let target = run_of(&rest[..rest.len().min(room)], TARGET);
+            rl.target_len += target;
+            n += target;
+            if bytes.get(n) != Some(&b' ') {
+                return n;
+            }
+            rl.part = 2;
+            n += 1;
+        }
+        if rl.part != 2 {
+            return n;
+        }
+        let want = &b"HTTP/1."[rl.version_len.min(7)..];
+        let version = bytes[n..]
+            .iter()
+            .zip(want)
+            .take_while(|(b, w)| b == w)
+            .count();
+        rl.version_len += version;
+        n += version;
+        if rl.version_len == 7 {
+            let Some(&digit @ (b'0' | b'1')) = bytes.get(n) else {
+                return n;
+            };
+            rl.version_len = 8;
+            self.http10 = digit == b'0';
+            n += 1;
+        }
+        if rl.version_len == 8 && bytes[n..].starts_with(b"\r\n") {
+            // The request line ends.
+            n += 2;
+            self.in_headers = true;
+            if rl.method_len == 7 && &rl.method[..7] == b"CONNECT" {
+                self.upgrade = true;
+            }
+        }
         n
     }
 
