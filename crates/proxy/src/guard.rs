@@ -1580,6 +1580,18 @@ mod tests {
     }
 
     #[test]
+    fn the_class_table_says_what_the_byte_tests_it_replaces_say() {
+        for b in 0..=255u8 {
+            let tchar = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(is_tchar(b), tchar, "{b:#x}");
+            let value = !((b < b' ' && b != b'\t') || b == 0x7f);
+            assert_eq!(CLASS[b as usize] & VALUE != 0, value, "{b:#x}");
+            let target = b > b' ' && b != 0x7f && !b"#?<>`\"".contains(&b);
+            assert_eq!(CLASS[b as usize] & TARGET != 0, target, "{b:#x}");
+        }
+    }
+
+    #[test]
     fn runs_stop_at_the_target_and_size_limits_as_byte_by_byte() {
         let mut heads = Vec::new();
         for len in [MAX_TARGET - 1, MAX_TARGET, MAX_TARGET + 1] {
