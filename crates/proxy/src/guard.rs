@@ -152,7 +152,53 @@ const MAX_TARGET: usize = 65_534;
 
 /// A `token` byte (RFC 9110 5.6.2), as hyper's parser reads method and header names.
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    CLASS[b as usize] & TCHAR != 0
+}
+
+/// [`CLASS`] bit: a `token` byte.
+const TCHAR: u8 = 1;
+/// [`CLASS`] bit: a byte a header value may hold (not a control byte but a tab).
+const VALUE: u8 = 2;
+/// [`CLASS`] bit: a byte of a request target that needs no look at its place in the target
+/// (not one of the bytes [`HeadScan::request_line_byte`] treats apart).
+const TARGET: u8 = 4;
+
+/// What each byte is, for the runs [`HeadScan::run`] takes at once.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        let mut bits = 0;
+        if c.is_ascii_alphanumeric() {
+            bits |= TCHAR;
+        }
+        let mut k = 0;
+        let extra = b"!#$%&'*+-.^_`|~";
+        while k < extra.len() {
+            if extra[k] == c {
+                bits |= TCHAR;
+            }
+            k += 1;
+        }
+        if (c >= b' ' || c == b'\t') && c != 0x7f {
+            bits |= VALUE;
+        }
+        if c > b' ' && c != 0x7f && !matches!(c, b'#' | b'?' | b'<' | b'>' | b'`' | b'"') {
+            bits |= TARGET;
+        }
+        t[b] = bits;
+        b += 1;
+    }
+    t
+};
+
+/// How many bytes at the start of `bytes` have the class bit `bit`.
+fn run_of(bytes: &[u8], bit: u8) -> usize {
+    bytes
+        .iter()
+        .position(|&b| CLASS[b as usize] & bit == 0)
+        .unwrap_or(bytes.len())
 }
 
 /// What one byte of a head did.
@@ -177,6 +223,180 @@ const BAD_TARGET: Step = bad("bad request: malformed request target\n");
 impl HeadScan {
     fn started(&self) -> bool {
         self.bytes > 0
+    }
+
+    /// Reads `bytes` up to the end of the head or its refusal: how many bytes were read, and
+    /// what the last of them did (`Step::More`: all were read and the head goes on).
+    fn feed(&mut self, bytes: &[u8], max_bytes: usize, max_headers: usize) -> (usize, Step) {
+        let mut i = 0;
+        while let Some(&b) = bytes.get(i) {
+            let n = self.run(&bytes[i..], max_bytes, max_headers);
+            if n > 0 {
+                i += n;
+                continue;
+            }
+            i += 1;
+            let step = self.byte(b, max_bytes, max_headers);
+            if !matches!(step, Step::More) {
+                return (i, step);
+            }
+        }
+        (i, Step::More)
+    }
+
+    /// Takes at once bytes at the start of `bytes` that [`HeadScan::byte`] would take one at a
+    /// time with the same effect, in the common shapes: the request line after its first byte
+    /// (see [`HeadScan::request_line_run`]) and a header line (its name, colon, and, for a
+    /// header the guard does not read, its value and the CRLF that ends it). It stops before
+    /// any byte that could be refused or needs a closer look (the empty line ending the head,
+    /// every refusal), and short of the size limits (which [`HeadScan::byte`] then reports).
+    /// Returns how many.
+    fn run(&mut self, bytes: &[u8], max_bytes: usize, max_headers: usize) -> usize {
+        if self.bytes == 0 || self.cr {
+            return 0;
+        }
+        // `byte` refuses the byte that brings `bytes` to `max_bytes`.
+        let room = max_bytes.saturating_sub(self.bytes + 1);
+        let bytes = &bytes[..bytes.len().min(room)];
+        let n = if self.in_headers {
+            self.header_run(bytes, max_headers)
+        } else {
+            self.request_line_run(bytes)
+        };
+        self.bytes += n;
+        n
+    }
+
+    /// The request-line part of [`HeadScan::run`] (`bytes` within the size limit; the caller
+    /// counts them in `self.bytes`): the rest of the method and its space, the target up to a
+    /// byte whose meaning depends on where it is (a target's first byte other than `/` is left
+    /// to `byte`), its space, the version and the CRLF after it.
+    fn request_line_run(&mut self, bytes: &[u8]) -> usize {
+        let rl = &mut self.rl;
+        let mut n = 0;
+        if rl.part == 0 {
+            if rl.method_len == 0 {
+                return 0;
+            }
+            n = run_of(bytes, TCHAR);
+            for &b in &bytes[..n] {
+                if rl.method_len < rl.method.len() {
+                    rl.method[rl.method_len] = b;
+                }
+                rl.method_len += 1;
+            }
+            if bytes.get(n) != Some(&b' ') {
+                return n;
+            }
+            rl.part = 1;
+            n += 1;
+        }
+        if rl.part == 1 {
+            if rl.target_len == 0 {
+                if bytes.get(n) != Some(&b'/') {
+                    return n;
+                }
+                rl.origin = true;
+                rl.target_len = 1;
+                n += 1;
+            }
+            // `request_line_byte` refuses the byte past `MAX_TARGET`.
+            let room = MAX_TARGET.saturating_sub(rl.target_len);
+            let rest = &bytes[n..];
+            let target = run_of(&rest[..rest.len().min(room)], TARGET);
+            rl.target_len += target;
+            n += target;
+            if bytes.get(n) != Some(&b' ') {
+                return n;
+            }
+            rl.part = 2;
+            n += 1;
+        }
+        if rl.part != 2 {
+            return n;
+        }
+        let want = &b"HTTP/1."[rl.version_len.min(7)..];
+        let version = bytes[n..]
+            .iter()
+            .zip(want)
+            .take_while(|(b, w)| b == w)
+            .count();
+        rl.version_len += version;
+        n += version;
+        if rl.version_len == 7 {
+            let Some(&digit @ (b'0' | b'1')) = bytes.get(n) else {
+                return n;
+            };
+            rl.version_len = 8;
+            self.http10 = digit == b'0';
+            n += 1;
+        }
+        if rl.version_len == 8 && bytes[n..].starts_with(b"\r\n") {
+            // The request line ends.
+            n += 2;
+            self.in_headers = true;
+            if rl.method_len == 7 && &rl.method[..7] == b"CONNECT" {
+                self.upgrade = true;
+            }
+        }
+        n
+    }
+
+    /// The header-line part of [`HeadScan::run`] (`bytes` within the size limit; the caller
+    /// counts them in `self.bytes`).
+    fn header_run(&mut self, bytes: &[u8], max_headers: usize) -> usize {
+        let line = &mut self.line;
+        let mut n = 0;
+        if !line.in_value {
+            if line.len == 0 {
+                // The first byte of a line: one header too many is refused by `byte`, and
+                // so is a byte that is not a name's (an empty line goes to `byte` too).
+                if self.lines >= max_headers || !bytes.first().is_some_and(|&b| is_tchar(b)) {
+                    return 0;
+                }
+                line.candidates = 0b111;
+            }
+            n = run_of(bytes, TCHAR);
+            for (at, &b) in (line.len..).zip(&bytes[..n]) {
+                if line.candidates == 0 {
+                    break;
+                }
+                let lower = b.to_ascii_lowercase();
+                for (i, name) in NAMES.iter().enumerate() {
+                    if name.get(at) != Some(&lower) {
+                        line.candidates &= !(1 << i);
+                    }
+                }
+            }
+            line.len += n;
+            if bytes.get(n) != Some(&b':') {
+                return n;
+            }
+            // The colon (after at least one name byte): a name matches only if all of it
+            // was read.
+            n += 1;
+            line.in_value = true;
+            for (i, name) in NAMES.iter().enumerate() {
+                if name.len() != line.len {
+                    line.candidates &= !(1 << i);
+                }
+            }
+            line.len += 1;
+        }
+        if line.candidates != 0 {
+            // A value the guard reads: `byte` keeps it.
+            return n;
+        }
+        let value = run_of(&bytes[n..], VALUE);
+        line.len += value;
+        n += value;
+        if bytes[n..].starts_with(b"\r\n") {
+            // The line ends: it counts, and nothing of it is kept.
+            self.line = Line::default();
+            self.lines += 1;
+            n += 2;
+        }
+        n
     }
 
     /// Reads one byte of a head. A malformed head is refused at its first bad byte (hyper's
@@ -555,30 +775,13 @@ impl<S> Guard<S> {
                     i += 1;
                 }
                 Phase::Head(head) => {
-                    // Fast path: the value of a header the guard does not read, up to the
-                    // next control byte (a line end, or a bad byte for the slow path), and
-                    // short of the size limit (which the slow path then reports).
-                    if head.in_headers && head.line.in_value && head.line.candidates == 0 {
-                        let rest = &bytes[i..];
-                        let plain = rest
-                            .iter()
-                            .position(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
-                            .unwrap_or(rest.len());
-                        let n = plain.min(limits.0.saturating_sub(head.bytes + 1));
-                        if n > 0 && !head.cr {
-                            head.bytes += n;
-                            head.line.len += n;
-                            i += n;
-                            continue;
-                        }
-                    }
                     let was_started = head.started();
-                    let step = head.byte(bytes[i], limits.0, limits.1);
+                    let (n, step) = head.feed(&bytes[i..], limits.0, limits.1);
                     if !was_started && head.started() && self.deadline != Deadline::Head {
                         self.deadline = Deadline::Head;
                         self.at = Instant::now() + self.header_timeout;
                     }
-                    i += 1;
+                    i += n;
                     match step {
                         Step::More => {}
                         Step::Refused(r) => {
@@ -1156,6 +1359,323 @@ mod tests {
         }
         fine.extend_from_slice(b"\r\n");
         assert_eq!(scan(&fine), None);
+    }
+
+    /// A small deterministic generator (xorshift64*), for the property tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        /// One of `good`, or now and then one of `bad`.
+        fn pick<'a>(&mut self, good: &[&'a [u8]], bad: &[&'a [u8]]) -> &'a [u8] {
+            if !bad.is_empty() && self.below(24) == 0 {
+                bad[self.below(bad.len())]
+            } else {
+                good[self.below(good.len())]
+            }
+        }
+    }
+
+    /// A request head, mostly well-formed, with the bytes that sit on the edges of the runs
+    /// [`HeadScan::run`] takes at once, now and then a byte put in anywhere, and now and then
+    /// cut short.
+    fn random_head(rng: &mut Rng) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(rng.pick(&[b"", b"", b"", b"\r\n", b"\n"], &[b"\r\r"]));
+        h.extend_from_slice(rng.pick(
+            &[
+                b"GET",
+                b"POST",
+                b"CONNECT",
+                b"CONNEC",
+                b"CONNECTX",
+                b"M-SEARCH",
+            ],
+            &[b"G\x01T", b"", b"G:T"],
+        ));
+        h.extend_from_slice(rng.pick(&[b" "], &[b"  ", b"\t"]));
+        h.extend_from_slice(rng.pick(
+            &[
+                b"/",
+                b"/a/b.c",
+                b"/a?x=1&y=`{}`#frag<>\"",
+                b"/a#b?c`",
+                b"/\x80\xff~",
+                b"*",
+                b"http://h.example/<`>",
+                b"/a{b}|^?x=`{}#<>",
+            ],
+            &[b"/a<b", b"/a`b", b"/q?\"", b"/q?>", b"/a\x7fb", b""],
+        ));
+        h.extend_from_slice(rng.pick(&[b" "], &[b"  ", b""]));
+        h.extend_from_slice(rng.pick(
+            &[b"HTTP/1.1", b"HTTP/1.0"],
+            &[
+                b"HTTP/1.2",
+                b"HTTP/2.0",
+                b"HTTP/1",
+                b"HTTP/1.11",
+                b"http/1.1",
+            ],
+        ));
+        let eol_good: &[&[u8]] = &[b"\r\n", b"\r\n", b"\n"];
+        let eol_bad: &[&[u8]] = &[b"\r", b"\rx", b"\r\r\n"];
+        h.extend_from_slice(rng.pick(eol_good, eol_bad));
+        for _ in 0..rng.below(8) {
+            h.extend_from_slice(rng.pick(
+                &[
+                    b"Host",
+                    b"content-length",
+                    b"Content-Length",
+                    b"CONTENT-LENGTHS",
+                    b"content-len",
+                    b"Transfer-Encoding",
+                    b"transfer-encodin",
+                    b"upgrade",
+                    b"Upgrade-Insecure-Requests",
+                    b"UP",
+                    b"X-A_b.c!~",
+                ],
+                &[b"Bad Name", b" folded", b"", b"\tx"],
+            ));
+            h.extend_from_slice(rng.pick(&[b":", b": ", b":\t "], &[b" :", b""]));
+            h.extend_from_slice(rng.pick(
+                &[
+                    b"4",
+                    b"0",
+                    b"chunked",
+                    b" Chunked \t",
+                    b"websocket",
+                    b"a\tb c\x80\xfe:/;",
+                    b"",
+                ],
+                &[
+                    b"gzip, chunked",
+                    b"123456789012345678901234567890",
+                    b"x\x01y",
+                    b"x\x7fy",
+                ],
+            ));
+            h.extend_from_slice(rng.pick(eol_good, eol_bad));
+        }
+        h.extend_from_slice(rng.pick(eol_good, &[b"\r"]));
+        if rng.below(8) == 0 {
+            let at = rng.below(h.len() + 1);
+            let b = [b'\r', b'\n', b':', b' ', b'\t', 0, 0x7f, 0x80, b'#', b'?'];
+            h.insert(at, b[rng.below(b.len())]);
+        }
+        if rng.below(5) == 0 {
+            h.truncate(rng.below(h.len() + 1));
+        }
+        h
+    }
+
+    /// What [`HeadScan::byte`] alone makes of `bytes`, one at a time: how many bytes up to
+    /// the deciding one, what it did, and the state then.
+    fn bytewise_head(
+        bytes: &[u8],
+        max_bytes: usize,
+        max_headers: usize,
+    ) -> (usize, Step, HeadScan) {
+        let mut h = HeadScan::default();
+        for (i, &b) in bytes.iter().enumerate() {
+            let step = h.byte(b, max_bytes, max_headers);
+            if step != Step::More {
+                return (i + 1, step, h);
+            }
+        }
+        (bytes.len(), Step::More, h)
+    }
+
+    /// [`HeadScan::feed`] on `bytes` in the reads `cuts` make of them.
+    fn fed_head(
+        bytes: &[u8],
+        cuts: &[usize],
+        max_bytes: usize,
+        max_headers: usize,
+    ) -> (usize, Step, HeadScan) {
+        let mut h = HeadScan::default();
+        let mut from = 0;
+        for &to in cuts.iter().chain(std::iter::once(&bytes.len())) {
+            let (n, step) = h.feed(&bytes[from..to], max_bytes, max_headers);
+            if step != Step::More {
+                return (from + n, step, h);
+            }
+            assert_eq!(n, to - from);
+            from = to;
+        }
+        (bytes.len(), Step::More, h)
+    }
+
+    #[test]
+    fn reading_runs_at_once_decides_as_reading_byte_by_byte_wherever_the_reads_split() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut decided = [0usize; 3];
+        for _ in 0..1500 {
+            let head = random_head(&mut rng);
+            // Limits in and around the head's own size and line count.
+            let max_bytes = match rng.below(4) {
+                0 => 1 + rng.below(head.len() + 4),
+                _ => 16 * 1024,
+            };
+            let max_headers = match rng.below(4) {
+                0 => rng.below(6),
+                _ => 100,
+            };
+            let want = bytewise_head(&head, max_bytes, max_headers);
+            decided[match want.1 {
+                Step::More => 0,
+                Step::Ended => 1,
+                Step::Refused(_) => 2,
+            }] += 1;
+            let show = || String::from_utf8_lossy(&head).into_owned();
+            assert_eq!(
+                fed_head(&head, &[], max_bytes, max_headers),
+                want,
+                "{}",
+                show()
+            );
+            for at in 0..=head.len() {
+                assert_eq!(
+                    fed_head(&head, &[at], max_bytes, max_headers),
+                    want,
+                    "split at {at}: {}",
+                    show()
+                );
+            }
+            let ones: Vec<usize> = (1..head.len()).collect();
+            assert_eq!(
+                fed_head(&head, &ones, max_bytes, max_headers),
+                want,
+                "{}",
+                show()
+            );
+            let mut cuts = Vec::new();
+            let mut at = 0;
+            while at < head.len() {
+                at += 1 + rng.below(7);
+                if at < head.len() {
+                    cuts.push(at);
+                }
+            }
+            assert_eq!(
+                fed_head(&head, &cuts, max_bytes, max_headers),
+                want,
+                "{}",
+                show()
+            );
+        }
+        // The generator reaches every verdict often.
+        assert!(decided.iter().all(|&n| n > 150), "{decided:?}");
+    }
+
+    #[test]
+    fn the_class_table_says_what_the_byte_tests_it_replaces_say() {
+        for b in 0..=255u8 {
+            let tchar = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(is_tchar(b), tchar, "{b:#x}");
+            let value = !((b < b' ' && b != b'\t') || b == 0x7f);
+            assert_eq!(CLASS[b as usize] & VALUE != 0, value, "{b:#x}");
+            let target = b > b' ' && b != 0x7f && !b"#?<>`\"".contains(&b);
+            assert_eq!(CLASS[b as usize] & TARGET != 0, target, "{b:#x}");
+        }
+    }
+
+    #[test]
+    fn runs_stop_at_the_target_and_size_limits_as_byte_by_byte() {
+        let mut heads = Vec::new();
+        for len in [MAX_TARGET - 1, MAX_TARGET, MAX_TARGET + 1] {
+            let mut h = b"GET /".to_vec();
+            h.resize(4 + len, b'a');
+            h.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+            heads.push(h);
+        }
+        let mut value = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        value.resize(300, b'v');
+        value.extend_from_slice(b"\r\n\r\n");
+        heads.push(value);
+        let mut name = b"GET / HTTP/1.1\r\nX-".to_vec();
+        name.resize(300, b'n');
+        name.extend_from_slice(b": v\r\n\r\n");
+        heads.push(name);
+        for head in &heads {
+            for max_bytes in [
+                200,
+                299,
+                300,
+                301,
+                302,
+                303,
+                MAX_TARGET + 13,
+                MAX_TARGET + 14,
+                1 << 20,
+            ] {
+                let want = bytewise_head(head, max_bytes, 100);
+                for cuts in [&[][..], &[5], &[250], &[MAX_TARGET - 2, MAX_TARGET + 3]] {
+                    let cuts: Vec<usize> =
+                        cuts.iter().copied().filter(|&c| c <= head.len()).collect();
+                    assert_eq!(
+                        fed_head(head, &cuts, max_bytes, 100),
+                        want,
+                        "{} bytes, limit {max_bytes}, cuts {cuts:?}",
+                        head.len()
+                    );
+                }
+            }
+        }
+        // The cases are the edges they are meant to be.
+        assert_eq!(bytewise_head(&heads[1], 1 << 20, 100).1, Step::Ended);
+        assert!(
+            matches!(bytewise_head(&heads[2], 1 << 20, 100).1, Step::Refused(r) if r.status == StatusCode::URI_TOO_LONG)
+        );
+    }
+
+    #[test]
+    fn a_stream_of_requests_split_at_every_offset_reads_as_in_one_read() {
+        let mut s = Vec::new();
+        s.extend_from_slice(GET);
+        s.extend_from_slice(
+            b"POST /x?a=b HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nX-Long: 0123456789abcdef\r\n\r\nhello",
+        );
+        s.extend_from_slice(
+            b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        );
+        s.extend_from_slice(b"GET /z#f HTTP/1.0\nUser-Agent: t\n\n");
+        let bad = b"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n";
+        let mut refused = s.clone();
+        refused.extend_from_slice(bad);
+        for bytes in [&s, &refused] {
+            let whole = guard().scan(bytes).map(|(n, r)| (n, r.status));
+            for at in 0..=bytes.len() {
+                let mut g = guard();
+                let split = match g.scan(&bytes[..at]) {
+                    Some((n, r)) => Some((n, r.status)),
+                    None => g.scan(&bytes[at..]).map(|(n, r)| (at + n, r.status)),
+                };
+                // A refused head's start: in the second read unless it began in the first
+                // (whose bytes hyper then has had).
+                let want = whole.map(|(n, st)| {
+                    let decided_in_first = at == bytes.len();
+                    (if n < at && !decided_in_first { at } else { n }, st)
+                });
+                assert_eq!(split, want, "split at {at}");
+            }
+        }
+        assert_eq!(guard().scan(&s), None);
+        assert_eq!(
+            guard().scan(&refused).map(|(n, r)| (n, r.status.as_u16())),
+            Some((s.len(), 400))
+        );
     }
 
     #[test]
