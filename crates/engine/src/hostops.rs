@@ -1,5 +1,6 @@
-//! What cutover does on a host, one remote invocation per phase (each SSH session costs
-//! ~160 ms, so a phase is one script, not one command per step): prepare (check the root,
+//! What cutover does on a host, one remote invocation per phase (each SSH session is a round
+//! trip, an `ssh` client here and a shell there, so a phase is one script, not one command per
+//! step): prepare (check the root,
 //! take the host lock, report `current` and the releases, clear stale `.partial` dirs), stage
 //! (stream a tar or tar.gz, or a delta against the current release, into `releases/<id>.partial`,
 //! flush its file system to disk, rename when complete), switch (`ln -s` to a
@@ -586,5 +587,110 @@ mod tests {
         let _ = Script::new(SWITCH, &[("root", "/r"), ("id", "i"), ("reload", "")]);
         let _ = Script::new(FINISH, &[("root", "/r"), ("holder", "h"), ("prune", "")]);
         let _ = Script::new(CHECK, &[("root", "/r")]);
+    }
+
+    /// A directory of its own under the system's temp dir, removed when dropped.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let p =
+                std::env::temp_dir().join(format!("cutover-hostops-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Scratch(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const A: &str = "20261126T091500Z-3f9a2c1";
+    const B: &str = "20261126T091400Z-aaaaaaa";
+    const C: &str = "20261126T091300Z-bbbbbbb";
+
+    /// The scripts of a run's lock, with `sh` on this machine (as `LocalHost` runs them): what
+    /// the common path does with the shell's builtins must say what the programs said before.
+    #[test]
+    fn prepare_takeover_and_finish_keep_the_lock_list_the_host_and_clear_a_dead_runs_leftovers() {
+        use cutover_remote::local::LocalHost;
+        use std::fs;
+        let s = Scratch::new("lock");
+        let root = s.0.join("site"); // absent: a first deploy creates it
+        let r = root.to_str().unwrap();
+        let p = prepare(&LocalHost, r, "holder one").unwrap();
+        assert_eq!(p.lock, HostLock::Acquired);
+        assert_eq!((p.current, p.releases.len()), (None, 0));
+        assert!(root.join("releases").is_dir());
+        let holder = || fs::read_to_string(root.join(".cutover/lock/holder")).unwrap();
+        assert_eq!(holder(), "holder one\n");
+        let p = prepare(&LocalHost, r, "holder two").unwrap();
+        assert_eq!(p.lock, HostLock::Held("holder one".into()));
+        assert_eq!(holder(), "holder one\n", "a held lock is left as it is");
+
+        // A release served, and what a dead run left: an upload and a temp symlink.
+        fs::create_dir_all(root.join("releases").join(A)).unwrap();
+        fs::create_dir_all(root.join("releases/stream-7.partial/deep")).unwrap();
+        std::os::unix::fs::symlink("nowhere", root.join(".cutover/current.99.tmp")).unwrap();
+        std::os::unix::fs::symlink(format!("releases/{A}"), root.join("current")).unwrap();
+        finish(&LocalHost, r, "holder one", &[]).unwrap();
+        assert!(!root.join(".cutover/lock").exists(), "its holder unlocks");
+        let p = prepare(&LocalHost, r, "holder three").unwrap();
+        assert_eq!(p.lock, HostLock::Acquired);
+        assert_eq!(p.current.as_deref(), Some(A));
+        assert_eq!(p.releases, vec![A.to_string()]);
+        assert!(!root.join("releases/stream-7.partial").exists());
+        assert!(fs::symlink_metadata(root.join(".cutover/current.99.tmp")).is_err());
+
+        let p = take_over(&LocalHost, r, "holder three", "holder four").unwrap();
+        assert_eq!(p.lock, HostLock::Acquired);
+        assert_eq!(holder(), "holder four\n");
+        let p = take_over(&LocalHost, r, "holder three", "holder five").unwrap();
+        assert_eq!(p.lock, HostLock::Held("holder four".into()));
+
+        // Prune: every listed release goes, with one rm; only the holder unlocks.
+        for id in [B, C] {
+            fs::create_dir_all(root.join("releases").join(id).join("x")).unwrap();
+        }
+        finish(&LocalHost, r, "holder three", &[B.into(), C.into()]).unwrap();
+        assert!(!root.join("releases").join(B).exists());
+        assert!(!root.join("releases").join(C).exists());
+        assert!(root.join("releases").join(A).is_dir());
+        assert!(
+            root.join(".cutover/lock").exists(),
+            "another holder's lock stays"
+        );
+        finish(&LocalHost, r, "holder four", &[]).unwrap();
+        assert!(!root.join(".cutover/lock").exists());
+    }
+
+    #[test]
+    fn prepare_refuses_a_root_it_cannot_manage_and_says_why() {
+        use cutover_remote::local::LocalHost;
+        let s = Scratch::new("refuse");
+        let root = s.0.join("site");
+        std::fs::create_dir_all(root.join("current")).unwrap();
+        let r = root.to_str().unwrap();
+        let e = prepare(&LocalHost, r, "h").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{r}/current exists and is not a symlink: move it away so cutover can manage it"
+            )
+        );
+        assert!(
+            !root.join(".cutover/lock").exists(),
+            "refused before the lock"
+        );
+        let e = prepare(&LocalHost, "/proc/cutover-no-root", "h")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "cannot create /proc/cutover-no-root/releases: check that the SSH user may write there"
+        );
     }
 }
