@@ -86,9 +86,10 @@ exit 0
     };
 }
 
-/// Checks the host and takes its lock. Creating the lock directory is also the check that
-/// the root is writable: only when it fails is it told whether the lock is held, the
-/// directories are missing (first deploy) or the root is not writable.
+/// Checks the host and takes its lock; every check that can fail comes before the lock, so a
+/// refused host is never left locked. Creating the lock directory is also the check that the
+/// root is writable: only when it fails is it told whether the lock is held or the root is
+/// not writable.
 const PREPARE: &str = concat!(
     r#"
 set -u
@@ -96,6 +97,7 @@ root={root}
 holder={holder}
 command -v tar >/dev/null 2>&1 || { echo "ERR tar is not installed on the host (cutover needs sh and tar)"; exit 3; }
 if [ -e "$root/current" ] && [ ! -L "$root/current" ]; then echo "ERR $root/current exists and is not a symlink: move it away so cutover can manage it"; exit 3; fi
+[ -d "$root/releases" ] || mkdir -p "$root/releases" "$root/.cutover" 2>/dev/null || { echo "ERR cannot create $root/releases: check that the SSH user may write there"; exit 3; }
 if ! mkdir "$root/.cutover/lock" 2>/dev/null; then
   if [ -d "$root/.cutover/lock" ]; then
     held=
@@ -103,12 +105,10 @@ if ! mkdir "$root/.cutover/lock" 2>/dev/null; then
     printf 'LOCK held %s\n' "$held"
     exit 0
   fi
-  mkdir -p "$root/releases" "$root/.cutover" 2>/dev/null || { echo "ERR cannot create $root/releases: check that the SSH user may write there"; exit 3; }
-  mkdir "$root/.cutover/lock" 2>/dev/null || { echo "ERR $root is not writable by the SSH user"; exit 3; }
+  { mkdir -p "$root/.cutover" && mkdir "$root/.cutover/lock"; } 2>/dev/null || { echo "ERR $root is not writable by the SSH user"; exit 3; }
 fi
 printf '%s\n' "$holder" > "$root/.cutover/lock/holder"
 echo "LOCK acquired"
-[ -d "$root/releases" ] || mkdir "$root/releases" 2>/dev/null || { echo "ERR cannot create $root/releases: check that the SSH user may write there"; exit 3; }
 "#,
     list_host!()
 );
