@@ -19,8 +19,9 @@
 //!   is taken, so a client that stalls early never holds one.
 //! - A request is retried at most once: if its upstream connection failed before the request
 //!   was written (whatever the request), or if it has no body and an idempotent method and it
-//!   failed to connect or on a pooled connection that had been idle for 100 ms or more (one
-//!   the upstream may have closed under our feet); nothing else is ever retried.
+//!   failed to connect, or failed on a pooled connection the upstream may have closed under
+//!   our feet (for hyper's client: one idle for 100 ms or more; for a `direct` exchange: any
+//!   pooled connection that ended before a byte of response); nothing else is ever retried.
 //! - Everything of one client connection stays on the worker thread that accepted it.
 
 use std::convert::Infallible;
@@ -47,6 +48,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::direct::{self, DirectBody, Reached};
 use crate::guard;
 use crate::headers;
 use crate::limits::{self, AcceptLog, BodyFault, ClientBody, Slot, Slots, TimedBody};
@@ -68,7 +70,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_IDLE: Duration = Duration::from_secs(4);
 
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1, plus the usual extras).
-static HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -595,6 +597,26 @@ pub(crate) async fn handle(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         );
+    if client_upgrade.is_none() && body.is_end_stream() {
+        // No body and no upgrade: the request's own task does the exchange (`direct`).
+        let sent_at = std::time::Instant::now();
+        let result = send_direct(&parts, &target.addr, limits, retryable, &service.name).await;
+        *routed = Some(Routed(service.clone(), target.clone()));
+        return match result {
+            Ok(resp) => {
+                target.count_served();
+                target
+                    .stats
+                    .answered(resp.status().as_u16(), sent_at.elapsed());
+                // `direct` left out the response's hop-by-hop headers.
+                resp.map(|body| ProxyBody::Direct {
+                    body,
+                    guard: Some(guard),
+                })
+            }
+            Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
+        };
+    }
     // Read the start of the body before taking an upstream connection (see `limits`).
     let (body, watch) = if body.is_end_stream() {
         (ClientBody::empty(), None)
@@ -692,12 +714,25 @@ pub(crate) async fn handle(
             let fault = watch.map_or(BodyFault::None, |w| w.fault());
             client_body_fault(fault, &service.name)
         }
-        Err(Failure::TimedOut) => {
-            target.stats.failed(sent_at.elapsed());
+        Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
+    }
+}
+
+/// The answer to a request whose upstream failed or did not answer in time (logged as the
+/// upstream's).
+fn upstream_failed(
+    failure: Failure,
+    target: &crate::table::Target,
+    service: &str,
+    limits: &limits::Limits,
+    sent_at: std::time::Instant,
+) -> Response<ProxyBody> {
+    target.stats.failed(sent_at.elapsed());
+    match failure {
+        Failure::TimedOut => {
             log::line(format_args!(
-                "upstream {} for service {}: no response head within {} ms",
+                "upstream {} for service {service}: no response head within {} ms",
                 target.addr,
-                service.name,
                 limits.upstream_header_timeout.as_millis()
             ));
             local(
@@ -705,16 +740,59 @@ pub(crate) async fn handle(
                 "gateway timeout: the service did not answer in time\n",
             )
         }
-        Err(Failure::Upstream(e)) => {
-            target.stats.failed(sent_at.elapsed());
+        Failure::Upstream(e) => {
             log::line(format_args!(
-                "upstream {} for service {} failed: {e}",
-                target.addr, service.name,
+                "upstream {} for service {service} failed: {e}",
+                target.addr,
             ));
             local(
                 StatusCode::BAD_GATEWAY,
                 "bad gateway: the service did not answer\n",
             )
+        }
+    }
+}
+
+/// Sends a request without a body to `addr` and reads its response head, on a connection
+/// the request's task drives itself ([`direct`]). Retried once (see the module's
+/// invariants): when it failed to connect and is `retryable`; when its head was not written
+/// in full; when a pooled connection ended before any response and it is `retryable`.
+async fn send_direct(
+    parts: &hyper::http::request::Parts,
+    addr: &str,
+    limits: &limits::Limits,
+    retryable: bool,
+    service: &str,
+) -> Result<Response<DirectBody>, Failure> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut retried = false;
+    loop {
+        let taken =
+            match upstream::take_direct(addr, limits.upstream_connect_timeout, !retryable).await {
+                Ok(t) => t,
+                Err(e) if !retried && retryable => {
+                    log_retry(addr, service, &e);
+                    retried = true;
+                    continue;
+                }
+                Err(e) => return Err(Failure::Upstream(e.to_string())),
+            };
+        let reused = taken.reused;
+        let sent = direct::send(taken.conn, &parts.method, path, &parts.headers);
+        let Some(sent) = within(sent, limits.upstream_header_timeout, None).await else {
+            return Err(Failure::TimedOut);
+        };
+        match sent {
+            Ok(resp) => return Ok(resp),
+            Err(e)
+                if !retried
+                    && (e.reached == Reached::NotSent
+                        || (retryable && reused && e.reached == Reached::NoResponse)) =>
+            {
+                log_retry(addr, service, &e);
+                retried = true;
+            }
+            Err(e) => return Err(Failure::Upstream(e.to_string())),
         }
     }
 }
@@ -935,6 +1013,12 @@ pub(crate) enum ProxyBody {
         guard: Option<InFlight>,
         sender: Option<upstream::Sender>,
     },
+    /// Read from the upstream by the request's own task ([`direct`]), holding the in-flight
+    /// guard; its connection goes back to the pool when the body has been read to its end.
+    Direct {
+        body: DirectBody,
+        guard: Option<InFlight>,
+    },
     /// Answered from a static target's directory, holding the in-flight guard.
     Static {
         body: crate::static_target::StaticBody,
@@ -953,6 +1037,12 @@ impl ProxyBody {
             sender.take();
             guard.take();
         }
+        if let ProxyBody::Direct { body, guard } = self {
+            if let (Some(c), Some(g)) = (body.take_reusable(), guard.as_ref()) {
+                upstream::put_back_direct(&g.target().addr, c);
+            }
+            guard.take();
+        }
     }
 }
 
@@ -962,6 +1052,7 @@ impl Drop for ProxyBody {
         // leaves its connection mid-response, which must not be reused.
         let clean = match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Direct { .. } => true,
             ProxyBody::Local(_) | ProxyBody::Static { .. } => false,
         };
         self.finish(clean);
@@ -990,6 +1081,17 @@ impl Body for ProxyBody {
                 }
                 polled.map(|f| f.map(|r| r.map_err(Into::into)))
             }
+            ProxyBody::Direct { body, .. } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                let ended = body.is_end_stream();
+                match &polled {
+                    Poll::Ready(None) => this.finish(true),
+                    Poll::Ready(Some(Err(_))) => this.finish(false),
+                    Poll::Ready(Some(Ok(_))) if ended => this.finish(true),
+                    _ => {}
+                }
+                polled.map(|f| f.map(|r| r.map_err(Into::into)))
+            }
             ProxyBody::Static { body, guard } => {
                 let polled = Pin::new(body).poll_frame(cx);
                 if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
@@ -1004,6 +1106,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Local(full) => full.is_end_stream(),
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Direct { body, .. } => body.is_end_stream(),
             ProxyBody::Static { body, .. } => body.is_end_stream(),
         }
     }
@@ -1012,6 +1115,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Local(full) => full.size_hint(),
             ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Direct { body, .. } => body.size_hint(),
             ProxyBody::Static { body, .. } => body.size_hint(),
         }
     }
