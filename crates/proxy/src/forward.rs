@@ -629,52 +629,18 @@ pub(crate) async fn handle(
             Err(fault) => return client_body_fault(fault, &service.name),
         }
     };
-    let mut req = Request::from_parts(parts, ReqBody::Client(body));
-    // One retry: a request that never left (its connection closed before it was written)
-    // is sent again whatever it is; one that failed to connect, or was sent on a pooled
-    // connection that had been idle a while and then failed (an upstream closing a
-    // keep-alive connection under our feet), only if it has no body and an idempotent
-    // method, from a copy of its head.
-    let mut retried = false;
+    let req = Request::from_parts(parts, ReqBody::Client(body));
     let sent_at = std::time::Instant::now();
-    let result = loop {
-        let mut conn = match upstream::take(&target.addr, limits.upstream_connect_timeout).await {
-            Ok(c) => c,
-            Err(e) if !retried && retryable => {
-                log_retry(&target.addr, &service.name, &e);
-                retried = true;
-                continue;
-            }
-            Err(e) => break Err(Failure::Upstream(e.to_string())),
-        };
-        let copy = (retryable && conn.may_be_stale && !retried).then(|| {
-            let mut again = Request::new(ReqBody::Empty);
-            *again.method_mut() = req.method().clone();
-            *again.uri_mut() = req.uri().clone();
-            *again.headers_mut() = req.headers().clone();
-            again
-        });
-        let sent = conn.sender.try_send_request(req);
-        let Some(sent) = within(sent, limits.upstream_header_timeout, watch.as_deref()).await
-        else {
-            break Err(Failure::TimedOut);
-        };
-        match sent {
-            Ok(resp) => break Ok((resp, conn.sender)),
-            Err(mut e) => {
-                let unsent = e.take_message();
-                let err = e.into_error();
-                match unsent.or(copy) {
-                    Some(r) if !retried => {
-                        log_retry(&target.addr, &service.name, &err);
-                        req = r;
-                        retried = true;
-                    }
-                    _ => break Err(Failure::Upstream(chain(&err))),
-                }
-            }
-        }
-    };
+    // Boxed: only requests with a body or an upgrade come here.
+    let result = Box::pin(send_hyper(
+        req,
+        &target.addr,
+        limits,
+        retryable,
+        watch.as_deref(),
+        &service.name,
+    ))
+    .await;
     *routed = Some(Routed(service.clone(), target.clone()));
     match result {
         Ok((mut resp, sender)) => {
@@ -749,6 +715,61 @@ fn upstream_failed(
                 StatusCode::BAD_GATEWAY,
                 "bad gateway: the service did not answer\n",
             )
+        }
+    }
+}
+
+/// Sends a request with a body, or one asking for an upgrade, on a pooled hyper client
+/// connection to `addr`, and waits for the response head (the timeout restarting while the
+/// client still sends its body, see [`within`]). One retry: a request that never left (its
+/// connection closed before it was written) is sent again whatever it is; one that failed to
+/// connect, or was sent on a pooled connection that had been idle a while and then failed (an
+/// upstream closing a keep-alive connection under our feet), only if `retryable` (no body, an
+/// idempotent method), from a copy of its head.
+async fn send_hyper(
+    mut req: Request<ReqBody>,
+    addr: &str,
+    limits: &limits::Limits,
+    retryable: bool,
+    watch: Option<&limits::BodyWatch>,
+    service: &str,
+) -> Result<(Response<Incoming>, upstream::Sender), Failure> {
+    let mut retried = false;
+    loop {
+        let mut conn = match upstream::take(addr, limits.upstream_connect_timeout).await {
+            Ok(c) => c,
+            Err(e) if !retried && retryable => {
+                log_retry(addr, service, &e);
+                retried = true;
+                continue;
+            }
+            Err(e) => return Err(Failure::Upstream(e.to_string())),
+        };
+        let copy = (retryable && conn.may_be_stale && !retried).then(|| {
+            let mut again = Request::new(ReqBody::Empty);
+            *again.method_mut() = req.method().clone();
+            *again.uri_mut() = req.uri().clone();
+            *again.headers_mut() = req.headers().clone();
+            again
+        });
+        let sent = conn.sender.try_send_request(req);
+        let Some(sent) = within(sent, limits.upstream_header_timeout, watch).await else {
+            return Err(Failure::TimedOut);
+        };
+        match sent {
+            Ok(resp) => return Ok((resp, conn.sender)),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let err = e.into_error();
+                match unsent.or(copy) {
+                    Some(r) if !retried => {
+                        log_retry(addr, service, &err);
+                        req = r;
+                        retried = true;
+                    }
+                    _ => return Err(Failure::Upstream(chain(&err))),
+                }
+            }
         }
     }
 }
