@@ -477,6 +477,7 @@ fn respond(conn: Conn, head: Head) -> Response<DirectBody> {
         conn: Some(conn),
         state,
         keep_alive: head.keep_alive,
+        failed: None,
     };
     if head.framing == Framing::Empty {
         body.complete();
@@ -627,6 +628,8 @@ pub(crate) struct DirectBody {
     conn: Option<Conn>,
     state: State,
     keep_alive: bool,
+    /// The body failed: the error it ends with at the next poll (see `fail`).
+    failed: Option<String>,
 }
 
 impl DirectBody {
@@ -646,10 +649,18 @@ impl DirectBody {
         }
     }
 
-    fn fail(&mut self, what: String) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        self.state = State::Done;
+    /// Ends the body with an error, one poll later: the pieces already handed on (and the
+    /// response head) get written to the client first, so that it sees a response cut short
+    /// of its length rather than nothing.
+    fn fail(
+        &mut self,
+        what: String,
+        cx: &Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         self.conn = None;
-        Poll::Ready(Some(Err(Error::bad(what))))
+        self.failed = Some(what);
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -662,6 +673,10 @@ impl Body for DirectBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
+        if let Some(what) = this.failed.take() {
+            this.state = State::Done;
+            return Poll::Ready(Some(Err(Error::bad(what))));
+        }
         loop {
             if this.state == State::Done {
                 return Poll::Ready(None);
@@ -697,7 +712,7 @@ impl Body for DirectBody {
                         return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
                     }
                     Ok(Step::More) => {}
-                    Err(e) => return this.fail(e.what),
+                    Err(e) => return this.fail(e.what, cx),
                 },
             }
             match conn.poll_fill(cx) {
@@ -709,11 +724,13 @@ impl Body for DirectBody {
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Ok(0)) => {
-                    return this
-                        .fail("connection closed before the end of the response body".into())
+                    return this.fail(
+                        "connection closed before the end of the response body".into(),
+                        cx,
+                    )
                 }
                 Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return this.fail(format!("read response body: {e}")),
+                Poll::Ready(Err(e)) => return this.fail(format!("read response body: {e}"), cx),
             }
         }
     }

@@ -48,6 +48,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::deadline;
 use crate::direct::{self, DirectBody, Reached};
 use crate::guard;
 use crate::headers;
@@ -232,6 +233,9 @@ async fn worker(
         }
     };
     let reaper = tokio::spawn(upstream::reaper());
+    let ticker = tokio::spawn(deadline::ticker(deadline::tick_for(
+        shared.config.limits.upstream_header_timeout,
+    )));
     let (conns_tx, mut conns_rx) = mpsc::channel::<()>(1);
     let mut accept_log = AcceptLog::default();
     loop {
@@ -283,6 +287,7 @@ async fn worker(
     drop(conns_tx);
     let _ = conns_rx.recv().await;
     reaper.abort();
+    ticker.abort();
     drop(done);
 }
 
@@ -540,7 +545,9 @@ pub(crate) async fn handle(
             break guard;
         }
         drop(guard);
-        if !service.wait_resumed().await {
+        // Boxed: rare (a hold), and its future (a wait with a deadline) must not grow every
+        // request's.
+        if !Box::pin(service.wait_resumed()).await {
             let mut resp = local(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service is being switched; try again\n",
@@ -800,7 +807,8 @@ async fn send_direct(
             };
         let reused = taken.reused;
         let sent = direct::send(taken.conn, &parts.method, path, &parts.headers);
-        let Some(sent) = within(sent, limits.upstream_header_timeout, None).await else {
+        let deadline = std::time::Instant::now() + limits.upstream_header_timeout;
+        let Some(sent) = deadline::within(sent, deadline).await else {
             return Err(Failure::TimedOut);
         };
         match sent {

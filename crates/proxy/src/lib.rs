@@ -38,6 +38,7 @@ mod bake;
 mod canary;
 mod certs;
 mod control;
+mod deadline;
 mod direct;
 mod forward;
 mod guard;
