@@ -404,130 +404,107 @@ impl<'l> Validator<'l> {
     ) -> Result<(), ArtifactError> {
         let header = tar::Header::from_byte_slice(block);
         let at = || format!("header at byte {offset} of the tar stream");
-        let stored = header
-            .cksum()
-            .map_err(|_| hostile(ARCHIVE, format!("{}: corrupt checksum field", at())))?;
-        let computed: u32 = block[..148]
-            .iter()
-            .chain(&block[156..])
-            .map(|b| u32::from(*b))
-            .sum::<u32>()
-            + 8 * u32::from(b' ');
-        if stored != computed {
-            return Err(hostile(
-                ARCHIVE,
-                format!("{}: checksum mismatch (corrupt archive)", at()),
-            ));
-        }
+        check_checksum(header, block, &at)?;
         let header_size = header
             .entry_size()
             .map_err(|_| hostile(ARCHIVE, format!("{}: corrupt size field", at())))?;
         let typeflag = block[156];
         match typeflag {
-            b'L' | b'K' => {
-                let slot = if typeflag == b'L' {
-                    &mut pending.long_name
-                } else {
-                    &mut pending.long_link
-                };
-                if slot.is_some() {
-                    return Err(hostile(
-                        ARCHIVE,
-                        format!("{}: two GNU long-name headers for one entry", at()),
-                    ));
-                }
-                if header_size > MAX_NAME_BYTES as u64 + 1 {
-                    return Err(hostile(
-                        ARCHIVE,
-                        format!(
-                            "{}: GNU long name of {header_size} bytes (more than {MAX_NAME_BYTES})",
-                            at()
-                        ),
-                    ));
-                }
-                self.count_meta(header_size)?;
-                let mut data = stream.data(header_size, "a GNU long-name header")?;
-                // A C string: drop the terminator; NULs inside stay and are
-                // refused with the name.
-                while data.last() == Some(&0) {
-                    data.pop();
-                }
-                *slot = Some(data);
-                Ok(())
-            }
-            b'x' | b'g' => {
-                if pending.pax.is_some() || (typeflag == b'g' && !pending.is_empty()) {
-                    return Err(hostile(
-                        ARCHIVE,
-                        format!("{}: two pax headers for one entry", at()),
-                    ));
-                }
-                if header_size > MAX_PAX_BYTES {
-                    return Err(hostile(
-                        ARCHIVE,
-                        format!(
-                            "{}: pax header of {header_size} bytes (more than {MAX_PAX_BYTES})",
-                            at()
-                        ),
-                    ));
-                }
-                self.count_meta(header_size)?;
-                let data = stream.data(header_size, "a pax header")?;
-                let records = parse_pax(&data)
-                    .map_err(|reason| hostile(ARCHIVE, format!("{}: {reason}", at())))?;
-                if typeflag == b'g' {
-                    for (key, _) in records {
-                        if !PAX_GLOBAL_ALLOWED.contains(&key) {
-                            return Err(hostile(
-                                ARCHIVE,
-                                format!(
-                                    "pax global header sets '{}', which would apply to every later entry",
-                                    show(key)
-                                ),
-                            ));
-                        }
-                    }
-                    return Ok(());
-                }
-                let mut pax = PaxLocal::default();
-                for (key, value) in records {
-                    match key {
-                        b"path" => pax.path = Some(value.to_vec()),
-                        b"linkpath" => pax.linkpath = Some(value.to_vec()),
-                        b"size" => {
-                            let size = std::str::from_utf8(value)
-                                .ok()
-                                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                                .and_then(|v| v.parse::<u64>().ok())
-                                .ok_or_else(|| {
-                                    hostile(
-                                        ARCHIVE,
-                                        format!("{}: invalid pax size '{}'", at(), show(value)),
-                                    )
-                                })?;
-                            pax.size = Some(size);
-                        }
-                        _ if key.starts_with(b"GNU.sparse.") => {
-                            return Err(hostile(
-                                ARCHIVE,
-                                format!(
-                                    "{}: sparse files are not supported (pax '{}')",
-                                    at(),
-                                    show(key)
-                                ),
-                            ));
-                        }
-                        _ => {}
-                    }
-                }
-                pending.pax = Some(pax);
-                Ok(())
-            }
+            b'L' | b'K' => self.long_name(stream, typeflag, header_size, pending, &at),
+            b'x' | b'g' => self.pax_header(stream, typeflag, header_size, pending, &at),
             _ => {
                 let pending = std::mem::take(pending);
                 self.member(stream, block, header, header_size, pending)
             }
         }
+    }
+
+    /// A GNU long-name (`L`) or long-link (`K`) header: its name waits in `pending` for the
+    /// entry it belongs to.
+    fn long_name<R: Read>(
+        &mut self,
+        stream: &mut Stream<R>,
+        typeflag: u8,
+        header_size: u64,
+        pending: &mut Pending,
+        at: &dyn Fn() -> String,
+    ) -> Result<(), ArtifactError> {
+        let slot = if typeflag == b'L' {
+            &mut pending.long_name
+        } else {
+            &mut pending.long_link
+        };
+        if slot.is_some() {
+            return Err(hostile(
+                ARCHIVE,
+                format!("{}: two GNU long-name headers for one entry", at()),
+            ));
+        }
+        if header_size > MAX_NAME_BYTES as u64 + 1 {
+            return Err(hostile(
+                ARCHIVE,
+                format!(
+                    "{}: GNU long name of {header_size} bytes (more than {MAX_NAME_BYTES})",
+                    at()
+                ),
+            ));
+        }
+        self.count_meta(header_size)?;
+        let mut data = stream.data(header_size, "a GNU long-name header")?;
+        // A C string: drop the terminator; NULs inside stay and are
+        // refused with the name.
+        while data.last() == Some(&0) {
+            data.pop();
+        }
+        *slot = Some(data);
+        Ok(())
+    }
+
+    /// A pax header: a local one (`x`) waits in `pending` for its entry; a global one (`g`)
+    /// may only set what applies to no entry.
+    fn pax_header<R: Read>(
+        &mut self,
+        stream: &mut Stream<R>,
+        typeflag: u8,
+        header_size: u64,
+        pending: &mut Pending,
+        at: &dyn Fn() -> String,
+    ) -> Result<(), ArtifactError> {
+        if pending.pax.is_some() || (typeflag == b'g' && !pending.is_empty()) {
+            return Err(hostile(
+                ARCHIVE,
+                format!("{}: two pax headers for one entry", at()),
+            ));
+        }
+        if header_size > MAX_PAX_BYTES {
+            return Err(hostile(
+                ARCHIVE,
+                format!(
+                    "{}: pax header of {header_size} bytes (more than {MAX_PAX_BYTES})",
+                    at()
+                ),
+            ));
+        }
+        self.count_meta(header_size)?;
+        let data = stream.data(header_size, "a pax header")?;
+        let records =
+            parse_pax(&data).map_err(|reason| hostile(ARCHIVE, format!("{}: {reason}", at())))?;
+        if typeflag == b'g' {
+            for (key, _) in records {
+                if !PAX_GLOBAL_ALLOWED.contains(&key) {
+                    return Err(hostile(
+                        ARCHIVE,
+                        format!(
+                            "pax global header sets '{}', which would apply to every later entry",
+                            show(key)
+                        ),
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        pending.pax = Some(pax_local(records, at)?);
+        Ok(())
     }
 
     /// Handles a file-system entry (anything but an extension header).
@@ -539,43 +516,11 @@ impl<'l> Validator<'l> {
         header_size: u64,
         pending: Pending,
     ) -> Result<(), ArtifactError> {
-        let pax = pending.pax.unwrap_or_default();
-        let raw_name = match (pax.path, pending.long_name) {
-            (Some(_), Some(long)) => {
-                return Err(hostile(
-                    show(&long),
-                    "entry has both a GNU long name and a pax path (tar implementations disagree on which wins)",
-                ))
-            }
-            (Some(path), None) => path,
-            (None, Some(long)) => long,
-            (None, None) => header_name(block),
-        };
-        let display = if raw_name.is_empty() {
-            "<empty name>".to_string()
-        } else {
-            show(&raw_name)
-        };
-        let raw_link = match (pax.linkpath, pending.long_link) {
-            (Some(_), Some(_)) => {
-                return Err(hostile(
-                    display,
-                    "entry has both a GNU long link and a pax linkpath (tar implementations disagree on which wins)",
-                ))
-            }
-            (Some(link), None) | (None, Some(link)) => link,
-            (None, None) => cstr(&block[157..257]).to_vec(),
-        };
-        if let Some(size) = pax.size {
-            if size != header_size {
-                return Err(hostile(
-                    display,
-                    format!(
-                        "pax size {size} disagrees with the header's size {header_size} (tar implementations disagree on which wins)"
-                    ),
-                ));
-            }
-        }
+        let Names {
+            raw: raw_name,
+            display,
+            link: raw_link,
+        } = entry_names(block, pending, header_size)?;
         let size = header_size;
 
         let norm = normalize(&raw_name).map_err(|reason| hostile(&display, reason))?;
@@ -592,55 +537,7 @@ impl<'l> Validator<'l> {
             ));
         }
 
-        let typeflag = block[156];
-        let node = match typeflag {
-            b'0' | 0 => {
-                // GNU tar extracts a "regular file" whose name ends in '/' as
-                // a directory; the tar crate does not.
-                if raw_name.ends_with(b"/") {
-                    return Err(hostile(
-                        &display,
-                        "regular-file entry whose name ends in '/' (tar implementations disagree on what it is)",
-                    ));
-                }
-                Node::File
-            }
-            b'5' => Node::Dir,
-            b'2' => {
-                check_link_target(&display, &raw_link)?;
-                Node::Symlink(raw_link)
-            }
-            b'1' => {
-                return Err(hostile(
-                    &display,
-                    format!(
-                        "hard link to {} is not allowed (hard links can reach files outside the release)",
-                        show(&raw_link)
-                    ),
-                ))
-            }
-            b'3' => return Err(hostile(&display, "character device is not allowed")),
-            b'4' => return Err(hostile(&display, "block device is not allowed")),
-            b'6' => return Err(hostile(&display, "FIFO (named pipe) is not allowed")),
-            other => {
-                let what = match other {
-                    b'7' => "contiguous file",
-                    b'S' => "GNU sparse file",
-                    b'D' => "GNU dump directory",
-                    b'M' => "multi-volume continuation",
-                    b'V' => "volume label",
-                    b'X' => "Solaris extended header",
-                    _ => "unknown",
-                };
-                return Err(hostile(
-                    &display,
-                    format!(
-                        "unsupported entry type '{}' ({what}); only regular files, directories and symlinks are allowed",
-                        show(&[other])
-                    ),
-                ));
-            }
-        };
+        let node = node_of(block[156], &display, &raw_name, raw_link)?;
         if size != 0 && !matches!(node, Node::File) {
             return Err(hostile(
                 &display,
@@ -955,6 +852,187 @@ fn check_link_target(display: &str, target: &[u8]) -> Result<(), ArtifactError> 
         ));
     }
     Ok(())
+}
+
+/// An entry's name and link target, as the extension headers before it (or else its header
+/// block) give them, and its name for messages.
+struct Names {
+    raw: Vec<u8>,
+    display: String,
+    link: Vec<u8>,
+}
+
+/// See [`Names`]: refuses the combinations that tar implementations read differently.
+fn entry_names(
+    block: &[u8; BLOCK],
+    pending: Pending,
+    header_size: u64,
+) -> Result<Names, ArtifactError> {
+    let pax = pending.pax.unwrap_or_default();
+    let raw_name = match (pax.path, pending.long_name) {
+        (Some(_), Some(long)) => {
+            return Err(hostile(
+                show(&long),
+                "entry has both a GNU long name and a pax path (tar implementations disagree on which wins)",
+            ))
+        }
+        (Some(path), None) => path,
+        (None, Some(long)) => long,
+        (None, None) => header_name(block),
+    };
+    let display = if raw_name.is_empty() {
+        "<empty name>".to_string()
+    } else {
+        show(&raw_name)
+    };
+    let raw_link = match (pax.linkpath, pending.long_link) {
+        (Some(_), Some(_)) => {
+            return Err(hostile(
+                display,
+                "entry has both a GNU long link and a pax linkpath (tar implementations disagree on which wins)",
+            ))
+        }
+        (Some(link), None) | (None, Some(link)) => link,
+        (None, None) => cstr(&block[157..257]).to_vec(),
+    };
+    if let Some(size) = pax.size {
+        if size != header_size {
+            return Err(hostile(
+                display,
+                format!(
+                    "pax size {size} disagrees with the header's size {header_size} (tar implementations disagree on which wins)"
+                ),
+            ));
+        }
+    }
+    Ok(Names {
+        raw: raw_name,
+        display,
+        link: raw_link,
+    })
+}
+
+/// What an entry of type `typeflag` is, if it is allowed at all (regular files, directories,
+/// symlinks whose target stays inside).
+fn node_of(
+    typeflag: u8,
+    display: &str,
+    raw_name: &[u8],
+    raw_link: Vec<u8>,
+) -> Result<Node, ArtifactError> {
+    let node = match typeflag {
+        b'0' | 0 => {
+            // GNU tar extracts a "regular file" whose name ends in '/' as
+            // a directory; the tar crate does not.
+            if raw_name.ends_with(b"/") {
+                return Err(hostile(
+                    display,
+                    "regular-file entry whose name ends in '/' (tar implementations disagree on what it is)",
+                ));
+            }
+            Node::File
+        }
+        b'5' => Node::Dir,
+        b'2' => {
+            check_link_target(display, &raw_link)?;
+            Node::Symlink(raw_link)
+        }
+        b'1' => {
+            return Err(hostile(
+                display,
+                format!(
+                "hard link to {} is not allowed (hard links can reach files outside the release)",
+                show(&raw_link)
+            ),
+            ))
+        }
+        b'3' => return Err(hostile(display, "character device is not allowed")),
+        b'4' => return Err(hostile(display, "block device is not allowed")),
+        b'6' => return Err(hostile(display, "FIFO (named pipe) is not allowed")),
+        other => {
+            let what = match other {
+                b'7' => "contiguous file",
+                b'S' => "GNU sparse file",
+                b'D' => "GNU dump directory",
+                b'M' => "multi-volume continuation",
+                b'V' => "volume label",
+                b'X' => "Solaris extended header",
+                _ => "unknown",
+            };
+            return Err(hostile(
+                display,
+                format!(
+                    "unsupported entry type '{}' ({what}); only regular files, directories and symlinks are allowed",
+                    show(&[other])
+                ),
+            ));
+        }
+    };
+    Ok(node)
+}
+
+/// The header block's checksum field agrees with its bytes.
+fn check_checksum(
+    header: &tar::Header,
+    block: &[u8; BLOCK],
+    at: &dyn Fn() -> String,
+) -> Result<(), ArtifactError> {
+    let stored = header
+        .cksum()
+        .map_err(|_| hostile(ARCHIVE, format!("{}: corrupt checksum field", at())))?;
+    let computed: u32 = block[..148]
+        .iter()
+        .chain(&block[156..])
+        .map(|b| u32::from(*b))
+        .sum::<u32>()
+        + 8 * u32::from(b' ');
+    if stored != computed {
+        return Err(hostile(
+            ARCHIVE,
+            format!("{}: checksum mismatch (corrupt archive)", at()),
+        ));
+    }
+    Ok(())
+}
+
+/// The keys of a local pax header that matter: `path`, `linkpath`, `size`; sparse files are
+/// refused.
+fn pax_local(
+    records: Vec<PaxRecord<'_>>,
+    at: &dyn Fn() -> String,
+) -> Result<PaxLocal, ArtifactError> {
+    let mut pax = PaxLocal::default();
+    for (key, value) in records {
+        match key {
+            b"path" => pax.path = Some(value.to_vec()),
+            b"linkpath" => pax.linkpath = Some(value.to_vec()),
+            b"size" => {
+                let size = std::str::from_utf8(value)
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        hostile(
+                            ARCHIVE,
+                            format!("{}: invalid pax size '{}'", at(), show(value)),
+                        )
+                    })?;
+                pax.size = Some(size);
+            }
+            _ if key.starts_with(b"GNU.sparse.") => {
+                return Err(hostile(
+                    ARCHIVE,
+                    format!(
+                        "{}: sparse files are not supported (pax '{}')",
+                        at(),
+                        show(key)
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(pax)
 }
 
 /// Parses pax extended-header records (`"<len> <key>=<value>\n"`).
