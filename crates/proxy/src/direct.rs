@@ -34,6 +34,8 @@ use hyper::{Method, Response, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::forward::HOP_BY_HOP;
+
 /// Largest response head (hyper's client allows the same).
 pub(crate) const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Most headers in a response head, or in a chunked body's trailers.
@@ -300,17 +302,6 @@ impl Seen {
     }
 }
 
-/// The hop-by-hop header `name` is (lower or upper case), if it is one: they describe the
-/// connection to the upstream and are not passed on.
-fn hop_by_hop(name: &[u8]) -> Option<&'static HeaderName> {
-    if !matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19) {
-        return None;
-    }
-    crate::forward::HOP_BY_HOP
-        .iter()
-        .find(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
-}
-
 /// Parses a complete response head at the start of `buf` and removes it from there; `None`
 /// if more bytes are needed. Header values share the bytes read (no copy); `spans` is room
 /// for the headers' places in the head (kept by the connection, so that it is not made for
@@ -341,7 +332,7 @@ fn parse_head(
         let base = buf.as_ptr() as usize;
         for h in resp.headers.iter() {
             let name = h.name.as_bytes();
-            if let Some(hop) = hop_by_hop(name) {
+            if let Some(hop) = crate::forward::hop_by_hop_index(name).map(|i| &HOP_BY_HOP[i]) {
                 if *hop == header::CONNECTION {
                     seen.connection(h.value);
                 } else if *hop == header::TRANSFER_ENCODING {

@@ -537,28 +537,9 @@ pub(crate) async fn handle(
         }
     }
     service.count_request();
-    // Acquire first, then look at the pause flag (see `table`): a request either counts as in
-    // flight before a pause looks, or sees the pause and waits.
-    let guard = loop {
-        let guard = service.acquire();
-        if !service.is_paused() {
-            break guard;
-        }
-        drop(guard);
-        // Boxed: rare (a hold), and its future (a wait with a deadline) must not grow every
-        // request's.
-        if !Box::pin(service.wait_resumed()).await {
-            let mut resp = local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service is being switched; try again\n",
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return resp;
-        }
-        if service.is_removed() {
-            return local(StatusCode::NOT_FOUND, "no service for this host\n");
-        }
+    let guard = match in_flight(&service).await {
+        Ok(g) => g,
+        Err(resp) => return resp,
     };
     let target = guard.target().clone();
     if crate::static_target::is_static(&target.addr) {
@@ -567,35 +548,9 @@ pub(crate) async fn handle(
         return Box::pin(serve_static(&parts, guard)).await;
     }
 
-    // Upstream requests are in origin form (`/path?query`).
-    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        match Uri::try_from(path) {
-            Ok(u) => parts.uri = u,
-            Err(_) => return local(StatusCode::BAD_REQUEST, "bad request target\n"),
-        }
-    }
-    parts.version = Version::HTTP_11;
-    // The app sees the host the client asked for, never the target's address.
-    let Some(host) = host_raw else {
-        return local(StatusCode::BAD_REQUEST, "bad request: no usable Host\n");
-    };
-    let upgrade = upgrade::requested(&parts.headers);
-    forwarded_headers(&mut parts.headers, client, Some(host.clone()), https);
-    parts.headers.insert(header::HOST, host);
-    let client_upgrade = match upgrade {
-        Some(u) => {
-            upgrade::restore(&mut parts.headers, u.clone());
-            parts
-                .extensions
-                .remove::<OnUpgrade>()
-                .map(|on| (on, u.as_bytes().eq_ignore_ascii_case(b"websocket")))
-        }
-        None => None,
+    let client_upgrade = match for_upstream(&mut parts, host_raw, client, https) {
+        Ok(u) => u,
+        Err(text) => return local(StatusCode::BAD_REQUEST, text),
     };
 
     let limits = &shared.config.limits;
@@ -624,6 +579,94 @@ pub(crate) async fn handle(
             Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
         };
     }
+    // Boxed: only requests with a body or an upgrade come here.
+    Box::pin(forward_hyper(
+        Exchange {
+            parts,
+            service,
+            target,
+            guard,
+            limits,
+            retryable,
+        },
+        body,
+        client_upgrade,
+        slot,
+        routed,
+    ))
+    .await
+}
+
+/// Rewrites a request's head for the upstream: origin form, HTTP/1.1, the `Host` the client
+/// asked for (`host_raw`), the forwarding headers; an `Upgrade` it asks for is kept, and its
+/// client side is taken (with whether it is a WebSocket). `Err`: the 400 answer's text.
+fn for_upstream(
+    parts: &mut hyper::http::request::Parts,
+    host_raw: Option<HeaderValue>,
+    client: Option<HeaderValue>,
+    https: bool,
+) -> Result<Option<(OnUpgrade, bool)>, &'static str> {
+    // Upstream requests are in origin form (`/path?query`).
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        match Uri::try_from(path) {
+            Ok(u) => parts.uri = u,
+            Err(_) => return Err("bad request target\n"),
+        }
+    }
+    parts.version = Version::HTTP_11;
+    // The app sees the host the client asked for, never the target's address.
+    let Some(host) = host_raw else {
+        return Err("bad request: no usable Host\n");
+    };
+    let upgrade = upgrade::requested(&parts.headers);
+    forwarded_headers(&mut parts.headers, client, Some(host.clone()), https);
+    parts.headers.insert(header::HOST, host);
+    Ok(match upgrade {
+        Some(u) => {
+            upgrade::restore(&mut parts.headers, u.clone());
+            parts
+                .extensions
+                .remove::<OnUpgrade>()
+                .map(|on| (on, u.as_bytes().eq_ignore_ascii_case(b"websocket")))
+        }
+        None => None,
+    })
+}
+
+/// What a forwarded request goes with: its head (rewritten for the upstream), where it goes,
+/// and its in-flight guard.
+struct Exchange<'a> {
+    parts: hyper::http::request::Parts,
+    service: Arc<crate::table::Service>,
+    target: Arc<crate::table::Target>,
+    guard: InFlight,
+    limits: &'a limits::Limits,
+    /// No body and an idempotent method (see [`send_hyper`]).
+    retryable: bool,
+}
+
+/// Forwards a request with a body, or one asking for an upgrade, over hyper's client: reads
+/// the start of the body first, and hands an upgraded connection to a tunnel.
+async fn forward_hyper(
+    x: Exchange<'_>,
+    body: Incoming,
+    client_upgrade: Option<(OnUpgrade, bool)>,
+    slot: &Arc<Slot>,
+    routed: &mut Option<Routed>,
+) -> Response<ProxyBody> {
+    let Exchange {
+        parts,
+        service,
+        target,
+        guard,
+        limits,
+        retryable,
+    } = x;
     // Read the start of the body before taking an upstream connection (see `limits`).
     let (body, watch) = if body.is_end_stream() {
         (ClientBody::empty(), None)
@@ -638,19 +681,18 @@ pub(crate) async fn handle(
     };
     let req = Request::from_parts(parts, ReqBody::Client(body));
     let sent_at = std::time::Instant::now();
-    // Boxed: only requests with a body or an upgrade come here.
-    let result = Box::pin(send_hyper(
+    let result = send_hyper(
         req,
         &target.addr,
         limits,
         retryable,
         watch.as_deref(),
         &service.name,
-    ))
+    )
     .await;
     *routed = Some(Routed(service.clone(), target.clone()));
     match result {
-        Ok((mut resp, sender)) => {
+        Ok((resp, sender)) => {
             target.count_served();
             target
                 .stats
@@ -658,19 +700,8 @@ pub(crate) async fn handle(
             if let (StatusCode::SWITCHING_PROTOCOLS, Some((client_up, websocket))) =
                 (resp.status(), client_upgrade)
             {
-                let theirs = resp.headers().get(header::UPGRADE).cloned();
-                let upstream_up = hyper::upgrade::on(&mut resp);
                 drop(sender);
-                let (mut parts, _) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                if let Some(u) = theirs {
-                    upgrade::restore(&mut parts.headers, u);
-                }
-                let keep = (slot.clone(), slot.state.busy());
-                // The client connection's bytes are the tunnel's from now on (`guard`).
-                slot.state.set_upgraded();
-                upgrade::tunnel(client_up, upstream_up, guard, websocket, keep);
-                return Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())));
+                return tunnel(resp, client_up, websocket, guard, slot);
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -689,6 +720,58 @@ pub(crate) async fn handle(
         }
         Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
     }
+}
+
+/// Takes the service's current target for a request (its in-flight guard), waiting while the
+/// service is paused: a 503 if the hold runs out, a 404 if the service is removed meanwhile.
+async fn in_flight(service: &crate::table::Service) -> Result<InFlight, Response<ProxyBody>> {
+    // Acquire first, then look at the pause flag (see `table`): a request either counts as in
+    // flight before a pause looks, or sees the pause and waits.
+    loop {
+        let guard = service.acquire();
+        if !service.is_paused() {
+            return Ok(guard);
+        }
+        drop(guard);
+        // Boxed: rare (a hold), and its future (a wait with a deadline) must not grow every
+        // request's.
+        if !Box::pin(service.wait_resumed()).await {
+            let mut resp = local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service is being switched; try again\n",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Err(resp);
+        }
+        if service.is_removed() {
+            return Err(local(StatusCode::NOT_FOUND, "no service for this host\n"));
+        }
+    }
+}
+
+/// The answer to a request whose upstream agreed to an upgrade (101): the response goes to
+/// the client, and both connections are handed to a tunnel that holds the in-flight guard
+/// and keeps the client's slot busy while it is open.
+fn tunnel(
+    mut resp: Response<Incoming>,
+    client_up: OnUpgrade,
+    websocket: bool,
+    guard: InFlight,
+    slot: &Arc<Slot>,
+) -> Response<ProxyBody> {
+    let theirs = resp.headers().get(header::UPGRADE).cloned();
+    let upstream_up = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = theirs {
+        upgrade::restore(&mut parts.headers, u);
+    }
+    let keep = (slot.clone(), slot.state.busy());
+    // The client connection's bytes are the tunnel's from now on (`guard`).
+    slot.state.set_upgraded();
+    upgrade::tunnel(client_up, upstream_up, guard, websocket, keep);
+    Response::from_parts(parts, ProxyBody::Local(Full::new(Bytes::new())))
 }
 
 /// The answer to a request whose upstream failed or did not answer in time (logged as the
@@ -961,7 +1044,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut found = [false; HOP_BY_HOP.len()];
     let mut any = false;
     for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name) {
+        if let Some(i) = hop_by_hop_index(name.as_str().as_bytes()) {
             found[i] = true;
             any = true;
         }
@@ -997,13 +1080,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The index of `name` in [`HOP_BY_HOP`]; most names are rejected by their length alone.
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    let s = name.as_str();
-    if !matches!(s.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19) {
+/// The index of `name` (any case) in [`HOP_BY_HOP`]; most names are rejected by their
+/// length alone.
+pub(crate) fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
+    if !matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19) {
         return None;
     }
-    HOP_BY_HOP.iter().position(|h| h.as_str() == s)
+    HOP_BY_HOP
+        .iter()
+        .position(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

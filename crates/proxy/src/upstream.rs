@@ -13,8 +13,9 @@
 //! - A pooled connection is idle for at most [`POOL_IDLE`] (a reaper task per worker thread
 //!   closes older ones), so that we rarely race an upstream's own idle close; at most
 //!   [`MAX_IDLE_PER_TARGET`] idle connections of each kind are kept per target and thread.
-//! - A direct connection idle for [`MAY_BE_STALE_AFTER`] or more is checked for a close by the
-//!   upstream (one `recv` that must find nothing) before it is used again.
+//! - A direct connection idle for [`MAY_BE_STALE_AFTER`] or more, or taken for a request that
+//!   must not be sent twice, is checked for a close by the upstream (one `recv` that must find
+//!   nothing) before it is used again.
 //! - The pools are thread-local: taking and returning a connection takes no lock and touches
 //!   no memory shared with other threads.
 
