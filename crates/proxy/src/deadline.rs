@@ -6,8 +6,8 @@
 //!
 //! Invariants:
 //! - A future given a deadline never completes with its output after the deadline was seen
-//!   to pass, and is woken at most one tick after its deadline (a tick is an eighth of the
-//!   shortest timeout, between [`MIN_TICK`] and [`MAX_TICK`]).
+//!   to pass, and is woken at most one tick after its deadline (a tick is an eighth of
+//!   `upstream_header_timeout`, between [`MIN_TICK`] and [`MAX_TICK`]).
 //! - An entry is in the list only while its future waits: removed when it completes or is
 //!   dropped. The list is thread-local: no lock, no memory shared with other threads.
 
