@@ -153,14 +153,16 @@ impl std::error::Error for Error {}
 
 /// Sends a request without a body on `conn` and reads the response head: the response's
 /// body reads the rest from the connection. `target` is the request target in origin form
-/// (`/path?query`); `headers` go out as they are (the caller has rewritten them).
+/// (`/path?query`); `headers` go out as they are (the caller has rewritten them), then the
+/// `extra` lines (the headers the proxy sets, as names and values of `http`'s types).
 pub(crate) async fn send(
     mut conn: Conn,
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    extra: &[(&str, &[u8])],
 ) -> Result<Response<DirectBody>, Error> {
-    write_head(&mut conn.out, method, target, headers);
+    write_head(&mut conn.out, method, target, headers, extra);
     if let Err(e) = conn.io.write_all(&conn.out).await {
         return Err(Error::new(Reached::NotSent, format!("write request: {e}")));
     }
@@ -211,7 +213,13 @@ pub(crate) async fn send(
 
 /// Writes a request head into `out` (cleared first). Every piece is already valid where it
 /// goes: `http`'s types hold no CR, LF or NUL in a name, value, method or target.
-fn write_head(out: &mut Vec<u8>, method: &Method, target: &str, headers: &HeaderMap) {
+fn write_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    extra: &[(&str, &[u8])],
+) {
     out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
@@ -221,6 +229,12 @@ fn write_head(out: &mut Vec<u8>, method: &Method, target: &str, headers: &Header
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in extra {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     // A request that usually has a body says it has none (as hyper's client does).
@@ -785,7 +799,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("app"));
         let result = async {
-            let resp = send(conn, &method, "/p?q", &headers).await?;
+            let resp = send(conn, &method, "/p?q", &headers, &[]).await?;
             let (parts, mut body) = resp.into_parts();
             let mut data = Vec::new();
             let mut trailers = None;
@@ -1014,12 +1028,16 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("site.example"));
         h.append("x-a", HeaderValue::from_static("1"));
         h.append("x-a", HeaderValue::from_static("2"));
-        write_head(&mut out, &Method::DELETE, "/a?b=c", &h);
+        write_head(&mut out, &Method::DELETE, "/a?b=c", &h, &[]);
         assert_eq!(
             out,
             b"DELETE /a?b=c HTTP/1.1\r\nhost: site.example\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
         );
-        write_head(&mut out, &Method::POST, "/", &h);
-        assert!(out.ends_with(b"x-a: 2\r\ncontent-length: 0\r\n\r\n"));
+        // The proxy's own lines follow the request's, before a POST's missing length.
+        let extra: [(&str, &[u8]); 2] = [("x-forwarded-proto", b"https"), ("host", b"b.test")];
+        write_head(&mut out, &Method::POST, "/", &h, &extra);
+        assert!(out.ends_with(
+            b"x-a: 2\r\nx-forwarded-proto: https\r\nhost: b.test\r\ncontent-length: 0\r\n\r\n"
+        ));
     }
 }

@@ -445,33 +445,33 @@ pub(crate) async fn serve_one(
     let busy = slot.state.busy();
     let started = std::time::Instant::now();
     // What the access log needs of the request, before `handle` takes it.
+    // (Clones share the request's bytes: no copy, no allocation.)
     let seen = shared.access.is_some().then(|| {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .unwrap_or("-")
-            .to_string();
-        // The query may carry secrets (tokens in links): only whether there was one.
-        let mut path = req.uri().path().to_string();
-        if req.uri().query().is_some() {
-            path.push_str("?...");
-        }
-        (req.method().clone(), host, path)
+        (
+            req.method().clone(),
+            req.headers().get(header::HOST).cloned(),
+            req.uri().clone(),
+        )
     });
     let mut routed = None;
     let mut resp = handle(&shared, req, client.clone(), &slot, https, &mut routed).await;
     drop(busy);
-    if let (Some(log), Some((method, host, path))) = (&shared.access, seen) {
+    if let (Some(log), Some((method, host, uri))) = (&shared.access, seen) {
+        let host = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| uri.authority().map(|a| a.as_str()))
+            .unwrap_or("-");
         let (svc, target) = routed.as_ref().map_or(("-", "-"), |Routed(s, t)| {
             (s.name.as_str(), t.addr.as_str())
         });
         log.record(&crate::access::Entry {
             client: client.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("-"),
             method: method.as_str(),
-            host: &host,
-            path: &path,
+            host,
+            path: uri.path(),
+            // The query may carry secrets (tokens in links): only whether there was one.
+            query: uri.query().is_some(),
             status: resp.status().as_u16(),
             micros: started.elapsed().as_micros(),
             service: svc,
@@ -548,21 +548,36 @@ pub(crate) async fn handle(
         return Box::pin(serve_static(&parts, guard)).await;
     }
 
-    let client_upgrade = match for_upstream(&mut parts, host_raw, client, https) {
-        Ok(u) => u,
-        Err(text) => return local(StatusCode::BAD_REQUEST, text),
-    };
-
     let limits = &shared.config.limits;
     let retryable = body.is_end_stream()
         && matches!(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         );
-    if client_upgrade.is_none() && body.is_end_stream() {
-        // No body and no upgrade: the request's own task does the exchange (`direct`).
+    if body.is_end_stream() && upgrade::requested(&parts.headers).is_none() {
+        // No body and no upgrade: the request's own task does the exchange (`direct`), and
+        // writes the headers the proxy sets (`ProxySet`) instead of adding them to the map.
+        let (path, set) = match for_direct(
+            &parts.uri,
+            &mut parts.headers,
+            host_raw.as_ref(),
+            client.as_ref(),
+            https,
+        ) {
+            Ok(p) => p,
+            Err(text) => return local(StatusCode::BAD_REQUEST, text),
+        };
         let sent_at = std::time::Instant::now();
-        let result = send_direct(&parts, &target.addr, limits, retryable, &service.name).await;
+        let result = send_direct(
+            &parts,
+            path,
+            &set,
+            &target.addr,
+            limits,
+            retryable,
+            &service.name,
+        )
+        .await;
         *routed = Some(Routed(service.clone(), target.clone()));
         return match result {
             Ok(resp) => {
@@ -579,6 +594,10 @@ pub(crate) async fn handle(
             Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
         };
     }
+    let client_upgrade = match for_upstream(&mut parts, host_raw, client, https) {
+        Ok(u) => u,
+        Err(text) => return local(StatusCode::BAD_REQUEST, text),
+    };
     // Boxed: only requests with a body or an upgrade come here.
     Box::pin(forward_hyper(
         Exchange {
@@ -636,6 +655,74 @@ fn for_upstream(
         }
         None => None,
     })
+}
+
+/// The headers the proxy sets on a request that `direct` sends, written after the request's
+/// own (in the order, and with the values, that [`for_upstream`] gives them over hyper).
+pub(crate) struct ProxySet<'a> {
+    client: Option<&'a HeaderValue>,
+    https: bool,
+    host: &'a HeaderValue,
+    /// The request has no `Host` header (HTTP/2 has `:authority`): one is written last.
+    host_line: bool,
+}
+
+impl ProxySet<'_> {
+    /// The set headers as (name, value) lines; `n` of the 4 are used.
+    fn lines(&self) -> ([(&str, &[u8]); 4], usize) {
+        let mut lines: [(&str, &[u8]); 4] = [("", b""); 4];
+        let mut n = 0;
+        if let Some(c) = self.client {
+            lines[n] = (SET_BY_PROXY[0].as_str(), c.as_bytes());
+            n += 1;
+        }
+        let proto: &[u8] = if self.https { b"https" } else { b"http" };
+        lines[n] = (SET_BY_PROXY[1].as_str(), proto);
+        lines[n + 1] = (SET_BY_PROXY[2].as_str(), self.host.as_bytes());
+        n += 2;
+        if self.host_line {
+            lines[n] = ("host", self.host.as_bytes());
+            n += 1;
+        }
+        (lines, n)
+    }
+}
+
+/// [`for_upstream`] for a request that `direct` sends: the same checks and the same headers
+/// removed, but the request target (origin form) is returned rather than a new `Uri` made,
+/// and the headers the proxy sets are returned rather than added to the map.
+fn for_direct<'a>(
+    uri: &'a Uri,
+    headers: &mut HeaderMap,
+    host_raw: Option<&'a HeaderValue>,
+    client: Option<&'a HeaderValue>,
+    https: bool,
+) -> Result<(&'a str, ProxySet<'a>), &'static str> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    // What `Uri::try_from` accepts of a path: the origin form, or `*`.
+    if !(path.starts_with('/') || path == "*") {
+        return Err("bad request target\n");
+    }
+    let Some(host) = host_raw else {
+        return Err("bad request: no usable Host\n");
+    };
+    strip_hop_by_hop(headers);
+    headers::strip_client_forwarding(headers);
+    if headers.keys().any(|n| SET_BY_PROXY.contains(n)) {
+        for name in &SET_BY_PROXY {
+            headers.remove(name);
+        }
+    }
+    let host_line = !headers.contains_key(header::HOST);
+    Ok((
+        path,
+        ProxySet {
+            client,
+            https,
+            host,
+            host_line,
+        },
+    ))
 }
 
 /// What a forwarded request goes with: its head (rewritten for the upstream), where it goes,
@@ -870,12 +957,14 @@ async fn send_hyper(
 /// in full; when a pooled connection ended before any response and it is `retryable`.
 async fn send_direct(
     parts: &hyper::http::request::Parts,
+    path: &str,
+    set: &ProxySet<'_>,
     addr: &str,
     limits: &limits::Limits,
     retryable: bool,
     service: &str,
 ) -> Result<Response<DirectBody>, Failure> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let (lines, n) = set.lines();
     let mut retried = false;
     loop {
         let taken =
@@ -889,7 +978,7 @@ async fn send_direct(
                 Err(e) => return Err(Failure::Upstream(e.to_string())),
             };
         let reused = taken.reused;
-        let sent = direct::send(taken.conn, &parts.method, path, &parts.headers);
+        let sent = direct::send(taken.conn, &parts.method, path, &parts.headers, &lines[..n]);
         let deadline = std::time::Instant::now() + limits.upstream_header_timeout;
         let Some(sent) = deadline::within(sent, deadline).await else {
             return Err(Failure::TimedOut);
@@ -1094,6 +1183,8 @@ pub(crate) fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// The forwarding headers the proxy sets (a client's are replaced).
+static SET_BY_PROXY: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
 
 /// Rewrites a request's headers for the upstream hop: `client` is the client's address as a
 /// header value, `host` the `Host` it asked for.
