@@ -249,6 +249,10 @@ async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
+        // "Rapid reset" (CVE-2023-44487): a connection whose client cancels more than 20
+        // streams before they are taken gets a GOAWAY (ENHANCE_YOUR_CALM) and is closed. It
+        // is hyper's default, set here so that a change of default cannot lift it unseen.
+        .max_pending_accept_reset_streams(20)
         .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX));
     {
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);

@@ -660,3 +660,107 @@ async fn two_thousand_half_sent_handshakes_under_a_1024_fd_limit_do_not_lock_out
     assert!(fds < 1024, "{fds}");
     drop(held);
 }
+
+/// An HTTP/2 frame: 9-byte header (length, type, flags, stream) and its payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): a client that opens streams and cancels each at
+/// once, 5,000 of them in batches, to make the server start work it never has to finish. The
+/// proxy ends that connection with a GOAWAY before its streams reach the app (the request
+/// counter barely moves), and serves other clients, over HTTP/2 and HTTP/1.1, meanwhile and
+/// after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_flood_is_cut_off_before_it_reaches_the_app() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (dir, ca, blue) = site("tls-rapid-reset");
+    let proxy = TlsProxy::start(dir.path(), files_mode(dir.path()), false, (0, 0));
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+    let before = proxy.status().await.requests;
+
+    let tcp = tokio::net::TcpStream::connect(proxy.tls_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site.test").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client_config(ca.roots(), b"h2"))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS, none changed
+    tls.write_all(&out).await.unwrap();
+    // GET https://site.test/ in HPACK: :method GET, :scheme https, :path / (static table),
+    // then :authority as a literal with the static table's name.
+    let mut block = vec![0x82, 0x87, 0x84, 0x01, 9];
+    block.extend_from_slice(b"site.test");
+    let (mut sent, mut stream) = (0u32, 1u32);
+    let mut normal = 0;
+    'flood: for _ in 0..50 {
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            // HEADERS (END_STREAM | END_HEADERS), then RST_STREAM (CANCEL).
+            batch.extend(h2_frame(0x1, 0x5, stream, &block));
+            batch.extend(h2_frame(0x3, 0, stream, &8u32.to_be_bytes()));
+            stream += 2;
+        }
+        if tls.write_all(&batch).await.is_err() {
+            break 'flood;
+        }
+        sent += 100;
+        if sent % 1000 == 0 {
+            // Another client is served while the flood goes on.
+            let a = get_once(proxy.tls_addr, "site.test", Http::H2, ca.roots(), "/").await;
+            assert_eq!(a.map(|a| a.status), Ok(200));
+            normal += 1;
+        }
+    }
+    // What the proxy sent back: a GOAWAY, then the end of the connection.
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => back.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the flooding connection was left open");
+    let mut goaway = None;
+    let mut at = 0;
+    while back.len() >= at + 9 {
+        let len = usize::from(back[at]) << 16
+            | usize::from(back[at + 1]) << 8
+            | usize::from(back[at + 2]);
+        if back[at + 3] == 0x7 && back.len() >= at + 9 + 8 {
+            let code = &back[at + 9 + 4..at + 9 + 8];
+            goaway = Some(u32::from_be_bytes(code.try_into().unwrap()));
+        }
+        at += 9 + len;
+    }
+    let after = proxy.status().await.requests;
+    eprintln!(
+        "rapid reset: {sent} streams written before the proxy closed, GOAWAY code {goaway:?}, \
+         {} requests reached the service, {normal} other requests served meanwhile",
+        after - before - normal
+    );
+    // ENHANCE_YOUR_CALM (0xb), from the h2 crate's limit on streams reset before they are taken.
+    assert_eq!(goaway, Some(0xb), "no GOAWAY for the flood");
+    assert!(
+        after - before - normal < 200,
+        "{} requests reached the service",
+        after - before - normal
+    );
+    for http in [Http::H2, Http::H1] {
+        let a = get_once(proxy.tls_addr, "site.test", http, ca.roots(), "/")
+            .await
+            .unwrap();
+        assert_eq!((a.status, a.body.as_str()), (200, "blue\n"));
+    }
+}
