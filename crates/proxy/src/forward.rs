@@ -499,7 +499,7 @@ pub(crate) async fn handle(
     routed: &mut Option<Routed>,
 ) -> Response<ProxyBody> {
     shared.count_request();
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     if let Err(r) = headers::check_request(
         &parts.method,
         &parts.headers,
@@ -554,66 +554,73 @@ pub(crate) async fn handle(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         );
-    if body.is_end_stream() && upgrade::requested(&parts.headers).is_none() {
-        // No body and no upgrade: the request's own task does the exchange (`direct`), and
-        // writes the headers the proxy sets (`ProxySet`) instead of adding them to the map.
-        let (path, set) = match for_direct(
-            &parts.uri,
-            &mut parts.headers,
-            host_raw.as_ref(),
-            client.as_ref(),
-            https,
-        ) {
-            Ok(p) => p,
-            Err(text) => return local(StatusCode::BAD_REQUEST, text),
-        };
-        let sent_at = std::time::Instant::now();
-        let result = send_direct(
-            &parts,
-            path,
-            &set,
-            &target.addr,
-            limits,
-            retryable,
-            &service.name,
-        )
-        .await;
-        *routed = Some(Routed(service.clone(), target.clone()));
-        return match result {
-            Ok(resp) => {
-                target.count_served();
-                target
-                    .stats
-                    .answered(resp.status().as_u16(), sent_at.elapsed());
-                // `direct` left out the response's hop-by-hop headers.
-                resp.map(|body| ProxyBody::Direct {
-                    body,
-                    guard: Some(guard),
-                })
-            }
-            Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
-        };
+    let mut x = Exchange {
+        parts,
+        service,
+        target,
+        guard,
+        limits,
+        retryable,
+    };
+    if body.is_end_stream() && upgrade::requested(&x.parts.headers).is_none() {
+        return forward_direct(x, host_raw.as_ref(), client.as_ref(), https, routed).await;
     }
-    let client_upgrade = match for_upstream(&mut parts, host_raw, client, https) {
+    let client_upgrade = match for_upstream(&mut x.parts, host_raw, client, https) {
         Ok(u) => u,
         Err(text) => return local(StatusCode::BAD_REQUEST, text),
     };
     // Boxed: only requests with a body or an upgrade come here.
-    Box::pin(forward_hyper(
-        Exchange {
-            parts,
-            service,
-            target,
-            guard,
-            limits,
-            retryable,
-        },
-        body,
-        client_upgrade,
-        slot,
-        routed,
-    ))
-    .await
+    Box::pin(forward_hyper(x, body, client_upgrade, slot, routed)).await
+}
+
+/// Forwards a request without a body or an upgrade: the request's own task does the exchange
+/// (`direct`), and writes the headers the proxy sets (`ProxySet`) instead of adding them to
+/// the map.
+async fn forward_direct(
+    x: Exchange<'_>,
+    host_raw: Option<&HeaderValue>,
+    client: Option<&HeaderValue>,
+    https: bool,
+    routed: &mut Option<Routed>,
+) -> Response<ProxyBody> {
+    let Exchange {
+        mut parts,
+        service,
+        target,
+        guard,
+        limits,
+        retryable,
+    } = x;
+    let (path, set) = match for_direct(&parts.uri, &mut parts.headers, host_raw, client, https) {
+        Ok(p) => p,
+        Err(text) => return local(StatusCode::BAD_REQUEST, text),
+    };
+    let sent_at = std::time::Instant::now();
+    let result = send_direct(
+        &parts,
+        path,
+        &set,
+        &target.addr,
+        limits,
+        retryable,
+        &service.name,
+    )
+    .await;
+    *routed = Some(Routed(service.clone(), target.clone()));
+    match result {
+        Ok(resp) => {
+            target.count_served();
+            target
+                .stats
+                .answered(resp.status().as_u16(), sent_at.elapsed());
+            // `direct` left out the response's hop-by-hop headers.
+            resp.map(|body| ProxyBody::Direct {
+                body,
+                guard: Some(guard),
+            })
+        }
+        Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
+    }
 }
 
 /// Rewrites a request's head for the upstream: origin form, HTTP/1.1, the `Host` the client
