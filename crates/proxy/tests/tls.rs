@@ -764,3 +764,202 @@ async fn an_http2_rapid_reset_flood_is_cut_off_before_it_reaches_the_app() {
         assert_eq!((a.status, a.body.as_str()), (200, "blue\n"));
     }
 }
+
+/// Bytes of the test pattern at offset `i`.
+fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+/// An HTTP/1.1 app for [`http2_bodies_cross_the_flow_control_windows_and_a_reset_cancels_only_its_stream`],
+/// one thread per connection: `/up` answers `ok`; a POST answers `<bytes> <sum of bytes>` of
+/// its body; `/big` answers [`BIG`] bytes of [`pattern`]; `/trickle` promises 1 MiB, sends 16
+/// KiB and waits, and sets `cut` once the proxy closes that connection.
+fn h2_bodies_app(cut: Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAddr {
+    use std::io::{BufRead, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let cut = cut.clone();
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                    let mut length = 0u64;
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = Vec::new();
+                    (&mut r).take(length).read_to_end(&mut body).unwrap();
+                    let (head, text): (String, Vec<u8>) = match path.as_str() {
+                        "/big" => (
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n"),
+                            (0..BIG).map(pattern).collect(),
+                        ),
+                        "/trickle" => {
+                            let _ =
+                                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n");
+                            let _ = w.write_all(&[b'x'; 16 * 1024]);
+                            w.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                            if matches!(r.read(&mut [0u8; 1]), Ok(0)) {
+                                cut.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            return;
+                        }
+                        "/up" => (
+                            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n".into(),
+                            b"ok".to_vec(),
+                        ),
+                        _ => {
+                            let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+                            let text = format!("{} {sum}", body.len()).into_bytes();
+                            (
+                                format!(
+                                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                                    text.len()
+                                ),
+                                text,
+                            )
+                        }
+                    };
+                    if w.write_all(head.as_bytes())
+                        .and_then(|()| w.write_all(&text))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The size of `/big` in [`h2_bodies_app`]: larger than any flow-control window of the proxy
+/// (1 MiB) or of the client (hyper's).
+const BIG: usize = 8 * 1024 * 1024;
+
+/// HTTP/2 bodies both ways through the proxy, on one connection: a 3 MiB upload (three times
+/// the 1 MiB stream window the proxy gives: it must hand the window back as it forwards)
+/// reaches the app whole; an 8 MiB download arrives whole (sent as the client's
+/// window allows); a client that cancels a download mid-way (RST_STREAM) makes the proxy
+/// drop that upstream connection, and the connection's other streams go on; an unknown host
+/// gets the proxy's own 404, with its text, `Content-Length` and `Date`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_bodies_cross_the_flow_control_windows_and_a_reset_cancels_only_its_stream() {
+    use http_body_util::{BodyExt, Full};
+    let (dir, ca, _blue) = site("tls-h2-bodies");
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = h2_bodies_app(cut.clone());
+    let proxy = TlsProxy::start(dir.path(), files_mode(dir.path()), false, (0, 0));
+    proxy.deploy("web", app, &["site.test"]).await;
+
+    let tcp = tokio::net::TcpStream::connect(proxy.tls_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(ca.roots(), b"h2"))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake::<_, _, Full<bytes::Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = |method: &str, url: &str, body: Vec<u8>| {
+        hyper::Request::builder()
+            .method(method)
+            .uri(url)
+            .version(Version::HTTP_2)
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    };
+
+    // Upload.
+    let upload: Vec<u8> = (0..3 * 1024 * 1024).map(pattern).collect();
+    let sum: u64 = upload.iter().map(|&b| u64::from(b)).sum();
+    h2.ready().await.unwrap();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        h2.send_request(request("POST", "https://site.test/count", upload)),
+    )
+    .await
+    .expect("the upload stalled")
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        std::str::from_utf8(&text).unwrap(),
+        format!("{} {sum}", 3 * 1024 * 1024)
+    );
+
+    // Download.
+    h2.ready().await.unwrap();
+    let resp = h2
+        .send_request(request("GET", "https://site.test/big", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], BIG.to_string().as_str());
+    let body = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
+        .await
+        .expect("the download stalled")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body.len(), BIG);
+    assert!(body.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+
+    // A download cancelled after its first bytes.
+    h2.ready().await.unwrap();
+    let resp = h2
+        .send_request(request("GET", "https://site.test/trickle", vec![]))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body);
+    until(
+        "the proxy to close the cancelled stream's upstream connection",
+        Duration::from_secs(10),
+        || std::future::ready(cut.load(std::sync::atomic::Ordering::SeqCst)),
+    )
+    .await;
+
+    // The same connection still serves, and the proxy's own answers are whole.
+    h2.ready().await.unwrap();
+    let resp = h2
+        .send_request(request("GET", "https://site.test/up", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    h2.ready().await.unwrap();
+    let resp = h2
+        .send_request(request("GET", "https://other.test/", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["content-length"], "25");
+    let date = resp.headers()["date"].to_str().unwrap().to_string();
+    assert!(date.ends_with(" GMT"), "{date}");
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&text[..], b"no service for this host\n");
+    proxy.stop().unwrap();
+}
