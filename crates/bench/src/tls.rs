@@ -46,6 +46,11 @@ read every 100 ms during that proxy's loads. *CPU per request* is the user + sys
 the proxy's processes (nginx: master and workers) during its loads, read from \
 `/proc/<pid>/stat`, divided by the requests those loads completed: a measure of the proxy's \
 own work that other processes on the machine disturb far less than requests/s. \
+*A core each* (not with `--quick`): the HTTP/1.1 and HTTP/2 loads once more, each proxy in \
+turn with every thread of its processes pinned to CPU 0 and the load generator and the \
+backend to CPU 1 (`taskset`), then back on every core: its requests/s is then what the proxy \
+serves on one core of its own, where the loads above measure what the whole path sustains on \
+two shared cores (a proxy that leaves more CPU to the load generator gains there). \
 *Switches under HTTPS load* (same processes, after the loads above): a second backend (nginx, \
 the same answer) is started, and each proxy is switched K times (10, 3 with `--quick`) \
 alternately to one and the other backend while a steady HTTPS load runs against it over TLS \
@@ -537,7 +542,9 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// One load of `kind` on the proxy at `tls_port` for `secs`.
+/// One load of `kind` on the proxy at `tls_port` for `secs`; `core`: the CPU the load
+/// generator is pinned to (see [`Pin`]).
+#[allow(clippy::too_many_arguments)]
 fn load(
     ctx: &Ctx,
     work: &Path,
@@ -546,13 +553,14 @@ fn load(
     kind: Kind,
     tls_port: u16,
     secs: u64,
+    core: Option<usize>,
 ) -> Result<Round> {
     let url = format!("https://{DOMAIN}:{tls_port}/");
     let (r, sample) = ctx.meter.time(|| -> Result<Round> {
         let cpu_before = cpu_s(pids);
         let (rps, p50_ms, p99_ms, requests, errors, rss) = match kind {
             Kind::H1 | Kind::Handshake => {
-                let mut cmd = Command::new("wrk");
+                let mut cmd = tool("wrk", core);
                 cmd.args(["-t2", &format!("-c{CONNECTIONS}")])
                     .arg(format!("-d{secs}s"))
                     .arg("--latency");
@@ -567,7 +575,7 @@ fn load(
             Kind::H2 => {
                 let log = work.join(format!("h2load-{}.log", proxy.key()));
                 let _ = std::fs::remove_file(&log);
-                let mut cmd = Command::new("h2load");
+                let mut cmd = tool("h2load", core);
                 cmd.args(["-t2", &format!("-c{CONNECTIONS}"), "-m1"])
                     .arg(format!("-D{secs}"))
                     .arg(format!("--connect-to=127.0.0.1:{tls_port}"))
@@ -636,7 +644,20 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         lab.caddy.pid(),
         lab.port(Proxy::Caddy)
     );
-    let (rounds, discarded) = loads(ctx, &work, &lab, secs)?;
+    let (rounds, mut discarded) = loads(ctx, &work, &lab, secs, &KINDS, None)?;
+    // A core each (not in a quick run, nor on one core).
+    let pinned = if ctx.quick || ctx.machine.cores < 2 {
+        Vec::new()
+    } else {
+        let pin = Pin {
+            proxy_core: 0,
+            others_core: 1,
+            all: format!("0-{}", ctx.machine.cores - 1),
+        };
+        let (kept, redone) = loads(ctx, &work, &lab, secs, &[Kind::H1, Kind::H2], Some(&pin))?;
+        discarded.extend(redone);
+        kept
+    };
     let (switch_md, switch_json) = switches(ctx, &work, &lab)?;
     lab.check_running()?;
     let load_after = loadavg();
@@ -644,6 +665,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let done = Measured {
         secs,
         rounds,
+        pinned,
         discarded,
         idle,
         load_before,
@@ -680,6 +702,8 @@ struct Measured {
     /// Seconds per load.
     secs: u64,
     rounds: Vec<Round>,
+    /// The loads with the proxy on a core of its own ([`Pin`]).
+    pinned: Vec<Round>,
     /// Loads redone because other processes took over a quarter of the CPU.
     discarded: Vec<Round>,
     /// Each proxy's RSS before any load, KiB.
@@ -696,7 +720,7 @@ struct Lab {
     nginx: Proc,
     cutover: Proc,
     /// The two backends, held to be stopped when the lab is dropped.
-    _backends: [Proc; 2],
+    backend_procs: [Proc; 2],
     /// The backends' ports: the one every proxy serves at first, and the second one (for the
     /// switches at the end).
     backends: [u16; 2],
@@ -718,7 +742,7 @@ impl Lab {
             caddy,
             nginx,
             cutover,
-            _backends: [backend, backend_b],
+            backend_procs: [backend, backend_b],
             backends: [backend_port, backend_b_port],
             ports: [cutover_port, nginx_port, caddy_port],
             caddy_admin,
@@ -744,6 +768,11 @@ impl Lab {
 
     fn pids(&self, p: Proxy) -> Vec<u32> {
         self.proc(p).pids()
+    }
+
+    /// The processes of the backend every proxy serves during the loads.
+    fn backend_pids(&self) -> Vec<u32> {
+        self.backend_procs[0].pids()
     }
 
     /// Fails if cutover's proxy or Caddy exited (nginx's master stays across its reloads).
@@ -879,15 +908,28 @@ fn exited_ok(what: &str, out: &Output) -> Result<()> {
     Ok(())
 }
 
-/// Every proxy's loads, `ctx.reps` times, the order of the proxies rotating; the loads kept
-/// and those redone.
-fn loads(ctx: &Ctx, work: &Path, lab: &Lab, secs: u64) -> Result<(Vec<Round>, Vec<Round>)> {
+/// Every proxy's loads of `kinds`, `ctx.reps` times, the order of the proxies rotating; the
+/// loads kept and those redone. With `pin`, each proxy runs on a core of its own during its
+/// loads.
+fn loads(
+    ctx: &Ctx,
+    work: &Path,
+    lab: &Lab,
+    secs: u64,
+    kinds: &[Kind],
+    pin: Option<&Pin>,
+) -> Result<(Vec<Round>, Vec<Round>)> {
     let mut rounds: Vec<Round> = Vec::new();
     let mut discarded: Vec<Round> = Vec::new();
+    let label = if pin.is_some() { " (a core each)" } else { "" };
     for rep in 0..ctx.reps {
         for j in 0..PROXIES.len() {
             let proxy = PROXIES[(rep + j) % PROXIES.len()];
-            for kind in KINDS {
+            if let Some(pin) = pin {
+                pin.apply(&lab.pids(proxy), pin.proxy_core.to_string().as_str())?;
+                pin.apply(&lab.backend_pids(), pin.others_core.to_string().as_str())?;
+            }
+            for &kind in kinds {
                 loop {
                     let r = load(
                         ctx,
@@ -897,10 +939,11 @@ fn loads(ctx: &Ctx, work: &Path, lab: &Lab, secs: u64) -> Result<(Vec<Round>, Ve
                         kind,
                         lab.port(proxy),
                         secs,
+                        pin.map(|p| p.others_core),
                     )?;
                     eprintln!(
-                        "[tls] run {}/{} {} {}: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, \
-                         {} errors, RSS {} KiB; other processes {:.1} CPU-s",
+                        "[tls] run {}/{} {} {}{label}: {:.0} requests/s, p50 {:.2} ms, p99 \
+                         {:.2} ms, {} errors, RSS {} KiB; other processes {:.1} CPU-s",
                         rep + 1,
                         ctx.reps,
                         proxy.name(),
@@ -927,9 +970,53 @@ fn loads(ctx: &Ctx, work: &Path, lab: &Lab, secs: u64) -> Result<(Vec<Round>, Ve
                     break;
                 }
             }
+            if let Some(pin) = pin {
+                pin.apply(&lab.pids(proxy), &pin.all)?;
+                pin.apply(&lab.backend_pids(), &pin.all)?;
+            }
         }
     }
     Ok((rounds, discarded))
+}
+
+/// Loads with the proxy on a core of its own: its processes (every thread) pinned to
+/// `proxy_core`, the load generator and the backend to `others_core`, and all of them back on
+/// every core (`all`) after.
+struct Pin {
+    proxy_core: usize,
+    others_core: usize,
+    all: String,
+}
+
+impl Pin {
+    /// Pins every thread of `pids` to `cpus` (`taskset -a -p -c`).
+    fn apply(&self, pids: &[u32], cpus: &str) -> Result<()> {
+        for pid in pids {
+            let out = Command::new("taskset")
+                .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+                .output()
+                .context("taskset (util-linux)")?;
+            if !out.status.success() {
+                bail!(
+                    "taskset -a -p -c {cpus} {pid}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The command `name`, run on CPU `core` (`taskset -c`) if one is given.
+fn tool(name: &str, core: Option<usize>) -> Command {
+    match core {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &c.to_string(), name]);
+            cmd
+        }
+        None => Command::new(name),
+    }
 }
 
 /// The scenario's JSON, with the zero-downtime gate's map.
@@ -947,6 +1034,7 @@ fn section_json(ctx: &Ctx, m: &Measured, started: String) -> Value {
         "load": { "connections": CONNECTIONS, "duration_s": m.secs, "h2_streams_per_connection": 1 },
         "idle_rss_kib": m.idle.iter().map(|(p, k)| (p.key().to_string(), json!(k))).collect::<serde_json::Map<_, _>>(),
         "runs": m.rounds.iter().map(round_json).collect::<Vec<_>>(),
+        "runs_a_core_each": m.pinned.iter().map(round_json).collect::<Vec<_>>(),
         "discarded": m.discarded.iter().map(round_json).collect::<Vec<_>>(),
         "switches": m.switch_json,
         // The zero-downtime gate: a failed request while cutover switches fails the run.
@@ -977,9 +1065,51 @@ fn tables(ctx: &Ctx, m: &Measured, took: Duration) -> String {
          steadier than requests/s on a busy machine):\n\n",
     );
     md.push_str(&cpu_table(&m.rounds));
-    md.push_str(&goal_line(&m.rounds));
-    md.push_str(&foreign_line(ctx, &m.rounds, m.discarded.len()));
+    md.push_str(&goal_line(&m.rounds, &KINDS, ""));
+    if !m.pinned.is_empty() {
+        md.push_str(
+            "\nA core each: the same loads (HTTP/1.1 and HTTP/2) with the proxy's processes \
+             pinned to CPU 0 and the load generator and the backend to CPU 1 (`taskset`), so \
+             that requests/s is what the proxy serves on one core of its own:\n\n",
+        );
+        md.push_str(&pinned_table(&m.pinned));
+        md.push_str(&goal_line(&m.pinned, &[Kind::H1, Kind::H2], ", a core each"));
+    }
+    let all: Vec<Round> = m.rounds.iter().chain(&m.pinned).cloned().collect();
+    md.push_str(&foreign_line(ctx, &all, m.discarded.len()));
     md
+}
+
+/// Requests/s, p99 and CPU per request per proxy, HTTP/1.1 and HTTP/2, a core each.
+fn pinned_table(rounds: &[Round]) -> String {
+    let mut rows = Vec::new();
+    for p in PROXIES {
+        let mut row = vec![p.name().to_string()];
+        for k in [Kind::H1, Kind::H2] {
+            let rs = cell_of(rounds, p, k);
+            let (m, lo, hi) = spread(&rs.iter().map(|r| r.rps).collect::<Vec<_>>());
+            row.push(if rs.len() > 1 {
+                format!("{m:.0} ({lo:.0}–{hi:.0})")
+            } else {
+                format!("{m:.0}")
+            });
+            row.push(or_dash(median_of(&rs, |r| r.p99_ms), |v| format!("{v:.2} ms")));
+            row.push(or_dash(cpu_per_request_us(&rs), |v| format!("{v:.1} µs")));
+        }
+        rows.push(row);
+    }
+    report::table(
+        &[
+            "proxy (TLS 1.3, a core each)",
+            "HTTP/1.1 requests/s",
+            "p99",
+            "CPU per request",
+            "HTTP/2 requests/s",
+            "p99",
+            "CPU per request",
+        ],
+        &rows,
+    )
 }
 
 /// `v` written by `f`, or "–" for NaN (no value).
@@ -1112,9 +1242,9 @@ fn median_of(rs: &[&Round], f: fn(&Round) -> f64) -> f64 {
 }
 
 /// The issue's goal, per row: at least nginx's throughput and no worse p99.
-fn goal_line(rounds: &[Round]) -> String {
+fn goal_line(rounds: &[Round], kinds: &[Kind], label: &str) -> String {
     let mut verdicts = Vec::new();
-    for k in KINDS {
+    for &k in kinds {
         let (c, n) = (
             cell_of(rounds, Proxy::Cutover, k),
             cell_of(rounds, Proxy::Nginx, k),
@@ -1139,7 +1269,8 @@ fn goal_line(rounds: &[Round]) -> String {
         ));
     }
     format!(
-        "\nGoal (issue 12: at least nginx's throughput and no worse p99) in this run: {}.\n",
+        "\nGoal (issue 12: at least nginx's throughput and no worse p99) in this run{label}: \
+         {}.\n",
         verdicts.join("; ")
     )
 }
