@@ -1073,7 +1073,11 @@ fn tables(ctx: &Ctx, m: &Measured, took: Duration) -> String {
              that requests/s is what the proxy serves on one core of its own:\n\n",
         );
         md.push_str(&pinned_table(&m.pinned));
-        md.push_str(&goal_line(&m.pinned, &[Kind::H1, Kind::H2], ", a core each"));
+        md.push_str(&goal_line(
+            &m.pinned,
+            &[Kind::H1, Kind::H2],
+            ", a core each",
+        ));
     }
     let all: Vec<Round> = m.rounds.iter().chain(&m.pinned).cloned().collect();
     md.push_str(&foreign_line(ctx, &all, m.discarded.len()));
@@ -1087,13 +1091,10 @@ fn pinned_table(rounds: &[Round]) -> String {
         let mut row = vec![p.name().to_string()];
         for k in [Kind::H1, Kind::H2] {
             let rs = cell_of(rounds, p, k);
-            let (m, lo, hi) = spread(&rs.iter().map(|r| r.rps).collect::<Vec<_>>());
-            row.push(if rs.len() > 1 {
-                format!("{m:.0} ({lo:.0}–{hi:.0})")
-            } else {
-                format!("{m:.0}")
-            });
-            row.push(or_dash(median_of(&rs, |r| r.p99_ms), |v| format!("{v:.2} ms")));
+            row.push(rps_cell(&rs));
+            row.push(or_dash(median_of(&rs, |r| r.p99_ms), |v| {
+                format!("{v:.2} ms")
+            }));
             row.push(or_dash(cpu_per_request_us(&rs), |v| format!("{v:.1} µs")));
         }
         rows.push(row);
@@ -1110,6 +1111,16 @@ fn pinned_table(rounds: &[Round]) -> String {
         ],
         &rows,
     )
+}
+
+/// The median requests/s of `rs`, with their range when there are several.
+fn rps_cell(rs: &[&Round]) -> String {
+    let (m, lo, hi) = spread(&rs.iter().map(|r| r.rps).collect::<Vec<_>>());
+    if rs.len() > 1 {
+        format!("{m:.0} ({lo:.0}–{hi:.0})")
+    } else {
+        format!("{m:.0}")
+    }
 }
 
 /// `v` written by `f`, or "–" for NaN (no value).
@@ -1129,12 +1140,7 @@ fn throughput_table(rounds: &[Round]) -> String {
         let mut row = vec![p.name().to_string()];
         for k in KINDS {
             let rs = cell_of(rounds, p, k);
-            let (m, lo, hi) = spread(&rs.iter().map(|r| r.rps).collect::<Vec<_>>());
-            row.push(if rs.len() > 1 {
-                format!("{m:.0} ({lo:.0}–{hi:.0})")
-            } else {
-                format!("{m:.0}")
-            });
+            row.push(rps_cell(&rs));
             if k != Kind::Handshake {
                 row.push(ms_cell(median_of(&rs, |r| r.p50_ms)));
             }
