@@ -926,8 +926,8 @@ fn loads(
         for j in 0..PROXIES.len() {
             let proxy = PROXIES[(rep + j) % PROXIES.len()];
             if let Some(pin) = pin {
-                pin.apply(&lab.pids(proxy), pin.proxy_core.to_string().as_str())?;
-                pin.apply(&lab.backend_pids(), pin.others_core.to_string().as_str())?;
+                pin_to(&lab.pids(proxy), &pin.proxy_core.to_string())?;
+                pin_to(&lab.backend_pids(), &pin.others_core.to_string())?;
             }
             for &kind in kinds {
                 loop {
@@ -971,8 +971,8 @@ fn loads(
                 }
             }
             if let Some(pin) = pin {
-                pin.apply(&lab.pids(proxy), &pin.all)?;
-                pin.apply(&lab.backend_pids(), &pin.all)?;
+                pin_to(&lab.pids(proxy), &pin.all)?;
+                pin_to(&lab.backend_pids(), &pin.all)?;
             }
         }
     }
@@ -988,23 +988,21 @@ struct Pin {
     all: String,
 }
 
-impl Pin {
-    /// Pins every thread of `pids` to `cpus` (`taskset -a -p -c`).
-    fn apply(&self, pids: &[u32], cpus: &str) -> Result<()> {
-        for pid in pids {
-            let out = Command::new("taskset")
-                .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-                .output()
-                .context("taskset (util-linux)")?;
-            if !out.status.success() {
-                bail!(
-                    "taskset -a -p -c {cpus} {pid}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+/// Pins every thread of `pids` to `cpus` (`taskset -a -p -c`).
+fn pin_to(pids: &[u32], cpus: &str) -> Result<()> {
+    for pid in pids {
+        let out = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+            .output()
+            .context("taskset (util-linux)")?;
+        if !out.status.success() {
+            bail!(
+                "taskset -a -p -c {cpus} {pid}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// The command `name`, run on CPU `core` (`taskset -c`) if one is given.

@@ -609,10 +609,7 @@ async fn forward_direct(
     *routed = Some(Routed(service.clone(), target.clone()));
     match result {
         Ok(resp) => {
-            target.count_served();
-            target
-                .stats
-                .answered(resp.status().as_u16(), sent_at.elapsed());
+            target.answered(resp.status().as_u16(), sent_at.elapsed());
             // `direct` left out the response's hop-by-hop headers.
             resp.map(|body| ProxyBody::Direct {
                 body,
@@ -787,10 +784,7 @@ async fn forward_hyper(
     *routed = Some(Routed(service.clone(), target.clone()));
     match result {
         Ok((resp, sender)) => {
-            target.count_served();
-            target
-                .stats
-                .answered(resp.status().as_u16(), sent_at.elapsed());
+            target.answered(resp.status().as_u16(), sent_at.elapsed());
             if let (StatusCode::SWITCHING_PROTOCOLS, Some((client_up, websocket))) =
                 (resp.status(), client_upgrade)
             {
@@ -1013,10 +1007,7 @@ async fn serve_static(parts: &hyper::http::request::Parts, guard: InFlight) -> R
     let resp =
         crate::static_target::respond(&target.addr, &parts.method, &parts.uri, &parts.headers)
             .await;
-    target.count_served();
-    target
-        .stats
-        .answered(resp.status().as_u16(), started.elapsed());
+    target.answered(resp.status().as_u16(), started.elapsed());
     let (head, body) = resp.into_parts();
     Response::from_parts(
         head,

@@ -79,8 +79,11 @@ impl Target {
         self.served.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn count_served(&self) {
+    /// This target answered a request with `status`, `took` after it was sent: counted as
+    /// served and recorded in its `stats`.
+    pub(crate) fn answered(&self, status: u16, took: std::time::Duration) {
         self.served.fetch_add(1, Ordering::Relaxed);
+        self.stats.answered(status, took);
     }
 }
 

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,24 +74,9 @@ fn serve(s: TcpStream) {
     let mut r = BufReader::with_capacity(64 * 1024, s.try_clone().unwrap());
     let mut w = s;
     loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
+        let Some((path, length)) = support::read_head(&mut r) else {
             return;
-        }
-        let path = line.split(' ').nth(1).unwrap_or("").to_string();
-        let mut length = 0u64;
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            if h == "\r\n" {
-                break;
-            }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-        }
+        };
         let mut body = (&mut r).take(length);
         let got = std::io::copy(&mut body, &mut std::io::sink()).unwrap_or(0);
         match path.as_str() {

@@ -775,7 +775,7 @@ fn pattern(i: usize) -> u8 {
 /// its body; `/big` answers [`BIG`] bytes of [`pattern`]; `/trickle` promises 1 MiB, sends 16
 /// KiB and waits, and sets `cut` once the proxy closes that connection.
 fn h2_bodies_app(cut: Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAddr {
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -785,24 +785,9 @@ fn h2_bodies_app(cut: Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAdd
                 let mut r = std::io::BufReader::new(s.try_clone().unwrap());
                 let mut w = s;
                 loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    let Some((path, length)) = support::read_head(&mut r) else {
                         return;
-                    }
-                    let path = line.split(' ').nth(1).unwrap_or("").to_string();
-                    let mut length = 0u64;
-                    loop {
-                        let mut h = String::new();
-                        if r.read_line(&mut h).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if h == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap();
-                        }
-                    }
+                    };
                     let mut body = Vec::new();
                     (&mut r).take(length).read_to_end(&mut body).unwrap();
                     let (head, text): (String, Vec<u8>) = match path.as_str() {
@@ -853,6 +838,23 @@ fn h2_bodies_app(cut: Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAdd
 /// (1 MiB) or of the client (hyper's).
 const BIG: usize = 8 * 1024 * 1024;
 
+/// Sends a request over an HTTP/2 connection (hyper's client) once it is ready; its response.
+async fn h2_send(
+    h2: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    method: &str,
+    url: &str,
+    body: Vec<u8>,
+) -> hyper::Response<hyper::body::Incoming> {
+    h2.ready().await.unwrap();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .version(Version::HTTP_2)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    h2.send_request(req).await.unwrap()
+}
+
 /// HTTP/2 bodies both ways through the proxy, on one connection: a 3 MiB upload (three times
 /// the 1 MiB stream window the proxy gives: it must hand the window back as it forwards)
 /// reaches the app whole; an 8 MiB download arrives whole (sent as the client's
@@ -883,26 +885,16 @@ async fn http2_bodies_cross_the_flow_control_windows_and_a_reset_cancels_only_it
     .await
     .unwrap();
     tokio::spawn(conn);
-    let request = |method: &str, url: &str, body: Vec<u8>| {
-        hyper::Request::builder()
-            .method(method)
-            .uri(url)
-            .version(Version::HTTP_2)
-            .body(Full::new(bytes::Bytes::from(body)))
-            .unwrap()
-    };
 
     // Upload.
     let upload: Vec<u8> = (0..3 * 1024 * 1024).map(pattern).collect();
     let sum: u64 = upload.iter().map(|&b| u64::from(b)).sum();
-    h2.ready().await.unwrap();
     let resp = tokio::time::timeout(
         Duration::from_secs(20),
-        h2.send_request(request("POST", "https://site.test/count", upload)),
+        h2_send(&mut h2, "POST", "https://site.test/count", upload),
     )
     .await
-    .expect("the upload stalled")
-    .unwrap();
+    .expect("the upload stalled");
     assert_eq!(resp.status(), 200);
     let text = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
@@ -911,11 +903,7 @@ async fn http2_bodies_cross_the_flow_control_windows_and_a_reset_cancels_only_it
     );
 
     // Download.
-    h2.ready().await.unwrap();
-    let resp = h2
-        .send_request(request("GET", "https://site.test/big", vec![]))
-        .await
-        .unwrap();
+    let resp = h2_send(&mut h2, "GET", "https://site.test/big", vec![]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-length"], BIG.to_string().as_str());
     let body = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
@@ -927,11 +915,7 @@ async fn http2_bodies_cross_the_flow_control_windows_and_a_reset_cancels_only_it
     assert!(body.iter().enumerate().all(|(i, &b)| b == pattern(i)));
 
     // A download cancelled after its first bytes.
-    h2.ready().await.unwrap();
-    let resp = h2
-        .send_request(request("GET", "https://site.test/trickle", vec![]))
-        .await
-        .unwrap();
+    let resp = h2_send(&mut h2, "GET", "https://site.test/trickle", vec![]).await;
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert!(first.is_data());
@@ -944,17 +928,9 @@ async fn http2_bodies_cross_the_flow_control_windows_and_a_reset_cancels_only_it
     .await;
 
     // The same connection still serves, and the proxy's own answers are whole.
-    h2.ready().await.unwrap();
-    let resp = h2
-        .send_request(request("GET", "https://site.test/up", vec![]))
-        .await
-        .unwrap();
+    let resp = h2_send(&mut h2, "GET", "https://site.test/up", vec![]).await;
     assert_eq!(resp.status(), 200);
-    h2.ready().await.unwrap();
-    let resp = h2
-        .send_request(request("GET", "https://other.test/", vec![]))
-        .await
-        .unwrap();
+    let resp = h2_send(&mut h2, "GET", "https://other.test/", vec![]).await;
     assert_eq!(resp.status(), 404);
     assert_eq!(resp.headers()["content-length"], "25");
     let date = resp.headers()["date"].to_str().unwrap().to_string();

@@ -698,3 +698,26 @@ fn worker(opts: &LoadOpts, stop: &AtomicBool, ok: &AtomicU64, started: Instant) 
     }
     st
 }
+
+/// Reads an HTTP/1.1 request head from `r` (a test app's side of a connection): its path and
+/// its `Content-Length` (0 if none). `None`: the connection ended first.
+pub fn read_head(r: &mut impl std::io::BufRead) -> Option<(String, u64)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let path = line.split(' ').nth(1).unwrap_or("").to_string();
+    let mut length = 0u64;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 {
+            return None;
+        }
+        if h == "\r\n" {
+            return Some((path, length));
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+    }
+}
