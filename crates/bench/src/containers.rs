@@ -7,7 +7,6 @@
 //! in `crates/cutover/tests/containers.rs`.
 
 use crate::events::{self, Traced};
-use crate::harness::hide_bashrc;
 use crate::Ctx;
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
@@ -54,13 +53,14 @@ pub(crate) struct Mem {
 
 impl DockerWorld {
     /// Starts a lab of one host with Docker, builds and pushes `web:a` and `web:b`, writes
-    /// the cutover config (blue-green) and runs `cutover setup`. Unless `ctx.host_bashrc`,
-    /// hides root's `~/.bashrc` from the host's SSH sessions (as the other scenarios do).
+    /// the cutover config (blue-green) and runs `cutover setup`. Root's `~/.bashrc` is hidden
+    /// from the host's SSH sessions unless `ctx.host_bashrc` (as in the other scenarios).
     pub(crate) fn start(ctx: &Ctx) -> Result<DockerWorld> {
         let t = Instant::now();
         let lab = Lab::try_start_with(LabOptions {
             hosts: 1,
             docker: true,
+            root_bashrc: ctx.host_bashrc,
             ..LabOptions::default()
         })
         .map_err(|e| anyhow!("cannot start a testlab lab of 1 Docker host: {e}"))?;
@@ -68,9 +68,6 @@ impl DockerWorld {
             "[bench] lab of 1 Docker host up in {:.1}s",
             t.elapsed().as_secs_f64()
         );
-        if !ctx.host_bashrc {
-            hide_bashrc(&lab)?;
-        }
         let registry = lab
             .registry()
             .ok_or_else(|| anyhow!("the lab has no registry"))?;

@@ -67,6 +67,22 @@ pub(crate) fn build_cutover(root: &Path) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("cargo build did not report the cutover executable"))
 }
 
+/// The `cutover` executable at `path` (`--cutover`), as an absolute path: the scenarios run it
+/// from other directories. Fails with what is wrong if it is not an executable file.
+pub(crate) fn given_cutover(path: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("--cutover {}: no such executable", path.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        bail!("--cutover {}: not an executable file", path.display());
+    }
+    eprintln!(
+        "[bench] measuring {} (--cutover: not built)",
+        path.display()
+    );
+    Ok(std::fs::canonicalize(path)?)
+}
+
 /// A directory to deploy: `files` files of `file_size` pseudo-random bytes in `data/`, plus
 /// `index.html`, `version` (both say `label`) and `up` (the health check's target).
 #[derive(Debug, Clone)]
@@ -235,8 +251,8 @@ pub(crate) struct World<'m> {
 
 impl<'m> World<'m> {
     /// Starts a fresh lab of `hosts` hosts and writes the cutover config (`parallel = 16`).
-    /// Unless `ctx.host_bashrc`, hides root's `~/.bashrc` from the hosts' SSH sessions (see
-    /// [`hide_bashrc`]).
+    /// Root's `~/.bashrc` is hidden from the hosts' SSH sessions unless `ctx.host_bashrc`
+    /// (testlab's [`LabOptions::root_bashrc`]).
     pub(crate) fn start(hosts: usize, ctx: &'m Ctx) -> Result<World<'m>> {
         World::start_with(hosts, ctx, false, 16)
     }
@@ -254,6 +270,7 @@ impl<'m> World<'m> {
             hosts,
             site_root: SITE_ROOT.into(),
             light,
+            root_bashrc: ctx.host_bashrc,
             ..LabOptions::default()
         })
         .map_err(|e| anyhow!("cannot start a testlab lab of {hosts} hosts: {e}"))?;
@@ -261,9 +278,6 @@ impl<'m> World<'m> {
             "[bench] lab of {hosts} host(s) up in {:.1}s",
             t.elapsed().as_secs_f64()
         );
-        if !ctx.host_bashrc {
-            hide_bashrc(&lab)?;
-        }
         let dir = lab.dir().join("controller");
         std::fs::create_dir_all(&dir)?;
         let hosts_toml = (0..lab.len())
@@ -739,27 +753,6 @@ pub(crate) struct Answer {
     /// Seconds from spawn to the command's exit.
     pub(crate) exit_s: f64,
     pub(crate) output: std::process::Output,
-}
-
-/// The testlab hosts share this machine's `/root`, and Debian's bash sources `~/.bashrc`
-/// for every command sshd runs, so whatever that file does (on a developer machine, e.g.
-/// `eval "$(pyenv init -)"`: about 0.1 s of CPU) is paid by every SSH session, cutover's and
-/// the floor's alike, and is no part of cutover or of a typical server. This bind-mounts
-/// `/dev/null` over it inside each host's private mount namespace only (gone with the lab).
-pub(crate) fn hide_bashrc(lab: &Lab) -> Result<()> {
-    if !Path::new("/root/.bashrc").exists() {
-        return Ok(());
-    }
-    for i in 0..lab.len() {
-        let out = lab.exec(i, "mount --bind /dev/null /root/.bashrc");
-        if !out.status.success() {
-            bail!(
-                "host {i}: cannot hide /root/.bashrc: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Flushes dirty pages so that one run's writeback does not slow the next.

@@ -158,6 +158,11 @@ struct Cli {
     /// 10MiB, 100MiB, 1GiB).
     #[arg(long, value_delimiter = ',', value_name = "SIZE,...")]
     sizes: Vec<String>,
+    /// Measure this `cutover` executable instead of building one (CI passes the one its test
+    /// build made, so that no second build runs). The report names the bench's own profile for
+    /// it: pass one built with that profile.
+    #[arg(long, value_name = "PATH")]
+    cutover: Option<PathBuf>,
 }
 
 /// What every scenario gets: settings, the cutover binary, a work dir, lazily made payloads.
@@ -271,7 +276,10 @@ fn main() -> Result<()> {
         }
         None => root.clone(),
     };
-    let cutover = harness::build_cutover(&root)?;
+    let cutover = match &cli.cutover {
+        Some(path) => harness::given_cutover(path)?,
+        None => harness::build_cutover(&root)?,
+    };
     let work = std::env::temp_dir().join(format!("cutover-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let _work_guard = WorkDir(work.clone());
@@ -292,6 +300,9 @@ fn main() -> Result<()> {
     }
     if let Some(d) = &cli.out {
         command.push_str(&format!(" --out {}", d.display()));
+    }
+    if let Some(c) = &cli.cutover {
+        command.push_str(&format!(" --cutover {}", c.display()));
     }
     let join = |v: Vec<String>| v.join(",");
     if !cli.hosts.is_empty() {

@@ -319,10 +319,11 @@ fn head(ctx: &Ctx) -> String {
          per cell (default 3); `--host-bashrc` lets the hosts' SSH sessions source \
          `/root/.bashrc` (see below); `--out DIR` writes `BENCHMARKS.md` and `bench/results/` under \
          DIR instead of the workspace root. The bench builds `cutover` itself with its own \
-         profile: `cargo build --release -p cutover` under `cargo run --release`. CI runs \
-         `cargo run -p cutover-bench -- all --quick` after the tests, i.e. the dev profile (the \
-         `cutover` the tests already built, unoptimized): its timings are not the published \
-         ones and only its zero-downtime check counts (the run fails if any cutover method \
+         profile: `cargo build --release -p cutover` under `cargo run --release`; `--cutover \
+         PATH` measures a binary built before instead. CI runs the bench with `--quick` after \
+         the tests, as `target/debug/cutover-bench all --quick --cutover target/debug/cutover`, \
+         both from the tests' own build (dev profile, unoptimized): its timings are not the \
+         published ones and only its zero-downtime check counts (the run fails if any cutover method \
          had a failed request under load). Each section says how long its scenario took (a full \
          run of every scenario took about 37 minutes on a 2-core machine, 24 of them deploy-speed \
          with its 1 GiB cells). Raw samples: `bench/results/<scenario>.json`.\n\n",
@@ -353,9 +354,9 @@ fn head(ctx: &Ctx) -> String {
          `~/.bashrc` for every command that sshd runs; on this development machine that file \
          runs `pyenv init`, about 0.1 s of CPU per SSH session, which a typical server does \
          not pay and which has nothing to do with cutover (cutover opens about four sessions \
-         per host per deploy, the floor one). So the bench bind-mounts `/dev/null` over \
+         per host per deploy, the floor one). So testlab bind-mounts `/dev/null` over \
          `/root/.bashrc` inside each host's private mount namespace (never on the machine \
-         itself); `--host-bashrc` turns that off.\n\n"
+         itself), for the tests and the bench alike; `--host-bashrc` turns that off.\n\n"
     });
     for sc in SCENARIOS {
         s.push_str(&format!(

@@ -8,9 +8,11 @@
 //! B = 201 and j = i, and hosts 63..126 have B = 202 and j = i - 63 (a second
 //! /24, so that a lab can hold 100 hosts). A long-lived anchor
 //! process (`sleep infinity`) holds a private mount namespace in which the
-//! host's directory `srv` of the lab dir is bind-mounted on `/srv`; sshd,
-//! nginx and [`Lab::exec`] are started inside the anchor's namespaces with
-//! `nsenter`, so every SSH session of host i sees host i's `/srv`.
+//! host's directory `srv` of the lab dir is bind-mounted on `/srv` (and
+//! `/dev/null` on this machine's `/root/.bashrc`, see
+//! [`LabOptions::root_bashrc`]); sshd, nginx and [`Lab::exec`] are started
+//! inside the anchor's namespaces with `nsenter`, so every SSH session of
+//! host i sees host i's `/srv`.
 //! Everything is torn down when the [`Lab`] is dropped.
 //!
 //! With [`LabOptions::docker`], every host also runs its own `dockerd` and
@@ -82,6 +84,12 @@ pub struct LabOptions {
     /// Storage driver of the hosts' dockerds. `None` (default): `overlay2`,
     /// falling back to `vfs` if dockerd cannot start with it.
     pub docker_storage_driver: Option<String>,
+    /// If true, the hosts' SSH sessions source this machine's `/root/.bashrc`, as Debian's
+    /// bash does for every command sshd runs. By default each host's mount namespace has
+    /// `/dev/null` bound over it: a test host stands for a server, not for this machine's
+    /// login, and on a developer machine that file may run e.g. `pyenv init` (about 0.1 s
+    /// of CPU) for every remote command.
+    pub root_bashrc: bool,
 }
 
 impl Default for LabOptions {
@@ -93,6 +101,7 @@ impl Default for LabOptions {
             srv_tmpfs_bytes: None,
             docker: false,
             docker_storage_driver: None,
+            root_bashrc: false,
         }
     }
 }
@@ -284,6 +293,7 @@ impl Lab {
         let (b, j) = block_of(i);
         let root_ip = Ipv4Addr::new(10, b, num, (4 * j + 1) as u8);
         let tmpfs_bytes = self.opts.srv_tmpfs_bytes;
+        let root_bashrc = self.opts.root_bashrc;
         let site_root = self.opts.site_root.clone();
         let h = &mut self.hosts[i];
         fs::create_dir_all(&h.srv)
@@ -356,9 +366,15 @@ impl Lab {
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{ns}"))
             .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
-            .arg("mount --bind \"$1\" /srv && exec sleep infinity")
+            .arg(
+                "mount --bind \"$1\" /srv && \
+                 if [ \"$2\" = hide ] && [ -f /root/.bashrc ]; then \
+                   mount --bind /dev/null /root/.bashrc; fi && \
+                 exec sleep infinity",
+            )
             .arg("testlab-anchor")
             .arg(&h.srv)
+            .arg(if root_bashrc { "keep" } else { "hide" })
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(out)

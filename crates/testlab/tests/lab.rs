@@ -112,6 +112,13 @@ fn hosts_are_isolated_and_reachable() {
     // The helper form works too.
     assert_ok(&lab.ssh(1, "test ! -e /srv/site/x"), "lab.ssh");
 
+    // This machine's /root/.bashrc is not the hosts': /dev/null stands in for it there.
+    if Path::new("/root/.bashrc").is_file() {
+        let out = lab.ssh(0, "stat -c %F /root/.bashrc");
+        assert_ok(&out, "stat over ssh");
+        assert_eq!(text(&out.stdout), "character special file\n");
+    }
+
     // Before any release nginx has nothing to serve.
     assert!(http_get(lab.http_addr(0)).starts_with("HTTP/1.1 404"));
     for i in 0..2 {
@@ -126,6 +133,21 @@ fn hosts_are_isolated_and_reachable() {
     let t = Instant::now();
     drop(lab);
     eprintln!("dropping a 2-host lab took {:?}", t.elapsed());
+}
+
+#[test]
+fn a_lab_may_let_its_hosts_source_this_machines_root_bashrc() {
+    if !Path::new("/root/.bashrc").is_file() {
+        eprintln!("skipped: this machine has no /root/.bashrc");
+        return;
+    }
+    let lab = Lab::start_with(LabOptions {
+        root_bashrc: true,
+        ..LabOptions::default()
+    });
+    let out = lab.ssh(0, "stat -c %F /root/.bashrc");
+    assert_ok(&out, "stat over ssh");
+    assert_eq!(text(&out.stdout), "regular file\n");
 }
 
 #[test]
