@@ -281,7 +281,7 @@ fn signed_pull_request_events_build_the_head_sha_into_a_preview_and_closing_remo
     });
     let (app, commit_sha): (String, String) = db
         .query_row(
-            "SELECT app, commit_sha FROM releases ORDER BY created_at DESC LIMIT 1",
+            "SELECT app, commit_sha FROM releases ORDER BY created_at DESC, rowid DESC LIMIT 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )

@@ -284,7 +284,9 @@ fn signed_pushes_deploy_the_pushed_sha_and_everything_else_is_refused() {
     let commits: Vec<String> = {
         let db = w.db();
         let mut q = db
-            .prepare("SELECT commit_sha FROM releases WHERE app = 'site' ORDER BY created_at")
+            .prepare(
+                "SELECT commit_sha FROM releases WHERE app = 'site' ORDER BY created_at, rowid",
+            )
             .unwrap();
         q.query_map([], |r| r.get(0))
             .unwrap()
@@ -452,7 +454,7 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
     let newest: String = w
         .db()
         .query_row(
-            "SELECT commit_sha FROM releases WHERE app = 'site' ORDER BY created_at DESC LIMIT 1",
+            "SELECT commit_sha FROM releases WHERE app = 'site' ORDER BY created_at DESC, rowid DESC LIMIT 1",
             [],
             |r| r.get(0),
         )
@@ -533,7 +535,7 @@ fn gitea_and_gitlab_deliveries_are_checked_their_own_way() {
     let (app, sha): (String, String) = w
         .db()
         .query_row(
-            "SELECT app, commit_sha FROM releases ORDER BY created_at DESC LIMIT 1",
+            "SELECT app, commit_sha FROM releases ORDER BY created_at DESC, rowid DESC LIMIT 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
