@@ -284,37 +284,8 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let _work_guard = WorkDir(work.clone());
 
-    let mut command = format!(
-        "cargo run {}-p cutover-bench -- {}",
-        if harness::RELEASE { "--release " } else { "" },
-        cli.scenario
-    );
-    if cli.quick {
-        command.push_str(" --quick");
-    }
-    if let Some(r) = cli.reps {
-        command.push_str(&format!(" --reps {r}"));
-    }
-    if cli.host_bashrc {
-        command.push_str(" --host-bashrc");
-    }
-    if let Some(d) = &cli.out {
-        command.push_str(&format!(" --out {}", d.display()));
-    }
-    if let Some(c) = &cli.cutover {
-        command.push_str(&format!(" --cutover {}", c.display()));
-    }
-    let join = |v: Vec<String>| v.join(",");
-    if !cli.hosts.is_empty() {
-        command.push_str(&format!(
-            " --hosts {}",
-            join(cli.hosts.iter().map(|n| n.to_string()).collect())
-        ));
-    }
     let sizes: Vec<String> = cli.sizes.iter().map(|s| s.replace(' ', "")).collect();
-    if !sizes.is_empty() {
-        command.push_str(&format!(" --sizes {}", join(sizes.clone())));
-    }
+    let command = reproduce_command(&cli, &sizes);
     let machine = machine::Machine::read(&root, &cutover);
     let ctx = Ctx {
         quick: cli.quick,
@@ -371,6 +342,41 @@ fn main() -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// The command line that reproduces this run (`sizes` as `--sizes` takes them, spaces removed).
+fn reproduce_command(cli: &Cli, sizes: &[String]) -> String {
+    let mut command = format!(
+        "cargo run {}-p cutover-bench -- {}",
+        if harness::RELEASE { "--release " } else { "" },
+        cli.scenario
+    );
+    if cli.quick {
+        command.push_str(" --quick");
+    }
+    if let Some(r) = cli.reps {
+        command.push_str(&format!(" --reps {r}"));
+    }
+    if cli.host_bashrc {
+        command.push_str(" --host-bashrc");
+    }
+    if let Some(d) = &cli.out {
+        command.push_str(&format!(" --out {}", d.display()));
+    }
+    if let Some(c) = &cli.cutover {
+        command.push_str(&format!(" --cutover {}", c.display()));
+    }
+    let join = |v: Vec<String>| v.join(",");
+    if !cli.hosts.is_empty() {
+        command.push_str(&format!(
+            " --hosts {}",
+            join(cli.hosts.iter().map(|n| n.to_string()).collect())
+        ));
+    }
+    if !sizes.is_empty() {
+        command.push_str(&format!(" --sizes {}", sizes.join(",")));
+    }
+    command
 }
 
 /// The entries of a scenario's `"cutover_failed"` map that counted a failed request (a
