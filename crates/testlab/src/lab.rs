@@ -295,188 +295,22 @@ impl Lab {
         let tmpfs_bytes = self.opts.srv_tmpfs_bytes;
         let root_bashrc = self.opts.root_bashrc;
         let site_root = self.opts.site_root.clone();
+        let lab_dir = self.dir.clone();
         let h = &mut self.hosts[i];
         fs::create_dir_all(&h.srv)
             .map_err(|e| format!("cannot create {}: {e}", h.srv.display()))?;
-
-        // Network: namespace, veth pair, addresses. Deterministic, locally
-        // administered MACs; the root side gets a permanent neighbour entry
-        // so that a downed link drops packets silently (connects time out)
-        // instead of failing ARP with "no route to host".
-        let mac_root = format!("02:74:6c:{num:02x}:{i:02x}:01");
-        let mac_host = format!("02:74:6c:{num:02x}:{i:02x}:02");
-        let root_cidr = format!("{root_ip}/30");
-        let host_cidr = format!("{}/30", h.ip);
-        let host_ip = h.ip.to_string();
-        let ns = h.netns.as_str();
-        let (a, b) = (h.veth_root.as_str(), h.veth_host.as_str());
-        sys::run("ip", &["netns", "add", ns])?;
-        sys::run(
-            "ip",
-            &[
-                "link", "add", a, "address", &mac_root, "type", "veth", "peer", "name", b,
-                "address", &mac_host, "netns", ns,
-            ],
-        )?;
-        sys::run("ip", &["addr", "add", &root_cidr, "dev", a])?;
-        sys::run("ip", &["link", "set", a, "up"])?;
-        sys::run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
-        sys::run("ip", &["-n", ns, "addr", "add", &host_cidr, "dev", b])?;
-        sys::run("ip", &["-n", ns, "link", "set", b, "up"])?;
-        sys::run(
-            "ip",
-            &[
-                "neigh",
-                "replace",
-                &host_ip,
-                "lladdr",
-                &mac_host,
-                "dev",
-                a,
-                "nud",
-                "permanent",
-            ],
-        )?;
-
+        add_network(h, num, i, root_ip)?;
         // Optional tmpfs, mounted in the root namespace so the test sees
         // its content through srv_dir().
         if let Some(bytes) = tmpfs_bytes {
             let srv = h.srv.to_string_lossy().to_string();
             let opt = format!("size={bytes},mode=0755");
-            sys::run(
-                "mount",
-                &[
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &opt,
-                    &format!("testlab-{num}-h{i}"),
-                    &srv,
-                ],
-            )?;
+            let name = format!("testlab-{num}-h{i}");
+            sys::run("mount", &["-t", "tmpfs", "-o", &opt, &name, &srv])?;
             h.tmpfs = true;
         }
-
-        // Anchor: private mount namespace with the host dir on /srv.
-        let log = h.dir.join("anchor.log");
-        let out = sys::log_file(&log).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
-        let err = out
-            .try_clone()
-            .map_err(|e| format!("cannot dup log file: {e}"))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{ns}"))
-            .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
-            .arg(
-                "mount --bind \"$1\" /srv && \
-                 if [ \"$2\" = hide ] && [ -f /root/.bashrc ]; then \
-                   mount --bind /dev/null /root/.bashrc; fi && \
-                 exec sleep infinity",
-            )
-            .arg("testlab-anchor")
-            .arg(&h.srv)
-            .arg(if root_bashrc { "keep" } else { "hide" })
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("cannot spawn nsenter: {e}"))?;
-        h.anchor_pid = child.id();
-        *lock(&h.anchor) = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let comm =
-                fs::read_to_string(format!("/proc/{}/comm", h.anchor_pid)).unwrap_or_default();
-            if comm.trim() == "sleep" {
-                break;
-            }
-            if let Some(c) = lock(&h.anchor).as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    return Err(format!(
-                        "anchor of host {i} exited ({st}): {}",
-                        sys::tail(&log, 2000)
-                    ));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "anchor of host {i} did not start; see {}",
-                    log.display()
-                ));
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-
-        // Host key and configs.
-        let key = h.dir.join("ssh_host_ed25519_key");
-        keygen(&key, &format!("testlab-{num}-h{i}"))?;
-        let hd = h.dir.display().to_string();
-        let sshd_config = format!(
-            "ListenAddress {ip}\n\
-             Port 22\n\
-             HostKey {key}\n\
-             PidFile {hd}/sshd.pid\n\
-             AuthorizedKeysFile {lab}/authorized_keys\n\
-             PermitRootLogin prohibit-password\n\
-             PubkeyAuthentication yes\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             UsePAM no\n\
-             StrictModes no\n\
-             UseDNS no\n\
-             MaxSessions 200\n\
-             MaxStartups 200\n\
-             PrintMotd no\n\
-             PrintLastLog no\n\
-             X11Forwarding no\n\
-             Subsystem sftp internal-sftp\n\
-             LogLevel ERROR\n",
-            ip = h.ip,
-            key = key.display(),
-            lab = self.dir.display(),
-        );
-        fs::write(h.dir.join("sshd_config"), sshd_config)
-            .map_err(|e| format!("cannot write sshd_config: {e}"))?;
-        fs::create_dir_all(h.dir.join("nginx-tmp"))
-            .map_err(|e| format!("cannot create nginx-tmp: {e}"))?;
-        let nginx_conf = format!(
-            "daemon off;\n\
-             master_process on;\n\
-             worker_processes 1;\n\
-             worker_rlimit_nofile 8192;\n\
-             user root;\n\
-             pid {hd}/nginx.pid;\n\
-             error_log {hd}/nginx-error.log error;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n\
-             \x20   access_log off;\n\
-             \x20   keepalive_requests 1000000;\n\
-             \x20   keepalive_timeout 120s;\n\
-             \x20   client_body_temp_path {hd}/nginx-tmp/body;\n\
-             \x20   proxy_temp_path {hd}/nginx-tmp/proxy;\n\
-             \x20   fastcgi_temp_path {hd}/nginx-tmp/fastcgi;\n\
-             \x20   uwsgi_temp_path {hd}/nginx-tmp/uwsgi;\n\
-             \x20   scgi_temp_path {hd}/nginx-tmp/scgi;\n\
-             \x20   types {{\n\
-             \x20       text/html html htm;\n\
-             \x20       text/plain txt;\n\
-             \x20       text/css css;\n\
-             \x20       application/javascript js;\n\
-             \x20       application/json json;\n\
-             \x20   }}\n\
-             \x20   default_type application/octet-stream;\n\
-             \x20   server {{\n\
-             \x20       listen 80;\n\
-             \x20       server_name _;\n\
-             \x20       root {root}/current;\n\
-             \x20       index index.html;\n\
-             \x20   }}\n\
-             }}\n",
-            root = site_root.trim_end_matches('/'),
-        );
-        fs::write(h.dir.join("nginx.conf"), nginx_conf)
-            .map_err(|e| format!("cannot write nginx.conf: {e}"))?;
-
+        start_anchor(h, i, root_bashrc)?;
+        write_configs(h, num, i, &lab_dir, &site_root)?;
         // Empty site root (no `current` yet), created from inside the host.
         let out = self.exec(i, &format!("mkdir -p {}", sh_quote(&site_root)));
         if !out.status.success() {
@@ -876,6 +710,180 @@ impl Lab {
             }
         }
     }
+}
+
+/// Host i's network: its namespace, a veth pair and addresses. Deterministic, locally
+/// administered MACs; the root side gets a permanent neighbour entry so that a downed link
+/// drops packets silently (connects time out) instead of failing ARP with "no route to host".
+fn add_network(h: &Host, num: u8, i: usize, root_ip: Ipv4Addr) -> Result<(), String> {
+    let mac_root = format!("02:74:6c:{num:02x}:{i:02x}:01");
+    let mac_host = format!("02:74:6c:{num:02x}:{i:02x}:02");
+    let root_cidr = format!("{root_ip}/30");
+    let host_cidr = format!("{}/30", h.ip);
+    let host_ip = h.ip.to_string();
+    let ns = h.netns.as_str();
+    let (a, b) = (h.veth_root.as_str(), h.veth_host.as_str());
+    sys::run("ip", &["netns", "add", ns])?;
+    sys::run(
+        "ip",
+        &[
+            "link", "add", a, "address", &mac_root, "type", "veth", "peer", "name", b, "address",
+            &mac_host, "netns", ns,
+        ],
+    )?;
+    sys::run("ip", &["addr", "add", &root_cidr, "dev", a])?;
+    sys::run("ip", &["link", "set", a, "up"])?;
+    sys::run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+    sys::run("ip", &["-n", ns, "addr", "add", &host_cidr, "dev", b])?;
+    sys::run("ip", &["-n", ns, "link", "set", b, "up"])?;
+    sys::run(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &host_ip,
+            "lladdr",
+            &mac_host,
+            "dev",
+            a,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Host i's anchor: a process in the host's network namespace and a private mount namespace
+/// with the host's directory on /srv (and, unless `root_bashrc`, /dev/null over
+/// /root/.bashrc), that every process of the host joins. Returns once it runs.
+fn start_anchor(h: &mut Host, i: usize, root_bashrc: bool) -> Result<(), String> {
+    let log = h.dir.join("anchor.log");
+    let out = sys::log_file(&log).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("cannot dup log file: {e}"))?;
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", h.netns))
+        .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount --bind \"$1\" /srv && \
+                 if [ \"$2\" = hide ] && [ -f /root/.bashrc ]; then \
+                   mount --bind /dev/null /root/.bashrc; fi && \
+                 exec sleep infinity",
+        )
+        .arg("testlab-anchor")
+        .arg(&h.srv)
+        .arg(if root_bashrc { "keep" } else { "hide" })
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot spawn nsenter: {e}"))?;
+    h.anchor_pid = child.id();
+    *lock(&h.anchor) = Some(child);
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let comm = fs::read_to_string(format!("/proc/{}/comm", h.anchor_pid)).unwrap_or_default();
+        if comm.trim() == "sleep" {
+            break;
+        }
+        if let Some(c) = lock(&h.anchor).as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Err(format!(
+                    "anchor of host {i} exited ({st}): {}",
+                    sys::tail(&log, 2000)
+                ));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "anchor of host {i} did not start; see {}",
+                log.display()
+            ));
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Host i's SSH host key, `sshd_config` and `nginx.conf`, in its directory.
+fn write_configs(
+    h: &Host,
+    num: u8,
+    i: usize,
+    lab_dir: &Path,
+    site_root: &str,
+) -> Result<(), String> {
+    let key = h.dir.join("ssh_host_ed25519_key");
+    keygen(&key, &format!("testlab-{num}-h{i}"))?;
+    let hd = h.dir.display().to_string();
+    let sshd_config = format!(
+        "ListenAddress {ip}\n\
+             Port 22\n\
+             HostKey {key}\n\
+             PidFile {hd}/sshd.pid\n\
+             AuthorizedKeysFile {lab}/authorized_keys\n\
+             PermitRootLogin prohibit-password\n\
+             PubkeyAuthentication yes\n\
+             PasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\n\
+             UsePAM no\n\
+             StrictModes no\n\
+             UseDNS no\n\
+             MaxSessions 200\n\
+             MaxStartups 200\n\
+             PrintMotd no\n\
+             PrintLastLog no\n\
+             X11Forwarding no\n\
+             Subsystem sftp internal-sftp\n\
+             LogLevel ERROR\n",
+        ip = h.ip,
+        key = key.display(),
+        lab = lab_dir.display(),
+    );
+    fs::write(h.dir.join("sshd_config"), sshd_config)
+        .map_err(|e| format!("cannot write sshd_config: {e}"))?;
+    fs::create_dir_all(h.dir.join("nginx-tmp"))
+        .map_err(|e| format!("cannot create nginx-tmp: {e}"))?;
+    let nginx_conf = format!(
+        "daemon off;\n\
+             master_process on;\n\
+             worker_processes 1;\n\
+             worker_rlimit_nofile 8192;\n\
+             user root;\n\
+             pid {hd}/nginx.pid;\n\
+             error_log {hd}/nginx-error.log error;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n\
+             \x20   access_log off;\n\
+             \x20   keepalive_requests 1000000;\n\
+             \x20   keepalive_timeout 120s;\n\
+             \x20   client_body_temp_path {hd}/nginx-tmp/body;\n\
+             \x20   proxy_temp_path {hd}/nginx-tmp/proxy;\n\
+             \x20   fastcgi_temp_path {hd}/nginx-tmp/fastcgi;\n\
+             \x20   uwsgi_temp_path {hd}/nginx-tmp/uwsgi;\n\
+             \x20   scgi_temp_path {hd}/nginx-tmp/scgi;\n\
+             \x20   types {{\n\
+             \x20       text/html html htm;\n\
+             \x20       text/plain txt;\n\
+             \x20       text/css css;\n\
+             \x20       application/javascript js;\n\
+             \x20       application/json json;\n\
+             \x20   }}\n\
+             \x20   default_type application/octet-stream;\n\
+             \x20   server {{\n\
+             \x20       listen 80;\n\
+             \x20       server_name _;\n\
+             \x20       root {root}/current;\n\
+             \x20       index index.html;\n\
+             \x20   }}\n\
+             }}\n",
+        root = site_root.trim_end_matches('/'),
+    );
+    fs::write(h.dir.join("nginx.conf"), nginx_conf)
+        .map_err(|e| format!("cannot write nginx.conf: {e}"))?;
+    Ok(())
 }
 
 impl Drop for Lab {
