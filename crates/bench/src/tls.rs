@@ -23,9 +23,11 @@ with a 10-byte body, keeping connections open and logging nothing. *cutover* is 
 proxy run --tls files --cert --key` (the binary built with the bench's profile) with one \
 service deployed by `cutover proxy deploy --domain localhost`; *nginx* is Debian's nginx \
 (`worker_processes auto`, `server_name localhost`, `listen ... ssl http2`, `proxy_pass` to an upstream with \
-`keepalive 32`, `proxy_http_version 1.1`, no access log); *Caddy* is Debian's `caddy run` \
+`keepalive 32`, `proxy_http_version 1.1`, and an access log as cutover's proxy keeps one by \
+default: a line per request, written in batches, `access_log ... combined buffer=64k \
+flush=1s`, where cutover writes its own twice a second); *Caddy* is Debian's `caddy run` \
 with a JSON config (the same certificate loaded from files, automatic HTTPS off, one \
-`reverse_proxy` route, Caddy's defaults otherwise). All three serve the same self-signed \
+`reverse_proxy` route, Caddy's defaults otherwise, which keep no access log). All three serve the same self-signed \
 ECDSA P-256 certificate for `localhost` made by the bench (rcgen) and negotiate TLS 1.3. \
 There are three loads, each for 10 s (2 s with `--quick`), and in every run of the cell \
 (`--reps`) the three proxies take each load in turn, back to back, the order of the proxies \
@@ -360,7 +362,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    access_log {dir}/access.log combined buffer=64k flush=1s;
     keepalive_requests 1000000;
     keepalive_timeout 120s;
 {temps}
