@@ -290,8 +290,7 @@ impl Lab {
 
     fn setup_host(&mut self, i: usize) -> Result<(), String> {
         let num = self.num;
-        let (b, j) = block_of(i);
-        let root_ip = Ipv4Addr::new(10, b, num, (4 * j + 1) as u8);
+        let root_ip = self.gateway(i);
         let tmpfs_bytes = self.opts.srv_tmpfs_bytes;
         let root_bashrc = self.opts.root_bashrc;
         let site_root = self.opts.site_root.clone();
