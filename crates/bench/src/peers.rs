@@ -310,8 +310,10 @@ fn nginx_switch_rewrite(dir: &str, port: u16) -> String {
 }
 
 /// nginx as a reverse proxy the way its documentation recommends for keep-alive upstreams
-/// (`proxy_http_version 1.1`, an empty `Connection` header), one worker per core, no access
-/// log, clients' keep-alive connections kept for up to a million requests. With `tls`:
+/// (`proxy_http_version 1.1`, an empty `Connection` header), one worker per core, an access
+/// log written in batches (a line per request, as cutover's proxy keeps by default, so both do
+/// the same work per request), clients' keep-alive connections kept for up to a million
+/// requests. With `tls`:
 /// `listen ... ssl http2` with the certificate, TLS 1.2 and 1.3 (Debian's nginx 1.22 leaves
 /// 1.3 out by default).
 fn nginx_config(dir: &str, listen: u16, tls: Option<&PeerTls>) -> String {
@@ -334,7 +336,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    access_log {dir}/access.log combined buffer=64k flush=1s;
     keepalive_requests 1000000;
     keepalive_timeout 120s;
     client_body_temp_path {dir}/tmp/body;

@@ -7,7 +7,7 @@ use crate::containers::{ms, percentile, DockerWorld, Ledger, Mem};
 use crate::machine::loadavg;
 use crate::meter::Sample;
 use crate::peers::{self, Kind, Peer};
-use crate::report::{self, spread, Section};
+use crate::report::{self, spread, Paired, Section};
 use crate::Ctx;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
@@ -27,12 +27,13 @@ only (`127.0.0.1:P`, which Docker serves with its userland `docker-proxy`), and 
 forwards there over pooled keep-alive connections. The same container is loaded five ways from \
 this machine's root namespace (the host's clients): *through cutover's proxy* (host:8000 → \
 cutover proxy → 127.0.0.1:P → docker-proxy → container), *through nginx* (Debian's nginx \
-in the host's network namespace on host:8100, its own master, one worker per core, no access \
-log, `proxy_pass` to `upstream { server 127.0.0.1:P; keepalive 32; }` with \
+in the host's network namespace on host:8100, its own master, one worker per core, an access \
+log as cutover's proxy keeps (a line per request, written in batches: `access_log ... combined \
+buffer=64k flush=1s`), `proxy_pass` to `upstream { server 127.0.0.1:P; keepalive 32; }` with \
 `proxy_http_version 1.1` and an empty `Connection` header, so it keeps connections to the \
 upstream open as cutover's proxy does), *through Caddy* (Debian's `caddy run` with a JSON \
-config, host:8200, one route with `reverse_proxy` to 127.0.0.1:P, Caddy's defaults, which \
-keep upstream connections open), *direct to the published port* \
+config, host:8200, one route with `reverse_proxy` to 127.0.0.1:P, Caddy's defaults (no \
+access log), which keep upstream connections open), *direct to the published port* \
 (host:9000, which an iptables DNAT rule in the host's namespace rewrites to 127.0.0.1:P, with \
 `route_localnet` on there: the proxy's path without the proxy), and *direct to the container* \
 (host:9001, DNAT to the container's address on the host's bridge: kernel NAT only, the path \
@@ -42,6 +43,10 @@ this is repeated for every run of the cell (`--reps`, 3 by default, 1 with `--qu
 order of the paths rotating; the bench waits for an idle machine before each load and redoes \
 a load (up to twice per path) during which other processes took over a quarter of the CPU. \
 *requests/s* is successful requests over the load's duration, median (min–max) of the runs; \
+*cutover / nginx, run by run* divides cutover's requests/s and p99 by nginx's in the same run \
+(loads seconds apart, where the machine's speed drifts by tens of percent within an hour), \
+gives the median (min–max) of those ratios and in how many runs cutover was ahead (or its \
+p99 no worse), and the goal's verdict reads those medians; \
 *p50* and *p99* are over the successful requests of all runs. *proxy CPU* is the user + \
 system CPU time of the path's proxy (`/proc/<pid>/stat` of the `cutover proxy run` process, of \
 nginx's master and workers, of Caddy) during the loads, per 1000 requests; *all CPU* is \
@@ -109,6 +114,8 @@ impl Path {
 /// One load on one path.
 struct Round {
     path: Path,
+    /// The run (`0..reps`) this load belongs to: in each run every path takes one load.
+    rep: usize,
     ledger: Ledger,
     /// Latencies of the successful requests, in microseconds (the load generator's
     /// hdrhistogram).
@@ -126,6 +133,15 @@ struct Round {
 impl Round {
     fn rps(&self) -> f64 {
         self.ok as f64 / self.secs.max(1e-9)
+    }
+
+    /// The 99th percentile of the successful requests' latency, in seconds.
+    fn p99_s(&self) -> f64 {
+        if self.ok_us.is_empty() {
+            f64::NAN
+        } else {
+            self.ok_us.value_at_quantile(0.99) as f64 / 1e6
+        }
     }
 
     /// Other processes' CPU seconds during the load, without the host's container (which
@@ -230,7 +246,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         for j in 0..PATHS.len() {
             let path = PATHS[(rep + j) % PATHS.len()];
             loop {
-                let round = load(ctx, &world, &pids(path), path, addr(path), duration)?;
+                let round = load(ctx, &world, &pids(path), (path, rep), addr(path), duration)?;
                 if let Some(m) = memory.iter_mut().find(|m| m.path == path) {
                     m.after_load.push(mem_sum(&world, &pids(path))?);
                 }
@@ -327,6 +343,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         ],
         &rows,
     ));
+    md.push_str(&goal_line(&rounds));
     md.push_str(&format!(
         "\nPeers: {}. Memory of each proxy (nginx: master and workers together):\n\n",
         peers::versions_line(&ctx.machine)
@@ -412,7 +429,7 @@ fn load(
     ctx: &Ctx,
     world: &DockerWorld,
     pids: &[u32],
-    path: Path,
+    (path, rep): (Path, usize),
     addr: SocketAddr,
     duration: Duration,
 ) -> Result<Round> {
@@ -445,6 +462,7 @@ fn load(
     let (report, started, stop, proxy_cpu_s, containers) = r?;
     Ok(Round {
         path,
+        rep,
         ledger: Ledger::new(started, &[(started, &report)], stop),
         ok_us: report.ok_histogram().clone(),
         secs: report.elapsed.as_secs_f64(),
@@ -455,6 +473,43 @@ fn load(
         containers_cpu_s: containers.unwrap_or(0.0),
         proxy_cpu_s,
     })
+}
+
+/// cutover's requests/s and p99 over nginx's, run by run: one pair per run in which both
+/// took their load (seconds apart: the paths take turns within a run).
+fn pairs(rounds: &[Round]) -> Paired {
+    Paired(
+        rounds
+            .iter()
+            .filter(|c| c.path == Path::Proxy)
+            .filter_map(|c| {
+                let n = rounds
+                    .iter()
+                    .find(|n| n.path == Path::Nginx && n.rep == c.rep)?;
+                Some((c.rps() / n.rps().max(1e-9), c.p99_s() / n.p99_s().max(1e-9)))
+            })
+            .collect(),
+    )
+}
+
+/// The run-by-run table and issue 12's goal for plain HTTP: at least nginx's throughput and
+/// no worse p99, at the medians of the pairs.
+fn goal_line(rounds: &[Round]) -> String {
+    let ps = pairs(rounds);
+    let (rps, p99) = ps.medians();
+    format!(
+        "\n{}\nGoal (issue 12: at least nginx's throughput and no worse p99) for plain HTTP in \
+         this run: {} ({:.0}% of nginx's requests/s and {:.0}% of its p99, medians of {} runs \
+         side by side).\n",
+        report::table(
+            &Paired::header("cutover / nginx, run by run"),
+            &[ps.row("plain HTTP/1.1 keep-alive")]
+        ),
+        if ps.met() { "met" } else { "not met" },
+        100.0 * rps,
+        100.0 * p99,
+        ps.0.len()
+    )
 }
 
 /// The address (on the host's bridge) of the running container published on
@@ -595,4 +650,64 @@ fn round_json(r: &Round) -> Value {
         "run": r.sample.to_json(),
         "failures": r.failures,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(path: Path, rep: usize, ok: u64, p99_us: u64) -> Round {
+        let mut ok_us = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+        // 98 fast requests and two at the p99 to be read.
+        ok_us.record_n(100, 98).unwrap();
+        ok_us.record_n(p99_us, 2).unwrap();
+        Round {
+            path,
+            rep,
+            ledger: Ledger::default(),
+            ok_us,
+            secs: 1.0,
+            ok,
+            failed: 0,
+            failures: Vec::new(),
+            sample: Sample::default(),
+            containers_cpu_s: 0.0,
+            proxy_cpu_s: None,
+        }
+    }
+
+    /// cutover's whole-cell median trails nginx's (the machine was faster in nginx's best
+    /// run), yet it is ahead in two of three runs: the verdict reads the runs' pairs.
+    #[test]
+    fn plain_http_goal_is_read_from_the_runs_pairs() {
+        let (c, n, caddy) = (Path::Proxy, Path::Nginx, Path::Caddy);
+        let rounds = vec![
+            round(c, 0, 20_000, 1_000),
+            round(n, 0, 19_000, 1_100),
+            round(caddy, 0, 50_000, 100),
+            round(n, 1, 30_000, 500),
+            round(c, 1, 15_000, 900),
+            round(c, 2, 15_500, 800),
+            round(n, 2, 15_000, 1_000),
+            // A run without nginx's load (it failed to start): no pair.
+            round(c, 3, 1, 90_000),
+        ];
+        assert_eq!(pairs(&rounds).0.len(), 3);
+        let text = goal_line(&rounds);
+        assert!(
+            text.contains(
+                "| plain HTTP/1.1 keep-alive | 103% (50–105%) | 2 of 3 | 91% (80–180%) | 2 of 3 |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "for plain HTTP in this run: met (103% of nginx's requests/s and 91% of its p99, \
+                 medians of 3 runs side by side)."
+            ),
+            "{text}"
+        );
+        let worse = vec![round(c, 0, 9_000, 1_000), round(n, 0, 10_000, 1_000)];
+        assert!(goal_line(&worse).contains("for plain HTTP in this run: not met (90%"));
+    }
 }

@@ -20,6 +20,60 @@ pub(crate) struct Section {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Samples(pub(crate) Vec<Sample>);
 
+/// "97% (89–105%)": the median of some ratios with their range, in percent.
+pub(crate) fn ratio_cell(v: &[f64]) -> String {
+    let (m, lo, hi) = spread(v);
+    if v.len() > 1 {
+        format!("{:.0}% ({:.0}–{:.0}%)", 100.0 * m, 100.0 * lo, 100.0 * hi)
+    } else {
+        format!("{:.0}%", 100.0 * m)
+    }
+}
+
+/// cutover's requests/s and p99 over nginx's, one pair per run in which both took the same
+/// load seconds apart. On a machine whose speed drifts by tens of percent within an hour,
+/// neighbouring loads compare the proxies; medians of whole cells compare the hours.
+pub(crate) struct Paired(pub(crate) Vec<(f64, f64)>);
+
+impl Paired {
+    /// The header of a table of [`Paired::row`]s, `title` naming what its rows are.
+    pub(crate) fn header(title: &str) -> [&str; 5] {
+        [
+            title,
+            "requests/s",
+            "cutover ahead",
+            "p99",
+            "cutover's p99 no worse",
+        ]
+    }
+
+    /// `label`, then the ratios' medians with their ranges and in how many runs cutover was
+    /// ahead (requests/s) or no worse (p99).
+    pub(crate) fn row(&self, label: &str) -> Vec<String> {
+        let (rps, p99): (Vec<f64>, Vec<f64>) = self.0.iter().copied().unzip();
+        let n = self.0.len();
+        vec![
+            label.to_string(),
+            ratio_cell(&rps),
+            format!("{} of {n}", rps.iter().filter(|&&r| r >= 1.0).count()),
+            ratio_cell(&p99),
+            format!("{} of {n}", p99.iter().filter(|&&r| r <= 1.0).count()),
+        ]
+    }
+
+    /// The medians of the requests/s and p99 ratios.
+    pub(crate) fn medians(&self) -> (f64, f64) {
+        let (rps, p99): (Vec<f64>, Vec<f64>) = self.0.iter().copied().unzip();
+        (spread(&rps).0, spread(&p99).0)
+    }
+
+    /// Issue 12's goal: at least nginx's throughput and no worse p99, at the medians.
+    pub(crate) fn met(&self) -> bool {
+        let (rps, p99) = self.medians();
+        !self.0.is_empty() && rps >= 1.0 && p99 <= 1.0
+    }
+}
+
 /// Median, min and max of some numbers (0 for none; the median of an even count is the mean
 /// of the two middle ones).
 pub(crate) fn spread(values: &[f64]) -> (f64, f64, f64) {

@@ -6,7 +6,7 @@
 use crate::machine::loadavg;
 use crate::meter::Sample;
 use crate::peers;
-use crate::report::{self, spread, Section};
+use crate::report::{self, spread, Paired, Section};
 use crate::tls_switch::{self, Flip, Target};
 use crate::Ctx;
 use anyhow::{bail, Context as _, Result};
@@ -1262,16 +1262,18 @@ fn median_of(rs: &[&Round], f: fn(&Round) -> f64) -> f64 {
 
 /// cutover's requests/s and p99 over nginx's, run by run: one pair per run in which both
 /// took load `k` (seconds apart, see [`loads`]).
-fn pairs(rounds: &[Round], k: Kind) -> Vec<(f64, f64)> {
-    cell_of(rounds, Proxy::Cutover, k)
-        .into_iter()
-        .filter_map(|c| {
-            let n = rounds
-                .iter()
-                .find(|n| n.proxy == Proxy::Nginx && n.kind == k && n.rep == c.rep)?;
-            Some((c.rps / n.rps.max(1e-9), c.p99_ms / n.p99_ms.max(1e-9)))
-        })
-        .collect()
+fn pairs(rounds: &[Round], k: Kind) -> Paired {
+    Paired(
+        cell_of(rounds, Proxy::Cutover, k)
+            .into_iter()
+            .filter_map(|c| {
+                let n = rounds
+                    .iter()
+                    .find(|n| n.proxy == Proxy::Nginx && n.kind == k && n.rep == c.rep)?;
+                Some((c.rps / n.rps.max(1e-9), c.p99_ms / n.p99_ms.max(1e-9)))
+            })
+            .collect(),
+    )
 }
 
 fn kind_label(k: Kind) -> &'static str {
@@ -1282,50 +1284,15 @@ fn kind_label(k: Kind) -> &'static str {
     }
 }
 
-/// "97% (89–105%)": the median of ratios with their range, in percent.
-fn ratio_cell(v: &[f64]) -> String {
-    let (m, lo, hi) = spread(v);
-    if v.len() > 1 {
-        format!("{:.0}% ({:.0}–{:.0}%)", 100.0 * m, 100.0 * lo, 100.0 * hi)
-    } else {
-        format!("{:.0}%", 100.0 * m)
-    }
-}
-
 /// cutover against nginx run by run, per load: the ratios of neighbouring loads and in how
 /// many runs cutover was ahead.
 fn pairs_table(rounds: &[Round], kinds: &[Kind], label: &str) -> String {
     let rows: Vec<Vec<String>> = kinds
         .iter()
-        .map(|&k| {
-            let ps = pairs(rounds, k);
-            let rps: Vec<f64> = ps.iter().map(|p| p.0).collect();
-            let p99: Vec<f64> = ps.iter().map(|p| p.1).collect();
-            vec![
-                kind_label(k).to_string(),
-                ratio_cell(&rps),
-                format!(
-                    "{} of {}",
-                    rps.iter().filter(|&&r| r >= 1.0).count(),
-                    ps.len()
-                ),
-                ratio_cell(&p99),
-                format!(
-                    "{} of {}",
-                    p99.iter().filter(|&&r| r <= 1.0).count(),
-                    ps.len()
-                ),
-            ]
-        })
+        .map(|&k| pairs(rounds, k).row(kind_label(k)))
         .collect();
     report::table(
-        &[
-            &format!("cutover / nginx, run by run{label}"),
-            "requests/s",
-            "cutover ahead",
-            "p99",
-            "cutover's p99 no worse",
-        ],
+        &Paired::header(&format!("cutover / nginx, run by run{label}")),
         &rows,
     )
 }
@@ -1340,17 +1307,15 @@ fn goal_line(rounds: &[Round], kinds: &[Kind], label: &str) -> String {
             cell_of(rounds, Proxy::Nginx, k),
         );
         let ps = pairs(rounds, k);
-        let rps = spread(&ps.iter().map(|p| p.0).collect::<Vec<_>>()).0;
-        let p99 = spread(&ps.iter().map(|p| p.1).collect::<Vec<_>>()).0;
-        let met = !ps.is_empty() && rps >= 1.0 && p99 <= 1.0;
+        let (rps, p99) = ps.medians();
         verdicts.push(format!(
             "{}: {} ({:.0}% of nginx's requests/s and {:.0}% of its p99, medians of {} runs \
              side by side; CPU per request {:.1} vs {:.1} µs)",
             kind_label(k),
-            if met { "met" } else { "not met" },
+            if ps.met() { "met" } else { "not met" },
             100.0 * rps,
             100.0 * p99,
-            ps.len(),
+            ps.0.len(),
             cpu_per_request_us(&c),
             cpu_per_request_us(&n)
         ));
@@ -1561,8 +1526,8 @@ requests: 18001 total, 18009 started, 18001 done, 17999 succeeded, 2 failed, 2 e
             // A run nginx did not finish: no pair.
             r(c, 4, 1.0, 9.0),
         ];
-        assert_eq!(pairs(&rounds, Kind::H1).len(), 4);
-        assert!(pairs(&rounds, Kind::H2).is_empty());
+        assert_eq!(pairs(&rounds, Kind::H1).0.len(), 4);
+        assert!(pairs(&rounds, Kind::H2).0.is_empty());
         let line = goal_line(&rounds, &[Kind::H1], "");
         assert!(
             line.contains(
