@@ -47,8 +47,13 @@ const MIN_READ: usize = 8 * 1024;
 /// Largest read of a response body.
 const MAX_READ: usize = 256 * 1024;
 
-/// An HTTP/1.1 connection to an upstream, idle between requests.
-pub(crate) struct Conn {
+/// An HTTP/1.1 connection to an upstream, idle between requests. Boxed: a request moves its
+/// connection from the pool into its exchange, its response body and back, and the futures
+/// and responses that hold it move a few times per request, so a pointer moves instead of the
+/// whole connection (made once per connection: pooled connections keep their box).
+pub(crate) struct Conn(Box<ConnInner>);
+
+pub(crate) struct ConnInner {
     io: TcpStream,
     /// Bytes read and not yet consumed (empty between requests).
     buf: BytesMut,
@@ -68,17 +73,33 @@ impl fmt::Debug for Conn {
     }
 }
 
+impl std::ops::Deref for Conn {
+    type Target = ConnInner;
+
+    fn deref(&self) -> &ConnInner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut ConnInner {
+        &mut self.0
+    }
+}
+
 impl Conn {
     pub(crate) fn new(io: TcpStream) -> Conn {
-        Conn {
+        Conn(Box::new(ConnInner {
             io,
             buf: BytesMut::new(),
             read_size: MIN_READ,
             out: Vec::new(),
             spans: Vec::new(),
-        }
+        }))
     }
+}
 
+impl ConnInner {
     /// Whether an idle connection can still carry a request: the upstream has neither closed
     /// it nor sent anything on it (a system call; used only where it matters, see `upstream`).
     pub(crate) fn still_open(&self) -> bool {
@@ -163,7 +184,8 @@ pub(crate) async fn send(
     extra: &[(&str, &[u8])],
 ) -> Result<Response<DirectBody>, Error> {
     write_head(&mut conn.out, method, target, headers, extra);
-    if let Err(e) = conn.io.write_all(&conn.out).await {
+    let c = &mut *conn;
+    if let Err(e) = c.io.write_all(&c.out).await {
         return Err(Error::new(Reached::NotSent, format!("write request: {e}")));
     }
     // A `1xx` came: the upstream has answered, so an end now is not a missing response.
@@ -171,7 +193,10 @@ pub(crate) async fn send(
     loop {
         if conn.buf.is_empty() {
             // Nothing to parse yet (the usual case right after sending).
-        } else if let Some(head) = parse_head(&mut conn.buf, &mut conn.spans, method)? {
+        } else if let Some(head) = {
+            let c = &mut *conn;
+            parse_head(&mut c.buf, &mut c.spans, method)?
+        } {
             if head.status.is_informational() {
                 // `100 Continue` and friends come before the response: they are dropped (a
                 // request without a body asked for none). `101` was never asked for.
