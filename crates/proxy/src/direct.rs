@@ -53,6 +53,7 @@ const MAX_READ: usize = 256 * 1024;
 /// whole connection (made once per connection: pooled connections keep their box).
 pub(crate) struct Conn(Box<ConnInner>);
 
+/// What a [`Conn`] holds.
 pub(crate) struct ConnInner {
     io: TcpStream,
     /// Bytes read and not yet consumed (empty between requests).
@@ -100,6 +101,16 @@ impl Conn {
 }
 
 impl ConnInner {
+    /// Writes the request head in `out`.
+    async fn write_out(&mut self) -> io::Result<()> {
+        self.io.write_all(&self.out).await
+    }
+
+    /// The response head at the start of `buf`, if it is all there ([`parse_head`]).
+    fn parse_head(&mut self, method: &Method) -> Result<Option<Head>, Error> {
+        parse_head(&mut self.buf, &mut self.spans, method)
+    }
+
     /// Whether an idle connection can still carry a request: the upstream has neither closed
     /// it nor sent anything on it (a system call; used only where it matters, see `upstream`).
     pub(crate) fn still_open(&self) -> bool {
@@ -184,8 +195,7 @@ pub(crate) async fn send(
     extra: &[(&str, &[u8])],
 ) -> Result<Response<DirectBody>, Error> {
     write_head(&mut conn.out, method, target, headers, extra);
-    let c = &mut *conn;
-    if let Err(e) = c.io.write_all(&c.out).await {
+    if let Err(e) = conn.write_out().await {
         return Err(Error::new(Reached::NotSent, format!("write request: {e}")));
     }
     // A `1xx` came: the upstream has answered, so an end now is not a missing response.
@@ -193,10 +203,7 @@ pub(crate) async fn send(
     loop {
         if conn.buf.is_empty() {
             // Nothing to parse yet (the usual case right after sending).
-        } else if let Some(head) = {
-            let c = &mut *conn;
-            parse_head(&mut c.buf, &mut c.spans, method)?
-        } {
+        } else if let Some(head) = conn.parse_head(method)? {
             if head.status.is_informational() {
                 // `100 Continue` and friends come before the response: they are dropped (a
                 // request without a body asked for none). `101` was never asked for.
