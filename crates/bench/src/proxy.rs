@@ -284,65 +284,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
 
     let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
     md.push_str("\n\n");
-    let rows: Vec<Vec<String>> = PATHS
-        .iter()
-        .map(|&p| {
-            let rs: Vec<&Round> = rounds.iter().filter(|r| r.path == p).collect();
-            let mut ok_us = rs.first().map(|r| r.ok_us.clone());
-            let mut requests = 0u64;
-            for (i, r) in rs.iter().enumerate() {
-                if i > 0 {
-                    if let Some(h) = ok_us.as_mut() {
-                        let _ = h.add(&r.ok_us);
-                    }
-                }
-                requests += r.ok + r.failed;
-            }
-            let quantile = |q: f64| match &ok_us {
-                Some(h) if !h.is_empty() => h.value_at_quantile(q) as f64 / 1e6,
-                _ => f64::NAN,
-            };
-            let (med, min, max) = spread(&rs.iter().map(|r| r.rps()).collect::<Vec<_>>());
-            let rps = if rs.len() > 1 {
-                format!("{med:.0} ({min:.0}–{max:.0})")
-            } else {
-                format!("{med:.0}")
-            };
-            let per_k = |cpu: f64| {
-                if requests == 0 {
-                    "–".to_string()
-                } else {
-                    format!("{:.2} s", 1000.0 * cpu / requests as f64)
-                }
-            };
-            let proxy_cpu: Option<f64> = rs.iter().map(|r| r.proxy_cpu_s).sum();
-            let all_cpu: Option<f64> = rs
-                .iter()
-                .map(|r| r.sample.cpu_s.map(|c| c + r.containers_cpu_s))
-                .sum();
-            vec![
-                p.name().to_string(),
-                rps,
-                ms(quantile(0.5)),
-                ms(quantile(0.99)),
-                rs.iter().map(|r| r.failed).sum::<u64>().to_string(),
-                proxy_cpu.map(per_k).unwrap_or_else(|| "–".into()),
-                all_cpu.map(per_k).unwrap_or_else(|| "–".into()),
-            ]
-        })
-        .collect();
-    md.push_str(&report::table(
-        &[
-            "path",
-            "requests/s",
-            "p50 latency",
-            "p99 latency",
-            "failed",
-            "proxy CPU per 1000 requests",
-            "all CPU per 1000 requests",
-        ],
-        &rows,
-    ));
+    md.push_str(&paths_table(&rounds));
     md.push_str(&goal_line(&rounds));
     md.push_str(&format!(
         "\nPeers: {}. Memory of each proxy (nginx: master and workers together):\n\n",
@@ -473,6 +415,70 @@ fn load(
         containers_cpu_s: containers.unwrap_or(0.0),
         proxy_cpu_s,
     })
+}
+
+/// The table of every path: requests/s (median and range of the runs), p50 and p99 over all
+/// runs' successful requests, failures, and CPU per 1000 requests.
+fn paths_table(rounds: &[Round]) -> String {
+    let rows: Vec<Vec<String>> = PATHS
+        .iter()
+        .map(|&p| {
+            let rs: Vec<&Round> = rounds.iter().filter(|r| r.path == p).collect();
+            let mut ok_us = rs.first().map(|r| r.ok_us.clone());
+            let mut requests = 0u64;
+            for (i, r) in rs.iter().enumerate() {
+                if i > 0 {
+                    if let Some(h) = ok_us.as_mut() {
+                        let _ = h.add(&r.ok_us);
+                    }
+                }
+                requests += r.ok + r.failed;
+            }
+            let quantile = |q: f64| match &ok_us {
+                Some(h) if !h.is_empty() => h.value_at_quantile(q) as f64 / 1e6,
+                _ => f64::NAN,
+            };
+            let (med, min, max) = spread(&rs.iter().map(|r| r.rps()).collect::<Vec<_>>());
+            let rps = if rs.len() > 1 {
+                format!("{med:.0} ({min:.0}–{max:.0})")
+            } else {
+                format!("{med:.0}")
+            };
+            let per_k = |cpu: f64| {
+                if requests == 0 {
+                    "–".to_string()
+                } else {
+                    format!("{:.2} s", 1000.0 * cpu / requests as f64)
+                }
+            };
+            let proxy_cpu: Option<f64> = rs.iter().map(|r| r.proxy_cpu_s).sum();
+            let all_cpu: Option<f64> = rs
+                .iter()
+                .map(|r| r.sample.cpu_s.map(|c| c + r.containers_cpu_s))
+                .sum();
+            vec![
+                p.name().to_string(),
+                rps,
+                ms(quantile(0.5)),
+                ms(quantile(0.99)),
+                rs.iter().map(|r| r.failed).sum::<u64>().to_string(),
+                proxy_cpu.map(per_k).unwrap_or_else(|| "–".into()),
+                all_cpu.map(per_k).unwrap_or_else(|| "–".into()),
+            ]
+        })
+        .collect();
+    report::table(
+        &[
+            "path",
+            "requests/s",
+            "p50 latency",
+            "p99 latency",
+            "failed",
+            "proxy CPU per 1000 requests",
+            "all CPU per 1000 requests",
+        ],
+        &rows,
+    )
 }
 
 /// cutover's requests/s and p99 over nginx's, run by run: one pair per run in which both
