@@ -7,7 +7,11 @@
 //!   bytes before that head and then the end of the stream, and once hyper has finished the
 //!   requests before it, the client gets a short plain-text answer and the connection closes;
 //! - ends a connection that stays idle between requests longer than `idle_timeout`, or takes
-//!   longer than `header_timeout` to send a head (the first one counted from the accept).
+//!   longer than `header_timeout` to send a head (the first one counted from the accept);
+//!   a connection whose framing it can no longer follow (bytes sent behind a protocol-switch
+//!   request before its answer, or a chunked body it could not read) and that did not switch
+//!   gets `header_timeout + idle_timeout` for all the rest. These are the only header
+//!   deadlines: hyper keeps none.
 //!
 //! hyper would answer most of these itself, but with an empty body, and it reads a request
 //! with both `Content-Length` and `Transfer-Encoding` as chunked (dropping the length) instead
@@ -643,6 +647,11 @@ enum Deadline {
     Idle,
     /// Waiting for the rest of a head.
     Head,
+    /// Bytes came behind a protocol-switch request, before its answer: the guard cannot
+    /// follow the framing any more, so unless the connection switches, the rest of it has
+    /// `header_timeout + idle_timeout` (the guard's own limits end to end; this stands in for
+    /// a header timer in hyper, which would cost one timer per request on every connection).
+    Through,
 }
 
 /// A client connection seen through the guard (see the module docs).
@@ -732,6 +741,14 @@ impl<S> Guard<S> {
         }
     }
 
+    /// The framing can no longer be followed: bytes pass unread from here, and unless the
+    /// connection switches protocols, its rest is bounded by [`Deadline::Through`].
+    fn lose_track(&mut self) {
+        self.phase = Phase::Through;
+        self.deadline = Deadline::Through;
+        self.at = Instant::now() + self.header_timeout + self.idle_timeout;
+    }
+
     /// Reads `bytes` (just received); `Some((n, refusal))`: the first `n` of them come before
     /// a refused head.
     fn scan(&mut self, bytes: &[u8]) -> Option<(usize, Refusal)> {
@@ -739,12 +756,14 @@ impl<S> Guard<S> {
         let mut i = 0;
         while i < bytes.len() {
             match &mut self.phase {
-                Phase::Through | Phase::AfterUpgrade => {
+                Phase::AfterUpgrade => {
                     // Bytes right after a switch request, before its answer: not HTTP that
-                    // can be followed any more (hyper still frames them).
-                    self.phase = Phase::Through;
+                    // can be followed any more (hyper still frames them). Unless the
+                    // connection switches, its rest is bounded as a whole.
+                    self.lose_track();
                     return None;
                 }
+                Phase::Through => return None,
                 Phase::Length(left) => {
                     let take = (*left).min((bytes.len() - i) as u64);
                     *left -= take;
@@ -768,7 +787,7 @@ impl<S> Guard<S> {
                         ChunkStep::End => self.phase = self.after_body(),
                         ChunkStep::Lost => {
                             // hyper refuses this body (and closes the connection).
-                            self.phase = Phase::Through;
+                            self.lose_track();
                             return None;
                         }
                     }
@@ -1033,7 +1052,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
             return Poll::Ready(Ok(()));
         }
         match &this.phase {
-            Phase::Through => return Pin::new(this.inner()?).poll_read(cx, buf),
+            Phase::Through if this.deadline == Deadline::Through && this.conn.upgraded() => {
+                // It did switch: a tunnel has no deadline here.
+                this.deadline = Deadline::None;
+                return Pin::new(this.inner()?).poll_read(cx, buf);
+            }
+            Phase::Through if this.deadline != Deadline::Through => {
+                return Pin::new(this.inner()?).poll_read(cx, buf)
+            }
             Phase::AfterUpgrade => {
                 if this.conn.upgraded() {
                     this.phase = Phase::Through;

@@ -240,8 +240,8 @@ async fn serve(
         .http1()
         .writev(false)
         .half_close(true)
-        .timer(TokioTimer::new())
-        .header_read_timeout(forward::backstop(&lim))
+        // The guard keeps the header deadlines (as over plain HTTP).
+        .header_read_timeout(None)
         .max_buf_size(lim.max_header_bytes.max(crate::limits::MIN_READ_BUF));
     if let Some(n) = crate::limits::hyper_max_headers(&lim) {
         builder.http1().max_headers(n);

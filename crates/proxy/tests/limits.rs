@@ -343,6 +343,72 @@ fn slowloris_connections_are_closed_at_the_header_deadline() {
     assert_serves(&proxy, "app.test", "a");
 }
 
+/// Bytes sent behind a protocol-switch request, before its answer, cannot be followed by the
+/// guard; when the app does not switch, hyper reads them as the next head. Such a connection
+/// gets the guard's two limits end to end (`header_timeout + idle_timeout`), however it
+/// trickles: hyper keeps no header timer of its own.
+#[test]
+fn a_slowloris_behind_an_unanswered_upgrade_is_closed_at_the_guards_limits() {
+    let dir = TempDir::new("upgrade-slowloris");
+    let a = Backend::start("a");
+    let proxy = TestProxy::start_with(
+        dir.path(),
+        Limits {
+            header_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            ..limits()
+        },
+    );
+    proxy.deploy("app", a.addr).unwrap();
+
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\
+          GET / HTTP/1.1\r\nHost: app.test\r\n",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Trickle one byte of the second head every 200 ms until the proxy closes.
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(8) {
+            break false;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if s.write_all(b"X").is_err() {
+                    break true;
+                }
+            }
+            Err(_) => break true,
+        }
+    };
+    let took = started.elapsed();
+    println!("a slowloris behind an unanswered upgrade closed after {took:?}");
+    let text = String::from_utf8_lossy(&got);
+    // The app did not switch: its answer came, and nothing for the trickled head.
+    assert_eq!(status_of(&text), 200, "{text:?}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text:?}");
+    assert!(closed, "still open after {took:?}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "closed too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "closed too late: {took:?}");
+    assert_serves(&proxy, "app.test", "a");
+}
+
 /// A raw HTTP/1.1 backend that logs every byte it receives. `/up` and everything else get
 /// `200 ok`. With `one_at_a_time` it serves one connection at a time and closes each after
 /// its response (a single-worker app).
