@@ -76,21 +76,26 @@ impl Line {
 }
 
 /// Appends `n` in decimal, zero-padded to at least `width` digits, as `{n:0width$}` would,
-/// without the formatting machinery (which took about half of each line's instructions).
+/// without the formatting machinery (which took about half of each line's instructions), and
+/// a char at a time: the digits are ASCII, so nothing needs checking as UTF-8 (which cost
+/// more than the digits).
 fn push_decimal(text: &mut String, mut n: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut start = digits.len();
+    let mut digits = [0u8; 20];
+    let mut len = 0;
     loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    let start = start.min(digits.len().saturating_sub(width));
-    // ASCII digits: one copy, not a char at a time.
-    text.push_str(std::str::from_utf8(&digits[start..]).unwrap_or("-"));
+    for _ in len..width {
+        text.push('0');
+    }
+    for &d in digits[..len].iter().rev() {
+        text.push(char::from(d));
+    }
 }
 
 thread_local! {

@@ -438,25 +438,31 @@ pub(crate) async fn serve_one(
     let h1 = req.version() < Version::HTTP_2;
     let busy = slot.state.busy();
     let started = std::time::Instant::now();
-    // What the access log needs of the request, before `handle` takes it.
-    // (Clones share the request's bytes: no copy, no allocation.)
-    let seen = shared.access.is_some().then(|| {
-        (
-            req.method().clone(),
-            req.headers().get(header::HOST).cloned(),
-            req.uri().clone(),
-        )
-    });
-    let mut routed = None;
-    let mut resp = handle(&shared, req, client.clone(), &slot, https, &mut routed).await;
+    // The head stays here (`handle` borrows it), so that the access log reads it afterwards
+    // without a copy of its parts made for every request.
+    let (mut parts, body) = req.into_parts();
+    let mut logged = Logged::default();
+    let mut resp = handle(
+        &shared,
+        &mut parts,
+        body,
+        client.as_ref(),
+        &slot,
+        https,
+        &mut logged,
+    )
+    .await;
     drop(busy);
-    if let (Some(log), Some((method, host, uri))) = (&shared.access, seen) {
+    if let Some(log) = &shared.access {
+        let (method, host, uri) = match &logged.seen {
+            Some(seen) => (&seen.method, seen.host.as_ref(), &seen.uri),
+            None => (&parts.method, parts.headers.get(header::HOST), &parts.uri),
+        };
         let host = host
-            .as_ref()
             .and_then(|h| h.to_str().ok())
             .or_else(|| uri.authority().map(|a| a.as_str()))
             .unwrap_or("-");
-        let (svc, target) = routed.as_ref().map_or(("-", "-"), |Routed(s, t)| {
+        let (svc, target) = logged.routed.as_ref().map_or(("-", "-"), |Routed(s, t)| {
             (s.name.as_str(), t.addr.as_str())
         });
         log.record(&crate::access::Entry {
@@ -482,18 +488,35 @@ pub(crate) async fn serve_one(
     Ok::<_, Infallible>(resp)
 }
 
-/// Serves one request (`https`: it came over TLS); `routed` is set to where it went once it
-/// was sent (for the access log).
+/// What [`handle`] tells the access log besides the response.
+#[derive(Default)]
+pub(crate) struct Logged {
+    /// Where the request went, once it was sent.
+    routed: Option<Routed>,
+    /// The request as it came, when its head was handed on (to hyper's client) and is no
+    /// longer there to read.
+    seen: Option<Seen>,
+}
+
+/// What the access log reads of a request's head.
+struct Seen {
+    method: Method,
+    host: Option<HeaderValue>,
+    uri: Uri,
+}
+
+/// Serves one request (`https`: it came over TLS) whose head is `parts`; `logged` gets where
+/// it went once it was sent (for the access log).
 pub(crate) async fn handle(
     shared: &Shared,
-    req: Request<Incoming>,
-    client: Option<HeaderValue>,
+    parts: &mut hyper::http::request::Parts,
+    body: Incoming,
+    client: Option<&HeaderValue>,
     slot: &Arc<Slot>,
     https: bool,
-    routed: &mut Option<Routed>,
+    logged: &mut Logged,
 ) -> Response<ProxyBody> {
     shared.count_request();
-    let (parts, body) = req.into_parts();
     if let Err(r) = headers::check_request(
         &parts.method,
         &parts.headers,
@@ -526,7 +549,7 @@ pub(crate) async fn handle(
     };
     if !https {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        if let Some(resp) = tls::redirect(shared, client.as_ref(), host_raw.as_ref(), path) {
+        if let Some(resp) = tls::redirect(shared, client, host_raw.as_ref(), path) {
             return resp;
         }
     }
@@ -538,8 +561,8 @@ pub(crate) async fn handle(
     let target = guard.target().clone();
     if crate::static_target::is_static(&target.addr) {
         // Boxed: rare, and its future (the directory service's) must not grow every request's.
-        *routed = Some(Routed(service, target));
-        return Box::pin(serve_static(&parts, guard)).await;
+        logged.routed = Some(Routed(service, target));
+        return Box::pin(serve_static(parts, guard)).await;
     }
 
     let limits = &shared.config.limits;
@@ -548,23 +571,47 @@ pub(crate) async fn handle(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         );
-    let mut x = Exchange {
-        parts,
+    let x = Exchange {
         service,
         target,
         guard,
         limits,
         retryable,
     };
-    if body.is_end_stream() && upgrade::requested(&x.parts.headers).is_none() {
-        return forward_direct(x, host_raw.as_ref(), client.as_ref(), https, routed).await;
+    if body.is_end_stream() && upgrade::requested(&parts.headers).is_none() {
+        return forward_direct(
+            x,
+            parts,
+            host_raw.as_ref(),
+            client,
+            https,
+            &mut logged.routed,
+        )
+        .await;
     }
-    let client_upgrade = match for_upstream(&mut x.parts, host_raw, client, https) {
+    // hyper's client takes the head: the access log keeps what it reads of it.
+    if shared.access.is_some() {
+        logged.seen = Some(Seen {
+            method: parts.method.clone(),
+            host: parts.headers.get(header::HOST).cloned(),
+            uri: parts.uri.clone(),
+        });
+    }
+    let mut parts = std::mem::replace(parts, Request::new(()).into_parts().0);
+    let client_upgrade = match for_upstream(&mut parts, host_raw, client.cloned(), https) {
         Ok(u) => u,
         Err(text) => return local(StatusCode::BAD_REQUEST, text),
     };
     // Boxed: only requests with a body or an upgrade come here.
-    Box::pin(forward_hyper(x, body, client_upgrade, slot, routed)).await
+    Box::pin(forward_hyper(
+        x,
+        parts,
+        body,
+        client_upgrade,
+        slot,
+        &mut logged.routed,
+    ))
+    .await
 }
 
 /// Forwards a request without a body or an upgrade: the request's own task does the exchange
@@ -572,13 +619,13 @@ pub(crate) async fn handle(
 /// the map.
 async fn forward_direct(
     x: Exchange<'_>,
+    parts: &mut hyper::http::request::Parts,
     host_raw: Option<&HeaderValue>,
     client: Option<&HeaderValue>,
     https: bool,
     routed: &mut Option<Routed>,
 ) -> Response<ProxyBody> {
     let Exchange {
-        mut parts,
         service,
         target,
         guard,
@@ -591,7 +638,7 @@ async fn forward_direct(
     };
     let sent_at = std::time::Instant::now();
     let result = send_direct(
-        &parts,
+        parts,
         path,
         &set,
         &target.addr,
@@ -704,13 +751,7 @@ fn for_direct<'a>(
     let Some(host) = host_raw else {
         return Err("bad request: no usable Host\n");
     };
-    strip_hop_by_hop(headers);
-    headers::strip_client_forwarding(headers);
-    if headers.keys().any(|n| SET_BY_PROXY.contains(n)) {
-        for name in &SET_BY_PROXY {
-            headers.remove(name);
-        }
-    }
+    strip_for_upstream(headers);
     let host_line = !headers.contains_key(header::HOST);
     Ok((
         path,
@@ -723,10 +764,8 @@ fn for_direct<'a>(
     ))
 }
 
-/// What a forwarded request goes with: its head (rewritten for the upstream), where it goes,
-/// and its in-flight guard.
+/// What a forwarded request goes with: where it goes, and its in-flight guard.
 struct Exchange<'a> {
-    parts: hyper::http::request::Parts,
     service: Arc<crate::table::Service>,
     target: Arc<crate::table::Target>,
     guard: InFlight,
@@ -739,13 +778,13 @@ struct Exchange<'a> {
 /// the start of the body first, and hands an upgraded connection to a tunnel.
 async fn forward_hyper(
     x: Exchange<'_>,
+    parts: hyper::http::request::Parts,
     body: Incoming,
     client_upgrade: Option<(OnUpgrade, bool)>,
     slot: &Arc<Slot>,
     routed: &mut Option<Routed>,
 ) -> Response<ProxyBody> {
     let Exchange {
-        parts,
         service,
         target,
         guard,
@@ -1118,6 +1157,32 @@ pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBod
     resp
 }
 
+/// Removes from a request's headers what must not reach the upstream: the hop-by-hop ones
+/// (and those named in `Connection`), the client's claims about its connection
+/// ([`headers::is_client_forwarding`]) and the client's own copies of the forwarding headers
+/// the proxy sets. One pass over the names finds them all (most requests have none), so that
+/// only headers that are there get removed.
+fn strip_for_upstream(headers: &mut HeaderMap) {
+    let mut found = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    let mut others: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let s = name.as_str();
+        if let Some(i) = hop_by_hop_index(s.as_bytes()) {
+            found[i] = true;
+            any = true;
+        } else if headers::is_client_forwarding(s) || SET_BY_PROXY.contains(name) {
+            others.push(name.clone());
+        }
+    }
+    for name in others {
+        headers.remove(name);
+    }
+    if any {
+        remove_hop_by_hop(headers, found);
+    }
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`. One pass over the
 /// names finds them (most messages have none, or only `Connection: keep-alive`), so that only
 /// headers that are there get removed.
@@ -1130,9 +1195,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             any = true;
         }
     }
-    if !any {
-        return;
+    if any {
+        remove_hop_by_hop(headers, found);
     }
+}
+
+/// Removes the hop-by-hop headers `found` marks (by their place in [`HOP_BY_HOP`]) and, if
+/// `Connection` is one, the headers it names.
+fn remove_hop_by_hop(headers: &mut HeaderMap, found: [bool; HOP_BY_HOP.len()]) {
     if found[0] {
         // Names listed in `Connection`, but for the usual `keep-alive` (which goes anyway)
         // and `close`, which name no header.
@@ -1186,8 +1256,7 @@ fn forwarded_headers(
     host: Option<HeaderValue>,
     https: bool,
 ) {
-    strip_hop_by_hop(headers);
-    headers::strip_client_forwarding(headers);
+    strip_for_upstream(headers);
     match client {
         Some(v) => headers.insert(X_FORWARDED_FOR, v),
         None => headers.remove(X_FORWARDED_FOR),

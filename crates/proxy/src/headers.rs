@@ -94,25 +94,25 @@ static FORGEABLE: [HeaderName; 8] = [
     HeaderName::from_static("x-client-ip"),
 ];
 
-/// Removes forgeable forwarding headers and every header whose name has an underscore (as
-/// nginx does by default: `X_Forwarded_For` reaches a CGI-style app as `X-Forwarded-For`).
+/// Whether a header (its name, lowercase as `http` keeps names) is one the client may not
+/// send on: a forgeable forwarding header, or any name with an underscore (as nginx drops by
+/// default: `X_Forwarded_For` reaches a CGI-style app as `X-Forwarded-For`). Most names are
+/// passed by their length alone.
+pub(crate) fn is_client_forwarding(name: &str) -> bool {
+    name.as_bytes().contains(&b'_')
+        || (matches!(name.len(), 9 | 11 | 14 | 15 | 16 | 18)
+            && FORGEABLE.iter().any(|f| f.as_str() == name))
+}
+
+/// Removes the headers [`is_client_forwarding`] names.
+#[cfg(test)]
 pub(crate) fn strip_client_forwarding(headers: &mut HeaderMap) {
-    let mut underscored: Vec<HeaderName> = Vec::new();
-    let mut forgeable = false;
-    for name in headers.keys() {
-        let s = name.as_str();
-        if s.contains('_') {
-            underscored.push(name.clone());
-        } else if FORGEABLE.iter().any(|f| f.as_str() == s) {
-            forgeable = true;
-        }
-    }
-    if forgeable {
-        for f in &FORGEABLE {
-            headers.remove(f);
-        }
-    }
-    for name in underscored {
+    let names: Vec<_> = headers
+        .keys()
+        .filter(|n| is_client_forwarding(n.as_str()))
+        .cloned()
+        .collect();
+    for name in names {
         headers.remove(name);
     }
 }
@@ -159,6 +159,15 @@ mod tests {
         assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
         // Absolute form names the host.
         assert_eq!(check_request(&Method::GET, &HeaderMap::new(), true), Ok(()));
+    }
+
+    #[test]
+    fn every_forgeable_name_is_of_a_length_the_check_looks_at() {
+        for f in &FORGEABLE {
+            assert!(is_client_forwarding(f.as_str()), "{f}");
+        }
+        assert!(!is_client_forwarding("x-forwarded-for"));
+        assert!(!is_client_forwarding("user-agent"));
     }
 
     #[test]
