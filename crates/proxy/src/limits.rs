@@ -176,6 +176,8 @@ pub(crate) struct Slots {
     /// Open connections in accept order (oldest first).
     conns: Mutex<Vec<(u64, Arc<ConnState>)>>,
     next_id: AtomicUsize,
+    /// Open connections served by each worker thread (see [`Slot::assign`]).
+    per_worker: Vec<AtomicUsize>,
 }
 
 /// A connection's slot; frees it when dropped.
@@ -183,7 +185,12 @@ pub(crate) struct Slot {
     slots: Arc<Slots>,
     id: u64,
     pub(crate) state: Arc<ConnState>,
+    /// The worker serving the connection ([`NO_WORKER`] until one is assigned).
+    worker: usize,
 }
+
+/// [`Slot::worker`] before [`Slot::assign`].
+const NO_WORKER: usize = usize::MAX;
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -193,17 +200,58 @@ impl Drop for Slot {
             }
         }
         self.slots.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(n) = self.slots.per_worker.get(self.worker) {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Slot {
+    /// Counts the connection as served by worker `w` (and no longer by the one before).
+    pub(crate) fn assign(&mut self, w: usize) {
+        if w == self.worker {
+            return;
+        }
+        if let Some(n) = self.slots.per_worker.get(self.worker) {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(n) = self.slots.per_worker.get(w) {
+            n.fetch_add(1, Ordering::Relaxed);
+            self.worker = w;
+        } else {
+            self.worker = NO_WORKER;
+        }
     }
 }
 
 impl Slots {
+    #[cfg(test)]
     pub(crate) fn new(cap: usize) -> Arc<Slots> {
+        Slots::for_workers(cap, 1)
+    }
+
+    /// The slots of a proxy whose connections `workers` worker threads serve.
+    pub(crate) fn for_workers(cap: usize, workers: usize) -> Arc<Slots> {
         Arc::new(Slots {
             cap,
             open: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
             next_id: AtomicUsize::new(0),
+            per_worker: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
         })
+    }
+
+    /// The worker serving the fewest connections, if it serves fewer than worker `me`: a
+    /// connection `me` accepted goes there instead.
+    pub(crate) fn quieter_than(&self, me: usize) -> Option<usize> {
+        let mine = self.per_worker.get(me)?.load(Ordering::Relaxed);
+        let (w, n) = self
+            .per_worker
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|&(_, n)| n)?;
+        (n < mine).then_some(w)
     }
 
     /// Open connections.
@@ -235,6 +283,7 @@ impl Slots {
             slots: self.clone(),
             id,
             state,
+            worker: NO_WORKER,
         })
     }
 
@@ -579,5 +628,34 @@ mod tests {
         drop(a);
         assert_eq!(slots.open(), 2);
         assert!(slots.admit().is_none());
+    }
+
+    #[test]
+    fn a_burst_of_connections_accepted_by_one_worker_is_spread_evenly() {
+        // Worker 0 accepts eight connections in a row (one wake-up can take a whole burst)
+        // and hands each to a quieter worker when there is one, as `forward::worker` does.
+        let slots = Slots::for_workers(100, 2);
+        let mut held = Vec::new();
+        let mut handed = 0;
+        for _ in 0..8 {
+            let mut s = slots.admit().unwrap();
+            let to = slots.quieter_than(0).unwrap_or(0);
+            handed += usize::from(to != 0);
+            s.assign(to);
+            held.push(s);
+        }
+        let load = |w: usize| slots.per_worker[w].load(Ordering::Relaxed);
+        assert_eq!((load(0), load(1), handed), (4, 4, 4));
+        // Closing worker 1's connections makes it the quieter one again.
+        held.retain(|s| s.worker == 0);
+        assert_eq!((load(0), load(1)), (4, 0));
+        assert_eq!(slots.quieter_than(0), Some(1));
+        assert_eq!(slots.quieter_than(1), None);
+        // A slot reassigned moves its count; one never assigned counts nowhere.
+        held[0].assign(1);
+        assert_eq!((load(0), load(1)), (3, 1));
+        drop(slots.admit().unwrap());
+        held.clear();
+        assert_eq!((load(0), load(1), slots.open()), (0, 0, 0));
     }
 }
