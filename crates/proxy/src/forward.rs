@@ -711,8 +711,7 @@ async fn forward_direct(
         &service.name,
     )
     .await;
-    *routed = Some(Routed(service.clone(), target.clone()));
-    match result {
+    let resp = match result {
         Ok(resp) => {
             target.answered(resp.status().as_u16(), sent_at.elapsed());
             // `direct` left out the response's hop-by-hop headers.
@@ -722,7 +721,10 @@ async fn forward_direct(
             })
         }
         Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
-    }
+    };
+    // Moved, not cloned: a clone of an `Arc` every thread uses writes a line they share.
+    *routed = Some(Routed(service, target));
+    resp
 }
 
 /// Rewrites a request's head for the upstream: origin form, HTTP/1.1, the `Host` the client
