@@ -647,10 +647,10 @@ enum Deadline {
     Idle,
     /// Waiting for the rest of a head.
     Head,
-    /// Bytes came behind a protocol-switch request, before its answer: the guard cannot
-    /// follow the framing any more, so unless the connection switches, the rest of it has
-    /// `header_timeout + idle_timeout` (the guard's own limits end to end; this stands in for
-    /// a header timer in hyper, which would cost one timer per request on every connection).
+    /// The guard can no longer follow the framing ([`Guard::lose_track`]): unless the
+    /// connection switches, the rest of it has `header_timeout + idle_timeout` (the guard's
+    /// own limits end to end; this stands in for a header timer in hyper, which would cost
+    /// one timer per request on every connection).
     Through,
 }
 
