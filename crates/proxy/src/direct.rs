@@ -33,6 +33,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Response, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 
 use crate::forward::HOP_BY_HOP;
 
@@ -118,25 +119,20 @@ impl ConnInner {
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Reads what the socket has into `buf`: `Ok(0)` is the end of the stream.
+    /// Reads what the socket has into `buf`: `Ok(0)` is the end of the stream. Through
+    /// `AsyncRead::poll_read`, which forgets the socket's readiness after a read that did not
+    /// fill the room it had (`try_read_buf` keeps it, and the next response's first read
+    /// would then be a system call that finds nothing, once per request).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
             self.buf.reserve(self.read_size);
         }
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            let room = self.buf.capacity() - self.buf.len();
-            match self.io.try_read_buf(&mut self.buf) {
-                Ok(n) => {
-                    if n == room && self.read_size < MAX_READ {
-                        self.read_size *= 2;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf))?;
+        if n == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
         }
+        Poll::Ready(Ok(n))
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
