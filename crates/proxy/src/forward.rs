@@ -537,7 +537,13 @@ pub(crate) async fn serve_one(
             // The query may carry secrets (tokens in links): only whether there was one.
             query: uri.query().is_some(),
             status: resp.status().as_u16(),
-            micros: started.elapsed().as_micros(),
+            micros: logged
+                .answered
+                .map_or_else(
+                    || started.elapsed(),
+                    |at| at.saturating_duration_since(started),
+                )
+                .as_micros(),
             service: svc,
             target,
         });
@@ -560,6 +566,9 @@ pub(crate) struct Logged {
     /// The request as it came, when its head was handed on (to hyper's client) and is no
     /// longer there to read.
     seen: Option<Seen>,
+    /// When the response head came back from the upstream, if the exchange read the clock
+    /// then anyway (the access log's time is taken from it instead of reading it again).
+    answered: Option<std::time::Instant>,
 }
 
 /// What the access log reads of a request's head.
@@ -643,15 +652,7 @@ pub(crate) async fn handle(
         retryable,
     };
     if body.is_end_stream() && upgrade::requested(&parts.headers).is_none() {
-        return forward_direct(
-            x,
-            parts,
-            host_raw.as_ref(),
-            client,
-            https,
-            &mut logged.routed,
-        )
-        .await;
+        return forward_direct(x, parts, host_raw.as_ref(), client, https, logged).await;
     }
     // hyper's client takes the head: the access log keeps what it reads of it.
     if shared.access.is_some() {
@@ -687,33 +688,27 @@ async fn forward_direct(
     host_raw: Option<&HeaderValue>,
     client: Option<&HeaderValue>,
     https: bool,
-    routed: &mut Option<Routed>,
+    logged: &mut Logged,
 ) -> Response<ProxyBody> {
-    let Exchange {
-        service,
-        target,
-        guard,
-        limits,
-        retryable,
-    } = x;
     let (path, set) = match for_direct(&parts.uri, &mut parts.headers, host_raw, client, https) {
         Ok(p) => p,
         Err(text) => return local(StatusCode::BAD_REQUEST, text),
     };
     let sent_at = std::time::Instant::now();
-    let result = send_direct(
-        parts,
-        path,
-        &set,
-        &target.addr,
+    let result = send_direct(parts, path, &set, &x, sent_at).await;
+    let Exchange {
+        service,
+        target,
+        guard,
         limits,
-        retryable,
-        &service.name,
-    )
-    .await;
+        ..
+    } = x;
     let resp = match result {
         Ok(resp) => {
-            target.answered(resp.status().as_u16(), sent_at.elapsed());
+            // One reading of the clock for the target's latency and the access log's time.
+            let answered = std::time::Instant::now();
+            target.answered(resp.status().as_u16(), answered - sent_at);
+            logged.answered = Some(answered);
             // `direct` left out the response's hop-by-hop headers.
             resp.map(|body| ProxyBody::Direct {
                 body,
@@ -723,7 +718,7 @@ async fn forward_direct(
         Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
     };
     // Moved, not cloned: a clone of an `Arc` every thread uses writes a line they share.
-    *routed = Some(Routed(service, target));
+    logged.routed = Some(Routed(service, target));
     resp
 }
 
@@ -1051,19 +1046,20 @@ async fn send_hyper(
     }
 }
 
-/// Sends a request without a body to `addr` and reads its response head, on a connection
-/// the request's task drives itself ([`direct`]). Retried once (see the module's
-/// invariants): when it failed to connect and is `retryable`; when its head was not written
-/// in full; when a pooled connection ended before any response and it is `retryable`.
+/// Sends a request without a body to the exchange's target and reads its response head, on
+/// a connection the request's task drives itself ([`direct`]); `sent_at` is when it was
+/// handed over to be sent. Retried once (see the module's invariants): when it failed to
+/// connect and is `retryable`; when its head was not written in full; when a pooled
+/// connection ended before any response and it is `retryable`.
 async fn send_direct(
     parts: &hyper::http::request::Parts,
     path: &str,
     set: &ProxySet<'_>,
-    addr: &str,
-    limits: &limits::Limits,
-    retryable: bool,
-    service: &str,
+    x: &Exchange<'_>,
+    sent_at: std::time::Instant,
 ) -> Result<Response<DirectBody>, Failure> {
+    let (addr, service) = (x.target.addr.as_str(), x.service.name.as_str());
+    let (limits, retryable) = (x.limits, x.retryable);
     let (lines, n) = set.lines();
     let mut retried = false;
     loop {
@@ -1079,7 +1075,15 @@ async fn send_direct(
             };
         let reused = taken.reused;
         let sent = direct::send(taken.conn, &parts.method, path, &parts.headers, &lines[..n]);
-        let deadline = std::time::Instant::now() + limits.upstream_header_timeout;
+        // The response-head deadline counts from the request's sending: on a pooled
+        // connection at once that is `sent_at` (no clock read); after a connect or a retry,
+        // now.
+        let from = if reused && !retried {
+            sent_at
+        } else {
+            std::time::Instant::now()
+        };
+        let deadline = from + limits.upstream_header_timeout;
         let Some(sent) = deadline::within(sent, deadline).await else {
             return Err(Failure::TimedOut);
         };
@@ -1298,15 +1302,37 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, found: [bool; HOP_BY_HOP.len()]) {
 }
 
 /// The index of `name` (any case) in [`HOP_BY_HOP`]; most names are rejected by their
-/// length alone.
+/// length alone, the rest compared with the one or two names of that length (every header
+/// of every request and response comes through here).
 pub(crate) fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
-    if !matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19) {
-        return None;
-    }
-    HOP_BY_HOP
+    let places: &[usize] = match name.len() {
+        2 => &[5],
+        7 => &[6, 8],
+        10 => &[0, 1],
+        16 => &[2],
+        17 => &[7],
+        18 => &[3],
+        19 => &[4],
+        _ => return None,
+    };
+    places
         .iter()
-        .position(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+        .copied()
+        .find(|&i| HOP_BY_HOP_BYTES[i].eq_ignore_ascii_case(name))
 }
+
+/// [`HOP_BY_HOP`]'s names as bytes, in the same order.
+const HOP_BY_HOP_BYTES: [&[u8]; 9] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -1486,5 +1512,32 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "Site:8080");
         assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_is_found_in_any_case_and_no_other_name() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(HOP_BY_HOP_BYTES[i], name.as_str().as_bytes());
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(
+                hop_by_hop_index(name.as_str().as_bytes()),
+                Some(i),
+                "{name}"
+            );
+            assert_eq!(hop_by_hop_index(upper.as_bytes()), Some(i), "{upper}");
+        }
+        for other in [
+            "user-agent",
+            "connectionx",
+            "tf",
+            "trailers",
+            "upgrade-",
+            "content-length",
+            "proxy-authenticatx",
+            "x-forwarded-for",
+            "",
+        ] {
+            assert_eq!(hop_by_hop_index(other.as_bytes()), None, "{other}");
+        }
     }
 }
