@@ -167,62 +167,15 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let started = report::utc_now();
     let clock = Instant::now();
 
-    let world = DockerWorld::start(ctx)?;
-    world.build_keepalive_image(TAG, BODY)?;
-    world.deploy_ok(TAG)?;
-    let status = world.proxy_status()?;
-    let pid = status["pid"]
-        .as_u64()
-        .and_then(|p| u32::try_from(p).ok())
-        .ok_or_else(|| anyhow!("proxy status has no pid: {status}"))?;
-    let target = status["services"][0]["target"]
-        .as_str()
-        .ok_or_else(|| anyhow!("proxy status has no target: {status}"))?
-        .to_string();
-    let port = target
-        .strip_prefix("127.0.0.1:")
-        .ok_or_else(|| anyhow!("the proxy's target {target} is not on 127.0.0.1"))?;
-    let container_ip = container_ip(&world, port)?;
-    let ip = world.lab.ip(0);
-    // In the host's own network namespace only (route_localnet lets the DNAT to 127.0.0.1
-    // work).
-    world.exec_ok(&format!(
-        "sysctl -qw net.ipv4.conf.all.route_localnet=1 && \
-         iptables -t nat -I PREROUTING 1 -d {ip}/32 -p tcp --dport {PUBLISHED_PORT} \
-           -j DNAT --to-destination 127.0.0.1:{port} && \
-         iptables -t nat -I PREROUTING 1 -d {ip}/32 -p tcp --dport {CONTAINER_PORT} \
-           -j DNAT --to-destination {container_ip}:8080"
-    ))?;
-    // nginx and Caddy in the host's network namespace, in front of the same published port.
-    let upstream: u16 = port
-        .parse()
-        .map_err(|_| anyhow!("bad port in the proxy's target {target}"))?;
-    let nginx = Peer::start(&world.lab, 0, Kind::Nginx, NGINX_PORT, upstream)?;
-    let caddy = Peer::start(&world.lab, 0, Kind::Caddy, CADDY_PORT, upstream)?;
-    let addr = |p: Path| match p {
-        Path::Proxy => world.proxy_addr(),
-        Path::Nginx => nginx.addr(),
-        Path::Caddy => caddy.addr(),
-        Path::Published => SocketAddr::new(ip.into(), PUBLISHED_PORT),
-        Path::Container => SocketAddr::new(ip.into(), CONTAINER_PORT),
-    };
-    for p in PATHS {
-        world.wait_serves(addr(p), BODY, Duration::from_secs(5))?;
-    }
-    // The processes of each proxy (nginx: master and workers, now that they run).
-    let pids = |p: Path| -> Vec<u32> {
-        match p {
-            Path::Proxy => vec![pid],
-            Path::Nginx => nginx.pids(),
-            Path::Caddy => caddy.pids(),
-            Path::Published | Path::Container => Vec::new(),
-        }
-    };
+    let lab = Lab::start(ctx)?;
     eprintln!(
-        "[proxy] cutover proxy pid {pid}, nginx pids {:?}, caddy pid {}, target {target}, \
-         container {container_ip}:8080; {} s per load",
-        nginx.pids(),
-        caddy.pid(),
+        "[proxy] cutover proxy pid {}, nginx pids {:?}, caddy pid {}, target {}, \
+         container {}:8080; {} s per load",
+        lab.pid,
+        lab.nginx.pids(),
+        lab.caddy.pid(),
+        lab.target,
+        lab.container_ip,
         duration.as_secs()
     );
     // Let the deploy's own traffic settle, then read the idle proxies' memory.
@@ -231,7 +184,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     for p in PROXIES {
         memory.push(ProxyMemory {
             path: p,
-            idle: mem_sum(&world, &pids(p))?,
+            idle: mem_sum(&lab.world, &lab.pids(p))?,
             after_load: Vec::new(),
             end: Mem {
                 rss_kib: 0,
@@ -239,16 +192,163 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             },
         });
     }
+    let (rounds, discarded) = load_paths(ctx, &lab, duration, &mut memory)?;
+    for m in &mut memory {
+        m.end = mem_sum(&lab.world, &lab.pids(m.path))?;
+    }
+    if lab.world.proxy_pid()? != lab.pid {
+        bail!("the proxy process changed during the scenario");
+    }
+    let load_after = loadavg();
+    let (target, container) = (lab.target.clone(), format!("{}:8080", lab.container_ip));
+    drop(lab);
 
+    let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
+    md.push_str("\n\n");
+    md.push_str(&markdown(ctx, &rounds, &discarded, &memory));
+    let json = json!({
+        "scenario": "proxy",
+        "started": started,
+        "finished": report::utc_now(),
+        "command": ctx.command,
+        "quick": ctx.quick,
+        "reps": ctx.reps,
+        "hosts_source_root_bashrc": ctx.host_bashrc,
+        "machine": ctx.machine.to_json(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "load": {
+            "keep_alive_workers": WORKERS,
+            "pause_s": 0.0,
+            "duration_s": duration.as_secs_f64(),
+        },
+        "proxy_target": target,
+        "container": container,
+        "proxy_memory_kib": memory
+            .iter()
+            .map(|m| (m.path.key().to_string(), m.to_json()))
+            .collect::<serde_json::Map<_, _>>(),
+        "plots": plots(&rounds),
+        "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
+        "discarded": discarded.iter().map(round_json).collect::<Vec<_>>(),
+    });
+    Ok(Section { markdown: md, json })
+}
+
+/// The scenario's lab: one host with cutover's proxy in front of the deployed container, the
+/// DNAT rules of the two direct paths, and nginx and Caddy in the host's network namespace in
+/// front of the same published port. Dropped in field order: the peers before the world.
+struct Lab {
+    nginx: Peer,
+    caddy: Peer,
+    world: DockerWorld,
+    /// cutover's proxy process.
+    pid: u32,
+    /// The proxy's target: the container's published port on the host's loopback.
+    target: String,
+    container_ip: String,
+    /// The host's address, as the clients reach it.
+    ip: std::net::Ipv4Addr,
+}
+
+impl Lab {
+    fn start(ctx: &Ctx) -> Result<Lab> {
+        let world = DockerWorld::start(ctx)?;
+        world.build_keepalive_image(TAG, BODY)?;
+        world.deploy_ok(TAG)?;
+        let status = world.proxy_status()?;
+        let pid = status["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(|| anyhow!("proxy status has no pid: {status}"))?;
+        let target = status["services"][0]["target"]
+            .as_str()
+            .ok_or_else(|| anyhow!("proxy status has no target: {status}"))?
+            .to_string();
+        let port = target
+            .strip_prefix("127.0.0.1:")
+            .ok_or_else(|| anyhow!("the proxy's target {target} is not on 127.0.0.1"))?;
+        let container_ip = container_ip(&world, port)?;
+        let ip = world.lab.ip(0);
+        // In the host's own network namespace only (route_localnet lets the DNAT to 127.0.0.1
+        // work).
+        world.exec_ok(&format!(
+            "sysctl -qw net.ipv4.conf.all.route_localnet=1 && \
+             iptables -t nat -I PREROUTING 1 -d {ip}/32 -p tcp --dport {PUBLISHED_PORT} \
+               -j DNAT --to-destination 127.0.0.1:{port} && \
+             iptables -t nat -I PREROUTING 1 -d {ip}/32 -p tcp --dport {CONTAINER_PORT} \
+               -j DNAT --to-destination {container_ip}:8080"
+        ))?;
+        // nginx and Caddy in the host's network namespace, in front of the same published port.
+        let upstream: u16 = port
+            .parse()
+            .map_err(|_| anyhow!("bad port in the proxy's target {target}"))?;
+        let nginx = Peer::start(&world.lab, 0, Kind::Nginx, NGINX_PORT, upstream)?;
+        let caddy = Peer::start(&world.lab, 0, Kind::Caddy, CADDY_PORT, upstream)?;
+        let lab = Lab {
+            nginx,
+            caddy,
+            world,
+            pid,
+            target,
+            container_ip,
+            ip,
+        };
+        for p in PATHS {
+            lab.world
+                .wait_serves(lab.addr(p), BODY, Duration::from_secs(5))?;
+        }
+        Ok(lab)
+    }
+
+    /// Where the load of path `p` goes.
+    fn addr(&self, p: Path) -> SocketAddr {
+        match p {
+            Path::Proxy => self.world.proxy_addr(),
+            Path::Nginx => self.nginx.addr(),
+            Path::Caddy => self.caddy.addr(),
+            Path::Published => SocketAddr::new(self.ip.into(), PUBLISHED_PORT),
+            Path::Container => SocketAddr::new(self.ip.into(), CONTAINER_PORT),
+        }
+    }
+
+    /// The processes of path `p`'s proxy (nginx: master and workers, once they run).
+    fn pids(&self, p: Path) -> Vec<u32> {
+        match p {
+            Path::Proxy => vec![self.pid],
+            Path::Nginx => self.nginx.pids(),
+            Path::Caddy => self.caddy.pids(),
+            Path::Published | Path::Container => Vec::new(),
+        }
+    }
+}
+
+/// Every run's load on every path (the order of the paths rotating from run to run), each
+/// redone (at most `ctx.max_redos()` times per path) when other processes took over a quarter
+/// of the CPU during it; the proxies' memory is read after each load. The kept loads, and the
+/// redone ones.
+fn load_paths(
+    ctx: &Ctx,
+    lab: &Lab,
+    duration: Duration,
+    memory: &mut [ProxyMemory],
+) -> Result<(Vec<Round>, Vec<Round>)> {
     let mut rounds = Vec::new();
     let mut discarded: Vec<Round> = Vec::new();
     for rep in 0..ctx.reps {
         for j in 0..PATHS.len() {
             let path = PATHS[(rep + j) % PATHS.len()];
             loop {
-                let round = load(ctx, &world, &pids(path), (path, rep), addr(path), duration)?;
+                let round = load(
+                    ctx,
+                    &lab.world,
+                    &lab.pids(path),
+                    (path, rep),
+                    lab.addr(path),
+                    duration,
+                )?;
                 if let Some(m) = memory.iter_mut().find(|m| m.path == path) {
-                    m.after_load.push(mem_sum(&world, &pids(path))?);
+                    m.after_load.push(mem_sum(&lab.world, &lab.pids(path))?);
                 }
                 eprintln!(
                     "[proxy] run {}/{} {}: {:.0} requests/s, p99 {}, {} failed; other processes {:.1} CPU-s",
@@ -271,21 +371,14 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             }
         }
     }
-    for m in &mut memory {
-        m.end = mem_sum(&world, &pids(m.path))?;
-    }
-    if world.proxy_pid()? != pid {
-        bail!("the proxy process changed during the scenario");
-    }
-    let load_after = loadavg();
-    drop(nginx);
-    drop(caddy);
-    drop(world);
+    Ok((rounds, discarded))
+}
 
-    let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
-    md.push_str("\n\n");
-    md.push_str(&paths_table(&rounds));
-    md.push_str(&goal_line(&rounds));
+/// The section's text after its measured line: the paths' table, the goal, the proxies'
+/// memory, the first failures and how busy the machine was.
+fn markdown(ctx: &Ctx, rounds: &[Round], discarded: &[Round], memory: &[ProxyMemory]) -> String {
+    let mut md = paths_table(rounds);
+    md.push_str(&goal_line(rounds));
     md.push_str(&format!(
         "\nPeers: {}. Memory of each proxy (nginx: master and workers together):\n\n",
         peers::versions_line(&ctx.machine)
@@ -336,34 +429,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         },
         discarded.len()
     ));
-
-    let json = json!({
-        "scenario": "proxy",
-        "started": started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
-        "reps": ctx.reps,
-        "hosts_source_root_bashrc": ctx.host_bashrc,
-        "machine": ctx.machine.to_json(),
-        "load_before": load_before,
-        "load_after": load_after,
-        "load": {
-            "keep_alive_workers": WORKERS,
-            "pause_s": 0.0,
-            "duration_s": duration.as_secs_f64(),
-        },
-        "proxy_target": target,
-        "container": format!("{container_ip}:8080"),
-        "proxy_memory_kib": memory
-            .iter()
-            .map(|m| (m.path.key().to_string(), m.to_json()))
-            .collect::<serde_json::Map<_, _>>(),
-        "plots": plots(&rounds),
-        "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
-        "discarded": discarded.iter().map(round_json).collect::<Vec<_>>(),
-    });
-    Ok(Section { markdown: md, json })
+    md
 }
 
 /// One timed load of `duration` on `addr`; `pids` are the path's proxy processes.
