@@ -535,18 +535,10 @@ fn section(
     redeploy_table(&mut md, ctx, redeploys, a, changed);
     profile_table(&mut md, rows);
     notes(&mut md, ctx, rows, redeploys);
-    let json = json!({
-        "scenario": "deploy-speed",
-        "started": started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
+    let rest = json!({
         "reps": ctx.reps,
         "hosts_source_root_bashrc": ctx.host_bashrc,
-        "machine": ctx.machine.to_json(),
         "capistrano": capistrano::version(),
-        "load_before": load_before,
-        "load_after": load_after,
         "payload": {
             "file_size": a.file_size,
             "content": "pseudo-random bytes (splitmix64), incompressible",
@@ -566,6 +558,7 @@ fn section(
         },
         "plots": [plot(rows)],
     });
+    let json = report::scenario_json(ctx, "deploy-speed", started, load_before, load_after, rest);
     Section { markdown: md, json }
 }
 

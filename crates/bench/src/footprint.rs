@@ -227,17 +227,9 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         categories.push("deploy + its ssh processes".to_string());
         values.push(median(col(&|r| r.tree_rss_kib as f64)) / 1024.0);
     }
-    let json = json!({
-        "scenario": "footprint",
-        "started": started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
+    let rest = json!({
         "reps": ctx.reps,
         "hosts_source_root_bashrc": ctx.host_bashrc,
-        "machine": ctx.machine.to_json(),
-        "load_before": load_before,
-        "load_after": load_after,
         "discarded": [],
         "binary": {
             "path": ctx.cutover,
@@ -271,6 +263,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             "series": [{"name": format!("RSS, MiB ({} profile)", ctx.machine.profile), "values": values}],
         }],
     });
+    let json = report::scenario_json(ctx, "footprint", &started, &load_before, &load_after, rest);
     Ok(Section { markdown: md, json })
 }
 

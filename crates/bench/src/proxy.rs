@@ -206,17 +206,9 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
     md.push_str("\n\n");
     md.push_str(&markdown(ctx, &rounds, &discarded, &memory));
-    let json = json!({
-        "scenario": "proxy",
-        "started": started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
+    let rest = json!({
         "reps": ctx.reps,
         "hosts_source_root_bashrc": ctx.host_bashrc,
-        "machine": ctx.machine.to_json(),
-        "load_before": load_before,
-        "load_after": load_after,
         "load": {
             "keep_alive_workers": WORKERS,
             "pause_s": 0.0,
@@ -232,6 +224,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         "runs": rounds.iter().map(round_json).collect::<Vec<_>>(),
         "discarded": discarded.iter().map(round_json).collect::<Vec<_>>(),
     });
+    let json = report::scenario_json(ctx, "proxy", &started, &load_before, &load_after, rest);
     Ok(Section { markdown: md, json })
 }
 

@@ -422,6 +422,33 @@ fn head(ctx: &Ctx) -> String {
 }
 
 /// Now, as `YYYY-MM-DD HH:MM UTC`.
+/// A scenario's JSON: the keys every scenario's starts with (which scenario, when it started
+/// and finished, the command, whether `--quick`, the machine, the load averages before and
+/// after), then `rest`'s (an object).
+pub(crate) fn scenario_json(
+    ctx: &Ctx,
+    scenario: &str,
+    started: &str,
+    load_before: &str,
+    load_after: &str,
+    rest: Value,
+) -> Value {
+    let mut json = json!({
+        "scenario": scenario,
+        "started": started,
+        "finished": utc_now(),
+        "command": ctx.command,
+        "quick": ctx.quick,
+        "machine": ctx.machine.to_json(),
+        "load_before": load_before,
+        "load_after": load_after,
+    });
+    if let (Some(head), Value::Object(rest)) = (json.as_object_mut(), rest) {
+        head.extend(rest);
+    }
+    json
+}
+
 pub(crate) fn utc_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

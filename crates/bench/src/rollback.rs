@@ -298,18 +298,10 @@ fn section(
             "values": rows.iter().map(|r| r.methods[i].answer.median()).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     });
-    let json = json!({
-        "scenario": "rollback",
-        "started": started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
+    let rest = json!({
         "reps": ctx.reps,
         "hosts_source_root_bashrc": ctx.host_bashrc,
-        "machine": ctx.machine.to_json(),
         "capistrano": capistrano::version(),
-        "load_before": load_before,
-        "load_after": load_after,
         "payload": { "files": a.files, "file_size": a.file_size, "bytes": a.bytes() },
         "results": rows.iter().map(|r| json!({
             "hosts": r.hosts,
@@ -323,5 +315,6 @@ fn section(
         })).collect::<Vec<_>>(),
         "plots": [plot],
     });
+    let json = report::scenario_json(ctx, "rollback", started, load_before, load_after, rest);
     Section { markdown: md, json }
 }

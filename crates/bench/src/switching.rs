@@ -562,18 +562,10 @@ pub(crate) fn section(
         head.load_before,
     );
     md.push_str(&markdown(ctx, layout, runs, discarded));
-    let mut json = json!({
-        "scenario": layout.name,
-        "started": head.started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
+    let rest = json!({
         "switches_per_method": k,
         "hosts_source_root_bashrc": ctx.host_bashrc,
-        "machine": ctx.machine.to_json(),
         "peers": head.peers,
-        "load_before": head.load_before,
-        "load_after": load_after,
         "load": {
             "keep_alive_workers": WORKERS,
             "fresh_connection_workers": WORKERS,
@@ -591,6 +583,14 @@ pub(crate) fn section(
             .collect::<serde_json::Map<_, _>>(),
         "plots": plots(layout, runs),
     });
+    let mut json = report::scenario_json(
+        ctx,
+        layout.name,
+        &head.started,
+        &head.load_before,
+        &load_after,
+        rest,
+    );
     if let (Some(j), Value::Object(e)) = (json.as_object_mut(), extra) {
         j.extend(e);
     }

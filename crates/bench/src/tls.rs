@@ -1034,16 +1034,8 @@ fn tool(name: &str, core: Option<usize>) -> Command {
 
 /// The scenario's JSON, with the zero-downtime gate's map.
 fn section_json(ctx: &Ctx, m: &Measured, started: String) -> Value {
-    json!({
-        "scenario": "tls",
-        "started": started,
-        "finished": report::utc_now(),
-        "command": ctx.command,
-        "quick": ctx.quick,
+    let rest = json!({
         "reps": ctx.reps,
-        "machine": ctx.machine.to_json(),
-        "load_before": m.load_before,
-        "load_after": m.load_after,
         "load": { "connections": CONNECTIONS, "duration_s": m.secs, "h2_streams_per_connection": 1 },
         "idle_rss_kib": m.idle.iter().map(|(p, k)| (p.key().to_string(), json!(k))).collect::<serde_json::Map<_, _>>(),
         "runs": m.rounds.iter().map(round_json).collect::<Vec<_>>(),
@@ -1058,7 +1050,8 @@ fn section_json(ctx: &Ctx, m: &Measured, started: String) -> Value {
             .filter(|r| r["proxy"] == Proxy::Cutover.key())
             .map(|r| (format!("https switch, {}", r["client"].as_str().unwrap_or("?")), r["failed"].clone()))
             .collect::<serde_json::Map<_, _>>(),
-    })
+    });
+    report::scenario_json(ctx, "tls", &started, &m.load_before, &m.load_after, rest)
 }
 
 /// The scenario's tables (throughput and latency, memory, CPU per request), the goal's verdict
