@@ -287,43 +287,11 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
         row.skipped
             .push(("floor_gz", "gzip -6 per host of 1 GiB is too slow".into()));
     }
-    // Disk: per host at most two releases of cutover's, or Capistrano's mirror (both
-    // commits) plus two releases; here the payloads, the repository and cutover's artifact
-    // store.
-    let bytes = a.bytes();
-    let full = n as u64 * 4 * bytes + 4 * bytes;
-    let first_only = n as u64 * 2 * bytes + 3 * bytes;
-    let free = free_bytes(world.lab.dir()).unwrap_or(u64::MAX);
-    let second = if free >= full + full / 10 {
-        true
-    } else if free >= first_only + first_only / 10 {
-        let why = format!(
-            "disk ({} free where the hosts' /srv live, {} needed)",
-            gib(free),
-            gib(full)
-        );
-        row.skipped.push(("second", why.clone()));
-        row.skipped.push(("cap_second", why));
-        false
-    } else {
-        row.skipped.push((
-            "all",
-            format!(
-                "disk ({} free where the hosts' /srv live, {} needed)",
-                gib(free),
-                gib(first_only)
-            ),
-        ));
-        eprintln!("[deploy-speed] {} on {n} host(s): not enough disk", s.name);
+    let Some(second) = room_for_second(world, n, s, &mut row) else {
         return Ok(row);
     };
     let ca = cap.commit(a, None)?;
     let cb = cap.commit(b, Some(&ca))?;
-    let cpu = |s: &Sample| {
-        s.cpu_s
-            .map(|c| format!(" ({} CPU-s)", secs(c)))
-            .unwrap_or_default()
-    };
     let mut rep = 1;
     let mut attempt = 0;
     while rep <= s.reps {
@@ -350,64 +318,27 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
         } else {
             None
         };
-        let runs: Vec<Sample> = [
-            Some(first.sample),
-            second_run.as_ref().map(|r| r.sample),
-            gz,
-            Some(tar),
-            Some(aes),
-            Some(cap1),
-            cap2,
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let foreign: f64 = runs.iter().map(|s| s.foreign_cpu_s).sum();
-        let opt = |s: Option<Sample>| {
-            s.map(|g| format!("{} s{}", secs(g.secs), cpu(&g)))
-                .unwrap_or_else(|| "skipped".into())
+        let done = Repetition {
+            first: first.sample,
+            second: second_run.as_ref().map(|r| r.sample),
+            cap_first: cap1,
+            cap_second: cap2,
+            floor_gz: gz,
+            floor_tar: tar,
+            floor_aes: aes,
         };
         eprintln!(
-            "[deploy-speed] {} on {n} host(s) run {rep}/{}: cutover 1st {}, 2nd {}, Capistrano 1st {}, 2nd {}, floor tar.gz {}, floor tar {}, floor tar AES-GCM {}; other processes {} CPU-s",
+            "[deploy-speed] {} on {n} host(s) run {rep}/{}: {}",
             s.name,
             s.reps,
-            opt(Some(first.sample)),
-            opt(second_run.as_ref().map(|r| r.sample)),
-            opt(Some(cap1)),
-            opt(cap2),
-            opt(gz),
-            opt(Some(tar)),
-            opt(Some(aes)),
-            secs(foreign),
+            done.line()
         );
-        if runs.iter().any(|s| s.disturbed(ctx.machine.cores))
-            && row.discarded.len() < ctx.max_redos()
-        {
+        if done.disturbed(ctx.machine.cores) && row.discarded.len() < ctx.max_redos() {
             eprintln!("[deploy-speed] other processes took over a quarter of the CPU during that repetition: doing it again");
-            row.discarded.push(json!({
-                "cutover_first": first.sample.to_json(),
-                "cutover_second": second_run.as_ref().map(|r| r.sample.to_json()),
-                "capistrano_first": cap1.to_json(),
-                "capistrano_second": cap2.map(Sample::to_json),
-                "floor_tar_gz_ssh": gz.map(Sample::to_json),
-                "floor_tar_ssh": tar.to_json(),
-                "floor_tar_ssh_aes128_gcm": aes.to_json(),
-            }));
+            row.discarded.push(done.to_json());
             continue;
         }
-        row.first.push(first.sample);
-        if let Some(r) = second_run {
-            row.second.push(r.sample);
-        }
-        if let Some(g) = gz {
-            row.floor_gz.push(g);
-        }
-        row.floor_tar.push(tar);
-        row.floor_aes.push(aes);
-        row.cap_first.push(cap1);
-        if let Some(c) = cap2 {
-            row.cap_second.push(c);
-        }
+        done.record(&mut row);
         rep += 1;
     }
     if s.profile {
@@ -426,6 +357,122 @@ fn measure(ctx: &Ctx, world: &mut World, cap: &Cap, n: usize, s: &Size) -> Resul
     }
     world.reset("cell-done")?;
     Ok(row)
+}
+
+/// Whether there is disk for a cell's second deploys (`Some(true)`), for its first only
+/// (`Some(false)`, the second ones noted as skipped in `row`) or for none (`None`, noted).
+/// Per host at most two releases of cutover's, or Capistrano's mirror (both commits) plus two
+/// releases; here the payloads, the repository and cutover's artifact store.
+fn room_for_second(world: &World, n: usize, s: &Size, row: &mut Row) -> Option<bool> {
+    let bytes = s.a.bytes();
+    let full = n as u64 * 4 * bytes + 4 * bytes;
+    let first_only = n as u64 * 2 * bytes + 3 * bytes;
+    let free = free_bytes(world.lab.dir()).unwrap_or(u64::MAX);
+    let why = |needed: u64| {
+        format!(
+            "disk ({} free where the hosts' /srv live, {} needed)",
+            gib(free),
+            gib(needed)
+        )
+    };
+    if free >= full + full / 10 {
+        Some(true)
+    } else if free >= first_only + first_only / 10 {
+        row.skipped.push(("second", why(full)));
+        row.skipped.push(("cap_second", why(full)));
+        Some(false)
+    } else {
+        row.skipped.push(("all", why(first_only)));
+        eprintln!("[deploy-speed] {} on {n} host(s): not enough disk", s.name);
+        None
+    }
+}
+
+/// One repetition of a cell: every timed run (those the cell skips are `None`).
+struct Repetition {
+    first: Sample,
+    second: Option<Sample>,
+    cap_first: Sample,
+    cap_second: Option<Sample>,
+    floor_gz: Option<Sample>,
+    floor_tar: Sample,
+    floor_aes: Sample,
+}
+
+impl Repetition {
+    fn samples(&self) -> impl Iterator<Item = Sample> {
+        [
+            Some(self.first),
+            self.second,
+            self.floor_gz,
+            Some(self.floor_tar),
+            Some(self.floor_aes),
+            Some(self.cap_first),
+            self.cap_second,
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// Whether other processes took over a quarter of the CPU during any of its runs.
+    fn disturbed(&self, cores: usize) -> bool {
+        self.samples().any(|s| s.disturbed(cores))
+    }
+
+    /// Its runs for the progress line.
+    fn line(&self) -> String {
+        let cpu = |s: &Sample| {
+            s.cpu_s
+                .map(|c| format!(" ({} CPU-s)", secs(c)))
+                .unwrap_or_default()
+        };
+        let opt = |s: Option<Sample>| {
+            s.map(|g| format!("{} s{}", secs(g.secs), cpu(&g)))
+                .unwrap_or_else(|| "skipped".into())
+        };
+        let foreign: f64 = self.samples().map(|s| s.foreign_cpu_s).sum();
+        format!(
+            "cutover 1st {}, 2nd {}, Capistrano 1st {}, 2nd {}, floor tar.gz {}, floor tar {}, floor tar AES-GCM {}; other processes {} CPU-s",
+            opt(Some(self.first)),
+            opt(self.second),
+            opt(Some(self.cap_first)),
+            opt(self.cap_second),
+            opt(self.floor_gz),
+            opt(Some(self.floor_tar)),
+            opt(Some(self.floor_aes)),
+            secs(foreign),
+        )
+    }
+
+    /// A discarded repetition, as the JSON keeps it.
+    fn to_json(&self) -> Value {
+        json!({
+            "cutover_first": self.first.to_json(),
+            "cutover_second": self.second.map(Sample::to_json),
+            "capistrano_first": self.cap_first.to_json(),
+            "capistrano_second": self.cap_second.map(Sample::to_json),
+            "floor_tar_gz_ssh": self.floor_gz.map(Sample::to_json),
+            "floor_tar_ssh": self.floor_tar.to_json(),
+            "floor_tar_ssh_aes128_gcm": self.floor_aes.to_json(),
+        })
+    }
+
+    /// Adds its runs to the cell's.
+    fn record(self, row: &mut Row) {
+        row.first.push(self.first);
+        if let Some(x) = self.second {
+            row.second.push(x);
+        }
+        if let Some(x) = self.floor_gz {
+            row.floor_gz.push(x);
+        }
+        row.floor_tar.push(self.floor_tar);
+        row.floor_aes.push(self.floor_aes);
+        row.cap_first.push(self.cap_first);
+        if let Some(x) = self.cap_second {
+            row.cap_second.push(x);
+        }
+    }
 }
 
 /// `cap bench deploy` of the branch `main` (pointing at `p`'s commit), timed from spawn to

@@ -70,21 +70,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let started = report::utc_now();
     let clock = Instant::now();
 
-    // The binary.
-    let size = std::fs::metadata(&ctx.cutover)
-        .with_context(|| format!("reading {}", ctx.cutover.display()))?
-        .len();
-    let stripped_path = ctx.work.join("cutover-stripped");
-    let stripped = std::process::Command::new("strip")
-        .arg("-o")
-        .arg(&stripped_path)
-        .arg(&ctx.cutover)
-        .status()
-        .ok()
-        .filter(|s| s.success())
-        .and_then(|_| std::fs::metadata(&stripped_path).ok())
-        .map(|m| m.len());
-    let _ = std::fs::remove_file(&stripped_path);
+    let (size, stripped) = binary_sizes(ctx)?;
 
     // The edge proxy, from the proxy scenario.
     let (proxy_mem, proxy_source) = proxy_memory(ctx);
@@ -115,6 +101,73 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     // Report.
     let mut md = report::measured_line(ctx, &load_before, &load_after, clock.elapsed());
     md.push_str("\n\n");
+    md.push_str(&sizes_table(ctx, size, stripped, proxy_mem.as_ref()));
+    md.push_str(&format!("\nEdge proxy numbers: {proxy_source}.\n\n"));
+
+    md.push_str(&control_table(hosts, a.bytes(), &samples, &runs));
+    md.push('\n');
+    md.push_str(&report::interference_line(
+        &[&samples],
+        ctx.machine.cores,
+        0,
+    ));
+    md.push('\n');
+
+    let rest = json!({
+        "reps": ctx.reps,
+        "hosts_source_root_bashrc": ctx.host_bashrc,
+        "discarded": [],
+        "binary": {
+            "path": ctx.cutover,
+            "profile": ctx.machine.profile,
+            "bytes": size,
+            "stripped_bytes": stripped,
+        },
+        "proxy_memory_kib": proxy_mem,
+        "proxy_memory_source": proxy_source,
+        "deploy": {
+            "hosts": hosts,
+            "payload": { "files": a.files, "file_size": a.file_size, "bytes": a.bytes() },
+            "wall": samples.to_json(),
+            "runs": runs.iter().map(|r| json!({
+                "wall_s": r.wall_s,
+                "cutover_peak_rss_kib": r.own_hwm_kib,
+                "cutover_cpu_s": r.own_cpu_s,
+                "cutover_and_waited_children_cpu_s": r.waited_cpu_s,
+                "cutover_and_all_descendants_cpu_s": r.tree_cpu_s,
+                "cutover_and_all_descendants_peak_rss_sum_kib": r.tree_rss_kib,
+                "most_processes_at_once": r.tree_procs,
+                "uploaded_bytes_all_hosts": r.uploaded_bytes,
+            })).collect::<Vec<_>>(),
+        },
+        "plots": [memory_plot(ctx, hosts, proxy_mem.as_ref(), &runs)],
+    });
+    let json = report::scenario_json(ctx, "footprint", &started, &load_before, &load_after, rest);
+    Ok(Section { markdown: md, json })
+}
+
+/// The size of the `cutover` binary, and stripped if `strip` can say (bytes).
+fn binary_sizes(ctx: &Ctx) -> Result<(u64, Option<u64>)> {
+    let size = std::fs::metadata(&ctx.cutover)
+        .with_context(|| format!("reading {}", ctx.cutover.display()))?
+        .len();
+    let stripped_path = ctx.work.join("cutover-stripped");
+    let stripped = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&stripped_path)
+        .arg(&ctx.cutover)
+        .status()
+        .ok()
+        .filter(|s| s.success())
+        .and_then(|_| std::fs::metadata(&stripped_path).ok())
+        .map(|m| m.len());
+    let _ = std::fs::remove_file(&stripped_path);
+    Ok((size, stripped))
+}
+
+/// The table of sizes: the binary, and the edge proxy's memory from the `proxy` scenario's
+/// JSON (`proxy_mem`) when it ran.
+fn sizes_table(ctx: &Ctx, size: u64, stripped: Option<u64>, proxy_mem: Option<&Value>) -> String {
     let bin_cell = match stripped {
         Some(s) if s != size => format!("{} ({} stripped)", mib(size), mib(s)),
         _ => mib(size),
@@ -123,7 +176,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         format!("`cutover` binary ({} profile)", ctx.machine.profile),
         bin_cell,
     ]];
-    match &proxy_mem {
+    match proxy_mem {
         Some(all) => {
             // The `proxy` scenario keeps one entry per proxy; cutover's is `proxy`.
             let p = all.get("proxy").unwrap_or(all);
@@ -151,9 +204,12 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             "– (run the `proxy` scenario)".into(),
         ]),
     }
-    md.push_str(&report::table(&["what", "size"], &rows));
-    md.push_str(&format!("\nEdge proxy numbers: {proxy_source}.\n\n"));
+    report::table(&["what", "size"], &rows)
+}
 
+/// The table of the control process's cost: the deploy of `bytes` to `hosts` hosts, its
+/// wall time (`samples`) and what each run's processes used (`runs`).
+fn control_table(hosts: usize, bytes: u64, samples: &Samples, runs: &[Watched]) -> String {
     let f = |v: Vec<f64>, fmt: &dyn Fn(f64) -> String| -> String {
         let (med, min, max) = spread(&v);
         if v.len() > 1 {
@@ -166,11 +222,11 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
     let cpu = |s: f64| format!("{} s", secs(s));
     let col = |g: &dyn Fn(&Watched) -> f64| runs.iter().map(g).collect::<Vec<f64>>();
     let tree_known = runs.iter().all(|r| r.tree_cpu_s.is_some());
-    md.push_str(&format!(
+    let mut md = format!(
         "Control process: `cutover deploy` of {} to {hosts} hosts, wall time {}:\n\n",
-        mib(a.bytes()),
+        mib(bytes),
         samples.cell()
-    ));
+    );
     let unknown = || "–".to_string();
     md.push_str(&report::table(
         &["processes", "peak RSS", "CPU seconds (user+sys)"],
@@ -203,18 +259,18 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
             ],
         ],
     ));
-    md.push('\n');
-    md.push_str(&report::interference_line(
-        &[&samples],
-        ctx.machine.cores,
-        0,
-    ));
-    md.push('\n');
+    md
+}
 
+/// The memory plot: the edge proxy idle and at its peak (when the `proxy` scenario ran), the
+/// deploy's own peak RSS and, when known, with its ssh processes (medians of the runs).
+fn memory_plot(ctx: &Ctx, hosts: usize, proxy_mem: Option<&Value>, runs: &[Watched]) -> Value {
+    let col = |g: &dyn Fn(&Watched) -> f64| runs.iter().map(g).collect::<Vec<f64>>();
+    let tree_known = runs.iter().all(|r| r.tree_cpu_s.is_some());
     let median = |v: Vec<f64>| spread(&v).0;
     let mut categories = Vec::new();
     let mut values = Vec::new();
-    if let Some(all) = &proxy_mem {
+    if let Some(all) = proxy_mem {
         let p = all.get("proxy").unwrap_or(all);
         categories.push("edge proxy, idle".to_string());
         values.push(p["idle_rss"].as_f64().unwrap_or(0.0) / 1024.0);
@@ -227,44 +283,14 @@ pub(crate) fn run(ctx: &Ctx) -> Result<Section> {
         categories.push("deploy + its ssh processes".to_string());
         values.push(median(col(&|r| r.tree_rss_kib as f64)) / 1024.0);
     }
-    let rest = json!({
-        "reps": ctx.reps,
-        "hosts_source_root_bashrc": ctx.host_bashrc,
-        "discarded": [],
-        "binary": {
-            "path": ctx.cutover,
-            "profile": ctx.machine.profile,
-            "bytes": size,
-            "stripped_bytes": stripped,
-        },
-        "proxy_memory_kib": proxy_mem,
-        "proxy_memory_source": proxy_source,
-        "deploy": {
-            "hosts": hosts,
-            "payload": { "files": a.files, "file_size": a.file_size, "bytes": a.bytes() },
-            "wall": samples.to_json(),
-            "runs": runs.iter().map(|r| json!({
-                "wall_s": r.wall_s,
-                "cutover_peak_rss_kib": r.own_hwm_kib,
-                "cutover_cpu_s": r.own_cpu_s,
-                "cutover_and_waited_children_cpu_s": r.waited_cpu_s,
-                "cutover_and_all_descendants_cpu_s": r.tree_cpu_s,
-                "cutover_and_all_descendants_peak_rss_sum_kib": r.tree_rss_kib,
-                "most_processes_at_once": r.tree_procs,
-                "uploaded_bytes_all_hosts": r.uploaded_bytes,
-            })).collect::<Vec<_>>(),
-        },
-        "plots": [{
-            "file": "footprint-memory.svg",
-            "kind": "bars",
-            "title": "Memory: the edge proxy and the control process (median peak RSS)",
-            "y": "MiB",
-            "categories": categories,
-            "series": [{"name": format!("RSS, MiB ({} profile)", ctx.machine.profile), "values": values}],
-        }],
-    });
-    let json = report::scenario_json(ctx, "footprint", &started, &load_before, &load_after, rest);
-    Ok(Section { markdown: md, json })
+    json!({
+        "file": "footprint-memory.svg",
+        "kind": "bars",
+        "title": "Memory: the edge proxy and the control process (median peak RSS)",
+        "y": "MiB",
+        "categories": categories,
+        "series": [{"name": format!("RSS, MiB ({} profile)", ctx.machine.profile), "values": values}],
+    })
 }
 
 fn kib(k: u64) -> String {
