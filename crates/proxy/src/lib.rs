@@ -45,6 +45,7 @@ mod guard;
 mod headers;
 mod limits;
 mod log;
+mod spread;
 mod state;
 mod static_target;
 mod stats;
@@ -53,6 +54,7 @@ mod table;
 mod tls;
 mod upgrade;
 mod upstream;
+mod workers;
 
 use std::future::Future;
 use std::io;
@@ -317,7 +319,7 @@ impl Proxy {
     ) -> Result<(), Error> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let tls = self.start_tls(tls_listener, &stop_rx)?;
-        let http = tokio::spawn(forward::serve_http(
+        let http = tokio::spawn(workers::serve_http(
             self.inner.clone(),
             listener,
             stop_rx.clone(),
@@ -367,7 +369,7 @@ impl Proxy {
                 "certificate files"
             }
         ));
-        Ok(Some(tokio::spawn(forward::serve_http(
+        Ok(Some(tokio::spawn(workers::serve_http(
             shared.clone(),
             listener,
             stop.clone(),
@@ -478,7 +480,7 @@ pub fn run_blocking(config: ProxyConfig) -> Result<(), Error> {
         // control socket over. Requests are never refused in between.
         let (stop_tx, stop_rx) = watch::channel(false);
         let tls = proxy.start_tls(tls_listener, &stop_rx)?;
-        let http = tokio::spawn(forward::serve_http(
+        let http = tokio::spawn(workers::serve_http(
             proxy.inner.clone(),
             listener,
             stop_rx.clone(),

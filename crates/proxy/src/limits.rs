@@ -241,17 +241,12 @@ impl Slots {
         })
     }
 
-    /// The worker serving the fewest connections, if it serves fewer than worker `me`: a
-    /// connection `me` accepted goes there instead.
-    pub(crate) fn quieter_than(&self, me: usize) -> Option<usize> {
-        let mine = self.per_worker.get(me)?.load(Ordering::Relaxed);
-        let (w, n) = self
-            .per_worker
+    /// How many connections each worker serves.
+    pub(crate) fn per_worker(&self) -> Vec<usize> {
+        self.per_worker
             .iter()
             .map(|n| n.load(Ordering::Relaxed))
-            .enumerate()
-            .min_by_key(|&(_, n)| n)?;
-        (n < mine).then_some(w)
+            .collect()
     }
 
     /// Open connections.
@@ -631,31 +626,24 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_of_connections_accepted_by_one_worker_is_spread_evenly() {
-        // Worker 0 accepts eight connections in a row (one wake-up can take a whole burst)
-        // and hands each to a quieter worker when there is one, as `forward::worker` does.
+    fn each_worker_counts_the_connections_assigned_to_it() {
         let slots = Slots::for_workers(100, 2);
-        let mut held = Vec::new();
-        let mut handed = 0;
-        for _ in 0..8 {
-            let mut s = slots.admit().unwrap();
-            let to = slots.quieter_than(0).unwrap_or(0);
-            handed += usize::from(to != 0);
-            s.assign(to);
-            held.push(s);
+        let mut held: Vec<Slot> = (0..4).map(|_| slots.admit().unwrap()).collect();
+        // Admitted but not yet assigned: counted nowhere.
+        assert_eq!(slots.per_worker(), vec![0, 0]);
+        for (i, s) in held.iter_mut().enumerate() {
+            s.assign(usize::from(i == 3));
         }
-        let load = |w: usize| slots.per_worker[w].load(Ordering::Relaxed);
-        assert_eq!((load(0), load(1), handed), (4, 4, 4));
-        // Closing worker 1's connections makes it the quieter one again.
-        held.retain(|s| s.worker == 0);
-        assert_eq!((load(0), load(1)), (4, 0));
-        assert_eq!(slots.quieter_than(0), Some(1));
-        assert_eq!(slots.quieter_than(1), None);
-        // A slot reassigned moves its count; one never assigned counts nowhere.
+        assert_eq!(slots.per_worker(), vec![3, 1]);
+        // A slot reassigned (handed over) moves its count; one closed frees it.
         held[0].assign(1);
-        assert_eq!((load(0), load(1)), (3, 1));
-        drop(slots.admit().unwrap());
+        assert_eq!(slots.per_worker(), vec![2, 2]);
+        held.retain(|s| s.worker == 0);
+        assert_eq!(slots.per_worker(), vec![2, 0]);
+        // Assigned to a worker that does not exist: counted nowhere.
+        held[0].assign(7);
+        assert_eq!(slots.per_worker(), vec![1, 0]);
         held.clear();
-        assert_eq!((load(0), load(1), slots.open()), (0, 0, 0));
+        assert_eq!((slots.per_worker(), slots.open()), (vec![0, 0], 0));
     }
 }

@@ -1,0 +1,201 @@
+//! Which worker thread serves a new client connection.
+//!
+//! Every worker accepts on the shared listening socket, and the kernel wakes them all for a
+//! new connection: whichever returns first accepts it, and one wake-up can accept a whole
+//! burst. Wherever it was accepted, a connection goes to the first worker (in worker order)
+//! that keeps up ([`choose`]): one whose thread has lately been busy less than [`BUSY`] of
+//! the time and that serves fewer than [`COUNT_MARGIN`] connections more than the one serving
+//! fewest (so that a large burst is spread before it has loaded anyone). With none keeping
+//! up, it goes to the least busy. Connections thus gather on as few threads as the load
+//! needs, and fewer threads sleep and wake per request: the bench's proxy scenario measured
+//! that waking, not work, as most of what cutover spent per request beyond nginx, whose
+//! workers gather connections the same way (the kernel wakes the first worker waiting, of
+//! workers that wait in the same order).
+//!
+//! A worker's load is the share of wall time its thread was not parked, kept by the
+//! runtime's park hooks ([`Meters::parked`], [`Meters::unparked`]) over windows of
+//! [`WINDOW`]: two clock reads per park, none per request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The window a worker's load is measured over.
+pub(crate) const WINDOW: Duration = Duration::from_millis(100);
+
+/// Load (per mille of wall time) at or above which a worker passes new connections on.
+pub(crate) const BUSY: u64 = 500;
+
+/// How many more connections than the worker serving fewest a worker may serve and still
+/// take new ones, however idle it is.
+pub(crate) const COUNT_MARGIN: usize = 16;
+
+/// Where a connection accepted by worker `me` is served: `None` by `me`, or the worker to hand
+/// it to. `load` and `conns` are every worker's load (per mille) and connections.
+pub(crate) fn choose(me: usize, load: &[u64], conns: &[usize]) -> Option<usize> {
+    let fewest = conns.iter().copied().min()?;
+    let keeps_up = |w: &usize| load[*w] < BUSY && conns[*w] < fewest + COUNT_MARGIN;
+    let to = match (0..load.len().min(conns.len())).find(keeps_up) {
+        Some(w) => w,
+        None => load.iter().copied().enumerate().min_by_key(|&(_, l)| l)?.0,
+    };
+    (to != me).then_some(to)
+}
+
+/// The loads of all workers.
+pub(crate) struct Meters {
+    base: Instant,
+    per_worker: Vec<Meter>,
+}
+
+/// One worker's load; written only by its own thread (the park hooks), read by any.
+#[derive(Default)]
+struct Meter {
+    /// When the current window began (ns since `base`).
+    window_start: AtomicU64,
+    /// Busy time in the current window up to the last park (ns).
+    busy: AtomicU64,
+    /// When the thread last woke (ns since `base`, plus 1); 0 while it is parked.
+    running_since: AtomicU64,
+    /// Load over the last complete window (per mille).
+    last: AtomicU64,
+}
+
+impl Meter {
+    /// Records `busy` as the current window's busy time, ending the window at `now` if it
+    /// has lasted [`WINDOW`].
+    fn roll(&self, now: u64, busy: u64) {
+        let elapsed = now.saturating_sub(self.window_start.load(Ordering::Relaxed));
+        if elapsed >= WINDOW.as_nanos() as u64 {
+            self.last.store(busy * 1000 / elapsed, Ordering::Relaxed);
+            self.window_start.store(now, Ordering::Relaxed);
+            self.busy.store(0, Ordering::Relaxed);
+        } else {
+            self.busy.store(busy, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Meters {
+    pub(crate) fn new(workers: usize) -> Meters {
+        Meters {
+            base: Instant::now(),
+            per_worker: (0..workers).map(|_| Meter::default()).collect(),
+        }
+    }
+
+    /// Now, in ns since `base`.
+    pub(crate) fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Worker `w`'s thread woke at `now`.
+    pub(crate) fn unparked(&self, w: usize, now: u64) {
+        if let Some(m) = self.per_worker.get(w) {
+            m.roll(now, m.busy.load(Ordering::Relaxed));
+            m.running_since.store(now + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Worker `w`'s thread is about to park at `now`.
+    pub(crate) fn parked(&self, w: usize, now: u64) {
+        let Some(m) = self.per_worker.get(w) else {
+            return;
+        };
+        let start = m.window_start.load(Ordering::Relaxed);
+        let since = m.running_since.swap(0, Ordering::Relaxed);
+        let mut busy = m.busy.load(Ordering::Relaxed);
+        if since > 0 {
+            busy += now.saturating_sub((since - 1).max(start));
+        }
+        m.roll(now, busy);
+    }
+
+    /// Worker `w`'s load at `now` (per mille): the last window's and the current one's,
+    /// weighted by their lengths (a worker parked or running for longer than a window is
+    /// judged by that alone).
+    pub(crate) fn load(&self, w: usize, now: u64) -> u64 {
+        let Some(m) = self.per_worker.get(w) else {
+            return 0;
+        };
+        let start = m.window_start.load(Ordering::Relaxed);
+        let mut busy = m.busy.load(Ordering::Relaxed);
+        let since = m.running_since.load(Ordering::Relaxed);
+        if since > 0 {
+            busy += now.saturating_sub((since - 1).max(start));
+        }
+        let window = WINDOW.as_nanos() as u64;
+        let elapsed = now.saturating_sub(start);
+        let busy = m.last.load(Ordering::Relaxed) * window / 1000 + busy;
+        (busy * 1000 / (window + elapsed)).min(1000)
+    }
+
+    /// Every worker's load at `now`.
+    pub(crate) fn loads(&self, now: u64) -> Vec<u64> {
+        (0..self.per_worker.len())
+            .map(|w| self.load(w, now))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn connections_gather_on_the_first_worker_that_keeps_up() {
+        // The bench's burst of 8 connections into idle workers, each accepted by whichever
+        // worker the kernel woke first: all go to worker 0.
+        let mut conns = vec![0, 0];
+        for i in 0..8 {
+            let me = i % 2;
+            let to = choose(me, &[0, 0], &conns).unwrap_or(me);
+            conns[to] += 1;
+        }
+        assert_eq!(conns, vec![8, 0]);
+        // Worker 0 is busy: to worker 1, wherever accepted.
+        assert_eq!(choose(0, &[500, 100], &[8, 0]), Some(1));
+        assert_eq!(choose(1, &[500, 100], &[8, 0]), None);
+        // Both busy: the least busy.
+        assert_eq!(choose(0, &[900, 750, 800], &[8, 8, 8]), Some(1));
+        assert_eq!(choose(1, &[900, 750, 800], &[8, 8, 8]), None);
+        // Worker 0 keeps up again: back to it.
+        assert_eq!(choose(2, &[499, 990, 990], &[8, 8, 8]), Some(0));
+    }
+
+    #[test]
+    fn a_large_burst_is_spread_before_it_loads_anyone() {
+        let mut conns = vec![0, 0];
+        for _ in 0..100 {
+            let to = choose(0, &[0, 0], &conns).unwrap_or(0);
+            conns[to] += 1;
+        }
+        assert_eq!(conns, vec![58, 42]);
+        // With no worker at all: served where accepted.
+        assert_eq!(choose(0, &[], &[]), None);
+    }
+
+    #[test]
+    fn load_is_the_share_of_time_not_parked() {
+        let m = Meters::new(2);
+        // Worker 0: 3 ms running in every 4 ms, for two windows.
+        let mut t = 0;
+        while t < 200 * MS {
+            m.unparked(0, t);
+            m.parked(0, t + 3 * MS);
+            t += 4 * MS;
+        }
+        assert_eq!(m.load(0, t), 750);
+        // Worker 1 never woke.
+        assert_eq!(m.load(1, t), 0);
+        // A worker running without parking is busy past [`BUSY`] within a window, and
+        // busier the longer it runs; one parked for long reads as idle.
+        m.unparked(1, t);
+        assert_eq!(m.load(1, t + 50 * MS), 333);
+        assert_eq!(m.load(1, t + 100 * MS), 500);
+        assert_eq!(m.load(1, t + 2000 * MS), 952);
+        assert_eq!(m.load(0, t + 2000 * MS), 68);
+        assert_eq!(m.loads(t + 2000 * MS), vec![68, 952]);
+    }
+}
