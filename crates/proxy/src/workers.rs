@@ -6,8 +6,9 @@
 //! - Everything of one client connection stays on the worker thread that serves it: the
 //!   client connection, its upstream connections and their pool. A connection changes threads
 //!   at most once, between its accept and its first read (handed over as a socket).
-//! - Every connection holds a slot ([`crate::limits::Slots`]) from its accept to its close,
-//!   counted as the serving worker's.
+//! - Every connection served holds a slot ([`crate::limits::Slots`]) from its accept to its
+//!   close, counted as the serving worker's from the moment it is handed over (past the cap, a
+//!   connection gets a 503 and no slot).
 //! - `serve_http` returns only when every worker and all their connections are done.
 
 use std::net::SocketAddr;
