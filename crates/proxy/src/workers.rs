@@ -165,9 +165,9 @@ fn start_worker(
 /// One worker: accepts until `stop`, serves its connections, and returns (dropping `done`)
 /// when they are all closed.
 ///
-/// The workers share one listening socket. A worker serves the connections it accepts
-/// while it keeps up; past that ([`spread`]) it hands a new one to a quieter worker (its
-/// socket and slot, through that worker's channel).
+/// The workers share one listening socket. Wherever a connection is accepted,
+/// [`spread::choose`] picks the worker that serves it; another worker gets it through that
+/// worker's channel (its socket and slot).
 async fn worker(
     me: usize,
     listener: std::net::TcpListener,
