@@ -421,7 +421,6 @@ fn head(ctx: &Ctx) -> String {
     s
 }
 
-/// Now, as `YYYY-MM-DD HH:MM UTC`.
 /// A scenario's JSON: the keys every scenario's starts with (which scenario, when it started
 /// and finished, the command, whether `--quick`, the machine, the load averages before and
 /// after), then `rest`'s (an object).
@@ -449,6 +448,7 @@ pub(crate) fn scenario_json(
     json
 }
 
+/// Now, as `YYYY-MM-DD HH:MM UTC`.
 pub(crate) fn utc_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -8,9 +8,8 @@
 //! fewest (so that a large burst is spread before it has loaded anyone). With none keeping
 //! up, it goes to the least busy. Connections thus gather on as few threads as the load
 //! needs, and fewer threads sleep and wake per request: the bench's proxy scenario measured
-//! that waking, not work, as most of what cutover spent per request beyond nginx, whose
-//! workers gather connections the same way (the kernel wakes the first worker waiting, of
-//! workers that wait in the same order).
+//! that waking, not work, as most of what cutover spent per request beyond nginx, which there
+//! served all 8 connections from one of its two workers.
 //!
 //! A worker's load is the share of wall time its thread was not parked, kept by the
 //! runtime's park hooks ([`Meters::parked`], [`Meters::unparked`]) over windows of
@@ -65,6 +64,17 @@ struct Meter {
 }
 
 impl Meter {
+    /// Busy time in the current window up to `now`, with the run that began at `since` (as
+    /// `running_since` keeps it: 0 if parked) and has not parked yet.
+    fn busy_to(&self, now: u64, since: u64) -> u64 {
+        let busy = self.busy.load(Ordering::Relaxed);
+        if since == 0 {
+            return busy;
+        }
+        let start = self.window_start.load(Ordering::Relaxed);
+        busy + now.saturating_sub((since - 1).max(start))
+    }
+
     /// Records `busy` as the current window's busy time, ending the window at `now` if it
     /// has lasted [`WINDOW`].
     fn roll(&self, now: u64, busy: u64) {
@@ -105,13 +115,8 @@ impl Meters {
         let Some(m) = self.per_worker.get(w) else {
             return;
         };
-        let start = m.window_start.load(Ordering::Relaxed);
         let since = m.running_since.swap(0, Ordering::Relaxed);
-        let mut busy = m.busy.load(Ordering::Relaxed);
-        if since > 0 {
-            busy += now.saturating_sub((since - 1).max(start));
-        }
-        m.roll(now, busy);
+        m.roll(now, m.busy_to(now, since));
     }
 
     /// Worker `w`'s load at `now` (per mille): the last window's and the current one's,
@@ -121,14 +126,9 @@ impl Meters {
         let Some(m) = self.per_worker.get(w) else {
             return 0;
         };
-        let start = m.window_start.load(Ordering::Relaxed);
-        let mut busy = m.busy.load(Ordering::Relaxed);
-        let since = m.running_since.load(Ordering::Relaxed);
-        if since > 0 {
-            busy += now.saturating_sub((since - 1).max(start));
-        }
+        let busy = m.busy_to(now, m.running_since.load(Ordering::Relaxed));
         let window = WINDOW.as_nanos() as u64;
-        let elapsed = now.saturating_sub(start);
+        let elapsed = now.saturating_sub(m.window_start.load(Ordering::Relaxed));
         let busy = m.last.load(Ordering::Relaxed) * window / 1000 + busy;
         (busy * 1000 / (window + elapsed)).min(1000)
     }
