@@ -35,7 +35,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
-use crate::forward::HOP_BY_HOP;
+use crate::headers::HOP_BY_HOP;
 
 /// Largest response head (hyper's client allows the same).
 pub(crate) const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -374,7 +374,7 @@ fn parse_head(
         let base = buf.as_ptr() as usize;
         for h in resp.headers.iter() {
             let name = h.name.as_bytes();
-            if let Some(hop) = crate::forward::hop_by_hop_index(name).map(|i| &HOP_BY_HOP[i]) {
+            if let Some(hop) = crate::headers::hop_by_hop_index(name).map(|i| &HOP_BY_HOP[i]) {
                 if *hop == header::CONNECTION {
                     seen.connection(h.value);
                 } else if *hop == header::TRANSFER_ENCODING {

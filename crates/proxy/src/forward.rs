@@ -1,8 +1,8 @@
 //! The HTTP side: serves a client connection ([`crate::workers`] accepts it), routes each
 //! request by `Host` to its service, holds it while the service is paused, and forwards it to
 //! the target that is current when the request starts, over a pooled keep-alive connection
-//! ([`crate::upstream`]). It owns the client-side connections and the header rewriting; it
-//! must not change the routing table.
+//! ([`crate::upstream`]). It owns the client-side connections (the header rewriting is
+//! [`crate::headers`]'); it must not change the routing table.
 //!
 //! Invariants:
 //! - A client connection is never closed because of a switch or a pause: it is not tied to a
@@ -37,7 +37,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
@@ -69,19 +69,6 @@ pub(crate) type Upstream = Client<HttpConnector, UpstreamBody>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled connections of health probes are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(4);
-
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1, plus the usual extras).
-pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 
 pub(crate) fn upstream_client() -> Upstream {
     let mut connector = HttpConnector::new();
@@ -503,7 +490,7 @@ fn for_upstream(
         return Err("bad request: no usable Host\n");
     };
     let upgrade = upgrade::requested(&parts.headers);
-    forwarded_headers(&mut parts.headers, client, Some(host.clone()), https);
+    headers::forwarded_headers(&mut parts.headers, client, Some(host.clone()), https);
     parts.headers.insert(header::HOST, host);
     Ok(match upgrade {
         Some(u) => {
@@ -533,12 +520,12 @@ impl ProxySet<'_> {
         let mut lines: [(&str, &[u8]); 4] = [("", b""); 4];
         let mut n = 0;
         if let Some(c) = self.client {
-            lines[n] = (SET_BY_PROXY[0].as_str(), c.as_bytes());
+            lines[n] = (headers::SET_BY_PROXY[0].as_str(), c.as_bytes());
             n += 1;
         }
         let proto: &[u8] = if self.https { b"https" } else { b"http" };
-        lines[n] = (SET_BY_PROXY[1].as_str(), proto);
-        lines[n + 1] = (SET_BY_PROXY[2].as_str(), self.host.as_bytes());
+        lines[n] = (headers::SET_BY_PROXY[1].as_str(), proto);
+        lines[n + 1] = (headers::SET_BY_PROXY[2].as_str(), self.host.as_bytes());
         n += 2;
         if self.host_line {
             lines[n] = ("host", self.host.as_bytes());
@@ -566,7 +553,7 @@ fn for_direct<'a>(
     let Some(host) = host_raw else {
         return Err("bad request: no usable Host\n");
     };
-    strip_for_upstream(headers);
+    headers::strip_for_upstream(headers);
     let host_line = !headers.contains_key(header::HOST);
     Ok((
         path,
@@ -640,7 +627,7 @@ async fn forward_hyper(
                 return tunnel(resp, client_up, websocket, guard, slot);
             }
             let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
+            headers::strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(
                 parts,
                 ProxyBody::Upstream {
@@ -699,7 +686,7 @@ fn tunnel(
     let theirs = resp.headers().get(header::UPGRADE).cloned();
     let upstream_up = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    headers::strip_hop_by_hop(&mut parts.headers);
     if let Some(u) = theirs {
         upgrade::restore(&mut parts.headers, u);
     }
@@ -981,140 +968,6 @@ pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBod
     resp
 }
 
-/// Removes from a request's headers what must not reach the upstream: the hop-by-hop ones
-/// (and those named in `Connection`), the client's claims about its connection
-/// ([`headers::is_client_forwarding`]) and the client's own copies of the forwarding headers
-/// the proxy sets. One pass over the names finds them all (most requests have none), so that
-/// only headers that are there get removed.
-fn strip_for_upstream(headers: &mut HeaderMap) {
-    let mut found = [false; HOP_BY_HOP.len()];
-    let mut any = false;
-    let mut others: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        let s = name.as_str();
-        if let Some(i) = hop_by_hop_index(s.as_bytes()) {
-            found[i] = true;
-            any = true;
-        } else if headers::is_client_forwarding(s) || SET_BY_PROXY.contains(name) {
-            others.push(name.clone());
-        }
-    }
-    for name in others {
-        headers.remove(name);
-    }
-    if any {
-        remove_hop_by_hop(headers, found);
-    }
-}
-
-/// Removes hop-by-hop headers, including those named in `Connection`. One pass over the
-/// names finds them (most messages have none, or only `Connection: keep-alive`), so that only
-/// headers that are there get removed.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut found = [false; HOP_BY_HOP.len()];
-    let mut any = false;
-    for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name.as_str().as_bytes()) {
-            found[i] = true;
-            any = true;
-        }
-    }
-    if any {
-        remove_hop_by_hop(headers, found);
-    }
-}
-
-/// Removes the hop-by-hop headers `found` marks (by their place in [`HOP_BY_HOP`]) and, if
-/// `Connection` is one, the headers it names.
-fn remove_hop_by_hop(headers: &mut HeaderMap, found: [bool; HOP_BY_HOP.len()]) {
-    if found[0] {
-        // Names listed in `Connection`, but for the usual `keep-alive` (which goes anyway)
-        // and `close`, which name no header.
-        let mut named: Vec<HeaderName> = Vec::new();
-        for value in headers.get_all(header::CONNECTION) {
-            let Ok(value) = value.to_str() else { continue };
-            for token in value.split(',').map(str::trim) {
-                // `Connection: host` must not make the upstream see another Host.
-                if token.eq_ignore_ascii_case("keep-alive")
-                    || token.eq_ignore_ascii_case("close")
-                    || token.eq_ignore_ascii_case("host")
-                {
-                    continue;
-                }
-                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
-                    named.push(n);
-                }
-            }
-        }
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for (name, _) in HOP_BY_HOP.iter().zip(found).filter(|(_, f)| *f) {
-        headers.remove(name);
-    }
-}
-
-/// The index of `name` (any case) in [`HOP_BY_HOP`]; most names are rejected by their
-/// length alone, the rest compared with the one or two names of that length (every header
-/// of every request and response comes through here).
-pub(crate) fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
-    let places: &[usize] = match name.len() {
-        2 => &[5],
-        7 => &[6, 8],
-        10 => &[0, 1],
-        16 => &[2],
-        17 => &[7],
-        18 => &[3],
-        19 => &[4],
-        _ => return None,
-    };
-    places
-        .iter()
-        .copied()
-        .find(|&i| HOP_BY_HOP_BYTES[i].eq_ignore_ascii_case(name))
-}
-
-/// [`HOP_BY_HOP`]'s names as bytes, in the same order.
-const HOP_BY_HOP_BYTES: [&[u8]; 9] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-];
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-/// The forwarding headers the proxy sets (a client's are replaced).
-static SET_BY_PROXY: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
-
-/// Rewrites a request's headers for the upstream hop: `client` is the client's address as a
-/// header value, `host` the `Host` it asked for.
-fn forwarded_headers(
-    headers: &mut HeaderMap,
-    client: Option<HeaderValue>,
-    host: Option<HeaderValue>,
-    https: bool,
-) {
-    strip_for_upstream(headers);
-    match client {
-        Some(v) => headers.insert(X_FORWARDED_FOR, v),
-        None => headers.remove(X_FORWARDED_FOR),
-    };
-    let proto = if https { "https" } else { "http" };
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match host {
-        Some(v) => headers.insert(X_FORWARDED_HOST, v),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
-}
-
 /// A response body: made by the proxy, or streamed from the upstream while holding the
 /// request's in-flight guard (released at the end of the body, on error, or on drop) and the
 /// upstream connection (back to the pool at the end of the body, closed otherwise).
@@ -1229,69 +1082,6 @@ impl Body for ProxyBody {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
             ProxyBody::Direct { body, .. } => body.size_hint(),
             ProxyBody::Static { body, .. } => body.size_hint(),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strips_hop_by_hop_and_sets_forwarded_headers() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-hop"));
-        h.insert("x-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
-        h.insert("x-keep", HeaderValue::from_static("yes"));
-        forwarded_headers(
-            &mut h,
-            Some(HeaderValue::from_static("10.0.0.9")),
-            Some(HeaderValue::from_static("Site:8080")),
-            false,
-        );
-        for gone in [
-            "connection",
-            "x-hop",
-            "keep-alive",
-            "transfer-encoding",
-            "upgrade",
-        ] {
-            assert!(!h.contains_key(gone), "{gone} kept");
-        }
-        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "Site:8080");
-        assert_eq!(h["x-keep"], "yes");
-    }
-
-    #[test]
-    fn every_hop_by_hop_name_is_found_in_any_case_and_no_other_name() {
-        for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(HOP_BY_HOP_BYTES[i], name.as_str().as_bytes());
-            let upper = name.as_str().to_ascii_uppercase();
-            assert_eq!(
-                hop_by_hop_index(name.as_str().as_bytes()),
-                Some(i),
-                "{name}"
-            );
-            assert_eq!(hop_by_hop_index(upper.as_bytes()), Some(i), "{upper}");
-        }
-        for other in [
-            "user-agent",
-            "connectionx",
-            "tf",
-            "trailers",
-            "upgrade-",
-            "content-length",
-            "proxy-authenticatx",
-            "x-forwarded-for",
-            "",
-        ] {
-            assert_eq!(hop_by_hop_index(other.as_bytes()), None, "{other}");
         }
     }
 }

@@ -1,7 +1,8 @@
-//! What the proxy refuses to forward and which client headers it never passes on. It owns the
-//! checks of a request's framing and `Host` (each failure is one short plain-text answer) and
-//! the list of forwarding headers a client must not be able to forge; it must not route or
-//! touch the network.
+//! What the proxy refuses to forward and which headers it never passes on. It owns the checks
+//! of a request's framing and `Host` (each failure is one short plain-text answer), the list of
+//! forwarding headers a client must not be able to forge, the hop-by-hop headers, and the
+//! rewriting of a request's headers for the upstream hop (the forwarding headers the proxy
+//! sets); it must not route or touch the network.
 //!
 //! The framing checks repeat what `guard` refuses before hyper sees a head (hyper drops a
 //! `Content-Length` beside `Transfer-Encoding` and folds equal ones, so only the guard sees
@@ -14,8 +15,10 @@
 //! - A header a client could use to claim another address, scheme or port for itself
 //!   (`Forwarded`, `X-Real-IP`, ...) and any header name with an underscore (which many app
 //!   servers fold into the dash spelling) is dropped before forwarding.
+//! - The client's `X-Forwarded-For`, `-Proto` and `-Host` are replaced, never appended to (the
+//!   proxy is the edge: nothing before it is trusted).
 
-use hyper::header::{self, HeaderMap, HeaderName};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode};
 
 /// Why a request is answered by the proxy instead of forwarded.
@@ -104,6 +107,154 @@ pub(crate) fn is_client_forwarding(name: &str) -> bool {
             && FORGEABLE.iter().any(|f| f.as_str() == name))
 }
 
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1, plus the usual extras).
+pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes from a request's headers what must not reach the upstream: the hop-by-hop ones
+/// (and those named in `Connection`), the client's claims about its connection
+/// ([`is_client_forwarding`]) and the client's own copies of the forwarding headers
+/// the proxy sets. One pass over the names finds them all (most requests have none), so that
+/// only headers that are there get removed.
+pub(crate) fn strip_for_upstream(headers: &mut HeaderMap) {
+    let mut found = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    let mut others: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let s = name.as_str();
+        if let Some(i) = hop_by_hop_index(s.as_bytes()) {
+            found[i] = true;
+            any = true;
+        } else if is_client_forwarding(s) || SET_BY_PROXY.contains(name) {
+            others.push(name.clone());
+        }
+    }
+    for name in others {
+        headers.remove(name);
+    }
+    if any {
+        remove_hop_by_hop(headers, found);
+    }
+}
+
+/// Removes hop-by-hop headers, including those named in `Connection`. One pass over the
+/// names finds them (most messages have none, or only `Connection: keep-alive`), so that only
+/// headers that are there get removed.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut found = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name.as_str().as_bytes()) {
+            found[i] = true;
+            any = true;
+        }
+    }
+    if any {
+        remove_hop_by_hop(headers, found);
+    }
+}
+
+/// Removes the hop-by-hop headers `found` marks (by their place in [`HOP_BY_HOP`]) and, if
+/// `Connection` is one, the headers it names.
+fn remove_hop_by_hop(headers: &mut HeaderMap, found: [bool; HOP_BY_HOP.len()]) {
+    if found[0] {
+        // Names listed in `Connection`, but for the usual `keep-alive` (which goes anyway)
+        // and `close`, which name no header.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                // `Connection: host` must not make the upstream see another Host.
+                if token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("host")
+                {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(n);
+                }
+            }
+        }
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(found).filter(|(_, f)| *f) {
+        headers.remove(name);
+    }
+}
+
+/// The index of `name` (any case) in [`HOP_BY_HOP`]; most names are rejected by their
+/// length alone, the rest compared with the one or two names of that length (every header
+/// of every request and response comes through here).
+pub(crate) fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
+    let places: &[usize] = match name.len() {
+        2 => &[5],
+        7 => &[6, 8],
+        10 => &[0, 1],
+        16 => &[2],
+        17 => &[7],
+        18 => &[3],
+        19 => &[4],
+        _ => return None,
+    };
+    places
+        .iter()
+        .copied()
+        .find(|&i| HOP_BY_HOP_BYTES[i].eq_ignore_ascii_case(name))
+}
+
+/// [`HOP_BY_HOP`]'s names as bytes, in the same order.
+const HOP_BY_HOP_BYTES: [&[u8]; 9] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// The forwarding headers the proxy sets (a client's are replaced).
+pub(crate) static SET_BY_PROXY: [HeaderName; 3] =
+    [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
+
+/// Rewrites a request's headers for the upstream hop: `client` is the client's address as a
+/// header value, `host` the `Host` it asked for.
+pub(crate) fn forwarded_headers(
+    headers: &mut HeaderMap,
+    client: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+    https: bool,
+) {
+    strip_for_upstream(headers);
+    match client {
+        Some(v) => headers.insert(X_FORWARDED_FOR, v),
+        None => headers.remove(X_FORWARDED_FOR),
+    };
+    let proto = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match host {
+        Some(v) => headers.insert(X_FORWARDED_HOST, v),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+}
+
 /// Removes the headers [`is_client_forwarding`] names.
 #[cfg(test)]
 pub(crate) fn strip_client_forwarding(headers: &mut HeaderMap) {
@@ -185,5 +336,63 @@ mod tests {
         strip_client_forwarding(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_sets_forwarded_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        forwarded_headers(
+            &mut h,
+            Some(HeaderValue::from_static("10.0.0.9")),
+            Some(HeaderValue::from_static("Site:8080")),
+            false,
+        );
+        for gone in [
+            "connection",
+            "x-hop",
+            "keep-alive",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} kept");
+        }
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "Site:8080");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_is_found_in_any_case_and_no_other_name() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(HOP_BY_HOP_BYTES[i], name.as_str().as_bytes());
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(
+                hop_by_hop_index(name.as_str().as_bytes()),
+                Some(i),
+                "{name}"
+            );
+            assert_eq!(hop_by_hop_index(upper.as_bytes()), Some(i), "{upper}");
+        }
+        for other in [
+            "user-agent",
+            "connectionx",
+            "tf",
+            "trailers",
+            "upgrade-",
+            "content-length",
+            "proxy-authenticatx",
+            "x-forwarded-for",
+            "",
+        ] {
+            assert_eq!(hop_by_hop_index(other.as_bytes()), None, "{other}");
+        }
     }
 }
