@@ -2,14 +2,21 @@
 //!
 //! Every worker accepts on the shared listening socket, and the kernel wakes them all for a
 //! new connection: whichever returns first accepts it, and one wake-up can accept a whole
-//! burst. Wherever it was accepted, a connection goes to the first worker (in worker order)
-//! that keeps up ([`choose`]): one whose thread has lately been busy less than [`BUSY`] of
-//! the time and that serves fewer than [`COUNT_MARGIN`] connections more than the one serving
-//! fewest (so that a large burst is spread before it has loaded anyone). With none keeping
-//! up, it goes to the least busy. Connections thus gather on as few threads as the load
-//! needs, and fewer threads sleep and wake per request: the bench's proxy scenario measured
-//! that waking, not work, as most of what cutover spent per request beyond nginx, which there
-//! served all 8 connections from one of its two workers.
+//! burst. Wherever it was accepted, [`choose`] picks the worker that serves it, by how many
+//! CPUs the workers may run on (their affinity, read at every accept: `taskset`, a cpuset):
+//!
+//! - **On two or more**, connections are spread evenly over as many workers as there are
+//!   such CPUs: a connection goes to the worker serving fewest (the accepting one on a tie),
+//!   so the workers serve side by side. Interleaved three-run checks of the bench's
+//!   plain-HTTP scenario on 2 cores read 98% of nginx's requests/s spread evenly, 92%
+//!   gathered.
+//! - **On one**, spreading only makes threads take turns on it, each sleeping and waking per
+//!   request, so connections gather: a connection goes to the first worker (in worker order)
+//!   that keeps up, one whose thread has lately been busy less than [`BUSY`] of the time and
+//!   that serves fewer than [`COUNT_MARGIN`] connections more than the one serving fewest;
+//!   with none keeping up, to the least busy. With the proxy pinned to a core of its own,
+//!   the bench's TLS keep-alive loads read 134% (HTTP/1.1) and 112% (HTTP/2) of nginx's
+//!   requests/s gathered, 99% and 106% spread evenly (the run before, another machine).
 //!
 //! A worker's load is the share of wall time its thread was not parked, kept by the
 //! runtime's park hooks ([`Meters::parked`], [`Meters::unparked`]) over windows of
@@ -21,11 +28,12 @@ use std::time::{Duration, Instant};
 /// The window a worker's load is measured over.
 pub(crate) const WINDOW: Duration = Duration::from_millis(100);
 
-/// Load (per mille of wall time) at or above which a worker passes new connections on. A
-/// quarter, not more: where new connections keep coming (each a TLS handshake of about 0.4 ms
-/// of CPU), a worker busy up to half the time made them queue behind each other while another
-/// core idled (the bench's full-handshake load read 98% of nginx's requests/s with half, 114%
-/// with connections spread evenly).
+/// Load (per mille of wall time) at or above which a worker on one CPU passes new
+/// connections on. A quarter was chosen when connections gathered however many CPUs there
+/// were: where new connections keep coming (each a TLS handshake of about 0.4 ms of CPU), a
+/// worker busy up to half the time made them queue behind each other while another core
+/// idled (the bench's full-handshake load read 98% of nginx's requests/s with half, 114% with
+/// connections spread evenly). On one CPU it has not been measured against other values.
 pub(crate) const BUSY: u64 = 250;
 
 /// How many more connections than the worker serving fewest a worker may serve and still
@@ -33,15 +41,33 @@ pub(crate) const BUSY: u64 = 250;
 pub(crate) const COUNT_MARGIN: usize = 16;
 
 /// Where a connection accepted by worker `me` is served: `None` by `me`, or the worker to hand
-/// it to. `load` and `conns` are every worker's load (per mille) and connections.
-pub(crate) fn choose(me: usize, load: &[u64], conns: &[usize]) -> Option<usize> {
+/// it to. `load` and `conns` are every worker's load (per mille) and connections, `cpus` how
+/// many CPUs the workers may run on.
+pub(crate) fn choose(me: usize, load: &[u64], conns: &[usize], cpus: usize) -> Option<usize> {
+    let workers = load.len().min(conns.len());
+    if cpus >= 2 {
+        let side_by_side = &conns[..workers.min(cpus)];
+        let (to, fewest) = side_by_side
+            .iter()
+            .copied()
+            .enumerate()
+            .min_by_key(|&(_, n)| n)?;
+        let stays = side_by_side.get(me).is_some_and(|&n| n <= fewest);
+        return (!stays && to != me).then_some(to);
+    }
     let fewest = conns.iter().copied().min()?;
     let keeps_up = |w: &usize| load[*w] < BUSY && conns[*w] < fewest + COUNT_MARGIN;
-    let to = match (0..load.len().min(conns.len())).find(keeps_up) {
+    let to = match (0..workers).find(keeps_up) {
         Some(w) => w,
         None => load.iter().copied().enumerate().min_by_key(|&(_, l)| l)?.0,
     };
     (to != me).then_some(to)
+}
+
+/// How many CPUs the calling thread may run on (1 if that cannot be read): one system call,
+/// cheap beside an accept.
+pub(crate) fn cpus() -> usize {
+    rustix::thread::sched_getaffinity(None).map_or(1, |set| (set.count() as usize).max(1))
 }
 
 /// The loads of all workers.
@@ -148,36 +174,81 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     #[test]
-    fn connections_gather_on_the_first_worker_that_keeps_up() {
+    fn on_one_cpu_connections_gather_on_the_first_worker_that_keeps_up() {
         // The bench's burst of 8 connections into idle workers, each accepted by whichever
         // worker the kernel woke first: all go to worker 0.
         let mut conns = vec![0, 0];
         for i in 0..8 {
             let me = i % 2;
-            let to = choose(me, &[0, 0], &conns).unwrap_or(me);
+            let to = choose(me, &[0, 0], &conns, 1).unwrap_or(me);
             conns[to] += 1;
         }
         assert_eq!(conns, vec![8, 0]);
         // Worker 0 is busy: to worker 1, wherever accepted.
-        assert_eq!(choose(0, &[250, 100], &[8, 0]), Some(1));
-        assert_eq!(choose(1, &[250, 100], &[8, 0]), None);
+        assert_eq!(choose(0, &[250, 100], &[8, 0], 1), Some(1));
+        assert_eq!(choose(1, &[250, 100], &[8, 0], 1), None);
         // Both busy: the least busy.
-        assert_eq!(choose(0, &[900, 750, 800], &[8, 8, 8]), Some(1));
-        assert_eq!(choose(1, &[900, 750, 800], &[8, 8, 8]), None);
+        assert_eq!(choose(0, &[900, 750, 800], &[8, 8, 8], 1), Some(1));
+        assert_eq!(choose(1, &[900, 750, 800], &[8, 8, 8], 1), None);
         // Worker 0 keeps up again: back to it.
-        assert_eq!(choose(2, &[249, 100, 990], &[8, 8, 8]), Some(0));
+        assert_eq!(choose(2, &[249, 100, 990], &[8, 8, 8], 1), Some(0));
+    }
+
+    #[test]
+    fn on_several_cpus_connections_are_spread_evenly_over_as_many_workers() {
+        // The bench's burst of 8 into two idle workers on two CPUs, accepted by either: 4/4.
+        let mut conns = vec![0, 0];
+        for i in 0..8 {
+            let me = [0, 0, 1, 0, 0, 0, 1, 1][i];
+            let to = choose(me, &[0, 0], &conns, 2).unwrap_or(me);
+            conns[to] += 1;
+        }
+        assert_eq!(conns, vec![4, 4]);
+        // A tie stays where it was accepted, however busy that worker is.
+        assert_eq!(choose(1, &[0, 900], &[4, 4], 2), None);
+        assert_eq!(choose(0, &[900, 0], &[5, 4], 2), Some(1));
+        // Four workers on two CPUs: only the first two serve.
+        let mut conns = vec![0; 4];
+        for i in 0..8 {
+            let me = i % 4;
+            let to = choose(me, &[0; 4], &conns, 2).unwrap_or(me);
+            conns[to] += 1;
+        }
+        assert_eq!(conns, vec![4, 4, 0, 0]);
+        // More CPUs than workers: every worker.
+        assert_eq!(choose(0, &[0, 0], &[1, 0], 8), Some(1));
     }
 
     #[test]
     fn a_large_burst_is_spread_before_it_loads_anyone() {
         let mut conns = vec![0, 0];
         for _ in 0..100 {
-            let to = choose(0, &[0, 0], &conns).unwrap_or(0);
+            let to = choose(0, &[0, 0], &conns, 1).unwrap_or(0);
             conns[to] += 1;
         }
         assert_eq!(conns, vec![58, 42]);
         // With no worker at all: served where accepted.
-        assert_eq!(choose(0, &[], &[]), None);
+        assert_eq!(choose(0, &[], &[], 1), None);
+        assert_eq!(choose(0, &[], &[], 2), None);
+    }
+
+    #[test]
+    fn cpus_follows_the_threads_affinity_as_changed_after_start() {
+        use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+        assert!(cpus() >= 1);
+        std::thread::spawn(|| {
+            // As `taskset -a -p -c N` does to a running proxy: one CPU of those it had.
+            let had = sched_getaffinity(None).expect("affinity");
+            let first = (0..CpuSet::MAX_CPU)
+                .find(|&c| had.is_set(c))
+                .expect("a CPU");
+            let mut one = CpuSet::new();
+            one.set(first);
+            sched_setaffinity(None, &one).expect("set affinity");
+            assert_eq!(cpus(), 1);
+        })
+        .join()
+        .expect("thread");
     }
 
     #[test]

@@ -244,7 +244,7 @@ async fn worker(
             continue;
         };
         let loads = w.meters.loads(w.meters.now());
-        let Some(to) = spread::choose(me, &loads, &w.slots.per_worker()) else {
+        let Some(to) = spread::choose(me, &loads, &w.slots.per_worker(), spread::cpus()) else {
             serve(stream, peer, slot);
             continue;
         };
