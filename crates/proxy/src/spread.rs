@@ -7,9 +7,12 @@
 //!
 //! - **On two or more**, connections are spread evenly over as many workers as there are
 //!   such CPUs: a connection goes to the worker serving fewest (the accepting one on a tie),
-//!   so the workers serve side by side. Interleaved three-run checks of the bench's
-//!   plain-HTTP scenario on 2 cores read 98% of nginx's requests/s spread evenly, 92%
-//!   gathered.
+//!   so the workers serve side by side. A few busy keep-alive connections (what a load
+//!   balancer in front keeps open) thus use every core; gathered, they could all stay on one
+//!   thread however busy they became. The price is waking: in the bench's plain-HTTP scenario
+//!   on 2 cores the proxy spent 1.41 times nginx's CPU per request spread evenly against 1.09
+//!   gathered, while requests/s and p99 differed by less than their run-to-run spread
+//!   (interleaved checks on two machines favoured one way on one and the other on the other).
 //! - **On one**, spreading only makes threads take turns on it, each sleeping and waking per
 //!   request, so connections gather: a connection goes to the first worker (in worker order)
 //!   that keeps up, one whose thread has lately been busy less than [`BUSY`] of the time and
