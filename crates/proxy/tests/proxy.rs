@@ -1,6 +1,6 @@
 //! The edge proxy end to end, over real sockets on loopback: switches under load, the health
-//! gate, drain, pause/resume, restart from the state file, routing and headers, and the
-//! control socket's access check.
+//! gate, drain, pause/resume, restart from the state file, routing and headers, the control
+//! socket's access check, and which worker serves a connection on one CPU and on several.
 
 mod support;
 
@@ -635,4 +635,110 @@ fn upstream_connections_are_reused_and_idle_closes_fail_no_request() {
         }
     }
     assert!(accepted.load(Ordering::SeqCst) - before > opened);
+}
+
+/// A backend that answers every request with the port its connection came from, so that a
+/// test can tell which upstream connection carried a request (each proxy worker keeps its
+/// own pool).
+fn port_echo() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let port = stream.peer_addr().map_or(0, |a| a.port());
+                let mut buf: Vec<u8> = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // Requests without bodies: one per blank line.
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let body = format!("{port}\n");
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(resp.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The proxy's worker threads in this process (`cutover-proxy-http-N`, as the kernel cuts
+/// thread names to 15 bytes).
+fn worker_threads() -> Vec<rustix::thread::Pid> {
+    let mut tids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end().starts_with("cutover-proxy-h") {
+            let tid: i32 = task.file_name().to_string_lossy().parse().unwrap();
+            tids.extend(rustix::thread::Pid::from_raw(tid));
+        }
+    }
+    tids
+}
+
+#[test]
+fn connections_spread_over_the_cpus_and_gather_when_the_workers_are_pinned_to_one() {
+    use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+    let dir = TempDir::new("spread");
+    let backend = port_echo();
+    let proxy = TestProxy::start(dir.path());
+    proxy
+        .deploy_with("app", backend, &["app.test"], fast())
+        .unwrap();
+    // The upstream connection a request went over, named by its port.
+    let upstream = |c: &mut Conn| c.get("/").unwrap().first_line().to_string();
+    let workers = worker_threads();
+    let had = sched_getaffinity(None).unwrap();
+    if had.count() >= 2 && workers.len() >= 2 {
+        // Two keep-alive connections, one after the other: on two workers, so each goes
+        // over its own worker's upstream connection.
+        let mut a = Conn::open(proxy.addr, "app.test");
+        let pa = upstream(&mut a);
+        let mut b = Conn::open(proxy.addr, "app.test");
+        let pb = upstream(&mut b);
+        assert_eq!(
+            upstream(&mut a),
+            pa,
+            "a's worker did not reuse its connection"
+        );
+        assert_eq!(
+            upstream(&mut b),
+            pb,
+            "b's worker did not reuse its connection"
+        );
+        assert_ne!(
+            pa, pb,
+            "two connections on two CPUs were served by one worker"
+        );
+    } else {
+        println!("one CPU or one worker here: only the pinned half runs");
+    }
+    // As `taskset -a -p -c N` does to a running proxy: every worker on one CPU.
+    let first = (0..CpuSet::MAX_CPU).find(|&c| had.is_set(c)).unwrap();
+    let mut one = CpuSet::new();
+    one.set(first);
+    for tid in &workers {
+        sched_setaffinity(Some(*tid), &one).unwrap();
+    }
+    let mut c = Conn::open(proxy.addr, "app.test");
+    let pc = upstream(&mut c);
+    let mut d = Conn::open(proxy.addr, "app.test");
+    let pd = upstream(&mut d);
+    assert_eq!(upstream(&mut c), pc);
+    assert_eq!(
+        pc, pd,
+        "two connections on one CPU were served by two workers"
+    );
 }
