@@ -255,19 +255,6 @@ pub(crate) fn forwarded_headers(
     };
 }
 
-/// Removes the headers [`is_client_forwarding`] names.
-#[cfg(test)]
-pub(crate) fn strip_client_forwarding(headers: &mut HeaderMap) {
-    let names: Vec<_> = headers
-        .keys()
-        .filter(|n| is_client_forwarding(n.as_str()))
-        .cloned()
-        .collect();
-    for name in names {
-        headers.remove(name);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,7 +320,7 @@ mod tests {
             ("x_forwarded_for", "6.6.6.6"),
             ("x-app", "kept"),
         ]);
-        strip_client_forwarding(&mut h);
+        strip_for_upstream(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-app"], "kept");
     }

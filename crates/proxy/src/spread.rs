@@ -18,8 +18,9 @@
 //!   that keeps up, one whose thread has lately been busy less than [`BUSY`] of the time and
 //!   that serves fewer than [`COUNT_MARGIN`] connections more than the one serving fewest;
 //!   with none keeping up, to the least busy. With the proxy pinned to a core of its own,
-//!   the bench's TLS keep-alive loads read 134% (HTTP/1.1) and 112% (HTTP/2) of nginx's
-//!   requests/s gathered, 99% and 106% spread evenly (the run before, another machine).
+//!   the bench's TLS keep-alive loads (HTTP/1.1, HTTP/2) read 99% and 106% of nginx's
+//!   requests/s spread evenly, 134% and 112% gathered in a later run on a slower machine, and
+//!   100% and 108% gathered on a faster one, the gathered runs' p99 at most nginx's.
 //!
 //! A worker's load is the share of wall time its thread was not parked, kept by the
 //! runtime's park hooks ([`Meters::parked`], [`Meters::unparked`]) over windows of
@@ -56,7 +57,7 @@ pub(crate) fn choose(me: usize, load: &[u64], conns: &[usize], cpus: usize) -> O
             .enumerate()
             .min_by_key(|&(_, n)| n)?;
         let stays = side_by_side.get(me).is_some_and(|&n| n <= fewest);
-        return (!stays && to != me).then_some(to);
+        return (!stays).then_some(to);
     }
     let fewest = conns.iter().copied().min()?;
     let keeps_up = |w: &usize| load[*w] < BUSY && conns[*w] < fewest + COUNT_MARGIN;
