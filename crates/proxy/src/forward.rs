@@ -118,7 +118,17 @@ pub(crate) async fn first_head<S: tokio::io::AsyncRead + Unpin>(
         .is_ok()
 }
 
-/// Serves one client connection.
+/// A client connection that was asked to move to another worker and is idle between two
+/// requests: its socket (off this thread's runtime), its slot, and the worker it goes to.
+pub(crate) struct Moving {
+    pub(crate) stream: std::net::TcpStream,
+    pub(crate) slot: Slot,
+    pub(crate) to: usize,
+}
+
+/// Serves one client connection (`moved`: it was moved here from another worker between two
+/// requests), until it ends or is to move to another worker (see
+/// [`crate::limits::Slots::ask_to_move`]).
 pub(crate) async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -126,8 +136,12 @@ pub(crate) async fn connection(
     slot: Slot,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
-) {
-    let _ = stream.set_nodelay(true);
+    moved: bool,
+) -> Option<Moving> {
+    if !moved {
+        let _ = stream.set_nodelay(true);
+    }
+    slot.state.set_movable();
     // The client's address, as `X-Forwarded-For` gets it, once per connection.
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
     let lim = shared.config.limits.clone();
@@ -146,8 +160,11 @@ pub(crate) async fn connection(
     // The guard reads every head before hyper does: it refuses ambiguous, malformed and
     // oversized ones with a plain-text answer, and keeps the header and idle deadlines.
     let (mut io, mut refused) = guard::Guard::new(stream, &lim, slot.state.clone(), true);
+    if moved {
+        io = io.moved();
+    }
     if !first_head(&mut io, &slot.state, &stop).await {
-        return;
+        return None;
     }
     {
         // `writev(false)`: a response head and a small body go out as one flat buffer, which
@@ -221,13 +238,26 @@ pub(crate) async fn connection(
             }
         }
     }
-    // hyper is done with the connection (it dropped the guard): a refused head is answered.
-    if let Some((stream, refusal)) = guard::refused(&mut refused) {
-        // Boxed: rare, and it must not grow every connection's task.
-        Box::pin(guard::answer(stream, refusal)).await;
-    }
-    drop(slot);
+    // hyper is done with the connection (it dropped the guard): a refused head is answered,
+    // a connection asked to move goes (hyper and its service, which held the slot, are gone).
+    let moving = match guard::handed_back(&mut refused) {
+        Some((stream, guard::Leave::Move(to))) => {
+            match (stream.into_std(), Arc::try_unwrap(slot)) {
+                (Ok(stream), Ok(slot)) => Some(Moving { stream, slot, to }),
+                _ => None,
+            }
+        }
+        handed => {
+            if let Some((stream, guard::Leave::Refused(refusal))) = handed {
+                // Boxed: rare, and it must not grow every connection's task.
+                Box::pin(guard::answer(stream, refusal)).await;
+            }
+            drop(slot);
+            None
+        }
+    };
     drop(done);
+    moving
 }
 
 /// Serves one request of a client connection (`https`: over TLS) and writes its access log

@@ -57,8 +57,18 @@ const VALUE_KEEP: usize = 24;
 /// that closing does not reset the answer away before the client reads it.
 const DRAIN_AFTER_REFUSAL: Duration = Duration::from_secs(1);
 
-/// A refused connection, handed back by a dropped [`Guard`] so that its answer is written.
-pub(crate) type Refused<S> = oneshot::Receiver<(S, Refusal)>;
+/// A connection handed back by a dropped [`Guard`]: refused (its answer is to be written), or
+/// asked to move to another worker (see [`crate::limits::Slots::ask_to_move`]).
+pub(crate) type Refused<S> = oneshot::Receiver<(S, Leave)>;
+
+/// Why a [`Guard`] ended hyper's part of a connection whose client had not closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leave {
+    /// A head was refused: this is its answer.
+    Refused(Refusal),
+    /// The connection was idle between two requests and asked to move to this worker.
+    Move(usize),
+}
 
 /// Where in the byte stream the guard is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -672,7 +682,10 @@ pub(crate) struct Guard<S> {
     refused: Option<Refusal>,
     /// A deadline passed: reads end.
     timed_out: bool,
-    handback: Option<oneshot::Sender<(S, Refusal)>>,
+    /// Asked to move, it was idle between requests: reads end, and the connection goes to
+    /// this worker once hyper is done.
+    moving: Option<usize>,
+    handback: Option<oneshot::Sender<(S, Leave)>>,
     /// A head ended since the connection opened.
     head_ended: bool,
     /// Bytes read (and scanned) by [`Guard::first_head`] that hyper has not had yet, and how
@@ -717,6 +730,7 @@ impl<S> Guard<S> {
             sleep: None,
             refused: None,
             timed_out: false,
+            moving: None,
             handback: Some(tx),
             head_ended: false,
             pending: Vec::new(),
@@ -724,6 +738,17 @@ impl<S> Guard<S> {
             h2_first: !http1,
         };
         (guard, rx)
+    }
+
+    /// The connection was moved here from another worker between two requests: idle, so its
+    /// first head gets the idle deadline before the header deadline (as the next head on a
+    /// kept-alive connection), not the header deadline from the accept.
+    pub(crate) fn moved(mut self) -> Self {
+        if matches!(self.phase, Phase::Head(_)) {
+            self.deadline = Deadline::Idle;
+            self.at = Instant::now() + self.idle_timeout;
+        }
+        self
     }
 
     fn inner(&mut self) -> io::Result<&mut S> {
@@ -1047,7 +1072,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
             }
             return Poll::Ready(Ok(()));
         }
-        if this.refused.is_some() || this.timed_out {
+        if this.refused.is_some() || this.timed_out || this.moving.is_some() {
             // The end of the stream, as far as hyper is concerned.
             return Poll::Ready(Ok(()));
         }
@@ -1070,6 +1095,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
             _ => {}
         }
         if let Phase::Head(h) = &this.phase {
+            if !h.started() && this.head_ended {
+                if let Some(to) = this.conn.move_to() {
+                    // Between two requests (hyper has answered every one before: with
+                    // `half_close` it reads only then), with nothing of the next one read:
+                    // hyper gets the end of the stream, finishes, and hands the connection
+                    // back (when the guard is dropped) to move.
+                    this.moving = Some(to);
+                    return Poll::Ready(Ok(()));
+                }
+            }
             if !h.started() && this.deadline == Deadline::None {
                 // hyper asks for the next request: the connection is idle from now on.
                 this.deadline = Deadline::Idle;
@@ -1135,8 +1170,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.refused.is_some() {
-            // The answer goes first (when the guard is dropped); it shuts down after it.
+        if this.refused.is_some() || this.moving.is_some() {
+            // The answer goes first (when the guard is dropped), or the connection lives on
+            // on another worker: no shutdown here.
             return Pin::new(this.inner()?).poll_flush(cx);
         }
         Pin::new(this.inner()?).poll_shutdown(cx)
@@ -1145,18 +1181,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
 
 impl<S> Drop for Guard<S> {
     fn drop(&mut self) {
-        if let (Some(refusal), Some(tx), Some(inner)) =
-            (self.refused, self.handback.take(), self.inner.take())
-        {
-            let _ = tx.send((inner, refusal));
+        let leave = match (self.refused, self.moving) {
+            (Some(refusal), _) => Leave::Refused(refusal),
+            (None, Some(to)) => Leave::Move(to),
+            (None, None) => return,
+        };
+        if let (Some(tx), Some(inner)) = (self.handback.take(), self.inner.take()) {
+            let _ = tx.send((inner, leave));
         }
     }
+}
+
+/// The connection handed back and why, once hyper is done with it (the guard was dropped);
+/// `None` if it was not (it ended, or lives on as a tunnel).
+pub(crate) fn handed_back<S>(rx: &mut Refused<S>) -> Option<(S, Leave)> {
+    rx.try_recv().ok()
 }
 
 /// The refused connection and its answer, once hyper is done with the connection (the guard
 /// was dropped); `None` if nothing was refused (or the connection lives on as a tunnel).
 pub(crate) fn refused<S>(rx: &mut Refused<S>) -> Option<(S, Refusal)> {
-    rx.try_recv().ok()
+    match handed_back(rx)? {
+        (stream, Leave::Refused(refusal)) => Some((stream, refusal)),
+        (_, Leave::Move(_)) => None,
+    }
 }
 
 /// Writes a refused head's answer on its connection, then closes it, reading and dropping
@@ -1185,6 +1233,71 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, r: 
 mod tests {
     use super::*;
     use crate::limits::Slots;
+
+    #[tokio::test]
+    async fn a_connection_asked_to_move_leaves_between_two_requests_with_nothing_of_the_next_read()
+    {
+        let first = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let second = b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc";
+        let third = b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n";
+        let stream = [&first[..], second, third].concat();
+        let slots = Slots::for_workers(4, 2);
+        let mut slot = slots.admit().unwrap();
+        slot.assign(0);
+        slot.state.set_movable();
+        let (mut g, mut back) = Guard::new(
+            std::io::Cursor::new(stream.clone()),
+            &Limits::default(),
+            slot.state.clone(),
+            true,
+        );
+        // hyper reads the first request whole.
+        let mut buf = vec![0u8; first.len()];
+        g.read_exact(&mut buf).await.unwrap();
+        // Asked to move while hyper reads the second one's head: the head, its body and
+        // the next head's start pass; the move waits for the end of that request.
+        let mut buf = vec![0u8; 20];
+        g.read_exact(&mut buf).await.unwrap();
+        assert!(slots.ask_to_move(0, 1));
+        let mut buf = vec![0u8; second.len() - 20];
+        g.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf[..], &second[20..]);
+        // Between requests: the end of the stream for hyper, and nothing more read.
+        let mut buf = [0u8; 64];
+        assert_eq!(g.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(g.read(&mut buf).await.unwrap(), 0);
+        assert!(
+            handed_back(&mut back).is_none(),
+            "handed back before hyper was done"
+        );
+        // hyper finishes: no shutdown of the connection, which is handed back to move with
+        // the third request unread.
+        g.shutdown().await.unwrap();
+        drop(g);
+        let (cursor, leave) = handed_back(&mut back).unwrap();
+        assert_eq!(leave, Leave::Move(1));
+        assert_eq!(&cursor.get_ref()[cursor.position() as usize..], &third[..]);
+    }
+
+    #[tokio::test]
+    async fn a_moved_connection_waits_for_its_next_head_as_an_idle_one() {
+        let slot = Slots::new(4).admit().unwrap();
+        let limits = Limits {
+            header_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_millis(50),
+            ..Limits::default()
+        };
+        let (client, _server_end) = tokio::io::duplex(64);
+        let (g, _) = Guard::new(client, &limits, slot.state.clone(), true);
+        let mut g = g.moved();
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), g.first_head())
+            .await
+            .expect("the idle deadline did not end the wait");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let mut buf = [0u8; 8];
+        assert_eq!(g.read(&mut buf).await.unwrap(), 0);
+    }
 
     fn guard() -> Guard<()> {
         let slot = Slots::new(4).admit().unwrap();

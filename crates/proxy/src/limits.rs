@@ -129,6 +129,15 @@ pub(crate) struct ConnState {
     reclaimed: AtomicBool,
     /// It became a tunnel (a request's protocol switch was answered 101).
     upgraded: AtomicBool,
+    /// The worker serving it ([`NO_WORKER`] until one is assigned).
+    worker: AtomicUsize,
+    /// It can move to another worker between two requests (plain HTTP/1.1: see
+    /// [`Slots::ask_to_move`]).
+    movable: AtomicBool,
+    /// The worker it was asked to move to ([`NO_WORKER`]: none).
+    move_to: AtomicUsize,
+    /// `started` when [`Slots::ask_to_move`] last looked.
+    seen: AtomicUsize,
     /// Wakes the connection's task when it is asked to close.
     pub(crate) close: Notify,
 }
@@ -157,6 +166,17 @@ impl ConnState {
     /// Whether the connection became a tunnel.
     pub(crate) fn upgraded(&self) -> bool {
         self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// The connection can be moved to another worker between two requests.
+    pub(crate) fn set_movable(&self) {
+        self.movable.store(true, Ordering::Relaxed);
+    }
+
+    /// The worker the connection was asked to move to, if any: it moves when it is next idle
+    /// (the guard ends hyper's part there, see [`crate::guard`]).
+    pub(crate) fn move_to(&self) -> Option<usize> {
+        Some(self.move_to.load(Ordering::Relaxed)).filter(|&w| w != NO_WORKER)
     }
 }
 
@@ -207,8 +227,15 @@ impl Drop for Slot {
 }
 
 impl Slot {
-    /// Counts the connection as served by worker `w` (and no longer by the one before).
+    /// The worker serving the connection.
+    pub(crate) fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Counts the connection as served by worker `w` (and no longer by the one before); a
+    /// request to move it is done with.
     pub(crate) fn assign(&mut self, w: usize) {
+        self.state.move_to.store(NO_WORKER, Ordering::Relaxed);
         if w == self.worker {
             return;
         }
@@ -221,6 +248,7 @@ impl Slot {
         } else {
             self.worker = NO_WORKER;
         }
+        self.state.worker.store(self.worker, Ordering::Relaxed);
     }
 }
 
@@ -269,6 +297,10 @@ impl Slots {
             started: AtomicUsize::new(0),
             reclaimed: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),
+            worker: AtomicUsize::new(NO_WORKER),
+            movable: AtomicBool::new(false),
+            move_to: AtomicUsize::new(NO_WORKER),
+            seen: AtomicUsize::new(0),
             close: Notify::new(),
         });
         if let Ok(mut conns) = self.conns.lock() {
@@ -280,6 +312,38 @@ impl Slots {
             state,
             worker: NO_WORKER,
         })
+    }
+
+    /// Asks one of worker `from`'s movable connections to move to worker `to` when it is next
+    /// idle: the one that started the most requests since the last time this looked (a
+    /// connection's first look counts all of its requests). `false`: none can move.
+    pub(crate) fn ask_to_move(&self, from: usize, to: usize) -> bool {
+        let Ok(conns) = self.conns.lock() else {
+            return false;
+        };
+        let mut best: Option<(usize, &ConnState)> = None;
+        for (_, c) in conns.iter() {
+            if c.worker.load(Ordering::Relaxed) != from
+                || !c.movable.load(Ordering::Relaxed)
+                || c.upgraded()
+                || c.reclaimed.load(Ordering::Relaxed)
+                || c.move_to().is_some()
+            {
+                continue;
+            }
+            let started = c.started.load(Ordering::Relaxed);
+            let lately = started.wrapping_sub(c.seen.swap(started, Ordering::Relaxed));
+            if best.is_none_or(|(most, _)| lately > most) {
+                best = Some((lately, c));
+            }
+        }
+        match best {
+            Some((_, c)) => {
+                c.move_to.store(to, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Asks up to `n` idle connections, oldest first, to close; returns how many were asked.
@@ -645,5 +709,43 @@ mod tests {
         assert_eq!(slots.per_worker(), vec![1, 0]);
         held.clear();
         assert_eq!((slots.per_worker(), slots.open()), (vec![0, 0], 0));
+    }
+
+    #[test]
+    fn the_connection_asked_to_move_is_the_busiest_lately_of_those_that_can() {
+        let slots = Slots::for_workers(100, 2);
+        let mut held: Vec<Slot> = (0..5).map(|_| slots.admit().unwrap()).collect();
+        for s in &mut held {
+            s.assign(0);
+            s.state.set_movable();
+        }
+        let requests = |s: &Slot, n: usize| {
+            for _ in 0..n {
+                drop(s.state.busy());
+            }
+        };
+        let asked: fn(&[Slot]) -> Vec<Option<usize>> =
+            |held| held.iter().map(|s| s.state.move_to()).collect();
+        requests(&held[1], 5);
+        requests(&held[2], 9);
+        requests(&held[3], 30);
+        held[3].state.set_upgraded(); // a tunnel: stays
+        assert!(slots.ask_to_move(0, 1));
+        assert_eq!(asked(&held), vec![None, None, Some(1), None, None]);
+        // Since that look, 1 has started the most (2 is already asked).
+        requests(&held[1], 3);
+        requests(&held[4], 2);
+        assert!(slots.ask_to_move(0, 1));
+        assert_eq!(asked(&held), vec![None, Some(1), Some(1), None, None]);
+        // Moved (assigned to the other worker): no longer asked, and not worker 0's.
+        held[2].assign(1);
+        assert_eq!(held[2].state.move_to(), None);
+        assert!(slots.ask_to_move(1, 0));
+        assert_eq!(held[2].state.move_to(), Some(0));
+        // Not movable (a TLS connection): never asked.
+        let mut tls = slots.admit().unwrap();
+        tls.assign(1);
+        assert!(!slots.ask_to_move(1, 0));
+        assert_eq!(tls.state.move_to(), None);
     }
 }

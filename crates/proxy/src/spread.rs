@@ -1,26 +1,37 @@
-//! Which worker thread serves a new client connection.
+//! Which worker thread serves a client connection.
 //!
 //! Every worker accepts on the shared listening socket, and the kernel wakes them all for a
 //! new connection: whichever returns first accepts it, and one wake-up can accept a whole
 //! burst. Wherever it was accepted, [`choose`] picks the worker that serves it, by how many
-//! CPUs the workers may run on (their affinity, read at every accept: `taskset`, a cpuset):
+//! CPUs the workers may run on (their affinity, read at every accept and every check: a
+//! `taskset` after start counts):
 //!
 //! - **On two or more**, connections are spread evenly over as many workers as there are
 //!   such CPUs: a connection goes to the worker serving fewest (the accepting one on a tie),
 //!   so the workers serve side by side. A few busy keep-alive connections (what a load
-//!   balancer in front keeps open) thus use every core; gathered, they could all stay on one
-//!   thread however busy they became. The price is waking: in the bench's plain-HTTP scenario
-//!   on 2 cores the proxy spent 1.41 times nginx's CPU per request spread evenly against 1.09
-//!   gathered, while requests/s and p99 differed by less than their run-to-run spread
-//!   (interleaved checks on two machines favoured one way on one and the other on the other).
+//!   balancer in front keeps open) are thus served by different workers. The price is
+//!   waking: in the bench's plain-HTTP scenario on 2 cores the proxy spent 1.24 to 1.41 times
+//!   nginx's CPU per request spread evenly against 1.09 to 1.15 gathered (three machines),
+//!   and gathered its requests/s and p99 were within their run-to-run spread of spread
+//!   evenly's on one machine and worse on the two others (on the last, 87% of nginx's
+//!   requests/s and p99 151% gathered against 111% and 98% spread evenly).
+//!
+//!   Evenly by count is not evenly by load: the busy connections may share a worker while
+//!   another serves idle ones. So every [`WINDOW`] each worker checks whether it should
+//!   [`shed`] one: when it has been busy [`SHED`] of the time, serves more than one
+//!   connection, and a worker beside it is less busy by [`SHED_GAP`], its plain-HTTP
+//!   connection that started the most requests lately is asked to move there, which it does
+//!   between two requests ([`crate::limits::Slots::ask_to_move`], [`crate::guard`]). TLS
+//!   connections do not move (their session state stays with the worker).
 //! - **On one**, spreading only makes threads take turns on it, each sleeping and waking per
-//!   request, so connections gather: a connection goes to the first worker (in worker order)
-//!   that keeps up, one whose thread has lately been busy less than [`BUSY`] of the time and
-//!   that serves fewer than [`COUNT_MARGIN`] connections more than the one serving fewest;
-//!   with none keeping up, to the least busy. With the proxy pinned to a core of its own,
-//!   the bench's TLS keep-alive loads (HTTP/1.1, HTTP/2) read 99% and 106% of nginx's
-//!   requests/s spread evenly, 134% and 112% gathered in a later run on a slower machine, and
-//!   100% and 108% gathered on a faster one, the gathered runs' p99 at most nginx's.
+//!   request, so connections gather and nothing moves: a connection goes to the first worker
+//!   (in worker order) that keeps up, one whose thread has lately been busy less than
+//!   [`BUSY`] of the time and that serves fewer than [`COUNT_MARGIN`] connections more than
+//!   the one serving fewest; with none keeping up, to the least busy. With the proxy pinned
+//!   to a core of its own, the bench's TLS keep-alive loads (HTTP/1.1, HTTP/2) read 99% and
+//!   106% of nginx's requests/s spread evenly, 134% and 112% gathered in a later run on a
+//!   slower machine, and 100% and 108% gathered on a faster one, the gathered runs' p99 at
+//!   most nginx's.
 //!
 //! A worker's load is the share of wall time its thread was not parked, kept by the
 //! runtime's park hooks ([`Meters::parked`], [`Meters::unparked`]) over windows of
@@ -44,6 +55,13 @@ pub(crate) const BUSY: u64 = 250;
 /// take new ones, however idle it is.
 pub(crate) const COUNT_MARGIN: usize = 16;
 
+/// Load (per mille) at or above which a worker on two or more CPUs moves connections off to
+/// a worker less busy by at least [`SHED_GAP`] (see [`shed`]).
+pub(crate) const SHED: u64 = 750;
+
+/// How much less busy (per mille) a worker must be to take a connection moved off a busy one.
+pub(crate) const SHED_GAP: u64 = 250;
+
 /// Where a connection accepted by worker `me` is served: `None` by `me`, or the worker to hand
 /// it to. `load` and `conns` are every worker's load (per mille) and connections, `cpus` how
 /// many CPUs the workers may run on.
@@ -66,6 +84,22 @@ pub(crate) fn choose(me: usize, load: &[u64], conns: &[usize], cpus: usize) -> O
         None => load.iter().copied().enumerate().min_by_key(|&(_, l)| l)?.0,
     };
     (to != me).then_some(to)
+}
+
+/// The worker that worker `me` should move one of its connections to, if any: on two or more
+/// CPUs, when `me` is busy ([`SHED`]), serves more than one connection, and the least busy of
+/// the workers that can run beside it is less busy by [`SHED_GAP`]. Arguments as [`choose`].
+pub(crate) fn shed(me: usize, load: &[u64], conns: &[usize], cpus: usize) -> Option<usize> {
+    if cpus < 2 {
+        return None;
+    }
+    let workers = load.len().min(conns.len()).min(cpus);
+    let mine = *load.get(me)?;
+    if mine < SHED || *conns.get(me)? < 2 {
+        return None;
+    }
+    let to = (0..workers).filter(|&w| w != me).min_by_key(|&w| load[w])?;
+    (load[to] + SHED_GAP <= mine).then_some(to)
 }
 
 /// How many CPUs the calling thread may run on (1 if that cannot be read): one system call,
@@ -221,6 +255,35 @@ mod tests {
         assert_eq!(conns, vec![4, 4, 0, 0]);
         // More CPUs than workers: every worker.
         assert_eq!(choose(0, &[0, 0], &[1, 0], 8), Some(1));
+    }
+
+    #[test]
+    fn on_several_cpus_a_busy_worker_sheds_a_connection_to_a_less_busy_one() {
+        // Shedding: busy, with a worker less busy by the gap, and more than one connection.
+        assert_eq!(shed(0, &[900, 100], &[8, 0], 2), Some(1));
+        assert_eq!(shed(1, &[100, 900], &[0, 8], 2), Some(0));
+        assert_eq!(shed(0, &[749, 0], &[8, 0], 2), None, "not busy");
+        assert_eq!(
+            shed(0, &[900, 651], &[8, 2], 2),
+            None,
+            "the other is as busy"
+        );
+        assert_eq!(shed(0, &[900, 650], &[8, 2], 2), Some(1));
+        assert_eq!(shed(0, &[1000, 0], &[1, 0], 2), None, "one connection");
+        assert_eq!(shed(0, &[1000, 0], &[8, 0], 1), None, "one CPU");
+        assert_eq!(shed(0, &[1000, 600, 0, 0], &[8, 2, 0, 0], 2), Some(1));
+        // A connection costing 12% of a core each: worker 0 sheds until it keeps up.
+        let mut conns = vec![8, 0];
+        while let Some(to) = shed(
+            0,
+            &[conns[0] as u64 * 120, conns[1] as u64 * 120],
+            &conns,
+            2,
+        ) {
+            conns[0] -= 1;
+            conns[to] += 1;
+        }
+        assert_eq!(conns, vec![6, 2]);
     }
 
     #[test]

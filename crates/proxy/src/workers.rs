@@ -5,7 +5,9 @@
 //! Invariants:
 //! - Everything of one client connection stays on the worker thread that serves it: the
 //!   client connection, its upstream connections and their pool. A connection changes threads
-//!   at most once, between its accept and its first read (handed over as a socket).
+//!   only as a socket with nothing of a request read: between its accept and its first read,
+//!   and (plain HTTP/1.1) between two requests when it is asked to move ([`crate::spread`]);
+//!   the upstream connections it used stay in the old worker's pool.
 //! - Every connection served holds a slot ([`crate::limits::Slots`]) from its accept to its
 //!   close, counted as the serving worker's from the moment it is handed over (past the cap, a
 //!   connection gets a 503 and no slot).
@@ -33,7 +35,8 @@ use crate::upstream;
 /// Connections are served by one worker thread per CPU, each with its own single-threaded
 /// runtime that accepts on (a duplicate of) the listening socket and keeps everything of a
 /// connection on that thread: the client connection, its upstream connections and their
-/// pool. A request thus never wakes another thread (a new connection may: see [`worker`]).
+/// pool. A request thus never wakes another thread (a new connection, or one that moves
+/// between requests, may: see [`worker`]).
 /// If the worker threads cannot be started, the workers run as tasks of the calling runtime
 /// instead.
 /// With `tls`, the connections are served over TLS ([`tls::connection`]).
@@ -110,11 +113,13 @@ struct Workers {
     meters: Arc<spread::Meters>,
 }
 
-/// A connection one worker accepted and handed to another, with its slot.
+/// A connection one worker accepted and handed to another, with its slot; `moved`: it had
+/// been served by the one handing it over, and moves between two requests.
 struct Handoff {
     stream: std::net::TcpStream,
     peer: SocketAddr,
     slot: Slot,
+    moved: bool,
 }
 
 /// Starts worker `i` on a thread of its own, or as a task of the current runtime if the
@@ -189,7 +194,8 @@ async fn worker(
         w.shared.config.limits.upstream_header_timeout,
     )));
     let (conns_tx, mut conns_rx) = mpsc::channel::<()>(1);
-    let serve = |stream: TcpStream, peer: SocketAddr, mut slot: Slot| {
+    let balancer = tokio::spawn(balance(me, w.clone()));
+    let serve = |stream: TcpStream, peer: SocketAddr, mut slot: Slot, moved: bool| {
         slot.assign(me);
         match &w.tls {
             Some(tls) => {
@@ -204,12 +210,10 @@ async fn worker(
                 ));
             }
             None => {
-                tokio::spawn(connection(
-                    w.shared.clone(),
-                    stream,
-                    peer,
-                    slot,
-                    w.stop.clone(),
+                tokio::spawn(plain(
+                    w.clone(),
+                    (stream, peer, slot),
+                    moved,
                     conns_tx.clone(),
                 ));
             }
@@ -233,7 +237,7 @@ async fn worker(
             },
             Some(h) = handed.recv() => {
                 if let Ok(stream) = TcpStream::from_std(h.stream) {
-                    serve(stream, h.peer, h.slot);
+                    serve(stream, h.peer, h.slot, h.moved);
                 }
                 continue;
             }
@@ -245,7 +249,7 @@ async fn worker(
         };
         let loads = w.meters.loads(w.meters.now());
         let Some(to) = spread::choose(me, &loads, &w.slots.per_worker(), spread::cpus()) else {
-            serve(stream, peer, slot);
+            serve(stream, peer, slot, false);
             continue;
         };
         // Counted as the other worker's at once, so that the next connection of a burst
@@ -254,20 +258,20 @@ async fn worker(
         let Ok(stream) = stream.into_std() else {
             continue;
         };
-        if let Err(back) = w.handoff[to].send(Handoff { stream, peer, slot }) {
+        if let Err(back) = w.hand(to, stream, peer, slot, false) {
             // That worker is gone (stopping, or never started): served here.
-            let Handoff { stream, peer, slot } = back.0;
-            if let Ok(stream) = TcpStream::from_std(stream) {
-                serve(stream, peer, slot);
+            if let Ok(stream) = TcpStream::from_std(back.stream) {
+                serve(stream, back.peer, back.slot, false);
             }
         }
     }
     drop(listener);
+    balancer.abort();
     // Connections handed over before the stop are served too; none can come after this.
     handed.close();
     while let Some(h) = handed.recv().await {
         if let Ok(stream) = TcpStream::from_std(h.stream) {
-            serve(stream, h.peer, h.slot);
+            serve(stream, h.peer, h.slot, h.moved);
         }
     }
     drop(conns_tx);
@@ -275,4 +279,87 @@ async fn worker(
     reaper.abort();
     ticker.abort();
     drop(w);
+}
+
+impl Workers {
+    /// Hands a connection to worker `to` (its slot already assigned there); `Err`: that
+    /// worker takes no more (stopping, or never started), and the connection comes back.
+    fn hand(
+        &self,
+        to: usize,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        slot: Slot,
+        moved: bool,
+    ) -> Result<(), Handoff> {
+        let h = Handoff {
+            stream,
+            peer,
+            slot,
+            moved,
+        };
+        match self.handoff.get(to) {
+            Some(tx) => tx.send(h).map_err(|back| back.0),
+            None => Err(h),
+        }
+    }
+}
+
+/// Serves a plain-HTTP client connection on this worker, and again each time it is asked to
+/// move and the worker it is to move to cannot take it; one that moves is handed over.
+async fn plain(
+    w: Workers,
+    (mut stream, peer, mut slot): (TcpStream, SocketAddr, Slot),
+    mut moved: bool,
+    done: mpsc::Sender<()>,
+) {
+    loop {
+        let Some(m) = connection(
+            w.shared.clone(),
+            stream,
+            peer,
+            slot,
+            w.stop.clone(),
+            done.clone(),
+            moved,
+        )
+        .await
+        else {
+            return;
+        };
+        let from = m.slot.worker();
+        let mut to_slot = m.slot;
+        to_slot.assign(m.to);
+        match w.hand(m.to, m.stream, peer, to_slot, true) {
+            Ok(()) => return,
+            Err(back) => {
+                let Ok(s) = TcpStream::from_std(back.stream) else {
+                    return;
+                };
+                stream = s;
+                slot = back.slot;
+                slot.assign(from);
+                moved = true;
+            }
+        }
+    }
+}
+
+/// Moves connections off worker `me` while it is busy and another is not (see
+/// [`spread::shed`]), one per [`spread::WINDOW`], until stopped (aborted).
+async fn balance(me: usize, w: Workers) {
+    let mut tick = tokio::time::interval(spread::WINDOW);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if w.tls.is_some() {
+            // TLS connections stay on the worker that took them (their session state is not
+            // handed over).
+            return;
+        }
+        let loads = w.meters.loads(w.meters.now());
+        if let Some(to) = spread::shed(me, &loads, &w.slots.per_worker(), spread::cpus()) {
+            w.slots.ask_to_move(me, to);
+        }
+    }
 }

@@ -688,8 +688,25 @@ fn worker_threads() -> Vec<rustix::thread::Pid> {
     tids
 }
 
+/// CPU time (clock ticks) a thread of this process has used so far.
+fn thread_ticks(tid: rustix::thread::Pid) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{}/stat", tid.as_raw_nonzero()))
+        .unwrap_or_default();
+    // After the command name's closing parenthesis: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(14) + field(15)
+}
+
 #[test]
-fn connections_spread_over_the_cpus_and_gather_when_the_workers_are_pinned_to_one() {
+fn connections_spread_over_the_cpus_a_busy_worker_moves_some_to_an_idle_one_and_on_one_cpu_they_gather(
+) {
     use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
     let dir = TempDir::new("spread");
     let backend = port_echo();
@@ -702,26 +719,59 @@ fn connections_spread_over_the_cpus_and_gather_when_the_workers_are_pinned_to_on
     let workers = worker_threads();
     let had = sched_getaffinity(None).unwrap();
     if had.count() >= 2 && workers.len() >= 2 {
-        // Two keep-alive connections, one after the other: on two workers, so each goes
-        // over its own worker's upstream connection.
-        let mut a = Conn::open(proxy.addr, "app.test");
-        let pa = upstream(&mut a);
-        let mut b = Conn::open(proxy.addr, "app.test");
-        let pb = upstream(&mut b);
-        assert_eq!(
-            upstream(&mut a),
-            pa,
-            "a's worker did not reuse its connection"
+        // Eight keep-alive connections, each sending one request in turn: spread evenly
+        // over the workers, and those of one worker go over its one pooled upstream
+        // connection, so the upstream port tells the workers apart.
+        let mut by_worker: std::collections::BTreeMap<String, Vec<Conn>> = Default::default();
+        for _ in 0..8 {
+            let mut c = Conn::open(proxy.addr, "app.test");
+            let port = upstream(&mut c);
+            by_worker.entry(port).or_default().push(c);
+        }
+        let sizes: Vec<usize> = by_worker.values().map(Vec::len).collect();
+        assert!(
+            sizes.len() >= 2 && sizes.iter().all(|&n| n <= 8 / 2),
+            "eight connections on two CPUs not spread evenly: {sizes:?} per upstream connection"
         );
-        assert_eq!(
-            upstream(&mut b),
-            pb,
-            "b's worker did not reuse its connection"
+        // Only one worker's connections send requests, back to back: that worker is soon
+        // busy while another serves idle connections, so it moves some of its busy ones
+        // there, each between two requests. No request may fail on the way.
+        let (_, busy) = by_worker.pop_first().unwrap();
+        let before: Vec<u64> = workers.iter().map(|&t| thread_ticks(t)).collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let loaders: Vec<_> = busy
+            .into_iter()
+            .map(|mut c| {
+                let stop = stop.clone();
+                thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = c.get("/").unwrap_or_else(|e| panic!("request {n}: {e}"));
+                        assert_eq!(r.status, 200, "request {n}: {r:?}");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        // Until two workers have served for a while, at most 20 s.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let used = |w: usize| thread_ticks(workers[w]) - before[w];
+        let serving = || (0..workers.len()).filter(|&w| used(w) >= 20).count();
+        while serving() < 2 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(200));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let served: u64 = loaders.into_iter().map(|l| l.join().unwrap()).sum();
+        let ticks: Vec<u64> = (0..workers.len()).map(used).collect();
+        println!("{served} requests; CPU ticks per worker during the load: {ticks:?}");
+        assert!(
+            serving() >= 2,
+            "a busy worker did not move connections to an idle one: CPU ticks per worker \
+             {ticks:?} over {served} requests"
         );
-        assert_ne!(
-            pa, pb,
-            "two connections on two CPUs were served by one worker"
-        );
+        // Idle again for longer than the windows the workers' loads are measured over.
+        thread::sleep(Duration::from_millis(500));
     } else {
         println!("one CPU or one worker here: only the pinned half runs");
     }
