@@ -315,28 +315,44 @@ impl Slots {
     }
 
     /// Asks one of worker `from`'s movable connections to move to worker `to` when it is next
-    /// idle: the one that started the most requests since the last time this looked (a
-    /// connection's first look counts all of its requests). `false`: none can move.
+    /// idle, if that evens out the requests the two serve: counting the requests each of
+    /// their connections started since the last look (all of a connection's, at its first),
+    /// the busiest connection of `from` whose move leaves `to` serving no more than `from`.
+    /// `false`: none (the two already serve about as many, or only tunnels, TLS connections
+    /// or connections already asked would do).
     pub(crate) fn ask_to_move(&self, from: usize, to: usize) -> bool {
         let Ok(conns) = self.conns.lock() else {
             return false;
         };
-        let mut best: Option<(usize, &ConnState)> = None;
+        let (mut on_from, mut on_to) = (0usize, 0usize);
+        let mut candidates: Vec<(usize, &ConnState)> = Vec::new();
         for (_, c) in conns.iter() {
-            if c.worker.load(Ordering::Relaxed) != from
-                || !c.movable.load(Ordering::Relaxed)
-                || c.upgraded()
-                || c.reclaimed.load(Ordering::Relaxed)
-                || c.move_to().is_some()
-            {
+            let w = c.worker.load(Ordering::Relaxed);
+            if w != from && w != to {
                 continue;
             }
             let started = c.started.load(Ordering::Relaxed);
             let lately = started.wrapping_sub(c.seen.swap(started, Ordering::Relaxed));
-            if best.is_none_or(|(most, _)| lately > most) {
-                best = Some((lately, c));
+            if w == to {
+                on_to += lately;
+                continue;
+            }
+            on_from += lately;
+            if c.movable.load(Ordering::Relaxed)
+                && !c.upgraded()
+                && !c.reclaimed.load(Ordering::Relaxed)
+                && c.move_to().is_none()
+            {
+                candidates.push((lately, c));
             }
         }
+        // Moving `lately` requests leaves `to` no busier than `from` if it is at most half
+        // the difference.
+        let most = on_from.saturating_sub(on_to) / 2;
+        let best = candidates
+            .into_iter()
+            .filter(|&(lately, _)| lately > 0 && lately <= most)
+            .max_by_key(|&(lately, _)| lately);
         match best {
             Some((_, c)) => {
                 c.move_to.store(to, Ordering::Relaxed);
@@ -712,11 +728,11 @@ mod tests {
     }
 
     #[test]
-    fn the_connection_asked_to_move_is_the_busiest_lately_of_those_that_can() {
+    fn the_connection_asked_to_move_is_the_busiest_lately_that_evens_out_the_requests() {
         let slots = Slots::for_workers(100, 2);
         let mut held: Vec<Slot> = (0..5).map(|_| slots.admit().unwrap()).collect();
-        for s in &mut held {
-            s.assign(0);
+        for (i, s) in held.iter_mut().enumerate() {
+            s.assign(usize::from(i == 4));
             s.state.set_movable();
         }
         let requests = |s: &Slot, n: usize| {
@@ -726,25 +742,48 @@ mod tests {
         };
         let asked: fn(&[Slot]) -> Vec<Option<usize>> =
             |held| held.iter().map(|s| s.state.move_to()).collect();
+        // Worker 0: 5, 9 and 30 requests (the 30 on a connection that became a tunnel);
+        // worker 1: 2. Half the difference is 21: the busiest movable one below it goes.
         requests(&held[1], 5);
         requests(&held[2], 9);
         requests(&held[3], 30);
-        held[3].state.set_upgraded(); // a tunnel: stays
-        assert!(slots.ask_to_move(0, 1));
-        assert_eq!(asked(&held), vec![None, None, Some(1), None, None]);
-        // Since that look, 1 has started the most (2 is already asked).
-        requests(&held[1], 3);
+        held[3].state.set_upgraded();
         requests(&held[4], 2);
         assert!(slots.ask_to_move(0, 1));
+        assert_eq!(asked(&held), vec![None, None, Some(1), None, None]);
+        // Since that look, worker 1 served more: nothing moves.
+        requests(&held[0], 20);
+        requests(&held[1], 3);
+        requests(&held[4], 30);
+        assert!(!slots.ask_to_move(0, 1));
+        // Then only worker 0 served, 20 and 3: moving the 20 would make worker 1 the busier,
+        // so the 3 goes.
+        requests(&held[0], 20);
+        requests(&held[1], 3);
+        assert!(slots.ask_to_move(0, 1));
         assert_eq!(asked(&held), vec![None, Some(1), Some(1), None, None]);
-        // Moved (assigned to the other worker): no longer asked, and not worker 0's.
+        // Two equally busy connections on each side: nothing moves.
+        let mut even: Vec<Slot> = (0..4).map(|_| slots.admit().unwrap()).collect();
+        for (i, s) in even.iter_mut().enumerate() {
+            s.assign(i % 2);
+            s.state.set_movable();
+        }
+        for s in &even {
+            requests(s, 10);
+        }
+        assert!(!slots.ask_to_move(0, 1));
+        // Moved (assigned to the other worker): no longer asked, and counted as worker 1's
+        // (its 50 requests and another's 40 against none: the 40 goes back).
         held[2].assign(1);
         assert_eq!(held[2].state.move_to(), None);
+        requests(&held[2], 50);
+        requests(&held[4], 40);
         assert!(slots.ask_to_move(1, 0));
-        assert_eq!(held[2].state.move_to(), Some(0));
+        assert_eq!(asked(&held), vec![None, Some(1), None, None, Some(0)]);
         // Not movable (a TLS connection): never asked.
         let mut tls = slots.admit().unwrap();
         tls.assign(1);
+        requests(&tls, 50);
         assert!(!slots.ask_to_move(1, 0));
         assert_eq!(tls.state.move_to(), None);
     }
