@@ -19,10 +19,11 @@
 //!   Evenly by count is not evenly by load: the busy connections may share a worker while
 //!   another serves idle ones. So every [`WINDOW`] each worker checks whether it should
 //!   [`shed`] one: when it has been busy [`SHED`] of the time, serves more than one
-//!   connection, and a worker beside it is less busy by [`SHED_GAP`], its plain-HTTP
-//!   connection that started the most requests lately is asked to move there, which it does
-//!   between two requests ([`crate::limits::Slots::ask_to_move`], [`crate::guard`]). TLS
-//!   connections do not move (their session state stays with the worker).
+//!   connection, and a worker beside it is less busy by [`SHED_GAP`], one of its plain-HTTP
+//!   connections is asked to move there if that evens out the requests the two serve
+//!   ([`crate::limits::Slots::ask_to_move`]), which it does between two requests
+//!   ([`crate::guard`]). Equally busy connections spread evenly thus stay where they are.
+//!   TLS connections do not move (their session state stays with the worker).
 //! - **On one**, spreading only makes threads take turns on it, each sleeping and waking per
 //!   request, so connections gather and nothing moves: a connection goes to the first worker
 //!   (in worker order) that keeps up, one whose thread has lately been busy less than
