@@ -238,9 +238,16 @@ pub(crate) async fn connection(
             }
         }
     }
-    // hyper is done with the connection (it dropped the guard): a refused head is answered,
-    // a connection asked to move goes (hyper and its service, which held the slot, are gone).
-    let moving = match guard::handed_back(&mut refused) {
+    let moving = leave(&mut refused, slot).await;
+    drop(done);
+    moving
+}
+
+/// What is left to do once hyper is done with a connection (it dropped the guard): a refused
+/// head is answered; a connection asked to move goes, with its slot (hyper and its service,
+/// which held the slot, are gone).
+async fn leave(refused: &mut guard::Refused<TcpStream>, slot: Arc<Slot>) -> Option<Moving> {
+    match guard::handed_back(refused) {
         Some((stream, guard::Leave::Move(to))) => {
             match (stream.into_std(), Arc::try_unwrap(slot)) {
                 (Ok(stream), Ok(slot)) => Some(Moving { stream, slot, to }),
@@ -255,9 +262,7 @@ pub(crate) async fn connection(
             drop(slot);
             None
         }
-    };
-    drop(done);
-    moving
+    }
 }
 
 /// Serves one request of a client connection (`https`: over TLS) and writes its access log
