@@ -129,7 +129,8 @@ pub(crate) struct ConnState {
     reclaimed: AtomicBool,
     /// It became a tunnel (a request's protocol switch was answered 101).
     upgraded: AtomicBool,
-    /// The worker serving it ([`NO_WORKER`] until one is assigned).
+    /// The worker serving it ([`NO_WORKER`] until one is assigned; written only through
+    /// [`Slot::assign`]).
     worker: AtomicUsize,
     /// It can move to another worker between two requests (plain HTTP/1.1: see
     /// [`Slots::ask_to_move`]).
@@ -205,8 +206,6 @@ pub(crate) struct Slot {
     slots: Arc<Slots>,
     id: u64,
     pub(crate) state: Arc<ConnState>,
-    /// The worker serving the connection ([`NO_WORKER`] until one is assigned).
-    worker: usize,
 }
 
 /// [`Slot::worker`] before [`Slot::assign`].
@@ -220,7 +219,7 @@ impl Drop for Slot {
             }
         }
         self.slots.open.fetch_sub(1, Ordering::Relaxed);
-        if let Some(n) = self.slots.per_worker.get(self.worker) {
+        if let Some(n) = self.slots.per_worker.get(self.worker()) {
             n.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -229,26 +228,28 @@ impl Drop for Slot {
 impl Slot {
     /// The worker serving the connection.
     pub(crate) fn worker(&self) -> usize {
-        self.worker
+        self.state.worker.load(Ordering::Relaxed)
     }
 
     /// Counts the connection as served by worker `w` (and no longer by the one before); a
     /// request to move it is done with.
     pub(crate) fn assign(&mut self, w: usize) {
         self.state.move_to.store(NO_WORKER, Ordering::Relaxed);
-        if w == self.worker {
+        let was = self.worker();
+        if w == was {
             return;
         }
-        if let Some(n) = self.slots.per_worker.get(self.worker) {
+        if let Some(n) = self.slots.per_worker.get(was) {
             n.fetch_sub(1, Ordering::Relaxed);
         }
-        if let Some(n) = self.slots.per_worker.get(w) {
-            n.fetch_add(1, Ordering::Relaxed);
-            self.worker = w;
-        } else {
-            self.worker = NO_WORKER;
-        }
-        self.state.worker.store(self.worker, Ordering::Relaxed);
+        let now = match self.slots.per_worker.get(w) {
+            Some(n) => {
+                n.fetch_add(1, Ordering::Relaxed);
+                w
+            }
+            None => NO_WORKER,
+        };
+        self.state.worker.store(now, Ordering::Relaxed);
     }
 }
 
@@ -310,7 +311,6 @@ impl Slots {
             slots: self.clone(),
             id,
             state,
-            worker: NO_WORKER,
         })
     }
 
@@ -718,7 +718,7 @@ mod tests {
         // A slot reassigned (handed over) moves its count; one closed frees it.
         held[0].assign(1);
         assert_eq!(slots.per_worker(), vec![2, 2]);
-        held.retain(|s| s.worker == 0);
+        held.retain(|s| s.worker() == 0);
         assert_eq!(slots.per_worker(), vec![2, 0]);
         // Assigned to a worker that does not exist: counted nowhere.
         held[0].assign(7);

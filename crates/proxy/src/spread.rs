@@ -10,8 +10,8 @@
 //!   such CPUs: a connection goes to the worker serving fewest (the accepting one on a tie),
 //!   so the workers serve side by side. A few busy keep-alive connections (what a load
 //!   balancer in front keeps open) are thus served by different workers. The price is
-//!   waking: in the bench's plain-HTTP scenario on 2 cores the proxy spent 1.24 to 1.41 times
-//!   nginx's CPU per request spread evenly against 1.09 to 1.15 gathered (three machines),
+//!   waking: in the bench's plain-HTTP scenario on 2 cores the proxy spent 1.12 to 1.41 times
+//!   nginx's CPU per request spread evenly against 1.06 to 1.15 gathered (three machines),
 //!   and gathered its requests/s and p99 were within their run-to-run spread of spread
 //!   evenly's on one machine and worse on the two others (on the last, 87% of nginx's
 //!   requests/s and p99 151% gathered against 111% and 98% spread evenly).

@@ -194,7 +194,12 @@ async fn worker(
         w.shared.config.limits.upstream_header_timeout,
     )));
     let (conns_tx, mut conns_rx) = mpsc::channel::<()>(1);
-    let balancer = tokio::spawn(balance(me, w.clone()));
+    // TLS connections stay on the worker that took them (their session state is not handed
+    // over): only a plain-HTTP listener's workers move connections.
+    let balancer = w
+        .tls
+        .is_none()
+        .then(|| tokio::spawn(balance(me, w.clone())));
     let serve = |stream: TcpStream, peer: SocketAddr, mut slot: Slot, moved: bool| {
         slot.assign(me);
         match &w.tls {
@@ -266,7 +271,9 @@ async fn worker(
         }
     }
     drop(listener);
-    balancer.abort();
+    if let Some(b) = balancer {
+        b.abort();
+    }
     // Connections handed over before the stop are served too; none can come after this.
     handed.close();
     while let Some(h) = handed.recv().await {
@@ -352,11 +359,6 @@ async fn balance(me: usize, w: Workers) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if w.tls.is_some() {
-            // TLS connections stay on the worker that took them (their session state is not
-            // handed over).
-            return;
-        }
         let loads = w.meters.loads(w.meters.now());
         if let Some(to) = spread::shed(me, &loads, &w.slots.per_worker(), spread::cpus()) {
             w.slots.ask_to_move(me, to);
