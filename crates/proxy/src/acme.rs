@@ -11,8 +11,9 @@
 //!   directory; a certificate is installed only after it is on disk.
 //! - A failure is retried after a delay that doubles from `retry_after` up to an hour; the
 //!   next attempt uses the other challenge type (HTTP-01, then TLS-ALPN-01, and so on).
-//! - Renewal is due when a third of the certificate's lifetime is left, or at the middle of
-//!   the CA's suggested window when it offers ACME Renewal Information (ARI, RFC 9773).
+//! - Renewal is due when a third of the certificate's lifetime is left, or, when the CA offers
+//!   ACME Renewal Information (ARI, RFC 9773), at a time in its suggested window that is
+//!   drawn once per certificate (from its serial) and spread over the window.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -452,16 +453,40 @@ fn alpn_challenge_cert(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>,
     )))
 }
 
-/// ARI: when to renew `leaf` (the middle of the suggested window, ms) and when to ask again
-/// (ms from now). `None` when the CA does not offer ARI or the answer is unusable.
+/// ARI: when to renew `leaf` (a time in the CA's suggested window, ms; see [`in_window`]) and
+/// when to ask again (ms from now). `None` when the CA does not offer ARI, the certificate
+/// has no authority key identifier, or the answer is unusable.
 async fn ari(account: &Account, leaf: &CertificateDer<'static>) -> Option<(u64, u64)> {
-    let id = certs::ari_id(leaf)?;
+    let id = instant_acme::CertificateIdentifier::try_from(leaf).ok()?;
     let (info, again) = account.renewal_info(&id).await.ok()?;
     let w = info.suggested_window;
-    let start = w.start.unix_timestamp();
-    let end = w.end.unix_timestamp().max(start);
-    let mid = (start + (end - start) / 2).max(0) as u64 * 1000;
-    Some((mid, again.as_millis() as u64))
+    let ms = |unix_s: i64| unix_s.max(0) as u64 * 1000;
+    let (start, end) = (ms(w.start.unix_timestamp()), ms(w.end.unix_timestamp()));
+    let at = in_window(start, end, serial_draw(leaf));
+    Some((at, again.as_millis() as u64))
+}
+
+/// The time in the suggested window `start..=end` (ms) at which to renew, `draw` placing it
+/// uniformly: RFC 9773 (section 4.2) asks for a random time in the window, so that the
+/// certificates a CA suggests renewing together are not renewed in one burst. A window that
+/// ends before it starts is its start. A time already past means renew now (the scheduler
+/// renews whatever is due).
+fn in_window(start: u64, end: u64, draw: u64) -> u64 {
+    let span = end.saturating_sub(start);
+    start + draw % span.saturating_add(1)
+}
+
+/// A draw for [`in_window`] that is the same every time the window is asked for the same
+/// certificate (drawing again at each look-up would pull renewal towards the window's start),
+/// and spread over certificates: the low bytes of the serial, which CAs fill with at least 64
+/// random bits (CA/Browser Forum Baseline Requirements 7.1).
+fn serial_draw(leaf: &CertificateDer<'_>) -> u64 {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return 0;
+    };
+    let serial = cert.tbs_certificate.raw_serial();
+    let low = &serial[serial.len().saturating_sub(8)..];
+    low.iter().fold(0, |n, &b| (n << 8) | u64::from(b))
 }
 
 #[cfg(test)]
@@ -473,6 +498,63 @@ mod tests {
         assert_eq!(renew_at(0, 90_000), 60_000);
         assert_eq!(renew_at(1_000, 1_000), 1_000);
         assert_eq!(renew_at(10, 5), 5);
+    }
+
+    /// A leaf issued by a CA whose key identifier is `aki`, with serial `serial`.
+    fn leaf(aki: &[u8], serial: &[u8]) -> CertificateDer<'static> {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(aki.to_vec());
+        let ca = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["site.example".into()]).unwrap();
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(serial.to_vec().into());
+        params.signed_by(&key, &ca).unwrap().der().clone()
+    }
+
+    #[test]
+    fn ari_asks_about_the_served_certificate_by_rfc_9773s_identifier() {
+        // RFC 9773 section 4.1's example: this AKI and serial make this identifier.
+        let aki = [
+            0x69, 0x88, 0x5B, 0x6B, 0x87, 0x46, 0x40, 0x41, 0xE1, 0xB3, 0x7B, 0x84, 0x7B, 0xA0,
+            0xAE, 0x2C, 0xDE, 0x01, 0xC8, 0xD4,
+        ];
+        let leaf = leaf(&aki, &[0x00, 0x87, 0x65, 0x43, 0x21]);
+        let id = instant_acme::CertificateIdentifier::try_from(&leaf).unwrap();
+        assert_eq!(id.to_string(), "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE");
+        // Its draw is the serial's value, and stays the same at every look-up.
+        assert_eq!(serial_draw(&leaf), 0x8765_4321);
+        assert_eq!(serial_draw(&leaf), serial_draw(&leaf.clone()));
+    }
+
+    #[test]
+    fn ari_renews_at_a_time_drawn_across_the_suggested_window() {
+        let (start, end) = (1_000_000, 1_000_000 + 86_400_000);
+        for draw in [0, 1, 86_400_000, 86_400_001, u64::MAX] {
+            let at = in_window(start, end, draw);
+            assert!((start..=end).contains(&at), "{draw}: {at}");
+        }
+        assert_eq!(in_window(start, end, 0), start);
+        assert_eq!(in_window(start, end, 86_400_000), end);
+        assert_eq!(in_window(start, end, 43_200_000), start + 43_200_000);
+        // A window of one instant, and one that ends before it starts: its start.
+        assert_eq!(in_window(5_000, 5_000, 12_345), 5_000);
+        assert_eq!(in_window(9_000, 1_000, 7), 9_000);
+        // Certificates with random serials (as CAs issue them) renew all over the window,
+        // not in one burst: 200 leaves land in every tenth of it.
+        let mut tenths = [0; 10];
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let serial = [&[0x01][..], &x.to_be_bytes()[..]].concat();
+            let at = in_window(start, end, serial_draw(&leaf(&[7; 20], &serial)));
+            tenths[((at - start) * 10 / (end - start + 1)) as usize] += 1;
+        }
+        assert!(tenths.iter().all(|&n| n >= 5), "{tenths:?}");
     }
 
     #[test]

@@ -92,27 +92,6 @@ fn validity(leaf: &CertificateDer<'_>) -> Result<(u64, u64), String> {
     ))
 }
 
-/// ARI's identifier of a certificate (RFC 9773): its authority key identifier and serial.
-pub(crate) fn ari_id(
-    leaf: &CertificateDer<'_>,
-) -> Option<instant_acme::CertificateIdentifier<'static>> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let aki = cert
-        .extensions()
-        .iter()
-        .find_map(|e| match e.parsed_extension() {
-            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
-                a.key_identifier.as_ref().map(|k| k.0.to_vec())
-            }
-            _ => None,
-        })?;
-    let serial = cert.tbs_certificate.raw_serial().to_vec();
-    Some(
-        instant_acme::CertificateIdentifier::new(aki.as_slice().into(), serial.as_slice().into())
-            .into_owned(),
-    )
-}
-
 /// The status of one domain's certificate.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Health {
