@@ -11,10 +11,12 @@
 //!   so the workers serve side by side. A few busy keep-alive connections (what a load
 //!   balancer in front keeps open) are thus served by different workers. The price is
 //!   waking: in the bench's plain-HTTP scenario on 2 cores the proxy spent 1.12 to 1.41 times
-//!   nginx's CPU per request spread evenly against 1.06 to 1.15 gathered (three machines),
+//!   nginx's CPU per request spread evenly against 1.06 to 1.15 gathered (four machines),
 //!   and gathered its requests/s and p99 were within their run-to-run spread of spread
-//!   evenly's on one machine and worse on the two others (on the last, 87% of nginx's
-//!   requests/s and p99 151% gathered against 111% and 98% spread evenly).
+//!   evenly's on one machine and worse on the three others (on the latest, 98% of nginx's
+//!   requests/s and p99 109% gathered against 111% and 101% spread evenly). On loopback
+//!   (no docker-proxy, the client on one or four threads) gathering was the better: what
+//!   else runs on the cores decides, and the bench's scenario is the nearer to a host.
 //!
 //!   Evenly by count is not evenly by load: the busy connections may share a worker while
 //!   another serves idle ones. So every [`WINDOW`] each worker checks whether it should
