@@ -1,6 +1,7 @@
 //! Large and broken bodies through the edge proxy, over real sockets on loopback: a 1 GiB
-//! upload and a 1 GiB download to a slow client are streamed with flat memory, and an upstream
-//! that closes mid-response ends that response only.
+//! upload, a 1 GiB download to a slow client and 1 GiB from an upstream that sends it slowly
+//! are streamed with flat memory, and an upstream that closes mid-response ends that response
+//! only.
 
 mod support;
 
@@ -14,6 +15,9 @@ use std::time::{Duration, Instant};
 use support::{get, TempDir, TestProxy};
 
 const GIB: u64 = 1 << 30;
+/// How long `/slow` stops between two quarters of its body: longer than the limits the test of
+/// it sets for the response head and for idle connections.
+const SLOW_PAUSE: Duration = Duration::from_millis(1500);
 
 /// This process's resident set, in KiB.
 fn rss_kib() -> u64 {
@@ -57,7 +61,8 @@ impl Drop for Peak {
 }
 
 /// A raw backend: `/up` answers 200; `/sink` reads a Content-Length body and answers how many
-/// bytes it got; `/source` answers 1 GiB of zeros; `/cut` promises 1,000 bytes, sends 10 and
+/// bytes it got; `/source` answers 1 GiB of zeros; `/slow` answers 1 GiB of zeros, stopping for
+/// [`SLOW_PAUSE`] after each quarter but the last; `/cut` promises 1,000 bytes, sends 10 and
 /// closes.
 fn backend() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -80,15 +85,19 @@ fn serve(s: TcpStream) {
         let mut body = (&mut r).take(length);
         let got = std::io::copy(&mut body, &mut std::io::sink()).unwrap_or(0);
         match path.as_str() {
-            "/source" => {
+            "/source" | "/slow" => {
                 let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {GIB}\r\n\r\n");
                 if w.write_all(head.as_bytes()).is_err() {
                     return;
                 }
                 let chunk = vec![0u8; 64 * 1024];
-                for _ in 0..GIB / chunk.len() as u64 {
+                let chunks = GIB / chunk.len() as u64;
+                for i in 1..=chunks {
                     if w.write_all(&chunk).is_err() {
                         return;
+                    }
+                    if path == "/slow" && i % (chunks / 4) == 0 && i < chunks {
+                        thread::sleep(SLOW_PAUSE);
                     }
                 }
             }
@@ -178,6 +187,58 @@ fn a_1_gib_download_to_a_slow_client_is_streamed_with_flat_memory() {
         "1 GiB download: RSS {before} KiB before, {stalled} KiB with the client stalled, peak {peak} KiB; {total} bytes"
     );
     assert!(total > GIB && total < GIB + 1024, "{total}");
+    assert!(
+        peak < before + 32 * 1024,
+        "RSS grew from {before} to {peak} KiB"
+    );
+}
+
+#[test]
+fn an_upstream_that_sends_1_gib_slowly_is_streamed_past_the_head_and_idle_timeouts() {
+    let dir = TempDir::new("slow");
+    let app = backend();
+    // Each pause of the upstream is longer than both: the response head's deadline and the
+    // idle timeout must not cut a response whose head has come and whose body is coming.
+    let proxy = TestProxy::start_with(
+        dir.path(),
+        cutover_proxy::Limits {
+            upstream_header_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            ..cutover_proxy::Limits::default()
+        },
+    );
+    proxy.deploy("app", app).unwrap();
+    let before = rss_kib();
+    let peak = Peak::start();
+    let t = Instant::now();
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    let mut others = 0;
+    loop {
+        match s.read(&mut buf).unwrap() {
+            0 => break,
+            n => total += n as u64,
+        }
+        // Once past each quarter (the upstream is pausing or about to), a normal client.
+        if total > (others + 1) * (GIB / 4) && others < 3 {
+            assert_eq!(get(proxy.addr, "app.test", "/").status, 200);
+            others += 1;
+        }
+    }
+    let took = t.elapsed();
+    let peak = peak.peak();
+    println!(
+        "1 GiB sent slowly: {total} bytes in {took:?}, RSS {before} KiB before, peak {peak} KiB; {others} other requests answered"
+    );
+    assert!(total > GIB && total < GIB + 1024, "{total}");
+    assert!(
+        took >= SLOW_PAUSE * 3,
+        "the upstream did not pause: {took:?}"
+    );
+    assert_eq!(others, 3);
     assert!(
         peak < before + 32 * 1024,
         "RSS grew from {before} to {peak} KiB"
