@@ -178,21 +178,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch
             });
             let now = now_ms();
             if slot.current.is_some() && now >= slot.ari_at_ms {
-                // ARI, when the CA offers it (the account is opened for it after a restart).
-                slot.ari_at_ms = now + ARI_RECHECK.as_millis() as u64;
-                if account.is_none() {
-                    let opened = tokio::time::timeout(ARI_TIMEOUT, open_account(&config)).await;
-                    account = opened.ok().and_then(Result::ok);
-                }
-                if let (Some(acct), Some((_, _, leaf))) = (&account, &slot.current) {
-                    if let Ok(Some((at, recheck))) =
-                        tokio::time::timeout(ARI_TIMEOUT, ari(acct, leaf)).await
-                    {
-                        slot.renew_at_ms = at;
-                        slot.ari_at_ms = now + recheck.max(60_000);
-                        shared.certs.update(&domain, |h| h.renew_at_ms = Some(at));
-                    }
-                }
+                recheck_ari(&config, &mut account, &shared.certs, &domain, slot, now).await;
             }
             let due = slot.current.is_none() || now >= slot.renew_at_ms;
             if !due || now < slot.next_retry_ms {
@@ -451,6 +437,32 @@ fn alpn_challenge_cert(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>,
         vec![cert.der().clone()],
         signer,
     )))
+}
+
+/// Asks the CA's ARI when to renew `slot`'s certificate, if the CA offers it, and sets the
+/// slot's renewal time and next look-up from the answer (the account is opened for it after a
+/// restart); with no usable answer, asks again after [`ARI_RECHECK`].
+async fn recheck_ari(
+    config: &AcmeConfig,
+    account: &mut Option<Account>,
+    certs: &Certs,
+    domain: &str,
+    slot: &mut Slot,
+    now: u64,
+) {
+    slot.ari_at_ms = now + ARI_RECHECK.as_millis() as u64;
+    if account.is_none() {
+        let opened = tokio::time::timeout(ARI_TIMEOUT, open_account(config)).await;
+        *account = opened.ok().and_then(Result::ok);
+    }
+    let (Some(acct), Some((_, _, leaf))) = (account.as_ref(), &slot.current) else {
+        return;
+    };
+    if let Ok(Some((at, recheck))) = tokio::time::timeout(ARI_TIMEOUT, ari(acct, leaf)).await {
+        slot.renew_at_ms = at;
+        slot.ari_at_ms = now + recheck.max(60_000);
+        certs.update(domain, |h| h.renew_at_ms = Some(at));
+    }
 }
 
 /// ARI: when to renew `leaf` (a time in the CA's suggested window, ms; see [`in_window`]) and
