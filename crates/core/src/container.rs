@@ -39,6 +39,7 @@ pub(crate) struct RawProxy {
     upstream_connect_timeout: Option<String>,
     upstream_header_timeout: Option<String>,
     body_timeout: Option<String>,
+    upstream_body_timeout: Option<String>,
     // HTTPS (see `validate_tls`).
     tls: Option<String>,
     cert: Option<String>,
@@ -457,6 +458,7 @@ fn proxy_limits(p: &RawProxy) -> Result<Box<crate::proxy_limits::ProxyLimits>, E
         ("upstream_connect_timeout", &p.upstream_connect_timeout),
         ("upstream_header_timeout", &p.upstream_header_timeout),
         ("body_timeout", &p.body_timeout),
+        ("upstream_body_timeout", &p.upstream_body_timeout),
     ];
     for (key, v) in texts {
         if let Some(v) = v {

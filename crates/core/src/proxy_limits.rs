@@ -25,6 +25,8 @@ pub struct ProxyLimits {
     pub upstream_header_timeout: Duration,
     /// `body_timeout`: the longest pause of a client sending a body (408 after).
     pub body_timeout: Duration,
+    /// `upstream_body_timeout`: the longest pause of the app in a response body (cut after).
+    pub upstream_body_timeout: Duration,
 }
 
 impl Default for ProxyLimits {
@@ -38,6 +40,7 @@ impl Default for ProxyLimits {
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_header_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -49,7 +52,7 @@ pub(crate) enum RawValue<'a> {
     Int(i64),
 }
 
-const KEYS: [&str; 8] = [
+const KEYS: [&str; 9] = [
     "header_timeout",
     "idle_timeout",
     "max_header_bytes",
@@ -58,6 +61,7 @@ const KEYS: [&str; 8] = [
     "upstream_connect_timeout",
     "upstream_header_timeout",
     "body_timeout",
+    "upstream_body_timeout",
 ];
 
 impl ProxyLimits {
@@ -96,6 +100,7 @@ impl ProxyLimits {
             "upstream_connect_timeout" => self.upstream_connect_timeout = dur()?,
             "upstream_header_timeout" => self.upstream_header_timeout = dur()?,
             "body_timeout" => self.body_timeout = dur()?,
+            "upstream_body_timeout" => self.upstream_body_timeout = dur()?,
             other => {
                 return Err((
                     "proxy.limits".into(),
@@ -110,7 +115,8 @@ impl ProxyLimits {
     pub fn to_arg(&self) -> String {
         format!(
             "header_timeout={}ms,idle_timeout={}ms,max_header_bytes={},max_headers={},max_connections={},\
-             upstream_connect_timeout={}ms,upstream_header_timeout={}ms,body_timeout={}ms",
+             upstream_connect_timeout={}ms,upstream_header_timeout={}ms,body_timeout={}ms,\
+             upstream_body_timeout={}ms",
             self.header_timeout.as_millis(),
             self.idle_timeout.as_millis(),
             self.max_header_bytes,
@@ -119,6 +125,7 @@ impl ProxyLimits {
             self.upstream_connect_timeout.as_millis(),
             self.upstream_header_timeout.as_millis(),
             self.body_timeout.as_millis(),
+            self.upstream_body_timeout.as_millis(),
         )
     }
 
@@ -148,6 +155,9 @@ mod tests {
         let mut l = ProxyLimits::default();
         l.set("header_timeout", RawValue::Text("5s")).unwrap();
         l.set("max_connections", RawValue::Int(100)).unwrap();
+        l.set("upstream_body_timeout", RawValue::Text("10m"))
+            .unwrap();
+        assert_eq!(l.upstream_body_timeout, Duration::from_secs(600));
         assert_eq!(ProxyLimits::parse_arg(&l.to_arg()), Ok(l.clone()));
         assert_eq!(ProxyLimits::parse_arg(""), Ok(ProxyLimits::default()));
     }

@@ -1,15 +1,18 @@
-//! Coarse deadlines for the exchanges of requests without a body (`upstream_header_timeout`,
-//! 504): a per-thread list of waiting exchanges that a ticker task looks through a few times
-//! per timeout, instead of one entry in tokio's timer wheel per request (registering and
-//! removing one cost about 1,900 instructions, 5% of an HTTP/1.1 request's). It owns the
-//! list and the ticker; it must not decide what happens at a deadline (that is `forward`).
+//! Coarse deadlines: for the exchanges of requests without a body (`upstream_header_timeout`,
+//! 504) and for the pauses of an upstream in the middle of a response body
+//! (`upstream_body_timeout`, [`Pause`]). A per-thread list of waiting futures that a ticker
+//! task looks through a few times per timeout, instead of one entry in tokio's timer wheel per
+//! request (registering and removing one cost about 1,900 instructions, 5% of an HTTP/1.1
+//! request's). It owns the list and the ticker; it must not decide what happens at a deadline
+//! (that is `forward`).
 //!
 //! Invariants:
 //! - A future given a deadline never completes with its output after the deadline was seen
-//!   to pass, and is woken at most one tick after its deadline (a tick is an eighth of
-//!   `upstream_header_timeout`, between [`MIN_TICK`] and [`MAX_TICK`]).
-//! - An entry is in the list only while its future waits: removed when it completes or is
-//!   dropped. The list is thread-local: no lock, no memory shared with other threads.
+//!   to pass, and is woken at most one tick after its deadline (a tick is an eighth of the
+//!   shorter timeout, between [`MIN_TICK`] and [`MAX_TICK`]).
+//! - An entry is in the list only while its future waits (or its body pauses): removed when
+//!   it completes, makes progress or is dropped. The list is thread-local: no lock, no memory
+//!   shared with other threads.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -80,7 +83,41 @@ pub(crate) async fn within<F: Future>(fut: F, deadline: Instant) -> Option<F::Ou
     .await
 }
 
+/// How long a stream has been waiting for its next piece, as one deadline: a pause starts
+/// when the stream first has nothing to give and ends when it gives something. Only the time
+/// spent waiting counts: a body that is not asked for its next piece (its client is slow to
+/// read) is not paused.
+#[derive(Debug, Default)]
+pub(crate) struct Pause {
+    /// When the pause ends the stream (`None`: not paused).
+    until: Option<Instant>,
+    entry: Entry,
+}
+
+impl Pause {
+    /// The stream gave something (or ended): it is not paused any more.
+    pub(crate) fn progressed(&mut self) {
+        if self.until.take().is_some() {
+            self.entry.remove();
+        }
+    }
+
+    /// The stream has nothing to give: `true` once it has had nothing for `limit` in one
+    /// pause; otherwise `waker` is woken at most a tick after the pause reaches `limit`.
+    pub(crate) fn waiting(&mut self, limit: Duration, waker: &Waker) -> bool {
+        let now = Instant::now();
+        let until = *self.until.get_or_insert(now + limit);
+        if now >= until {
+            self.progressed();
+            return true;
+        }
+        self.entry.set(until, waker);
+        false
+    }
+}
+
 /// A future's place in this thread's list, if it has one (removed when dropped).
+#[derive(Debug, Default)]
 struct Entry(Option<usize>);
 
 impl Entry {
@@ -177,5 +214,46 @@ mod tests {
         ticker.abort();
         assert_eq!(tick_for(Duration::from_secs(60)), MAX_TICK);
         assert_eq!(tick_for(Duration::from_millis(1)), MIN_TICK);
+    }
+
+    #[tokio::test]
+    async fn a_pause_counts_from_its_first_wait_and_restarts_after_progress() {
+        let ticker = tokio::spawn(ticker(MIN_TICK));
+        let limit = Duration::from_millis(150);
+        let mut pause = Pause::default();
+        let waker = Waker::noop().clone();
+        // Waiting 100 ms, then progress, then 100 ms more: two pauses, neither over the limit.
+        let start = Instant::now();
+        assert!(!pause.waiting(limit, &waker));
+        assert_eq!(waiting(), 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!pause.waiting(limit, &waker));
+        pause.progressed();
+        assert_eq!(waiting(), 0);
+        assert!(!pause.waiting(limit, &waker));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!pause.waiting(limit, &waker), "{:?}", start.elapsed());
+        // Past the limit in one pause: over, and its entry gone.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(pause.waiting(limit, &waker));
+        assert_eq!(waiting(), 0);
+        // Woken by the ticker, not by the stream, when the limit passes.
+        let mut pause = Pause::default();
+        let woke = std::future::poll_fn(|cx| {
+            if pause.waiting(limit, cx.waker()) {
+                Poll::Ready(Instant::now())
+            } else {
+                Poll::Pending
+            }
+        });
+        let t = Instant::now();
+        let at = woke.await;
+        assert!(
+            at - t >= limit && at - t < Duration::from_secs(2),
+            "{:?}",
+            at - t
+        );
+        assert_eq!(waiting(), 0);
+        ticker.abort();
     }
 }

@@ -489,6 +489,7 @@ async fn forward_direct(
             resp.map(|body| ProxyBody::Direct {
                 body,
                 guard: Some(guard),
+                stalls: Stalls::new(limits.upstream_body_timeout),
             })
         }
         Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
@@ -669,6 +670,7 @@ async fn forward_hyper(
                     body,
                     guard: Some(guard),
                     sender: Some(sender),
+                    stalls: Stalls::new(limits.upstream_body_timeout),
                 },
             )
         }
@@ -1003,6 +1005,44 @@ pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBod
     resp
 }
 
+/// How long an upstream may pause in the middle of a response body (`upstream_body_timeout`),
+/// and its current pause. Past it the response is cut: the client sees it end short of its
+/// length (HTTP/1.1: the connection closes; HTTP/2: the stream is reset), as if the upstream
+/// had closed, and the upstream connection is closed.
+pub(crate) struct Stalls {
+    limit: Duration,
+    pause: deadline::Pause,
+}
+
+impl Stalls {
+    pub(crate) fn new(limit: Duration) -> Stalls {
+        Stalls {
+            limit,
+            pause: deadline::Pause::default(),
+        }
+    }
+
+    /// Whether the body, polled with this outcome, has now paused longer than allowed.
+    fn cut<T>(&mut self, polled: &Poll<T>, cx: &Context<'_>) -> bool {
+        if polled.is_ready() {
+            self.pause.progressed();
+            false
+        } else {
+            self.pause.waiting(self.limit, cx.waker())
+        }
+    }
+
+    /// Logs a cut response body and gives the error that ends it.
+    fn cut_error(&self, guard: Option<&InFlight>) -> Box<dyn StdError + Send + Sync> {
+        let addr = guard.map_or("-", |g| g.target().addr.as_str());
+        let ms = self.limit.as_millis();
+        log::line(format_args!(
+            "upstream {addr} sent nothing of a response body for {ms} ms: the response was cut"
+        ));
+        format!("the upstream paused its response body for {ms} ms").into()
+    }
+}
+
 /// A response body: made by the proxy, or streamed from the upstream while holding the
 /// request's in-flight guard (released at the end of the body, on error, or on drop) and the
 /// upstream connection (back to the pool at the end of the body, closed otherwise).
@@ -1012,12 +1052,14 @@ pub(crate) enum ProxyBody {
         body: Incoming,
         guard: Option<InFlight>,
         sender: Option<upstream::Sender>,
+        stalls: Stalls,
     },
     /// Read from the upstream by the request's own task ([`direct`]), holding the in-flight
     /// guard; its connection goes back to the pool when the body has been read to its end.
     Direct {
         body: DirectBody,
         guard: Option<InFlight>,
+        stalls: Stalls,
     },
     /// Answered from a static target's directory, holding the in-flight guard.
     Static {
@@ -1037,7 +1079,7 @@ impl ProxyBody {
             sender.take();
             guard.take();
         }
-        if let ProxyBody::Direct { body, guard } = self {
+        if let ProxyBody::Direct { body, guard, .. } = self {
             if let (Some(c), Some(g)) = (body.take_reusable(), guard.as_ref()) {
                 upstream::put_back_direct(&g.target().addr, c);
             }
@@ -1072,8 +1114,18 @@ impl Body for ProxyBody {
             ProxyBody::Local(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never| match never {}))),
-            ProxyBody::Upstream { body, .. } => {
+            ProxyBody::Upstream {
+                body,
+                stalls,
+                guard,
+                ..
+            } => {
                 let polled = Pin::new(body).poll_frame(cx);
+                if stalls.cut(&polled, cx) {
+                    let e = stalls.cut_error(guard.as_ref());
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(e)));
+                }
                 match &polled {
                     Poll::Ready(None) => this.finish(true),
                     Poll::Ready(Some(Err(_))) => this.finish(false),
@@ -1081,8 +1133,17 @@ impl Body for ProxyBody {
                 }
                 polled.map(|f| f.map(|r| r.map_err(Into::into)))
             }
-            ProxyBody::Direct { body, .. } => {
+            ProxyBody::Direct {
+                body,
+                stalls,
+                guard,
+            } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
+                if stalls.cut(&polled, cx) {
+                    let e = stalls.cut_error(guard.as_ref());
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(e)));
+                }
                 let ended = body.is_end_stream();
                 match &polled {
                     Poll::Ready(None) => this.finish(true),

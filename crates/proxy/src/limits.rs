@@ -1,7 +1,7 @@
 //! Limits against hostile or broken peers: how long and how big a request head may be, how
 //! many client connections may be open at once (and which ones give way when there are too
 //! many), how long a client may pause while sending a body, and how long an upstream may take
-//! to connect and to answer. It owns the numbers ([`Limits`]), the connection slots
+//! to connect, to answer and to send the next piece of a response body. It owns the numbers ([`Limits`]), the connection slots
 //! ([`Slots`]), the open-file limit of the process and the timed client body ([`TimedBody`]);
 //! it must not route or rewrite headers (that is `forward`).
 //!
@@ -53,6 +53,10 @@ pub struct Limits {
     /// How long a client may pause while sending a request body before the request gets 408.
     /// nginx: `client_body_timeout 60s`.
     pub body_timeout: Duration,
+    /// How long a target may pause in the middle of a response body (while the client waits
+    /// for more) before the response is cut. Not for upgraded connections (WebSockets), which
+    /// end at a switch's drain deadline. nginx: `proxy_read_timeout 60s` between two reads.
+    pub upstream_body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -66,6 +70,7 @@ impl Default for Limits {
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_header_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
         }
     }
 }

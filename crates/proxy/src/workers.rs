@@ -190,8 +190,11 @@ async fn worker(
         }
     };
     let reaper = tokio::spawn(upstream::reaper());
+    let limits = &w.shared.config.limits;
     let ticker = tokio::spawn(deadline::ticker(deadline::tick_for(
-        w.shared.config.limits.upstream_header_timeout,
+        limits
+            .upstream_header_timeout
+            .min(limits.upstream_body_timeout),
     )));
     let (conns_tx, mut conns_rx) = mpsc::channel::<()>(1);
     // TLS connections stay on the worker that took them (their session state is not handed

@@ -1,7 +1,7 @@
 //! Large and broken bodies through the edge proxy, over real sockets on loopback: a 1 GiB
 //! upload, a 1 GiB download to a slow client and 1 GiB from an upstream that sends it slowly
-//! are streamed with flat memory, and an upstream that closes mid-response ends that response
-//! only.
+//! are streamed with flat memory, and an upstream that closes or stalls mid-response ends that
+//! response only.
 
 mod support;
 
@@ -18,6 +18,8 @@ const GIB: u64 = 1 << 30;
 /// How long `/slow` stops between two quarters of its body: longer than the limits the test of
 /// it sets for the response head and for idle connections.
 const SLOW_PAUSE: Duration = Duration::from_millis(1500);
+/// How long `/stall` stops in the middle of its body.
+const STALL: Duration = Duration::from_secs(4);
 
 /// This process's resident set, in KiB.
 fn rss_kib() -> u64 {
@@ -63,7 +65,7 @@ impl Drop for Peak {
 /// A raw backend: `/up` answers 200; `/sink` reads a Content-Length body and answers how many
 /// bytes it got; `/source` answers 1 GiB of zeros; `/slow` answers 1 GiB of zeros, stopping for
 /// [`SLOW_PAUSE`] after each quarter but the last; `/cut` promises 1,000 bytes, sends 10 and
-/// closes.
+/// closes; `/stall` promises 20 bytes, sends 10, stops for [`STALL`] and sends the rest.
 fn backend() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -101,6 +103,13 @@ fn serve(s: TcpStream) {
                     }
                 }
             }
+            "/stall" => {
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\n0123456789");
+                thread::sleep(STALL);
+                if w.write_all(b"abcdefghij").is_err() {
+                    return;
+                }
+            }
             "/cut" => {
                 let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789");
                 return;
@@ -117,6 +126,20 @@ fn serve(s: TcpStream) {
             }
         }
     }
+}
+
+/// A proxy in `dir` with `app.test` routed to a new [`backend`], allowing the upstream a pause
+/// of 1 s mid-body (`upstream_body_timeout`).
+fn impatient_proxy(dir: &TempDir) -> TestProxy {
+    let proxy = TestProxy::start_with(
+        dir.path(),
+        cutover_proxy::Limits {
+            upstream_body_timeout: Duration::from_secs(1),
+            ..cutover_proxy::Limits::default()
+        },
+    );
+    proxy.deploy("app", backend()).unwrap();
+    proxy
 }
 
 #[test]
@@ -158,9 +181,9 @@ fn a_1_gib_upload_is_streamed_with_flat_memory() {
 #[test]
 fn a_1_gib_download_to_a_slow_client_is_streamed_with_flat_memory() {
     let dir = TempDir::new("download");
-    let app = backend();
-    let proxy = TestProxy::start(dir.path());
-    proxy.deploy("app", app).unwrap();
+    // The client's own stall (3 s) is longer than the upstream's allowance: a body the client
+    // does not ask for is not the upstream pausing.
+    let proxy = impatient_proxy(&dir);
     let before = rss_kib();
     let peak = Peak::start();
     let mut s = TcpStream::connect(proxy.addr).unwrap();
@@ -204,6 +227,8 @@ fn an_upstream_that_sends_1_gib_slowly_is_streamed_past_the_head_and_idle_timeou
         cutover_proxy::Limits {
             upstream_header_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            // Above each pause, below their sum: pauses are timed one by one.
+            upstream_body_timeout: Duration::from_secs(3),
             ..cutover_proxy::Limits::default()
         },
     );
@@ -265,6 +290,37 @@ fn an_upstream_that_closes_mid_response_ends_that_response_only() {
     assert!(text.ends_with("\r\n\r\n0123456789"), "{text}");
     assert!(r.is_ok(), "closed, not hung: {r:?}");
     for _ in 0..5 {
+        assert_eq!(get(proxy.addr, "app.test", "/").status, 200);
+    }
+}
+
+#[test]
+fn an_upstream_that_stalls_mid_response_has_it_cut_at_the_body_timeout() {
+    let dir = TempDir::new("stall");
+    let proxy = impatient_proxy(&dir);
+    // A request without a body and one with a body take different paths to the upstream.
+    for request in [
+        "GET /stall HTTP/1.1\r\nHost: app.test\r\n\r\n",
+        "POST /stall HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n\r\nhello",
+    ] {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(proxy.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let r = s.read_to_end(&mut got);
+        let took = t.elapsed();
+        let text = String::from_utf8_lossy(&got);
+        println!("stalled response: {r:?} after {took:?}: {text:?}");
+        // The head and the first 10 bytes, then the connection closes: short of the length,
+        // before the upstream would have gone on.
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("\r\n\r\n0123456789"), "{text}");
+        assert!(r.is_ok(), "closed, not hung: {r:?}");
+        assert!(
+            took >= Duration::from_secs(1) && took < STALL,
+            "cut after {took:?}"
+        );
         assert_eq!(get(proxy.addr, "app.test", "/").status, 200);
     }
 }

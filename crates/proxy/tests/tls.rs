@@ -838,6 +838,29 @@ fn h2_bodies_app(cut: Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAdd
 /// (1 MiB) or of the client (hyper's).
 const BIG: usize = 8 * 1024 * 1024;
 
+/// An HTTP/2 connection (hyper's client) to `proxy` for `site.test`, trusting `ca`.
+async fn h2_client(
+    proxy: &TlsProxy,
+    ca: &Ca,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(proxy.tls_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("site.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(ca.roots(), b"h2"))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    h2
+}
+
 /// Sends a request over an HTTP/2 connection (hyper's client) once it is ready; its response.
 async fn h2_send(
     h2: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
@@ -863,28 +886,14 @@ async fn h2_send(
 /// gets the proxy's own 404, with its text, `Content-Length` and `Date`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_bodies_cross_the_flow_control_windows_and_a_reset_cancels_only_its_stream() {
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::BodyExt;
     let (dir, ca, _blue) = site("tls-h2-bodies");
     let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let app = h2_bodies_app(cut.clone());
     let proxy = TlsProxy::start(dir.path(), files_mode(dir.path()), false, (0, 0));
     proxy.deploy("web", app, &["site.test"]).await;
 
-    let tcp = tokio::net::TcpStream::connect(proxy.tls_addr)
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("site.test").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(client_config(ca.roots(), b"h2"))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake::<_, _, Full<bytes::Bytes>>(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut h2 = h2_client(&proxy, &ca).await;
 
     // Upload.
     let upload: Vec<u8> = (0..3 * 1024 * 1024).map(pattern).collect();
@@ -937,5 +946,50 @@ async fn http2_bodies_cross_the_flow_control_windows_and_a_reset_cancels_only_it
     assert!(date.ends_with(" GMT"), "{date}");
     let text = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&text[..], b"no service for this host\n");
+    proxy.stop().unwrap();
+}
+
+/// An app that pauses mid-body past `upstream_body_timeout` under an HTTP/2 client: that
+/// stream is reset (the client sees its body fail, not end as if complete), the proxy closes
+/// the app's connection, and the client connection's other streams go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_stalls_mid_body_over_http2_has_only_its_stream_reset() {
+    use http_body_util::BodyExt;
+    let (dir, ca, _blue) = site("tls-h2-stall");
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = h2_bodies_app(cut.clone());
+    let limits = Limits {
+        upstream_body_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let proxy = TlsProxy::start_limited(dir.path(), files_mode(dir.path()), limits);
+    proxy.deploy("web", app, &["site.test"]).await;
+    let mut h2 = h2_client(&proxy, &ca).await;
+
+    // `/trickle` sends 16 KiB of the 1 MiB it promised, then nothing.
+    let t = std::time::Instant::now();
+    let resp = h2_send(&mut h2, "GET", "https://site.test/trickle", vec![]).await;
+    assert_eq!(resp.status(), 200);
+    let got = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the stalled stream was not reset");
+    let took = t.elapsed();
+    println!("stalled HTTP/2 stream: {got:?} after {took:?}");
+    assert!(got.is_err(), "a cut body must not look complete");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    until(
+        "the proxy to close the stalled app's connection",
+        Duration::from_secs(10),
+        || std::future::ready(cut.load(std::sync::atomic::Ordering::SeqCst)),
+    )
+    .await;
+    // The same client connection still serves.
+    let resp = h2_send(&mut h2, "GET", "https://site.test/up", vec![]).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&text[..], b"ok");
     proxy.stop().unwrap();
 }

@@ -47,6 +47,7 @@ fn proxy_limits(arg: &str) -> Result<cutover_proxy::Limits, i32> {
         upstream_connect_timeout: l.upstream_connect_timeout,
         upstream_header_timeout: l.upstream_header_timeout,
         body_timeout: l.body_timeout,
+        upstream_body_timeout: l.upstream_body_timeout,
     })
 }
 
