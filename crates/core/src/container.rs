@@ -40,6 +40,7 @@ pub(crate) struct RawProxy {
     upstream_header_timeout: Option<String>,
     body_timeout: Option<String>,
     upstream_body_timeout: Option<String>,
+    send_timeout: Option<String>,
     // HTTPS (see `validate_tls`).
     tls: Option<String>,
     cert: Option<String>,
@@ -459,6 +460,7 @@ fn proxy_limits(p: &RawProxy) -> Result<Box<crate::proxy_limits::ProxyLimits>, E
         ("upstream_header_timeout", &p.upstream_header_timeout),
         ("body_timeout", &p.body_timeout),
         ("upstream_body_timeout", &p.upstream_body_timeout),
+        ("send_timeout", &p.send_timeout),
     ];
     for (key, v) in texts {
         if let Some(v) = v {

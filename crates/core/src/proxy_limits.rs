@@ -27,6 +27,9 @@ pub struct ProxyLimits {
     pub body_timeout: Duration,
     /// `upstream_body_timeout`: the longest pause of the app in a response body (cut after).
     pub upstream_body_timeout: Duration,
+    /// `send_timeout`: the longest a client may take nothing of what is sent to it (closed
+    /// after).
+    pub send_timeout: Duration,
 }
 
 impl Default for ProxyLimits {
@@ -41,6 +44,7 @@ impl Default for ProxyLimits {
             upstream_header_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -52,7 +56,7 @@ pub(crate) enum RawValue<'a> {
     Int(i64),
 }
 
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 10] = [
     "header_timeout",
     "idle_timeout",
     "max_header_bytes",
@@ -62,6 +66,7 @@ const KEYS: [&str; 9] = [
     "upstream_header_timeout",
     "body_timeout",
     "upstream_body_timeout",
+    "send_timeout",
 ];
 
 impl ProxyLimits {
@@ -101,6 +106,7 @@ impl ProxyLimits {
             "upstream_header_timeout" => self.upstream_header_timeout = dur()?,
             "body_timeout" => self.body_timeout = dur()?,
             "upstream_body_timeout" => self.upstream_body_timeout = dur()?,
+            "send_timeout" => self.send_timeout = dur()?,
             other => {
                 return Err((
                     "proxy.limits".into(),
@@ -116,7 +122,7 @@ impl ProxyLimits {
         format!(
             "header_timeout={}ms,idle_timeout={}ms,max_header_bytes={},max_headers={},max_connections={},\
              upstream_connect_timeout={}ms,upstream_header_timeout={}ms,body_timeout={}ms,\
-             upstream_body_timeout={}ms",
+             upstream_body_timeout={}ms,send_timeout={}ms",
             self.header_timeout.as_millis(),
             self.idle_timeout.as_millis(),
             self.max_header_bytes,
@@ -126,6 +132,7 @@ impl ProxyLimits {
             self.upstream_header_timeout.as_millis(),
             self.body_timeout.as_millis(),
             self.upstream_body_timeout.as_millis(),
+            self.send_timeout.as_millis(),
         )
     }
 
@@ -158,6 +165,7 @@ mod tests {
         l.set("upstream_body_timeout", RawValue::Text("10m"))
             .unwrap();
         assert_eq!(l.upstream_body_timeout, Duration::from_secs(600));
+        l.set("send_timeout", RawValue::Text("90s")).unwrap();
         assert_eq!(ProxyLimits::parse_arg(&l.to_arg()), Ok(l.clone()));
         assert_eq!(ProxyLimits::parse_arg(""), Ok(ProxyLimits::default()));
     }

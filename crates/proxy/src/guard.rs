@@ -11,7 +11,10 @@
 //!   a connection whose framing it can no longer follow (bytes sent behind a protocol-switch
 //!   request before its answer, or a chunked body it could not read) and that did not switch
 //!   gets `header_timeout + idle_timeout` for all the rest. These are the only header
-//!   deadlines: hyper keeps none.
+//!   deadlines: hyper keeps none;
+//! - ends a connection whose client takes none of the bytes written to it for `send_timeout`
+//!   (a client that stopped reading: it would hold its response's upstream connection for
+//!   as long as it liked). This one holds for every connection, HTTP/2 and tunnels too.
 //!
 //! hyper would answer most of these itself, but with an empty body, and it reads a request
 //! with both `Content-Length` and `Transfer-Encoding` as chunked (dropping the length) instead
@@ -694,6 +697,9 @@ pub(crate) struct Guard<S> {
     pending_at: usize,
     /// An HTTP/2 connection whose first request [`Guard::first_head`] has not read yet.
     h2_first: bool,
+    send_timeout: Duration,
+    /// How long the client has taken no byte of what is written to it.
+    send_pause: crate::deadline::Pause,
 }
 
 impl<S> Guard<S> {
@@ -736,6 +742,8 @@ impl<S> Guard<S> {
             pending: Vec::new(),
             pending_at: 0,
             h2_first: !http1,
+            send_timeout: limits.send_timeout,
+            send_pause: crate::deadline::Pause::default(),
         };
         (guard, rx)
     }
@@ -1143,13 +1151,33 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
     }
 }
 
+impl<S> Guard<S> {
+    /// A write (or flush) to the client polled with this outcome: a pending one past
+    /// `send_timeout` in one pause ends the connection.
+    fn sent<T>(&mut self, polled: Poll<io::Result<T>>, cx: &Context<'_>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.send_pause.progressed();
+            return polled;
+        }
+        if self.send_pause.waiting(self.send_timeout, cx.waker()) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing written to it within send_timeout",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().inner()?).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(this.inner()?).poll_write(cx, buf);
+        this.sent(polled, cx)
     }
 
     fn poll_write_vectored(
@@ -1157,7 +1185,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().inner()?).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(this.inner()?).poll_write_vectored(cx, bufs);
+        this.sent(polled, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -1165,7 +1195,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().inner()?).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(this.inner()?).poll_flush(cx);
+        this.sent(polled, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

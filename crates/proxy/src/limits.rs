@@ -1,8 +1,9 @@
 //! Limits against hostile or broken peers: how long and how big a request head may be, how
 //! many client connections may be open at once (and which ones give way when there are too
-//! many), how long a client may pause while sending a body, and how long an upstream may take
-//! to connect, to answer and to send the next piece of a response body. It owns the numbers ([`Limits`]), the connection slots
-//! ([`Slots`]), the open-file limit of the process and the timed client body ([`TimedBody`]);
+//! many), how long a client may pause while sending a body or reading a response, and how
+//! long an upstream may take to connect, to answer and to send the next piece of a response
+//! body. It owns the numbers ([`Limits`]), the connection slots ([`Slots`]), the open-file
+//! limit of the process and the timed client body ([`TimedBody`]);
 //! it must not route or rewrite headers (that is `forward`).
 //!
 //! Invariants:
@@ -57,6 +58,9 @@ pub struct Limits {
     /// for more) before the response is cut. Not for upgraded connections (WebSockets), which
     /// end at a switch's drain deadline. nginx: `proxy_read_timeout 60s` between two reads.
     pub upstream_body_timeout: Duration,
+    /// How long a client may take none of the bytes the proxy writes to it (a response, a
+    /// tunnel's data) before its connection is closed. nginx: `send_timeout 60s`.
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -71,6 +75,7 @@ impl Default for Limits {
             upstream_header_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -194,7 +194,8 @@ async fn worker(
     let ticker = tokio::spawn(deadline::ticker(deadline::tick_for(
         limits
             .upstream_header_timeout
-            .min(limits.upstream_body_timeout),
+            .min(limits.upstream_body_timeout)
+            .min(limits.send_timeout),
     )));
     let (conns_tx, mut conns_rx) = mpsc::channel::<()>(1);
     // TLS connections stay on the worker that took them (their session state is not handed

@@ -1,7 +1,7 @@
 //! Large and broken bodies through the edge proxy, over real sockets on loopback: a 1 GiB
 //! upload, a 1 GiB download to a slow client and 1 GiB from an upstream that sends it slowly
-//! are streamed with flat memory, and an upstream that closes or stalls mid-response ends that
-//! response only.
+//! are streamed with flat memory, an upstream that closes or stalls mid-response ends that
+//! response only, and a client that stops reading is disconnected while a slow one is not.
 
 mod support;
 
@@ -323,4 +323,70 @@ fn an_upstream_that_stalls_mid_response_has_it_cut_at_the_body_timeout() {
         );
         assert_eq!(get(proxy.addr, "app.test", "/").status, 200);
     }
+}
+
+#[test]
+fn a_client_that_stops_reading_is_disconnected_at_the_send_timeout_and_a_slow_one_is_not() {
+    let dir = TempDir::new("send");
+    let proxy = TestProxy::start_with(
+        dir.path(),
+        cutover_proxy::Limits {
+            send_timeout: Duration::from_secs(2),
+            ..cutover_proxy::Limits::default()
+        },
+    );
+    proxy.deploy("app", backend()).unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let download = || {
+        let mut s = TcpStream::connect(proxy.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /source HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        s
+    };
+    // Slow: at most 256 KiB every 100 ms for 4 s, far less than the proxy could send; then
+    // the rest at once. (The kernel tells the proxy it may write again only once about a third
+    // of its 4 MiB send buffer is free: a reader must take that much within the timeout.)
+    let mut s = download();
+    let mut total = 0u64;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        total += s.read(&mut buf).unwrap() as u64;
+        thread::sleep(Duration::from_millis(100));
+    }
+    println!("slow reader: {total} bytes in {:?}", t.elapsed());
+    loop {
+        match s.read(&mut buf).unwrap() {
+            0 => break,
+            n => total += n as u64,
+        }
+    }
+    println!("slow reader, then fast: {total} bytes");
+    assert!(total > GIB && total < GIB + 1024, "{total}");
+
+    // Stopped: 1 MiB read, then nothing for 5 s.
+    let mut s = download();
+    let mut total = 0u64;
+    while total < 1 << 20 {
+        total += s.read(&mut buf).unwrap() as u64;
+    }
+    assert_eq!(proxy.status().services[0].in_flight, 1);
+    thread::sleep(Duration::from_secs(5));
+    // The app's connection was let go, and a normal client is served.
+    assert_eq!(proxy.status().services[0].in_flight, 0);
+    assert_eq!(get(proxy.addr, "app.test", "/").status, 200);
+    // What was in the sockets' buffers, then the end: far short of the body.
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "closed".to_string(),
+            Ok(n) => total += n as u64,
+            Err(e) => break e.to_string(),
+        }
+    };
+    println!("stopped reader: {total} bytes, then {end}");
+    assert!(total < GIB / 4, "{total}");
+    assert!(
+        end == "closed" || end.contains("reset"),
+        "ended by {end}, not by the proxy"
+    );
 }

@@ -48,6 +48,7 @@ fn proxy_limits(arg: &str) -> Result<cutover_proxy::Limits, i32> {
         upstream_header_timeout: l.upstream_header_timeout,
         body_timeout: l.body_timeout,
         upstream_body_timeout: l.upstream_body_timeout,
+        send_timeout: l.send_timeout,
     })
 }
 
