@@ -293,6 +293,10 @@ pub(crate) async fn serve_one(
     )
     .await;
     drop(busy);
+    if !h1 {
+        resp.body_mut()
+            .time_client(&slot.state, shared.config.limits.send_timeout);
+    }
     if let Some(log) = &shared.access {
         let (method, host, uri) = match &logged.seen {
             Some(seen) => (&seen.method, seen.host.as_ref(), &seen.uri),
@@ -1009,9 +1013,46 @@ pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBod
 /// and its current pause. Past it the response is cut: the client sees it end short of its
 /// length (HTTP/1.1: the connection closes; HTTP/2: the stream is reset), as if the upstream
 /// had closed, and the upstream connection is closed.
+///
+/// Over HTTP/2 it also times the other side: a piece handed on that the client does not take
+/// (it sends no window update) for `send_timeout` closes the client's connection
+/// ([`ClientSide`]). Over HTTP/1.1 the guard times the writes to the client instead.
 pub(crate) struct Stalls {
     limit: Duration,
     pause: deadline::Pause,
+    client: ClientSide,
+}
+
+/// Who times the client's taking of a response body.
+enum ClientSide {
+    /// The guard, on the connection's socket (HTTP/1.1).
+    Socket,
+    /// This body (HTTP/2): the connection to cut, and `send_timeout`; nothing handed has
+    /// waited yet.
+    H2(Arc<limits::ConnState>, Duration),
+    /// This body (HTTP/2), its alarm made.
+    H2Armed(Box<ClientWait>),
+}
+
+/// An HTTP/2 body's wait for its client to take the piece it was handed.
+struct ClientWait {
+    limit: Duration,
+    pause: deadline::Pause,
+    /// Woken by the ticker when the wait passes `limit`: cuts the connection.
+    cut: std::task::Waker,
+}
+
+/// The waker that cuts an HTTP/2 connection whose client left a piece untaken too long.
+struct CutConn(Arc<limits::ConnState>);
+
+impl std::task::Wake for CutConn {
+    fn wake(self: Arc<Self>) {
+        self.0.cut_stalled();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.cut_stalled();
+    }
 }
 
 impl Stalls {
@@ -1019,6 +1060,31 @@ impl Stalls {
         Stalls {
             limit,
             pause: deadline::Pause::default(),
+            client: ClientSide::Socket,
+        }
+    }
+
+    /// The client asked for the next piece: what it was handed has been taken.
+    fn pulled(&mut self) {
+        if let ClientSide::H2Armed(wait) = &mut self.client {
+            wait.pause.progressed();
+        }
+    }
+
+    /// A piece was handed on and more is to come: over HTTP/2 the client has `send_timeout`
+    /// to take it.
+    fn handed(&mut self) {
+        if let ClientSide::H2(conn, limit) = &self.client {
+            self.client = ClientSide::H2Armed(Box::new(ClientWait {
+                limit: *limit,
+                pause: deadline::Pause::default(),
+                cut: std::task::Waker::from(Arc::new(CutConn(conn.clone()))),
+            }));
+        }
+        if let ClientSide::H2Armed(wait) = &mut self.client {
+            if wait.pause.waiting(wait.limit, &wait.cut) {
+                wait.cut.wake_by_ref();
+            }
         }
     }
 
@@ -1069,6 +1135,14 @@ pub(crate) enum ProxyBody {
 }
 
 impl ProxyBody {
+    /// An HTTP/2 response: its client has `limit` to take each piece it is handed, or its
+    /// connection `conn` is cut (see [`Stalls`]).
+    fn time_client(&mut self, conn: &Arc<limits::ConnState>, limit: Duration) {
+        if let ProxyBody::Upstream { stalls, .. } | ProxyBody::Direct { stalls, .. } = self {
+            stalls.client = ClientSide::H2(conn.clone(), limit);
+        }
+    }
+
     /// The upstream body is over: pools its connection if it ended cleanly, and releases the
     /// in-flight guard.
     fn finish(&mut self, clean: bool) {
@@ -1120,7 +1194,8 @@ impl Body for ProxyBody {
                 guard,
                 ..
             } => {
-                let polled = Pin::new(body).poll_frame(cx);
+                stalls.pulled();
+                let polled = Pin::new(&mut *body).poll_frame(cx);
                 if stalls.cut(&polled, cx) {
                     let e = stalls.cut_error(guard.as_ref());
                     this.finish(false);
@@ -1129,6 +1204,7 @@ impl Body for ProxyBody {
                 match &polled {
                     Poll::Ready(None) => this.finish(true),
                     Poll::Ready(Some(Err(_))) => this.finish(false),
+                    Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => stalls.handed(),
                     _ => {}
                 }
                 polled.map(|f| f.map(|r| r.map_err(Into::into)))
@@ -1138,6 +1214,7 @@ impl Body for ProxyBody {
                 stalls,
                 guard,
             } => {
+                stalls.pulled();
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 if stalls.cut(&polled, cx) {
                     let e = stalls.cut_error(guard.as_ref());
@@ -1149,6 +1226,7 @@ impl Body for ProxyBody {
                     Poll::Ready(None) => this.finish(true),
                     Poll::Ready(Some(Err(_))) => this.finish(false),
                     Poll::Ready(Some(Ok(_))) if ended => this.finish(true),
+                    Poll::Ready(Some(Ok(_))) => stalls.handed(),
                     _ => {}
                 }
                 polled.map(|f| f.map(|r| r.map_err(Into::into)))

@@ -59,7 +59,8 @@ pub struct Limits {
     /// end at a switch's drain deadline. nginx: `proxy_read_timeout 60s` between two reads.
     pub upstream_body_timeout: Duration,
     /// How long a client may take none of the bytes the proxy writes to it (a response, a
-    /// tunnel's data) before its connection is closed. nginx: `send_timeout 60s`.
+    /// tunnel's data), or over HTTP/2 leave a piece of a response untaken (no window update),
+    /// before its connection is closed. nginx: `send_timeout 60s`.
     pub send_timeout: Duration,
 }
 
@@ -149,6 +150,9 @@ pub(crate) struct ConnState {
     move_to: AtomicUsize,
     /// `started` when [`Slots::ask_to_move`] last looked.
     seen: AtomicUsize,
+    /// One of its HTTP/2 streams waited longer than `send_timeout` for its client to take
+    /// the next piece of a response (flow control): the connection is to be closed at once.
+    stalled: AtomicBool,
     /// Wakes the connection's task when it is asked to close.
     pub(crate) close: Notify,
 }
@@ -167,6 +171,18 @@ impl ConnState {
             self.busy.load(Ordering::Relaxed) > 0,
             self.started.load(Ordering::Relaxed),
         )
+    }
+
+    /// A stream of this (HTTP/2) connection waited too long for its client: close the
+    /// connection at once, streams and all.
+    pub(crate) fn cut_stalled(&self) {
+        self.stalled.store(true, Ordering::Relaxed);
+        self.close.notify_one();
+    }
+
+    /// Whether [`ConnState::cut_stalled`] was called.
+    pub(crate) fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     /// The connection is a tunnel from now on.
@@ -312,6 +328,7 @@ impl Slots {
             movable: AtomicBool::new(false),
             move_to: AtomicUsize::new(NO_WORKER),
             seen: AtomicUsize::new(0),
+            stalled: AtomicBool::new(false),
             close: Notify::new(),
         });
         if let Ok(mut conns) = self.conns.lock() {

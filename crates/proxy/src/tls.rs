@@ -275,7 +275,11 @@ async fn serve(
                 return std::task::Poll::Ready(End::Finished);
             }
             if close.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(End::Close);
+                return std::task::Poll::Ready(if state.is_stalled() {
+                    End::Cut
+                } else {
+                    End::Close
+                });
             }
             if !http1 && idle.as_mut().poll(cx).is_ready() {
                 return std::task::Poll::Ready(End::Close);
@@ -292,7 +296,14 @@ async fn serve(
             std::task::Poll::Pending
         })
         .await;
-        if end == End::Close {
+        if end == End::Cut {
+            // A stream's client left a response untaken past `send_timeout` (no window
+            // update): dropped at once, every stream with it, and their upstream connections.
+            crate::log::line(format_args!(
+                "client {peer}: an HTTP/2 response waited {} ms for the client to take it: connection closed",
+                lim.send_timeout.as_millis()
+            ));
+        } else if end == End::Close {
             // Idle too long, or asked to close by the slots: a GOAWAY (HTTP/2) or `Connection:
             // close` (HTTP/1.1); a request in flight still finishes.
             conn.as_mut().graceful_shutdown();
@@ -321,6 +332,8 @@ enum End {
     Finished,
     Stop,
     Close,
+    /// Closed at once: see [`crate::limits::ConnState::cut_stalled`].
+    Cut,
 }
 
 /// Resolves once an HTTP/2 connection has had no request in flight and none started for

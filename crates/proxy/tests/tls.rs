@@ -838,11 +838,25 @@ fn h2_bodies_app(cut: Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAdd
 /// (1 MiB) or of the client (hyper's).
 const BIG: usize = 8 * 1024 * 1024;
 
-/// An HTTP/2 connection (hyper's client) to `proxy` for `site.test`, trusting `ca`.
+/// An HTTP/2 connection (hyper's client) to `proxy` for `site.test`, trusting `ca`, with
+/// hyper's default windows.
 async fn h2_client(
     proxy: &TlsProxy,
     ca: &Ca,
 ) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    h2_client_with(proxy, ca, None).await.0
+}
+
+/// [`h2_client`] with its stream and connection windows set to `window` bytes, and the
+/// connection's task.
+async fn h2_client_with(
+    proxy: &TlsProxy,
+    ca: &Ca,
+    window: Option<u32>,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     let tcp = tokio::net::TcpStream::connect(proxy.tls_addr)
         .await
         .unwrap();
@@ -851,14 +865,18 @@ async fn h2_client(
         .connect(name, tcp)
         .await
         .unwrap();
-    let (h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    h2
+    let mut builder =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    if let Some(w) = window {
+        builder
+            .initial_stream_window_size(w)
+            .initial_connection_window_size(w);
+    }
+    let (h2, conn) = builder
+        .handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    (h2, tokio::spawn(conn))
 }
 
 /// Sends a request over an HTTP/2 connection (hyper's client) once it is ready; its response.
@@ -991,5 +1009,82 @@ async fn an_app_that_stalls_mid_body_over_http2_has_only_its_stream_reset() {
     assert_eq!(resp.status(), 200);
     let text = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&text[..], b"ok");
+    proxy.stop().unwrap();
+}
+
+/// An HTTP/2 client that stops taking a response (it sends no more window updates) for longer
+/// than `send_timeout` loses its connection, and the app's request is let go; one that reads
+/// slowly but steadily gets the whole body. (The proxy hands hyper up to 256 KiB at a time and
+/// is asked for more once the client has taken that: a client must take a piece that large
+/// within `send_timeout`: here about 270 KB/s against 4 s; at 160 KB/s the longest wait
+/// measured was 1.8 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_taking_a_response_is_closed_at_the_send_timeout() {
+    use http_body_util::BodyExt;
+    let (dir, ca, _blue) = site("tls-h2-send");
+    let app = h2_bodies_app(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let limits = Limits {
+        send_timeout: Duration::from_secs(4),
+        ..Limits::default()
+    };
+    let proxy = TlsProxy::start_limited(dir.path(), files_mode(dir.path()), limits);
+    proxy.deploy("web", app, &["site.test"]).await;
+    // A client with HTTP/2's smallest windows, so that not reading stops the proxy at once.
+    let connect = || h2_client_with(&proxy, &ca, Some(65_535));
+
+    // Steady: a frame every 25 ms for 5 s (at most 16 KiB each), then the rest at once.
+    let (mut h2, _conn) = connect().await;
+    let resp = h2_send(&mut h2, "GET", "https://site.test/big", vec![]).await;
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        let frame = body.frame().await.unwrap().unwrap();
+        got.extend_from_slice(frame.data_ref().unwrap());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let slow = got.len();
+    let rest = tokio::time::timeout(Duration::from_secs(20), body.collect())
+        .await
+        .expect("the download stalled")
+        .expect("the slow reader was cut")
+        .to_bytes();
+    got.extend_from_slice(&rest);
+    println!(
+        "steady HTTP/2 reader: {slow} bytes in 5 s, {} in all",
+        got.len()
+    );
+    assert_eq!(got.len(), BIG);
+    assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+
+    // Stopped: the first frame taken, then nothing.
+    let (mut h2, conn) = connect().await;
+    let resp = h2_send(&mut h2, "GET", "https://site.test/big", vec![]).await;
+    let mut body = resp.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    assert_eq!(proxy.status().await.services[0].in_flight, 1);
+    let t = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    println!(
+        "stopped HTTP/2 reader: connection ended after {:?}: {ended:?}",
+        t.elapsed()
+    );
+    assert!(ended.is_ok(), "the proxy kept the connection");
+    assert!(
+        t.elapsed() >= Duration::from_secs(4) && t.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        t.elapsed()
+    );
+    until(
+        "the app's request to leave flight",
+        Duration::from_secs(5),
+        || async { proxy.status().await.services[0].in_flight == 0 },
+    )
+    .await;
+    let a = get_once(proxy.tls_addr, "site.test", Http::H2, ca.roots(), "/up")
+        .await
+        .unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "ok"));
+    drop(body);
     proxy.stop().unwrap();
 }
