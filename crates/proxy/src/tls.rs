@@ -306,8 +306,12 @@ async fn serve(
         } else if end == End::Close {
             // Idle too long, or asked to close by the slots: a GOAWAY (HTTP/2) or `Connection:
             // close` (HTTP/1.1); a request in flight still finishes.
+            // (Unless one of those streams' client stops taking it: then at once.)
             conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stalled(&state) => {}
+            }
         } else if end == End::Stop {
             // As over plain HTTP: a keep-alive client gets one more answer (with
             // `Connection: close`); an HTTP/2 client gets a GOAWAY and its open streams finish.
@@ -316,13 +320,25 @@ async fn serve(
                 .is_err()
             {
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    () = stalled(&state) => {}
+                }
             }
         }
     }
     if let Some((stream, refusal)) = crate::guard::refused(&mut refused) {
         // Boxed: rare, and it must not grow every connection's task.
         Box::pin(crate::guard::answer(stream, refusal)).await;
+    }
+}
+
+/// Resolves once a stream of the connection waited too long for its client
+/// ([`ConnState::cut_stalled`]).
+async fn stalled(state: &ConnState) {
+    // A cut between the look and the wait leaves a permit: the wait ends at once.
+    while !state.is_stalled() {
+        state.close.notified().await;
     }
 }
 

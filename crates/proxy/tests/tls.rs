@@ -1086,5 +1086,27 @@ async fn an_http2_client_that_stops_taking_a_response_is_closed_at_the_send_time
         .unwrap();
     assert_eq!((a.status, a.body.as_str()), (200, "ok"));
     drop(body);
-    proxy.stop().unwrap();
+
+    // Stopped while the proxy shuts down: the GOAWAY does not wait for it past the timeout.
+    let (mut h2, _conn) = connect().await;
+    let resp = h2_send(&mut h2, "GET", "https://site.test/big", vec![]).await;
+    let mut body = resp.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    let t = Instant::now();
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || proxy.stop()),
+    )
+    .await;
+    println!(
+        "shutdown beside a stopped HTTP/2 reader took {:?}",
+        t.elapsed()
+    );
+    stopped
+        .expect("the proxy waited for the stopped reader")
+        .unwrap()
+        .unwrap();
+    // At the send timeout (4 s), not at the end of the shutdown's grace period (10 s).
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    drop(body);
 }
