@@ -235,25 +235,7 @@ async fn serve(
             true,
         ))
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .writev(false)
-        .half_close(true)
-        // The guard keeps the header deadlines (as over plain HTTP).
-        .header_read_timeout(None)
-        .max_buf_size(lim.max_header_bytes.max(crate::limits::MIN_READ_BUF));
-    if let Some(n) = crate::limits::hyper_max_headers(&lim) {
-        builder.http1().max_headers(n);
-    }
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        // "Rapid reset" (CVE-2023-44487): a connection whose client cancels more than 20
-        // streams before they are taken gets a GOAWAY (ENHANCE_YOUR_CALM) and is closed. It
-        // is hyper's default, set here so that a change of default cannot lift it unseen.
-        .max_pending_accept_reset_streams(20)
-        .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = server_builder(&lim);
     {
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
@@ -331,6 +313,30 @@ async fn serve(
         // Boxed: rare, and it must not grow every connection's task.
         Box::pin(crate::guard::answer(stream, refusal)).await;
     }
+}
+
+/// hyper's server for a TLS connection (HTTP/1.1 or HTTP/2, by ALPN) with the proxy's limits.
+fn server_builder(lim: &crate::limits::Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .writev(false)
+        .half_close(true)
+        // The guard keeps the header deadlines (as over plain HTTP).
+        .header_read_timeout(None)
+        .max_buf_size(lim.max_header_bytes.max(crate::limits::MIN_READ_BUF));
+    if let Some(n) = crate::limits::hyper_max_headers(lim) {
+        builder.http1().max_headers(n);
+    }
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        // "Rapid reset" (CVE-2023-44487): a connection whose client cancels more than 20
+        // streams before they are taken gets a GOAWAY (ENHANCE_YOUR_CALM) and is closed. It
+        // is hyper's default, set here so that a change of default cannot lift it unseen.
+        .max_pending_accept_reset_streams(20)
+        .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX));
+    builder
 }
 
 /// Resolves once a stream of the connection waited too long for its client
