@@ -294,8 +294,7 @@ pub(crate) async fn serve_one(
     .await;
     drop(busy);
     if !h1 {
-        resp.body_mut()
-            .time_client(&slot.state, shared.config.limits.send_timeout);
+        resp.body_mut().time_client(&slot.state);
     }
     if let Some(log) = &shared.access {
         let (method, host, uri) = match &logged.seen {
@@ -493,7 +492,7 @@ async fn forward_direct(
             resp.map(|body| ProxyBody::Direct {
                 body,
                 guard: Some(guard),
-                stalls: Stalls::new(limits.upstream_body_timeout),
+                stalls: Stalls::new(limits),
             })
         }
         Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
@@ -674,7 +673,7 @@ async fn forward_hyper(
                     body,
                     guard: Some(guard),
                     sender: Some(sender),
-                    stalls: Stalls::new(limits.upstream_body_timeout),
+                    stalls: Stalls::new(limits),
                 },
             )
         }
@@ -1016,29 +1015,32 @@ pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBod
 ///
 /// Over HTTP/2 it also times the other side: a piece handed on that the client does not take
 /// (it sends no window update) for `send_timeout` closes the client's connection
-/// ([`ClientSide`]). Over HTTP/1.1 the guard times the writes to the client instead.
+/// ([`ClientWait`]). Over HTTP/1.1 the guard times the writes to the client instead.
+///
+/// Small, as every response body carries one and hyper moves responses several times: the
+/// limits in milliseconds, and the waits' state boxed, made only once a body first waits
+/// (most bodies arrive whole with their head and never do).
 pub(crate) struct Stalls {
-    limit: Duration,
-    pause: deadline::Pause,
-    client: ClientSide,
+    waits: Option<Box<Waits>>,
+    /// HTTP/2: the client connection to cut.
+    h2: Option<Arc<limits::ConnState>>,
+    body_ms: u32,
+    send_ms: u32,
 }
 
-/// Who times the client's taking of a response body.
-enum ClientSide {
-    /// The guard, on the connection's socket (HTTP/1.1).
-    Socket,
-    /// This body (HTTP/2): the connection to cut, and `send_timeout`; nothing handed has
-    /// waited yet.
-    H2(Arc<limits::ConnState>, Duration),
-    /// This body (HTTP/2), its alarm made.
-    H2Armed(Box<ClientWait>),
+/// The waits of a body that has waited.
+#[derive(Default)]
+struct Waits {
+    /// The upstream's pause.
+    upstream: deadline::Pause,
+    /// HTTP/2: the client's wait, once a piece was handed and more was to come.
+    client: Option<ClientWait>,
 }
 
 /// An HTTP/2 body's wait for its client to take the piece it was handed.
 struct ClientWait {
-    limit: Duration,
     pause: deadline::Pause,
-    /// Woken by the ticker when the wait passes `limit`: cuts the connection.
+    /// Woken by the ticker when the wait passes `send_timeout`: cuts the connection.
     cut: std::task::Waker,
 }
 
@@ -1055,53 +1057,69 @@ impl std::task::Wake for CutConn {
     }
 }
 
+/// `d` in whole milliseconds, at most `u32::MAX` (49 days), at least 1.
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+}
+
 impl Stalls {
-    pub(crate) fn new(limit: Duration) -> Stalls {
+    pub(crate) fn new(limits: &limits::Limits) -> Stalls {
         Stalls {
-            limit,
-            pause: deadline::Pause::default(),
-            client: ClientSide::Socket,
+            waits: None,
+            h2: None,
+            body_ms: millis(limits.upstream_body_timeout),
+            send_ms: millis(limits.send_timeout),
         }
+    }
+
+    fn waits(&mut self) -> &mut Waits {
+        self.waits.get_or_insert_with(Box::default)
     }
 
     /// The client asked for the next piece: what it was handed has been taken.
     fn pulled(&mut self) {
-        if let ClientSide::H2Armed(wait) = &mut self.client {
-            wait.pause.progressed();
+        if let Some(Waits {
+            client: Some(c), ..
+        }) = self.waits.as_deref_mut()
+        {
+            c.pause.progressed();
         }
     }
 
     /// A piece was handed on and more is to come: over HTTP/2 the client has `send_timeout`
     /// to take it.
     fn handed(&mut self) {
-        if let ClientSide::H2(conn, limit) = &self.client {
-            self.client = ClientSide::H2Armed(Box::new(ClientWait {
-                limit: *limit,
-                pause: deadline::Pause::default(),
-                cut: std::task::Waker::from(Arc::new(CutConn(conn.clone()))),
-            }));
-        }
-        if let ClientSide::H2Armed(wait) = &mut self.client {
-            if wait.pause.waiting(wait.limit, &wait.cut) {
-                wait.cut.wake_by_ref();
-            }
+        let Some(conn) = &self.h2 else {
+            return;
+        };
+        let conn = conn.clone();
+        let limit = Duration::from_millis(u64::from(self.send_ms));
+        let c = self.waits().client.get_or_insert_with(|| ClientWait {
+            pause: deadline::Pause::default(),
+            cut: std::task::Waker::from(Arc::new(CutConn(conn))),
+        });
+        if c.pause.waiting(limit, &c.cut) {
+            c.cut.wake_by_ref();
         }
     }
 
     /// Whether the body, polled with this outcome, has now paused longer than allowed.
     fn cut<T>(&mut self, polled: &Poll<T>, cx: &Context<'_>) -> bool {
         if polled.is_ready() {
-            self.pause.progressed();
+            if let Some(w) = self.waits.as_deref_mut() {
+                w.upstream.progressed();
+            }
             false
         } else {
-            self.pause.waiting(self.limit, cx.waker())
+            let limit = Duration::from_millis(u64::from(self.body_ms));
+            self.waits().upstream.waiting(limit, cx.waker())
         }
     }
 
     /// Logs a cut response body and gives the error that ends it.
     fn cut_error(&self, guard: Option<&InFlight>) -> Box<dyn StdError + Send + Sync> {
         let addr = guard.map_or("-", |g| g.target().addr.as_str());
-        let ms = self.limit.as_millis();
+        let ms = self.body_ms;
         log::line(format_args!(
             "upstream {addr} sent nothing of a response body for {ms} ms: the response was cut"
         ));
@@ -1135,11 +1153,11 @@ pub(crate) enum ProxyBody {
 }
 
 impl ProxyBody {
-    /// An HTTP/2 response: its client has `limit` to take each piece it is handed, or its
-    /// connection `conn` is cut (see [`Stalls`]).
-    fn time_client(&mut self, conn: &Arc<limits::ConnState>, limit: Duration) {
+    /// An HTTP/2 response: its client has `send_timeout` to take each piece it is handed, or
+    /// its connection `conn` is cut (see [`Stalls`]).
+    fn time_client(&mut self, conn: &Arc<limits::ConnState>) {
         if let ProxyBody::Upstream { stalls, .. } | ProxyBody::Direct { stalls, .. } = self {
-            stalls.client = ClientSide::H2(conn.clone(), limit);
+            stalls.h2 = Some(conn.clone());
         }
     }
 
