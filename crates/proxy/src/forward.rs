@@ -1008,6 +1008,11 @@ pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBod
     resp
 }
 
+/// The error a response body ends with.
+type BoxError = Box<dyn StdError + Send + Sync>;
+/// What polling a response body for its next frame gives.
+type FramePoll<E> = Poll<Option<Result<Frame<Bytes>, E>>>;
+
 /// How long an upstream may pause in the middle of a response body (`upstream_body_timeout`),
 /// and its current pause. Past it the response is cut: the client sees it end short of its
 /// length (HTTP/1.1: the connection closes; HTTP/2: the stream is reset), as if the upstream
@@ -1092,15 +1097,37 @@ impl Stalls {
         let Some(conn) = &self.h2 else {
             return;
         };
-        let conn = conn.clone();
         let limit = Duration::from_millis(u64::from(self.send_ms));
-        let c = self.waits().client.get_or_insert_with(|| ClientWait {
+        let waits = self.waits.get_or_insert_with(Box::default);
+        let c = waits.client.get_or_insert_with(|| ClientWait {
             pause: deadline::Pause::default(),
-            cut: std::task::Waker::from(Arc::new(CutConn(conn))),
+            cut: std::task::Waker::from(Arc::new(CutConn(conn.clone()))),
         });
         if c.pause.waiting(limit, &c.cut) {
             c.cut.wake_by_ref();
         }
+    }
+
+    /// Polls an upstream `body` for its next piece, timing both sides (see [`Stalls`]);
+    /// `Err`: the upstream paused too long, and the error that ends the response (logged).
+    fn poll<B>(
+        &mut self,
+        body: &mut B,
+        guard: Option<&InFlight>,
+        cx: &mut Context<'_>,
+    ) -> Result<FramePoll<B::Error>, BoxError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+    {
+        self.pulled();
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        if self.cut(&polled, cx) {
+            return Err(self.cut_error(guard));
+        }
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !body.is_end_stream() {
+            self.handed();
+        }
+        Ok(polled)
     }
 
     /// Whether the body, polled with this outcome, has now paused longer than allowed.
@@ -1117,7 +1144,7 @@ impl Stalls {
     }
 
     /// Logs a cut response body and gives the error that ends it.
-    fn cut_error(&self, guard: Option<&InFlight>) -> Box<dyn StdError + Send + Sync> {
+    fn cut_error(&self, guard: Option<&InFlight>) -> BoxError {
         let addr = guard.map_or("-", |g| g.target().addr.as_str());
         let ms = self.body_ms;
         log::line(format_args!(
@@ -1212,17 +1239,16 @@ impl Body for ProxyBody {
                 guard,
                 ..
             } => {
-                stalls.pulled();
-                let polled = Pin::new(&mut *body).poll_frame(cx);
-                if stalls.cut(&polled, cx) {
-                    let e = stalls.cut_error(guard.as_ref());
-                    this.finish(false);
-                    return Poll::Ready(Some(Err(e)));
-                }
+                let polled = match stalls.poll(body, guard.as_ref(), cx) {
+                    Ok(polled) => polled,
+                    Err(e) => {
+                        this.finish(false);
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                };
                 match &polled {
                     Poll::Ready(None) => this.finish(true),
                     Poll::Ready(Some(Err(_))) => this.finish(false),
-                    Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => stalls.handed(),
                     _ => {}
                 }
                 polled.map(|f| f.map(|r| r.map_err(Into::into)))
@@ -1232,19 +1258,18 @@ impl Body for ProxyBody {
                 stalls,
                 guard,
             } => {
-                stalls.pulled();
-                let polled = Pin::new(&mut *body).poll_frame(cx);
-                if stalls.cut(&polled, cx) {
-                    let e = stalls.cut_error(guard.as_ref());
-                    this.finish(false);
-                    return Poll::Ready(Some(Err(e)));
-                }
+                let polled = match stalls.poll(body, guard.as_ref(), cx) {
+                    Ok(polled) => polled,
+                    Err(e) => {
+                        this.finish(false);
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                };
                 let ended = body.is_end_stream();
                 match &polled {
                     Poll::Ready(None) => this.finish(true),
                     Poll::Ready(Some(Err(_))) => this.finish(false),
                     Poll::Ready(Some(Ok(_))) if ended => this.finish(true),
-                    Poll::Ready(Some(Ok(_))) => stalls.handed(),
                     _ => {}
                 }
                 polled.map(|f| f.map(|r| r.map_err(Into::into)))

@@ -14,7 +14,9 @@
 //!   deadlines: hyper keeps none;
 //! - ends a connection whose client takes none of the bytes written to it for `send_timeout`
 //!   (a client that stopped reading: it would hold its response's upstream connection for
-//!   as long as it liked). This one holds for every connection, HTTP/2 and tunnels too.
+//!   as long as it liked). This one holds for every connection, HTTP/2 and tunnels too
+//!   (an HTTP/2 client can also stop by flow control alone, which no write sees: the
+//!   response body times that, `forward::Stalls`).
 //!
 //! hyper would answer most of these itself, but with an empty body, and it reads a request
 //! with both `Content-Length` and `Transfer-Encoding` as chunked (dropping the length) instead
