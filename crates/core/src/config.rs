@@ -1551,7 +1551,7 @@ interval = "100ms"
         );
         let tuned = parse(&CONTAINER.replace(
             "drain = \"5s\"",
-            "drain = \"5s\"\nheader_timeout = \"10s\"\nidle_timeout = \"20s\"\nmax_header_bytes = 8192\nmax_connections = 500",
+            "drain = \"5s\"\nheader_timeout = \"10s\"\nidle_timeout = \"20s\"\nmax_header_bytes = 8192\nmax_connections = 500\nmax_body_bytes = \"50MiB\"",
         ))
         .unwrap();
         let limits = &tuned.container().unwrap().proxy.limits;
@@ -1560,6 +1560,14 @@ interval = "100ms"
         assert_eq!(
             (limits.max_header_bytes, limits.max_connections),
             (8192, 500)
+        );
+        assert_eq!(limits.max_body_bytes, 50 << 20);
+        let in_bytes =
+            parse(&CONTAINER.replace("drain = \"5s\"", "drain = \"5s\"\nmax_body_bytes = 1048576"))
+                .unwrap();
+        assert_eq!(
+            in_bytes.container().unwrap().proxy.limits.max_body_bytes,
+            1 << 20
         );
         assert_eq!(app.health_path, "/healthz");
         assert_eq!(
@@ -1621,6 +1629,14 @@ interval = "100ms"
             (
                 CONTAINER.replace("drain = \"5s\"", "body_timeout = \"soon\""),
                 "proxy.body_timeout",
+            ),
+            (
+                CONTAINER.replace("drain = \"5s\"", "max_body_bytes = \"lots\""),
+                "proxy.max_body_bytes",
+            ),
+            (
+                CONTAINER.replace("drain = \"5s\"", "max_body_bytes = 1.5"),
+                "proxy.max_body_bytes",
             ),
         ];
         for (text, key) in cases {

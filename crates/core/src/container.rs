@@ -41,6 +41,8 @@ pub(crate) struct RawProxy {
     body_timeout: Option<String>,
     upstream_body_timeout: Option<String>,
     send_timeout: Option<String>,
+    /// A number of bytes or a string such as `"100MiB"`.
+    max_body_bytes: Option<toml::Value>,
     // HTTPS (see `validate_tls`).
     tls: Option<String>,
     cert: Option<String>,
@@ -476,6 +478,12 @@ fn proxy_limits(p: &RawProxy) -> Result<Box<crate::proxy_limits::ProxyLimits>, E
         if let Some(v) = v {
             limits.set(key, Int(v))?;
         }
+    }
+    match &p.max_body_bytes {
+        None => {}
+        Some(toml::Value::Integer(n)) => limits.set("max_body_bytes", Int(*n))?,
+        Some(toml::Value::String(s)) => limits.set("max_body_bytes", Text(s))?,
+        Some(other) => limits.set("max_body_bytes", Text(&other.to_string()))?,
     }
     Ok(Box::new(limits))
 }

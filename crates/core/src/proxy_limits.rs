@@ -30,6 +30,8 @@ pub struct ProxyLimits {
     /// `send_timeout`: the longest a client may take nothing of what is sent to it (closed
     /// after).
     pub send_timeout: Duration,
+    /// `max_body_bytes`: the largest request body (413 above); 0, the default: no cap.
+    pub max_body_bytes: u64,
 }
 
 impl Default for ProxyLimits {
@@ -45,6 +47,7 @@ impl Default for ProxyLimits {
             body_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            max_body_bytes: 0,
         }
     }
 }
@@ -56,7 +59,7 @@ pub(crate) enum RawValue<'a> {
     Int(i64),
 }
 
-const KEYS: [&str; 10] = [
+const KEYS: [&str; 11] = [
     "header_timeout",
     "idle_timeout",
     "max_header_bytes",
@@ -67,7 +70,28 @@ const KEYS: [&str; 10] = [
     "body_timeout",
     "upstream_body_timeout",
     "send_timeout",
+    "max_body_bytes",
 ];
+
+/// The largest `max_body_bytes` (1 TiB).
+const MAX_BODY_CAP: u64 = 1 << 40;
+
+/// A size: a whole number of bytes, optionally followed by `K`, `KiB`, `M`, `MiB`, `G` or
+/// `GiB` (any case, binary multiples, as nginx's `1m`), at most [`MAX_BODY_CAP`].
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift).filter(|n| *n <= MAX_BODY_CAP)
+}
 
 impl ProxyLimits {
     /// Sets one key; the error is `(proxy.KEY, message)`.
@@ -107,6 +131,19 @@ impl ProxyLimits {
             "body_timeout" => self.body_timeout = dur()?,
             "upstream_body_timeout" => self.upstream_body_timeout = dur()?,
             "send_timeout" => self.send_timeout = dur()?,
+            "max_body_bytes" => self.max_body_bytes = match value {
+                RawValue::Int(n) => u64::try_from(n).ok().filter(|n| *n <= MAX_BODY_CAP),
+                RawValue::Text(s) => parse_size(s),
+            }
+            .ok_or_else(|| {
+                err(format!(
+                    "expected a size like \"100MiB\" (bytes, or KiB, MiB, GiB; 0: no cap), got {}",
+                    match value {
+                        RawValue::Int(n) => n.to_string(),
+                        RawValue::Text(s) => format!("{s:?}"),
+                    }
+                ))
+            })?,
             other => {
                 return Err((
                     "proxy.limits".into(),
@@ -122,7 +159,7 @@ impl ProxyLimits {
         format!(
             "header_timeout={}ms,idle_timeout={}ms,max_header_bytes={},max_headers={},max_connections={},\
              upstream_connect_timeout={}ms,upstream_header_timeout={}ms,body_timeout={}ms,\
-             upstream_body_timeout={}ms,send_timeout={}ms",
+             upstream_body_timeout={}ms,send_timeout={}ms,max_body_bytes={}",
             self.header_timeout.as_millis(),
             self.idle_timeout.as_millis(),
             self.max_header_bytes,
@@ -133,6 +170,7 @@ impl ProxyLimits {
             self.body_timeout.as_millis(),
             self.upstream_body_timeout.as_millis(),
             self.send_timeout.as_millis(),
+            self.max_body_bytes,
         )
     }
 
@@ -158,6 +196,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes_read_as_nginx_and_binary_units() {
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_size("1m"), Some(1 << 20));
+        assert_eq!(parse_size("100MiB"), Some(100 << 20));
+        assert_eq!(parse_size("8 KiB"), Some(8 << 10));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("1024GiB"), Some(1 << 40));
+        assert_eq!(parse_size("1025GiB"), None);
+        assert_eq!(parse_size("1.5M"), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("99999999999999999999"), None);
+    }
+
+    #[test]
     fn round_trips_through_the_argument() {
         let mut l = ProxyLimits::default();
         l.set("header_timeout", RawValue::Text("5s")).unwrap();
@@ -166,6 +219,8 @@ mod tests {
             .unwrap();
         assert_eq!(l.upstream_body_timeout, Duration::from_secs(600));
         l.set("send_timeout", RawValue::Text("90s")).unwrap();
+        l.set("max_body_bytes", RawValue::Text("100MiB")).unwrap();
+        assert_eq!(l.max_body_bytes, 100 << 20);
         assert_eq!(ProxyLimits::parse_arg(&l.to_arg()), Ok(l.clone()));
         assert_eq!(ProxyLimits::parse_arg(""), Ok(ProxyLimits::default()));
     }
@@ -192,6 +247,16 @@ mod tests {
                 "max_connections",
                 RawValue::Int(-1),
                 "expected a number from 1 to 1000000, got -1",
+            ),
+            (
+                "max_body_bytes",
+                RawValue::Text("10 parsecs"),
+                "expected a size like \"100MiB\" (bytes, or KiB, MiB, GiB; 0: no cap), got \"10 parsecs\"",
+            ),
+            (
+                "max_body_bytes",
+                RawValue::Int(-5),
+                "expected a size like \"100MiB\" (bytes, or KiB, MiB, GiB; 0: no cap), got -5",
             ),
         ];
         for (key, value, msg) in cases {

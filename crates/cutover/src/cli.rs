@@ -336,7 +336,8 @@ pub(crate) enum ProxyCommand {
         /// Limits against hostile clients, `KEY=VALUE,...` with the `[proxy]` limit keys
         /// (header_timeout, idle_timeout, max_header_bytes, max_headers, max_connections,
         /// upstream_connect_timeout, upstream_header_timeout, body_timeout,
-        /// upstream_body_timeout, send_timeout); keys left out keep their defaults.
+        /// upstream_body_timeout, send_timeout, max_body_bytes); keys left out keep their
+        /// defaults.
         #[arg(long, default_value = "")]
         limits: String,
         /// HTTPS: off, files (--cert and --key) or acme.

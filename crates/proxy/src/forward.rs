@@ -636,12 +636,17 @@ async fn forward_hyper(
     let (body, watch) = if body.is_end_stream() {
         (ClientBody::empty(), None)
     } else {
-        let timed = TimedBody::new(body, limits.body_timeout);
+        let cap = limits.max_body_bytes;
+        if cap > 0 && body.size_hint().lower() > cap {
+            // Its Content-Length says it is too large: answered before any of it is read.
+            return client_body_fault(BodyFault::TooLarge, &service.name, limits);
+        }
+        let timed = TimedBody::new(body, limits);
         let watch = timed.watch.clone();
         // Boxed: most requests have no body, and every request's future would carry it.
         match Box::pin(ClientBody::read_ahead(timed)).await {
             Ok(b) => (b, Some(watch)),
-            Err(fault) => return client_body_fault(fault, &service.name),
+            Err(fault) => return client_body_fault(fault, &service.name, limits),
         }
     };
     let req = Request::from_parts(parts, ReqBody::Client(body));
@@ -679,7 +684,7 @@ async fn forward_hyper(
         }
         Err(_) if watch.as_ref().is_some_and(|w| w.fault() != BodyFault::None) => {
             let fault = watch.map_or(BodyFault::None, |w| w.fault());
-            client_body_fault(fault, &service.name)
+            client_body_fault(fault, &service.name, limits)
         }
         Err(f) => upstream_failed(f, &target, &service.name, limits, sent_at),
     }
@@ -946,31 +951,43 @@ async fn within<F: Future>(
     }
 }
 
-/// The answer to a request whose client failed to send its body (logged as the client's).
-fn client_body_fault(fault: BodyFault, service: &str) -> Response<ProxyBody> {
-    match fault {
-        BodyFault::TimedOut => {
-            let mut r = local(
-                StatusCode::REQUEST_TIMEOUT,
-                "request timeout: the request body stopped arriving\n",
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+/// The answer to a request whose client failed to send its body, or sent too much of it
+/// (logged as the client's). The connection is closed after it: the rest of the body is
+/// never read.
+fn client_body_fault(
+    fault: BodyFault,
+    service: &str,
+    limits: &limits::Limits,
+) -> Response<ProxyBody> {
+    let mut r = match fault {
+        BodyFault::TimedOut => local(
+            StatusCode::REQUEST_TIMEOUT,
+            "request timeout: the request body stopped arriving\n",
+        ),
+        BodyFault::TooLarge => {
+            let cap = limits.max_body_bytes;
+            log::line(format_args!(
+                "client request for service {service}: request body over max_body_bytes ({cap} bytes): 413"
+            ));
+            let mut r = local(StatusCode::PAYLOAD_TOO_LARGE, "");
+            *r.body_mut() = ProxyBody::Local(Full::new(Bytes::from(format!(
+                "content too large: request bodies here are limited to {cap} bytes\n"
+            ))));
             r
         }
-        _ => {
+        BodyFault::Malformed | BodyFault::None => {
             log::line(format_args!(
                 "client request for service {service}: malformed request body"
             ));
-            let mut r = local(
+            local(
                 StatusCode::BAD_REQUEST,
                 "bad request: malformed request body\n",
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            r
+            )
         }
-    }
+    };
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 fn log_retry(addr: &str, service: &str, e: &dyn StdError) {

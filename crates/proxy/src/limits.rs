@@ -62,6 +62,12 @@ pub struct Limits {
     /// tunnel's data), or over HTTP/2 leave a piece of a response untaken (no window update),
     /// before its connection is closed. nginx: `send_timeout 60s`.
     pub send_timeout: Duration,
+    /// The largest request body, in bytes; 0: no cap. A request that announces a larger
+    /// `Content-Length` gets 413 before anything of it is forwarded; a body that grows past it
+    /// (chunked, or HTTP/2 without a length) is cut there: its request gets 413 and its
+    /// upstream connection is closed, so the app never sees it whole. nginx:
+    /// `client_max_body_size` (1 MiB there; no cap by default here, as in Caddy).
+    pub max_body_bytes: u64,
 }
 
 impl Default for Limits {
@@ -77,6 +83,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            max_body_bytes: 0,
         }
     }
 }
@@ -468,6 +475,8 @@ pub(crate) enum BodyFault {
     TimedOut,
     /// The client sent a malformed body (bad chunked framing, or the connection ended early).
     Malformed,
+    /// The body grew past `max_body_bytes`.
+    TooLarge,
 }
 
 /// Shared between a [`TimedBody`] and the request handler, which reads it after a failed
@@ -510,6 +519,7 @@ impl BodyWatch {
         match self.fault.load(Ordering::Relaxed) {
             1 => BodyFault::TimedOut,
             2 => BodyFault::Malformed,
+            3 => BodyFault::TooLarge,
             _ => BodyFault::None,
         }
     }
@@ -519,27 +529,35 @@ impl BodyWatch {
             BodyFault::None => 0,
             BodyFault::TimedOut => 1,
             BodyFault::Malformed => 2,
+            BodyFault::TooLarge => 3,
         };
         self.fault.store(v, Ordering::Relaxed);
     }
 }
 
 /// A client's request body that fails (and says why in its [`BodyWatch`]) when the client
-/// pauses longer than the body timeout between two pieces of it.
+/// pauses longer than the body timeout between two pieces of it, or sends more than
+/// `max_body_bytes` of it.
 pub(crate) struct TimedBody {
     body: Incoming,
     timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     pub(crate) watch: Arc<BodyWatch>,
+    /// Bytes it may still carry (`u64::MAX`: no cap).
+    room: u64,
 }
 
 impl TimedBody {
-    pub(crate) fn new(body: Incoming, timeout: Duration) -> TimedBody {
+    pub(crate) fn new(body: Incoming, limits: &Limits) -> TimedBody {
         TimedBody {
             body,
-            timeout,
+            timeout: limits.body_timeout,
             sleep: None,
             watch: Arc::new(BodyWatch::default()),
+            room: match limits.max_body_bytes {
+                0 => u64::MAX,
+                cap => cap,
+            },
         }
     }
 }
@@ -568,6 +586,14 @@ impl Body for TimedBody {
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 this.sleep = None;
+                let len = f.data_ref().map_or(0, |d| d.len() as u64);
+                if len > this.room {
+                    this.watch.set(BodyFault::TooLarge);
+                    return Poll::Ready(Some(Err(Box::new(ClientBodyError(
+                        "the request body is larger than max_body_bytes",
+                    )))));
+                }
+                this.room -= len;
                 this.watch.piece();
                 if this.body.is_end_stream() {
                     this.watch.done.store(true, Ordering::Relaxed);

@@ -1085,3 +1085,79 @@ fn streamed_uploads_get_408_when_they_stall_and_are_not_cut_while_they_flow() {
     assert!(took < Duration::from_secs(4), "{took:?}");
     assert_serves(&proxy, "app.test", "a");
 }
+
+/// `body` in HTTP/1.1 chunks of `size` bytes, with the last chunk.
+fn chunked(body: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in body.chunks(size) {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+#[test]
+fn request_bodies_over_max_body_bytes_get_413_and_never_reach_the_app_whole() {
+    let dir = TempDir::new("413");
+    let app = RawBackend::start(false);
+    let proxy = TestProxy::start_with(
+        dir.path(),
+        Limits {
+            max_body_bytes: 64 * 1024,
+            ..limits()
+        },
+    );
+    proxy.deploy("app", app.addr).unwrap();
+    let too_large = "content too large: request bodies here are limited to 65536 bytes\n";
+
+    // A Content-Length over the cap: 413 before any of the body is sent, and, asked to
+    // confirm first (`Expect: 100-continue`, as curl does for large uploads), no 100 before it.
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let head = format!(
+            "POST /announced HTTP/1.1\r\nHost: app.test\r\nContent-Length: 65537\r\n{expect}\r\n"
+        );
+        let out = raw(proxy.addr, head.as_bytes());
+        assert!(out.starts_with("HTTP/1.1 413 "), "{expect:?}: {out}");
+        assert_eq!(body_of(&out), too_large);
+    }
+
+    // At the cap, with a length or chunked: forwarded whole.
+    let body = vec![b'x'; 64 * 1024];
+    let mut exact = b"POST /exact HTTP/1.1\r\nHost: app.test\r\nContent-Length: 65536\r\nConnection: close\r\n\r\n".to_vec();
+    exact.extend_from_slice(&body);
+    let out = raw(proxy.addr, &exact);
+    assert_eq!((status_of(&out), body_of(&out)), (200, "ok\n"), "{out}");
+    let mut small = b"POST /small-chunked HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    small.extend_from_slice(&chunked(&body, 8 * 1024));
+    let out = raw(proxy.addr, &small);
+    assert_eq!((status_of(&out), body_of(&out)), (200, "ok\n"), "{out}");
+
+    // Chunked past the cap: cut there (past the read-ahead, so its start was already on its
+    // way to the app), 413, and the app never got the body's end.
+    let mut big =
+        b"POST /big-chunked HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    big.extend_from_slice(&chunked(&vec![b'y'; 72 * 1024], 8 * 1024));
+    let out = raw(proxy.addr, &big);
+    assert!(out.starts_with("HTTP/1.1 413 "), "{out}");
+    assert_eq!(body_of(&out), too_large);
+
+    let r = get(proxy.addr, "app.test", "/after");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    let got = app.received();
+    assert!(!got.contains("/announced"), "{got}");
+    assert_eq!(got.matches("POST /exact ").count(), 1);
+    assert_eq!(got.matches("POST /small-chunked ").count(), 1);
+    let cut = got
+        .split('\u{0}')
+        .find(|r| r.starts_with("POST /big-chunked "))
+        .unwrap_or("");
+    assert!(
+        !cut.ends_with("\r\n0\r\n\r\n") && cut.len() < 72 * 1024,
+        "the app got {} bytes of the oversized request, ending {:?}",
+        cut.len(),
+        &cut[cut.len().saturating_sub(10)..]
+    );
+}

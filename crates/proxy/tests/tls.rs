@@ -785,11 +785,9 @@ fn h2_bodies_app(cut: Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAdd
                 let mut r = std::io::BufReader::new(s.try_clone().unwrap());
                 let mut w = s;
                 loop {
-                    let Some((path, length)) = support::read_head(&mut r) else {
+                    let Some((path, body)) = support::read_request(&mut r) else {
                         return;
                     };
-                    let mut body = Vec::new();
-                    (&mut r).take(length).read_to_end(&mut body).unwrap();
                     let (head, text): (String, Vec<u8>) = match path.as_str() {
                         "/big" => (
                             format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n"),
@@ -848,15 +846,20 @@ async fn h2_client(
 }
 
 /// [`h2_client`] with its stream and connection windows set to `window` bytes, and the
-/// connection's task.
-async fn h2_client_with(
+/// connection's task; its requests' bodies are of type `B`.
+async fn h2_client_with<B>(
     proxy: &TlsProxy,
     ca: &Ca,
     window: Option<u32>,
 ) -> (
-    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    hyper::client::conn::http2::SendRequest<B>,
     tokio::task::JoinHandle<hyper::Result<()>>,
-) {
+)
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::net::TcpStream::connect(proxy.tls_addr)
         .await
         .unwrap();
@@ -1109,4 +1112,91 @@ async fn an_http2_client_that_stops_taking_a_response_is_closed_at_the_send_time
     // At the send timeout (4 s), not at the end of the shutdown's grace period (10 s).
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     drop(body);
+}
+
+/// A request body sent as its pieces, of no announced length (so HTTP/2 sends no
+/// `content-length`).
+struct Pieces(std::collections::VecDeque<bytes::Bytes>);
+
+impl hyper::body::Body for Pieces {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// `max_body_bytes` over HTTP/2: a `content-length` over it gets 413 without the app seeing the
+/// request; a body without a length is cut where it passes the cap (413), one within it is
+/// forwarded whole; and the connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_request_bodies_over_max_body_bytes_get_413() {
+    use http_body_util::BodyExt;
+    let (dir, ca, _blue) = site("tls-h2-413");
+    let app = h2_bodies_app(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let limits = Limits {
+        max_body_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    let proxy = TlsProxy::start_limited(dir.path(), files_mode(dir.path()), limits);
+    proxy.deploy("web", app, &["site.test"]).await;
+    let too_large = "content too large: request bodies here are limited to 65536 bytes\n";
+
+    let mut h2 = h2_client(&proxy, &ca).await;
+    let resp = h2_send(
+        &mut h2,
+        "POST",
+        "https://site.test/count",
+        vec![1; 64 * 1024 + 1],
+    )
+    .await;
+    assert_eq!(resp.status(), 413);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(std::str::from_utf8(&text).unwrap(), too_large);
+    let resp = h2_send(
+        &mut h2,
+        "POST",
+        "https://site.test/count",
+        vec![1; 64 * 1024],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        std::str::from_utf8(&text).unwrap(),
+        format!("{} {}", 64 * 1024, 64 * 1024)
+    );
+
+    let (mut streamed, _conn) = h2_client_with::<Pieces>(&proxy, &ca, None).await;
+    for (pieces, status, answer) in [
+        (8, 200, format!("{} {}", 64 * 1024, 64 * 1024)),
+        (9, 413, too_large.to_string()),
+    ] {
+        streamed.ready().await.unwrap();
+        let body = Pieces(
+            (0..pieces)
+                .map(|_| bytes::Bytes::from(vec![1u8; 8 * 1024]))
+                .collect(),
+        );
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("https://site.test/count")
+            .version(Version::HTTP_2)
+            .body(body)
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), streamed.send_request(req))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(resp.status(), status, "{pieces} pieces of 8 KiB");
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(std::str::from_utf8(&text).unwrap(), answer);
+    }
+    let resp = h2_send(&mut h2, "GET", "https://site.test/up", vec![]).await;
+    assert_eq!(resp.status(), 200);
+    proxy.stop().unwrap();
 }

@@ -49,6 +49,7 @@ fn proxy_limits(arg: &str) -> Result<cutover_proxy::Limits, i32> {
         body_timeout: l.body_timeout,
         upstream_body_timeout: l.upstream_body_timeout,
         send_timeout: l.send_timeout,
+        max_body_bytes: l.max_body_bytes,
     })
 }
 

@@ -702,22 +702,52 @@ fn worker(opts: &LoadOpts, stop: &AtomicBool, ok: &AtomicU64, started: Instant) 
 /// Reads an HTTP/1.1 request head from `r` (a test app's side of a connection): its path and
 /// its `Content-Length` (0 if none). `None`: the connection ended first.
 pub fn read_head(r: &mut impl std::io::BufRead) -> Option<(String, u64)> {
+    head(r).map(|(path, length, _)| (path, length))
+}
+
+/// [`read_head`], and whether the body is chunked.
+fn head(r: &mut impl std::io::BufRead) -> Option<(String, u64, bool)> {
     let mut line = String::new();
     if r.read_line(&mut line).unwrap_or(0) == 0 {
         return None;
     }
     let path = line.split(' ').nth(1).unwrap_or("").to_string();
-    let mut length = 0u64;
+    let (mut length, mut chunked) = (0u64, false);
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).unwrap_or(0) == 0 {
             return None;
         }
         if h == "\r\n" {
-            return Some((path, length));
+            return Some((path, length, chunked));
         }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+        let h = h.to_ascii_lowercase();
+        if let Some(v) = h.strip_prefix("content-length:") {
             length = v.trim().parse().unwrap();
         }
+        chunked |= h.starts_with("transfer-encoding:") && h.contains("chunked");
+    }
+}
+
+/// Reads an HTTP/1.1 request from `r`: its path and its body (by `Content-Length`, or
+/// chunked). `None`: the connection ended before the request did.
+pub fn read_request(r: &mut impl std::io::BufRead) -> Option<(String, Vec<u8>)> {
+    use std::io::Read;
+    let (path, length, chunked) = head(r)?;
+    let mut body = Vec::new();
+    if !chunked {
+        r.take(length).read_to_end(&mut body).ok()?;
+        return (body.len() as u64 == length).then_some((path, body));
+    }
+    loop {
+        let mut size = String::new();
+        r.read_line(&mut size).ok()?;
+        let n = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+        let mut chunk = vec![0u8; n + 2];
+        r.read_exact(&mut chunk).ok()?;
+        if n == 0 {
+            return Some((path, body));
+        }
+        body.extend_from_slice(&chunk[..n]);
     }
 }
