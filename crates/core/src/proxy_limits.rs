@@ -131,19 +131,21 @@ impl ProxyLimits {
             "body_timeout" => self.body_timeout = dur()?,
             "upstream_body_timeout" => self.upstream_body_timeout = dur()?,
             "send_timeout" => self.send_timeout = dur()?,
-            "max_body_bytes" => self.max_body_bytes = match value {
-                RawValue::Int(n) => u64::try_from(n).ok().filter(|n| *n <= MAX_BODY_CAP),
-                RawValue::Text(s) => parse_size(s),
-            }
-            .ok_or_else(|| {
-                err(format!(
+            "max_body_bytes" => {
+                self.max_body_bytes = match value {
+                    RawValue::Int(n) => u64::try_from(n).ok().filter(|n| *n <= MAX_BODY_CAP),
+                    RawValue::Text(s) => parse_size(s),
+                }
+                .ok_or_else(|| {
+                    err(format!(
                     "expected a size like \"100MiB\" (bytes, or KiB, MiB, GiB; 0: no cap), got {}",
                     match value {
                         RawValue::Int(n) => n.to_string(),
                         RawValue::Text(s) => format!("{s:?}"),
                     }
                 ))
-            })?,
+                })?
+            }
             other => {
                 return Err((
                     "proxy.limits".into(),

@@ -1,10 +1,10 @@
 //! Limits against hostile or broken peers: how long and how big a request head may be, how
 //! many client connections may be open at once (and which ones give way when there are too
-//! many), how long a client may pause while sending a body or reading a response, and how
-//! long an upstream may take to connect, to answer and to send the next piece of a response
-//! body. It owns the numbers ([`Limits`]), the connection slots ([`Slots`]), the open-file
-//! limit of the process and the timed client body ([`TimedBody`]);
-//! it must not route or rewrite headers (that is `forward`).
+//! many), how long a client may pause while sending a body or reading a response, how large
+//! a request body may be, and how long an upstream may take to connect, to answer and to send
+//! the next piece of a response body. It owns the numbers ([`Limits`]), the connection slots
+//! ([`Slots`]), the open-file limit of the process and the timed, counted client body
+//! ([`TimedBody`]); it must not route or rewrite headers (that is `forward`).
 //!
 //! Invariants:
 //! - A connection holds a slot from accept to close; past the cap an idle keep-alive
