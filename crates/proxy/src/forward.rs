@@ -255,9 +255,9 @@ async fn leave(refused: &mut guard::Refused<TcpStream>, slot: Arc<Slot>) -> Opti
             }
         }
         handed => {
-            if let Some((stream, guard::Leave::Refused(refusal))) = handed {
+            if let Some((stream, leave)) = handed {
                 // Boxed: rare, and it must not grow every connection's task.
-                Box::pin(guard::answer(stream, refusal)).await;
+                Box::pin(guard::wind_up(stream, leave)).await;
             }
             drop(slot);
             None

@@ -62,8 +62,13 @@ const VALUE_KEEP: usize = 24;
 /// that closing does not reset the answer away before the client reads it.
 const DRAIN_AFTER_REFUSAL: Duration = Duration::from_secs(1);
 
-/// A connection handed back by a dropped [`Guard`]: refused (its answer is to be written), or
-/// asked to move to another worker (see [`crate::limits::Slots::ask_to_move`]).
+/// How long the rest of a request body is read and dropped after hyper answered and closed a
+/// connection in the middle of it (see [`Leave::Linger`]).
+const LINGER: Duration = Duration::from_secs(5);
+
+/// A connection handed back by a dropped [`Guard`]: refused (its answer is to be written),
+/// asked to move to another worker (see [`crate::limits::Slots::ask_to_move`]), or closed in
+/// the middle of a request body (the rest is to be read and dropped).
 pub(crate) type Refused<S> = oneshot::Receiver<(S, Leave)>;
 
 /// Why a [`Guard`] ended hyper's part of a connection whose client had not closed it.
@@ -73,6 +78,12 @@ pub(crate) enum Leave {
     Refused(Refusal),
     /// The connection was idle between two requests and asked to move to this worker.
     Move(usize),
+    /// hyper answered and closed the connection in the middle of a request body (a 413, 408
+    /// or 400, or an app that answered before reading it all): the answer and the end of the
+    /// stream are sent, and what the client still sends of the body is read and dropped for
+    /// up to [`LINGER`], so that the close does not reset the answer away while the client
+    /// is still sending (nginx's lingering close).
+    Linger,
 }
 
 /// Where in the byte stream the guard is.
@@ -693,6 +704,8 @@ pub(crate) struct Guard<S> {
     handback: Option<oneshot::Sender<(S, Leave)>>,
     /// A head ended since the connection opened.
     head_ended: bool,
+    /// Shut down by hyper in the middle of a request body (see [`Leave::Linger`]).
+    linger: bool,
     /// Bytes read (and scanned) by [`Guard::first_head`] that hyper has not had yet, and how
     /// many of them it has had.
     pending: Vec<u8>,
@@ -741,6 +754,7 @@ impl<S> Guard<S> {
             moving: None,
             handback: Some(tx),
             head_ended: false,
+            linger: false,
             pending: Vec::new(),
             pending_at: 0,
             h2_first: !http1,
@@ -1209,6 +1223,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
             // on another worker: no shutdown here.
             return Pin::new(this.inner()?).poll_flush(cx);
         }
+        this.linger = match this.phase {
+            Phase::Length(left) => left > 0,
+            Phase::Chunked(_) => true,
+            _ => false,
+        };
         Pin::new(this.inner()?).poll_shutdown(cx)
     }
 }
@@ -1218,6 +1237,7 @@ impl<S> Drop for Guard<S> {
         let leave = match (self.refused, self.moving) {
             (Some(refusal), _) => Leave::Refused(refusal),
             (None, Some(to)) => Leave::Move(to),
+            (None, None) if self.linger => Leave::Linger,
             (None, None) => return,
         };
         if let (Some(tx), Some(inner)) = (self.handback.take(), self.inner.take()) {
@@ -1232,18 +1252,22 @@ pub(crate) fn handed_back<S>(rx: &mut Refused<S>) -> Option<(S, Leave)> {
     rx.try_recv().ok()
 }
 
-/// The refused connection and its answer, once hyper is done with the connection (the guard
-/// was dropped); `None` if nothing was refused (or the connection lives on as a tunnel).
-pub(crate) fn refused<S>(rx: &mut Refused<S>) -> Option<(S, Refusal)> {
-    match handed_back(rx)? {
-        (stream, Leave::Refused(refusal)) => Some((stream, refusal)),
-        (_, Leave::Move(_)) => None,
+/// What is left of a connection hyper is done with, other than a move (which the worker
+/// does): a refused head's answer, or the rest of a request body read and dropped.
+pub(crate) async fn wind_up<S: AsyncRead + AsyncWrite + Unpin>(stream: S, leave: Leave) {
+    match leave {
+        Leave::Refused(refusal) => answer(stream, refusal).await,
+        Leave::Linger => {
+            let mut stream = stream;
+            let _ = tokio::time::timeout(LINGER, discard(&mut stream)).await;
+        }
+        Leave::Move(_) => {}
     }
 }
 
 /// Writes a refused head's answer on its connection, then closes it, reading and dropping
 /// what the client still sends for a moment so that the close does not reset the answer away.
-pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, r: Refusal) {
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, r: Refusal) {
     let text = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n{}",
@@ -1252,15 +1276,20 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, r: 
         r.body.len(),
         r.body
     );
-    let answer = async {
+    let answered = async {
         stream.write_all(text.as_bytes()).await?;
         stream.shutdown().await?;
-        // On the heap: this future is part of every connection's task, which must stay small.
-        let mut buf = vec![0u8; 4096];
-        while stream.read(&mut buf).await? > 0 {}
-        Ok::<_, io::Error>(())
+        discard(&mut stream).await
     };
-    let _ = tokio::time::timeout(DRAIN_AFTER_REFUSAL, answer).await;
+    let _ = tokio::time::timeout(DRAIN_AFTER_REFUSAL, answered).await;
+}
+
+/// Reads and drops what the client sends until it closes (or an error).
+async fn discard<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<()> {
+    // On the heap: this future is part of every connection's task, which must stay small.
+    let mut buf = vec![0u8; 16 * 1024];
+    while stream.read(&mut buf).await? > 0 {}
+    Ok(())
 }
 
 #[cfg(test)]

@@ -309,9 +309,9 @@ async fn serve(
             }
         }
     }
-    if let Some((stream, refusal)) = crate::guard::refused(&mut refused) {
+    if let Some((stream, leave)) = crate::guard::handed_back(&mut refused) {
         // Boxed: rare, and it must not grow every connection's task.
-        Box::pin(crate::guard::answer(stream, refusal)).await;
+        Box::pin(crate::guard::wind_up(stream, leave)).await;
     }
 }
 

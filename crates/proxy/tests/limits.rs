@@ -1123,6 +1123,26 @@ fn request_bodies_over_max_body_bytes_get_413_and_never_reach_the_app_whole() {
         assert_eq!(body_of(&out), too_large);
     }
 
+    // A client that sends on after the 413 (no `Expect`), as a browser uploading a file does:
+    // the rest is read and dropped meanwhile (a lingering close), so its writes do not fail
+    // on a reset and it reads the answer.
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"POST /blast HTTP/1.1\r\nHost: app.test\r\nContent-Length: 33554432\r\n\r\n")
+        .unwrap();
+    let piece = vec![b'z'; 64 * 1024];
+    // 16 MiB: more than the two sockets' buffers hold, so the proxy must read it.
+    for i in 0..256 {
+        s.write_all(&piece)
+            .unwrap_or_else(|e| panic!("writing the body, piece {i} of 256 failed: {e}"));
+    }
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 413 "), "{out}");
+    assert_eq!(body_of(&out), too_large);
+    drop(s);
+
     // At the cap, with a length or chunked: forwarded whole.
     let body = vec![b'x'; 64 * 1024];
     let mut exact = b"POST /exact HTTP/1.1\r\nHost: app.test\r\nContent-Length: 65536\r\nConnection: close\r\n\r\n".to_vec();
@@ -1147,7 +1167,10 @@ fn request_bodies_over_max_body_bytes_get_413_and_never_reach_the_app_whole() {
     let r = get(proxy.addr, "app.test", "/after");
     assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
     let got = app.received();
-    assert!(!got.contains("/announced"), "{got}");
+    assert!(
+        !got.contains("/announced") && !got.contains("/blast"),
+        "{got}"
+    );
     assert_eq!(got.matches("POST /exact ").count(), 1);
     assert_eq!(got.matches("POST /small-chunked ").count(), 1);
     let cut = got
