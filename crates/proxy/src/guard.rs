@@ -16,7 +16,11 @@
 //!   (a client that stopped reading: it would hold its response's upstream connection for
 //!   as long as it liked). This one holds for every connection, HTTP/2 and tunnels too
 //!   (an HTTP/2 client can also stop by flow control alone, which no write sees: the
-//!   response body times that, `forward::Stalls`).
+//!   response body times that, `forward::Stalls`);
+//! - when hyper closes a connection in the middle of a request body (it answered without
+//!   reading it all: a 413, 408 or 400, or an app's early answer), hands the connection back
+//!   so that the rest of the body is read and dropped for a while (a lingering close) instead
+//!   of the close resetting the answer away from a client that is still sending.
 //!
 //! hyper would answer most of these itself, but with an empty body, and it reads a request
 //! with both `Content-Length` and `Transfer-Encoding` as chunked (dropping the length) instead
