@@ -1130,11 +1130,13 @@ impl hyper::body::Body for Pieces {
     }
 }
 
-/// `max_body_bytes` over HTTP/2: a `content-length` over it gets 413 without the app seeing the
-/// request; a body without a length is cut where it passes the cap (413), one within it is
-/// forwarded whole; and the connection goes on serving.
+/// `max_body_bytes` over HTTPS. HTTP/2: a `content-length` over it gets 413 without the app
+/// seeing the request; a body without a length is cut where it passes the cap (413), one
+/// within it is forwarded whole; and the connection goes on serving. HTTP/1.1 over TLS: a
+/// client that sends 16 MiB on after its 413 is not reset (the lingering close reads through
+/// TLS) and reads the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_request_bodies_over_max_body_bytes_get_413() {
+async fn https_request_bodies_over_max_body_bytes_get_413_over_h2_and_h1() {
     use http_body_util::BodyExt;
     let (dir, ca, _blue) = site("tls-h2-413");
     let app = h2_bodies_app(Arc::new(std::sync::atomic::AtomicBool::new(false)));
@@ -1198,5 +1200,12 @@ async fn http2_request_bodies_over_max_body_bytes_get_413() {
     }
     let resp = h2_send(&mut h2, "GET", "https://site.test/up", vec![]).await;
     assert_eq!(resp.status(), 200);
+
+    let mut upload =
+        b"POST /count HTTP/1.1\r\nHost: site.test\r\nContent-Length: 33554432\r\n\r\n".to_vec();
+    upload.resize(upload.len() + 16 * 1024 * 1024, b'z');
+    let out = raw_tls(proxy.tls_addr, "site.test", ca.roots(), &upload).await;
+    assert!(out.starts_with("HTTP/1.1 413 "), "{out}");
+    assert!(out.ends_with(&format!("\r\n\r\n{too_large}")), "{out}");
     proxy.stop().unwrap();
 }
