@@ -76,7 +76,7 @@ const KEYS: [&str; 11] = [
 /// The largest `max_body_bytes` (1 TiB).
 const MAX_BODY_CAP: u64 = 1 << 40;
 
-/// A size: a whole number of bytes, optionally followed by `K`, `KiB`, `M`, `MiB`, `G` or
+/// A size: a whole number of bytes, optionally followed by `B`, `K`, `KiB`, `M`, `MiB`, `G` or
 /// `GiB` (any case, binary multiples, as nginx's `1m`), at most [`MAX_BODY_CAP`].
 fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -132,19 +132,18 @@ impl ProxyLimits {
             "upstream_body_timeout" => self.upstream_body_timeout = dur()?,
             "send_timeout" => self.send_timeout = dur()?,
             "max_body_bytes" => {
-                self.max_body_bytes = match value {
-                    RawValue::Int(n) => u64::try_from(n).ok().filter(|n| *n <= MAX_BODY_CAP),
-                    RawValue::Text(s) => parse_size(s),
-                }
-                .ok_or_else(|| {
+                let (size, got) = match value {
+                    RawValue::Int(n) => (
+                        u64::try_from(n).ok().filter(|n| *n <= MAX_BODY_CAP),
+                        n.to_string(),
+                    ),
+                    RawValue::Text(s) => (parse_size(s), format!("{s:?}")),
+                };
+                self.max_body_bytes = size.ok_or_else(|| {
                     err(format!(
-                    "expected a size like \"100MiB\" (bytes, or KiB, MiB, GiB; 0: no cap), got {}",
-                    match value {
-                        RawValue::Int(n) => n.to_string(),
-                        RawValue::Text(s) => format!("{s:?}"),
-                    }
-                ))
-                })?
+                        "expected a size like \"100MiB\" (bytes, or KiB, MiB, GiB; 0: no cap), got {got}"
+                    ))
+                })?;
             }
             other => {
                 return Err((

@@ -969,11 +969,10 @@ fn client_body_fault(
             log::line(format_args!(
                 "client request for service {service}: request body over max_body_bytes ({cap} bytes): 413"
             ));
-            let mut r = local(StatusCode::PAYLOAD_TOO_LARGE, "");
-            *r.body_mut() = ProxyBody::Local(Full::new(Bytes::from(format!(
-                "content too large: request bodies here are limited to {cap} bytes\n"
-            ))));
-            r
+            local(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("content too large: request bodies here are limited to {cap} bytes\n"),
+            )
         }
         BodyFault::Malformed | BodyFault::None => {
             log::line(format_args!(
@@ -1012,11 +1011,9 @@ pub(crate) fn chain(e: &dyn StdError) -> String {
     s
 }
 
-/// A response made by the proxy itself.
-pub(crate) fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::Local(Full::new(Bytes::from_static(
-        body.as_bytes(),
-    ))));
+/// A response made by the proxy itself (a `&'static str` body is not copied).
+pub(crate) fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Local(Full::new(body.into())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

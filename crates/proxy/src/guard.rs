@@ -1258,11 +1258,10 @@ pub(crate) fn handed_back<S>(rx: &mut Refused<S>) -> Option<(S, Leave)> {
 
 /// What is left of a connection hyper is done with, other than a move (which the worker
 /// does): a refused head's answer, or the rest of a request body read and dropped.
-pub(crate) async fn wind_up<S: AsyncRead + AsyncWrite + Unpin>(stream: S, leave: Leave) {
+pub(crate) async fn wind_up<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, leave: Leave) {
     match leave {
         Leave::Refused(refusal) => answer(stream, refusal).await,
         Leave::Linger => {
-            let mut stream = stream;
             let _ = tokio::time::timeout(LINGER, discard(&mut stream)).await;
         }
         Leave::Move(_) => {}
