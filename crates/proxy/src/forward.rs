@@ -294,7 +294,7 @@ pub(crate) async fn serve_one(
     .await;
     drop(busy);
     if !h1 {
-        resp.body_mut().time_client(&slot.state);
+        resp.body_mut().time_client();
     }
     if let Some(log) = &shared.access {
         let (method, host, uri) = match &logged.seen {
@@ -1033,16 +1033,16 @@ type FramePoll<E> = Poll<Option<Result<Frame<Bytes>, E>>>;
 /// had closed, and the upstream connection is closed.
 ///
 /// Over HTTP/2 it also times the other side: a piece handed on that the client does not take
-/// (it sends no window update) for `send_timeout` closes the client's connection
-/// ([`ClientWait`]). Over HTTP/1.1 the guard times the writes to the client instead.
+/// (it sends no window update) for `send_timeout` resets the response's stream, and the
+/// connection's other streams go on ([`ClientWait`], [`crate::h2exec`]). Over HTTP/1.1 the guard times the writes to the client instead.
 ///
 /// Small, as every response body carries one and hyper moves responses several times: the
 /// limits in milliseconds, and the waits' state boxed, made only once a body first waits
 /// (most bodies arrive whole with their head and never do).
 pub(crate) struct Stalls {
     waits: Option<Box<Waits>>,
-    /// HTTP/2: the client connection to cut.
-    h2: Option<Arc<limits::ConnState>>,
+    /// An HTTP/2 response: the client's waits are timed too.
+    h2: bool,
     body_ms: u32,
     send_ms: u32,
 }
@@ -1059,21 +1059,9 @@ struct Waits {
 /// An HTTP/2 body's wait for its client to take the piece it was handed.
 struct ClientWait {
     pause: deadline::Pause,
-    /// Woken by the ticker when the wait passes `send_timeout`: cuts the connection.
+    /// Woken by the ticker when the wait passes `send_timeout`: ends the stream's task
+    /// ([`crate::h2exec::cut_here`]).
     cut: std::task::Waker,
-}
-
-/// The waker that cuts an HTTP/2 connection whose client left a piece untaken too long.
-struct CutConn(Arc<limits::ConnState>);
-
-impl std::task::Wake for CutConn {
-    fn wake(self: Arc<Self>) {
-        self.0.cut_stalled();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.cut_stalled();
-    }
 }
 
 /// `d` in whole milliseconds, at most `u32::MAX` (49 days), at least 1.
@@ -1085,7 +1073,7 @@ impl Stalls {
     pub(crate) fn new(limits: &limits::Limits) -> Stalls {
         Stalls {
             waits: None,
-            h2: None,
+            h2: false,
             body_ms: millis(limits.upstream_body_timeout),
             send_ms: millis(limits.send_timeout),
         }
@@ -1106,16 +1094,16 @@ impl Stalls {
     }
 
     /// A piece was handed on and more is to come: over HTTP/2 the client has `send_timeout`
-    /// to take it.
-    fn handed(&mut self) {
-        let Some(conn) = &self.h2 else {
+    /// to take it (`cx`: the context of the stream's task, which the wait ends past it).
+    fn handed(&mut self, cx: &Context<'_>) {
+        if !self.h2 {
             return;
-        };
+        }
         let limit = Duration::from_millis(u64::from(self.send_ms));
         let waits = self.waits.get_or_insert_with(Box::default);
         let c = waits.client.get_or_insert_with(|| ClientWait {
             pause: deadline::Pause::default(),
-            cut: std::task::Waker::from(Arc::new(CutConn(conn.clone()))),
+            cut: crate::h2exec::cut_here(cx.waker()),
         });
         if c.pause.waiting(limit, &c.cut) {
             c.cut.wake_by_ref();
@@ -1139,7 +1127,7 @@ impl Stalls {
             return Err(self.cut_error(guard));
         }
         if matches!(polled, Poll::Ready(Some(Ok(_)))) && !body.is_end_stream() {
-            self.handed();
+            self.handed(cx);
         }
         Ok(polled)
     }
@@ -1195,10 +1183,10 @@ pub(crate) enum ProxyBody {
 
 impl ProxyBody {
     /// An HTTP/2 response: its client has `send_timeout` to take each piece it is handed, or
-    /// its connection `conn` is cut (see [`Stalls`]).
-    fn time_client(&mut self, conn: &Arc<limits::ConnState>) {
+    /// its stream is reset (see [`Stalls`]).
+    fn time_client(&mut self) {
         if let ProxyBody::Upstream { stalls, .. } | ProxyBody::Direct { stalls, .. } = self {
-            stalls.h2 = Some(conn.clone());
+            stalls.h2 = true;
         }
     }
 

@@ -15,8 +15,9 @@
 //! - ends a connection whose client takes none of the bytes written to it for `send_timeout`
 //!   (a client that stopped reading: it would hold its response's upstream connection for
 //!   as long as it liked). This one holds for every connection, HTTP/2 and tunnels too
-//!   (an HTTP/2 client can also stop by flow control alone, which no write sees: the
-//!   response body times that, `forward::Stalls`);
+//!   (an HTTP/2 client can also stop one stream by flow control alone, which no write sees:
+//!   the response body times that, `forward::Stalls`, and that stream is reset alone,
+//!   `crate::h2exec`);
 //! - when hyper closes a connection in the middle of a request body (it answered without
 //!   reading it all: a 413, 408 or 400, or an app's early answer), hands the connection back
 //!   so that the rest of the body is read and dropped for a while (a lingering close) instead

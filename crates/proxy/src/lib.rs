@@ -42,6 +42,7 @@ mod deadline;
 mod direct;
 mod forward;
 mod guard;
+mod h2exec;
 mod headers;
 mod limits;
 mod log;

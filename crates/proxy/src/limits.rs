@@ -157,9 +157,6 @@ pub(crate) struct ConnState {
     move_to: AtomicUsize,
     /// `started` when [`Slots::ask_to_move`] last looked.
     seen: AtomicUsize,
-    /// One of its HTTP/2 streams waited longer than `send_timeout` for its client to take
-    /// the next piece of a response (flow control): the connection is to be closed at once.
-    stalled: AtomicBool,
     /// Wakes the connection's task when it is asked to close.
     pub(crate) close: Notify,
 }
@@ -178,18 +175,6 @@ impl ConnState {
             self.busy.load(Ordering::Relaxed) > 0,
             self.started.load(Ordering::Relaxed),
         )
-    }
-
-    /// A stream of this (HTTP/2) connection waited too long for its client: close the
-    /// connection at once, streams and all.
-    pub(crate) fn cut_stalled(&self) {
-        self.stalled.store(true, Ordering::Relaxed);
-        self.close.notify_one();
-    }
-
-    /// Whether [`ConnState::cut_stalled`] was called.
-    pub(crate) fn is_stalled(&self) -> bool {
-        self.stalled.load(Ordering::Relaxed)
     }
 
     /// The connection is a tunnel from now on.
@@ -335,7 +320,6 @@ impl Slots {
             movable: AtomicBool::new(false),
             move_to: AtomicUsize::new(NO_WORKER),
             seen: AtomicUsize::new(0),
-            stalled: AtomicBool::new(false),
             close: Notify::new(),
         });
         if let Ok(mut conns) = self.conns.lock() {

@@ -32,7 +32,7 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
@@ -42,6 +42,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::certs::{self, Certs, ACME_TLS_ALPN};
 use crate::forward::{self, ProxyBody};
+use crate::h2exec::StreamExec;
 use crate::limits::{ConnState, Slot};
 use crate::log;
 use crate::switch::Shared;
@@ -235,7 +236,7 @@ async fn serve(
             true,
         ))
     });
-    let builder = server_builder(&lim);
+    let builder = server_builder(&lim, peer);
     {
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
@@ -257,11 +258,7 @@ async fn serve(
                 return std::task::Poll::Ready(End::Finished);
             }
             if close.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(if state.is_stalled() {
-                    End::Cut
-                } else {
-                    End::Close
-                });
+                return std::task::Poll::Ready(End::Close);
             }
             if !http1 && idle.as_mut().poll(cx).is_ready() {
                 return std::task::Poll::Ready(End::Close);
@@ -278,22 +275,12 @@ async fn serve(
             std::task::Poll::Pending
         })
         .await;
-        if end == End::Cut {
-            // A stream's client left a response untaken past `send_timeout` (no window
-            // update): dropped at once, every stream with it, and their upstream connections.
-            crate::log::line(format_args!(
-                "client {peer}: an HTTP/2 response waited {} ms for the client to take it: connection closed",
-                lim.send_timeout.as_millis()
-            ));
-        } else if end == End::Close {
+        if end == End::Close {
             // Idle too long, or asked to close by the slots: a GOAWAY (HTTP/2) or `Connection:
-            // close` (HTTP/1.1); a request in flight still finishes.
-            // (Unless one of those streams' client stops taking it: then at once.)
+            // close` (HTTP/1.1); a request in flight still finishes. (A stream whose client
+            // stops taking it is reset at `send_timeout`, see `crate::h2exec`.)
             conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = stalled(&state) => {}
-            }
+            let _ = conn.as_mut().await;
         } else if end == End::Stop {
             // As over plain HTTP: a keep-alive client gets one more answer (with
             // `Connection: close`); an HTTP/2 client gets a GOAWAY and its open streams finish.
@@ -302,10 +289,7 @@ async fn serve(
                 .is_err()
             {
                 conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    () = stalled(&state) => {}
-                }
+                let _ = conn.as_mut().await;
             }
         }
     }
@@ -315,9 +299,13 @@ async fn serve(
     }
 }
 
-/// hyper's server for a TLS connection (HTTP/1.1 or HTTP/2, by ALPN) with the proxy's limits.
-fn server_builder(lim: &crate::limits::Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// hyper's server for a TLS connection from `peer` (HTTP/1.1 or HTTP/2, by ALPN) with the
+/// proxy's limits.
+fn server_builder(lim: &crate::limits::Limits, peer: SocketAddr) -> auto::Builder<StreamExec> {
+    let mut builder = auto::Builder::new(StreamExec {
+        peer,
+        send_timeout: lim.send_timeout,
+    });
     builder
         .http1()
         .writev(false)
@@ -339,23 +327,12 @@ fn server_builder(lim: &crate::limits::Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Resolves once a stream of the connection waited too long for its client
-/// ([`ConnState::cut_stalled`]).
-async fn stalled(state: &ConnState) {
-    // A cut between the look and the wait leaves a permit: the wait ends at once.
-    while !state.is_stalled() {
-        state.close.notified().await;
-    }
-}
-
 /// Why a TLS connection's serving loop ended.
 #[derive(PartialEq, Eq)]
 enum End {
     Finished,
     Stop,
     Close,
-    /// Closed at once: see [`crate::limits::ConnState::cut_stalled`].
-    Cut,
 }
 
 /// Resolves once an HTTP/2 connection has had no request in flight and none started for

@@ -845,12 +845,12 @@ async fn h2_client(
     h2_client_with(proxy, ca, None).await.0
 }
 
-/// [`h2_client`] with its stream and connection windows set to `window` bytes, and the
-/// connection's task; its requests' bodies are of type `B`.
+/// [`h2_client`] with its stream and connection windows set to `windows` (stream,
+/// connection) bytes, and the connection's task; its requests' bodies are of type `B`.
 async fn h2_client_with<B>(
     proxy: &TlsProxy,
     ca: &Ca,
-    window: Option<u32>,
+    windows: Option<(u32, u32)>,
 ) -> (
     hyper::client::conn::http2::SendRequest<B>,
     tokio::task::JoinHandle<hyper::Result<()>>,
@@ -870,10 +870,10 @@ where
         .unwrap();
     let mut builder =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-    if let Some(w) = window {
+    if let Some((stream, connection)) = windows {
         builder
-            .initial_stream_window_size(w)
-            .initial_connection_window_size(w);
+            .initial_stream_window_size(stream)
+            .initial_connection_window_size(connection);
     }
     let (h2, conn) = builder
         .handshake(hyper_util::rt::TokioIo::new(tls))
@@ -1015,14 +1015,16 @@ async fn an_app_that_stalls_mid_body_over_http2_has_only_its_stream_reset() {
     proxy.stop().unwrap();
 }
 
-/// An HTTP/2 client that stops taking a response (it sends no more window updates) for longer
-/// than `send_timeout` loses its connection, and the app's request is let go; one that reads
-/// slowly but steadily gets the whole body. (The proxy hands hyper up to 256 KiB at a time and
+/// An HTTP/2 client that stops taking a response (it sends no more window updates for its
+/// stream) for longer than `send_timeout` has that stream reset, and the app's request is let
+/// go; the connection's other streams go on (as a browser's paused video must not fail the
+/// page's other requests), and it serves new ones. One that reads slowly but steadily gets
+/// the whole body. (The proxy hands hyper up to 256 KiB at a time and
 /// is asked for more once the client has taken that: a client must take a piece that large
 /// within `send_timeout`: here about 270 KB/s against 4 s; at 160 KB/s the longest wait
 /// measured was 1.8 s.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_client_that_stops_taking_a_response_is_closed_at_the_send_timeout() {
+async fn an_http2_client_that_stops_taking_a_response_has_its_stream_reset_at_the_send_timeout() {
     use http_body_util::BodyExt;
     let (dir, ca, _blue) = site("tls-h2-send");
     let app = h2_bodies_app(Arc::new(std::sync::atomic::AtomicBool::new(false)));
@@ -1033,62 +1035,75 @@ async fn an_http2_client_that_stops_taking_a_response_is_closed_at_the_send_time
     let proxy = TlsProxy::start_limited(dir.path(), files_mode(dir.path()), limits);
     proxy.deploy("web", app, &["site.test"]).await;
     // A client with HTTP/2's smallest windows, so that not reading stops the proxy at once.
-    let connect = || h2_client_with(&proxy, &ca, Some(65_535));
+    let connect = || h2_client_with(&proxy, &ca, Some((65_535, 65_535)));
 
     // Steady: a frame every 25 ms for 5 s (at most 16 KiB each), then the rest at once.
-    let (mut h2, _conn) = connect().await;
-    let resp = h2_send(&mut h2, "GET", "https://site.test/big", vec![]).await;
-    let mut body = resp.into_body();
-    let mut got = Vec::new();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(5) {
-        let frame = body.frame().await.unwrap().unwrap();
-        got.extend_from_slice(frame.data_ref().unwrap());
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let slow = got.len();
-    let rest = tokio::time::timeout(Duration::from_secs(20), body.collect())
-        .await
-        .expect("the download stalled")
-        .expect("the slow reader was cut")
-        .to_bytes();
-    got.extend_from_slice(&rest);
-    println!(
-        "steady HTTP/2 reader: {slow} bytes in 5 s, {} in all",
-        got.len()
-    );
+    let (h2, _conn) = connect().await;
+    let got = read_big_steadily(h2, Duration::from_secs(5)).await;
     assert_eq!(got.len(), BIG);
     assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i)));
 
-    // Stopped: the first frame taken, then nothing.
-    let (mut h2, conn) = connect().await;
+    // Stopped: the first frame of one stream taken, then nothing, beside a steady stream on
+    // the same connection (whose window is large enough for both: only the stream stops).
+    let (mut h2, conn) = h2_client_with(&proxy, &ca, Some((65_535, 16 << 20))).await;
     let resp = h2_send(&mut h2, "GET", "https://site.test/big", vec![]).await;
-    let mut body = resp.into_body();
-    assert!(body.frame().await.unwrap().unwrap().is_data());
-    assert_eq!(proxy.status().await.services[0].in_flight, 1);
+    let mut stopped = resp.into_body();
+    assert!(stopped.frame().await.unwrap().unwrap().is_data());
     let t = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
-    println!(
-        "stopped HTTP/2 reader: connection ended after {:?}: {ended:?}",
-        t.elapsed()
-    );
-    assert!(ended.is_ok(), "the proxy kept the connection");
-    assert!(
-        t.elapsed() >= Duration::from_secs(4) && t.elapsed() < Duration::from_secs(9),
-        "{:?}",
-        t.elapsed()
-    );
+    let steady = tokio::spawn(read_big_steadily(h2.clone(), Duration::from_secs(6)));
     until(
-        "the app's request to leave flight",
+        "both requests in flight",
+        Duration::from_secs(5),
+        || async { proxy.status().await.services[0].in_flight == 2 },
+    )
+    .await;
+    // The stopped stream's request leaves flight at the timeout, the steady one's stays.
+    until(
+        "the stopped request to leave flight",
+        Duration::from_secs(10),
+        || async { proxy.status().await.services[0].in_flight < 2 },
+    )
+    .await;
+    let took = t.elapsed();
+    println!("stopped HTTP/2 reader: its request left flight after {took:?}");
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(9),
+        "{took:?}"
+    );
+    assert!(!conn.is_finished(), "the proxy closed the whole connection");
+    assert_eq!(proxy.status().await.services[0].in_flight, 1);
+    // What the client had been sent before is still readable; then the stream ends reset.
+    let mut taken = 0;
+    let ended = loop {
+        match stopped.frame().await {
+            Some(Ok(f)) => taken += f.data_ref().map_or(0, |d| d.len()),
+            other => break other,
+        }
+    };
+    println!("the stopped stream: {taken} more bytes, then {ended:?}");
+    assert!(
+        matches!(ended, Some(Err(_))) && taken < BIG,
+        "the stream was not reset: {ended:?} after {taken} bytes"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(20), steady)
+        .await
+        .expect("the steady download stalled")
+        .unwrap();
+    assert_eq!(got.len(), BIG);
+    assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+    until(
+        "the app's requests to leave flight",
         Duration::from_secs(5),
         || async { proxy.status().await.services[0].in_flight == 0 },
     )
     .await;
-    let a = get_once(proxy.tls_addr, "site.test", Http::H2, ca.roots(), "/up")
-        .await
-        .unwrap();
-    assert_eq!((a.status, a.body.as_str()), (200, "ok"));
-    drop(body);
+    // The same connection serves a new request.
+    let resp = h2_send(&mut h2, "GET", "https://site.test/up", vec![]).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&text[..], b"ok");
+    assert!(!conn.is_finished());
+    drop(h2);
 
     // Stopped while the proxy shuts down: the GOAWAY does not wait for it past the timeout.
     let (mut h2, _conn) = connect().await;
@@ -1112,6 +1127,36 @@ async fn an_http2_client_that_stops_taking_a_response_is_closed_at_the_send_time
     // At the send timeout (4 s), not at the end of the shutdown's grace period (10 s).
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     drop(body);
+}
+
+/// Downloads `/big` over `h2`, taking a frame (at most 16 KiB) every 25 ms for `slowly`, then
+/// the rest at once; what it got.
+async fn read_big_steadily(
+    mut h2: hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    slowly: Duration,
+) -> Vec<u8> {
+    use http_body_util::BodyExt;
+    let resp = h2_send(&mut h2, "GET", "https://site.test/big", vec![]).await;
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < slowly {
+        let frame = body.frame().await.unwrap().unwrap();
+        got.extend_from_slice(frame.data_ref().unwrap());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let slow = got.len();
+    let rest = tokio::time::timeout(Duration::from_secs(20), body.collect())
+        .await
+        .expect("the download stalled")
+        .expect("the steady reader was cut")
+        .to_bytes();
+    got.extend_from_slice(&rest);
+    println!(
+        "steady HTTP/2 reader: {slow} bytes in {slowly:?}, {} in all",
+        got.len()
+    );
+    got
 }
 
 /// A request body sent as its pieces, of no announced length (so HTTP/2 sends no
