@@ -2156,6 +2156,59 @@ interval = "100ms"
     }
 
     #[test]
+    fn trusted_proxies_are_validated_and_carried_as_one_run_flag() {
+        let with = |extra: &str| {
+            CONTAINER.replace(
+                "install_dir = \"/opt/cutover\"",
+                &format!("install_dir = \"/opt/cutover\"\n{extra}"),
+            )
+        };
+        let c = parse(&with(
+            "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]",
+        ))
+        .unwrap();
+        let proxy = &c.container().unwrap().proxy;
+        assert_eq!(
+            proxy.run_flags().join(" "),
+            "--trusted-proxies 10.0.0.0/8,192.0.2.7/32,2001:db8::/32"
+        );
+        let tls = with("tls = \"files\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\ntrusted_proxies = [\"10.0.0.0/8\"]");
+        assert_eq!(
+            parse(&tls).unwrap().container().unwrap().proxy.run_flags().join(" "),
+            "--tls files --cert /c.pem --key /k.pem --listen-tls 0.0.0.0:443 --trusted-proxies 10.0.0.0/8"
+        );
+        assert!(parse(CONTAINER)
+            .unwrap()
+            .container()
+            .unwrap()
+            .proxy
+            .run_flags()
+            .is_empty());
+        for bad in [
+            "trusted_proxies = [\"10.1.2.3/8\"]",
+            "trusted_proxies = [\"lb.example.com\"]",
+            "trusted_proxies = [\"10.0.0.0/8 $(reboot)\"]",
+            "trusted_proxies = [10]",
+            "trusted_proxies = true",
+        ] {
+            assert_eq!(key_of(&with(bad)), "proxy.trusted_proxies", "for {bad}");
+        }
+        // One range needs no list.
+        let one = parse(&with("trusted_proxies = \"10.0.0.0/8\"")).unwrap();
+        assert_eq!(
+            one.container().unwrap().proxy.run_flags().join(" "),
+            "--trusted-proxies 10.0.0.0/8"
+        );
+        let e = parse(&with("trusted_proxies = [\"10.1.2.3/8\"]")).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "\"10.1.2.3/8\" has bits set past its /8 prefix: did you mean \"10.0.0.0/8\"?"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn proxy_tls_keys_are_validated_and_carried_as_run_flags() {
         use crate::container::TlsKind;
         let acme = CONTAINER.replace(

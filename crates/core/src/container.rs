@@ -52,6 +52,9 @@ pub(crate) struct RawProxy {
     acme_ca_file: Option<String>,
     listen_tls: Option<String>,
     redirect_http: Option<bool>,
+    /// Proxies in front of this one (a load balancer, a CDN) whose forwarding headers are
+    /// kept: a list of `"10.0.0.0/8"`, `"192.0.2.7"`, or one such string.
+    trusted_proxies: Option<toml::Value>,
 }
 
 /// How the switch happens.
@@ -120,6 +123,28 @@ pub struct ProxySettings {
     /// HTTPS: `tls`, its certificates, `listen_tls`, `redirect_http` (boxed: most apps
     /// have none, and `AppKind` stays small).
     pub tls: Box<ProxyTls>,
+    /// `trusted_proxies`: clients whose `X-Forwarded-For`, `-Proto` and `-Host` the proxy
+    /// keeps (appending to the first) instead of replacing; empty by default: nothing before
+    /// the proxy is trusted.
+    pub trusted_proxies: Vec<crate::cidr::Cidr>,
+}
+
+impl ProxySettings {
+    /// The `cutover proxy run` flags for HTTPS ([`ProxyTls::run_flags`]) and
+    /// `trusted_proxies` (one word: ranges hold no character a shell or systemd expands).
+    pub fn run_flags(&self) -> Vec<String> {
+        let mut f = self.tls.run_flags();
+        if !self.trusted_proxies.is_empty() {
+            f.push("--trusted-proxies".into());
+            let ranges: Vec<String> = self
+                .trusted_proxies
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            f.push(ranges.join(","));
+        }
+        f
+    }
 }
 
 /// `[proxy] tls` and the keys that go with it, validated.
@@ -441,14 +466,35 @@ pub(crate) fn validate_proxy(p: RawProxy) -> Result<ProxySettings, Err> {
             format!("expected an absolute path, got {install_dir:?}"),
         ));
     }
+    let trusted_proxies = trusted_proxies(p.trusted_proxies.as_ref())?;
     Ok(ProxySettings {
         limits,
+        trusted_proxies,
         tls: Box::new(validate_tls(&p, &listen)?),
         listen,
         drain: dur("proxy.drain", &p.drain, Duration::from_secs(30))?,
         hold: dur("proxy.hold", &p.hold, Duration::from_secs(30))?,
         install_dir: install_dir.trim_end_matches('/').to_string(),
     })
+}
+
+/// `[proxy] trusted_proxies`: a list of ranges, or one.
+fn trusted_proxies(v: Option<&toml::Value>) -> Result<Vec<crate::cidr::Cidr>, Err> {
+    let bad = |m: String| ("proxy.trusted_proxies".to_string(), m);
+    let items: Vec<&toml::Value> = match v {
+        None => Vec::new(),
+        Some(toml::Value::Array(a)) => a.iter().collect(),
+        Some(one) => vec![one],
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            toml::Value::String(r) => crate::cidr::Cidr::parse(r).map_err(bad),
+            other => Err(bad(format!(
+                "expected addresses or ranges like \"10.0.0.0/8\", got {other}"
+            ))),
+        })
+        .collect()
 }
 
 /// The `[proxy]` limit keys.

@@ -6,6 +6,7 @@
 //! text it is handed), a clock it was not handed, or a process. The engine feeds it facts and
 //! acts on its answers, so every decision here is unit-tested with plain values.
 
+pub mod cidr;
 pub mod config;
 pub mod container;
 pub mod duration;

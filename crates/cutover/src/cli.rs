@@ -364,6 +364,10 @@ pub(crate) enum ProxyCommand {
         /// Answer plain HTTP with a 308 to https (but ACME's HTTP-01 path).
         #[arg(long)]
         redirect_http: bool,
+        /// Proxies in front (load balancers, CDNs) whose X-Forwarded-For (appended to),
+        /// -Proto and -Host are kept: addresses or ranges, `10.0.0.0/8,192.0.2.7`.
+        #[arg(long, default_value = "")]
+        trusted_proxies: String,
     },
     /// Gate TARGET, then switch SERVICE to it and drain the old target.
     Deploy {

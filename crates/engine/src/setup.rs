@@ -202,7 +202,7 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
     let dir = proxy.install_dir.as_str();
     let hold = format!("{}ms", proxy.hold.as_millis());
     let limits = proxy.limits.to_arg();
-    let tls = proxy.tls.run_flags().join(" ");
+    let tls = proxy.run_flags().join(" ");
     Ok(par_map(hosts.len(), config.ssh.parallel, |i| {
         let r = hosts.get(i);
         let mut s = HostSetup {

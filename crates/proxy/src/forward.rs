@@ -12,8 +12,9 @@
 //!   dropped.
 //! - Hop-by-hop headers are stripped in both directions (but `Upgrade` on a request that asks
 //!   for one, see `upgrade`); `X-Forwarded-For` is replaced with the client's address (this is
-//!   the edge: nothing before it is trusted), `X-Forwarded-Proto` and `X-Forwarded-Host` are
-//!   set, and forgeable forwarding headers are dropped (`headers`). The app sees the `Host` the
+//!   the edge: nothing before it is trusted, but proxies in `trusted_proxies`, whose chain is
+//!   kept and appended to), `X-Forwarded-Proto` and `X-Forwarded-Host` are set (or, from a
+//!   trusted proxy, kept), and forgeable forwarding headers are dropped (`headers`). The app sees the `Host` the
 //!   client asked for, never the target's address.
 //! - A request body is read ahead (up to `limits::BODY_BUFFER`) before an upstream connection
 //!   is taken, so a client that stalls early never holds one.
@@ -142,8 +143,10 @@ pub(crate) async fn connection(
         let _ = stream.set_nodelay(true);
     }
     slot.state.set_movable();
-    // The client's address, as `X-Forwarded-For` gets it, once per connection.
+    // The client's address, as `X-Forwarded-For` gets it, once per connection, and whether
+    // it is a proxy whose forwarding headers are kept (`trusted_proxies`).
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
+    let trusted = headers::in_ranges(&shared.config.trusted_proxies, peer.ip());
     let lim = shared.config.limits.clone();
     // Shared with tunnels: an upgraded connection keeps its slot (busy) until it closes.
     let slot = Arc::new(slot);
@@ -155,6 +158,7 @@ pub(crate) async fn connection(
             client.clone(),
             conn_slot.clone(),
             false,
+            trusted,
         )
     });
     // The guard reads every head before hyper does: it refuses ambiguous, malformed and
@@ -265,14 +269,16 @@ async fn leave(refused: &mut guard::Refused<TcpStream>, slot: Arc<Slot>) -> Opti
     }
 }
 
-/// Serves one request of a client connection (`https`: over TLS) and writes its access log
-/// line; the connection's slot counts as busy while the request is served.
+/// Serves one request of a client connection (`https`: over TLS; `trusted`: from a proxy in
+/// `trusted_proxies`) and writes its access log line; the connection's slot counts as busy
+/// while the request is served.
 pub(crate) async fn serve_one(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     client: Option<HeaderValue>,
     slot: Arc<Slot>,
     https: bool,
+    trusted: bool,
 ) -> Result<Response<ProxyBody>, Infallible> {
     // HTTP/2 has no `Connection` header: closing is its GOAWAY.
     let h1 = req.version() < Version::HTTP_2;
@@ -281,17 +287,24 @@ pub(crate) async fn serve_one(
     // The head stays here (`handle` borrows it), so that the access log reads it afterwards
     // without a copy of its parts made for every request.
     let (mut parts, body) = req.into_parts();
+    let relayed = trusted.then(|| {
+        headers::Relayed::read(
+            &parts.headers,
+            client.as_ref(),
+            &shared.config.trusted_proxies,
+        )
+    });
+    let origin = Origin {
+        peer: client.as_ref(),
+        tls: https,
+        client: relayed
+            .as_ref()
+            .map_or(client.as_ref(), |r| r.chain.as_ref()),
+        https: relayed.as_ref().and_then(|r| r.https).unwrap_or(https),
+        host: relayed.as_ref().and_then(|r| r.host.as_ref()),
+    };
     let mut logged = Logged::default();
-    let mut resp = handle(
-        &shared,
-        &mut parts,
-        body,
-        client.as_ref(),
-        &slot,
-        https,
-        &mut logged,
-    )
-    .await;
+    let mut resp = handle(&shared, &mut parts, body, origin, &slot, &mut logged).await;
     drop(busy);
     if !h1 {
         resp.body_mut().time_client();
@@ -309,7 +322,11 @@ pub(crate) async fn serve_one(
             (s.name.as_str(), t.addr.as_str())
         });
         log.record(&crate::access::Entry {
-            client: client.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("-"),
+            client: relayed
+                .as_ref()
+                .map_or(client.as_ref(), |r| r.client.as_ref())
+                .and_then(|c| c.to_str().ok())
+                .unwrap_or("-"),
             method: method.as_str(),
             host,
             path: uri.path(),
@@ -357,15 +374,30 @@ struct Seen {
     uri: Uri,
 }
 
-/// Serves one request (`https`: it came over TLS) whose head is `parts`; `logged` gets where
-/// it went once it was sent (for the access log).
+/// Where a request came from, and what the forwarding headers tell the app about it.
+#[derive(Clone, Copy)]
+pub(crate) struct Origin<'a> {
+    /// The connection's peer address.
+    pub(crate) peer: Option<&'a HeaderValue>,
+    /// The connection is TLS.
+    pub(crate) tls: bool,
+    /// `X-Forwarded-For`: the peer, or a trusted proxy's chain with the peer appended.
+    pub(crate) client: Option<&'a HeaderValue>,
+    /// `X-Forwarded-Proto` is `https`: the connection is TLS, or a trusted proxy says its
+    /// client's was.
+    pub(crate) https: bool,
+    /// `X-Forwarded-Host` as a trusted proxy relays it (else the request's `Host`).
+    pub(crate) host: Option<&'a HeaderValue>,
+}
+
+/// Serves one request from `origin` whose head is `parts`; `logged` gets where it went once
+/// it was sent (for the access log).
 pub(crate) async fn handle(
     shared: &Shared,
     parts: &mut hyper::http::request::Parts,
     body: Incoming,
-    client: Option<&HeaderValue>,
+    origin: Origin<'_>,
     slot: &Arc<Slot>,
-    https: bool,
     logged: &mut Logged,
 ) -> Response<ProxyBody> {
     shared.count_request();
@@ -380,7 +412,7 @@ pub(crate) async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
     }
-    if !https {
+    if !origin.tls {
         if let Some(resp) = tls::challenge(shared, parts.uri.path()) {
             return resp;
         }
@@ -399,9 +431,10 @@ pub(crate) async fn handle(
     else {
         return local(StatusCode::NOT_FOUND, "no service for this host\n");
     };
-    if !https {
+    // Not redirected either: what a trusted proxy in front says came over https.
+    if !origin.https {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        if let Some(resp) = tls::redirect(shared, client, host_raw.as_ref(), path) {
+        if let Some(resp) = tls::redirect(shared, origin.peer, host_raw.as_ref(), path) {
             return resp;
         }
     }
@@ -431,7 +464,7 @@ pub(crate) async fn handle(
         retryable,
     };
     if body.is_end_stream() && upgrade::requested(&parts.headers).is_none() {
-        return forward_direct(x, parts, host_raw.as_ref(), client, https, logged).await;
+        return forward_direct(x, parts, host_raw.as_ref(), origin, logged).await;
     }
     // hyper's client takes the head: the access log keeps what it reads of it.
     if shared.access.is_some() {
@@ -442,7 +475,7 @@ pub(crate) async fn handle(
         });
     }
     let mut parts = std::mem::replace(parts, Request::new(()).into_parts().0);
-    let client_upgrade = match for_upstream(&mut parts, host_raw, client.cloned(), https) {
+    let client_upgrade = match for_upstream(&mut parts, host_raw, origin) {
         Ok(u) => u,
         Err(text) => return local(StatusCode::BAD_REQUEST, text),
     };
@@ -465,11 +498,10 @@ async fn forward_direct(
     x: Exchange<'_>,
     parts: &mut hyper::http::request::Parts,
     host_raw: Option<&HeaderValue>,
-    client: Option<&HeaderValue>,
-    https: bool,
+    origin: Origin<'_>,
     logged: &mut Logged,
 ) -> Response<ProxyBody> {
-    let (path, set) = match for_direct(&parts.uri, &mut parts.headers, host_raw, client, https) {
+    let (path, set) = match for_direct(&parts.uri, &mut parts.headers, host_raw, origin) {
         Ok(p) => p,
         Err(text) => return local(StatusCode::BAD_REQUEST, text),
     };
@@ -503,13 +535,13 @@ async fn forward_direct(
 }
 
 /// Rewrites a request's head for the upstream: origin form, HTTP/1.1, the `Host` the client
-/// asked for (`host_raw`), the forwarding headers; an `Upgrade` it asks for is kept, and its
-/// client side is taken (with whether it is a WebSocket). `Err`: the 400 answer's text.
+/// asked for (`host_raw`), the forwarding headers (from `origin`); an `Upgrade` it asks for is
+/// kept, and its client side is taken (with whether it is a WebSocket). `Err`: the 400
+/// answer's text.
 fn for_upstream(
     parts: &mut hyper::http::request::Parts,
     host_raw: Option<HeaderValue>,
-    client: Option<HeaderValue>,
-    https: bool,
+    origin: Origin<'_>,
 ) -> Result<Option<(OnUpgrade, bool)>, &'static str> {
     // Upstream requests are in origin form (`/path?query`).
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -529,7 +561,12 @@ fn for_upstream(
         return Err("bad request: no usable Host\n");
     };
     let upgrade = upgrade::requested(&parts.headers);
-    headers::forwarded_headers(&mut parts.headers, client, Some(host.clone()), https);
+    headers::forwarded_headers(
+        &mut parts.headers,
+        origin.client.cloned(),
+        Some(origin.host.unwrap_or(&host).clone()),
+        origin.https,
+    );
     parts.headers.insert(header::HOST, host);
     Ok(match upgrade {
         Some(u) => {
@@ -549,6 +586,8 @@ pub(crate) struct ProxySet<'a> {
     client: Option<&'a HeaderValue>,
     https: bool,
     host: &'a HeaderValue,
+    /// `X-Forwarded-Host` as a trusted proxy relays it (else `host`).
+    fwd_host: Option<&'a HeaderValue>,
     /// The request has no `Host` header (HTTP/2 has `:authority`): one is written last.
     host_line: bool,
 }
@@ -564,7 +603,8 @@ impl ProxySet<'_> {
         }
         let proto: &[u8] = if self.https { b"https" } else { b"http" };
         lines[n] = (headers::SET_BY_PROXY[1].as_str(), proto);
-        lines[n + 1] = (headers::SET_BY_PROXY[2].as_str(), self.host.as_bytes());
+        let fwd_host = self.fwd_host.unwrap_or(self.host);
+        lines[n + 1] = (headers::SET_BY_PROXY[2].as_str(), fwd_host.as_bytes());
         n += 2;
         if self.host_line {
             lines[n] = ("host", self.host.as_bytes());
@@ -581,8 +621,7 @@ fn for_direct<'a>(
     uri: &'a Uri,
     headers: &mut HeaderMap,
     host_raw: Option<&'a HeaderValue>,
-    client: Option<&'a HeaderValue>,
-    https: bool,
+    origin: Origin<'a>,
 ) -> Result<(&'a str, ProxySet<'a>), &'static str> {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     // What `Uri::try_from` accepts of a path: the origin form, or `*`.
@@ -597,9 +636,10 @@ fn for_direct<'a>(
     Ok((
         path,
         ProxySet {
-            client,
-            https,
+            client: origin.client,
+            https: origin.https,
             host,
+            fwd_host: origin.host,
             host_line,
         },
     ))

@@ -16,10 +16,14 @@
 //!   (`Forwarded`, `X-Real-IP`, ...) and any header name with an underscore (which many app
 //!   servers fold into the dash spelling) is dropped before forwarding.
 //! - The client's `X-Forwarded-For`, `-Proto` and `-Host` are replaced, never appended to (the
-//!   proxy is the edge: nothing before it is trusted).
+//!   proxy is the edge: nothing before it is trusted), unless the client is a proxy the user
+//!   listed in `trusted_proxies` (a load balancer or CDN in front): then its `X-Forwarded-For`
+//!   is kept with its address appended, and its `-Proto` and `-Host` are kept ([`Relayed`]).
+//!   The other forwarding headers are dropped from trusted proxies too.
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode};
+use std::net::IpAddr;
 
 /// Why a request is answered by the proxy instead of forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,8 +238,90 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 pub(crate) static SET_BY_PROXY: [HeaderName; 3] =
     [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
 
+/// Whether `ip` is in one of the `ranges` (network, prefix length): `trusted_proxies`. An
+/// IPv4 client seen as an IPv4-mapped IPv6 address (a listener on `[::]`) matches its IPv4
+/// ranges.
+pub(crate) fn in_ranges(ranges: &[(IpAddr, u8)], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ranges.iter().any(|&(net, prefix)| match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    })
+}
+
+/// What a trusted proxy in front (`trusted_proxies`) says about a request it relays, read
+/// before the request's forwarding headers are stripped.
+pub(crate) struct Relayed {
+    /// `X-Forwarded-For` for the app: the proxy's chain with the proxy's own address
+    /// (`peer`) appended (only `peer` if it sent none or an unreadable one).
+    pub(crate) chain: Option<HeaderValue>,
+    /// The client the chain names, for the access log: read from the right (each proxy
+    /// appends the address it was reached from), its first address outside
+    /// `trusted_proxies`; if every address up to the first that is not one is trusted, the
+    /// furthest of them (as nginx's `real_ip_recursive`).
+    pub(crate) client: Option<HeaderValue>,
+    /// `X-Forwarded-Proto`, if it says `https` or `http`.
+    pub(crate) https: Option<bool>,
+    /// `X-Forwarded-Host`, if it sent one.
+    pub(crate) host: Option<HeaderValue>,
+}
+
+impl Relayed {
+    /// Reads what the trusted proxy `peer` sent in `headers`.
+    pub(crate) fn read(
+        headers: &HeaderMap,
+        peer: Option<&HeaderValue>,
+        ranges: &[(IpAddr, u8)],
+    ) -> Relayed {
+        let peer_text = peer.and_then(|p| p.to_str().ok());
+        let mut hops: Vec<&str> = Vec::new();
+        for v in headers.get_all(X_FORWARDED_FOR) {
+            match v.to_str() {
+                Ok(v) => hops.extend(v.split(',').map(str::trim).filter(|h| !h.is_empty())),
+                Err(_) => {
+                    hops.clear();
+                    break;
+                }
+            }
+        }
+        hops.extend(peer_text);
+        let chain = HeaderValue::try_from(hops.join(", ")).ok();
+        let mut client = peer.cloned();
+        for ip in hops.iter().rev().map_while(|h| h.parse::<IpAddr>().ok()) {
+            client = HeaderValue::try_from(ip.to_string()).ok();
+            if !in_ranges(ranges, ip) {
+                break;
+            }
+        }
+        let first = |name: &HeaderName| {
+            let v = headers.get(name)?.to_str().ok()?;
+            Some(v.split(',').next()?.trim()).filter(|v| !v.is_empty())
+        };
+        let https = match first(&X_FORWARDED_PROTO) {
+            Some(p) if p.eq_ignore_ascii_case("https") => Some(true),
+            Some(p) if p.eq_ignore_ascii_case("http") => Some(false),
+            _ => None,
+        };
+        let host = first(&X_FORWARDED_HOST).and_then(|h| HeaderValue::try_from(h).ok());
+        Relayed {
+            chain,
+            client,
+            https,
+            host,
+        }
+    }
+}
+
 /// Rewrites a request's headers for the upstream hop: `client` is the client's address as a
-/// header value, `host` the `Host` it asked for.
+/// header value (or the chain of a trusted proxy), `host` the `Host` it asked for (or the one
+/// a trusted proxy relays).
 pub(crate) fn forwarded_headers(
     headers: &mut HeaderMap,
     client: Option<HeaderValue>,
@@ -381,5 +467,92 @@ mod tests {
         ] {
             assert_eq!(hop_by_hop_index(other.as_bytes()), None, "{other}");
         }
+    }
+
+    fn ranges(list: &[&str]) -> Vec<(IpAddr, u8)> {
+        list.iter()
+            .map(|r| {
+                let (a, p) = r.split_once('/').unwrap();
+                (a.parse().unwrap(), p.parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn trusted_ranges_match_by_prefix_and_mapped_ipv4() {
+        let r = ranges(&["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+        for (ip, is) in [
+            ("10.255.1.2", true),
+            ("11.0.0.1", false),
+            ("192.0.2.7", true),
+            ("192.0.2.8", false),
+            ("::ffff:10.1.1.1", true),
+            ("2001:db8:ffff::1", true),
+            ("2001:db9::1", false),
+            ("::1", false),
+        ] {
+            assert_eq!(in_ranges(&r, ip.parse().unwrap()), is, "{ip}");
+        }
+        assert!(in_ranges(
+            &ranges(&["0.0.0.0/0"]),
+            "203.0.113.9".parse().unwrap()
+        ));
+        assert!(!in_ranges(&[], "10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_trusted_proxys_forwarding_headers_are_kept_and_its_address_appended() {
+        let peer = HeaderValue::from_static("10.0.0.5");
+        let trusted = ranges(&["10.0.0.0/8"]);
+        let read = |lines: &[(&'static str, &'static str)]| {
+            Relayed::read(&headers(lines), Some(&peer), &trusted)
+        };
+        let text = |v: &Option<HeaderValue>| v.as_ref().map(|v| v.to_str().unwrap().to_string());
+
+        // A load balancer that terminated TLS for 203.0.113.9.
+        let r = read(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "shop.example"),
+        ]);
+        assert_eq!(text(&r.chain).as_deref(), Some("203.0.113.9, 10.0.0.5"));
+        assert_eq!(text(&r.client).as_deref(), Some("203.0.113.9"));
+        assert_eq!(
+            (r.https, text(&r.host).as_deref()),
+            (Some(true), Some("shop.example"))
+        );
+
+        // A client that forged an address before the trusted proxy appended the real one:
+        // the log names the real one (read from the right); the app gets the whole chain.
+        let r = read(&[
+            ("x-forwarded-for", "1.2.3.4, 198.51.100.7"),
+            ("x-forwarded-for", "10.9.9.9"),
+        ]);
+        assert_eq!(
+            text(&r.chain).as_deref(),
+            Some("1.2.3.4, 198.51.100.7, 10.9.9.9, 10.0.0.5")
+        );
+        assert_eq!(text(&r.client).as_deref(), Some("198.51.100.7"));
+        assert_eq!((r.https, r.host), (None, None));
+
+        // Nothing relayed, or only trusted hops: the peer is the client.
+        let r = read(&[("x-forwarded-proto", "HTTP, https")]);
+        assert_eq!(text(&r.chain).as_deref(), Some("10.0.0.5"));
+        assert_eq!(text(&r.client).as_deref(), Some("10.0.0.5"));
+        assert_eq!(r.https, Some(false));
+        let r = read(&[
+            ("x-forwarded-for", "10.1.1.1"),
+            ("x-forwarded-proto", "gopher"),
+        ]);
+        assert_eq!(text(&r.client).as_deref(), Some("10.1.1.1"));
+        assert_eq!(r.https, None);
+
+        // Garbage in the chain stops the walk: the client is the last address before it.
+        let r = read(&[("x-forwarded-for", "203.0.113.9, not-an-address")]);
+        assert_eq!(text(&r.client).as_deref(), Some("10.0.0.5"));
+        assert_eq!(
+            text(&r.chain).as_deref(),
+            Some("203.0.113.9, not-an-address, 10.0.0.5")
+        );
     }
 }

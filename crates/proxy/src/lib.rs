@@ -116,6 +116,11 @@ pub struct ProxyConfig {
     /// `[proxy] redirect_http`: plain HTTP to a routed domain gets a 308 to https (but for
     /// ACME's HTTP-01 path).
     pub redirect_http: bool,
+    /// `[proxy] trusted_proxies`, as (network, prefix length): clients whose
+    /// `X-Forwarded-For` (appended to), `-Proto` and `-Host` are kept instead of replaced (a
+    /// load balancer or CDN in front); such a client saying `X-Forwarded-Proto: https` is not
+    /// redirected by `redirect_http`. Empty by default.
+    pub trusted_proxies: Vec<(std::net::IpAddr, u8)>,
 }
 
 impl ProxyConfig {
@@ -132,6 +137,7 @@ impl ProxyConfig {
             tls: TlsMode::Off,
             listen_tls: SocketAddr::from(([0, 0, 0, 0], 443)),
             redirect_http: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -402,6 +408,17 @@ impl Proxy {
             config.control_socket.display(),
             config.state_file.display()
         ));
+        if !config.trusted_proxies.is_empty() {
+            let ranges: Vec<String> = config
+                .trusted_proxies
+                .iter()
+                .map(|(net, prefix)| format!("{net}/{prefix}"))
+                .collect();
+            log::line(format_args!(
+                "forwarding headers kept from trusted proxies: {}",
+                ranges.join(", ")
+            ));
+        }
         shutdown.await;
         log::line("shutting down: no new connections");
         self.inner.set_closing();

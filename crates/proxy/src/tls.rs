@@ -219,6 +219,7 @@ async fn serve(
     http1: bool,
 ) {
     let client = HeaderValue::try_from(peer.ip().to_string()).ok();
+    let trusted = crate::headers::in_ranges(&shared.config.trusted_proxies, peer.ip());
     let lim = shared.config.limits.clone();
     // The same per-request path as plain HTTP: the slot counts as busy while a request is
     // served (and while an upgraded tunnel is open), and the access log gets a line.
@@ -234,6 +235,7 @@ async fn serve(
             client.clone(),
             slot.clone(),
             true,
+            trusted,
         ))
     });
     let builder = server_builder(&lim, peer);

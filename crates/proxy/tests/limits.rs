@@ -17,7 +17,11 @@ use support::{fast, get, get_with, Backend, Conn, TempDir, TestProxy};
 /// Sends `bytes` on a fresh connection and returns everything read until the proxy closes it
 /// (or 10 s pass).
 fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
+    raw_on(TcpStream::connect(addr).unwrap(), bytes)
+}
+
+/// [`raw`] on the connection `s`.
+fn raw_on(mut s: TcpStream, bytes: &[u8]) -> String {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // A peer that closes early resets the rest of a large write; what it answered still counts.
     let _ = s.write_all(bytes);
@@ -53,6 +57,20 @@ fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// The access log in `dir` once it has `lines` lines (it is written in batches), or what it
+/// has after 5 s.
+fn access_log(dir: &std::path::Path, lines: usize) -> String {
+    let path = dir.join("access.log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().count() >= lines || Instant::now() > deadline {
+            return text;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A normal client: one request on a fresh connection answered 200 by backend `name`.
@@ -795,6 +813,89 @@ fn forged_hosts_and_forwarding_headers_do_not_reach_the_app() {
     assert!(!r.contains("127.0.0.1:"), "{r}");
 }
 
+/// A connection to `addr` from the loopback address `from` (any of 127.0.0.0/8).
+fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let s = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((from, 0))).unwrap();
+        s.connect(addr).await.unwrap().into_std().unwrap()
+    });
+    s.set_nonblocking(false).unwrap();
+    s
+}
+
+/// A load balancer or CDN in front, listed in `trusted_proxies`: its `X-Forwarded-For` reaches
+/// the app with its own address appended, its `-Proto` and `-Host` are kept, and the access
+/// log names the client it relays (the chain's last address outside the trusted ranges). The
+/// same headers from any other client are replaced, as before; `X-Real-IP` is dropped from
+/// both. Over the proxy's own exchange (a GET) and hyper's (a POST with a body).
+#[test]
+fn a_trusted_proxys_forwarding_headers_are_kept_and_no_one_elses() {
+    let dir = TempDir::new("trusted");
+    let a = Backend::start("a");
+    let proxy = TestProxy::start_configured(dir.path(), |c| {
+        c.trusted_proxies = vec![([127, 0, 0, 2].into(), 32)];
+    });
+    proxy
+        .deploy_with("app", a.addr, &["site.example"], fast())
+        .unwrap();
+    let ask = |from: [u8; 4], method: &str| {
+        // A GET without a body takes the proxy's own exchange; a body takes hyper's.
+        let body = if method == "GET" {
+            "\r\n"
+        } else {
+            "Content-Length: 2\r\n\r\nhi"
+        };
+        let req = format!(
+            "{method} /headers HTTP/1.1\r\nHost: site.example\r\n\
+             X-Forwarded-For: 198.51.100.1, 203.0.113.9\r\nX-Forwarded-Proto: https\r\n\
+             X-Forwarded-Host: shop.example\r\nX-Real-IP: 6.6.6.6\r\nConnection: close\r\n{body}"
+        );
+        let r = raw_on(connect_from(from, proxy.addr), req.as_bytes());
+        assert_eq!(status_of(&r), 200, "{r}");
+        let seen: Vec<String> = body_of(&r)
+            .lines()
+            .filter(|l| l.starts_with("x-"))
+            .map(str::to_string)
+            .collect();
+        seen
+    };
+    for method in ["GET", "POST"] {
+        assert_eq!(
+            ask([127, 0, 0, 2], method),
+            [
+                "x-forwarded-for: 198.51.100.1, 203.0.113.9, 127.0.0.2",
+                "x-forwarded-host: shop.example",
+                "x-forwarded-proto: https",
+            ],
+            "{method} from the trusted proxy"
+        );
+        assert_eq!(
+            ask([127, 0, 0, 1], method),
+            [
+                "x-forwarded-for: 127.0.0.1",
+                "x-forwarded-host: site.example",
+                "x-forwarded-proto: http",
+            ],
+            "{method} from anyone else"
+        );
+    }
+    let text = access_log(dir.path(), 4);
+    let clients: Vec<&str> = text
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        clients,
+        ["203.0.113.9", "127.0.0.1", "203.0.113.9", "127.0.0.1"],
+        "{text}"
+    );
+}
+
 /// The `proxy_run` example binary (the proxy's real entry point, `run_blocking`), built beside
 /// this test by `cargo nextest run -p cutover-proxy` / `cargo test -p cutover-proxy`.
 fn proxy_run_binary() -> std::path::PathBuf {
@@ -932,15 +1033,7 @@ fn every_answer_gets_an_access_log_line() {
         get(proxy.addr, "site.example", "/q?token=s3cret").status,
         200
     );
-    let path = dir.path().join("access.log");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let text = loop {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        if text.lines().count() >= 4 || Instant::now() > deadline {
-            break text;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let text = access_log(dir.path(), 4);
     println!("{text}");
     assert!(!text.contains("s3cret"), "{text}");
     // Without the timestamp and the duration, which vary.

@@ -193,6 +193,9 @@ fn outside_ip() -> std::net::IpAddr {
         .expect("a non-loopback IPv4 address on this machine")
 }
 
+/// `redirect_http`: plain HTTP from outside gets a 308 to the same host and path on https, but
+/// ACME's HTTP-01 path and the host itself; a client that only says it came over https is
+/// redirected too, unless it is a proxy in `trusted_proxies` (a load balancer that ends TLS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_http_answers_308_to_https_except_the_acme_path_and_the_host_itself() {
     let (dir, ca, blue) = site("tls-redirect");
@@ -221,6 +224,31 @@ async fn redirect_http_answers_308_to_https_except_the_acme_path_and_the_host_it
         .await
         .unwrap();
     assert_eq!(a.status, 200);
+    // A client that only says it came over https is redirected all the same.
+    let says_https = "X-Forwarded-Proto: https\r\n";
+    let r = support::get_with(outside, "site.test", "/", says_https);
+    assert_eq!(r.status, 308, "{r:?}");
+    proxy.stop().unwrap();
+
+    // Behind a load balancer that terminates TLS (`trusted_proxies`): what it relays as
+    // https is served, not sent round in a loop of redirects; what it relays as http, or
+    // without saying, is redirected.
+    let outside_range = (outside_ip(), 32);
+    let proxy = TlsProxy::start_on_with(
+        dir.path(),
+        files_mode(dir.path()),
+        true,
+        "0.0.0.0",
+        move |c| c.trusted_proxies = vec![outside_range],
+    );
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+    let outside = std::net::SocketAddr::new(outside_ip(), proxy.addr.port());
+    let r = support::get_with(outside, "site.test", "/", says_https);
+    assert_eq!((r.status, r.first_line()), (200, "blue"));
+    let r = support::get_with(outside, "site.test", "/", "X-Forwarded-Proto: http\r\n");
+    assert_eq!(r.status, 308, "{r:?}");
+    assert_eq!(support::get(outside, "site.test", "/").status, 308);
+    proxy.stop().unwrap();
 }
 
 /// The response head of `GET path` over plain HTTP.

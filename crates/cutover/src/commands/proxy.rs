@@ -53,6 +53,21 @@ fn proxy_limits(arg: &str) -> Result<cutover_proxy::Limits, i32> {
     })
 }
 
+/// `--trusted-proxies A,B/N,...` as (network, prefix length) pairs; a bad one is a usage
+/// error saying what is wrong with it.
+fn ranges(arg: &str) -> Result<Vec<(std::net::IpAddr, u8)>, i32> {
+    arg.split(',')
+        .filter(|r| !r.is_empty())
+        .map(|r| match cutover_core::cidr::Cidr::parse(r) {
+            Ok(c) => Ok((c.addr, c.prefix)),
+            Err(msg) => {
+                eprintln!("error: --trusted-proxies: {msg}");
+                Err(exit::USAGE)
+            }
+        })
+        .collect()
+}
+
 pub(crate) fn run(cmd: ProxyCommand) -> i32 {
     match go(cmd) {
         Ok(code) | Err(code) => code,
@@ -74,6 +89,7 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             acme_email,
             acme_ca_file,
             redirect_http,
+            trusted_proxies,
         } => {
             let listen = address("listen", &listen)?;
             let listen_tls = address("listen-tls", &listen_tls)?;
@@ -93,6 +109,7 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             config.tls = tls;
             config.listen_tls = listen_tls;
             config.redirect_http = redirect_http;
+            config.trusted_proxies = ranges(&trusted_proxies)?;
             cutover_proxy::run_blocking(config).map_err(|e| {
                 eprintln!("error: {e}");
                 exit::NEEDS_PERSON

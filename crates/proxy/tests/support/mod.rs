@@ -212,6 +212,14 @@ impl TestProxy {
 
     /// Starts a proxy with the given limits.
     pub fn start_with(dir: &Path, limits: cutover_proxy::Limits) -> TestProxy {
+        TestProxy::start_configured(dir, move |c| c.limits = limits)
+    }
+
+    /// Starts a proxy whose config `configure` changes first.
+    pub fn start_configured(
+        dir: &Path,
+        configure: impl FnOnce(&mut ProxyConfig) + Send + 'static,
+    ) -> TestProxy {
         let socket = dir.join("proxy.sock");
         let state = dir.join("state.json");
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -231,7 +239,7 @@ impl TestProxy {
                     let control = bind_control(&sock)?;
                     addr_tx.send(addr).unwrap();
                     let mut config = ProxyConfig::new(addr, sock, st);
-                    config.limits = limits;
+                    configure(&mut config);
                     serve(config, listener, control, async {
                         let _ = stop_rx.await;
                     })

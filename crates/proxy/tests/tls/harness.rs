@@ -36,17 +36,30 @@ impl TlsProxy {
     /// Starts a proxy with `tls` and `redirect_http`; `ports` are the plain and TLS ports
     /// to bind (0: any).
     pub fn start(dir: &Path, tls: TlsMode, redirect_http: bool, ports: (u16, u16)) -> TlsProxy {
-        TlsProxy::start_with(dir, tls, redirect_http, ports, "127.0.0.1", None)
+        TlsProxy::start_with(dir, tls, redirect_http, ports, "127.0.0.1", |_| {})
     }
 
     /// [`TlsProxy::start`] on any ports, with `limits`.
     pub fn start_limited(dir: &Path, tls: TlsMode, limits: Limits) -> TlsProxy {
-        TlsProxy::start_with(dir, tls, false, (0, 0), "127.0.0.1", Some(limits))
+        TlsProxy::start_with(dir, tls, false, (0, 0), "127.0.0.1", move |c| {
+            c.limits = limits;
+        })
     }
 
     /// [`TlsProxy::start`] on any port of `ip` (`addr` and `tls_addr` are then on loopback).
     pub fn start_on(dir: &Path, tls: TlsMode, redirect_http: bool, ip: &str) -> TlsProxy {
-        let mut p = TlsProxy::start_with(dir, tls, redirect_http, (0, 0), ip, None);
+        TlsProxy::start_on_with(dir, tls, redirect_http, ip, |_| {})
+    }
+
+    /// [`TlsProxy::start_on`], its config changed by `configure` before it starts.
+    pub fn start_on_with(
+        dir: &Path,
+        tls: TlsMode,
+        redirect_http: bool,
+        ip: &str,
+        configure: impl FnOnce(&mut ProxyConfig) + Send + 'static,
+    ) -> TlsProxy {
+        let mut p = TlsProxy::start_with(dir, tls, redirect_http, (0, 0), ip, configure);
         p.addr.set_ip([127, 0, 0, 1].into());
         p.tls_addr.set_ip([127, 0, 0, 1].into());
         p
@@ -58,7 +71,7 @@ impl TlsProxy {
         redirect_http: bool,
         ports: (u16, u16),
         ip: &str,
-        limits: Option<Limits>,
+        configure: impl FnOnce(&mut ProxyConfig) + Send + 'static,
     ) -> TlsProxy {
         let ip = ip.to_string();
         let socket = dir.join("proxy.sock");
@@ -86,9 +99,7 @@ impl TlsProxy {
                 config.tls = tls;
                 config.listen_tls = tls_addr;
                 config.redirect_http = redirect_http;
-                if let Some(l) = limits {
-                    config.limits = l;
-                }
+                configure(&mut config);
                 let r = serve_with_tls(config, plain, Some(tls_l), control, async {
                     let _ = tx.send((addr, tls_addr));
                     let _ = stop_rx.await;
