@@ -282,7 +282,7 @@ async fn serve(
             // close` (HTTP/1.1); a request in flight still finishes. (A stream whose client
             // stops taking it is reset at `send_timeout`, see `crate::h2exec`.)
             conn.as_mut().graceful_shutdown();
-            let _ = conn.as_mut().await;
+            finish(conn.as_mut(), &state, lim.send_timeout, peer).await;
         } else if end == End::Stop {
             // As over plain HTTP: a keep-alive client gets one more answer (with
             // `Connection: close`); an HTTP/2 client gets a GOAWAY and its open streams finish.
@@ -291,7 +291,7 @@ async fn serve(
                 .is_err()
             {
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.as_mut().await;
+                finish(conn.as_mut(), &state, lim.send_timeout, peer).await;
             }
         }
     }
@@ -327,6 +327,26 @@ fn server_builder(lim: &crate::limits::Limits, peer: SocketAddr) -> auto::Builde
         .max_pending_accept_reset_streams(20)
         .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX));
     builder
+}
+
+/// Waits for a connection told to close (`conn`) to finish, but drops it once it has had no
+/// request in flight for `send_timeout`: what holds it then is a response hyper was handed
+/// whole and the client does not take (HTTP/2 flow control: no window update), which no
+/// body and no write timer sees. The stream's data would otherwise stay, and the connection
+/// with it, for as long as the client liked.
+async fn finish<F: std::future::Future>(
+    conn: std::pin::Pin<&mut F>,
+    state: &ConnState,
+    send_timeout: Duration,
+    peer: SocketAddr,
+) {
+    tokio::select! {
+        _ = conn => {}
+        () = idle_h2(state, send_timeout) => crate::log::line(format_args!(
+            "client {peer}: the connection held a response its client did not take for {} ms after its last request: closed",
+            send_timeout.as_millis()
+        )),
+    }
 }
 
 /// Why a TLS connection's serving loop ended.

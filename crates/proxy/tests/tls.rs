@@ -835,6 +835,10 @@ fn h2_bodies_app(cut: Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAdd
                             "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n".into(),
                             b"ok".to_vec(),
                         ),
+                        "/4k" => (
+                            "HTTP/1.1 200 OK\r\ncontent-length: 4096\r\n\r\n".into(),
+                            vec![b'k'; 4096],
+                        ),
                         _ => {
                             let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
                             let text = format!("{} {sum}", body.len()).into_bytes();
@@ -1201,6 +1205,43 @@ impl hyper::body::Body for Pieces {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
         std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
     }
+}
+
+/// An HTTP/2 response the proxy handed on whole (its request is over) that the client never
+/// takes all of (it sends no window update) does not hold the connection for ever: once the
+/// connection is idle it gets a GOAWAY, and `send_timeout` after its last request it is
+/// closed, unsent data and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_holding_a_response_its_client_never_takes_is_closed() {
+    let (dir, ca, _blue) = site("tls-h2-unsent");
+    let app = h2_bodies_app(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let limits = Limits {
+        send_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let proxy = TlsProxy::start_limited(dir.path(), files_mode(dir.path()), limits);
+    proxy.deploy("web", app, &["site.test"]).await;
+    // A stream window of 1 KiB: 3 of the 4 KiB stay with the proxy until the client takes more.
+    let (mut h2, conn) =
+        h2_client_with::<http_body_util::Full<bytes::Bytes>>(&proxy, &ca, Some((1024, 65_535)))
+            .await;
+    let resp = h2_send(&mut h2, "GET", "https://site.test/4k", vec![]).await;
+    assert_eq!(resp.status(), 200);
+    let t = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    println!(
+        "connection holding an untaken response ended after {:?}: {ended:?}",
+        t.elapsed()
+    );
+    assert!(ended.is_ok(), "the proxy kept the connection");
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(resp);
+    let a = get_once(proxy.tls_addr, "site.test", Http::H2, ca.roots(), "/up")
+        .await
+        .unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "ok"));
+    proxy.stop().unwrap();
 }
 
 /// `max_body_bytes` over HTTPS. HTTP/2: a `content-length` over it gets 413 without the app
