@@ -1,6 +1,7 @@
 //! Address ranges in CIDR notation, as `[proxy] trusted_proxies` lists them: `10.0.0.0/8`,
 //! `2001:db8::/32`, or one address (`192.0.2.7`, a range of one). The edge proxy matches
-//! client addresses against them (`cutover_proxy::Trusted`); this is where they are read.
+//! client addresses against them (`cutover_proxy::ProxyConfig::trusted_proxies`); this is
+//! where they are read and checked.
 
 use std::fmt;
 use std::net::IpAddr;

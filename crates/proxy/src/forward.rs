@@ -14,8 +14,8 @@
 //!   for one, see `upgrade`); `X-Forwarded-For` is replaced with the client's address (this is
 //!   the edge: nothing before it is trusted, but proxies in `trusted_proxies`, whose chain is
 //!   kept and appended to), `X-Forwarded-Proto` and `X-Forwarded-Host` are set (or, from a
-//!   trusted proxy, kept), and forgeable forwarding headers are dropped (`headers`). The app sees the `Host` the
-//!   client asked for, never the target's address.
+//!   trusted proxy, kept), and forgeable forwarding headers are dropped (`headers`). The app
+//!   sees the `Host` the client asked for, never the target's address.
 //! - A request body is read ahead (up to `limits::BODY_BUFFER`) before an upstream connection
 //!   is taken, so a client that stalls early never holds one.
 //! - A request is retried at most once: if its upstream connection failed before the request
@@ -1074,7 +1074,8 @@ type FramePoll<E> = Poll<Option<Result<Frame<Bytes>, E>>>;
 ///
 /// Over HTTP/2 it also times the other side: a piece handed on that the client does not take
 /// (it sends no window update) for `send_timeout` resets the response's stream, and the
-/// connection's other streams go on ([`ClientWait`], [`crate::h2exec`]). Over HTTP/1.1 the guard times the writes to the client instead.
+/// connection's other streams go on ([`ClientWait`], [`crate::h2exec`]). Over HTTP/1.1 the
+/// guard times the writes to the client instead.
 ///
 /// Small, as every response body carries one and hyper moves responses several times: the
 /// limits in milliseconds, and the waits' state boxed, made only once a body first waits
