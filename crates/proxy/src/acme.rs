@@ -13,7 +13,11 @@
 //!   next attempt uses the other challenge type (HTTP-01, then TLS-ALPN-01, and so on).
 //! - Renewal is due when a third of the certificate's lifetime is left, or, when the CA offers
 //!   ACME Renewal Information (ARI, RFC 9773), at a time in its suggested window that is
-//!   drawn once per certificate (from its serial) and spread over the window.
+//!   drawn once per certificate and window (from its serial) and spread over what is left of
+//!   the window, never later than a quarter of the lifetime before expiry; a window that has
+//!   already ended (a revoked certificate) makes renewal due at once. A renewal the CA's ARI
+//!   answered for names the certificate it replaces (`replaces`), and is ordered again
+//!   without it if the CA refuses that.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -55,6 +59,8 @@ struct Slot {
     renew_at_ms: u64,
     /// When ARI is to be asked next (ms), if the CA offers it.
     ari_at_ms: u64,
+    /// The suggested window (ms) of the CA's last ARI answer about `current`, if any.
+    window: Option<(u64, u64)>,
     failures: u32,
     next_retry_ms: u64,
 }
@@ -198,7 +204,11 @@ pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch
                         a
                     }
                 };
-                issue(&shared.certs, &acct, &domain, challenge).await
+                let replaces = match (&slot.current, slot.window) {
+                    (Some((_, _, leaf)), Some(_)) => Some(leaf),
+                    _ => None,
+                };
+                issue(&shared.certs, &acct, &domain, challenge, replaces).await
             };
             let result = tokio::select! {
                 r = tokio::time::timeout(ORDER_TIMEOUT, attempt) => match r {
@@ -207,14 +217,14 @@ pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch
                 },
                 _ = forward::stopped(&mut stop) => return,
             };
-            match result.and_then(|(cert_pem, key_pem)| {
+            match result.and_then(|(cert_pem, key_pem, replaced)| {
                 let l = certs::load_pem(cert_pem.as_bytes(), key_pem.as_bytes())
                     .map_err(|e| format!("the CA's certificate does not load: {e}"))?;
                 write_private(&key_path(&config.dir, &domain), key_pem.as_bytes())?;
                 write_private(&cert_path(&config.dir, &domain), cert_pem.as_bytes())?;
-                Ok(l)
+                Ok((l, replaced))
             }) {
-                Ok(l) => {
+                Ok((l, replaced)) => {
                     let renewal = slot.current.is_some();
                     install(&shared.certs, &domain, &l);
                     shared.certs.update(&domain, |h| {
@@ -225,13 +235,19 @@ pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch
                     slot.renew_at_ms = renew_at(l.not_before_ms, l.not_after_ms);
                     slot.current = Some((l.not_before_ms, l.not_after_ms, l.leaf));
                     slot.ari_at_ms = 0;
+                    slot.window = None;
                     slot.failures = 0;
                     slot.next_retry_ms = 0;
                     log::line(format_args!(
-                        "acme: {} a certificate for {domain} (expires {}, renewal due {})",
+                        "acme: {} a certificate for {domain} (expires {}, renewal due {}){}",
                         if renewal { "renewed" } else { "obtained" },
                         log::rfc3339(l.not_after_ms),
-                        log::rfc3339(slot.renew_at_ms)
+                        log::rfc3339(slot.renew_at_ms),
+                        if replaced {
+                            ", ordered as the replacement of the one before (ARI)"
+                        } else {
+                            ""
+                        }
                     ));
                 }
                 Err(e) => {
@@ -314,18 +330,45 @@ async fn open_account(config: &AcmeConfig) -> Result<Account, String> {
     Ok(account)
 }
 
-/// Orders a certificate for `domain`, answering `challenge`; returns (chain PEM, key PEM).
+/// Orders a certificate for `domain`, answering `challenge`, as the replacement of
+/// `replaces` (RFC 9773 section 5) if given; returns (chain PEM, key PEM, whether the CA took
+/// the order as that replacement).
+///
+/// A CA that refuses the replacement (it answers a problem: it already has one, say from an
+/// attempt that failed after it was finalized) is asked again for a plain order, so that a
+/// renewal never depends on it.
 async fn issue(
     certs: &Certs,
     account: &Account,
     domain: &str,
     challenge: ChallengeType,
-) -> Result<(String, String), String> {
+    replaces: Option<&CertificateDer<'static>>,
+) -> Result<(String, String, bool), String> {
     let ids = [Identifier::Dns(domain.to_string())];
-    let mut order = account
-        .new_order(&NewOrder::new(&ids))
-        .await
-        .map_err(|e| format!("new order: {}", chain(&e)))?;
+    let replaces =
+        replaces.and_then(|leaf| instant_acme::CertificateIdentifier::try_from(leaf).ok());
+    let mut replaced = false;
+    let mut order = None;
+    if let Some(id) = replaces {
+        match account.new_order(&NewOrder::new(&ids).replaces(id)).await {
+            Ok(o) => {
+                replaced = true;
+                order = Some(o);
+            }
+            Err(e @ instant_acme::Error::Api(_)) => log::line(format_args!(
+                "acme: {domain}: the CA refused the order as a replacement ({}); ordering without",
+                chain(&e)
+            )),
+            Err(e) => return Err(format!("new order: {}", chain(&e))),
+        }
+    }
+    let mut order = match order {
+        Some(o) => o,
+        None => account
+            .new_order(&NewOrder::new(&ids))
+            .await
+            .map_err(|e| format!("new order: {}", chain(&e)))?,
+    };
     let mut cleanup = Cleanup {
         certs,
         domain,
@@ -393,7 +436,7 @@ async fn issue(
         .await
         .map_err(|e| format!("certificate download: {}", chain(&e)))?;
     drop(cleanup);
-    Ok((chain, key_pem))
+    Ok((chain, key_pem, replaced))
 }
 
 fn challenge_name(c: &ChallengeType) -> &'static str {
@@ -441,7 +484,8 @@ fn alpn_challenge_cert(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>,
 
 /// Asks the CA's ARI when to renew `slot`'s certificate, if the CA offers it, and sets the
 /// slot's renewal time and next look-up from the answer (the account is opened for it after a
-/// restart); with no usable answer, asks again after [`ARI_RECHECK`].
+/// restart); with no usable answer, asks again after [`ARI_RECHECK`]. A window the slot
+/// already had keeps the time drawn in it.
 async fn recheck_ari(
     config: &AcmeConfig,
     account: &mut Option<Account>,
@@ -455,27 +499,60 @@ async fn recheck_ari(
         let opened = tokio::time::timeout(ARI_TIMEOUT, open_account(config)).await;
         *account = opened.ok().and_then(Result::ok);
     }
-    let (Some(acct), Some((_, _, leaf))) = (account.as_ref(), &slot.current) else {
+    let (Some(acct), Some((nb, na, leaf))) = (account.as_ref(), &slot.current) else {
         return;
     };
-    if let Ok(Some((at, recheck))) = tokio::time::timeout(ARI_TIMEOUT, ari(acct, leaf)).await {
-        slot.renew_at_ms = at;
-        slot.ari_at_ms = now + recheck.max(60_000);
-        certs.update(domain, |h| h.renew_at_ms = Some(at));
+    let Ok(Some((window, recheck))) = tokio::time::timeout(ARI_TIMEOUT, ari(acct, leaf)).await
+    else {
+        return;
+    };
+    slot.ari_at_ms = now + recheck.max(60_000);
+    if slot.window == Some(window) {
+        return;
     }
+    let at = ari_renew_at(window, serial_draw(leaf), now, (*nb, *na));
+    slot.window = Some(window);
+    slot.renew_at_ms = at;
+    certs.update(domain, |h| h.renew_at_ms = Some(at));
+    log::line(format_args!(
+        "acme: {domain}: the CA suggests renewing from {} to {} (ARI): {}",
+        log::rfc3339(window.0),
+        log::rfc3339(window.1),
+        if window.1 < now {
+            "that window has passed, renewing now".to_string()
+        } else {
+            format!("renewal due {}", log::rfc3339(at))
+        }
+    ));
 }
 
-/// ARI: when to renew `leaf` (a time in the CA's suggested window, ms; see [`in_window`]) and
-/// when to ask again (ms from now). `None` when the CA does not offer ARI, the certificate
-/// has no authority key identifier, or the answer is unusable.
-async fn ari(account: &Account, leaf: &CertificateDer<'static>) -> Option<(u64, u64)> {
+/// ARI: the CA's suggested window for renewing `leaf` (ms) and when to ask again (ms from
+/// now). `None` when the CA does not offer ARI, the certificate has no authority key
+/// identifier, or the answer is unusable.
+async fn ari(account: &Account, leaf: &CertificateDer<'static>) -> Option<((u64, u64), u64)> {
     let id = instant_acme::CertificateIdentifier::try_from(leaf).ok()?;
     let (info, again) = account.renewal_info(&id).await.ok()?;
     let w = info.suggested_window;
     let ms = |unix_s: i64| unix_s.max(0) as u64 * 1000;
-    let (start, end) = (ms(w.start.unix_timestamp()), ms(w.end.unix_timestamp()));
-    let at = in_window(start, end, serial_draw(leaf));
-    Some((at, again.as_millis() as u64))
+    let window = (ms(w.start.unix_timestamp()), ms(w.end.unix_timestamp()));
+    Some((window, again.as_millis() as u64))
+}
+
+/// When to renew a certificate valid from `nb` to `na` (ms), by the CA's suggested window
+/// `start..=end` (ms) read at `now`.
+/// - A window that has passed: now. RFC 9773 says to renew at once; a CA answers so about a
+///   revoked certificate.
+/// - Otherwise a time drawn by `draw` across what is left of the window ([`in_window`]), so
+///   that a window that opened in the past does not make half the certificates renew at once.
+/// - Never later than a quarter of the lifetime before `na`: a window reaching past that
+///   (Pebble suggests a day either side of two thirds of the lifetime, even for certificates
+///   of minutes) must not leave the certificate to run out.
+fn ari_renew_at((start, end): (u64, u64), draw: u64, now: u64, (nb, na): (u64, u64)) -> u64 {
+    if end < now {
+        return now;
+    }
+    let latest = na.saturating_sub(na.saturating_sub(nb) / 4);
+    in_window(start.max(now), end, draw).min(latest)
 }
 
 /// The time in the suggested window `start..=end` (ms) at which to renew, `draw` placing it
@@ -567,6 +644,40 @@ mod tests {
             tenths[((at - start) * 10 / (end - start + 1)) as usize] += 1;
         }
         assert!(tenths.iter().all(|&n| n >= 5), "{tenths:?}");
+    }
+
+    #[test]
+    fn ari_windows_are_honoured_within_the_certificates_lifetime() {
+        let day = 86_400_000;
+        let life = (0, 90 * day);
+        // A window ahead, inside the lifetime (as Let's Encrypt's): a time in it.
+        let w = (59 * day, 61 * day);
+        for draw in [0, 1, day, 2 * day, u64::MAX] {
+            let at = ari_renew_at(w, draw, day, life);
+            assert!((w.0..=w.1).contains(&at), "{draw}: {at}");
+        }
+        assert_eq!(ari_renew_at(w, day / 2, day, life), 59 * day + day / 2);
+        // A window that has passed (a revoked certificate): now.
+        assert_eq!(
+            ari_renew_at((10 * day, 10 * day + 1), 7, 11 * day, life),
+            11 * day
+        );
+        // A window open since before now: drawn over what is left of it, never in the past.
+        let now = 60 * day;
+        for draw in [0, 1, day, u64::MAX] {
+            let at = ari_renew_at(w, draw, now, life);
+            assert!((now..=w.1).contains(&at), "{draw}: {at}");
+        }
+        assert_eq!(ari_renew_at(w, day / 2, now, life), now + day / 2);
+        // Pebble's window for a certificate of 30 s (a day either side of its 20th second):
+        // 7.5 s before expiry at the latest, never a day later.
+        let (nb, na) = (100 * day, 100 * day + 30_000);
+        let pebble = (nb + 20_000 - day, nb + 20_000 + day);
+        assert_eq!(ari_renew_at(pebble, day, nb + 1_000, (nb, na)), nb + 22_500);
+        assert_eq!(
+            ari_renew_at(pebble, 3_000, nb + 1_000, (nb, na)),
+            nb + 4_000
+        );
     }
 
     #[test]

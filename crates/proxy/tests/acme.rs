@@ -3,6 +3,8 @@
 //! loopback, its certificates short-lived so that renewal comes during the test. The proxy
 //! trusts Pebble's own HTTPS certificate through `acme_ca_file`; the certificates it obtains
 //! are checked against Pebble's root, from Pebble's management interface. Validation is real.
+//! Pebble answers ACME Renewal Information (ARI) with a window a day either side of two thirds
+//! of a certificate's lifetime, or, once it is revoked, a window already past.
 
 #[path = "tls/harness.rs"]
 mod harness;
@@ -265,4 +267,140 @@ async fn acme_retries_over_tls_alpn_and_keeps_the_last_certificate_when_the_ca_i
         .await
         .unwrap();
     assert_eq!((still.status, &still.leaf), (200, &first.leaf));
+}
+
+/// The validity of a DER certificate: (notBefore, notAfter) in ms.
+fn validity_of(der: &[u8]) -> (u64, u64) {
+    let (_, c) = x509_parser::parse_x509_certificate(der).unwrap();
+    let v = c.validity();
+    let ms = |t: x509_parser::time::ASN1Time| t.timestamp() as u64 * 1000;
+    (ms(v.not_before), ms(v.not_after))
+}
+
+/// The ACME account the proxy stored under `dir/acme`, opened by the test.
+async fn proxys_account(pebble: &Pebble, dir: &Path) -> instant_acme::Account {
+    let text = std::fs::read(dir.join("acme").join("account.json")).unwrap();
+    let creds: instant_acme::AccountCredentials = serde_json::from_slice(&text).unwrap();
+    instant_acme::Account::builder_with_root(&pebble.ca_file)
+        .unwrap()
+        .from_credentials(creds)
+        .await
+        .unwrap()
+}
+
+/// Pebble's suggested renewal window for `leaf` (ms), asked as the proxy asks it.
+async fn ari_window(
+    account: &instant_acme::Account,
+    leaf: &rustls::pki_types::CertificateDer<'static>,
+) -> (u64, u64) {
+    let id = instant_acme::CertificateIdentifier::try_from(leaf).unwrap();
+    let (info, _) = account.renewal_info(&id).await.expect(
+        "Pebble answers ACME Renewal Information (pebble 2.5 or later: Debian 13's; see .ci/run)",
+    );
+    let w = info.suggested_window;
+    let (start, end) = (w.start.unix_timestamp(), w.end.unix_timestamp());
+    (start as u64 * 1000, end as u64 * 1000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_renews_in_the_cas_ari_window_and_replaces_a_revoked_certificate_at_once() {
+    let dir = TempDir::new("acme-ari");
+    let (http_port, tls_port) = (free_port(), free_port());
+    // Certificates for 90 days, as Let's Encrypt's: without ARI, renewal is due at day 60,
+    // and Pebble suggests a window of a day either side of it.
+    let pebble = pebble(dir.path(), http_port, tls_port, 90 * 86_400);
+    let blue = Backend::start("blue");
+    let ports = (http_port, tls_port);
+    let proxy = TlsProxy::start(dir.path(), acme(&pebble, dir.path()), false, ports);
+    proxy.deploy("web", blue.addr, &["d.test"]).await;
+    wait_cert(
+        &proxy,
+        "d.test",
+        "a certificate",
+        Duration::from_secs(30),
+        |c| c.not_after_ms.is_some(),
+    )
+    .await;
+    let roots = roots_from_pem(&pebble.root_pem());
+    let first = get_once(proxy.tls_addr, "d.test", Http::H2, roots.clone(), "/")
+        .await
+        .unwrap();
+    assert_eq!((first.status, first.body.as_str()), (200, "blue\n"));
+
+    // The renewal time shown is one drawn in the CA's window, not the two-thirds mark.
+    let account = proxys_account(&pebble, dir.path()).await;
+    let (start, end) = ari_window(&account, &first.leaf).await;
+    let (nb, na) = validity_of(&first.leaf);
+    let two_thirds = na - (na - nb) / 3;
+    assert!(
+        start < two_thirds && two_thirds < end,
+        "{start} {two_thirds} {end}"
+    );
+    let c = wait_cert(
+        &proxy,
+        "d.test",
+        "a renewal time from ARI",
+        Duration::from_secs(10),
+        |c| c.renew_at_ms.is_some_and(|r| r != two_thirds),
+    )
+    .await;
+    let at = c.renew_at_ms.unwrap();
+    assert!((start..=end).contains(&at), "{start} {at} {end}");
+    assert_eq!(c.not_after_ms, Some(na));
+
+    // The certificate is revoked (as a CA does after an incident): its window is now in the
+    // past. A proxy asks ARI at its start (and every 6 hours, as Pebble's Retry-After says):
+    // restarted, it orders a new certificate at once, as the replacement of the revoked one.
+    account
+        .revoke(&instant_acme::RevocationRequest {
+            certificate: &first.leaf,
+            reason: None,
+        })
+        .await
+        .unwrap();
+    let (_, revoked_end) = ari_window(&account, &first.leaf).await;
+    assert!(revoked_end < now_ms(), "{revoked_end}");
+    proxy.stop().unwrap();
+    let proxy = TlsProxy::start(dir.path(), acme(&pebble, dir.path()), false, ports);
+    proxy.deploy("web", blue.addr, &["d.test"]).await;
+    let t = Instant::now();
+    let replaced = loop {
+        let r = get_once(proxy.tls_addr, "d.test", Http::H1, roots.clone(), "/")
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "blue\n"));
+        if r.leaf != first.leaf {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the revoked certificate is still served: {:?}",
+            cert_of(&proxy, "d.test").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(names_of(&replaced.leaf), ["d.test"]);
+    let (_, na2) = validity_of(&replaced.leaf);
+    let c = wait_cert(
+        &proxy,
+        "d.test",
+        "the new certificate's status",
+        Duration::from_secs(10),
+        |c| c.not_after_ms == Some(na2),
+    )
+    .await;
+    assert_eq!(c.last_error, None);
+    assert!(std::fs::read(dir.path().join("acme").join("d.test.crt")).is_ok());
+
+    // Pebble took the new order as the revoked certificate's replacement: it refuses another.
+    let id = instant_acme::CertificateIdentifier::try_from(&first.leaf).unwrap();
+    let ids = [instant_acme::Identifier::Dns("d.test".into())];
+    let again = account
+        .new_order(&instant_acme::NewOrder::new(&ids).replaces(id))
+        .await;
+    let err = again
+        .err()
+        .expect("a second replacement accepted")
+        .to_string();
+    assert!(err.contains("already has a replacement order"), "{err}");
 }

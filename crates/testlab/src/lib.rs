@@ -9,7 +9,8 @@
 //! locally from Debian's busybox-static ([`Lab::build_web_image`]) and
 //! pushed there, never pulled from the internet.
 //!
-//! [`Pebble`] is a real ACME server (Debian's pebble) for the proxy's `tls = "acme"` tests.
+//! [`Pebble`] is a real ACME server (Debian 13's pebble, 2.6: it answers ACME Renewal
+//! Information) for the proxy's `tls = "acme"` tests.
 //!
 //! [`Browser`] is a headless chromium under Debian's chromedriver, driven over WebDriver
 //! (fantoccini) with blocking calls, for the panel's tests and screenshots.

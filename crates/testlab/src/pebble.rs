@@ -1,4 +1,5 @@
-//! A real ACME server for tests: Debian's `pebble`, with `pebble-challtestsrv` as its DNS
+//! A real ACME server for tests: Debian's `pebble` (2.6, from Debian 13: it answers ACME Renewal
+//! Information, RFC 9773, and takes `replaces` in orders), with `pebble-challtestsrv` as its DNS
 //! server answering one address for every name (so every test domain resolves to the proxy
 //! under test). Pebble's own HTTPS certificate is made here by a throwaway CA (rcgen), written
 //! to [`Pebble::ca_file`] for the client to trust (`acme_ca_file`); the root that signs the
