@@ -67,9 +67,12 @@ const VALUE_KEEP: usize = 24;
 /// that closing does not reset the answer away before the client reads it.
 const DRAIN_AFTER_REFUSAL: Duration = Duration::from_secs(1);
 
-/// How long the rest of a request body is read and dropped after hyper answered and closed a
-/// connection in the middle of it (see [`Leave::Linger`]).
-const LINGER: Duration = Duration::from_secs(5);
+/// How long the rest of a request body is read and dropped at most after hyper answered and
+/// closed a connection in the middle of it (see [`Leave::Linger`]): nginx's `lingering_time`.
+const LINGER: Duration = Duration::from_secs(30);
+/// The longest pause in what the client sends while lingering before the connection is closed
+/// all the same: nginx's `lingering_timeout`.
+const LINGER_PAUSE: Duration = Duration::from_secs(5);
 
 /// A connection handed back by a dropped [`Guard`]: refused (its answer is to be written),
 /// asked to move to another worker (see [`crate::limits::Slots::ask_to_move`]), or closed in
@@ -86,8 +89,9 @@ pub(crate) enum Leave {
     /// hyper answered and closed the connection in the middle of a request body (a 413, 408
     /// or 400, or an app that answered before reading it all): the answer and the end of the
     /// stream are sent, and what the client still sends of the body is read and dropped for
-    /// up to [`LINGER`], so that the close does not reset the answer away while the client
-    /// is still sending (nginx's lingering close).
+    /// up to [`LINGER`] while it pauses no longer than [`LINGER_PAUSE`], so that the close
+    /// does not reset the answer away while the client is still sending (nginx's lingering
+    /// close).
     Linger,
 }
 
@@ -1261,9 +1265,14 @@ pub(crate) fn handed_back<S>(rx: &mut Refused<S>) -> Option<(S, Leave)> {
 /// does): a refused head's answer, or the rest of a request body read and dropped.
 pub(crate) async fn wind_up<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, leave: Leave) {
     match leave {
-        Leave::Refused(refusal) => answer(stream, refusal).await,
+        // Boxed: their timers would otherwise grow every connection's task.
+        Leave::Refused(refusal) => Box::pin(answer(stream, refusal)).await,
         Leave::Linger => {
-            let _ = tokio::time::timeout(LINGER, discard(&mut stream)).await;
+            let _ = Box::pin(tokio::time::timeout(
+                LINGER,
+                discard(&mut stream, LINGER_PAUSE),
+            ))
+            .await;
         }
         Leave::Move(_) => {}
     }
@@ -1283,16 +1292,21 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, r: Refusal) {
     let answered = async {
         stream.write_all(text.as_bytes()).await?;
         stream.shutdown().await?;
-        discard(&mut stream).await
+        discard(&mut stream, DRAIN_AFTER_REFUSAL).await
     };
     let _ = tokio::time::timeout(DRAIN_AFTER_REFUSAL, answered).await;
 }
 
-/// Reads and drops what the client sends until it closes (or an error).
-async fn discard<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<()> {
+/// Reads and drops what the client sends until it closes, pauses longer than `pause`, or an
+/// error.
+async fn discard<S: AsyncRead + Unpin>(stream: &mut S, pause: Duration) -> io::Result<()> {
     // On the heap: this future is part of every connection's task, which must stay small.
     let mut buf = vec![0u8; 16 * 1024];
-    while stream.read(&mut buf).await? > 0 {}
+    while let Ok(n) = tokio::time::timeout(pause, stream.read(&mut buf)).await {
+        if n? == 0 {
+            break;
+        }
+    }
     Ok(())
 }
 

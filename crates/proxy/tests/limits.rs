@@ -1191,9 +1191,9 @@ fn chunked(body: &[u8], size: usize) -> Vec<u8> {
     out
 }
 
-#[test]
-fn request_bodies_over_max_body_bytes_get_413_and_never_reach_the_app_whole() {
-    let dir = TempDir::new("413");
+/// A raw backend (logging every byte) behind a proxy whose requests bodies are capped at
+/// 64 KiB, routed as `app.test`.
+fn capped_at_64_kib(dir: &TempDir) -> (RawBackend, TestProxy) {
     let app = RawBackend::start(false);
     let proxy = TestProxy::start_with(
         dir.path(),
@@ -1203,6 +1203,71 @@ fn request_bodies_over_max_body_bytes_get_413_and_never_reach_the_app_whole() {
         },
     );
     proxy.deploy("app", app.addr).unwrap();
+    (app, proxy)
+}
+
+#[test]
+fn a_refused_upload_is_read_on_while_its_client_keeps_sending_and_closed_when_it_pauses() {
+    let dir = TempDir::new("linger");
+    let (app, proxy) = capped_at_64_kib(&dir);
+    let head = b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 33554432\r\n\r\n";
+    let piece = vec![b'z'; 64 * 1024];
+
+    // A slow upload (a browser's, over a slow line) refused at once by its length: it goes on
+    // sending for 7 s, a piece every 300 ms. The proxy reads and drops it all that time
+    // (nginx: up to 30 s, `lingering_time`), so no write fails on a reset and the client
+    // reads its 413 afterwards.
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    s.write_all(head).unwrap();
+    let t = Instant::now();
+    let mut i = 0;
+    while t.elapsed() < Duration::from_secs(7) {
+        s.write_all(&piece).unwrap_or_else(|e| {
+            panic!(
+                "writing piece {i} failed {:?} after the head: {e}",
+                t.elapsed()
+            )
+        });
+        i += 1;
+        thread::sleep(Duration::from_millis(300));
+    }
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 413 "), "{out}");
+
+    // One that stops sending is closed after 5 s of silence (`lingering_timeout`), not kept
+    // for the whole 30 s. The proxy half-closes after its answer (the client reads it to the
+    // end of the stream at once) and reads on; sending again 2 s later is fine; after 7 s of
+    // silence, what the client sends meets a closed socket (a reset).
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    s.write_all(head).unwrap();
+    s.write_all(&piece).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 413 "), "{out}");
+    thread::sleep(Duration::from_secs(2));
+    s.write_all(&piece).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    s.write_all(&piece).unwrap();
+    thread::sleep(Duration::from_secs(7));
+    let late = (0..5).find_map(|_| {
+        let r = s.write_all(&piece).err();
+        thread::sleep(Duration::from_millis(200));
+        r
+    });
+    assert!(late.is_some(), "the proxy still reads after 7 s of silence");
+    assert!(!app.received().contains("/upload"), "{}", app.received());
+    let r = get(proxy.addr, "app.test", "/after");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+}
+
+#[test]
+fn request_bodies_over_max_body_bytes_get_413_and_never_reach_the_app_whole() {
+    let dir = TempDir::new("413");
+    let (app, proxy) = capped_at_64_kib(&dir);
     let too_large = "content too large: request bodies here are limited to 65536 bytes\n";
 
     // A Content-Length over the cap: 413 before any of the body is sent, and, asked to
