@@ -361,6 +361,10 @@ pub(crate) enum ProxyCommand {
         /// tls = acme: the only roots trusted for the ACME directory (PEM).
         #[arg(long)]
         acme_ca_file: Option<PathBuf>,
+        /// tls = acme: the other hosts' proxies (`host:port` of their plain listener,
+        /// comma-separated), asked for an HTTP-01 answer this proxy does not have.
+        #[arg(long, default_value = "")]
+        acme_peers: String,
         /// Answer plain HTTP with a 308 to https (but ACME's HTTP-01 path).
         #[arg(long)]
         redirect_http: bool,

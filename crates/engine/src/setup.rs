@@ -187,6 +187,48 @@ fn proxy_hosts(config: &Config) -> Result<(Config, &ProxySettings), String> {
     ))
 }
 
+/// `--acme-peers` for host `i` of `hosts` (with `tls = "acme"` and more than one host): the
+/// other hosts' proxies, at the name or address `hosts` gives them and the port of `listen`,
+/// which a host asks for an HTTP-01 answer it does not have (the CA's validation reaches the
+/// host DNS or a load balancer sends it to, not necessarily the one whose order it is). One
+/// shell word: a name with a character other than letters, digits, `.`, `-` and `:` (IPv6)
+/// is left out.
+fn acme_peers(
+    proxy: &ProxySettings,
+    hosts: &[(String, cutover_core::host::Destination)],
+    i: usize,
+) -> Option<String> {
+    if !matches!(
+        proxy.tls.mode,
+        cutover_core::container::TlsKind::Acme { .. }
+    ) {
+        return None;
+    }
+    let port = proxy.listen.rsplit_once(':')?.1;
+    let peers: Vec<String> = hosts
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .filter_map(|(_, (_, d))| match d {
+            cutover_core::host::Destination::Ssh { host, .. } => Some(host.as_str()),
+            cutover_core::host::Destination::Local => None,
+        })
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+        })
+        .map(|h| {
+            if h.contains(':') {
+                format!("[{h}]:{port}")
+            } else {
+                format!("{h}:{port}")
+            }
+        })
+        .collect();
+    (!peers.is_empty()).then(|| peers.join(","))
+}
+
 /// Installs or upgrades the proxy on every host that runs it ([`proxy_hosts`]).
 pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
     let (on, proxy) = proxy_hosts(config)?;
@@ -205,6 +247,10 @@ pub fn setup(config: &Config) -> Result<Vec<HostSetup>, String> {
     let tls = proxy.run_flags().join(" ");
     Ok(par_map(hosts.len(), config.ssh.parallel, |i| {
         let r = hosts.get(i);
+        let tls = match acme_peers(proxy, &config.hosts, i) {
+            Some(peers) => format!("{tls} --acme-peers {peers}"),
+            None => tls.clone(),
+        };
         let mut s = HostSetup {
             host: config.hosts[i].0.clone(),
             ok: false,
@@ -321,6 +367,42 @@ mod tests {
                 "0.0.0.0:80".into()
             )
         );
+    }
+
+    #[test]
+    fn with_acme_each_host_is_told_the_other_hosts_proxies_and_without_it_none() {
+        let parse = |t: &str| Config::parse(std::path::Path::new("/c.toml"), t, None).unwrap();
+        let app = |tls: &str| {
+            parse(&format!(
+                "app = \"web\"\nhosts = [\"web1.example.com\", \"deploy@10.0.0.2:2222\", \"[2001:db8::7]:22\"]\n\
+                 [container]\nimage = \"r.example.com/web\"\nport = 8080\ndomain = \"site.example\"\n\
+                 [proxy]\nlisten = \"0.0.0.0:8000\"\n{tls}"
+            ))
+        };
+        let peers = |c: &Config| {
+            let (on, proxy) = proxy_hosts(c).unwrap();
+            (0..on.hosts.len())
+                .map(|i| acme_peers(proxy, &on.hosts, i))
+                .collect::<Vec<_>>()
+        };
+        let acme = app("tls = \"acme\"\n");
+        assert_eq!(
+            peers(&acme),
+            [
+                Some("10.0.0.2:8000,[2001:db8::7]:8000".to_string()),
+                Some("web1.example.com:8000,[2001:db8::7]:8000".to_string()),
+                Some("web1.example.com:8000,10.0.0.2:8000".to_string()),
+            ]
+        );
+        assert_eq!(peers(&app("")), [None, None, None]);
+        let files = "tls = \"files\"\ncert = \"/etc/c.pem\"\nkey = \"/etc/k.pem\"\n";
+        assert_eq!(peers(&app(files)), [None, None, None]);
+        // One host: no peers.
+        let one = parse(
+            "app = \"web\"\nhosts = [\"web1\"]\n[container]\nimage = \"r.example.com/web\"\nport = 8080\n\
+             [proxy]\ntls = \"acme\"\n",
+        );
+        assert_eq!(peers(&one), [None]);
     }
 
     #[test]

@@ -413,7 +413,7 @@ pub(crate) async fn handle(
         return resp;
     }
     if !origin.tls {
-        if let Some(resp) = tls::challenge(shared, parts.uri.path()) {
+        if let Some(resp) = tls::challenge(shared, parts).await {
             return resp;
         }
     }

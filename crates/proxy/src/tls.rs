@@ -24,6 +24,7 @@
 use std::future::Future as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -78,6 +79,9 @@ pub struct AcmeConfig {
     pub dir: PathBuf,
     /// The first retry after a failure (then doubling, up to an hour).
     pub retry_after: Duration,
+    /// The other hosts' proxies serving the same domains (`host:port` of their plain
+    /// listener): asked for an HTTP-01 answer this proxy does not have ([`challenge`]).
+    pub peers: Vec<String>,
 }
 
 impl AcmeConfig {
@@ -89,6 +93,7 @@ impl AcmeConfig {
             ca_file: None,
             dir: dir.into(),
             retry_after: Duration::from_secs(60),
+            peers: Vec::new(),
         }
     }
 }
@@ -379,14 +384,37 @@ async fn idle_h2(state: &ConnState, idle: Duration) {
     }
 }
 
+/// The header a proxy sets when it asks a peer for an HTTP-01 answer ([`challenge`]): a
+/// request carrying it is answered from the peer's own tokens only, so a relay never loops.
+const RELAY_HEADER: &str = "cutover-acme-relay";
+/// How long the peers have, all together, to answer a relayed HTTP-01 request.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(3);
+/// At most this many HTTP-01 requests are relayed at once (past it: 404 without asking), so
+/// that a flood of made-up tokens cannot make the peers' load a multiple of its own.
+const RELAYS_MAX: usize = 16;
+static RELAYS: AtomicUsize = AtomicUsize::new(0);
+
 /// What the plain HTTP listener answers itself when TLS is on, before routing: an ACME
 /// HTTP-01 token. `None`: route the request.
-pub(crate) fn challenge(shared: &Shared, path: &str) -> Option<Response<ProxyBody>> {
-    let token = path.strip_prefix(ACME_CHALLENGE_PATH)?;
-    if !matches!(shared.config.tls, TlsMode::Acme(_)) {
+///
+/// With several hosts serving one domain, the CA's validation reaches whichever host the
+/// domain's DNS (or a load balancer) sends it to, not necessarily the one whose order it is.
+/// A token this proxy does not have is asked of its peers ([`AcmeConfig::peers`]) for a
+/// domain it routes, unless the request is itself a peer's relay ([`relay`]).
+pub(crate) async fn challenge(
+    shared: &Shared,
+    parts: &hyper::http::request::Parts,
+) -> Option<Response<ProxyBody>> {
+    let token = parts.uri.path().strip_prefix(ACME_CHALLENGE_PATH)?;
+    let TlsMode::Acme(acme) = &shared.config.tls else {
         return None;
+    };
+    let mut answer = shared.certs.token(token);
+    if answer.is_none() && !acme.peers.is_empty() && !parts.headers.contains_key(RELAY_HEADER) {
+        // Boxed: rare, and its future must not grow every request's.
+        answer = Box::pin(relay(shared, &acme.peers, parts, token)).await;
     }
-    Some(match shared.certs.token(token) {
+    Some(match answer {
         Some(answer) => {
             let mut r = Response::new(ProxyBody::Local(Full::new(Bytes::from(answer))));
             r.headers_mut().insert(
@@ -397,6 +425,78 @@ pub(crate) fn challenge(shared: &Shared, path: &str) -> Option<Response<ProxyBod
         }
         None => forward::local(StatusCode::NOT_FOUND, "no such ACME challenge\n"),
     })
+}
+
+/// Whether `s` is non-empty base64url, as ACME tokens and key thumbprints are.
+fn base64url(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Asks every peer at once for `token`'s key authorization, for the domain the request names
+/// if this proxy routes it; the first well-formed answer wins.
+async fn relay(
+    shared: &Shared,
+    peers: &[String],
+    parts: &hyper::http::request::Parts,
+    token: &str,
+) -> Option<String> {
+    if token.len() > 256 || !base64url(token) {
+        return None;
+    }
+    let host = parts.headers.get(header::HOST)?;
+    shared.table.route_raw(Some(host.as_bytes()))?;
+    let domain = crate::table::normalize_host(host.to_str().ok()?);
+    if RELAYS.fetch_add(1, Ordering::Relaxed) >= RELAYS_MAX {
+        RELAYS.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    let mut asks = tokio::task::JoinSet::new();
+    for peer in peers {
+        asks.spawn(ask_peer(peer.clone(), domain.clone(), token.to_string()));
+    }
+    let found = tokio::time::timeout(RELAY_TIMEOUT, async {
+        while let Some(r) = asks.join_next().await {
+            if let Ok(Some(found)) = r {
+                return Some(found);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    RELAYS.fetch_sub(1, Ordering::Relaxed);
+    match &found {
+        Some((_, peer)) => log::line(format_args!(
+            "acme: {domain}: answered an HTTP-01 validation with {peer}'s token"
+        )),
+        None => log::line(format_args!(
+            "acme: {domain}: an HTTP-01 token neither this proxy nor its peers ({}) have: 404",
+            peers.join(", ")
+        )),
+    }
+    found.map(|(answer, _)| answer)
+}
+
+/// One peer's answer for `token` ([`relay`]): its key authorization (the token, a dot and a
+/// base64url thumbprint) if it answers 200 with one, and the peer.
+async fn ask_peer(peer: String, domain: String, token: String) -> Option<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(peer.as_str()).await.ok()?;
+    let ask = format!(
+        "GET {ACME_CHALLENGE_PATH}{token} HTTP/1.1\r\nHost: {domain}\r\n{RELAY_HEADER}: 1\r\n\
+         Connection: close\r\n\r\n"
+    );
+    s.write_all(ask.as_bytes()).await.ok()?;
+    let mut got = Vec::new();
+    s.take(4096).read_to_end(&mut got).await.ok()?;
+    let text = std::str::from_utf8(&got).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let (t, thumbprint) = body.split_once('.')?;
+    (head.starts_with("HTTP/1.1 200 ") && t == token && base64url(thumbprint))
+        .then(|| (body.to_string(), peer))
 }
 
 /// With `redirect_http`, the 308 a routed plain-HTTP request gets: the same host and path

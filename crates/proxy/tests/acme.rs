@@ -404,3 +404,73 @@ async fn acme_renews_in_the_cas_ari_window_and_replaces_a_revoked_certificate_at
         .to_string();
     assert!(err.contains("already has a replacement order"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_of_one_domain_both_get_certificates_where_validation_reaches_only_one() {
+    let dir = TempDir::new("acme-peers");
+    let (a_http, a_tls, b_http, b_tls) = (free_port(), free_port(), free_port(), free_port());
+    // Every validation goes to host A (as DNS pointing at one of them, or a load balancer
+    // choosing one, does); host B's orders are validated at A, which asks its peer B.
+    let pebble = pebble(dir.path(), a_http, a_tls, 90 * 86_400);
+    let with_peer = |host: &str, peer: u16| {
+        let TlsMode::Acme(mut a) = acme(&pebble, &dir.path().join(host)) else {
+            unreachable!()
+        };
+        a.peers = vec![format!("127.0.0.1:{peer}")];
+        TlsMode::Acme(a)
+    };
+    let blue = Backend::start("blue");
+    let a = TlsProxy::start(
+        &dir.path().join("a"),
+        with_peer("a", b_http),
+        false,
+        (a_http, a_tls),
+    );
+    let b = TlsProxy::start(
+        &dir.path().join("b"),
+        with_peer("b", a_http),
+        false,
+        (b_http, b_tls),
+    );
+    a.deploy("web", blue.addr, &["m.test"]).await;
+    b.deploy("web", blue.addr, &["m.test"]).await;
+    for (name, proxy) in [("A", &a), ("B", &b)] {
+        let c = wait_cert(
+            proxy,
+            "m.test",
+            &format!("host {name}'s certificate"),
+            Duration::from_secs(30),
+            |c| c.not_after_ms.is_some(),
+        )
+        .await;
+        assert_eq!(c.last_error, None, "host {name}");
+    }
+    // Each host serves a certificate of its own order, chaining to Pebble's root.
+    let roots = roots_from_pem(&pebble.root_pem());
+    let ra = get_once(a.tls_addr, "m.test", Http::H2, roots.clone(), "/")
+        .await
+        .unwrap();
+    let rb = get_once(b.tls_addr, "m.test", Http::H2, roots.clone(), "/")
+        .await
+        .unwrap();
+    assert_eq!((ra.status, rb.status), (200, 200));
+    assert_eq!(names_of(&rb.leaf), ["m.test"]);
+    assert_ne!(ra.leaf, rb.leaf);
+
+    // A token neither host has: 404, at once, with no loop between the two (a relayed
+    // request is never relayed again), and a domain neither routes is not asked about.
+    for host in ["m.test", "other.test"] {
+        let t = Instant::now();
+        let r = support::get(a.addr, host, "/.well-known/acme-challenge/NoSuchToken_1");
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (404, "no such ACME challenge\n"),
+            "{host}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{host}: {:?}",
+            t.elapsed()
+        );
+    }
+}

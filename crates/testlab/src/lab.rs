@@ -139,6 +139,8 @@ pub struct Lab {
     hosts: Vec<Host>,
     /// Blackhole routes added for the lab's address blocks.
     routes: Vec<String>,
+    /// The `FORWARD` rule of [`Lab::route_between_hosts`], if added.
+    forwarding: Mutex<Option<String>>,
     /// The lab's registry (only with [`LabOptions::docker`]).
     registry: Mutex<Option<Child>>,
     // Released last (fields drop after Drop::drop ran).
@@ -212,6 +214,7 @@ impl Lab {
             opts,
             hosts: Vec::new(),
             routes: Vec::new(),
+            forwarding: Mutex::new(None),
             registry: Mutex::new(None),
             _claim: claim,
         };
@@ -465,6 +468,38 @@ impl Lab {
     /// Address of host i (the namespace side of its veth).
     pub fn ip(&self, i: usize) -> Ipv4Addr {
         self.host(i).ip
+    }
+
+    /// Lets the hosts reach one another, as servers of one network do: each host routes the
+    /// lab's blocks through this machine, which forwards between the lab's veths (one
+    /// `iptables` rule at the top of `FORWARD`, removed when the lab is dropped). Without it a
+    /// host reaches only this machine.
+    pub fn route_between_hosts(&self) {
+        for (i, h) in self.hosts.iter().enumerate() {
+            let via = self.gateway(i).to_string();
+            for block in blocks(self.num, self.opts.hosts) {
+                if let Err(e) = sys::run(
+                    "ip",
+                    &["-n", &h.netns, "route", "replace", &block, "via", &via],
+                ) {
+                    panic!("testlab: route_between_hosts: {e}");
+                }
+            }
+        }
+        let _ = fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+        let veths = format!("tl{}h+", self.num);
+        let mut added = lock(&self.forwarding);
+        if added.is_none() {
+            if let Err(e) = sys::run(
+                "iptables",
+                &[
+                    "-I", "FORWARD", "1", "-i", &veths, "-o", &veths, "-j", "ACCEPT",
+                ],
+            ) {
+                panic!("testlab: route_between_hosts (iptables is needed): {e}");
+            }
+            *added = Some(veths);
+        }
     }
 
     /// The root namespace's side of host i's veth: an address of this machine that host i
@@ -902,6 +937,12 @@ impl Drop for Lab {
         }
         for block in &self.routes {
             sys::run_quiet("ip", &["route", "del", "blackhole", block]);
+        }
+        if let Some(veths) = lock(&self.forwarding).take() {
+            sys::run_quiet(
+                "iptables",
+                &["-D", "FORWARD", "-i", &veths, "-o", &veths, "-j", "ACCEPT"],
+            );
         }
         if std::env::var("TESTLAB_KEEP").as_deref() == Ok("1") {
             eprintln!("testlab: keeping {}", self.dir.display());

@@ -88,6 +88,7 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             acme_directory,
             acme_email,
             acme_ca_file,
+            acme_peers,
             redirect_http,
             trusted_proxies,
         } => {
@@ -97,6 +98,11 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
                 let mut a = AcmeConfig::new(acme_directory, dir.join("acme"));
                 a.email = acme_email;
                 a.ca_file = acme_ca_file;
+                a.peers = acme_peers
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect();
                 a
             })?;
             std::fs::create_dir_all(&dir).map_err(|e| {

@@ -4,7 +4,9 @@
 //! is redirected (cutover's own verification, from the host, is not), and `cutover status`
 //! shows the certificate. `tls = "acme"`: the same path against a real ACME server (testlab's
 //! [`Pebble`], listening on the root side of the host's veth, validating against the host's
-//! proxy), one certificate per app domain, and a failing order shown by `cutover status`.
+//! proxy), one certificate per app domain, and a failing order shown by `cutover status`; and
+//! an app on two hosts that reach each other, Pebble validating at one of them only: both get
+//! their certificates (the other host's HTTP-01 answer is relayed by its peer).
 
 use crate::world::{wait_for, World, PROXY_PORT};
 use std::os::unix::fs::PermissionsExt;
@@ -116,17 +118,8 @@ fn an_acme_app_gets_a_certificate_per_domain_from_pebble_and_a_failing_order_sho
             validity_s: 90 * 86_400,
         },
     );
-    let acme = [
-        ("tls", "\"acme\"".to_string()),
-        ("acme_email", "\"ops@site.test\"".to_string()),
-        ("acme_directory", format!("{:?}", pebble.directory)),
-        (
-            "acme_ca_file",
-            format!("{:?}", pebble.ca_file.display().to_string()),
-        ),
-        ("listen_tls", "\"0.0.0.0:8443\"".to_string()),
-        ("redirect_http", "true".to_string()),
-    ];
+    let mut acme = acme_settings(&pebble).to_vec();
+    acme.push(("redirect_http", "true".to_string()));
     // TLS is turned on for a host already set up: `setup` again restarts its proxy.
     app_with_domain(&w, "web", "a.test", &acme);
     let r = w.run(&["setup"]);
@@ -229,4 +222,79 @@ fn an_acme_app_gets_a_certificate_per_domain_from_pebble_and_a_failing_order_sho
     assert!(why.contains("onnection refused"), "{line}");
     assert!(why.contains("; next try in "), "{line}");
     assert_eq!(curl(ip, "a.test", &root, "--http2"), "t1\n 2");
+}
+
+/// The `tls = "acme"` settings for `pebble`, as `app_with_domain` takes them.
+fn acme_settings(pebble: &Pebble) -> [(&'static str, String); 5] {
+    [
+        ("tls", "\"acme\"".to_string()),
+        ("acme_email", "\"ops@site.test\"".to_string()),
+        ("acme_directory", format!("{:?}", pebble.directory)),
+        (
+            "acme_ca_file",
+            format!("{:?}", pebble.ca_file.display().to_string()),
+        ),
+        ("listen_tls", "\"0.0.0.0:8443\"".to_string()),
+    ]
+}
+
+#[test]
+fn both_hosts_of_an_acme_app_get_certificates_though_the_cas_validation_reaches_one() {
+    let w = World::containers(2, "blue-green").start();
+    // Two servers of one network: each reaches the other's port 80 (here PROXY_PORT).
+    w.lab().route_between_hosts();
+    let (ip0, ip1) = (w.lab().ip(0), w.lab().ip(1));
+    // The domain resolves to host 0 only (DNS naming one server, or a load balancer sending
+    // the CA to one): host 1's orders are validated at host 0, which asks host 1.
+    let pebble = Pebble::start(
+        &w.dir.join("pebble"),
+        &PebbleOptions {
+            listen: w.lab().gateway(0).into(),
+            answer: ip0,
+            http_port: PROXY_PORT,
+            tls_port: 8443,
+            validity_s: 90 * 86_400,
+        },
+    );
+    app_with_domain(&w, "web", "a.test", &acme_settings(&pebble));
+    let r = w.run(&["setup"]);
+    assert_eq!(r.code, 0, "setup: {}{}", r.stdout, r.stderr);
+    // `setup` told each host's proxy where the other's is.
+    for (i, other) in [(0, ip1), (1, ip0)] {
+        let args = std::fs::read_to_string(w.lab().srv_dir(i).join("cutover/proxy.args"))
+            .unwrap_or_else(|e| panic!("host {i}'s proxy.args: {e}"));
+        assert!(
+            args.trim_end()
+                .ends_with(&format!(" --acme-peers {other}:{PROXY_PORT}")),
+            "host {i}: {args}"
+        );
+    }
+    w.image("t1", true);
+    w.deploy_ok("t1");
+    let root = w.dir.join("pebble-root.pem");
+    std::fs::write(&root, pebble.root_pem()).unwrap();
+    let root = root.display().to_string();
+    for ip in [ip0, ip1] {
+        wait_for(Duration::from_secs(60), &format!("a.test on {ip}"), || {
+            let got = curl(ip, "a.test", &root, "--http2");
+            if got == "t1\n 2" {
+                Ok(())
+            } else {
+                Err(got)
+            }
+        });
+    }
+    let s = w.run(&["status"]);
+    for i in 0..2 {
+        let host = w.lab().destination(i);
+        assert!(
+            s.stdout.lines().any(|l| l.trim().starts_with(&format!(
+                "{host}: certificate a.test (acme): expires in 89d "
+            ))),
+            "{}",
+            s.stdout
+        );
+    }
+    let cert = |i: usize| std::fs::read(w.lab().srv_dir(i).join("cutover/acme/a.test.crt"));
+    assert_ne!(cert(0).unwrap(), cert(1).unwrap());
 }
