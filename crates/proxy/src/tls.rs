@@ -448,10 +448,7 @@ async fn relay(
     let host = parts.headers.get(header::HOST)?;
     shared.table.route_raw(Some(host.as_bytes()))?;
     let domain = crate::table::normalize_host(host.to_str().ok()?);
-    if RELAYS.fetch_add(1, Ordering::Relaxed) >= RELAYS_MAX {
-        RELAYS.fetch_sub(1, Ordering::Relaxed);
-        return None;
-    }
+    let _permit = RelayPermit::take()?;
     let mut asks = tokio::task::JoinSet::new();
     for peer in peers {
         asks.spawn(ask_peer(peer.clone(), domain.clone(), token.to_string()));
@@ -467,7 +464,6 @@ async fn relay(
     .await
     .ok()
     .flatten();
-    RELAYS.fetch_sub(1, Ordering::Relaxed);
     match &found {
         Some((_, peer)) => log::line(format_args!(
             "acme: {domain}: answered an HTTP-01 validation with {peer}'s token"
@@ -478,6 +474,26 @@ async fn relay(
         )),
     }
     found.map(|(answer, _)| answer)
+}
+
+/// One of the [`RELAYS_MAX`] relays at once, given back when dropped (also when the client
+/// goes away in the middle of it and its request's future is dropped).
+struct RelayPermit;
+
+impl RelayPermit {
+    fn take() -> Option<RelayPermit> {
+        if RELAYS.fetch_add(1, Ordering::Relaxed) >= RELAYS_MAX {
+            RELAYS.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(RelayPermit)
+    }
+}
+
+impl Drop for RelayPermit {
+    fn drop(&mut self) {
+        RELAYS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One peer's answer for `token` ([`relay`]): its key authorization (the token, a dot and a
@@ -600,6 +616,43 @@ pub(crate) async fn watch_files(
                     h.failed_at_ms = Some(log::unix_ms(SystemTime::now()));
                 });
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    #[test]
+    fn relays_are_capped_and_a_dropped_one_gives_its_place_back() {
+        let held: Vec<RelayPermit> = (0..RELAYS_MAX)
+            .map(|_| RelayPermit::take().unwrap())
+            .collect();
+        assert!(RelayPermit::take().is_none());
+        drop(held);
+        // A relay whose request went away mid-way (its future dropped) frees its place too.
+        let future = async {
+            let _p = RelayPermit::take();
+            std::future::pending::<()>().await;
+        };
+        let mut future = Box::pin(future);
+        let waker = std::task::Waker::noop();
+        let _ = future
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker));
+        assert_eq!(RELAYS.load(Ordering::Relaxed), 1);
+        drop(future);
+        assert_eq!(RELAYS.load(Ordering::Relaxed), 0);
+        assert!(RelayPermit::take().is_some());
+    }
+
+    #[test]
+    fn tokens_and_thumbprints_are_base64url() {
+        assert!(base64url("fEIXj1XkYvggNq9_xNyp650geWmYHivRvI2tv3fZrsk"));
+        for bad in ["", "a.b", "a b", "../x", "a%2F", "é"] {
+            assert!(!base64url(bad), "{bad:?}");
         }
     }
 }
