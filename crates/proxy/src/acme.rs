@@ -159,6 +159,74 @@ fn install(certs: &Certs, domain: &str, l: &Loaded) {
     });
 }
 
+/// Checks the CA's certificate and key (PEM) for `domain`, then writes them to `config.dir`.
+fn store(config: &AcmeConfig, domain: &str, cert: &str, key: &str) -> Result<Loaded, String> {
+    let l = certs::load_pem(cert.as_bytes(), key.as_bytes())
+        .map_err(|e| format!("the CA's certificate does not load: {e}"))?;
+    write_private(&key_path(&config.dir, domain), key.as_bytes())?;
+    write_private(&cert_path(&config.dir, domain), cert.as_bytes())?;
+    Ok(l)
+}
+
+impl Slot {
+    /// A new certificate `l` for `domain`, stored: served from now on, its renewal scheduled,
+    /// ARI to be asked about it, failures forgotten.
+    fn installed(&mut self, certs: &Certs, domain: &str, l: Loaded, replaced: bool) {
+        let renewal = self.current.is_some();
+        install(certs, domain, &l);
+        certs.update(domain, |h| {
+            h.last_error = None;
+            h.failed_at_ms = None;
+            h.next_retry_ms = None;
+        });
+        self.renew_at_ms = renew_at(l.not_before_ms, l.not_after_ms);
+        self.current = Some((l.not_before_ms, l.not_after_ms, l.leaf));
+        self.ari_at_ms = 0;
+        self.window = None;
+        self.failures = 0;
+        self.next_retry_ms = 0;
+        log::line(format_args!(
+            "acme: {} a certificate for {domain} (expires {}, renewal due {}){}",
+            if renewal { "renewed" } else { "obtained" },
+            log::rfc3339(l.not_after_ms),
+            log::rfc3339(self.renew_at_ms),
+            if replaced {
+                ", ordered as the replacement of the one before (ARI)"
+            } else {
+                ""
+            }
+        ));
+    }
+
+    /// An attempt for `domain` failed with `e`: the next one after a delay doubling from
+    /// `retry_after`, and the status says why and when.
+    fn failed(&mut self, certs: &Certs, config: &AcmeConfig, domain: &str, e: String) {
+        self.failures += 1;
+        let backoff = config
+            .retry_after
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(MAX_BACKOFF);
+        let now = now_ms();
+        self.next_retry_ms = now + backoff.as_millis() as u64;
+        log::line(format_args!(
+            "acme: {domain}: {e}; {}retrying at {}",
+            if self.current.is_some() {
+                "keeping the current certificate, "
+            } else {
+                ""
+            },
+            log::rfc3339(self.next_retry_ms)
+        ));
+        let next = self.next_retry_ms;
+        certs.update(domain, |h| {
+            h.source = "acme";
+            h.last_error = Some(e);
+            h.failed_at_ms = Some(now);
+            h.next_retry_ms = Some(next);
+        });
+    }
+}
+
 /// Obtains and renews certificates for every routed domain until `stop`.
 pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch::Receiver<bool>) {
     let mut slots: HashMap<String, Slot> = HashMap::new();
@@ -217,68 +285,17 @@ pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch
                 },
                 _ = forward::stopped(&mut stop) => return,
             };
-            match result.and_then(|(cert_pem, key_pem, replaced)| {
-                let l = certs::load_pem(cert_pem.as_bytes(), key_pem.as_bytes())
-                    .map_err(|e| format!("the CA's certificate does not load: {e}"))?;
-                write_private(&key_path(&config.dir, &domain), key_pem.as_bytes())?;
-                write_private(&cert_path(&config.dir, &domain), cert_pem.as_bytes())?;
-                Ok((l, replaced))
+            match result.and_then(|(cert, key, replaced)| {
+                Ok((store(&config, &domain, &cert, &key)?, replaced))
             }) {
-                Ok((l, replaced)) => {
-                    let renewal = slot.current.is_some();
-                    install(&shared.certs, &domain, &l);
-                    shared.certs.update(&domain, |h| {
-                        h.last_error = None;
-                        h.failed_at_ms = None;
-                        h.next_retry_ms = None;
-                    });
-                    slot.renew_at_ms = renew_at(l.not_before_ms, l.not_after_ms);
-                    slot.current = Some((l.not_before_ms, l.not_after_ms, l.leaf));
-                    slot.ari_at_ms = 0;
-                    slot.window = None;
-                    slot.failures = 0;
-                    slot.next_retry_ms = 0;
-                    log::line(format_args!(
-                        "acme: {} a certificate for {domain} (expires {}, renewal due {}){}",
-                        if renewal { "renewed" } else { "obtained" },
-                        log::rfc3339(l.not_after_ms),
-                        log::rfc3339(slot.renew_at_ms),
-                        if replaced {
-                            ", ordered as the replacement of the one before (ARI)"
-                        } else {
-                            ""
-                        }
-                    ));
-                }
+                Ok((l, replaced)) => slot.installed(&shared.certs, &domain, l, replaced),
                 Err(e) => {
-                    slot.failures += 1;
-                    let backoff = config
-                        .retry_after
-                        .saturating_mul(1 << (slot.failures - 1).min(16))
-                        .min(MAX_BACKOFF);
-                    let now = now_ms();
-                    slot.next_retry_ms = now + backoff.as_millis() as u64;
                     if e.contains("accountDoesNotExist") {
                         // The CA forgot the account (a test CA restarted): make a new one.
                         account = None;
                         let _ = std::fs::remove_file(account_path(&config.dir));
                     }
-                    log::line(format_args!(
-                        "acme: {domain}: {e}; {}retrying at {}",
-                        if slot.current.is_some() {
-                            "keeping the current certificate, "
-                        } else {
-                            ""
-                        },
-                        log::rfc3339(slot.next_retry_ms)
-                    ));
-                    let next = slot.next_retry_ms;
-                    shared.certs.update(&domain, |h| {
-                        h.source = "acme";
-                        h.last_error = Some(e);
-                        h.failed_at_ms = Some(now);
-                        h.next_retry_ms = Some(next);
-                    });
+                    slot.failed(&shared.certs, &config, &domain, e);
                 }
             }
         }
