@@ -2209,6 +2209,48 @@ interval = "100ms"
     }
 
     #[test]
+    fn trusted_proxies_header_picks_forwarded_and_needs_trusted_proxies() {
+        let with = |extra: &str| {
+            CONTAINER.replace(
+                "install_dir = \"/opt/cutover\"",
+                &format!("install_dir = \"/opt/cutover\"\n{extra}"),
+            )
+        };
+        let flags = |extra: &str| {
+            parse(&with(extra))
+                .unwrap()
+                .container()
+                .unwrap()
+                .proxy
+                .run_flags()
+                .join(" ")
+        };
+        assert_eq!(
+            flags("trusted_proxies = \"10.0.0.0/8\"\ntrusted_proxies_header = \"forwarded\""),
+            "--trusted-proxies 10.0.0.0/8 --trusted-proxies-header forwarded"
+        );
+        // The default says nothing, so that a proxy's arguments stay as they were.
+        assert_eq!(
+            flags("trusted_proxies = \"10.0.0.0/8\"\ntrusted_proxies_header = \"x-forwarded-for\""),
+            "--trusted-proxies 10.0.0.0/8"
+        );
+        for (bad, msg) in [
+            (
+                "trusted_proxies = \"10.0.0.0/8\"\ntrusted_proxies_header = \"Forwarded; rm -rf /\"",
+                "expected \"x-forwarded-for\" or \"forwarded\", got \"Forwarded; rm -rf /\"",
+            ),
+            (
+                "trusted_proxies_header = \"forwarded\"",
+                "only used with trusted_proxies (none is listed)",
+            ),
+        ] {
+            assert_eq!(key_of(&with(bad)), "proxy.trusted_proxies_header", "{bad}");
+            let e = parse(&with(bad)).unwrap_err().to_string();
+            assert!(e.contains(msg), "{e}");
+        }
+    }
+
+    #[test]
     fn proxy_tls_keys_are_validated_and_carried_as_run_flags() {
         use crate::container::TlsKind;
         let acme = CONTAINER.replace(

@@ -55,6 +55,9 @@ pub(crate) struct RawProxy {
     /// Proxies in front of this one (a load balancer, a CDN) whose forwarding headers are
     /// kept: a list of `"10.0.0.0/8"`, `"192.0.2.7"`, or one such string.
     trusted_proxies: Option<toml::Value>,
+    /// Where those proxies say whom they relay: `"x-forwarded-for"` (default) or
+    /// `"forwarded"` (RFC 7239).
+    trusted_proxies_header: Option<String>,
 }
 
 /// How the switch happens.
@@ -127,11 +130,17 @@ pub struct ProxySettings {
     /// keeps (appending to the first) instead of replacing; empty by default: nothing before
     /// the proxy is trusted.
     pub trusted_proxies: Vec<crate::cidr::Cidr>,
+    /// `trusted_proxies_header = "forwarded"`: those proxies say whom they relay in RFC
+    /// 7239's `Forwarded` (their `X-Forwarded-*` are then replaced as anyone's), not in
+    /// `X-Forwarded-*`.
+    pub trusted_forwarded: bool,
 }
 
 impl ProxySettings {
-    /// The `cutover proxy run` flags for HTTPS ([`ProxyTls::run_flags`]) and
-    /// `trusted_proxies` (one word: ranges hold no character a shell or systemd expands).
+    /// The `cutover proxy run` flags for HTTPS ([`ProxyTls::run_flags`]),
+    /// `trusted_proxies` (one word: ranges hold no character a shell or systemd expands) and
+    /// `trusted_proxies_header` (only if not the default, so that a proxy's arguments stay
+    /// as they were for configs that do not set it).
     pub fn run_flags(&self) -> Vec<String> {
         let mut f = self.tls.run_flags();
         if !self.trusted_proxies.is_empty() {
@@ -142,6 +151,10 @@ impl ProxySettings {
                 .map(ToString::to_string)
                 .collect();
             f.push(ranges.join(","));
+        }
+        if self.trusted_forwarded {
+            f.push("--trusted-proxies-header".into());
+            f.push("forwarded".into());
         }
         f
     }
@@ -467,9 +480,26 @@ pub(crate) fn validate_proxy(p: RawProxy) -> Result<ProxySettings, Err> {
         ));
     }
     let trusted_proxies = trusted_proxies(p.trusted_proxies.as_ref())?;
+    let trusted_forwarded = match p.trusted_proxies_header.as_deref() {
+        Some(_) if trusted_proxies.is_empty() => {
+            return Err((
+                "proxy.trusted_proxies_header".into(),
+                "only used with trusted_proxies (none is listed)".into(),
+            ))
+        }
+        None | Some("x-forwarded-for") => false,
+        Some("forwarded") => true,
+        Some(other) => {
+            return Err((
+                "proxy.trusted_proxies_header".into(),
+                format!("expected \"x-forwarded-for\" or \"forwarded\", got {other:?}"),
+            ))
+        }
+    };
     Ok(ProxySettings {
         limits,
         trusted_proxies,
+        trusted_forwarded,
         tls: Box::new(validate_tls(&p, &listen)?),
         listen,
         drain: dur("proxy.drain", &p.drain, Duration::from_secs(30))?,

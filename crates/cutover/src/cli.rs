@@ -372,6 +372,10 @@ pub(crate) enum ProxyCommand {
         /// -Proto and -Host are kept: addresses or ranges, `10.0.0.0/8,192.0.2.7`.
         #[arg(long, default_value = "")]
         trusted_proxies: String,
+        /// Where the trusted proxies say whom they relay: `x-forwarded-for` (X-Forwarded-For,
+        /// -Proto, -Host) or `forwarded` (RFC 7239); the other is replaced as anyone's.
+        #[arg(long, default_value = "x-forwarded-for", value_parser = ["x-forwarded-for", "forwarded"])]
+        trusted_proxies_header: String,
     },
     /// Gate TARGET, then switch SERVICE to it and drain the old target.
     Deploy {

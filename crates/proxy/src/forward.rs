@@ -292,6 +292,7 @@ pub(crate) async fn serve_one(
             &parts.headers,
             client.as_ref(),
             &shared.config.trusted_proxies,
+            shared.config.trusted_proxies_header,
         )
     });
     let origin = Origin {

@@ -19,7 +19,9 @@
 //!   proxy is the edge: nothing before it is trusted), unless the client is a proxy the user
 //!   listed in `trusted_proxies` (a load balancer or CDN in front): then its `X-Forwarded-For`
 //!   is kept with its address appended, and its `-Proto` and `-Host` are kept ([`Relayed`]).
-//!   The other forwarding headers are dropped from trusted proxies too.
+//!   With [`RelayHeader::Forwarded`] the same is read from RFC 7239's `Forwarded` instead,
+//!   and the trusted proxy's `X-Forwarded-*` are replaced as anyone's. `Forwarded` itself
+//!   and the other forwarding headers are dropped from trusted proxies too.
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode};
@@ -256,6 +258,19 @@ pub(crate) fn in_ranges(ranges: &[(IpAddr, u8)], ip: IpAddr) -> bool {
     })
 }
 
+/// Where the proxies in `trusted_proxies` say whom they relay (`[proxy]
+/// trusted_proxies_header`). A proxy in front writes one of the two and usually passes the
+/// other through from its client untouched, so only the one it writes may be believed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayHeader {
+    /// `X-Forwarded-For` (appended to by each proxy), `X-Forwarded-Proto` and
+    /// `X-Forwarded-Host`: what most load balancers and CDNs send.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239's `Forwarded` (an element per proxy, with `for=`, `proto=` and `host=`).
+    Forwarded,
+}
+
 /// What a trusted proxy in front (`trusted_proxies`) says about a request it relays, read
 /// before the request's forwarding headers are stripped.
 pub(crate) struct Relayed {
@@ -267,15 +282,29 @@ pub(crate) struct Relayed {
     /// `trusted_proxies`; if every address up to the first that is not one is trusted, the
     /// furthest of them (as nginx's `real_ip_recursive`).
     pub(crate) client: Option<HeaderValue>,
-    /// `X-Forwarded-Proto`, if it says `https` or `http`.
+    /// `X-Forwarded-Proto`, if it says `https` or `http` (with `Forwarded`: the `proto=` of
+    /// the element that names `client`).
     pub(crate) https: Option<bool>,
-    /// `X-Forwarded-Host`, if it sent one.
+    /// `X-Forwarded-Host`, if it sent one (with `Forwarded`: the `host=` of the element that
+    /// names `client`).
     pub(crate) host: Option<HeaderValue>,
 }
 
 impl Relayed {
-    /// Reads what the trusted proxy `peer` sent in `headers`.
+    /// Reads what the trusted proxy `peer` sent in `headers`, in the header `via` says.
     pub(crate) fn read(
+        headers: &HeaderMap,
+        peer: Option<&HeaderValue>,
+        ranges: &[(IpAddr, u8)],
+        via: RelayHeader,
+    ) -> Relayed {
+        match via {
+            RelayHeader::XForwardedFor => Relayed::read_x_forwarded(headers, peer, ranges),
+            RelayHeader::Forwarded => Relayed::read_forwarded(headers, peer, ranges),
+        }
+    }
+
+    fn read_x_forwarded(
         headers: &HeaderMap,
         peer: Option<&HeaderValue>,
         ranges: &[(IpAddr, u8)],
@@ -304,11 +333,7 @@ impl Relayed {
             let v = headers.get(name)?.to_str().ok()?;
             Some(v.split(',').next()?.trim()).filter(|v| !v.is_empty())
         };
-        let https = match first(&X_FORWARDED_PROTO) {
-            Some(p) if p.eq_ignore_ascii_case("https") => Some(true),
-            Some(p) if p.eq_ignore_ascii_case("http") => Some(false),
-            _ => None,
-        };
+        let https = scheme(first(&X_FORWARDED_PROTO));
         let host = first(&X_FORWARDED_HOST).and_then(|h| HeaderValue::try_from(h).ok());
         Relayed {
             chain,
@@ -316,6 +341,195 @@ impl Relayed {
             https,
             host,
         }
+    }
+
+    /// As [`Relayed::read_x_forwarded`], from `Forwarded`. Each proxy appends an element
+    /// saying whom it was reached by (`for=`), over what (`proto=`) and for which `host=`.
+    /// Read from the right, every element looked at was written by a trusted proxy: the
+    /// last by `peer`, each one before it by the trusted address the next one names. The
+    /// client is the first `for=` outside the ranges (or, stopping at an element without a
+    /// readable address, the furthest trusted one), and `proto=` and `host=` are read from
+    /// the element the walk stopped at. A header that does not parse is as none.
+    fn read_forwarded(
+        headers: &HeaderMap,
+        peer: Option<&HeaderValue>,
+        ranges: &[(IpAddr, u8)],
+    ) -> Relayed {
+        let elements = forwarded_elements(headers).unwrap_or_default();
+        let mut hops: Vec<String> = elements
+            .iter()
+            .filter_map(|e| e.node.as_deref().map(node_text))
+            .collect();
+        hops.extend(peer.and_then(|p| p.to_str().ok()).map(str::to_string));
+        let chain = HeaderValue::try_from(hops.join(", ")).ok();
+        let mut client = peer.cloned();
+        let mut stopped: Option<&Element> = None;
+        for e in elements.iter().rev() {
+            stopped = Some(e);
+            let Some(ip) = e.node.as_deref().and_then(node_ip) else {
+                break;
+            };
+            client = HeaderValue::try_from(ip.to_string()).ok();
+            if !in_ranges(ranges, ip) {
+                break;
+            }
+        }
+        let https = scheme(stopped.and_then(|e| e.proto.as_deref()));
+        let host = stopped
+            .and_then(|e| e.host.as_deref())
+            .filter(|h| !h.is_empty())
+            .and_then(|h| HeaderValue::try_from(h).ok());
+        Relayed {
+            chain,
+            client,
+            https,
+            host,
+        }
+    }
+}
+
+/// `https` or `http` (any case) as whether it is https; anything else as not said.
+fn scheme(proto: Option<&str>) -> Option<bool> {
+    match proto {
+        Some(p) if p.eq_ignore_ascii_case("https") => Some(true),
+        Some(p) if p.eq_ignore_ascii_case("http") => Some(false),
+        _ => None,
+    }
+}
+
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// One element of `Forwarded` (what one proxy said), its values unquoted.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Element {
+    node: Option<String>,
+    proto: Option<String>,
+    host: Option<String>,
+}
+
+/// The elements of every `Forwarded` line, in order; `None` if one does not parse (RFC 7239
+/// section 4, with a parameter given twice in one element as an error).
+fn forwarded_elements(headers: &HeaderMap) -> Option<Vec<Element>> {
+    let mut out = Vec::new();
+    for line in headers.get_all(FORWARDED) {
+        parse_forwarded(line.to_str().ok()?.as_bytes(), &mut out)?;
+    }
+    Some(out)
+}
+
+/// RFC 9110's `tchar`.
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+}
+
+fn parse_forwarded(b: &[u8], out: &mut Vec<Element>) -> Option<()> {
+    let skip_ows = |i: &mut usize| {
+        while matches!(b.get(*i), Some(b' ' | b'\t')) {
+            *i += 1;
+        }
+    };
+    let token = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).copied().is_some_and(is_tchar) {
+            *i += 1;
+        }
+        (*i > start).then(|| String::from_utf8_lossy(&b[start..*i]).into_owned())
+    };
+    let mut i = 0;
+    let mut el = Element::default();
+    let mut empty = true;
+    loop {
+        skip_ows(&mut i);
+        match b.get(i) {
+            None => break,
+            Some(b',') => {
+                if !empty {
+                    out.push(std::mem::take(&mut el));
+                }
+                empty = true;
+                i += 1;
+                continue;
+            }
+            Some(b';') => {
+                i += 1;
+                continue;
+            }
+            Some(_) => {}
+        }
+        let name = token(&mut i)?;
+        if b.get(i) != Some(&b'=') {
+            return None;
+        }
+        i += 1;
+        let value = if b.get(i) == Some(&b'"') {
+            i += 1;
+            let mut v = Vec::new();
+            loop {
+                match *b.get(i)? {
+                    b'"' => break,
+                    b'\\' => {
+                        i += 1;
+                        v.push(*b.get(i)?);
+                    }
+                    c => v.push(c),
+                }
+                i += 1;
+            }
+            i += 1;
+            String::from_utf8(v).ok()?
+        } else {
+            token(&mut i)?
+        };
+        let slot = match name.to_ascii_lowercase().as_str() {
+            "for" => Some(&mut el.node),
+            "proto" => Some(&mut el.proto),
+            "host" => Some(&mut el.host),
+            _ => None, // `by` and extensions: not needed
+        };
+        if let Some(slot) = slot {
+            if slot.replace(value).is_some() {
+                return None;
+            }
+        }
+        empty = false;
+        skip_ows(&mut i);
+        if !matches!(b.get(i), None | Some(b';' | b',')) {
+            return None;
+        }
+    }
+    if !empty {
+        out.push(el);
+    }
+    Some(())
+}
+
+/// The address a `for=` node names: `192.0.2.43`, `192.0.2.43:47011`, `"[2001:db8::17]"`,
+/// `"[2001:db8::17]:4711"` (a port may be obfuscated, `_abc`); `unknown` and obfuscated
+/// identifiers (`_hidden`) name none.
+fn node_ip(node: &str) -> Option<IpAddr> {
+    let port_ok =
+        |p: &str| !p.is_empty() && (p.bytes().all(|c| c.is_ascii_digit()) || p.starts_with('_'));
+    if let Some(rest) = node.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(port_ok)) {
+            return None;
+        }
+        return v6.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    let (addr, port) = node.split_once(':').unwrap_or((node, "0"));
+    if !port_ok(port) {
+        return None;
+    }
+    addr.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// A `for=` node as an `X-Forwarded-For` entry: its address without port or brackets, else
+/// the identifier itself if it is one token (`unknown`, `_hidden`), else `unknown`.
+fn node_text(node: &str) -> String {
+    match node_ip(node) {
+        Some(ip) => ip.to_string(),
+        None if !node.is_empty() && node.bytes().all(is_tchar) => node.to_string(),
+        None => "unknown".to_string(),
     }
 }
 
@@ -500,14 +714,21 @@ mod tests {
         assert!(!in_ranges(&[], "10.0.0.1".parse().unwrap()));
     }
 
+    /// What the trusted proxy 10.0.0.5 relays (10.0.0.0/8 trusted) in `lines`, read from `via`.
+    fn relayed_by_10_0_0_5(lines: &[(&'static str, &'static str)], via: RelayHeader) -> Relayed {
+        let peer = HeaderValue::from_static("10.0.0.5");
+        Relayed::read(&headers(lines), Some(&peer), &ranges(&["10.0.0.0/8"]), via)
+    }
+
+    fn text(v: &Option<HeaderValue>) -> Option<String> {
+        v.as_ref().map(|v| v.to_str().unwrap().to_string())
+    }
+
     #[test]
     fn a_trusted_proxys_forwarding_headers_are_kept_and_its_address_appended() {
-        let peer = HeaderValue::from_static("10.0.0.5");
-        let trusted = ranges(&["10.0.0.0/8"]);
         let read = |lines: &[(&'static str, &'static str)]| {
-            Relayed::read(&headers(lines), Some(&peer), &trusted)
+            relayed_by_10_0_0_5(lines, RelayHeader::XForwardedFor)
         };
-        let text = |v: &Option<HeaderValue>| v.as_ref().map(|v| v.to_str().unwrap().to_string());
 
         // A load balancer that terminated TLS for 203.0.113.9.
         let r = read(&[
@@ -554,5 +775,133 @@ mod tests {
             text(&r.chain).as_deref(),
             Some("203.0.113.9, not-an-address, 10.0.0.5")
         );
+    }
+
+    #[test]
+    fn forwarded_parses_as_rfc_7239_writes_it_and_refuses_what_does_not() {
+        let el = |node: Option<&str>, proto: Option<&str>, host: Option<&str>| Element {
+            node: node.map(str::to_string),
+            proto: proto.map(str::to_string),
+            host: host.map(str::to_string),
+        };
+        // RFC 7239's own examples, two lines, quoting, escapes, case and empty elements.
+        let h = headers(&[
+            (
+                "forwarded",
+                "for=\"_gazonk\", For=\"[2001:db8:cafe::17]:4711\"",
+            ),
+            (
+                "forwarded",
+                "for=192.0.2.60;proto=http;by=203.0.113.43 , ,for=\"a\\\"b;c,d\";HOST=x.example",
+            ),
+        ]);
+        assert_eq!(
+            forwarded_elements(&h).unwrap(),
+            [
+                el(Some("_gazonk"), None, None),
+                el(Some("[2001:db8:cafe::17]:4711"), None, None),
+                el(Some("192.0.2.60"), Some("http"), None),
+                el(Some("a\"b;c,d"), None, Some("x.example")),
+            ]
+        );
+        for bad in [
+            "for",
+            "for=",
+            "for=1.2.3.4 proto=https",
+            "for=\"1.2.3.4",
+            "=1.2.3.4",
+            "for=1.2.3.4;for=5.6.7.8",
+            "for=1.2.3.4;proto=https;proto=http",
+            "for=[::1]",
+        ] {
+            let h = headers(&[("forwarded", bad)]);
+            assert_eq!(forwarded_elements(&h), None, "{bad}");
+        }
+        for (node, ip, text) in [
+            ("192.0.2.43", Some("192.0.2.43"), "192.0.2.43"),
+            ("192.0.2.43:47011", Some("192.0.2.43"), "192.0.2.43"),
+            ("192.0.2.43:_p", Some("192.0.2.43"), "192.0.2.43"),
+            ("[2001:db8::17]", Some("2001:db8::17"), "2001:db8::17"),
+            ("[2001:db8::17]:4711", Some("2001:db8::17"), "2001:db8::17"),
+            ("2001:db8::17", None, "unknown"),
+            ("192.0.2.43:", None, "unknown"),
+            ("[2001:db8::17]x", None, "unknown"),
+            ("unknown", None, "unknown"),
+            ("_hidden", None, "_hidden"),
+            ("a\"b;c,d", None, "unknown"),
+        ] {
+            assert_eq!(
+                node_ip(node).map(|i| i.to_string()).as_deref(),
+                ip,
+                "{node}"
+            );
+            assert_eq!(node_text(node), text, "{node}");
+        }
+    }
+
+    #[test]
+    fn a_trusted_proxys_forwarded_is_read_from_the_right_and_its_x_forwarded_ignored() {
+        let read = |lines: &[(&'static str, &'static str)]| {
+            relayed_by_10_0_0_5(lines, RelayHeader::Forwarded)
+        };
+
+        // A client forged an element and an X-Forwarded-*; the balancer (10.0.0.5) appended
+        // the truth, which another trusted hop (10.1.1.1) relayed.
+        let r = read(&[
+            (
+                "forwarded",
+                "for=6.6.6.6;proto=https;host=evil.example, for=198.51.100.7;proto=http;host=shop.example",
+            ),
+            ("forwarded", "for=\"10.1.1.1:1234\";proto=https;host=inner"),
+            ("x-forwarded-for", "7.7.7.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "forged.example"),
+        ]);
+        assert_eq!(
+            text(&r.chain).as_deref(),
+            Some("6.6.6.6, 198.51.100.7, 10.1.1.1, 10.0.0.5")
+        );
+        assert_eq!(text(&r.client).as_deref(), Some("198.51.100.7"));
+        assert_eq!(
+            (r.https, text(&r.host).as_deref()),
+            (Some(false), Some("shop.example"))
+        );
+
+        // A balancer that ended TLS for an IPv6 client.
+        let r = read(&[(
+            "forwarded",
+            "for=\"[2001:db8::9]:4711\";proto=HTTPS;host=shop.example",
+        )]);
+        assert_eq!(text(&r.chain).as_deref(), Some("2001:db8::9, 10.0.0.5"));
+        assert_eq!(text(&r.client).as_deref(), Some("2001:db8::9"));
+        assert_eq!(r.https, Some(true));
+
+        // An element that names no address stops the walk at the trusted hop after it, and
+        // its own proto= is what that trusted hop said.
+        let r = read(&[("forwarded", "for=_hidden;proto=https, for=10.2.2.2")]);
+        assert_eq!(
+            text(&r.chain).as_deref(),
+            Some("_hidden, 10.2.2.2, 10.0.0.5")
+        );
+        assert_eq!(text(&r.client).as_deref(), Some("10.2.2.2"));
+        assert_eq!(r.https, Some(true));
+
+        // Only X-Forwarded-* (not what this balancer writes), or a Forwarded that does not
+        // parse: the peer is the client, and nothing it relays is believed.
+        for lines in [
+            &[
+                ("x-forwarded-for", "203.0.113.9"),
+                ("x-forwarded-proto", "https"),
+            ][..],
+            &[
+                ("forwarded", "for=203.0.113.9;proto=https"),
+                ("forwarded", "for=1.2.3.4 junk"),
+            ][..],
+        ] {
+            let r = read(lines);
+            assert_eq!(text(&r.chain).as_deref(), Some("10.0.0.5"), "{lines:?}");
+            assert_eq!(text(&r.client).as_deref(), Some("10.0.0.5"), "{lines:?}");
+            assert_eq!((r.https, r.host), (None, None), "{lines:?}");
+        }
     }
 }

@@ -67,6 +67,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+pub use headers::RelayHeader;
 pub use limits::Limits;
 
 pub use control::{bind_control, control_request, control_request_blocking, ControlError};
@@ -121,6 +122,9 @@ pub struct ProxyConfig {
     /// load balancer or CDN in front); such a client saying `X-Forwarded-Proto: https` is not
     /// redirected by `redirect_http`. Empty by default.
     pub trusted_proxies: Vec<(std::net::IpAddr, u8)>,
+    /// `[proxy] trusted_proxies_header`: whether those proxies say whom they relay in
+    /// `X-Forwarded-*` (the default) or in `Forwarded`; the other is never believed.
+    pub trusted_proxies_header: RelayHeader,
 }
 
 impl ProxyConfig {
@@ -138,6 +142,7 @@ impl ProxyConfig {
             listen_tls: SocketAddr::from(([0, 0, 0, 0], 443)),
             redirect_http: false,
             trusted_proxies: Vec::new(),
+            trusted_proxies_header: RelayHeader::default(),
         }
     }
 }
@@ -414,8 +419,12 @@ impl Proxy {
                 .iter()
                 .map(|(net, prefix)| format!("{net}/{prefix}"))
                 .collect();
+            let via = match config.trusted_proxies_header {
+                RelayHeader::XForwardedFor => "X-Forwarded-For, -Proto and -Host",
+                RelayHeader::Forwarded => "Forwarded",
+            };
             log::line(format_args!(
-                "forwarding headers kept from trusted proxies: {}",
+                "forwarding headers kept from trusted proxies: {} (read from {via})",
                 ranges.join(", ")
             ));
         }

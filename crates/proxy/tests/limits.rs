@@ -828,6 +828,66 @@ fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// The forwarding headers (`x-*`, `forwarded`) the app sees for `method /headers` sent from
+/// the loopback address `from` with the extra header lines `relayed` (a GET without a body
+/// takes the proxy's own exchange; a POST with a body takes hyper's).
+fn forwarding_seen(proxy: SocketAddr, from: [u8; 4], method: &str, relayed: &str) -> Vec<String> {
+    let body = if method == "GET" {
+        "\r\n"
+    } else {
+        "Content-Length: 2\r\n\r\nhi"
+    };
+    let req = format!(
+        "{method} /headers HTTP/1.1\r\nHost: site.example\r\n{relayed}Connection: close\r\n{body}"
+    );
+    let r = raw_on(connect_from(from, proxy), req.as_bytes());
+    assert_eq!(status_of(&r), 200, "{r}");
+    body_of(&r)
+        .lines()
+        .filter(|l| l.starts_with("x-") || l.starts_with("forwarded"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Sends `relayed` from the trusted proxy 127.0.0.2 and from 127.0.0.1, by GET and by POST,
+/// and asserts what the app saw (`trusted`, and what anyone else gets) and the access log's
+/// client of each (`client` for the trusted proxy's).
+fn assert_relayed(
+    dir: &std::path::Path,
+    proxy: SocketAddr,
+    relayed: &str,
+    trusted: [&str; 3],
+    client: &str,
+) {
+    let anyone = [
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-host: site.example",
+        "x-forwarded-proto: http",
+    ];
+    for method in ["GET", "POST"] {
+        assert_eq!(
+            forwarding_seen(proxy, [127, 0, 0, 2], method, relayed),
+            trusted,
+            "{method} from the trusted proxy"
+        );
+        assert_eq!(
+            forwarding_seen(proxy, [127, 0, 0, 1], method, relayed),
+            anyone,
+            "{method} from anyone else"
+        );
+    }
+    let text = access_log(dir, 4);
+    let clients: Vec<&str> = text
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        clients,
+        [client, "127.0.0.1", client, "127.0.0.1"],
+        "{text}"
+    );
+}
+
 /// A load balancer or CDN in front, listed in `trusted_proxies`: its `X-Forwarded-For` reaches
 /// the app with its own address appended, its `-Proto` and `-Host` are kept, and the access
 /// log names the client it relays (the chain's last address outside the trusted ranges). The
@@ -843,56 +903,50 @@ fn a_trusted_proxys_forwarding_headers_are_kept_and_no_one_elses() {
     proxy
         .deploy_with("app", a.addr, &["site.example"], fast())
         .unwrap();
-    let ask = |from: [u8; 4], method: &str| {
-        // A GET without a body takes the proxy's own exchange; a body takes hyper's.
-        let body = if method == "GET" {
-            "\r\n"
-        } else {
-            "Content-Length: 2\r\n\r\nhi"
-        };
-        let req = format!(
-            "{method} /headers HTTP/1.1\r\nHost: site.example\r\n\
-             X-Forwarded-For: 198.51.100.1, 203.0.113.9\r\nX-Forwarded-Proto: https\r\n\
-             X-Forwarded-Host: shop.example\r\nX-Real-IP: 6.6.6.6\r\nConnection: close\r\n{body}"
-        );
-        let r = raw_on(connect_from(from, proxy.addr), req.as_bytes());
-        assert_eq!(status_of(&r), 200, "{r}");
-        let seen: Vec<String> = body_of(&r)
-            .lines()
-            .filter(|l| l.starts_with("x-"))
-            .map(str::to_string)
-            .collect();
-        seen
-    };
-    for method in ["GET", "POST"] {
-        assert_eq!(
-            ask([127, 0, 0, 2], method),
-            [
-                "x-forwarded-for: 198.51.100.1, 203.0.113.9, 127.0.0.2",
-                "x-forwarded-host: shop.example",
-                "x-forwarded-proto: https",
-            ],
-            "{method} from the trusted proxy"
-        );
-        assert_eq!(
-            ask([127, 0, 0, 1], method),
-            [
-                "x-forwarded-for: 127.0.0.1",
-                "x-forwarded-host: site.example",
-                "x-forwarded-proto: http",
-            ],
-            "{method} from anyone else"
-        );
-    }
-    let text = access_log(dir.path(), 4);
-    let clients: Vec<&str> = text
-        .lines()
-        .map(|l| l.split(' ').nth(1).unwrap_or(""))
-        .collect();
-    assert_eq!(
-        clients,
-        ["203.0.113.9", "127.0.0.1", "203.0.113.9", "127.0.0.1"],
-        "{text}"
+    assert_relayed(
+        dir.path(),
+        proxy.addr,
+        "X-Forwarded-For: 198.51.100.1, 203.0.113.9\r\nX-Forwarded-Proto: https\r\n\
+         X-Forwarded-Host: shop.example\r\nX-Real-IP: 6.6.6.6\r\n",
+        [
+            "x-forwarded-for: 198.51.100.1, 203.0.113.9, 127.0.0.2",
+            "x-forwarded-host: shop.example",
+            "x-forwarded-proto: https",
+        ],
+        "203.0.113.9",
+    );
+}
+
+/// A balancer that says whom it relays in RFC 7239's `Forwarded` (`trusted_proxies_header =
+/// "forwarded"`): the app gets the `for=` chain as `X-Forwarded-For` with the balancer's
+/// address appended, and `proto=` and `host=` of the element that names the client (read
+/// from the right, so that an element the client forged is not believed); the
+/// `X-Forwarded-*` the client sent through it are replaced, and `Forwarded` never reaches the
+/// app. From anyone else all of it is replaced, as before.
+#[test]
+fn a_trusted_proxys_forwarded_header_is_read_and_its_x_forwarded_replaced() {
+    let dir = TempDir::new("trusted-fwd");
+    let a = Backend::start("a");
+    let proxy = TestProxy::start_configured(dir.path(), |c| {
+        c.trusted_proxies = vec![([127, 0, 0, 2].into(), 32)];
+        c.trusted_proxies_header = cutover_proxy::RelayHeader::Forwarded;
+    });
+    proxy
+        .deploy_with("app", a.addr, &["site.example"], fast())
+        .unwrap();
+    assert_relayed(
+        dir.path(),
+        proxy.addr,
+        "Forwarded: for=6.6.6.6;proto=http;host=evil.example\r\n\
+         Forwarded: for=\"198.51.100.7:4711\";proto=https;host=shop.example\r\n\
+         X-Forwarded-For: 7.7.7.7\r\nX-Forwarded-Proto: http\r\n\
+         X-Forwarded-Host: forged.example\r\n",
+        [
+            "x-forwarded-for: 6.6.6.6, 198.51.100.7, 127.0.0.2",
+            "x-forwarded-host: shop.example",
+            "x-forwarded-proto: https",
+        ],
+        "198.51.100.7",
     );
 }
 

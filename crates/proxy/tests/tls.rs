@@ -249,6 +249,28 @@ async fn redirect_http_answers_308_to_https_except_the_acme_path_and_the_host_it
     assert_eq!(r.status, 308, "{r:?}");
     assert_eq!(support::get(outside, "site.test", "/").status, 308);
     proxy.stop().unwrap();
+
+    // A balancer that says it in `Forwarded` (`trusted_proxies_header = "forwarded"`): its
+    // proto=https is served; an X-Forwarded-Proto passed through it from a client is not
+    // believed.
+    let proxy = TlsProxy::start_on_with(
+        dir.path(),
+        files_mode(dir.path()),
+        true,
+        "0.0.0.0",
+        move |c| {
+            c.trusted_proxies = vec![outside_range];
+            c.trusted_proxies_header = cutover_proxy::RelayHeader::Forwarded;
+        },
+    );
+    proxy.deploy("web", blue.addr, &["site.test"]).await;
+    let outside = std::net::SocketAddr::new(outside_ip(), proxy.addr.port());
+    let forwarded = "Forwarded: for=198.51.100.7;proto=https\r\n";
+    let r = support::get_with(outside, "site.test", "/", forwarded);
+    assert_eq!((r.status, r.first_line()), (200, "blue"));
+    let r = support::get_with(outside, "site.test", "/", says_https);
+    assert_eq!(r.status, 308, "{r:?}");
+    proxy.stop().unwrap();
 }
 
 /// The response head of `GET path` over plain HTTP.

@@ -91,6 +91,7 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             acme_peers,
             redirect_http,
             trusted_proxies,
+            trusted_proxies_header,
         } => {
             let listen = address("listen", &listen)?;
             let listen_tls = address("listen-tls", &listen_tls)?;
@@ -116,6 +117,9 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             config.listen_tls = listen_tls;
             config.redirect_http = redirect_http;
             config.trusted_proxies = ranges(&trusted_proxies)?;
+            if trusted_proxies_header == "forwarded" {
+                config.trusted_proxies_header = cutover_proxy::RelayHeader::Forwarded;
+            }
             cutover_proxy::run_blocking(config).map_err(|e| {
                 eprintln!("error: {e}");
                 exit::NEEDS_PERSON
