@@ -125,6 +125,15 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// New certificates now for the app's domain on every host ([proxy] tls = "acme"),
+    /// whatever their renewal time (a certificate the CA revoked, a key that may have leaked);
+    /// waits for each host's outcome. The old certificate serves until the new one is in.
+    Renew {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        json: bool,
+    },
     /// The edge proxy on this host, and its local control client.
     Proxy {
         #[command(subcommand)]
@@ -430,6 +439,15 @@ pub(crate) enum ProxyCommand {
     },
     /// Services, targets and counters.
     Status {
+        #[arg(long, default_value = "/usr/local/lib/cutover")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// tls = acme: order new certificates for these domains now (none: every routed domain);
+    /// answers at once, `status` shows the outcome.
+    Renew {
+        domains: Vec<String>,
         #[arg(long, default_value = "/usr/local/lib/cutover")]
         dir: PathBuf,
         #[arg(long)]

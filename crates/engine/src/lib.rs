@@ -18,6 +18,7 @@ mod hostops;
 pub mod identity;
 pub mod inspect;
 pub mod preview;
+pub mod renew;
 pub mod setup;
 mod stream;
 pub mod switch;

@@ -73,6 +73,15 @@ pub enum Request {
     /// the fallback on its own when the limits are crossed; a passed canary is promoted. The
     /// answer comes at once; the verdict is in `stats` (and `status`) and in the state file.
     Bake(BakeRequest),
+    /// `tls = "acme"`: order new certificates for these domains now, whatever their renewal
+    /// time (a certificate the CA revoked, a key that may have leaked); none: every routed
+    /// domain. The answer comes at once; the outcome shows in `status` (a later `not_after_ms`,
+    /// or a `failed_at_ms` with its error, retried with backoff as any renewal).
+    Renew {
+        /// The domains (each must be routed by this proxy).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        domains: Vec<String>,
+    },
 }
 
 /// The body of a bake request.
@@ -620,6 +629,11 @@ pub enum Response {
     Stats(StatsReport),
     /// A bake began.
     Baking(BakeStatus),
+    /// New certificates were asked for these domains.
+    Renewing {
+        /// The domains.
+        domains: Vec<String>,
+    },
     /// The request failed; nothing was changed unless the message says otherwise.
     Error {
         /// What went wrong.

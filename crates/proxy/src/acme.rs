@@ -232,6 +232,8 @@ pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch
     let mut slots: HashMap<String, Slot> = HashMap::new();
     let mut account: Option<Account> = None;
     loop {
+        // Renewals asked for (`Request::Renew`) are due now, any backoff forgotten.
+        let mut asked: BTreeSet<String> = shared.certs.take_asked().into_iter().collect();
         let domains: BTreeSet<String> = shared
             .table
             .services()
@@ -253,6 +255,18 @@ pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch
             let now = now_ms();
             if slot.current.is_some() && now >= slot.ari_at_ms {
                 recheck_ari(&config, &mut account, &shared.certs, &domain, slot, now).await;
+            }
+            // After ARI, which must not move it back.
+            if asked.remove(&domain) {
+                slot.renew_at_ms = 0;
+                slot.next_retry_ms = 0;
+                shared.certs.update(&domain, |h| {
+                    h.renew_at_ms = Some(now);
+                    h.next_retry_ms = None;
+                });
+                log::line(format_args!(
+                    "acme: {domain}: a new certificate was asked for: ordering one now"
+                ));
             }
             let due = slot.current.is_none() || now >= slot.renew_at_ms;
             if !due || now < slot.next_retry_ms {

@@ -110,6 +110,8 @@ pub(crate) struct Certs {
     challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     tokens: RwLock<HashMap<String, String>>,
     health: Mutex<BTreeMap<String, Health>>,
+    /// Domains whose renewal was asked for (`Request::Renew`), until the ACME task takes them.
+    asked: Mutex<Vec<String>>,
 }
 
 impl fmt::Debug for Certs {
@@ -152,8 +154,18 @@ impl Certs {
 
     /// Changes one domain's status.
     pub(crate) fn update(&self, domain: &str, f: impl FnOnce(&mut Health)) {
-        let mut h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut h = lock(&self.health);
         f(h.entry(domain.to_string()).or_default());
+    }
+
+    /// Asks the ACME task to renew `domains` at its next round (within a second).
+    pub(crate) fn ask_renewal(&self, domains: &[String]) {
+        lock(&self.asked).extend_from_slice(domains);
+    }
+
+    /// The domains asked for since the last call.
+    pub(crate) fn take_asked(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.asked))
     }
 
     /// Every domain's status, for `status`.
@@ -199,6 +211,10 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -312,6 +312,9 @@ async fn execute(proxy: &Proxy, req: Request) -> Response {
         Request::Canary(c) => proxy.canary(&c).await.map(Response::Canary),
         Request::Stats { service } => proxy.stats(&service).map(Response::Stats),
         Request::Bake(b) => proxy.bake(b).await.map(Response::Baking),
+        Request::Renew { domains } => proxy
+            .renew(domains)
+            .map(|domains| Response::Renewing { domains }),
     };
     result.unwrap_or_else(|e| Response::Error {
         error: e.to_string(),

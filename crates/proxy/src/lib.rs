@@ -296,6 +296,40 @@ impl Proxy {
         bake::start(&self.inner, req).await
     }
 
+    /// `tls = "acme"`: orders new certificates for `domains` (none: every routed domain) at
+    /// the ACME task's next round, whatever their renewal time; answers at once with the
+    /// domains. A domain this proxy does not route, or a proxy whose certificates are not
+    /// from ACME, is an error and asks for nothing.
+    pub fn renew(&self, domains: Vec<String>) -> Result<Vec<String>, Error> {
+        if !matches!(self.inner.config.tls, TlsMode::Acme(_)) {
+            return Err(Error::Invalid(
+                "this proxy's certificates are not from ACME (tls is not \"acme\"): there is nothing to renew".into(),
+            ));
+        }
+        let routed: std::collections::BTreeSet<String> = self
+            .inner
+            .table
+            .services()
+            .into_iter()
+            .flat_map(|(_, d)| d)
+            .collect();
+        let domains = if domains.is_empty() {
+            routed.into_iter().collect()
+        } else {
+            let mut want: Vec<String> = domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+            want.sort();
+            want.dedup();
+            if let Some(d) = want.iter().find(|d| !routed.contains(*d)) {
+                return Err(Error::Invalid(format!(
+                    "{d} is not a domain this proxy routes"
+                )));
+            }
+            want
+        };
+        self.inner.certs.ask_renewal(&domains);
+        Ok(domains)
+    }
+
     /// Cumulative per-target counts of `service`.
     pub fn stats(&self, service: &str) -> Result<StatsReport, Error> {
         canary::stats(&self.inner, service)

@@ -474,3 +474,120 @@ async fn two_hosts_of_one_domain_both_get_certificates_where_validation_reaches_
         );
     }
 }
+
+/// `Request::Renew` (what `cutover renew` sends each host): a certificate that is far from due
+/// is replaced at once, with the old one served until then and the other domain's left alone;
+/// no domains means every routed one; a domain the proxy does not route is refused, and so is
+/// a proxy whose certificates are the user's own files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_asked_for_replaces_a_certificate_at_once_and_only_its_own() {
+    use cutover_proxy::{control_request, Request, Response};
+    let dir = TempDir::new("acme-renew");
+    let (http_port, tls_port) = (free_port(), free_port());
+    let pebble = pebble(dir.path(), http_port, tls_port, 90 * 86_400);
+    let blue = Backend::start("blue");
+    let proxy = TlsProxy::start(
+        dir.path(),
+        acme(&pebble, dir.path()),
+        false,
+        (http_port, tls_port),
+    );
+    proxy.deploy("web", blue.addr, &["d.test", "e.test"]).await;
+    let mut first = Vec::new();
+    for d in ["d.test", "e.test"] {
+        let c = wait_cert(&proxy, d, "a certificate", Duration::from_secs(30), |c| {
+            c.not_after_ms.is_some()
+        })
+        .await;
+        first.push(c.not_after_ms.unwrap());
+    }
+    let roots = roots_from_pem(&pebble.root_pem());
+    let (addr, socket) = (proxy.tls_addr, proxy.socket.clone());
+    let served = |d: &'static str| {
+        let roots = roots.clone();
+        async move {
+            let r = get_once(addr, d, Http::H2, roots, "/").await.unwrap();
+            assert_eq!((r.status, r.body.as_str()), (200, "blue\n"));
+            r.leaf
+        }
+    };
+    let d_leaf = served("d.test").await;
+    let e_leaf = served("e.test").await;
+    // Not due for about two months.
+    let c = cert_of(&proxy, "d.test").await.unwrap();
+    assert!(c.renew_at_ms.unwrap() > now_ms() + 50 * 86_400_000, "{c:?}");
+
+    let ask = |domains: &[&str]| {
+        let req = Request::Renew {
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+        };
+        let socket = socket.clone();
+        async move {
+            match control_request(&socket, &req).await {
+                Ok(r) => Ok(r),
+                Err(cutover_proxy::ControlError::Rejected(e)) => Err(e),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let renewing = |domains: &[&str]| {
+        Ok(Response::Renewing {
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+        })
+    };
+    assert_eq!(ask(&["D.test"]).await, renewing(&["d.test"]));
+    wait_cert(
+        &proxy,
+        "d.test",
+        "the renewal asked for",
+        Duration::from_secs(30),
+        |c| c.not_after_ms.is_some_and(|t| t > first[0]),
+    )
+    .await;
+    assert_ne!(
+        served("d.test").await,
+        d_leaf,
+        "the old certificate still served"
+    );
+    assert_eq!(served("e.test").await, e_leaf, "e.test renewed too");
+    assert_eq!(
+        cert_of(&proxy, "e.test").await.unwrap().not_after_ms,
+        Some(first[1])
+    );
+
+    // None named: every routed domain.
+    assert_eq!(ask(&[]).await, renewing(&["d.test", "e.test"]));
+    wait_cert(
+        &proxy,
+        "e.test",
+        "the renewal of every domain",
+        Duration::from_secs(30),
+        |c| c.not_after_ms.is_some_and(|t| t > first[1]),
+    )
+    .await;
+    assert_ne!(served("e.test").await, e_leaf);
+
+    assert_eq!(
+        ask(&["d.test", "other.test"]).await,
+        Err("invalid request: other.test is not a domain this proxy routes".into())
+    );
+    proxy.stop().unwrap();
+
+    // A proxy serving the user's own certificate files has nothing to renew.
+    let ca = harness::Ca::new();
+    let (cert, key, _) = ca.leaf(&["d.test"]);
+    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key).unwrap();
+    let files = TlsMode::Files {
+        cert: dir.path().join("cert.pem"),
+        key: dir.path().join("key.pem"),
+    };
+    let proxy = TlsProxy::start(dir.path(), files, false, (0, 0));
+    assert_eq!(proxy.socket, socket);
+    proxy.deploy("web", blue.addr, &["d.test"]).await;
+    assert_eq!(
+        ask(&[]).await,
+        Err("invalid request: this proxy's certificates are not from ACME (tls is not \"acme\"): there is nothing to renew".into())
+    );
+    proxy.stop().unwrap();
+}

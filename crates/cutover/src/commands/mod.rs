@@ -10,6 +10,7 @@ mod history;
 mod preview;
 mod proxy;
 mod remote;
+mod renew;
 mod serve;
 mod setup;
 mod status;
@@ -77,6 +78,7 @@ pub(crate) fn run(cli: Cli) -> i32 {
         Command::Check { common } => check::run(&common),
         Command::Preview { common, command } => preview::run(&common, command),
         Command::Setup { common, json } => setup::run(&common, json),
+        Command::Renew { common, json } => renew::run(&common, json),
         Command::Proxy { command } => proxy::run(command),
         Command::Demo { keep, panel } => demo::run(keep, panel),
         Command::Serve(args) => serve::run(args),

@@ -182,6 +182,7 @@ fn go(cmd: ProxyCommand) -> Result<i32, i32> {
             send(&dir, &Request::Remove { service }, json)
         }
         ProxyCommand::Status { dir, json } => send(&dir, &Request::Status, json),
+        ProxyCommand::Renew { domains, dir, json } => send(&dir, &Request::Renew { domains }, json),
         ProxyCommand::Request { dir } => send(&dir, &request_from_stdin()?, true),
     }
 }
@@ -343,18 +344,22 @@ fn human(resp: &Response) {
             }
         }
         Response::Baking(b) => println!("{}: {}", b.service, b.summary()),
+        Response::Renewing { domains } => println!(
+            "new certificates asked for: {} (`cutover proxy status` shows the outcome)",
+            domains.join(", ")
+        ),
         Response::Error { error } => eprintln!("error: {error}"),
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How long until (or since) `at`, from `now` (ms), like `in 3h 20m` or `2m ago`.
-fn relative(at: u64, now: u64) -> String {
+pub(crate) fn relative(at: u64, now: u64) -> String {
     let (d, ago) = if at >= now {
         (at - now, false)
     } else {

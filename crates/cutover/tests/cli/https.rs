@@ -4,7 +4,8 @@
 //! is redirected (cutover's own verification, from the host, is not), and `cutover status`
 //! shows the certificate. `tls = "acme"`: the same path against a real ACME server (testlab's
 //! [`Pebble`], listening on the root side of the host's veth, validating against the host's
-//! proxy), one certificate per app domain, and a failing order shown by `cutover status`; and
+//! proxy), one certificate per app domain, a failing order shown by `cutover status`, and
+//! `cutover renew` (a new certificate at once for the app's domain, or why it failed); and
 //! an app on two hosts that reach each other, Pebble validating at one of them only: both get
 //! their certificates (the other host's HTTP-01 answer is relayed by its peer).
 
@@ -82,6 +83,13 @@ fn a_tls_files_app_is_served_over_https_h2_and_h1_and_plain_http_is_redirected()
             .contains(": certificate every name (files): expires in "),
         "{}",
         s.stdout
+    );
+    // The user's own certificate files are not cutover's to renew.
+    let r = w.run(&["renew"]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert_eq!(
+        r.stderr.trim(),
+        "error: [proxy] tls is not \"acme\": cutover renew orders ACME certificates"
     );
     let _ = std::fs::remove_dir_all(&certs);
 }
@@ -196,6 +204,29 @@ fn an_acme_app_gets_a_certificate_per_domain_from_pebble_and_a_failing_order_sho
         "{line}"
     );
 
+    // `cutover renew`: b.test (this app's domain) gets a new certificate now, two months
+    // before it is due; a.test (the other app's) keeps its own.
+    let (a_before, b_before) = (read("a.test.crt"), read("b.test.crt"));
+    let r = w.run(&["renew"]);
+    assert_eq!(r.code, 0, "renew: {}{}", r.stdout, r.stderr);
+    let rows: Vec<Vec<&str>> = r
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec!["HOST", "DOMAIN", "OUTCOME", "EXPIRES", "ERROR"],
+            vec![host.as_str(), "b.test", "renewed", "in", "89d", "23h"],
+        ],
+        "{}",
+        r.stdout
+    );
+    assert_ne!(read("b.test.crt"), b_before);
+    assert_eq!(read("a.test.crt"), a_before);
+    assert_eq!(curl(ip, "b.test", &root, "--http1.1"), "t1\n 1.1");
+
     // The CA goes down; a third domain's order fails: `cutover status` says what failed and
     // when it is tried again, and the domains served so far keep their certificates.
     pebble.kill();
@@ -222,6 +253,18 @@ fn an_acme_app_gets_a_certificate_per_domain_from_pebble_and_a_failing_order_sho
     assert!(why.contains("onnection refused"), "{line}");
     assert!(why.contains("; next try in "), "{line}");
     assert_eq!(curl(ip, "a.test", &root, "--http2"), "t1\n 2");
+
+    // Asked for a renewal with the CA down, the proxy tries at once, and `cutover renew` says
+    // it failed and why (exit 1).
+    let r = w.run(&["renew", "--json"]);
+    assert_eq!(r.code, 1, "renew: {}{}", r.stdout, r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v[0]["host"], host.as_str(), "{v}");
+    assert_eq!(v[0]["domain"], "c.test", "{v}");
+    assert_eq!(v[0]["outcome"], "failed", "{v}");
+    let why = v[0]["error"].as_str().unwrap_or_default();
+    assert!(why.starts_with("new order: "), "{v}");
+    assert!(why.contains("onnection refused"), "{v}");
 }
 
 /// The `tls = "acme"` settings for `pebble`, as `app_with_domain` takes them.
