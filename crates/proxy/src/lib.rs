@@ -314,6 +314,11 @@ impl Proxy {
             .flat_map(|(_, d)| d)
             .collect();
         let domains = if domains.is_empty() {
+            if routed.is_empty() {
+                return Err(Error::Invalid(
+                    "this proxy routes no domain: there is nothing to renew".into(),
+                ));
+            }
             routed.into_iter().collect()
         } else {
             let mut want: Vec<String> = domains.iter().map(|d| d.to_ascii_lowercase()).collect();

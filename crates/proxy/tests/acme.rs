@@ -492,6 +492,14 @@ async fn a_renewal_asked_for_replaces_a_certificate_at_once_and_only_its_own() {
         false,
         (http_port, tls_port),
     );
+    // Nothing routed yet: nothing to renew.
+    match control_request(&proxy.socket, &Request::Renew { domains: vec![] }).await {
+        Err(cutover_proxy::ControlError::Rejected(e)) => assert_eq!(
+            e,
+            "invalid request: this proxy routes no domain: there is nothing to renew"
+        ),
+        other => panic!("{other:?}"),
+    }
     proxy.deploy("web", blue.addr, &["d.test", "e.test"]).await;
     let mut first = Vec::new();
     for d in ["d.test", "e.test"] {
