@@ -56,42 +56,31 @@ pub fn renew(config: &Config, wait: Duration) -> Result<Vec<Renewal>, String> {
         let host = config.hosts[i].0.clone();
         let r = hosts.get(i);
         let ask = |req: &Request| proxy_request(r, capp, req);
-        let found = r
-            .connect()
+        r.connect()
             .map_err(|e| e.to_string())
-            .and_then(|()| renew_on(&ask, &domains, wait));
-        match found {
-            Ok(found) => found
-                .into_iter()
-                .map(|(domain, outcome, not_after_ms, error)| Renewal {
-                    host: host.clone(),
-                    domain,
-                    outcome,
-                    not_after_ms,
-                    error,
-                })
-                .collect(),
-            Err(e) => vec![Renewal {
-                host,
-                domain: "-".into(),
-                outcome: "failed",
-                not_after_ms: None,
-                error: Some(e),
-            }],
-        }
+            .and_then(|()| renew_on(&host, &ask, &domains, wait))
+            .unwrap_or_else(|e| {
+                vec![Renewal {
+                    host,
+                    domain: "-".into(),
+                    outcome: "failed",
+                    not_after_ms: None,
+                    error: Some(e),
+                }]
+            })
     });
     Ok(rows.into_iter().flatten().collect())
 }
 
-type Outcome = (String, &'static str, Option<u64>, Option<String>);
-
-/// One proxy: its certificates before, the renewal asked for, then its status each second
-/// until each domain's certificate changed (renewed) or a new failure is recorded (failed).
+/// One proxy (on `host`): its certificates before, the renewal asked for, then its status
+/// each second until each domain's certificate changed (renewed) or a new failure is recorded
+/// (failed).
 fn renew_on(
+    host: &str,
     ask: &dyn Fn(&Request) -> Result<Response, String>,
     domains: &[String],
     wait: Duration,
-) -> Result<Vec<Outcome>, String> {
+) -> Result<Vec<Renewal>, String> {
     let certificates = || match ask(&Request::Status)? {
         Response::Status(s) => Ok(s
             .certificates
@@ -114,37 +103,42 @@ fn renew_on(
         Response::Renewing { domains } => domains,
         other => return Err(format!("unexpected answer from the proxy: {other:?}")),
     };
-    let mut outcomes: BTreeMap<String, Outcome> = BTreeMap::new();
+    let row = |domain: &str, outcome, not_after_ms, error| Renewal {
+        host: host.to_string(),
+        domain: domain.to_string(),
+        outcome,
+        not_after_ms,
+        error,
+    };
+    let mut outcomes: BTreeMap<&str, Renewal> = BTreeMap::new();
     let deadline = Instant::now() + wait;
     while outcomes.len() < asked.len() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_secs(1));
         let Ok(now) = certificates() else { continue };
         for d in &asked {
-            let (false, Some(c), old) = (outcomes.contains_key(d), now.get(d), before.get(d))
-            else {
+            let (false, Some(c)) = (outcomes.contains_key(d.as_str()), now.get(d)) else {
                 continue;
             };
-            let was = |f: fn(&CertificateStatus) -> Option<u64>| old.and_then(f);
-            if c.not_after_ms.is_some() && c.not_after_ms != was(|c| c.not_after_ms) {
-                outcomes.insert(d.clone(), (d.clone(), "renewed", c.not_after_ms, None));
-            } else if c.failed_at_ms.is_some() && c.failed_at_ms != was(|c| c.failed_at_ms) {
-                outcomes.insert(
-                    d.clone(),
-                    (d.clone(), "failed", c.not_after_ms, c.last_error.clone()),
-                );
+            let old = before.get(d);
+            if c.not_after_ms.is_some() && c.not_after_ms != old.and_then(|o| o.not_after_ms) {
+                outcomes.insert(d, row(d, "renewed", c.not_after_ms, None));
+            } else if c.failed_at_ms.is_some() && c.failed_at_ms != old.and_then(|o| o.failed_at_ms)
+            {
+                let error = c.last_error.clone();
+                outcomes.insert(d, row(d, "failed", c.not_after_ms, error));
             }
         }
     }
     Ok(asked
-        .into_iter()
+        .iter()
         .map(|d| {
-            outcomes.remove(&d).unwrap_or_else(|| {
-                let not_after = before.get(&d).and_then(|c| c.not_after_ms);
+            outcomes.remove(d.as_str()).unwrap_or_else(|| {
+                let not_after = before.get(d).and_then(|c| c.not_after_ms);
                 let msg = format!(
                     "no outcome within {} s: the proxy is still at it (cutover status shows how it ends)",
                     wait.as_secs()
                 );
-                (d, "pending", not_after, Some(msg))
+                row(d, "pending", not_after, Some(msg))
             })
         })
         .collect())
@@ -212,10 +206,16 @@ mod tests {
             cert("b.test", 100, Some(9)),
             cert("c.test", 100, Some(5)),
         ];
-        let got = renew_on(&proxy(before, after), &[], Duration::from_millis(1500)).unwrap();
+        let got = renew_on(
+            "web1",
+            &proxy(before, after),
+            &[],
+            Duration::from_millis(1500),
+        )
+        .unwrap();
         let summary: Vec<(&str, &str, Option<u64>)> = got
             .iter()
-            .map(|(d, o, t, _)| (d.as_str(), *o, *t))
+            .map(|r| (r.domain.as_str(), r.outcome, r.not_after_ms))
             .collect();
         assert_eq!(
             summary,
@@ -225,9 +225,10 @@ mod tests {
                 ("c.test", "pending", Some(100)),
             ]
         );
-        assert_eq!(got[1].3.as_deref(), Some("new order: refused"));
+        assert!(got.iter().all(|r| r.host == "web1"));
+        assert_eq!(got[1].error.as_deref(), Some("new order: refused"));
         assert!(got[2]
-            .3
+            .error
             .as_deref()
             .unwrap()
             .starts_with("no outcome within 1 s"));
@@ -237,7 +238,7 @@ mod tests {
             Request::Renew { .. } => Err("proxy: bad request: unknown variant `renew`".into()),
             _ => proxy(Vec::new(), Vec::new())(req),
         };
-        let e = renew_on(&old, &[], Duration::ZERO).unwrap_err();
+        let e = renew_on("web1", &old, &[], Duration::ZERO).unwrap_err();
         assert!(e.ends_with("(run `cutover setup`)"), "{e}");
     }
 }

@@ -234,13 +234,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: AcmeConfig, mut stop: watch
     loop {
         // Renewals asked for (`Request::Renew`) are due now, any backoff forgotten.
         let mut asked: BTreeSet<String> = shared.certs.take_asked().into_iter().collect();
-        let domains: BTreeSet<String> = shared
-            .table
-            .services()
-            .into_iter()
-            .flat_map(|(_, d)| d)
-            .collect();
-        for domain in domains {
+        for domain in shared.table.domains() {
             let slot = slots.entry(domain.clone()).or_insert_with(|| {
                 let mut s = Slot::default();
                 if let Ok(l) = certs::load_files(

@@ -158,7 +158,8 @@ impl Certs {
         f(h.entry(domain.to_string()).or_default());
     }
 
-    /// Asks the ACME task to renew `domains` at its next round (within a second).
+    /// Asks the ACME task to renew `domains` at its next round (a second after
+    /// the last, once an order in progress is done).
     pub(crate) fn ask_renewal(&self, domains: &[String]) {
         lock(&self.asked).extend_from_slice(domains);
     }
@@ -170,9 +171,7 @@ impl Certs {
 
     /// Every domain's status, for `status`.
     pub(crate) fn status(&self) -> Vec<CertificateStatus> {
-        self.health
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.health)
             .iter()
             .map(|(d, h)| CertificateStatus {
                 domain: d.clone(),

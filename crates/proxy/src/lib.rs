@@ -306,13 +306,7 @@ impl Proxy {
                 "this proxy's certificates are not from ACME (tls is not \"acme\"): there is nothing to renew".into(),
             ));
         }
-        let routed: std::collections::BTreeSet<String> = self
-            .inner
-            .table
-            .services()
-            .into_iter()
-            .flat_map(|(_, d)| d)
-            .collect();
+        let routed = self.inner.table.domains();
         let domains = if domains.is_empty() {
             if routed.is_empty() {
                 return Err(Error::Invalid(

@@ -374,6 +374,11 @@ impl Table {
         }
     }
 
+    /// Every routed domain, of every service.
+    pub(crate) fn domains(&self) -> std::collections::BTreeSet<String> {
+        read(&self.inner).domains.keys().cloned().collect()
+    }
+
     /// The domains routed to a service.
     pub(crate) fn domains_of(&self, name: &str) -> Vec<String> {
         read(&self.inner).domains_of(name)

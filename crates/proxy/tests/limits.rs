@@ -849,16 +849,26 @@ fn forwarding_seen(proxy: SocketAddr, from: [u8; 4], method: &str, relayed: &str
         .collect()
 }
 
-/// Sends `relayed` from the trusted proxy 127.0.0.2 and from 127.0.0.1, by GET and by POST,
-/// and asserts what the app saw (`trusted`, and what anyone else gets) and the access log's
-/// client of each (`client` for the trusted proxy's).
+/// A proxy trusting 127.0.0.2 (saying it in `via`) in front of an app at `site.example`:
+/// sends `relayed` from 127.0.0.2 and from 127.0.0.1, by GET and by POST, and asserts what the
+/// app saw (`trusted`, and what anyone else gets) and the access log's client of each
+/// (`client` for the trusted proxy's).
 fn assert_relayed(
-    dir: &std::path::Path,
-    proxy: SocketAddr,
+    via: cutover_proxy::RelayHeader,
     relayed: &str,
     trusted: [&str; 3],
     client: &str,
 ) {
+    let dir = TempDir::new("trusted");
+    let a = Backend::start("a");
+    let proxy = TestProxy::start_configured(dir.path(), move |c| {
+        c.trusted_proxies = vec![([127, 0, 0, 2].into(), 32)];
+        c.trusted_proxies_header = via;
+    });
+    proxy
+        .deploy_with("app", a.addr, &["site.example"], fast())
+        .unwrap();
+    let (dir, proxy) = (dir.path(), proxy.addr);
     let anyone = [
         "x-forwarded-for: 127.0.0.1",
         "x-forwarded-host: site.example",
@@ -895,17 +905,8 @@ fn assert_relayed(
 /// both. Over the proxy's own exchange (a GET) and hyper's (a POST with a body).
 #[test]
 fn a_trusted_proxys_forwarding_headers_are_kept_and_no_one_elses() {
-    let dir = TempDir::new("trusted");
-    let a = Backend::start("a");
-    let proxy = TestProxy::start_configured(dir.path(), |c| {
-        c.trusted_proxies = vec![([127, 0, 0, 2].into(), 32)];
-    });
-    proxy
-        .deploy_with("app", a.addr, &["site.example"], fast())
-        .unwrap();
     assert_relayed(
-        dir.path(),
-        proxy.addr,
+        cutover_proxy::RelayHeader::XForwardedFor,
         "X-Forwarded-For: 198.51.100.1, 203.0.113.9\r\nX-Forwarded-Proto: https\r\n\
          X-Forwarded-Host: shop.example\r\nX-Real-IP: 6.6.6.6\r\n",
         [
@@ -925,18 +926,8 @@ fn a_trusted_proxys_forwarding_headers_are_kept_and_no_one_elses() {
 /// app. From anyone else all of it is replaced, as before.
 #[test]
 fn a_trusted_proxys_forwarded_header_is_read_and_its_x_forwarded_replaced() {
-    let dir = TempDir::new("trusted-fwd");
-    let a = Backend::start("a");
-    let proxy = TestProxy::start_configured(dir.path(), |c| {
-        c.trusted_proxies = vec![([127, 0, 0, 2].into(), 32)];
-        c.trusted_proxies_header = cutover_proxy::RelayHeader::Forwarded;
-    });
-    proxy
-        .deploy_with("app", a.addr, &["site.example"], fast())
-        .unwrap();
     assert_relayed(
-        dir.path(),
-        proxy.addr,
+        cutover_proxy::RelayHeader::Forwarded,
         "Forwarded: for=6.6.6.6;proto=http;host=evil.example\r\n\
          Forwarded: for=\"198.51.100.7:4711\";proto=https;host=shop.example\r\n\
          X-Forwarded-For: 7.7.7.7\r\nX-Forwarded-Proto: http\r\n\
